@@ -1,0 +1,593 @@
+"""Data sets for the study: MNIST and CIFAR-10 in their official formats, a small MNIST subset
+shipped inside the package, and synthetic sets for sanity runs.
+
+Every loader returns ``(x, y)``: ``x`` images ``(N, C, H, W)`` in ``float32`` or ``float64``,
+``y`` integer class indices ``(N,)`` as ``int64`` (the layout of ``cnn.backends.base``).
+Real images are scaled from ``uint8`` to ``[0, 1]`` by dividing by 255; nothing else
+(no mean subtraction), so every training path and the Keras reference see identical inputs.
+
+Where the files are looked for (the *data root*): the ``root`` argument, else the environment
+variable ``CNN_DATA_DIR``, else ``~/.cache/parallel-cnn/data``. Below the root the layout is
+the official one::
+
+    <root>/mnist/train-images-idx3-ubyte.gz    (the un-gzipped files are accepted too)
+    <root>/mnist/train-labels-idx1-ubyte.gz
+    <root>/mnist/t10k-images-idx3-ubyte.gz
+    <root>/mnist/t10k-labels-idx1-ubyte.gz
+    <root>/cifar-10-batches-py/data_batch_1 .. data_batch_5, test_batch, batches.meta
+
+Missing files are downloaded from the official sources when ``download=True`` (MD5-checked,
+written to a temporary file and renamed into place); files already in the root are parsed
+and validated but not checksummed, since a correct copy may carry a different gzip wrapper.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+from tqdm import tqdm
+
+__all__ = [
+    "Dataset",
+    "DATASET_NAMES",
+    "data_root",
+    "load_dataset",
+    "load_mnist",
+    "load_cifar10",
+    "load_mnist_embedded",
+    "make_xor",
+    "make_blobs_images",
+    "stratified_split",
+]
+
+DATA_DIR_ENV = "CNN_DATA_DIR"
+DEFAULT_DATA_DIR = Path("~/.cache/parallel-cnn/data")
+
+MNIST_MIRRORS = (
+    "https://ossci-datasets.s3.amazonaws.com/mnist/",
+    "https://yann.lecun.com/exdb/mnist/",
+)
+#: official MD5 of each ``.gz`` file as distributed by the mirrors
+MNIST_MD5 = {
+    "train-images-idx3-ubyte": "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+    "train-labels-idx1-ubyte": "d53e105ee54ea40749a09fcbcd1e9432",
+    "t10k-images-idx3-ubyte": "9fb629c4189551a2d022fa330f9573f3",
+    "t10k-labels-idx1-ubyte": "ec29112dd5afa0611ce80d1b7f02629c",
+}
+MNIST_CLASSES = [str(k) for k in range(10)]
+
+CIFAR10_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
+CIFAR10_FOLDER = "cifar-10-batches-py"
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck"]
+
+EMBEDDED_MNIST = Path(__file__).resolve().parent / "embedded" / "mnist_subset.npz"
+
+_IDX_IMAGES_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
+_IDX_LABELS_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
+_SPLITS = ("train", "test")
+
+
+# ---- argument checks ------------------------------------------------------------------------
+def _check_dtype(dtype) -> np.dtype:
+    try:
+        resolved = np.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise TypeError(f"dtype must be float32 or float64; received dtype={dtype!r}")
+    return resolved
+
+
+def _check_count(value, name: str, allow_none: bool = True) -> Optional[int]:
+    if value is None and allow_none:
+        return None
+    # bool is an int subclass, but limit=True is surely a mistake
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}; "
+                         f"received {name}={value!r}")
+    return int(value)
+
+
+def _check_split(split) -> str:
+    if split not in _SPLITS:
+        raise ValueError(f"split must be one of {_SPLITS}; received split={split!r}")
+    return split
+
+
+def _to_unit_float(images: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    out = images.astype(dtype)  # a fresh C-contiguous copy, so the in-place divide is safe
+    out /= 255
+    return out
+
+
+# ---- data root and downloads ----------------------------------------------------------------
+def data_root(root=None) -> Path:
+    """The data root: ``root`` if given, else ``$CNN_DATA_DIR`` if set, else
+    ``~/.cache/parallel-cnn/data``. The folder need not exist."""
+    if root is None:
+        root = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return Path(root).expanduser()
+
+
+def _fetch(url: str, dest: Path) -> None:
+    """Stream ``url`` into the file ``dest`` with a progress bar. Raises ``OSError`` (which
+    includes ``urllib.error.URLError``) or ``http.client.HTTPException`` on failure."""
+    # some mirrors refuse urllib's default agent
+    request = urllib.request.Request(url, headers={"User-Agent": "parallel-cnn"})
+    with urllib.request.urlopen(request, timeout=60) as response, open(dest, "wb") as out:
+        total = int(response.headers.get("Content-Length") or 0) or None
+        with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
+                  desc=url.rsplit("/", 1)[-1]) as bar:
+            while chunk := response.read(1 << 20):
+                out.write(chunk)
+                bar.update(len(chunk))
+
+
+def _md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _download(urls: Sequence[str], dest: Path, md5: str) -> None:
+    """Fetch ``dest`` from the first of ``urls`` that answers, check its MD5, and move it into
+    place atomically, so an interrupted download never leaves a partial file under the real name.
+
+    Raises ``ValueError`` on a checksum mismatch (after deleting the download) and ``OSError``
+    listing every URL's error when none could be fetched.
+    """
+    errors = []
+    for url in urls:
+        tmp = None
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+            os.close(fd)
+            tmp = Path(name)
+            _fetch(url, tmp)
+            actual = _md5(tmp)
+            if actual != md5:
+                raise ValueError(f"checksum mismatch for {dest.name} downloaded from {url}: "
+                                 f"expected MD5 {md5}, got {actual}; the download was deleted")
+            os.replace(tmp, dest)
+            return
+        except (OSError, http.client.HTTPException) as exc:
+            errors.append(f"{url}: {exc}")
+        finally:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+    raise OSError("download failed: " + "; ".join(errors))
+
+
+def _missing_error(what: str, folder: Path, missing: Sequence[str], download: bool,
+                   failures: Sequence[str]) -> FileNotFoundError:
+    if download:
+        how = "download was attempted and failed: " + "; ".join(failures)
+    else:
+        how = "download=False, so nothing was fetched"
+    return FileNotFoundError(
+        f"{what} files missing in {folder}: {', '.join(missing)} ({how}). "
+        f"Provide them by setting {DATA_DIR_ENV} (or root=) to a folder in the official layout "
+        f"(<root>/{folder.name}/...), or call with download=True on a machine with network "
+        f"access.")
+
+
+# ---- MNIST ----------------------------------------------------------------------------------
+def _read_idx(path: Path, magic: int) -> np.ndarray:
+    """Decode one MNIST IDX file (gzip or raw) to ``uint8``, validating the header against the
+    payload so that a truncated or foreign file fails loudly rather than parsing as garbage."""
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        try:
+            data = gzip.decompress(data)
+        except (OSError, EOFError, zlib.error) as exc:
+            raise ValueError(f"{path}: corrupt or truncated gzip stream ({exc}); "
+                             f"delete the file and provide it again") from None
+    ndim = magic & 0xFF
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise ValueError(f"{path}: {len(data)} bytes is shorter than the {header}-byte IDX "
+                         f"header; the file is truncated or not an IDX file")
+    found = int.from_bytes(data[:4], "big")
+    if found != magic:
+        raise ValueError(f"{path}: wrong IDX magic number {found} (0x{found:08x}); "
+                         f"expected {magic} (0x{magic:08x})")
+    dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
+    if ndim == 3 and dims[1:] != (28, 28):
+        raise ValueError(f"{path}: images are {dims[1]}x{dims[2]}; MNIST images are 28x28")
+    payload = len(data) - header
+    expected = int(np.prod(dims))
+    if payload != expected:
+        raise ValueError(f"{path}: header declares dims {dims}, i.e. {expected} payload bytes, "
+                         f"but the file holds {payload}; it is truncated or corrupt")
+    return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
+
+
+def _mnist_files(folder: Path, prefix: str, download: bool) -> Tuple[Path, Path]:
+    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+
+    def find(name: str) -> Optional[Path]:
+        for candidate in (folder / f"{name}.gz", folder / name):
+            if candidate.is_file():
+                return candidate
+        return None
+
+    failures = []
+    if download:
+        for name in names:
+            if find(name) is None:
+                try:
+                    _download([m + f"{name}.gz" for m in MNIST_MIRRORS],
+                              folder / f"{name}.gz", MNIST_MD5[name])
+                except OSError as exc:
+                    failures.append(f"{name}.gz: {exc}")
+    found = [find(name) for name in names]
+    missing = [f"{name}.gz" for name, path in zip(names, found) if path is None]
+    if missing:
+        raise _missing_error("MNIST", folder, missing, download, failures)
+    return found[0], found[1]
+
+
+def load_mnist(split: str = "train", root=None, limit: Optional[int] = None,
+               download: bool = True, dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """MNIST from the official IDX files, in the files' order.
+
+    Returns ``x`` of shape ``(N, 1, 28, 28)`` in ``dtype``, pixel intensities scaled to
+    ``[0, 1]``, and ``y`` of shape ``(N,)``, ``int64`` digits 0-9. ``N`` is 60,000 for
+    ``split="train"`` and 10,000 for ``"test"``, or ``limit`` (the first ``limit`` examples).
+
+    Raises ``FileNotFoundError`` when files are missing and cannot be downloaded,
+    ``ValueError`` naming the file when one is truncated, corrupt or not MNIST.
+    """
+    dtype = _check_dtype(dtype)
+    limit = _check_count(limit, "limit")
+    prefix = "train" if _check_split(split) == "train" else "t10k"
+    images_path, labels_path = _mnist_files(data_root(root) / "mnist", prefix, download)
+    images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
+    labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
+    if len(images) != len(labels):
+        raise ValueError(f"{images_path} holds {len(images)} images but {labels_path} holds "
+                         f"{len(labels)} labels")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{labels_path}: label {labels.max()} is not a digit 0-9")
+    images, labels = images[:limit], labels[:limit]
+    return _to_unit_float(images[:, None], dtype), labels.astype(np.int64)
+
+
+def load_mnist_embedded(split: str = "train", limit: Optional[int] = None,
+                        dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """The small stratified MNIST subset shipped in the package (no files, no network).
+
+    5,000 train images (500 per digit) drawn from the official training set and 1,000 test
+    images (100 per digit) from the official test set, kept in their official relative order;
+    ``scripts/make_mnist_subset.py`` cut them. Shapes and scaling as in :func:`load_mnist`.
+    """
+    dtype = _check_dtype(dtype)
+    limit = _check_count(limit, "limit")
+    split = _check_split(split)
+    if not EMBEDDED_MNIST.is_file():
+        raise FileNotFoundError(f"{EMBEDDED_MNIST} is missing from the package; regenerate it "
+                                f"with scripts/make_mnist_subset.py")
+    with np.load(EMBEDDED_MNIST) as f:
+        images, labels = f[f"x_{split}"], f[f"y_{split}"]
+    images, labels = images[:limit], labels[:limit]
+    return _to_unit_float(images[:, None], dtype), labels.astype(np.int64)
+
+
+# ---- CIFAR-10 -------------------------------------------------------------------------------
+class _NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles plain containers and NumPy arrays only: a data folder comes from the
+    environment, and an unrestricted pickle could run arbitrary code."""
+
+    _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
+                ("numpy.core.multiarray", "_reconstruct"),   # pickles written by NumPy 1.x
+                ("numpy._core.multiarray", "_reconstruct")}  # pickles written by NumPy 2.x
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def _unpickle(path: Path):
+    try:
+        with open(path, "rb") as f:
+            # the official files are Python 2 pickles: keys and strings come back as bytes
+            return _NumpyOnlyUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, KeyError) as exc:
+        raise ValueError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc}); "
+                         f"the file is truncated or not a CIFAR-10 batch") from None
+
+
+def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    """One batch file -> ``uint8`` images ``(n, 3, 32, 32)`` and ``int64`` labels ``(n,)``."""
+    batch = _unpickle(path)
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        kind = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'; got {kind}")
+    data, labels = batch[b"data"], batch[b"labels"]
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
+            and data.shape[1] == 3072):
+        desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise ValueError(f"{path}: b'data' must be a uint8 array of shape (n, 3072); got {desc}")
+    labels = np.asarray(labels)
+    if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
+        raise ValueError(f"{path}: b'labels' must be {len(data)} integers, one per image; got "
+                         f"{labels.dtype} array of shape {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: labels must lie in 0..9; found {labels.min()}..{labels.max()}")
+    # rows are channel-planar (1024 R, 1024 G, 1024 B), each plane row-major
+    return data.reshape(-1, 3, 32, 32), labels.astype(np.int64)
+
+
+def _download_cifar10(folder: Path) -> None:
+    """Fetch the official archive into ``folder.parent`` and extract the missing batch files."""
+    archive = folder.parent / CIFAR10_URL.rsplit("/", 1)[-1]
+    _download([CIFAR10_URL], archive, CIFAR10_MD5)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp, tarfile.open(archive) as tar:
+            members = [m for m in tar.getmembers()
+                       if m.isfile() and m.name.startswith(f"{CIFAR10_FOLDER}/")]
+            tar.extractall(tmp, members=members, filter="data")
+            folder.mkdir(exist_ok=True)
+            for extracted in (Path(tmp) / CIFAR10_FOLDER).iterdir():
+                if not (folder / extracted.name).exists():
+                    os.replace(extracted, folder / extracted.name)
+    except tarfile.TarError as exc:
+        raise OSError(f"{archive}: cannot extract ({exc})") from None
+    finally:
+        archive.unlink(missing_ok=True)
+
+
+def _cifar10_files(folder: Path, split: str, download: bool) -> list[Path]:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    failures = []
+    if download and not all((folder / n).is_file() for n in names):
+        try:
+            _download_cifar10(folder)
+        except OSError as exc:
+            failures.append(str(exc))
+    missing = [n for n in names if not (folder / n).is_file()]
+    if missing:
+        raise _missing_error("CIFAR-10", folder, missing, download, failures)
+    return [folder / n for n in names]
+
+
+def _cifar10_class_names(folder: Path) -> list[str]:
+    """Class names from ``batches.meta`` when present, else the official ten."""
+    path = folder / "batches.meta"
+    if not path.is_file():
+        return list(CIFAR10_CLASSES)
+    meta = _unpickle(path)
+    names = meta.get(b"label_names") if isinstance(meta, dict) else None
+    if not (isinstance(names, list) and len(names) == 10
+            and all(isinstance(n, (bytes, str)) for n in names)):
+        raise ValueError(f"{path}: expected a dict whose b'label_names' is a list of 10 names")
+    return [n.decode() if isinstance(n, bytes) else n for n in names]
+
+
+def load_cifar10(split: str = "train", root=None, limit: Optional[int] = None,
+                 download: bool = True, dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """CIFAR-10 from the official "python version" batch files, in the files' order
+    (``data_batch_1`` to ``data_batch_5`` for train, ``test_batch`` for test).
+
+    Returns ``x`` of shape ``(N, 3, 32, 32)`` (RGB channels) in ``dtype``, scaled to ``[0, 1]``,
+    and ``y`` of shape ``(N,)``, ``int64`` class indices 0-9 (names in ``batches.meta``).
+    ``N`` is 50,000 / 10,000, or ``limit``; only the batches needed for ``limit`` are read.
+
+    Raises ``FileNotFoundError`` when files are missing and cannot be downloaded,
+    ``ValueError`` naming the file when a batch is truncated or malformed.
+    """
+    dtype = _check_dtype(dtype)
+    limit = _check_count(limit, "limit")
+    split = _check_split(split)
+    paths = _cifar10_files(data_root(root) / CIFAR10_FOLDER, split, download)
+    images, labels, count = [], [], 0
+    for path in paths:
+        batch_images, batch_labels = _read_cifar_batch(path)
+        images.append(batch_images)
+        labels.append(batch_labels)
+        count += len(batch_labels)
+        if limit is not None and count >= limit:
+            break
+    x = np.concatenate(images)[:limit]
+    return _to_unit_float(x, dtype), np.concatenate(labels)[:limit]
+
+
+# ---- synthetic sets -------------------------------------------------------------------------
+def _balanced_labels(n: int, classes: int, rng: np.random.Generator) -> np.ndarray:
+    return rng.permutation(np.arange(n) % classes).astype(np.int64)
+
+
+def make_xor(n: int = 1000, seed: int = 0, noise: float = 0.1,
+             dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """XOR as two-pixel images: ``x`` of shape ``(N, 1, 1, 2)``, ``y`` ``(N,)`` int64.
+
+    Each example is a corner ``(a, b)`` of the unit square, ``a, b`` in ``{0, 1}``, plus
+    Gaussian noise of standard deviation ``noise`` on each pixel; the label is ``a XOR b``.
+    The four corners occur equally often (up to ``n mod 4``) in random order. Not linearly
+    separable, so it needs a hidden layer: a 1x1 or 1x2 convolution, or Flatten + Dense.
+    """
+    n = _check_count(n, "n", allow_none=False)
+    dtype = _check_dtype(dtype)
+    if not noise >= 0:
+        raise ValueError(f"noise must be >= 0; received noise={noise!r}")
+    rng = np.random.default_rng(seed)
+    corner = _balanced_labels(n, 4, rng)
+    bits = np.stack([corner >> 1, corner & 1], axis=1)
+    x = bits + noise * rng.standard_normal((n, 2))
+    return x.reshape(n, 1, 1, 2).astype(dtype), (bits[:, 0] ^ bits[:, 1]).astype(np.int64)
+
+
+def make_blobs_images(n: int = 1000, classes: int = 10, size: int = 8, channels: int = 1,
+                      seed: int = 0, separation: float = 8.0,
+                      dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
+    """Gaussian blobs rendered as images: ``x`` ``(N, channels, size, size)``, ``y`` ``(N,)``.
+
+    Each class ``k`` has a mean image ``mu_k``; an example is ``mu_k`` plus independent
+    standard-normal noise on every pixel. The means are mutually orthogonal with
+    ``||mu_i - mu_j|| = separation`` for all ``i != j``, so separation is the distance between
+    class means in units of the noise standard deviation, and the nearest-mean rule errs on a
+    given pair with probability ``Phi(-separation / 2)`` (3e-5 at the default 8). Pixel values
+    are not confined to ``[0, 1]``. Classes are balanced (up to ``n mod classes``); the means
+    depend on ``seed`` only, so draw train and test from one call and split it.
+    """
+    n = _check_count(n, "n", allow_none=False)
+    classes = _check_count(classes, "classes", allow_none=False)
+    size = _check_count(size, "size", allow_none=False)
+    channels = _check_count(channels, "channels", allow_none=False)
+    dtype = _check_dtype(dtype)
+    dim = channels * size * size
+    if classes < 2 or classes > dim:
+        raise ValueError(f"classes must be in [2, channels*size*size={dim}] so the class means "
+                         f"can be orthogonal; received classes={classes}")
+    if not separation > 0:
+        raise ValueError(f"separation must be > 0; received separation={separation!r}")
+    rng = np.random.default_rng(seed)
+    directions, _ = np.linalg.qr(rng.standard_normal((dim, classes)))  # orthonormal columns
+    means = separation / np.sqrt(2) * directions.T
+    y = _balanced_labels(n, classes, rng)
+    x = means[y] + rng.standard_normal((n, dim))
+    return x.reshape(n, channels, size, size).astype(dtype), y
+
+
+# ---- splits and the Dataset bundle ----------------------------------------------------------
+def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 0):
+    """Split ``(x, y)`` into ``(x_a, y_a, x_b, y_b)`` with part ``b`` holding ``fraction`` of
+    the examples of every class (e.g. a validation set).
+
+    Part ``b`` has ``round(fraction * N)`` examples, shared among classes in proportion to
+    their counts (largest remainders get the leftover units); which examples go where is
+    random with ``seed``. Both parts keep the input order.
+    """
+    y = np.asarray(y)
+    if y.ndim != 1 or len(x) != len(y):
+        raise ValueError(f"x and y must hold the same number of examples with y 1-D; received "
+                         f"x of shape {np.shape(x)} and y of shape {y.shape}")
+    if not (isinstance(fraction, (float, int, np.floating)) and 0 < fraction < 1):
+        raise ValueError(f"fraction must be a number in (0, 1); received fraction={fraction!r}")
+    n_b = round(fraction * len(y))
+    if not 0 < n_b < len(y):
+        raise ValueError(f"fraction={fraction} of {len(y)} examples leaves one part empty")
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    quota = fraction * counts
+    take = np.floor(quota).astype(int)
+    leftover = n_b - take.sum()
+    take[np.argsort(-(quota - take), kind="stable")[:leftover]] += 1
+    rng = np.random.default_rng(seed)
+    in_b = np.zeros(len(y), dtype=bool)
+    for k in range(len(classes)):
+        members = np.flatnonzero(inverse == k)
+        in_b[rng.choice(members, size=take[k], replace=False)] = True
+    return x[~in_b], y[~in_b], x[in_b], y[in_b]
+
+
+@dataclass
+class Dataset:
+    """A train/test (and optional validation) bundle. Images ``(N, C, H, W)`` float,
+    labels ``(N,)`` int64 indices into ``classes``."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    name: str
+    classes: list[str]
+    x_val: Optional[np.ndarray] = None
+    y_val: Optional[np.ndarray] = None
+
+    def __post_init__(self):
+        parts = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
+        if (self.x_val is None) != (self.y_val is None):
+            raise ValueError("x_val and y_val must be given together")
+        if self.x_val is not None:
+            parts.append(("val", self.x_val, self.y_val))
+        for part, x, y in parts:
+            if x.ndim != 4 or x.shape[1:] != self.x_train.shape[1:] or y.shape != (len(x),):
+                raise ValueError(f"{part}: x must be (N, {', '.join(map(str, self.input_shape))}) "
+                                 f"and y (N,); received x {x.shape}, y {y.shape}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def input_shape(self) -> Tuple[int, int, int]:
+        """``(C, H, W)`` of one example."""
+        return tuple(self.x_train.shape[1:])
+
+    def __repr__(self) -> str:
+        val = "" if self.x_val is None else f", val={len(self.x_val)}"
+        return (f"Dataset(name={self.name!r}, train={len(self.x_train)}, test={len(self.x_test)}"
+                f"{val}, input_shape={self.input_shape}, num_classes={self.num_classes}, "
+                f"dtype={self.x_train.dtype})")
+
+
+DATASET_NAMES = ("mnist", "cifar10", "mnist_embedded", "xor", "blobs")
+_SYNTHETIC_SIZES = {"xor": (1000, 200), "blobs": (2000, 500)}  # default (train, test) sizes
+
+
+def load_dataset(name: str, root=None, limit: Optional[int] = None,
+                 test_limit: Optional[int] = None, validation_split: float = 0.0,
+                 seed: int = 0, dtype=np.float32, download: bool = True) -> Dataset:
+    """Load a data set by name into a :class:`Dataset`.
+
+    ``name``: ``"mnist"``, ``"cifar10"``, ``"mnist_embedded"`` (the shipped subset), ``"xor"``
+    or ``"blobs"`` (:func:`make_xor` with noise 0.1 / :func:`make_blobs_images`, 10 classes of
+    8x8 single-channel images, generated from ``seed``). ``limit`` and ``test_limit`` keep the
+    first examples of each split; for synthetic sets they are the sizes to generate (default
+    1000/200 for xor, 2000/500 for blobs). ``validation_split`` in ``[0, 1)`` moves that
+    fraction of the (limited) training set, stratified by class, into ``x_val``/``y_val``.
+    """
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set; valid names are {', '.join(DATASET_NAMES)}; "
+                         f"received name={name!r}")
+    dtype = _check_dtype(dtype)
+    limit = _check_count(limit, "limit")
+    test_limit = _check_count(test_limit, "test_limit")
+    if not (isinstance(validation_split, (float, int, np.floating)) and 0 <= validation_split < 1):
+        raise ValueError(f"validation_split must be a number in [0, 1); received "
+                         f"validation_split={validation_split!r}")
+    if name in ("mnist", "cifar10"):
+        loader = load_mnist if name == "mnist" else load_cifar10
+        x_train, y_train = loader("train", root, limit, download, dtype)
+        x_test, y_test = loader("test", root, test_limit, download, dtype)
+        classes = (MNIST_CLASSES if name == "mnist"
+                   else _cifar10_class_names(data_root(root) / CIFAR10_FOLDER))
+    elif name == "mnist_embedded":
+        x_train, y_train = load_mnist_embedded("train", limit, dtype)
+        x_test, y_test = load_mnist_embedded("test", test_limit, dtype)
+        classes = MNIST_CLASSES
+    else:
+        n_train = limit or _SYNTHETIC_SIZES[name][0]
+        n_test = test_limit or _SYNTHETIC_SIZES[name][1]
+        if name == "xor":
+            x, y = make_xor(n_train + n_test, seed=seed, noise=0.1, dtype=dtype)
+            classes = ["0", "1"]
+        else:
+            x, y = make_blobs_images(n_train + n_test, classes=10, seed=seed, dtype=dtype)
+            classes = [str(k) for k in range(10)]
+        x_train, y_train, x_test, y_test = x[:n_train], y[:n_train], x[n_train:], y[n_train:]
+    x_val = y_val = None
+    if validation_split > 0:
+        x_train, y_train, x_val, y_val = stratified_split(x_train, y_train, validation_split, seed)
+    return Dataset(x_train, y_train, x_test, y_test, name=name, classes=list(classes),
+                   x_val=x_val, y_val=y_val)

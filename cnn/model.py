@@ -1,0 +1,280 @@
+"""The model: a stack of layers built from a plain spec, its parameters, and the one
+forward/backward pass every training path uses.
+
+Parameters are a flat dict ``{"<layer>.<w|b>": array}`` (same keys for gradients and optimizer
+state, as in numpy-ml). Passing ``params=`` and ``backend=`` to ``forward``/``backward`` lets a
+strategy run the same model on its own parameter copy (a replica, a device copy) without
+touching the model's host arrays.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, get_backend
+from .layers import Layer, layers_from_spec
+from .losses import softmax
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def _check_dtype(dtype) -> np.dtype:
+    dt = np.dtype(dtype)
+    if dt.type not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be float32 or float64. Received dtype={dt}")
+    return dt
+
+
+class Sequential:
+    """A feed-forward stack of layers ending in logits ``(N, num_classes)``.
+
+    Args:
+        layers: the layers, in order (see :func:`cnn.layers.layers_from_spec`).
+        input_shape: per-example input shape ``(C, H, W)``.
+        dtype: float32 (default) or float64; parameters and activations use it.
+        seed: seeds the initialisation, so equal seeds give equal initial weights.
+        backend: default backend name for ``predict``/``evaluate``/``fit``.
+    """
+
+    def __init__(self, layers: list[Layer], input_shape, *, dtype=np.float32, seed: int = 0,
+                 backend: str | Backend = "numpy"):
+        self.dtype = _check_dtype(dtype)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.layers = list(layers)
+        self.seed = seed
+        self.backend = backend
+        self._name_layers()
+        shape = self.input_shape
+        for layer in self.layers:
+            shape = layer.build(shape)
+        if len(shape) != 1:
+            raise ValueError(f"the last layer must give flat logits (N, K); it gives per-example "
+                             f"shape {shape}. Add a flatten and a dense layer.")
+        self.num_classes = shape[0]
+        rng = np.random.default_rng(seed)
+        self.params: dict[str, np.ndarray] = {}
+        for layer in self.layers:
+            for pname, value in layer.init_params(rng, self.dtype).items():
+                self.params[f"{layer.name}.{pname}"] = value
+
+    # ---- construction ----------------------------------------------------------------------
+    def _name_layers(self) -> None:
+        seen: dict[str, int] = {}
+        names = set()
+        for layer in self.layers:
+            if layer.name is None:
+                k = seen.get(layer.type, 0)
+                seen[layer.type] = k + 1
+                layer.name = layer.type if k == 0 else f"{layer.type}_{k}"
+            if layer.name in names:
+                raise ValueError(f"two layers are named {layer.name!r}; layer names must be unique")
+            names.add(layer.name)
+
+    @classmethod
+    def from_spec(cls, spec, input_shape=None, **kwargs) -> "Sequential":
+        """Build from a list of layer dicts, or a dict ``{"layers": [...], "input_shape": ...}``.
+
+        A preset name (``"mnist_small"``) or a path to a ``.json``/``.yaml`` file also works.
+        """
+        spec = resolve_spec(spec)
+        layers = spec["layers"]
+        input_shape = input_shape if input_shape is not None else spec.get("input_shape")
+        if input_shape is None:
+            raise ValueError("input_shape is needed: pass it or put it in the spec")
+        return cls(layers_from_spec(layers), input_shape, **kwargs)
+
+    def spec(self) -> dict:
+        """The plain spec that rebuilds this architecture (JSON-serialisable)."""
+        return {"input_shape": list(self.input_shape),
+                "layers": [layer.config() for layer in self.layers]}
+
+    @property
+    def num_params(self) -> int:
+        return int(sum(p.size for p in self.params.values()))
+
+    def param_layer(self, key: str) -> Layer:
+        """The layer that owns parameter ``key`` (``"conv2d.w"`` -> the conv2d layer)."""
+        name = key.rsplit(".", 1)[0]
+        return next(layer for layer in self.layers if layer.name == name)
+
+    # ---- validation ------------------------------------------------------------------------
+    def check_inputs(self, x, y=None) -> None:
+        """Raise ``TypeError``/``ValueError`` naming the problem with a batch ``x (N, C, H, W)``
+        and labels ``y (N,)``."""
+        if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+            raise TypeError(f"inputs must be an array of shape (N, {', '.join(map(str, self.input_shape))}). "
+                            f"Received {type(x).__name__}")
+        if np.dtype(x.dtype) != self.dtype:
+            raise TypeError(f"inputs have dtype {x.dtype} but the model computes in {self.dtype}; "
+                            f"convert with x.astype(np.{self.dtype})")
+        if tuple(x.shape[1:]) != self.input_shape or len(x.shape) != len(self.input_shape) + 1:
+            raise ValueError(f"inputs must have shape (N, {', '.join(map(str, self.input_shape))}). "
+                             f"Received shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("empty batch: inputs have shape "
+                             f"{tuple(x.shape)} (N=0)")
+        if y is None:
+            return
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise TypeError(f"labels must be integers. Received dtype {y.dtype}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"labels must have shape ({x.shape[0]},) to match the inputs. "
+                             f"Received shape {y.shape}")
+        lo, hi = int(y.min()), int(y.max())
+        if lo < 0 or hi >= self.num_classes:
+            bad = lo if lo < 0 else hi
+            raise ValueError(f"labels must be in [0, {self.num_classes}). Received label {bad}")
+
+    # ---- the pass every path shares ---------------------------------------------------------
+    def _params_backend(self, params, backend):
+        return (self.params if params is None else params), get_backend(backend or self.backend)
+
+    def forward(self, x, params=None, backend=None):
+        """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``."""
+        params, be = self._params_backend(params, backend)
+        caches = []
+        for layer in self.layers:
+            x, cache = layer.forward(self._layer_params(layer, params), x, be)
+            caches.append(cache)
+        return x, caches
+
+    def backward(self, dlogits, caches, params=None, backend=None) -> dict[str, Any]:
+        """Gradients of every parameter from ``dlogits (N, K)``; keys match ``params``."""
+        params, be = self._params_backend(params, backend)
+        grads: dict[str, Any] = {}
+        dout = dlogits
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            # the first layer's input is data: its gradient is never used
+            dout, layer_grads = layer.backward(self._layer_params(layer, params), dout,
+                                               caches[i], be, need_dx=i > 0)
+            for pname, g in layer_grads.items():
+                grads[f"{layer.name}.{pname}"] = g
+        return grads
+
+    def loss_and_grads(self, x, y, params=None, backend=None):
+        """One forward and backward pass: ``(loss, correct, grads)`` as backend arrays.
+
+        ``loss`` is the mean over the ``N`` examples, ``correct`` the number classified right.
+        """
+        params, be = self._params_backend(params, backend)
+        logits, caches = self.forward(x, params, be)
+        loss, dlogits, correct = be.softmax_cross_entropy(logits, y)
+        return loss, correct, self.backward(dlogits, caches, params, be)
+
+    @staticmethod
+    def _layer_params(layer: Layer, params: dict) -> dict:
+        return {p: params[f"{layer.name}.{p}"] for p in layer.param_names}
+
+    # ---- inference -------------------------------------------------------------------------
+    def predict_logits(self, x, batch_size: int = 256, params=None, backend=None) -> np.ndarray:
+        """Host logits ``(N, K)`` for ``x (N, C, H, W)``, computed in batches."""
+        self.check_inputs(x)
+        params, be = self._params_backend(params, backend)
+        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be)[0])
+               for i in range(0, len(x), batch_size)]
+        return np.concatenate(out)
+
+    def predict(self, x, batch_size: int = 256, **kwargs) -> np.ndarray:
+        """Class probabilities ``(N, K)`` (softmax of the logits)."""
+        return softmax(self.predict_logits(x, batch_size, **kwargs))
+
+    def evaluate(self, x, y, batch_size: int = 256, params=None, backend=None) -> dict[str, float]:
+        """Mean loss and accuracy (fraction in [0, 1]) over ``x, y``."""
+        self.check_inputs(x, y)
+        params, be = self._params_backend(params, backend)
+        total_loss, correct = 0.0, 0
+        for i in range(0, len(x), batch_size):
+            xb, yb = be.asarray(x[i:i + batch_size]), be.asarray(y[i:i + batch_size])
+            logits, _ = self.forward(xb, params, be)
+            loss, _, n_right = be.softmax_cross_entropy(logits, yb)
+            total_loss += float(be.to_host(loss)) * len(yb)
+            correct += int(be.to_host(n_right))
+        return {"loss": total_loss / len(x), "accuracy": correct / len(x)}
+
+    # ---- training --------------------------------------------------------------------------
+    def fit(self, x, y, **kwargs):
+        """Train in place; see :func:`cnn.train.fit` for the arguments. Returns a History."""
+        from .train import fit
+        return fit(self, x, y, **kwargs)
+
+    # ---- persistence -----------------------------------------------------------------------
+    def get_weights(self) -> dict[str, np.ndarray]:
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def set_weights(self, weights: dict[str, np.ndarray]) -> None:
+        """Copy ``weights`` into the parameters; keys, shapes and dtypes must match."""
+        missing = sorted(set(self.params) - set(weights))
+        extra = sorted(set(weights) - set(self.params))
+        if missing or extra:
+            raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
+        for k, v in weights.items():
+            v = np.asarray(v)
+            if v.shape != self.params[k].shape:
+                raise ValueError(f"weight {k!r} has shape {v.shape}; the model expects "
+                                 f"{self.params[k].shape}")
+            self.params[k][...] = v.astype(self.dtype, copy=False)
+
+    def save_weights(self, path: str | os.PathLike) -> Path:
+        """Write the parameters and the spec to ``path`` (``.npz``), atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            path = path.with_suffix(".npz")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, __spec__=np.array(json.dumps(self.spec())), **self.params)
+        os.replace(tmp, path)
+        return path
+
+    def load_weights(self, path: str | os.PathLike) -> None:
+        """Load parameters written by :meth:`save_weights` (checked against this model)."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no weights file at {path}")
+        with np.load(path) as data:
+            self.set_weights({k: data[k] for k in data.files if k != "__spec__"})
+
+    def summary(self) -> str:
+        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}"]
+        for layer in self.layers:
+            n = sum(self.params[f"{layer.name}.{p}"].size for p in layer.param_names)
+            rows.append(f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}")
+        rows.append(f"total parameters: {self.num_params:,} ({self.dtype})")
+        return "\n".join(rows)
+
+
+def resolve_spec(spec: Any) -> dict:
+    """Normalise a preset name, a ``.json``/``.yaml`` path, a list or a dict to a spec dict."""
+    from .presets import PRESETS
+    if isinstance(spec, (str, os.PathLike)):
+        name = str(spec)
+        if name in PRESETS:
+            return PRESETS[name]
+        path = Path(name)
+        if path.suffix.lower() in (".json", ".yaml", ".yml"):
+            if not path.is_file():
+                raise FileNotFoundError(f"no model spec file at {path}")
+            text = path.read_text()
+            if path.suffix.lower() == ".json":
+                spec = json.loads(text)
+            else:
+                import yaml
+                spec = yaml.safe_load(text)
+        else:
+            raise ValueError(f"unknown model {name!r}: not a preset ({sorted(PRESETS)}) "
+                             "nor a .json/.yaml spec file")
+    if isinstance(spec, (list, tuple)):
+        return {"layers": list(spec)}
+    if isinstance(spec, dict) and "layers" in spec:
+        return spec
+    raise ValueError(f"a model spec is a list of layer dicts or a dict with 'layers'. Received {spec!r}")
+
+
+def build_model(spec, input_shape=None, **kwargs) -> Sequential:
+    """Shorthand for :meth:`Sequential.from_spec`."""
+    return Sequential.from_spec(spec, input_shape, **kwargs)

@@ -1,0 +1,31 @@
+"""Training strategies, chosen by name: ``make_strategy("sync", threads=2)``."""
+from __future__ import annotations
+
+import importlib
+
+from .base import SequentialStrategy, Strategy
+
+# name -> (module, class); imported on first use so optional dependencies (mpi4py) stay optional
+_STRATEGIES = {
+    "sequential": ("cnn.parallel.base", "SequentialStrategy"),
+    "sync": ("cnn.parallel.threads", "SyncThreads"),
+    "average": ("cnn.parallel.threads", "AverageThreads"),
+    "hogwild": ("cnn.parallel.threads", "HogwildThreads"),
+}
+
+
+def strategy_names() -> list[str]:
+    return list(_STRATEGIES)
+
+
+def make_strategy(name: "str | Strategy" = "sequential", threads: int = 1, **options) -> Strategy:
+    """The strategy called ``name`` with ``threads`` workers and its own ``options``."""
+    if isinstance(name, Strategy):
+        return name
+    if name not in _STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
+    module, cls = _STRATEGIES[name]
+    return getattr(importlib.import_module(module), cls)(threads=threads, **options)
+
+
+__all__ = ["SequentialStrategy", "Strategy", "make_strategy", "strategy_names"]

@@ -1,0 +1,72 @@
+"""Strategies: how a training step's work is split across workers.
+
+The one fit loop (:mod:`cnn.train`) hands a strategy one *global batch* per step; the strategy
+computes with the model's shared layer math on its backend and updates the parameters. A
+strategy owns its workers (threads, ranks) for the whole fit: ``start`` creates them and
+``close`` ends them, never per step.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from ..backends import Backend
+
+
+class Strategy:
+    """Base class and the contract every strategy follows."""
+
+    name = "abstract"
+
+    def __init__(self, threads: int = 1):
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer. Received threads={threads!r}")
+        self.threads = threads
+
+    def examples_per_step(self, batch_size: int) -> int:
+        """How many examples one ``step`` consumes (``batch_size`` unless each worker takes a
+        batch of its own)."""
+        return batch_size
+
+    def check_batch_size(self, batch_size: int) -> None:
+        """Raise ``ValueError`` when this strategy cannot split batches of ``batch_size``."""
+
+    def start(self, model, optimizer, backend: Backend, params: dict[str, Any]) -> None:
+        """Set up for a fit: ``params`` are the backend arrays to train (updated in place)."""
+        self.model, self.optimizer, self.backend, self.params = model, optimizer, backend, params
+        self.state = optimizer.init_state(params, backend)
+
+    def step(self, xb, yb) -> tuple[float, int]:
+        """Train on one global batch (backend arrays). Returns the sum of the per-example
+        losses and the number of correctly classified examples, as host numbers."""
+        raise NotImplementedError
+
+    def current_params(self) -> dict[str, Any]:
+        """The parameters that represent the model now (for evaluation and the final copy)."""
+        return self.params
+
+    def end_epoch(self) -> None:
+        """Called after the last step of each epoch (strategies that average do it here)."""
+
+    def close(self) -> None:
+        """Release workers. Safe to call twice."""
+
+    def describe(self) -> dict:
+        return {"strategy": self.name, "threads": self.threads}
+
+
+class SequentialStrategy(Strategy):
+    """One worker: forward, loss, backward and update on the whole batch. The baseline."""
+
+    name = "sequential"
+
+    def __init__(self, threads: int = 1):
+        super().__init__(threads)
+        if threads != 1:
+            raise ValueError(f"the sequential strategy runs one worker. Received threads={threads}; "
+                             "use strategy='sync', 'average' or 'hogwild' for more")
+
+    def step(self, xb, yb):
+        be = self.backend
+        loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be)
+        self.optimizer.update(self.params, grads, self.state, be)
+        return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))

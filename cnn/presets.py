@@ -1,0 +1,58 @@
+"""Named reference architectures. The CLI, the benchmark and the study accept these names.
+
+Each preset is a plain spec (so the Keras reference builds the same network) plus the
+optimizer and batch size the study trains it with by default.
+"""
+from __future__ import annotations
+
+PRESETS: dict[str, dict] = {
+    # The small MNIST network: one conv layer of 8 3x3 filters, pooling and a softmax layer.
+    "mnist_small": {
+        "input_shape": [1, 28, 28],
+        "layers": [
+            {"type": "conv2d", "filters": 8, "kernel_size": 3, "activation": "relu"},
+            {"type": "maxpool2d", "pool_size": 2},
+            {"type": "flatten"},
+            {"type": "dense", "units": 10},
+        ],
+        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.0},
+        "batch_size": 32,
+    },
+    # The CNN of TensorFlow's "Convolutional Neural Network" tutorial for CIFAR-10.
+    "cifar_tutorial": {
+        "input_shape": [3, 32, 32],
+        "layers": [
+            {"type": "conv2d", "filters": 32, "kernel_size": 3, "activation": "relu"},
+            {"type": "maxpool2d", "pool_size": 2},
+            {"type": "conv2d", "filters": 64, "kernel_size": 3, "activation": "relu"},
+            {"type": "maxpool2d", "pool_size": 2},
+            {"type": "conv2d", "filters": 64, "kernel_size": 3, "activation": "relu"},
+            {"type": "flatten"},
+            {"type": "dense", "units": 64, "activation": "relu"},
+            {"type": "dense", "units": 10},
+        ],
+        "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
+        "batch_size": 32,
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {preset_names()}")
+    return PRESETS[name]
+
+
+def with_filters(spec: dict, filters: int | None) -> dict:
+    """A copy of ``spec`` whose first conv layer has ``filters`` filters (the study's
+    "number of conv filters" axis); ``None`` leaves it unchanged."""
+    if filters is None:
+        return spec
+    layers = [dict(layer) for layer in spec["layers"]]
+    first_conv = next(i for i, layer in enumerate(layers) if layer["type"] == "conv2d")
+    layers[first_conv]["filters"] = int(filters)
+    return {**spec, "layers": layers}

@@ -1,0 +1,200 @@
+"""The one fit loop: batching, shuffling, the strategy, timing, evaluation and history.
+
+Every training path (sequential, threads, CUDA, MPI) runs through :func:`fit`; what differs is
+the backend (where the arithmetic runs) and the strategy (how a batch is split). The timing
+columns follow DESIGN.md: data preparation (shuffle, gather), host-to-device transfer, compute
+(the strategy's step, including reading back the two scalars), JIT compile (a warm-up step
+before the first epoch) and evaluation are measured separately; ``time`` is the training wall
+time of the epoch (data + transfer + compute), and throughput is examples / ``time``.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .backends import Backend, get_backend
+from .optim import make_optimizer
+from .parallel import Strategy, make_strategy
+
+
+class Callback:
+    """Hooks into :func:`fit`. ``on_epoch_end`` returning True stops training."""
+
+    def on_train_begin(self, history: "History") -> None:
+        pass
+
+    def on_epoch_end(self, epoch: int, logs: dict) -> bool | None:
+        return None
+
+
+@dataclass
+class History:
+    """Per-epoch records (``history[key]`` is a list over epochs) and run-level facts."""
+
+    history: dict[str, list] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def append(self, logs: dict) -> None:
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    @property
+    def epochs(self) -> int:
+        return len(self.history.get("epoch", []))
+
+    def to_frame(self):
+        import pandas as pd
+        return pd.DataFrame(self.history)
+
+
+def _blas_limit(threads: int | None):
+    if threads is None:
+        return nullcontext()
+    from threadpoolctl import threadpool_limits
+    return threadpool_limits(limits=threads, user_api="blas")
+
+
+def _positive(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer. Received {name}={value!r}")
+    return int(value)
+
+
+def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
+        strategy: "str | Strategy" = "sequential", threads: int = 1,
+        strategy_options: dict | None = None, backend: "str | Backend | None" = None,
+        shuffle: bool = True, seed: int = 0, validation_data: tuple | None = None,
+        callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
+        progress: Callable | None = None) -> History:
+    """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
+
+    Args:
+        epochs: full passes over the training set.
+        batch_size: examples per update (per worker for ``average``/``hogwild``).
+        optimizer: an optimizer or its spec dict (default plain SGD, lr 0.01).
+        strategy, threads, strategy_options: how each batch is split (see :mod:`cnn.parallel`).
+        backend: where the arithmetic runs (default the model's).
+        shuffle, seed: the data order of each epoch comes from ``seed``, so two runs with the
+            same seed see the same batches in the same order.
+        validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
+            ``val_accuracy``); the study passes the held-out test set here.
+        blas_threads: BLAS threads for the duration of the fit (1: the sequential baseline
+            really is sequential, and data-parallel workers do not oversubscribe the cores);
+            ``None`` leaves BLAS alone.
+    Returns:
+        a :class:`History`: per epoch ``loss``, ``accuracy`` (running, on training batches),
+        ``val_loss``, ``val_accuracy``, ``time``, ``compute_time``, ``data_time``,
+        ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``
+        and the configuration.
+    """
+    epochs = _positive("epochs", epochs)
+    batch_size = _positive("batch_size", batch_size)
+    model.check_inputs(x, y)
+    if validation_data is not None:
+        model.check_inputs(*validation_data)
+    be = get_backend(backend or model.backend)
+    opt = make_optimizer(optimizer)
+    strat = make_strategy(strategy, threads, **(strategy_options or {}))
+    strat.check_batch_size(batch_size)
+    n = len(x)
+    step_size = strat.examples_per_step(batch_size)
+    rng = np.random.default_rng(seed)
+    history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
+                            "epochs": epochs, "seed": seed, "optimizer": opt.config(),
+                            "train_examples": n, "dtype": str(model.dtype)})
+    for cb in callbacks:
+        cb.on_train_begin(history)
+
+    with _blas_limit(blas_threads):
+        t0 = time.perf_counter()
+        params = {k: be.asarray(v) for k, v in model.params.items()}
+        be.synchronize()
+        history.info["params_transfer_time"] = time.perf_counter() - t0
+        history.info["compile_time"] = _warm_up(model, x, y, params, be)
+        strat.start(model, opt, be, params)
+        try:
+            for epoch in range(1, epochs + 1):
+                logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
+                                  verbose, progress)
+                if validation_data is not None:
+                    t = time.perf_counter()
+                    val = model.evaluate(*validation_data, params=strat.current_params(), backend=be)
+                    logs["eval_time"] = time.perf_counter() - t
+                    logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                history.append(logs)
+                if verbose:
+                    print(_epoch_line(logs, epochs), flush=True)
+                if any([cb.on_epoch_end(epoch, logs) for cb in callbacks]):
+                    break
+        finally:
+            # keep what was learned even when a step fails or the run is interrupted
+            final = strat.current_params()
+            model.set_weights({k: be.to_host(v) for k, v in final.items()})
+            strat.close()
+    return history
+
+
+def _warm_up(model, x, y, params, be: Backend) -> float:
+    """Seconds spent compiling: one untimed forward/backward on two examples for JIT backends
+    (Numba, CUDA), without an update; 0 for backends with nothing to compile."""
+    if not getattr(be, "jit", False):
+        return 0.0
+    t = time.perf_counter()
+    loss, correct, _ = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params, be)
+    be.to_host(loss)
+    return time.perf_counter() - t
+
+
+def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
+               verbose, progress) -> dict:
+    data_t = transfer_t = compute_t = 0.0
+    loss_sum, correct = 0.0, 0
+    start = time.perf_counter()
+    order = rng.permutation(n) if shuffle else np.arange(n)
+    data_t += time.perf_counter() - start
+    steps = range(0, n, step_size)
+    bar = None
+    if verbose:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
+    for i in steps:
+        t = time.perf_counter()
+        idx = order[i:i + step_size]
+        xb, yb = x[idx], y[idx]
+        t2 = time.perf_counter()
+        xb, yb = be.asarray(xb), be.asarray(yb)
+        be.synchronize()
+        t3 = time.perf_counter()
+        batch_loss, batch_correct = strat.step(xb, yb)
+        t4 = time.perf_counter()
+        data_t += t2 - t
+        transfer_t += t3 - t2
+        compute_t += t4 - t3
+        loss_sum += batch_loss
+        correct += batch_correct
+        if bar is not None:
+            bar.update(len(idx))
+            bar.set_postfix(loss=f"{loss_sum / min(i + step_size, n):.4f}", refresh=False)
+        if progress is not None:
+            progress(epoch, min(i + step_size, n), n)
+    t = time.perf_counter()
+    strat.end_epoch()
+    compute_t += time.perf_counter() - t
+    if bar is not None:
+        bar.close()
+    wall = time.perf_counter() - start
+    return {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n, "time": wall,
+            "compute_time": compute_t, "data_time": data_t, "transfer_time": transfer_t,
+            "images_per_sec": n / wall}
+
+
+def _epoch_line(logs: dict, epochs: int) -> str:
+    line = (f"epoch {logs['epoch']}/{epochs}: loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
+            f"time {logs['time']:.2f}s ({logs['images_per_sec']:,.0f} img/s)")
+    if "val_accuracy" in logs:
+        line += f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
+    return line
