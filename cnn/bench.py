@@ -1,0 +1,156 @@
+"""Benchmarks that print ratios measured side by side in one run (``python -m cnn bench``).
+
+Timed tests are not used anywhere: timings on shared machines are noisy, so each benchmark
+warms every contender up, then interleaves their repeats (A, B, A, B, ...) so that drift in
+the machine's speed hits all of them alike, and reports the median with the spread and the
+absolute figures beside the ratio.
+
+Training throughput is images per second of training epochs (forward, loss, backward and
+update on every batch, plus the gather of each batch), on the same fixed random images for
+every contender; data values do not change the arithmetic.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .machine import describe
+from .model import build_model
+from .presets import get_preset
+
+#: images per timed epoch, per architecture: long enough to dwarf per-epoch overhead
+DEFAULT_IMAGES = {"mnist_small": 4096, "cifar_tutorial": 1024}
+
+
+@dataclass
+class Contender:
+    """A named way to train: ``setup()`` returns ``run()``, which trains one epoch over the
+    benchmark's images and returns the seconds the epoch took."""
+
+    name: str
+    setup: Callable[[], Callable[[], float]]
+
+
+def synthetic_batch(preset: str, n: int, seed: int = 0, dtype=np.float32):
+    """``n`` random images in [0, 1) with the preset's input shape and random labels."""
+    spec = get_preset(preset)
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *spec["input_shape"]), dtype=np.float64).astype(dtype)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    return x, y
+
+
+def ours(preset: str, x, y, batch_size: int, name: str = "ours (numpy, 1 thread)",
+         **fit_options) -> Contender:
+    """Our fit loop on the preset; ``fit_options`` pick backend, strategy and threads."""
+    def setup():
+        model = build_model(preset, seed=0)
+        optimizer = get_preset(preset)["optimizer"]
+
+        def run() -> float:
+            hist = model.fit(x, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
+                             verbose=0, **fit_options)
+            return hist.history["time"][0]
+        run()  # warm-up: JIT, caches, thread pools
+        return run
+    return Contender(name, setup)
+
+
+def keras(preset: str, x, y, batch_size: int, threads: int = 1) -> Contender:
+    """The same architecture in Keras (TensorFlow), pinned to ``threads`` threads. The epoch
+    is timed inside ``fit`` by a callback, so Keras's per-call set-up is not charged to it."""
+    def setup():
+        import keras as K
+        from .keras_reference import build_keras_model, configure_threads, to_keras_images
+        configure_threads(threads)
+        model = build_model(preset, seed=0)
+        kmodel = build_keras_model(model)
+        opt = get_preset(preset)["optimizer"]
+        kmodel.compile(optimizer=K.optimizers.SGD(learning_rate=opt["lr"], momentum=opt["momentum"]),
+                       loss=K.losses.SparseCategoricalCrossentropy(from_logits=True),
+                       metrics=["accuracy"])
+        xk = to_keras_images(x)
+
+        class EpochTimer(K.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.t = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.elapsed = time.perf_counter() - self.t
+
+        timer = EpochTimer()
+
+        def run() -> float:
+            kmodel.fit(xk, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0,
+                       callbacks=[timer])
+            return timer.elapsed
+        run()
+        return run
+    return Contender(f"keras (tensorflow, {threads} thread{'s' if threads > 1 else ''})", setup)
+
+
+def compare(contenders: list[Contender], n_images: int, repeats: int) -> list[dict]:
+    """Warm every contender up, then interleave ``repeats`` epochs of each. Returns one row per
+    contender: median images/s and the min-max range."""
+    runs = [c.setup() for c in contenders]
+    times: list[list[float]] = [[] for _ in contenders]
+    for _ in range(repeats):
+        for i, run in enumerate(runs):
+            times[i].append(run())
+    rows = []
+    for c, ts in zip(contenders, times):
+        rates = [n_images / t for t in ts]
+        rows.append({"name": c.name, "median": statistics.median(rates), "min": min(rates),
+                     "max": max(rates), "repeats": repeats})
+    return rows
+
+
+def print_rows(title: str, rows: list[dict], baseline: int = 0) -> None:
+    print(f"\n{title}")
+    base = rows[baseline]["median"]
+    for r in rows:
+        ratio = r["median"] / base
+        print(f"  {r['name']:<34} {r['median']:>9,.0f} img/s  (min {r['min']:,.0f}, max "
+              f"{r['max']:,.0f}, n={r['repeats']})  ratio {ratio:5.2f}")
+
+
+def keras_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128),
+                repeats: int = 5, images: dict | None = None) -> list[dict]:
+    """Sequential path vs Keras, both on one thread; prints ours/Keras per configuration."""
+    results = []
+    for preset in presets:
+        n = (images or DEFAULT_IMAGES)[preset]
+        x, y = synthetic_batch(preset, n)
+        for bs in batch_sizes:
+            rows = compare([keras(preset, x, y, bs), ours(preset, x, y, bs)], n, repeats)
+            print_rows(f"{preset}, batch {bs}, {n} images/epoch (ratio = / keras)", rows)
+            results.append({"preset": preset, "batch_size": bs, "keras": rows[0]["median"],
+                            "ours": rows[1]["median"],
+                            "ratio_ours_keras": rows[1]["median"] / rows[0]["median"]})
+    print("\nsummary (images/s, median; ratio ours/keras):")
+    for r in results:
+        print(f"  {r['preset']:<15} batch {r['batch_size']:>4}: ours {r['ours']:>8,.0f}  "
+              f"keras {r['keras']:>8,.0f}  ratio {r['ratio_ours_keras']:.2f}")
+    return results
+
+
+SUITES = {"keras": keras_suite}
+
+
+def main(suite: str = "keras", repeats: int = 5, quick: bool = False, presets=None,
+         batch_sizes=None) -> None:
+    if suite not in SUITES:
+        raise ValueError(f"unknown benchmark suite {suite!r}; choose one of {sorted(SUITES)}")
+    print(f"machine: {describe()}")
+    kwargs = {"repeats": 1 if quick else repeats}
+    if quick:
+        kwargs["images"] = {"mnist_small": 256, "cifar_tutorial": 64}
+    if presets:
+        kwargs["presets"] = presets
+    if batch_sizes:
+        kwargs["batch_sizes"] = batch_sizes
+    SUITES[suite](**kwargs)
