@@ -27,7 +27,6 @@ import hashlib
 import http.client
 import os
 import pickle
-import shutil
 import tarfile
 import tempfile
 import urllib.request
@@ -84,10 +83,11 @@ _SPLITS = ("train", "test")
 # ---- argument checks ------------------------------------------------------------------------
 def _check_dtype(dtype) -> np.dtype:
     try:
-        resolved = np.dtype(dtype)
+        # np.dtype(None) is float64, but a None here is more likely a mistake than a choice
+        resolved = None if dtype is None else np.dtype(dtype)
     except TypeError:
         resolved = None
-    if resolved not in (np.dtype(np.float32), np.dtype(np.float64)):
+    if resolved is None or resolved.type not in (np.float32, np.float64):
         raise TypeError(f"dtype must be float32 or float64; received dtype={dtype!r}")
     return resolved
 
@@ -296,8 +296,11 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     environment, and an unrestricted pickle could run arbitrary code."""
 
     _ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"),
-                ("numpy.core.multiarray", "_reconstruct"),   # pickles written by NumPy 1.x
-                ("numpy._core.multiarray", "_reconstruct")}  # pickles written by NumPy 2.x
+                # NumPy 1.x names, then NumPy 2.x names; _frombuffer appears with protocol 5
+                ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
+                ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
+                # Python 3 writes bytes this way in protocols 0-2
+                ("_codecs", "encode")}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
@@ -313,7 +316,7 @@ def _unpickle(path: Path):
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
             IndexError, KeyError) as exc:
         raise ValueError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc}); "
-                         f"the file is truncated or not a CIFAR-10 batch") from None
+                         f"the file is truncated, corrupt or not a CIFAR-10 batch") from None
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:

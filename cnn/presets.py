@@ -15,7 +15,7 @@ PRESETS: dict[str, dict] = {
             {"type": "flatten"},
             {"type": "dense", "units": 10},
         ],
-        "optimizer": {"type": "sgd", "lr": 0.05, "momentum": 0.0},
+        "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.0},
         "batch_size": 32,
     },
     # The CNN of TensorFlow's "Convolutional Neural Network" tutorial for CIFAR-10.
