@@ -19,6 +19,17 @@ def _pad(x: np.ndarray, padding: Padding) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
+def _window_offsets(x: np.ndarray, pool: int, stride: int):
+    """For each offset ``(i, j)`` of a ``pool x pool`` window, in row-major order, the strided
+    view ``(N, C, Ho, Wo)`` of ``x`` holding that element of every window."""
+    ho = (x.shape[2] - pool) // stride + 1
+    wo = (x.shape[3] - pool) // stride + 1
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    for i in range(pool):
+        for j in range(pool):
+            yield x[:, :, i:i + span_h:stride, j:j + span_w:stride]
+
+
 def _windows(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
     """Strided view ``(N, C, Ho, Wo, KH, KW)`` of ``x (N, C, H, W)``: no copy."""
     return sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
@@ -57,8 +68,9 @@ class NumpyBackend(Backend):
         _, c, kh, kw = w.shape
         d2 = dout.reshape(n, f, ho * wo)
         db = d2.sum(axis=(0, 2))
-        # dw[f, k] = sum_n sum_p d2[n, f, p] * cols[n, k, p], as one BLAS product
-        dw = np.tensordot(d2, cols, axes=([0, 2], [0, 2])).reshape(w.shape)
+        # dw[f, k] = sum_n sum_p d2[n, f, p] * cols[n, k, p]: one product per image, with cols
+        # passed transposed to BLAS, is cheaper than tensordot's copy of the whole of cols
+        dw = np.matmul(d2, cols.transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
         if not need_dx:
             return None, dw, db
         dcols = np.matmul(w.reshape(f, -1).T, d2).reshape(n, c, kh, kw, ho, wo)
@@ -73,30 +85,28 @@ class NumpyBackend(Backend):
 
     # ---- pooling ---------------------------------------------------------------------------
     def maxpool2d_forward(self, x, pool, stride):
-        n, c, _, _ = x.shape
-        win = _windows(x, pool, pool, stride)
-        ho, wo = win.shape[2], win.shape[3]
-        flat = win.reshape(n, c, ho, wo, pool * pool)
-        arg = flat.argmax(axis=-1)  # first maximum wins ties, as documented in the contract
-        out = np.take_along_axis(flat, arg[..., None], axis=-1)[..., 0]
-        return out, (x.shape, arg, pool, stride)
+        # The max over a window is the elementwise max of pool*pool strided views of x (one
+        # per window offset): no window array is materialised, no argmax over a copy.
+        out = None
+        for view in _window_offsets(x, pool, stride):
+            out = view.copy() if out is None else np.maximum(out, view, out=out)
+        return out, (x, out, pool, stride)
 
     def maxpool2d_backward(self, dout, cache):
-        x_shape, arg, pool, stride = cache
-        n, c, ho, wo = dout.shape
-        if stride == pool:
-            # Non-overlapping windows: scatter into (N, C, Ho, Wo, p*p) and fold back.
-            tiles = np.zeros((n, c, ho, wo, pool * pool), dtype=dout.dtype)
-            np.put_along_axis(tiles, arg[..., None], dout[..., None], axis=-1)
-            tiles = tiles.reshape(n, c, ho, wo, pool, pool).transpose(0, 1, 2, 4, 3, 5)
-            dx = np.zeros(x_shape, dtype=dout.dtype)
-            dx[:, :, :ho * pool, :wo * pool] = tiles.reshape(n, c, ho * pool, wo * pool)
-            return dx
-        dx = np.zeros(x_shape, dtype=dout.dtype)
-        span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
-        for k in range(pool * pool):
-            i, j = divmod(k, pool)
-            dx[:, :, i:i + span_h:stride, j:j + span_w:stride] += np.where(arg == k, dout, 0)
+        x, out, pool, stride = cache
+        dx = np.zeros_like(x)
+        # Visit the offsets in row-major order; an offset receives the gradient where it holds
+        # the maximum and no earlier offset did (first maximum wins, as the contract says).
+        taken = np.zeros(out.shape, dtype=bool)
+        for view, dx_view in zip(_window_offsets(x, pool, stride),
+                                 _window_offsets(dx, pool, stride)):
+            wins = view == out
+            wins &= ~taken
+            taken |= wins
+            if stride == pool:  # windows do not overlap: each dx element is written once
+                np.multiply(dout, wins, out=dx_view)
+            else:
+                dx_view += np.where(wins, dout, 0)
         return dx
 
     # ---- activations -----------------------------------------------------------------------

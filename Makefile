@@ -1,0 +1,39 @@
+# The two commands (see README.md):
+#   make study   run the study (PROFILE=quick by default), the analysis notebook and the report
+#   make test    run the whole test suite (unit tests, simulator kernels, PTX, notebooks)
+# Each creates .venv and installs the pinned requirements the first time; after that the
+# stamp file makes them start at once.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+PROFILE ?= quick
+# the quick profile writes under results/quick so it never overwrites the committed full results
+RESULTS ?= $(if $(filter full,$(PROFILE)),results,results/$(PROFILE))
+
+.PHONY: study test report bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+study: $(STAMP)
+	$(PY) -m cnn study --profile $(PROFILE) --out $(RESULTS)/df_results.pkl
+	$(PY) -m papermill --cwd notebooks notebooks/results.ipynb $(RESULTS)/results.ipynb \
+	    -p results_path ../$(RESULTS)/df_results.pkl -p figures_dir ../$(RESULTS)/figures \
+	    -p summary_dir ../$(RESULTS)
+	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf)
+
+bench: $(STAMP)
+	$(PY) -m cnn bench keras
+
+clean:
+	rm -rf $(VENV) .pytest_cache
