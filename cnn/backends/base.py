@@ -31,6 +31,9 @@ class Backend:
     name: str = "abstract"
     #: True when ops run on an accelerator and arrays live in device memory
     on_device: bool = False
+    #: True when ops compile on first use (Numba, CUDA): fit then times a warm-up step as
+    #: JIT compile time, outside the epochs
+    jit: bool = False
 
     # ---- memory ---------------------------------------------------------------------------
     def asarray(self, x: Any) -> Any:
@@ -44,6 +47,9 @@ class Backend:
     def zeros_like(self, x: Any) -> Any:
         """Zero-filled array with the shape and dtype of ``x`` on this backend."""
         raise NotImplementedError
+
+    def synchronize(self) -> None:
+        """Wait until queued work is done (device backends); timing calls it. No-op on CPU."""
 
     # ---- convolution -----------------------------------------------------------------------
     def conv2d_forward(self, x, w, b, stride: int, padding: Padding):
@@ -61,9 +67,6 @@ class Backend:
         With ``need_dx=False`` (the first layer, whose input is data) ``dx`` is ``None`` and
         not computed."""
         raise NotImplementedError
-
-    def synchronize(self) -> None:
-        """Wait until queued work is done (device backends); timing calls it. No-op on CPU."""
 
     # ---- pooling ---------------------------------------------------------------------------
     def maxpool2d_forward(self, x, pool: int, stride: int):
