@@ -18,9 +18,10 @@ def softmax_cross_entropy(logits, labels, backend: Backend):
 
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax of host logits ``(N, K)`` (for ``predict``), overflow-free."""
-    z = logits - logits.max(axis=1, keepdims=True)
+    z = logits.astype(np.float64)  # float32 logits near the limit: the shift would overflow
+    z -= z.max(axis=1, keepdims=True)
     e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+    return (e / e.sum(axis=1, keepdims=True)).astype(logits.dtype, copy=False)
 
 
 LOSSES = {"softmax_cross_entropy": softmax_cross_entropy}

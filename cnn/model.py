@@ -213,11 +213,12 @@ class Sequential:
         extra = sorted(set(weights) - set(self.params))
         if missing or extra:
             raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
-        for k, v in weights.items():
-            v = np.asarray(v)
+        weights = {k: np.asarray(v) for k, v in weights.items()}
+        for k, v in weights.items():  # check all before copying any: no half-loaded model
             if v.shape != self.params[k].shape:
                 raise ValueError(f"weight {k!r} has shape {v.shape}; the model expects "
                                  f"{self.params[k].shape}")
+        for k, v in weights.items():
             self.params[k][...] = v.astype(self.dtype, copy=False)
 
     def save_weights(self, path: str | os.PathLike) -> Path:

@@ -132,7 +132,10 @@ class NumpyBackend(Backend):
     # ---- loss ------------------------------------------------------------------------------
     def softmax_cross_entropy(self, logits, labels):
         n = logits.shape[0]
-        shifted = logits - logits.max(axis=1, keepdims=True)
+        # in float64: for float32 logits near the type's limit the shift logits - max would
+        # overflow (e.g. 3e38 - (-3e38)) although the loss and gradient are representable
+        z = logits.astype(np.float64)
+        shifted = z - z.max(axis=1, keepdims=True)
         log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
         rows = np.arange(n)
         loss = -log_probs[rows, labels].mean()
@@ -140,7 +143,8 @@ class NumpyBackend(Backend):
         dlogits[rows, labels] -= 1
         dlogits /= n
         correct = np.count_nonzero(logits.argmax(axis=1) == labels)
-        return np.asarray(loss, dtype=logits.dtype), dlogits, np.asarray(correct)
+        return (np.asarray(loss, dtype=logits.dtype), dlogits.astype(logits.dtype, copy=False),
+                np.asarray(correct))
 
     # ---- optimizer -------------------------------------------------------------------------
     def sgd_update(self, param, grad, velocity, lr, momentum):

@@ -1,0 +1,128 @@
+"""The command line: ``python -m cnn train`` (as a subprocess and in-process through
+``cnn.cli.main``) and one smoke run of ``python -m cnn bench``. Only synthetic data: no network."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn.cli import main
+from cnn.data import load_dataset
+from cnn.model import Sequential
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW = re.compile(r"^\s*(\d+)\s+(\d\.\d{4})\s+(\d+\.\d{4})\s+(\d+\.\d{2})\s+([\d,]+)\s*$")
+
+
+def run_cli(*args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return subprocess.run([sys.executable, "-m", "cnn", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def table_rows(stdout):
+    lines = stdout.splitlines()
+    header = [i for i, line in enumerate(lines) if line.split() == ["epoch", "test_acc",
+                                                                    "train_loss", "time_s", "img/s"]]
+    assert len(header) == 1, stdout
+    return [ROW.match(line).groups() for line in lines[header[0] + 1:] if ROW.match(line)]
+
+
+def test_train_subprocess_prints_table_and_saves_weights(tmp_path):
+    save = tmp_path / "w.npz"
+    proc = run_cli("train", "--dataset", "blobs", "--epochs", "1", "--quiet", "--save", str(save))
+    assert proc.returncode == 0, proc.stderr
+    rows = table_rows(proc.stdout)
+    assert len(rows) == 1 and rows[0][0] == "1"
+    acc = float(rows[0][1])
+    assert 0.0 <= acc <= 1.0
+    assert f"weights saved to {save}" in proc.stdout
+    assert f"final test accuracy {rows[0][1]}" in proc.stdout
+    # the default model for 8x8 blobs is mnist_small: conv 3x3 -> 6x6, pool -> 3x3
+    assert re.search(r"^conv2d\s+conv2d\s+\(8, 6, 6\)\s+80\s*$", proc.stdout, re.M), proc.stdout
+    # the file loads into the same architecture and reproduces the printed test accuracy
+    model = Sequential.from_spec("mnist_small", input_shape=(1, 8, 8))
+    before = model.get_weights()
+    model.load_weights(save)
+    assert any(not np.array_equal(before[k], model.params[k]) for k in before)
+    data = load_dataset("blobs", seed=0)   # the CLI's defaults: 2000 train, 500 test, seed 0
+    assert round(model.evaluate(data.x_test, data.y_test)["accuracy"], 4) == pytest.approx(acc, abs=1e-4)
+    with np.load(save) as f:
+        assert json.loads(str(f["__spec__"]))["input_shape"] == [1, 8, 8]
+
+
+def test_train_in_process_with_json_model(tmp_path, capsys):
+    spec = {"layers": [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
+                       {"type": "flatten"}, {"type": "dense", "units": 10}]}
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps(spec))
+    rc = main(["train", "--dataset", "blobs", "--model", str(path), "--epochs", "2", "--quiet",
+               "--limit", "100", "--test-limit", "40", "--lr", "0.05", "--dtype", "float64",
+               "--batch-size", "10", "--save", str(tmp_path / "out")])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert [r[0] for r in table_rows(out)] == ["1", "2"]
+    assert "float64" in out and "'lr': 0.05" in out and "batch 10" in out
+    model = Sequential.from_spec(str(path), input_shape=(1, 8, 8), dtype=np.float64)
+    model.load_weights(tmp_path / "out.npz")
+
+
+def test_train_filters_option(capsys):
+    rc = main(["train", "--dataset", "blobs", "--filters", "4", "--epochs", "1", "--quiet",
+               "--limit", "64", "--test-limit", "16"])
+    assert rc == 0
+    assert re.search(r"^conv2d\s+conv2d\s+\(4, 6, 6\)\s+40\s*$", capsys.readouterr().out, re.M)
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--dataset", "bogus_data"], "bogus_data"),
+    (["--dataset", "blobs", "--model", "bogus_model"], "bogus_model"),
+    (["--dataset", "blobs", "--model", "no_such_spec.json"], "no_such_spec.json"),
+    (["--dataset", "blobs", "--epochs", "0"], "epochs=0"),
+    (["--dataset", "blobs", "--strategy", "bogus_strategy"], "bogus_strategy"),
+])
+def test_train_errors_exit_2_naming_the_value(args, named, capsys):
+    rc = main(["train", "--quiet", "--limit", "32", "--test-limit", "8", *args])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert named in err and err.startswith("error:")
+
+
+def test_unknown_dataset_and_model_exit_code_from_python_m():
+    proc = run_cli("train", "--dataset", "bogus_data", "--quiet")
+    assert proc.returncode == 2
+    assert "bogus_data" in proc.stderr
+    proc = run_cli("train", "--dataset", "blobs", "--model", "bogus_model", "--quiet",
+                   "--limit", "32", "--test-limit", "8")
+    assert proc.returncode == 2
+    assert "bogus_model" in proc.stderr
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--epochs", "many"])
+    assert exc.value.code == 2
+    assert "many" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["nonsense"])
+    assert exc.value.code == 2
+
+
+def test_bench_quick_smoke():
+    """Imports TensorFlow and trains both contenders on 256 images: slow, so just one run."""
+    proc = run_cli("bench", "--quick", "--presets", "mnist_small", "--batch-sizes", "32",
+                   timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mnist_small, batch 32" in proc.stdout
+    ratios = re.findall(r"ratio\s+(\d+\.\d+)", proc.stdout)
+    assert ratios, proc.stdout
+    assert all(float(r) > 0 for r in ratios)
+    assert re.search(r"ratio ours/keras", proc.stdout)
