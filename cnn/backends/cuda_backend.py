@@ -1,0 +1,193 @@
+"""The CUDA backend: every op of the contract as Numba CUDA kernels on device arrays.
+
+Arrays in and out are Numba device arrays (C-contiguous, so the model's ``.reshape`` flatten
+is a free view); caches hold device arrays only; no op copies to or from the host, so a whole
+training step (forward, loss, backward, ``sgd_update``) stays on the device and only the two
+scalars ``loss`` and ``correct`` need ``to_host``. The kernels and their launch arithmetic
+live in :mod:`cnn.backends.cuda_kernels`.
+
+Without a GPU, run under Numba's CUDA simulator by setting ``NUMBA_ENABLE_CUDASIM=1`` in the
+environment before Numba is first imported (the simulator runs a few thousand threads per
+second: tiny shapes only).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import cuda
+
+from . import cuda_kernels as K
+from .base import Backend
+
+
+def _is_device_array(x) -> bool:
+    # Device arrays of both the driver and the simulator; numpy arrays lack this method.
+    return hasattr(x, "copy_to_host")
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+    on_device = True
+    jit = True  # kernels compile per signature on first launch
+
+    def __init__(self):
+        if not cuda.is_available():
+            raise RuntimeError(
+                "CudaBackend: no CUDA GPU was found (numba.cuda.is_available() is False). "
+                "To run the CUDA kernels without a GPU, use Numba's CUDA simulator: set "
+                "NUMBA_ENABLE_CUDASIM=1 in the environment before Python imports numba."
+            )
+        # Empty device arrays that tell matmul_kernel "no bias", one per dtype.
+        self._no_bias: dict[np.dtype, object] = {}
+
+    # ---- memory ---------------------------------------------------------------------------
+    def asarray(self, x):
+        if _is_device_array(x):
+            return x
+        return cuda.to_device(np.ascontiguousarray(x))
+
+    def to_host(self, x):
+        """Device array -> ``numpy.ndarray``; the loss and correct scalars come back 0-d, so
+        ``float(...)`` and ``int(...)`` work on them."""
+        if _is_device_array(x):
+            return x.copy_to_host()
+        return np.asarray(x)
+
+    def zeros_like(self, x):
+        out = cuda.device_array(x.shape, dtype=x.dtype)
+        K.fill_zero_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
+            out.reshape(out.size))
+        return out
+
+    def synchronize(self):
+        cuda.synchronize()
+
+    # ---- convolution -----------------------------------------------------------------------
+    def conv2d_forward(self, x, w, b, stride, padding):
+        n, c, h, wd = x.shape
+        f, cw, kh, kw = w.shape
+        (top, bottom), (left, right) = padding
+        ho = (h + top + bottom - kh) // stride + 1
+        wo = (wd + left + right - kw) // stride + 1
+        if cw != c or ho < 1 or wo < 1:
+            raise ValueError(f"conv2d_forward: x {x.shape} and w {w.shape} with stride {stride} "
+                             f"and padding {padding} give no valid output")
+        out = cuda.device_array((n, f, ho, wo), dtype=x.dtype)
+        K.conv2d_forward_kernel[K.gemm_grid(f, n * ho * wo), K.GEMM_THREADS](
+            x, w, b, stride, top, left, out)
+        return out, (x, w, stride, padding)
+
+    def conv2d_backward(self, dout, cache, need_dx=True):
+        x, w, stride, padding = cache
+        (top, _), (left, _) = padding
+        n, f, ho, wo = dout.shape
+        _, c, kh, kw = w.shape
+
+        dw = cuda.device_array(w.shape, dtype=dout.dtype)
+        db = cuda.device_array(f, dtype=dout.dtype)
+        k_cols = c * kh * kw
+        splits, chunk = K.conv2d_dw_splits(f, k_cols + 1, n * ho * wo)
+        # One slice writes dw and db directly; several write slabs that column_sums_kernel adds.
+        if splits == 1:
+            dw_part, db_part = dw.reshape(1, f, c, kh, kw), db.reshape(1, f)
+        else:
+            dw_part = cuda.device_array((splits, f, c, kh, kw), dtype=dout.dtype)
+            db_part = cuda.device_array((splits, f), dtype=dout.dtype)
+        K.conv2d_backward_weight_kernel[K.gemm_grid(f, k_cols + 1, splits), K.GEMM_THREADS](
+            x, dout, stride, top, left, chunk, dw_part, db_part)
+        if splits > 1:
+            K.column_sums_kernel[K.column_sum_grid(f * k_cols), K.COLUMN_SUM_THREADS](
+                dw_part.reshape(splits, f * k_cols), dw.reshape(f * k_cols))
+            K.column_sums_kernel[K.column_sum_grid(f), K.COLUMN_SUM_THREADS](db_part, db)
+
+        if not need_dx:
+            return None, dw, db
+        dx = cuda.device_array(x.shape, dtype=dout.dtype)
+        K.conv2d_backward_input_kernel[K.gemm_grid(c, x.size // c), K.GEMM_THREADS](
+            dout, w, stride, top, left, dx)
+        return dx, dw, db
+
+    # ---- pooling ---------------------------------------------------------------------------
+    def maxpool2d_forward(self, x, pool, stride):
+        n, c, h, w = x.shape
+        ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
+        if ho < 1 or wo < 1:
+            raise ValueError(f"maxpool2d_forward: x {x.shape} is smaller than pool={pool}")
+        out = cuda.device_array((n, c, ho, wo), dtype=x.dtype)
+        argmax = cuda.device_array((n * c, ho, wo), dtype=np.int32)
+        K.maxpool2d_forward_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
+            x.reshape(n * c, h, w), pool, stride, out.reshape(n * c, ho, wo), argmax)
+        return out, (x.shape, argmax, pool, stride)
+
+    def maxpool2d_backward(self, dout, cache):
+        (n, c, h, w), argmax, pool, stride = cache
+        dx = cuda.device_array((n, c, h, w), dtype=dout.dtype)
+        K.maxpool2d_backward_kernel[K.elementwise_grid(dx.size), K.ELEMENTWISE_THREADS](
+            dout.reshape(argmax.shape), argmax, pool, stride, dx.reshape(n * c, h, w))
+        return dx
+
+    # ---- activations -----------------------------------------------------------------------
+    def relu_forward(self, x):
+        out = cuda.device_array(x.shape, dtype=x.dtype)
+        K.relu_forward_kernel[K.elementwise_grid(x.size), K.ELEMENTWISE_THREADS](
+            x.reshape(x.size), out.reshape(x.size))
+        return out, out
+
+    def relu_backward(self, dout, cache):
+        dx = cuda.device_array(dout.shape, dtype=dout.dtype)
+        K.relu_backward_kernel[K.elementwise_grid(dout.size), K.ELEMENTWISE_THREADS](
+            dout.reshape(dout.size), cache.reshape(dout.size), dx.reshape(dout.size))
+        return dx
+
+    # ---- dense -----------------------------------------------------------------------------
+    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
+        """``op(a) @ op(b) (+ bias)`` as a new device array."""
+        m = a.shape[1] if trans_a else a.shape[0]
+        n = b.shape[0] if trans_b else b.shape[1]
+        ka = a.shape[0] if trans_a else a.shape[1]
+        kb = b.shape[1] if trans_b else b.shape[0]
+        if ka != kb:
+            raise ValueError(f"matmul: inner dimensions differ, a {a.shape} (trans={trans_a}) "
+                             f"and b {b.shape} (trans={trans_b})")
+        if bias is None:
+            if a.dtype not in self._no_bias:
+                self._no_bias[a.dtype] = cuda.device_array(0, dtype=a.dtype)
+            bias = self._no_bias[a.dtype]
+        c = cuda.device_array((m, n), dtype=a.dtype)
+        K.matmul_kernel[K.gemm_grid(m, n), K.GEMM_THREADS](a, b, bias, trans_a, trans_b, c)
+        return c
+
+    def dense_forward(self, x, w, b):
+        return self._matmul(x, w, bias=b), (x, w)
+
+    def dense_backward(self, dout, cache, need_dx=True):
+        x, w = cache
+        dw = self._matmul(x, dout, trans_a=True)
+        m = dout.shape[1]
+        db = cuda.device_array(m, dtype=dout.dtype)
+        K.column_sums_kernel[K.column_sum_grid(m), K.COLUMN_SUM_THREADS](dout, db)
+        dx = self._matmul(dout, w, trans_b=True) if need_dx else None
+        return dx, dw, db
+
+    # ---- loss ------------------------------------------------------------------------------
+    def softmax_cross_entropy(self, logits, labels):
+        n = logits.shape[0]
+        dlogits = cuda.device_array(logits.shape, dtype=logits.dtype)
+        loss = cuda.device_array(1, dtype=logits.dtype)
+        correct = cuda.device_array(1, dtype=np.int32)
+        K.softmax_xent_kernel[1, K.XENT_THREADS](
+            logits, labels, logits.dtype.type(1.0 / n), dlogits, loss, correct)
+        # 0-d views, as the contract asks: to_host then yields 0-d numpy arrays.
+        return loss.reshape(()), dlogits, correct.reshape(())
+
+    # ---- optimizer -------------------------------------------------------------------------
+    def sgd_update(self, param, grad, velocity, lr, momentum):
+        size = param.size
+        dt = param.dtype.type  # scalars in the param dtype keep float32 math in float32
+        grid = K.elementwise_grid(size)
+        if momentum:
+            K.sgd_momentum_kernel[grid, K.ELEMENTWISE_THREADS](
+                param.reshape(size), grad.reshape(size), velocity.reshape(size),
+                dt(lr), dt(momentum))
+        else:
+            K.sgd_kernel[grid, K.ELEMENTWISE_THREADS](
+                param.reshape(size), grad.reshape(size), dt(lr))

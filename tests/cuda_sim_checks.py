@@ -1,0 +1,383 @@
+"""CUDA backend checks under Numba's CUDA simulator, against the NumPy and naive references.
+
+``tests/test_cuda_kernels.py`` runs this file in subprocesses with ``NUMBA_ENABLE_CUDASIM=1``:
+the variable only takes effect if it is set before Numba is imported, which a pytest process
+that already ran the Numba CPU tests cannot undo. Importing this module imports neither Numba
+nor the CUDA backend (the test module reads ``CHECKS`` from it at collection time).
+
+    NUMBA_ENABLE_CUDASIM=1 python tests/cuda_sim_checks.py [NAME ...] [--json OUT]
+
+runs the named checks (default: all) and prints one line per check; ``--json`` also writes
+``{name: {"ok": bool, "message": str, "seconds": float}}``. The simulator runs a few thousand
+threads per second, so shapes are tiny, yet chosen to cross tile edges (sizes that are not
+multiples of the 16-wide tiles, reductions longer than one tile), stride 2, asymmetric and
+'same' padding, overlapping pooling windows and ties.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cnn.backends.naive import NaiveBackend  # noqa: E402
+from cnn.backends.numpy_backend import NumpyBackend  # noqa: E402
+
+NP = NumpyBackend()
+NAIVE = NaiveBackend()
+#: max |got - want| / max |want| allowed, per dtype
+TOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+#: name -> (function, relative cost in simulator seconds, for splitting across workers)
+CHECKS: dict[str, tuple] = {}
+
+
+def check(cost: float):
+    """Register ``check_<name>(cb)`` under ``<name>``; ``cost`` (simulator seconds, measured)
+    lets the test deal the checks evenly to its workers."""
+    def register(fn):
+        CHECKS[fn.__name__.removeprefix("check_")] = (fn, cost)
+        return fn
+    return register
+
+
+def assert_close(what: str, got, want, dtype) -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f"{what}: shape {got.shape}, expected {want.shape}"
+    assert got.dtype == np.dtype(dtype), f"{what}: dtype {got.dtype}, expected {np.dtype(dtype)}"
+    scale = max(float(np.max(np.abs(want))), 1e-30)
+    err = float(np.max(np.abs(got.astype(np.float64) - want))) / scale
+    assert err < TOL[dtype], \
+        f"{what}: relative error {err:.3g} >= {TOL[dtype]:g} ({np.dtype(dtype)})"
+
+
+def _rng(seed):
+    return np.random.default_rng(seed)
+
+
+# ---- convolution ---------------------------------------------------------------------------------
+def _conv_case(cb, tag, n, c, h, w, f, kh, kw, stride, padding, dtype, seed):
+    """Forward and all three gradients of the CUDA conv vs NumPy and the naive loops."""
+    rng = _rng(seed)
+    x = rng.standard_normal((n, c, h, w)).astype(dtype)
+    wt = rng.standard_normal((f, c, kh, kw)).astype(dtype)
+    b = rng.standard_normal(f).astype(dtype)
+    out, cache = cb.conv2d_forward(cb.asarray(x), cb.asarray(wt), cb.asarray(b), stride, padding)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, dw, db = cb.conv2d_backward(cb.asarray(dout), cache)
+    assert out.is_c_contiguous() and dx.is_c_contiguous(), f"{tag}: outputs not C-contiguous"
+    for name, ref in (("numpy", NP), ("naive", NAIVE)):
+        r_out, r_cache = ref.conv2d_forward(x, wt, b, stride, padding)
+        r_dx, r_dw, r_db = ref.conv2d_backward(dout, r_cache)
+        assert_close(f"{tag} out vs {name}", cb.to_host(out), r_out, dtype)
+        assert_close(f"{tag} dx vs {name}", cb.to_host(dx), r_dx, dtype)
+        assert_close(f"{tag} dw vs {name}", cb.to_host(dw), r_dw, dtype)
+        assert_close(f"{tag} db vs {name}", cb.to_host(db), r_db, dtype)
+
+
+@check(cost=4)
+def check_conv_same_padding(cb):
+    _conv_case(cb, "3x3 'same' stride 1", 2, 2, 5, 5, 3, 3, 3, 1, ((1, 1), (1, 1)), np.float32, 1)
+
+
+@check(cost=4)
+def check_conv_stride2_asymmetric_padding(cb):
+    _conv_case(cb, "3x3 stride 2 pad ((1,0),(0,1))", 2, 3, 7, 6, 2, 3, 3, 2, ((1, 0), (0, 1)),
+               np.float32, 2)
+
+
+@check(cost=2.5)
+def check_conv_rectangular_kernel_no_padding(cb):
+    _conv_case(cb, "2x3 valid", 2, 2, 6, 5, 3, 2, 3, 1, ((0, 0), (0, 0)), np.float32, 3)
+
+
+@check(cost=4.5)
+def check_conv_many_channels(cb):
+    # C = F = 17 span two 16-row tiles (forward rows are filters, dx rows are channels) and
+    # the reductions C*KH*KW = F*KH*KW = 68 span five tiles; even 2x2 kernel, 'same' padding.
+    _conv_case(cb, "17->17 channels 2x2", 1, 17, 2, 3, 17, 2, 2, 1, ((1, 0), (1, 0)),
+               np.float32, 4)
+
+
+@check(cost=3)
+def check_conv_float64(cb):
+    _conv_case(cb, "float64 stride 2", 2, 2, 6, 5, 2, 3, 3, 2, ((1, 1), (1, 1)), np.float64, 5)
+
+
+@check(cost=5)
+def check_conv_weight_grad_split_k(cb):
+    from cnn.backends import cuda_kernels as K
+
+    n, c, h, w, f = 2, 1, 9, 9, 2
+    splits, _ = K.conv2d_dw_splits(f, c * 9 + 1, n * h * w)
+    assert splits > 1, f"shape chosen to split the dw reduction, got {splits} split(s)"
+    rng = _rng(6)
+    x = rng.standard_normal((n, c, h, w)).astype(np.float32)
+    wt = rng.standard_normal((f, c, 3, 3)).astype(np.float32)
+    b = np.zeros(f, np.float32)
+    pad = ((1, 1), (1, 1))
+    _, cache = cb.conv2d_forward(cb.asarray(x), cb.asarray(wt), cb.asarray(b), 1, pad)
+    _, r_cache = NP.conv2d_forward(x, wt, b, 1, pad)
+    dout = rng.standard_normal((n, f, h, w)).astype(np.float32)
+    dx, dw, db = cb.conv2d_backward(cb.asarray(dout), cache, need_dx=False)
+    _, r_dw, r_db = NP.conv2d_backward(dout, r_cache, need_dx=False)
+    assert dx is None, "need_dx=False must return dx=None"
+    assert_close(f"dw with {splits} split-K slices", cb.to_host(dw), r_dw, np.float32)
+    assert_close("db", cb.to_host(db), r_db, np.float32)
+
+
+# ---- pooling -------------------------------------------------------------------------------------
+def _pool_case(cb, tag, x, pool, stride):
+    dtype = x.dtype.type
+    out, cache = cb.maxpool2d_forward(cb.asarray(x), pool, stride)
+    r_out, _ = NP.maxpool2d_forward(x, pool, stride)
+    dout = _rng(7).standard_normal(r_out.shape).astype(dtype)
+    dx = cb.maxpool2d_backward(cb.asarray(dout), cache)
+    for name, ref in (("numpy", NP), ("naive", NAIVE)):
+        r_out, r_cache = ref.maxpool2d_forward(x, pool, stride)
+        assert_close(f"{tag} out vs {name}", cb.to_host(out), r_out, dtype)
+        assert_close(f"{tag} dx vs {name}", cb.to_host(dx), ref.maxpool2d_backward(dout, r_cache),
+                     dtype)
+
+
+@check(cost=1)
+def check_maxpool(cb):
+    rng = _rng(8)
+    x = rng.standard_normal((2, 2, 5, 5)).astype(np.float32)
+    _pool_case(cb, "2x2/2 odd size", x, 2, 2)
+    _pool_case(cb, "3x3/2 overlapping", rng.standard_normal((2, 2, 7, 7)).astype(np.float32), 3, 2)
+    _pool_case(cb, "2x2/1 overlapping float64", x.astype(np.float64), 2, 1)
+    # Ties: few distinct values, so windows hold repeated maxima; the first one in row-major
+    # window order takes the gradient.
+    ties = rng.integers(0, 3, (2, 2, 6, 6)).astype(np.float32)
+    _pool_case(cb, "3x3/1 with ties", ties, 3, 1)
+
+
+# ---- activations ---------------------------------------------------------------------------------
+@check(cost=0.5)
+def check_relu(cb):
+    for dtype in (np.float32, np.float64):
+        x = _rng(9).standard_normal((2, 3, 5, 7)).astype(dtype)
+        x[0, 0, 0, :3] = 0  # the derivative at 0 is 0
+        dout = _rng(10).standard_normal(x.shape).astype(dtype)
+        out, cache = cb.relu_forward(cb.asarray(x))
+        r_out, r_cache = NP.relu_forward(x)
+        assert_close("relu out", cb.to_host(out), r_out, dtype)
+        assert_close("relu dx", cb.to_host(cb.relu_backward(cb.asarray(dout), cache)),
+                     NP.relu_backward(dout, r_cache), dtype)
+
+
+# ---- dense ---------------------------------------------------------------------------------------
+@check(cost=7)
+def check_dense(cb):
+    # (5, 19, 7): every size below a tile; (17, 33, 3): rows and the reduction span tiles.
+    for seed, (n, d, m), dtype in ((11, (5, 19, 7), np.float32), (12, (17, 33, 3), np.float32),
+                                   (13, (5, 19, 7), np.float64)):
+        rng = _rng(seed)
+        x = rng.standard_normal((n, d)).astype(dtype)
+        w = rng.standard_normal((d, m)).astype(dtype)
+        b = rng.standard_normal(m).astype(dtype)
+        dout = rng.standard_normal((n, m)).astype(dtype)
+        out, cache = cb.dense_forward(cb.asarray(x), cb.asarray(w), cb.asarray(b))
+        dx, dw, db = cb.dense_backward(cb.asarray(dout), cache)
+        for name, ref in (("numpy", NP), ("naive", NAIVE)):
+            r_out, r_cache = ref.dense_forward(x, w, b)
+            r_dx, r_dw, r_db = ref.dense_backward(dout, r_cache)
+            tag = f"dense {(n, d, m)} {np.dtype(dtype)}"
+            assert_close(f"{tag} out vs {name}", cb.to_host(out), r_out, dtype)
+            assert_close(f"{tag} dx vs {name}", cb.to_host(dx), r_dx, dtype)
+            assert_close(f"{tag} dw vs {name}", cb.to_host(dw), r_dw, dtype)
+            assert_close(f"{tag} db vs {name}", cb.to_host(db), r_db, dtype)
+    assert cb.dense_backward(cb.asarray(dout), cache, need_dx=False)[0] is None, \
+        "need_dx=False must return dx=None"
+
+
+@check(cost=2)
+def check_matmul_transposes(cb):
+    rng = _rng(14)
+    m, k, n = 17, 18, 5  # M spans two row tiles, K two reduction tiles
+    for trans_a in (False, True):
+        for trans_b in (False, True):
+            a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(np.float32)
+            b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+            got = cb.to_host(cb._matmul(cb.asarray(a), cb.asarray(b), trans_a, trans_b))
+            want = (a.T if trans_a else a) @ (b.T if trans_b else b)
+            assert_close(f"matmul trans_a={trans_a} trans_b={trans_b}", got, want, np.float32)
+
+
+@check(cost=0.7)
+def check_column_sums(cb):
+    from cnn.backends import cuda_kernels as K
+
+    # 40 columns > one 32-wide block; 20 rows > the 8 row phases of a column
+    a = _rng(15).standard_normal((20, 40)).astype(np.float32)
+    out = cb.zeros_like(cb.asarray(np.zeros(40, np.float32)))
+    K.column_sums_kernel[K.column_sum_grid(40), K.COLUMN_SUM_THREADS](cb.asarray(a), out)
+    assert_close("column sums", cb.to_host(out), a.sum(axis=0), np.float32)
+
+
+# ---- loss ----------------------------------------------------------------------------------------
+@check(cost=2)
+def check_softmax_cross_entropy(cb):
+    rng = _rng(17)
+    cases = [
+        ("random", rng.standard_normal((5, 4)), rng.integers(0, 4, 5)),
+        # |logits| ~ 1e4: exp would overflow without the max shift
+        ("large logits", 1e4 * rng.standard_normal((6, 3)), rng.integers(0, 3, 6).astype(np.int32)),
+        # more rows than the block has threads: threads loop over rows
+        ("300 rows", rng.standard_normal((300, 3)), rng.integers(0, 3, 300)),
+    ]
+    for tag, logits, labels in cases:
+        for dtype in (np.float32, np.float64):
+            z = logits.astype(dtype)
+            loss, dlogits, correct = cb.softmax_cross_entropy(cb.asarray(z), cb.asarray(labels))
+            r_loss, r_d, r_correct = NP.softmax_cross_entropy(z, labels)
+            h_loss, h_correct = cb.to_host(loss), cb.to_host(correct)
+            assert h_loss.shape == () and h_correct.shape == (), \
+                f"{tag}: loss/correct must be 0-d, got {h_loss.shape} and {h_correct.shape}"
+            assert np.isfinite(float(h_loss)), f"{tag}: loss not finite ({np.dtype(dtype)})"
+            assert_close(f"{tag} loss", h_loss, r_loss, dtype)
+            assert_close(f"{tag} dlogits", cb.to_host(dlogits), r_d, dtype)
+            assert int(h_correct) == int(r_correct), \
+                f"{tag}: correct {int(h_correct)}, expected {int(r_correct)} ({np.dtype(dtype)})"
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+@check(cost=0.2)
+def check_sgd_update(cb):
+    rng = _rng(18)
+    p = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    g = rng.standard_normal(p.shape).astype(np.float32)
+    v = rng.standard_normal(p.shape).astype(np.float32)
+    dp, dv = cb.asarray(p), cb.asarray(v)
+    cb.sgd_update(dp, cb.asarray(g), dv, 0.05, 0.9)
+    r_p, r_v = p.copy(), v.copy()
+    NP.sgd_update(r_p, g, r_v, 0.05, 0.9)
+    assert_close("sgd momentum param", cb.to_host(dp), r_p, np.float32)
+    assert_close("sgd momentum velocity", cb.to_host(dv), r_v, np.float32)
+    cb.sgd_update(dp, cb.asarray(g), None, 0.05, 0.0)
+    NP.sgd_update(r_p, g, None, 0.05, 0.0)
+    assert_close("sgd without momentum", cb.to_host(dp), r_p, np.float32)
+
+
+# ---- memory and a device-resident step -----------------------------------------------------------
+@check(cost=0.1)
+def check_memory(cb):
+    x = _rng(19).standard_normal((3, 4, 5)).astype(np.float32)
+    d = cb.asarray(x)
+    assert cb.asarray(d) is d, "asarray of a device array must not copy"
+    np.testing.assert_array_equal(cb.to_host(d), x, err_msg="asarray/to_host round trip")
+    z = cb.to_host(cb.zeros_like(d))
+    assert z.dtype == x.dtype and z.shape == x.shape and not z.any(), "zeros_like"
+    assert cb.asarray(x[:, ::2]).is_c_contiguous(), "asarray must store C-contiguous arrays"
+    cb.synchronize()
+
+
+@check(cost=3)
+def check_device_step_without_transfers(cb):
+    """conv -> relu -> pool -> flatten -> dense -> loss, backward, SGD, all on the device:
+    no host<->device copy inside the step, and the same update as the NumPy backend."""
+    import numba.cuda.simulator.kernel as sim_kernel
+    from numba import cuda
+    from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
+
+    rng = _rng(20)
+    n, k = 2, 3
+    x = rng.standard_normal((n, 1, 4, 4)).astype(np.float32)
+    y = np.array([0, 2])
+    params = {"cw": rng.standard_normal((2, 1, 3, 3)).astype(np.float32),
+              "cb": rng.standard_normal(2).astype(np.float32),
+              "dw": rng.standard_normal((8, k)).astype(np.float32),
+              "db": rng.standard_normal(k).astype(np.float32)}
+
+    def step(be, p, vel, xb, yb):
+        h1, c1 = be.conv2d_forward(xb, p["cw"], p["cb"], 1, ((1, 1), (1, 1)))
+        h2, c2 = be.relu_forward(h1)
+        h3, c3 = be.maxpool2d_forward(h2, 2, 2)
+        flat = h3.reshape(n, -1)
+        logits, c4 = be.dense_forward(flat, p["dw"], p["db"])
+        loss, dlogits, correct = be.softmax_cross_entropy(logits, yb)
+        dflat, g_dw, g_db = be.dense_backward(dlogits, c4)
+        d3 = be.maxpool2d_backward(dflat.reshape(h3.shape), c3)
+        d2 = be.relu_backward(d3, c2)
+        _, g_cw, g_cb = be.conv2d_backward(d2, c1, need_dx=False)
+        for name, g in (("cw", g_cw), ("cb", g_cb), ("dw", g_dw), ("db", g_db)):
+            be.sgd_update(p[name], g, vel[name], 0.1, 0.9)
+        return loss, correct
+
+    dev = {name: cb.asarray(v) for name, v in params.items()}
+    vel = {name: cb.zeros_like(v) for name, v in dev.items()}
+    xb, yb = cb.asarray(x), cb.asarray(y)
+
+    transfers = []
+    saved = (cuda.to_device, FakeCUDAArray.copy_to_host, sim_kernel.FakeCUDAKernel.__call__)
+
+    def launch(kernel, *args):
+        if any(isinstance(a, np.ndarray) for a in args):
+            transfers.append(f"host array passed to {kernel.fn.__name__}")
+        return saved[2](kernel, *args)
+
+    cuda.to_device = lambda *a, **kw: transfers.append("to_device") or saved[0](*a, **kw)
+    FakeCUDAArray.copy_to_host = lambda self, *a, **kw: (transfers.append("copy_to_host")
+                                                         or saved[1](self, *a, **kw))
+    sim_kernel.FakeCUDAKernel.__call__ = launch
+    try:
+        loss, correct = step(cb, dev, vel, xb, yb)
+    finally:
+        cuda.to_device, FakeCUDAArray.copy_to_host, sim_kernel.FakeCUDAKernel.__call__ = saved
+    assert not transfers, f"host transfers inside a device step: {transfers}"
+
+    ref = {name: v.copy() for name, v in params.items()}
+    r_loss, r_correct = step(NP, ref, {name: np.zeros_like(v) for name, v in ref.items()}, x, y)
+    assert_close("step loss", cb.to_host(loss), r_loss, np.float32)
+    assert int(cb.to_host(correct)) == int(r_correct), "step correct count"
+    for name in params:
+        assert_close(f"step updated {name}", cb.to_host(dev[name]), ref[name], np.float32)
+
+
+# ---- runner --------------------------------------------------------------------------------------
+def run(names):
+    """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
+        raise SystemExit("set NUMBA_ENABLE_CUDASIM=1 before running the simulator checks")
+    from cnn.backends.cuda_backend import CudaBackend
+
+    cb = CudaBackend()
+    results = {}
+    for name in names:
+        fn, _ = CHECKS[name]
+        t0 = time.perf_counter()
+        try:
+            fn(cb)
+            ok, message = True, ""
+        except Exception as exc:  # report every failure, not only the first
+            ok = False
+            message = (f"{exc}" if isinstance(exc, AssertionError)
+                       else "".join(traceback.format_exception(exc)))
+        results[name] = {"ok": ok, "message": message,
+                         "seconds": round(time.perf_counter() - t0, 2)}
+        print(f"{'ok  ' if ok else 'FAIL'} {name} ({results[name]['seconds']} s) {message}",
+              flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    out = None
+    if "--json" in args:
+        i = args.index("--json")
+        out = args[i + 1]
+        del args[i:i + 2]
+    unknown = sorted(set(args) - set(CHECKS))
+    if unknown:
+        raise SystemExit(f"unknown checks {unknown}; known: {sorted(CHECKS)}")
+    res = run(args or list(CHECKS))
+    if out:
+        Path(out).write_text(json.dumps(res, indent=1))
+    sys.exit(0 if all(r["ok"] for r in res.values()) else 1)
