@@ -1,82 +1,207 @@
-"""The Keras reference: the same spec built in Keras (TensorFlow backend), and weight transfer
-in both directions, so every path can be checked against Keras from identical weights.
+"""The Keras reference: the same spec built in Keras (TensorFlow backend), weight transfer in
+both directions, and :func:`fit_keras`, which trains that Keras copy and reports a History with
+the columns of :func:`cnn.train.fit`, so every path can be checked and timed against Keras from
+identical weights.
 
 Layout differences handled here (ours -> Keras):
 
 - images ``(N, C, H, W)`` -> ``(N, H, W, C)`` (TensorFlow's CPU convolutions are channels-last);
 - conv kernels ``(F, C, KH, KW)`` -> ``(KH, KW, C, F)``;
-- dense weights after a ``flatten`` of a ``(C, H, W)`` map: our rows run in ``C, H, W`` order,
-  Keras's in ``H, W, C`` order, so those rows are permuted; other dense weights are equal.
+- dense weights fed by a ``flatten`` of a ``(C, H, W)`` map (directly or through elementwise
+  layers such as ``relu``): our rows run in ``C, H, W`` order, Keras's in ``H, W, C`` order, so
+  those rows are permuted; other dense weights are equal. A ``flatten`` of a map whose output
+  is *not* consumed by a dense layer (it gives the logits) cannot be fixed by permuting
+  weights, so Keras gets a ``Permute`` to channels-first before its ``Flatten`` instead.
 
-TensorFlow is imported on first use only; ``configure_threads`` must run before the first op.
+Padding ``'same'`` is TensorFlow's split (the odd pixel bottom/right), which our Conv2D
+computes too; pooling has no padding in either. Every Keras layer is built in the model's
+dtype (float32 or float64), and so is the loss, so float64 models are float64 end to end.
+
+Layers are converted by exact class: a layer type Keras has no counterpart for here (including
+a subclass of one of ours, whose maths may differ) raises ``NotImplementedError`` naming it.
+
+Threads: TensorFlow fixes its thread pools when it first runs anything, once per process.
+:func:`configure_threads` must therefore run before any TensorFlow work; asking for other
+settings afterwards raises ``RuntimeError`` (run Keras configurations with different thread
+counts in separate processes). TensorFlow is imported on first use only.
 """
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from .layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU
+from .layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+
+#: batch size of the per-epoch validation evaluation (that of ``Sequential.evaluate``)
+EVAL_BATCH = 256
+#: our layer classes that have a Keras counterpart here (matched by exact class)
+SUPPORTED_LAYERS: tuple[type[Layer], ...] = (Conv2D, MaxPool2D, ReLU, Flatten, Dense)
 
 
+# ---- threads -------------------------------------------------------------------------------
 def configure_threads(threads: int | None) -> None:
-    """Pin TensorFlow's intra- and inter-op pools (call before TensorFlow runs anything)."""
+    """Pin TensorFlow's intra- and inter-op pools to ``threads`` (``None``: leave them alone).
+
+    Call it before TensorFlow runs anything (building a Keras model counts): TensorFlow reads
+    these settings once per process. Calling it again with the settings already in force is a
+    no-op; asking for different ones after TensorFlow has started raises ``RuntimeError``.
+    """
+    if threads is None:
+        return
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
+        raise ValueError(f"threads must be a positive integer or None. Received threads={threads!r}")
     import tensorflow as tf
-    if threads is not None:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    threads = int(threads)
+    cfg = tf.config.threading
+    try:
+        cfg.set_intra_op_parallelism_threads(threads)
+        cfg.set_inter_op_parallelism_threads(threads)
+    except RuntimeError as err:
+        raise RuntimeError(
+            f"cannot pin TensorFlow to threads={threads}: TensorFlow already started in this "
+            f"process with intra_op={cfg.get_intra_op_parallelism_threads()}, inter_op="
+            f"{cfg.get_inter_op_parallelism_threads()} (0 = TensorFlow's default, all cores), "
+            f"and its thread pools cannot change after that. Call configure_threads (or "
+            f"fit_keras) before any TensorFlow work, and run Keras configurations with "
+            f"different thread counts in separate processes. ({err})") from None
 
 
-def _keras_layer(layer, keras):
-    if isinstance(layer, Conv2D):
-        return keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.stride,
-                                   padding=layer.padding, name=layer.name)
-    if isinstance(layer, MaxPool2D):
-        return keras.layers.MaxPooling2D(layer.pool_size, strides=layer.stride, name=layer.name)
-    if isinstance(layer, ReLU):
-        return keras.layers.ReLU(name=layer.name)
-    if isinstance(layer, Flatten):
-        return keras.layers.Flatten(name=layer.name)
-    if isinstance(layer, Dense):
-        return keras.layers.Dense(layer.units, name=layer.name)
-    raise ValueError(f"layer {layer.name!r} of type {layer.type!r} has no Keras equivalent here")
+def thread_settings() -> dict[str, int]:
+    """TensorFlow's current intra/inter-op pool sizes (0 means its default: all cores)."""
+    import tensorflow as tf
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
+
+
+# ---- architecture ----------------------------------------------------------------------------
+def _is_passthrough(layer: Layer) -> bool:
+    """Layers that leave the order of a flat vector alone: elementwise ones, and a flatten of
+    an already flat input."""
+    return type(layer) is ReLU or (type(layer) is Flatten and len(layer.input_shape) == 1)
+
+
+def _flatten_feeding(model, index: int) -> int | None:
+    """Index of the ``flatten`` of a ``(C, H, W)`` map whose output reaches layer ``index``
+    through pass-through layers only, else ``None``."""
+    j = index - 1
+    while j >= 0 and _is_passthrough(model.layers[j]):
+        j -= 1
+    if j >= 0 and type(model.layers[j]) is Flatten and len(model.layers[j].input_shape) == 3:
+        return j
+    return None
+
+
+def _flatten_consumer(model, index: int) -> Layer | None:
+    """The first layer after ``index`` that is not a pass-through (``None``: the output)."""
+    for layer in model.layers[index + 1:]:
+        if not _is_passthrough(layer):
+            return layer
+    return None
+
+
+def _flatten_source_shape(model, dense_index: int):
+    """The ``(C, H, W)`` shape whose flattening feeds dense layer ``dense_index``, if any."""
+    j = _flatten_feeding(model, dense_index)
+    return None if j is None else model.layers[j].input_shape
+
+
+def check_keras_compatible(model) -> None:
+    """Raise ``NotImplementedError`` naming every layer the Keras reference cannot build."""
+    bad = [layer for layer in model.layers if type(layer) not in SUPPORTED_LAYERS]
+    if bad:
+        names = ", ".join(f"{layer.name!r} (type {layer.type!r}, class {type(layer).__name__})"
+                          for layer in bad)
+        supported = ", ".join(cls.type for cls in SUPPORTED_LAYERS)
+        raise NotImplementedError(
+            f"the Keras reference cannot express layer {names}: it builds only the layer types "
+            f"{supported} (exact classes; a subclass may compute something else). Add a "
+            f"converter to cnn/keras_reference.py to compare this layer with Keras.")
+    for i, layer in enumerate(model.layers):
+        if type(layer) is Flatten and len(layer.input_shape) not in (1, 3):
+            raise NotImplementedError(f"flatten {layer.name!r} of a rank-{len(layer.input_shape)} "
+                                      "input has no Keras equivalent here")
+
+
+def _keras_layers(model, index: int, keras) -> list:
+    layer = model.layers[index]
+    kw = {"name": layer.name, "dtype": str(model.dtype)}
+    t = type(layer)
+    if t is Conv2D:
+        return [keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.stride,
+                                    padding=layer.padding, **kw)]
+    if t is MaxPool2D:
+        return [keras.layers.MaxPooling2D(layer.pool_size, strides=layer.stride,
+                                          padding="valid", **kw)]
+    if t is ReLU:
+        return [keras.layers.ReLU(**kw)]
+    if t is Dense:
+        return [keras.layers.Dense(layer.units, **kw)]
+    if t is Flatten:
+        shape = layer.input_shape
+        out = []
+        if (len(shape) == 3 and shape[0] > 1 and shape[1] * shape[2] > 1
+                and type(_flatten_consumer(model, index)) is not Dense):
+            # its output order is observable (no dense layer's rows absorb it): flatten
+            # channels-first, as ours does
+            out.append(keras.layers.Permute((3, 1, 2), name=f"{layer.name}_to_chw",
+                                            dtype=str(model.dtype)))
+        return out + [keras.layers.Flatten(**kw)]
+    raise AssertionError("unreachable: check_keras_compatible lets only supported layers by")
 
 
 def build_keras_model(model):
-    """A Keras model with the architecture of our ``model`` and its current weights."""
+    """A Keras model with the architecture of our ``model`` and its current weights.
+
+    It takes channels-last images (see :func:`to_keras_images`) and gives the same logits.
+    Raises ``NotImplementedError`` for a layer it cannot express (before importing Keras).
+    """
+    check_keras_compatible(model)
     import keras
-    c, h, w = model.input_shape
-    inputs = keras.Input(shape=(h, w, c), dtype=str(model.dtype))
+    shape = model.input_shape
+    if len(shape) == 3:
+        c, h, w = shape
+        shape = (h, w, c)
+    inputs = keras.Input(shape=shape, dtype=str(model.dtype), name="images")
     x = inputs
-    for layer in model.layers:
-        x = _keras_layer(layer, keras)(x)
+    for i in range(len(model.layers)):
+        for klayer in _keras_layers(model, i, keras):
+            x = klayer(x)
     kmodel = keras.Model(inputs, x, name="reference")
     set_keras_weights(kmodel, model)
     return kmodel
 
 
 def to_keras_images(x: np.ndarray) -> np.ndarray:
-    """``(N, C, H, W)`` -> ``(N, H, W, C)``."""
+    """``(N, C, H, W)`` -> ``(N, H, W, C)`` (a contiguous copy); flat ``(N, D)`` is unchanged."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return x
     return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
 
 
-def _flatten_source_shape(model, dense_index: int):
-    """The ``(C, H, W)`` shape flattened right before layer ``dense_index``, if any."""
-    prev = model.layers[dense_index - 1] if dense_index > 0 else None
-    if isinstance(prev, Flatten) and len(prev.input_shape) == 3:
-        return prev.input_shape
-    return None
+def from_keras_images(x: np.ndarray) -> np.ndarray:
+    """``(N, H, W, C)`` -> ``(N, C, H, W)``: the inverse of :func:`to_keras_images`."""
+    x = np.asarray(x)
+    if x.ndim == 2:
+        return x
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
-def ours_to_keras(model) -> dict[str, list[np.ndarray]]:
-    """Our parameters in Keras layouts, keyed by layer name: ``[kernel, bias]``."""
+# ---- weights (and gradients: they share the layout) -----------------------------------------
+def ours_to_keras(model, params: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
+    """Our parameters (default the model's; or any dict with the same keys, e.g. gradients) in
+    Keras layouts, keyed by layer name: ``[kernel, bias]``."""
+    params = model.params if params is None else params
     out = {}
     for i, layer in enumerate(model.layers):
         if not layer.param_names:
             continue
-        w = model.params[f"{layer.name}.w"]
-        b = model.params[f"{layer.name}.b"]
-        if isinstance(layer, Conv2D):
+        w = np.asarray(params[f"{layer.name}.w"])
+        b = np.asarray(params[f"{layer.name}.b"])
+        if type(layer) is Conv2D:
             w = w.transpose(2, 3, 1, 0)
-        elif isinstance(layer, Dense) and (src := _flatten_source_shape(model, i)) is not None:
+        elif type(layer) is Dense and (src := _flatten_source_shape(model, i)) is not None:
             c, h, wd = src
             w = w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3).reshape(c * h * wd, -1)
         out[layer.name] = [np.ascontiguousarray(w), b.copy()]
@@ -84,29 +209,304 @@ def ours_to_keras(model) -> dict[str, list[np.ndarray]]:
 
 
 def keras_to_ours(model, keras_weights: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Keras ``[kernel, bias]`` per layer name -> our flat parameter dict."""
+    """Keras ``[kernel, bias]`` per layer name (weights or gradients) -> our flat dict, in the
+    model's dtype."""
     params = {}
     for i, layer in enumerate(model.layers):
         if not layer.param_names:
             continue
         w, b = (np.asarray(a) for a in keras_weights[layer.name])
-        if isinstance(layer, Conv2D):
+        if type(layer) is Conv2D:
             w = w.transpose(3, 2, 0, 1)
-        elif isinstance(layer, Dense) and (src := _flatten_source_shape(model, i)) is not None:
+        elif type(layer) is Dense and (src := _flatten_source_shape(model, i)) is not None:
             c, h, wd = src
             w = w.reshape(h, wd, c, -1).transpose(2, 0, 1, 3).reshape(c * h * wd, -1)
         params[f"{layer.name}.w"] = np.ascontiguousarray(w, dtype=model.dtype)
-        params[f"{layer.name}.b"] = b.astype(model.dtype)
+        params[f"{layer.name}.b"] = np.array(b, dtype=model.dtype)
     return params
 
 
-def set_keras_weights(kmodel, model) -> None:
-    """Copy our model's weights into the Keras model."""
-    for name, weights in ours_to_keras(model).items():
+def set_keras_weights(kmodel, model, params: dict[str, np.ndarray] | None = None) -> None:
+    """Copy our model's weights (or ``params``) into the Keras model."""
+    for name, weights in ours_to_keras(model, params).items():
         kmodel.get_layer(name).set_weights(weights)
 
 
 def get_keras_weights(kmodel, model) -> dict[str, np.ndarray]:
     """The Keras model's weights in our layout (load with ``model.set_weights``)."""
-    return keras_to_ours(model, {layer.name: layer.get_weights()
+    return keras_to_ours(model, {layer.name: kmodel.get_layer(layer.name).get_weights()
                                  for layer in model.layers if layer.param_names})
+
+
+def keras_loss(model):
+    """The loss our models train with, in Keras: mean sparse softmax cross-entropy on logits,
+    computed in the model's dtype."""
+    import keras
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=str(model.dtype))
+
+
+def keras_loss_and_grads(kmodel, model, x, y):
+    """One forward and backward pass of the Keras model under ``tf.GradientTape``.
+
+    ``x (N, C, H, W)`` in our layout, ``y (N,)``. Returns ``(loss, logits, grads)``: the mean
+    loss (float), the logits ``(N, K)`` and the gradient of every parameter converted to our
+    layout and keys (comparable with ``model.loss_and_grads``).
+    """
+    import tensorflow as tf
+    xk = tf.convert_to_tensor(to_keras_images(x))
+    with tf.GradientTape() as tape:
+        logits = kmodel(xk, training=True)
+        loss = keras_loss(model)(tf.convert_to_tensor(np.asarray(y)), logits)
+    names = [layer.name for layer in model.layers if layer.param_names]
+    variables = [v for name in names for v in kmodel.get_layer(name).trainable_weights]
+    grads = tape.gradient(loss, variables)
+    by_layer, k = {}, 0
+    for name in names:
+        n = len(kmodel.get_layer(name).trainable_weights)
+        by_layer[name] = [g.numpy() for g in grads[k:k + n]]
+        k += n
+    return float(loss.numpy()), logits.numpy(), keras_to_ours(model, by_layer)
+
+
+class _ConstantRate:
+    """A constant learning rate handed to Keras as a callable returning a float64 tensor, which
+    the update casts to each variable's dtype. A plain float would be stored in a float32
+    variable (Keras's floatx) and cost a float64 model the low bits of ``lr`` (0.1 becomes
+    0.10000000149: a 1.5e-8 relative error in every step); for float32 models both agree."""
+
+    def __init__(self, lr: float):
+        self.lr = float(lr)
+
+    def __call__(self):
+        from keras import ops
+        return ops.convert_to_tensor(self.lr, dtype="float64")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.lr})"
+
+
+def keras_optimizer(optimizer=None):
+    """The Keras optimizer for our optimizer spec (:func:`cnn.optim.make_optimizer`): SGD with
+    the same constant learning rate and momentum (Keras's SGD is the formulation ours follows:
+    ``v = momentum * v - lr * g; w += v``).
+
+    float64 caveat: Keras's SGD casts ``momentum`` through a float32 constant (0.9 becomes
+    0.89999998), so float64 models with momentum differ from ours by ~3e-8 relative per step
+    unless ``momentum`` is exact in float32 (0.5, 0.875, ...). The learning rate is passed so
+    that it stays exact (see ``_ConstantRate``)."""
+    import keras
+    from .optim import SGD, make_optimizer
+    opt = make_optimizer(optimizer)
+    if type(opt) is not SGD:
+        raise NotImplementedError(f"the Keras reference knows SGD only. Received {opt!r}")
+    return keras.optimizers.SGD(learning_rate=_ConstantRate(opt.lr), momentum=opt.momentum)
+
+
+def compile_keras_model(kmodel, model, optimizer=None) -> None:
+    """Compile with our loss, the optimizer spec, and training-batch accuracy."""
+    import keras
+    kmodel.compile(optimizer=keras_optimizer(optimizer), loss=keras_loss(model),
+                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+
+
+# ---- comparing two paths ----------------------------------------------------------------------
+def relative_difference(actual, reference) -> float:
+    """``max |actual - reference| / max |reference|``: the difference in units of the array's
+    scale (0 when both are zero). The tests and notebooks bound this number."""
+    a = np.asarray(actual, dtype=np.float64)
+    r = np.asarray(reference, dtype=np.float64)
+    if a.shape != r.shape:
+        raise ValueError(f"shapes differ: {a.shape} vs {r.shape}")
+    scale = float(np.abs(r).max()) if r.size else 0.0
+    diff = float(np.abs(a - r).max()) if r.size else 0.0
+    return diff / scale if scale else diff
+
+
+def diff_table(actual: dict, reference: dict):
+    """One row per key of two dicts of arrays (parameters, gradients, logits): shape,
+    ``max_abs_ref`` = max |reference|, ``max_abs_diff`` = max |actual - reference| and
+    ``rel_diff`` (see :func:`relative_difference`). A pandas DataFrame indexed by key."""
+    import pandas as pd
+    if actual.keys() != reference.keys():
+        raise ValueError(f"keys differ: {sorted(actual)} vs {sorted(reference)}")
+    rows = []
+    for k in reference:
+        a = np.asarray(actual[k], dtype=np.float64)
+        r = np.asarray(reference[k], dtype=np.float64)
+        rows.append({"key": k, "shape": tuple(r.shape), "max_abs_ref": float(np.abs(r).max()),
+                     "max_abs_diff": float(np.abs(a - r).max()),
+                     "rel_diff": relative_difference(a, r)})
+    return pd.DataFrame(rows).set_index("key")
+
+
+# ---- training --------------------------------------------------------------------------------
+def _snapshot(kmodel) -> list[np.ndarray]:
+    return [v.numpy() for v in kmodel.weights] + [v.numpy() for v in kmodel.optimizer.variables]
+
+
+def _restore(kmodel, values: list[np.ndarray]) -> None:
+    for v, value in zip(list(kmodel.weights) + list(kmodel.optimizer.variables), values):
+        v.assign(value)
+
+
+def _warm_up_size(n: int, batch_size: int) -> int:
+    """Examples for a warm-up whose batches have the shapes of a full pass over ``n``: one full
+    batch, plus a partial one when a pass ends with one (Keras traces full and partial batch
+    shapes separately)."""
+    return n if n <= batch_size else batch_size + n % batch_size
+
+
+def _keras_warm_up(kmodel, xk, y, batch_size: int, val=None, val_batch_size: int = 256) -> float:
+    """Seconds of tf.function tracing, measured as the extra time of the first of two identical
+    warm-up rounds over the second. A round is a Keras ``fit`` on the first
+    :func:`_warm_up_size` training examples with the run's batch size (and an ``evaluate`` on
+    the validation set's first examples likewise), so it traces exactly the functions and
+    batch shapes the timed epochs use, and no epoch pays for tracing.
+
+    The warm-up trains the real model (tracing a throwaway copy would leave the real one
+    untraced); its weights and optimizer state (velocities, iteration count) are restored bit
+    for bit from a copy afterwards, so it changes nothing.
+    """
+    kmodel.optimizer.build(kmodel.trainable_variables)
+    saved = _snapshot(kmodel)
+    m = _warm_up_size(len(y), batch_size)
+    xw, yw = xk[:m], y[:m]
+    if val is not None:
+        mv = _warm_up_size(len(val[1]), val_batch_size)
+        xv, yv = val[0][:mv], val[1][:mv]
+    times = []
+    for _ in range(2):
+        t = time.perf_counter()
+        kmodel.fit(xw, yw, batch_size=batch_size, epochs=1, shuffle=False, verbose=0)
+        if val is not None:
+            kmodel.evaluate(xv, yv, batch_size=val_batch_size, verbose=0)
+        times.append(time.perf_counter() - t)
+    _restore(kmodel, saved)
+    return max(times[0] - times[1], 0.0)
+
+
+def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
+              seed: int = 0, validation_data: tuple | None = None, threads: int | None = 1,
+              verbose: int = 0):
+    """Train the Keras copy of ``model`` (same initial weights) and copy the result back.
+
+    The Keras path of the study: same arguments and the same History columns as
+    :func:`cnn.train.fit`, so the study runner treats it like our paths.
+
+    Args:
+        model: our model; its weights are the starting point, and the trained weights are
+            copied back into it at the end (also when training is interrupted).
+        x, y: training images ``(N, C, H, W)`` and labels, in our layout.
+        epochs, batch_size: as in :func:`cnn.train.fit`; the last batch of an epoch may be
+            smaller, as there.
+        optimizer: our optimizer spec (:func:`cnn.optim.make_optimizer`); SGD only.
+        seed: the epoch orders come from ``numpy.random.default_rng(seed)`` exactly as in
+            :func:`cnn.train.fit`, so Keras sees the same batches in the same order as our
+            sequential path (Keras's own shuffling is off).
+        validation_data: ``(x_val, y_val)``, evaluated with ``Model.evaluate`` after each
+            epoch, outside the timed epoch.
+        threads: TensorFlow intra- and inter-op threads (see :func:`configure_threads`: it must
+            run before TensorFlow has done any work in this process; ``None`` leaves TF alone).
+            tf.data, which slices the batches inside ``fit``, keeps its own small pool.
+        verbose: 1 prints one line per epoch.
+
+    Returns:
+        a :class:`cnn.train.History` with, per epoch, the keys of :func:`cnn.train.fit`:
+
+        - ``loss``, ``accuracy``: Keras's running means over the epoch's training batches
+          (weighted by batch size, as ours);
+        - ``compute_time``: the epoch as timed by a Keras callback (``on_epoch_begin`` to
+          ``on_epoch_end``): every step, including Keras's per-batch slicing in tf.data, which
+          Keras does not let us separate;
+        - ``data_time``: our shuffle and gather of the epoch's examples (the order is ours, see
+          ``seed``), timed as :func:`cnn.train.fit` times its own;
+        - ``time`` = ``data_time + compute_time``, the epoch's training wall time (as in
+          :func:`cnn.train.fit`); ``images_per_sec`` = examples / ``time``. Each epoch is one
+          ``Model.fit(epochs=1)`` call (so that the order can be ours); Keras's set-up and
+          tear-down around the epoch inside that call (building the tf.data pipeline,
+          callbacks), which a single multi-epoch ``fit`` would pay once, is not charged to
+          the epoch: it is listed per epoch in ``info["fit_call_overhead"]``;
+        - ``transfer_time``: 0.0 (the CPU path has no host-device copies);
+        - ``eval_time``, ``val_loss``, ``val_accuracy`` when ``validation_data`` is given.
+
+        ``info`` holds ``compile_time`` (see :func:`_keras_warm_up`: tf.function tracing, done
+        before the first epoch on the real model so no epoch pays it), ``params_transfer_time`` (building the
+        Keras model and copying our weights in), the layout conversion time of the inputs,
+        the configuration, and the TensorFlow/Keras versions and thread settings.
+    """
+    from .optim import make_optimizer
+    from .train import History, _epoch_line, _positive
+    epochs = _positive("epochs", epochs)
+    batch_size = _positive("batch_size", batch_size)
+    model.check_inputs(x, y)
+    if validation_data is not None:
+        model.check_inputs(*validation_data)
+    check_keras_compatible(model)
+    opt = make_optimizer(optimizer)
+    configure_threads(threads)
+    import keras
+    import tensorflow as tf
+
+    n = len(x)
+    y = np.asarray(y)
+    t = time.perf_counter()
+    kmodel = build_keras_model(model)
+    compile_keras_model(kmodel, model, opt)
+    params_time = time.perf_counter() - t
+    t = time.perf_counter()
+    xk = to_keras_images(x)
+    val = None
+    if validation_data is not None:
+        val = (to_keras_images(validation_data[0]), np.asarray(validation_data[1]))
+    layout_time = time.perf_counter() - t
+    history = History(info={"backend": "keras", "strategy": "keras", "threads": threads,
+                            "batch_size": batch_size, "epochs": epochs, "seed": seed,
+                            "optimizer": opt.config(), "train_examples": n,
+                            "dtype": str(model.dtype), "params_transfer_time": params_time,
+                            "layout_time": layout_time, "keras_version": keras.__version__,
+                            "tensorflow_version": tf.__version__, "fit_call_overhead": [], **{
+                                f"tf_{k}_threads": v for k, v in thread_settings().items()}})
+    try:
+        history.info["compile_time"] = _keras_warm_up(kmodel, xk, y, batch_size, val, EVAL_BATCH)
+
+        class EpochTimer(keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                self.start = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                self.elapsed = time.perf_counter() - self.start
+
+        timer = EpochTimer()
+        rng = np.random.default_rng(seed)
+        for epoch in range(1, epochs + 1):
+            t0 = time.perf_counter()
+            order = rng.permutation(n)  # the same draw as cnn.train.fit's
+            xe, ye = xk[order], y[order]
+            t1 = time.perf_counter()
+            klogs = kmodel.fit(xe, ye, batch_size=batch_size, epochs=1, shuffle=False,
+                               verbose=0, callbacks=[timer]).history
+            t2 = time.perf_counter()
+            compute, data = timer.elapsed, t1 - t0
+            history.info["fit_call_overhead"].append(t2 - t1 - compute)
+            logs = {"epoch": epoch, "loss": float(klogs["loss"][0]),
+                    "accuracy": float(klogs["accuracy"][0]), "time": data + compute,
+                    "compute_time": compute, "data_time": data, "transfer_time": 0.0,
+                    "images_per_sec": n / (data + compute)}
+            if val is not None:
+                t = time.perf_counter()
+                res = kmodel.evaluate(*val, batch_size=EVAL_BATCH, verbose=0, return_dict=True)
+                logs["eval_time"] = time.perf_counter() - t
+                logs["val_loss"], logs["val_accuracy"] = float(res["loss"]), float(res["accuracy"])
+            history.append(logs)
+            if verbose:
+                print(_epoch_line(logs, epochs), flush=True)
+    finally:
+        model.set_weights(get_keras_weights(kmodel, model))
+    return history
+
+
+__all__ = ["SUPPORTED_LAYERS", "build_keras_model", "check_keras_compatible",
+           "compile_keras_model", "configure_threads", "diff_table", "fit_keras",
+           "from_keras_images", "get_keras_weights", "keras_loss", "keras_loss_and_grads",
+           "keras_optimizer", "keras_to_ours", "ours_to_keras", "relative_difference",
+           "set_keras_weights", "thread_settings", "to_keras_images"]
