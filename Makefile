@@ -26,10 +26,15 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 study: $(STAMP)
-	$(PY) -m cnn study --profile $(PROFILE) --out $(RESULTS)/df_results.pkl
+	mkdir -p $(RESULTS)
+	$(PY) -m papermill --cwd notebooks notebooks/project.ipynb $(RESULTS)/project.ipynb \
+	    -p profile $(PROFILE) -p out ../$(RESULTS)/df_results.pkl $(if $(CNN_DATA_DIR),-p data_root $(abspath $(CNN_DATA_DIR)))
 	$(PY) -m papermill --cwd notebooks notebooks/results.ipynb $(RESULTS)/results.ipynb \
 	    -p results_path ../$(RESULTS)/df_results.pkl -p figures_dir ../$(RESULTS)/figures \
 	    -p summary_dir ../$(RESULTS)
+	$(MAKE) report PROFILE=$(PROFILE)
+
+report: $(STAMP)
 	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf)
 
 bench: $(STAMP)

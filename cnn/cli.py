@@ -86,7 +86,48 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, cmd_train), "bench": (_add_bench, cmd_bench)}
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="run the study grid into a results DataFrame (resumable)")
+    from .study import add_arguments
+    add_arguments(p)
+
+
+def cmd_study(args) -> int:
+    from .study import command
+    return command(args)
+
+
+def _add_report(sub) -> None:
+    p = sub.add_parser("report", help="results -> summary (CSV, JSON), figures and the PDF report")
+    p.add_argument("--results", default="results/df_results.pkl",
+                   help="the study's results pickle (default results/df_results.pkl)")
+    p.add_argument("--out", default="report/report.pdf", help="the PDF to write")
+    p.add_argument("--figures-dir", default=None, help="default: <results dir>/figures")
+    p.add_argument("--summary-dir", default=None,
+                   help="where summary.csv/json go (default: the results dir)")
+    p.add_argument("--generated-dir", default=None,
+                   help="where numbers.json goes (default: <out dir>/generated)")
+    p.add_argument("--gpu-kernels", default=None,
+                   help="per-kernel GPU table (default: <results dir>/gpu_kernels.csv, "
+                        "else results/gpu_kernels.csv, if present)")
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
+    p.add_argument("--dpi", type=int, default=150, help="figure resolution")
+    p.add_argument("--no-pdf", action="store_true", help="everything but the Typst compile")
+
+
+def cmd_report(args) -> int:
+    from .report import build_report
+    build_report(args.results, args.out, figures_dir=args.figures_dir,
+                 summary_dir=args.summary_dir, generated_dir=args.generated_dir,
+                 gpu_kernels=args.gpu_kernels, n_boot=args.n_boot, level=args.level,
+                 seed=args.seed, dpi=args.dpi, pdf=not args.no_pdf)
+    return 0
+
+
+COMMANDS = {"train": (_add_train, cmd_train), "bench": (_add_bench, cmd_bench),
+            "study": (_add_study, cmd_study), "report": (_add_report, cmd_report)}
 
 
 def main(argv=None) -> int:
