@@ -274,7 +274,7 @@ def load_mnist_embedded(split: str = "train", limit: Optional[int] = None,
                         dtype=np.float32) -> Tuple[np.ndarray, np.ndarray]:
     """The small stratified MNIST subset shipped in the package (no files, no network).
 
-    5,000 train images (500 per digit) drawn from the official training set and 1,000 test
+    5,120 train images (512 per digit: whole batches of 32 or 128, no remainder) drawn from the official training set and 1,000 test
     images (100 per digit) from the official test set, kept in their official relative order;
     ``scripts/make_mnist_subset.py`` cut them. Shapes and scaling as in :func:`load_mnist`.
     """

@@ -146,7 +146,7 @@ THREAD_BACKENDS = ("numpy", "numba")
 DTYPES = ("float32", "float64")
 #: full (train, test) sizes per data set; for the synthetic sets, the default sizes generated
 DATASET_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000),
-                 "mnist_embedded": (5000, 1000), "blobs": (2000, 500), "xor": (1000, 200)}
+                 "mnist_embedded": (5120, 1000), "blobs": (2000, 500), "xor": (1000, 200)}
 SYNTHETIC = ("blobs", "xor")
 DEFAULT_RESULTS = Path("results") / "df_results.pkl"
 #: where ``make study`` puts the quick profile's results; --dry-run calibrates on it

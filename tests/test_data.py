@@ -499,9 +499,9 @@ def test_stratified_split_rejects_mismatched_lengths():
 # ---- embedded subset ------------------------------------------------------------------------
 def test_embedded_subset():
     x, y = load_mnist_embedded("train")
-    assert x.shape == (5000, 1, 28, 28) and x.dtype == np.float32 and y.dtype == np.int64
+    assert x.shape == (5120, 1, 28, 28) and x.dtype == np.float32 and y.dtype == np.int64
     assert x.min() == 0 and x.max() == 1
-    assert np.bincount(y).tolist() == [500] * 10
+    assert np.bincount(y).tolist() == [512] * 10
     x, y = load_mnist_embedded("test")
     assert x.shape == (1000, 1, 28, 28) and np.bincount(y).tolist() == [100] * 10
     x, y = load_mnist_embedded("test", limit=100)
