@@ -1,0 +1,253 @@
+"""Numba CPU backends: ``numba`` (sequential ``nogil`` kernels) and ``numba_parallel``
+(``parallel=True`` kernels, the intra-op alternative).
+
+Both implement the contract of :mod:`cnn.backends.base` with the signatures of
+:class:`~cnn.backends.numpy_backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
+kernels (:mod:`cnn.backends.numba_kernels`). Dense layers, memory, loss and optimizer ops are
+inherited from NumPy. Dense is BLAS, which is what ``np.dot`` inside a Numba kernel would call
+too (Numba reaches BLAS through SciPy, which this project does not install; NumPy's matmul
+releases the GIL just the same). The Numba GEMM of the conv kernels ran 1.2-4x slower than
+BLAS on the dense shapes, whose 10 or 64 outputs are too few for its vectorised inner loop.
+
+Which backend for which training path
+-------------------------------------
+- Sequential runs and the data-parallel *threads* strategy use ``numba``: its kernels release
+  the GIL, so N Python threads each running one op on their own shard use N cores, and no
+  kernel starts threads of its own.
+- ``numba_parallel`` splits each op across Numba's thread pool (``prange``). Use it with ONE
+  calling Python thread. Calling it from the threads strategy would nest a thread pool inside
+  every worker thread: oversubscription at best, and under the ``workqueue`` layer, which is
+  not thread-safe, an abort ("Concurrent access has been detected"); this module therefore
+  serialises its calls with a lock when the layer is ``workqueue``. Keep BLAS at one thread
+  with it (``fit``'s default): its dense ops are BLAS, and OpenBLAS's spinning worker threads
+  otherwise take the cores from Numba's pool after every dense op.
+
+Threading layer
+---------------
+Importing this module sets ``numba.config.THREADING_LAYER`` (unless the user chose one with
+``NUMBA_THREADING_LAYER``, or a parallel kernel already ran): ``"threadsafe"``, i.e. TBB if it
+loads and otherwise OpenMP, when either is available; ``"workqueue"`` otherwise. On the
+development machine TBB is not installed (``libtbb.so.12`` missing) and GNU OpenMP
+(``libgomp.so.1``) is, so the layer is **omp**: thread-safe, which makes concurrent calls from
+several Python threads legal, but GNU OpenMP is not fork-safe: do not ``fork`` (e.g.
+``multiprocessing`` with the fork start method) after a ``numba_parallel`` op has run. MPI
+ranks are separate processes started by ``mpiexec`` and are unaffected.
+:attr:`NumbaParallelBackend.threading_layer` reports the layer actually in use
+(``numba.threading_layer()``) once a parallel kernel has run; ``warmup`` runs one.
+
+Compilation
+-----------
+Kernels are compiled lazily, once per dtype (float32, float64), and cached on disk
+(``cache=True``, in ``cnn/backends/__pycache__``). A fresh clone (CI, a new machine) compiles
+on first use; :meth:`NumbaBackend.warmup` compiles every kernel for one dtype on tiny inputs
+and returns the seconds spent, so the training loop can record JIT time in its own column
+(on the development machine about 8 s for ``numba`` and 11 s for ``numba_parallel`` per
+dtype, 0.2 s from the cache). The parallel kernels hold nothing but their ``prange`` loop, the
+backend allocating their outputs: in a ``parallel=True`` function every array expression
+becomes a parfor of its own, and compile time grew with each.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import threading
+import time
+
+import numba
+import numpy as np
+from numba.np.ufunc import parallel as _numba_parallel
+
+from . import numba_kernels as K
+from .base import Padding
+from .numpy_backend import NumpyBackend
+
+#: target number of GEMM columns (images x output pixels) per im2col chunk: long enough for
+#: the vectorised inner loop, small enough for the chunk's patches to stay in cache (a sweep
+#: of 128-2048 on the reference layers moved the conv times by under 10%; 512 was best)
+_CHUNK_COLUMNS = 512
+
+
+def _select_threading_layer() -> str:
+    """Set Numba's threading layer (see the module docstring); returns the setting."""
+    if _numba_parallel._is_initialized:  # a parallel kernel ran already: the layer is fixed
+        return numba.threading_layer()
+    if numba.config.THREADING_LAYER != "default":  # the user's explicit choice wins
+        return numba.config.THREADING_LAYER
+    for pool in ("tbbpool", "omppool"):
+        try:
+            importlib.import_module(f"numba.np.ufunc.{pool}")
+        except ImportError:  # the extension is built but its runtime library is missing
+            continue
+        numba.config.THREADING_LAYER = "threadsafe"
+        return "threadsafe"
+    numba.config.THREADING_LAYER = "workqueue"
+    return "workqueue"
+
+
+_LAYER_SETTING = _select_threading_layer()
+
+
+def _conv_geometry(x, w, b, stride: int, padding: Padding):
+    """Validate a conv call; returns ``(Ho, Wo)``."""
+    if x.ndim != 4 or w.ndim != 4:
+        raise ValueError(f"conv2d expects x (N, C, H, W) and w (F, C, KH, KW); "
+                         f"received x.shape={x.shape}, w.shape={w.shape}")
+    if x.shape[1] != w.shape[1]:
+        raise ValueError(f"input channels differ: x.shape={x.shape}, w.shape={w.shape}")
+    if not x.dtype == w.dtype == b.dtype:
+        raise ValueError(f"dtypes differ: x {x.dtype}, w {w.dtype}, b {b.dtype}")
+    if b.shape != w.shape[:1]:
+        raise ValueError(f"conv2d expects b (F,); received b.shape={b.shape}, w.shape={w.shape}")
+    if int(stride) != stride or stride < 1:
+        raise ValueError(f"stride must be a positive int; received stride={stride!r}")
+    (top, bottom), (left, right) = padding
+    if min(top, bottom, left, right) < 0:
+        raise ValueError(f"padding must be non-negative; received padding={padding!r}")
+    ho = (x.shape[2] + top + bottom - w.shape[2]) // stride + 1
+    wo = (x.shape[3] + left + right - w.shape[3]) // stride + 1
+    if ho < 1 or wo < 1:
+        raise ValueError(f"kernel {w.shape[2:]} larger than padded input {x.shape[2:]} "
+                         f"with padding={padding!r}")
+    return ho, wo
+
+
+class NumbaBackend(NumpyBackend):
+    """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
+    Outputs are allocated here and filled by the kernels (see "Compilation" above)."""
+
+    name = "numba"
+    jit = True
+
+    conv2d_forward_kernel = staticmethod(K.conv2d_forward)
+    conv2d_backward_kernel = staticmethod(K.conv2d_backward)
+    maxpool2d_forward_kernel = staticmethod(K.maxpool2d_forward)
+    maxpool2d_backward_kernel = staticmethod(K.maxpool2d_backward)
+    relu_forward_kernel = staticmethod(K.relu_forward)
+    relu_backward_kernel = staticmethod(K.relu_backward)
+
+    def _launch(self, kernel, *args):
+        kernel(*args)
+
+    def _chunk_images(self, n: int, pixels: int) -> int:
+        """Images per im2col chunk for ``n`` images of ``pixels`` output pixels each."""
+        return max(1, min(n, -(-_CHUNK_COLUMNS // pixels)))
+
+    def _weight_grad_parts(self, chunks: int) -> int:
+        """Number of separate ``[dw^T; db]`` accumulators for ``chunks`` conv chunks."""
+        return 1
+
+    # ---- JIT ------------------------------------------------------------------------------
+    def warmup(self, dtype=np.float32) -> float:
+        """Compile (or load from the disk cache) every kernel for ``dtype`` by running each op
+        forward and backward on tiny inputs. Returns the wall-clock seconds spent."""
+        t0 = time.perf_counter()
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 2, 5, 5)).astype(dtype)
+        w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+        out, cache = self.conv2d_forward(x, w, np.zeros(3, dtype), 1, ((1, 1), (1, 1)))
+        self.conv2d_backward(out, cache)
+        out, cache = self.relu_forward(out)
+        self.relu_backward(out, cache)
+        out, cache = self.maxpool2d_forward(out, 2, 2)
+        self.maxpool2d_backward(out, cache)
+        return time.perf_counter() - t0
+
+    # ---- convolution -----------------------------------------------------------------------
+    def conv2d_forward(self, x, w, b, stride, padding):
+        x, w, b = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(b)
+        ho, wo = _conv_geometry(x, w, b, stride, padding)
+        n = x.shape[0]
+        f, _, kh, kw = w.shape
+        (top, _), (left, _) = padding
+        out = np.empty((n, f, ho * wo), dtype=x.dtype)
+        # Python ints throughout, so every call hits the same compiled specialisation
+        self._launch(self.conv2d_forward_kernel, x, w.reshape(f, -1), b, kh, kw, int(stride),
+                     int(top), int(left), ho, wo, 0, n, self._chunk_images(n, ho * wo), out)
+        return out.reshape(n, f, ho, wo), (x, w, int(stride), padding)
+
+    def conv2d_backward(self, dout, cache, need_dx=True):
+        x, w, stride, padding = cache
+        n, f, ho, wo = dout.shape
+        k = w[0].size
+        (top, _), (left, _) = padding
+        nb = self._chunk_images(n, ho * wo)
+        parts = np.zeros((self._weight_grad_parts(-(-n // nb)), k + 1, f), dtype=x.dtype)
+        dx = np.empty((n if need_dx else 0,) + x.shape[1:], dtype=x.dtype)
+        dout3 = np.ascontiguousarray(dout).reshape(n, f, ho * wo)
+        self._launch(self.conv2d_backward_kernel, x, np.ascontiguousarray(w.reshape(f, k).T),
+                     dout3, w.shape[2], w.shape[3], stride, int(top), int(left), ho, wo, 0, n,
+                     nb, parts, dx)
+        dwt = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
+        return (dx if need_dx else None), np.ascontiguousarray(dwt[:k].T).reshape(w.shape), dwt[k]
+
+    # ---- pooling ---------------------------------------------------------------------------
+    def maxpool2d_forward(self, x, pool, stride):
+        x = np.ascontiguousarray(x)
+        n, c, h, w = x.shape
+        if pool < 1 or stride < 1 or pool > min(h, w):
+            raise ValueError(f"need 1 <= pool <= min(H, W) and stride >= 1; received "
+                             f"pool={pool}, stride={stride}, x.shape={x.shape}")
+        ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
+        out = np.empty((n * c, ho, wo), dtype=x.dtype)
+        arg = np.empty((n * c, ho, wo), dtype=np.int32)
+        self._launch(self.maxpool2d_forward_kernel, x.reshape(n * c, h, w), int(pool),
+                     int(stride), out, arg)
+        return out.reshape(n, c, ho, wo), (x.shape, arg)
+
+    def maxpool2d_backward(self, dout, cache):
+        x_shape, arg = cache
+        dx = np.empty((arg.shape[0], x_shape[2] * x_shape[3]), dtype=dout.dtype)
+        self._launch(self.maxpool2d_backward_kernel,
+                     np.ascontiguousarray(dout).reshape(arg.shape), arg, dx)
+        return dx.reshape(x_shape)
+
+    # ---- activations -----------------------------------------------------------------------
+    def relu_forward(self, x):
+        x = np.ascontiguousarray(x)
+        out = np.empty_like(x)
+        self._launch(self.relu_forward_kernel, x.reshape(-1), out.reshape(-1))
+        return out, out
+
+    def relu_backward(self, dout, cache):
+        dout = np.ascontiguousarray(dout)
+        dx = np.empty_like(dout)
+        self._launch(self.relu_backward_kernel, dout.reshape(-1), cache.reshape(-1),
+                     dx.reshape(-1))
+        return dx
+
+
+class NumbaParallelBackend(NumbaBackend):
+    """``parallel=True`` kernels: each op uses Numba's whole thread pool. One caller thread
+    only (see the module docstring); under ``workqueue`` concurrent calls are serialised."""
+
+    name = "numba_parallel"
+
+    conv2d_forward_kernel = staticmethod(K.conv2d_forward_par)
+    conv2d_backward_kernel = staticmethod(K.conv2d_backward_par)
+    maxpool2d_forward_kernel = staticmethod(K.maxpool2d_forward_par)
+    maxpool2d_backward_kernel = staticmethod(K.maxpool2d_backward_par)
+    relu_forward_kernel = staticmethod(K.relu_forward_par)
+    relu_backward_kernel = staticmethod(K.relu_backward_par)
+
+    def __init__(self):
+        super().__init__()
+        self._guard = (threading.Lock() if _LAYER_SETTING == "workqueue"
+                       else contextlib.nullcontext())
+
+    @property
+    def threading_layer(self) -> str:
+        """The layer in use once a parallel kernel has run, else the configured setting."""
+        return numba.threading_layer() if _numba_parallel._is_initialized else _LAYER_SETTING
+
+    def _launch(self, kernel, *args):
+        with self._guard:
+            kernel(*args)
+
+    def _chunk_images(self, n, pixels):
+        # at least one chunk per thread, so that every thread gets work
+        per_thread = -(-n // numba.get_num_threads())
+        return min(super()._chunk_images(n, pixels), per_thread)
+
+    def _weight_grad_parts(self, chunks):
+        # one accumulator per chunk: parallel chunks never add into the same memory
+        return chunks

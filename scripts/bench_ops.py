@@ -1,0 +1,204 @@
+"""Op-level microbenchmark: every layer op of the reference architectures on the ``numpy``,
+``numba`` and ``numba_parallel`` backends, side by side.
+
+    .venv/bin/python scripts/bench_ops.py [--presets mnist_small cifar_tutorial]
+        [--batch-sizes 32 128] [--dtype float32] [--repeats 15]
+
+BLAS is pinned to one thread (threadpoolctl), the sequential setting of the study, for all
+three: ``numba_parallel`` gets its parallelism from Numba's own thread pool, and its only BLAS
+calls are the dense ops; unpinned, OpenBLAS's spinning worker threads compete with that pool
+for the cores right after each dense op (a ReLU on 8K elements after one took 3-6 ms instead of
+10 us). ``fit`` pins BLAS the same way by default. The first layer's backward skips ``dx``
+(``need_dx=False``), as in training. Each op is
+called twice to warm up (the Numba kernels are compiled beforehand by ``warmup``, whose time
+is printed), then the backends' repeats are interleaved (numpy, numba, numba_parallel,
+numpy, ...) so that drift in a shared machine's speed hits all three alike. Printed: medians
+in milliseconds and the speed-ups ``numpy / numba`` (> 1: Numba is faster). Before timing, each
+op's outputs on the Numba backends are checked against NumPy's.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cnn.backends import get_backend  # noqa: E402
+from cnn.machine import describe  # noqa: E402
+from cnn.presets import get_preset  # noqa: E402
+
+BACKENDS = ("numpy", "numba", "numba_parallel")
+
+
+def layer_ops(spec: dict, batch: int, dtype, rng):
+    """The op calls of one training step of ``spec``, in forward-then-backward order.
+
+    Returns a list of ``(label, input shape, make, is_forward)``; ``make(backend)`` prepares
+    that op's inputs on ``backend`` (running the matching forward for a backward op, as the
+    backward needs that backend's own cache) and returns the zero-argument call to time.
+    """
+    shape = (batch, *spec["input_shape"])
+    fwd, bwd = [], []
+    first = True
+    conv_i = dense_i = 0
+    for layer in spec["layers"]:
+        kind = layer["type"]
+        x = rng.standard_normal(shape).astype(dtype)
+        if kind == "conv2d":
+            if layer.get("padding", "valid") != "valid" or layer.get("stride", 1) != 1:
+                raise ValueError(f"bench_ops supports stride-1 'valid' conv; received {layer}")
+            conv_i += 1
+            k = layer["kernel_size"]
+            w = (rng.standard_normal((layer["filters"], shape[1], k, k)) * 0.1).astype(dtype)
+            b = np.zeros(layer["filters"], dtype)
+            pads = ((0, 0), (0, 0))
+            need_dx = not first
+
+            def fwd_call(be, x=x, w=w, b=b, pads=pads):
+                return lambda: be.conv2d_forward(x, w, b, 1, pads)
+
+            def bwd_call(be, x=x, w=w, b=b, pads=pads, need_dx=need_dx):
+                out, cache = be.conv2d_forward(x, w, b, 1, pads)
+                dout = np.ones_like(out)
+                return lambda: be.conv2d_backward(dout, cache, need_dx=need_dx)
+
+            shape = (batch, layer["filters"], shape[2] - k + 1, shape[3] - k + 1)
+            name = f"conv{conv_i} {w.shape[1]}->{w.shape[0]} {k}x{k}"
+        elif kind == "maxpool2d":
+            p = layer["pool_size"]
+            s = layer.get("strides", p)
+
+            def fwd_call(be, x=x, p=p, s=s):
+                return lambda: be.maxpool2d_forward(x, p, s)
+
+            def bwd_call(be, x=x, p=p, s=s):
+                out, cache = be.maxpool2d_forward(x, p, s)
+                dout = np.ones_like(out)
+                return lambda: be.maxpool2d_backward(dout, cache)
+
+            shape = (batch, shape[1], (shape[2] - p) // s + 1, (shape[3] - p) // s + 1)
+            name = f"maxpool {p}/{s}"
+        elif kind == "flatten":
+            shape = (batch, int(np.prod(shape[1:])))
+            continue
+        elif kind == "dense":
+            dense_i += 1
+            w = (rng.standard_normal((shape[1], layer["units"])) * 0.05).astype(dtype)
+            b = np.zeros(layer["units"], dtype)
+            need_dx = not first
+
+            def fwd_call(be, x=x, w=w, b=b):
+                return lambda: be.dense_forward(x, w, b)
+
+            def bwd_call(be, x=x, w=w, b=b, need_dx=need_dx):
+                out, cache = be.dense_forward(x, w, b)
+                dout = np.ones_like(out)
+                return lambda: be.dense_backward(dout, cache, need_dx=need_dx)
+
+            shape = (batch, layer["units"])
+            name = f"dense{dense_i} {w.shape[0]}->{w.shape[1]}"
+        else:
+            raise ValueError(f"bench_ops: unsupported layer type {kind!r}")
+        fwd.append((f"{name} fwd", x.shape, fwd_call, True))
+        bwd.append((f"{name} bwd", x.shape, bwd_call, False))
+        first = False
+        if layer.get("activation") == "relu":
+            y = rng.standard_normal(shape).astype(dtype)
+
+            def relu_fwd(be, y=y):
+                return lambda: be.relu_forward(y)
+
+            def relu_bwd(be, y=y):
+                out, cache = be.relu_forward(y)
+                return lambda: be.relu_backward(y, cache)
+
+            fwd.append(("  relu fwd", shape, relu_fwd, True))
+            bwd.append(("  relu bwd", shape, relu_bwd, False))
+    return fwd + bwd[::-1]
+
+
+def _outputs(result, is_forward):
+    """The arrays an op returns: ``out`` of a forward (not its cache), all gradients of a
+    backward (``None`` for a skipped ``dx``)."""
+    if is_forward:
+        return (result[0],)
+    return result if isinstance(result, tuple) else (result,)
+
+
+def _check(label, ref, got, dtype):
+    """Numba's outputs must match NumPy's before their timings mean anything."""
+    tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
+    for r, g in zip(ref, got):
+        if r is None or g is None:
+            assert r is None and g is None, label
+        else:
+            np.testing.assert_allclose(g, r, rtol=tol, atol=tol, err_msg=label)
+
+
+def bench(preset: str, batch: int, dtype, repeats: int) -> None:
+    spec = get_preset(preset)
+    ops = layer_ops(spec, batch, dtype, np.random.default_rng(0))
+    print(f"\n{preset}, batch {batch}, {np.dtype(dtype).name}: median ms of {repeats} "
+          f"interleaved repeats")
+    head = (f"{'op':<26}{'input':>18}{'numpy':>9}{'numba':>9}{'nb_par':>9}"
+            f"{'np/nb':>8}{'np/nb_par':>10}")
+    print(head)
+    print("-" * len(head))
+    totals = dict.fromkeys(BACKENDS, 0.0)
+    for label, shape, make, is_forward in ops:
+        calls = {}
+        for name in BACKENDS:
+            calls[name] = make(get_backend(name))
+            calls[name]()  # warm-up: caches, first-touch of the outputs
+            result = _outputs(calls[name](), is_forward)
+            if name == "numpy":
+                ref = result
+            else:
+                _check(f"{preset} b{batch} {label} on {name}", ref, result, dtype)
+        times = {name: [] for name in BACKENDS}
+        for _ in range(repeats):
+            for name in BACKENDS:
+                t0 = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - t0)
+        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+        for name in BACKENDS:
+            totals[name] += med[name]
+        print(f"{label:<26}{str(tuple(shape)):>18}{med['numpy']:9.3f}{med['numba']:9.3f}"
+              f"{med['numba_parallel']:9.3f}{med['numpy'] / med['numba']:8.2f}"
+              f"{med['numpy'] / med['numba_parallel']:10.2f}")
+    print(f"{'sum of layer ops':<44}{totals['numpy']:9.3f}{totals['numba']:9.3f}"
+          f"{totals['numba_parallel']:9.3f}{totals['numpy'] / totals['numba']:8.2f}"
+          f"{totals['numpy'] / totals['numba_parallel']:10.2f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["mnist_small", "cifar_tutorial"])
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--repeats", type=int, default=15)
+    a = p.parse_args(argv)
+    dtype = np.dtype(a.dtype).type
+
+    print(describe())
+    for name in ("numba", "numba_parallel"):
+        seconds = get_backend(name).warmup(dtype)
+        print(f"{name}: JIT compile / cache load for {a.dtype}: {seconds:.1f} s")
+    layer = get_backend("numba_parallel").threading_layer
+    print(f"numba threading layer: {layer}, {__import__('numba').get_num_threads()} threads")
+    with threadpool_limits(limits=1, user_api="blas"):
+        for preset in a.presets:
+            for batch in a.batch_sizes:
+                bench(preset, batch, dtype, a.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

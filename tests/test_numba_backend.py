@@ -1,0 +1,244 @@
+"""The Numba backends (``numba`` and ``numba_parallel``) against the naive loop reference.
+
+Every op, forward and backward, on random shapes that reach every code path of the kernels:
+stride 2, symmetric and asymmetric padding, kernel sizes 1, 3 and 5, non-square images,
+overlapping pooling windows, several images per im2col chunk (and several chunks), filter
+counts on both sides of the small-filter GEMM switch, GEMM remainders. The reference runs in
+float64 on the same inputs; results must agree to ~1e-12 (float64) or ~1e-5 (float32) relative
+to the output's magnitude, and keep the input dtype. Then: ``need_dx=False``, thread safety of
+concurrent calls, the threading layer, ``warmup``. The first run of this file compiles every
+kernel twice (two dtypes) for both backends, about 45 s of CPU; later runs load the cache.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+import numba
+import numpy as np
+import pytest
+
+from cnn.backends import get_backend
+from cnn.backends import numba_kernels as K
+from cnn.backends.numba_backend import _CHUNK_COLUMNS
+
+NAIVE = get_backend("naive")
+BACKENDS = ["numba", "numba_parallel"]
+DTYPES = [pytest.param(np.float64, 1e-12, id="float64"),
+          pytest.param(np.float32, 1e-5, id="float32")]
+
+
+def normal(rng, shape, dtype):
+    """Standard normal values representable in ``dtype``, as float64: the reference then sees
+    exactly the inputs the backend sees."""
+    return rng.standard_normal(shape).astype(dtype).astype(np.float64)
+
+
+def assert_close(got, ref, dtype, tol):
+    """Shape and dtype first; then values, relative to the magnitude of the reference (sums
+    in a different order differ by rounding proportional to it, not to each element)."""
+    assert got.shape == ref.shape
+    assert got.dtype == dtype
+    np.testing.assert_allclose(got, ref, rtol=tol, atol=tol * max(1.0, np.abs(ref).max()))
+
+
+# ---- convolution -------------------------------------------------------------------------------
+CONV_CASES = [  # (N, C, H, W), F, K, stride, padding
+    pytest.param((2, 3, 7, 9), 4, 3, 1, ((0, 0), (0, 0)), id="3x3-valid-nonsquare"),
+    pytest.param((3, 2, 8, 7), 5, 5, 2, ((1, 1), (1, 1)), id="5x5-s2-pad1"),
+    pytest.param((2, 3, 6, 5), 6, 1, 1, ((0, 1), (0, 1)), id="1x1-asym"),
+    pytest.param((3, 2, 9, 8), 33, 3, 2, ((0, 1), (0, 1)), id="3x3-s2-asym-33filters"),
+    pytest.param((2, 1, 5, 5), 2, 5, 1, ((2, 2), (2, 2)), id="5x5-same"),
+    # small outputs: several images per chunk, and more than one chunk (see _CHUNK_COLUMNS)
+    pytest.param((50, 3, 5, 6), 34, 3, 1, ((0, 0), (0, 0)), id="chunks-34filters"),
+    pytest.param((45, 2, 4, 5), 3, 3, 1, ((1, 1), (1, 1)), id="chunks-3filters"),
+]
+_REF = {}
+
+
+def conv_case(shape, f, k, stride, padding, dtype):
+    """Inputs in ``dtype`` and the naive float64 results (computed once per case and dtype)."""
+    key = (shape, f, k, stride, padding, dtype)
+    if key not in _REF:
+        rng = np.random.default_rng(sum(shape) + 7 * f + k)
+        x = normal(rng, shape, dtype)
+        w = normal(rng, (f, shape[1], k, k), dtype)
+        b = normal(rng, f, dtype)
+        out, cache = NAIVE.conv2d_forward(x, w, b, stride, padding)
+        dout = normal(rng, out.shape, dtype)
+        _REF[key] = (x, w, b, dout, out, NAIVE.conv2d_backward(dout, cache))
+    x, w, b, dout, out, grads = _REF[key]
+    return [a.astype(dtype) for a in (x, w, b, dout)], out, grads
+
+
+def test_cases_reach_the_paths_they_name():
+    # the two chunk cases only test what their name says if the arithmetic holds
+    for n, pixels in ((50, 3 * 4), (45, 4 * 5)):  # images, output pixels per image
+        per_chunk = -(-_CHUNK_COLUMNS // pixels)
+        assert 1 < per_chunk < n
+    # ... and the filter counts fall on both sides of the GEMM switch
+    assert 3 <= K._NT_MAX_FILTERS < 33
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape, f, k, stride, padding", CONV_CASES)
+def test_conv2d(backend, dtype, tol, shape, f, k, stride, padding):
+    be = get_backend(backend)
+    (x, w, b, dout), out_ref, (dx_ref, dw_ref, db_ref) = conv_case(shape, f, k, stride, padding,
+                                                                   dtype)
+    out, cache = be.conv2d_forward(x, w, b, stride, padding)
+    assert_close(out, out_ref, dtype, tol)
+    dx, dw, db = be.conv2d_backward(dout, cache)
+    assert_close(dx, dx_ref, dtype, tol)
+    assert_close(dw, dw_ref, dtype, tol)
+    assert_close(db, db_ref, dtype, tol)
+    # need_dx=False: no dx, the same weight gradients
+    none, dw2, db2 = be.conv2d_backward(dout, cache, need_dx=False)
+    assert none is None
+    np.testing.assert_array_equal(dw2, dw)
+    np.testing.assert_array_equal(db2, db)
+
+
+def test_conv2d_rejects_bad_arguments():
+    be = get_backend("numba")
+    x = np.zeros((1, 3, 5, 5))
+    with pytest.raises(ValueError, match=r"w.shape=\(2, 4, 3, 3\)"):
+        be.conv2d_forward(x, np.zeros((2, 4, 3, 3)), np.zeros(2), 1, ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match="stride=0"):
+        be.conv2d_forward(x, np.zeros((2, 3, 3, 3)), np.zeros(2), 0, ((0, 0), (0, 0)))
+    with pytest.raises(ValueError, match="dtypes differ"):
+        be.conv2d_forward(x, np.zeros((2, 3, 3, 3)), np.zeros(2, np.float32), 1,
+                          ((0, 0), (0, 0)))
+
+
+# ---- pooling -----------------------------------------------------------------------------------
+POOL_CASES = [  # (N, C, H, W), pool, stride
+    pytest.param((2, 3, 7, 9), 2, 2, id="2/2-odd-sizes"),
+    pytest.param((2, 2, 9, 8), 3, 2, id="3/2-overlapping"),
+    pytest.param((1, 3, 6, 5), 2, 1, id="2/1-overlapping"),
+    pytest.param((2, 2, 9, 9), 3, 3, id="3/3"),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape, pool, stride", POOL_CASES)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+def test_maxpool2d(backend, dtype, tol, shape, pool, stride, ties):
+    be = get_backend(backend)
+    rng = np.random.default_rng(sum(shape) + pool)
+    # with ties (small integers), the first maximum of each window must get the gradient
+    x = rng.integers(0, 3, shape).astype(np.float64) if ties else normal(rng, shape, dtype)
+    out_ref, cache_ref = NAIVE.maxpool2d_forward(x, pool, stride)
+    dout = normal(rng, out_ref.shape, dtype)
+    dx_ref = NAIVE.maxpool2d_backward(dout, cache_ref)
+
+    out, cache = be.maxpool2d_forward(x.astype(dtype), pool, stride)
+    assert_close(out, out_ref, dtype, tol)
+    assert_close(be.maxpool2d_backward(dout.astype(dtype), cache), dx_ref, dtype, tol)
+
+
+# ---- ReLU --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (6, 11)], ids=["4d", "2d"])
+def test_relu(backend, dtype, tol, shape):
+    be = get_backend(backend)
+    rng = np.random.default_rng(len(shape))
+    x = normal(rng, shape, dtype)
+    x.flat[::5] = 0.0  # the derivative at exactly 0 is 0
+    out_ref, cache_ref = NAIVE.relu_forward(x)
+    dout = normal(rng, shape, dtype)
+    dx_ref = NAIVE.relu_backward(dout, cache_ref)
+
+    out, cache = be.relu_forward(x.astype(dtype))
+    assert_close(out, out_ref, dtype, tol)
+    assert_close(be.relu_backward(dout.astype(dtype), cache), dx_ref, dtype, tol)
+
+
+# ---- dense -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+def test_dense(backend, dtype, tol):
+    be = get_backend(backend)
+    rng = np.random.default_rng(3)
+    x, w, b = (normal(rng, shape, dtype) for shape in ((7, 13), (13, 5), 5))
+    out_ref, cache_ref = NAIVE.dense_forward(x, w, b)
+    dout = normal(rng, out_ref.shape, dtype)
+    grads_ref = NAIVE.dense_backward(dout, cache_ref)
+
+    out, cache = be.dense_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype))
+    assert_close(out, out_ref, dtype, tol)
+    for got, ref in zip(be.dense_backward(dout.astype(dtype), cache), grads_ref):
+        assert_close(got, ref, dtype, tol)
+    assert be.dense_backward(dout.astype(dtype), cache, need_dx=False)[0] is None
+
+
+# ---- threads -----------------------------------------------------------------------------------
+def test_kernels_release_the_gil():
+    kernels = [getattr(K, name) for name in dir(K)
+               if isinstance(getattr(K, name), numba.core.registry.CPUDispatcher)]
+    assert len(kernels) >= 12
+    for kernel in kernels:
+        assert kernel.targetoptions["nogil"] is True, kernel.__name__
+        assert kernel.targetoptions.get("fastmath", False) is False, kernel.__name__
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_threads_match_single_threaded(backend):
+    """Two Python threads run conv forward and backward at the same time on different inputs
+    (as the data-parallel strategy does with shards): results are exactly the sequential ones."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(11)
+    w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    pad = ((1, 1), (1, 1))
+    shards = [rng.standard_normal((16, 3, 20, 20)).astype(np.float32) for _ in range(2)]
+
+    def step(x):
+        out, cache = be.conv2d_forward(x, w, b, 1, pad)
+        return (out, *be.conv2d_backward(out, cache))
+
+    expected = [step(x) for x in shards]
+    results = [[] for _ in shards]
+    start = threading.Barrier(len(shards))
+
+    def worker(i):
+        start.wait()
+        for _ in range(5):
+            results[i].append(step(shards[i]))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(shards))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, runs in enumerate(results):
+        assert len(runs) == 5
+        for run in runs:
+            for got, ref in zip(run, expected[i]):
+                np.testing.assert_array_equal(got, ref)
+
+
+def test_threading_layer_is_threadsafe_when_available():
+    be = get_backend("numba_parallel")
+    be.relu_forward(np.ones(8))  # the layer is chosen at the first parallel launch
+    layer = be.threading_layer
+    assert layer == numba.threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    if os.environ.get("NUMBA_THREADING_LAYER"):  # the user's choice is respected
+        return
+    try:
+        importlib.import_module("numba.np.ufunc.omppool")
+    except ImportError:
+        return
+    assert layer != "workqueue"  # OpenMP loads here, so a thread-safe layer must be in use
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_warmup_reports_seconds(backend):
+    seconds = get_backend(backend).warmup(np.float32)
+    assert isinstance(seconds, float) and seconds >= 0.0
+    assert get_backend(backend).jit is True
