@@ -1,0 +1,488 @@
+"""Data-parallel Python threads on one machine: ``sync``, ``average`` and ``hogwild``.
+
+All three run ``threads`` workers that live for the whole fit: the calling (main) thread is
+worker 0 and ``threads - 1`` daemon threads are started in :meth:`~ThreadStrategy.start` and
+ended in :meth:`~ThreadStrategy.close`. Per step the workers pass a few
+:class:`threading.Barrier` waits (one to start, one after each phase); nothing is created per
+step. The per-shard work is the model's ordinary ``loss_and_grads`` on a CPU backend, and it
+runs in parallel because the heavy ops release the GIL: NumPy's BLAS products, copies and
+ufunc loops (with BLAS pinned to one thread per process by ``fit(blas_threads=1)``, so each
+worker runs its products on its own core), or the Numba backend's ``nogil`` kernels. What still
+holds the GIL is the Python between ops (and NumPy's small-array fast paths); that and memory
+bandwidth bound the speed-up (``python -m cnn bench threads`` measures it).
+
+The strategies
+--------------
+``sync``
+    Each global batch of ``batch_size`` examples is cut into ``threads`` contiguous shards
+    (sizes differ by at most one). Every worker computes the mean-loss gradient ``g_i`` of its
+    shard on the same weights; then each worker combines, for its own fixed slice of the
+    flattened parameters, ``g = sum_i (n_i / N) g_i`` in the fixed order ``i = 0 .. T-1`` and
+    applies the optimizer update to that slice. That is the sequential algorithm (the gradient
+    of the batch mean loss) up to the order of floating-point sums, and it does not depend on
+    thread timing: the same run gives the same bits. Tested against the sequential path.
+    Splitting the combination and the update across workers by slices of the flattened
+    parameters is valid for element-wise optimizers (SGD with or without momentum: the state
+    is per element); both then use both cores.
+``average``
+    Model averaging / local SGD (Zinkevich et al. 2010): worker ``i`` trains its own replica
+    (weights and optimizer state) with ``batch_size`` examples per step on its own part of the
+    data; a global step is ``threads * batch_size`` examples, so within an epoch the replicas
+    see disjoint subsets that together cover the training set. Every ``every`` steps (or, with
+    ``every="epoch"``, the default, after each epoch) the replicas' weights **and momentum
+    buffers** are replaced by their average, weighted by the examples each replica trained on
+    since the last average. Averaging the momentum too makes ``every=1`` exactly synchronous
+    SGD on the global batch (tested). Evaluation uses the average of the replicas.
+``hogwild``
+    Lock-free updates of shared weights (Niu et al. 2011): worker ``i`` computes the gradient
+    of its shard (``batch_size`` examples) on the shared weights and applies its update to the
+    shared arrays in place, with no lock, while the other workers are reading them and writing
+    their own updates. A global step is ``threads * batch_size`` examples; the workers meet at
+    one barrier per global step, which bounds staleness to one step but does not order the
+    updates. The races it accepts, knowingly:
+
+    - *torn reads*: a worker's forward/backward reads a weight array while another worker's
+      ``param -= lr * g`` is half-way through it, so it computes with a mix of old and new
+      values (different layers, or different elements of one array, from different versions);
+    - *lost updates*: NumPy's in-place update is an element-wise read-modify-write with the
+      GIL released (for arrays above NumPy's small-array threshold); when two workers update
+      the same array at the same moment, one can read an element before the other stores it
+      and then overwrite it, so that worker's contribution to that element is lost. Which
+      elements, and how many, depends on timing: hogwild runs are **not reproducible**.
+
+    Momentum: each worker keeps **its own velocity** (only the weights are shared), so the
+    velocity buffers never race; the sum of the workers' velocities plays the role of the
+    sequential velocity. With ``threads=1`` hogwild is exactly the sequential path.
+
+Only ``hogwild`` shares mutable state between running workers. In ``sync`` the workers read the
+same weights while computing gradients (nobody writes them), then each writes only its own
+disjoint slice of the combined gradient, the weights and the optimizer state; in ``average`` each
+worker owns its replica and averaging writes disjoint slices. Barriers order the phases.
+
+An exception in any worker stops the step: the other workers finish their current phase, skip
+the rest, and the exception is re-raised in the main thread (with a note naming the worker);
+``fit`` then calls :meth:`close`, which stops and joins every worker thread.
+
+Backends: any CPU backend whose ops may be called from several threads at once (``numpy``,
+``numba``). ``numba_parallel`` starts its own thread pool inside each op and must not be called
+from several threads; device backends (``cuda``) keep the weights on the GPU. Both are refused
+with ``threads > 1`` (``numba_parallel``) or always (device backends).
+"""
+from __future__ import annotations
+
+import threading
+import warnings
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from ..backends import Backend
+from .base import Strategy
+
+Phase = Callable[[int], None]
+
+
+def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``range(n)`` in order, sizes
+    differing by at most one (the first ``n % parts`` are one longer); some are empty when
+    ``n < parts``."""
+    q, r = divmod(n, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + q + (1 if i < r else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+class _Workers:
+    """``n`` persistent workers: the caller is worker 0, ``n - 1`` daemon threads the others.
+
+    :meth:`run` executes a sequence of *phases* (callables taking the worker index) on every
+    worker, with a barrier after each phase, and returns when all workers have finished all
+    phases. If a phase raises in any worker, the remaining phases are skipped by everyone and
+    the first exception (lowest worker index) is re-raised in the caller.
+    """
+
+    def __init__(self, n: int, name: str):
+        self.n = n
+        self._phases: Sequence[Phase] = ()
+        self._errors: list[BaseException | None] = [None] * n
+        self._failed = False
+        self._closed = False
+        self._go = threading.Barrier(n)
+        self._phase_done = threading.Barrier(n)
+        self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"{name}-worker-{i}",
+                                          daemon=True) for i in range(1, n)]
+        for t in self._threads:
+            t.start()
+
+    def _loop(self, i: int) -> None:
+        try:
+            while True:
+                self._go.wait()
+                if self._closed:
+                    return
+                self._run_phases(i)
+        except threading.BrokenBarrierError:
+            return  # close() aborted the barriers
+
+    def _run_phases(self, i: int) -> None:
+        for phase in self._phases:
+            if not self._failed:
+                try:
+                    phase(i)
+                except BaseException as err:  # noqa: BLE001 - handed to the main thread
+                    self._errors[i] = err
+                    self._failed = True
+            if self.n > 1:
+                self._phase_done.wait()
+
+    def run(self, phases: Sequence[Phase]) -> None:
+        if self._closed:
+            raise RuntimeError("the worker threads are closed")
+        if self.n == 1:
+            for phase in phases:
+                phase(0)
+            return
+        self._phases = phases
+        self._go.wait()
+        self._run_phases(0)
+        if self._failed:
+            i, err = next((i, e) for i, e in enumerate(self._errors) if e is not None)
+            self._errors = [None] * self.n
+            self._failed = False
+            if i > 0:
+                err.add_note(f"(raised in worker thread {i} of {self.n})")
+            raise err
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        # abort wakes workers waiting at either barrier with BrokenBarrierError; a worker in
+        # the middle of a phase finishes it, finds the barrier broken and exits
+        self._go.abort()
+        self._phase_done.abort()
+        for t in self._threads:
+            t.join()
+
+
+def _flat_slices(params: dict[str, np.ndarray], parts: int) -> list[list[tuple[str, slice]]]:
+    """Cut the concatenation of the flattened parameters into ``parts`` contiguous ranges of
+    (nearly) equal length; returns, per part, the ``(key, slice)`` pieces it covers."""
+    sizes = [(k, v.size) for k, v in params.items()]
+    total = sum(s for _, s in sizes)
+    bounds = shard_bounds(total, parts)
+    out: list[list[tuple[str, slice]]] = []
+    for lo, hi in bounds:
+        pieces, offset = [], 0
+        for k, s in sizes:
+            a, b = max(lo, offset), min(hi, offset + s)
+            if a < b:
+                pieces.append((k, slice(a - offset, b - offset)))
+            offset += s
+        out.append(pieces)
+    return out
+
+
+def _flat(a: np.ndarray) -> np.ndarray:
+    """A 1-D view of a C-contiguous array (never a copy: writes must reach ``a``)."""
+    if not a.flags.c_contiguous:
+        raise ValueError("thread strategies need C-contiguous parameter arrays")
+    return a.reshape(-1)
+
+
+def _weighted_sum(out: np.ndarray, terms: list[tuple[float, np.ndarray]], tmp: np.ndarray) -> None:
+    """``out = sum_i w_i * a_i`` in the order of ``terms`` (deterministic rounding)."""
+    w0, a0 = terms[0]
+    np.multiply(a0, w0, out=out)
+    for w, a in terms[1:]:
+        np.multiply(a, w, out=tmp)
+        np.add(out, tmp, out=out)
+
+
+class ThreadStrategy(Strategy):
+    """Shared machinery: backend checks, the persistent workers, shard bounds."""
+
+    name = "threads"
+
+    def __init__(self, threads: int = 1):
+        super().__init__(threads)
+        self._workers: _Workers | None = None
+
+    def _check_backend(self, backend: Backend) -> None:
+        if getattr(backend, "on_device", False):
+            raise ValueError(f"strategy {self.name!r} runs Python threads over a CPU backend; "
+                             f"backend {backend.name!r} keeps the weights on a device. Use "
+                             "strategy='sequential' on it (one device), or MPI for several")
+        if backend.name == "numba_parallel" and self.threads > 1:
+            raise ValueError(f"backend 'numba_parallel' runs its own thread pool inside each op "
+                             f"and must not be called from several threads. Received "
+                             f"strategy={self.name!r}, threads={self.threads}; use "
+                             "backend='numba' (nogil kernels) with threads, or numba_parallel "
+                             "with strategy='sequential'")
+
+    @staticmethod
+    def _warn_blas_threads(threads: int) -> None:
+        if threads < 2:
+            return
+        try:
+            from threadpoolctl import threadpool_info
+            busy = [i for i in threadpool_info()
+                    if i.get("user_api") == "blas" and i.get("num_threads", 1) > 1]
+        except Exception:  # the probe must never break a fit
+            return
+        if busy:
+            warnings.warn(f"{threads} worker threads with a multi-threaded BLAS "
+                          f"({busy[0].get('internal_api')}, {busy[0].get('num_threads')} threads) "
+                          "oversubscribe the cores; fit(blas_threads=1) pins BLAS to one "
+                          "thread per worker", RuntimeWarning, stacklevel=4)
+
+    def start(self, model, optimizer, backend, params) -> None:
+        self._check_backend(backend)
+        self._warn_blas_threads(self.threads)
+        super().start(model, optimizer, backend, params)
+        try:
+            self._setup()
+            self._workers = _Workers(self.threads, self.name)
+        except BaseException:
+            self.close()
+            raise
+
+    def _setup(self) -> None:
+        """Allocate per-fit buffers (before the threads start)."""
+
+    def _run(self, phases: Sequence[Phase]) -> None:
+        if self._workers is None:
+            raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        self._workers.run(phases)
+
+    def close(self) -> None:
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
+    def _host_sums(self, results, sizes) -> tuple[float, int]:
+        be = self.backend
+        loss, correct = 0.0, 0
+        for r, n in zip(results, sizes):
+            if r is not None:
+                loss += float(be.to_host(r[0])) * n
+                correct += int(be.to_host(r[1]))
+        return loss, correct
+
+
+class SyncThreads(ThreadStrategy):
+    """Synchronous data parallelism: one update per batch from the size-weighted sum of the
+    shard gradients (the sequential algorithm). See the module docstring."""
+
+    name = "sync"
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < self.threads:
+            raise ValueError(f"strategy 'sync' splits each batch of batch_size={batch_size} "
+                             f"examples into threads={self.threads} shards; every shard needs "
+                             "at least one example, so use batch_size >= threads")
+
+    def _setup(self) -> None:
+        t = self.threads
+        self._flat_params = {k: _flat(v) for k, v in self.params.items()}
+        self._flat_state = {k: _flat(v) for k, v in self.state.items()}
+        self._gsum = {k: np.empty_like(v) for k, v in self._flat_params.items()}
+        self._pieces = _flat_slices(self.params, t)
+        self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0),
+                              dtype=next(iter(self.params.values())).dtype)
+                     for p in self._pieces]
+        self._results: list[Any] = [None] * t
+        self._bounds: list[tuple[int, int]] = []
+        self._xb = self._yb = None
+        self._weights: list[tuple[int, float]] = []
+
+    def _compute(self, i: int) -> None:
+        lo, hi = self._bounds[i]
+        if hi > lo:
+            self._results[i] = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
+                                                         self.params, self.backend)
+
+    def _reduce_update(self, j: int) -> None:
+        """Worker ``j`` combines the shard gradients and updates its slice of the parameters."""
+        terms_of = [(w, self._results[i][2]) for i, w in self._weights]
+        tmp = self._tmp[j]
+        opt, be = self.optimizer, self.backend
+        for key, sl in self._pieces[j]:
+            # gradients are only read: np.ravel is a view for the usual contiguous ones
+            if len(terms_of) == 1:  # one shard: its gradient (weight 1) as it is
+                g = np.ravel(terms_of[0][1][key])[sl]
+            else:
+                g = self._gsum[key][sl]
+                _weighted_sum(g, [(w, np.ravel(grads[key])[sl]) for w, grads in terms_of],
+                              tmp[:sl.stop - sl.start])
+            state = {key: self._flat_state[key][sl]} if self.state else {}
+            opt.update({key: self._flat_params[key][sl]}, {key: g}, state, be)
+
+    def step(self, xb, yb):
+        n = len(yb)
+        self._xb, self._yb = xb, yb
+        self._bounds = shard_bounds(n, self.threads)
+        self._results = [None] * self.threads
+        self._weights = [(i, (hi - lo) / n) for i, (lo, hi) in enumerate(self._bounds) if hi > lo]
+        try:
+            self._run((self._compute, self._reduce_update))
+            return self._host_sums(self._results, [hi - lo for lo, hi in self._bounds])
+        finally:
+            self._xb = self._yb = None
+            self._results = [None] * self.threads
+
+
+class AverageThreads(ThreadStrategy):
+    """Model averaging: one replica per thread, averaged every ``every`` steps or each epoch.
+
+    Args:
+        threads: replicas (and worker threads).
+        every: steps between averages (each step, every replica trains on one batch of
+            ``batch_size``), or ``"epoch"`` (the default): average after each epoch, i.e. each
+            thread trains on its own unique subset for a whole epoch.
+    """
+
+    name = "average"
+
+    def __init__(self, threads: int = 1, every: "int | str" = "epoch"):
+        super().__init__(threads)
+        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
+                                 or every < 1):
+            raise ValueError(f"strategy 'average': every must be a positive number of steps or "
+                             f"'epoch'. Received every={every!r}")
+        self.every = every if every == "epoch" else int(every)
+
+    def examples_per_step(self, batch_size: int) -> int:
+        return self.threads * batch_size
+
+    def describe(self) -> dict:
+        return {**super().describe(), "average_every": self.every}
+
+    def _setup(self) -> None:
+        t = self.threads
+        dtype = next(iter(self.params.values())).dtype
+        # replica i: its weights and optimizer state; self.params holds the latest average
+        self._replicas = [{k: v.copy() for k, v in self.params.items()} for _ in range(t)]
+        self._states = [{k: v.copy() for k, v in self.state.items()} for _ in range(t)]
+        self._flat_params = {k: _flat(v) for k, v in self.params.items()}
+        self._flat_state = {k: _flat(v) for k, v in self.state.items()}  # the averaged velocity
+        self._flat_reps = [{k: _flat(v) for k, v in r.items()} for r in self._replicas]
+        self._flat_states = [{k: _flat(v) for k, v in s.items()} for s in self._states]
+        self._pieces = _flat_slices(self.params, t)
+        self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0), dtype=dtype)
+                     for p in self._pieces]
+        self._counts = [0] * t  # examples per replica since the last average
+        self._steps = 0
+        self._results: list[Any] = [None] * t
+        self._bounds: list[tuple[int, int]] = []
+        self._xb = self._yb = None
+        self._avg_weights: list[tuple[int, float]] = []
+
+    def _train(self, i: int) -> None:
+        lo, hi = self._bounds[i]
+        if hi > lo:
+            rep = self._replicas[i]
+            loss, correct, grads = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
+                                                             rep, self.backend)
+            self.optimizer.update(rep, grads, self._states[i], self.backend)
+            self._results[i] = (loss, correct)
+
+    def _average_slice(self, j: int) -> None:
+        """Worker ``j`` averages its slice of every replica's weights and velocity, writes the
+        average to the shared output and copies it back into every replica."""
+        weights = self._avg_weights
+        tmp = self._tmp[j]
+        for key, sl in self._pieces[j]:
+            groups = [(self._flat_params, self._flat_reps)]
+            if self.state:
+                groups.append((self._flat_state, self._flat_states))
+            for avg, reps in groups:
+                out = avg[key][sl]
+                _weighted_sum(out, [(w, reps[i][key][sl]) for i, w in weights],
+                              tmp[:sl.stop - sl.start])
+                for r in reps:
+                    r[key][sl] = out
+
+    def _prepare_average(self) -> bool:
+        total = sum(self._counts)
+        if total == 0:
+            return False
+        self._avg_weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
+        self._counts = [0] * self.threads
+        return True
+
+    def step(self, xb, yb):
+        n = len(yb)
+        self._xb, self._yb = xb, yb
+        self._bounds = shard_bounds(n, self.threads)
+        sizes = [hi - lo for lo, hi in self._bounds]
+        self._results = [None] * self.threads
+        for i, s in enumerate(sizes):
+            self._counts[i] += s
+        self._steps += 1
+        phases: list[Phase] = [self._train]
+        if self.every != "epoch" and self._steps % self.every == 0 and self._prepare_average():
+            phases.append(self._average_slice)
+        try:
+            self._run(phases)
+            return self._host_sums(self._results, sizes)
+        finally:
+            self._xb = self._yb = None
+            self._results = [None] * self.threads
+
+    def end_epoch(self) -> None:
+        if self.every == "epoch" and self._prepare_average():
+            self._run((self._average_slice,))
+
+    def current_params(self) -> dict:
+        """The weighted average of the replicas (computed here, in the calling thread, when
+        they have trained since the last average; the replicas are left as they are)."""
+        total = sum(self._counts) if hasattr(self, "_counts") else 0
+        if total:
+            weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
+            for key, out in self._flat_params.items():
+                tmp = np.empty_like(out)
+                _weighted_sum(out, [(w, self._flat_reps[i][key]) for i, w in weights], tmp)
+        return self.params
+
+
+class HogwildThreads(ThreadStrategy):
+    """Lock-free asynchronous updates of shared weights; per-worker momentum. See the module
+    docstring for the races it accepts."""
+
+    name = "hogwild"
+
+    def examples_per_step(self, batch_size: int) -> int:
+        return self.threads * batch_size
+
+    def _setup(self) -> None:
+        t = self.threads
+        # worker 0 uses the state start() made; the others get their own velocity buffers
+        self._states = [self.state] + [self.optimizer.init_state(self.params, self.backend)
+                                       for _ in range(t - 1)]
+        self._results: list[Any] = [None] * t
+        self._bounds: list[tuple[int, int]] = []
+        self._xb = self._yb = None
+
+    def _train(self, i: int) -> None:
+        lo, hi = self._bounds[i]
+        if hi > lo:
+            # reads self.params while other workers update it in place: see the module docstring
+            loss, correct, grads = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
+                                                             self.params, self.backend)
+            self.optimizer.update(self.params, grads, self._states[i], self.backend)
+            self._results[i] = (loss, correct)
+
+    def step(self, xb, yb):
+        self._xb, self._yb = xb, yb
+        self._bounds = shard_bounds(len(yb), self.threads)
+        self._results = [None] * self.threads
+        try:
+            self._run((self._train,))
+            return self._host_sums(self._results, [hi - lo for lo, hi in self._bounds])
+        finally:
+            self._xb = self._yb = None
+            self._results = [None] * self.threads
