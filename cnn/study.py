@@ -218,13 +218,13 @@ PROFILES: dict[str, list[dict]] = {
                        "batch_size": [32, 128], "epochs": 2, "repeats": 2, "timeout": 900},
                       _ALL_PATHS),
     "full": (
-        # MNIST, every path, 60,000 train / 10,000 test images, batch 32 and 128, 3 epochs
+        # MNIST, every path, 60,000 train / 10,000 test images, batch 32 and 128, 2 epochs
         _profile({"dataset": "mnist", "model": "mnist_small", "batch_size": [32, 128],
-                  "epochs": 3, "repeats": 3, "timeout": 3600}, _ALL_PATHS)
+                  "epochs": 2, "repeats": 3, "timeout": 3600}, _ALL_PATHS)
         # MNIST scaling at batch 128: threads 1, 2, 4 (2 cores: 4 oversubscribes) and conv
         # filters 8, 32 (the batch-128, 8-filter runs are those above, not run twice)
         + _profile({"dataset": "mnist", "model": "mnist_small", "batch_size": 128,
-                    "filters": [8, 32], "epochs": 3, "repeats": 3, "timeout": 3600},
+                    "filters": [8, 32], "epochs": 2, "repeats": 3, "timeout": 3600},
                    [{"path": "sequential"},
                     {"path": "threads", "strategy": "sync", "backend": "numpy",
                      "threads": [1, 2, 4]},
@@ -233,21 +233,18 @@ PROFILES: dict[str, list[dict]] = {
         # ONE epoch (a CIFAR epoch is ~1 min sequential here; one keeps the profile ~1.5 h)
         + _profile({"dataset": "cifar10", "model": "cifar_tutorial", "batch_size": 32,
                     "epochs": 1, "repeats": 3, "timeout": 3600}, _ALL_PATHS)
-        # CIFAR-10 scaling: batch 128, and 64 first-layer filters, sequential vs sync threads
+        # CIFAR-10 scaling at batch 128: sequential vs sync threads on both CPU backends
         + _profile({"dataset": "cifar10", "model": "cifar_tutorial", "epochs": 1,
-                    "repeats": 3, "timeout": 3600},
-                   [{"path": "sequential", "batch_size": 128},
-                    {"path": "threads", "strategy": "sync", "backend": "numpy", "threads": 2,
-                     "batch_size": 128},
-                    {"path": "sequential", "filters": 64},
-                    {"path": "threads", "strategy": "sync", "backend": "numpy", "threads": 2,
-                     "filters": 64}])
+                    "batch_size": 128, "repeats": 3, "timeout": 3600},
+                   [{"path": ["sequential", "numba"]},
+                    {"path": "threads", "strategy": "sync", "backend": ["numpy", "numba"],
+                     "threads": 2}])
     ),
     "smoke": [{"dataset": "blobs", "model": "mnist_small", "train_size": 256, "test_size": 64,
                "batch_size": 32, "epochs": 1, "repeats": 1, "timeout": 300,
                "path": "sequential"}],
 }
-FULL_NOTES = ("full profile: whole data sets (MNIST 60,000/10,000, 3 epochs; CIFAR-10 "
+FULL_NOTES = ("full profile: whole data sets (MNIST 60,000/10,000, 2 epochs; CIFAR-10 "
               "50,000/10,000, 1 epoch), 3 repeats")
 
 
