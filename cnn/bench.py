@@ -45,8 +45,9 @@ def synthetic_batch(preset: str, n: int, seed: int = 0, dtype=np.float32):
 
 
 def ours(preset: str, x, y, batch_size: int, name: str = "ours (numpy, 1 thread)",
-         **fit_options) -> Contender:
-    """Our fit loop on the preset; ``fit_options`` pick backend, strategy and threads."""
+         histories: list | None = None, **fit_options) -> Contender:
+    """Our fit loop on the preset; ``fit_options`` pick backend, strategy and threads. Each
+    run's History is appended to ``histories`` when given (for the time breakdown)."""
     def setup():
         model = build_model(preset, seed=0)
         optimizer = get_preset(preset)["optimizer"]
@@ -54,6 +55,8 @@ def ours(preset: str, x, y, batch_size: int, name: str = "ours (numpy, 1 thread)
         def run() -> float:
             hist = model.fit(x, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
                              verbose=0, **fit_options)
+            if histories is not None:
+                histories.append(hist)
             return hist.history["time"][0]
         run()  # warm-up: JIT, caches, thread pools
         return run
@@ -211,7 +214,56 @@ def threads_suite(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 12
     return results
 
 
-SUITES = {"keras": keras_suite, "threads": threads_suite}
+def gpu_available() -> bool:
+    """True when a real CUDA GPU is usable (the simulator does not count: it measures nothing)."""
+    import os
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0"):
+        return False
+    try:
+        from numba import cuda
+        return bool(cuda.is_available())
+    except Exception:  # no driver, no toolkit: no GPU to measure
+        return False
+
+
+def gpu_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128),
+              repeats: int = 5, images: dict | None = None) -> list[dict]:
+    """The CUDA path against the sequential path and Keras on the same device.
+
+    Prints images/s (median of interleaved repeats) and, for the CUDA path, the time split of
+    its epochs: host-to-device transfer of the batches, compute (kernels plus reading back the
+    two scalars per step), and the one-off JIT compile of the warm-up. Without a GPU it says
+    so and measures nothing (the simulator runs kernels as Python: its speed means nothing).
+    """
+    if not gpu_available():
+        print("no CUDA GPU present (numba.cuda.is_available() is False, or NUMBA_ENABLE_CUDASIM "
+              "is set): the GPU benchmark has nothing to measure here. On a machine with an "
+              "NVIDIA GPU and driver, run `python -m cnn bench gpu`.")
+        return []
+    results = []
+    for preset in presets:
+        n = (images or DEFAULT_IMAGES)[preset]
+        x, y = synthetic_batch(preset, n)
+        for bs in batch_sizes:
+            cuda_runs: list = []
+            rows = compare([ours(preset, x, y, bs), keras(preset, x, y, bs),
+                            ours(preset, x, y, bs, name="ours (cuda)", histories=cuda_runs,
+                                 backend="cuda")], n, repeats)
+            print_rows(f"{preset}, batch {bs}, {n} images/epoch (ratio = / numpy sequential)",
+                       rows)
+            warm, timed = cuda_runs[0], cuda_runs[1:]
+            med = {k: statistics.median(h.history[k][0] for h in timed)
+                   for k in ("time", "transfer_time", "compute_time", "data_time")}
+            print(f"  cuda epoch: transfer {med['transfer_time']:.3f} s, compute "
+                  f"{med['compute_time']:.3f} s, data {med['data_time']:.3f} s of "
+                  f"{med['time']:.3f} s; JIT compile (warm-up) {warm.info['compile_time']:.2f} s")
+            results.append({"preset": preset, "batch_size": bs, "numpy": rows[0]["median"],
+                            "keras": rows[1]["median"], "cuda": rows[2]["median"],
+                            "compile_time": warm.info["compile_time"], **med})
+    return results
+
+
+SUITES = {"keras": keras_suite, "threads": threads_suite, "gpu": gpu_suite}
 
 
 def main(suite: str = "keras", repeats: int = 5, quick: bool = False, presets=None,

@@ -72,7 +72,8 @@ def cmd_train(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks with side-by-side ratios")
-    p.add_argument("suite", nargs="?", default="keras", help="keras (default)")
+    p.add_argument("suite", nargs="?", default="keras",
+                   help="keras (default: ours vs Keras), threads (speed-up), gpu (CUDA path)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke run)")
     p.add_argument("--presets", nargs="*", default=None)

@@ -126,3 +126,12 @@ def test_bench_quick_smoke():
     assert ratios, proc.stdout
     assert all(float(r) > 0 for r in ratios)
     assert re.search(r"ratio ours/keras", proc.stdout)
+
+
+def test_bench_gpu_without_a_gpu_says_so_and_exits_cleanly():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    out = subprocess.run([sys.executable, "-m", "cnn", "bench", "gpu"], capture_output=True,
+                         text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "no CUDA GPU present" in out.stdout
+
