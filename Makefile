@@ -7,7 +7,7 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat requirements.txt | cksum | cut -d' ' -f1)
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
 PROFILE ?= quick
 # the quick profile writes under results/quick so it never overwrites the committed full results
 RESULTS ?= $(if $(filter full,$(PROFILE)),results,results/$(PROFILE))
@@ -16,9 +16,13 @@ RESULTS ?= $(if $(filter full,$(PROFILE)),results,results/$(PROFILE))
 
 venv: $(STAMP)
 
-$(STAMP): requirements.txt
+# The pinned requirements first, then the package itself in editable mode (its dependencies
+# are already there, so --no-deps): notebooks, scripts, tests and the study's child processes
+# import `cnn` as an installed package, from this checkout.
+$(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
 	rm -f $(VENV)/.installed-*
 	touch $@
 

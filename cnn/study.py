@@ -57,7 +57,7 @@ Isolation
 ---------
 Every run executes in a fresh Python interpreter: the parent writes the run's configuration to
 a temporary JSON file and starts ``python -m cnn.study --run-json CONFIG --result RESULT``
-(same interpreter, ``PYTHONPATH`` pointing at this package) with its environment set before
+(same interpreter, which imports this package as installed: ``pip install -e .``) with its environment set before
 the interpreter starts (NUMBA_NUM_THREADS for numba_parallel, NUMBA_ENABLE_CUDASIM for the
 simulator). The child trains, writes a JSON result atomically and exits.
 
@@ -490,8 +490,6 @@ def _child_env(cfg: dict, numba_cache: Path | None = None) -> dict:
     env = dict(os.environ)
     if numba_cache is not None:
         env["NUMBA_CACHE_DIR"] = str(numba_cache)  # the study's own JIT cache
-    root = _package_root()
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
     if cfg.get("path") == "numba_parallel":

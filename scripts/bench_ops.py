@@ -27,11 +27,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from cnn.backends import get_backend  # noqa: E402
-from cnn.machine import describe  # noqa: E402
-from cnn.presets import get_preset  # noqa: E402
+from cnn.backends import get_backend
+from cnn.machine import describe
+from cnn.presets import get_preset
 
 BACKENDS = ("numpy", "numba", "numba_parallel")
 

@@ -30,8 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cnn.data import EMBEDDED_MNIST, load_mnist  # noqa: E402
+from cnn.data import EMBEDDED_MNIST, load_mnist
 
 MAX_BYTES = 2 * 1024 * 1024
 

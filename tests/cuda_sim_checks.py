@@ -24,10 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from cnn.backends.naive import NaiveBackend  # noqa: E402
-from cnn.backends.numpy_backend import NumpyBackend  # noqa: E402
+from cnn.backends.naive import NaiveBackend
+from cnn.backends.numpy_backend import NumpyBackend
 
 NP = NumpyBackend()
 NAIVE = NaiveBackend()

@@ -22,7 +22,6 @@ ROW = re.compile(r"^\s*(\d+)\s+(\d\.\d{4})\s+(\d+\.\d{4})\s+(\d+\.\d{2})\s+([\d,
 
 def run_cli(*args, timeout=300):
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     return subprocess.run([sys.executable, "-m", "cnn", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)

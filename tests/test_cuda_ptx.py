@@ -27,7 +27,6 @@ def report(tmp_path_factory):
     """``(rows, csv_path)`` of one ``ptx_report --json --out ...`` run."""
     out = tmp_path_factory.mktemp("ptx") / "gpu_kernels.csv"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
     proc = subprocess.run([sys.executable, "-m", "cnn.backends.ptx_report", "--json",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
