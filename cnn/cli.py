@@ -6,6 +6,11 @@ import sys
 
 import numpy as np
 
+from .train import DivergedError
+
+#: exit status of ``train`` when the loss or the weights became NaN/inf
+EXIT_DIVERGED = 3
+
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time")
@@ -29,6 +34,9 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
     p.add_argument("--save", default=None, help="write the trained weights to this .npz")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
+                   help="a NaN/inf training loss stops training (raise, the default: exit 3, "
+                        "nothing saved) or is counted and training goes on (continue)")
 
 
 def _default_model(dataset: str) -> str:
@@ -54,11 +62,23 @@ def cmd_train(args) -> int:
     batch_size = args.batch_size or spec.get("batch_size", 32)
     print(f"{data}\n{model.summary()}\noptimizer {optimizer}, batch {batch_size}, "
           f"strategy {args.strategy} x{args.threads}, backend {args.backend}", flush=True)
-    hist = model.fit(data.x_train, data.y_train, epochs=args.epochs, batch_size=batch_size,
-                     optimizer=optimizer, strategy=args.strategy, threads=args.threads,
-                     seed=args.seed, validation_data=(data.x_test, data.y_test),
-                     verbose=0 if args.quiet else 1)
+    try:
+        hist = model.fit(data.x_train, data.y_train, epochs=args.epochs, batch_size=batch_size,
+                         optimizer=optimizer, strategy=args.strategy, threads=args.threads,
+                         seed=args.seed, validation_data=(data.x_test, data.y_test),
+                         verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite)
+    except DivergedError as err:
+        print(f"error: {err}\nweights not saved (they are not finite)", file=sys.stderr)
+        return EXIT_DIVERGED
     h = hist.history
+    if hist.info.get("nonfinite_steps"):
+        print(f"warning: {hist.info['nonfinite_steps']} training steps had a non-finite loss "
+              f"(the first at epoch {hist.info['first_nonfinite'][0]}, step "
+              f"{hist.info['first_nonfinite'][1]})", file=sys.stderr)
+    if not all(np.isfinite(v).all() for v in model.params.values()):
+        print("error: training diverged: the weights are not finite at the end; weights not "
+              "saved", file=sys.stderr)
+        return EXIT_DIVERGED
     print("\nepoch  test_acc  train_loss  time_s  img/s")
     for i in range(hist.epochs):
         print(f"{h['epoch'][i]:>5}  {h['val_accuracy'][i]:8.4f}  {h['loss'][i]:10.4f}  "

@@ -29,6 +29,18 @@ def _check_dtype(dtype) -> np.dtype:
     return dt
 
 
+def _check_finite(x) -> None:
+    """Refuse NaN or infinite inputs: one NaN pixel makes every loss NaN. ``min`` and ``max``
+    propagate NaN and expose +-inf without allocating a mask as large as the data."""
+    lo, hi = np.min(x), np.max(x)
+    if np.isfinite(lo) and np.isfinite(hi):
+        return
+    flat = np.asarray(x).reshape(len(x), -1)
+    bad = np.flatnonzero(~np.isfinite(flat).all(axis=1))
+    raise ValueError(f"inputs hold non-finite values (NaN or inf) in {len(bad)} of {len(x)} "
+                     f"examples, the first at index {bad[0]}; clean or drop them before training")
+
+
 class Sequential:
     """A feed-forward stack of layers ending in logits ``(N, num_classes)``.
 
@@ -117,6 +129,7 @@ class Sequential:
         if x.shape[0] == 0:
             raise ValueError("empty batch: inputs have shape "
                              f"{tuple(x.shape)} (N=0)")
+        _check_finite(x)
         if y is None:
             return
         y = np.asarray(y)

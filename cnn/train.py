@@ -9,7 +9,9 @@ time of the epoch (data + transfer + compute), and throughput is examples / ``ti
 """
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -19,6 +21,45 @@ import numpy as np
 from .backends import Backend, get_backend
 from .optim import make_optimizer
 from .parallel import Strategy, make_strategy
+
+
+NONFINITE_POLICIES = ("raise", "continue")
+
+
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss (or non-finite weights): the run diverged.
+
+    Raised by :func:`fit` (with ``on_nonfinite="raise"``, the default) at the first step whose
+    loss is NaN or infinite, naming the epoch and the step, so that callers (the CLI, the
+    study) can tell a diverged run from a failed one and record it as such.
+
+    Attributes:
+        epoch: the 1-based epoch in which it happened.
+        step: the 1-based step within that epoch (for ``phase="validation"``/``"weights"``, the
+            last step of the epoch, after whose update the problem was found).
+        loss: the non-finite value (a float; for ``phase="weights"``, NaN).
+        phase: ``"train"`` (a training step's loss), ``"validation"`` (the end-of-epoch
+            validation loss) or ``"weights"`` (the parameters after the last update).
+        history: the :class:`History` of the epochs completed before it (set by :func:`fit`).
+
+    The model then holds the parameters of the step that diverged (non-finite), so that they
+    can be inspected; nothing is saved.
+    """
+
+    def __init__(self, epoch: int, step: int, loss: float, phase: str = "train",
+                 detail: str = ""):
+        self.epoch, self.step, self.loss, self.phase = int(epoch), int(step), float(loss), phase
+        self.history: "History | None" = None
+        what = {"train": f"the training loss is {loss}",
+                "validation": f"the validation loss is {loss}",
+                "weights": "the weights are no longer finite"}.get(phase, f"{phase} is {loss}")
+        where = (f"at epoch {epoch}, step {step}" if phase == "train"
+                 else f"after epoch {epoch} (step {step})")
+        super().__init__(f"training diverged: {what} {where}{detail}; lower the learning rate "
+                         f"or check the inputs (fit(on_nonfinite='continue') keeps going)")
+
+    def __reduce__(self):  # picklable across processes, with its attributes
+        return (type(self), (self.epoch, self.step, self.loss, self.phase))
 
 
 class Callback:
@@ -69,7 +110,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         strategy_options: dict | None = None, backend: "str | Backend | None" = None,
         shuffle: bool = True, seed: int = 0, validation_data: tuple | None = None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
-        progress: Callable | None = None) -> History:
+        progress: Callable | None = None, on_nonfinite: str = "raise") -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -82,6 +123,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
             ``val_accuracy``); the study passes the held-out test set here.
+        on_nonfinite: what a NaN or infinite training loss does: ``"raise"`` (default) stops
+            at that step with :class:`DivergedError` naming the epoch and step (also when the
+            validation loss or, at the end, the weights are non-finite); ``"continue"`` keeps
+            training, warns once, and counts such steps in ``history.info["nonfinite_steps"]``
+            (the first one in ``history.info["first_nonfinite"]`` as ``(epoch, step)``).
         blas_threads: BLAS threads for the duration of the fit (1: the sequential baseline
             really is sequential, and data-parallel workers do not oversubscribe the cores);
             ``None`` leaves BLAS alone.
@@ -93,6 +139,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     """
     epochs = _positive("epochs", epochs)
     batch_size = _positive("batch_size", batch_size)
+    if on_nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}. "
+                         f"Received on_nonfinite={on_nonfinite!r}")
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)
@@ -105,7 +154,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     rng = np.random.default_rng(seed)
     history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
-                            "train_examples": n, "dtype": str(model.dtype)})
+                            "train_examples": n, "dtype": str(model.dtype),
+                            "nonfinite_steps": 0, "first_nonfinite": None})
     for cb in callbacks:
         cb.on_train_begin(history)
 
@@ -116,25 +166,38 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         history.info["params_transfer_time"] = time.perf_counter() - t0
         history.info["compile_time"] = _warm_up(model, x, y, params, be)
         strat.start(model, opt, be, params)
+        raising = on_nonfinite == "raise"
+        steps_per_epoch = -(-n // step_size)
+        epoch = 0
         try:
             for epoch in range(1, epochs + 1):
                 logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
-                                  verbose, progress)
+                                  verbose, progress, history.info, raising)
                 if validation_data is not None:
                     t = time.perf_counter()
                     val = model.evaluate(*validation_data, params=strat.current_params(), backend=be)
                     logs["eval_time"] = time.perf_counter() - t
                     logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
+                    if raising and not math.isfinite(val["loss"]):
+                        raise DivergedError(epoch, steps_per_epoch, val["loss"], "validation")
                 history.append(logs)
                 if verbose:
                     print(_epoch_line(logs, epochs), flush=True)
                 if any([cb.on_epoch_end(epoch, logs) for cb in callbacks]):
                     break
+        except DivergedError as err:
+            err.history = history
+            raise
         finally:
             # keep what was learned even when a step fails or the run is interrupted
             final = strat.current_params()
             model.set_weights({k: be.to_host(v) for k, v in final.items()})
             strat.close()
+    # the last update comes after the last loss was read: check the weights it left, once
+    if raising and not all(np.isfinite(v).all() for v in model.params.values()):
+        err = DivergedError(epoch, steps_per_epoch, float("nan"), "weights")
+        err.history = history
+        raise err
     return history
 
 
@@ -149,8 +212,19 @@ def _warm_up(model, x, y, params, be: Backend) -> float:
     return time.perf_counter() - t
 
 
+def _nonfinite(info: dict, epoch: int, step: int, loss: float, raising: bool) -> None:
+    """A step's loss was NaN or infinite: raise, or count it (warning on the first)."""
+    if raising:
+        raise DivergedError(epoch, step, loss)
+    if info["first_nonfinite"] is None:
+        info["first_nonfinite"] = (epoch, step)
+        warnings.warn(f"non-finite training loss {loss} at epoch {epoch}, step {step}; "
+                      f"continuing (on_nonfinite='continue')", RuntimeWarning, stacklevel=3)
+    info["nonfinite_steps"] += 1
+
+
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
-               verbose, progress) -> dict:
+               verbose, progress, info: dict, raising: bool) -> dict:
     data_t = transfer_t = compute_t = 0.0
     loss_sum, correct = 0.0, 0
     start = time.perf_counter()
@@ -161,7 +235,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
-    for i in steps:
+    for step, i in enumerate(steps, 1):
         t = time.perf_counter()
         idx = order[i:i + step_size]
         xb, yb = x[idx], y[idx]
@@ -174,6 +248,10 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
         data_t += t2 - t
         transfer_t += t3 - t2
         compute_t += t4 - t3
+        if not math.isfinite(batch_loss):  # a host float already: no extra read-back
+            if bar is not None and raising:
+                bar.close()
+            _nonfinite(info, epoch, step, batch_loss, raising)
         loss_sum += batch_loss
         correct += batch_correct
         if bar is not None:
