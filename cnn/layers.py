@@ -14,6 +14,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from .backends.base import Backend
+from .context import StepContext
 
 Params = dict[str, Any]
 
@@ -91,11 +92,13 @@ class Layer:
     def init_params(self, rng: np.random.Generator, dtype) -> Params:
         return {}
 
-    def forward(self, params: Params, x, backend: Backend):
-        """``x (N, *input_shape)`` -> ``(out (N, *output_shape), cache)``."""
+    def forward(self, params: Params, x, backend: Backend, ctx: StepContext):
+        """``x (N, *input_shape)`` -> ``(out (N, *output_shape), cache)``. ``ctx`` says whether
+        this is a training pass, and holds this worker's workspace (``ctx.scope(self.name)``)."""
         raise NotImplementedError
 
-    def backward(self, params: Params, dout, cache, backend: Backend, need_dx: bool = True):
+    def backward(self, params: Params, dout, cache, backend: Backend, ctx: StepContext,
+                 need_dx: bool = True):
         """``dout (N, *output_shape)`` -> ``(dx or None, grads)`` with ``grads`` keyed like params."""
         raise NotImplementedError
 
@@ -161,10 +164,10 @@ class Conv2D(Layer):
         w = INITIALIZERS[self.kernel_initializer]((self.filters, c, kh, kw), fan_in, fan_out, rng, dtype)
         return {"w": w, "b": np.zeros(self.filters, dtype=dtype)}
 
-    def forward(self, params, x, backend):
+    def forward(self, params, x, backend, ctx):
         return backend.conv2d_forward(x, params["w"], params["b"], self.stride, self.pads)
 
-    def backward(self, params, dout, cache, backend, need_dx=True):
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx)
         return dx, {"w": dw, "b": db}
 
@@ -196,10 +199,10 @@ class MaxPool2D(Layer):
                              f"{tuple(input_shape)}")
         return (c, (h - p) // s + 1, (w - p) // s + 1)
 
-    def forward(self, params, x, backend):
+    def forward(self, params, x, backend, ctx):
         return backend.maxpool2d_forward(x, self.pool_size, self.stride)
 
-    def backward(self, params, dout, cache, backend, need_dx=True):
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         return backend.maxpool2d_backward(dout, cache), {}
 
     def config(self):
@@ -209,10 +212,10 @@ class MaxPool2D(Layer):
 class ReLU(Layer):
     type = "relu"
 
-    def forward(self, params, x, backend):
+    def forward(self, params, x, backend, ctx):
         return backend.relu_forward(x)
 
-    def backward(self, params, dout, cache, backend, need_dx=True):
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         return backend.relu_backward(dout, cache), {}
 
 
@@ -225,10 +228,10 @@ class Flatten(Layer):
     def _output_shape(self, input_shape):
         return (int(np.prod(input_shape)),)
 
-    def forward(self, params, x, backend):
+    def forward(self, params, x, backend, ctx):
         return x.reshape(x.shape[0], -1), x.shape
 
-    def backward(self, params, dout, cache, backend, need_dx=True):
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         return dout.reshape(cache), {}
 
 
@@ -252,10 +255,10 @@ class Dense(Layer):
         w = INITIALIZERS[self.kernel_initializer]((d, self.units), d, self.units, rng, dtype)
         return {"w": w, "b": np.zeros(self.units, dtype=dtype)}
 
-    def forward(self, params, x, backend):
+    def forward(self, params, x, backend, ctx):
         return backend.dense_forward(x, params["w"], params["b"])
 
-    def backward(self, params, dout, cache, backend, need_dx=True):
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         dx, dw, db = backend.dense_backward(dout, cache, need_dx=need_dx)
         return dx, {"w": dw, "b": db}
 

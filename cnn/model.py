@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
+from .context import StepContext
 from .layers import Layer, layers_from_spec
 from .losses import softmax
 
@@ -147,38 +148,48 @@ class Sequential:
     def _params_backend(self, params, backend):
         return (self.params if params is None else params), get_backend(backend or self.backend)
 
-    def forward(self, x, params=None, backend=None):
-        """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``."""
+    def forward(self, x, params=None, backend=None, ctx: StepContext | None = None):
+        """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``.
+
+        ``ctx`` (see :mod:`cnn.context`) says whether this is a training pass and which
+        workspace it may reuse; the default is an inference pass that allocates per call."""
         params, be = self._params_backend(params, backend)
+        ctx = StepContext() if ctx is None else ctx
         caches = []
         for layer in self.layers:
-            x, cache = layer.forward(self._layer_params(layer, params), x, be)
+            x, cache = layer.forward(self._layer_params(layer, params), x, be, ctx)
             caches.append(cache)
         return x, caches
 
-    def backward(self, dlogits, caches, params=None, backend=None) -> dict[str, Any]:
-        """Gradients of every parameter from ``dlogits (N, K)``; keys match ``params``."""
+    def backward(self, dlogits, caches, params=None, backend=None,
+                 ctx: StepContext | None = None) -> dict[str, Any]:
+        """Gradients of every parameter from ``dlogits (N, K)``; keys match ``params``. ``ctx``
+        must be the context of the forward that made ``caches``."""
         params, be = self._params_backend(params, backend)
+        ctx = StepContext() if ctx is None else ctx
         grads: dict[str, Any] = {}
         dout = dlogits
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             # the first layer's input is data: its gradient is never used
             dout, layer_grads = layer.backward(self._layer_params(layer, params), dout,
-                                               caches[i], be, need_dx=i > 0)
+                                               caches[i], be, ctx, need_dx=i > 0)
             for pname, g in layer_grads.items():
                 grads[f"{layer.name}.{pname}"] = g
         return grads
 
-    def loss_and_grads(self, x, y, params=None, backend=None):
+    def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None):
         """One forward and backward pass: ``(loss, correct, grads)`` as backend arrays.
 
         ``loss`` is the mean over the ``N`` examples, ``correct`` the number classified right.
+        Training strategies pass a training ``ctx`` (``StepContext(training=True, ...)``); the
+        default is an inference-mode pass (no dropout, batch norm on running statistics).
         """
         params, be = self._params_backend(params, backend)
-        logits, caches = self.forward(x, params, be)
+        ctx = StepContext() if ctx is None else ctx
+        logits, caches = self.forward(x, params, be, ctx)
         loss, dlogits, correct = be.softmax_cross_entropy(logits, y)
-        return loss, correct, self.backward(dlogits, caches, params, be)
+        return loss, correct, self.backward(dlogits, caches, params, be, ctx)
 
     @staticmethod
     def _layer_params(layer: Layer, params: dict) -> dict:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import Backend, get_backend
+from .context import StepContext
 from .optim import make_optimizer
 from .parallel import Strategy, make_strategy
 
@@ -165,7 +166,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         be.synchronize()
         history.info["params_transfer_time"] = time.perf_counter() - t0
         history.info["compile_time"] = _warm_up(model, x, y, params, be)
-        strat.start(model, opt, be, params)
+        strat.start(model, opt, be, params, seed=seed)
         raising = on_nonfinite == "raise"
         steps_per_epoch = -(-n // step_size)
         epoch = 0
@@ -207,7 +208,9 @@ def _warm_up(model, x, y, params, be: Backend) -> float:
     if not getattr(be, "jit", False):
         return 0.0
     t = time.perf_counter()
-    loss, correct, _ = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params, be)
+    # a training pass (dropout and batch-norm kernels compile too) that updates nothing
+    loss, correct, _ = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params, be,
+                                            StepContext(training=True))
     be.to_host(loss)
     return time.perf_counter() - t
 

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
+from cnn.context import StepContext
 from cnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, layers_from_spec
 from cnn.model import Sequential
 from cnn.presets import PRESETS
@@ -231,7 +232,7 @@ def kink_margins(model, x):
             live = win[..., -1] != 0
             if live.any():
                 pool_margin = min(pool_margin, float(gap[live].min()))
-        x, _ = layer.forward(model._layer_params(layer, model.params), x, NP)
+        x, _ = layer.forward(model._layer_params(layer, model.params), x, NP, StepContext())
     return relu_margin, pool_margin
 
 
@@ -263,7 +264,7 @@ def input_gradient(model, x, y):
     _, dout, _ = NP.softmax_cross_entropy(logits, y)
     for layer, cache in zip(model.layers[::-1], caches[::-1]):
         dout, _ = layer.backward(model._layer_params(layer, model.params), dout, cache, NP,
-                                 need_dx=True)
+                                 StepContext(), need_dx=True)
     return dout
 
 
@@ -303,7 +304,8 @@ def test_model_backward_equals_layerwise_chain():
     logits, caches = model.forward(x, backend=NP)
     _, dout, _ = NP.softmax_cross_entropy(logits, y)
     for layer, cache in zip(model.layers[::-1], caches[::-1]):
-        dout, lg = layer.backward(model._layer_params(layer, model.params), dout, cache, NP, True)
+        dout, lg = layer.backward(model._layer_params(layer, model.params), dout, cache, NP,
+                                  StepContext(), True)
         for p, g in lg.items():
             np.testing.assert_allclose(grads[f"{layer.name}.{p}"], g, rtol=1e-14, atol=1e-16)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
+from cnn.context import StepContext
 from cnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, layers_from_spec
 from cnn.model import Sequential, build_model
 from cnn.presets import PRESETS, with_filters
@@ -134,7 +135,7 @@ def test_same_conv_output_shape_is_ceil(h, w, k, stride):
     assert layer.build((3, h, w)) == (2, math.ceil(h / stride), math.ceil(w / stride))
     params = layer.init_params(np.random.default_rng(0), np.float64)
     x = np.random.default_rng(1).standard_normal((2, 3, h, w))
-    out, _ = layer.forward(params, x, get_backend("numpy"))
+    out, _ = layer.forward(params, x, get_backend("numpy"), StepContext())
     assert out.shape == (2, 2, math.ceil(h / stride), math.ceil(w / stride))
 
 

@@ -48,6 +48,15 @@ class Backend:
         """Zero-filled array with the shape and dtype of ``x`` on this backend."""
         raise NotImplementedError
 
+    def empty(self, shape: tuple[int, ...], dtype) -> Any:
+        """An uninitialised C-contiguous array of ``shape`` and ``dtype`` on this backend (the
+        allocator of :class:`cnn.context.Workspace`)."""
+        raise NotImplementedError
+
+    def fill_zero(self, x: Any) -> None:
+        """In place: ``x[...] = 0``."""
+        raise NotImplementedError
+
     def synchronize(self) -> None:
         """Wait until queued work is done (device backends); timing calls it. No-op on CPU."""
 

@@ -54,9 +54,14 @@ class CudaBackend(Backend):
 
     def zeros_like(self, x):
         out = cuda.device_array(x.shape, dtype=x.dtype)
-        K.fill_zero_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
-            out.reshape(out.size))
+        self.fill_zero(out)
         return out
+
+    def empty(self, shape, dtype):
+        return cuda.device_array(shape, dtype=dtype)
+
+    def fill_zero(self, x):
+        K.fill_zero_kernel[K.elementwise_grid(x.size), K.ELEMENTWISE_THREADS](x.reshape(x.size))
 
     def synchronize(self):
         cuda.synchronize()

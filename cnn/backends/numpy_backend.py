@@ -48,6 +48,12 @@ class NumpyBackend(Backend):
     def zeros_like(self, x):
         return np.zeros_like(x)
 
+    def empty(self, shape, dtype):
+        return np.empty(shape, dtype=dtype)
+
+    def fill_zero(self, x):
+        x.fill(0)
+
     # ---- convolution -----------------------------------------------------------------------
     def conv2d_forward(self, x, w, b, stride, padding):
         n, c, _, _ = x.shape

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backends import Backend
+from ..context import StepContext, Workspace
 
 
 class Strategy:
@@ -30,10 +31,20 @@ class Strategy:
     def check_batch_size(self, batch_size: int) -> None:
         """Raise ``ValueError`` when this strategy cannot split batches of ``batch_size``."""
 
-    def start(self, model, optimizer, backend: Backend, params: dict[str, Any]) -> None:
-        """Set up for a fit: ``params`` are the backend arrays to train (updated in place)."""
+    def start(self, model, optimizer, backend: Backend, params: dict[str, Any],
+              seed: int = 0) -> None:
+        """Set up for a fit: ``params`` are the backend arrays to train (updated in place);
+        ``seed`` keys the randomness inside training steps (see :mod:`cnn.context`)."""
         self.model, self.optimizer, self.backend, self.params = model, optimizer, backend, params
         self.state = optimizer.init_state(params, backend)
+        self.seed = seed
+        #: global optimizer steps taken so far in this fit (the ``step`` of every context)
+        self.steps = 0
+
+    def new_context(self) -> StepContext:
+        """A training context for one worker, with a workspace of its own (one per worker,
+        kept for the whole fit, so steps after the first reuse its buffers)."""
+        return StepContext(training=True, workspace=Workspace(self.backend), seed=self.seed)
 
     def step(self, xb, yb) -> tuple[float, int]:
         """Train on one global batch (backend arrays). Returns the sum of the per-example
@@ -65,8 +76,14 @@ class SequentialStrategy(Strategy):
             raise ValueError(f"the sequential strategy runs one worker. Received threads={threads}; "
                              "use strategy='sync', 'average' or 'hogwild' for more")
 
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
+        super().start(model, optimizer, backend, params, seed)
+        self._ctx = self.new_context()
+
     def step(self, xb, yb):
         be = self.backend
-        loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be)
+        self._ctx.step, self._ctx.global_batch = self.steps, len(yb)
+        loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be, self._ctx)
         self.optimizer.update(self.params, grads, self.state, be)
+        self.steps += 1
         return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))

@@ -239,10 +239,11 @@ class ThreadStrategy(Strategy):
                           "oversubscribe the cores; fit(blas_threads=1) pins BLAS to one "
                           "thread per worker", RuntimeWarning, stacklevel=4)
 
-    def start(self, model, optimizer, backend, params) -> None:
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
         self._check_backend(backend)
         self._warn_blas_threads(self.threads)
-        super().start(model, optimizer, backend, params)
+        super().start(model, optimizer, backend, params, seed)
+        self._contexts = [self.new_context() for _ in range(self.threads)]
         try:
             self._setup()
             self._workers = _Workers(self.threads, self.name)
@@ -262,6 +263,13 @@ class ThreadStrategy(Strategy):
         if self._workers is not None:
             self._workers.close()
             self._workers = None
+
+    def _shard_context(self, i: int, n: int):
+        """Worker ``i``'s context for the current step: its shard's offset in the global batch
+        of ``n`` examples and the global step."""
+        ctx = self._contexts[i]
+        ctx.step, ctx.offset, ctx.global_batch = self.steps, self._bounds[i][0], n
+        return ctx
 
     def _host_sums(self, results, sizes) -> tuple[float, int]:
         be = self.backend
@@ -302,8 +310,9 @@ class SyncThreads(ThreadStrategy):
     def _compute(self, i: int) -> None:
         lo, hi = self._bounds[i]
         if hi > lo:
-            self._results[i] = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
-                                                         self.params, self.backend)
+            self._results[i] = self.model.loss_and_grads(
+                self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend,
+                self._shard_context(i, len(self._yb)))
 
     def _reduce_update(self, j: int) -> None:
         """Worker ``j`` combines the shard gradients and updates its slice of the parameters."""
@@ -329,6 +338,7 @@ class SyncThreads(ThreadStrategy):
         self._weights = [(i, (hi - lo) / n) for i, (lo, hi) in enumerate(self._bounds) if hi > lo]
         try:
             self._run((self._compute, self._reduce_update))
+            self.steps += 1
             return self._host_sums(self._results, [hi - lo for lo, hi in self._bounds])
         finally:
             self._xb = self._yb = None
@@ -385,8 +395,9 @@ class AverageThreads(ThreadStrategy):
         lo, hi = self._bounds[i]
         if hi > lo:
             rep = self._replicas[i]
-            loss, correct, grads = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
-                                                             rep, self.backend)
+            loss, correct, grads = self.model.loss_and_grads(
+                self._xb[lo:hi], self._yb[lo:hi], rep, self.backend,
+                self._shard_context(i, len(self._yb)))
             self.optimizer.update(rep, grads, self._states[i], self.backend)
             self._results[i] = (loss, correct)
 
@@ -428,6 +439,7 @@ class AverageThreads(ThreadStrategy):
             phases.append(self._average_slice)
         try:
             self._run(phases)
+            self.steps += 1
             return self._host_sums(self._results, sizes)
         finally:
             self._xb = self._yb = None
@@ -471,8 +483,9 @@ class HogwildThreads(ThreadStrategy):
         lo, hi = self._bounds[i]
         if hi > lo:
             # reads self.params while other workers update it in place: see the module docstring
-            loss, correct, grads = self.model.loss_and_grads(self._xb[lo:hi], self._yb[lo:hi],
-                                                             self.params, self.backend)
+            loss, correct, grads = self.model.loss_and_grads(
+                self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend,
+                self._shard_context(i, len(self._yb)))
             self.optimizer.update(self.params, grads, self._states[i], self.backend)
             self._results[i] = (loss, correct)
 
@@ -482,6 +495,7 @@ class HogwildThreads(ThreadStrategy):
         self._results = [None] * self.threads
         try:
             self._run((self._train,))
+            self.steps += 1
             return self._host_sums(self._results, [hi - lo for lo, hi in self._bounds])
         finally:
             self._xb = self._yb = None

@@ -1,0 +1,111 @@
+"""What one forward/backward pass needs besides the weights: the :class:`StepContext`.
+
+Every layer's ``forward``/``backward`` and :meth:`cnn.model.Sequential.loss_and_grads` take one.
+It says
+
+- whether the pass is **training** (dropout draws masks, batch norm normalises with the
+  statistics of the batch and updates its running ones) or inference;
+- which **workspace** holds this worker's reusable buffers (im2col columns, activations,
+  gradients), so that a training step allocates nothing once the first step has run;
+- where the pass sits in training, for randomness that must not depend on who computes it:
+  ``seed``, the global optimizer ``step`` and the index ``offset`` of this shard's first example
+  within the global batch. A dropout mask is a function of ``(seed, step, offset + i)`` for
+  example ``i`` of the shard, so ``sync`` over any number of workers or ranks draws exactly the
+  masks the sequential path draws;
+- how to **reduce** across the shards of one global batch (``reduce``), for layers whose
+  training forward needs statistics of the whole batch (synchronised batch norm): the strategy
+  supplies a collective that sums small arrays over all shards (threads: barriers and shared
+  slots; processes: shared memory; MPI: ``Allreduce``); on one worker it is the identity.
+
+Contexts are cheap: a strategy keeps one per worker for the whole fit and updates ``step``,
+``offset`` and ``global_batch`` in place before each pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+#: ``reduce(arrays) -> arrays``: the element-wise sums of ``arrays`` over every shard of the
+#: global batch, one result per input, same shapes; every shard must call it the same number
+#: of times with the same shapes (it is a collective)
+Reduce = Callable[[Sequence[Any]], list]
+
+
+class Workspace:
+    """Reusable buffers of one worker, one per ``(name, shape, dtype)``.
+
+    ``buffer`` returns the same array every time it is asked for the same name, shape and
+    dtype, allocating it (uninitialised) on the backend the first time; a new batch shape (the
+    last, smaller batch of an epoch) gets buffers of its own, so alternating shapes never
+    reallocate. :meth:`scope` gives a layer its own namespace. Contents survive until the same
+    buffer is requested again by the same worker, i.e. a forward's cache stays valid through
+    its backward; never share a workspace between threads.
+    """
+
+    def __init__(self, backend, prefix: str = "", _store: dict | None = None):
+        self.backend = backend
+        self.prefix = prefix
+        self._store: dict = {} if _store is None else _store
+
+    def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
+        """The persistent buffer ``name`` of ``shape`` and ``dtype`` (contents undefined)."""
+        key = (self.prefix + name, tuple(int(s) for s in shape), np.dtype(dtype).str)
+        buf = self._store.get(key)
+        if buf is None:
+            buf = self._store[key] = self.backend.empty(key[1], np.dtype(dtype))
+        return buf
+
+    def zeros(self, name: str, shape: tuple[int, ...], dtype) -> Any:
+        """:meth:`buffer`, filled with zeros."""
+        buf = self.buffer(name, shape, dtype)
+        self.backend.fill_zero(buf)
+        return buf
+
+    def scope(self, name: str) -> "Workspace":
+        """A view of this workspace whose buffer names are prefixed by ``name`` (per layer)."""
+        return Workspace(self.backend, f"{self.prefix}{name}/", self._store)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all buffers of this worker (all scopes)."""
+        return int(sum(b.nbytes for b in self._store.values()))
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+
+@dataclass
+class StepContext:
+    """The pass's mode, workspace, position in training and cross-shard reduction.
+
+    Attributes:
+        training: True in a training step; False for evaluation and prediction.
+        workspace: this worker's :class:`Workspace`, or None to allocate per call (tests,
+            evaluation).
+        seed: the fit's seed (with ``step`` and the example index it keys dropout masks).
+        step: the global optimizer step, 0-based, counted across epochs and ``fit`` calls.
+        offset: index of this shard's first example within the global batch.
+        global_batch: examples in the global batch over all shards (None: this shard is the
+            whole batch).
+        reduce: sums arrays over all shards of the global batch (see the module docstring);
+            None means one shard, i.e. the identity.
+    """
+
+    training: bool = False
+    workspace: Workspace | None = None
+    seed: int = 0
+    step: int = 0
+    offset: int = 0
+    global_batch: int | None = None
+    reduce: Reduce | None = field(default=None, repr=False)
+
+    def scope(self, name: str) -> Workspace | None:
+        """The workspace of the layer called ``name`` (None when this pass has none)."""
+        return None if self.workspace is None else self.workspace.scope(name)
+
+    def sum_over_shards(self, arrays: Sequence[Any]) -> list:
+        """``arrays`` summed over every shard of the global batch (themselves on one shard)."""
+        return list(arrays) if self.reduce is None else self.reduce(arrays)
+
