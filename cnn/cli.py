@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import math
+import signal
 import sys
+import threading
 
 import numpy as np
 
@@ -10,29 +13,74 @@ from .train import DivergedError
 
 #: exit status of ``train`` when the loss or the weights became NaN/inf
 EXIT_DIVERGED = 3
+#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+EXIT_INTERRUPTED = 130
+
+
+# ---- argument types: a bad number is refused by argparse, naming the option ----------------
+def _int(minimum: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}")
+        return value
+    parse.__name__ = what  # argparse names the type in some messages
+    return parse
+
+
+def _float(what: str, low: float, high: float = math.inf, low_open: bool = True,
+           high_open: bool = True):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _int(1, "a positive integer")
+nonnegative_int = _int(0, "an integer >= 0")
+positive_float = _float("a finite number > 0", 0.0)
+unit_interval = _float("a number in [0, 1)", 0.0, 1.0, low_open=False)
+open_unit_interval = _float("a number in (0, 1)", 0.0, 1.0)
 
 
 def _add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time")
+    p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
+                       epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
+                              "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
+                              "interrupted by Ctrl-C (the weights so far saved to --save)")
     p.add_argument("--dataset", default="mnist_embedded",
                    help="mnist | cifar10 | mnist_embedded | blobs | xor (default mnist_embedded)")
     p.add_argument("--model", default=None,
                    help="preset (mnist_small, cifar_tutorial) or a .json/.yaml spec; default: "
                         "mnist_small for MNIST-shaped data, cifar_tutorial for cifar10")
     p.add_argument("--data-dir", default=None, help="data root (default $CNN_DATA_DIR or the cache)")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
-    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
-    p.add_argument("--momentum", type=float, default=None, help="default: the preset's")
+    p.add_argument("--epochs", type=positive_int, default=3)
+    p.add_argument("--batch-size", type=positive_int, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=positive_float, default=None, help="default: the preset's")
+    p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
     p.add_argument("--strategy", default="sequential", help="sequential | sync | average | hogwild")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=positive_int, default=1)
     p.add_argument("--backend", default="numpy", help="numpy | numba | numba_parallel | cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--filters", type=int, default=None, help="filters of the first conv layer")
-    p.add_argument("--limit", type=int, default=None, help="first N training examples")
-    p.add_argument("--test-limit", type=int, default=None, help="first N test examples")
-    p.add_argument("--seed", type=int, default=0, help="initial weights and data order")
-    p.add_argument("--save", default=None, help="write the trained weights to this .npz")
+    p.add_argument("--filters", type=positive_int, default=None,
+                   help="filters of the first conv layer")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N training examples")
+    p.add_argument("--test-limit", type=positive_int, default=None, help="first N test examples")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="initial weights and data order (an integer >= 0)")
+    p.add_argument("--save", default=None,
+                   help="write the trained weights to this .npz (checked before training)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
@@ -43,50 +91,136 @@ def _default_model(dataset: str) -> str:
     return "cifar_tutorial" if dataset == "cifar10" else "mnist_small"
 
 
+class _Interrupt:
+    """Ctrl-C during a fit: the first one lets the current step finish and stops at the step
+    boundary (through fit's per-step ``progress`` hook), so the weights kept are those of a
+    whole step; a second one interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+        self.where = (0, 0, 0)
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
+        print("\ninterrupt: stopping after the current step (Ctrl-C again to stop now)",
+              file=sys.stderr, flush=True)
+
+    def progress(self, epoch: int, done: int, total: int) -> None:
+        self.where = (epoch, done, total)
+        if self.requested:
+            raise KeyboardInterrupt
+
+
+def _finite_weights(model) -> bool:
+    return all(np.isfinite(v).all() for v in model.params.values())
+
+
 def cmd_train(args) -> int:
-    from .data import load_dataset
-    from .model import Sequential, resolve_spec
+    from .backends import get_backend
+    from .data import DATASET_NAMES, load_dataset
+    from .layers import layers_from_spec
+    from .model import Sequential, check_weights_path, resolve_spec
+    from .optim import make_optimizer
+    from .parallel import make_strategy
     from .presets import with_filters
 
+    # everything known before the data: checked first, so no error comes after work is done
+    if args.dataset not in DATASET_NAMES:
+        raise ValueError(f"--dataset: unknown data set {args.dataset!r}; choose one of "
+                         f"{', '.join(DATASET_NAMES)}")
     dtype = np.dtype(args.dtype)
-    data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
-                        test_limit=args.test_limit, seed=args.seed, dtype=dtype)
-    spec = with_filters(resolve_spec(args.model or _default_model(args.dataset)), args.filters)
-    model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype, seed=args.seed,
-                                 backend=args.backend)
-    optimizer = dict(spec.get("optimizer", {"type": "sgd", "lr": 0.01}))
+    model_name = args.model if args.model is not None else _default_model(args.dataset)
+    spec = with_filters(resolve_spec(model_name), args.filters)
+    layers_from_spec(spec["layers"])  # the layer options, before any data is read
+    optimizer = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
+    if not isinstance(optimizer, dict):
+        raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
+    optimizer = dict(optimizer)
     if args.lr is not None:
         optimizer["lr"] = args.lr
     if args.momentum is not None:
         optimizer["momentum"] = args.momentum
-    batch_size = args.batch_size or spec.get("batch_size", 32)
-    print(f"{data}\n{model.summary()}\noptimizer {optimizer}, batch {batch_size}, "
-          f"strategy {args.strategy} x{args.threads}, backend {args.backend}", flush=True)
+    make_optimizer(optimizer)
+    if args.batch_size is not None:
+        batch_size = args.batch_size
+    else:
+        batch_size = spec.get("batch_size", 32)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"{model_name}: the spec's batch_size must be a positive integer. "
+                             f"Received batch_size={batch_size!r}; or pass --batch-size")
+    make_strategy(args.strategy, args.threads).check_batch_size(batch_size)
+    get_backend(args.backend)
+    save = None
+    if args.save is not None:
+        try:
+            save = check_weights_path(args.save)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"--save: {err}") from None
+
+    data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
+                        test_limit=args.test_limit, seed=args.seed, dtype=dtype)
+    model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype, seed=args.seed,
+                                 backend=args.backend)
+    interrupt = _Interrupt()
     try:
-        hist = model.fit(data.x_train, data.y_train, epochs=args.epochs, batch_size=batch_size,
-                         optimizer=optimizer, strategy=args.strategy, threads=args.threads,
-                         seed=args.seed, validation_data=(data.x_test, data.y_test),
-                         verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite)
+        with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves
+            print(f"{data}\n{model.summary()}\noptimizer {optimizer}, batch {batch_size}, "
+                  f"strategy {args.strategy} x{args.threads}, backend {args.backend}"
+                  + (f"\nweights will be saved to {save}" if save else ""), flush=True)
+            hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
+                             batch_size=batch_size, optimizer=optimizer, strategy=args.strategy,
+                             threads=args.threads, seed=args.seed,
+                             validation_data=(data.x_test, data.y_test),
+                             verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
+                             progress=interrupt.progress)
+            if interrupt.requested:  # pressed during the last evaluation: the run is whole
+                raise KeyboardInterrupt
     except DivergedError as err:
         print(f"error: {err}\nweights not saved (they are not finite)", file=sys.stderr)
         return EXIT_DIVERGED
+    except KeyboardInterrupt:
+        epoch, done, total = interrupt.where
+        where = f" in epoch {epoch} after {done} of {total} examples" if epoch else ""
+        print(f"\ninterrupted{where}", file=sys.stderr)
+        if save is None:
+            print("weights not saved (no --save given)", file=sys.stderr)
+        elif not _finite_weights(model):
+            print("weights not saved (they are not finite)", file=sys.stderr)
+        else:
+            print(f"weights of the last completed step saved to {model.save_weights(save)}",
+                  file=sys.stderr)
+        return EXIT_INTERRUPTED
     h = hist.history
-    if hist.info.get("nonfinite_steps"):
-        print(f"warning: {hist.info['nonfinite_steps']} training steps had a non-finite loss "
-              f"(the first at epoch {hist.info['first_nonfinite'][0]}, step "
-              f"{hist.info['first_nonfinite'][1]})", file=sys.stderr)
-    if not all(np.isfinite(v).all() for v in model.params.values()):
-        print("error: training diverged: the weights are not finite at the end; weights not "
-              "saved", file=sys.stderr)
-        return EXIT_DIVERGED
     print("\nepoch  test_acc  train_loss  time_s  img/s")
     for i in range(hist.epochs):
         print(f"{h['epoch'][i]:>5}  {h['val_accuracy'][i]:8.4f}  {h['loss'][i]:10.4f}  "
               f"{h['time'][i]:6.2f}  {h['images_per_sec'][i]:,.0f}")
     print(f"total training time {sum(h['time']):.1f} s (+ {hist.info['compile_time']:.1f} s JIT "
           f"compile); final test accuracy {h['val_accuracy'][-1]:.4f}")
-    if args.save:
-        print(f"weights saved to {model.save_weights(args.save)}")
+    if hist.info.get("nonfinite_steps"):
+        first = hist.info["first_nonfinite"]
+        print(f"warning: {hist.info['nonfinite_steps']} training steps had a non-finite loss "
+              f"(the first at epoch {first[0]}, step {first[1]})", file=sys.stderr)
+    if not _finite_weights(model):
+        print("error: training diverged: the weights are not finite at the end; weights not "
+              "saved", file=sys.stderr)
+        return EXIT_DIVERGED
+    if save is not None:
+        print(f"weights saved to {model.save_weights(save)}")
     return 0
 
 
@@ -94,10 +228,10 @@ def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks with side-by-side ratios")
     p.add_argument("suite", nargs="?", default="keras",
                    help="keras (default: ours vs Keras), threads (speed-up), gpu (CUDA path)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke run)")
     p.add_argument("--presets", nargs="*", default=None)
-    p.add_argument("--batch-sizes", nargs="*", type=int, default=None)
+    p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
 
 
 def cmd_bench(args) -> int:
@@ -131,10 +265,10 @@ def _add_report(sub) -> None:
     p.add_argument("--gpu-kernels", default=None,
                    help="per-kernel GPU table (default: <results dir>/gpu_kernels.csv, "
                         "else results/gpu_kernels.csv, if present)")
-    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--level", type=float, default=0.95, help="confidence level (default 0.95)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed")
-    p.add_argument("--dpi", type=int, default=150, help="figure resolution")
+    p.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
+    p.add_argument("--level", type=open_unit_interval, default=0.95, help="confidence level (default 0.95)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="bootstrap seed")
+    p.add_argument("--dpi", type=positive_int, default=150, help="figure resolution")
     p.add_argument("--no-pdf", action="store_true", help="everything but the Typst compile")
 
 
@@ -159,6 +293,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,20 @@ def _check_dtype(dtype) -> np.dtype:
     if dt.type not in FLOAT_DTYPES:
         raise TypeError(f"dtype must be float32 or float64. Received dtype={dt}")
     return dt
+
+
+def check_input_shape(input_shape) -> tuple[int, ...]:
+    """``input_shape`` as a tuple of positive ints (``(C, H, W)``, or ``(D,)`` for flat
+    inputs); ``ValueError``/``TypeError`` naming the value otherwise."""
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (list, tuple)):
+        raise TypeError(f"input_shape must be a list or tuple of positive integers such as "
+                        f"(1, 28, 28). Received input_shape={input_shape!r}")
+    bad = [s for s in input_shape
+           if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1]
+    if not input_shape or bad:
+        raise ValueError(f"input_shape must be a non-empty list of positive integers such as "
+                         f"(1, 28, 28). Received input_shape={tuple(input_shape)!r}")
+    return tuple(int(s) for s in input_shape)
 
 
 def _check_finite(x) -> None:
@@ -56,7 +72,7 @@ class Sequential:
     def __init__(self, layers: list[Layer], input_shape, *, dtype=np.float32, seed: int = 0,
                  backend: str | Backend = "numpy"):
         self.dtype = _check_dtype(dtype)
-        self.input_shape = tuple(int(s) for s in input_shape)
+        self.input_shape = check_input_shape(input_shape)
         self.layers = list(layers)
         self.seed = seed
         self.backend = backend
@@ -246,23 +262,36 @@ class Sequential:
             self.params[k][...] = v.astype(self.dtype, copy=False)
 
     def save_weights(self, path: str | os.PathLike) -> Path:
-        """Write the parameters and the spec to ``path`` (``.npz``), atomically."""
-        path = Path(path)
-        if path.suffix != ".npz":
-            path = path.with_suffix(".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, __spec__=np.array(json.dumps(self.spec())), **self.params)
-        os.replace(tmp, path)
+        """Write the parameters and the spec to ``path`` atomically; returns the path written.
+
+        ``.npz`` is appended when ``path`` has another suffix or none (``w`` -> ``w.npz``). An
+        existing folder, a parent that is a file, or an unwritable folder raise ``OSError``
+        naming the path (see :func:`check_weights_path`, which checks the same before a fit).
+        """
+        path = weights_path(path)
+        _mkdirs(path.parent)
+        # a unique temporary name beside the target (so the rename is atomic), created with
+        # the usual permissions (mkstemp's would be 0600)
+        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with open(fd, "wb") as f:
+                np.savez(f, __spec__=np.array(json.dumps(self.spec())), **self.params)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(name, path)
+        except BaseException:
+            Path(name).unlink(missing_ok=True)
+            raise
         return path
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load parameters written by :meth:`save_weights` (checked against this model)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no weights file at {path}")
-        with np.load(path) as data:
-            self.set_weights({k: data[k] for k in data.files if k != "__spec__"})
+        """Load parameters written by :meth:`save_weights` (checked against this model).
+
+        ``FileNotFoundError`` when there is no such file; ``ValueError`` naming the file when it
+        is truncated, corrupt or not a weights file (nothing is loaded then).
+        """
+        self.set_weights(read_weights(path))
 
     def summary(self) -> str:
         rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}"]
@@ -273,31 +302,203 @@ class Sequential:
         return "\n".join(rows)
 
 
+# ---- weights files ---------------------------------------------------------------------------
+def weights_path(path: str | os.PathLike) -> Path:
+    """The file :meth:`Sequential.save_weights` writes for ``path``: ``path`` itself when it
+    ends in ``.npz``, else ``path`` with ``.npz`` appended. ``IsADirectoryError`` when ``path``
+    names a folder (an existing one, or one written with a trailing slash)."""
+    text = os.fspath(path)
+    if not isinstance(text, str):
+        text = os.fsdecode(text)
+    if not text.strip():
+        raise ValueError(f"a weights path must not be empty. Received {text!r}")
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        raise IsADirectoryError(f"{text} is a folder; give a file name for the weights, "
+                                f"such as {Path(text) / 'weights.npz'}")
+    out = Path(text)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; give a file name for the weights, "
+                                f"such as {out / 'weights.npz'}")
+    return out
+
+
+def _first_existing(folder: Path) -> tuple[Path, list[Path]]:
+    """The nearest existing ancestor of ``folder`` (itself included) and the missing ones
+    below it, nearest first. ``NotADirectoryError`` when that ancestor is not a folder."""
+    missing = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    if not current.is_dir():
+        raise NotADirectoryError(f"cannot write under {folder}: {current} is a file, not a folder")
+    return current, missing
+
+
+def _mkdirs(folder: Path) -> list[Path]:
+    """Create ``folder`` and its missing parents; return the folders created, deepest first."""
+    _, missing = _first_existing(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def check_weights_path(path: str | os.PathLike) -> Path:
+    """Check, before any training, that :meth:`Sequential.save_weights` can write ``path``:
+    returns the file it will write, or raises ``OSError`` naming the path and the reason (a
+    folder given as the file, a parent that is a file, a folder that cannot be created or
+    written). Leaves nothing behind: a probe file and any folders created for it are removed."""
+    target = weights_path(path)
+    try:
+        created = _mkdirs(target.parent)
+    except NotADirectoryError:
+        raise
+    except OSError as exc:
+        raise type(exc)(f"cannot create the folder for {target}: "
+                        f"{exc.strerror or exc}") from None
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(name)
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError("the file exists and is read-only")
+    except OSError as exc:
+        raise type(exc)(f"cannot write the weights to {target}: "
+                        f"{exc.strerror or exc}") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return target
+
+
+def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """The parameter arrays of a file written by :meth:`Sequential.save_weights` (without
+    ``__spec__``). ``FileNotFoundError`` when absent; ``ValueError`` naming the file when it is
+    truncated, corrupt, pickled, or holds something else than numeric arrays."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no weights file at {path}")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":  # a zip archive (an empty one)
+        raise ValueError(f"{path}: not a weights file written by save_weights (an .npz, i.e. "
+                         f"zip, archive); it starts with {magic!r}")
+    member = None
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {}
+            for member in data.files:
+                if member != "__spec__":
+                    arrays[member] = data[member]
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and the .npy reader raise many kinds
+        where = f" (array {member!r})" if member is not None else ""
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{path}: array {member!r} holds pickled Python objects, which are "
+                             f"never loaded; not a weights file written by save_weights") from None
+        raise ValueError(f"{path}: not a readable weights file{where}; it is truncated or "
+                         f"corrupt ({type(exc).__name__}: {exc})") from None
+    if not arrays:
+        raise ValueError(f"{path}: holds no weight arrays")
+    for k, v in arrays.items():
+        if v.dtype.kind not in "fiu":
+            raise ValueError(f"{path}: weight {k!r} is a {v.dtype} array; weights are numbers")
+    return arrays
+
+
+# ---- specs -----------------------------------------------------------------------------------
+def _read_spec_file(path: Path) -> Any:
+    """Parse a ``.json``/``.yaml``/``.yml`` spec file; ``ValueError`` naming the file (and the
+    line) when it is not valid JSON/YAML text."""
+    if not path.is_file():
+        raise FileNotFoundError(f"no model spec file at {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not a text file ({exc})") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, "
+                             f"column {exc.colno}") from None
+        except RecursionError:
+            raise ValueError(f"{path}: not a usable JSON spec (nested too deeply)") from None
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = ""
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            where = f" at line {mark.line + 1}, column {mark.column + 1}"
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not a usable YAML spec (nested too deeply)") from None
+
+
+def _check_spec(spec: dict, source: str) -> dict:
+    """Structural checks of a spec dict (values of layer options are the layers' to check)."""
+    layers = spec["layers"]
+    if not isinstance(layers, (list, tuple)) or not layers:
+        raise ValueError(f"{source}'layers' must be a non-empty list of layer dicts. "
+                         f"Received layers={layers!r}")
+    for i, entry in enumerate(layers):
+        if not isinstance(entry, dict):
+            raise ValueError(f"{source}layer {i} must be a dict with a 'type'. Received {entry!r}")
+        odd = [k for k in entry if not isinstance(k, str)]
+        if odd:
+            raise ValueError(f"{source}layer {i}: option names must be strings. Received {odd[0]!r}")
+        if not isinstance(entry.get("type"), str):
+            raise ValueError(f"{source}layer {i} needs a 'type' naming the layer (a string). "
+                             f"Received {entry!r}")
+        for key in ("name", "activation"):
+            if entry.get(key) is not None and not isinstance(entry[key], str):
+                raise ValueError(f"{source}layer {i}: {key} must be a string. "
+                                 f"Received {key}={entry[key]!r}")
+    if spec.get("input_shape") is not None:
+        try:
+            check_input_shape(spec["input_shape"])
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}{exc}") from None
+    for key in ("optimizer",):
+        if spec.get(key) is not None and not isinstance(spec[key], dict):
+            raise ValueError(f"{source}{key} must be a dict. Received {key}={spec[key]!r}")
+    return spec
+
+
 def resolve_spec(spec: Any) -> dict:
-    """Normalise a preset name, a ``.json``/``.yaml`` path, a list or a dict to a spec dict."""
+    """Normalise a preset name, a ``.json``/``.yaml`` path, a list or a dict to a spec dict.
+
+    Raises ``ValueError`` (naming the file, for a file) when the text does not parse or the
+    structure is not a spec, ``FileNotFoundError`` for a missing file.
+    """
     from .presets import PRESETS
+    source = ""
     if isinstance(spec, (str, os.PathLike)):
-        name = str(spec)
+        name = os.fspath(spec)
         if name in PRESETS:
             return PRESETS[name]
         path = Path(name)
         if path.suffix.lower() in (".json", ".yaml", ".yml"):
-            if not path.is_file():
-                raise FileNotFoundError(f"no model spec file at {path}")
-            text = path.read_text()
-            if path.suffix.lower() == ".json":
-                spec = json.loads(text)
-            else:
-                import yaml
-                spec = yaml.safe_load(text)
+            spec = _read_spec_file(path)
+            source = f"{path}: "
         else:
             raise ValueError(f"unknown model {name!r}: not a preset ({sorted(PRESETS)}) "
                              "nor a .json/.yaml spec file")
     if isinstance(spec, (list, tuple)):
-        return {"layers": list(spec)}
+        return _check_spec({"layers": list(spec)}, source)
     if isinstance(spec, dict) and "layers" in spec:
-        return spec
-    raise ValueError(f"a model spec is a list of layer dicts or a dict with 'layers'. Received {spec!r}")
+        return _check_spec(spec, source)
+    shown = repr(spec)
+    if len(shown) > 200:
+        shown = shown[:200] + "..."
+    raise ValueError(f"{source}a model spec is a list of layer dicts or a dict with 'layers'. "
+                     f"Received {shown}")
 
 
 def build_model(spec, input_shape=None, **kwargs) -> Sequential:

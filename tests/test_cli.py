@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -85,8 +87,11 @@ def test_train_filters_option(capsys):
     (["--dataset", "bogus_data"], "bogus_data"),
     (["--dataset", "blobs", "--model", "bogus_model"], "bogus_model"),
     (["--dataset", "blobs", "--model", "no_such_spec.json"], "no_such_spec.json"),
-    (["--dataset", "blobs", "--epochs", "0"], "epochs=0"),
+    (["--dataset", "blobs", "--model", ""], "''"),
     (["--dataset", "blobs", "--strategy", "bogus_strategy"], "bogus_strategy"),
+    (["--dataset", "blobs", "--backend", "bogus_backend"], "bogus_backend"),
+    (["--dataset", "blobs", "--strategy", "sync", "--threads", "2", "--batch-size", "1"],
+     "batch"),
 ])
 def test_train_errors_exit_2_naming_the_value(args, named, capsys):
     rc = main(["train", "--quiet", "--limit", "32", "--test-limit", "8", *args])
@@ -134,3 +139,140 @@ def test_bench_gpu_without_a_gpu_says_so_and_exits_cleanly():
     assert out.returncode == 0, out.stderr
     assert "no CUDA GPU present" in out.stdout
 
+
+
+# ---- numbers: refused by argparse, naming the option, never replaced by a default -------------
+@pytest.mark.parametrize("option, value", [
+    ("--epochs", "0"), ("--epochs", "-1"), ("--epochs", "1.5"), ("--epochs", "many"),
+    ("--batch-size", "0"), ("--batch-size", "-32"),
+    ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "inf"), ("--lr", "nan"), ("--lr", "fast"),
+    ("--momentum", "-0.1"), ("--momentum", "1"), ("--momentum", "nan"),
+    ("--threads", "0"), ("--filters", "0"), ("--limit", "0"), ("--test-limit", "-5"),
+    ("--seed", "-1"), ("--seed", "1e3"),
+])
+def test_bad_train_numbers_name_the_option(option, value, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--dataset", "blobs", option, value])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {option}:" in err and repr(value) in err, err
+
+
+@pytest.mark.parametrize("argv", [
+    ["bench", "--repeats", "0"], ["bench", "--batch-sizes", "32", "0"],
+    ["report", "--n-boot", "0"], ["report", "--level", "1"], ["report", "--level", "0"],
+    ["report", "--seed", "-1"], ["report", "--dpi", "0"],
+])
+def test_bad_bench_and_report_numbers_name_the_option(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert f"argument {argv[1]}:" in capsys.readouterr().err
+
+
+def test_zero_values_are_not_replaced_by_defaults():
+    """No ``args.x or default``: a value of 0 never silently becomes the preset's."""
+    source = (ROOT / "cnn" / "cli.py").read_text()
+    assert not re.search(r"args\.\w+ or ", source)
+
+
+def test_batch_size_given_is_the_batch_size_used(capsys):
+    rc = main(["train", "--dataset", "blobs", "--quiet", "--limit", "40", "--test-limit", "8",
+               "--epochs", "1", "--batch-size", "5"])
+    assert rc == 0 and "batch 5," in capsys.readouterr().out
+
+
+def test_spec_batch_size_is_checked_before_training(tmp_path, capsys):
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps({"layers": [{"type": "flatten"}, {"type": "dense", "units": 10}],
+                                "batch_size": 0}))
+    rc = main(["train", "--dataset", "blobs", "--model", str(path), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "batch_size=0" in err and str(path) in err
+
+
+# ---- --save is checked before training --------------------------------------------------------
+def save_cases(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "some_dir").mkdir()
+    return {
+        "unwritable": ("/proc/x/w.npz", "/proc/x/w.npz"),
+        "parent is a file": (str(tmp_path / "a_file" / "w.npz"), "a_file is a file"),
+        "grandparent is a file": (str(tmp_path / "a_file" / "x" / "w.npz"), "a_file is a file"),
+        "existing folder": (str(tmp_path / "some_dir"), "some_dir is a folder"),
+        "trailing slash": (str(tmp_path / "new_dir") + "/", "new_dir/ is a folder"),
+    }
+
+
+@pytest.mark.parametrize("case", ["unwritable", "parent is a file", "grandparent is a file",
+                                  "existing folder", "trailing slash"])
+def test_bad_save_target_refused_before_training(case, tmp_path, capsys, monkeypatch):
+    target, named = save_cases(tmp_path)[case]
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    trained = []
+    monkeypatch.setattr(Sequential, "fit", lambda *a, **k: trained.append(1))
+    rc = main(["train", "--dataset", "blobs", "--quiet", "--limit", "32", "--test-limit", "8",
+               "--save", target])
+    err = capsys.readouterr().err
+    assert rc == 2 and not trained
+    assert err.startswith("error: --save:") and named in err, err
+    assert "Traceback" not in err
+    # nothing written: no some_dir.npz beside the folder, no probe, no folders left behind
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
+def test_save_into_new_folders_and_without_suffix(tmp_path, capsys):
+    rc = main(["train", "--dataset", "blobs", "--quiet", "--limit", "32", "--test-limit", "8",
+               "--epochs", "1", "--save", str(tmp_path / "new" / "deeper" / "weights")])
+    out = capsys.readouterr().out
+    target = tmp_path / "new" / "deeper" / "weights.npz"
+    assert rc == 0 and target.is_file()
+    assert f"weights will be saved to {target}" in out and f"weights saved to {target}" in out
+    assert [p.name for p in target.parent.iterdir()] == ["weights.npz"]   # no temporary left
+    assert oct(target.stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+
+
+def current_umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# ---- Ctrl-C keeps the weights -------------------------------------------------------------------
+def interrupt_train(tmp_path, *extra):
+    save = tmp_path / "w.npz"
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "cnn", "train", "--dataset", "blobs",
+                             "--epochs", "100000", "--quiet", "--limit", "256", "--test-limit",
+                             "32", *extra], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    last = "weights will be saved" if "--save" in extra else "optimizer "
+    for line in proc.stdout:            # the last line printed before fit starts
+        lines.append(line)
+        if line.startswith(last):
+            break
+    time.sleep(1.0)                     # well into training (an epoch takes milliseconds)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    return proc.returncode, "".join(lines) + out, err, save
+
+
+def test_ctrl_c_saves_the_weights_fit_kept(tmp_path):
+    save = tmp_path / "w.npz"
+    rc, out, err, _ = interrupt_train(tmp_path, "--save", str(save))
+    assert rc == 130, err
+    assert "Traceback" not in err
+    assert re.search(r"interrupted in epoch \d+ after \d+ of 256 examples", err), err
+    assert f"weights of the last completed step saved to {save}" in err
+    model = Sequential.from_spec("mnist_small", input_shape=(1, 8, 8))
+    before = model.get_weights()
+    model.load_weights(save)          # a whole, loadable file with trained (changed) weights
+    assert any(not np.array_equal(before[k], model.params[k]) for k in before)
+    assert all(np.isfinite(v).all() for v in model.params.values())
+
+
+def test_ctrl_c_without_save_says_nothing_was_saved(tmp_path):
+    rc, out, err, _ = interrupt_train(tmp_path)
+    assert rc == 130 and "weights not saved (no --save given)" in err, err
+    assert "Traceback" not in err
