@@ -25,6 +25,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import math
 import os
 import pickle
 import tarfile
@@ -145,47 +146,79 @@ def _md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _make_folder(folder: Path) -> list[Path]:
+    """Create ``folder`` with its missing parents; return those created, deepest first, so a
+    failed download can remove them again (:func:`_remove_folders`)."""
+    created, current = [], folder
+    while not current.exists() and current != current.parent:
+        created.append(current)
+        current = current.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    return created
+
+
+def _remove_folders(created: Sequence[Path]) -> None:
+    """Remove the folders :func:`_make_folder` created, if they are still empty."""
+    for folder in created:
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
+
+
 def _download(urls: Sequence[str], dest: Path, md5: str) -> None:
     """Fetch ``dest`` from the first of ``urls`` that answers, check its MD5, and move it into
     place atomically, so an interrupted download never leaves a partial file under the real name.
 
     Raises ``ValueError`` on a checksum mismatch (after deleting the download) and ``OSError``
-    listing every URL's error when none could be fetched.
+    listing every URL's error when none could be fetched. Folders created for ``dest`` are
+    removed again when nothing was downloaded.
     """
     errors = []
-    for url in urls:
-        tmp = None
-        try:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
-            os.close(fd)
-            tmp = Path(name)
-            _fetch(url, tmp)
-            actual = _md5(tmp)
-            if actual != md5:
-                raise ValueError(f"checksum mismatch for {dest.name} downloaded from {url}: "
-                                 f"expected MD5 {md5}, got {actual}; the download was deleted")
-            os.replace(tmp, dest)
-            return
-        except (OSError, http.client.HTTPException) as exc:
-            errors.append(f"{url}: {exc}")
-        finally:
-            if tmp is not None:
-                tmp.unlink(missing_ok=True)
-    raise OSError("download failed: " + "; ".join(errors))
+    created: list[Path] = []
+    done = False
+    try:
+        for url in urls:
+            tmp = None
+            try:
+                created = _make_folder(dest.parent) or created
+                fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.",
+                                            suffix=".part")
+                os.close(fd)
+                tmp = Path(name)
+                _fetch(url, tmp)
+                actual = _md5(tmp)
+                if actual != md5:
+                    raise ValueError(f"checksum mismatch for {dest.name} downloaded from {url}: "
+                                     f"expected MD5 {md5}, got {actual}; the download was deleted")
+                os.replace(tmp, dest)
+                done = True
+                return
+            except (OSError, http.client.HTTPException) as exc:
+                errors.append(f"{url}: {exc}")
+            finally:
+                if tmp is not None:
+                    tmp.unlink(missing_ok=True)
+        raise OSError("download failed: " + "; ".join(errors))
+    finally:
+        if not done:
+            _remove_folders(created)
 
 
 def _missing_error(what: str, folder: Path, missing: Sequence[str], download: bool,
-                   failures: Sequence[str]) -> FileNotFoundError:
+                   failures: Sequence[str], sources: Sequence[str]) -> FileNotFoundError:
+    """The error for files that are missing: every one of them, where they were looked for,
+    what was tried, and how to provide them (never "download=True" after a download failed)."""
+    provide = (f"Provide them by setting {DATA_DIR_ENV} (or root= / --data-dir) to a folder in "
+               f"the official layout (<root>/{folder.name}/...)")
     if download:
-        how = "download was attempted and failed: " + "; ".join(failures)
+        how = "downloading them failed: " + "; ".join(failures) if failures else "not downloaded"
+        hint = f"{provide}, or retry when {', '.join(sources)} can be reached."
     else:
         how = "download=False, so nothing was fetched"
-    return FileNotFoundError(
-        f"{what} files missing in {folder}: {', '.join(missing)} ({how}). "
-        f"Provide them by setting {DATA_DIR_ENV} (or root=) to a folder in the official layout "
-        f"(<root>/{folder.name}/...), or call with download=True on a machine with network "
-        f"access.")
+        hint = f"{provide}, or call with download=True on a machine with network access."
+    return FileNotFoundError(f"{what} files missing in {folder}: {', '.join(missing)} ({how}). "
+                             f"{hint}")
 
 
 # ---- MNIST ----------------------------------------------------------------------------------
@@ -211,16 +244,21 @@ def _read_idx(path: Path, magic: int) -> np.ndarray:
     dims = tuple(int(d) for d in np.frombuffer(data, ">u4", count=ndim, offset=4))
     if ndim == 3 and dims[1:] != (28, 28):
         raise ValueError(f"{path}: images are {dims[1]}x{dims[2]}; MNIST images are 28x28")
+    if dims[0] == 0:
+        raise ValueError(f"{path}: the header declares 0 examples; the file holds no data")
     payload = len(data) - header
-    expected = int(np.prod(dims))
+    expected = math.prod(dims)  # Python ints: a forged header cannot overflow it
     if payload != expected:
         raise ValueError(f"{path}: header declares dims {dims}, i.e. {expected} payload bytes, "
                          f"but the file holds {payload}; it is truncated or corrupt")
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
-def _mnist_files(folder: Path, prefix: str, download: bool) -> Tuple[Path, Path]:
-    names = [f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte"]
+def _mnist_files(folder: Path, prefixes: Sequence[str], download: bool) -> list[Path]:
+    """The images and labels files of every prefix (``train``, ``t10k``), in that order,
+    downloading the missing ones when ``download``; the error lists every file still missing."""
+    names = [f"{prefix}-{kind}" for prefix in prefixes
+             for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
 
     def find(name: str) -> Optional[Path]:
         for candidate in (folder / f"{name}.gz", folder / name):
@@ -240,8 +278,8 @@ def _mnist_files(folder: Path, prefix: str, download: bool) -> Tuple[Path, Path]
     found = [find(name) for name in names]
     missing = [f"{name}.gz" for name, path in zip(names, found) if path is None]
     if missing:
-        raise _missing_error("MNIST", folder, missing, download, failures)
-    return found[0], found[1]
+        raise _missing_error("MNIST", folder, missing, download, failures, MNIST_MIRRORS)
+    return found
 
 
 def load_mnist(split: str = "train", root=None, limit: Optional[int] = None,
@@ -258,7 +296,7 @@ def load_mnist(split: str = "train", root=None, limit: Optional[int] = None,
     dtype = _check_dtype(dtype)
     limit = _check_count(limit, "limit")
     prefix = "train" if _check_split(split) == "train" else "t10k"
-    images_path, labels_path = _mnist_files(data_root(root) / "mnist", prefix, download)
+    images_path, labels_path = _mnist_files(data_root(root) / "mnist", [prefix], download)
     images = _read_idx(images_path, _IDX_IMAGES_MAGIC)
     labels = _read_idx(labels_path, _IDX_LABELS_MAGIC)
     if len(images) != len(labels):
@@ -299,8 +337,8 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
                 # NumPy 1.x names, then NumPy 2.x names; _frombuffer appears with protocol 5
                 ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.numeric", "_frombuffer"),
                 ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.numeric", "_frombuffer"),
-                # Python 3 writes bytes this way in protocols 0-2
-                ("_codecs", "encode")}
+                # Python 3 writes bytes this way in protocols 0-2 (empty bytes as bytes())
+                ("_codecs", "encode"), ("__builtin__", "bytes"), ("builtins", "bytes")}
 
     def find_class(self, module, name):
         if (module, name) not in self._ALLOWED:
@@ -309,21 +347,28 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
 
 
 def _unpickle(path: Path):
-    try:
-        with open(path, "rb") as f:
+    with open(path, "rb") as f:
+        try:
             # the official files are Python 2 pickles: keys and strings come back as bytes
             return _NumpyOnlyUnpickler(f, encoding="bytes").load()
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
-            IndexError, KeyError) as exc:
-        raise ValueError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc}); "
-                         f"the file is truncated, corrupt or not a CIFAR-10 batch") from None
+        except Exception as exc:  # noqa: BLE001 - a corrupt pickle can raise almost anything
+            # (UnpicklingError, EOFError, ValueError, TypeError, MemoryError, OverflowError,
+            # struct.error, RecursionError, ...): all mean the file is not a batch
+            message = str(exc)
+            if len(message) > 200:
+                message = message[:200] + "..."
+            raise ValueError(f"{path}: cannot unpickle ({type(exc).__name__}: {message}); "
+                             f"the file is truncated, corrupt or not a CIFAR-10 batch") from None
 
 
 def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     """One batch file -> ``uint8`` images ``(n, 3, 32, 32)`` and ``int64`` labels ``(n,)``."""
     batch = _unpickle(path)
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        kind = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
+        if isinstance(batch, dict):
+            kind = "keys " + ", ".join(sorted(repr(k) for k in batch)[:10])
+        else:
+            kind = type(batch).__name__
         raise ValueError(f"{path}: expected a dict with keys b'data' and b'labels'; got {kind}")
     data, labels = batch[b"data"], batch[b"labels"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2
@@ -331,7 +376,14 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         desc = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
                 else type(data).__name__)
         raise ValueError(f"{path}: b'data' must be a uint8 array of shape (n, 3072); got {desc}")
-    labels = np.asarray(labels)
+    if len(data) == 0:
+        raise ValueError(f"{path}: b'data' holds no images")
+    if isinstance(labels, np.ndarray) or (isinstance(labels, list)
+                                          and all(type(v) is int for v in labels)):
+        labels = np.asarray(labels)
+    else:  # ragged lists, dicts, strings, floats...: never let NumPy guess what they mean
+        raise ValueError(f"{path}: b'labels' must be {len(data)} integers, one per image; got "
+                         f"{type(labels).__name__}")
     if labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(data):
         raise ValueError(f"{path}: b'labels' must be {len(data)} integers, one per image; got "
                          f"{labels.dtype} array of shape {labels.shape}")
@@ -344,7 +396,7 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
 def _download_cifar10(folder: Path) -> None:
     """Fetch the official archive into ``folder.parent`` and extract the missing batch files."""
     archive = folder.parent / CIFAR10_URL.rsplit("/", 1)[-1]
-    _download([CIFAR10_URL], archive, CIFAR10_MD5)
+    _download([CIFAR10_URL], archive, CIFAR10_MD5)  # removes the folders it made if it fails
     try:
         with tempfile.TemporaryDirectory(dir=folder.parent) as tmp, tarfile.open(archive) as tar:
             members = [m for m in tar.getmembers()
@@ -360,8 +412,12 @@ def _download_cifar10(folder: Path) -> None:
         archive.unlink(missing_ok=True)
 
 
-def _cifar10_files(folder: Path, split: str, download: bool) -> list[Path]:
-    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+def _cifar10_files(folder: Path, splits: Sequence[str], download: bool) -> list[Path]:
+    """The batch files of every split, in order, downloading the archive when some are missing
+    and ``download``; the error lists every file still missing."""
+    names = []
+    for split in splits:
+        names += [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
     failures = []
     if download and not all((folder / n).is_file() for n in names):
         try:
@@ -370,7 +426,7 @@ def _cifar10_files(folder: Path, split: str, download: bool) -> list[Path]:
             failures.append(str(exc))
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise _missing_error("CIFAR-10", folder, missing, download, failures)
+        raise _missing_error("CIFAR-10", folder, missing, download, failures, [CIFAR10_URL])
     return [folder / n for n in names]
 
 
@@ -402,7 +458,7 @@ def load_cifar10(split: str = "train", root=None, limit: Optional[int] = None,
     dtype = _check_dtype(dtype)
     limit = _check_count(limit, "limit")
     split = _check_split(split)
-    paths = _cifar10_files(data_root(root) / CIFAR10_FOLDER, split, download)
+    paths = _cifar10_files(data_root(root) / CIFAR10_FOLDER, [split], download)
     images, labels, count = [], [], 0
     for path in paths:
         batch_images, batch_labels = _read_cifar_batch(path)
@@ -570,6 +626,11 @@ def load_dataset(name: str, root=None, limit: Optional[int] = None,
         raise ValueError(f"validation_split must be a number in [0, 1); received "
                          f"validation_split={validation_split!r}")
     if name in ("mnist", "cifar10"):
+        # find (or fetch) the files of both splits first, so a missing-data error lists them all
+        if name == "mnist":
+            _mnist_files(data_root(root) / "mnist", ["train", "t10k"], download)
+        else:
+            _cifar10_files(data_root(root) / CIFAR10_FOLDER, ["train", "test"], download)
         loader = load_mnist if name == "mnist" else load_cifar10
         x_train, y_train = loader("train", root, limit, download, dtype)
         x_test, y_test = loader("test", root, test_limit, download, dtype)
@@ -580,8 +641,8 @@ def load_dataset(name: str, root=None, limit: Optional[int] = None,
         x_test, y_test = load_mnist_embedded("test", test_limit, dtype)
         classes = MNIST_CLASSES
     else:
-        n_train = limit or _SYNTHETIC_SIZES[name][0]
-        n_test = test_limit or _SYNTHETIC_SIZES[name][1]
+        n_train = _SYNTHETIC_SIZES[name][0] if limit is None else limit
+        n_test = _SYNTHETIC_SIZES[name][1] if test_limit is None else test_limit
         if name == "xor":
             x, y = make_xor(n_train + n_test, seed=seed, noise=0.1, dtype=dtype)
             classes = ["0", "1"]

@@ -271,7 +271,7 @@ def test_download_checksum_mismatch_leaves_nothing(tmp_path, monkeypatch):
     message = str(info.value)
     assert "t10k-images-idx3-ubyte.gz" in message and expected in message
     assert hashlib.md5(b"tampered").hexdigest() in message
-    assert list((tmp_path / "mnist").iterdir()) == []
+    assert not (tmp_path / "mnist").exists()   # the folder made for the download is gone too
 
 
 def test_download_failure_gives_file_not_found(tmp_path, monkeypatch):
@@ -284,7 +284,8 @@ def test_download_failure_gives_file_not_found(tmp_path, monkeypatch):
     message = str(info.value)
     assert "t10k-images-idx3-ubyte.gz" in message and "t10k-labels-idx1-ubyte.gz" in message
     assert "no network here" in message and str(tmp_path / "mnist") in message
-    assert list((tmp_path / "mnist").iterdir()) == []
+    assert "download=True" not in message and "retry when" in message
+    assert not (tmp_path / "mnist").exists()   # no folder tree left as a side effect
 
 
 def test_real_fetch_with_mirror_fallback(tmp_path, monkeypatch):
@@ -339,7 +340,7 @@ def test_cifar_download_checksum_mismatch(tmp_path, monkeypatch):
     root = tmp_path / "root"
     with pytest.raises(ValueError, match=f"cifar-10-python.tar.gz.*{data.CIFAR10_MD5}"):
         load_cifar10("test", root=root)
-    assert list(root.iterdir()) == []
+    assert not root.exists()
 
 
 # ---- CIFAR-10 -------------------------------------------------------------------------------
@@ -598,3 +599,136 @@ def test_dataset_validates_shapes():
         Dataset(x, y, np.zeros((4, 1, 3, 3), np.float32), y, name="bad", classes=["0"])
     with pytest.raises(ValueError, match="together"):
         Dataset(x, y, x, y, name="bad", classes=["0"], x_val=x)
+
+
+# ---- missing data: every file listed, no misleading advice, no side effects (issue 13) -----------
+def no_network(monkeypatch):
+    calls = []
+
+    def fetch(url, dest):
+        calls.append(url)
+        raise urllib.error.URLError("no network here")
+
+    monkeypatch.setattr(data, "_fetch", fetch)
+    return calls
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_load_dataset_mnist_lists_train_and_test_files(tmp_path, monkeypatch, download):
+    calls = no_network(monkeypatch)
+    root = tmp_path / "deep" / "root"
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("mnist", root=root, download=download)
+    message = str(info.value)
+    for split in ("train", "test"):
+        for name in MNIST_NAMES[split]:
+            assert f"{name}.gz" in message
+    assert not (tmp_path / "deep").exists()
+    if download:
+        assert len(calls) == 4 * len(data.MNIST_MIRRORS) and "no network here" in message
+        assert "download=True" not in message
+        assert all(m in message for m in data.MNIST_MIRRORS)
+    else:
+        assert calls == [] and "download=False" in message and "download=True" in message
+
+
+def test_load_dataset_mnist_lists_only_the_missing_test_files(tmp_path):
+    write_mnist(tmp_path, "train")
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("mnist", root=tmp_path, download=False)
+    message = str(info.value)
+    assert "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz" in message
+    assert "train-" not in message
+
+
+@pytest.mark.parametrize("download", [True, False])
+def test_load_dataset_cifar_lists_train_and_test_files(tmp_path, monkeypatch, download):
+    calls = no_network(monkeypatch)
+    root = tmp_path / "root"
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10", root=root, download=download)
+    message = str(info.value)
+    assert ", ".join([f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]) in message
+    assert not root.exists()
+    if download:
+        assert calls == [data.CIFAR10_URL]      # one archive, one try
+        assert "download=True" not in message and data.CIFAR10_URL in message
+    else:
+        assert calls == []
+
+
+def test_load_dataset_cifar_missing_test_batch_only(tmp_path):
+    write_cifar(tmp_path)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        load_dataset("cifar10", root=tmp_path, download=False)
+    message = str(info.value)
+    assert "missing in" in message and ": test_batch (" in message
+
+
+def test_existing_root_is_kept_when_a_download_fails(tmp_path, monkeypatch):
+    no_network(monkeypatch)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "keep.txt").write_text("mine")
+    with pytest.raises(FileNotFoundError):
+        load_mnist("test", root=tmp_path)
+    assert [p.name for p in (tmp_path / "mnist").iterdir()] == ["keep.txt"]
+
+
+def test_cli_missing_data_lists_all_files_and_exits_2(tmp_path, monkeypatch, capsys):
+    from cnn.cli import main
+    no_network(monkeypatch)
+    rc = main(["train", "--dataset", "mnist", "--data-dir", str(tmp_path / "nowhere"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: MNIST files missing")
+    assert "train-images-idx3-ubyte.gz" in err and "t10k-labels-idx1-ubyte.gz" in err
+    assert not (tmp_path / "nowhere").exists()
+
+
+# ---- header and pickle edge cases --------------------------------------------------------------
+def test_mnist_zero_examples_refused(tmp_path):
+    write_file(tmp_path / "mnist" / "t10k-images-idx3-ubyte",
+               idx_bytes(np.zeros((0, 28, 28), np.uint8), 2051), True)
+    write_file(tmp_path / "mnist" / "t10k-labels-idx1-ubyte",
+               idx_bytes(np.zeros((0,), np.uint8), 2049), True)
+    with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz: the header declares 0"):
+        load_mnist("test", root=tmp_path, download=False)
+
+
+def test_mnist_forged_dims_that_overflow_int64(tmp_path):
+    """dims whose product wraps around in int64 arithmetic must not pass the size check."""
+    header = struct.pack(">I", 2049) + struct.pack(">I", 2**32 - 1)
+    write_mnist(tmp_path, "test")
+    write_file(tmp_path / "mnist" / "t10k-labels-idx1-ubyte", header + b"\x01" * 3, True)
+    with pytest.raises(ValueError, match="t10k-labels"):
+        load_mnist("test", root=tmp_path, download=False)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("mixed keys", "expected a dict with keys"),
+    ("ragged labels", "b'labels' must be"),
+    ("float labels", "b'labels' must be"),
+    ("bool labels", "b'labels' must be"),
+    ("huge labels", "b'labels' must be"),
+    ("no images", "holds no images"),
+])
+def test_cifar_odd_batches(tmp_path, case, match):
+    batch = cifar_batch(3, 0)
+    if case == "mixed keys":
+        batch = {1: 2, b"x": 3, "y": 4}
+    elif case == "ragged labels":
+        batch[b"labels"] = [1, [2, 3], 4]
+    elif case == "float labels":
+        batch[b"labels"] = [1.0, 2.0, 3.0]
+    elif case == "bool labels":
+        batch[b"labels"] = [True, False, True]
+    elif case == "huge labels":
+        batch[b"labels"] = [2**70, 1, 2]
+    elif case == "no images":
+        batch[b"data"] = np.zeros((0, 3072), np.uint8)
+        batch[b"labels"] = []
+    path = tmp_path / "cifar-10-batches-py" / "test_batch"
+    write_pickle(path, batch)
+    with pytest.raises(ValueError, match=match) as info:
+        load_cifar10("test", root=tmp_path, download=False)
+    assert "test_batch" in str(info.value)
