@@ -70,7 +70,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="default: the preset's")
     p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
     p.add_argument("--strategy", default="sequential", help="sequential | sync | average | hogwild")
-    p.add_argument("--threads", type=positive_int, default=1)
+    # checked (before the data is read) by the strategy, whose message names threads=
+    p.add_argument("--threads", type=int, default=1, help="workers (a positive integer)")
     p.add_argument("--backend", default="numpy", help="numpy | numba | numba_parallel | cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,

@@ -90,6 +90,8 @@ def test_train_filters_option(capsys):
     (["--dataset", "blobs", "--model", ""], "''"),
     (["--dataset", "blobs", "--strategy", "bogus_strategy"], "bogus_strategy"),
     (["--dataset", "blobs", "--backend", "bogus_backend"], "bogus_backend"),
+    (["--dataset", "blobs", "--threads", "0"], "threads=0"),
+    (["--dataset", "blobs", "--strategy", "sync", "--threads", "-2"], "threads=-2"),
     (["--dataset", "blobs", "--strategy", "sync", "--threads", "2", "--batch-size", "1"],
      "batch"),
 ])
@@ -147,7 +149,7 @@ def test_bench_gpu_without_a_gpu_says_so_and_exits_cleanly():
     ("--batch-size", "0"), ("--batch-size", "-32"),
     ("--lr", "0"), ("--lr", "-0.1"), ("--lr", "inf"), ("--lr", "nan"), ("--lr", "fast"),
     ("--momentum", "-0.1"), ("--momentum", "1"), ("--momentum", "nan"),
-    ("--threads", "0"), ("--filters", "0"), ("--limit", "0"), ("--test-limit", "-5"),
+    ("--filters", "0"), ("--limit", "0"), ("--test-limit", "-5"),
     ("--seed", "-1"), ("--seed", "1e3"),
 ])
 def test_bad_train_numbers_name_the_option(option, value, capsys):
