@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
     from .backends import get_backend
     from .data import DATASET_NAMES, load_dataset
     from .layers import layers_from_spec
-    from .model import Sequential, check_weights_path, resolve_spec
+    from .model import (Sequential, check_weights_path, naming_spec_file, resolve_spec,
+                        spec_file)
     from .optim import make_optimizer
     from .parallel import make_strategy
     from .presets import with_filters
@@ -145,8 +146,17 @@ def cmd_train(args) -> int:
                          f"{', '.join(DATASET_NAMES)}")
     dtype = np.dtype(args.dtype)
     model_name = args.model if args.model is not None else _default_model(args.dataset)
-    spec = with_filters(resolve_spec(model_name), args.filters)
-    layers_from_spec(spec["layers"])  # the layer options, before any data is read
+    spec = resolve_spec(model_name)
+    with naming_spec_file(spec_file(model_name)):
+        layers_from_spec(spec["layers"])  # the layer options, before any data is read
+        if args.filters is not None:
+            # layer types are case-insensitive ("Conv2D"); with_filters looks for "conv2d"
+            spec = {**spec, "layers": [{**layer, "type": layer["type"].lower()}
+                                       for layer in spec["layers"]]}
+            if not any(layer["type"] == "conv2d" for layer in spec["layers"]):
+                raise ValueError(f"--filters {args.filters}: model {model_name!r} has no conv2d "
+                                 f"layer whose filters it could set")
+            spec = with_filters(spec, args.filters)
     optimizer = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
     if not isinstance(optimizer, dict):
         raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
@@ -174,8 +184,9 @@ def cmd_train(args) -> int:
 
     data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
                         test_limit=args.test_limit, seed=args.seed, dtype=dtype)
-    model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype, seed=args.seed,
-                                 backend=args.backend)
+    with naming_spec_file(spec_file(model_name)):
+        model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
+                                     seed=args.seed, backend=args.backend)
     interrupt = _Interrupt()
     try:
         with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves

@@ -9,9 +9,11 @@ touching the model's host arrays.
 from __future__ import annotations
 
 import json
+import math
 import os
 import secrets
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,10 @@ def _check_dtype(dtype) -> np.dtype:
     return dt
 
 
+#: values per example (C*H*W) that an input may have: 8 GiB of float32, far beyond any image
+MAX_INPUT_VALUES = 2**31 - 1
+
+
 def check_input_shape(input_shape) -> tuple[int, ...]:
     """``input_shape`` as a tuple of positive ints (``(C, H, W)``, or ``(D,)`` for flat
     inputs); ``ValueError``/``TypeError`` naming the value otherwise."""
@@ -43,7 +49,11 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     if not input_shape or bad:
         raise ValueError(f"input_shape must be a non-empty list of positive integers such as "
                          f"(1, 28, 28). Received input_shape={tuple(input_shape)!r}")
-    return tuple(int(s) for s in input_shape)
+    shape = tuple(int(s) for s in input_shape)
+    if math.prod(shape) > MAX_INPUT_VALUES:  # also keeps every later size within int64
+        raise ValueError(f"input_shape {shape} has {math.prod(shape):,} values per example; "
+                         f"at most {MAX_INPUT_VALUES:,} are supported")
+    return shape
 
 
 def _check_finite(x) -> None:
@@ -87,7 +97,15 @@ class Sequential:
         rng = np.random.default_rng(seed)
         self.params: dict[str, np.ndarray] = {}
         for layer in self.layers:
-            for pname, value in layer.init_params(rng, self.dtype).items():
+            try:
+                layer_params = layer.init_params(rng, self.dtype)
+            except (MemoryError, ValueError, OverflowError) as err:
+                # NumPy's allocation errors ("Unable to allocate 72 TiB", "array is too big",
+                # "Maximum allowed dimension exceeded"), named for the layer
+                raise ValueError(f"{layer.type} {layer.name!r}: cannot create its parameters "
+                                 f"for its input shape {layer.input_shape} (model "
+                                 f"input_shape={self.input_shape}): {err}") from None
+            for pname, value in layer_params.items():
                 self.params[f"{layer.name}.{pname}"] = value
 
     # ---- construction ----------------------------------------------------------------------
@@ -109,12 +127,14 @@ class Sequential:
 
         A preset name (``"mnist_small"``) or a path to a ``.json``/``.yaml`` file also works.
         """
+        source = spec_file(spec)
         spec = resolve_spec(spec)
-        layers = spec["layers"]
-        input_shape = input_shape if input_shape is not None else spec.get("input_shape")
-        if input_shape is None:
-            raise ValueError("input_shape is needed: pass it or put it in the spec")
-        return cls(layers_from_spec(layers), input_shape, **kwargs)
+        with naming_spec_file(source):
+            layers = spec["layers"]
+            input_shape = input_shape if input_shape is not None else spec.get("input_shape")
+            if input_shape is None:
+                raise ValueError("input_shape is needed: pass it or put it in the spec")
+            return cls(layers_from_spec(layers), input_shape, **kwargs)
 
     def spec(self) -> dict:
         """The plain spec that rebuilds this architecture (JSON-serialisable)."""
@@ -469,6 +489,29 @@ def _check_spec(spec: dict, source: str) -> dict:
         if spec.get(key) is not None and not isinstance(spec[key], dict):
             raise ValueError(f"{source}{key} must be a dict. Received {key}={spec[key]!r}")
     return spec
+
+
+def spec_file(spec: Any) -> Path | None:
+    """The file ``spec`` names when it is a ``.json``/``.yaml`` path (not a preset), else None."""
+    from .presets import PRESETS
+    if isinstance(spec, (str, os.PathLike)) and os.fspath(spec) not in PRESETS:
+        path = Path(os.fspath(spec))
+        if path.suffix.lower() in (".json", ".yaml", ".yml"):
+            return path
+    return None
+
+
+@contextmanager
+def naming_spec_file(source: Path | None):
+    """Prefix ``ValueError``/``TypeError`` raised inside with the spec file's path (if any), so
+    an error in a layer's options or the architecture names the file it came from."""
+    try:
+        yield
+    except (ValueError, TypeError) as err:
+        if source is None or str(source) in str(err):
+            raise
+        kind = ValueError if isinstance(err, ValueError) else TypeError
+        raise kind(f"{source}: {err}") from None
 
 
 def resolve_spec(spec: Any) -> dict:

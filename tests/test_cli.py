@@ -278,3 +278,24 @@ def test_ctrl_c_without_save_says_nothing_was_saved(tmp_path):
     rc, out, err, _ = interrupt_train(tmp_path)
     assert rc == 130 and "weights not saved (no --save given)" in err, err
     assert "Traceback" not in err
+
+
+def test_filters_on_a_model_without_conv_and_layer_errors_name_the_file(tmp_path, capsys):
+    path = tmp_path / "dense_only.json"
+    path.write_text(json.dumps({"layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}))
+    assert main(["train", "--dataset", "blobs", "--model", str(path), "--filters", "3"]) == 2
+    assert "--filters 3" in capsys.readouterr().err
+    path.write_text(json.dumps({"layers": [{"type": "Conv2D", "filters": 2}, {"type": "flatten"},
+                                           {"type": "dense", "units": 10}]}))
+    assert main(["train", "--dataset", "blobs", "--model", str(path), "--filters", "3",
+                 "--quiet", "--epochs", "1", "--limit", "16", "--test-limit", "8"]) == 0
+    assert re.search(r"^conv2d\s+conv2d\s+\(3, 6, 6\)", capsys.readouterr().out, re.M)
+    path.write_text(json.dumps({"layers": [{"type": "conv2d", "filtres": 2}]}))
+    assert main(["train", "--dataset", "blobs", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: layer 0") and "filtres" in err
+    path.write_text(json.dumps({"layers": [{"type": "conv2d", "filters": 2, "kernel_size": 9},
+                                           {"type": "flatten"}, {"type": "dense", "units": 10}]}))
+    assert main(["train", "--dataset", "blobs", "--model", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {path}: ") and "larger than its input" in err

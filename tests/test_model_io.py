@@ -215,3 +215,20 @@ def test_numpy_ints_in_input_shape_are_fine():
     assert Sequential(layers_from_spec(SPEC), np.array([1, 6, 6])
                       .tolist()).input_shape == (1, 6, 6)
     assert Sequential(layers_from_spec(SPEC), tuple(np.int64(v) for v in (1, 6, 6))).input_shape == (1, 6, 6)
+
+
+def test_input_shape_too_large_for_int64_sizes_is_refused():
+    """(2**20)**4 wraps to 0 in int64 arithmetic: it must not build a model with 0 features."""
+    with pytest.raises(ValueError, match=r"values per example; at most"):
+        Sequential.from_spec([{"type": "flatten"}, {"type": "dense", "units": 2}],
+                             input_shape=(2**20,) * 4)
+
+
+@pytest.mark.parametrize("units", [2**40, 2**62, 2**63, 10**30])
+def test_parameters_too_large_to_allocate_name_the_layer(units):
+    with pytest.raises(ValueError, match=r"dense 'dense': cannot create its parameters"):
+        Sequential.from_spec([{"type": "flatten"}, {"type": "dense", "units": units}],
+                             input_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match=r"conv2d 'conv2d': cannot create its parameters"):
+        Sequential.from_spec([{"type": "conv2d", "filters": units}, {"type": "flatten"},
+                              {"type": "dense", "units": 2}], input_shape=(1, 4, 4))
