@@ -285,7 +285,7 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
-    from .report import build_report
+    from .analysis import build_report
     build_report(args.results, args.out, figures_dir=args.figures_dir,
                  summary_dir=args.summary_dir, generated_dir=args.generated_dir,
                  gpu_kernels=args.gpu_kernels, n_boot=args.n_boot, level=args.level,

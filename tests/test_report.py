@@ -1,4 +1,4 @@
-"""Tests for cnn.report: the statistics against hand computation on a tiny hand-made frame, the
+"""Tests for cnn.analysis (the report): the statistics against hand computation on a tiny hand-made frame, the
 Amdahl fit against a noise-free S(p), and the whole report (figures, summary, numbers.json, PDF)
 built from the synthetic fixture in tests/fixtures/make_results_fixture.py, written into
 tmp_path (no synthetic file ever lands in results/)."""
@@ -13,7 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cnn import report as R
+from cnn import analysis as R
+from cnn import results as store
+from cnn.analysis import figures as F, statistics as S
 from cnn.cli import main as cli_main
 
 FIXTURE = Path(__file__).parent / "fixtures" / "make_results_fixture.py"
@@ -150,7 +152,7 @@ def test_amdahl_fit_edge_cases():
     assert R.fit_amdahl([2], [2.5]) == 0.0               # superlinear: pinned at the bound
     assert R.fit_amdahl([1, 2], [0.95, 1.6]) == pytest.approx(R.karp_flatt(1.6, 2), abs=1e-9)
     samples = np.array([[1.2], [1.6], [1.9]])
-    np.testing.assert_allclose(R._fit_amdahl_many(np.array([2.0]), samples),
+    np.testing.assert_allclose(S._fit_amdahl_many(np.array([2.0]), samples),
                                [R.fit_amdahl([2], row) for row in samples], atol=1e-9)
 
 
@@ -163,7 +165,7 @@ def test_load_results_missing_says_run_the_study(tmp_path):
 
 def test_load_results_checks_columns(tmp_path):
     path = tmp_path / "bad.pkl"
-    pd.DataFrame({"run_key": ["a"]}).to_pickle(path)
+    store.save_results(pd.DataFrame({"run_key": ["a"]}), path)
     with pytest.raises(ValueError, match="columns"):
         R.load_results(path)
 
@@ -187,8 +189,8 @@ def test_numbers_when_paths_are_absent(results_file):
     """Only the sequential path: no speed-up figures, and the report text says what is absent."""
     df = R.load_results(results_file)
     s = R.summarize(df[df["path"].isin(["sequential", "cuda"])], n_boot=50)
-    for plot in (R.plot_speedup, R.plot_efficiency, R.plot_speedup_vs_size,
-                 R.plot_speedup_heatmap):
+    for plot in (F.plot_speedup, F.plot_efficiency, F.plot_speedup_vs_size,
+                 F.plot_speedup_heatmap):
         assert plot(s, "mnist/mnist_small") is None
     numbers = R.report_numbers(s, [])
     assert set(numbers["paths"]["absent"]) == {"threads", "numba", "numba_parallel", "cuda",
@@ -229,7 +231,7 @@ def test_build_report_pdf(results_file, tmp_path):
 def test_build_report_with_only_sequential_runs(results_file, tmp_path):
     df = pd.read_pickle(results_file)
     only = tmp_path / "df_results.pkl"
-    df[df["path"] == "sequential"].to_pickle(only)
+    store.save_results(df[df["path"] == "sequential"], only)
     written = R.build_report(only, tmp_path / "r.pdf", n_boot=50, dpi=40, verbose=False)
     assert written["pdf"].read_bytes().startswith(b"%PDF")
     numbers = json.loads(written["numbers"].read_text())

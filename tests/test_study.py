@@ -15,9 +15,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from cnn import study
-from cnn.study import (COLUMNS, PROFILES, describe_plan, expand_grid, load_results, run_study,
-                       save_results, summarize)
+from cnn.analysis import summarize
+from cnn.results import COLUMNS, load_results, save_results
+from cnn.study import PROFILES, describe_plan, expand_grid, main as study_main, run_study
+from cnn.study import runner
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"dataset": "blobs", "model": "mnist_small", "train_size": 64, "test_size": 32,
@@ -126,16 +127,19 @@ def test_profiles():
 
 
 def test_child_environment():
-    env = study._child_env({"path": "numba_parallel", "threads": 3}, numba_cache=Path("/x"))
+    env = runner.child_env({"path": "numba_parallel", "threads": 3}, numba_cache=Path("/x"))
     assert env["NUMBA_NUM_THREADS"] == "3" and env["NUMBA_CACHE_DIR"] == "/x"
-    assert study._child_env({"path": "cuda", "cuda_simulator": True})["NUMBA_ENABLE_CUDASIM"] == "1"
+    assert runner.child_env({"path": "cuda", "cuda_simulator": True})["NUMBA_ENABLE_CUDASIM"] == "1"
 
 
 def test_jit_warm_up_runs_in_its_own_process(tmp_path):
-    assert study._jit_key({"backend": "numba", "dtype": "float32"}) == ("numba", "float32")
-    assert study._jit_key({"backend": "numba_parallel", "dtype": "float64"}) is not None
-    assert study._jit_key({"backend": "tensorflow", "dtype": "float32"}) is None
-    seconds, message = study._warm_jit(("numpy", "float32"), tmp_path)
+    assert runner.jit_key({"path": "numba", "backend": "numba", "dtype": "float32"}) == (
+        "numba", "float32")
+    assert runner.jit_key({"path": "threads", "backend": "numba", "dtype": "float64"}) is not None
+    assert runner.jit_key({"path": "numba_parallel", "backend": "numba_parallel",
+                           "dtype": "float64"}) is not None
+    assert runner.jit_key({"path": "keras", "backend": "tensorflow", "dtype": "float32"}) is None
+    seconds, message = runner.warm_jit(("numpy", "float32"), tmp_path)
     assert seconds is None and "nothing to compile" in message
 
 
@@ -144,12 +148,11 @@ def test_save_is_atomic(tmp_path, monkeypatch):
     out = tmp_path / "df.pkl"
     save_results(pd.DataFrame({"run_key": ["a"], "status": ["ok"]}), out)
 
-    def crash(self, path, *args, **kwargs):
-        Path(path).write_bytes(b"half a pickle")
+    def crash(fd):  # the disk fills up while the new file is being made durable
         raise OSError("disk full")
 
-    monkeypatch.setattr(pd.DataFrame, "to_pickle", crash)
-    with pytest.raises(OSError):
+    monkeypatch.setattr("os.fsync", crash)
+    with pytest.raises(OSError, match="disk full"):
         save_results(pd.DataFrame({"run_key": ["b"], "status": ["ok"]}), out)
     monkeypatch.undo()
     assert list(pd.read_pickle(out)["run_key"]) == ["a"]  # the old file, intact
@@ -223,7 +226,7 @@ def test_rerun_skips_done_and_retries_failed(studied):
     ok_before = df[df["status"] == "ok"].reset_index(drop=True)
     ok_after = again[again["status"] == "ok"].reset_index(drop=True)
     pd.testing.assert_frame_equal(ok_before, ok_after)
-    table = summarize(again)
+    table = summarize(again, n_boot=50).table
     assert len(table) == 1 and table["speedup"].iloc[0] == pytest.approx(1.0)
 
 
@@ -275,7 +278,7 @@ def test_cli_ctrl_c_then_resume(tmp_path):
 
 
 def test_cli_dry_run(tmp_path, capsys):
-    assert study.main(["--profile", "full", "--dry-run", "--out", str(tmp_path / "x.pkl")]) == 0
+    assert study_main(["--profile", "full", "--dry-run", "--out", str(tmp_path / "x.pkl")]) == 0
     text = capsys.readouterr().out
     assert "runs" in text and "estimated wall time" in text
     assert not (tmp_path / "x.pkl").exists()

@@ -1,0 +1,263 @@
+"""Every number and generated sentence the report prints (``numbers.json``), and their
+formatting."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from .. import paths as P
+from .summary import (BASELINE_PATH, GROUP_KEYS, Summary, _at_max_p, _config_text,
+                      _int, _isnan, _jsonable, _num, cold_compile, noise, simulator_check,
+                      sync_check)
+from ..results import MACHINE_COLUMNS
+from .text import _pct, fmt, fmt_ci
+
+
+def _table_rows(t: pd.DataFrame) -> list[dict]:
+    rows, prev = [], None
+    for _, r in t.iterrows():
+        rows.append({
+            "first": bool(rows) and r["config_id"] != prev,
+            "label": r["label"], "batch": _int(r["batch_size"]), "filters": _int(r["filters"]),
+            "n": str(int(r["n_repeats"])),
+            "time": fmt_ci(r["epoch_time_median"], r["epoch_time_ci_lo"], r["epoch_time_ci_hi"]),
+            "ips": fmt_ci(r["images_per_sec_median"], r["images_per_sec_ci_lo"],
+                          r["images_per_sec_ci_hi"]),
+            "speedup": ("1 (baseline)" if r["path"] == BASELINE_PATH else
+                        fmt_ci(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"])),
+            "efficiency": "–" if r["path"] == BASELINE_PATH else fmt(r["efficiency"]),
+            "karp_flatt": fmt(r["karp_flatt"], 2),
+            "accuracy": (f"{_pct(r['final_accuracy_median'])} ({_pct(r['final_accuracy_iqr'])})"),
+        })
+        prev = r["config_id"]
+    return rows
+
+
+def _short_config(r) -> str:
+    return f"b{_int(r['batch_size'])} f{_int(r['filters'])}"
+
+
+def speedup_verdicts(t: pd.DataFrame) -> dict:
+    """Per problem and variant (with a sequential baseline and a CI): in how many configurations
+    the speed-up's CI lies above 1 (parallelism pays), below 1 (the overhead wins), or spans 1."""
+    par = t[(t["path"] != BASELINE_PATH) & t["speedup_ci_lo"].notna()]
+    pays = par["speedup_ci_lo"] > 1
+    loses = par["speedup_ci_hi"] < 1
+    rows = []
+    for (problem, lb), g in par.groupby(["problem", "label"], sort=False):
+        gp, gl = pays[g.index], loses[g.index]
+        gu = ~(gp | gl)
+        rows.append({"problem": problem, "label": lb, "n": str(len(g)),
+                     "pays": str(int(gp.sum())), "loses": str(int(gl.sum())),
+                     "unclear": str(int(gu.sum())),
+                     "where_loses": ", ".join(_short_config(r) for _, r in g[gl].iterrows()) or "–",
+                     "where_unclear": ", ".join(_short_config(r) for _, r in g[gu].iterrows()) or "–"})
+    return {"n": int(len(par)), "n_pays": int(pays.sum()), "n_loses": int(loses.sum()),
+            "n_unclear": int(len(par) - pays.sum() - loses.sum()), "rows": rows}
+
+
+def speedup_trends(t: pd.DataFrame) -> list[dict]:
+    """How the speed-up of each variant (at its largest p) moves with the batch size, filters
+    held fixed, and with the filter count, batch size held fixed; ``clear`` when the CIs at the
+    two ends do not overlap."""
+    out = []
+    t = _at_max_p(t)
+    for (problem, lb), g in t.groupby(["problem", "label"], sort=False):
+        for axis, other, unit, ounit in (("batch_size", "filters", "batch", "filters"),
+                                         ("filters", "batch_size", "filters", "batch")):
+            for ov, h in g.groupby(other, dropna=False):
+                h = h.sort_values(axis, key=lambda s: s.map(_num))
+                if h[axis].nunique() < 2:
+                    continue
+                a, b = h.iloc[0], h.iloc[-1]
+                clear = (a["speedup_ci_hi"] < b["speedup_ci_lo"]) or (b["speedup_ci_hi"] < a["speedup_ci_lo"])
+                out.append({"problem": problem, "label": lb, "fixed": f"{ounit} {_int(ov)}",
+                            "varied": unit,
+                            "values": ", ".join(f"{_int(x)}: {fmt(y)}" for x, y in
+                                                zip(h[axis], h["speedup"])),
+                            "direction": "rises" if b["speedup"] > a["speedup"] else "falls",
+                            "clear": "yes" if clear else "no"})
+    return out
+
+
+def _machines(summary: Summary) -> list[dict]:
+    r = summary.results[summary.results["status"] == "ok"]
+    if r.empty:
+        r = summary.results
+    cols = [c for c in MACHINE_COLUMNS if c != "git_commit"]
+    m = r[cols].astype(str).drop_duplicates()
+    return m.to_dict("records")
+
+
+def _model_text(name: str) -> str:
+    try:
+        from ..presets import get_preset
+        spec = get_preset(name)
+    except (ValueError, ImportError):
+        return name
+    parts = []
+    for layer in spec["layers"]:
+        kind = layer["type"]
+        if kind == "conv2d":
+            act = f" {layer['activation']}" if layer.get("activation") else ""
+            parts.append(f"conv {layer['filters']}×{layer['kernel_size']}×{layer['kernel_size']}{act}")
+        elif kind == "maxpool2d":
+            parts.append(f"max-pool {layer['pool_size']}")
+        elif kind == "dense":
+            act = f" {layer['activation']}" if layer.get("activation") else ""
+            parts.append(f"dense {layer['units']}{act}")
+        else:
+            parts.append(kind)
+    return " → ".join(parts) + " → softmax"
+
+
+def read_gpu_kernels(path) -> list[dict] | None:
+    """The on-paper GPU analysis (``results/gpu_kernels.csv``: kernel, arch, registers,
+    smem_bytes, spill_stores, spill_loads, threads_per_block, occupancy, arithmetic_intensity)
+    as rows of display strings, or None when the file is absent or empty."""
+    path = Path(path) if path else None
+    if path is None or not path.exists():
+        return None
+    k = pd.read_csv(path)
+    if k.empty:
+        return None
+    rows = []
+    for _, r in k.iterrows():
+        row = {}
+        for col, v in r.items():
+            if _isnan(v):
+                row[col] = "–"
+            elif col == "occupancy" and 0 <= float(v) <= 1:
+                row[col] = _pct(v, 0)
+            elif isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()
+                                                       and col != "arithmetic_intensity"):
+                row[col] = str(int(v))
+            elif isinstance(v, (float, np.floating)):
+                row[col] = fmt(v)
+            elif col == "kernel":  # display only: every name ends in _kernel
+                row[col] = str(v).removesuffix("_kernel")
+            else:
+                row[col] = str(v)
+        rows.append(row)
+    return rows
+
+
+def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> dict:
+    """Every number and generated sentence ``report/report.typ`` prints (a JSON-able dict)."""
+    runs, t, res = summary.runs, summary.table, summary.results
+    PATHS = P.path_names()
+    present = [p for p in PATHS if p in set(runs["path"])] + sorted(set(runs["path"]) - set(PATHS))
+    failed_only = sorted(set(summary.failed["path"]) - set(present)) if len(summary.failed) else []
+    started = pd.to_datetime(res["started_at"], errors="coerce", utc=True,
+                             format="ISO8601").dropna()
+    reps = runs.groupby(list(GROUP_KEYS), dropna=False).size() if len(runs) else pd.Series(dtype=int)
+    epochs = sorted(int(x) for x in runs["n_epochs"].unique()) if len(runs) else []
+    problems = []
+    for problem in summary.problems:
+        tp = t[t["problem"] == problem]
+        rp = runs[runs["problem"] == problem]
+        am = summary.amdahl[summary.amdahl["problem"] == problem]
+        par = tp[(tp["path"] != BASELINE_PATH) & tp["speedup"].notna()]
+        best = par.loc[par["speedup"].idxmax()] if len(par) else None
+        params = rp.groupby("filters", dropna=False)["num_params"].first()
+        problems.append({
+            "name": problem, "dataset": str(rp["dataset"].iat[0]), "model": str(rp["model"].iat[0]),
+            "architecture": _model_text(str(rp["model"].iat[0])),
+            "params": ", ".join(f"{_int(k)} filters: {int(v):,} parameters" for k, v in params.items()
+                                if not _isnan(v)),
+            "train_size": ", ".join(sorted({_int(x) for x in rp["train_size"]})),
+            "test_size": ", ".join(sorted({_int(x) for x in rp["test_size"].dropna()})) or "–",
+            "runs": int(rp["run_key"].nunique()), "configs": int(rp["config_id"].nunique()),
+            "paths": [p for p in present if p in set(rp["path"])],
+            "absent": [p for p in PATHS if p not in set(rp["path"])],
+            "no_baseline": sorted({_config_text(r) for _, r in tp.iterrows() if r["n_baseline"] == 0}),
+            "best": None if best is None else {
+                "label": best["label"], "config": _config_text(best),
+                "speedup": fmt_ci(best["speedup"], best["speedup_ci_lo"], best["speedup_ci_hi"]),
+                "efficiency": fmt(best["efficiency"]),
+            },
+            "table": _table_rows(tp),
+            "amdahl": [{"variant": r["variant"], "config": _config_text(r),
+                        "p_values": r["p_values"],
+                        "f": fmt_ci(r["amdahl_f"], r["amdahl_f_ci_lo"], r["amdahl_f_ci_hi"], 2)
+                        + ("*" if r["at_bound"] else ""),
+                        "rms": fmt(r["rms_residual"], 2),
+                        "f_self": fmt_ci(r["amdahl_f_self"], r["amdahl_f_self_ci_lo"],
+                                         r["amdahl_f_self_ci_hi"], 2),
+                        "kf": fmt(r["karp_flatt_at_p_max"], 2),
+                        "kf_self": fmt(r["karp_flatt_self_at_p_max"], 2),
+                        "p_max": _int(r["p_max"]),
+                        "s_max": fmt(r["speedup_at_p_max"])} for _, r in am.iterrows()],
+            "amdahl_at_bound": int(am["at_bound"].sum()) if len(am) else 0,
+            # a single p > 1 point determines the fit (p = 1 only adds a constant to the loss)
+            "amdahl_one_point": bool(len(am) and all(
+                sum(int(x) > 1 for x in pv.split(", ")) <= 1 for pv in am["p_values"])),
+            "figures": [f for f in figures if f["problem"] == problem],
+        })
+    ok_machines = _machines(summary)
+    cuda_ok = "cuda" in set(runs["path"])
+    cuda_failed = summary.failed[summary.failed["path"] == "cuda"] if len(summary.failed) else []
+    n_rep_min = int(reps.min()) if len(reps) else 0
+    numbers = {
+        "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "source": summary.source,
+        "counts": {
+            "rows": int(len(res)), "runs": int(res["run_key"].nunique()),
+            "runs_ok": int(runs["run_key"].nunique()) if len(runs) else 0,
+            "runs_failed": int((summary.failed["status"] != "diverged").sum())
+            if len(summary.failed) else 0,
+            "runs_diverged": int((summary.failed["status"] == "diverged").sum())
+            if len(summary.failed) else 0,
+            "repeats_min": n_rep_min, "repeats_max": int(reps.max()) if len(reps) else 0,
+            "epochs": ", ".join(map(str, epochs)) or "–",
+            "configs": int(runs["config_id"].nunique()) if len(runs) else 0,
+            "problems": len(summary.problems),
+            "groups": int(len(t)),
+        },
+        "period": {"start": started.min().strftime("%Y-%m-%d %H:%M") if len(started) else "–",
+                   "end": started.max().strftime("%Y-%m-%d %H:%M") if len(started) else "–"},
+        "machines": ok_machines,
+        "commits": sorted({str(c) for c in res["git_commit"].dropna()}),
+        "versions": {c: sorted({str(v) for v in res[c].dropna()}) for c in
+                     ("python", "numpy_version", "numba_version", "tensorflow_version",
+                      "keras_version")},
+        "failed": [{"run_key": r["run_key"], "path": r["path"], "status": r["status"],
+                    "error": str(r.get("error", ""))[:160]} for _, r in summary.failed.iterrows()],
+        "paths": {"expected": list(PATHS), "present": present,
+                  "absent": [p for p in PATHS if p not in present], "failed_only": failed_only},
+        "method": {"n_boot": summary.n_boot, "level": _pct(summary.level, 0),
+                   "seed": summary.seed,
+                   # a bootstrap CI of a median cannot leave the range of the observations; the
+                   # range [min, max] of n samples covers the true median with prob. 1 - 2^(1-n)
+                   "range_coverage": _pct(1 - 2.0 ** (1 - n_rep_min), 0) if n_rep_min else "–",
+                   "n_min": n_rep_min},
+        "problems": problems,
+        "verdicts": speedup_verdicts(t) if len(t) else {"n": 0},
+        "trends": speedup_trends(t) if len(t) else [],
+        "sync": sync_check(summary),
+        "noise": noise(summary),
+        "cold_compile": cold_compile(summary),
+        "gpu": {"cuda_measured": bool(cuda_ok), "cuda_failed": int(len(cuda_failed)),
+                "simulated": simulator_check(summary),
+                "cuda_error": (str(cuda_failed["error"].iat[0])[:160] if len(cuda_failed) else ""),
+                "kernels": read_gpu_kernels(gpu_kernels)},
+        "datasets": sorted(set(runs["dataset"])) if len(runs) else [],
+    }
+    s = numbers["sync"]
+    if s.get("pairs"):
+        s["max_abs_diff_text"] = _pct(s["max_abs_diff"], 2)
+    n = numbers["noise"]
+    if n.get("groups"):
+        n["cv_median_text"], n["cv_max_text"] = _pct(n["cv_median"]), _pct(n["cv_max"])
+    return _json_clean(numbers)
+
+
+def _json_clean(x):
+    if isinstance(x, dict):
+        return {str(k): _json_clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_clean(v) for v in x]
+    return _jsonable(x)

@@ -1,0 +1,36 @@
+"""Number formatting for the report and its tables."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+
+def _isnan(x) -> bool:
+    try:
+        return x is None or (isinstance(x, float) and math.isnan(x)) or bool(pd.isna(x))
+    except (TypeError, ValueError):
+        return False
+
+
+def fmt(x, digits: int = 3) -> str:
+    """``digits`` significant figures (no exponent for ordinary magnitudes); '–' for NaN."""
+    if x is None or _isnan(x):
+        return "–"
+    x = float(x)
+    if x == 0:
+        return "0"
+    mag = math.floor(math.log10(abs(x)))
+    dec = min(max(0, digits - 1 - mag), 4)
+    text = f"{x:.{dec}f}"
+    return "0" if float(text) == 0 else text
+
+
+def fmt_ci(m, lo, hi, digits: int = 3) -> str:
+    if _isnan(lo) or _isnan(hi):
+        return fmt(m, digits)
+    return f"{fmt(m, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def _pct(x, digits: int = 1) -> str:
+    return "–" if _isnan(x) else f"{100 * float(x):.{digits}f}%"

@@ -1,0 +1,261 @@
+"""The path registry: one entry per training path of the study, the one source of truth for
+what a path is.
+
+A *path* is a way to train the one model: a backend (where the arithmetic runs), a strategy
+(how a batch is split, :mod:`cnn.parallel`) and a launcher (how the run's process is started).
+The study's grid validation (:mod:`cnn.study.grid`), the runner's launch and the child's
+training call (:mod:`cnn.study.runner`, :mod:`cnn.study.child`), the analysis's labels and
+orders (:mod:`cnn.analysis`) and the CLI all read this table; none of them lists path names
+of its own.
+
+Adding a path (processes, MPI ranks, ...) is one :class:`TrainingPath` entry in
+:data:`PATHS` plus its strategy in :mod:`cnn.parallel`. For example, a process-parallel
+``sync`` path would be::
+
+    TrainingPath("processes", "sync over worker processes sharing weights in shared memory",
+                 strategies=("sync",), backends=("numpy", "numba"),
+                 workers="worker processes", scales=True, fit_strategy={"sync": "processes"})
+
+and an MPI path launched by ``mpiexec -n p``::
+
+    TrainingPath("mpi", "sync across MPI ranks (mpi4py Allreduce)", strategies=("sync",),
+                 backends=("numpy",), workers="MPI ranks", scales=True,
+                 launch="mpiexec", fit_strategy={"sync": "mpi"}, fit_workers=False)
+
+Everything else (grid axes, keys, labels, figure order, oversubscription marks, the child's
+command line and environment) follows from the entry.
+
+Importing this module imports the standard library only (the study's child imports it before
+numpy).
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from typing import Mapping
+
+#: the path every speed-up is divided by (DESIGN.md: NumPy, one worker, BLAS pinned to 1)
+BASELINE = "sequential"
+#: backends whose kernels Numba compiles (and caches on disk)
+JIT_BACKENDS = ("numba", "numba_parallel", "cuda")
+#: how a run's process is started
+LAUNCHERS = ("in-process", "env", "mpiexec")
+
+
+@dataclass(frozen=True)
+class TrainingPath:
+    """One training path.
+
+    Attributes:
+        name: the value of the grid's ``path`` axis and of the results' ``path`` column.
+        description: one line for plans, reports and ``--help``.
+        strategies: the strategies this path runs (the results' ``strategy`` column); the first
+            is the default. A path with one strategy ignores the grid's ``strategy`` axis.
+        backends: the backends it runs over (the results' ``backend`` column); the first is the
+            default. A path with one backend ignores the grid's ``backend`` axis.
+        workers: what the grid's ``threads`` axis means for this path (``"none"``: it has no
+            workers, threads is forced to 1).
+        scales: True when more than one worker is meaningful (``threads`` > 1 allowed).
+        launch: ``"in-process"`` (the child trains in its own interpreter), ``"env"`` (as
+            in-process, with environment variables set before the interpreter starts, see
+            ``env``) or ``"mpiexec"`` (the child is started as ``mpiexec -n <threads> ...``).
+        env: environment variables of the child, values formatted with the run's configuration
+            (``"{threads}"``), set before its interpreter starts.
+        trainer: ``"fit"`` (:func:`cnn.train.fit`) or ``"keras"``
+            (:func:`cnn.keras_reference.fit_keras`).
+        fit_strategy: the recorded strategy -> the :mod:`cnn.parallel` strategy name passed to
+            ``fit`` (identity when absent).
+        fit_workers: whether ``fit`` gets ``threads`` workers (False: one; the parallelism
+            lives elsewhere, e.g. in NUMBA_NUM_THREADS or in the MPI ranks).
+        needs_gpu: runs only with a CUDA GPU (or under the simulator when the grid says so).
+        uses_cores: whether its workers are CPU threads/processes, so ``threads`` > cores
+            oversubscribes the machine.
+        model_backend: the backend the model is built with when it differs from ``backend``
+            (Keras builds our model on numpy and copies its weights).
+    """
+
+    name: str
+    description: str
+    strategies: tuple[str, ...] = ("sequential",)
+    backends: tuple[str, ...] = ("numpy",)
+    workers: str = "none"
+    scales: bool = False
+    launch: str = "in-process"
+    env: Mapping[str, str] = field(default_factory=dict)
+    trainer: str = "fit"
+    fit_strategy: Mapping[str, str] = field(default_factory=dict)
+    fit_workers: bool = True
+    needs_gpu: bool = False
+    uses_cores: bool = True
+    model_backend: str | None = None
+
+    def __post_init__(self):
+        if self.launch not in LAUNCHERS:
+            raise ValueError(f"path {self.name!r}: launch must be one of {LAUNCHERS}; "
+                             f"received launch={self.launch!r}")
+        if self.trainer not in ("fit", "keras"):
+            raise ValueError(f"path {self.name!r}: trainer must be 'fit' or 'keras'; "
+                             f"received trainer={self.trainer!r}")
+        if not self.strategies or not self.backends:
+            raise ValueError(f"path {self.name!r}: needs at least one strategy and backend")
+
+    # ---- configuration ---------------------------------------------------------------------
+    @property
+    def default_strategy(self) -> str:
+        return self.strategies[0]
+
+    @property
+    def default_backend(self) -> str:
+        return self.backends[0]
+
+    def compiles(self, backend: str | None = None) -> bool:
+        """Whether a run of this path JIT-compiles kernels (over ``backend``)."""
+        return (backend or self.default_backend) in JIT_BACKENDS
+
+    def resolve(self, strategy: str | None, backend: str | None, threads: int) -> tuple:
+        """``(strategy, backend, threads)`` of a run: the defaults filled in, fixed axes fixed,
+        and a clear ``ValueError`` for a value this path does not take."""
+        if len(self.strategies) == 1:
+            strategy = self.strategies[0]
+        elif strategy is None:
+            strategy = self.default_strategy
+        if strategy not in self.strategies:
+            raise ValueError(f"grid axis 'strategy': path {self.name!r} takes one of "
+                             f"{list(self.strategies)}; received strategy={strategy!r}")
+        if len(self.backends) == 1:
+            backend = self.backends[0]
+        elif backend is None:
+            backend = self.default_backend
+        if backend not in self.backends:
+            raise ValueError(f"grid axis 'backend': path {self.name!r} runs over one of "
+                             f"{list(self.backends)}; received backend={backend!r}")
+        if not self.scales:
+            threads = 1
+        return strategy, backend, threads
+
+    # ---- launching ---------------------------------------------------------------------------
+    def child_env(self, cfg: Mapping) -> dict[str, str]:
+        """The variables this path sets in its child's environment."""
+        return {k: str(v).format(**cfg) for k, v in self.env.items()}
+
+    def command(self, cfg: Mapping, argv: list[str]) -> list[str]:
+        """The command line that starts the child ``argv`` (``[python, -m, ...]``)."""
+        if self.launch == "mpiexec":
+            mpiexec = shutil.which("mpiexec") or "mpiexec"
+            return [mpiexec, "-n", str(cfg["threads"]), *argv]
+        return list(argv)
+
+    def fit_arguments(self, cfg: Mapping) -> dict:
+        """``strategy`` and ``threads`` for :func:`cnn.train.fit`."""
+        return {"strategy": self.fit_strategy.get(cfg["strategy"], cfg["strategy"]),
+                "threads": int(cfg["threads"]) if self.fit_workers else 1}
+
+    # ---- analysis ------------------------------------------------------------------------------
+    def variant(self, strategy: str | None, backend: str | None) -> str:
+        """``threads/sync``, ``threads/hogwild[numba]``, ``numba_parallel``, ``sequential``:
+        the strategy when the path has several, the backend when it is not the default."""
+        name = self.name
+        if len(self.strategies) > 1 and _given(strategy) and strategy != "sequential":
+            name += f"/{strategy}"
+        if _given(backend) and backend not in (self.default_backend, self.model_backend):
+            name += f"[{backend}]"
+        return name
+
+    def p(self, threads) -> float:
+        """The ``p`` of speed-up and efficiency: the worker count; NaN for a path without CPU
+        workers (CUDA: its parallelism is not a count of workers)."""
+        if not self.uses_cores or not _given(threads):
+            return float("nan")
+        return float(threads)
+
+    def oversubscribed(self, threads, cores: int | None = None) -> bool:
+        """True when ``threads`` workers exceed the machine's ``cores`` (None: this machine's;
+        NaN, unknown: False)."""
+        if cores is None:
+            cores = os.cpu_count() or 1
+        if not self.uses_cores or not _given(threads) or not _given(cores):
+            return False
+        return int(threads) > int(cores)
+
+
+def _given(x) -> bool:
+    if x is None:
+        return False
+    if isinstance(x, float) and math.isnan(x):
+        return False
+    return str(x) not in ("", "nan", "None", "<NA>")
+
+
+#: the registry, in the order tables and figures list the paths
+PATHS: dict[str, TrainingPath] = {p.name: p for p in (
+    TrainingPath("sequential", "NumPy backend, one worker, BLAS pinned to one thread: the "
+                 "baseline", strategies=("sequential",), backends=("numpy",), workers="none"),
+    TrainingPath("threads", "data-parallel Python threads (sync | average | hogwild) over the "
+                 "NumPy or Numba nogil kernels", strategies=("sync", "average", "hogwild"),
+                 backends=("numpy", "numba"), workers="Python threads", scales=True),
+    TrainingPath("numba", "Numba nogil kernels, one worker", backends=("numba",),
+                 workers="none"),
+    TrainingPath("numba_parallel", "Numba parallel=True kernels (intra-op threads)",
+                 backends=("numba_parallel",), workers="NUMBA_NUM_THREADS", scales=True,
+                 launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False),
+    TrainingPath("cuda", "numba.cuda kernels, parameters resident on the GPU",
+                 backends=("cuda",), workers="none", needs_gpu=True, uses_cores=False),
+    TrainingPath("keras", "the Keras reference (TensorFlow, CPU), same spec and weights",
+                 backends=("tensorflow",), workers="TensorFlow intra/inter-op threads",
+                 scales=True, trainer="keras", model_backend="numpy"),
+)}
+
+
+def path_names() -> list[str]:
+    return list(PATHS)
+
+
+def get_path(name: str) -> TrainingPath:
+    """The registry entry called ``name`` (ValueError naming the choices otherwise)."""
+    try:
+        return PATHS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown path {name!r}; choose one of {path_names()}") from None
+
+
+def all_strategies() -> list[str]:
+    """Every strategy some path takes, in registry order."""
+    return list(dict.fromkeys(s for p in PATHS.values() for s in p.strategies))
+
+
+def all_backends() -> list[str]:
+    """Every backend some path runs over, in registry order."""
+    return list(dict.fromkeys(b for p in PATHS.values() for b in p.backends))
+
+
+def variant_name(path: str, strategy=None, backend=None) -> str:
+    """The display name of a path variant (see :meth:`TrainingPath.variant`); a path not in the
+    registry (a results file from elsewhere) keeps its own name."""
+    entry = PATHS.get(str(path))
+    if entry is None:
+        name = str(path)
+        if _given(strategy) and strategy != "sequential":
+            name += f"/{strategy}"
+        return name
+    return entry.variant(strategy, backend)
+
+
+def workers(path: str, threads) -> float:
+    """The ``p`` of a run of ``path`` with ``threads`` (NaN where undefined)."""
+    entry = PATHS.get(str(path))
+    if entry is None:
+        return float(threads) if _given(threads) else float("nan")
+    return entry.p(threads)
+
+
+def oversubscribed(path: str, threads, cores) -> bool:
+    entry = PATHS.get(str(path))
+    return bool(entry and entry.oversubscribed(threads, cores))
+
+
+def order(path: str) -> int:
+    """Position of ``path`` in the registry (unknown paths last)."""
+    names = path_names()
+    return names.index(path) if path in names else len(names)

@@ -1,0 +1,242 @@
+"""The child: one run in a fresh interpreter (``python -m cnn.study.child``).
+
+The parent (:mod:`cnn.study.runner`) writes the run's configuration to a JSON file and starts
+``python -m cnn.study.child --run-json CONFIG --result RESULT --parent-pid PID`` with the
+environment the path's registry entry asks for (NUMBA_NUM_THREADS, NUMBA_ENABLE_CUDASIM, the
+study's NUMBA_CACHE_DIR) set before the interpreter starts. The child trains, writes a JSON
+result atomically and exits.
+
+The child dies with its parent: on Linux it asks the kernel for SIGKILL when the parent dies
+(``prctl(PR_SET_PDEATHSIG)``), then checks that the parent it was started by is still its
+parent (closing the window before that call); elsewhere a daemon thread watches the parent's
+pid. A ``kill -9`` of the study therefore never leaves a run competing for the CPU.
+
+Outcomes: "ok"; "diverged" when training raised :class:`cnn.train.DivergedError` (a
+non-finite loss or weights) or recorded a non-finite training loss; "failed" for any other
+exception (the error is ``ExceptionType: message``).
+
+Module-level imports are the standard library only.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Iterable
+
+from .. import paths as P
+
+PR_SET_PDEATHSIG = 1
+#: history key of cnn.train.History -> results column
+HISTORY_TO_COLUMN = {"epoch": "epoch", "time": "time", "compute_time": "compute_time",
+                     "data_time": "data_time", "transfer_time": "transfer_time",
+                     "eval_time": "eval_time", "images_per_sec": "images_per_sec",
+                     "loss": "train_loss", "accuracy": "train_accuracy",
+                     "val_loss": "test_loss", "val_accuracy": "test_accuracy"}
+#: the exception class names that mean "training diverged" (cnn.train.DivergedError)
+DIVERGED_ERRORS = ("DivergedError",)
+
+
+# ---- dying with the parent ----------------------------------------------------------------------
+def die_with_parent(parent_pid: int | None, poll: float = 0.5) -> str:
+    """Arrange for this process to end when ``parent_pid`` (its parent) dies. Returns how:
+    "prctl", "watcher" or "none"."""
+    if not parent_pid:
+        return "none"
+    how = "watcher"
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0:
+                how = "prctl"
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the call above
+        os._exit(137)
+    if how == "watcher":
+        def watch():
+            while True:
+                if os.getppid() != parent_pid:
+                    os._exit(137)
+                time.sleep(poll)
+        threading.Thread(target=watch, name="parent-watcher", daemon=True).start()
+    return how
+
+
+# ---- one run ----------------------------------------------------------------------------------
+def _finite(v):
+    try:
+        v = float(v)
+    except (TypeError, ValueError):
+        return None
+    return v if math.isfinite(v) else None
+
+
+def _device(cfg: dict) -> str:
+    entry = P.get_path(cfg["path"])
+    if not entry.needs_gpu:
+        return "cpu"
+    if cfg.get("cuda_simulator"):
+        return "cuda-simulator"
+    try:
+        from numba import cuda
+        name = cuda.get_current_device().name
+        return name.decode() if isinstance(name, bytes) else str(name)
+    except Exception:  # the name is a nicety; never fail a run for it
+        return "cuda"
+
+
+class Diverged(Exception):
+    """Raised inside :func:`execute_run` when a run's history shows a non-finite loss."""
+
+
+def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
+    """Train one configuration in this process and return its measurements (JSON-able).
+
+    The study calls this in a fresh child process; calling it directly is for debugging only,
+    since nothing then isolates runs from each other.
+    """
+    import numpy as np
+
+    from ..data import load_dataset
+    from ..model import Sequential, resolve_spec
+    from ..presets import with_filters
+
+    entry = P.get_path(cfg["path"])
+    dtype = np.dtype(cfg["dtype"])
+    t = time.perf_counter()
+    data = load_dataset(cfg["dataset"], root=data_root, limit=cfg["train_size"],
+                        test_limit=cfg["test_size"], seed=0, dtype=dtype, download=download)
+    load_time = time.perf_counter() - t
+    spec = with_filters(resolve_spec(cfg["model"]), cfg["filters"])
+    backend = entry.model_backend or cfg["backend"]
+    model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
+                                 seed=cfg["seed"], backend=backend)
+    optimizer = {**spec.get("optimizer", {"type": "sgd"}), "lr": cfg["lr"],
+                 "momentum": cfg["momentum"]}
+    common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=optimizer,
+                  seed=cfg["seed"], validation_data=(data.x_test, data.y_test), verbose=0)
+    if entry.trainer == "keras":
+        from ..keras_reference import fit_keras
+        hist = fit_keras(model, data.x_train, data.y_train, threads=cfg["threads"], **common)
+    else:
+        from ..train import fit
+        hist = fit(model, data.x_train, data.y_train, backend=backend, blas_threads=1,
+                   **entry.fit_arguments(cfg), **common)
+    h = hist.history
+    epochs = len(h.get("epoch", h.get("loss", [])))
+    losses = [h["loss"][i] for i in range(min(epochs, len(h.get("loss", []))))]
+    bad = next((i for i, v in enumerate(losses) if _finite(v) is None), None)
+    if bad is not None:
+        raise Diverged(f"training diverged: non-finite training loss {losses[bad]!r} in "
+                       f"epoch {bad + 1}")
+    per_epoch = []
+    for i in range(epochs):
+        row = {col: (_finite(h[key][i]) if key in h and i < len(h[key]) else None)
+               for key, col in HISTORY_TO_COLUMN.items()}
+        row["epoch"] = int(h["epoch"][i]) if "epoch" in h else i + 1
+        per_epoch.append(row)
+    return {"epochs": per_epoch, "compile_time": _finite(hist.info.get("compile_time")),
+            "num_params": int(model.num_params), "train_size": int(len(data.x_train)),
+            "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
+
+
+def is_divergence(err: BaseException) -> bool:
+    """Whether ``err`` says training diverged (cnn.train.DivergedError, matched by name so
+    this module needs no import of the training code)."""
+    return isinstance(err, Diverged) or any(
+        cls.__name__ in DIVERGED_ERRORS for cls in type(err).__mro__)
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(obj))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def source_hash() -> str:
+    """SHA-1 (12 hex digits) of the package's Python sources: tells runs apart that ran on
+    different code under one "-dirty" git commit."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def run_main(config_path: str, result_path: str) -> int:
+    """``--run-json CONFIG --result RESULT``: train, write the result."""
+    payload = json.loads(Path(config_path).read_text())
+    cfg = payload["config"]
+    source = source_hash()  # the code this run imports, hashed before it trains
+    result: dict[str, Any] = {"status": "ok", "error": ""}
+    try:
+        result.update(execute_run(cfg, payload.get("data_root"), payload.get("download", True)))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as err:  # noqa: BLE001 - every failure becomes a row
+        traceback.print_exc()
+        status = "diverged" if is_divergence(err) else "failed"
+        result = {"status": status, "error": f"{type(err).__name__}: {err}".strip()}
+    try:
+        from ..machine import machine_info
+        result["machine"] = dict(machine_info())
+    except Exception as err:  # noqa: BLE001
+        result["machine"] = {"cpu": f"unknown ({err})"}
+    result["machine"]["source_hash"] = source
+    write_json(Path(result_path), result)
+    return 0
+
+
+def warmup_main(backend: str, dtype: str, result_path: str) -> int:
+    """``--warmup BACKEND DTYPE --result RESULT``: compile the backend's kernels (import
+    excluded from the time) into ``$NUMBA_CACHE_DIR``."""
+    result: dict[str, Any] = {}
+    try:
+        import numpy as np
+
+        from ..backends import get_backend
+        be = get_backend(backend)  # imports numba: not compile time
+        if hasattr(be, "warmup"):
+            t = time.perf_counter()
+            be.warmup(np.dtype(dtype))
+            result["seconds"] = time.perf_counter() - t
+        else:
+            result["seconds"] = None
+    except Exception as err:  # noqa: BLE001
+        traceback.print_exc()
+        result["error"] = f"{type(err).__name__}: {err}"
+    write_json(Path(result_path), result)
+    return 0
+
+
+def main(argv: Iterable[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cnn.study.child",
+                                description="one isolated run of the study (started by it)")
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--run-json", help="the run's configuration (JSON)")
+    g.add_argument("--warmup", nargs=2, metavar=("BACKEND", "DTYPE"))
+    p.add_argument("--result", required=True)
+    p.add_argument("--parent-pid", type=int, default=None,
+                   help="end when this process (the study) ends")
+    a = p.parse_args(None if argv is None else list(argv))
+    die_with_parent(a.parent_pid)
+    if a.warmup:
+        return warmup_main(*a.warmup, a.result)
+    return run_main(a.run_json, a.result)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

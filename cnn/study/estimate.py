@@ -1,0 +1,130 @@
+"""Time estimates and the plan printed by ``study --dry-run``."""
+from __future__ import annotations
+
+import math
+
+from .. import paths as P
+from ..results import done_keys, load_results
+from .grid import expand_grid, variant
+from .profiles import FULL_NOTES
+from .runner import jit_key
+
+#: images/s of the sequential path (numpy, 1 thread, batch 32) on the 2-core development
+#: machine (AMD EPYC, OpenBLAS), by model and first-layer filters; evaluation runs ~2.5x faster.
+#: Only for --dry-run estimates when no measured results match.
+REFERENCE_IPS = {"mnist_small": {4: 33000, 8: 21000, 16: 9000, 32: 4300},
+                 "cifar_tutorial": {16: 1650, 32: 720, 64: 590}}
+#: guessed speed relative to sequential until measured (results of an earlier study replace
+#: it); a path not listed is guessed as fast as sequential
+DEFAULT_SPEEDUP = {"sequential": 1.0, "threads": 1.3, "numba": 1.0, "numba_parallel": 1.3,
+                   "cuda": 5.0, "keras": 3.0}
+#: seconds per run outside the epochs: interpreter start, imports (TensorFlow), data loading
+OVERHEAD = {"base": 2.0, "mnist": 2.0, "cifar10": 3.0, "keras": 12.0, "numba": 2.0,
+            "numba_parallel": 2.0, "cuda": 5.0}
+#: seconds of the one-off cold compile per JIT backend and dtype
+COLD_COMPILE = {"numba": 40.0, "numba_parallel": 60.0, "cuda": 30.0}
+
+
+def _reference_ips(model: str, filters: int) -> float:
+    table = REFERENCE_IPS.get(model, {8: 3000})
+    keys = sorted(table)
+    if filters in table:
+        return float(table[filters])
+    lo = max([k for k in keys if k < filters], default=keys[0])
+    hi = min([k for k in keys if k > filters], default=keys[-1])
+    if lo == hi:
+        return table[lo] * (lo / filters) ** 0.8
+    w = (math.log(filters) - math.log(lo)) / (math.log(hi) - math.log(lo))
+    return math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[hi]))
+
+
+def estimate_seconds(runs: list[dict], calibration=None) -> list[float]:
+    """Rough wall time of each run (the first run of each JIT backend also carries the study's
+    one-off cold compile). With ``calibration`` (a results DataFrame), a run whose
+    configuration (model, path, strategy, backend, threads, batch, filters) was measured takes
+    its median images/s, eval speed and overhead; other runs use the reference throughput of
+    their model times the speed-up measured for their path in the calibration data (else a
+    guess), plus a fixed overhead."""
+    cols = ["model", "path", "strategy", "backend", "threads", "batch_size", "filters"]
+    measured, speedups, overheads = {}, {}, {}
+    if calibration is not None and len(calibration):
+        ok = calibration[calibration["status"] == "ok"]
+        if len(ok):
+            per_run = ok.groupby("run_key").agg(
+                **{c: (c, "first") for c in cols + ["dataset", "train_size", "test_size",
+                                                    "run_time", "compile_time"]},
+                ips=("images_per_sec", "median"), train=("time", "sum"),
+                evals=("eval_time", "sum"), epochs=("epoch", "count"))
+            per_run["eval_ips"] = per_run["test_size"] * per_run["epochs"] / per_run["evals"]
+            per_run["overhead"] = per_run["run_time"] - per_run["train"] - per_run["evals"]
+            for key, g in per_run.groupby(cols):
+                measured[key] = (g["ips"].median(), g["eval_ips"].median())
+            seq = per_run[per_run["path"] == P.BASELINE].groupby(
+                ["model", "batch_size", "filters"])["ips"].median()
+            for key, g in per_run.groupby(["path", "strategy", "backend", "threads"]):
+                ratios = [r.ips / seq[(r.model, r.batch_size, r.filters)]
+                          for r in g.itertuples() if (r.model, r.batch_size, r.filters) in seq]
+                if ratios:
+                    speedups[key] = sorted(ratios)[len(ratios) // 2]
+                overheads[key[0]] = float(g["overhead"].median())
+    out, compiled = [], set()
+    for r in runs:
+        jit = jit_key(r)
+        cold = 0.0
+        if jit is not None and jit not in compiled:
+            compiled.add(jit)
+            cold = COLD_COMPILE.get(r["backend"], 30.0)
+        key = tuple(r[c] for c in cols)
+        if key in measured:
+            ips, eval_ips = measured[key]
+        else:
+            s = speedups.get((r["path"], r["strategy"], r["backend"], r["threads"]),
+                             DEFAULT_SPEEDUP.get(r["path"], 1.0))
+            ips = _reference_ips(r["model"], r["filters"]) * s
+            eval_ips = 2.5 * ips
+        overhead = overheads.get(r["path"])
+        if overhead is None:
+            overhead = OVERHEAD["base"] + OVERHEAD.get(r["path"], 0.0)
+        overhead += OVERHEAD.get(r["dataset"], 0.0)
+        out.append(cold + overhead
+                   + r["epochs"] * (r["train_size"] / ips + r["test_size"] / eval_ips))
+    return out
+
+
+def describe_plan(grid_or_profile="quick", calibration=None, gpu: bool | None = None,
+                  out=None) -> str:
+    """A text plan: run counts per dataset/path, runs skipped for want of a GPU, the
+    oversubscribed points, and a time estimate."""
+    runs = expand_grid(grid_or_profile, gpu=gpu)
+    everything = expand_grid(grid_or_profile, gpu=gpu, include_unavailable=True)
+    est = estimate_seconds(runs, calibration)
+    configs = {tuple(v for k, v in r.items() if k not in ("repeat", "seed", "run_key"))
+               for r in runs}
+    lines = [f"{len(runs)} runs ({len(configs)} configurations x repeats)"]
+    groups: dict[tuple, list] = {}
+    for r, s in zip(runs, est):
+        groups.setdefault((r["dataset"], r["train_size"], variant(r)), []).append(s)
+    for (ds, n, v), secs in groups.items():
+        lines.append(f"  {ds:<15} n={n:<6} {v:<24} {len(secs):>3} runs  "
+                     f"~{sum(secs) / 60:6.1f} min")
+    over = sorted({(variant(r), r["threads"]) for r in runs
+                   if P.oversubscribed(r["path"], r["threads"], None)})
+    if over:
+        lines.append("  oversubscribed on this machine (more workers than cores): "
+                     + ", ".join(f"{v} x{t}" for v, t in over))
+    if len(everything) > len(runs):
+        gpu_paths = sorted({r["path"] for r in everything} - {r["path"] for r in runs})
+        lines.append(f"  skipped: {len(everything) - len(runs)} run(s) of {', '.join(gpu_paths)}:"
+                     f" no GPU on this machine (nothing will be recorded for them)")
+    if grid_or_profile == "full":
+        lines.append("  " + FULL_NOTES)
+    if out is not None:
+        skip = done_keys(load_results(out, missing_ok=True))
+        remaining = [s for r, s in zip(runs, est) if r["run_key"] not in skip]
+        lines.append(f"already done in {out}: {len(runs) - len(remaining)} runs")
+        est = remaining
+    total = sum(est)
+    basis = "calibrated on earlier results" if calibration is not None and len(calibration) \
+        else "reference throughput of the development machine, guessed speed-ups"
+    lines.append(f"estimated wall time: {total / 60:.0f} min ({total / 3600:.1f} h; {basis})")
+    return "\n".join(lines)

@@ -1,0 +1,368 @@
+"""Grids: validation, defaults, expansion into runs, run keys, grid files.
+
+A grid is a dict mapping axis names to a value or a list of values, or a list of such dicts
+(their union; a configuration that two sub-grids both produce runs once). List-valued axes are
+crossed. The axes (default in brackets):
+
+- ``dataset`` [mnist_embedded]: mnist | cifar10 | mnist_embedded | blobs | xor.
+- ``model`` [cifar_tutorial for cifar10, else mnist_small]: a preset name (cnn.presets).
+- ``path`` [sequential]: a training path of the registry (:data:`cnn.paths.PATHS`).
+- ``strategy`` and ``backend`` [the path's default]: only for paths that take several (the
+  registry says which); a path with one strategy or backend fixes it and ignores the axis.
+- ``threads`` [1]: the path's workers (the registry's ``workers``: Python threads,
+  NUMBA_NUM_THREADS, TensorFlow threads, ...); forced to 1 for paths that do not scale.
+- ``batch_size`` [the preset's], ``filters`` [the preset's; filters of the first conv layer],
+  ``epochs`` [1], ``train_size`` / ``test_size`` [the whole split; the first N examples],
+  ``dtype`` [float32], ``seed`` [0], ``lr`` / ``momentum`` [the preset's optimizer].
+- settings, one value per sub-grid: ``repeats`` [1], ``timeout`` [1800 s per run],
+  ``cuda_simulator`` [False: run paths that need a GPU under NUMBA_ENABLE_CUDASIM=1].
+
+An unknown axis or an invalid value raises ``ValueError`` naming it. Defaults are resolved
+when the grid expands (``filters=None`` becomes the preset's 8, a too-large ``train_size`` the
+size of the split), so equal runs get equal keys however they were written.
+
+Each configuration runs ``repeats`` times with ``seed = seed + repeat`` (so repeat r of every
+path starts from the same weights and data order and paths pair up), in interleaved order:
+repeat 0 of every configuration, then repeat 1, ..., so drift in the machine's speed hits all
+configurations alike. The data sets themselves are always loaded with seed 0.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import math
+import numbers
+import os
+import shutil
+import subprocess
+import sys
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from .. import paths as P
+from ..results import CONFIG_FIELDS
+from .profiles import PROFILES
+
+DTYPES = ("float32", "float64")
+#: full (train, test) sizes per data set; for the synthetic sets, the default sizes generated
+DATASET_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000),
+                 "mnist_embedded": (5120, 1000), "blobs": (2000, 500), "xor": (1000, 200)}
+SYNTHETIC = ("blobs", "xor")
+DEFAULT_TIMEOUT = 1800.0
+#: guards against a grid that would expand into more runs than any study can run
+MAX_RUNS = 100_000
+MAX_THREADS = 1024
+
+#: grid axes that take lists (crossed), in expansion order
+LIST_AXES = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size", "filters",
+             "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum")
+#: grid settings: one value per sub-grid
+SETTINGS = ("repeats", "timeout", "cuda_simulator")
+GRID_DEFAULTS: dict[str, Any] = {
+    "dataset": "mnist_embedded", "model": None, "path": "sequential", "strategy": None,
+    "backend": None, "threads": 1, "batch_size": None, "filters": None, "epochs": 1,
+    "train_size": None, "test_size": None, "dtype": "float32", "seed": 0, "lr": None,
+    "momentum": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
+}
+
+
+# ---- values ---------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _check_positive_int(axis, v, allow_none=False, most=None):
+    if v is None and allow_none:
+        return None
+    if not _is_int(v) or v < 1:
+        raise ValueError(f"grid axis {axis!r}: must be a positive integer"
+                         f"{' or None' if allow_none else ''}; received {axis}={v!r}")
+    if most is not None and v > most:
+        raise ValueError(f"grid axis {axis!r}: at most {most}; received {axis}={v!r}")
+    return int(v)
+
+
+def _choice(axis: str, v, choices, what: str):
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"grid axis {axis!r}: unknown {what} {v!r}; choose one of "
+                         f"{list(choices)}")
+    return v
+
+
+def check_value(axis: str, v):
+    """Validate one value of one axis; returns it normalised (ValueError naming the axis)."""
+    if axis == "dataset":
+        return _choice(axis, v, list(DATASET_SIZES), "data set")
+    if axis == "model":
+        if v is None:
+            return None
+        from ..presets import PRESETS
+        return _choice(axis, v, sorted(PRESETS), "preset")
+    if axis == "path":
+        return _choice(axis, v, P.path_names(), "path")
+    if axis == "strategy":
+        return None if v is None else _choice(axis, v, P.all_strategies(), "strategy")
+    if axis == "backend":
+        return None if v is None else _choice(axis, v, P.all_backends(), "backend")
+    if axis == "threads":
+        return _check_positive_int(axis, v, most=MAX_THREADS)
+    if axis == "epochs":
+        return _check_positive_int(axis, v, most=100_000)
+    if axis in ("batch_size", "filters", "train_size", "test_size"):
+        return _check_positive_int(axis, v, allow_none=True, most=10**9)
+    if axis == "dtype":
+        name = getattr(v, "__name__", None) if isinstance(v, type) else v
+        if not isinstance(name, str) or name not in DTYPES:
+            raise ValueError(f"grid axis 'dtype': must be one of {list(DTYPES)}; received {v!r}")
+        return name
+    if axis == "seed":
+        if not _is_int(v) or not 0 <= v < 2**63:
+            raise ValueError(f"grid axis 'seed': must be a non-negative integer; received {v!r}")
+        return int(v)
+    if axis in ("lr", "momentum"):
+        if v is None:
+            return None
+        f = _finite_float(v)
+        if f is None or not (f > 0 if axis == "lr" else 0 <= f < 1):
+            rng = "> 0" if axis == "lr" else "in [0, 1)"
+            raise ValueError(f"grid axis {axis!r}: must be a finite number {rng} or None; "
+                             f"received {axis}={v!r}")
+        return f
+    if axis == "repeats":
+        return _check_positive_int(axis, v, most=1000)
+    if axis == "timeout":
+        f = _finite_float(v)
+        if f is None or not f > 0:
+            raise ValueError(f"grid axis 'timeout': must be a positive, finite number of "
+                             f"seconds; received timeout={v!r}")
+        return f
+    if axis == "cuda_simulator":
+        if not isinstance(v, bool):
+            raise ValueError(f"grid axis 'cuda_simulator': must be True or False; received {v!r}")
+        return v
+    raise ValueError(f"unknown grid axis {axis!r}")
+
+
+def _finite_float(v) -> float | None:
+    if not _is_real(v):
+        return None
+    try:
+        f = float(v)
+    except (OverflowError, ValueError, TypeError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def check_timeout(timeout) -> float | None:
+    """``--timeout`` / ``run_study(timeout=...)``: None, or a positive finite number of
+    seconds (0, negative, NaN and inf are refused: they would fill the file with failures)."""
+    if timeout is None:
+        return None
+    f = _finite_float(timeout)
+    if f is None or f <= 0:
+        raise ValueError(f"timeout must be a positive number of seconds; received "
+                         f"timeout={timeout!r}")
+    return f
+
+
+# ---- sub-grids --------------------------------------------------------------------------------
+def as_subgrids(grid) -> list[dict]:
+    if isinstance(grid, str):
+        if grid not in PROFILES:
+            raise ValueError(f"unknown profile {grid!r}; choose one of {sorted(PROFILES)}")
+        grid = PROFILES[grid]
+    if isinstance(grid, dict):
+        grid = [grid]
+    if (not isinstance(grid, (list, tuple)) or not grid
+            or not all(isinstance(g, dict) for g in grid)):
+        raise ValueError("a grid is a profile name, a dict of axis -> value(s), or a non-empty "
+                         f"list of such dicts; received {_short(grid)}")
+    for g in grid:
+        bad = [k for k in g if not isinstance(k, str)]
+        if bad:
+            raise ValueError(f"grid axis names must be strings; received {bad[0]!r}")
+        unknown = [k for k in g if k not in LIST_AXES and k not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown grid axis {unknown[0]!r}; valid axes are "
+                             f"{list(LIST_AXES) + list(SETTINGS)}")
+    return list(grid)
+
+
+def _short(x, n: int = 120) -> str:
+    text = repr(x)
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def _preset_defaults(model: str) -> dict:
+    from ..presets import get_preset
+    spec = get_preset(model)
+    conv = next((layer for layer in spec["layers"] if layer["type"] == "conv2d"), None)
+    opt = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
+    return {"filters": conv["filters"] if conv else None, "batch_size": spec.get("batch_size", 32),
+            "lr": float(opt.get("lr", 0.01)), "momentum": float(opt.get("momentum", 0.0))}
+
+
+def canonical(raw: dict) -> dict:
+    """Resolve defaults and fix the axes a path does not use (the registry says which)."""
+    c = dict(raw)
+    c["model"] = c["model"] or ("cifar_tutorial" if c["dataset"] == "cifar10" else "mnist_small")
+    defaults = _preset_defaults(c["model"])
+    for k in ("filters", "batch_size", "lr", "momentum"):
+        if c[k] is None:
+            c[k] = defaults[k]
+    full_train, full_test = DATASET_SIZES[c["dataset"]]
+    if c["dataset"] in SYNTHETIC:  # generated: any size is available
+        c["train_size"] = c["train_size"] or full_train
+        c["test_size"] = c["test_size"] or full_test
+    else:
+        c["train_size"] = min(c["train_size"] or full_train, full_train)
+        c["test_size"] = min(c["test_size"] or full_test, full_test)
+    entry = P.get_path(c["path"])
+    c["strategy"], c["backend"], c["threads"] = entry.resolve(c["strategy"], c["backend"],
+                                                              c["threads"])
+    if not entry.needs_gpu:
+        c["cuda_simulator"] = False
+    return c
+
+
+def variant(cfg: dict) -> str:
+    """The display name of a run's path variant (the registry's: ``threads/sync[numba]``)."""
+    return P.get_path(cfg["path"]).variant(cfg["strategy"], cfg["backend"])
+
+
+def run_key(cfg: dict) -> str:
+    """A stable key: a readable prefix (the path, with strategy and backend for paths that take
+    several) and a hash of the whole configuration, repeat included."""
+    ident = {k: cfg[k] for k in CONFIG_FIELDS}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
+    entry = P.get_path(cfg["path"])
+    v = cfg["path"]
+    if len(entry.strategies) > 1 or len(entry.backends) > 1:
+        v = ".".join((cfg["path"], cfg["strategy"], cfg["backend"]))
+    return (f"{cfg['dataset']}.{cfg['model']}.{v}.t{cfg['threads']}.b{cfg['batch_size']}"
+            f".f{cfg['filters']}.e{cfg['epochs']}.n{cfg['train_size']}.r{cfg['repeat']}-{digest}")
+
+
+@lru_cache(maxsize=1)
+def gpu_available() -> bool:
+    """True when a CUDA GPU is usable (checked in a child process, so the caller's process never
+    creates a CUDA context); False at once on machines without the NVIDIA driver."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return False  # the simulator is not a GPU
+    if not (Path("/proc/driver/nvidia").exists() or shutil.which("nvidia-smi")):
+        return False
+    try:
+        out = subprocess.run([sys.executable, "-c",
+                              "from numba import cuda; print(cuda.is_available())"],
+                             capture_output=True, text=True, timeout=120)
+        return out.stdout.strip().endswith("True")
+    except (OSError, subprocess.SubprocessError):
+        return False
+
+
+def expand_grid(grid="quick", *, gpu: bool | None = None,
+                include_unavailable: bool = False) -> list[dict]:
+    """The runs of ``grid`` (a profile name, a dict or a list of dicts; see the module doc).
+
+    Returns one dict per run, in execution order (all configurations' repeat 0, then repeat 1,
+    ...), with the resolved configuration (``CONFIG_FIELDS``), ``run_key`` and ``timeout``.
+    Runs of paths that need a GPU are dropped unless a GPU is present (``gpu``; None detects
+    it) or their grid sets ``cuda_simulator=True``; ``include_unavailable=True`` keeps them.
+    """
+    configs: dict[str, dict] = {}
+    for sub in as_subgrids(grid):
+        values = {}
+        for axis in LIST_AXES:
+            v = sub.get(axis, GRID_DEFAULTS[axis])
+            vs = list(v) if isinstance(v, (list, tuple)) else [v]
+            if not vs:
+                raise ValueError(f"grid axis {axis!r}: empty list of values")
+            values[axis] = [check_value(axis, x) for x in vs]
+        settings = {}
+        for axis in SETTINGS:
+            v = sub.get(axis, GRID_DEFAULTS[axis])
+            if isinstance(v, (list, tuple)):
+                raise ValueError(f"grid axis {axis!r} is a setting: give one value per "
+                                 f"sub-grid, not a list; received {_short(v)}")
+            settings[axis] = check_value(axis, v)
+        n = math.prod(len(vs) for vs in values.values()) * settings["repeats"]
+        if n + sum(c["repeats"] for c in configs.values()) > MAX_RUNS:
+            raise ValueError(f"the grid expands to more than {MAX_RUNS:,} runs; split it")
+        for combo in itertools.product(*(values[a] for a in LIST_AXES)):
+            raw = dict(zip(LIST_AXES, combo), cuda_simulator=settings["cuda_simulator"])
+            c = canonical(raw)
+            ident = json.dumps({k: c[k] for k in CONFIG_FIELDS if k != "repeat"}, sort_keys=True)
+            if ident in configs:  # the same configuration from another sub-grid or a fixed axis
+                prev = configs[ident]
+                prev["repeats"] = max(prev["repeats"], settings["repeats"])
+                prev["timeout"] = max(prev["timeout"], settings["timeout"])
+            else:
+                configs[ident] = {**c, "repeats": settings["repeats"],
+                                  "timeout": settings["timeout"]}
+    base = list(configs.values())
+    needs_gpu = any(P.get_path(c["path"]).needs_gpu and not c["cuda_simulator"] for c in base)
+    if needs_gpu and not include_unavailable:
+        has_gpu = gpu_available() if gpu is None else gpu
+        if not has_gpu:
+            base = [c for c in base
+                    if not P.get_path(c["path"]).needs_gpu or c["cuda_simulator"]]
+    runs = []
+    max_repeats = max((c["repeats"] for c in base), default=0)
+    for r in range(max_repeats):
+        for c in base:
+            if r < c["repeats"]:
+                run = {k: c[k] for k in CONFIG_FIELDS if k != "repeat"}
+                run["repeat"] = r
+                run["seed"] = c["seed"] + r
+                run = {k: run[k] for k in CONFIG_FIELDS}
+                run["run_key"] = run_key(run)
+                run["timeout"] = c["timeout"]
+                runs.append(run)
+    return runs
+
+
+# ---- grid files -------------------------------------------------------------------------------
+def read_grid(path) -> Any:
+    """The grid in a ``.json`` or ``.yaml``/``.yml`` file, validated: a file that is missing,
+    unreadable, malformed or holds an invalid grid raises an error naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"no grid file at {p}" + (" (it is a folder)" if p.is_dir()
+                                                           else ""))
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"grid file {p}: cannot be read as UTF-8 text ({err})") from None
+    suffix = p.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        import yaml
+        try:
+            grid = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            where = getattr(err, "problem_mark", None)
+            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+            raise ValueError(f"grid file {p}: malformed YAML{at}: "
+                             f"{getattr(err, 'problem', None) or err}") from None
+    elif suffix == ".json":
+        try:
+            grid = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"grid file {p}: malformed JSON at line {err.lineno}, column "
+                             f"{err.colno}: {err.msg}") from None
+    else:
+        raise ValueError(f"grid file {p}: expected a .json, .yaml or .yml file")
+    if isinstance(grid, str):
+        raise ValueError(f"grid file {p}: holds the string {_short(grid)}, not a grid (a dict "
+                         f"of axis -> value(s) or a list of such dicts); use --profile for a "
+                         f"named grid")
+    try:
+        expand_grid(grid, gpu=True)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"grid file {p}: {err}") from None
+    return grid

@@ -1,0 +1,380 @@
+"""The parent: run every run of a grid in its own child process, record, resume.
+
+Isolation
+---------
+Every run executes in a fresh Python interpreter (:mod:`cnn.study.child`), started the way
+the run's path says (:meth:`cnn.paths.TrainingPath.command` and ``child_env``: environment
+variables set before the interpreter starts, or ``mpiexec``). The child trains, writes a JSON
+result and exits; it dies with the study (see :mod:`cnn.study.child`).
+
+JIT compilation: Numba caches compiled kernels on disk, so left alone the first Numba run of a
+study would pay the compile and later runs would not. Instead every study invocation points
+NUMBA_CACHE_DIR at its own empty folder and, before the first run of each JIT backend and
+dtype, a separate warm-up process compiles that backend's kernels into it (timed: the
+``cold_compile_time`` column). Every measured run then starts from the same warm disk cache,
+whatever its place in the order; its own ``compile_time`` is recorded apart from the epochs.
+The folder is deleted when the study ends; the temporary and JIT-cache folders of studies that
+were killed (their names carry the study's pid and start time) are deleted when the next study
+starts.
+
+So no run's JIT, thread pools, BLAS state, GPU context or heap carries into the next, and no
+run depends on what ran before it. The parent enforces the per-run ``timeout`` (the child is
+killed) and records the run as failed when the child raises, exits without a result (a crash)
+or times out, and as diverged when its training diverged; the study goes on with the next run.
+
+Storage, resuming, interruption, concurrency
+--------------------------------------------
+All rows live in one pickled DataFrame (``out``; :mod:`cnn.results`), rewritten atomically and
+fsynced after every run, before the next starts, so a crash, a kill, a power cut or Ctrl-C
+keeps every finished run (the interrupted run is simply not recorded). Running the same study
+again resumes: runs whose ``run_key`` is already "ok" (or "diverged") in the file are skipped;
+failed runs are retried (their old rows replaced) unless ``retry_failed=False``. Rows of other
+grids already in the file are kept, so one file can grow over several studies. A study holds a
+lock on ``out`` for its whole duration: a second study on the same file refuses at once (or
+waits, ``wait=``/``--wait``) with a message naming the first.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+from .. import paths as P
+from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COLUMNS,
+                       ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
+from .child import source_hash
+from .grid import DEFAULT_TIMEOUT, SYNTHETIC, check_timeout, expand_grid, variant
+
+TEMP_PREFIX = "cnn-study-"
+
+
+# ---- temporary folders, and those of dead studies -----------------------------------------------
+def _proc_start(pid: int) -> str:
+    """The start time of process ``pid`` in clock ticks since boot (Linux), "" elsewhere: with
+    the pid it tells a live study from a new process that reuses a dead study's pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+@lru_cache(maxsize=1)
+def _owner_tag() -> str:
+    pid = os.getpid()
+    return f"{pid}-{_proc_start(pid) or 0}"
+
+
+def study_tempdir(kind: str) -> Path:
+    """A new temporary folder owned by this study: ``cnn-study-<pid>-<start>-<kind>-*``."""
+    return Path(tempfile.mkdtemp(prefix=f"{TEMP_PREFIX}{_owner_tag()}-{kind}-"))
+
+
+_TEMP_NAME = re.compile(rf"^{TEMP_PREFIX}(\d+)-(\d+)-[a-z]+-")
+
+
+def _alive(pid: int, start: str) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's live process
+    now = _proc_start(pid)
+    return not (now and start not in ("", "0") and now != start)
+
+
+def clean_stale_tempdirs(root=None) -> list[Path]:
+    """Delete the temporary and JIT-cache folders of studies that are no longer running (a
+    study killed with ``kill -9`` cannot delete its own). Returns the folders removed."""
+    root = Path(root or tempfile.gettempdir())
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return removed
+    for d in entries:
+        m = _TEMP_NAME.match(d.name)
+        if not m or not d.is_dir():
+            continue
+        pid, start = int(m.group(1)), m.group(2)
+        if pid == os.getpid() or _alive(pid, start):
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        if not d.exists():
+            removed.append(d)
+    return removed
+
+
+# ---- launching a child ----------------------------------------------------------------------------
+def _package_root() -> str:
+    return str(Path(__file__).resolve().parent.parent.parent)
+
+
+def child_env(cfg: dict, numba_cache: Path | None = None) -> dict:
+    """The child's environment, complete before its interpreter starts (numba and TensorFlow
+    read these variables at import): the path's own variables (registry) and the study's."""
+    env = dict(os.environ)
+    if numba_cache is not None:
+        env["NUMBA_CACHE_DIR"] = str(numba_cache)  # the study's own JIT cache
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    env["PYTHONUNBUFFERED"] = "1"
+    if cfg.get("path") in P.PATHS:
+        env.update(P.get_path(cfg["path"]).child_env(cfg))
+    if cfg.get("cuda_simulator"):
+        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    return env
+
+
+def child_command(cfg: dict, *args: str) -> list[str]:
+    argv = [sys.executable, "-m", "cnn.study.child", *args, "--parent-pid", str(os.getpid())]
+    if cfg.get("path") in P.PATHS:
+        return P.get_path(cfg["path"]).command(cfg, argv)
+    return argv
+
+
+def _tail(text: str, lines: int = 200) -> str:
+    return "\n".join((text or "").strip().splitlines()[-lines:])
+
+
+def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
+           ) -> tuple[dict, float, str]:
+    """Run one configuration in a child; returns (result, wall seconds, child output tail)."""
+    tmp = study_tempdir("run")
+    try:
+        cfg_path, res_path = tmp / "config.json", tmp / "result.json"
+        root = None if data_root is None else str(data_root)
+        cfg_path.write_text(json.dumps({"config": cfg, "download": download, "data_root": root}))
+        cmd = child_command(cfg, "--run-json", str(cfg_path), "--result", str(res_path))
+        timeout = cfg.get("timeout", DEFAULT_TIMEOUT)
+        t = time.perf_counter()
+        try:
+            proc = subprocess.run(cmd, env=child_env(cfg, numba_cache=jit_cache),
+                                  cwd=_package_root(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout)
+            output, code = proc.stdout or "", proc.returncode
+        except subprocess.TimeoutExpired as err:  # run() has killed the child
+            wall = time.perf_counter() - t
+            out = err.output or ""
+            out = out.decode(errors="replace") if isinstance(out, bytes) else out
+            return ({"status": "failed",
+                     "error": f"TimeoutError: the run exceeded its timeout of {timeout:g} s "
+                              f"and was killed"}, wall, _tail(out))
+        wall = time.perf_counter() - t
+        if res_path.is_file():
+            return json.loads(res_path.read_text()), wall, _tail(output)
+        if code == 130:
+            raise KeyboardInterrupt
+        last = _tail(output, 1) or "no output"
+        return ({"status": "failed",
+                 "error": f"ChildProcessError: the run's process exited with code {code} without "
+                          f"a result ({last})"}, wall, _tail(output))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def jit_key(cfg: dict):
+    """``(backend, dtype)`` when the run's kernels are JIT-compiled, else None."""
+    entry = P.PATHS.get(cfg.get("path"))
+    compiles = entry.compiles(cfg["backend"]) if entry else cfg["backend"] in P.JIT_BACKENDS
+    return (cfg["backend"], cfg["dtype"]) if compiles else None
+
+
+def warm_jit(jit: tuple, jit_cache: Path, timeout: float = DEFAULT_TIMEOUT):
+    """Compile ``(backend, dtype)``'s kernels into the empty study cache in a child process.
+    Returns (cold compile seconds or None, a message)."""
+    backend, dtype = jit
+    path = next((p.name for p in P.PATHS.values()
+                 if p.backends == (backend,) and p.launch != "mpiexec"), "sequential")
+    cfg = {"path": path, "threads": 1, "cuda_simulator": False, "backend": backend}
+    tmp = study_tempdir("warm")
+    try:
+        res_path = tmp / "result.json"
+        cmd = [sys.executable, "-m", "cnn.study.child", "--warmup", backend, dtype,
+               "--result", str(res_path), "--parent-pid", str(os.getpid())]
+        try:
+            proc = subprocess.run(cmd, env=child_env(cfg, numba_cache=jit_cache),
+                                  cwd=_package_root(), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None, f"timed out after {timeout:g} s; the runs will compile for themselves"
+        if not res_path.is_file():
+            return None, (f"failed ({_tail(proc.stdout, 1) or proc.returncode}); the runs will "
+                          f"compile for themselves")
+        result = json.loads(res_path.read_text())
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if result.get("error"):
+        return None, f"failed ({result['error']})"
+    seconds = result.get("seconds")
+    return seconds, (f"{seconds:.1f} s" if seconds is not None else "nothing to compile")
+
+
+def _where(output: str) -> str:
+    """``file:line in function`` of the deepest traceback frame inside this package."""
+    root = _package_root() + os.sep
+    frames = re.findall(r'File "([^"]+)", line (\d+), in (\S+)', output or "")
+    ours = [f for f in frames if f[0].startswith(root)]
+    if not ours:
+        return ""
+    path, line, func = ours[-1]
+    return f"{path[len(root):]}:{line} in {func}"
+
+
+# ---- rows ---------------------------------------------------------------------------------------
+@lru_cache(maxsize=1)
+def _parent_machine() -> dict:
+    from ..machine import machine_info
+    return dict(machine_info())
+
+
+def rows(cfg: dict, result: dict, started_at: str, run_time: float,
+         cold_compile_time: float | None = None) -> list[dict]:
+    """The results rows of one run: one per epoch, or one for a run that did not finish."""
+    base = {"run_key": cfg["run_key"], "status": result.get("status", "failed"),
+            "error": result.get("error", "")}
+    base.update({k: cfg[k] for k in CONFIG_FIELDS})
+    for k in ("train_size", "test_size"):
+        if result.get(k) is not None:
+            base[k] = result[k]  # what was actually used
+    epochs = result.get("epochs") or []
+    final = epochs[-1].get("test_accuracy") if epochs else None
+    entry = P.PATHS.get(cfg["path"])
+    run = {"compile_time": result.get("compile_time"), "cold_compile_time": cold_compile_time,
+           "final_test_accuracy": final,
+           "num_params": result.get("num_params"), "load_time": result.get("load_time"),
+           "run_time": run_time, "started_at": started_at,
+           "device": result.get("device", "cuda" if entry and entry.needs_gpu else "cpu")}
+    machine = result.get("machine") or {**_parent_machine(), "source_hash": source_hash()}
+    mach = {k: machine.get(k) for k in MACHINE_COLUMNS}
+    if base["status"] == "ok" and not epochs:
+        base.update(status="failed", error="RuntimeError: the run recorded no epochs")
+    if base["status"] != "ok":
+        epochs = [{}]  # one row for a run that did not finish, measurements missing
+    return [{**base, **{k: e.get(k) for k in EPOCH_FIELDS}, **run, **mach} for e in epochs]
+
+
+def fmt_run(cfg: dict) -> str:
+    return (f"{cfg['dataset']} {variant(cfg)} t{cfg['threads']} b{cfg['batch_size']} "
+            f"f{cfg['filters']} e{cfg['epochs']} n{cfg['train_size']} r{cfg['repeat']}")
+
+
+def _summary_line(rs: list[dict], wall: float) -> str:
+    first = rs[0]
+    if first["status"] == "diverged":
+        return f"DIVERGED after {wall:.1f} s: {first['error']}"
+    if first["status"] != "ok":
+        return f"FAILED after {wall:.1f} s: {first['error']}"
+    ips = [r["images_per_sec"] for r in rs if r["images_per_sec"] is not None]
+    acc = first["final_test_accuracy"]
+    ips_txt = f"{sorted(ips)[len(ips) // 2]:,.0f} img/s" if ips else "? img/s"
+    acc_txt = f"{acc:.4f}" if acc is not None else "?"
+    return f"ok in {wall:.1f} s: {ips_txt}, test acc {acc_txt}"
+
+
+def _preflight(runs: list[dict], data_root, download: bool) -> None:
+    """Fail early, before any run, when a real data set is missing (downloading it once here
+    rather than in every child)."""
+    from ..data import load_dataset
+    for name in sorted({r["dataset"] for r in runs} - set(SYNTHETIC) - {"mnist_embedded"}):
+        load_dataset(name, root=data_root, limit=1, test_limit=1, download=download)
+
+
+# ---- the study ------------------------------------------------------------------------------------
+def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
+              progress: bool | Callable[[dict], None] = True, retry_failed: bool = True,
+              download: bool = True, timeout: float | None = None, gpu: bool | None = None,
+              wait: float | None = 0.0):
+    """Run every run of the grid not already done in ``out``; return the whole DataFrame.
+
+    Everything that can be checked is checked before the first run: the grid, ``timeout``,
+    that ``out`` can be written, that an existing ``out`` is an intact results file, the lock,
+    and the data sets.
+
+    Args:
+        grid_or_profile: a name in :data:`cnn.study.PROFILES` or a grid (:mod:`cnn.study.grid`).
+        out: the results pickle; rewritten atomically and fsynced after every run.
+        data_root: where MNIST / CIFAR-10 live (default ``$CNN_DATA_DIR`` or the cache).
+        progress: True prints one line per run; a callable receives, after each run is
+            saved, ``{"index", "total", "config", "rows", "wall"}`` (raising from it stops the
+            study, with every finished run kept).
+        retry_failed: rerun runs recorded as failed (default) instead of skipping them.
+        download: let the loaders download missing data sets.
+        timeout: per-run timeout in seconds (positive), overriding the grid's.
+        gpu: whether a GPU is present (None detects it), for paths that need one.
+        wait: seconds to wait for another study holding ``out`` (0: refuse at once, None:
+            wait as long as it takes).
+    Returns:
+        every row in ``out`` after the study (earlier rows included), typed per the schema.
+    """
+    timeout = check_timeout(timeout)
+    out = check_out_path(out)
+    say = print if progress is True else (lambda *a, **k: None)
+    runs = expand_grid(grid_or_profile, gpu=gpu)
+    everything = expand_grid(grid_or_profile, gpu=gpu, include_unavailable=True)
+    with ResultsLock(out, wait=wait):
+        df = load_results(out, missing_ok=True)
+        if len(everything) > len(runs):
+            gpu_paths = sorted({r["path"] for r in everything} - {r["path"] for r in runs})
+            say(f"skipping {len(everything) - len(runs)} run(s) of {gpu_paths}: no GPU on this "
+                f"machine (set cuda_simulator=True in a grid to use the simulator); nothing is "
+                f"recorded for them")
+        skip = done_keys(df, retry_failed)
+        todo = [r for r in runs if r["run_key"] not in skip]
+        say(f"study: {len(runs)} runs, {len(runs) - len(todo)} already in {out}, "
+            f"{len(todo)} to run")
+        removed = clean_stale_tempdirs()
+        if removed:
+            say(f"removed {len(removed)} temporary folder(s) left by studies that were killed")
+        if todo:
+            _preflight(todo, data_root, download)
+        jit_cache = study_tempdir("jit")
+        cold: dict[tuple, float | None] = {}
+        try:
+            _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache,
+                     cold)
+        finally:
+            shutil.rmtree(jit_cache, ignore_errors=True)
+        df = typed(load_results(out, missing_ok=True))
+    if todo:
+        mine = df[df["run_key"].isin([r["run_key"] for r in runs])].drop_duplicates("run_key")
+        n_failed = int((mine["status"] == "failed").sum())
+        n_div = int((mine["status"] == "diverged").sum())
+        say(f"study done: {len(todo)} run(s) this time, {n_failed} failed and {n_div} diverged "
+            f"in this grid; results in {out.resolve()}")
+    return df
+
+
+def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache, cold):
+    import pandas as pd
+    for i, cfg in enumerate(todo, 1):
+        if timeout is not None:
+            cfg = {**cfg, "timeout": float(timeout)}
+        jit = jit_key(cfg)
+        if jit is not None and jit not in cold:
+            say(f"compiling the {jit[0]} kernels ({jit[1]}) into the study's JIT cache ...",
+                end="", flush=True)
+            cold[jit], message = warm_jit(jit, jit_cache)
+            say(f" {message}", flush=True)
+        started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+        say(f"[{i}/{len(todo)}] {fmt_run(cfg)} ...", end="", flush=True)
+        result, wall, output = launch(cfg, data_root, download, jit_cache)
+        rs = rows(cfg, result, started, wall, cold.get(jit))
+        new = typed(pd.DataFrame(rs))
+        kept = df[df["run_key"] != cfg["run_key"]]
+        df = typed(pd.concat([kept, new], ignore_index=True)) if len(kept) else new
+        save_results(df, out)  # durable before the next run starts
+        say(" " + _summary_line(rs, wall), flush=True)
+        if rs[0]["status"] == "failed" and (where := _where(output)):
+            say(f"    raised at {where}", flush=True)
+        if callable(progress):
+            progress({"index": i, "total": len(todo), "config": cfg, "rows": rs, "wall": wall})
