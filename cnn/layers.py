@@ -94,7 +94,8 @@ class Layer:
 
     def forward(self, params: Params, x, backend: Backend, ctx: StepContext):
         """``x (N, *input_shape)`` -> ``(out (N, *output_shape), cache)``. ``ctx`` says whether
-        this is a training pass, and holds this worker's workspace (``ctx.scope(self.name)``)."""
+        this is a training pass, and holds this worker's workspace: pass ``ws=ctx.scope(
+        self.name)`` to every backend op (see "Workspaces" in :mod:`cnn.backends.base`)."""
         raise NotImplementedError
 
     def backward(self, params: Params, dout, cache, backend: Backend, ctx: StepContext,
@@ -165,10 +166,11 @@ class Conv2D(Layer):
         return {"w": w, "b": np.zeros(self.filters, dtype=dtype)}
 
     def forward(self, params, x, backend, ctx):
-        return backend.conv2d_forward(x, params["w"], params["b"], self.stride, self.pads)
+        return backend.conv2d_forward(x, params["w"], params["b"], self.stride, self.pads,
+                                      ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx)
+        dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx, ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
     def config(self):
@@ -200,10 +202,10 @@ class MaxPool2D(Layer):
         return (c, (h - p) // s + 1, (w - p) // s + 1)
 
     def forward(self, params, x, backend, ctx):
-        return backend.maxpool2d_forward(x, self.pool_size, self.stride)
+        return backend.maxpool2d_forward(x, self.pool_size, self.stride, ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        return backend.maxpool2d_backward(dout, cache), {}
+        return backend.maxpool2d_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
     def config(self):
         return {**super().config(), "pool_size": self.pool_size, "stride": self.stride}
@@ -213,10 +215,10 @@ class ReLU(Layer):
     type = "relu"
 
     def forward(self, params, x, backend, ctx):
-        return backend.relu_forward(x)
+        return backend.relu_forward(x, ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        return backend.relu_backward(dout, cache), {}
+        return backend.relu_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
 
 class Flatten(Layer):
@@ -256,10 +258,11 @@ class Dense(Layer):
         return {"w": w, "b": np.zeros(self.units, dtype=dtype)}
 
     def forward(self, params, x, backend, ctx):
-        return backend.dense_forward(x, params["w"], params["b"])
+        return backend.dense_forward(x, params["w"], params["b"], ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        dx, dw, db = backend.dense_backward(dout, cache, need_dx=need_dx)
+        dx, dw, db = backend.dense_backward(dout, cache, need_dx=need_dx,
+                                            ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
     def config(self):

@@ -224,7 +224,7 @@ class Sequential:
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         logits, caches = self.forward(x, params, be, ctx)
-        loss, dlogits, correct = be.softmax_cross_entropy(logits, y)
+        loss, dlogits, correct = be.softmax_cross_entropy(logits, y, ws=ctx.scope("__loss__"))
         return loss, correct, self.backward(dlogits, caches, params, be, ctx)
 
     @staticmethod

@@ -193,11 +193,11 @@ class RecordingBackend(NumpyBackend):
         self.calls = 0
         self._lock = threading.Lock()
 
-    def conv2d_forward(self, *args):
+    def conv2d_forward(self, *args, **kwargs):
         with self._lock:
             self.idents.add(threading.get_ident())
             self.calls += 1
-        return super().conv2d_forward(*args)
+        return super().conv2d_forward(*args, **kwargs)
 
 
 @pytest.mark.parametrize("strategy", ["sync", "average", "hogwild"])
@@ -221,9 +221,9 @@ class RendezvousBackend(NumpyBackend):
     def __init__(self, parties):
         self.barrier = threading.Barrier(parties, timeout=20)
 
-    def conv2d_forward(self, *args):
+    def conv2d_forward(self, *args, **kwargs):
         self.barrier.wait()
-        return super().conv2d_forward(*args)
+        return super().conv2d_forward(*args, **kwargs)
 
 
 @pytest.mark.parametrize("strategy", ["sync", "average", "hogwild"])
@@ -245,7 +245,7 @@ class FailingBackend(NumpyBackend):
         self.fail_in, self.after, self.calls = fail_in, after, 0
         self._lock = threading.Lock()
 
-    def dense_forward(self, x, w, b):
+    def dense_forward(self, x, w, b, ws=None):
         me = threading.current_thread()
         mine = (me is threading.main_thread()) if self.fail_in == "main" else \
             me.name.endswith(self.fail_in)
@@ -254,7 +254,7 @@ class FailingBackend(NumpyBackend):
                 self.calls += 1
                 if self.calls > self.after:
                     raise FloatingPointError("injected failure")
-        return super().dense_forward(x, w, b)
+        return super().dense_forward(x, w, b, ws=ws)
 
 
 @pytest.mark.parametrize("strategy", ["sync", "average", "hogwild"])

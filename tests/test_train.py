@@ -372,11 +372,11 @@ def test_exception_in_backward_keeps_last_completed_step(monkeypatch, backend):
     real = NumpyBackend.dense_backward
     calls = []
 
-    def failing_dense_backward(self, dout, cache, need_dx=True):
+    def failing_dense_backward(self, dout, cache, need_dx=True, ws=None):
         calls.append(1)
         if len(calls) == 3:
             raise FloatingPointError("boom in backward 3")
-        return real(self, dout, cache, need_dx)
+        return real(self, dout, cache, need_dx, ws=ws)
 
     monkeypatch.setattr(NumpyBackend, "dense_backward", failing_dense_backward)
     with pytest.raises(FloatingPointError, match="boom in backward 3"):

@@ -16,6 +16,31 @@ Layouts (all backends, all paths):
 Every forward returns ``(out, cache)`` and its backward takes ``(dout, cache)``, as in cs231n;
 a cache is opaque to callers and belongs to one call, so several threads may run the same ops
 on shared weights at once.
+
+Workspaces: no allocation in the hot path
+-----------------------------------------
+Every op except ``sgd_update`` takes a keyword ``ws=None``: the calling layer's
+:class:`cnn.context.Workspace` scope (``ctx.scope(layer.name)``; the loss gets
+``ctx.scope("__loss__")``). With ``ws=None`` (tests, evaluation, prediction) an op allocates its
+outputs afresh, as a plain function would, and its results may be kept as long as the caller
+likes. With a workspace, an op takes every array it returns, every array its cache holds and
+every temporary it needs from ``self.scratch(ws, name, shape, dtype)`` (``ws.buffer``), so from
+the second training step on, a step allocates nothing: the buffers are per (layer, worker,
+batch shape) and reused, on the host for the CPU backends and in device memory for CUDA.
+
+The rules an op follows with a workspace (a new op, e.g. a new layer's, follows them too):
+
+- names are unique within the layer's scope, and a forward and its backward use different
+  names (``"out"``, ``"cols"`` in the forward; ``"dx"``, ``"dw"``, ``"db"`` in the backward):
+  the forward's outputs and cache must survive the backward, and the backward's ``dx`` is the
+  previous layer's ``dout``;
+- buffers come uninitialised: an op that accumulates fills with zeros first (``ws.zeros``);
+- what an op returns is valid until the same op runs again on the same workspace, i.e. until
+  the next training step of that worker: a caller that keeps a result longer copies it (the
+  strategies read the loss and the gradients within the step, and keep only host scalars);
+- an input is never written (``dout`` may be the next layer's buffer; ``x`` the batch).
+
+Backends whose ops have nothing to reuse (``naive``) accept ``ws`` and ignore it.
 """
 from __future__ import annotations
 
@@ -57,11 +82,19 @@ class Backend:
         """In place: ``x[...] = 0``."""
         raise NotImplementedError
 
+    def scratch(self, ws, name: str, shape: tuple[int, ...], dtype) -> Any:
+        """An uninitialised array for an op's output, cache or temporary: the workspace's
+        persistent buffer ``name`` when the caller passed a workspace ``ws``, else a fresh
+        :meth:`empty` array (see "Workspaces" in the module docstring)."""
+        if ws is None:
+            return self.empty(tuple(shape), dtype)
+        return ws.buffer(name, shape, dtype)
+
     def synchronize(self) -> None:
         """Wait until queued work is done (device backends); timing calls it. No-op on CPU."""
 
     # ---- convolution -----------------------------------------------------------------------
-    def conv2d_forward(self, x, w, b, stride: int, padding: Padding):
+    def conv2d_forward(self, x, w, b, stride: int, padding: Padding, ws=None):
         """Cross-correlation ``out[n, f] = sum_c x_pad[n, c] * w[f, c] + b[f]``.
 
         x ``(N, C, H, W)``, w ``(F, C, KH, KW)``, b ``(F,)``; ``padding`` is explicit zero
@@ -70,7 +103,7 @@ class Backend:
         """
         raise NotImplementedError
 
-    def conv2d_backward(self, dout, cache, need_dx: bool = True):
+    def conv2d_backward(self, dout, cache, need_dx: bool = True, ws=None):
         """``dout (N, F, Ho, Wo)`` -> ``(dx (N, C, H, W), dw (F, C, KH, KW), db (F,))``.
 
         With ``need_dx=False`` (the first layer, whose input is data) ``dx`` is ``None`` and
@@ -78,37 +111,37 @@ class Backend:
         raise NotImplementedError
 
     # ---- pooling ---------------------------------------------------------------------------
-    def maxpool2d_forward(self, x, pool: int, stride: int):
+    def maxpool2d_forward(self, x, pool: int, stride: int, ws=None):
         """Max over ``pool x pool`` windows, no padding: ``(N, C, H, W) -> (N, C, Ho, Wo)``
         with ``Ho = (H - pool) // stride + 1``. Ties: the first maximum in row-major window
         order receives the gradient."""
         raise NotImplementedError
 
-    def maxpool2d_backward(self, dout, cache):
+    def maxpool2d_backward(self, dout, cache, ws=None):
         """``dout (N, C, Ho, Wo)`` -> ``dx (N, C, H, W)`` (overlapping windows accumulate)."""
         raise NotImplementedError
 
     # ---- activations -----------------------------------------------------------------------
-    def relu_forward(self, x):
+    def relu_forward(self, x, ws=None):
         """``max(x, 0)`` elementwise, any shape."""
         raise NotImplementedError
 
-    def relu_backward(self, dout, cache):
+    def relu_backward(self, dout, cache, ws=None):
         """``dout * (x > 0)``: the derivative at 0 is taken as 0 (as TensorFlow does)."""
         raise NotImplementedError
 
     # ---- dense -----------------------------------------------------------------------------
-    def dense_forward(self, x, w, b):
+    def dense_forward(self, x, w, b, ws=None):
         """``x (N, D) @ w (D, M) + b (M,)`` -> ``(N, M)``."""
         raise NotImplementedError
 
-    def dense_backward(self, dout, cache, need_dx: bool = True):
+    def dense_backward(self, dout, cache, need_dx: bool = True, ws=None):
         """``dout (N, M)`` -> ``(dx (N, D), dw (D, M), db (M,))``; ``dx`` is ``None`` when
         ``need_dx`` is False."""
         raise NotImplementedError
 
     # ---- loss ------------------------------------------------------------------------------
-    def softmax_cross_entropy(self, logits, labels):
+    def softmax_cross_entropy(self, logits, labels, ws=None):
         """Mean softmax cross-entropy over the batch, from log-sum-exp (no overflow).
 
         logits ``(N, K)``, labels ``(N,)`` ints. Returns ``(loss, dlogits, correct)``: the

@@ -3,7 +3,10 @@
 Arrays in and out are Numba device arrays (C-contiguous, so the model's ``.reshape`` flatten
 is a free view); caches hold device arrays only; no op copies to or from the host, so a whole
 training step (forward, loss, backward, ``sgd_update``) stays on the device and only the two
-scalars ``loss`` and ``correct`` need ``to_host``. The kernels and their launch arithmetic
+scalars ``loss`` and ``correct`` need ``to_host``. With a workspace (``ws``, see
+:mod:`cnn.backends.base`; the workspace's allocator is :meth:`CudaBackend.empty`) every output,
+cache and temporary is a device buffer allocated once per (layer, batch shape) and reused, so a
+training step allocates no device memory after the first. The kernels and their launch arithmetic
 live in :mod:`cnn.backends.cuda_kernels`.
 
 Without a GPU, run under Numba's CUDA simulator by setting ``NUMBA_ENABLE_CUDASIM=1`` in the
@@ -67,7 +70,7 @@ class CudaBackend(Backend):
         cuda.synchronize()
 
     # ---- convolution -----------------------------------------------------------------------
-    def conv2d_forward(self, x, w, b, stride, padding):
+    def conv2d_forward(self, x, w, b, stride, padding, ws=None):
         n, c, h, wd = x.shape
         f, cw, kh, kw = w.shape
         (top, bottom), (left, right) = padding
@@ -76,27 +79,27 @@ class CudaBackend(Backend):
         if cw != c or ho < 1 or wo < 1:
             raise ValueError(f"conv2d_forward: x {x.shape} and w {w.shape} with stride {stride} "
                              f"and padding {padding} give no valid output")
-        out = cuda.device_array((n, f, ho, wo), dtype=x.dtype)
+        out = self.scratch(ws, "out", (n, f, ho, wo), x.dtype)
         K.conv2d_forward_kernel[K.gemm_grid(f, n * ho * wo), K.GEMM_THREADS](
             x, w, b, stride, top, left, out)
         return out, (x, w, stride, padding)
 
-    def conv2d_backward(self, dout, cache, need_dx=True):
+    def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
         x, w, stride, padding = cache
         (top, _), (left, _) = padding
         n, f, ho, wo = dout.shape
         _, c, kh, kw = w.shape
 
-        dw = cuda.device_array(w.shape, dtype=dout.dtype)
-        db = cuda.device_array(f, dtype=dout.dtype)
+        dw = self.scratch(ws, "dw", w.shape, dout.dtype)
+        db = self.scratch(ws, "db", (f,), dout.dtype)
         k_cols = c * kh * kw
         splits, chunk = K.conv2d_dw_splits(f, k_cols + 1, n * ho * wo)
         # One slice writes dw and db directly; several write slabs that column_sums_kernel adds.
         if splits == 1:
             dw_part, db_part = dw.reshape(1, f, c, kh, kw), db.reshape(1, f)
         else:
-            dw_part = cuda.device_array((splits, f, c, kh, kw), dtype=dout.dtype)
-            db_part = cuda.device_array((splits, f), dtype=dout.dtype)
+            dw_part = self.scratch(ws, "dw_part", (splits, f, c, kh, kw), dout.dtype)
+            db_part = self.scratch(ws, "db_part", (splits, f), dout.dtype)
         K.conv2d_backward_weight_kernel[K.gemm_grid(f, k_cols + 1, splits), K.GEMM_THREADS](
             x, dout, stride, top, left, chunk, dw_part, db_part)
         if splits > 1:
@@ -106,46 +109,47 @@ class CudaBackend(Backend):
 
         if not need_dx:
             return None, dw, db
-        dx = cuda.device_array(x.shape, dtype=dout.dtype)
+        dx = self.scratch(ws, "dx", x.shape, dout.dtype)
         K.conv2d_backward_input_kernel[K.gemm_grid(c, x.size // c), K.GEMM_THREADS](
             dout, w, stride, top, left, dx)
         return dx, dw, db
 
     # ---- pooling ---------------------------------------------------------------------------
-    def maxpool2d_forward(self, x, pool, stride):
+    def maxpool2d_forward(self, x, pool, stride, ws=None):
         n, c, h, w = x.shape
         ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
         if ho < 1 or wo < 1:
             raise ValueError(f"maxpool2d_forward: x {x.shape} is smaller than pool={pool}")
-        out = cuda.device_array((n, c, ho, wo), dtype=x.dtype)
-        argmax = cuda.device_array((n * c, ho, wo), dtype=np.int32)
+        out = self.scratch(ws, "out", (n, c, ho, wo), x.dtype)
+        argmax = self.scratch(ws, "argmax", (n * c, ho, wo), np.int32)
         K.maxpool2d_forward_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
             x.reshape(n * c, h, w), pool, stride, out.reshape(n * c, ho, wo), argmax)
         return out, (x.shape, argmax, pool, stride)
 
-    def maxpool2d_backward(self, dout, cache):
+    def maxpool2d_backward(self, dout, cache, ws=None):
         (n, c, h, w), argmax, pool, stride = cache
-        dx = cuda.device_array((n, c, h, w), dtype=dout.dtype)
+        dx = self.scratch(ws, "dx", (n, c, h, w), dout.dtype)
         K.maxpool2d_backward_kernel[K.elementwise_grid(dx.size), K.ELEMENTWISE_THREADS](
             dout.reshape(argmax.shape), argmax, pool, stride, dx.reshape(n * c, h, w))
         return dx
 
     # ---- activations -----------------------------------------------------------------------
-    def relu_forward(self, x):
-        out = cuda.device_array(x.shape, dtype=x.dtype)
+    def relu_forward(self, x, ws=None):
+        out = self.scratch(ws, "out", x.shape, x.dtype)
         K.relu_forward_kernel[K.elementwise_grid(x.size), K.ELEMENTWISE_THREADS](
             x.reshape(x.size), out.reshape(x.size))
         return out, out
 
-    def relu_backward(self, dout, cache):
-        dx = cuda.device_array(dout.shape, dtype=dout.dtype)
+    def relu_backward(self, dout, cache, ws=None):
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         K.relu_backward_kernel[K.elementwise_grid(dout.size), K.ELEMENTWISE_THREADS](
             dout.reshape(dout.size), cache.reshape(dout.size), dx.reshape(dout.size))
         return dx
 
     # ---- dense -----------------------------------------------------------------------------
-    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None):
-        """``op(a) @ op(b) (+ bias)`` as a new device array."""
+    def _matmul(self, a, b, trans_a=False, trans_b=False, bias=None, ws=None, name="out"):
+        """``op(a) @ op(b) (+ bias)`` into the workspace buffer ``name`` (a new device array
+        without a workspace)."""
         m = a.shape[1] if trans_a else a.shape[0]
         n = b.shape[0] if trans_b else b.shape[1]
         ka = a.shape[0] if trans_a else a.shape[1]
@@ -157,28 +161,28 @@ class CudaBackend(Backend):
             if a.dtype not in self._no_bias:
                 self._no_bias[a.dtype] = cuda.device_array(0, dtype=a.dtype)
             bias = self._no_bias[a.dtype]
-        c = cuda.device_array((m, n), dtype=a.dtype)
+        c = self.scratch(ws, name, (m, n), a.dtype)
         K.matmul_kernel[K.gemm_grid(m, n), K.GEMM_THREADS](a, b, bias, trans_a, trans_b, c)
         return c
 
-    def dense_forward(self, x, w, b):
-        return self._matmul(x, w, bias=b), (x, w)
+    def dense_forward(self, x, w, b, ws=None):
+        return self._matmul(x, w, bias=b, ws=ws), (x, w)
 
-    def dense_backward(self, dout, cache, need_dx=True):
+    def dense_backward(self, dout, cache, need_dx=True, ws=None):
         x, w = cache
-        dw = self._matmul(x, dout, trans_a=True)
+        dw = self._matmul(x, dout, trans_a=True, ws=ws, name="dw")
         m = dout.shape[1]
-        db = cuda.device_array(m, dtype=dout.dtype)
+        db = self.scratch(ws, "db", (m,), dout.dtype)
         K.column_sums_kernel[K.column_sum_grid(m), K.COLUMN_SUM_THREADS](dout, db)
-        dx = self._matmul(dout, w, trans_b=True) if need_dx else None
+        dx = self._matmul(dout, w, trans_b=True, ws=ws, name="dx") if need_dx else None
         return dx, dw, db
 
     # ---- loss ------------------------------------------------------------------------------
-    def softmax_cross_entropy(self, logits, labels):
+    def softmax_cross_entropy(self, logits, labels, ws=None):
         n = logits.shape[0]
-        dlogits = cuda.device_array(logits.shape, dtype=logits.dtype)
-        loss = cuda.device_array(1, dtype=logits.dtype)
-        correct = cuda.device_array(1, dtype=np.int32)
+        dlogits = self.scratch(ws, "dlogits", logits.shape, logits.dtype)
+        loss = self.scratch(ws, "loss", (1,), logits.dtype)
+        correct = self.scratch(ws, "correct", (1,), np.int32)
         K.softmax_xent_kernel[1, K.XENT_THREADS](
             logits, labels, logits.dtype.type(1.0 / n), dlogits, loss, correct)
         # 0-d views, as the contract asks: to_host then yields 0-d numpy arrays.

@@ -12,11 +12,12 @@ from .numpy_backend import NumpyBackend, _pad
 
 
 class NaiveBackend(NumpyBackend):
-    """Loop reference; memory, loss and optimizer ops are inherited from NumPy."""
+    """Loop reference; memory, loss and optimizer ops are inherited from NumPy. Every op
+    accepts a workspace (``ws``) and ignores it: the reference allocates its results."""
 
     name = "naive"
 
-    def conv2d_forward(self, x, w, b, stride, padding):
+    def conv2d_forward(self, x, w, b, stride, padding, ws=None):
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
         xp = _pad(x, padding)
@@ -31,7 +32,7 @@ class NaiveBackend(NumpyBackend):
                         out[ni, fi, i, j] = np.sum(patch * w[fi]) + b[fi]
         return out, (x, w, stride, padding)
 
-    def conv2d_backward(self, dout, cache, need_dx=True):
+    def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
         x, w, stride, padding = cache
         f, c, kh, kw = w.shape
         xp = _pad(x, padding)
@@ -52,7 +53,7 @@ class NaiveBackend(NumpyBackend):
         dx = dxp[:, :, top:top + x.shape[2], left:left + x.shape[3]].copy()
         return (dx if need_dx else None), dw, db
 
-    def maxpool2d_forward(self, x, pool, stride):
+    def maxpool2d_forward(self, x, pool, stride, ws=None):
         n, c, h, w = x.shape
         ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
         out = np.zeros((n, c, ho, wo), dtype=x.dtype)
@@ -64,7 +65,7 @@ class NaiveBackend(NumpyBackend):
                                               j * stride:j * stride + pool].max()
         return out, (x, pool, stride)
 
-    def maxpool2d_backward(self, dout, cache):
+    def maxpool2d_backward(self, dout, cache, ws=None):
         x, pool, stride = cache
         dx = np.zeros_like(x)
         n, c, ho, wo = dout.shape
@@ -77,7 +78,7 @@ class NaiveBackend(NumpyBackend):
                         dx[ni, ci, i * stride + a, j * stride + bb] += dout[ni, ci, i, j]
         return dx
 
-    def relu_forward(self, x):
+    def relu_forward(self, x, ws=None):
         out = x.copy()
         flat = out.reshape(-1)
         for k in range(flat.size):
@@ -85,7 +86,7 @@ class NaiveBackend(NumpyBackend):
                 flat[k] = 0
         return out, x
 
-    def relu_backward(self, dout, cache):
+    def relu_backward(self, dout, cache, ws=None):
         dx = np.zeros_like(dout)
         src, g, d = cache.reshape(-1), dout.reshape(-1), dx.reshape(-1)
         for k in range(src.size):
@@ -93,7 +94,7 @@ class NaiveBackend(NumpyBackend):
                 d[k] = g[k]
         return dx
 
-    def dense_forward(self, x, w, b):
+    def dense_forward(self, x, w, b, ws=None):
         n, d = x.shape
         m = w.shape[1]
         out = np.zeros((n, m), dtype=x.dtype)
@@ -105,7 +106,7 @@ class NaiveBackend(NumpyBackend):
                 out[ni, mi] = acc
         return out, (x, w)
 
-    def dense_backward(self, dout, cache, need_dx=True):
+    def dense_backward(self, dout, cache, need_dx=True, ws=None):
         x, w = cache
         n, d = x.shape
         m = w.shape[1]
@@ -119,7 +120,7 @@ class NaiveBackend(NumpyBackend):
                     dx[ni, di] += w[di, mi] * g
         return (dx if need_dx else None), dw, db
 
-    def softmax_cross_entropy(self, logits, labels):
+    def softmax_cross_entropy(self, logits, labels, ws=None):
         n, k = logits.shape
         loss = 0.0
         dlogits = np.zeros_like(logits)

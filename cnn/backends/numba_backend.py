@@ -65,6 +65,11 @@ from .numpy_backend import NumpyBackend
 #: the vectorised inner loop, small enough for the chunk's patches to stay in cache (a sweep
 #: of 128-2048 on the reference layers moved the conv times by under 10%; 512 was best)
 _CHUNK_COLUMNS = 512
+#: bytes of patches plus GEMM result per chunk on the BLAS path (see ``_blas_chunk``)
+_CHUNK_BYTES = 1 << 20
+#: conv layers with at least this many filters and patch rows use BLAS for their GEMMs
+_BLAS_MIN_FILTERS = 16
+_BLAS_MIN_ROWS = 16
 
 
 def _select_threading_layer() -> str:
@@ -146,6 +151,10 @@ class NumbaBackend(NumpyBackend):
         w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
         out, cache = self.conv2d_forward(x, w, np.zeros(3, dtype), 1, ((1, 1), (1, 1)))
         self.conv2d_backward(out, cache)
+        w16 = rng.standard_normal((_BLAS_MIN_FILTERS, 2, 3, 3)).astype(dtype)  # the BLAS path
+        out16, cache16 = self.conv2d_forward(x, w16, np.zeros(len(w16), dtype), 1,
+                                             ((1, 1), (1, 1)))
+        self.conv2d_backward(out16, cache16)
         out, cache = self.relu_forward(out)
         self.relu_backward(out, cache)
         out, cache = self.maxpool2d_forward(out, 2, 2)
@@ -153,64 +162,126 @@ class NumbaBackend(NumpyBackend):
         return time.perf_counter() - t0
 
     # ---- convolution -----------------------------------------------------------------------
-    def conv2d_forward(self, x, w, b, stride, padding):
+    def _use_blas(self, f: int, k: int) -> bool:
+        """Whether a conv layer with ``f`` filters over ``k = C*KH*KW`` patch rows multiplies
+        with BLAS (im2col/col2im in Numba, the GEMMs in BLAS, chunk by chunk) or with the
+        fused Numba kernels (tiny layers, whose GEMMs are too small for BLAS to pay)."""
+        return f >= _BLAS_MIN_FILTERS and k >= _BLAS_MIN_ROWS
+
+    def _blas_chunk(self, n: int, pixels: int, k: int, f: int, itemsize: int) -> int:
+        """Images per chunk of the BLAS path: the chunk's patches ``(k, nb*P)`` and GEMM
+        result ``(f, nb*P)`` fill about ``_CHUNK_BYTES`` (half of a Zen 4 / Skylake-SP L2)."""
+        per_image = (k + f) * pixels * itemsize
+        return max(1, min(n, _CHUNK_BYTES // per_image))
+
+    def conv2d_forward(self, x, w, b, stride, padding, ws=None):
         x, w, b = np.ascontiguousarray(x), np.ascontiguousarray(w), np.ascontiguousarray(b)
         ho, wo = _conv_geometry(x, w, b, stride, padding)
         n = x.shape[0]
         f, _, kh, kw = w.shape
+        k = w[0].size
+        p = ho * wo
         (top, _), (left, _) = padding
-        out = np.empty((n, f, ho * wo), dtype=x.dtype)
-        # Python ints throughout, so every call hits the same compiled specialisation
-        self._launch(self.conv2d_forward_kernel, x, w.reshape(f, -1), b, kh, kw, int(stride),
-                     int(top), int(left), ho, wo, 0, n, self._chunk_images(n, ho * wo), out)
-        return out.reshape(n, f, ho, wo), (x, w, int(stride), padding)
+        stride, top, left = int(stride), int(top), int(left)
+        out = self.scratch(ws, "out", (n, f, p), x.dtype)
+        if not self._use_blas(f, k):
+            # Python ints throughout, so every call hits the same compiled specialisation
+            self._launch(self.conv2d_forward_kernel, x, w.reshape(f, -1), b, kh, kw, stride,
+                         top, left, ho, wo, 0, n, self._chunk_images(n, p), out)
+            return out.reshape(n, f, ho, wo), (x, w, stride, padding)
+        nb = self._blas_chunk(n, p, k, f, x.itemsize)
+        cols = self.scratch(ws, "cols", (k * nb * p,), x.dtype)
+        acc = self.scratch(ws, "acc", (f * nb * p,), x.dtype)
+        w2 = w.reshape(f, k)
+        for c0 in range(0, n, nb):
+            c1 = min(c0 + nb, n)
+            q = (c1 - c0) * p
+            colq, accq = cols[:k * q].reshape(k, q), acc[:f * q].reshape(f, q)
+            K.im2col(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
+            np.matmul(w2, colq, out=accq)
+            K.scatter_bias(accq, b, c0, c1, out)
+        return out.reshape(n, f, ho, wo), (x, w, stride, padding)
 
-    def conv2d_backward(self, dout, cache, need_dx=True):
+    def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
         x, w, stride, padding = cache
         n, f, ho, wo = dout.shape
         k = w[0].size
+        p = ho * wo
+        dt = x.dtype
         (top, _), (left, _) = padding
-        nb = self._chunk_images(n, ho * wo)
-        parts = np.zeros((self._weight_grad_parts(-(-n // nb)), k + 1, f), dtype=x.dtype)
-        dx = np.empty((n if need_dx else 0,) + x.shape[1:], dtype=x.dtype)
-        dout3 = np.ascontiguousarray(dout).reshape(n, f, ho * wo)
-        self._launch(self.conv2d_backward_kernel, x, np.ascontiguousarray(w.reshape(f, k).T),
-                     dout3, w.shape[2], w.shape[3], stride, int(top), int(left), ho, wo, 0, n,
-                     nb, parts, dx)
-        dwt = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
-        return (dx if need_dx else None), np.ascontiguousarray(dwt[:k].T).reshape(w.shape), dwt[k]
+        dout3 = np.ascontiguousarray(dout).reshape(n, f, p)
+        dx = self.scratch(ws, "dx", (n if need_dx else 0,) + x.shape[1:], dt)
+        if not self._use_blas(f, k):
+            nb = self._chunk_images(n, p)
+            parts = self.scratch(ws, "parts", (self._weight_grad_parts(-(-n // nb)), k + 1, f), dt)
+            parts.fill(0)
+            self._launch(self.conv2d_backward_kernel, x, np.ascontiguousarray(w.reshape(f, k).T),
+                         dout3, w.shape[2], w.shape[3], stride, int(top), int(left), ho, wo, 0,
+                         n, nb, parts, dx)
+            dwt = parts.sum(axis=0) if parts.shape[0] > 1 else parts[0]
+            dw = self.scratch(ws, "dw", (f, k), dt)
+            np.copyto(dw, dwt[:k].T)
+            db = self.scratch(ws, "db", (f,), dt)
+            np.copyto(db, dwt[k])
+            return (dx if need_dx else None), dw.reshape(w.shape), db
+        nb = self._blas_chunk(n, p, k, f, dt.itemsize)
+        cols = self.scratch(ws, "cols_bwd", (k * nb * p,), dt)
+        dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
+        dcols = self.scratch(ws, "dcols", (k * nb * p,), dt) if need_dx else None
+        dw = self.scratch(ws, "dw", (f, k), dt)
+        dw_part = self.scratch(ws, "dw_part", (f, k), dt)
+        db = self.scratch(ws, "db", (f,), dt)
+        w2 = w.reshape(f, k)
+        kh, kw = w.shape[2], w.shape[3]
+        top, left = int(top), int(left)
+        for c0 in range(0, n, nb):
+            c1 = min(c0 + nb, n)
+            q = (c1 - c0) * p
+            colq, dq = cols[:k * q].reshape(k, q), dg[:f * q].reshape(f, q)
+            K.gather_rowsum(dout3, c0, c1, dq, db, c0 == 0)
+            K.im2col(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
+            if c0 == 0:
+                np.matmul(dq, colq.T, out=dw)
+            else:
+                np.matmul(dq, colq.T, out=dw_part)
+                dw += dw_part
+            if need_dx:
+                dcq = dcols[:k * q].reshape(k, q)
+                np.matmul(w2.T, dq, out=dcq)
+                K.col2im(dcq, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
+        return (dx if need_dx else None), dw.reshape(w.shape), db
 
     # ---- pooling ---------------------------------------------------------------------------
-    def maxpool2d_forward(self, x, pool, stride):
+    def maxpool2d_forward(self, x, pool, stride, ws=None):
         x = np.ascontiguousarray(x)
         n, c, h, w = x.shape
         if pool < 1 or stride < 1 or pool > min(h, w):
             raise ValueError(f"need 1 <= pool <= min(H, W) and stride >= 1; received "
                              f"pool={pool}, stride={stride}, x.shape={x.shape}")
         ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
-        out = np.empty((n * c, ho, wo), dtype=x.dtype)
-        arg = np.empty((n * c, ho, wo), dtype=np.int32)
+        out = self.scratch(ws, "out", (n * c, ho, wo), x.dtype)
+        arg = self.scratch(ws, "argmax", (n * c, ho, wo), np.int32)
         self._launch(self.maxpool2d_forward_kernel, x.reshape(n * c, h, w), int(pool),
                      int(stride), out, arg)
         return out.reshape(n, c, ho, wo), (x.shape, arg)
 
-    def maxpool2d_backward(self, dout, cache):
+    def maxpool2d_backward(self, dout, cache, ws=None):
         x_shape, arg = cache
-        dx = np.empty((arg.shape[0], x_shape[2] * x_shape[3]), dtype=dout.dtype)
+        dx = self.scratch(ws, "dx", (arg.shape[0], x_shape[2] * x_shape[3]), dout.dtype)
         self._launch(self.maxpool2d_backward_kernel,
                      np.ascontiguousarray(dout).reshape(arg.shape), arg, dx)
         return dx.reshape(x_shape)
 
     # ---- activations -----------------------------------------------------------------------
-    def relu_forward(self, x):
+    def relu_forward(self, x, ws=None):
         x = np.ascontiguousarray(x)
-        out = np.empty_like(x)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
         self._launch(self.relu_forward_kernel, x.reshape(-1), out.reshape(-1))
         return out, out
 
-    def relu_backward(self, dout, cache):
+    def relu_backward(self, dout, cache, ws=None):
         dout = np.ascontiguousarray(dout)
-        dx = np.empty_like(dout)
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         self._launch(self.relu_backward_kernel, dout.reshape(-1), cache.reshape(-1),
                      dx.reshape(-1))
         return dx
@@ -242,6 +313,10 @@ class NumbaParallelBackend(NumbaBackend):
     def _launch(self, kernel, *args):
         with self._guard:
             kernel(*args)
+
+    def _use_blas(self, f, k):
+        # the prange kernels split the chunks (im2col and GEMM together) among Numba's threads
+        return False
 
     def _chunk_images(self, n, pixels):
         # at least one chunk per thread, so that every thread gets work

@@ -223,6 +223,57 @@ def _gather_chunk(a3, n0, n1, out):
 
 
 @njit(**_JIT)
+def im2col(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols):
+    """:func:`_im2col` as a public kernel: the BLAS path of the ``numba`` backend calls it from
+    Python, chunk by chunk, with ``cols (C*KH*KW, nb*Ho*Wo)`` from the layer's workspace."""
+    _im2col(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols)
+
+
+@njit(**_JIT)
+def col2im(dcols, n0, n1, kh, kw, stride, top, left, ho, wo, dx):
+    """``dx[n0:n1] = col2im(dcols)``: zeros, then :func:`_col2im` (padding dropped)."""
+    for n in range(n0, n1):
+        for c in range(dx.shape[1]):
+            for y in range(dx.shape[2]):
+                for xc in range(dx.shape[3]):
+                    dx[n, c, y, xc] = 0
+    _col2im(dcols, n0, n1, kh, kw, stride, top, left, ho, wo, dx)
+
+
+@njit(**_JIT)
+def scatter_bias(acc, b, n0, n1, out3):
+    """``out3[n, f, :] = acc[f, (n - n0)*P : (n - n0 + 1)*P] + b[f]`` for ``n0 <= n < n1``:
+    a chunk's GEMM result ``acc (F, nb*P)`` (images side by side) back into ``(N, F, P)``."""
+    f_dim, p = out3.shape[1], out3.shape[2]
+    for n in range(n0, n1):
+        uq = np.uint64((n - n0) * p)
+        for f in range(f_dim):
+            bf = b[f]
+            for s in range(np.uint64(p)):
+                out3[n, f, s] = acc[f, uq + s] + bf
+
+
+@njit(**_JIT)
+def gather_rowsum(a3, n0, n1, out, sums, first):
+    """``out (R, nb*P) = a3[n0:n1] (nb, R, P)`` side by side along columns (the inverse of
+    :func:`scatter_bias`), and ``sums[r] (+)= sum of out[r]`` (set when ``first``, else added):
+    a chunk of ``dout`` for the BLAS products, and the bias gradient on the way."""
+    rows, p = a3.shape[1], a3.shape[2]
+    if first:
+        for r in range(rows):
+            sums[r] = 0
+    for n in range(n0, n1):
+        uq = np.uint64((n - n0) * p)
+        for r in range(rows):
+            total = sums[r]
+            for s in range(np.uint64(p)):
+                v = a3[n, r, s]
+                out[r, uq + s] = v
+                total += v
+            sums[r] = total
+
+
+@njit(**_JIT)
 def _transpose(a):
     """C-contiguous copy of ``a.T``."""
     rows, cols = a.shape
