@@ -202,7 +202,8 @@ def cmd_train(args) -> int:
             if interrupt.requested:  # pressed during the last evaluation: the run is whole
                 raise KeyboardInterrupt
     except DivergedError as err:
-        print(f"error: {err}\nweights not saved (they are not finite)", file=sys.stderr)
+        message = str(err).replace("fit(on_nonfinite='continue')", "--on-nonfinite continue")
+        print(f"error: {message}\nweights not saved (they are not finite)", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         epoch, done, total = interrupt.where

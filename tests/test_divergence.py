@@ -162,7 +162,7 @@ def test_cli_divergence_exits_nonzero_and_saves_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 3
     assert "training diverged" in err and "epoch 1, step" in err
-    assert "not saved" in err
+    assert "not saved" in err and "--on-nonfinite continue" in err
     assert not save.exists() and not list(tmp_path.iterdir())
 
 
