@@ -18,6 +18,10 @@ from cnn.layers import layers_from_spec
 from cnn.model import Sequential
 from cnn.parallel import SequentialStrategy
 
+# NumPy's own overflow/NaN warnings are the expected symptom here, not news
+pytestmark = [pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
+              pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")]
+
 SPEC = [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
         {"type": "flatten"},
         {"type": "dense", "units": 4}]
