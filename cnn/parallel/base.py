@@ -17,11 +17,28 @@ class Strategy:
     """Base class and the contract every strategy follows."""
 
     name = "abstract"
+    #: True in the one process that prints, shows progress, evaluates and saves (MPI: rank 0;
+    #: nanoGPT's ``master_process``); every other strategy runs in one process
+    is_master = True
 
     def __init__(self, threads: int = 1):
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"threads must be a positive integer. Received threads={threads!r}")
         self.threads = threads
+        #: seconds spent combining gradients between workers (threads and processes: the
+        #: reduce phase; MPI: the allreduce) since the last :meth:`take_comm_time`
+        self.comm_time = 0.0
+
+    def take_comm_time(self) -> float:
+        """The communication seconds accumulated since the last call (the fit loop calls it
+        once per epoch for the ``comm_time`` column), and restart the count."""
+        t, self.comm_time = self.comm_time, 0.0
+        return t
+
+    def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        """The master's ``values`` (validation metrics it alone computed) on every process;
+        one process: ``values`` as they are."""
+        return values
 
     def examples_per_step(self, batch_size: int) -> int:
         """How many examples one ``step`` consumes (``batch_size`` unless each worker takes a

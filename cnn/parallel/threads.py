@@ -78,21 +78,9 @@ import numpy as np
 
 from ..backends import Backend
 from .base import Strategy
+from .sync import FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view, shard_bounds
 
 Phase = Callable[[int], None]
-
-
-def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
-    """``parts`` contiguous ``(start, stop)`` ranges covering ``range(n)`` in order, sizes
-    differing by at most one (the first ``n % parts`` are one longer); some are empty when
-    ``n < parts``."""
-    q, r = divmod(n, parts)
-    bounds, start = [], 0
-    for i in range(parts):
-        stop = start + q + (1 if i < r else 0)
-        bounds.append((start, stop))
-        start = stop
-    return bounds
 
 
 class _Workers:
@@ -104,8 +92,11 @@ class _Workers:
     the first exception (lowest worker index) is re-raised in the caller.
     """
 
-    def __init__(self, n: int, name: str):
+    def __init__(self, n: int, name: str, on_error: Callable[[], None] | None = None):
         self.n = n
+        # called (in the failing worker) when a phase raises: releases workers blocked in a
+        # collective of the strategy's own (a barrier inside a phase), so none waits forever
+        self._on_error = on_error
         self._phases: Sequence[Phase] = ()
         self._errors: list[BaseException | None] = [None] * n
         self._failed = False
@@ -135,6 +126,8 @@ class _Workers:
                 except BaseException as err:  # noqa: BLE001 - handed to the main thread
                     self._errors[i] = err
                     self._failed = True
+                    if self._on_error is not None:
+                        self._on_error()
             if self.n > 1:
                 self._phase_done.wait()
 
@@ -149,7 +142,11 @@ class _Workers:
         self._go.wait()
         self._run_phases(0)
         if self._failed:
-            i, err = next((i, e) for i, e in enumerate(self._errors) if e is not None)
+            # the first error that is not a consequence of another (a collective aborted
+            # because some worker failed), lowest worker index first
+            failed = [(i, e) for i, e in enumerate(self._errors) if e is not None]
+            i, err = next(((i, e) for i, e in failed
+                           if not isinstance(e, threading.BrokenBarrierError)), failed[0])
             self._errors = [None] * self.n
             self._failed = False
             if i > 0:
@@ -186,11 +183,7 @@ def _flat_slices(params: dict[str, np.ndarray], parts: int) -> list[list[tuple[s
     return out
 
 
-def _flat(a: np.ndarray) -> np.ndarray:
-    """A 1-D view of a C-contiguous array (never a copy: writes must reach ``a``)."""
-    if not a.flags.c_contiguous:
-        raise ValueError("thread strategies need C-contiguous parameter arrays")
-    return a.reshape(-1)
+_flat = flat_view
 
 
 def _weighted_sum(out: np.ndarray, terms: list[tuple[float, np.ndarray]], tmp: np.ndarray) -> None:
@@ -246,13 +239,23 @@ class ThreadStrategy(Strategy):
         self._contexts = [self.new_context() for _ in range(self.threads)]
         try:
             self._setup()
-            self._workers = _Workers(self.threads, self.name)
+            self._workers = _Workers(self.threads, self.name, self._abort_collectives)
         except BaseException:
             self.close()
             raise
 
     def _setup(self) -> None:
         """Allocate per-fit buffers (before the threads start)."""
+
+    def _abort_collectives(self) -> None:
+        """Release workers waiting in a collective of the strategy's own (a failed step)."""
+
+    def _context(self, i: int):
+        """Worker ``i``'s training context, at the current global step (the shard's offset and
+        the global batch are set by whoever computes the shard)."""
+        ctx = self._contexts[i]
+        ctx.step = self.steps
+        return ctx
 
     def _run(self, phases: Sequence[Phase]) -> None:
         if self._workers is None:
@@ -282,10 +285,26 @@ class ThreadStrategy(Strategy):
 
 
 class SyncThreads(ThreadStrategy):
-    """Synchronous data parallelism: one update per batch from the size-weighted sum of the
-    shard gradients (the sequential algorithm). See the module docstring."""
+    """Synchronous data parallelism over threads: :class:`~cnn.parallel.sync.SyncCore`'s step
+    (the sequential algorithm, written once for threads, processes and MPI) with the
+    shared-memory transport: per-worker gradient slots in ordinary NumPy memory and a
+    :class:`threading.Barrier`. See the module docstring.
+
+    Args:
+        threads: workers.
+        reduce_bytes: bytes per worker for the cross-shard ``reduce`` of synchronised layers
+            (batch statistics); the default holds 4,096 float32 values.
+    """
 
     name = "sync"
+
+    def __init__(self, threads: int = 1, reduce_bytes: int = 1 << 16):
+        super().__init__(threads)
+        if isinstance(reduce_bytes, bool) or not isinstance(reduce_bytes, (int, np.integer)) \
+                or reduce_bytes < 0:
+            raise ValueError(f"reduce_bytes must be a non-negative integer. Received "
+                             f"reduce_bytes={reduce_bytes!r}")
+        self.reduce_bytes = int(reduce_bytes)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < self.threads:
@@ -295,54 +314,37 @@ class SyncThreads(ThreadStrategy):
 
     def _setup(self) -> None:
         t = self.threads
-        self._flat_params = {k: _flat(v) for k, v in self.params.items()}
-        self._flat_state = {k: _flat(v) for k, v in self.state.items()}
-        self._gsum = {k: np.empty_like(v) for k, v in self._flat_params.items()}
-        self._pieces = _flat_slices(self.params, t)
-        self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0),
-                              dtype=next(iter(self.params.values())).dtype)
-                     for p in self._pieces]
-        self._results: list[Any] = [None] * t
-        self._bounds: list[tuple[int, int]] = []
+        self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state)
+        lay = self._core.layout
+        self._barrier = threading.Barrier(t)
+        reduce = SharedReduce(t, self._barrier, np.zeros((2, t, self.reduce_bytes), np.uint8))
+        self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],
+                                      np.empty(lay.total, lay.dtype), self._barrier, reduce)
+        self._out: list[Any] = [None] * t
         self._xb = self._yb = None
-        self._weights: list[tuple[int, float]] = []
 
-    def _compute(self, i: int) -> None:
-        lo, hi = self._bounds[i]
-        if hi > lo:
-            self._results[i] = self.model.loss_and_grads(
-                self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend,
-                self._shard_context(i, len(self._yb)))
+    def _abort_collectives(self) -> None:
+        self._barrier.abort()
 
-    def _reduce_update(self, j: int) -> None:
-        """Worker ``j`` combines the shard gradients and updates its slice of the parameters."""
-        terms_of = [(w, self._results[i][2]) for i, w in self._weights]
-        tmp = self._tmp[j]
-        opt, be = self.optimizer, self.backend
-        for key, sl in self._pieces[j]:
-            # gradients are only read: np.ravel is a view for the usual contiguous ones
-            if len(terms_of) == 1:  # one shard: its gradient (weight 1) as it is
-                g = np.ravel(terms_of[0][1][key])[sl]
-            else:
-                g = self._gsum[key][sl]
-                _weighted_sum(g, [(w, np.ravel(grads[key])[sl]) for w, grads in terms_of],
-                              tmp[:sl.stop - sl.start])
-            state = {key: self._flat_state[key][sl]} if self.state else {}
-            opt.update({key: self._flat_params[key][sl]}, {key: g}, state, be)
+    def _work(self, i: int) -> None:
+        self._out[i] = self._core.worker_step(i, self.threads, self._xb, self._yb,
+                                              self._transport, self._context(i))
 
     def step(self, xb, yb):
-        n = len(yb)
+        if self._workers is None:
+            raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        if self._barrier.broken:  # a failed step aborted it; every worker has left it since
+            self._barrier.reset()
         self._xb, self._yb = xb, yb
-        self._bounds = shard_bounds(n, self.threads)
-        self._results = [None] * self.threads
-        self._weights = [(i, (hi - lo) / n) for i, (lo, hi) in enumerate(self._bounds) if hi > lo]
+        self._out = [None] * self.threads
         try:
-            self._run((self._compute, self._reduce_update))
+            self._run((self._work,))
             self.steps += 1
-            return self._host_sums(self._results, [hi - lo for lo, hi in self._bounds])
+            self.comm_time += self._out[0][2]  # as seen by worker 0
+            return (sum(o[0] for o in self._out), sum(o[1] for o in self._out))
         finally:
             self._xb = self._yb = None
-            self._results = [None] * self.threads
+            self._out = [None] * self.threads
 
 
 class AverageThreads(ThreadStrategy):
