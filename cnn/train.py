@@ -134,7 +134,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             ``None`` leaves BLAS alone.
     Returns:
         a :class:`History`: per epoch ``loss``, ``accuracy`` (running, on training batches),
-        ``val_loss``, ``val_accuracy``, ``time``, ``compute_time``, ``data_time``,
+        ``val_loss``, ``val_accuracy``, ``time``, ``compute_time`` (the steps, less
+        ``comm_time``: seconds spent combining gradients or weights between workers, 0 for
+        one worker), ``data_time``,
         ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``
         and the configuration.
     """
@@ -150,6 +152,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     opt = make_optimizer(optimizer)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
+    if not strat.is_master:  # MPI ranks other than 0 neither print nor show progress
+        verbose = 0
     n = len(x)
     step_size = strat.examples_per_step(batch_size)
     rng = np.random.default_rng(seed)
@@ -176,7 +180,12 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                                   verbose, progress, history.info, raising)
                 if validation_data is not None:
                     t = time.perf_counter()
-                    val = model.evaluate(*validation_data, params=strat.current_params(), backend=be)
+                    current = strat.current_params()  # a collective for some strategies
+                    # only the master evaluates (MPI rank 0); every process gets its numbers,
+                    # so that callbacks and divergence checks decide alike everywhere
+                    val = (model.evaluate(*validation_data, params=current, backend=be)
+                           if strat.is_master else {"loss": math.nan, "accuracy": math.nan})
+                    val = strat.share_metrics(val)
                     logs["eval_time"] = time.perf_counter() - t
                     logs["val_loss"], logs["val_accuracy"] = val["loss"], val["accuracy"]
                     if raising and not math.isfinite(val["loss"]):
@@ -265,12 +274,14 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     t = time.perf_counter()
     strat.end_epoch()
     compute_t += time.perf_counter() - t
+    # communication between workers (gradient reduce, allreduce, averaging) is its own column
+    comm_t = strat.take_comm_time()
     if bar is not None:
         bar.close()
     wall = time.perf_counter() - start
     return {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n, "time": wall,
-            "compute_time": compute_t, "data_time": data_t, "transfer_time": transfer_t,
-            "images_per_sec": n / wall}
+            "compute_time": compute_t - comm_t, "comm_time": comm_t, "data_time": data_t,
+            "transfer_time": transfer_t, "images_per_sec": n / wall}
 
 
 def _epoch_line(logs: dict, epochs: int) -> str:
