@@ -380,3 +380,15 @@ def test_describe_records_the_configuration():
     assert HogwildThreads(2).examples_per_step(16) == 32
     assert AverageThreads(2).examples_per_step(16) == 32
     assert SyncThreads(2).examples_per_step(16) == 16
+
+
+def test_sync_comm_time_is_its_own_column():
+    """comm_time (the reduce phase, as seen by worker 0) is measured apart from compute."""
+    x, y = blobs()
+    model = Sequential.from_spec(SPEC, input_shape=(1, 8, 8), dtype=np.float64, seed=3)
+    h = model.fit(x, y, epochs=2, batch_size=10, optimizer=OPT, strategy="sync", threads=2,
+                  verbose=0).history
+    assert all(c > 0 for c in h["comm_time"]) and all(c >= 0 for c in h["compute_time"])
+    for i in range(2):
+        parts = h["compute_time"][i] + h["comm_time"][i] + h["data_time"][i] + h["transfer_time"][i]
+        assert parts <= h["time"][i] * 1.0001 + 1e-6

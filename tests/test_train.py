@@ -77,7 +77,7 @@ def test_fit_learns_blobs(blobs_run):
 
 
 DOCUMENTED_KEYS = ["loss", "accuracy", "val_loss", "val_accuracy", "time", "compute_time",
-                   "data_time", "transfer_time", "eval_time", "images_per_sec"]
+                   "comm_time", "data_time", "transfer_time", "eval_time", "images_per_sec"]
 
 
 def test_history_has_every_documented_key(blobs_run):
@@ -91,10 +91,12 @@ def test_history_has_every_documented_key(blobs_run):
     for key in DOCUMENTED_KEYS:
         assert len(hist.history[key]) == 3, key
     assert hist.history["epoch"] == [1, 2, 3]
-    for key in ["time", "compute_time", "data_time", "transfer_time", "eval_time"]:
+    for key in ["time", "compute_time", "comm_time", "data_time", "transfer_time", "eval_time"]:
         assert all(t >= 0 for t in hist.history[key]), key
+    assert hist.history["comm_time"] == [0.0] * 3  # one worker: nothing to communicate
     for i in range(3):
-        parts = sum(hist.history[k][i] for k in ["compute_time", "data_time", "transfer_time"])
+        parts = sum(hist.history[k][i]
+                    for k in ["compute_time", "comm_time", "data_time", "transfer_time"])
         assert parts <= hist.history["time"][i] * 1.0001 + 1e-6
         np.testing.assert_allclose(hist.history["images_per_sec"][i],
                                    1000 / hist.history["time"][i], rtol=1e-9)
