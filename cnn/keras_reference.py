@@ -490,7 +490,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             history.info["fit_call_overhead"].append(t2 - t1 - compute)
             logs = {"epoch": epoch, "loss": float(klogs["loss"][0]),
                     "accuracy": float(klogs["accuracy"][0]), "time": data + compute,
-                    "compute_time": compute, "data_time": data, "transfer_time": 0.0,
+                    "compute_time": compute, "comm_time": 0.0, "data_time": data,
+                    "transfer_time": 0.0,
                     "images_per_sec": n / (data + compute)}
             if val is not None:
                 t = time.perf_counter()

@@ -198,9 +198,12 @@ class Sequential:
         return x, caches
 
     def backward(self, dlogits, caches, params=None, backend=None,
-                 ctx: StepContext | None = None) -> dict[str, Any]:
+                 ctx: StepContext | None = None, on_grads=None) -> dict[str, Any]:
         """Gradients of every parameter from ``dlogits (N, K)``; keys match ``params``. ``ctx``
-        must be the context of the forward that made ``caches``."""
+        must be the context of the forward that made ``caches``. ``on_grads``, if given, is
+        called with each layer's gradients ``{key: grad}`` as soon as backward has computed
+        them, last layer first (a strategy starts communicating them while the earlier
+        layers' backward runs)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         grads: dict[str, Any] = {}
@@ -210,22 +213,32 @@ class Sequential:
             # the first layer's input is data: its gradient is never used
             dout, layer_grads = layer.backward(self._layer_params(layer, params), dout,
                                                caches[i], be, ctx, need_dx=i > 0)
-            for pname, g in layer_grads.items():
-                grads[f"{layer.name}.{pname}"] = g
+            named = {f"{layer.name}.{pname}": g for pname, g in layer_grads.items()}
+            grads.update(named)
+            if on_grads is not None and named:
+                on_grads(named)
         return grads
 
-    def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None):
+    def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None,
+                       on_grads=None, loss_scale: float = 1.0):
         """One forward and backward pass: ``(loss, correct, grads)`` as backend arrays.
 
         ``loss`` is the mean over the ``N`` examples, ``correct`` the number classified right.
         Training strategies pass a training ``ctx`` (``StepContext(training=True, ...)``); the
         default is an inference-mode pass (no dropout, batch norm on running statistics).
+        ``on_grads``: see :meth:`backward`. ``loss_scale`` (host arrays only): the gradients
+        are those of ``loss_scale`` times the mean loss. A data-parallel strategy passes a
+        shard's share of its global batch, ``n_shard / n_global``, so that the shards' gradients
+        simply add up, and so that every shard's backward pass carries gradients of the same
+        loss (the global mean) into the cross-shard sums of synchronised layers.
         """
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         logits, caches = self.forward(x, params, be, ctx)
         loss, dlogits, correct = be.softmax_cross_entropy(logits, y, ws=ctx.scope("__loss__"))
-        return loss, correct, self.backward(dlogits, caches, params, be, ctx)
+        if loss_scale != 1.0:  # in place: dlogits is this pass's own (workspace) buffer
+            np.multiply(dlogits, loss_scale, out=dlogits)
+        return loss, correct, self.backward(dlogits, caches, params, be, ctx, on_grads)
 
     @staticmethod
     def _layer_params(layer: Layer, params: dict) -> dict:

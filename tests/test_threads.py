@@ -392,3 +392,15 @@ def test_sync_comm_time_is_its_own_column():
     for i in range(2):
         parts = h["compute_time"][i] + h["comm_time"][i] + h["data_time"][i] + h["transfer_time"][i]
         assert parts <= h["time"][i] * 1.0001 + 1e-6
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_sync_reduce_across_shards_equals_sequential(threads):
+    """A layer that centres each feature over the global batch, summing over the shards with
+    StepContext.reduce in forward and backward (what synchronised batch norm needs): equal to
+    sequential with uneven shards (7 = 4 + 3) and with ghost workers (the last batch of 1)."""
+    from parallel_helpers import max_abs_diff as diff, train as train_kind
+    ref, _ = train_kind(kind="center")
+    got, hist = train_kind("sync", threads, kind="center")
+    assert diff(got, ref) < 1e-12
+    assert all(c > 0 for c in hist.history["comm_time"])

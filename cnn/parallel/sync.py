@@ -1,17 +1,20 @@
-"""The ``sync`` algorithm, written once: shard gradients, their size-weighted sum, one update.
+"""The ``sync`` algorithm, written once: shard gradients, their sum, one update.
 
 Every data-parallel *sync* path (Python threads, worker processes over shared memory, MPI
 ranks) runs the same per-worker step, :meth:`SyncCore.worker_step`; they differ only in the
 *transport* that moves gradients between workers:
 
 1. **compute**: worker ``i`` of ``P`` takes shard ``i`` of the global batch of ``N`` examples
-   (:func:`shard_bounds`: contiguous, sizes ``n_i`` differing by at most one) and computes the
-   gradient ``g_i`` of its shard's mean loss on the common weights, with a training
+   (:func:`shard_bounds`: contiguous, sizes ``n_i`` differing by at most one) and computes, on
+   the common weights, the gradient ``g_i`` of its share of the global mean loss, ``(n_i / N)``
+   times its shard's mean loss (``loss_and_grads(loss_scale=n_i / N)``), with a training
    :class:`~cnn.context.StepContext` that knows the shard's offset in the global batch and
-   whose ``reduce`` sums small arrays over all shards (synchronised batch statistics);
-2. **contribute**: it writes ``(n_i / N) * g_i`` into its own *slot*, one flat buffer over all
-   parameters (:class:`FlatLayout`, laid out in the order backward produces gradients);
-3. **combine** (the transport): the sum ``g = sum_i (n_i / N) g_i`` over the workers, for a
+   whose ``reduce`` sums small arrays over all shards (synchronised batch statistics). Scaling
+   the loss rather than the finished gradient matters for synchronised layers: their backward
+   pass sums terms across shards, which must all be gradients of the same (global) loss;
+2. **contribute**: it copies ``g_i`` into its own *slot*, one flat buffer over all parameters
+   (:class:`FlatLayout`, laid out in the order backward produces gradients);
+3. **combine** (the transport): the sum ``g = sum_i g_i`` over the workers, for a
    range ``[lo, hi)`` of the flat vector. Shared-memory transports (:class:`SharedSlots`:
    threads, processes) pass a barrier and let worker ``j`` add the slots in the fixed order
    ``i = 0 .. P-1`` over its own ``1/P`` of the vector (a reduce-scatter; the shared weights
@@ -29,7 +32,7 @@ path computes, so ``sync`` equals sequential up to the order of floating-point s
 
 A worker whose shard is empty (a last batch smaller than the number of workers) still takes
 part in every collective: it runs a *ghost* pass on one example of the batch whose
-contributions are zero (weight 0 for its gradient, zeros for every ``reduce``), so a rank with
+contributions are zero (loss scale 0 for its gradient, zeros for every ``reduce``), so a rank with
 nothing to do never leaves the others waiting.
 """
 from __future__ import annotations
@@ -156,12 +159,16 @@ class SyncCore:
         self._flat_state = {k: flat_view(v) for k, v in state.items()}
 
     # ---- 2. contribute ------------------------------------------------------------------------
-    def contribute(self, grads: dict, weight: float, slot: np.ndarray) -> None:
-        """``slot[range of key] = weight * grads[key]`` for every key in ``grads``."""
+    def contribute(self, grads: dict, slot: np.ndarray, ghost: bool = False) -> None:
+        """``slot[range of key] = grads[key]`` for every key in ``grads`` (zeros for a ghost:
+        its backward pass saw the other shards' sums, so its gradients are not zero)."""
         lay = self.layout
         for k, g in grads.items():
             off = lay.offsets[k]
-            np.multiply(np.ravel(g), weight, out=slot[off:off + lay.sizes[k]])
+            if ghost:
+                slot[off:off + lay.sizes[k]] = 0
+            else:
+                np.copyto(slot[off:off + lay.sizes[k]], np.ravel(g))
 
     # ---- 4. apply -----------------------------------------------------------------------------
     def apply(self, g: np.ndarray, lo: int, hi: int) -> None:
@@ -185,19 +192,22 @@ class SyncCore:
         ghost = hi == lo
         if ghost:  # an empty shard: a pass on one example that contributes nothing
             lo, hi = 0, 1
-        weight = 0.0 if ghost else (hi - lo) / n
+        share = 0.0 if ghost else (hi - lo) / n
         slot = transport.slot(i)
-        hook = transport.grad_hook(i, self, weight)
+        hook = transport.grad_hook(i, self, ghost)
         if ctx is not None:
             ctx.offset, ctx.global_batch = lo, n
             ctx.reduce = transport.reducer(i, ghost)
         kwargs = {} if ctx is None else {"ctx": ctx}
         if hook is not None:
             kwargs["on_grads"] = hook
+        # the gradient of this shard's share of the global mean loss: the shards' gradients
+        # add up to the global one, and synchronised layers sum like-scaled terms in backward
         loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
-                                                         self.backend, **kwargs)
+                                                         self.backend, loss_scale=share,
+                                                         **kwargs)
         if hook is None:
-            self.contribute(grads, weight, slot)
+            self.contribute(grads, slot, ghost)
         be = self.backend
         local = (0.0, 0) if ghost else (float(be.to_host(loss)) * (hi - lo),
                                         int(be.to_host(correct)))
@@ -207,7 +217,7 @@ class SyncCore:
         self.apply(g, a, b)
         t = time.perf_counter()
         transport.done(i)
-        comm += time.perf_counter() - t
+        comm += time.perf_counter() - t + transport.take_reduce_seconds(i)
         return local[0], local[1], comm, totals
 
 
@@ -215,7 +225,7 @@ class Transport:
     """How ``sync`` workers exchange gradients. See the module docstring.
 
     ``slot(i)``: worker ``i``'s flat contribution buffer (at least ``layout.total`` long).
-    ``grad_hook(i, core, weight)``: a callable for ``loss_and_grads(on_grads=...)`` when the
+    ``grad_hook(i, core, ghost)``: a callable for ``loss_and_grads(on_grads=...)`` when the
     transport overlaps communication with backward (it then contributes), else None.
     ``reducer(i, ghost)``: the ``StepContext.reduce`` of worker ``i`` for this step.
     ``combine(i, local)``: ``(g, lo, hi, totals)``, ``g`` holding ``[lo, hi)`` of the sum.
@@ -225,7 +235,7 @@ class Transport:
     def slot(self, i: int) -> np.ndarray:
         raise NotImplementedError
 
-    def grad_hook(self, i: int, core: SyncCore, weight: float) -> Callable | None:
+    def grad_hook(self, i: int, core: SyncCore, ghost: bool) -> Callable | None:
         return None
 
     def reducer(self, i: int, ghost: bool):
@@ -236,6 +246,10 @@ class Transport:
 
     def done(self, i: int) -> None:
         pass
+
+    def take_reduce_seconds(self, i: int) -> float:
+        """Seconds worker ``i`` spent in ``reduce`` collectives since the last call."""
+        return 0.0
 
 
 class SharedReduce:
@@ -264,6 +278,7 @@ class SharedReduce:
         self.n, self.barrier, self.storage = n, barrier, storage
         self.capacity = storage.shape[2]
         self._calls = [0] * n  # per worker: each worker touches only its own entry
+        self.seconds = [0.0] * n  # per worker: time in the barrier and the sums
 
     def for_worker(self, i: int, ghost: bool) -> Callable[[Sequence[Any]], list]:
         return lambda arrays: self.reduce(i, arrays, ghost)
@@ -290,6 +305,7 @@ class SharedReduce:
                 view[...] = 0
             else:
                 view[...] = a.reshape(-1)
+        t = time.perf_counter()
         self.barrier.wait()
         out = []
         for a, off in zip(arrays, offs):
@@ -297,7 +313,12 @@ class SharedReduce:
             total = np.empty(a.size, dtype=a.dtype)
             ordered_sum(slots, 0, a.size, total)
             out.append(total.reshape(a.shape))
+        self.seconds[i] += time.perf_counter() - t
         return out
+
+    def take_seconds(self, i: int) -> float:
+        t, self.seconds[i] = self.seconds[i], 0.0
+        return t
 
 
 class SharedSlots(Transport):
@@ -335,6 +356,9 @@ class SharedSlots(Transport):
     def done(self, i):
         if self.n > 1:
             self.barrier.wait()
+
+    def take_reduce_seconds(self, i):
+        return 0.0 if self._reduce is None else self._reduce.take_seconds(i)
 
 
 Transport.__doc__ += "\n\nImplementations: :class:`SharedSlots` here, ``MPITransport`` in :mod:`cnn.parallel.mpi`."

@@ -268,10 +268,13 @@ class ThreadStrategy(Strategy):
             self._workers = None
 
     def _shard_context(self, i: int, n: int):
-        """Worker ``i``'s context for the current step: its shard's offset in the global batch
-        of ``n`` examples and the global step."""
+        """Worker ``i``'s context for the current step of ``average``/``hogwild``: its shard's
+        offset among the step's ``n`` examples (distinct dropout keys per example) and the
+        global step. Each worker's shard is a whole batch of its own here (its replica, or its
+        update, uses it alone), so ``global_batch`` is None and ``reduce`` the identity: batch
+        statistics are the worker's own."""
         ctx = self._contexts[i]
-        ctx.step, ctx.offset, ctx.global_batch = self.steps, self._bounds[i][0], n
+        ctx.step, ctx.offset, ctx.global_batch, ctx.reduce = self.steps, self._bounds[i][0], None, None
         return ctx
 
     def _host_sums(self, results, sizes) -> tuple[float, int]:
