@@ -1,0 +1,481 @@
+"""Worker processes over shared memory: ``strategy="processes"``, the ``sync`` algorithm
+without the GIL and without MPI.
+
+``threads`` worker processes are started once per fit (by :meth:`SyncProcesses.start`) and
+live until :meth:`~SyncProcesses.close`. The weights, the optimizer state, one gradient slot
+per worker, the combined gradient, the global batch and the per-worker results live in
+:mod:`multiprocessing.shared_memory` segments that the main process creates and every worker
+maps, so nothing is pickled per step but a three-item command. Each step:
+
+1. the main process copies the global batch into the shared batch segment and sends every
+   worker ``("step", N, step)`` through its pipe;
+2. every worker runs :meth:`cnn.parallel.sync.SyncCore.worker_step`, the step written once
+   for threads, processes and MPI, with the shared-memory transport
+   (:class:`~cnn.parallel.sync.SharedSlots` over a :class:`multiprocessing.Barrier`): compute
+   its shard's gradient on the shared weights, write ``(n_i / N) g_i`` into its slot, pass the
+   barrier, add the slots in fixed order over its own ``1/P`` of the parameters and update that
+   range of the shared weights and optimizer state in place, pass the barrier again;
+3. each worker writes its loss, correct count and communication seconds into its row of the
+   shared results and answers ``"ok"``; the main process sums the rows in worker order.
+
+The main process computes nothing itself: it waits on the workers' pipes and on their process
+sentinels together, so a worker that raises or dies is noticed at once. A worker that raises
+aborts the barrier (releasing the others), sends its exception and traceback, and the main
+process re-raises it with a note naming the worker; a worker that dies (``kill -9``) ends the
+fit with a ``RuntimeError`` naming the worker, its pid and the signal. Either way the fit
+stops, every worker is stopped, and every shared segment is unlinked (also when the main
+process is interrupted; if the main process itself is killed, Python's resource tracker
+unlinks them when the last worker has gone).
+
+Workers are started with the ``forkserver`` method by default (a clean process that has
+imported the package, forked per worker: safe when the parent runs threads, unlike ``fork``,
+and much faster than ``spawn``); ``start_method`` picks another. Each worker pins BLAS to one
+thread.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import threading
+import time
+import traceback
+import uuid
+import weakref
+from multiprocessing import connection, get_context, shared_memory
+from typing import Any
+
+import numpy as np
+
+from .base import Strategy
+from .sync import FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view
+
+START_METHODS = ("forkserver", "spawn", "fork")
+#: the prefix of every shared-memory segment this strategy creates (``/dev/shm/<name>``)
+SEGMENT_PREFIX = "pcnn_"
+_ALIGN = 64
+
+
+def array_leaves(tree) -> list[np.ndarray]:
+    """The arrays of a (nested) dict of optimizer state, in insertion order."""
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in array_leaves(v)]
+    return [tree] if isinstance(tree, np.ndarray) and tree.ndim > 0 else []
+
+
+def replace_leaves(tree, leaves: list):
+    """``tree`` with its array leaves (in :func:`array_leaves` order) replaced by ``leaves``."""
+    it = iter(leaves)
+
+    def walk(t):
+        if isinstance(t, dict):
+            return {k: walk(v) for k, v in t.items()}
+        return next(it) if isinstance(t, np.ndarray) and t.ndim > 0 else t
+    return walk(tree)
+
+
+class _Plan:
+    """Byte offsets of the regions of the main shared segment (the same in every process)."""
+
+    def __init__(self, layout: FlatLayout, state_sizes: list[int], workers: int,
+                 reduce_bytes: int):
+        self.total, self.dtype = layout.total, layout.dtype
+        nbytes = layout.nbytes
+        self.state_sizes = list(state_sizes)
+        self.n_state = sum(self.state_sizes)
+        self.regions: dict[str, tuple[int, int]] = {}
+        off = 0
+        for name, size in [("params", nbytes), ("state", self.n_state * self.dtype.itemsize),
+                           ("slots", nbytes * workers), ("gsum", nbytes),
+                           ("results", 8 * 4 * workers), ("reduce", 2 * workers * reduce_bytes)]:
+            self.regions[name] = (off, size)
+            off += -(-size // _ALIGN) * _ALIGN
+        self.size = max(off, 1)
+        self.workers, self.reduce_bytes = workers, reduce_bytes
+
+    def state_rows(self, flat: np.ndarray) -> list[np.ndarray]:
+        """The optimizer state's arrays as consecutive 1-D views of the state region."""
+        rows, off = [], 0
+        for size in self.state_sizes:
+            rows.append(flat[off:off + size])
+            off += size
+        return rows
+
+    def views(self, buf) -> dict[str, Any]:
+        def region(name, dtype, shape):
+            off, size = self.regions[name]
+            return np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
+        t, w = self.total, self.workers
+        return {"params": region("params", self.dtype, (t,)),
+                "state": region("state", self.dtype, (self.n_state,)),
+                "slots": region("slots", self.dtype, (w, t)),
+                "gsum": region("gsum", self.dtype, (t,)),
+                "results": region("results", np.float64, (w, 4)),
+                "reduce": region("reduce", np.uint8, (2, w, self.reduce_bytes))}
+
+
+def _batch_views(buf, capacity: int, input_shape, dtype):
+    x = np.ndarray((capacity, *input_shape), dtype=dtype, buffer=buf)
+    y = np.ndarray((capacity,), dtype=np.int64, buffer=buf, offset=-(-x.nbytes // _ALIGN) * _ALIGN)
+    return x, y
+
+
+def _batch_bytes(capacity: int, input_shape, dtype) -> int:
+    x = capacity * int(np.prod(input_shape)) * np.dtype(dtype).itemsize
+    return -(-x // _ALIGN) * _ALIGN + 8 * capacity
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is None:
+        return "is still running"
+    if code < 0:
+        try:
+            return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class WorkerError(RuntimeError):
+    """A worker process died, or raised an exception that cannot be re-raised as it was."""
+
+
+# ---- the worker process ------------------------------------------------------------------------
+def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
+    """One worker process: attach the segments, then run steps until told to stop."""
+    segments: list[shared_memory.SharedMemory] = []
+    views: dict = {}
+    try:
+        from threadpoolctl import threadpool_limits
+        _limits = threadpool_limits(1, "blas")  # noqa: F841 - held for the worker's life
+        from ..context import StepContext, Workspace
+
+        model, optimizer, backend = spec["model"], spec["optimizer"], spec["backend"]
+        main = shared_memory.SharedMemory(name=spec["segment"])
+        segments.append(main)
+        layout = FlatLayout(model.params)
+        plan = _Plan(layout, spec["state_sizes"], workers, spec["reduce_bytes"])
+        views = plan.views(main.buf)
+        params = layout.views(views["params"])
+        state_tree = optimizer.init_state(model.params, backend)
+        state = replace_leaves(state_tree, [v.reshape(a.shape) for v, a in zip(
+            plan.state_rows(views["state"]), array_leaves(state_tree))])
+        core = SyncCore(model, optimizer, backend, params, state)
+        reduce = SharedReduce(workers, barrier, views["reduce"])
+        transport = SharedSlots(layout, list(views["slots"]), views["gsum"], barrier, reduce)
+        ctx = StepContext(training=True, workspace=Workspace(backend), seed=spec["seed"])
+        batch_name, xs = None, None
+        conn.send(("ready", i, os.getpid()))
+        while True:
+            msg = conn.recv()
+            if msg[0] == "stop":
+                break
+            _, n, step, name, capacity = msg
+            if name != batch_name:  # the main process grew the batch segment
+                xs = None
+                if len(segments) > 1:
+                    segments.pop().close()
+                seg = shared_memory.SharedMemory(name=name)
+                segments.append(seg)
+                xs = _batch_views(seg.buf, capacity, model.input_shape, model.dtype)
+                batch_name = name
+            ctx.step = step
+            loss, correct, comm, _ = core.worker_step(i, workers, xs[0][:n], xs[1][:n],
+                                                      transport, ctx)
+            views["results"][i, :3] = loss, correct, comm
+            conn.send(("ok",))
+    except BaseException as err:  # noqa: BLE001 - reported to the main process
+        try:
+            barrier.abort()  # release the workers waiting for this one
+        except Exception:
+            pass
+        try:
+            payload = pickle.dumps(err)
+        except Exception:
+            payload = None
+        try:
+            conn.send(("error", i, payload, type(err).__name__, str(err),
+                       "".join(traceback.format_exception(err))))
+        except Exception:
+            pass
+    finally:
+        views = xs = params = state = core = transport = reduce = None  # noqa: F841
+        for seg in segments:
+            try:
+                seg.close()
+            except Exception:
+                pass
+
+
+# ---- the strategy ---------------------------------------------------------------------------------
+def _release(processes, conns, segments) -> None:
+    """Stop the workers and unlink the segments (also run by a finalizer if close() was not)."""
+    for c in conns:
+        try:
+            c.send(("stop",))
+        except Exception:
+            pass
+    deadline = time.monotonic() + 5
+    for p in processes:
+        p.join(max(0.0, deadline - time.monotonic()))
+    for p in processes:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    for c in conns:
+        try:
+            c.close()
+        except Exception:
+            pass
+    for seg in segments:
+        try:
+            seg.unlink()
+        except FileNotFoundError:
+            pass
+        try:
+            seg.close()
+        except BufferError:
+            pass  # a view is still alive somewhere: the mapping goes with the process
+
+
+class SyncProcesses(Strategy):
+    """``sync`` over worker processes and shared memory. See the module docstring.
+
+    Args:
+        threads: worker processes.
+        start_method: ``"forkserver"`` (default), ``"spawn"`` or ``"fork"``.
+        reduce_bytes: bytes per worker for the cross-shard ``reduce`` of synchronised layers.
+        start_timeout: seconds to wait for the workers to start (import, attach, compile).
+    """
+
+    name = "processes"
+
+    def __init__(self, threads: int = 1, start_method: str = "forkserver",
+                 reduce_bytes: int = 1 << 16, start_timeout: float = 120.0):
+        super().__init__(threads)
+        if start_method not in START_METHODS:
+            raise ValueError(f"start_method must be one of {START_METHODS}. Received "
+                             f"start_method={start_method!r}")
+        if isinstance(reduce_bytes, bool) or not isinstance(reduce_bytes, (int, np.integer)) \
+                or reduce_bytes < 0:
+            raise ValueError(f"reduce_bytes must be a non-negative integer. Received "
+                             f"reduce_bytes={reduce_bytes!r}")
+        if not isinstance(start_timeout, (int, float)) or not start_timeout > 0:
+            raise ValueError(f"start_timeout must be a positive number of seconds. Received "
+                             f"start_timeout={start_timeout!r}")
+        self.start_method, self.reduce_bytes = start_method, int(reduce_bytes)
+        self.start_timeout = float(start_timeout)
+        self._batch_hint = 1
+        self._processes: list = []
+        self._conns: list = []
+        self._segments: list[shared_memory.SharedMemory] = []
+        self._failed: str | None = None
+        self._finalizer = None
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size < self.threads:
+            raise ValueError(f"strategy 'processes' splits each batch of batch_size={batch_size} "
+                             f"examples into threads={self.threads} shards; every shard needs "
+                             "at least one example, so use batch_size >= threads")
+        self._batch_hint = batch_size
+
+    def describe(self) -> dict:
+        return {**super().describe(), "workers": self.threads}
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self._processes]
+
+    @property
+    def segment_names(self) -> list[str]:
+        return [s.name for s in self._segments]
+
+    # ---- start ----------------------------------------------------------------------------------
+    def _new_segment(self, size: int) -> shared_memory.SharedMemory:
+        seg = shared_memory.SharedMemory(
+            name=f"{SEGMENT_PREFIX}{os.getpid()}_{uuid.uuid4().hex[:12]}", create=True,
+            size=max(size, 1))
+        self._segments.append(seg)
+        return seg
+
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
+        if getattr(backend, "on_device", False):
+            raise ValueError(f"strategy 'processes' runs CPU worker processes; backend "
+                             f"{backend.name!r} keeps the weights on a device. Use a CPU "
+                             "backend (numpy, numba)")
+        super().start(model, optimizer, backend, params, seed)
+        try:
+            self._start(model, optimizer, backend, seed)
+        except BaseException:
+            self.close()
+            raise
+
+    def _start(self, model, optimizer, backend, seed) -> None:
+        w = self.threads
+        self._layout = FlatLayout(self.params)
+        leaves = array_leaves(self.state)
+        for a in leaves:
+            if a.dtype != self._layout.dtype:
+                raise ValueError(f"strategy 'processes' keeps the optimizer state in shared "
+                                 f"memory in the parameters' dtype {self._layout.dtype}; the "
+                                 f"optimizer's state has an array of dtype {a.dtype}")
+        state_sizes = [a.size for a in leaves]
+        self._plan = _Plan(self._layout, state_sizes, w, self.reduce_bytes)
+        main = self._new_segment(self._plan.size)
+        self._views = self._plan.views(main.buf)
+        self._layout.pack(self.params, self._views["params"])
+        for row, a in zip(self._plan.state_rows(self._views["state"]), leaves):
+            row[...] = a.reshape(-1)
+        self._grow_batch(self._batch_hint)
+        ctx = get_context(self.start_method)
+        if self.start_method == "forkserver":
+            ctx.set_forkserver_preload(["cnn.parallel.processes", "cnn.model"])
+        self._barrier = ctx.Barrier(w)
+        spec = {"model": model, "optimizer": optimizer, "backend": backend, "seed": seed,
+                "segment": main.name, "state_sizes": state_sizes,
+                "reduce_bytes": self.reduce_bytes}
+        for i in range(w):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker_main, args=(i, w, child, self._barrier, spec),
+                            name=f"cnn-processes-worker-{i}", daemon=True)
+            p.start()
+            child.close()
+            self._processes.append(p)
+            self._conns.append(parent)
+        # the live lists: a batch segment made later (a larger batch) is released too
+        self._finalizer = weakref.finalize(self, _release, self._processes, self._conns,
+                                           self._segments)
+        self._collect("ready", timeout=self.start_timeout)
+
+    def _grow_batch(self, capacity: int) -> None:
+        old = getattr(self, "_batch_seg", None)
+        shape, dtype = self.model.input_shape, self.model.dtype
+        seg = self._new_segment(_batch_bytes(capacity, shape, dtype))
+        self._xs = _batch_views(seg.buf, capacity, shape, dtype)
+        self._batch_seg, self._capacity = seg, capacity
+        if old is not None:  # the workers re-attach by the new name at the next step
+            self._segments.remove(old)
+            old.unlink()
+            try:
+                old.close()
+            except BufferError:
+                pass
+
+    # ---- the step --------------------------------------------------------------------------------
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise RuntimeError(f"strategy 'processes' stopped after an earlier failure: "
+                               f"{self._failed}")
+        if not self._processes:
+            raise RuntimeError("strategy 'processes' is not started (call start() first)")
+
+    def step(self, xb, yb):
+        self._check_usable()
+        n = len(yb)
+        if n > self._capacity:
+            self._grow_batch(n)
+        self._xs[0][:n] = xb
+        self._xs[1][:n] = yb
+        msg = ("step", n, self.steps, self._batch_seg.name, self._capacity)
+        for c in self._conns:
+            c.send(msg)
+        self._collect("ok")
+        res = self._views["results"]
+        self.steps += 1
+        self.comm_time += float(res[0, 2])  # as seen by worker 0
+        return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
+
+    def _collect(self, expected: str, timeout: float | None = None) -> None:
+        """Wait for every worker's answer (``expected``), watching their sentinels; on any
+        failure, release the others and raise the first primary error."""
+        pending = dict(enumerate(self._conns))
+        failures: list[tuple[int, bool, BaseException]] = []  # (worker, primary, error)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while pending:
+            waitables = list(pending.values()) + [self._processes[i].sentinel for i in pending]
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = connection.wait(waitables, left)
+            if not ready:
+                late = sorted(pending)
+                self._fail(failures + [(late[0], True, WorkerError(
+                    f"worker process {late[0]} of {self.threads} (pid "
+                    f"{self._processes[late[0]].pid}) did not answer within {timeout:.0f} s"))])
+            for i in list(pending):
+                conn, proc = pending[i], self._processes[i]
+                if conn in ready or (proc.sentinel in ready and conn.poll()):
+                    try:
+                        msg = conn.recv()
+                    except (EOFError, OSError):
+                        msg = None
+                    if msg is not None and msg[0] == expected:
+                        del pending[i]
+                        continue
+                    if msg is not None and msg[0] == "error":
+                        failures.append(self._worker_exception(msg))
+                        self._abort_barrier()
+                        del pending[i]
+                        continue
+                if proc.sentinel in ready or (conn in ready):
+                    proc.join(1)
+                    failures.append((i, True, WorkerError(
+                        f"worker process {i} of {self.threads} (pid {proc.pid}) "
+                        f"{_describe_exit(proc.exitcode)} during "
+                        f"{'start-up' if expected == 'ready' else f'step {self.steps + 1}'}")))
+                    self._abort_barrier()
+                    del pending[i]
+        if failures:
+            self._fail(failures)
+
+    def _worker_exception(self, msg) -> tuple[int, bool, BaseException]:
+        _, i, payload, type_name, text, tb = msg
+        err = None
+        if payload is not None:
+            try:
+                err = pickle.loads(payload)
+            except Exception:
+                err = None
+        if not isinstance(err, BaseException):
+            err = WorkerError(f"{type_name}: {text}")
+        primary = not isinstance(err, threading.BrokenBarrierError) and \
+            type_name != "BrokenBarrierError"
+        pid = self._processes[i].pid
+        err.add_note(f"(raised in worker process {i} of {self.threads}, pid {pid})")
+        err.add_note(f"worker {i}'s traceback:\n{tb}")
+        return i, primary, err
+
+    def _abort_barrier(self) -> None:
+        try:
+            self._barrier.abort()
+        except Exception:
+            pass
+
+    def _fail(self, failures) -> None:
+        primary = sorted([f for f in failures if f[1]], key=lambda f: f[0]) or \
+            sorted(failures, key=lambda f: f[0])
+        i, _, err = primary[0]
+        self._failed = f"worker {i}: {type(err).__name__}: {err}"
+        raise err
+
+    # ---- results and the end ------------------------------------------------------------------------
+    def current_params(self) -> dict:
+        """The fit's parameter arrays, refreshed from the shared weights."""
+        if getattr(self, "_views", None) is not None:
+            self._layout.unpack(self._views["params"], self.params)
+            for row, a in zip(self._plan.state_rows(self._views["state"]),
+                              array_leaves(self.state)):
+                a.reshape(-1)[...] = row
+        return self.params
+
+    def close(self) -> None:
+        """Stop the workers and unlink every shared segment. Safe to call twice."""
+        try:
+            self.current_params()
+        except Exception:
+            pass
+        self._views = self._xs = None
+        if self._finalizer is not None:
+            self._finalizer()
+            self._finalizer = None
+        else:
+            _release(self._processes, self._conns, self._segments)
+        self._processes, self._conns, self._segments = [], [], []

@@ -1,0 +1,229 @@
+"""strategy="processes": worker processes over shared memory running the sync step written
+once (cnn.parallel.sync). Equal to sequential (computed separately, in this process), the
+cross-shard reduce of synchronised layers, errors that name the worker, a worker killed with
+SIGKILL, and no shared-memory segment left behind. Tiny shapes; no test measures time."""
+from __future__ import annotations
+
+import glob
+import multiprocessing
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+
+from cnn.backends.numpy_backend import NumpyBackend
+from cnn.optim import make_optimizer
+from cnn.parallel import make_strategy
+from cnn.parallel.processes import SEGMENT_PREFIX, SyncProcesses, WorkerError
+from cnn.backends import get_backend
+from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
+
+
+def my_segments() -> list[str]:
+    """Shared-memory segments this process's strategies created and did not unlink."""
+    return sorted(glob.glob(f"/dev/shm/{SEGMENT_PREFIX}{os.getpid()}_*"))
+
+
+@pytest.fixture(autouse=True)
+def no_segment_left_behind():
+    before = my_segments()
+    yield
+    assert my_segments() == before
+
+
+_SEQ: dict = {}
+
+
+def sequential(**kw):
+    key = tuple(sorted(kw.items()))
+    if key not in _SEQ:
+        _SEQ[key] = train(**kw)[0]
+    return _SEQ[key]
+
+
+# ---- the sequential algorithm ------------------------------------------------------------------
+@pytest.mark.parametrize("workers,batch_size", [(2, 7), (3, 10)])
+def test_processes_equal_sequential_float64(workers, batch_size):
+    """Several steps and two epochs; batch 7 splits 4/3 and the last batch of each epoch has 1
+    example (one worker runs a ghost pass); batch 10 splits 4/3/3."""
+    ref = sequential(batch_size=batch_size)
+    got, hist = train("processes", workers, batch_size=batch_size)
+    assert max_abs_diff(got, ref) < 1e-12
+    assert hist.info["strategy"] == "processes" and hist.info["workers"] == workers
+    assert all(c > 0 for c in hist.history["comm_time"])
+
+
+def test_processes_equal_sequential_float32():
+    ref = sequential(dtype=np.float32)
+    got, _ = train("processes", 2, dtype=np.float32)
+    assert got["conv2d.w"].dtype == np.float32
+    assert max_rel_diff(got, ref) < 1e-5
+
+
+def test_processes_one_worker_is_bitwise_sequential():
+    ref = sequential()
+    got, _ = train("processes", 1)
+    assert all(np.array_equal(got[k], ref[k]) for k in ref)
+
+
+def test_processes_reduce_across_shards_equals_sequential():
+    """A layer that centres each feature over the global batch (forward and backward sum over
+    every shard through StepContext.reduce): equal to sequential only if the shared-memory
+    reduce sums every worker's part, ghosts included."""
+    ref = sequential(kind="center")
+    assert max_abs_diff(ref, sequential()) > 1e-3  # the layer matters
+    got, _ = train("processes", 2, kind="center")
+    assert max_abs_diff(got, ref) < 1e-12
+
+
+def test_processes_keep_the_optimizer_state():
+    """Momentum lives in shared memory: after the fit the strategy's state is the workers'."""
+    x, y = blobs()
+    model = build()
+    strat = SyncProcesses(threads=2)
+    params = {k: v.copy() for k, v in model.params.items()}
+    strat.check_batch_size(8)
+    strat.start(model, make_optimizer(OPT), get_backend("numpy"), params)
+    try:
+        for i in range(0, 24, 8):
+            strat.step(x[i:i + 8], y[i:i + 8])
+        strat.current_params()
+    finally:
+        strat.close()
+    ref = build()
+    opt = make_optimizer(OPT)
+    state = opt.init_state(ref.params, get_backend("numpy"))
+    for i in range(0, 24, 8):
+        _, _, g = ref.loss_and_grads(x[i:i + 8], y[i:i + 8])
+        opt.update(ref.params, g, state, get_backend("numpy"))
+    for k in state:
+        np.testing.assert_allclose(strat.state[k], state[k], rtol=0, atol=1e-13)
+        np.testing.assert_allclose(params[k], ref.params[k], rtol=0, atol=1e-13)
+
+
+def test_processes_learn():
+    x, y = blobs(600, np.float32, seed=2)
+    model = build(dtype=np.float32, seed=0)
+    hist = model.fit(x[:500], y[:500], epochs=3, batch_size=16, optimizer=OPT,
+                     strategy="processes", threads=2, validation_data=(x[500:], y[500:]),
+                     verbose=0)
+    assert hist.history["val_accuracy"][-1] > 0.6  # chance is 0.1
+
+
+def test_batches_larger_than_the_first_grow_the_shared_batch():
+    x, y = blobs()
+    model = build()
+    params = {k: v.copy() for k, v in model.params.items()}
+    strat = SyncProcesses(threads=2)
+    strat.check_batch_size(4)
+    strat.start(model, make_optimizer(OPT), get_backend("numpy"), params)
+    try:
+        names = set(strat.segment_names)
+        loss, correct = strat.step(x[:20], y[:20])
+        assert set(strat.segment_names) != names  # a new batch segment, the old one unlinked
+        assert np.isfinite(loss) and 0 <= correct <= 20
+    finally:
+        strat.close()
+
+
+# ---- failures ---------------------------------------------------------------------------------
+class FailingBackend(NumpyBackend):
+    """Raises in the dense forward of worker process ``worker`` after ``after`` calls."""
+
+    def __init__(self, worker: int, after: int = 2):
+        self.worker, self.after, self.calls = worker, after, 0
+
+    def dense_forward(self, x, w, b, *args, **kwargs):
+        if multiprocessing.current_process().name == f"cnn-processes-worker-{self.worker}":
+            self.calls += 1
+            if self.calls > self.after:
+                raise FloatingPointError("injected failure")
+        return super().dense_forward(x, w, b, *args, **kwargs)
+
+
+@pytest.mark.parametrize("worker", [0, 1])
+def test_a_worker_exception_ends_the_fit_naming_the_worker(worker):
+    x, y = blobs()
+    model = build()
+    with pytest.raises(FloatingPointError, match="injected failure") as info:
+        model.fit(x, y, epochs=2, batch_size=6, optimizer=OPT, strategy="processes", threads=2,
+                  backend=FailingBackend(worker), verbose=0)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert f"worker process {worker} of 2" in notes
+    assert "dense_forward" in notes  # the worker's own traceback
+    assert all(np.all(np.isfinite(v)) for v in model.params.values())
+    assert not multiprocessing.active_children()
+
+
+class KillingBackend(NumpyBackend):
+    """Worker 1 kills itself with SIGKILL in its third dense forward (a crash, an OOM kill)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def dense_forward(self, x, w, b, *args, **kwargs):
+        if multiprocessing.current_process().name == "cnn-processes-worker-1":
+            self.calls += 1
+            if self.calls > 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().dense_forward(x, w, b, *args, **kwargs)
+
+
+def test_a_killed_worker_ends_the_fit_naming_it():
+    x, y = blobs()
+    model = build()
+    with pytest.raises(WorkerError, match=r"worker process 1 of 2 \(pid \d+\) was killed by "
+                                          r"signal 9 \(SIGKILL\) during step 3"):
+        model.fit(x, y, epochs=2, batch_size=6, optimizer=OPT, strategy="processes", threads=2,
+                  backend=KillingBackend(), verbose=0)
+    assert not multiprocessing.active_children()
+
+
+def test_close_is_idempotent_and_step_after_close_fails():
+    x, y = blobs()
+    model = build()
+    strat = SyncProcesses(threads=2)
+    strat.start(model, make_optimizer(OPT), get_backend("numpy"),
+                {k: v.copy() for k, v in model.params.items()})
+    pids = strat.pids
+    assert len(pids) == 2 and len(my_segments()) == 2
+    strat.step(x[:8], y[:8])
+    strat.close()
+    strat.close()
+    assert not my_segments()
+    assert not multiprocessing.active_children()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    with pytest.raises(RuntimeError, match="not started"):
+        strat.step(x[:8], y[:8])
+
+
+# ---- arguments ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option,value", [("start_method", "thread"), ("reduce_bytes", -1),
+                                          ("start_timeout", 0)])
+def test_bad_options_are_refused_naming_the_value(option, value):
+    with pytest.raises(ValueError, match=f"{option}.*Received {option}={value!r}"):
+        make_strategy("processes", threads=2, **{option: value})
+
+
+def test_more_workers_than_the_batch_is_refused_before_starting():
+    x, y = blobs()
+    with pytest.raises(ValueError, match=r"batch_size=2 .* threads=3"):
+        build().fit(x, y, batch_size=2, strategy="processes", threads=3, verbose=0)
+    assert not multiprocessing.active_children()
+
+
+class FakeDeviceBackend(NumpyBackend):
+    name = "fake_device"
+    on_device = True
+
+
+def test_device_backend_refused():
+    x, y = blobs()
+    with pytest.raises(ValueError, match="keeps the weights on a device"):
+        build().fit(x, y, batch_size=8, strategy="processes", threads=2,
+                    backend=FakeDeviceBackend(), verbose=0)
+    assert threading.active_count() >= 1 and not multiprocessing.active_children()
