@@ -69,9 +69,22 @@ def _add_train(sub) -> None:
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the preset's")
     p.add_argument("--lr", type=positive_float, default=None, help="default: the preset's")
     p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
-    p.add_argument("--strategy", default="sequential", help="sequential | sync | average | hogwild")
+    p.add_argument("--strategy", default="sequential",
+                   help="sequential | sync | average | hogwild (threads) | processes | "
+                        "mpi | mpi_average (MPI ranks)")
     # checked (before the data is read) by the strategy, whose message names threads=
-    p.add_argument("--threads", type=int, default=1, help="workers (a positive integer)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="workers (a positive integer): threads, or processes for processes")
+    p.add_argument("--ranks", type=int, default=None,
+                   help="with --strategy mpi/mpi_average: start this many ranks with the venv's "
+                        "mpiexec (the same as `mpiexec -n N python -m cnn train ...`)")
+    p.add_argument("--hostfile", default=None,
+                   help="with --ranks: MPICH hostfile (host[:slots] per line) to spread the "
+                        "ranks over machines (see the README)")
+    p.add_argument("--overlap", action="store_true",
+                   help="mpi: overlap the gradient allreduce with the backward pass")
+    p.add_argument("--average-every", default=None,
+                   help="average/mpi_average: steps between averages, or 'epoch' (default)")
     p.add_argument("--backend", default="numpy", help="numpy | numba | numba_parallel | cuda")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
@@ -130,6 +143,31 @@ def _finite_weights(model) -> bool:
     return all(np.isfinite(v).all() for v in model.params.values())
 
 
+def _strategy_options(args) -> dict:
+    """The strategy options given on the command line (checked against the strategy)."""
+    options = {}
+    if args.overlap:
+        if args.strategy != "mpi":
+            raise ValueError(f"--overlap is an option of --strategy mpi. Received --strategy "
+                             f"{args.strategy}")
+        options["overlap"] = True
+    if args.average_every is not None:
+        if args.strategy not in ("average", "mpi_average"):
+            raise ValueError(f"--average-every is an option of --strategy average or "
+                             f"mpi_average. Received --strategy {args.strategy}")
+        every = args.average_every
+        options["every"] = every if every == "epoch" else \
+            int(every) if every.lstrip("-").isdigit() else every
+    return options
+
+
+def _describe_strategy(strat) -> str:
+    d = strat.describe()
+    if "ranks" in d:
+        return f"strategy {d['strategy']} x{d['ranks']} ranks (hosts {','.join(d['hosts'])})"
+    return f"strategy {d['strategy']} x{d['threads']}"
+
+
 def cmd_train(args) -> int:
     from .backends import get_backend
     from .data import DATASET_NAMES, load_dataset
@@ -137,7 +175,7 @@ def cmd_train(args) -> int:
     from .model import (Sequential, check_weights_path, naming_spec_file, resolve_spec,
                         spec_file)
     from .optim import make_optimizer
-    from .parallel import make_strategy
+    from .parallel import launch, make_strategy
     from .presets import with_filters
 
     # everything known before the data: checked first, so no error comes after work is done
@@ -173,8 +211,15 @@ def cmd_train(args) -> int:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"{model_name}: the spec's batch_size must be a positive integer. "
                              f"Received batch_size={batch_size!r}; or pass --batch-size")
-    make_strategy(args.strategy, args.threads).check_batch_size(batch_size)
+    options = _strategy_options(args)
     get_backend(args.backend)
+    # --ranks N: checked here, then this same command runs again under mpiexec -n N
+    launched = launch.maybe_launch(args, getattr(args, "argv", sys.argv[1:]))
+    if launched is not None:
+        return launched
+    master = launch.silence_other_ranks(args.strategy)  # MPI: rank 0 alone prints and saves
+    strategy = make_strategy(args.strategy, args.threads, **options)
+    strategy.check_batch_size(batch_size)
     save = None
     if args.save is not None:
         try:
@@ -191,10 +236,10 @@ def cmd_train(args) -> int:
     try:
         with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves
             print(f"{data}\n{model.summary()}\noptimizer {optimizer}, batch {batch_size}, "
-                  f"strategy {args.strategy} x{args.threads}, backend {args.backend}"
+                  f"{_describe_strategy(strategy)}, backend {args.backend}"
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
             hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
-                             batch_size=batch_size, optimizer=optimizer, strategy=args.strategy,
+                             batch_size=batch_size, optimizer=optimizer, strategy=strategy,
                              threads=args.threads, seed=args.seed,
                              validation_data=(data.x_test, data.y_test),
                              verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
@@ -209,7 +254,9 @@ def cmd_train(args) -> int:
         epoch, done, total = interrupt.where
         where = f" in epoch {epoch} after {done} of {total} examples" if epoch else ""
         print(f"\ninterrupted{where}", file=sys.stderr)
-        if save is None:
+        if not master:
+            pass  # MPI: rank 0 reports and saves
+        elif save is None:
             print("weights not saved (no --save given)", file=sys.stderr)
         elif not _finite_weights(model):
             print("weights not saved (they are not finite)", file=sys.stderr)
@@ -232,7 +279,7 @@ def cmd_train(args) -> int:
         print("error: training diverged: the weights are not finite at the end; weights not "
               "saved", file=sys.stderr)
         return EXIT_DIVERGED
-    if save is not None:
+    if save is not None and master:
         print(f"weights saved to {model.save_weights(save)}")
     return 0
 
@@ -304,6 +351,7 @@ def main(argv=None) -> int:
     for add, _ in COMMANDS.values():
         add(sub)
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run it under mpiexec
     try:
         return COMMANDS[args.command][1](args)
     except (ValueError, TypeError, OSError) as err:

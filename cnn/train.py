@@ -198,6 +198,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         except DivergedError as err:
             err.history = history
             raise
+        except BaseException as err:
+            strat.abort(err)  # MPI: print it with the rank and end every rank
+            raise
         finally:
             # keep what was learned even when a step fails or the run is interrupted
             final = strat.current_params()

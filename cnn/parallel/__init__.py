@@ -11,7 +11,12 @@ _STRATEGIES = {
     "sync": ("cnn.parallel.threads", "SyncThreads"),
     "average": ("cnn.parallel.threads", "AverageThreads"),
     "hogwild": ("cnn.parallel.threads", "HogwildThreads"),
+    "processes": ("cnn.parallel.processes", "SyncProcesses"),
+    "mpi": ("cnn.parallel.mpi", "MPISync"),
+    "mpi_average": ("cnn.parallel.mpi", "MPIAverage"),
 }
+#: the strategies that run one process per MPI rank (started by a launcher)
+MPI_STRATEGIES = ("mpi", "mpi_average")
 
 
 def strategy_names() -> list[str]:
@@ -28,4 +33,4 @@ def make_strategy(name: "str | Strategy" = "sequential", threads: int = 1, **opt
     return getattr(importlib.import_module(module), cls)(threads=threads, **options)
 
 
-__all__ = ["SequentialStrategy", "Strategy", "make_strategy", "strategy_names"]
+__all__ = ["MPI_STRATEGIES", "SequentialStrategy", "Strategy", "make_strategy", "strategy_names"]

@@ -35,6 +35,10 @@ class Strategy:
         t, self.comm_time = self.comm_time, 0.0
         return t
 
+    def abort(self, err: BaseException) -> None:
+        """Called by ``fit`` when training stops with ``err``, before :meth:`close`. A strategy
+        whose workers could be left waiting for this one ends them (MPI: ``MPI_Abort``)."""
+
     def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
         """The master's ``values`` (validation metrics it alone computed) on every process;
         one process: ``values`` as they are."""

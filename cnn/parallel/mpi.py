@@ -1,0 +1,442 @@
+"""MPI ranks: ``strategy="mpi"`` (the ``sync`` algorithm across processes and machines) and
+``strategy="mpi_average"`` (local SGD / model averaging across ranks).
+
+Run under a launcher, one process per rank, each running the same ``fit``:
+
+    mpiexec -n 2 python -m cnn train --strategy mpi ...      # or: --strategy mpi --ranks 2
+
+``mpi`` (:class:`MPISync`)
+    Rank 0 broadcasts the initial weights (``Bcast``), so every rank starts from the same ones
+    whatever its own initialisation did. Every rank draws the same permutation from the
+    fit's seed, so each has the same global batch and takes its own shard of it: no data is
+    scattered. Each step is :meth:`~cnn.parallel.sync.SyncCore.worker_step`, the one written
+    for threads and processes too, with :class:`MPITransport`: the rank writes ``(n_i / N) g_i``
+    and, in two extra elements, its summed loss and correct count into one flat buffer, and one
+    ``Allreduce`` (the upper-case buffer call, never the pickling one) sums it on every rank;
+    every rank then applies the same optimizer update to the whole vector, so every rank keeps
+    the same weights (checked after each epoch). A rank whose shard is empty (a last batch
+    smaller than the number of ranks) runs a ghost pass that contributes zeros, so it enters
+    every collective.
+
+    ``overlap=True`` starts a non-blocking ``Iallreduce`` of each bucket of gradients as soon
+    as backward has produced it (PyTorch DDP's and Horovod's buckets), last layer first, and
+    waits for all of them before the update. ``bucket_bytes`` sets the bucket size (0: one
+    bucket per parameter array). MPICH progresses a non-blocking collective only inside MPI
+    calls, so the strategy tests the outstanding requests after each layer;
+    ``python -m cnn bench mpi`` measures whether the overlap pays.
+
+``mpi_average`` (:class:`MPIAverage`)
+    Each rank trains its own replica on its own ``batch_size`` examples per step (a global step
+    is ``ranks * batch_size`` examples), and every ``every`` steps (default: after each epoch)
+    the replicas' weights and optimizer state are replaced by their average weighted by the
+    examples each trained on, with one ``Allreduce``. ``every=1`` is ``sync`` on the global
+    batch. The per-step loss and correct count are summed over the ranks (two numbers).
+
+Only rank 0 (``is_master``) prints, shows progress, evaluates and saves; it broadcasts its
+validation numbers so that callbacks decide alike on every rank. Every call that moves data is
+an upper-case buffer call (``Bcast``, ``Allreduce``, ``Iallreduce``, ``Allgather``).
+
+Failure: an exception on any rank makes that rank print the error with its rank and host and
+call ``MPI_Abort``, which ends every rank of the job (the launcher's exit status is non-zero):
+no rank is left waiting in a collective. A rank that dies (``kill -9``) is noticed by the
+launcher, which ends the others. Errors that every rank raises together (bad arguments before
+training starts; :class:`cnn.train.DivergedError`, decided on the all-reduced loss) are raised
+normally on every rank.
+
+Without a launcher, ``strategy="mpi"`` runs one rank and warns that it does.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+import warnings
+import zlib
+from typing import Any
+
+import numpy as np
+
+from .base import Strategy
+from .launch import under_launcher
+from .sync import FlatLayout, SyncCore, Transport, flat_view, shard_bounds
+
+_NAME_BYTES = 256
+
+
+def load_mpi():
+    """``mpi4py.MPI``, or an ImportError that says how to get it."""
+    try:
+        from mpi4py import MPI
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError("strategy 'mpi' needs mpi4py and an MPI library: pip install mpi4py "
+                          "mpich (pinned in requirements.txt; or pip install "
+                          f"'parallel-cnn[mpi]'). ({err})") from err
+    return MPI
+
+
+def array_leaves(tree) -> list[np.ndarray]:
+    """The arrays in a (nested) dict of optimizer state, in insertion order (the same on
+    every rank); scalars are not leaves."""
+    if isinstance(tree, dict):
+        return [a for v in tree.values() for a in array_leaves(v)]
+    return [tree] if isinstance(tree, np.ndarray) and tree.ndim > 0 else []
+
+
+def _check_cpu_backend(name: str, backend) -> None:
+    if getattr(backend, "on_device", False):
+        raise ValueError(f"strategy {name!r} runs the CPU path on each rank; backend "
+                         f"{backend.name!r} keeps the weights on a device. Use a CPU backend "
+                         "(numpy, numba)")
+
+
+class MPITransport(Transport):
+    """``sync``'s transport over MPI: one flat buffer, ``Allreduce``; optionally per bucket with
+    ``Iallreduce`` while backward runs; ``StepContext.reduce`` as ``Allreduce`` too.
+
+    The buffer holds the ``layout.total`` gradient elements followed by two more: the rank's
+    summed loss and its correct count, so one collective also gives every rank the global
+    numbers (and so the same divergence decision).
+    """
+
+    def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0):
+        self.MPI = load_mpi()
+        self.comm, self.layout, self.overlap = comm, layout, overlap
+        self.total = layout.total
+        self.buf = np.zeros(layout.total + 2, layout.dtype)
+        self._reduce_seconds = 0.0
+        self._requests: list = []
+        # buckets: contiguous ranges of whole parameters, in backward order
+        self.buckets: list[tuple[int, int]] = []
+        self._bucket_of: dict[str, int] = {}
+        lo = size = 0
+        for k in layout.keys:
+            self._bucket_of[k] = len(self.buckets)
+            size += layout.sizes[k]
+            if size * layout.dtype.itemsize >= bucket_bytes:
+                end = layout.offsets[k] + layout.sizes[k]
+                self.buckets.append((lo, end))
+                lo, size = end, 0
+        if size:
+            self.buckets.append((lo, self.total))
+            for k in layout.keys:
+                self._bucket_of.setdefault(k, len(self.buckets) - 1)
+        # the last bucket also carries the two numbers; it is started in combine()
+        self.buckets[-1] = (self.buckets[-1][0], self.total + 2)
+        self._pending = [0] * len(self.buckets)
+
+    def slot(self, i):
+        return self.buf
+
+    def grad_hook(self, i, core, ghost):
+        if not self.overlap:
+            return None
+        self._pending = [0] * len(self.buckets)
+        for k in self.layout.keys:
+            self._pending[self._bucket_of[k]] += 1
+        self._requests = []
+
+        def on_grads(grads: dict) -> None:
+            core.contribute(grads, self.buf, ghost)
+            t = time.perf_counter()
+            for k in grads:
+                b = self._bucket_of[k]
+                self._pending[b] -= 1
+                if self._pending[b] == 0 and b < len(self.buckets) - 1:
+                    lo, hi = self.buckets[b]
+                    self._requests.append(self.comm.Iallreduce(self.MPI.IN_PLACE,
+                                                               self.buf[lo:hi], self.MPI.SUM))
+            if self._requests:  # MPICH makes progress inside MPI calls only
+                self.MPI.Request.Testall(self._requests)
+            self._reduce_seconds += time.perf_counter() - t
+        return on_grads
+
+    def reducer(self, i, ghost):
+        return lambda arrays: self.allreduce_arrays(arrays, ghost)
+
+    def allreduce_arrays(self, arrays, ghost: bool = False) -> list:
+        """``StepContext.reduce``: the element-wise sums of ``arrays`` over the ranks (one
+        ``Allreduce`` per dtype; zeros from a ghost)."""
+        t = time.perf_counter()
+        arrays = [np.asarray(a) for a in arrays]
+        out: list[Any] = [None] * len(arrays)
+        for dt in dict.fromkeys(a.dtype for a in arrays):
+            idx = [j for j, a in enumerate(arrays) if a.dtype == dt]
+            flat = np.zeros(sum(arrays[j].size for j in idx), dt)
+            off = 0
+            for j in idx:
+                if not ghost:
+                    flat[off:off + arrays[j].size] = arrays[j].reshape(-1)
+                off += arrays[j].size
+            self.comm.Allreduce(self.MPI.IN_PLACE, flat, self.MPI.SUM)
+            off = 0
+            for j in idx:
+                out[j] = flat[off:off + arrays[j].size].reshape(arrays[j].shape)
+                off += arrays[j].size
+        self._reduce_seconds += time.perf_counter() - t
+        return out
+
+    def combine(self, i, local):
+        buf, total, MPI = self.buf, self.total, self.MPI
+        buf[total], buf[total + 1] = local
+        if self.overlap:
+            lo, hi = self.buckets[-1]
+            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:hi], MPI.SUM))
+            MPI.Request.Waitall(self._requests)
+            self._requests = []
+        else:
+            self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+        return buf[:total], 0, total, (float(buf[total]), int(round(float(buf[total + 1]))))
+
+    def take_reduce_seconds(self, i):
+        t, self._reduce_seconds = self._reduce_seconds, 0.0
+        return t
+
+
+class _MPIStrategy(Strategy):
+    """What both MPI strategies share: the communicator, rank 0 as master, the initial
+    broadcast, agreement checks, failure handling, the record of ranks and hosts."""
+
+    def __init__(self, threads: int = 1, abort_on_error: bool = True, comm=None):
+        super().__init__(threads)
+        if threads != 1:
+            raise ValueError(f"strategy {self.name!r} runs one worker per MPI rank and takes the "
+                             f"number of ranks from the launcher (mpiexec -n N, or --ranks N on "
+                             f"the command line); threads must be 1. Received threads={threads}")
+        if not isinstance(abort_on_error, bool):
+            raise ValueError(f"abort_on_error must be True or False. Received "
+                             f"abort_on_error={abort_on_error!r}")
+        self.MPI = load_mpi()
+        self.comm = self.MPI.COMM_WORLD if comm is None else comm
+        self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
+        self.is_master = self.rank == 0
+        self.abort_on_error = abort_on_error
+        if self.size == 1 and not under_launcher():
+            warnings.warn(f"strategy {self.name!r}: no MPI launcher, so this runs 1 rank. Start "
+                          f"N ranks with `mpiexec -n N python -m cnn train --strategy "
+                          f"{self.name} ...` or `python -m cnn train --strategy {self.name} "
+                          f"--ranks N`", RuntimeWarning, stacklevel=3)
+        self.hosts = self._gather_hosts()
+
+    # ---- set-up ------------------------------------------------------------------------------
+    def _gather_hosts(self) -> list[str]:
+        """Every rank's host name, in rank order (one ``Allgather`` of fixed-size bytes)."""
+        name = self.MPI.Get_processor_name().encode()[:_NAME_BYTES]
+        mine = np.zeros(_NAME_BYTES, np.uint8)
+        mine[:len(name)] = np.frombuffer(name, np.uint8)
+        every = np.zeros((self.size, _NAME_BYTES), np.uint8)
+        self.comm.Allgather(mine, every)
+        return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
+
+    def _agree(self, what: str, values: dict) -> None:
+        """Raise ValueError on every rank if the ranks disagree on ``values`` (compared as a
+        CRC of their JSON text with one ``Allreduce`` of min and max)."""
+        code = zlib.crc32(json.dumps(values, sort_keys=True, default=str).encode())
+        mine = np.array([code, -code], np.int64)
+        both = np.empty(2, np.int64)
+        self.comm.Allreduce(mine, both, self.MPI.MIN)
+        if both[0] != -both[1]:
+            raise ValueError(f"strategy {self.name!r}: the ranks disagree on {what}; every rank "
+                             f"must run the same configuration. This is rank {self.rank} with "
+                             f"{values}")
+
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
+        _check_cpu_backend(self.name, backend)
+        super().start(model, optimizer, backend, params, seed)
+        self._agree("the model, optimizer, dtype and seed",
+                    {"spec": model.spec(), "dtype": str(model.dtype), "optimizer":
+                     optimizer.config(), "seed": seed, "strategy": self.describe()})
+        for v in list(self.params.values()) + array_leaves(self.state):
+            self.comm.Bcast(flat_view(v), root=0)
+
+    # ---- shared numbers ----------------------------------------------------------------------
+    def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        buf = np.array([values[k] for k in keys], np.float64)
+        self.comm.Bcast(buf, root=0)
+        return {k: float(v) for k, v in zip(keys, buf)}
+
+    def check_replicas(self) -> None:
+        """Raise RuntimeError (on every rank) unless every rank holds bitwise the same
+        weights (a CRC of the bytes, compared by one ``Allreduce``)."""
+        crc = 0
+        for v in self.params.values():
+            crc = zlib.crc32(np.ascontiguousarray(v).tobytes(), crc)
+        mine = np.array([crc, -crc], np.int64)
+        both = np.empty(2, np.int64)
+        self.comm.Allreduce(mine, both, self.MPI.MIN)
+        if both[0] != -both[1]:
+            raise RuntimeError(f"strategy {self.name!r}: the ranks' weights differ after step "
+                               f"{self.steps}; the collectives did not give every rank the same "
+                               "sums")
+
+    # ---- failure -----------------------------------------------------------------------------
+    def abort(self, err: BaseException) -> None:
+        """Called by ``fit`` when training stops with ``err``: unless every rank raised it
+        together, print it with this rank's number and end every rank (``MPI_Abort``)."""
+        from ..train import DivergedError
+        if self.size == 1 or not self.abort_on_error or isinstance(err, DivergedError):
+            return
+        host = self.hosts[self.rank] if getattr(self, "hosts", None) else "?"
+        text = "".join(traceback.format_exception(err))
+        sys.stderr.write(f"\n[cnn mpi] rank {self.rank} of {self.size} (host {host}, pid "
+                         f"{os.getpid()}) failed with {type(err).__name__}: {err}\n{text}"
+                         f"[cnn mpi] aborting all {self.size} ranks\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+        self.comm.Abort(1)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "ranks": self.size, "hosts": list(self.hosts)}
+
+
+class MPISync(_MPIStrategy):
+    """``sync`` across MPI ranks. See the module docstring.
+
+    Args:
+        threads: must be 1 (one worker per rank; the launcher sets the ranks).
+        overlap: start a non-blocking allreduce per bucket while backward runs.
+        bucket_bytes: minimum bytes per bucket with ``overlap`` (0: one per parameter array).
+        abort_on_error: end every rank when one fails (default); False only re-raises on the
+            failing rank (for debugging: the others then wait).
+        comm: the communicator (default ``MPI.COMM_WORLD``).
+    """
+
+    name = "mpi"
+
+    def __init__(self, threads: int = 1, overlap: bool = False, bucket_bytes: int = 0,
+                 abort_on_error: bool = True, comm=None):
+        if not isinstance(overlap, bool):
+            raise ValueError(f"overlap must be True or False. Received overlap={overlap!r}")
+        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) \
+                or bucket_bytes < 0:
+            raise ValueError(f"bucket_bytes must be a non-negative integer. Received "
+                             f"bucket_bytes={bucket_bytes!r}")
+        self.overlap, self.bucket_bytes = overlap, int(bucket_bytes)
+        super().__init__(threads, abort_on_error, comm)
+
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
+        super().start(model, optimizer, backend, params, seed)
+        self._core = SyncCore(model, optimizer, backend, self.params, self.state)
+        self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
+                                       self.bucket_bytes)
+        self._ctx = self.new_context()
+
+    def step(self, xb, yb):
+        if not hasattr(self, "_core"):
+            raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        self._ctx.step = self.steps
+        _, _, comm, totals = self._core.worker_step(self.rank, self.size, xb, yb,
+                                                    self._transport, self._ctx)
+        self.steps += 1
+        self.comm_time += comm
+        return totals
+
+    def end_epoch(self) -> None:
+        t = time.perf_counter()
+        self.check_replicas()
+        self.comm_time += time.perf_counter() - t
+
+    def describe(self) -> dict:
+        return {**super().describe(), "overlap": self.overlap}
+
+
+class MPIAverage(_MPIStrategy):
+    """Local SGD across MPI ranks: one replica per rank, averaged (weights and optimizer
+    state, weighted by examples) every ``every`` steps or after each epoch.
+
+    Args:
+        threads: must be 1.
+        every: steps between averages, or ``"epoch"`` (default).
+    """
+
+    name = "mpi_average"
+
+    def __init__(self, threads: int = 1, every: "int | str" = "epoch",
+                 abort_on_error: bool = True, comm=None):
+        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
+                                 or every < 1):
+            raise ValueError(f"strategy 'mpi_average': every must be a positive number of steps "
+                             f"or 'epoch'. Received every={every!r}")
+        self.every = every if every == "epoch" else int(every)
+        super().__init__(threads, abort_on_error, comm)
+
+    def examples_per_step(self, batch_size: int) -> int:
+        return self.size * batch_size
+
+    def start(self, model, optimizer, backend, params, seed=0) -> None:
+        super().start(model, optimizer, backend, params, seed)
+        # what is averaged: the weights and every array of the optimizer state
+        self._leaves = [flat_view(v) for v in self.params.values()] + \
+            [flat_view(v) for v in array_leaves(self.state)]
+        self._buf = np.zeros(sum(v.size for v in self._leaves) + 1, np.float64)
+        self._out = {k: np.empty_like(v) for k, v in self.params.items()}
+        self._count = 0  # examples this replica trained on since the last average
+        self._since = 0  # global steps since the last average (the same on every rank)
+        self._ctx = self.new_context()
+        self._pair = np.zeros(2, np.float64)
+
+    def step(self, xb, yb):
+        n = len(yb)
+        lo, hi = shard_bounds(n, self.size)[self.rank]
+        local = np.zeros(2, np.float64)
+        if hi > lo:
+            self._ctx.step, self._ctx.offset, self._ctx.global_batch = self.steps, lo, n
+            loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
+                                                             self.backend, self._ctx)
+            self.optimizer.update(self.params, grads, self.state, self.backend)
+            local[0] = float(self.backend.to_host(loss)) * (hi - lo)
+            local[1] = int(self.backend.to_host(correct))
+            self._count += hi - lo
+        t = time.perf_counter()
+        self.comm.Allreduce(local, self._pair, self.MPI.SUM)
+        self.steps += 1
+        self._since += 1
+        if self.every != "epoch" and self._since % self.every == 0:
+            self._average(into_replicas=True)
+        self.comm_time += time.perf_counter() - t
+        return float(self._pair[0]), int(round(self._pair[1]))
+
+    def _average(self, into_replicas: bool) -> dict:
+        """The example-weighted average of the replicas, ``sum_r c_r x_r / sum_r c_r`` in
+        float64 (one ``Allreduce``): written into every replica's weights and optimizer state
+        (``into_replicas``), or only returned (the weights, for evaluation)."""
+        buf, c = self._buf, float(self._count)
+        off = 0
+        for v in self._leaves:
+            np.multiply(v, c, out=buf[off:off + v.size])
+            off += v.size
+        buf[-1] = c
+        self.comm.Allreduce(self.MPI.IN_PLACE, buf, self.MPI.SUM)
+        count = buf[-1]
+        if count == 0:
+            return self.params
+        targets = self._leaves if into_replicas else \
+            [flat_view(v) for v in self._out.values()]
+        off = 0
+        for v, out in zip(self._leaves, targets):
+            np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
+            out[...] = buf[off:off + v.size]
+            off += v.size
+        if not into_replicas:
+            return self._out
+        self._count = 0
+        self._since = 0
+        return self.params
+
+    def end_epoch(self) -> None:
+        if self.every == "epoch" and self._since:
+            t = time.perf_counter()
+            self._average(into_replicas=True)
+            self.comm_time += time.perf_counter() - t
+
+    def current_params(self) -> dict:
+        """The weighted average of the replicas (a collective: every rank calls it); the
+        replicas are left as they are."""
+        if not hasattr(self, "_leaves") or self._since == 0:
+            return self.params
+        return self._average(into_replicas=False)
+
+    def describe(self) -> dict:
+        return {**super().describe(), "average_every": self.every}

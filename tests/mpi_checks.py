@@ -1,0 +1,82 @@
+"""Run under ``mpiexec -n 2`` by tests/test_mpi.py (never collected by pytest itself).
+
+``python tests/mpi_checks.py train OUT``: train every scenario of :data:`SCENARIOS` with the
+MPI strategies and write, from every rank, ``OUT/<scenario>.rank<r>.npz`` (weights) and
+``.json`` (history and info); the test compares them with the sequential path, computed in the
+test's own process. One launch trains all of them, to keep CI short.
+
+``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward.
+``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
+``OUT/pid.rank<r>`` and, once training has started, ``OUT/started.rank<r>`` (the test kills
+rank 1 with SIGKILL).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# run as a script, so this folder is sys.path[0] and the shared helpers import directly
+from parallel_helpers import OPT, blobs, build, train
+
+from cnn.backends.numpy_backend import NumpyBackend
+
+#: name -> (strategy, keyword arguments of parallel_helpers.train)
+SCENARIOS = {
+    "float64": ("mpi", {}),
+    "float32": ("mpi", {"dtype": np.float32}),
+    "overlap": ("mpi", {"overlap": True}),
+    "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
+    "center": ("mpi", {"kind": "center"}),
+    "batch1": ("mpi", {"batch_size": 1, "epochs": 1, "n": 9}),  # every step: one rank a ghost
+    "plain_sgd": ("mpi", {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3}),
+    "average_every1": ("mpi_average", {"every": 1, "batch_size": 5}),
+    "average_every3": ("mpi_average", {"every": 3, "batch_size": 5}),
+    "average_epoch": ("mpi_average", {"batch_size": 5}),
+}
+
+
+def main(mode: str, out: str) -> None:
+    from mpi4py import MPI
+    rank = MPI.COMM_WORLD.Get_rank()
+    out_dir = Path(out)
+    if mode == "train":
+        for name, (strategy, kwargs) in SCENARIOS.items():
+            weights, hist = train(strategy, **kwargs)
+            np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)
+            (out_dir / f"{name}.rank{rank}.json").write_text(
+                json.dumps({"history": hist.history, "info": hist.info}, default=str))
+    elif mode == "raise":
+        class Failing(NumpyBackend):
+            calls = 0
+
+            def dense_forward(self, x, w, b):
+                if rank == 1:
+                    self.calls += 1
+                    if self.calls > 2:
+                        raise FloatingPointError("injected failure")
+                return super().dense_forward(x, w, b)
+
+        x, y = blobs()
+        build().fit(x, y, epochs=2, batch_size=8, optimizer=OPT, strategy="mpi",
+                    backend=Failing(), verbose=0)
+    elif mode == "slow":
+        (out_dir / f"pid.rank{rank}").write_text(str(os.getpid()))
+        started = out_dir / f"started.rank{rank}"
+
+        def progress(epoch, done, total):
+            if not started.exists():
+                started.write_text("1")
+
+        x, y = blobs(2000)
+        build().fit(x, y, epochs=1000, batch_size=8, optimizer=OPT, strategy="mpi",
+                    verbose=0, progress=progress)
+    else:
+        raise SystemExit(f"unknown mode {mode!r}")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])

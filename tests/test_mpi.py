@@ -1,0 +1,300 @@
+"""The MPI strategies, run for real under the venv's ``mpiexec -n 2`` (MPICH from PyPI).
+
+Every 2-rank run is compared with a reference computed here, in the test's own process, by
+another path: the sequential strategy (for ``mpi``, the sync algorithm) or a naive loop over
+two replicas (for ``mpi_average``). Also: both ranks end with bitwise the same weights, the
+launch paths (``mpiexec``, ``--ranks``, no launcher), failures (an exception on one rank, a rank
+killed with SIGKILL), and two hosts made of network namespaces talking TCP. Tiny shapes: each
+launch takes a second or two."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cnn import cli
+from cnn.optim import make_optimizer
+from cnn.parallel.sync import shard_bounds
+from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
+
+HERE = Path(__file__).resolve().parent
+MPIEXEC = Path(sys.executable).parent / "mpiexec"
+try:
+    import mpi4py  # noqa: F401
+    _MISSING = None if MPIEXEC.is_file() else f"no mpiexec at {MPIEXEC}"
+except ImportError as err:
+    _MISSING = f"mpi4py is not installed ({err})"
+pytestmark = pytest.mark.skipif(_MISSING is not None, reason=f"MPI unavailable: {_MISSING}; "
+                                "pip install -r requirements.txt")
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # no launcher variables from an outer job, and the blobs data set needs no data root
+    for var in list(env):
+        if var.startswith(("PMI_", "PMIX_", "OMPI_")):
+            del env[var]
+    return env
+
+
+def mpirun(*args, ranks=2, timeout=120, check=True, mpiexec_args=()):
+    cmd = [str(MPIEXEC), *mpiexec_args, "-n", str(ranks), sys.executable, *map(str, args)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    if check:
+        assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+# ---- the sync algorithm over 2 ranks equals sequential ------------------------------------------
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("mpi")
+    mpirun(HERE / "mpi_checks.py", "train", out)
+    return out
+
+
+def load(out: Path, name: str, rank: int = 0):
+    with np.load(out / f"{name}.rank{rank}.npz") as f:
+        weights = {k: f[k] for k in f.files}
+    return weights, json.loads((out / f"{name}.rank{rank}.json").read_text())
+
+
+SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
+    "float64": {},
+    "overlap": {},
+    "overlap_buckets": {},
+    "center": {"kind": "center"},
+    "batch1": {"batch_size": 1, "epochs": 1, "n": 9},
+    "plain_sgd": {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3},
+}
+
+
+@pytest.mark.parametrize("name", list(SYNC_CASES))
+def test_two_ranks_equal_sequential_float64(runs, name):
+    """Several steps over two epochs; batch 7 splits 4/3 and every epoch ends with a batch of
+    one example (rank 1 runs a ghost pass); ``center`` needs the cross-rank reduce in forward
+    and backward; ``batch1`` gives one rank an empty shard at every step."""
+    ref, ref_hist = train(**SYNC_CASES[name])
+    got, rec = load(runs, name)
+    assert max_abs_diff(got, ref) < 1e-12
+    # both ranks hold the same weights, bit for bit
+    other, _ = load(runs, name, 1)
+    assert all(np.array_equal(got[k], other[k]) for k in got)
+    # the loss of each epoch is the all-reduced one, equal to sequential's
+    np.testing.assert_allclose(rec["history"]["loss"], ref_hist.history["loss"], rtol=1e-12)
+    assert rec["info"]["strategy"] == "mpi" and rec["info"]["ranks"] == 2
+    assert len(rec["info"]["hosts"]) == 2
+    assert all(c > 0 for c in rec["history"]["comm_time"])
+
+
+def test_two_ranks_equal_sequential_float32(runs):
+    ref, _ = train(dtype=np.float32)
+    got, _ = load(runs, "float32")
+    assert got["conv2d.w"].dtype == np.float32
+    assert max_rel_diff(got, ref) < 1e-5
+
+
+def test_overlap_gives_the_same_bits(runs):
+    """Per-bucket non-blocking allreduces sum the same two numbers per element as one
+    blocking allreduce: the weights are bitwise equal."""
+    plain, _ = load(runs, "float64")
+    for name in ("overlap", "overlap_buckets"):
+        got, rec = load(runs, name)
+        assert all(np.array_equal(got[k], plain[k]) for k in got), name
+        assert rec["info"]["overlap"] is True
+
+
+def test_average_every_step_is_sync_on_the_global_batch(runs):
+    """Local SGD that averages weights and momentum after every step is synchronous SGD on
+    the global batch of ranks * batch_size examples."""
+    ref, _ = train(batch_size=10)
+    got, rec = load(runs, "average_every1")
+    assert max_abs_diff(got, ref) < 1e-12
+    assert rec["info"]["average_every"] == 1
+
+
+def naive_local_sgd(every: int | None, batch_size: int = 5, ranks: int = 2, epochs: int = 2):
+    """Two replicas trained one after the other in plain loops, each on its shard of every
+    global step, averaged (weights and velocity, weighted by examples) every ``every`` steps
+    or (``None``) at the end of each epoch; the model that ``fit`` ends with: the average."""
+    x, y = blobs()
+    model = build()
+    opt = make_optimizer(OPT)
+    reps = [{k: v.copy() for k, v in model.params.items()} for _ in range(ranks)]
+    vels = [{k: np.zeros_like(v) for k, v in model.params.items()} for _ in range(ranks)]
+    counts = [0] * ranks
+    rng = np.random.default_rng(5)  # fit's data order for seed=5
+    since = 0
+
+    def average():
+        total = sum(counts)
+        for group in (reps, vels):
+            for k in group[0]:
+                avg = sum(counts[r] * group[r][k] for r in range(ranks)) / total
+                for r in range(ranks):
+                    group[r][k] = avg.copy()
+        counts[:] = [0] * ranks
+
+    for _ in range(epochs):
+        order = rng.permutation(len(x))
+        for i in range(0, len(x), ranks * batch_size):
+            idx = order[i:i + ranks * batch_size]
+            for r, (lo, hi) in enumerate(shard_bounds(len(idx), ranks)):
+                if hi > lo:
+                    _, _, g = model.loss_and_grads(x[idx[lo:hi]], y[idx[lo:hi]], reps[r])
+                    for k in g:
+                        vels[r][k] = OPT["momentum"] * vels[r][k] - OPT["lr"] * g[k]
+                        reps[r][k] = reps[r][k] + vels[r][k]
+                    counts[r] += hi - lo
+            since += 1
+            if every is not None and since % every == 0:
+                average()
+        if every is None:
+            average()
+    if sum(counts):
+        average()
+    del opt
+    return reps[0]
+
+
+@pytest.mark.parametrize("name,every", [("average_every3", 3), ("average_epoch", None)])
+def test_average_is_local_sgd(runs, name, every):
+    ref = naive_local_sgd(every)
+    got, _ = load(runs, name)
+    assert max_abs_diff(got, ref) < 1e-12
+    sync, _ = load(runs, "average_every1")
+    assert max_abs_diff(got, sync) > 1e-6  # really local SGD, not sync in disguise
+
+
+# ---- launching ----------------------------------------------------------------------------------
+TRAIN = ["train", "--dataset", "blobs", "--limit", "120", "--test-limit", "40", "--epochs",
+         "2", "--batch-size", "9", "--dtype", "float64", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def sequential_cli(tmp_path_factory):
+    path = tmp_path_factory.mktemp("seq") / "w.npz"
+    assert cli.main(TRAIN + ["--strategy", "sequential", "--save", str(path)]) == 0
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != "__spec__"}
+
+
+def saved(path: Path) -> dict:
+    with np.load(path) as f:
+        return {k: f[k] for k in f.files if k != "__spec__"}
+
+
+def test_cli_with_ranks_starts_mpiexec_itself(tmp_path, sequential_cli):
+    w = tmp_path / "w.npz"
+    res = subprocess.run([sys.executable, "-m", "cnn", *TRAIN, "--strategy", "mpi", "--ranks",
+                          "2", "--save", str(w)], capture_output=True, text=True, timeout=120,
+                         env=_env())
+    assert res.returncode == 0, res.stderr
+    assert "launching:" in res.stderr and "mpiexec -n 2" in res.stderr
+    assert res.stdout.count("final test accuracy") == 1  # rank 0 alone prints
+    assert res.stdout.count("weights saved") == 1
+    assert "strategy mpi x2 ranks" in res.stdout
+    assert max_abs_diff(saved(w), sequential_cli) < 1e-12
+
+
+def test_cli_under_mpiexec(tmp_path, sequential_cli):
+    w = tmp_path / "w.npz"
+    res = mpirun("-m", "cnn", *TRAIN, "--strategy", "mpi", "--overlap", "--save", w)
+    assert res.stdout.count("final test accuracy") == 1
+    assert max_abs_diff(saved(w), sequential_cli) < 1e-12
+
+
+def test_without_a_launcher_one_rank_and_a_notice(tmp_path, sequential_cli):
+    w = tmp_path / "w.npz"
+    res = subprocess.run([sys.executable, "-m", "cnn", *TRAIN, "--strategy", "mpi", "--save",
+                          str(w)], capture_output=True, text=True, timeout=120, env=_env())
+    assert res.returncode == 0, res.stderr
+    assert "no MPI launcher, so this runs 1 rank" in res.stderr
+    got = saved(w)
+    assert all(np.array_equal(got[k], sequential_cli[k]) for k in got)  # one rank: same bits
+
+
+def test_ranks_without_an_mpi_strategy_is_refused(capsys):
+    assert cli.main(TRAIN + ["--strategy", "sync", "--ranks", "2"]) == 2
+    assert "--ranks starts MPI ranks" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ranks", ["0", "-1"])
+def test_bad_ranks_refused(capsys, ranks):
+    assert cli.main(TRAIN + ["--strategy", "mpi", "--ranks", ranks]) == 2
+    assert f"ranks must be a positive integer. Received ranks={int(ranks)}" in \
+        capsys.readouterr().err
+
+
+def test_mpi_strategy_refuses_threads():
+    from cnn.parallel import make_strategy
+    with pytest.raises(ValueError, match=r"takes the number of ranks from the launcher.*"
+                                         r"Received threads=2"):
+        make_strategy("mpi", threads=2)
+
+
+# ---- failures -------------------------------------------------------------------------------------
+def test_an_exception_on_one_rank_aborts_every_rank(tmp_path):
+    t = time.monotonic()
+    res = mpirun(HERE / "mpi_checks.py", "raise", tmp_path, check=False, timeout=60)
+    assert res.returncode != 0
+    assert "rank 1 of 2" in res.stderr and "FloatingPointError: injected failure" in res.stderr
+    assert "aborting all 2 ranks" in res.stderr
+    assert time.monotonic() - t < 30  # no rank left waiting in a collective
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
+    cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "slow",
+           str(tmp_path)]
+    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    try:
+        deadline = time.monotonic() + 60
+        while not all((tmp_path / f"started.rank{r}").exists() for r in (0, 1)):
+            assert job.poll() is None, job.communicate()
+            assert time.monotonic() < deadline, "the ranks did not start training"
+            time.sleep(0.05)
+        victim = int((tmp_path / "pid.rank1").read_text())
+        survivor = int((tmp_path / "pid.rank0").read_text())
+        os.kill(victim, signal.SIGKILL)
+        t = time.monotonic()
+        job.wait(timeout=30)
+        ended = time.monotonic() - t
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+    assert job.returncode != 0
+    assert ended < 10, f"the job took {ended:.1f} s to end after the kill"
+    with pytest.raises(ProcessLookupError):
+        os.kill(survivor, 0)
+
+
+# ---- two hosts: network namespaces and TCP ---------------------------------------------------------
+def test_two_hosts_over_tcp_equal_one_host(tmp_path, sequential_cli):
+    from netns_hosts import NetnsHosts, unavailable
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"network namespaces unavailable: {reason}")
+    w = tmp_path / "w.npz"
+    with NetnsHosts(tmp_path) as hosts:
+        before = hosts.bytes_on_link()
+        res = hosts.run([sys.executable, "-m", "cnn", *TRAIN, "--strategy", "mpi", "--save",
+                         str(w)], mpiexec=str(MPIEXEC), ranks=2, env=_env(), timeout=120)
+        moved = hosts.bytes_on_link() - before
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count("final test accuracy") == 1
+    # the ranks ran on the two "hosts" (their own hostnames) ...
+    assert f"hosts {hosts.names[0]},{hosts.names[1]}" in res.stdout
+    # ... and the gradients went over the veth link: each of the 2 x 14 steps sends at least
+    # the whole float64 gradient buffer each way
+    got = saved(w)
+    assert moved > 2 * 14 * sum(v.size for v in got.values()) * 8
+    assert max_abs_diff(got, sequential_cli) < 1e-12
