@@ -263,7 +263,14 @@ def gpu_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128),
     return results
 
 
-SUITES = {"keras": keras_suite, "threads": threads_suite, "gpu": gpu_suite}
+def mpi_suite(repeats: int = 5, images=None, presets=None, batch_sizes=None) -> None:
+    """MPI ranks: allreduce latency/bandwidth (fitted alpha, beta) and whether overlapping the
+    allreduce with backward pays; the code is in :mod:`cnn.parallel.bench_mpi`."""
+    from .parallel.bench_mpi import suite
+    suite(repeats=repeats, quick=images is not None, presets=presets, batch_sizes=batch_sizes)
+
+
+SUITES = {"keras": keras_suite, "threads": threads_suite, "gpu": gpu_suite, "mpi": mpi_suite}
 
 
 def main(suite: str = "keras", repeats: int = 5, quick: bool = False, presets=None,

@@ -76,6 +76,17 @@ def load_mpi():
     return MPI
 
 
+def processor_names(comm) -> list[str]:
+    """Every rank's host name, in rank order (one ``Allgather`` of fixed-size bytes)."""
+    MPI = load_mpi()
+    name = MPI.Get_processor_name().encode()[:_NAME_BYTES]
+    mine = np.zeros(_NAME_BYTES, np.uint8)
+    mine[:len(name)] = np.frombuffer(name, np.uint8)
+    every = np.zeros((comm.Get_size(), _NAME_BYTES), np.uint8)
+    comm.Allgather(mine, every)
+    return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
+
+
 def array_leaves(tree) -> list[np.ndarray]:
     """The arrays in a (nested) dict of optimizer state, in insertion order (the same on
     every rank); scalars are not leaves."""
@@ -221,13 +232,7 @@ class _MPIStrategy(Strategy):
 
     # ---- set-up ------------------------------------------------------------------------------
     def _gather_hosts(self) -> list[str]:
-        """Every rank's host name, in rank order (one ``Allgather`` of fixed-size bytes)."""
-        name = self.MPI.Get_processor_name().encode()[:_NAME_BYTES]
-        mine = np.zeros(_NAME_BYTES, np.uint8)
-        mine[:len(name)] = np.frombuffer(name, np.uint8)
-        every = np.zeros((self.size, _NAME_BYTES), np.uint8)
-        self.comm.Allgather(mine, every)
-        return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
+        return processor_names(self.comm)
 
     def _agree(self, what: str, values: dict) -> None:
         """Raise ValueError on every rank if the ranks disagree on ``values`` (compared as a
