@@ -12,7 +12,7 @@ import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 EQUIVALENCE = ["conv_filter_example", "test_numpy_vs_keras", "test_sequential_vs_cpu_parallel",
-               "test_sequential_vs_gpu"]
+               "test_sequential_vs_gpu", "test_sequential_vs_mpi"]
 
 
 def _execute(name: str, out_dir: Path, **parameters) -> None:

@@ -129,3 +129,78 @@ def silence_other_ranks(strategy: str) -> bool:
         sys.stdout = open(os.devnull, "w")
         return False
     return True
+
+
+# ---- a fit on N ranks, from a notebook or a script -------------------------------------------
+def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_embedded",
+                      limit: int | None = None, test_limit: int | None = None,
+                      dtype: str = "float32", model_seed: int = 0, epochs: int = 1,
+                      batch_size: int = 32, optimizer: dict | None = None,
+                      strategy: str = "mpi", strategy_options: dict | None = None,
+                      seed: int = 0, validation: bool = False, backend: str = "numpy",
+                      data_root: str | None = None, hostfile: str | None = None,
+                      extra: list[str] | None = None, timeout: float = 600) -> dict:
+    """Train on ``ranks`` MPI ranks started by the venv's ``mpiexec`` and return rank 0's
+    ``{"weights": {key: array}, "history": {...}, "info": {...}}``.
+
+    The ranks run ``python -m cnn.parallel.launch`` on a JSON copy of these arguments: each
+    loads ``dataset`` (first ``limit`` examples), builds ``model`` (a preset, spec list or
+    dict) from ``model_seed`` and calls :func:`cnn.train.fit` with the rest, exactly as one
+    process would. Raises ``RuntimeError`` with the job's output if it fails.
+    """
+    import json
+    import tempfile
+
+    import numpy as np
+
+    ranks = check_ranks(ranks)
+    config = {"model": model, "dataset": dataset, "limit": limit, "test_limit": test_limit,
+              "dtype": dtype, "model_seed": model_seed, "epochs": epochs,
+              "batch_size": batch_size, "optimizer": optimizer, "strategy": strategy,
+              "strategy_options": strategy_options or {}, "seed": seed,
+              "validation": validation, "backend": backend, "data_root": data_root}
+    with tempfile.TemporaryDirectory(prefix="cnn-mpi-") as tmp:
+        cfg, out = Path(tmp) / "config.json", Path(tmp) / "out"
+        cfg.write_text(json.dumps(config))
+        cmd = [find_mpiexec()] + (["-f", str(hostfile)] if hostfile else []) + list(extra or [])
+        cmd += ["-n", str(ranks), sys.executable, "-m", "cnn.parallel.launch", str(cfg), str(out)]
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}  # not a rank of an outer job
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if res.returncode != 0 or not out.with_suffix(".npz").is_file():
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit status {res.returncode}:\n"
+                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        with np.load(out.with_suffix(".npz")) as f:
+            weights = {k: f[k] for k in f.files}
+        record = json.loads(out.with_suffix(".json").read_text())
+    return {"weights": weights, **record}
+
+
+def _fit_main(config_path: str, out: str) -> int:
+    """One rank of :func:`fit_under_mpiexec` (``python -m cnn.parallel.launch CONFIG OUT``)."""
+    import json
+
+    import numpy as np
+
+    from ..data import load_dataset
+    from ..model import Sequential, resolve_spec
+
+    c = json.loads(Path(config_path).read_text())
+    dtype = np.dtype(c["dtype"])
+    data = load_dataset(c["dataset"], root=c["data_root"], limit=c["limit"],
+                        test_limit=c["test_limit"], dtype=dtype)
+    model = Sequential.from_spec(resolve_spec(c["model"]), input_shape=data.input_shape,
+                                 dtype=dtype, seed=c["model_seed"], backend=c["backend"])
+    hist = model.fit(data.x_train, data.y_train, epochs=c["epochs"], batch_size=c["batch_size"],
+                     optimizer=c["optimizer"], strategy=c["strategy"],
+                     strategy_options=c["strategy_options"], seed=c["seed"], verbose=0,
+                     validation_data=(data.x_test, data.y_test) if c["validation"] else None)
+    if launcher_rank() == 0:
+        np.savez(Path(out).with_suffix(".npz"), **model.get_weights())
+        Path(out).with_suffix(".json").write_text(json.dumps(
+            {"history": hist.history, "info": hist.info}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_fit_main(*sys.argv[1:]))
