@@ -53,12 +53,12 @@ def main(mode: str, out: str) -> None:
         class Failing(NumpyBackend):
             calls = 0
 
-            def dense_forward(self, x, w, b):
+            def dense_forward(self, x, w, b, *args, **kwargs):
                 if rank == 1:
                     self.calls += 1
                     if self.calls > 2:
                         raise FloatingPointError("injected failure")
-                return super().dense_forward(x, w, b)
+                return super().dense_forward(x, w, b, *args, **kwargs)
 
         x, y = blobs()
         build().fit(x, y, epochs=2, batch_size=8, optimizer=OPT, strategy="mpi",
