@@ -286,18 +286,21 @@ def cmd_train(args) -> int:
 
 def _add_bench(sub) -> None:
     p = sub.add_parser("bench", help="throughput benchmarks with side-by-side ratios")
-    p.add_argument("suite", nargs="?", default="keras",
-                   help="keras (default: ours vs Keras), threads (speed-up), gpu (CUDA path)")
+    p.add_argument("suite", nargs="?", default="compare",
+                   help="compare (default: ours on every CPU path vs Keras and PyTorch, 1 and 2 "
+                        "threads), keras (sequential vs Keras), threads (speed-up), gpu (CUDA)")
     p.add_argument("--repeats", type=positive_int, default=5)
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke run)")
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
+    p.add_argument("--json", default=None, metavar="PATH",
+                   help="compare suite: also write every figure and the machine to PATH")
 
 
 def cmd_bench(args) -> int:
     from .bench import main
     main(args.suite, repeats=args.repeats, quick=args.quick, presets=args.presets,
-         batch_sizes=args.batch_sizes)
+         batch_sizes=args.batch_sizes, json_path=args.json)
     return 0
 
 

@@ -9,7 +9,8 @@ three: ``numba_parallel`` gets its parallelism from Numba's own thread pool, and
 calls are the dense ops; unpinned, OpenBLAS's spinning worker threads compete with that pool
 for the cores right after each dense op (a ReLU on 8K elements after one took 3-6 ms instead of
 10 us). ``fit`` pins BLAS the same way by default. The first layer's backward skips ``dx``
-(``need_dx=False``), as in training. Each op is
+(``need_dx=False``), as in training. Every op gets a workspace (``ws=``) of its own, as in
+a training step after the first, so outputs and temporaries are reused, not allocated. Each op is
 called twice to warm up (the Numba kernels are compiled beforehand by ``warmup``, whose time
 is printed), then the backends' repeats are interleaved (numpy, numba, numba_parallel,
 numpy, ...) so that drift in a shared machine's speed hits all three alike. Printed: medians
@@ -28,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cnn.backends import get_backend
+from cnn.context import Workspace
 from cnn.machine import describe
 from cnn.presets import get_preset
 
@@ -59,12 +61,14 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             need_dx = not first
 
             def fwd_call(be, x=x, w=w, b=b, pads=pads):
-                return lambda: be.conv2d_forward(x, w, b, 1, pads)
+                ws = Workspace(be)
+                return lambda: be.conv2d_forward(x, w, b, 1, pads, ws=ws)
 
             def bwd_call(be, x=x, w=w, b=b, pads=pads, need_dx=need_dx):
-                out, cache = be.conv2d_forward(x, w, b, 1, pads)
+                ws = Workspace(be)
+                out, cache = be.conv2d_forward(x, w, b, 1, pads, ws=ws)
                 dout = np.ones_like(out)
-                return lambda: be.conv2d_backward(dout, cache, need_dx=need_dx)
+                return lambda: be.conv2d_backward(dout, cache, need_dx=need_dx, ws=ws)
 
             shape = (batch, layer["filters"], shape[2] - k + 1, shape[3] - k + 1)
             name = f"conv{conv_i} {w.shape[1]}->{w.shape[0]} {k}x{k}"
@@ -73,12 +77,14 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             s = layer.get("strides", p)
 
             def fwd_call(be, x=x, p=p, s=s):
-                return lambda: be.maxpool2d_forward(x, p, s)
+                ws = Workspace(be)
+                return lambda: be.maxpool2d_forward(x, p, s, ws=ws)
 
             def bwd_call(be, x=x, p=p, s=s):
-                out, cache = be.maxpool2d_forward(x, p, s)
+                ws = Workspace(be)
+                out, cache = be.maxpool2d_forward(x, p, s, ws=ws)
                 dout = np.ones_like(out)
-                return lambda: be.maxpool2d_backward(dout, cache)
+                return lambda: be.maxpool2d_backward(dout, cache, ws=ws)
 
             shape = (batch, shape[1], (shape[2] - p) // s + 1, (shape[3] - p) // s + 1)
             name = f"maxpool {p}/{s}"
@@ -92,12 +98,14 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             need_dx = not first
 
             def fwd_call(be, x=x, w=w, b=b):
-                return lambda: be.dense_forward(x, w, b)
+                ws = Workspace(be)
+                return lambda: be.dense_forward(x, w, b, ws=ws)
 
             def bwd_call(be, x=x, w=w, b=b, need_dx=need_dx):
-                out, cache = be.dense_forward(x, w, b)
+                ws = Workspace(be)
+                out, cache = be.dense_forward(x, w, b, ws=ws)
                 dout = np.ones_like(out)
-                return lambda: be.dense_backward(dout, cache, need_dx=need_dx)
+                return lambda: be.dense_backward(dout, cache, need_dx=need_dx, ws=ws)
 
             shape = (batch, layer["units"])
             name = f"dense{dense_i} {w.shape[0]}->{w.shape[1]}"
@@ -110,11 +118,13 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             y = rng.standard_normal(shape).astype(dtype)
 
             def relu_fwd(be, y=y):
-                return lambda: be.relu_forward(y)
+                ws = Workspace(be)
+                return lambda: be.relu_forward(y, ws=ws)
 
             def relu_bwd(be, y=y):
-                out, cache = be.relu_forward(y)
-                return lambda: be.relu_backward(y, cache)
+                ws = Workspace(be)
+                out, cache = be.relu_forward(y, ws=ws)
+                return lambda: be.relu_backward(y, cache, ws=ws)
 
             fwd.append(("  relu fwd", shape, relu_fwd, True))
             bwd.append(("  relu bwd", shape, relu_bwd, False))

@@ -451,30 +451,39 @@ def maxpool2d_backward_par(dout3, arg3, dx2):
 
 
 # ---- ReLU (on flat views) ----------------------------------------------------------------------
+# The zero is typed like the data: with a plain ``0`` (an int) in the select, LLVM did not
+# vectorise the loop, and the backward ran 5x slower than with ``zero`` (9.8 vs 1.9 ms on
+# (128, 32, 30, 30) float32).
 @njit(**_JIT)
 def relu_forward(x1, out1):
     """``out1 = max(x1, 0)`` for flat arrays (NaN gives 0)."""
+    zero = x1.dtype.type(0)
     for i in range(x1.size):
-        out1[i] = x1[i] if x1[i] > 0 else 0
+        v = x1[i]
+        out1[i] = v if v > zero else zero
 
 
 @njit(**_PJIT)
 def relu_forward_par(x1, out1):
     """:func:`relu_forward` over threads."""
+    zero = x1.dtype.type(0)
     for i in prange(x1.size):
-        out1[i] = x1[i] if x1[i] > 0 else 0
+        v = x1[i]
+        out1[i] = v if v > zero else zero
 
 
 @njit(**_JIT)
 def relu_backward(dout1, out1, dx1):
     """``dx1 = dout1 * (out1 > 0)`` for flat arrays; ``out1`` is the forward output, which is
     positive exactly where the input was."""
+    zero = dout1.dtype.type(0)
     for i in range(dout1.size):
-        dx1[i] = dout1[i] if out1[i] > 0 else 0
+        dx1[i] = dout1[i] if out1[i] > zero else zero
 
 
 @njit(**_PJIT)
 def relu_backward_par(dout1, out1, dx1):
     """:func:`relu_backward` over threads."""
+    zero = dout1.dtype.type(0)
     for i in prange(dout1.size):
-        dx1[i] = dout1[i] if out1[i] > 0 else 0
+        dx1[i] = dout1[i] if out1[i] > zero else zero

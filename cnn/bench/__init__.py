@@ -1,5 +1,9 @@
 """Benchmarks that print ratios measured side by side in one run (``python -m cnn bench``).
 
+Suites: ``compare`` (the default, :mod:`cnn.bench.compare`: ours on every CPU path against Keras
+and PyTorch at 1 and 2 threads, each contender in a process of its own), ``keras`` (the
+sequential path against Keras in this process), ``threads`` (speed-up of ``sync``), ``gpu``.
+
 Timed tests are not used anywhere: timings on shared machines are noisy, so each benchmark
 warms every contender up, then interleaves their repeats (A, B, A, B, ...) so that drift in
 the machine's speed hits all of them alike, and reports the median with the spread and the
@@ -18,9 +22,9 @@ from typing import Callable
 
 import numpy as np
 
-from .machine import describe
-from .model import build_model
-from .presets import get_preset
+from ..machine import describe
+from ..model import build_model
+from ..presets import get_preset
 
 #: images per timed epoch, per architecture: long enough to dwarf per-epoch overhead
 DEFAULT_IMAGES = {"mnist_small": 4096, "cifar_tutorial": 1024}
@@ -68,7 +72,7 @@ def keras(preset: str, x, y, batch_size: int, threads: int = 1) -> Contender:
     is timed inside ``fit`` by a callback, so Keras's per-call set-up is not charged to it."""
     def setup():
         import keras as K
-        from .keras_reference import build_keras_model, configure_threads, to_keras_images
+        from ..keras_reference import build_keras_model, configure_threads, to_keras_images
         configure_threads(threads)
         model = build_model(preset, seed=0)
         kmodel = build_keras_model(model)
@@ -144,7 +148,7 @@ def keras_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128)
 def _backend_available(name: str) -> str | None:
     """None when backend ``name`` loads, else the reason it does not."""
     try:
-        from .backends import get_backend
+        from ..backends import get_backend
         get_backend(name)
     except Exception as err:  # an optional backend missing must not stop the other rows
         return f"{type(err).__name__}: {err}"
@@ -266,21 +270,32 @@ def gpu_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128),
 def mpi_suite(repeats: int = 5, images=None, presets=None, batch_sizes=None) -> None:
     """MPI ranks: allreduce latency/bandwidth (fitted alpha, beta) and whether overlapping the
     allreduce with backward pays; the code is in :mod:`cnn.parallel.bench_mpi`."""
-    from .parallel.bench_mpi import suite
+    from ..parallel.bench_mpi import suite
     suite(repeats=repeats, quick=images is not None, presets=presets, batch_sizes=batch_sizes)
 
 
-SUITES = {"keras": keras_suite, "threads": threads_suite, "gpu": gpu_suite, "mpi": mpi_suite}
+def compare_suite(quick: bool = False, json_path: str | None = None, **kwargs):
+    """The default suite: ours vs Keras and PyTorch at 1 and 2 threads (:mod:`.compare`)."""
+    from .compare import run
+    return run(quick=quick, json_path=json_path, **kwargs)
 
 
-def main(suite: str = "keras", repeats: int = 5, quick: bool = False, presets=None,
-         batch_sizes=None) -> None:
+#: suite name -> function; ``compare`` is the default (other suites register here too)
+SUITES = {"compare": compare_suite, "keras": keras_suite, "threads": threads_suite,
+          "gpu": gpu_suite, "mpi": mpi_suite}
+
+
+def main(suite: str = "compare", repeats: int = 5, quick: bool = False, presets=None,
+         batch_sizes=None, json_path: str | None = None) -> None:
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite {suite!r}; choose one of {sorted(SUITES)}")
-    print(f"machine: {describe()}")
     kwargs = {"repeats": 1 if quick else repeats}
-    if quick:
-        kwargs["images"] = {"mnist_small": 256, "cifar_tutorial": 64}
+    if suite == "compare":
+        kwargs.update(quick=quick, json_path=json_path)
+    else:
+        print(f"machine: {describe()}")
+        if quick:
+            kwargs["images"] = {"mnist_small": 256, "cifar_tutorial": 64}
     if presets:
         kwargs["presets"] = presets
     if batch_sizes:

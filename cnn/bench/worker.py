@@ -1,0 +1,195 @@
+"""One benchmark contender in a process of its own: ``python -m cnn.bench.worker '<json>'``.
+
+The parent (:mod:`cnn.bench.compare`) starts one worker per contender, so that every contender
+gets a fresh process with its own environment (the ``MALLOC_*`` check), its own thread pools
+(TensorFlow fixes them once per process) and no other framework loaded beside it. A worker
+builds the preset's model from seed 0 on the shared synthetic images, trains one warm-up epoch,
+then waits for the parent's ``go`` (a line on stdin) before each timed epoch, so that the
+parent interleaves the contenders' epochs while every other worker sits idle. It reports one
+JSON line per epoch on its protocol stream (the original stdout; anything a library prints goes
+to stderr): ``{"event": "epoch", "time": s, "data_time": s, ...}``, or ``{"event": "error"}``.
+
+Every contender trains the same way: the same images and labels, SGD with the preset's learning
+rate and momentum, softmax cross-entropy from logits, a shuffled order each epoch, the batch
+gathered inside the timed epoch, and the loss and number of correct predictions read back
+every step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from ..model import build_model
+from ..presets import get_preset
+
+_PROTO = None
+
+
+def _say(event: dict) -> None:
+    _PROTO.write(json.dumps(event) + "\n")
+    _PROTO.flush()
+
+
+def _wait_for_go() -> bool:
+    """Block until the parent says ``go`` (True) or ``stop``/closes stdin (False)."""
+    line = sys.stdin.readline()
+    return line.strip() == "go"
+
+
+def synthetic_data(preset: str, n: int, seed: int = 0):
+    """``n`` random images in [0, 1) with the preset's input shape and random labels."""
+    spec = get_preset(preset)
+    rng = np.random.default_rng(seed)
+    x = rng.random((n, *spec["input_shape"]), dtype=np.float64).astype(np.float32)
+    y = rng.integers(0, 10, n).astype(np.int64)
+    return x, y
+
+
+# ---- ours --------------------------------------------------------------------------------------
+def run_ours(job: dict, x, y) -> None:
+    from ..train import Callback
+
+    c = job["contender"]
+    model = build_model(job["preset"], seed=0)
+    opt = get_preset(job["preset"])["optimizer"]
+
+    class Gate(Callback):
+        def on_epoch_end(self, epoch, logs):
+            _say({"event": "epoch", "time": logs["time"], "data_time": logs["data_time"],
+                  "compute_time": logs["compute_time"], "transfer_time": logs["transfer_time"]})
+            if epoch < job["epochs"] and not _wait_for_go():
+                return True  # the parent stopped early: end the fit
+            return None
+
+    model.fit(x, y, epochs=job["epochs"], batch_size=job["batch_size"], optimizer=opt,
+              backend=c["backend"], strategy=c.get("strategy", "sequential"),
+              threads=c.get("threads", 1) if c.get("strategy", "sequential") != "sequential" else 1,
+              verbose=0, callbacks=[Gate()], seed=1)
+
+
+# ---- Keras -------------------------------------------------------------------------------------
+def run_keras(job: dict, x, y) -> None:
+    from ..keras_reference import build_keras_model, configure_threads, to_keras_images
+
+    configure_threads(job["contender"]["threads"])
+    import keras as K
+
+    model = build_model(job["preset"], seed=0)
+    kmodel = build_keras_model(model)
+    opt = get_preset(job["preset"])["optimizer"]
+    kmodel.compile(optimizer=K.optimizers.SGD(learning_rate=opt["lr"], momentum=opt["momentum"]),
+                   loss=K.losses.SparseCategoricalCrossentropy(from_logits=True),
+                   metrics=["accuracy"])
+    xk = to_keras_images(x)
+
+    class Gate(K.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            _say({"event": "epoch", "time": time.perf_counter() - self.t})
+            if epoch + 1 < job["epochs"] and not _wait_for_go():
+                self.model.stop_training = True
+
+    kmodel.fit(xk, y, batch_size=job["batch_size"], epochs=job["epochs"], shuffle=True,
+               verbose=0, callbacks=[Gate()])
+
+
+# ---- PyTorch -----------------------------------------------------------------------------------
+def torch_model(model):
+    """The same network in PyTorch (NCHW like ours, so conv weights and the flatten order carry
+    over as they are; dense weights are transposed), with our initial weights."""
+    import torch
+    from torch import nn
+
+    mods = []
+    for layer in model.layers:
+        p = {k.split(".", 1)[1]: v for k, v in model.params.items()
+             if k.split(".", 1)[0] == layer.name}
+        if layer.type == "conv2d":
+            if layer.padding == "same" and layer.stride != 1:
+                raise NotImplementedError("padding='same' with stride > 1 in the PyTorch contender")
+            m = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
+                          stride=layer.stride, padding=0 if layer.padding == "valid" else "same")
+            m.weight.data = torch.from_numpy(p["w"].copy())
+            m.bias.data = torch.from_numpy(p["b"].copy())
+        elif layer.type == "dense":
+            m = nn.Linear(layer.input_shape[0], layer.units)
+            m.weight.data = torch.from_numpy(np.ascontiguousarray(p["w"].T))
+            m.bias.data = torch.from_numpy(p["b"].copy())
+        elif layer.type == "maxpool2d":
+            m = nn.MaxPool2d(layer.pool_size, stride=layer.stride)
+        elif layer.type == "relu":
+            m = nn.ReLU()
+        elif layer.type == "flatten":
+            m = nn.Flatten()
+        else:
+            raise NotImplementedError(f"layer type {layer.type!r} in the PyTorch contender")
+        mods.append(m)
+    return nn.Sequential(*mods)
+
+
+def run_torch(job: dict, x, y) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    threads = job["contender"]["threads"]
+    torch.set_num_threads(threads)
+    torch.set_num_interop_threads(threads)
+    torch.manual_seed(1)
+    model = build_model(job["preset"], seed=0)
+    net = torch_model(model)
+    opt = get_preset(job["preset"])["optimizer"]
+    # PyTorch's momentum (v = m v + g; w -= lr v) is Keras's (v = m v - lr g; w += v) for a
+    # constant learning rate
+    sgd = torch.optim.SGD(net.parameters(), lr=opt["lr"], momentum=opt["momentum"])
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    n, bs = len(x), job["batch_size"]
+    gen = torch.Generator().manual_seed(1)
+    for epoch in range(job["epochs"]):
+        t = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        loss_sum, correct = 0.0, 0
+        for i in range(0, n, bs):
+            idx = order[i:i + bs]
+            xb, yb = xt[idx], yt[idx]
+            sgd.zero_grad(set_to_none=True)
+            out = net(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            sgd.step()
+            loss_sum += loss.item() * len(idx)
+            correct += int((out.argmax(1) == yb).sum())
+        _say({"event": "epoch", "time": time.perf_counter() - t})
+        if epoch + 1 < job["epochs"] and not _wait_for_go():
+            return
+
+
+RUNNERS = {"ours": run_ours, "keras": run_keras, "torch": run_torch}
+
+
+def main(argv=None) -> int:
+    global _PROTO
+    argv = sys.argv[1:] if argv is None else argv
+    # the protocol keeps the real stdout; whatever libraries print goes to stderr
+    _PROTO = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
+    try:
+        job = json.loads(argv[0])
+        x, y = synthetic_data(job["preset"], job["images"])
+        RUNNERS[job["contender"]["kind"]](job, x, y)
+    except BaseException as err:  # noqa: BLE001 - reported to the parent, which skips the row
+        traceback.print_exc()
+        _say({"event": "error", "message": f"{type(err).__name__}: {err}"})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
