@@ -66,7 +66,7 @@ from .numpy_backend import NumpyBackend
 #: of 128-2048 on the reference layers moved the conv times by under 10%; 512 was best)
 _CHUNK_COLUMNS = 512
 #: bytes of patches plus GEMM result per chunk on the BLAS path (see ``_blas_chunk``)
-_CHUNK_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 19
 #: conv layers with at least this many filters and patch rows use BLAS for their GEMMs
 _BLAS_MIN_FILTERS = 16
 _BLAS_MIN_ROWS = 16
@@ -170,7 +170,8 @@ class NumbaBackend(NumpyBackend):
 
     def _blas_chunk(self, n: int, pixels: int, k: int, f: int, itemsize: int) -> int:
         """Images per chunk of the BLAS path: the chunk's patches ``(k, nb*P)`` and GEMM
-        result ``(f, nb*P)`` fill about ``_CHUNK_BYTES`` (half of a Zen 4 / Skylake-SP L2)."""
+        result ``(f, nb*P)`` fill about ``_CHUNK_BYTES``: half of the 1 MiB L2 of a Zen 4 or
+        Skylake-SP core, the other half left to BLAS's packed panels."""
         per_image = (k + f) * pixels * itemsize
         return max(1, min(n, _CHUNK_BYTES // per_image))
 

@@ -157,11 +157,11 @@ def measure(preset: str, batch_size: int, specs: list[Spec], images: int,
                     if "data_time" in ev:
                         data_times[i].append(ev["data_time"])
         for w, ts, ds in zip(workers, times, data_times):
-            row = {"preset": preset, "batch_size": batch_size, "name": w.spec.name,
-                   "family": w.spec.family, "threads": w.spec.threads,
-                   "malloc_env": w.spec.malloc, **{k: v for k, v in w.spec.job.items()
-                                                   if k != "kind"},
-                   "images": images, "repeats": len(ts), "error": w.failed}
+            row = {"preset": preset, "batch_size": batch_size,
+                   "backend": w.spec.job.get("backend"), "strategy": w.spec.job.get("strategy"),
+                   "name": w.spec.name, "family": w.spec.family, "threads": w.spec.threads,
+                   "malloc_env": w.spec.malloc, "images": images, "repeats": len(ts),
+                   "error": w.failed}
             if ts and not w.failed:
                 rates = [images / t for t in ts]
                 row.update(images_per_sec=statistics.median(rates), min=min(rates),
