@@ -42,7 +42,7 @@ report: $(STAMP)
 	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf)
 
 bench: $(STAMP)
-	$(PY) -m cnn bench keras
+	$(PY) -m cnn bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache
