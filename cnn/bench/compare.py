@@ -213,8 +213,8 @@ def print_group(preset: str, bs: int, rows: list[dict], flops: int, images: int)
     best1 = _best(rows, 1)
     keras1 = _ref(rows, "keras", 1)
     if best1 and keras1:
-        print(f"  ratio ours/keras (best 1-thread path, {best1['name']}): "
-              f"{best1['images_per_sec'] / keras1:.2f}")
+        print(f"  best 1-thread path of ours ({best1['name']}) / keras 1 thread: "
+              f"ratio {best1['images_per_sec'] / keras1:.2f}")
 
 
 def _best(rows, threads):
@@ -306,9 +306,9 @@ def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeat
             print_group(preset, bs, rows, flops, images[preset])
             groups[(preset, bs)] = rows
             all_rows += rows
-    print("\nsummary (medians; /keras1 = best 1-thread path of ours / Keras 1 thread, likewise "
-          "for torch and 2 threads; sync/best1 = best sync at 2 threads / best 1-thread path; "
-          "malloc = with MALLOC_* / without, same path):")
+    print("\nsummary: ratio ours/keras and ours/pytorch of medians (/keras1 = best 1-thread "
+          "path of ours / Keras 1 thread, likewise for torch and 2 threads; sync/best1 = best "
+          "sync at 2 threads / best 1-thread path; malloc = with MALLOC_* / without, same path):")
     for line in summary(groups):
         print(line)
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
