@@ -226,30 +226,32 @@ class NumbaBackend(NumpyBackend):
             np.copyto(db, dwt[k])
             return (dx if need_dx else None), dw.reshape(w.shape), db
         nb = self._blas_chunk(n, p, k, f, dt.itemsize)
-        cols = self.scratch(ws, "cols_bwd", (k * nb * p,), dt)
+        # the patches get a last row of ones, so that one GEMM gives [dw | db]
+        cols = self.scratch(ws, "cols_bwd", ((k + 1) * nb * p,), dt)
         dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
         dcols = self.scratch(ws, "dcols", (k * nb * p,), dt) if need_dx else None
-        dw = self.scratch(ws, "dw", (f, k), dt)
-        dw_part = self.scratch(ws, "dw_part", (f, k), dt)
-        db = self.scratch(ws, "db", (f,), dt)
+        dwb = self.scratch(ws, "dw_db", (f, k + 1), dt)
+        part = self.scratch(ws, "dw_db_part", (f, k + 1), dt)
         w2 = w.reshape(f, k)
         kh, kw = w.shape[2], w.shape[3]
         top, left = int(top), int(left)
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             q = (c1 - c0) * p
-            colq, dq = cols[:k * q].reshape(k, q), dg[:f * q].reshape(f, q)
-            K.gather_rowsum(dout3, c0, c1, dq, db, c0 == 0)
-            K.im2col(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
-            if c0 == 0:
-                np.matmul(dq, colq.T, out=dw)
-            else:
-                np.matmul(dq, colq.T, out=dw_part)
-                dw += dw_part
+            colq, dq = cols[:(k + 1) * q].reshape(k + 1, q), dg[:f * q].reshape(f, q)
+            K.gather_chunk(dout3, c0, c1, dq)
+            K.im2col_ones(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
+            np.matmul(dq, colq.T, out=dwb if c0 == 0 else part)
+            if c0 > 0:
+                dwb += part
             if need_dx:
                 dcq = dcols[:k * q].reshape(k, q)
                 np.matmul(w2.T, dq, out=dcq)
                 K.col2im(dcq, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
+        dw = self.scratch(ws, "dw", (f, k), dt)
+        np.copyto(dw, dwb[:, :k])
+        db = self.scratch(ws, "db", (f,), dt)
+        np.copyto(db, dwb[:, k])
         return (dx if need_dx else None), dw.reshape(w.shape), db
 
     # ---- pooling ---------------------------------------------------------------------------

@@ -254,23 +254,22 @@ def scatter_bias(acc, b, n0, n1, out3):
 
 
 @njit(**_JIT)
-def gather_rowsum(a3, n0, n1, out, sums, first):
+def gather_chunk(a3, n0, n1, out):
     """``out (R, nb*P) = a3[n0:n1] (nb, R, P)`` side by side along columns (the inverse of
-    :func:`scatter_bias`), and ``sums[r] (+)= sum of out[r]`` (set when ``first``, else added):
-    a chunk of ``dout`` for the BLAS products, and the bias gradient on the way."""
-    rows, p = a3.shape[1], a3.shape[2]
-    if first:
-        for r in range(rows):
-            sums[r] = 0
-    for n in range(n0, n1):
-        uq = np.uint64((n - n0) * p)
-        for r in range(rows):
-            total = sums[r]
-            for s in range(np.uint64(p)):
-                v = a3[n, r, s]
-                out[r, uq + s] = v
-                total += v
-            sums[r] = total
+    :func:`scatter_bias`): a chunk of ``dout`` laid out for the BLAS products."""
+    _gather_chunk(a3, n0, n1, out)
+
+
+@njit(**_JIT)
+def im2col_ones(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols):
+    """:func:`_im2col` into the first ``C*KH*KW`` rows of ``cols``, ones in its last row: the
+    product ``dout_chunk @ cols.T`` then holds the weight gradient and, in its last column,
+    the bias gradient (one GEMM for both)."""
+    _im2col(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols)
+    last = cols.shape[0] - 1
+    one = cols.dtype.type(1)
+    for s in range(cols.shape[1]):
+        cols[last, s] = one
 
 
 @njit(**_JIT)
