@@ -44,17 +44,30 @@ class Workspace:
     its backward; never share a workspace between threads.
     """
 
-    def __init__(self, backend, prefix: str = "", _store: dict | None = None):
+    def __init__(self, backend, prefix: str = "", _store: dict | None = None,
+                 _lookup: dict | None = None):
         self.backend = backend
         self.prefix = prefix
         self._store: dict = {} if _store is None else _store
+        # the same buffers under the caller's own (prefix, name, shape, dtype): the hot path
+        # finds a buffer with one dict lookup, without normalising the shape and dtype
+        self._lookup: dict = {} if _lookup is None else _lookup
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
         """The persistent buffer ``name`` of ``shape`` and ``dtype`` (contents undefined)."""
+        raw = (self.prefix, name, shape, dtype)
+        try:
+            return self._lookup[raw]
+        except (KeyError, TypeError):  # TypeError: an unhashable shape, e.g. a list
+            pass
         key = (self.prefix + name, tuple(int(s) for s in shape), np.dtype(dtype).str)
         buf = self._store.get(key)
         if buf is None:
             buf = self._store[key] = self.backend.empty(key[1], np.dtype(dtype))
+        try:
+            self._lookup[raw] = buf
+        except TypeError:
+            pass
         return buf
 
     def zeros(self, name: str, shape: tuple[int, ...], dtype) -> Any:
@@ -65,7 +78,7 @@ class Workspace:
 
     def scope(self, name: str) -> "Workspace":
         """A view of this workspace whose buffer names are prefixed by ``name`` (per layer)."""
-        return Workspace(self.backend, f"{self.prefix}{name}/", self._store)
+        return Workspace(self.backend, f"{self.prefix}{name}/", self._store, self._lookup)
 
     @property
     def nbytes(self) -> int:

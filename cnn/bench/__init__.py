@@ -2,7 +2,8 @@
 
 Suites: ``compare`` (the default, :mod:`cnn.bench.compare`: ours on every CPU path against Keras
 and PyTorch at 1 and 2 threads, each contender in a process of its own), ``keras`` (the
-sequential path against Keras in this process), ``threads`` (speed-up of ``sync``), ``gpu``.
+sequential path against Keras in this process), ``threads`` (speed-up of ``sync``), ``gpu``,
+``memory`` (peak resident memory of training on full CIFAR-10, :mod:`cnn.bench.memory`).
 
 Timed tests are not used anywhere: timings on shared machines are noisy, so each benchmark
 warms every contender up, then interleaves their repeats (A, B, A, B, ...) so that drift in
@@ -280,9 +281,20 @@ def compare_suite(quick: bool = False, json_path: str | None = None, **kwargs):
     return run(quick=quick, json_path=json_path, **kwargs)
 
 
+def memory_suite(**kwargs):
+    """Peak resident memory of training on full CIFAR-10 (:mod:`.memory`)."""
+    from .memory import memory_suite as run
+    kwargs.pop("repeats", None)
+    kwargs.pop("batch_sizes", None)
+    kwargs.pop("presets", None)
+    if kwargs.pop("images", None) is not None:  # --quick: a small subset, a smoke run
+        kwargs["limit"] = 1024
+    return run(**kwargs)
+
+
 #: suite name -> function; ``compare`` is the default (other suites register here too)
 SUITES = {"compare": compare_suite, "keras": keras_suite, "threads": threads_suite,
-          "gpu": gpu_suite, "mpi": mpi_suite}
+          "gpu": gpu_suite, "mpi": mpi_suite, "memory": memory_suite}
 
 
 def main(suite: str = "compare", repeats: int = 5, quick: bool = False, presets=None,
