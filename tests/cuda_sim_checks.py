@@ -339,6 +339,171 @@ def check_device_step_without_transfers(cb):
         assert_close(f"step updated {name}", cb.to_host(dev[name]), ref[name], np.float32)
 
 
+# ---- the layers of issue 12: activations, dropout, batch norm, BCE, penalties ------------------
+@check(cost=1)
+def check_sigmoid_tanh(cb):
+    for dtype in (np.float32, np.float64):
+        x = (_rng(21).standard_normal((2, 3, 4, 5)) * 4).astype(dtype)
+        x[0, 0, 0, :3] = [0.0, 50.0, -120.0]  # exp(120) overflows float32: must not matter
+        dout = _rng(22).standard_normal(x.shape).astype(dtype)
+        for op in ("sigmoid", "tanh"):
+            out, cache = getattr(cb, f"{op}_forward")(cb.asarray(x))
+            dx = getattr(cb, f"{op}_backward")(cb.asarray(dout), cache)
+            r_out, r_cache = getattr(NAIVE, f"{op}_forward")(x)
+            assert np.isfinite(cb.to_host(out)).all(), f"{op}: non-finite output"
+            assert_close(f"{op} out", cb.to_host(out), r_out, dtype)
+            assert_close(f"{op} dx", cb.to_host(dx),
+                         getattr(NAIVE, f"{op}_backward")(dout, r_cache), dtype)
+
+
+@check(cost=1.5)
+def check_dropout_masks_match_every_backend(cb):
+    from cnn.backends import rng
+
+    for dtype, shape, rate, offset in ((np.float32, (3, 2, 4, 5), 0.3, 0),
+                                       (np.float64, (4, 37), 0.75, 1000)):
+        x = _rng(23).standard_normal(shape).astype(dtype)
+        dout = _rng(24).standard_normal(shape).astype(dtype)
+        key = rng.pass_key(7, "dropout_1", 11)
+        out, cache = cb.dropout_forward(cb.asarray(x), rate, key, offset)
+        dx = cb.dropout_backward(cb.asarray(dout), cache)
+        keep = rng.keep_mask_reference(key, rate, offset, shape)  # Python integers
+        got_keep = cb.to_host(cache[0]).astype(bool)
+        assert np.array_equal(got_keep, keep), \
+            f"dropout {shape}: {int((got_keep != keep).sum())} units differ from the reference mask"
+        r_out, r_cache = NAIVE.dropout_forward(x, rate, key, offset)
+        np.testing.assert_array_equal(cb.to_host(out), r_out, err_msg=f"dropout out {shape}")
+        np.testing.assert_array_equal(cb.to_host(dx), NAIVE.dropout_backward(dout, r_cache),
+                                      err_msg=f"dropout dx {shape}")
+
+
+def _bn_case(cb, tag, x, dtype, seed):
+    rng_ = _rng(seed)
+    c = x.shape[1]
+    count = x.size // c
+    gamma = rng_.standard_normal(c).astype(dtype)
+    beta = rng_.standard_normal(c).astype(dtype)
+    rmean = rng_.standard_normal(c).astype(dtype)
+    rvar = rng_.uniform(0.5, 2, c).astype(dtype)
+    dout = rng_.standard_normal(x.shape).astype(dtype)
+    dx_ = cb.asarray(x)
+    sums = cb.batchnorm_sums(dx_)
+    sq = cb.batchnorm_sq_dev_sums(dx_, sums, 1.0 / count)
+    r_sums = NAIVE.batchnorm_sums(x)
+    r_sq = NAIVE.batchnorm_sq_dev_sums(x, r_sums, 1.0 / count)
+    assert_close(f"{tag} sums", cb.to_host(sums), r_sums, dtype)
+    assert_close(f"{tag} squared deviations", cb.to_host(sq), r_sq, dtype)
+    out, cache = cb.batchnorm_train_forward(dx_, sums, sq, 1.0 / count, cb.asarray(gamma),
+                                            cb.asarray(beta), 1e-3)
+    r_out, r_cache = NAIVE.batchnorm_train_forward(x, r_sums, r_sq, 1.0 / count, gamma, beta, 1e-3)
+    assert_close(f"{tag} train out", cb.to_host(out), r_out, dtype)
+    new_m, new_v = cb.batchnorm_running_update(cb.asarray(rmean), cb.asarray(rvar), sums, sq,
+                                               1.0 / count, 0.9)
+    r_m, r_v = NAIVE.batchnorm_running_update(rmean, rvar, r_sums, r_sq, 1.0 / count, 0.9)
+    assert_close(f"{tag} running mean", cb.to_host(new_m), r_m, dtype)
+    assert_close(f"{tag} running var", cb.to_host(new_v), r_v, dtype)
+    s1, s2 = cb.batchnorm_backward_sums(cb.asarray(dout), cache)
+    r1, r2 = NAIVE.batchnorm_backward_sums(dout, r_cache)
+    assert_close(f"{tag} dbeta", cb.to_host(s1), r1, dtype)
+    assert_close(f"{tag} dgamma", cb.to_host(s2), r2, dtype)
+    dx = cb.batchnorm_backward_dx(cb.asarray(dout), cache, s1, s2, 1.0 / count)
+    assert_close(f"{tag} dx", cb.to_host(dx),
+                 NAIVE.batchnorm_backward_dx(dout, r_cache, r1, r2, 1.0 / count), dtype)
+    out, cache = cb.batchnorm_infer_forward(dx_, cb.asarray(rmean), cb.asarray(rvar),
+                                            cb.asarray(gamma), cb.asarray(beta), 1e-3)
+    r_out, r_cache = NAIVE.batchnorm_infer_forward(x, rmean, rvar, gamma, beta, 1e-3)
+    assert_close(f"{tag} inference out", cb.to_host(out), r_out, dtype)
+    dx = cb.batchnorm_backward_dx(cb.asarray(dout), cache, s1, s2, 0.0)
+    assert_close(f"{tag} inference dx", cb.to_host(dx),
+                 NAIVE.batchnorm_backward_dx(dout, r_cache, r1, r2, 0.0), dtype)
+
+
+@check(cost=6)
+def check_batchnorm(cb):
+    rng_ = _rng(25)
+    # 3 * 10 * 10 = 300 values per channel: more than the 256 threads of a channel's block
+    _bn_case(cb, "conv (3, 2, 10, 10)", (rng_.standard_normal((3, 2, 10, 10)) * 2 + 1)
+             .astype(np.float32), np.float32, 26)
+    _bn_case(cb, "dense (5, 3) float64", rng_.standard_normal((5, 3)), np.float64, 27)
+
+
+@check(cost=1.5)
+def check_binary_cross_entropy(cb):
+    rng_ = _rng(28)
+    cases = [("random", rng_.standard_normal((7, 1)), rng_.integers(0, 2, 7)),
+             ("large logits", 1e4 * rng_.standard_normal((6, 1)), rng_.integers(0, 2, 6)),
+             ("300 rows", rng_.standard_normal((300, 1)), rng_.integers(0, 2, 300))]
+    for tag, logits, labels in cases:
+        for dtype in (np.float32, np.float64):
+            z = logits.astype(dtype)
+            loss, dlogits, correct = cb.binary_cross_entropy(cb.asarray(z), cb.asarray(labels))
+            r_loss, r_d, r_correct = NAIVE.binary_cross_entropy(z, labels)
+            h_loss = cb.to_host(loss)
+            assert h_loss.shape == () and np.isfinite(float(h_loss)), f"{tag}: loss {h_loss}"
+            assert_close(f"bce {tag} loss", h_loss, r_loss, dtype)
+            assert_close(f"bce {tag} dlogits", cb.to_host(dlogits), r_d, dtype)
+            assert int(cb.to_host(correct)) == int(r_correct), f"bce {tag}: correct count"
+
+
+@check(cost=1)
+def check_weight_penalty(cb):
+    for dtype in (np.float32, np.float64):
+        w = _rng(29).standard_normal((3, 2, 3, 3)).astype(dtype)
+        w.flat[:2] = 0  # sign(0) = 0
+        g = _rng(30).standard_normal(w.shape).astype(dtype)
+        loss0 = np.asarray(0.75, dtype=dtype)
+        got = cb.weight_penalty(cb.asarray(w), 0.01, 0.003, cb.asarray(loss0.reshape(1)).reshape(()))
+        assert_close("penalty loss", cb.to_host(got), NAIVE.weight_penalty(w, 0.01, 0.003, loss0),
+                     dtype)
+        dg = cb.asarray(g)
+        cb.weight_penalty_grad(dg, cb.asarray(w), 0.01, 0.003)
+        assert_close("penalty grad", cb.to_host(dg),
+                     NAIVE.weight_penalty_grad(g.copy(), w, 0.01, 0.003), dtype)
+
+
+@check(cost=6)
+def check_model_with_new_layers_on_the_device(cb):
+    """A training pass (batch norm, dropout, sigmoid/tanh, an L1/L2 penalty, BCE) of a model
+    on the CUDA backend against the NumPy backend: loss, every gradient, the new running
+    statistics; then an inference pass with them."""
+    from cnn.context import StepContext
+    from cnn.model import build_model
+
+    spec = {"loss": "binary_cross_entropy", "input_shape": [1, 4, 4], "layers": [
+        {"type": "conv2d", "filters": 2, "kernel_size": 3, "padding": "same",
+         "kernel_regularizer": {"l1": 0.01, "l2": 0.02}},
+        {"type": "batchnorm", "momentum": 0.8}, {"type": "tanh"},
+        {"type": "maxpool2d", "pool_size": 2}, {"type": "flatten"},
+        {"type": "dropout", "rate": 0.4},
+        {"type": "dense", "units": 3, "activation": "sigmoid"}, {"type": "batchnorm"},
+        {"type": "dense", "units": 1}]}
+    model = build_model(spec, seed=3)
+    rng_ = _rng(31)
+    x = rng_.standard_normal((5, 1, 4, 4)).astype(np.float32)
+    y = rng_.integers(0, 2, 5)
+    dev = {k: cb.asarray(v) for k, v in model.params.items()}
+    dev_buf = {k: cb.asarray(v) for k, v in model.buffers.items()}
+    ctx = StepContext(training=True, seed=4, step=9, offset=3, buffers=dev_buf)
+    loss, correct, grads = model.loss_and_grads(cb.asarray(x), cb.asarray(y), dev, cb, ctx)
+    r_ctx = StepContext(training=True, seed=4, step=9, offset=3, buffers=dict(model.buffers))
+    r_loss, r_correct, r_grads = model.loss_and_grads(x, y, model.params, NP, r_ctx)
+    assert_close("model loss", cb.to_host(loss), r_loss, np.float32)
+    assert int(cb.to_host(correct)) == int(r_correct), "model correct count"
+    for k in r_grads:
+        if k == "conv2d.b":  # a bias before batch norm has no effect: its gradient is ~0
+            assert np.abs(cb.to_host(grads[k])).max() < 1e-6, f"{k}: {cb.to_host(grads[k])}"
+            continue
+        assert_close(f"model grad {k}", cb.to_host(grads[k]), r_grads[k], np.float32)
+    assert set(ctx.updates) == set(model.buffers), f"updates {sorted(ctx.updates)}"
+    for k in r_ctx.updates:
+        assert_close(f"new {k}", cb.to_host(ctx.updates[k]), r_ctx.updates[k], np.float32)
+    ctx.commit()
+    r_ctx.commit()
+    got = cb.to_host(model.forward(cb.asarray(x), dev, cb, StepContext(buffers=dev_buf))[0])
+    want = model.forward(x, ctx=StepContext(buffers=r_ctx.buffers))[0]
+    assert_close("inference logits", got, want, np.float32)
+
+
 # ---- runner --------------------------------------------------------------------------------------
 def run(names):
     """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""

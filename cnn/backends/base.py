@@ -151,6 +151,98 @@ class Backend:
         """
         raise NotImplementedError
 
+    # ---- more activations ------------------------------------------------------------------
+    def sigmoid_forward(self, x):
+        """``1 / (1 + exp(-x))`` elementwise, any shape, without overflow for any ``x``.
+        Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def sigmoid_backward(self, dout, cache):
+        """``dout * out * (1 - out)``."""
+        raise NotImplementedError
+
+    def tanh_forward(self, x):
+        """``tanh(x)`` elementwise, any shape. Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def tanh_backward(self, dout, cache):
+        """``dout * (1 - out**2)``."""
+        raise NotImplementedError
+
+    # ---- dropout ---------------------------------------------------------------------------
+    def dropout_forward(self, x, rate: float, key: int, offset: int):
+        """Inverted dropout of ``x (N, ...)``: unit ``j`` of example ``i`` is kept (and scaled
+        by ``1 / (1 - rate)``) or zeroed as :mod:`cnn.backends.rng` decides from the 64-bit
+        ``key`` (seed, layer, step), the global example index ``offset + i`` and ``j``, so
+        every backend drops the same units. ``0 <= rate < 1``. Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def dropout_backward(self, dout, cache):
+        """``dout`` times the forward's ``keep / (1 - rate)``."""
+        raise NotImplementedError
+
+    # ---- batch normalisation -----------------------------------------------------------------
+    # x is (N, C) or (N, C, H, W); statistics are per channel (axis 1) over all other axes,
+    # i.e. over L = N (or N*H*W) values each. Vectors below are (C,) in the dtype of x; the
+    # scalars (inv_count, eps, momentum, scale) are Python floats.
+    def batchnorm_sums(self, x):
+        """Per-channel sums of ``x``: ``(C,)``."""
+        raise NotImplementedError
+
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count: float):
+        """Per-channel ``sum (x - mean)**2`` with ``mean = sums * inv_count``: ``(C,)``."""
+        raise NotImplementedError
+
+    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count: float, gamma, beta,
+                                eps: float):
+        """``gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch statistics
+        ``mean = sums * inv_count``, ``var = sq_sums * inv_count`` (biased, as Keras).
+        Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps: float):
+        """The same normalisation with the running statistics. Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums,
+                                 inv_count: float, momentum: float):
+        """New running statistics (new arrays; the inputs are left alone):
+        ``momentum * running + (1 - momentum) * batch`` for the mean and the variance."""
+        raise NotImplementedError
+
+    def batchnorm_backward_sums(self, dout, cache):
+        """``(sum dout, sum dout * xhat)`` per channel, ``xhat`` the normalised input: the
+        gradients of ``beta`` and ``gamma``."""
+        raise NotImplementedError
+
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale: float):
+        """``dx = gamma / sqrt(var + eps) * (dout - scale * (sum_dy + xhat * sum_dy_xhat))``.
+
+        With the batch's own sums and ``scale = 1 / L`` this is the gradient through the batch
+        statistics; ``scale = 0`` (the sums are then ignored) is the gradient with constant
+        statistics (an inference-mode pass). :class:`cnn.layers.BatchNorm` passes sums reduced
+        over the shards of a global batch for synchronised batch norm."""
+        raise NotImplementedError
+
+    # ---- more losses -------------------------------------------------------------------------
+    def binary_cross_entropy(self, logits, labels):
+        """Mean binary cross-entropy of ``sigmoid(logits)``, from the logits (finite for any
+        magnitude: ``max(z, 0) - z*y + log(1 + exp(-|z|))``).
+
+        logits ``(N, 1)``, labels ``(N,)`` ints in {0, 1}. Returns ``(loss, dlogits,
+        correct)`` as :meth:`softmax_cross_entropy` does: ``dlogits = (sigmoid(z) - y) / N``
+        and ``correct`` counts rows with ``(z > 0) == y``."""
+        raise NotImplementedError
+
+    # ---- weight penalties (kernel_regularizer) ---------------------------------------------
+    def weight_penalty(self, w, l1: float, l2: float, loss):
+        """``loss + l1 * sum |w| + l2 * sum w**2`` as a new 0-d array (``loss`` is 0-d)."""
+        raise NotImplementedError
+
+    def weight_penalty_grad(self, grad, w, l1: float, l2: float):
+        """In place ``grad += l1 * sign(w) + 2 * l2 * w`` (sign(0) = 0); returns ``grad``."""
+        raise NotImplementedError
+
     # ---- optimizer -------------------------------------------------------------------------
     def sgd_update(self, param, grad, velocity, lr: float, momentum: float) -> None:
         """In place: ``velocity = momentum * velocity - lr * grad; param += velocity``.

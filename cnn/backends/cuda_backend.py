@@ -20,6 +20,7 @@ from numba import cuda
 
 from . import cuda_kernels as K
 from .base import Backend
+from .cuda_layer_ops import CudaLayerOps
 
 
 def _is_device_array(x) -> bool:
@@ -27,7 +28,11 @@ def _is_device_array(x) -> bool:
     return hasattr(x, "copy_to_host")
 
 
-class CudaBackend(Backend):
+class CudaBackend(CudaLayerOps, Backend):
+    """The conv/pool/dense/loss/SGD ops below; sigmoid, tanh, dropout, batch norm, binary
+    cross-entropy and weight penalties come from
+    :class:`~cnn.backends.cuda_layer_ops.CudaLayerOps`."""
+
     name = "cuda"
     on_device = True
     jit = True  # kernels compile per signature on first launch

@@ -6,8 +6,11 @@ up as a mismatch against these. Only the tests and tiny sanity runs use this bac
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
+from . import rng
 from .numpy_backend import NumpyBackend, _pad
 
 
@@ -134,3 +137,158 @@ class NaiveBackend(NumpyBackend):
                 dlogits[ni, ki] = (np.exp(row[ki] - lse) - (ki == labels[ni])) / n
             correct += int(np.argmax(row) == labels[ni])
         return np.asarray(loss / n, dtype=logits.dtype), dlogits, np.asarray(correct)
+
+    # ---- more activations (plain loops over the flat elements) -------------------------------
+    def sigmoid_forward(self, x):
+        out = np.empty_like(x)
+        src, dst = x.reshape(-1), out.reshape(-1)
+        for k in range(src.size):
+            v = float(src[k])
+            if v >= 0:
+                dst[k] = 1.0 / (1.0 + math.exp(-v))
+            else:
+                e = math.exp(v)
+                dst[k] = e / (1.0 + e)
+        return out, out
+
+    def sigmoid_backward(self, dout, cache):
+        dx = np.empty_like(dout)
+        g, s, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
+        for k in range(g.size):
+            d[k] = float(g[k]) * float(s[k]) * (1.0 - float(s[k]))
+        return dx
+
+    def tanh_forward(self, x):
+        out = np.empty_like(x)
+        src, dst = x.reshape(-1), out.reshape(-1)
+        for k in range(src.size):
+            dst[k] = math.tanh(float(src[k]))
+        return out, out
+
+    def tanh_backward(self, dout, cache):
+        dx = np.empty_like(dout)
+        g, t, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
+        for k in range(g.size):
+            d[k] = float(g[k]) * (1.0 - float(t[k]) ** 2)
+        return dx
+
+    # ---- dropout: the mask from Python integers, one unit at a time --------------------------
+    def dropout_forward(self, x, rate, key, offset):
+        keep = rng.keep_mask_reference(key, rate, offset, x.shape)
+        scale = x.dtype.type(1.0 / (1.0 - rate))
+        out = np.zeros_like(x)
+        mult = np.zeros_like(x)
+        src, kp, dst, m = x.reshape(-1), keep.reshape(-1), out.reshape(-1), mult.reshape(-1)
+        for k in range(src.size):
+            if kp[k]:
+                dst[k] = src[k] * scale
+                m[k] = scale
+        return out, mult
+
+    def dropout_backward(self, dout, cache):
+        dx = np.zeros_like(dout)
+        g, m, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
+        for k in range(g.size):
+            d[k] = g[k] * m[k]
+        return dx
+
+    # ---- batch normalisation: per channel, loops over (example, position) ---------------------
+    @staticmethod
+    def _channel_values(x, c):
+        """The values of channel ``c`` of ``x (N, C, ...)`` in a flat list of floats."""
+        return [float(v) for v in x[:, c].reshape(-1)]
+
+    def batchnorm_sums(self, x):
+        out = np.zeros(x.shape[1], dtype=x.dtype)
+        for c in range(x.shape[1]):
+            out[c] = math.fsum(self._channel_values(x, c))
+        return out
+
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
+        out = np.zeros(x.shape[1], dtype=x.dtype)
+        for c in range(x.shape[1]):
+            mean = float(sums[c]) * inv_count
+            out[c] = math.fsum((v - mean) ** 2 for v in self._channel_values(x, c))
+        return out
+
+    @staticmethod
+    def _channel_index(x, c):
+        """Every index of ``x (N, C, ...)`` in channel ``c``."""
+        rest = x.shape[:1] + x.shape[2:]
+        return [(idx[0], c) + idx[1:] for idx in np.ndindex(*rest)]
+
+    def _bn_loops(self, x, mean, var, gamma, beta, eps):
+        out = np.empty_like(x)
+        xhat = np.empty_like(x)
+        inv_std = np.empty(x.shape[1], dtype=x.dtype)
+        for c in range(x.shape[1]):
+            inv_std[c] = 1.0 / math.sqrt(float(var[c]) + eps)
+            for idx in self._channel_index(x, c):
+                h = (float(x[idx]) - float(mean[c])) * float(inv_std[c])
+                xhat[idx] = h
+                out[idx] = float(gamma[c]) * h + float(beta[c])
+        return out, (xhat, inv_std, gamma)
+
+    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps):
+        mean = [float(s) * inv_count for s in sums]
+        var = [float(q) * inv_count for q in sq_sums]
+        return self._bn_loops(x, mean, var, gamma, beta, eps)
+
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps):
+        return self._bn_loops(x, running_mean, running_var, gamma, beta, eps)
+
+    def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums, inv_count,
+                                 momentum):
+        new_mean, new_var = np.empty_like(running_mean), np.empty_like(running_var)
+        for c in range(running_mean.size):
+            new_mean[c] = momentum * float(running_mean[c]) + (1 - momentum) * float(sums[c]) * inv_count
+            new_var[c] = momentum * float(running_var[c]) + (1 - momentum) * float(sq_sums[c]) * inv_count
+        return new_mean, new_var
+
+    def batchnorm_backward_sums(self, dout, cache):
+        xhat = cache[0]
+        c_count = dout.shape[1]
+        s1, s2 = np.zeros(c_count, dtype=dout.dtype), np.zeros(c_count, dtype=dout.dtype)
+        for c in range(c_count):
+            g, h = self._channel_values(dout, c), self._channel_values(xhat, c)
+            s1[c] = math.fsum(g)
+            s2[c] = math.fsum(a * b for a, b in zip(g, h))
+        return s1, s2
+
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+        xhat, inv_std, gamma = cache
+        dx = np.empty_like(dout)
+        for c in range(dout.shape[1]):
+            k = float(gamma[c]) * float(inv_std[c])
+            s1 = float(sum_dy[c]) if scale else 0.0
+            s2 = float(sum_dy_xhat[c]) if scale else 0.0
+            for idx in self._channel_index(dout, c):
+                dx[idx] = k * (float(dout[idx]) - scale * (s1 + float(xhat[idx]) * s2))
+        return dx
+
+    # ---- binary cross-entropy, row by row ------------------------------------------------------
+    def binary_cross_entropy(self, logits, labels):
+        n = logits.shape[0]
+        dlogits = np.zeros_like(logits)
+        total, correct = 0.0, 0
+        for i in range(n):
+            z, y = float(logits[i, 0]), int(labels[i])
+            total += max(z, 0.0) - z * y + math.log1p(math.exp(-abs(z)))
+            p = 1.0 / (1.0 + math.exp(-z)) if z >= 0 else math.exp(z) / (1.0 + math.exp(z))
+            dlogits[i, 0] = (p - y) / n
+            correct += int((z > 0) == (y == 1))
+        return np.asarray(total / n, dtype=logits.dtype), dlogits, np.asarray(correct)
+
+    # ---- weight penalties ----------------------------------------------------------------------
+    def weight_penalty(self, w, l1, l2, loss):
+        vals = [float(v) for v in w.reshape(-1)]
+        penalty = l1 * math.fsum(abs(v) for v in vals) + l2 * math.fsum(v * v for v in vals)
+        return np.asarray(float(loss) + penalty, dtype=loss.dtype)
+
+    def weight_penalty_grad(self, grad, w, l1, l2):
+        g, src = grad.reshape(-1), w.reshape(-1)
+        for k in range(src.size):
+            v = float(src[k])
+            sign = 1.0 if v > 0 else (-1.0 if v < 0 else 0.0)
+            g[k] = float(g[k]) + l1 * sign + 2 * l2 * v
+        return grad

@@ -59,6 +59,7 @@ from numba.np.ufunc import parallel as _numba_parallel
 
 from . import numba_kernels as K
 from .base import Padding
+from .numba_layer_ops import NumbaLayerOps
 from .numpy_backend import NumpyBackend
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk: long enough for
@@ -116,9 +117,11 @@ def _conv_geometry(x, w, b, stride: int, padding: Padding):
     return ho, wo
 
 
-class NumbaBackend(NumpyBackend):
+class NumbaBackend(NumbaLayerOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
-    Outputs are allocated here and filled by the kernels (see "Compilation" above)."""
+    Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
+    sigmoid/tanh/dropout/batch norm come from
+    :class:`~cnn.backends.numba_layer_ops.NumbaLayerOps`."""
 
     name = "numba"
     jit = True

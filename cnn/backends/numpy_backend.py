@@ -12,6 +12,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from .base import Backend, Padding
+from .numpy_layer_ops import NumpyLayerOps
 
 
 def _pad(x: np.ndarray, padding: Padding) -> np.ndarray:
@@ -37,7 +38,10 @@ def _windows(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
     return sliding_window_view(x, (kh, kw), axis=(2, 3))[:, :, ::stride, ::stride]
 
 
-class NumpyBackend(Backend):
+class NumpyBackend(NumpyLayerOps, Backend):
+    """im2col + BLAS; the ops of sigmoid/tanh/dropout/batch norm/BCE/penalties come from
+    :class:`~cnn.backends.numpy_layer_ops.NumpyLayerOps`."""
+
     name = "numpy"
 
     # ---- memory ---------------------------------------------------------------------------

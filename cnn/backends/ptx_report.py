@@ -4,7 +4,8 @@ simulator off: ``NUMBA_ENABLE_CUDASIM`` unset).
 
     python -m cnn.backends.ptx_report [--out results/gpu_kernels.csv] [--json]
 
-For every kernel of :mod:`cnn.backends.cuda_kernels` and every architecture in ``ARCHS``:
+For every kernel of :mod:`cnn.backends.cuda_kernels` and :mod:`cnn.backends.cuda_layer_kernels`
+and every architecture in ``ARCHS``:
 ``numba.cuda.compile_ptx`` with the float32 signature the backend launches it with, then
 ``ptxas -v -arch=sm_XX``, whose report gives registers per thread, static shared memory per
 block and spill stores/loads (bytes).
@@ -38,6 +39,20 @@ D = 64*7*7 = 3136 -> M = 10. Per kernel (P = Ho*Wo, Q = C*KH*KW):
   one) over ``4*2*N*K + 8*N + 8``;
 - SGD on the conv weights (L = F*Q): ``2*L`` over ``12*L``; with momentum ``4*L`` over ``20*L``;
 - fill zero (L = F*Q, the velocity initialisation): 0 FLOPs over ``4*L``.
+
+The kernels of :mod:`cnn.backends.cuda_layer_kernels`, on the same reference shapes (the conv
+output L = N*F*P for activations and batch norm over its F channels, the dense input N*D for
+dropout, the conv weights F*Q for the penalties, N = 128 logits for binary cross-entropy; a
+transcendental function counts as one FLOP, dropout's integer hash as none):
+
+- sigmoid forward ``4*L`` over ``8*L``, backward ``3*L`` over ``12*L``; tanh forward ``L`` over
+  ``8*L``, backward ``3*L`` over ``12*L``;
+- dropout forward ``N*D`` over ``9*N*D`` (x, out, a uint8 mask), backward likewise;
+- batch norm: channel sums ``L`` over ``4*L + 4*F``; squared deviations ``3*L`` over ``4*L +
+  8*F``; normalisation ``4*L`` over ``12*L + 16*F``; running update ``6*F`` over ``24*F``;
+  backward sums ``3*L`` over ``8*L + 8*F``; backward dx ``5*L`` over ``12*L + 16*F``;
+- binary cross-entropy ``10*N`` over ``16*N + 8``;
+- weight penalty ``4*F*Q`` over ``4*F*Q + 8``; its gradient ``5*F*Q`` over ``12*F*Q``.
 """
 from __future__ import annotations
 
@@ -94,9 +109,10 @@ class KernelSpec:
 def kernel_specs() -> list[KernelSpec]:
     """Every kernel (every ``*_kernel`` of :mod:`cnn.backends.cuda_kernels`; one without a
     spec is an error) with the float32 signature the backend launches it with."""
-    from numba import boolean, float32, int32, int64
+    from numba import boolean, float32, int32, int64, uint8, uint64
 
     from . import cuda_kernels as K
+    from . import cuda_layer_kernels as LK
 
     a1, a2 = float32[::1], float32[:, ::1]
     a4, a5 = float32[:, :, :, ::1], float32[:, :, :, :, ::1]
@@ -126,8 +142,33 @@ def kernel_specs() -> list[KernelSpec]:
          8 * N * M, 4 * 2 * N * M + 8 * N + 8),
         ("sgd_kernel", (a1, a1, float32), elem, 2 * F * Q, 12 * F * Q),
         ("sgd_momentum_kernel", (a1, a1, a1, float32, float32), elem, 4 * F * Q, 20 * F * Q),
+        # cuda_layer_kernels
+        ("sigmoid_forward_kernel", (a1, a1), elem, 4 * conv_out, 8 * conv_out),
+        ("sigmoid_backward_kernel", (a1, a1, a1), elem, 3 * conv_out, 12 * conv_out),
+        ("tanh_forward_kernel", (a1, a1), elem, conv_out, 8 * conv_out),
+        ("tanh_backward_kernel", (a1, a1, a1), elem, 3 * conv_out, 12 * conv_out),
+        ("dropout_forward_kernel", (a2, uint64, uint64, int64, float32, a2, uint8[:, ::1]),
+         elem, N * D, 9 * N * D),
+        ("dropout_backward_kernel", (a1, uint8[::1], float32, a1), elem, N * D, 9 * N * D),
+        ("channel_sums_kernel", (a3, a1), LK.CHANNEL_THREADS, conv_out, 4 * conv_out + 4 * F),
+        ("channel_sq_dev_sums_kernel", (a3, a1, float32, a1), LK.CHANNEL_THREADS,
+         3 * conv_out, 4 * conv_out + 8 * F),
+        ("batchnorm_normalize_kernel", (a3, a1, a1, float32, float32, a1, a1, a3, a3, a1), elem,
+         4 * conv_out, 12 * conv_out + 16 * F),
+        ("batchnorm_running_kernel", (a1, a1, a1, a1, float32, float32, float32, a1, a1), elem,
+         6 * F, 24 * F),
+        ("batchnorm_backward_sums_kernel", (a3, a3, a1, a1), LK.CHANNEL_THREADS, 3 * conv_out,
+         8 * conv_out + 8 * F),
+        ("batchnorm_backward_dx_kernel", (a3, a3, a1, a1, a1, a1, float32, a3), elem,
+         5 * conv_out, 12 * conv_out + 16 * F),
+        ("bce_kernel", (a2, int64[::1], float32, a2, a1, int32[::1]), LK.BCE_THREADS, 10 * N,
+         16 * N + 8),
+        ("weight_penalty_kernel", (a1, float32, float32, a1, a1), LK.PENALTY_THREADS,
+         4 * F * Q, 4 * F * Q + 8),
+        ("weight_penalty_grad_kernel", (a1, a1, float32, float32), elem, 5 * F * Q, 12 * F * Q),
     ]
-    missing = sorted({n for n in dir(K) if n.endswith("_kernel")} - {s[0] for s in specs})
+    names = {n for module in (K, LK) for n in dir(module) if n.endswith("_kernel")}
+    missing = sorted(names - {s[0] for s in specs})
     if missing:
         raise RuntimeError(f"kernels without a report spec: {missing}")
     return [KernelSpec(*s) for s in specs]
@@ -194,11 +235,12 @@ def analyse(cc_list=tuple(ARCHS)) -> list[dict]:
     from numba import cuda
 
     from . import cuda_kernels as K
+    from . import cuda_layer_kernels as LK
 
     ptxas = ptxas_path()
     rows = []
     for spec in kernel_specs():
-        kernel = getattr(K, spec.name)
+        kernel = getattr(K, spec.name, None) or getattr(LK, spec.name)
         for cc in cc_list:
             ptx, _ = cuda.compile_ptx(kernel.py_func, spec.signature, cc=cc)
             res = assemble(ptx, cc, ptxas)

@@ -1,0 +1,261 @@
+"""Numba CPU kernels for sigmoid, tanh, dropout and batch normalisation, and the mixin that
+gives them to :class:`~cnn.backends.numba_backend.NumbaBackend`.
+
+Kernels are ``@njit(nogil=True, cache=True, fastmath=False)`` like those of
+:mod:`cnn.backends.numba_kernels`: they release the GIL (so the threads strategy runs one per
+core), keep IEEE semantics, write into arrays the caller allocates, and compile once per dtype.
+Where a kernel does not pay, the NumPy op is inherited: binary cross-entropy works on ``(N, 1)``
+logits and the weight penalties are one BLAS dot or one ufunc pass each.
+
+What the kernels gain over NumPy is fusion: NumPy's stable sigmoid makes six passes over the
+data (abs, negate, exp, two divisions, where) and its batch-norm normalisation four, each with a
+temporary as large as the activation; a kernel makes one pass. Dropout hashes each unit's
+coordinates in registers (:mod:`cnn.backends.rng`) instead of building uint64 temporaries.
+
+Batch norm sees ``x`` as ``(N, C, L)`` (``L = H*W``, or 1 after a dense layer); per-channel
+sums accumulate in float64 whatever the dtype, so long float32 sums lose nothing to order.
+``numba_parallel`` uses these same sequential kernels (these ops are memory-bound passes; the
+parallel kernels are for the convolutions).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from . import rng
+
+_JIT = dict(nogil=True, cache=True, fastmath=False)
+
+# uint64 constants: mixing them with int64 values would make Numba compute in float64
+_GOLDEN = np.uint64(rng.GOLDEN)
+_MIX1 = np.uint64(rng.MIX1)
+_MIX2 = np.uint64(rng.MIX2)
+_S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(32)
+
+
+@njit(**_JIT)
+def mix64(z):
+    """The SplitMix64 finaliser on a uint64 (wrapping arithmetic)."""
+    z = (z ^ (z >> _S30)) * _MIX1
+    z = (z ^ (z >> _S27)) * _MIX2
+    return z ^ (z >> _S31)
+
+
+# ---- activations (flat arrays) ---------------------------------------------------------------
+@njit(**_JIT)
+def sigmoid_forward(x1, out1):
+    """``out1 = 1 / (1 + exp(-x1))`` with ``exp`` of ``-|x|`` only (no overflow)."""
+    for i in range(x1.size):
+        v = x1[i]
+        if v >= 0:
+            out1[i] = 1 / (1 + math.exp(-v))
+        else:
+            e = math.exp(v)
+            out1[i] = e / (1 + e)
+
+
+@njit(**_JIT)
+def sigmoid_backward(dout1, out1, dx1):
+    """``dx1 = dout1 * out1 * (1 - out1)``."""
+    for i in range(dout1.size):
+        s = out1[i]
+        dx1[i] = dout1[i] * (s * (1 - s))
+
+
+@njit(**_JIT)
+def tanh_forward(x1, out1):
+    for i in range(x1.size):
+        out1[i] = math.tanh(x1[i])
+
+
+@njit(**_JIT)
+def tanh_backward(dout1, out1, dx1):
+    """``dx1 = dout1 * (1 - out1**2)``."""
+    for i in range(dout1.size):
+        t = out1[i]
+        dx1[i] = dout1[i] * (1 - t * t)
+
+
+# ---- dropout (x as (N, D): one row per example) -----------------------------------------------
+@njit(**_JIT)
+def dropout_forward(x2, key, thresh, offset, scale, out2, mask2):
+    """``out2 = x2 * scale`` where a unit is kept, else 0; ``mask2`` (uint8) records the kept
+    units. Unit ``j`` of row ``i`` is kept when ``mix64(mix64(key + (offset+i+1)*G) +
+    (j+1)*G) >> 32 >= thresh`` (see :mod:`cnn.backends.rng`)."""
+    n, d = x2.shape
+    for i in range(n):
+        row = mix64(key + np.uint64(offset + i + 1) * _GOLDEN)
+        for j in range(d):
+            bits = mix64(row + np.uint64(j + 1) * _GOLDEN)
+            if (bits >> _S32) >= thresh:
+                out2[i, j] = x2[i, j] * scale
+                mask2[i, j] = 1
+            else:
+                out2[i, j] = 0
+                mask2[i, j] = 0
+
+
+@njit(**_JIT)
+def dropout_backward(dout1, mask1, scale, dx1):
+    for i in range(dout1.size):
+        dx1[i] = dout1[i] * scale if mask1[i] else 0
+
+
+# ---- batch normalisation (x as (N, C, L)) -------------------------------------------------------
+@njit(**_JIT)
+def channel_sums(x3, out):
+    """``out[c] = sum x3[:, c, :]`` (float64 accumulator)."""
+    n, c_count, length = x3.shape
+    for c in range(c_count):
+        acc = 0.0
+        for i in range(n):
+            for j in range(length):
+                acc += x3[i, c, j]
+        out[c] = acc
+
+
+@njit(**_JIT)
+def channel_sq_dev_sums(x3, mean, out):
+    """``out[c] = sum (x3[:, c, :] - mean[c])**2`` (float64 accumulator)."""
+    n, c_count, length = x3.shape
+    for c in range(c_count):
+        m = mean[c]
+        acc = 0.0
+        for i in range(n):
+            for j in range(length):
+                d = x3[i, c, j] - m
+                acc += d * d
+        out[c] = acc
+
+
+@njit(**_JIT)
+def batchnorm_normalize(x3, mean, inv_std, gamma, beta, out3, xhat3):
+    """``xhat = (x - mean) * inv_std``, ``out = xhat * gamma + beta`` per channel."""
+    n, c_count, length = x3.shape
+    for i in range(n):
+        for c in range(c_count):
+            m, s, g, b = mean[c], inv_std[c], gamma[c], beta[c]
+            for j in range(length):
+                h = (x3[i, c, j] - m) * s
+                xhat3[i, c, j] = h
+                out3[i, c, j] = h * g + b
+
+
+@njit(**_JIT)
+def batchnorm_backward_sums(dout3, xhat3, s_dy, s_dyx):
+    """``s_dy[c] = sum dout``, ``s_dyx[c] = sum dout * xhat`` (float64 accumulators)."""
+    n, c_count, length = dout3.shape
+    for c in range(c_count):
+        a = 0.0
+        b = 0.0
+        for i in range(n):
+            for j in range(length):
+                g = dout3[i, c, j]
+                a += g
+                b += g * xhat3[i, c, j]
+        s_dy[c] = a
+        s_dyx[c] = b
+
+
+@njit(**_JIT)
+def batchnorm_backward_dx(dout3, xhat3, k, s_dy, s_dyx, scale, dx3):
+    """``dx = k * (dout - scale * (s_dy + xhat * s_dyx))`` per channel, ``k = gamma*inv_std``."""
+    n, c_count, length = dout3.shape
+    for i in range(n):
+        for c in range(c_count):
+            kc, a, b = k[c], scale * s_dy[c], scale * s_dyx[c]
+            for j in range(length):
+                dx3[i, c, j] = kc * (dout3[i, c, j] - (a + xhat3[i, c, j] * b))
+
+
+def _ncl(x):
+    """``x (N, C, ...)`` as a C-contiguous ``(N, C, L)`` array (a view when it already is)."""
+    x = np.ascontiguousarray(x)
+    return x.reshape(x.shape[0], x.shape[1], -1)
+
+
+class NumbaLayerOps:
+    """The kernels above behind the op contract (a mixin of ``NumbaBackend``, which supplies
+    ``_launch``); binary cross-entropy and the weight penalties are the NumPy ones."""
+
+    def _elementwise(self, kernel, *arrays):
+        arrays = [np.ascontiguousarray(a) for a in arrays]
+        out = np.empty_like(arrays[0])
+        self._launch(kernel, *[a.reshape(-1) for a in arrays], out.reshape(-1))
+        return out
+
+    # ---- activations -----------------------------------------------------------------------
+    def sigmoid_forward(self, x):
+        out = self._elementwise(sigmoid_forward, x)
+        return out, out
+
+    def sigmoid_backward(self, dout, cache):
+        return self._elementwise(sigmoid_backward, dout, cache)
+
+    def tanh_forward(self, x):
+        out = self._elementwise(tanh_forward, x)
+        return out, out
+
+    def tanh_backward(self, dout, cache):
+        return self._elementwise(tanh_backward, dout, cache)
+
+    # ---- dropout ---------------------------------------------------------------------------
+    def dropout_forward(self, x, rate, key, offset):
+        x = np.ascontiguousarray(x)
+        x2 = x.reshape(x.shape[0], -1)
+        out = np.empty_like(x)
+        mask = np.empty(x.shape, dtype=np.uint8)
+        scale = x.dtype.type(1.0 / (1.0 - rate))
+        self._launch(dropout_forward, x2, np.uint64(key & rng.MASK64),
+                     np.uint64(rng.threshold(rate)), int(offset), scale,
+                     out.reshape(x2.shape), mask.reshape(x2.shape))
+        return out, (mask, scale)
+
+    def dropout_backward(self, dout, cache):
+        mask, scale = cache
+        dout = np.ascontiguousarray(dout)
+        dx = np.empty_like(dout)
+        self._launch(dropout_backward, dout.reshape(-1), mask.reshape(-1), scale, dx.reshape(-1))
+        return dx
+
+    # ---- batch normalisation -----------------------------------------------------------------
+    def batchnorm_sums(self, x):
+        out = np.empty(x.shape[1], dtype=x.dtype)
+        self._launch(channel_sums, _ncl(x), out)
+        return out
+
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
+        out = np.empty(x.shape[1], dtype=x.dtype)
+        self._launch(channel_sq_dev_sums, _ncl(x), np.ascontiguousarray(sums * inv_count), out)
+        return out
+
+    def _normalize(self, x, mean, var, gamma, beta, eps):
+        x3 = _ncl(x)
+        inv_std = np.ascontiguousarray(1 / np.sqrt(var + eps))
+        out, xhat = np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=x.dtype)
+        self._launch(batchnorm_normalize, x3, np.ascontiguousarray(mean), inv_std,
+                     np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
+                     out.reshape(x3.shape), xhat.reshape(x3.shape))
+        return out, (xhat, inv_std, gamma)
+
+    def batchnorm_backward_sums(self, dout, cache):
+        xhat = cache[0]
+        dout3 = _ncl(dout)
+        s_dy = np.empty(dout.shape[1], dtype=dout.dtype)
+        s_dyx = np.empty(dout.shape[1], dtype=dout.dtype)
+        self._launch(batchnorm_backward_sums, dout3, xhat.reshape(dout3.shape), s_dy, s_dyx)
+        return s_dy, s_dyx
+
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+        xhat, inv_std, gamma = cache
+        dout3 = _ncl(dout)
+        dx = np.empty(dout.shape, dtype=dout.dtype)
+        if not scale:  # constant statistics: the sums do not matter
+            sum_dy = sum_dy_xhat = np.zeros_like(inv_std)
+        self._launch(batchnorm_backward_dx, dout3, xhat.reshape(dout3.shape),
+                     np.ascontiguousarray(gamma * inv_std), np.ascontiguousarray(sum_dy),
+                     np.ascontiguousarray(sum_dy_xhat), dout.dtype.type(scale),
+                     dx.reshape(dout3.shape))
+        return dx

@@ -1,0 +1,113 @@
+"""The counter-based random numbers of training passes (dropout masks), the same on every path.
+
+A dropout mask must not depend on which worker, rank or device computes it, so that ``sync``
+over any number of threads or ranks draws exactly the masks of the sequential path. Masks are
+therefore not drawn from a stateful generator but *computed*, as a hash of their coordinates
+(a counter-based generator, like Philox in cuRAND/JAX, or SplitMix64):
+
+    key   = layer_key(seed, layer name)                      once per layer      (host)
+    k     = mix64(key + (step + 1) * GOLDEN)                 once per pass       (host)
+    row   = mix64(k + (example + 1) * GOLDEN)                once per example    (kernel)
+    bits  = mix64(row + (element + 1) * GOLDEN)              once per element    (kernel)
+    keep  = (bits >> 32) >= threshold(rate)                  integer comparison
+
+``mix64`` is the SplitMix64 finaliser (Steele, Lea & Flood 2014, the output function of
+``java.util.SplittableRandom``), all arithmetic modulo 2**64; ``example`` is the index of the
+example in the *global* batch (``StepContext.offset + i``) and ``element`` the flat index of the
+unit within one example, so the mask of a unit is a pure function of ``(seed, layer, step,
+example, unit)``. The comparison is on integers (``threshold = floor(rate * 2**32)``), so
+float32 and float64 models and every backend keep exactly the same units; a unit is kept with
+probability ``1 - threshold / 2**32``, within ``2**-32`` of ``1 - rate``.
+
+The same function is written four times: with Python integers (:func:`keep_mask_reference`,
+the test oracle), vectorised in NumPy (:func:`keep_mask`), and as Numba CPU and CUDA device
+functions (:mod:`cnn.backends.numba_layer_ops`, :mod:`cnn.backends.cuda_layer_kernels`);
+``tests/test_rng.py`` and the simulator checks assert that all four agree bit for bit.
+"""
+from __future__ import annotations
+
+import zlib
+
+import numpy as np
+
+MASK64 = (1 << 64) - 1
+#: 2**64 / golden ratio, odd: the SplitMix64 increment
+GOLDEN = 0x9E3779B97F4A7C15
+MIX1 = 0xBF58476D1CE4E5B9
+MIX2 = 0x94D049BB133111EB
+
+
+def mix64(z: int) -> int:
+    """The SplitMix64 finaliser on a Python int (modulo 2**64)."""
+    z &= MASK64
+    z = ((z ^ (z >> 30)) * MIX1) & MASK64
+    z = ((z ^ (z >> 27)) * MIX2) & MASK64
+    return z ^ (z >> 31)
+
+
+def layer_key(seed: int, name: str) -> int:
+    """The key of one layer's stream: the fit's ``seed`` and a stable hash of the layer name
+    (CRC-32, not Python's ``hash``, which differs between processes)."""
+    return mix64(mix64((int(seed) & MASK64) + GOLDEN) ^ zlib.crc32(name.encode("utf-8")))
+
+
+def pass_key(seed: int, name: str, step: int) -> int:
+    """The key of layer ``name``'s masks in global optimizer step ``step`` (a 64-bit int that
+    the backends' ``dropout_forward`` takes)."""
+    return mix64(layer_key(seed, name) + (int(step) + 1) * GOLDEN)
+
+
+def threshold(rate: float) -> int:
+    """``floor(rate * 2**32)``: a unit is dropped when the top 32 bits of its hash are below it."""
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"dropout rate must be in [0, 1). Received rate={rate!r}")
+    return int(rate * 4294967296.0)
+
+
+def keep_mask_reference(key: int, rate: float, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean keep mask of shape ``shape = (N, ...)`` from Python integer arithmetic, one unit
+    at a time: the definition above, and the oracle of the tests (slow: tiny shapes only)."""
+    n = shape[0]
+    per_example = int(np.prod(shape[1:], dtype=np.int64))
+    t = threshold(rate)
+    out = np.zeros((n, per_example), dtype=bool)
+    for i in range(n):
+        row = mix64(key + (offset + i + 1) * GOLDEN)
+        for j in range(per_example):
+            out[i, j] = (mix64(row + (j + 1) * GOLDEN) >> 32) >= t
+    return out.reshape(shape)
+
+
+# ---- NumPy ---------------------------------------------------------------------------------------
+_U = np.uint64
+
+
+def _mix64_np(z: np.ndarray) -> np.ndarray:
+    """``mix64`` on a uint64 array, in place (wrapping multiplication)."""
+    z ^= z >> _U(30)
+    z *= _U(MIX1)
+    z ^= z >> _U(27)
+    z *= _U(MIX2)
+    z ^= z >> _U(31)
+    return z
+
+
+def row_keys(key: int, offset: int, n: int) -> np.ndarray:
+    """``mix64(key + (offset + i + 1) * GOLDEN)`` for ``i < n``: the per-example keys (uint64)."""
+    idx = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
+    idx *= _U(GOLDEN)
+    idx += _U(key & MASK64)
+    return _mix64_np(idx)
+
+
+def keep_mask(key: int, rate: float, offset: int, shape: tuple[int, ...]) -> np.ndarray:
+    """Boolean keep mask of ``shape = (N, ...)``, vectorised (the NumPy backend's)."""
+    n = shape[0]
+    per_example = int(np.prod(shape[1:], dtype=np.int64))
+    t = _U(threshold(rate))
+    cols = np.arange(1, per_example + 1, dtype=np.uint64)
+    cols *= _U(GOLDEN)
+    z = row_keys(key, offset, n)[:, None] + cols[None, :]
+    _mix64_np(z)
+    z >>= _U(32)
+    return (z >= t).reshape(shape)
