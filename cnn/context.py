@@ -17,6 +17,14 @@ It says
   supplies a collective that sums small arrays over all shards (threads: barriers and shared
   slots; processes: shared memory; MPI: ``Allreduce``); on one worker it is the identity.
 
+- which **buffers** (non-trained state: batch norm's running mean and variance) the pass
+  reads (``buffers``; ``None``: the model's own), and where a training pass leaves the new
+  values it computed for them (``updates``). A pass never writes a buffer: the strategy
+  *commits* ``updates`` after the step (:meth:`StepContext.commit`), once per copy of the
+  buffers (``sync``: one worker, since all shards compute the same global statistics; each
+  replica of ``average``; each MPI rank). A pass nobody commits, such as the JIT warm-up of
+  :func:`cnn.train.fit`, changes nothing.
+
 Contexts are cheap: a strategy keeps one per worker for the whole fit and updates ``step``,
 ``offset`` and ``global_batch`` in place before each pass.
 """
@@ -104,6 +112,11 @@ class StepContext:
             whole batch).
         reduce: sums arrays over all shards of the global batch (see the module docstring);
             None means one shard, i.e. the identity.
+        buffers: ``{"<layer>.<buffer>": array}`` the pass reads (backend arrays); None: the
+            model's own host buffers.
+        updates: filled by a training pass: ``{"<layer>.<buffer>": new array}``, the values
+            the buffers should take after this step (see :meth:`commit`). Cleared by the
+            model at the start of every forward.
     """
 
     training: bool = False
@@ -113,6 +126,8 @@ class StepContext:
     offset: int = 0
     global_batch: int | None = None
     reduce: Reduce | None = field(default=None, repr=False)
+    buffers: dict | None = field(default=None, repr=False)
+    updates: dict = field(default_factory=dict, repr=False)
 
     def scope(self, name: str) -> Workspace | None:
         """The workspace of the layer called ``name`` (None when this pass has none)."""
@@ -122,3 +137,16 @@ class StepContext:
         """``arrays`` summed over every shard of the global batch (themselves on one shard)."""
         return list(arrays) if self.reduce is None else self.reduce(arrays)
 
+    def commit(self, buffers: dict | None = None) -> None:
+        """Make this pass's buffer ``updates`` the current values: rebind each key of
+        ``buffers`` (default ``self.buffers``) to its new array, then forget the updates. The
+        arrays are rebound, never written into, so a pass still reading the old values (a
+        racing ``hogwild`` worker) reads a consistent old array."""
+        target = self.buffers if buffers is None else buffers
+        if self.updates and target is None:
+            raise ValueError("StepContext.commit: no buffers to commit the updates to")
+        for key, value in self.updates.items():
+            if key not in target:
+                raise KeyError(f"StepContext.commit: {key!r} is not a buffer of this model")
+            target[key] = value
+        self.updates.clear()

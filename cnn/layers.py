@@ -1,8 +1,14 @@
 """Layers: shapes, initialisation, and forward/backward expressed through backend ops.
 
-A layer holds configuration only; parameters live in a dict the model owns, and every forward
-returns a cache that belongs to that call. So one layer object can be driven by several
-threads at once (data-parallel strategies) and by any backend (NumPy, Numba, CUDA).
+A layer holds configuration only; parameters (trained) and buffers (non-trained state, such as
+batch norm's running statistics) live in dicts the model owns, and every forward returns a
+cache that belongs to that call. So one layer object can be driven by several threads at once
+(data-parallel strategies) and by any backend (NumPy, Numba, CUDA).
+
+A forward never writes a buffer: a training pass puts the new values in ``ctx.updates`` under
+``"<layer name>.<buffer name>"`` and the strategy commits them after the step (see
+:mod:`cnn.context`). Randomness (dropout masks) is a pure function of ``(ctx.seed, layer name,
+ctx.step, ctx.offset + i)`` (see :mod:`cnn.backends.rng`).
 
 Shapes exclude the batch axis: an image input is ``(C, H, W)``, a flat one ``(D,)``.
 """
@@ -13,6 +19,7 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
+from .backends import rng as counter_rng
 from .backends.base import Backend
 from .context import StepContext
 
@@ -61,6 +68,43 @@ INITIALIZERS: dict[str, Callable] = {
 }
 
 
+def _number(name: str, value: Any, layer: str, lo: float, hi: float, *, lo_open=False,
+            hi_open=False) -> float:
+    """``value`` as a float in the interval from ``lo`` to ``hi`` (open ends as asked)."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    if ok:
+        v = float(value)
+        ok = (math.isfinite(v) and (v > lo if lo_open else v >= lo)
+              and (v < hi if hi_open else v <= hi))
+    if not ok:
+        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise ValueError(f"{layer}: {name} must be a number in {interval}. "
+                         f"Received {name}={value!r}")
+    return float(value)
+
+
+#: Keras's string shorthands for kernel regularisers, with Keras's default factors
+REGULARIZER_SHORTHANDS = {"l1": {"l1": 0.01, "l2": 0.0}, "l2": {"l1": 0.0, "l2": 0.01}}
+
+
+def _regularizer(value: Any, layer: str) -> tuple[float, float] | None:
+    """``kernel_regularizer`` -> ``(l1, l2)`` or None. Accepts None, ``"l1"``/``"l2"`` (factor
+    0.01, as Keras) or a dict ``{"l1": a, "l2": b}`` (either key may be left out)."""
+    if value is None:
+        return None
+    spec = None
+    if isinstance(value, str) and value.lower() in REGULARIZER_SHORTHANDS:
+        spec = REGULARIZER_SHORTHANDS[value.lower()]
+    elif isinstance(value, dict) and value and set(value) <= {"l1", "l2"}:
+        spec = value
+    if spec is None:
+        raise ValueError(f"{layer}: kernel_regularizer must be None, 'l1', 'l2' or a dict like "
+                         f"{{'l1': 0.0, 'l2': 1e-4}}. Received kernel_regularizer={value!r}")
+    l1 = _number("kernel_regularizer l1", spec.get("l1", 0.0), layer, 0.0, math.inf, hi_open=True)
+    l2 = _number("kernel_regularizer l2", spec.get("l2", 0.0), layer, 0.0, math.inf, hi_open=True)
+    return (l1, l2) if (l1 or l2) else None
+
+
 def _initializer(name: Any, layer: str) -> str:
     if name not in INITIALIZERS:
         raise ValueError(f"{layer}: unknown kernel_initializer {name!r}; "
@@ -74,6 +118,9 @@ class Layer:
     type: ClassVar[str] = "layer"
     #: parameter names in a fixed order (e.g. ``("w", "b")``)
     param_names: ClassVar[tuple[str, ...]] = ()
+    #: buffer names (non-trained state the model keeps, saves and averages; e.g. batch norm's
+    #: ``("running_mean", "running_var")``)
+    buffer_names: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, name: str | None = None):
         self.name = name
@@ -92,10 +139,21 @@ class Layer:
     def init_params(self, rng: np.random.Generator, dtype) -> Params:
         return {}
 
+    def init_buffers(self, dtype) -> Params:
+        """Initial values of the buffers, keyed like ``buffer_names``."""
+        return {}
+
+    def penalties(self) -> list[tuple[str, float, float]]:
+        """``(param name, l1, l2)`` for each regularised parameter: the model adds
+        ``l1 * sum|p| + l2 * sum p**2`` to the loss and its gradient to the parameter's (see
+        :meth:`cnn.model.Sequential.backward`)."""
+        return []
+
     def forward(self, params: Params, x, backend: Backend, ctx: StepContext):
-        """``x (N, *input_shape)`` -> ``(out (N, *output_shape), cache)``. ``ctx`` says whether
-        this is a training pass, and holds this worker's workspace: pass ``ws=ctx.scope(
-        self.name)`` to every backend op (see "Workspaces" in :mod:`cnn.backends.base`)."""
+        """``x (N, *input_shape)`` -> ``(out (N, *output_shape), cache)``. ``params`` holds the
+        layer's parameters and, read-only, its buffers. ``ctx`` says whether this is a training
+        pass, and holds this worker's workspace: pass ``ws=ctx.scope(self.name)`` to every
+        backend op (see "Workspaces" in :mod:`cnn.backends.base`)."""
         raise NotImplementedError
 
     def backward(self, params: Params, dout, cache, backend: Backend, ctx: StepContext,
@@ -130,9 +188,10 @@ class Conv2D(Layer):
     param_names = ("w", "b")
 
     def __init__(self, filters, kernel_size=3, stride=1, padding="valid",
-                 kernel_initializer="glorot_uniform", name=None):
+                 kernel_initializer="glorot_uniform", kernel_regularizer=None, name=None):
         super().__init__(name)
         self.filters = _positive_int("filters", filters, "Conv2D")
+        self.kernel_regularizer = _regularizer(kernel_regularizer, "Conv2D")
         self.kernel_size = _pair("kernel_size", kernel_size, "Conv2D")
         self.stride = _positive_int("stride", stride, "Conv2D")
         if padding not in ("valid", "same"):
@@ -173,10 +232,26 @@ class Conv2D(Layer):
         dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx, ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
+    def penalties(self):
+        return _kernel_penalties(self)
+
     def config(self):
         return {**super().config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
                 "stride": self.stride, "padding": self.padding,
-                "kernel_initializer": self.kernel_initializer}
+                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self)}
+
+
+def _kernel_penalties(layer):
+    if layer.kernel_regularizer is None:
+        return []
+    return [("w", *layer.kernel_regularizer)]
+
+
+def _regularizer_config(layer) -> dict:
+    if layer.kernel_regularizer is None:
+        return {}
+    l1, l2 = layer.kernel_regularizer
+    return {"kernel_regularizer": {"l1": l1, "l2": l2}}
 
 
 class MaxPool2D(Layer):
@@ -243,10 +318,12 @@ class Dense(Layer):
     type = "dense"
     param_names = ("w", "b")
 
-    def __init__(self, units, kernel_initializer="glorot_uniform", name=None):
+    def __init__(self, units, kernel_initializer="glorot_uniform", kernel_regularizer=None,
+                 name=None):
         super().__init__(name)
         self.units = _positive_int("units", units, "Dense")
         self.kernel_initializer = _initializer(kernel_initializer, "Dense")
+        self.kernel_regularizer = _regularizer(kernel_regularizer, "Dense")
 
     def _output_shape(self, input_shape):
         _expect_rank(self, input_shape, 1, "flat (D,)")
@@ -265,18 +342,186 @@ class Dense(Layer):
                                             ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
+    def penalties(self):
+        return _kernel_penalties(self)
+
     def config(self):
         return {**super().config(), "units": self.units,
-                "kernel_initializer": self.kernel_initializer}
+                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self)}
+
+
+class Sigmoid(Layer):
+    """``1 / (1 + exp(-x))`` elementwise (overflow-free for any ``x``)."""
+
+    type = "sigmoid"
+
+    def forward(self, params, x, backend, ctx):
+        return backend.sigmoid_forward(x)
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        return backend.sigmoid_backward(dout, cache), {}
+
+
+class Tanh(Layer):
+    """``tanh(x)`` elementwise."""
+
+    type = "tanh"
+
+    def forward(self, params, x, backend, ctx):
+        return backend.tanh_forward(x)
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        return backend.tanh_backward(dout, cache), {}
+
+
+class Dropout(Layer):
+    """Inverted dropout (Srivastava et al. 2014, as Keras): in a training pass each unit is
+    zeroed with probability ``rate`` and the kept ones are scaled by ``1 / (1 - rate)``; in
+    inference it is the identity.
+
+    The mask of unit ``j`` of example ``i`` of the shard is a hash of ``(ctx.seed, layer name,
+    ctx.step, ctx.offset + i, j)`` (:mod:`cnn.backends.rng`), never a draw from a stateful
+    generator: every backend, worker and rank computes the same mask for the same example of
+    the same step, so ``sync`` with dropout is the sequential algorithm.
+    """
+
+    type = "dropout"
+
+    def __init__(self, rate, name=None):
+        super().__init__(name)
+        self.rate = _number("rate", rate, "Dropout", 0.0, 1.0, hi_open=True)
+
+    def forward(self, params, x, backend, ctx):
+        if not ctx.training or self.rate == 0.0:
+            return x, None
+        key = counter_rng.pass_key(ctx.seed, self.name, ctx.step)
+        return backend.dropout_forward(x, self.rate, key, ctx.offset)
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        if cache is None:
+            return dout, {}
+        return backend.dropout_backward(dout, cache), {}
+
+    def config(self):
+        return {**super().config(), "rate": self.rate}
+
+
+class BatchNorm(Layer):
+    """Batch normalisation (Ioffe & Szegedy 2015) with Keras's defaults and formulas.
+
+    After a convolution, statistics are per channel over the batch and the image (``(C, H, W)``
+    inputs); after a dense layer, per unit over the batch (``(D,)`` inputs). Parameters
+    ``gamma`` (ones) and ``beta`` (zeros); buffers ``running_mean`` (zeros) and
+    ``running_var`` (ones).
+
+    - Training pass: ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` with the mean and
+      biased variance of the **global** batch: the per-channel sums of each shard are added
+      over the shards with ``ctx.sum_over_shards`` (twice: the sums, then the squared
+      deviations from the global mean), so ``sync`` over threads, processes or ranks
+      normalises exactly as the sequential path does (synchronised batch norm). The backward
+      pass sums ``dout`` and ``dout * xhat`` over the shards likewise. The new running
+      statistics, ``momentum * running + (1 - momentum) * batch``, go to ``ctx.updates``.
+    - Inference pass: the running statistics, which are then constants.
+
+    Args:
+        momentum: in [0, 1]; Keras's default 0.99.
+        epsilon: added to the variance, > 0; Keras's default 1e-3.
+    """
+
+    type = "batchnorm"
+    param_names = ("gamma", "beta")
+    buffer_names = ("running_mean", "running_var")
+
+    def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
+        super().__init__(name)
+        self.momentum = _number("momentum", momentum, "BatchNorm", 0.0, 1.0)
+        self.epsilon = _number("epsilon", epsilon, "BatchNorm", 0.0, math.inf, lo_open=True,
+                               hi_open=True)
+
+    def _output_shape(self, input_shape):
+        if len(input_shape) not in (1, 3):
+            raise ValueError(f"batchnorm {self.name!r} expects (C, H, W) or flat (D,) inputs; "
+                             f"received per-example shape {tuple(input_shape)}")
+        return input_shape
+
+    def init_params(self, rng, dtype):
+        c = self.input_shape[0]
+        return {"gamma": np.ones(c, dtype=dtype), "beta": np.zeros(c, dtype=dtype)}
+
+    def init_buffers(self, dtype):
+        c = self.input_shape[0]
+        return {"running_mean": np.zeros(c, dtype=dtype), "running_var": np.ones(c, dtype=dtype)}
+
+    @staticmethod
+    def _over_shards(ctx, backend, vector, count=None):
+        """``vector`` (and ``count``) summed over the shards of the global batch. The reduce
+        is a collective on host arrays: one array per call (``count`` rides at its end)."""
+        host = np.asarray(backend.to_host(vector))
+        if count is not None:
+            host = np.append(host, host.dtype.type(count))
+        total = ctx.sum_over_shards([host])[0]
+        if count is not None:
+            return backend.asarray(np.ascontiguousarray(total[:-1])), float(total[-1])
+        return backend.asarray(np.ascontiguousarray(total)), None
+
+    def forward(self, params, x, backend, ctx):
+        gamma, beta = params["gamma"], params["beta"]
+        if not ctx.training:
+            out, cache = backend.batchnorm_infer_forward(
+                x, params["running_mean"], params["running_var"], gamma, beta, self.epsilon)
+            return out, (cache, 0, 0.0)
+        local = x.size // x.shape[1]  # values per channel in this shard
+        sums, count = backend.batchnorm_sums(x), float(local)
+        if ctx.reduce is not None:
+            sums, count = self._over_shards(ctx, backend, sums, local)
+        inv_count = 1.0 / count
+        sq = backend.batchnorm_sq_dev_sums(x, sums, inv_count)
+        if ctx.reduce is not None:
+            sq, _ = self._over_shards(ctx, backend, sq)
+        out, cache = backend.batchnorm_train_forward(x, sums, sq, inv_count, gamma, beta,
+                                                     self.epsilon)
+        mean, var = backend.batchnorm_running_update(params["running_mean"], params["running_var"],
+                                                     sums, sq, inv_count, self.momentum)
+        ctx.updates[f"{self.name}.running_mean"] = mean
+        ctx.updates[f"{self.name}.running_var"] = var
+        return out, (cache, local, count)
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        cache, local, count = cache
+        dbeta, dgamma = backend.batchnorm_backward_sums(dout, cache)
+        grads = {"gamma": dgamma, "beta": dbeta}
+        if not need_dx:  # every shard skips alike (same model), so the collective stays matched
+            return None, grads
+        if local == 0:  # inference: the statistics are constants
+            return backend.batchnorm_backward_dx(dout, cache, dbeta, dgamma, 0.0), grads
+        s_dy, s_dyx = dbeta, dgamma
+        if ctx.reduce is not None:
+            # the global gradient of this shard's outputs is (local / count) * dout: sum that
+            # over the shards; dividing the correction by the same weight gives this shard's
+            # gradient, whose weighted sum over the shards is the global one
+            c = dbeta.shape[0]
+            w = local / count
+            both = np.concatenate([np.asarray(backend.to_host(dbeta)),
+                                   np.asarray(backend.to_host(dgamma))]) * w
+            total, _ = self._over_shards(ctx, backend, both)
+            total = backend.to_host(total)
+            s_dy = backend.asarray(np.ascontiguousarray(total[:c]))
+            s_dyx = backend.asarray(np.ascontiguousarray(total[c:]))
+        return backend.batchnorm_backward_dx(dout, cache, s_dy, s_dyx, 1.0 / local), grads
+
+    def config(self):
+        return {**super().config(), "momentum": self.momentum, "epsilon": self.epsilon}
 
 
 #: spec ``type`` -> class; Keras class names are accepted as aliases
 LAYER_TYPES: dict[str, type[Layer]] = {
     "conv2d": Conv2D, "maxpool2d": MaxPool2D, "maxpooling2d": MaxPool2D,
     "relu": ReLU, "flatten": Flatten, "dense": Dense,
+    "sigmoid": Sigmoid, "tanh": Tanh, "dropout": Dropout,
+    "batchnorm": BatchNorm, "batchnormalization": BatchNorm, "batch_normalization": BatchNorm,
 }
 #: ``activation=`` shorthands on conv2d/dense entries, expanded into their own layer
-ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU}
+ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
 
 
 def layers_from_spec(spec: list[dict]) -> list[Layer]:
@@ -301,7 +546,9 @@ def layers_from_spec(spec: list[dict]) -> list[Layer]:
         try:
             layers.append(cls(**options))
         except TypeError as err:
-            raise ValueError(f"layer {i} ({kind}): unknown option in {entry!r}: {err}") from None
+            # an unknown keyword, or a required one (dropout's rate) left out
+            raise ValueError(f"layer {i} ({kind}): unknown or missing option in {entry!r}: "
+                             f"{err}") from None
         if activation not in (None, "linear"):
             if activation not in ACTIVATIONS:
                 raise ValueError(f"layer {i}: unknown activation {activation!r}; "

@@ -5,6 +5,17 @@ Parameters are a flat dict ``{"<layer>.<w|b>": array}`` (same keys for gradients
 state, as in numpy-ml). Passing ``params=`` and ``backend=`` to ``forward``/``backward`` lets a
 strategy run the same model on its own parameter copy (a replica, a device copy) without
 touching the model's host arrays.
+
+Buffers (non-trained state: batch norm's running statistics) are a second flat dict,
+``model.buffers``, kept apart from the parameters as tinygrad and Keras keep them: the optimizer
+never sees them, but they are saved and loaded with the weights (``get_weights`` returns both),
+averaged by the ``average`` strategy, shown by ``summary()`` and transferred to and from Keras.
+A pass reads the buffers of its context (``ctx.buffers``, default the model's own) and a
+training pass leaves their new values in ``ctx.updates`` for the strategy to commit.
+
+The loss is part of the spec (``"loss"``: see :mod:`cnn.losses`), as are per-layer weight
+penalties (``kernel_regularizer``), which ``loss_and_grads`` and ``evaluate`` add to the loss as
+Keras does.
 """
 from __future__ import annotations
 
@@ -22,7 +33,7 @@ import numpy as np
 from .backends import Backend, get_backend
 from .context import StepContext
 from .layers import Layer, layers_from_spec
-from .losses import softmax
+from .losses import Loss, get_loss
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
@@ -77,10 +88,13 @@ class Sequential:
         dtype: float32 (default) or float64; parameters and activations use it.
         seed: seeds the initialisation, so equal seeds give equal initial weights.
         backend: default backend name for ``predict``/``evaluate``/``fit``.
+        loss: ``"softmax_cross_entropy"`` (default) or ``"binary_cross_entropy"`` (one logit
+            per example; see :mod:`cnn.losses`).
     """
 
     def __init__(self, layers: list[Layer], input_shape, *, dtype=np.float32, seed: int = 0,
-                 backend: str | Backend = "numpy"):
+                 backend: str | Backend = "numpy", loss: "str | Loss" = "softmax_cross_entropy"):
+        self.loss = get_loss(loss)
         self.dtype = _check_dtype(dtype)
         self.input_shape = check_input_shape(input_shape)
         self.layers = list(layers)
@@ -93,9 +107,10 @@ class Sequential:
         if len(shape) != 1:
             raise ValueError(f"the last layer must give flat logits (N, K); it gives per-example "
                              f"shape {shape}. Add a flatten and a dense layer.")
-        self.num_classes = shape[0]
+        self.num_classes = self.loss.num_classes(shape[0])
         rng = np.random.default_rng(seed)
         self.params: dict[str, np.ndarray] = {}
+        self.buffers: dict[str, np.ndarray] = {}
         for layer in self.layers:
             try:
                 layer_params = layer.init_params(rng, self.dtype)
@@ -107,6 +122,8 @@ class Sequential:
                                  f"input_shape={self.input_shape}): {err}") from None
             for pname, value in layer_params.items():
                 self.params[f"{layer.name}.{pname}"] = value
+            for bname, value in layer.init_buffers(self.dtype).items():
+                self.buffers[f"{layer.name}.{bname}"] = value
 
     # ---- construction ----------------------------------------------------------------------
     def _name_layers(self) -> None:
@@ -134,16 +151,23 @@ class Sequential:
             input_shape = input_shape if input_shape is not None else spec.get("input_shape")
             if input_shape is None:
                 raise ValueError("input_shape is needed: pass it or put it in the spec")
+            if "loss" in spec and "loss" not in kwargs:
+                kwargs["loss"] = spec["loss"]
             return cls(layers_from_spec(layers), input_shape, **kwargs)
 
     def spec(self) -> dict:
         """The plain spec that rebuilds this architecture (JSON-serialisable)."""
-        return {"input_shape": list(self.input_shape),
+        return {"input_shape": list(self.input_shape), "loss": self.loss.name,
                 "layers": [layer.config() for layer in self.layers]}
 
     @property
     def num_params(self) -> int:
         return int(sum(p.size for p in self.params.values()))
+
+    @property
+    def num_buffer_values(self) -> int:
+        """Values held in buffers (non-trained state)."""
+        return int(sum(b.size for b in self.buffers.values()))
 
     def param_layer(self, key: str) -> Layer:
         """The layer that owns parameter ``key`` (``"conv2d.w"`` -> the conv2d layer)."""
@@ -191,28 +215,38 @@ class Sequential:
         workspace it may reuse; the default is an inference pass that allocates per call."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
+        buffers = self.buffers if ctx.buffers is None else ctx.buffers
+        ctx.updates.clear()
         caches = []
         for layer in self.layers:
-            x, cache = layer.forward(self._layer_params(layer, params), x, be, ctx)
+            x, cache = layer.forward(self._layer_params(layer, params, buffers), x, be, ctx)
             caches.append(cache)
         return x, caches
 
     def backward(self, dlogits, caches, params=None, backend=None,
-                 ctx: StepContext | None = None, on_grads=None) -> dict[str, Any]:
+                 ctx: StepContext | None = None, on_grads=None,
+                 loss_scale: float = 1.0) -> dict[str, Any]:
         """Gradients of every parameter from ``dlogits (N, K)``; keys match ``params``. ``ctx``
         must be the context of the forward that made ``caches``. ``on_grads``, if given, is
         called with each layer's gradients ``{key: grad}`` as soon as backward has computed
         them, last layer first (a strategy starts communicating them while the earlier
-        layers' backward runs)."""
+        layers' backward runs). The gradients of the layers' weight penalties are added to
+        their parameters' gradients before that, times ``loss_scale`` (the scale of the loss
+        ``dlogits`` is the gradient of, see :meth:`loss_and_grads`)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
+        buffers = self.buffers if ctx.buffers is None else ctx.buffers
         grads: dict[str, Any] = {}
         dout = dlogits
         for i in range(len(self.layers) - 1, -1, -1):
             layer = self.layers[i]
             # the first layer's input is data: its gradient is never used
-            dout, layer_grads = layer.backward(self._layer_params(layer, params), dout,
+            dout, layer_grads = layer.backward(self._layer_params(layer, params, buffers), dout,
                                                caches[i], be, ctx, need_dx=i > 0)
+            for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
+                layer_grads[pname] = be.weight_penalty_grad(
+                    layer_grads[pname], params[f"{layer.name}.{pname}"], l1 * loss_scale,
+                    l2 * loss_scale, ws=ctx.scope(layer.name))
             named = {f"{layer.name}.{pname}": g for pname, g in layer_grads.items()}
             grads.update(named)
             if on_grads is not None and named:
@@ -223,52 +257,79 @@ class Sequential:
                        on_grads=None, loss_scale: float = 1.0):
         """One forward and backward pass: ``(loss, correct, grads)`` as backend arrays.
 
-        ``loss`` is the mean over the ``N`` examples, ``correct`` the number classified right.
+        ``loss`` is the mean over the ``N`` examples of the model's loss plus the layers' weight
+        penalties, ``correct`` the number classified right.
         Training strategies pass a training ``ctx`` (``StepContext(training=True, ...)``); the
         default is an inference-mode pass (no dropout, batch norm on running statistics).
         ``on_grads``: see :meth:`backward`. ``loss_scale`` (host arrays only): the gradients
         are those of ``loss_scale`` times the mean loss. A data-parallel strategy passes a
         shard's share of its global batch, ``n_shard / n_global``, so that the shards' gradients
         simply add up, and so that every shard's backward pass carries gradients of the same
-        loss (the global mean) into the cross-shard sums of synchronised layers.
+        loss (the global mean) into the cross-shard sums of synchronised layers. The penalties'
+        gradients are scaled alike (each shard adds its share of them).
+        A training pass leaves new buffer values (batch norm's running statistics) in
+        ``ctx.updates``; it writes no buffer (the strategy commits, see :mod:`cnn.context`).
         """
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         logits, caches = self.forward(x, params, be, ctx)
-        loss, dlogits, correct = be.softmax_cross_entropy(logits, y, ws=ctx.scope("__loss__"))
+        loss, dlogits, correct = self.loss(logits, y, be, ws=ctx.scope("__loss__"))
         if loss_scale != 1.0:  # in place: dlogits is this pass's own (workspace) buffer
             np.multiply(dlogits, loss_scale, out=dlogits)
-        return loss, correct, self.backward(dlogits, caches, params, be, ctx, on_grads)
+        grads = self.backward(dlogits, caches, params, be, ctx, on_grads, loss_scale)
+        return self._penalised(loss, params, be, ctx), correct, grads
+
+    def _penalised(self, loss, params, be, ctx: StepContext | None = None):
+        """``loss`` plus every layer's weight penalty (``kernel_regularizer``)."""
+        for layer in self.layers:
+            for pname, l1, l2 in layer.penalties():
+                ws = None if ctx is None else ctx.scope(layer.name)
+                loss = be.weight_penalty(params[f"{layer.name}.{pname}"], l1, l2, loss, ws=ws)
+        return loss
 
     @staticmethod
-    def _layer_params(layer: Layer, params: dict) -> dict:
-        return {p: params[f"{layer.name}.{p}"] for p in layer.param_names}
+    def _layer_params(layer: Layer, params: dict, buffers: dict | None = None) -> dict:
+        out = {p: params[f"{layer.name}.{p}"] for p in layer.param_names}
+        for b in layer.buffer_names:
+            out[b] = buffers[f"{layer.name}.{b}"]
+        return out
 
     # ---- inference -------------------------------------------------------------------------
-    def predict_logits(self, x, batch_size: int = 256, params=None, backend=None) -> np.ndarray:
-        """Host logits ``(N, K)`` for ``x (N, C, H, W)``, computed in batches."""
+    def predict_logits(self, x, batch_size: int = 256, params=None, backend=None,
+                       buffers=None) -> np.ndarray:
+        """Host logits ``(N, K)`` for ``x (N, C, H, W)``, computed in batches (an inference
+        pass: no dropout, batch norm on the running statistics of ``buffers``, default the
+        model's)."""
         self.check_inputs(x)
         params, be = self._params_backend(params, backend)
-        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be)[0])
+        ctx = StepContext(buffers=buffers)
+        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx)[0])
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out)
 
     def predict(self, x, batch_size: int = 256, **kwargs) -> np.ndarray:
-        """Class probabilities ``(N, K)`` (softmax of the logits)."""
-        return softmax(self.predict_logits(x, batch_size, **kwargs))
+        """Class probabilities ``(N, num_classes)``: the softmax of the logits, or for
+        ``binary_cross_entropy`` the columns ``(1 - p, p)`` with ``p = sigmoid(logit)``, so
+        that the argmax is the predicted class either way."""
+        return self.loss.probabilities(self.predict_logits(x, batch_size, **kwargs))
 
-    def evaluate(self, x, y, batch_size: int = 256, params=None, backend=None) -> dict[str, float]:
-        """Mean loss and accuracy (fraction in [0, 1]) over ``x, y``."""
+    def evaluate(self, x, y, batch_size: int = 256, params=None, backend=None,
+                 buffers=None) -> dict[str, float]:
+        """Mean loss (with the weight penalties, as Keras reports it) and accuracy (fraction in
+        [0, 1]) over ``x, y``, in inference mode (see :meth:`predict_logits`)."""
         self.check_inputs(x, y)
         params, be = self._params_backend(params, backend)
+        ctx = StepContext(buffers=buffers)
         total_loss, correct = 0.0, 0
         for i in range(0, len(x), batch_size):
             xb, yb = be.asarray(x[i:i + batch_size]), be.asarray(y[i:i + batch_size])
-            logits, _ = self.forward(xb, params, be)
-            loss, _, n_right = be.softmax_cross_entropy(logits, yb)
+            logits, _ = self.forward(xb, params, be, ctx)
+            loss, _, n_right = self.loss(logits, yb, be)
             total_loss += float(be.to_host(loss)) * len(yb)
             correct += int(be.to_host(n_right))
-        return {"loss": total_loss / len(x), "accuracy": correct / len(x)}
+        zero = be.asarray(np.zeros(1, self.dtype)).reshape(())  # a 0-d loss on the backend
+        penalty = float(be.to_host(self._penalised(zero, params, be)))
+        return {"loss": total_loss / len(x) + penalty, "accuracy": correct / len(x)}
 
     # ---- training --------------------------------------------------------------------------
     def fit(self, x, y, **kwargs):
@@ -278,24 +339,32 @@ class Sequential:
 
     # ---- persistence -----------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in self.params.items()}
+        """Copies of the parameters and the buffers, in one dict (as Keras's ``get_weights``
+        includes the non-trainable weights): what :meth:`set_weights` and
+        :meth:`save_weights` take."""
+        return {**{k: v.copy() for k, v in self.params.items()},
+                **{k: v.copy() for k, v in self.buffers.items()}}
 
     def set_weights(self, weights: dict[str, np.ndarray]) -> None:
-        """Copy ``weights`` into the parameters; keys, shapes and dtypes must match."""
+        """Copy ``weights`` into the parameters and buffers; keys, shapes and dtypes must
+        match. The buffers may be left out (they then keep their values): a dict of
+        parameters alone (``model.params`` of another model, gradients' keys) is accepted."""
+        targets = {**self.params, **self.buffers}
         missing = sorted(set(self.params) - set(weights))
-        extra = sorted(set(weights) - set(self.params))
+        extra = sorted(set(weights) - set(targets))
         if missing or extra:
             raise ValueError(f"weights do not match the model: missing {missing}, unexpected {extra}")
         weights = {k: np.asarray(v) for k, v in weights.items()}
         for k, v in weights.items():  # check all before copying any: no half-loaded model
-            if v.shape != self.params[k].shape:
+            if v.shape != targets[k].shape:
                 raise ValueError(f"weight {k!r} has shape {v.shape}; the model expects "
-                                 f"{self.params[k].shape}")
+                                 f"{targets[k].shape}")
         for k, v in weights.items():
-            self.params[k][...] = v.astype(self.dtype, copy=False)
+            targets[k][...] = v.astype(self.dtype, copy=False)
 
     def save_weights(self, path: str | os.PathLike) -> Path:
-        """Write the parameters and the spec to ``path`` atomically; returns the path written.
+        """Write the parameters, the buffers and the spec to ``path`` atomically; returns the
+        path written.
 
         ``.npz`` is appended when ``path`` has another suffix or none (``w`` -> ``w.npz``). An
         existing folder, a parent that is a file, or an unwritable folder raise ``OSError``
@@ -309,7 +378,8 @@ class Sequential:
         fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with open(fd, "wb") as f:
-                np.savez(f, __spec__=np.array(json.dumps(self.spec())), **self.params)
+                np.savez(f, __spec__=np.array(json.dumps(self.spec())), **self.params,
+                         **self.buffers)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(name, path)
@@ -327,11 +397,19 @@ class Sequential:
         self.set_weights(read_weights(path))
 
     def summary(self) -> str:
-        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}"]
+        """One row per layer: name, type, output shape, trained parameters and buffer values
+        (non-trained state), then the totals and the loss."""
+        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}{'buffers':>9}"]
         for layer in self.layers:
             n = sum(self.params[f"{layer.name}.{p}"].size for p in layer.param_names)
-            rows.append(f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}")
+            nb = sum(self.buffers[f"{layer.name}.{b}"].size for b in layer.buffer_names)
+            rows.append(f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}"
+                        f"{nb:>9,}")
         rows.append(f"total parameters: {self.num_params:,} ({self.dtype})")
+        if self.buffers:
+            rows.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
+                        f"{len(self.buffers)} arrays ({', '.join(self.buffers)})")
+        rows.append(f"loss: {self.loss.name}")
         return "\n".join(rows)
 
 

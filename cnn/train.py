@@ -194,9 +194,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                 if validation_data is not None:
                     t = time.perf_counter()
                     current = strat.current_params()  # a collective for some strategies
+                    buffers = strat.current_buffers()
                     # only the master evaluates (MPI rank 0); every process gets its numbers,
                     # so that callbacks and divergence checks decide alike everywhere
-                    val = (model.evaluate(*validation_data, params=current, backend=be)
+                    val = (model.evaluate(*validation_data, params=current, buffers=buffers,
+                                          backend=be)
                            if strat.is_master else {"loss": math.nan, "accuracy": math.nan})
                     val = strat.share_metrics(val)
                     logs["eval_time"] = time.perf_counter() - t
@@ -216,7 +218,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             raise
         finally:
             # keep what was learned even when a step fails or the run is interrupted
-            final = strat.current_params()
+            final = {**strat.current_params(), **strat.current_buffers()}
             model.set_weights({k: be.to_host(v) for k, v in final.items()})
             strat.close()
     # the last update comes after the last loss was read: check the weights it left, once
@@ -233,9 +235,11 @@ def _warm_up(model, x, y, params, be: Backend) -> float:
     if not getattr(be, "jit", False):
         return 0.0
     t = time.perf_counter()
-    # a training pass (dropout and batch-norm kernels compile too) that updates nothing
+    # a training pass (dropout and batch-norm kernels compile too) that updates nothing: no
+    # optimizer step, and its new batch-norm statistics (ctx.updates) are never committed
+    buffers = {k: be.asarray(v) for k, v in model.buffers.items()}
     loss, correct, _ = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params, be,
-                                            StepContext(training=True))
+                                            StepContext(training=True, buffers=buffers))
     be.to_host(loss)
     return time.perf_counter() - t
 

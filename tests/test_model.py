@@ -87,7 +87,7 @@ def test_keras_aliases_and_case():
     ([{"type": "conv2d", "filters": 4, "stride": 0}], "stride=0"),
     ([{"type": "conv2d", "filters": 4, "kernel_size": [3, 0]}], "kernel_size=0"),
     ([{"type": "conv2d", "filters": 4, "kernel_initializer": "zeros"}], "'zeros'"),
-    ([{"type": "conv2d", "filters": 4, "activation": "tanh"}], "'tanh'"),
+    ([{"type": "conv2d", "filters": 4, "activation": "swish"}], "'swish'"),
     ([{"type": "maxpool2d", "pool_size": 0}], "pool_size=0"),
     ([{"type": "dense", "units": 0}], "units=0"),
     ([{"filters": 8}], "type"),

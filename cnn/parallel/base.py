@@ -58,6 +58,10 @@ class Strategy:
         ``seed`` keys the randomness inside training steps (see :mod:`cnn.context`)."""
         self.model, self.optimizer, self.backend, self.params = model, optimizer, backend, params
         self.state = optimizer.init_state(params, backend)
+        #: the buffers the workers read (batch norm's running statistics), on the backend; a
+        #: training pass leaves new values in its context's ``updates`` and the strategy
+        #: commits them (``ctx.commit()``), once per copy of the buffers
+        self.buffers = {k: backend.asarray(v.copy()) for k, v in model.buffers.items()}
         self.seed = seed
         #: global optimizer steps taken so far in this fit (the ``step`` of every context)
         self.steps = 0
@@ -65,7 +69,8 @@ class Strategy:
     def new_context(self) -> StepContext:
         """A training context for one worker, with a workspace of its own (one per worker,
         kept for the whole fit, so steps after the first reuse its buffers)."""
-        return StepContext(training=True, workspace=Workspace(self.backend), seed=self.seed)
+        return StepContext(training=True, workspace=Workspace(self.backend), seed=self.seed,
+                           buffers=self.buffers)
 
     def step(self, xb, yb) -> tuple[float, int]:
         """Train on one global batch (backend arrays). Returns the sum of the per-example
@@ -75,6 +80,10 @@ class Strategy:
     def current_params(self) -> dict[str, Any]:
         """The parameters that represent the model now (for evaluation and the final copy)."""
         return self.params
+
+    def current_buffers(self) -> dict[str, Any]:
+        """The buffers that go with :meth:`current_params` (for evaluation and the final copy)."""
+        return self.buffers
 
     def end_epoch(self) -> None:
         """Called after the last step of each epoch (strategies that average do it here)."""
@@ -106,5 +115,6 @@ class SequentialStrategy(Strategy):
         self._ctx.step, self._ctx.global_batch = self.steps, len(yb)
         loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be, self._ctx)
         self.optimizer.update(self.params, grads, self.state, be)
+        self._ctx.commit()
         self.steps += 1
         return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))
