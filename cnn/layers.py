@@ -356,10 +356,10 @@ class Sigmoid(Layer):
     type = "sigmoid"
 
     def forward(self, params, x, backend, ctx):
-        return backend.sigmoid_forward(x)
+        return backend.sigmoid_forward(x, ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        return backend.sigmoid_backward(dout, cache), {}
+        return backend.sigmoid_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
 
 class Tanh(Layer):
@@ -368,10 +368,10 @@ class Tanh(Layer):
     type = "tanh"
 
     def forward(self, params, x, backend, ctx):
-        return backend.tanh_forward(x)
+        return backend.tanh_forward(x, ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
-        return backend.tanh_backward(dout, cache), {}
+        return backend.tanh_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
 
 class Dropout(Layer):
@@ -395,12 +395,12 @@ class Dropout(Layer):
         if not ctx.training or self.rate == 0.0:
             return x, None
         key = counter_rng.pass_key(ctx.seed, self.name, ctx.step)
-        return backend.dropout_forward(x, self.rate, key, ctx.offset)
+        return backend.dropout_forward(x, self.rate, key, ctx.offset, ws=ctx.scope(self.name))
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         if cache is None:
             return dout, {}
-        return backend.dropout_backward(dout, cache), {}
+        return backend.dropout_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
     def config(self):
         return {**super().config(), "rate": self.rate}
@@ -466,34 +466,37 @@ class BatchNorm(Layer):
 
     def forward(self, params, x, backend, ctx):
         gamma, beta = params["gamma"], params["beta"]
+        ws = ctx.scope(self.name)
         if not ctx.training:
             out, cache = backend.batchnorm_infer_forward(
-                x, params["running_mean"], params["running_var"], gamma, beta, self.epsilon)
+                x, params["running_mean"], params["running_var"], gamma, beta, self.epsilon,
+                ws=ws)
             return out, (cache, 0, 0.0)
         local = x.size // x.shape[1]  # values per channel in this shard
-        sums, count = backend.batchnorm_sums(x), float(local)
+        sums, count = backend.batchnorm_sums(x, ws=ws), float(local)
         if ctx.reduce is not None:
             sums, count = self._over_shards(ctx, backend, sums, local)
         inv_count = 1.0 / count
-        sq = backend.batchnorm_sq_dev_sums(x, sums, inv_count)
+        sq = backend.batchnorm_sq_dev_sums(x, sums, inv_count, ws=ws)
         if ctx.reduce is not None:
             sq, _ = self._over_shards(ctx, backend, sq)
         out, cache = backend.batchnorm_train_forward(x, sums, sq, inv_count, gamma, beta,
-                                                     self.epsilon)
+                                                     self.epsilon, ws=ws)
         mean, var = backend.batchnorm_running_update(params["running_mean"], params["running_var"],
-                                                     sums, sq, inv_count, self.momentum)
+                                                     sums, sq, inv_count, self.momentum, ws=ws)
         ctx.updates[f"{self.name}.running_mean"] = mean
         ctx.updates[f"{self.name}.running_var"] = var
         return out, (cache, local, count)
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         cache, local, count = cache
-        dbeta, dgamma = backend.batchnorm_backward_sums(dout, cache)
+        ws = ctx.scope(self.name)
+        dbeta, dgamma = backend.batchnorm_backward_sums(dout, cache, ws=ws)
         grads = {"gamma": dgamma, "beta": dbeta}
         if not need_dx:  # every shard skips alike (same model), so the collective stays matched
             return None, grads
         if local == 0:  # inference: the statistics are constants
-            return backend.batchnorm_backward_dx(dout, cache, dbeta, dgamma, 0.0), grads
+            return backend.batchnorm_backward_dx(dout, cache, dbeta, dgamma, 0.0, ws=ws), grads
         s_dy, s_dyx = dbeta, dgamma
         if ctx.reduce is not None:
             # the global gradient of this shard's outputs is (local / count) * dout: sum that
@@ -507,7 +510,7 @@ class BatchNorm(Layer):
             total = backend.to_host(total)
             s_dy = backend.asarray(np.ascontiguousarray(total[:c]))
             s_dyx = backend.asarray(np.ascontiguousarray(total[c:]))
-        return backend.batchnorm_backward_dx(dout, cache, s_dy, s_dyx, 1.0 / local), grads
+        return backend.batchnorm_backward_dx(dout, cache, s_dy, s_dyx, 1.0 / local, ws=ws), grads
 
     def config(self):
         return {**super().config(), "momentum": self.momentum, "epsilon": self.epsilon}

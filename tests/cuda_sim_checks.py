@@ -356,7 +356,7 @@ def check_sigmoid_tanh(cb):
                          getattr(NAIVE, f"{op}_backward")(dout, r_cache), dtype)
 
 
-@check(cost=1.5)
+@check(cost=0.5)
 def check_dropout_masks_match_every_backend(cb):
     from cnn.backends import rng
 
@@ -418,7 +418,7 @@ def _bn_case(cb, tag, x, dtype, seed):
                  NAIVE.batchnorm_backward_dx(dout, r_cache, r1, r2, 0.0), dtype)
 
 
-@check(cost=6)
+@check(cost=7)
 def check_batchnorm(cb):
     rng_ = _rng(25)
     # 3 * 10 * 10 = 300 values per channel: more than the 256 threads of a channel's block
@@ -427,7 +427,7 @@ def check_batchnorm(cb):
     _bn_case(cb, "dense (5, 3) float64", rng_.standard_normal((5, 3)), np.float64, 27)
 
 
-@check(cost=1.5)
+@check(cost=3)
 def check_binary_cross_entropy(cb):
     rng_ = _rng(28)
     cases = [("random", rng_.standard_normal((7, 1)), rng_.integers(0, 2, 7)),
@@ -445,7 +445,7 @@ def check_binary_cross_entropy(cb):
             assert int(cb.to_host(correct)) == int(r_correct), f"bce {tag}: correct count"
 
 
-@check(cost=1)
+@check(cost=0.8)
 def check_weight_penalty(cb):
     for dtype in (np.float32, np.float64):
         w = _rng(29).standard_normal((3, 2, 3, 3)).astype(dtype)
@@ -461,12 +461,12 @@ def check_weight_penalty(cb):
                      NAIVE.weight_penalty_grad(g.copy(), w, 0.01, 0.003), dtype)
 
 
-@check(cost=6)
+@check(cost=14)
 def check_model_with_new_layers_on_the_device(cb):
     """A training pass (batch norm, dropout, sigmoid/tanh, an L1/L2 penalty, BCE) of a model
-    on the CUDA backend against the NumPy backend: loss, every gradient, the new running
-    statistics; then an inference pass with them."""
-    from cnn.context import StepContext
+    on the CUDA backend, with a device workspace, against the NumPy backend: loss, every
+    gradient, the new running statistics; then an inference pass with them."""
+    from cnn.context import StepContext, Workspace
     from cnn.model import build_model
 
     spec = {"loss": "binary_cross_entropy", "input_shape": [1, 4, 4], "layers": [
@@ -483,7 +483,8 @@ def check_model_with_new_layers_on_the_device(cb):
     y = rng_.integers(0, 2, 5)
     dev = {k: cb.asarray(v) for k, v in model.params.items()}
     dev_buf = {k: cb.asarray(v) for k, v in model.buffers.items()}
-    ctx = StepContext(training=True, seed=4, step=9, offset=3, buffers=dev_buf)
+    ctx = StepContext(training=True, workspace=Workspace(cb), seed=4, step=9, offset=3,
+                      buffers=dev_buf)
     loss, correct, grads = model.loss_and_grads(cb.asarray(x), cb.asarray(y), dev, cb, ctx)
     r_ctx = StepContext(training=True, seed=4, step=9, offset=3, buffers=dict(model.buffers))
     r_loss, r_correct, r_grads = model.loss_and_grads(x, y, model.params, NP, r_ctx)

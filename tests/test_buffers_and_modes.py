@@ -249,3 +249,52 @@ def test_bad_losses_and_shapes_are_refused():
         Sequential([Dense(1)], (3,))
     with pytest.raises(ValueError, match=r"batchnorm .* expects .* received per-example shape \(2, 3\)"):
         Sequential([BatchNorm(), Dense(2)], (2, 3))
+
+
+# ---- the workspace contract (ws=) for the new layers ---------------------------------------------
+WS_SPEC = {"input_shape": [2, 6, 6], "layers": [
+    {"type": "conv2d", "filters": 4, "kernel_size": 3, "kernel_regularizer": {"l1": 0.01, "l2": 0.1}},
+    {"type": "batchnorm"}, {"type": "sigmoid"}, {"type": "flatten"}, {"type": "dropout", "rate": 0.3},
+    {"type": "dense", "units": 6, "activation": "tanh", "kernel_regularizer": "l2"},
+    {"type": "batchnorm"}, {"type": "dense", "units": 3}]}
+
+
+def _copy(result, updates):
+    loss, correct, grads = result
+    return (float(loss), int(correct), {k: np.array(v, copy=True) for k, v in grads.items()},
+            {k: np.array(v, copy=True) for k, v in updates.items()})
+
+
+@pytest.mark.parametrize("backend", ["numpy", "naive", "numba", "numba_parallel"])
+def test_new_layers_follow_the_workspace_contract(backend):
+    """With a workspace a step computes exactly what it computes without one, allocates no new
+    buffer from the second step on, and the running statistics it leaves are not workspace
+    memory (committed, they survive the next step)."""
+    from cnn.context import Workspace
+    be = get_backend(backend)
+    model = build_model(WS_SPEC, dtype=np.float32, seed=1)
+    ws = Workspace(be)
+    ctx = StepContext(training=True, workspace=ws, seed=2, buffers=dict(model.buffers))
+    ids = None
+    for step, n in enumerate((5, 5, 3, 5)):
+        x, y = data(n, (2, 6, 6), 3, seed=step, dtype=np.float32)
+        ctx.step = step
+        ref_ctx = StepContext(training=True, seed=2, step=step, buffers=dict(ctx.buffers))
+        ref = _copy(model.loss_and_grads(x, y, backend=be, ctx=ref_ctx), ref_ctx.updates)
+        got = _copy(model.loss_and_grads(x, y, backend=be, ctx=ctx), ctx.updates)
+        assert got[:2] == ref[:2]
+        for k in ref[2]:
+            np.testing.assert_array_equal(got[2][k], ref[2][k], err_msg=k)
+        for k in ref[3]:
+            np.testing.assert_array_equal(got[3][k], ref[3][k], err_msg=k)
+        committed = dict(ctx.updates)
+        ctx.commit()
+        if step == 1:
+            ids = {k: id(v) for k, v in ws._store.items()}
+        if step == 3:  # batch 5 again, after a batch of 3: the same buffers as step 1
+            assert {k: id(v) for k, v in ws._store.items() if k in ids} == ids
+        kept = {k: v.copy() for k, v in committed.items()}
+        model.loss_and_grads(x, y, backend=be, ctx=StepContext(
+            training=True, workspace=ws, seed=2, step=step, buffers=dict(ctx.buffers)))
+        for k in kept:  # the next pass on the same workspace did not touch them
+            np.testing.assert_array_equal(committed[k], kept[k], err_msg=k)

@@ -152,32 +152,32 @@ class Backend:
         raise NotImplementedError
 
     # ---- more activations ------------------------------------------------------------------
-    def sigmoid_forward(self, x):
+    def sigmoid_forward(self, x, ws=None):
         """``1 / (1 + exp(-x))`` elementwise, any shape, without overflow for any ``x``.
         Returns ``(out, cache)``."""
         raise NotImplementedError
 
-    def sigmoid_backward(self, dout, cache):
+    def sigmoid_backward(self, dout, cache, ws=None):
         """``dout * out * (1 - out)``."""
         raise NotImplementedError
 
-    def tanh_forward(self, x):
+    def tanh_forward(self, x, ws=None):
         """``tanh(x)`` elementwise, any shape. Returns ``(out, cache)``."""
         raise NotImplementedError
 
-    def tanh_backward(self, dout, cache):
+    def tanh_backward(self, dout, cache, ws=None):
         """``dout * (1 - out**2)``."""
         raise NotImplementedError
 
     # ---- dropout ---------------------------------------------------------------------------
-    def dropout_forward(self, x, rate: float, key: int, offset: int):
+    def dropout_forward(self, x, rate: float, key: int, offset: int, ws=None):
         """Inverted dropout of ``x (N, ...)``: unit ``j`` of example ``i`` is kept (and scaled
         by ``1 / (1 - rate)``) or zeroed as :mod:`cnn.backends.rng` decides from the 64-bit
         ``key`` (seed, layer, step), the global example index ``offset + i`` and ``j``, so
         every backend drops the same units. ``0 <= rate < 1``. Returns ``(out, cache)``."""
         raise NotImplementedError
 
-    def dropout_backward(self, dout, cache):
+    def dropout_backward(self, dout, cache, ws=None):
         """``dout`` times the forward's ``keep / (1 - rate)``."""
         raise NotImplementedError
 
@@ -185,37 +185,39 @@ class Backend:
     # x is (N, C) or (N, C, H, W); statistics are per channel (axis 1) over all other axes,
     # i.e. over L = N (or N*H*W) values each. Vectors below are (C,) in the dtype of x; the
     # scalars (inv_count, eps, momentum, scale) are Python floats.
-    def batchnorm_sums(self, x):
+    def batchnorm_sums(self, x, ws=None):
         """Per-channel sums of ``x``: ``(C,)``."""
         raise NotImplementedError
 
-    def batchnorm_sq_dev_sums(self, x, sums, inv_count: float):
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count: float, ws=None):
         """Per-channel ``sum (x - mean)**2`` with ``mean = sums * inv_count``: ``(C,)``."""
         raise NotImplementedError
 
     def batchnorm_train_forward(self, x, sums, sq_sums, inv_count: float, gamma, beta,
-                                eps: float):
+                                eps: float, ws=None):
         """``gamma * (x - mean) / sqrt(var + eps) + beta`` with the batch statistics
         ``mean = sums * inv_count``, ``var = sq_sums * inv_count`` (biased, as Keras).
         Returns ``(out, cache)``."""
         raise NotImplementedError
 
-    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps: float):
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps: float,
+                                ws=None):
         """The same normalisation with the running statistics. Returns ``(out, cache)``."""
         raise NotImplementedError
 
     def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums,
-                                 inv_count: float, momentum: float):
-        """New running statistics (new arrays; the inputs are left alone):
-        ``momentum * running + (1 - momentum) * batch`` for the mean and the variance."""
+                                 inv_count: float, momentum: float, ws=None):
+        """New running statistics: ``momentum * running + (1 - momentum) * batch`` for the mean
+        and the variance. Always **new arrays**, never workspace buffers, even with ``ws``:
+        they outlive the step, as the buffers the strategy commits them to."""
         raise NotImplementedError
 
-    def batchnorm_backward_sums(self, dout, cache):
+    def batchnorm_backward_sums(self, dout, cache, ws=None):
         """``(sum dout, sum dout * xhat)`` per channel, ``xhat`` the normalised input: the
         gradients of ``beta`` and ``gamma``."""
         raise NotImplementedError
 
-    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale: float):
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale: float, ws=None):
         """``dx = gamma / sqrt(var + eps) * (dout - scale * (sum_dy + xhat * sum_dy_xhat))``.
 
         With the batch's own sums and ``scale = 1 / L`` this is the gradient through the batch
@@ -225,7 +227,7 @@ class Backend:
         raise NotImplementedError
 
     # ---- more losses -------------------------------------------------------------------------
-    def binary_cross_entropy(self, logits, labels):
+    def binary_cross_entropy(self, logits, labels, ws=None):
         """Mean binary cross-entropy of ``sigmoid(logits)``, from the logits (finite for any
         magnitude: ``max(z, 0) - z*y + log(1 + exp(-|z|))``).
 
@@ -235,11 +237,11 @@ class Backend:
         raise NotImplementedError
 
     # ---- weight penalties (kernel_regularizer) ---------------------------------------------
-    def weight_penalty(self, w, l1: float, l2: float, loss):
+    def weight_penalty(self, w, l1: float, l2: float, loss, ws=None):
         """``loss + l1 * sum |w| + l2 * sum w**2`` as a new 0-d array (``loss`` is 0-d)."""
         raise NotImplementedError
 
-    def weight_penalty_grad(self, grad, w, l1: float, l2: float):
+    def weight_penalty_grad(self, grad, w, l1: float, l2: float, ws=None):
         """In place ``grad += l1 * sign(w) + 2 * l2 * w`` (sign(0) = 0); returns ``grad``."""
         raise NotImplementedError
 

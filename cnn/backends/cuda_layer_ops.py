@@ -21,104 +21,104 @@ def _ncl(x):
     return x.reshape(x.shape[0], x.shape[1], x.size // (x.shape[0] * x.shape[1]))
 
 
-def _elementwise(kernel, out, *arrays):
-    size = arrays[0].size
-    kernel[K.elementwise_grid(size), K.ELEMENTWISE_THREADS](*[_flat(a) for a in arrays],
-                                                             _flat(out))
-    return out
-
-
 class CudaLayerOps:
-    """The ops of the layers added for issue 12, as CUDA kernels."""
+    """The ops of the layers added for issue 12, as CUDA kernels; outputs, caches and
+    temporaries are workspace buffers in device memory when the layer passes ``ws``."""
+
+    def _elementwise(self, kernel, name, ws, *arrays):
+        a0 = arrays[0]
+        out = self.scratch(ws, name, a0.shape, a0.dtype)
+        kernel[K.elementwise_grid(a0.size), K.ELEMENTWISE_THREADS](*[_flat(a) for a in arrays],
+                                                                   _flat(out))
+        return out
 
     # ---- activations -----------------------------------------------------------------------
-    def sigmoid_forward(self, x):
-        out = _elementwise(K.sigmoid_forward_kernel, cuda.device_array(x.shape, x.dtype), x)
+    def sigmoid_forward(self, x, ws=None):
+        out = self._elementwise(K.sigmoid_forward_kernel, "out", ws, x)
         return out, out
 
-    def sigmoid_backward(self, dout, cache):
-        return _elementwise(K.sigmoid_backward_kernel, cuda.device_array(dout.shape, dout.dtype),
-                            dout, cache)
+    def sigmoid_backward(self, dout, cache, ws=None):
+        return self._elementwise(K.sigmoid_backward_kernel, "dx", ws, dout, cache)
 
-    def tanh_forward(self, x):
-        out = _elementwise(K.tanh_forward_kernel, cuda.device_array(x.shape, x.dtype), x)
+    def tanh_forward(self, x, ws=None):
+        out = self._elementwise(K.tanh_forward_kernel, "out", ws, x)
         return out, out
 
-    def tanh_backward(self, dout, cache):
-        return _elementwise(K.tanh_backward_kernel, cuda.device_array(dout.shape, dout.dtype),
-                            dout, cache)
+    def tanh_backward(self, dout, cache, ws=None):
+        return self._elementwise(K.tanh_backward_kernel, "dx", ws, dout, cache)
 
     # ---- dropout ---------------------------------------------------------------------------
-    def dropout_forward(self, x, rate, key, offset):
+    def dropout_forward(self, x, rate, key, offset, ws=None):
         n = x.shape[0]
         x2 = x.reshape(n, x.size // n)
-        out = cuda.device_array(x.shape, x.dtype)
-        mask = cuda.device_array(x.shape, np.uint8)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        mask = self.scratch(ws, "mask", x.shape, np.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         K.dropout_forward_kernel[K.elementwise_grid(x.size), K.ELEMENTWISE_THREADS](
             x2, np.uint64(key & rng.MASK64), np.uint64(rng.threshold(rate)), int(offset), scale,
             out.reshape(x2.shape), mask.reshape(x2.shape))
         return out, (mask, scale)
 
-    def dropout_backward(self, dout, cache):
+    def dropout_backward(self, dout, cache, ws=None):
         mask, scale = cache
-        dx = cuda.device_array(dout.shape, dout.dtype)
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         K.dropout_backward_kernel[K.elementwise_grid(dout.size), K.ELEMENTWISE_THREADS](
             _flat(dout), _flat(mask), scale, _flat(dx))
         return dx
 
     # ---- batch normalisation -----------------------------------------------------------------
-    def batchnorm_sums(self, x):
-        out = cuda.device_array(x.shape[1], x.dtype)
+    def batchnorm_sums(self, x, ws=None):
+        out = self.scratch(ws, "sums", (x.shape[1],), x.dtype)
         K.channel_sums_kernel[K.channel_grid(x.shape[1]), K.CHANNEL_THREADS](_ncl(x), out)
         return out
 
-    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
-        out = cuda.device_array(x.shape[1], x.dtype)
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count, ws=None):
+        out = self.scratch(ws, "sq_sums", (x.shape[1],), x.dtype)
         K.channel_sq_dev_sums_kernel[K.channel_grid(x.shape[1]), K.CHANNEL_THREADS](
-            _ncl(x), sums, x.dtype.type(inv_count), out)
+            _ncl(x), self.asarray(sums), x.dtype.type(inv_count), out)
         return out
 
-    def _normalize(self, x, first, second, factor, gamma, beta, eps):
+    def _normalize(self, x, first, second, factor, gamma, beta, eps, ws):
         dt = x.dtype.type
-        out = cuda.device_array(x.shape, x.dtype)
-        xhat = cuda.device_array(x.shape, x.dtype)
-        inv_std = cuda.device_array(x.shape[1], x.dtype)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        xhat = self.scratch(ws, "xhat", x.shape, x.dtype)
+        inv_std = self.scratch(ws, "inv_std", (x.shape[1],), x.dtype)
         x3 = _ncl(x)
         K.batchnorm_normalize_kernel[K.elementwise_grid(x.size), K.ELEMENTWISE_THREADS](
-            x3, first, second, dt(factor), dt(eps), gamma, beta, out.reshape(x3.shape),
-            xhat.reshape(x3.shape), inv_std)
+            x3, self.asarray(first), self.asarray(second), dt(factor), dt(eps), gamma, beta,
+            out.reshape(x3.shape), xhat.reshape(x3.shape), inv_std)
         return out, (xhat, inv_std, gamma)
 
-    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps):
-        return self._normalize(x, sums, sq_sums, inv_count, gamma, beta, eps)
+    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps, ws=None):
+        return self._normalize(x, sums, sq_sums, inv_count, gamma, beta, eps, ws)
 
-    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps):
-        return self._normalize(x, running_mean, running_var, 1.0, gamma, beta, eps)
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps, ws=None):
+        return self._normalize(x, running_mean, running_var, 1.0, gamma, beta, eps, ws)
 
     def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums, inv_count,
-                                 momentum):
+                                 momentum, ws=None):
+        # new device arrays even with a workspace: they become the buffers (see base.py)
         dt = running_mean.dtype.type
         new_mean = cuda.device_array(running_mean.shape, running_mean.dtype)
         new_var = cuda.device_array(running_var.shape, running_var.dtype)
         K.batchnorm_running_kernel[K.elementwise_grid(running_mean.size), K.ELEMENTWISE_THREADS](
-            running_mean, running_var, sums, sq_sums, dt(inv_count), dt(momentum),
-            dt(1 - momentum), new_mean, new_var)
+            running_mean, running_var, self.asarray(sums), self.asarray(sq_sums), dt(inv_count),
+            dt(momentum), dt(1 - momentum), new_mean, new_var)
         return new_mean, new_var
 
-    def batchnorm_backward_sums(self, dout, cache):
+    def batchnorm_backward_sums(self, dout, cache, ws=None):
         xhat = cache[0]
         c = dout.shape[1]
-        s_dy = cuda.device_array(c, dout.dtype)
-        s_dyx = cuda.device_array(c, dout.dtype)
+        s_dy = self.scratch(ws, "dbeta", (c,), dout.dtype)
+        s_dyx = self.scratch(ws, "dgamma", (c,), dout.dtype)
         dout3 = _ncl(dout)
         K.batchnorm_backward_sums_kernel[K.channel_grid(c), K.CHANNEL_THREADS](
             dout3, xhat.reshape(dout3.shape), s_dy, s_dyx)
         return s_dy, s_dyx
 
-    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale, ws=None):
         xhat, inv_std, gamma = cache
-        dx = cuda.device_array(dout.shape, dout.dtype)
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         dout3 = _ncl(dout)
         K.batchnorm_backward_dx_kernel[K.elementwise_grid(dout.size), K.ELEMENTWISE_THREADS](
             dout3, xhat.reshape(dout3.shape), gamma, inv_std, self.asarray(sum_dy),
@@ -126,24 +126,24 @@ class CudaLayerOps:
         return dx
 
     # ---- binary cross-entropy ----------------------------------------------------------------
-    def binary_cross_entropy(self, logits, labels):
+    def binary_cross_entropy(self, logits, labels, ws=None):
         n = logits.shape[0]
-        dlogits = cuda.device_array(logits.shape, logits.dtype)
-        loss = cuda.device_array(1, logits.dtype)
-        correct = cuda.device_array(1, np.int32)
+        dlogits = self.scratch(ws, "dlogits", logits.shape, logits.dtype)
+        loss = self.scratch(ws, "loss", (1,), logits.dtype)
+        correct = self.scratch(ws, "correct", (1,), np.int32)
         K.bce_kernel[1, K.BCE_THREADS](logits, labels, logits.dtype.type(1.0 / n), dlogits,
                                        loss, correct)
         return loss.reshape(()), dlogits, correct.reshape(())
 
     # ---- weight penalties --------------------------------------------------------------------
-    def weight_penalty(self, w, l1, l2, loss):
+    def weight_penalty(self, w, l1, l2, loss, ws=None):
         dt = w.dtype.type
-        out = cuda.device_array(1, loss.dtype)
+        out = self.scratch(ws, "penalised_loss", (1,), loss.dtype)
         K.weight_penalty_kernel[1, K.PENALTY_THREADS](_flat(w), dt(l1), dt(l2), loss.reshape(1),
                                                       out)
         return out.reshape(())
 
-    def weight_penalty_grad(self, grad, w, l1, l2):
+    def weight_penalty_grad(self, grad, w, l1, l2, ws=None):
         dt = w.dtype.type
         K.weight_penalty_grad_kernel[K.elementwise_grid(w.size), K.ELEMENTWISE_THREADS](
             _flat(grad), _flat(w), dt(l1), dt(2 * l2))

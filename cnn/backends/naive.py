@@ -139,7 +139,7 @@ class NaiveBackend(NumpyBackend):
         return np.asarray(loss / n, dtype=logits.dtype), dlogits, np.asarray(correct)
 
     # ---- more activations (plain loops over the flat elements) -------------------------------
-    def sigmoid_forward(self, x):
+    def sigmoid_forward(self, x, ws=None):
         out = np.empty_like(x)
         src, dst = x.reshape(-1), out.reshape(-1)
         for k in range(src.size):
@@ -151,21 +151,21 @@ class NaiveBackend(NumpyBackend):
                 dst[k] = e / (1.0 + e)
         return out, out
 
-    def sigmoid_backward(self, dout, cache):
+    def sigmoid_backward(self, dout, cache, ws=None):
         dx = np.empty_like(dout)
         g, s, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
         for k in range(g.size):
             d[k] = float(g[k]) * float(s[k]) * (1.0 - float(s[k]))
         return dx
 
-    def tanh_forward(self, x):
+    def tanh_forward(self, x, ws=None):
         out = np.empty_like(x)
         src, dst = x.reshape(-1), out.reshape(-1)
         for k in range(src.size):
             dst[k] = math.tanh(float(src[k]))
         return out, out
 
-    def tanh_backward(self, dout, cache):
+    def tanh_backward(self, dout, cache, ws=None):
         dx = np.empty_like(dout)
         g, t, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
         for k in range(g.size):
@@ -173,7 +173,7 @@ class NaiveBackend(NumpyBackend):
         return dx
 
     # ---- dropout: the mask from Python integers, one unit at a time --------------------------
-    def dropout_forward(self, x, rate, key, offset):
+    def dropout_forward(self, x, rate, key, offset, ws=None):
         keep = rng.keep_mask_reference(key, rate, offset, x.shape)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         out = np.zeros_like(x)
@@ -185,7 +185,7 @@ class NaiveBackend(NumpyBackend):
                 m[k] = scale
         return out, mult
 
-    def dropout_backward(self, dout, cache):
+    def dropout_backward(self, dout, cache, ws=None):
         dx = np.zeros_like(dout)
         g, m, d = dout.reshape(-1), cache.reshape(-1), dx.reshape(-1)
         for k in range(g.size):
@@ -198,13 +198,13 @@ class NaiveBackend(NumpyBackend):
         """The values of channel ``c`` of ``x (N, C, ...)`` in a flat list of floats."""
         return [float(v) for v in x[:, c].reshape(-1)]
 
-    def batchnorm_sums(self, x):
+    def batchnorm_sums(self, x, ws=None):
         out = np.zeros(x.shape[1], dtype=x.dtype)
         for c in range(x.shape[1]):
             out[c] = math.fsum(self._channel_values(x, c))
         return out
 
-    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count, ws=None):
         out = np.zeros(x.shape[1], dtype=x.dtype)
         for c in range(x.shape[1]):
             mean = float(sums[c]) * inv_count
@@ -229,23 +229,23 @@ class NaiveBackend(NumpyBackend):
                 out[idx] = float(gamma[c]) * h + float(beta[c])
         return out, (xhat, inv_std, gamma)
 
-    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps):
+    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps, ws=None):
         mean = [float(s) * inv_count for s in sums]
         var = [float(q) * inv_count for q in sq_sums]
         return self._bn_loops(x, mean, var, gamma, beta, eps)
 
-    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps):
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps, ws=None):
         return self._bn_loops(x, running_mean, running_var, gamma, beta, eps)
 
     def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums, inv_count,
-                                 momentum):
+                                 momentum, ws=None):
         new_mean, new_var = np.empty_like(running_mean), np.empty_like(running_var)
         for c in range(running_mean.size):
             new_mean[c] = momentum * float(running_mean[c]) + (1 - momentum) * float(sums[c]) * inv_count
             new_var[c] = momentum * float(running_var[c]) + (1 - momentum) * float(sq_sums[c]) * inv_count
         return new_mean, new_var
 
-    def batchnorm_backward_sums(self, dout, cache):
+    def batchnorm_backward_sums(self, dout, cache, ws=None):
         xhat = cache[0]
         c_count = dout.shape[1]
         s1, s2 = np.zeros(c_count, dtype=dout.dtype), np.zeros(c_count, dtype=dout.dtype)
@@ -255,7 +255,7 @@ class NaiveBackend(NumpyBackend):
             s2[c] = math.fsum(a * b for a, b in zip(g, h))
         return s1, s2
 
-    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale, ws=None):
         xhat, inv_std, gamma = cache
         dx = np.empty_like(dout)
         for c in range(dout.shape[1]):
@@ -267,7 +267,7 @@ class NaiveBackend(NumpyBackend):
         return dx
 
     # ---- binary cross-entropy, row by row ------------------------------------------------------
-    def binary_cross_entropy(self, logits, labels):
+    def binary_cross_entropy(self, logits, labels, ws=None):
         n = logits.shape[0]
         dlogits = np.zeros_like(logits)
         total, correct = 0.0, 0
@@ -280,12 +280,12 @@ class NaiveBackend(NumpyBackend):
         return np.asarray(total / n, dtype=logits.dtype), dlogits, np.asarray(correct)
 
     # ---- weight penalties ----------------------------------------------------------------------
-    def weight_penalty(self, w, l1, l2, loss):
+    def weight_penalty(self, w, l1, l2, loss, ws=None):
         vals = [float(v) for v in w.reshape(-1)]
         penalty = l1 * math.fsum(abs(v) for v in vals) + l2 * math.fsum(v * v for v in vals)
         return np.asarray(float(loss) + penalty, dtype=loss.dtype)
 
-    def weight_penalty_grad(self, grad, w, l1, l2):
+    def weight_penalty_grad(self, grad, w, l1, l2, ws=None):
         g, src = grad.reshape(-1), w.reshape(-1)
         for k in range(src.size):
             v = float(src[k])

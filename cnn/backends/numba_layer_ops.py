@@ -161,13 +161,13 @@ def batchnorm_backward_sums(dout3, xhat3, s_dy, s_dyx):
 
 @njit(**_JIT)
 def batchnorm_backward_dx(dout3, xhat3, k, s_dy, s_dyx, scale, dx3):
-    """``dx = k * (dout - scale * (s_dy + xhat * s_dyx))`` per channel, ``k = gamma*inv_std``."""
+    """``dx = k * (dout - (s_dy + xhat * s_dyx) * scale)`` per channel, ``k = gamma*inv_std``."""
     n, c_count, length = dout3.shape
     for i in range(n):
         for c in range(c_count):
-            kc, a, b = k[c], scale * s_dy[c], scale * s_dyx[c]
+            kc, a, b = k[c], s_dy[c], s_dyx[c]
             for j in range(length):
-                dx3[i, c, j] = kc * (dout3[i, c, j] - (a + xhat3[i, c, j] * b))
+                dx3[i, c, j] = kc * (dout3[i, c, j] - (a + xhat3[i, c, j] * b) * scale)
 
 
 def _ncl(x):
@@ -178,84 +178,92 @@ def _ncl(x):
 
 class NumbaLayerOps:
     """The kernels above behind the op contract (a mixin of ``NumbaBackend``, which supplies
-    ``_launch``); binary cross-entropy and the weight penalties are the NumPy ones."""
+    ``_launch``); binary cross-entropy and the weight penalties are the NumPy ones. Outputs and
+    caches come from ``self.scratch`` (the workspace when the layer passes one)."""
 
-    def _elementwise(self, kernel, *arrays):
+    def _elementwise(self, kernel, name, ws, *arrays):
         arrays = [np.ascontiguousarray(a) for a in arrays]
-        out = np.empty_like(arrays[0])
+        out = self.scratch(ws, name, arrays[0].shape, arrays[0].dtype)
         self._launch(kernel, *[a.reshape(-1) for a in arrays], out.reshape(-1))
         return out
 
     # ---- activations -----------------------------------------------------------------------
-    def sigmoid_forward(self, x):
-        out = self._elementwise(sigmoid_forward, x)
+    def sigmoid_forward(self, x, ws=None):
+        out = self._elementwise(sigmoid_forward, "out", ws, x)
         return out, out
 
-    def sigmoid_backward(self, dout, cache):
-        return self._elementwise(sigmoid_backward, dout, cache)
+    def sigmoid_backward(self, dout, cache, ws=None):
+        return self._elementwise(sigmoid_backward, "dx", ws, dout, cache)
 
-    def tanh_forward(self, x):
-        out = self._elementwise(tanh_forward, x)
+    def tanh_forward(self, x, ws=None):
+        out = self._elementwise(tanh_forward, "out", ws, x)
         return out, out
 
-    def tanh_backward(self, dout, cache):
-        return self._elementwise(tanh_backward, dout, cache)
+    def tanh_backward(self, dout, cache, ws=None):
+        return self._elementwise(tanh_backward, "dx", ws, dout, cache)
 
     # ---- dropout ---------------------------------------------------------------------------
-    def dropout_forward(self, x, rate, key, offset):
+    def dropout_forward(self, x, rate, key, offset, ws=None):
         x = np.ascontiguousarray(x)
         x2 = x.reshape(x.shape[0], -1)
-        out = np.empty_like(x)
-        mask = np.empty(x.shape, dtype=np.uint8)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        mask = self.scratch(ws, "mask", x.shape, np.uint8)
         scale = x.dtype.type(1.0 / (1.0 - rate))
         self._launch(dropout_forward, x2, np.uint64(key & rng.MASK64),
                      np.uint64(rng.threshold(rate)), int(offset), scale,
                      out.reshape(x2.shape), mask.reshape(x2.shape))
         return out, (mask, scale)
 
-    def dropout_backward(self, dout, cache):
+    def dropout_backward(self, dout, cache, ws=None):
         mask, scale = cache
         dout = np.ascontiguousarray(dout)
-        dx = np.empty_like(dout)
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         self._launch(dropout_backward, dout.reshape(-1), mask.reshape(-1), scale, dx.reshape(-1))
         return dx
 
     # ---- batch normalisation -----------------------------------------------------------------
-    def batchnorm_sums(self, x):
-        out = np.empty(x.shape[1], dtype=x.dtype)
+    def batchnorm_sums(self, x, ws=None):
+        out = self.scratch(ws, "sums", (x.shape[1],), x.dtype)
         self._launch(channel_sums, _ncl(x), out)
         return out
 
-    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
-        out = np.empty(x.shape[1], dtype=x.dtype)
-        self._launch(channel_sq_dev_sums, _ncl(x), np.ascontiguousarray(sums * inv_count), out)
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count, ws=None):
+        mean = self.scratch(ws, "mean", (x.shape[1],), x.dtype)
+        np.multiply(sums, inv_count, out=mean)
+        out = self.scratch(ws, "sq_sums", (x.shape[1],), x.dtype)
+        self._launch(channel_sq_dev_sums, _ncl(x), mean, out)
         return out
 
-    def _normalize(self, x, mean, var, gamma, beta, eps):
+    def _normalize(self, x, mean, var, gamma, beta, eps, ws):
         x3 = _ncl(x)
-        inv_std = np.ascontiguousarray(1 / np.sqrt(var + eps))
-        out, xhat = np.empty(x.shape, dtype=x.dtype), np.empty(x.shape, dtype=x.dtype)
+        inv_std = self.scratch(ws, "inv_std", (x.shape[1],), x.dtype)
+        np.add(var, x.dtype.type(eps), out=inv_std)
+        np.sqrt(inv_std, out=inv_std)
+        np.divide(1, inv_std, out=inv_std)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        xhat = self.scratch(ws, "xhat", x.shape, x.dtype)
         self._launch(batchnorm_normalize, x3, np.ascontiguousarray(mean), inv_std,
                      np.ascontiguousarray(gamma), np.ascontiguousarray(beta),
                      out.reshape(x3.shape), xhat.reshape(x3.shape))
         return out, (xhat, inv_std, gamma)
 
-    def batchnorm_backward_sums(self, dout, cache):
+    def batchnorm_backward_sums(self, dout, cache, ws=None):
         xhat = cache[0]
         dout3 = _ncl(dout)
-        s_dy = np.empty(dout.shape[1], dtype=dout.dtype)
-        s_dyx = np.empty(dout.shape[1], dtype=dout.dtype)
+        s_dy = self.scratch(ws, "dbeta", (dout.shape[1],), dout.dtype)
+        s_dyx = self.scratch(ws, "dgamma", (dout.shape[1],), dout.dtype)
         self._launch(batchnorm_backward_sums, dout3, xhat.reshape(dout3.shape), s_dy, s_dyx)
         return s_dy, s_dyx
 
-    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale, ws=None):
         xhat, inv_std, gamma = cache
         dout3 = _ncl(dout)
-        dx = np.empty(dout.shape, dtype=dout.dtype)
+        k = self.scratch(ws, "k", inv_std.shape, dout.dtype)
+        np.multiply(gamma, inv_std, out=k)
         if not scale:  # constant statistics: the sums do not matter
-            sum_dy = sum_dy_xhat = np.zeros_like(inv_std)
-        self._launch(batchnorm_backward_dx, dout3, xhat.reshape(dout3.shape),
-                     np.ascontiguousarray(gamma * inv_std), np.ascontiguousarray(sum_dy),
-                     np.ascontiguousarray(sum_dy_xhat), dout.dtype.type(scale),
-                     dx.reshape(dout3.shape))
+            sum_dy = sum_dy_xhat = k
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
+        self._launch(batchnorm_backward_dx, dout3, xhat.reshape(dout3.shape), k,
+                     np.ascontiguousarray(sum_dy), np.ascontiguousarray(sum_dy_xhat),
+                     dout.dtype.type(scale), dx.reshape(dout3.shape))
         return dx

@@ -34,96 +34,163 @@ def stable_sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 class NumpyLayerOps:
-    """The ops of the layers added for issue 12, vectorised in NumPy."""
+    """The ops of the layers added for issue 12, vectorised in NumPy. With a workspace every
+    output, cache and temporary of size ``N*...`` comes from ``self.scratch`` (see "Workspaces"
+    in :mod:`cnn.backends.base`); per-channel vectors and the loss scalars are tiny."""
 
     # ---- activations -----------------------------------------------------------------------
-    def sigmoid_forward(self, x):
-        out = stable_sigmoid(x).astype(x.dtype, copy=False)
+    def sigmoid_forward(self, x, ws=None):
+        e = self.scratch(ws, "exp", x.shape, x.dtype)
+        t = self.scratch(ws, "denom", x.shape, x.dtype)
+        pos = self.scratch(ws, "positive", x.shape, np.bool_)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        np.abs(x, out=e)
+        np.negative(e, out=e)
+        np.exp(e, out=e)                     # exp(-|x|) in (0, 1]: never overflows
+        np.add(e, 1, out=t)
+        np.divide(e, t, out=out)             # x < 0: e^x / (1 + e^x)
+        np.divide(1, t, out=t)               # x >= 0: 1 / (1 + e^-x)
+        np.greater_equal(x, 0, out=pos)
+        np.copyto(out, t, where=pos)
         return out, out
 
-    def sigmoid_backward(self, dout, cache):
-        return dout * (cache * (1 - cache))
+    def sigmoid_backward(self, dout, cache, ws=None):
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
+        np.subtract(1, cache, out=dx)
+        dx *= cache
+        dx *= dout
+        return dx
 
-    def tanh_forward(self, x):
-        out = np.tanh(x)
+    def tanh_forward(self, x, ws=None):
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        np.tanh(x, out=out)
         return out, out
 
-    def tanh_backward(self, dout, cache):
-        return dout * (1 - cache * cache)
+    def tanh_backward(self, dout, cache, ws=None):
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
+        np.multiply(cache, cache, out=dx)
+        np.subtract(1, dx, out=dx)
+        dx *= dout
+        return dx
 
     # ---- dropout ---------------------------------------------------------------------------
-    def dropout_forward(self, x, rate, key, offset):
-        mult = rng.keep_mask(key, rate, offset, x.shape).astype(x.dtype)
-        mult *= x.dtype.type(1.0 / (1.0 - rate))
-        return x * mult, mult
+    def dropout_forward(self, x, rate, key, offset, ws=None):
+        n = x.shape[0]
+        d = x.size // n if n else 0
+        keep = self.scratch(ws, "keep", (n, d), np.bool_)
+        work = [self.scratch(ws, name, shape, np.uint64) for name, shape in
+                (("hash", (n, d)), ("hash_tmp", (n, d)), ("rows", (n,)), ("cols", (d,)))]
+        rng.keep_mask_into(keep, key, rate, offset, *work)
+        mult = self.scratch(ws, "mult", x.shape, x.dtype)
+        np.multiply(keep.reshape(x.shape), x.dtype.type(1.0 / (1.0 - rate)), out=mult)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        np.multiply(x, mult, out=out)
+        return out, mult
 
-    def dropout_backward(self, dout, cache):
-        return dout * cache
+    def dropout_backward(self, dout, cache, ws=None):
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
+        np.multiply(dout, cache, out=dx)
+        return dx
 
     # ---- batch normalisation -----------------------------------------------------------------
-    def batchnorm_sums(self, x):
-        return x.sum(axis=_channel_axes(x))
+    def batchnorm_sums(self, x, ws=None):
+        out = self.scratch(ws, "sums", (x.shape[1],), x.dtype)
+        return np.sum(x, axis=_channel_axes(x), out=out)
 
-    def batchnorm_sq_dev_sums(self, x, sums, inv_count):
-        d = x - _per_channel(sums * inv_count, x)
+    def batchnorm_sq_dev_sums(self, x, sums, inv_count, ws=None):
+        mean = self.scratch(ws, "mean", (x.shape[1],), x.dtype)
+        np.multiply(sums, inv_count, out=mean)
+        d = self.scratch(ws, "deviation", x.shape, x.dtype)
+        np.subtract(x, _per_channel(mean, x), out=d)
         np.multiply(d, d, out=d)
-        return d.sum(axis=_channel_axes(x))
+        out = self.scratch(ws, "sq_sums", (x.shape[1],), x.dtype)
+        return np.sum(d, axis=_channel_axes(x), out=out)
 
-    def _normalize(self, x, mean, var, gamma, beta, eps):
-        inv_std = 1 / np.sqrt(var + eps)
-        xhat = (x - _per_channel(mean, x)) * _per_channel(inv_std, x)
-        out = xhat * _per_channel(gamma, x) + _per_channel(beta, x)
+    def _normalize(self, x, mean, var, gamma, beta, eps, ws):
+        c = x.shape[1]
+        inv_std = self.scratch(ws, "inv_std", (c,), x.dtype)
+        np.add(var, x.dtype.type(eps), out=inv_std)
+        np.sqrt(inv_std, out=inv_std)
+        np.divide(1, inv_std, out=inv_std)
+        xhat = self.scratch(ws, "xhat", x.shape, x.dtype)
+        np.subtract(x, _per_channel(mean, x), out=xhat)
+        xhat *= _per_channel(inv_std, x)
+        out = self.scratch(ws, "out", x.shape, x.dtype)
+        np.multiply(xhat, _per_channel(gamma, x), out=out)
+        out += _per_channel(beta, x)
         return out, (xhat, inv_std, gamma)
 
-    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps):
-        return self._normalize(x, sums * inv_count, sq_sums * inv_count, gamma, beta, eps)
+    def batchnorm_train_forward(self, x, sums, sq_sums, inv_count, gamma, beta, eps, ws=None):
+        c = x.shape[1]
+        mean = self.scratch(ws, "batch_mean", (c,), x.dtype)
+        var = self.scratch(ws, "batch_var", (c,), x.dtype)
+        np.multiply(sums, inv_count, out=mean)
+        np.multiply(sq_sums, inv_count, out=var)
+        return self._normalize(x, mean, var, gamma, beta, eps, ws)
 
-    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps):
-        return self._normalize(x, running_mean, running_var, gamma, beta, eps)
+    def batchnorm_infer_forward(self, x, running_mean, running_var, gamma, beta, eps, ws=None):
+        return self._normalize(x, running_mean, running_var, gamma, beta, eps, ws)
 
     def batchnorm_running_update(self, running_mean, running_var, sums, sq_sums, inv_count,
-                                 momentum):
+                                 momentum, ws=None):
+        # new arrays even with a workspace: they outlive the step (they become the buffers)
         keep, take = running_mean.dtype.type(momentum), running_mean.dtype.type(1 - momentum)
         return (running_mean * keep + (sums * inv_count) * take,
                 running_var * keep + (sq_sums * inv_count) * take)
 
-    def batchnorm_backward_sums(self, dout, cache):
+    def batchnorm_backward_sums(self, dout, cache, ws=None):
         xhat = cache[0]
         axes = _channel_axes(dout)
-        return dout.sum(axis=axes), (dout * xhat).sum(axis=axes)
+        c = dout.shape[1]
+        s_dy = np.sum(dout, axis=axes, out=self.scratch(ws, "dbeta", (c,), dout.dtype))
+        prod = self.scratch(ws, "dout_xhat", dout.shape, dout.dtype)
+        np.multiply(dout, xhat, out=prod)
+        s_dyx = np.sum(prod, axis=axes, out=self.scratch(ws, "dgamma", (c,), dout.dtype))
+        return s_dy, s_dyx
 
-    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale):
+    def batchnorm_backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale, ws=None):
         xhat, inv_std, gamma = cache
-        k = _per_channel(gamma * inv_std, dout)
+        k = self.scratch(ws, "k", inv_std.shape, dout.dtype)
+        np.multiply(gamma, inv_std, out=k)
+        dx = self.scratch(ws, "dx", dout.shape, dout.dtype)
         if scale == 0:
-            return dout * k
-        corr = _per_channel(sum_dy, dout) + xhat * _per_channel(sum_dy_xhat, dout)
-        corr *= dout.dtype.type(scale)
-        return k * (dout - corr)
+            return np.multiply(dout, _per_channel(k, dout), out=dx)
+        # dx = k * (dout - (sum_dy + xhat * sum_dy_xhat) * scale)
+        np.multiply(xhat, _per_channel(sum_dy_xhat, dout), out=dx)
+        dx += _per_channel(sum_dy, dout)
+        dx *= dout.dtype.type(scale)
+        np.subtract(dout, dx, out=dx)
+        dx *= _per_channel(k, dout)
+        return dx
 
     # ---- binary cross-entropy ----------------------------------------------------------------
-    def binary_cross_entropy(self, logits, labels):
+    def binary_cross_entropy(self, logits, labels, ws=None):
         n = logits.shape[0]
-        z = logits.reshape(n).astype(np.float64)
+        z = logits.reshape(n).astype(np.float64)  # (N,) temporaries: small
         y = np.asarray(labels).astype(np.float64)
         # max(z, 0) - z*y + log(1 + exp(-|z|)): finite for any z (TensorFlow's formulation)
         loss = (np.maximum(z, 0) - z * y + np.log1p(np.exp(-np.abs(z)))).mean()
-        dlogits = ((stable_sigmoid(z) - y) / n).astype(logits.dtype).reshape(logits.shape)
+        dlogits = self.scratch(ws, "dlogits", logits.shape, logits.dtype)
+        np.copyto(dlogits, ((stable_sigmoid(z) - y) / n).reshape(logits.shape), casting="same_kind")
         correct = np.count_nonzero((z > 0) == (y > 0.5))
         return np.asarray(loss, dtype=logits.dtype), dlogits, np.asarray(correct)
 
     # ---- weight penalties --------------------------------------------------------------------
-    def weight_penalty(self, w, l1, l2, loss):
+    def weight_penalty(self, w, l1, l2, loss, ws=None):
         total = loss.dtype.type(0)
         if l1:
-            total += w.dtype.type(l1) * np.abs(w).sum()
+            total += w.dtype.type(l1) * np.abs(w).sum()  # one pass over the weights, no batch axis
         if l2:
             total += w.dtype.type(l2) * np.vdot(w, w)
         return np.asarray(loss + total, dtype=loss.dtype)
 
-    def weight_penalty_grad(self, grad, w, l1, l2):
+    def weight_penalty_grad(self, grad, w, l1, l2, ws=None):
+        tmp = self.scratch(ws, "penalty_grad", w.shape, w.dtype)
         if l1:
-            grad += w.dtype.type(l1) * np.sign(w)
+            np.sign(w, out=tmp)
+            tmp *= w.dtype.type(l1)
+            grad += tmp
         if l2:
-            grad += w.dtype.type(2 * l2) * w
+            np.multiply(w, w.dtype.type(2 * l2), out=tmp)
+            grad += tmp
         return grad

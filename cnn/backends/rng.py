@@ -92,22 +92,40 @@ def _mix64_np(z: np.ndarray) -> np.ndarray:
     return z
 
 
-def row_keys(key: int, offset: int, n: int) -> np.ndarray:
-    """``mix64(key + (offset + i + 1) * GOLDEN)`` for ``i < n``: the per-example keys (uint64)."""
-    idx = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
+def row_keys(key: int, offset: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
+    """``mix64(key + (offset + i + 1) * GOLDEN)`` for ``i < n``: the per-example keys (uint64),
+    into ``out`` when given."""
+    idx = np.arange(offset + 1, offset + n + 1, dtype=np.uint64) if out is None else out
+    if out is not None:
+        idx[...] = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
     idx *= _U(GOLDEN)
     idx += _U(key & MASK64)
     return _mix64_np(idx)
 
 
+def keep_mask_into(keep: np.ndarray, key: int, rate: float, offset: int, z: np.ndarray,
+                   tmp: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The keep mask of ``keep (N, D)`` (bool) computed in caller-provided uint64 buffers
+    ``z``, ``tmp`` ``(N, D)``, ``rows (N,)``, ``cols (D,)``: no allocation of size ``N*D``."""
+    n, d = keep.shape
+    row_keys(key, offset, n, out=rows)
+    cols[...] = np.arange(1, d + 1, dtype=np.uint64)
+    cols *= _U(GOLDEN)
+    np.add(rows[:, None], cols[None, :], out=z)
+    for shift, mult in ((30, MIX1), (27, MIX2)):
+        np.right_shift(z, _U(shift), out=tmp)
+        np.bitwise_xor(z, tmp, out=z)
+        np.multiply(z, _U(mult), out=z)
+    np.right_shift(z, _U(31), out=tmp)
+    np.bitwise_xor(z, tmp, out=z)
+    np.right_shift(z, _U(32), out=z)
+    return np.greater_equal(z, _U(threshold(rate)), out=keep)
+
+
 def keep_mask(key: int, rate: float, offset: int, shape: tuple[int, ...]) -> np.ndarray:
     """Boolean keep mask of ``shape = (N, ...)``, vectorised (the NumPy backend's)."""
     n = shape[0]
-    per_example = int(np.prod(shape[1:], dtype=np.int64))
-    t = _U(threshold(rate))
-    cols = np.arange(1, per_example + 1, dtype=np.uint64)
-    cols *= _U(GOLDEN)
-    z = row_keys(key, offset, n)[:, None] + cols[None, :]
-    _mix64_np(z)
-    z >>= _U(32)
-    return (z >= t).reshape(shape)
+    d = int(np.prod(shape[1:], dtype=np.int64))
+    u64 = [np.empty((n, d), np.uint64), np.empty((n, d), np.uint64), np.empty(n, np.uint64),
+           np.empty(d, np.uint64)]
+    return keep_mask_into(np.empty((n, d), bool), key, rate, offset, *u64).reshape(shape)
