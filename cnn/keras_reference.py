@@ -8,10 +8,21 @@ Layout differences handled here (ours -> Keras):
 - images ``(N, C, H, W)`` -> ``(N, H, W, C)`` (TensorFlow's CPU convolutions are channels-last);
 - conv kernels ``(F, C, KH, KW)`` -> ``(KH, KW, C, F)``;
 - dense weights fed by a ``flatten`` of a ``(C, H, W)`` map (directly or through elementwise
-  layers such as ``relu``): our rows run in ``C, H, W`` order, Keras's in ``H, W, C`` order, so
-  those rows are permuted; other dense weights are equal. A ``flatten`` of a map whose output
-  is *not* consumed by a dense layer (it gives the logits) cannot be fixed by permuting
-  weights, so Keras gets a ``Permute`` to channels-first before its ``Flatten`` instead.
+  layers such as ``relu``, ``sigmoid``, ``tanh``, ``dropout``, or a batch norm of the flat
+  vector): our rows run in ``C, H, W`` order, Keras's in ``H, W, C`` order, so those rows are
+  permuted, and so are the per-feature vectors (``gamma``, ``beta``, running statistics) of a
+  batch norm between them; other weights are equal. A ``flatten`` of a map whose output is
+  *not* consumed by a dense layer (it gives the logits) cannot be fixed by permuting weights,
+  so Keras gets a ``Permute`` to channels-first before its ``Flatten`` instead.
+
+The layers added for issue 12 map to ``Activation("sigmoid")``, ``Activation("tanh")``,
+``Dropout(rate)`` and ``BatchNormalization(axis=-1, momentum, epsilon)`` (per channel of a
+channels-last map, or per feature of a flat vector; weights ``[gamma, beta, moving_mean,
+moving_variance]``: our parameters and our buffers); ``kernel_regularizer`` to
+``keras.regularizers.L1L2``, whose penalties Keras adds to the loss as we do; the loss to
+``SparseCategoricalCrossentropy`` or ``BinaryCrossentropy``, both from logits. Keras's dropout
+draws its masks from its own generator, so training passes with dropout agree with ours only
+at ``rate=0``; inference passes always do.
 
 Padding ``'same'`` is TensorFlow's split (the odd pixel bottom/right), which our Conv2D
 computes too; pooling has no padding in either. Every Keras layer is built in the model's
@@ -31,12 +42,15 @@ import time
 
 import numpy as np
 
-from .layers import Conv2D, Dense, Flatten, Layer, MaxPool2D, ReLU
+from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh
 
 #: batch size of the per-epoch validation evaluation (that of ``Sequential.evaluate``)
 EVAL_BATCH = 256
 #: our layer classes that have a Keras counterpart here (matched by exact class)
-SUPPORTED_LAYERS: tuple[type[Layer], ...] = (Conv2D, MaxPool2D, ReLU, Flatten, Dense)
+SUPPORTED_LAYERS: tuple[type[Layer], ...] = (Conv2D, MaxPool2D, ReLU, Flatten, Dense, Sigmoid,
+                                              Tanh, Dropout, BatchNorm)
+#: layers that act on each element alone (no parameters): they keep a flat vector's order
+ELEMENTWISE_LAYERS = (ReLU, Sigmoid, Tanh, Dropout)
 
 
 # ---- threads -------------------------------------------------------------------------------
@@ -76,9 +90,11 @@ def thread_settings() -> dict[str, int]:
 
 # ---- architecture ----------------------------------------------------------------------------
 def _is_passthrough(layer: Layer) -> bool:
-    """Layers that leave the order of a flat vector alone: elementwise ones, and a flatten of
-    an already flat input."""
-    return type(layer) is ReLU or (type(layer) is Flatten and len(layer.input_shape) == 1)
+    """Layers that leave the order of a flat vector alone: elementwise ones, a flatten of an
+    already flat input, and a batch norm of a flat vector (per feature: its vectors are
+    permuted with the features, see :func:`ours_to_keras`)."""
+    t = type(layer)
+    return (t in ELEMENTWISE_LAYERS or (t in (Flatten, BatchNorm) and len(layer.input_shape) == 1))
 
 
 def _flatten_feeding(model, index: int) -> int | None:
@@ -100,10 +116,25 @@ def _flatten_consumer(model, index: int) -> Layer | None:
     return None
 
 
-def _flatten_source_shape(model, dense_index: int):
-    """The ``(C, H, W)`` shape whose flattening feeds dense layer ``dense_index``, if any."""
-    j = _flatten_feeding(model, dense_index)
-    return None if j is None else model.layers[j].input_shape
+def _flatten_source_shape(model, index: int):
+    """The ``(C, H, W)`` shape whose flattening feeds layer ``index`` (a dense layer, or a
+    batch norm of a flat vector) in Keras's ``H, W, C`` order, if any: a flatten whose output
+    reaches a dense layer (Keras gets no ``Permute`` before it, see :func:`_keras_layers`)."""
+    j = _flatten_feeding(model, index)
+    if j is None or type(_flatten_consumer(model, j)) is not Dense:
+        return None
+    return model.layers[j].input_shape
+
+
+def _to_hwc(v: np.ndarray, src) -> np.ndarray:
+    """A per-feature vector of a flattened ``(C, H, W)`` map, ours (C, H, W order) -> Keras's."""
+    c, h, w = src
+    return np.ascontiguousarray(v.reshape(c, h, w).transpose(1, 2, 0).reshape(-1))
+
+
+def _to_chw(v: np.ndarray, src) -> np.ndarray:
+    c, h, w = src
+    return np.ascontiguousarray(v.reshape(h, w, c).transpose(2, 0, 1).reshape(-1))
 
 
 def check_keras_compatible(model) -> None:
@@ -127,9 +158,19 @@ def _keras_layers(model, index: int, keras) -> list:
     layer = model.layers[index]
     kw = {"name": layer.name, "dtype": str(model.dtype)}
     t = type(layer)
+    if t in (Conv2D, Dense) and layer.kernel_regularizer is not None:
+        l1, l2 = layer.kernel_regularizer
+        kw["kernel_regularizer"] = keras.regularizers.L1L2(l1=l1, l2=l2)
     if t is Conv2D:
         return [keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.stride,
                                     padding=layer.padding, **kw)]
+    if t in (Sigmoid, Tanh):
+        return [keras.layers.Activation(t.type, **kw)]
+    if t is Dropout:
+        return [keras.layers.Dropout(layer.rate, **kw)]
+    if t is BatchNorm:
+        return [keras.layers.BatchNormalization(axis=-1, momentum=layer.momentum,
+                                                epsilon=layer.epsilon, **kw)]
     if t is MaxPool2D:
         return [keras.layers.MaxPooling2D(layer.pool_size, strides=layer.stride,
                                           padding="valid", **kw)]
@@ -189,19 +230,33 @@ def from_keras_images(x: np.ndarray) -> np.ndarray:
 
 
 # ---- weights (and gradients: they share the layout) -----------------------------------------
-def ours_to_keras(model, params: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
+def ours_to_keras(model, params: dict[str, np.ndarray] | None = None,
+                  buffers: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
     """Our parameters (default the model's; or any dict with the same keys, e.g. gradients) in
-    Keras layouts, keyed by layer name: ``[kernel, bias]``."""
-    params = model.params if params is None else params
+    Keras layouts, keyed by layer name: ``[kernel, bias]``, or for batch norm ``[gamma, beta]``
+    followed by ``[moving_mean, moving_variance]`` from ``buffers`` (default: the model's
+    buffers when ``params`` is the model's too, else none: gradients have no buffers)."""
+    if params is None:
+        params = model.params
+        buffers = model.buffers if buffers is None else buffers
     out = {}
     for i, layer in enumerate(model.layers):
         if not layer.param_names:
             continue
+        t = type(layer)
+        if t is BatchNorm:
+            names = list(layer.param_names) + (list(layer.buffer_names) if buffers else [])
+            source = {**params, **(buffers or {})}
+            vectors = [np.asarray(source[f"{layer.name}.{n}"]).copy() for n in names]
+            if len(layer.input_shape) == 1 and (src := _flatten_source_shape(model, i)):
+                vectors = [_to_hwc(v, src) for v in vectors]
+            out[layer.name] = vectors
+            continue
         w = np.asarray(params[f"{layer.name}.w"])
         b = np.asarray(params[f"{layer.name}.b"])
-        if type(layer) is Conv2D:
+        if t is Conv2D:
             w = w.transpose(2, 3, 1, 0)
-        elif type(layer) is Dense and (src := _flatten_source_shape(model, i)) is not None:
+        elif t is Dense and (src := _flatten_source_shape(model, i)) is not None:
             c, h, wd = src
             w = w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3).reshape(c * h * wd, -1)
         out[layer.name] = [np.ascontiguousarray(w), b.copy()]
@@ -209,16 +264,27 @@ def ours_to_keras(model, params: dict[str, np.ndarray] | None = None) -> dict[st
 
 
 def keras_to_ours(model, keras_weights: dict[str, list[np.ndarray]]) -> dict[str, np.ndarray]:
-    """Keras ``[kernel, bias]`` per layer name (weights or gradients) -> our flat dict, in the
-    model's dtype."""
+    """Keras weights per layer name (weights or gradients) -> our flat dict, in the model's
+    dtype: ``[kernel, bias]`` -> ``w``, ``b``; batch norm ``[gamma, beta(, moving_mean,
+    moving_variance)]`` -> ``gamma``, ``beta`` (and the buffers ``running_mean``,
+    ``running_var`` when given: :meth:`cnn.model.Sequential.set_weights` takes both)."""
     params = {}
     for i, layer in enumerate(model.layers):
         if not layer.param_names:
             continue
+        t = type(layer)
+        if t is BatchNorm:
+            vectors = [np.asarray(a) for a in keras_weights[layer.name]]
+            if len(layer.input_shape) == 1 and (src := _flatten_source_shape(model, i)):
+                vectors = [_to_chw(v, src) for v in vectors]
+            names = list(layer.param_names) + list(layer.buffer_names)
+            for name, v in zip(names, vectors):
+                params[f"{layer.name}.{name}"] = np.array(v, dtype=model.dtype)
+            continue
         w, b = (np.asarray(a) for a in keras_weights[layer.name])
-        if type(layer) is Conv2D:
+        if t is Conv2D:
             w = w.transpose(3, 2, 0, 1)
-        elif type(layer) is Dense and (src := _flatten_source_shape(model, i)) is not None:
+        elif t is Dense and (src := _flatten_source_shape(model, i)) is not None:
             c, h, wd = src
             w = w.reshape(h, wd, c, -1).transpose(2, 0, 1, 3).reshape(c * h * wd, -1)
         params[f"{layer.name}.w"] = np.ascontiguousarray(w, dtype=model.dtype)
@@ -226,37 +292,58 @@ def keras_to_ours(model, keras_weights: dict[str, list[np.ndarray]]) -> dict[str
     return params
 
 
-def set_keras_weights(kmodel, model, params: dict[str, np.ndarray] | None = None) -> None:
-    """Copy our model's weights (or ``params``) into the Keras model."""
-    for name, weights in ours_to_keras(model, params).items():
+def set_keras_weights(kmodel, model, params: dict[str, np.ndarray] | None = None,
+                      buffers: dict[str, np.ndarray] | None = None) -> None:
+    """Copy our model's weights (or ``params``, with ``buffers`` or else the model's) into
+    the Keras model."""
+    buffers = model.buffers if buffers is None else buffers
+    for name, weights in ours_to_keras(model, model.params if params is None else params,
+                                       buffers).items():
         kmodel.get_layer(name).set_weights(weights)
 
 
 def get_keras_weights(kmodel, model) -> dict[str, np.ndarray]:
-    """The Keras model's weights in our layout (load with ``model.set_weights``)."""
+    """The Keras model's weights in our layout, parameters and buffers (load with
+    ``model.set_weights``)."""
     return keras_to_ours(model, {layer.name: kmodel.get_layer(layer.name).get_weights()
                                  for layer in model.layers if layer.param_names})
 
 
 def keras_loss(model):
-    """The loss our models train with, in Keras: mean sparse softmax cross-entropy on logits,
-    computed in the model's dtype."""
+    """The loss our model trains with, in Keras, from logits and in the model's dtype: mean
+    sparse softmax cross-entropy, or binary cross-entropy (labels as ``(N, 1)`` floats, see
+    :func:`keras_labels`)."""
     import keras
+    if model.loss.name == "binary_cross_entropy":
+        return keras.losses.BinaryCrossentropy(from_logits=True, dtype=str(model.dtype))
     return keras.losses.SparseCategoricalCrossentropy(from_logits=True, dtype=str(model.dtype))
 
 
-def keras_loss_and_grads(kmodel, model, x, y):
+def keras_labels(model, y) -> np.ndarray:
+    """Our integer labels ``(N,)`` as Keras's loss for ``model`` takes them: unchanged for
+    softmax cross-entropy, ``(N, 1)`` in the model's dtype for binary cross-entropy."""
+    y = np.asarray(y)
+    if model.loss.name == "binary_cross_entropy":
+        return y.reshape(-1, 1).astype(model.dtype)
+    return y
+
+
+def keras_loss_and_grads(kmodel, model, x, y, training: bool = True):
     """One forward and backward pass of the Keras model under ``tf.GradientTape``.
 
     ``x (N, C, H, W)`` in our layout, ``y (N,)``. Returns ``(loss, logits, grads)``: the mean
-    loss (float), the logits ``(N, K)`` and the gradient of every parameter converted to our
-    layout and keys (comparable with ``model.loss_and_grads``).
+    loss with the regularisation penalties (float), the logits ``(N, K)`` and the gradient of
+    every parameter converted to our layout and keys (comparable with
+    ``model.loss_and_grads``). ``training``: Keras's training flag (batch norm on the batch
+    statistics, which also updates the Keras model's moving statistics; dropout active).
     """
     import tensorflow as tf
     xk = tf.convert_to_tensor(to_keras_images(x))
     with tf.GradientTape() as tape:
-        logits = kmodel(xk, training=True)
-        loss = keras_loss(model)(tf.convert_to_tensor(np.asarray(y)), logits)
+        logits = kmodel(xk, training=training)
+        loss = keras_loss(model)(tf.convert_to_tensor(keras_labels(model, y)), logits)
+        if kmodel.losses:  # the kernel regularisers' penalties
+            loss = loss + tf.add_n([tf.cast(p, loss.dtype) for p in kmodel.losses])
     names = [layer.name for layer in model.layers if layer.param_names]
     variables = [v for name in names for v in kmodel.get_layer(name).trainable_weights]
     grads = tape.gradient(loss, variables)
@@ -302,11 +389,19 @@ def keras_optimizer(optimizer=None):
     return keras.optimizers.SGD(learning_rate=_ConstantRate(opt.lr), momentum=opt.momentum)
 
 
+def keras_accuracy(model):
+    """The accuracy metric that counts as ours does: the argmax, or for binary cross-entropy a
+    positive logit (``BinaryAccuracy`` with threshold 0 on the logits)."""
+    import keras
+    if model.loss.name == "binary_cross_entropy":
+        return keras.metrics.BinaryAccuracy(name="accuracy", threshold=0.0)
+    return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+
+
 def compile_keras_model(kmodel, model, optimizer=None) -> None:
     """Compile with our loss, the optimizer spec, and training-batch accuracy."""
-    import keras
     kmodel.compile(optimizer=keras_optimizer(optimizer), loss=keras_loss(model),
-                   metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+                   metrics=[keras_accuracy(model)])
 
 
 # ---- comparing two paths ----------------------------------------------------------------------
@@ -448,7 +543,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     import tensorflow as tf
 
     n = len(x)
-    y = np.asarray(y)
+    y = keras_labels(model, y)
     t = time.perf_counter()
     kmodel = build_keras_model(model)
     compile_keras_model(kmodel, model, opt)
@@ -457,7 +552,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     xk = to_keras_images(x)
     val = None
     if validation_data is not None:
-        val = (to_keras_images(validation_data[0]), np.asarray(validation_data[1]))
+        val = (to_keras_images(validation_data[0]), keras_labels(model, validation_data[1]))
     layout_time = time.perf_counter() - t
     history = History(info={"backend": "keras", "strategy": "keras", "threads": threads,
                             "batch_size": batch_size, "epochs": epochs, "seed": seed,
@@ -508,6 +603,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
 
 __all__ = ["SUPPORTED_LAYERS", "build_keras_model", "check_keras_compatible",
            "compile_keras_model", "configure_threads", "diff_table", "fit_keras",
-           "from_keras_images", "get_keras_weights", "keras_loss", "keras_loss_and_grads",
+           "from_keras_images", "get_keras_weights", "keras_accuracy", "keras_labels",
+           "keras_loss", "keras_loss_and_grads",
            "keras_optimizer", "keras_to_ours", "ours_to_keras", "relative_difference",
            "set_keras_weights", "thread_settings", "to_keras_images"]

@@ -397,16 +397,19 @@ class Sequential:
         self.set_weights(read_weights(path))
 
     def summary(self) -> str:
-        """One row per layer: name, type, output shape, trained parameters and buffer values
-        (non-trained state), then the totals and the loss."""
-        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}{'buffers':>9}"]
+        """One row per layer: name, type, output shape, trained parameters and, when the model
+        has any, buffer values (non-trained state); then the totals and the loss."""
+        with_buffers = bool(self.buffers)
+        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}"
+                + (f"{'buffers':>9}" if with_buffers else "")]
         for layer in self.layers:
             n = sum(self.params[f"{layer.name}.{p}"].size for p in layer.param_names)
-            nb = sum(self.buffers[f"{layer.name}.{b}"].size for b in layer.buffer_names)
-            rows.append(f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}"
-                        f"{nb:>9,}")
+            row = f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}"
+            if with_buffers:
+                row += f"{sum(self.buffers[f'{layer.name}.{b}'].size for b in layer.buffer_names):>9,}"
+            rows.append(row)
         rows.append(f"total parameters: {self.num_params:,} ({self.dtype})")
-        if self.buffers:
+        if with_buffers:
             rows.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
                         f"{len(self.buffers)} arrays ({', '.join(self.buffers)})")
         rows.append(f"loss: {self.loss.name}")
