@@ -399,9 +399,21 @@ def keras_accuracy(model):
 
 
 def compile_keras_model(kmodel, model, optimizer=None) -> None:
-    """Compile with our loss, the optimizer spec, and training-batch accuracy."""
-    kmodel.compile(optimizer=keras_optimizer(optimizer), loss=keras_loss(model),
-                   metrics=[keras_accuracy(model)])
+    """Compile with our loss, the optimizer spec, and training-batch accuracy.
+
+    Keras wraps the loss in a ``CompileLoss`` whose dtype is ``floatx()`` when ``compile``
+    runs (float32), so a float64 model would get a float32 loss, which Keras then cannot add
+    to the float64 penalties of its kernel regularisers ("Cannot convert a list containing a
+    tensor of dtype float64 to float32"). ``floatx`` is therefore the model's dtype for the
+    duration of the call (and restored after it): float64 models train on a float64 loss."""
+    import keras
+    previous = keras.backend.floatx()
+    keras.backend.set_floatx(str(model.dtype))
+    try:
+        kmodel.compile(optimizer=keras_optimizer(optimizer), loss=keras_loss(model),
+                       metrics=[keras_accuracy(model)])
+    finally:
+        keras.backend.set_floatx(previous)
 
 
 # ---- comparing two paths ----------------------------------------------------------------------

@@ -178,4 +178,7 @@ def test_fit_keras_with_binary_cross_entropy_follows_fit():
                                    err_msg=key)
     for k, v in {**ours.params, **ours.buffers}.items():
         source = theirs.params if k in theirs.params else theirs.buffers
+        if k == "conv2d.b":  # before batch norm: rounding noise in both
+            assert np.abs(source[k] - v).max() < 1e-6, k
+            continue
         assert_close(source[k], v, 1e-4, f"{k} after 2 epochs")
