@@ -137,16 +137,23 @@ class StepContext:
         """``arrays`` summed over every shard of the global batch (themselves on one shard)."""
         return list(arrays) if self.reduce is None else self.reduce(arrays)
 
-    def commit(self, buffers: dict | None = None) -> None:
-        """Make this pass's buffer ``updates`` the current values: rebind each key of
-        ``buffers`` (default ``self.buffers``) to its new array, then forget the updates. The
-        arrays are rebound, never written into, so a pass still reading the old values (a
-        racing ``hogwild`` worker) reads a consistent old array."""
+    def commit(self, buffers: dict | None = None, copy: bool = False) -> None:
+        """Make this pass's buffer ``updates`` the current values of ``buffers`` (default
+        ``self.buffers``), then forget the updates.
+
+        By default each key is *rebound* to its new array, never written into, so a pass still
+        reading the old values (a racing ``hogwild`` worker) reads a consistent old array.
+        ``copy=True`` writes the new values into the existing (host) arrays instead, for
+        buffers that others reach through views: shared memory between processes, or flat
+        views that a strategy averages."""
         target = self.buffers if buffers is None else buffers
         if self.updates and target is None:
             raise ValueError("StepContext.commit: no buffers to commit the updates to")
         for key, value in self.updates.items():
             if key not in target:
                 raise KeyError(f"StepContext.commit: {key!r} is not a buffer of this model")
-            target[key] = value
+            if copy:
+                target[key][...] = value
+            else:
+                target[key] = value
         self.updates.clear()

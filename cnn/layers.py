@@ -419,8 +419,11 @@ class BatchNorm(Layer):
       over the shards with ``ctx.sum_over_shards`` (twice: the sums, then the squared
       deviations from the global mean), so ``sync`` over threads, processes or ranks
       normalises exactly as the sequential path does (synchronised batch norm). The backward
-      pass sums ``dout`` and ``dout * xhat`` over the shards likewise. The new running
-      statistics, ``momentum * running + (1 - momentum) * batch``, go to ``ctx.updates``.
+      pass sums ``dout`` and ``dout * xhat`` over the shards likewise; ``dout`` is then the
+      gradient of the global batch's loss (the strategies scale each shard's loss by its
+      share, ``loss_and_grads(loss_scale=n_i / N)``), so the sums are the sequential ones. The
+      new running statistics, ``momentum * running + (1 - momentum) * batch``, go to
+      ``ctx.updates``.
     - Inference pass: the running statistics, which are then constants.
 
     Args:
@@ -499,18 +502,17 @@ class BatchNorm(Layer):
             return backend.batchnorm_backward_dx(dout, cache, dbeta, dgamma, 0.0, ws=ws), grads
         s_dy, s_dyx = dbeta, dgamma
         if ctx.reduce is not None:
-            # the global gradient of this shard's outputs is (local / count) * dout: sum that
-            # over the shards; dividing the correction by the same weight gives this shard's
-            # gradient, whose weighted sum over the shards is the global one
+            # dout is the gradient of the global batch's loss (a data-parallel strategy scales
+            # each shard's loss by its share, loss_and_grads(loss_scale=...)), so the sums over
+            # all shards are the sequential pass's sums
             c = dbeta.shape[0]
-            w = local / count
             both = np.concatenate([np.asarray(backend.to_host(dbeta)),
-                                   np.asarray(backend.to_host(dgamma))]) * w
+                                   np.asarray(backend.to_host(dgamma))])
             total, _ = self._over_shards(ctx, backend, both)
             total = backend.to_host(total)
             s_dy = backend.asarray(np.ascontiguousarray(total[:c]))
             s_dyx = backend.asarray(np.ascontiguousarray(total[c:]))
-        return backend.batchnorm_backward_dx(dout, cache, s_dy, s_dyx, 1.0 / local, ws=ws), grads
+        return backend.batchnorm_backward_dx(dout, cache, s_dy, s_dyx, 1.0 / count, ws=ws), grads
 
     def config(self):
         return {**super().config(), "momentum": self.momentum, "epsilon": self.epsilon}

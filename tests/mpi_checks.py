@@ -38,13 +38,22 @@ SCENARIOS = {
     "average_epoch": ("mpi_average", {"batch_size": 5}),
 }
 
+#: ``python tests/mpi_checks.py layers OUT``: the layers of issue 12 (batch norm synchronised
+#: across ranks, dropout masks keyed by the global example index, penalties), launched by
+#: tests/test_parallel_layers.py
+LAYER_SCENARIOS = {
+    "layers": ("mpi", {"kind": "layers"}),
+    "layers_batch1": ("mpi", {"kind": "layers", "batch_size": 1, "epochs": 1, "n": 9}),
+    "layers_average3": ("mpi_average", {"kind": "layers", "every": 3, "batch_size": 5}),
+}
+
 
 def main(mode: str, out: str) -> None:
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
     out_dir = Path(out)
-    if mode == "train":
-        for name, (strategy, kwargs) in SCENARIOS.items():
+    if mode in ("train", "layers"):
+        for name, (strategy, kwargs) in (SCENARIOS if mode == "train" else LAYER_SCENARIOS).items():
             weights, hist = train(strategy, **kwargs)
             np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)
             (out_dir / f"{name}.rank{rank}.json").write_text(

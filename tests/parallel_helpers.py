@@ -19,6 +19,17 @@ SPEC = [{"type": "conv2d", "filters": 4, "kernel_size": 3, "activation": "relu"}
         {"type": "maxpool2d", "pool_size": 2},
         {"type": "flatten"},
         {"type": "dense", "units": 10}]
+#: the layers of issue 12: batch norm after a conv (per channel) and after a dense layer
+#: (per unit), dropout before and after it, tanh, an L2 and an L1 penalty
+LAYERS_SPEC = [{"type": "conv2d", "filters": 4, "kernel_size": 3,
+                "kernel_regularizer": {"l2": 0.01}},
+               {"type": "batchnorm", "momentum": 0.8}, {"type": "relu"},
+               {"type": "maxpool2d", "pool_size": 2},
+               {"type": "flatten"}, {"type": "dropout", "rate": 0.3},
+               {"type": "dense", "units": 12, "activation": "tanh",
+                "kernel_regularizer": {"l1": 0.001}},
+               {"type": "batchnorm", "momentum": 0.5}, {"type": "dropout", "rate": 0.2},
+               {"type": "dense", "units": 10}]
 OPT = {"type": "sgd", "lr": 0.05, "momentum": 0.9}
 N = 50  # batch 7 splits 4/3 over two workers, and the epoch's last batch has 1 example
 
@@ -45,9 +56,12 @@ def blobs(n: int = N, dtype=np.float64, seed: int = 1):
 
 
 def build(kind: str = "plain", dtype=np.float64, seed: int = 3) -> Sequential:
-    """``plain``: :data:`SPEC`; ``center``: a CenterLayer after the pooling."""
+    """``plain``: :data:`SPEC`; ``center``: a CenterLayer after the pooling; ``layers``:
+    :data:`LAYERS_SPEC` (batch norm, dropout, penalties)."""
     if kind == "plain":
         return Sequential.from_spec(SPEC, input_shape=(1, 8, 8), dtype=dtype, seed=seed)
+    if kind == "layers":
+        return Sequential.from_spec(LAYERS_SPEC, input_shape=(1, 8, 8), dtype=dtype, seed=seed)
     if kind == "center":
         layers = layers_from_spec(SPEC[:2]) + [CenterLayer()] + layers_from_spec(SPEC[2:])
         return Sequential(layers, (1, 8, 8), dtype=dtype, seed=seed)
@@ -56,8 +70,8 @@ def build(kind: str = "plain", dtype=np.float64, seed: int = 3) -> Sequential:
 
 def train(strategy="sequential", threads=1, *, kind="plain", dtype=np.float64, batch_size=7,
           epochs=2, n=N, optimizer=OPT, backend="numpy", **options):
-    """Weights and History after ``epochs`` of ``strategy`` from the same initial weights and
-    the same batches."""
+    """Weights (and buffers) and History after ``epochs`` of ``strategy`` from the same initial
+    weights and the same batches."""
     x, y = blobs(n, dtype)
     model = build(kind, dtype)
     hist = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer,

@@ -166,6 +166,9 @@ class MPITransport(Transport):
     def reducer(self, i, ghost):
         return lambda arrays: self.allreduce_arrays(arrays, ghost)
 
+    def commit_buffers(self, i, ctx):
+        ctx.commit()  # every rank holds its own buffers; all computed the same values
+
     def allreduce_arrays(self, arrays, ghost: bool = False) -> list:
         """``StepContext.reduce``: the element-wise sums of ``arrays`` over the ranks (one
         ``Allreduce`` per dtype; zeros from a ghost)."""
@@ -372,11 +375,14 @@ class MPIAverage(_MPIStrategy):
 
     def start(self, model, optimizer, backend, params, seed=0) -> None:
         super().start(model, optimizer, backend, params, seed)
-        # what is averaged: the weights and every array of the optimizer state
+        # what is averaged: the weights, every array of the optimizer state and the buffers
+        # (batch-norm statistics; committed by copy, so these views stay the buffers)
         self._leaves = [flat_view(v) for v in self.params.values()] + \
-            [flat_view(v) for v in array_leaves(self.state)]
+            [flat_view(v) for v in array_leaves(self.state)] + \
+            [flat_view(v) for v in self.buffers.values()]
         self._buf = np.zeros(sum(v.size for v in self._leaves) + 1, np.float64)
         self._out = {k: np.empty_like(v) for k, v in self.params.items()}
+        self._out_buffers = {k: np.empty_like(v) for k, v in self.buffers.items()}
         self._count = 0  # examples this replica trained on since the last average
         self._since = 0  # global steps since the last average (the same on every rank)
         self._ctx = self.new_context()
@@ -391,6 +397,7 @@ class MPIAverage(_MPIStrategy):
             loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
                                                              self.backend, self._ctx)
             self.optimizer.update(self.params, grads, self.state, self.backend)
+            self._ctx.commit(copy=True)  # this replica's own batch-norm statistics
             local[0] = float(self.backend.to_host(loss)) * (hi - lo)
             local[1] = int(self.backend.to_host(correct))
             self._count += hi - lo
@@ -405,8 +412,9 @@ class MPIAverage(_MPIStrategy):
 
     def _average(self, into_replicas: bool) -> dict:
         """The example-weighted average of the replicas, ``sum_r c_r x_r / sum_r c_r`` in
-        float64 (one ``Allreduce``): written into every replica's weights and optimizer state
-        (``into_replicas``), or only returned (the weights, for evaluation)."""
+        float64 (one ``Allreduce``): written into every replica's weights, optimizer state and
+        buffers (``into_replicas``), or only returned (the weights; the buffers are left in
+        ``_out_buffers``, for evaluation)."""
         buf, c = self._buf, float(self._count)
         off = 0
         for v in self._leaves:
@@ -417,12 +425,17 @@ class MPIAverage(_MPIStrategy):
         count = buf[-1]
         if count == 0:
             return self.params
-        targets = self._leaves if into_replicas else \
-            [flat_view(v) for v in self._out.values()]
+        if into_replicas:
+            targets = self._leaves
+        else:  # the weights and the buffers only (None: an optimizer-state leaf, skipped)
+            n_state = len(self._leaves) - len(self._out) - len(self._out_buffers)
+            targets = ([flat_view(v) for v in self._out.values()] + [None] * n_state
+                       + [flat_view(v) for v in self._out_buffers.values()])
         off = 0
         for v, out in zip(self._leaves, targets):
-            np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
-            out[...] = buf[off:off + v.size]
+            if out is not None:
+                np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
+                out[...] = buf[off:off + v.size]
             off += v.size
         if not into_replicas:
             return self._out
@@ -442,6 +455,13 @@ class MPIAverage(_MPIStrategy):
         if not hasattr(self, "_leaves") or self._since == 0:
             return self.params
         return self._average(into_replicas=False)
+
+    def current_buffers(self) -> dict:
+        """The buffers that go with :meth:`current_params` (which averages them too: call it
+        first, as ``fit`` does)."""
+        if not hasattr(self, "_leaves") or self._since == 0:
+            return self.buffers
+        return self._out_buffers
 
     def describe(self) -> dict:
         return {**super().describe(), "average_every": self.every}

@@ -14,7 +14,9 @@ maps, so nothing is pickled per step but a three-item command. Each step:
    (:class:`~cnn.parallel.sync.SharedSlots` over a :class:`multiprocessing.Barrier`): compute
    its shard's gradient on the shared weights, write ``(n_i / N) g_i`` into its slot, pass the
    barrier, add the slots in fixed order over its own ``1/P`` of the parameters and update that
-   range of the shared weights and optimizer state in place, pass the barrier again;
+   range of the shared weights and optimizer state in place, pass the barrier again (worker 0
+   also copies the step's new buffer values, batch norm's running statistics, into the shared
+   buffers);
 3. each worker writes its loss, correct count and communication seconds into its row of the
    shared results and answers ``"ok"``; the main process sums the rows in worker order.
 
@@ -78,16 +80,18 @@ class _Plan:
     """Byte offsets of the regions of the main shared segment (the same in every process)."""
 
     def __init__(self, layout: FlatLayout, state_sizes: list[int], workers: int,
-                 reduce_bytes: int):
+                 reduce_bytes: int, n_buffers: int = 0):
         self.total, self.dtype = layout.total, layout.dtype
         nbytes = layout.nbytes
         self.state_sizes = list(state_sizes)
         self.n_state = sum(self.state_sizes)
+        self.n_buffers = n_buffers  # values of the model's buffers (batch-norm statistics)
         self.regions: dict[str, tuple[int, int]] = {}
         off = 0
         for name, size in [("params", nbytes), ("state", self.n_state * self.dtype.itemsize),
                            ("slots", nbytes * workers), ("gsum", nbytes),
-                           ("results", 8 * 4 * workers), ("reduce", 2 * workers * reduce_bytes)]:
+                           ("results", 8 * 4 * workers), ("reduce", 2 * workers * reduce_bytes),
+                           ("buffers", n_buffers * self.dtype.itemsize)]:
             self.regions[name] = (off, size)
             off += -(-size // _ALIGN) * _ALIGN
         self.size = max(off, 1)
@@ -111,7 +115,13 @@ class _Plan:
                 "slots": region("slots", self.dtype, (w, t)),
                 "gsum": region("gsum", self.dtype, (t,)),
                 "results": region("results", np.float64, (w, 4)),
-                "reduce": region("reduce", np.uint8, (2, w, self.reduce_bytes))}
+                "reduce": region("reduce", np.uint8, (2, w, self.reduce_bytes)),
+                "buffers": region("buffers", self.dtype, (self.n_buffers,))}
+
+
+def _buffer_layout(buffers: dict) -> FlatLayout | None:
+    """Where the model's buffers sit in the shared ``buffers`` region (None: it has none)."""
+    return FlatLayout(buffers) if buffers else None
 
 
 def _batch_views(buf, capacity: int, input_shape, dtype):
@@ -154,16 +164,22 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         main = shared_memory.SharedMemory(name=spec["segment"])
         segments.append(main)
         layout = FlatLayout(model.params)
-        plan = _Plan(layout, spec["state_sizes"], workers, spec["reduce_bytes"])
+        buf_layout = _buffer_layout(model.buffers)
+        plan = _Plan(layout, spec["state_sizes"], workers, spec["reduce_bytes"],
+                     buf_layout.total if buf_layout else 0)
         views = plan.views(main.buf)
         params = layout.views(views["params"])
+        # the buffers every worker reads; worker 0 copies each step's new values into them
+        buffers = buf_layout.views(views["buffers"]) if buf_layout else {}
         state_tree = optimizer.init_state(model.params, backend)
         state = replace_leaves(state_tree, [v.reshape(a.shape) for v, a in zip(
             plan.state_rows(views["state"]), array_leaves(state_tree))])
         core = SyncCore(model, optimizer, backend, params, state)
         reduce = SharedReduce(workers, barrier, views["reduce"])
-        transport = SharedSlots(layout, list(views["slots"]), views["gsum"], barrier, reduce)
-        ctx = StepContext(training=True, workspace=Workspace(backend), seed=spec["seed"])
+        transport = SharedSlots(layout, list(views["slots"]), views["gsum"], barrier, reduce,
+                                copy_buffers=True)
+        ctx = StepContext(training=True, workspace=Workspace(backend), seed=spec["seed"],
+                          buffers=buffers)
         batch_name, xs = None, None
         conn.send(("ready", i, os.getpid()))
         while True:
@@ -199,7 +215,7 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         except Exception:
             pass
     finally:
-        views = xs = params = state = core = transport = reduce = None  # noqa: F841
+        views = xs = params = state = core = transport = reduce = ctx = buffers = None  # noqa: F841
         for seg in segments:
             try:
                 seg.close()
@@ -320,10 +336,14 @@ class SyncProcesses(Strategy):
                                  f"memory in the parameters' dtype {self._layout.dtype}; the "
                                  f"optimizer's state has an array of dtype {a.dtype}")
         state_sizes = [a.size for a in leaves]
-        self._plan = _Plan(self._layout, state_sizes, w, self.reduce_bytes)
+        self._buf_layout = _buffer_layout(self.buffers)
+        self._plan = _Plan(self._layout, state_sizes, w, self.reduce_bytes,
+                           self._buf_layout.total if self._buf_layout else 0)
         main = self._new_segment(self._plan.size)
         self._views = self._plan.views(main.buf)
         self._layout.pack(self.params, self._views["params"])
+        if self._buf_layout:
+            self._buf_layout.pack(self.buffers, self._views["buffers"])
         for row, a in zip(self._plan.state_rows(self._views["state"]), leaves):
             row[...] = a.reshape(-1)
         self._grow_batch(self._batch_hint)
@@ -466,10 +486,17 @@ class SyncProcesses(Strategy):
                 a.reshape(-1)[...] = row
         return self.params
 
+    def current_buffers(self) -> dict:
+        """The fit's buffers, refreshed from the shared ones (worker 0 commits into them)."""
+        if getattr(self, "_views", None) is not None and self._buf_layout:
+            self._buf_layout.unpack(self._views["buffers"], self.buffers)
+        return self.buffers
+
     def close(self) -> None:
         """Stop the workers and unlink every shared segment. Safe to call twice."""
         try:
             self.current_params()
+            self.current_buffers()
         except Exception:
             pass
         self._views = self._xs = None

@@ -214,6 +214,8 @@ class SyncCore:
         t = time.perf_counter()
         g, a, b, totals = transport.combine(i, local)
         comm = time.perf_counter() - t
+        if ctx is not None:  # every shard computed the same new statistics (synchronised)
+            transport.commit_buffers(i, ctx)
         self.apply(g, a, b)
         t = time.perf_counter()
         transport.done(i)
@@ -228,6 +230,10 @@ class Transport:
     ``grad_hook(i, core, ghost)``: a callable for ``loss_and_grads(on_grads=...)`` when the
     transport overlaps communication with backward (it then contributes), else None.
     ``reducer(i, ghost)``: the ``StepContext.reduce`` of worker ``i`` for this step.
+    ``commit_buffers(i, ctx)``: after the combine, make the step's new buffer values
+    (``ctx.updates``, the same on every shard) current, once per copy of the buffers: worker 0
+    for buffers the workers share (threads: one dict; processes: shared memory, by copy),
+    every rank for MPI (each holds its own).
     ``combine(i, local)``: ``(g, lo, hi, totals)``, ``g`` holding ``[lo, hi)`` of the sum.
     ``done(i)``: called after the update.
     """
@@ -240,6 +246,12 @@ class Transport:
 
     def reducer(self, i: int, ghost: bool):
         return None
+
+    def commit_buffers(self, i: int, ctx) -> None:
+        if i == 0:
+            ctx.commit(copy=getattr(self, "copy_buffers", False))
+        else:
+            ctx.updates.clear()
 
     def combine(self, i: int, local):
         raise NotImplementedError
@@ -331,11 +343,15 @@ class SharedSlots(Transport):
         gsum: a flat buffer of ``layout.total`` elements for the combined gradient.
         barrier: a barrier of the ``n`` workers.
         reduce: the :class:`SharedReduce` behind ``StepContext.reduce``, or None.
+        copy_buffers: worker 0 commits new buffer values by copying them into the arrays
+            (buffers in shared memory between processes) rather than rebinding them (one dict
+            shared by threads).
     """
 
     def __init__(self, layout: FlatLayout, slots: Sequence[np.ndarray], gsum: np.ndarray,
-                 barrier, reduce: SharedReduce | None = None):
+                 barrier, reduce: SharedReduce | None = None, copy_buffers: bool = False):
         self.layout, self.slots, self.gsum, self.barrier = layout, list(slots), gsum, barrier
+        self.copy_buffers = copy_buffers
         self.n = len(self.slots)
         self.ranges = layout.ranges(self.n)
         self._reduce = reduce

@@ -32,7 +32,9 @@ The strategies
     ``every="epoch"``, the default, after each epoch) the replicas' weights **and momentum
     buffers** are replaced by their average, weighted by the examples each replica trained on
     since the last average. Averaging the momentum too makes ``every=1`` exactly synchronous
-    SGD on the global batch (tested). Evaluation uses the average of the replicas.
+    SGD on the global batch (tested) for models without batch norm. Each replica keeps its own
+    buffers (batch-norm running statistics, from its own batches' statistics: no cross-replica
+    reduce), averaged with the same weights. Evaluation uses the average of the replicas.
 ``hogwild``
     Lock-free updates of shared weights (Niu et al. 2011): worker ``i`` computes the gradient
     of its shard (``batch_size`` examples) on the shared weights and applies its update to the
@@ -52,7 +54,10 @@ The strategies
 
     Momentum: each worker keeps **its own velocity** (only the weights are shared), so the
     velocity buffers never race; the sum of the workers' velocities plays the role of the
-    sequential velocity. With ``threads=1`` hogwild is exactly the sequential path.
+    sequential velocity. With ``threads=1`` hogwild is exactly the sequential path. Buffers
+    (batch-norm running statistics) are shared like the weights: each worker normalises with
+    its own batch's statistics and then rebinds the shared buffers to its new running
+    statistics, so the last worker to finish a step wins (another lost update, by design).
 
 Only ``hogwild`` shares mutable state between running workers. In ``sync`` the workers read the
 same weights while computing gradients (nobody writes them), then each writes only its own
@@ -389,6 +394,10 @@ class AverageThreads(ThreadStrategy):
         self._pieces = _flat_slices(self.params, t)
         self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0), dtype=dtype)
                      for p in self._pieces]
+        # each replica's buffers (batch-norm statistics), read and committed by its own worker
+        self._rep_buffers = [{k: v.copy() for k, v in self.buffers.items()} for _ in range(t)]
+        for ctx, bufs in zip(self._contexts, self._rep_buffers):
+            ctx.buffers = bufs
         self._counts = [0] * t  # examples per replica since the last average
         self._steps = 0
         self._results: list[Any] = [None] * t
@@ -400,10 +409,11 @@ class AverageThreads(ThreadStrategy):
         lo, hi = self._bounds[i]
         if hi > lo:
             rep = self._replicas[i]
+            ctx = self._shard_context(i, len(self._yb))
             loss, correct, grads = self.model.loss_and_grads(
-                self._xb[lo:hi], self._yb[lo:hi], rep, self.backend,
-                self._shard_context(i, len(self._yb)))
+                self._xb[lo:hi], self._yb[lo:hi], rep, self.backend, ctx)
             self.optimizer.update(rep, grads, self._states[i], self.backend)
+            ctx.commit()  # into this replica's buffers
             self._results[i] = (loss, correct)
 
     def _average_slice(self, j: int) -> None:
@@ -421,6 +431,26 @@ class AverageThreads(ThreadStrategy):
                               tmp[:sl.stop - sl.start])
                 for r in reps:
                     r[key][sl] = out
+
+    def _buffer_average(self, weights) -> dict:
+        """The weighted average of the replicas' buffers (new arrays), in replica order."""
+        out = {}
+        for key in self.buffers:
+            terms = [(w, self._rep_buffers[i][key]) for i, w in weights]
+            avg = np.empty_like(terms[0][1])
+            _weighted_sum(avg, terms, np.empty_like(avg))
+            out[key] = avg
+        return out
+
+    def _average_buffers(self) -> None:
+        """Replace the buffers of the model and of every replica by their weighted average
+        (the weights of the parameters' average: examples trained on since the last one)."""
+        if not self.buffers:
+            return
+        self.buffers.update(self._buffer_average(self._avg_weights))
+        for bufs in self._rep_buffers:
+            for key, value in self.buffers.items():
+                bufs[key] = value.copy()
 
     def _prepare_average(self) -> bool:
         total = sum(self._counts)
@@ -444,6 +474,8 @@ class AverageThreads(ThreadStrategy):
             phases.append(self._average_slice)
         try:
             self._run(phases)
+            if len(phases) > 1:
+                self._average_buffers()
             self.steps += 1
             return self._host_sums(self._results, sizes)
         finally:
@@ -453,6 +485,7 @@ class AverageThreads(ThreadStrategy):
     def end_epoch(self) -> None:
         if self.every == "epoch" and self._prepare_average():
             self._run((self._average_slice,))
+            self._average_buffers()
 
     def current_params(self) -> dict:
         """The weighted average of the replicas (computed here, in the calling thread, when
@@ -464,6 +497,15 @@ class AverageThreads(ThreadStrategy):
                 tmp = np.empty_like(out)
                 _weighted_sum(out, [(w, self._flat_reps[i][key]) for i, w in weights], tmp)
         return self.params
+
+    def current_buffers(self) -> dict:
+        """The weighted average of the replicas' buffers when they have trained since the last
+        average (the replicas are left as they are), else the last average."""
+        total = sum(self._counts) if hasattr(self, "_counts") else 0
+        if total and self.buffers:
+            return self._buffer_average([(i, c / total) for i, c in enumerate(self._counts)
+                                         if c > 0])
+        return self.buffers
 
 
 class HogwildThreads(ThreadStrategy):
@@ -488,10 +530,13 @@ class HogwildThreads(ThreadStrategy):
         lo, hi = self._bounds[i]
         if hi > lo:
             # reads self.params while other workers update it in place: see the module docstring
+            ctx = self._shard_context(i, len(self._yb))
             loss, correct, grads = self.model.loss_and_grads(
-                self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend,
-                self._shard_context(i, len(self._yb)))
+                self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend, ctx)
             self.optimizer.update(self.params, grads, self._states[i], self.backend)
+            # the shared buffers: each worker rebinds them to its own new statistics, the
+            # last one to finish wins (batch norm's running statistics race like the weights)
+            ctx.commit()
             self._results[i] = (loss, correct)
 
     def step(self, xb, yb):
