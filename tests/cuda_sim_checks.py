@@ -505,6 +505,32 @@ def check_model_with_new_layers_on_the_device(cb):
     assert_close("inference logits", got, want, np.float32)
 
 
+@check(cost=12)
+def check_fit_commits_statistics_on_the_device(cb):
+    """fit on the CUDA backend (the sequential strategy, buffers on the device, the JIT
+    warm-up) with batch norm and dropout: the same weights and running statistics as the
+    NumPy path, and the warm-up committed nothing (else the statistics would differ)."""
+    from cnn.model import build_model
+
+    spec = {"input_shape": [1, 3, 3], "layers": [
+        {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
+        {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
+    rng_ = _rng(32)
+    x = rng_.standard_normal((6, 1, 3, 3)).astype(np.float32)
+    y = rng_.integers(0, 2, 6)
+    got = {}
+    for backend in ("cuda", "numpy"):
+        model = build_model(spec, seed=1, backend=cb if backend == "cuda" else backend)
+        model.fit(x, y, epochs=1, batch_size=3, optimizer={"type": "sgd", "lr": 0.1}, seed=2,
+                  verbose=0)
+        got[backend] = model.get_weights()
+    for k, v in got["numpy"].items():
+        if k == "conv2d.b":  # before batch norm: rounding noise only
+            assert np.abs(got["cuda"][k] - v).max() < 1e-6, k
+            continue
+        assert_close(f"fit {k}", got["cuda"][k], v, np.float32)
+
+
 # ---- runner --------------------------------------------------------------------------------------
 def run(names):
     """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""
