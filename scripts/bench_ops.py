@@ -34,6 +34,10 @@ from cnn.machine import describe
 from cnn.presets import get_preset
 
 BACKENDS = ("numpy", "numba", "numba_parallel")
+#: wall clock by default; ``--cpu-time`` times the calling thread's CPU time instead, which a
+#: busy shared machine disturbs less (meaningless for numba_parallel, whose work runs on
+#: other threads too)
+CLOCK = time.perf_counter
 
 
 def layer_ops(spec: dict, batch: int, dtype, rng):
@@ -172,9 +176,9 @@ def bench(preset: str, batch: int, dtype, repeats: int) -> None:
         times = {name: [] for name in BACKENDS}
         for _ in range(repeats):
             for name in BACKENDS:
-                t0 = time.perf_counter()
+                t0 = CLOCK()
                 calls[name]()
-                times[name].append(time.perf_counter() - t0)
+                times[name].append(CLOCK() - t0)
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
         for name in BACKENDS:
             totals[name] += med[name]
@@ -192,7 +196,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time the calling thread's CPU time (a busy machine disturbs it less)")
     a = p.parse_args(argv)
+    global CLOCK
+    if a.cpu_time:
+        CLOCK = time.thread_time
+        print("timing: CPU time of the calling thread (numba_parallel's column is not wall time)")
     dtype = np.dtype(a.dtype).type
 
     print(describe())

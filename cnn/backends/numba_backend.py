@@ -194,20 +194,24 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
                          top, left, ho, wo, 0, n, self._chunk_images(n, p), out)
             return out.reshape(n, f, ho, wo), (x, w, stride, padding)
         nb = self._blas_chunk(n, p, k, f, x.itemsize)
-        cols = self.scratch(ws, "cols", (k * nb * p,), x.dtype)
+        # The patches of every chunk are kept for the backward (recomputing them cost more
+        # than reading them back): chunk by chunk, (k + 1, q) blocks of one flat buffer, the
+        # last row ones (the backward's bias gradient rides in its weight-gradient GEMM).
+        cols = self.scratch(ws, "cols", ((k + 1) * n * p,), x.dtype)
         acc = self.scratch(ws, "acc", (f * nb * p,), x.dtype)
         w2 = w.reshape(f, k)
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             q = (c1 - c0) * p
-            colq, accq = cols[:k * q].reshape(k, q), acc[:f * q].reshape(f, q)
-            K.im2col(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
-            np.matmul(w2, colq, out=accq)
+            colq = cols[(k + 1) * c0 * p:(k + 1) * c1 * p].reshape(k + 1, q)
+            accq = acc[:f * q].reshape(f, q)
+            K.im2col_ones(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
+            np.matmul(w2, colq[:k], out=accq)
             K.scatter_bias(accq, b, c0, c1, out)
-        return out.reshape(n, f, ho, wo), (x, w, stride, padding)
+        return out.reshape(n, f, ho, wo), (x, w, stride, padding, cols, nb)
 
     def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
-        x, w, stride, padding = cache
+        x, w, stride, padding = cache[:4]
         n, f, ho, wo = dout.shape
         k = w[0].size
         p = ho * wo
@@ -228,9 +232,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             db = self.scratch(ws, "db", (f,), dt)
             np.copyto(db, dwt[k])
             return (dx if need_dx else None), dw.reshape(w.shape), db
-        nb = self._blas_chunk(n, p, k, f, dt.itemsize)
-        # the patches get a last row of ones, so that one GEMM gives [dw | db]
-        cols = self.scratch(ws, "cols_bwd", ((k + 1) * nb * p,), dt)
+        cols, nb = cache[4:]  # the forward's patches, ones in the last row of each chunk
         dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
         dcols = self.scratch(ws, "dcols", (k * nb * p,), dt) if need_dx else None
         dwb = self.scratch(ws, "dw_db", (f, k + 1), dt)
@@ -241,9 +243,9 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             q = (c1 - c0) * p
-            colq, dq = cols[:(k + 1) * q].reshape(k + 1, q), dg[:f * q].reshape(f, q)
+            colq = cols[(k + 1) * c0 * p:(k + 1) * c1 * p].reshape(k + 1, q)
+            dq = dg[:f * q].reshape(f, q)
             K.gather_chunk(dout3, c0, c1, dq)
-            K.im2col_ones(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
             np.matmul(dq, colq.T, out=dwb if c0 == 0 else part)
             if c0 > 0:
                 dwb += part

@@ -1,6 +1,6 @@
 """Benchmarks that print ratios measured side by side in one run (``python -m cnn bench``).
 
-Suites: ``compare`` (the default, :mod:`cnn.bench.compare`: ours on every CPU path against Keras
+Suites: ``compare`` (the default, :mod:`cnn.bench.peers`: ours on every CPU path against Keras
 and PyTorch at 1 and 2 threads, each contender in a process of its own), ``keras`` (the
 sequential path against Keras in this process), ``threads`` (speed-up of ``sync``), ``gpu``,
 ``memory`` (peak resident memory of training on full CIFAR-10, :mod:`cnn.bench.memory`).
@@ -276,8 +276,8 @@ def mpi_suite(repeats: int = 5, images=None, presets=None, batch_sizes=None) -> 
 
 
 def compare_suite(quick: bool = False, json_path: str | None = None, **kwargs):
-    """The default suite: ours vs Keras and PyTorch at 1 and 2 threads (:mod:`.compare`)."""
-    from .compare import run
+    """The default suite: ours vs Keras and PyTorch at 1 and 2 threads (:mod:`.peers`)."""
+    from .peers import run
     return run(quick=quick, json_path=json_path, **kwargs)
 
 

@@ -1,6 +1,6 @@
 """One benchmark contender in a process of its own: ``python -m cnn.bench.worker '<json>'``.
 
-The parent (:mod:`cnn.bench.compare`) starts one worker per contender, so that every contender
+The parent (:mod:`cnn.bench.peers`) starts one worker per contender, so that every contender
 gets a fresh process with its own environment (the ``MALLOC_*`` check), its own thread pools
 (TensorFlow fixes them once per process) and no other framework loaded beside it. A worker
 builds the preset's model from seed 0 on the shared synthetic images, trains one warm-up epoch,
