@@ -93,13 +93,16 @@ def test_numpy_step_allocates_next_to_nothing():
 
 @pytest.mark.parametrize("dtype, tol", [(np.float64, 1e-12), (np.float32, 1e-5)])
 @pytest.mark.parametrize("padding, stride", [(((0, 0), (0, 0)), 1), (((1, 2), (0, 1)), 2)])
-def test_numba_blas_path_over_several_chunks(monkeypatch, dtype, tol, padding, stride):
-    """The BLAS path (im2col/col2im in Numba, GEMMs in BLAS) with chunks of 2 images and a
-    shorter last chunk, against the naive loops."""
+@pytest.mark.parametrize("c", [3, numba_backend._NHWC_MIN_CHANNELS + 1],
+                         ids=["channels-first", "channels-last"])
+def test_numba_blas_path_over_several_chunks(monkeypatch, dtype, tol, padding, stride, c):
+    """The BLAS path (im2col/col2im in Numba, GEMMs in BLAS; patches channels-first for few
+    input channels, channels-last for many) with chunks of 2 images and a shorter last chunk,
+    against the naive loops."""
     be = get_backend("numba")
     naive = get_backend("naive")
     rng = np.random.default_rng(3)
-    n, c, h, w, f, k = 7, 3, 9, 8, 17, 3
+    n, h, w, f, k = 7, 9, 8, 17, 3
     assert be._use_blas(f, c * k * k)
     x = rng.standard_normal((n, c, h, w)).astype(dtype)
     wt = rng.standard_normal((f, c, k, k)).astype(dtype)

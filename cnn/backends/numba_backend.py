@@ -71,6 +71,8 @@ _CHUNK_BYTES = 1 << 19
 #: conv layers with at least this many filters and patch rows use BLAS for their GEMMs
 _BLAS_MIN_FILTERS = 16
 _BLAS_MIN_ROWS = 16
+#: BLAS-path layers with at least this many input channels unroll channels-last patches
+_NHWC_MIN_CHANNELS = 16
 
 
 def _select_threading_layer() -> str:
@@ -158,6 +160,11 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         out16, cache16 = self.conv2d_forward(x, w16, np.zeros(len(w16), dtype), 1,
                                              ((1, 1), (1, 1)))
         self.conv2d_backward(out16, cache16)
+        x16 = rng.standard_normal((2, _NHWC_MIN_CHANNELS, 5, 5)).astype(dtype)  # channels-last
+        w16 = rng.standard_normal((_BLAS_MIN_FILTERS, _NHWC_MIN_CHANNELS, 3, 3)).astype(dtype)
+        out16, cache16 = self.conv2d_forward(x16, w16, np.zeros(len(w16), dtype), 1,
+                                             ((1, 1), (1, 1)))
+        self.conv2d_backward(out16, cache16)
         out, cache = self.relu_forward(out)
         self.relu_backward(out, cache)
         out, cache = self.maxpool2d_forward(out, 2, 2)
@@ -194,6 +201,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
                          top, left, ho, wo, 0, n, self._chunk_images(n, p), out)
             return out.reshape(n, f, ho, wo), (x, w, stride, padding)
         nb = self._blas_chunk(n, p, k, f, x.itemsize)
+        if x.shape[1] >= _NHWC_MIN_CHANNELS:
+            return self._conv_forward_nhwc(x, w, b, stride, padding, ho, wo, nb, out, ws)
         # The patches of every chunk are kept for the backward (recomputing them cost more
         # than reading them back): chunk by chunk, (k + 1, q) blocks of one flat buffer, the
         # last row ones (the backward's bias gradient rides in its weight-gradient GEMM).
@@ -232,6 +241,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             db = self.scratch(ws, "db", (f,), dt)
             np.copyto(db, dwt[k])
             return (dx if need_dx else None), dw.reshape(w.shape), db
+        if cache[-1] == "nhwc":
+            return self._conv_backward_nhwc(dout3, cache, need_dx, dx, ws, ho, wo)
         cols, nb = cache[4:]  # the forward's patches, ones in the last row of each chunk
         dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
         dcols = self.scratch(ws, "dcols", (k * nb * p,), dt) if need_dx else None
@@ -258,6 +269,62 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         db = self.scratch(ws, "db", (f,), dt)
         np.copyto(db, dwb[:, k])
         return (dx if need_dx else None), dw.reshape(w.shape), db
+
+    def _conv_forward_nhwc(self, x, w, b, stride, padding, ho, wo, nb, out, ws):
+        """The BLAS path for layers with many input channels: each chunk is copied
+        channels-last (padded), unrolled into patch rows ``(nb*P, KH*KW*C + 1)`` (kept for the
+        backward, the last column ones) and multiplied by the weights in ``(F, KH*KW*C)``
+        order; see "channels-last patches" in :mod:`cnn.backends.numba_kernels`."""
+        n, c, h, wd = x.shape
+        f, _, kh, kw = w.shape
+        (top, bottom), (left, right) = padding
+        p, kc, dt = ho * wo, kh * kw * c, x.dtype
+        wt = self.scratch(ws, "w_hwc", (f, kc), dt)
+        np.copyto(wt.reshape(f, kh, kw, c), w.transpose(0, 2, 3, 1))
+        cols = self.scratch(ws, "cols_nhwc", (n * p, kc + 1), dt)
+        xt = self.scratch(ws, "x_nhwc", (nb, h + top + bottom, wd + left + right, c), dt)
+        acc = self.scratch(ws, "acc", (f * nb * p,), dt)
+        for c0 in range(0, n, nb):
+            c1 = min(c0 + nb, n)
+            q = (c1 - c0) * p
+            xtq, colq, accq = xt[:c1 - c0], cols[c0 * p:c1 * p], acc[:f * q].reshape(f, q)
+            K.nchw_to_nhwc_pad(x, c0, c1, int(top), int(left), xtq)
+            K.im2col_nhwc(xtq, kh, kw, stride, ho, wo, colq)
+            np.matmul(wt, colq[:, :kc].T, out=accq)
+            K.scatter_bias(accq, b, c0, c1, out)
+        return out.reshape(n, f, ho, wo), (x, w, stride, padding, cols, nb, wt, "nhwc")
+
+    def _conv_backward_nhwc(self, dout3, cache, need_dx, dx, ws, ho, wo):
+        x, w, stride, padding, cols, nb, wt, _ = cache
+        n, f, p = dout3.shape
+        _, c, h, wd = x.shape
+        kh, kw = w.shape[2], w.shape[3]
+        (top, bottom), (left, right) = padding
+        kc, dt = kh * kw * c, x.dtype
+        dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
+        dwb = self.scratch(ws, "dw_db", (f, kc + 1), dt)
+        part = self.scratch(ws, "dw_db_part", (f, kc + 1), dt)
+        if need_dx:
+            dcols = self.scratch(ws, "dcols", (nb * p, kc), dt)
+            dxt = self.scratch(ws, "dx_nhwc", (nb, h + top + bottom, wd + left + right, c), dt)
+        for c0 in range(0, n, nb):
+            c1 = min(c0 + nb, n)
+            q = (c1 - c0) * p
+            dq = dg[:f * q].reshape(f, q)
+            K.gather_chunk(dout3, c0, c1, dq)
+            np.matmul(dq, cols[c0 * p:c1 * p], out=dwb if c0 == 0 else part)
+            if c0 > 0:
+                dwb += part
+            if need_dx:
+                dcq = dcols[:q]
+                np.matmul(dq.T, wt, out=dcq)
+                K.col2im_nhwc(dcq, kh, kw, stride, ho, wo, dxt[:c1 - c0])
+                K.nhwc_crop_to_nchw(dxt[:c1 - c0], c0, c1, int(top), int(left), dx)
+        dw = self.scratch(ws, "dw", (f, c, kh, kw), dt)
+        np.copyto(dw, dwb[:, :kc].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
+        db = self.scratch(ws, "db", (f,), dt)
+        np.copyto(db, dwb[:, kc])
+        return (dx if need_dx else None), dw, db
 
     # ---- pooling ---------------------------------------------------------------------------
     def maxpool2d_forward(self, x, pool, stride, ws=None):
