@@ -114,6 +114,7 @@ def test_numba_blas_path_over_several_chunks(monkeypatch, dtype, tol, padding, s
     ho, wo = out_ref.shape[2:]
     per_image = (c * k * k + f) * ho * wo * np.dtype(dtype).itemsize
     monkeypatch.setattr(numba_backend, "_CHUNK_BYTES", 2 * per_image)
+    monkeypatch.setattr(numba_backend, "_NHWC_CHUNK_BYTES", 2 * per_image)
     assert be._blas_chunk(n, ho * wo, c * k * k, f, np.dtype(dtype).itemsize) == 2
     for ws in (None, Workspace(be)):
         out, cache = be.conv2d_forward(x, wt, b, stride, padding, ws=ws)
