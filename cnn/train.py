@@ -119,7 +119,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         strategy_options: dict | None = None, backend: "str | Backend | None" = None,
         shuffle: bool = True, seed: int = 0, validation_data: tuple | None = None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
-        progress: Callable | None = None, on_nonfinite: str = "raise") -> History:
+        progress: Callable | None = None, on_nonfinite: str = "raise",
+        prefetch: bool = True) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -141,9 +142,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             really is sequential, and data-parallel workers do not oversubscribe the cores);
             ``None`` leaves BLAS alone.
 
-    The next batch is gathered (and moved to the device) by a prefetching thread while the
-    current one trains; ``data_time``/``transfer_time`` below count only the waits for it that
-    remained exposed (see the module docstring).
+    With ``prefetch=True`` (the default) the next batch is gathered (and moved to the device)
+    by a prefetching thread while the current one trains; ``data_time``/``transfer_time``
+    below count only the waits for it that remained exposed (see the module docstring).
+    ``prefetch=False`` gathers each batch in the training thread, before its step (into the
+    same reused buffers), so those columns then hold the whole gather and transfer.
 
     Returns:
         a :class:`History`: per epoch ``loss``, ``accuracy`` (running, on training batches),
@@ -173,7 +176,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
-                            "nonfinite_steps": 0, "first_nonfinite": None})
+                            "nonfinite_steps": 0, "first_nonfinite": None,
+                            "prefetch": bool(prefetch)})
     for cb in callbacks:
         cb.on_train_begin(history)
 
@@ -190,7 +194,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         try:
             for epoch in range(1, epochs + 1):
                 logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
-                                  verbose, progress, history.info, raising)
+                                  verbose, progress, history.info, raising, prefetch)
                 if validation_data is not None:
                     t = time.perf_counter()
                     current = strat.current_params()  # a collective for some strategies
@@ -268,7 +272,7 @@ class _Prefetcher:
 
     _SLOTS = 2
 
-    def __init__(self, be: Backend, x, y, order, step_size: int):
+    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
@@ -276,29 +280,42 @@ class _Prefetcher:
         self._free = threading.Semaphore(self._SLOTS)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = False
-        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-        self._thread.start()
+        self._batches = self._produce()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+            self._thread.start()
+
+    def _produce(self):
+        """The batches, in order: each gathered into a free slot, then moved to the backend."""
+        for k, i in enumerate(range(0, len(self.order), self.step)):
+            idx = self.order[i:i + self.step]
+            xs, ys = self._bufs[k % self._SLOTS]
+            t0 = time.perf_counter()
+            # mode="clip": no bounds-check buffering (the indices are a permutation)
+            xb = np.take(self.x, idx, axis=0, out=xs[:len(idx)], mode="clip")
+            yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
+            t1 = time.perf_counter()
+            xb, yb = self.be.asarray(xb), self.be.asarray(yb)
+            yield xb, yb, len(idx), t1 - t0, time.perf_counter() - t1
 
     def _run(self) -> None:
         try:
-            for k, i in enumerate(range(0, len(self.order), self.step)):
+            while True:
                 self._free.acquire()
                 if self._stop:
                     return
-                idx = self.order[i:i + self.step]
-                xs, ys = self._bufs[k % self._SLOTS]
-                t0 = time.perf_counter()
-                # mode="clip": no bounds-check buffering (the indices are a permutation)
-                xb = np.take(self.x, idx, axis=0, out=xs[:len(idx)], mode="clip")
-                yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
-                t1 = time.perf_counter()
-                xb, yb = self.be.asarray(xb), self.be.asarray(yb)
-                self._ready.put((xb, yb, len(idx), t1 - t0, time.perf_counter() - t1))
+                item = next(self._batches, None)
+                if item is None:
+                    return
+                self._ready.put(item)
         except BaseException as err:  # noqa: BLE001 - handed to the training thread
             self._ready.put(err)
 
     def next(self):
         """``(xb, yb, size, gather_seconds, transfer_seconds)`` of the next batch."""
+        if self._thread is None:  # prefetch=False: gather now, in the training thread
+            return next(self._batches)
         item = self._ready.get()
         if isinstance(item, BaseException):
             raise item
@@ -312,11 +329,12 @@ class _Prefetcher:
         self._stop = True
         for _ in range(self._SLOTS):
             self._free.release()
-        self._thread.join()
+        if self._thread is not None:
+            self._thread.join()
 
 
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
-               verbose, progress, info: dict, raising: bool) -> dict:
+               verbose, progress, info: dict, raising: bool, prefetch: bool = True) -> dict:
     data_t = transfer_t = compute_t = 0.0
     loss_sum, correct = 0.0, 0
     start = time.perf_counter()
@@ -326,7 +344,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
-    batches = _Prefetcher(be, x, y, order, step_size)
+    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch)
     try:
         for step, i in enumerate(range(0, n, step_size), 1):
             t = time.perf_counter()

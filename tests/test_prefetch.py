@@ -81,3 +81,17 @@ def test_prefetcher_error_reaches_the_training_thread():
     with pytest.raises(OSError, match="device gone"):
         p.next()
     p.close()
+
+
+def test_prefetch_off_trains_the_same_weights():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((30, 1, 6, 6))
+    y = rng.integers(0, 3, 30)
+    weights = []
+    for prefetch in (True, False):
+        model = Sequential(layers_from_spec(SPEC), (1, 6, 6), dtype=np.float64, seed=0)
+        hist = model.fit(x, y, epochs=2, batch_size=4, verbose=0, prefetch=prefetch)
+        assert hist.info["prefetch"] is prefetch
+        weights.append(model.get_weights())
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k])

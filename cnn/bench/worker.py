@@ -69,7 +69,7 @@ def run_ours(job: dict, x, y) -> None:
     model.fit(x, y, epochs=job["epochs"], batch_size=job["batch_size"], optimizer=opt,
               backend=c["backend"], strategy=c.get("strategy", "sequential"),
               threads=c.get("threads", 1) if c.get("strategy", "sequential") != "sequential" else 1,
-              verbose=0, callbacks=[Gate()], seed=1)
+              verbose=0, callbacks=[Gate()], seed=1, prefetch=c.get("prefetch", True))
 
 
 # ---- Keras -------------------------------------------------------------------------------------
