@@ -207,20 +207,18 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         nb = self._blas_chunk(n, p, k, f, x.itemsize)
         if x.shape[1] >= _NHWC_MIN_CHANNELS:
             return self._conv_forward_nhwc(x, w, b, stride, padding, ho, wo, nb, out, ws)
-        # The patches of every chunk are kept for the backward (recomputing them cost more
-        # than reading them back): chunk by chunk, (k + 1, q) blocks of one flat buffer, the
-        # last row ones (the backward's bias gradient rides in its weight-gradient GEMM).
-        cols = self.scratch(ws, "cols", ((k + 1) * n * p,), x.dtype)
-        acc = self.scratch(ws, "acc", (f * nb * p,), x.dtype)
-        w2 = w.reshape(f, k)
+        # Per-image patches (C*KH*KW + 1, P), the last row ones, kept for the backward
+        # (recomputing them cost more than reading them back); the weights get the bias as
+        # their last column, so each image's GEMM writes its (F, P) output in place, bias
+        # included: no scatter.
+        cols = self.scratch(ws, "cols", (n, k + 1, p), x.dtype)
+        wb = self.scratch(ws, "w_bias", (f, k + 1), x.dtype)
+        wb[:, :k] = w.reshape(f, k)
+        wb[:, k] = b
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
-            q = (c1 - c0) * p
-            colq = cols[(k + 1) * c0 * p:(k + 1) * c1 * p].reshape(k + 1, q)
-            accq = acc[:f * q].reshape(f, q)
-            K.im2col_ones(x, c0, c1, kh, kw, stride, top, left, ho, wo, colq)
-            np.matmul(w2, colq[:k], out=accq)
-            K.scatter_bias(accq, b, c0, c1, out)
+            K.im2col_images(x, c0, c1, kh, kw, stride, top, left, ho, wo, cols)
+            np.matmul(wb, cols[c0:c1], out=out[c0:c1])
         return out.reshape(n, f, ho, wo), (x, w, stride, padding, cols, nb)
 
     def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
@@ -247,27 +245,26 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             return (dx if need_dx else None), dw.reshape(w.shape), db
         if cache[-1] == "nhwc":
             return self._conv_backward_nhwc(dout3, cache, need_dx, dx, ws, ho, wo)
-        cols, nb = cache[4:]  # the forward's patches, ones in the last row of each chunk
-        dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
-        dcols = self.scratch(ws, "dcols", (k * nb * p,), dt) if need_dx else None
+        cols, nb = cache[4:]  # the forward's per-image patches, ones in their last row
+        # per image [dw | db] += dout[n] @ cols[n]^T, summed over the chunk; dcols = w^T dout
         dwb = self.scratch(ws, "dw_db", (f, k + 1), dt)
+        dwb.fill(0)
+        per_image = self.scratch(ws, "dw_db_images", (nb, f, k + 1), dt)
         part = self.scratch(ws, "dw_db_part", (f, k + 1), dt)
-        w2 = w.reshape(f, k)
+        if need_dx:
+            dcols = self.scratch(ws, "dcols", (nb, k, p), dt)
+        w2t = w.reshape(f, k).T
         kh, kw = w.shape[2], w.shape[3]
         top, left = int(top), int(left)
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
-            q = (c1 - c0) * p
-            colq = cols[(k + 1) * c0 * p:(k + 1) * c1 * p].reshape(k + 1, q)
-            dq = dg[:f * q].reshape(f, q)
-            K.gather_chunk(dout3, c0, c1, dq)
-            np.matmul(dq, colq.T, out=dwb if c0 == 0 else part)
-            if c0 > 0:
-                dwb += part
+            m = c1 - c0
+            np.matmul(dout3[c0:c1], cols[c0:c1].transpose(0, 2, 1), out=per_image[:m])
+            np.sum(per_image[:m], axis=0, out=part)
+            dwb += part
             if need_dx:
-                dcq = dcols[:k * q].reshape(k, q)
-                np.matmul(w2.T, dq, out=dcq)
-                K.col2im(dcq, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
+                np.matmul(w2t, dout3[c0:c1], out=dcols[:m])
+                K.col2im_images(dcols, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
         dw = self.scratch(ws, "dw", (f, k), dt)
         np.copyto(dw, dwb[:, :k])
         db = self.scratch(ws, "db", (f,), dt)

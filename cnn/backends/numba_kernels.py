@@ -241,6 +241,31 @@ def col2im(dcols, n0, n1, kh, kw, stride, top, left, ho, wo, dx):
 
 
 @njit(**_JIT)
+def im2col_images(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols3):
+    """Per-image patches: ``cols3[n] (C*KH*KW + 1, Ho*Wo)`` for ``n0 <= n < n1`` as in
+    :func:`_im2col`, the last row ones (the bias column of the weights meets it in the
+    forward GEMM, and the bias gradient comes out of the weight-gradient GEMM)."""
+    last = cols3.shape[1] - 1
+    one = cols3.dtype.type(1)
+    for n in range(n0, n1):
+        _im2col(x, n, n + 1, kh, kw, stride, top, left, ho, wo, cols3[n])
+        for s in range(cols3.shape[2]):
+            cols3[n, last, s] = one
+
+
+@njit(**_JIT)
+def col2im_images(dcols3, n0, n1, kh, kw, stride, top, left, ho, wo, dx):
+    """Adjoint of :func:`im2col_images` (without the ones row) for images ``n0:n1``:
+    ``dx[n] = col2im(dcols3[n - n0])``, zeros first."""
+    for n in range(n0, n1):
+        for c in range(dx.shape[1]):
+            for y in range(dx.shape[2]):
+                for xc in range(dx.shape[3]):
+                    dx[n, c, y, xc] = 0
+        _col2im(dcols3[n - n0], n, n + 1, kh, kw, stride, top, left, ho, wo, dx)
+
+
+@njit(**_JIT)
 def scatter_bias(acc, b, n0, n1, out3):
     """``out3[n, f, :] = acc[f, (n - n0)*P : (n - n0 + 1)*P] + b[f]`` for ``n0 <= n < n1``:
     a chunk's GEMM result ``acc (F, nb*P)`` (images side by side) back into ``(N, F, P)``."""
