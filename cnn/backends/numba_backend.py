@@ -298,35 +298,39 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return out.reshape(n, f, ho, wo), (x, w, stride, padding, cols, nb, wt, "nhwc")
 
     def _conv_backward_nhwc(self, dout3, cache, need_dx, dx, ws, ho, wo):
-        x, w, stride, padding, cols, nb, wt, _ = cache
+        x, w, stride, padding, cols, nb, _, _ = cache
         n, f, p = dout3.shape
         _, c, h, wd = x.shape
         kh, kw = w.shape[2], w.shape[3]
         (top, bottom), (left, right) = padding
         kc, dt = kh * kw * c, x.dtype
-        dg = self.scratch(ws, "dout_t", (nb * p, f), dt)
-        dwb = self.scratch(ws, "dw_db_t", (kc + 1, f), dt)  # [dw (KH*KW*C, F); db]
-        part = self.scratch(ws, "dw_db_t_part", (kc + 1, f), dt)
+        # dout chunks as (F, nb*P) (a plain copy per image); [dw | db] = dout_chunk @ patches
+        # and dcols = dout_chunk^T @ w (F, KH*KW*C): the orientations BLAS ran fastest
+        dg = self.scratch(ws, "dout_chunk", (f * nb * p,), dt)
+        dwb = self.scratch(ws, "dw_db", (f, kc + 1), dt)
+        part = self.scratch(ws, "dw_db_part", (f, kc + 1), dt)
         if need_dx:
+            wf = self.scratch(ws, "w_fhwc", (f, kc), dt)
+            np.copyto(wf.reshape(f, kh, kw, c), w.transpose(0, 2, 3, 1))
             dcols = self.scratch(ws, "dcols_nhwc", (nb * p, kc), dt)
             dxt = self.scratch(ws, "dx_nhwc", (nb, h + top + bottom, wd + left + right, c), dt)
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             q = (c1 - c0) * p
-            dq = dg[:q]
-            K.gather_t(dout3, c0, c1, dq)
-            np.matmul(cols[c0 * p:c1 * p].T, dq, out=dwb if c0 == 0 else part)
+            dq = dg[:f * q].reshape(f, q)
+            K.gather_chunk(dout3, c0, c1, dq)
+            np.matmul(dq, cols[c0 * p:c1 * p], out=dwb if c0 == 0 else part)
             if c0 > 0:
                 dwb += part
             if need_dx:
                 dcq = dcols[:q]
-                np.matmul(dq, wt.T, out=dcq)
+                np.matmul(dq.T, wf, out=dcq)
                 K.col2im_nhwc(dcq, kh, kw, stride, ho, wo, dxt[:c1 - c0])
                 K.nhwc_crop_to_nchw(dxt[:c1 - c0], c0, c1, int(top), int(left), dx)
         dw = self.scratch(ws, "dw", (f, c, kh, kw), dt)
-        np.copyto(dw, dwb[:kc].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
+        np.copyto(dw, dwb[:, :kc].reshape(f, kh, kw, c).transpose(0, 3, 1, 2))
         db = self.scratch(ws, "db", (f,), dt)
-        np.copyto(db, dwb[kc])
+        np.copyto(db, dwb[:, kc])
         return (dx if need_dx else None), dw, db
 
     # ---- pooling ---------------------------------------------------------------------------

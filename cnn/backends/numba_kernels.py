@@ -358,18 +358,6 @@ def scatter_bias_t(acc_t, b, n0, n1, out3):
 
 
 @njit(**_JIT)
-def gather_t(a3, n0, n1, out_t):
-    """``out_t[(n - n0)*P + s, f] = a3[n, f, s]``: a chunk of ``dout (N, F, P)``
-    channels-last, ``(nb*P, F)``."""
-    f_dim, p = a3.shape[1], a3.shape[2]
-    for n in range(n0, n1):
-        base = (n - n0) * p
-        for f in range(f_dim):
-            for s in range(p):
-                out_t[base + s, f] = a3[n, f, s]
-
-
-@njit(**_JIT)
 def col2im_nhwc(dcols, kh, kw, stride, ho, wo, dxt):
     """Adjoint of :func:`im2col_nhwc` (without the ones column): ``dxt`` is zeroed, then every
     patch row of ``dcols (nb*Ho*Wo, KH*KW*C)`` is added back at its pixels."""
