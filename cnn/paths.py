@@ -33,6 +33,8 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping
 
@@ -143,7 +145,9 @@ class TrainingPath:
     def command(self, cfg: Mapping, argv: list[str]) -> list[str]:
         """The command line that starts the child ``argv`` (``[python, -m, ...]``)."""
         if self.launch == "mpiexec":
-            mpiexec = shutil.which("mpiexec") or "mpiexec"
+            # the venv's own (the mpich wheel puts it beside python), else the one on PATH
+            here = Path(sys.executable).parent / "mpiexec"
+            mpiexec = str(here) if here.is_file() else shutil.which("mpiexec") or "mpiexec"
             return [mpiexec, "-n", str(cfg["threads"]), *argv]
         return list(argv)
 
@@ -197,6 +201,14 @@ PATHS: dict[str, TrainingPath] = {p.name: p for p in (
                  backends=("numpy", "numba"), workers="Python threads", scales=True),
     TrainingPath("numba", "Numba nogil kernels, one worker", backends=("numba",),
                  workers="none"),
+    TrainingPath("processes", "sync over worker processes, weights and gradients in shared "
+                 "memory (no GIL, no MPI)", strategies=("sync",), backends=("numpy", "numba"),
+                 workers="worker processes", scales=True, fit_strategy={"sync": "processes"}),
+    TrainingPath("mpi", "sync (or local SGD: average) across MPI ranks started by mpiexec, one "
+                 "Allreduce per step", strategies=("sync", "average"),
+                 backends=("numpy", "numba"), workers="MPI ranks", scales=True,
+                 launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
+                 fit_workers=False),
     TrainingPath("numba_parallel", "Numba parallel=True kernels (intra-op threads)",
                  backends=("numba_parallel",), workers="NUMBA_NUM_THREADS", scales=True,
                  launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False),

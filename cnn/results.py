@@ -17,7 +17,9 @@ Configuration (the same on every row of a run, :data:`CONFIG_FIELDS`):
     lr, momentum (float), cuda_simulator (bool).
 Per epoch (:data:`EPOCH_FIELDS`):
     epoch (Int64, 1-based), time (float s; training wall time of the epoch = data + transfer +
-    compute), compute_time, data_time (shuffle and batch gather), transfer_time (host->device),
+    compute + comm), compute_time, comm_time (combining gradients or weights between workers:
+    the reduce phase of threads and processes, the allreduce of MPI ranks; 0 for one worker,
+    NaN in results from before it was measured), data_time (shuffle and batch gather), transfer_time (host->device),
     eval_time (evaluation on the test set, not part of ``time``), images_per_sec
     (train_size / time), train_loss, train_accuracy (running, over the epoch's training
     batches), test_loss, test_accuracy (on the held-out test set after the epoch).
@@ -28,7 +30,8 @@ Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     (test accuracy after the last epoch), num_params (Int64), load_time (s; loading the data in
     the child), run_time (s; wall time of the whole child process as seen by the parent,
     start-up and compile included), started_at (str, ISO 8601 UTC), device ("cpu", the GPU's
-    name, or "cuda-simulator").
+    name, or "cuda-simulator"), hosts (str; the MPI ranks' host names, comma-separated in rank
+    order; the machine's name for other paths).
 Machine and software (:data:`MACHINE_COLUMNS`, from :func:`cnn.machine.machine_info`, probed
 in the child):
     cpu, cores (int), blas, python, platform, git_commit ("-dirty" when the work tree had
@@ -78,10 +81,10 @@ STATUSES = ("ok", "failed", "diverged")
 CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size",
                  "filters", "epochs", "train_size", "test_size", "repeat", "dtype", "seed", "lr",
                  "momentum", "cuda_simulator")
-EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
+EPOCH_FIELDS = ("epoch", "time", "compute_time", "comm_time", "data_time", "transfer_time", "eval_time",
                 "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
 RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_params",
-              "load_time", "run_time", "started_at", "device")
+              "load_time", "run_time", "started_at", "device", "hosts")
 MACHINE_COLUMNS = ("cpu", "cores", "blas", "python", "platform", "git_commit", "source_hash",
                    "numpy_version", "numba_version", "numba_cuda_version", "tensorflow_version",
                    "keras_version", "threadpoolctl_version", "pandas_version")
@@ -90,7 +93,7 @@ COLUMNS = (("run_key", "status", "error") + CONFIG_FIELDS + EPOCH_FIELDS + RUN_F
 INT_COLUMNS = ("threads", "batch_size", "filters", "epochs", "train_size", "test_size",
                "repeat", "seed", "cores")
 NULLABLE_INT_COLUMNS = ("epoch", "num_params")
-FLOAT_COLUMNS = ("lr", "momentum", "time", "compute_time", "data_time", "transfer_time",
+FLOAT_COLUMNS = ("lr", "momentum", "time", "compute_time", "comm_time", "data_time", "transfer_time",
                  "eval_time", "images_per_sec", "train_loss", "train_accuracy", "test_loss",
                  "test_accuracy", "compile_time", "cold_compile_time", "final_test_accuracy",
                  "load_time", "run_time")

@@ -325,3 +325,24 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     assert record["ranks"] == 2 and record["alpha"] > 0 and record["beta"] > 0
     assert [r["bytes"] for r in record["allreduce"]][0] == 1024
     assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
+
+
+# ---- the study -------------------------------------------------------------------------------------
+def test_the_study_runs_the_mpi_and_processes_paths(tmp_path):
+    """The study launches an mpi run with its registry's mpiexec (rank 0 alone writes the
+    result) and records ranks (threads), hosts and comm_time; processes too."""
+    import pandas as pd
+    grid = tmp_path / "grid.json"
+    grid.write_text(json.dumps([{"dataset": "blobs", "model": "mnist_small", "train_size": 96,
+                                 "test_size": 32, "batch_size": 16, "epochs": 1, "repeats": 1,
+                                 "timeout": 120, "path": ["mpi", "processes"], "threads": 2}]))
+    out = tmp_path / "df.pkl"
+    res = subprocess.run([sys.executable, "-m", "cnn", "study", "--grid", str(grid), "--out",
+                          str(out)], capture_output=True, text=True, timeout=300, env=_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    df = pd.read_pickle(out)
+    assert sorted(df["path"]) == ["mpi", "processes"]
+    assert (df["status"] == "ok").all(), df[["path", "error"]]
+    assert (df["threads"] == 2).all() and (df["comm_time"] > 0).all()
+    mpi = df[df["path"] == "mpi"].iloc[0]
+    assert mpi["strategy"] == "sync" and len(mpi["hosts"].split(",")) == 2

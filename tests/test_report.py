@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +194,8 @@ def test_numbers_when_paths_are_absent(results_file):
                  F.plot_speedup_heatmap):
         assert plot(s, "mnist/mnist_small") is None
     numbers = R.report_numbers(s, [])
-    assert set(numbers["paths"]["absent"]) == {"threads", "numba", "numba_parallel", "cuda",
-                                               "keras"}
+    assert set(numbers["paths"]["absent"]) == {"threads", "numba", "processes", "mpi",
+                                               "numba_parallel", "cuda", "keras"}
     assert numbers["paths"]["failed_only"] == ["cuda"]
     assert numbers["verdicts"]["n"] == 0 and numbers["trends"] == []
     json.dumps(numbers)  # JSON-able, no NaN
@@ -238,3 +239,25 @@ def test_build_report_with_only_sequential_runs(results_file, tmp_path):
     kinds = {f["kind"] for p in numbers["problems"] for f in p["figures"]}
     assert "epoch_time" in kinds and not kinds & {"speedup", "efficiency", "speedup_heatmap"}
     assert numbers["paths"]["present"] == ["sequential"]
+
+
+def test_communication_rows_put_comm_beside_compute():
+    """The report's communication table: communicating paths with more than one worker, their
+    compute and comm seconds per epoch and comm's share of the two (4 workers on 2 cores
+    marked oversubscribed)."""
+    from cnn.analysis.numbers import communication
+    t = pd.DataFrame([
+        {"problem": "p", "path": "mpi", "threads": 2, "p": 2.0, "label": "mpi/sync ×2",
+         "batch_size": 32, "filters": 8, "compute_per_epoch": 3.0, "comm_per_epoch": 1.0},
+        {"problem": "p", "path": "processes", "threads": 4, "p": 4.0, "label": "processes ×4",
+         "batch_size": 32, "filters": 8, "compute_per_epoch": 1.0, "comm_per_epoch": 1.0},
+        {"problem": "p", "path": "mpi", "threads": 1, "p": 1.0, "label": "mpi/sync ×1",
+         "batch_size": 32, "filters": 8, "compute_per_epoch": 3.0, "comm_per_epoch": 0.1},
+        {"problem": "p", "path": "sequential", "threads": 1, "p": 1.0, "label": "sequential",
+         "batch_size": 32, "filters": 8, "compute_per_epoch": 3.0, "comm_per_epoch": 0.0},
+    ])
+    rows = communication(t)
+    assert [r["label"] for r in rows] == ["mpi/sync ×2", "processes ×4"]
+    assert rows[0]["share"] == "25.0%" and rows[1]["share"] == "50.0%"
+    assert rows[0]["compute"] == "3.00" and rows[0]["comm"] == "1.00"
+    assert [r["oversubscribed"] for r in rows] == [os.cpu_count() < 2, os.cpu_count() < 4]

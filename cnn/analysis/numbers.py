@@ -145,6 +145,27 @@ def read_gpu_kernels(path) -> list[dict] | None:
     return rows
 
 
+#: the paths whose workers exchange gradients or weights (their comm_time is measured)
+COMMUNICATING = ("threads", "processes", "mpi")
+
+
+def communication(t: pd.DataFrame) -> list[dict]:
+    """Per configuration of a communicating path with more than one worker: the median
+    seconds per epoch spent computing and communicating (threads and processes: the reduce
+    phase; MPI: the allreduce), and the share of the steps' time that communication took."""
+    rows = []
+    if not len(t) or "comm_per_epoch" not in t:
+        return rows
+    sel = t[t["path"].isin(COMMUNICATING) & (t["p"] > 1) & t["comm_per_epoch"].notna()]
+    for _, r in sel.iterrows():
+        steps = r["compute_per_epoch"] + r["comm_per_epoch"]
+        rows.append({"problem": r["problem"], "label": r["label"], "config": _short_config(r),
+                     "compute": fmt(r["compute_per_epoch"]), "comm": fmt(r["comm_per_epoch"]),
+                     "share": _pct(r["comm_per_epoch"] / steps) if steps > 0 else "–",
+                     "oversubscribed": bool(P.oversubscribed(r["path"], r["threads"], None))})
+    return rows
+
+
 def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> dict:
     """Every number and generated sentence ``report/report.typ`` prints (a JSON-able dict)."""
     runs, t, res = summary.runs, summary.table, summary.results
@@ -237,6 +258,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
         "problems": problems,
         "verdicts": speedup_verdicts(t) if len(t) else {"n": 0},
         "trends": speedup_trends(t) if len(t) else [],
+        "communication": communication(t),
         "sync": sync_check(summary),
         "noise": noise(summary),
         "cold_compile": cold_compile(summary),

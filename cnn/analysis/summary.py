@@ -29,7 +29,7 @@ CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype
 MACHINE_KEYS = ("cpu", "cores")
 VARIANT_KEYS = ("path", "strategy", "backend")
 GROUP_KEYS = CONFIG_KEYS + VARIANT_KEYS + ("threads",)
-TIME_PARTS = ("compute", "data", "transfer", "eval", "compile", "other")
+TIME_PARTS = ("compute", "comm", "data", "transfer", "eval", "compile", "other")
 
 
 def simulated(df: pd.DataFrame) -> pd.Series:
@@ -60,7 +60,8 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
     """``df`` with the optional columns the analysis reads added (NaN) when a frame lacks them
     (a hand-made frame, or a file from an older study), and ``status`` in lower case."""
     missing = [c for c in (*MACHINE_COLUMNS, "num_params", "started_at", "epochs", "test_size",
-                           "cold_compile_time", "cuda_simulator", "device")
+                           "cold_compile_time", "cuda_simulator", "device", "comm_time",
+                           "hosts")
                if c not in df.columns]
     df = df.assign(**{c: np.nan for c in missing}) if missing else df.copy()
     df["status"] = df["status"].astype(str).str.lower()
@@ -113,13 +114,14 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
                "final_test_accuracy", "num_params", "started_at", "test_size"]].first()
     agg = g.agg(n_epochs=("epoch", "nunique"), epoch_time=("time", "median"),
                 total_time=("time", "sum"), compute=("compute_time", "sum"),
+                comm=("comm_time", "sum"),
                 data=("data_time", "sum"), transfer=("transfer_time", "sum"),
                 eval=("eval_time", "sum"), images=("_images", "median"))
     last_acc = ok.sort_values("epoch").groupby("run_key")["test_accuracy"].last()
     runs = first.join(agg)
     runs["final_accuracy"] = runs["final_test_accuracy"].fillna(last_acc)
     runs["compile"] = runs["compile_time"].fillna(0.0)
-    runs["other"] = (runs["total_time"] - runs["compute"] - runs["data"]
+    runs["other"] = (runs["total_time"] - runs["compute"] - runs["comm"] - runs["data"]
                      - runs["transfer"]).clip(lower=0.0)
     runs["images_per_sec"] = runs["images"] / runs["epoch_time"]
     runs = runs.reset_index()
@@ -176,7 +178,8 @@ SUMMARY_COLUMNS = [
     "karp_flatt", "karp_flatt_ci_lo", "karp_flatt_ci_hi", "amdahl_f", "amdahl_f_ci_lo",
     "amdahl_f_ci_hi", "speedup_self", "speedup_self_ci_lo", "speedup_self_ci_hi",
     "karp_flatt_self", "amdahl_f_self", "final_accuracy_median", "final_accuracy_q25",
-    "final_accuracy_q75", "final_accuracy_iqr", "compute_per_epoch", "data_per_epoch",
+    "final_accuracy_q75", "final_accuracy_iqr", "compute_per_epoch", "comm_per_epoch",
+    "data_per_epoch",
     "transfer_per_epoch", "eval_per_epoch", "compile_time", "epoch_time_cv", "config_id",
 ]
 _FIT_COLUMNS = ("amdahl_f", "amdahl_f_ci_lo", "amdahl_f_ci_hi", "amdahl_f_self")
@@ -245,6 +248,7 @@ def summarize(df: pd.DataFrame, n_boot: int = 2000, level: float = 0.95, seed: i
                 "final_accuracy_q25": q25, "final_accuracy_q75": q75,
                 "final_accuracy_iqr": q75 - q25,
                 "compute_per_epoch": float(np.median(g["compute"] / n_ep)),
+                "comm_per_epoch": float(np.median(g["comm"] / n_ep)),
                 "data_per_epoch": float(np.median(g["data"] / n_ep)),
                 "transfer_per_epoch": float(np.median(g["transfer"] / n_ep)),
                 "eval_per_epoch": float(np.median(g["eval"] / n_ep)),

@@ -37,6 +37,7 @@ from .. import paths as P
 PR_SET_PDEATHSIG = 1
 #: history key of cnn.train.History -> results column
 HISTORY_TO_COLUMN = {"epoch": "epoch", "time": "time", "compute_time": "compute_time",
+                     "comm_time": "comm_time",
                      "data_time": "data_time", "transfer_time": "transfer_time",
                      "eval_time": "eval_time", "images_per_sec": "images_per_sec",
                      "loss": "train_loss", "accuracy": "train_accuracy",
@@ -145,7 +146,10 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
                for key, col in HISTORY_TO_COLUMN.items()}
         row["epoch"] = int(h["epoch"][i]) if "epoch" in h else i + 1
         per_epoch.append(row)
+    import socket
+    hosts = hist.info.get("hosts") or [socket.gethostname()]
     return {"epochs": per_epoch, "compile_time": _finite(hist.info.get("compile_time")),
+            "hosts": ",".join(map(str, hosts)),
             "num_params": int(model.num_params), "train_size": int(len(data.x_train)),
             "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
 
@@ -176,8 +180,9 @@ def source_hash() -> str:
     return digest.hexdigest()[:12]
 
 
-def run_main(config_path: str, result_path: str) -> int:
-    """``--run-json CONFIG --result RESULT``: train, write the result."""
+def run_main(config_path: str, result_path: str, write: bool = True) -> int:
+    """``--run-json CONFIG --result RESULT``: train, write the result (``write``: MPI ranks
+    other than 0 train without writing it)."""
     payload = json.loads(Path(config_path).read_text())
     cfg = payload["config"]
     source = source_hash()  # the code this run imports, hashed before it trains
@@ -196,7 +201,8 @@ def run_main(config_path: str, result_path: str) -> int:
     except Exception as err:  # noqa: BLE001
         result["machine"] = {"cpu": f"unknown ({err})"}
     result["machine"]["source_hash"] = source
-    write_json(Path(result_path), result)
+    if write:
+        write_json(Path(result_path), result)
     return 0
 
 
@@ -232,10 +238,40 @@ def main(argv: Iterable[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=None,
                    help="end when this process (the study) ends")
     a = p.parse_args(None if argv is None else list(argv))
-    die_with_parent(a.parent_pid)
+    rank = _mpi_rank()
+    if rank is None:
+        die_with_parent(a.parent_pid)
+    else:  # an MPI rank: its parent is the launcher's proxy; watch the study's pid itself
+        watch_pid(a.parent_pid)
     if a.warmup:
         return warmup_main(*a.warmup, a.result)
-    return run_main(a.run_json, a.result)
+    # every rank trains (the MPI paths); rank 0 alone writes the result
+    return run_main(a.run_json, a.result, write=not rank)
+
+
+def _mpi_rank() -> int | None:
+    """This process's MPI rank when an MPI launcher started it (Hydra: PMI_RANK), else None."""
+    for var in ("PMI_RANK", "PMIX_RANK", "OMPI_COMM_WORLD_RANK"):
+        if os.environ.get(var, "").isdigit():
+            return int(os.environ[var])
+    return None
+
+
+def watch_pid(pid: int | None, poll: float = 0.5) -> None:
+    """End this process when ``pid`` is gone (for processes whose parent is not ``pid``)."""
+    if not pid:
+        return
+
+    def watch():
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(137)
+            except PermissionError:
+                pass
+            time.sleep(poll)
+    threading.Thread(target=watch, name="study-watcher", daemon=True).start()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ _ALL_PATHS = [
      "threads": 2},
     {"path": "threads", "strategy": "sync", "backend": "numba", "threads": 2},
     {"path": "numba_parallel", "threads": 2},
+    {"path": ["processes", "mpi"], "threads": 2},
     {"path": "keras", "threads": [1, 2]},
 ]
 
@@ -21,9 +22,11 @@ def _profile(common: dict, parts: list[dict]) -> list[dict]:
 
 #: Named grids (every path; cuda only with a GPU). ``quick``: offline (the MNIST subset shipped
 #: in the package), batch 32 and 128, 2 epochs, 2 repeats: 36 runs, 2.5 min on the quiet 2-core
-#: development machine (10.5 min while it was shared). ``full``: MNIST and CIFAR-10, whole data
-#: sets, 3 repeats, threads x batch x filters (see FULL_NOTES): 117 runs, estimated 1.8 h there
-#: (``--dry-run``, calibrated on measured throughput of each configuration). ``smoke``: one
+#: development machine (10.5 min while it was shared), 44 since the processes and mpi paths
+#: joined (2 workers each). ``full``: MNIST and CIFAR-10, whole data sets, 3 repeats, threads x
+#: batch x filters (see FULL_NOTES): 117 runs, estimated 1.8 h there (``--dry-run``,
+#: calibrated on measured throughput of each configuration), 165 with processes and MPI ranks
+#: at 1, 2 and 4 (4 oversubscribes 2 cores and is marked so). ``smoke``: one
 #: run on synthetic blobs in a second, to check the machinery.
 PROFILES: dict[str, list[dict]] = {
     "quick": _profile({"dataset": "mnist_embedded", "model": "mnist_small",
@@ -40,6 +43,7 @@ PROFILES: dict[str, list[dict]] = {
                    [{"path": "sequential"},
                     {"path": "threads", "strategy": "sync", "backend": "numpy",
                      "threads": [1, 2, 4]},
+                    {"path": ["processes", "mpi"], "threads": [1, 2, 4]},
                     {"path": "keras", "threads": [1, 2]}])
         # CIFAR-10, every path, 50,000 train / 10,000 test images, the tutorial's batch 32,
         # ONE epoch (a CIFAR epoch is ~1 min sequential here; one keeps the profile ~1.5 h)

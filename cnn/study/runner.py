@@ -253,7 +253,8 @@ def rows(cfg: dict, result: dict, started_at: str, run_time: float,
            "final_test_accuracy": final,
            "num_params": result.get("num_params"), "load_time": result.get("load_time"),
            "run_time": run_time, "started_at": started_at,
-           "device": result.get("device", "cuda" if entry and entry.needs_gpu else "cpu")}
+           "device": result.get("device", "cuda" if entry and entry.needs_gpu else "cpu"),
+           "hosts": result.get("hosts")}
     machine = result.get("machine") or {**_parent_machine(), "source_hash": source_hash()}
     mach = {k: machine.get(k) for k in MACHINE_COLUMNS}
     if base["status"] == "ok" and not epochs:
