@@ -178,6 +178,7 @@ def cmd_train(args) -> int:
     from .parallel import launch, make_strategy
     from .presets import with_filters
 
+    launch.join_mpi_job(args.strategy)  # under mpiexec: a failure on one rank ends them all
     # everything known before the data: checked first, so no error comes after work is done
     if args.dataset not in DATASET_NAMES:
         raise ValueError(f"--dataset: unknown data set {args.dataset!r}; choose one of "

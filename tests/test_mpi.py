@@ -346,3 +346,17 @@ def test_the_study_runs_the_mpi_and_processes_paths(tmp_path):
     assert (df["threads"] == 2).all() and (df["comm_time"] > 0).all()
     mpi = df[df["path"] == "mpi"].iloc[0]
     assert mpi["strategy"] == "sync" and len(mpi["hosts"].split(",")) == 2
+
+
+def test_a_failure_on_one_rank_before_training_ends_the_job(tmp_path):
+    """Rank 1 alone is given a spec file that does not exist (as when a file is missing on one
+    machine): its error ends both ranks at once, with its exit status, instead of leaving rank
+    0 waiting for it."""
+    args = ["-m", "cnn", *TRAIN, "--strategy", "mpi"]
+    cmd = [str(MPIEXEC), "-n", "1", sys.executable, *args, ":", "-n", "1", sys.executable, *args,
+           "--model", str(tmp_path / "missing.json")]
+    t = time.monotonic()
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=_env())
+    assert res.returncode == 2, res.stderr
+    assert "no model spec file" in res.stderr and "rank 1 of 2 ends with exit status 2" in res.stderr
+    assert time.monotonic() - t < 30

@@ -189,7 +189,11 @@ def test_close_is_idempotent_and_step_after_close_fails():
                 {k: v.copy() for k, v in model.params.items()})
     pids = strat.pids
     assert len(pids) == 2 and len(my_segments()) == 2
-    strat.step(x[:8], y[:8])
+    for i in range(0, 24, 8):
+        strat.step(x[i:i + 8], y[i:i + 8])
+    assert strat.pids == pids  # the same workers for every step
+    for pid in pids:
+        os.kill(pid, 0)  # alive
     strat.close()
     strat.close()
     assert not my_segments()

@@ -121,6 +121,18 @@ def maybe_launch(args, argv: list[str]) -> int | None:
     return run_mpiexec(_without(argv, ("--ranks", "--hostfile")), ranks, args.hostfile)
 
 
+def join_mpi_job(strategy: str) -> None:
+    """For the MPI strategies under a launcher: initialise MPI now, before anything that could
+    fail on one rank only (a file missing on one machine), so that such a failure can end
+    every rank (:func:`run_main`) instead of leaving the others waiting in ``MPI_Init``."""
+    from . import MPI_STRATEGIES
+    if strategy in MPI_STRATEGIES and under_launcher():
+        try:
+            from mpi4py import MPI  # noqa: F401 - importing initialises MPI
+        except ImportError:
+            pass  # the strategy reports it, naming what to install
+
+
 def silence_other_ranks(strategy: str) -> bool:
     """For the MPI strategies: send this process's standard output to ``/dev/null`` unless it
     is rank 0 (standard error stays, for errors). Returns True on the master."""
@@ -129,6 +141,55 @@ def silence_other_ranks(strategy: str) -> bool:
         sys.stdout = open(os.devnull, "w")
         return False
     return True
+
+
+# ---- ending a job of several ranks ------------------------------------------------------------
+def mpi_job_size() -> int:
+    """The number of ranks when this process has initialised MPI (through the ``mpi``
+    strategies), else 1. Never initialises MPI itself."""
+    MPI = sys.modules.get("mpi4py.MPI")
+    if MPI is None or not MPI.Is_initialized() or MPI.Is_finalized():
+        return 1
+    return MPI.COMM_WORLD.Get_size()
+
+
+def abort_mpi_job(code: int, err: BaseException | None = None) -> None:
+    """In a job of several ranks, end every rank now (``MPI_Abort`` with ``code``), after
+    printing ``err`` with this rank's number; otherwise return. A rank that simply exited
+    instead would leave the others waiting in a collective (and its own ``MPI_Finalize``
+    waiting for them): this is what ``python -m cnn`` does with a failure on any rank."""
+    if mpi_job_size() <= 1:
+        return
+    MPI = sys.modules["mpi4py.MPI"]
+    rank, size = MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size()
+    if err is not None:
+        import traceback
+        text = "".join(traceback.format_exception(err))
+        sys.stderr.write(f"\n[cnn mpi] rank {rank} of {size} failed with "
+                         f"{type(err).__name__}: {err}\n{text}")
+    sys.stderr.write(f"[cnn mpi] rank {rank} of {size} ends with exit status {code}; "
+                     f"aborting all {size} ranks\n")
+    sys.stderr.flush()
+    sys.stdout.flush()
+    MPI.COMM_WORLD.Abort(code)
+
+
+def run_main(main) -> int:
+    """``main()``'s exit status; in a job of several ranks, a failure (an exception or a
+    non-zero status) on this rank ends every rank (:func:`abort_mpi_job`)."""
+    try:
+        code = main()
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+        if code:
+            abort_mpi_job(code)
+        raise
+    except BaseException as err:
+        abort_mpi_job(1, err)
+        raise
+    if code:
+        abort_mpi_job(code)
+    return code
 
 
 # ---- a fit on N ranks, from a notebook or a script -------------------------------------------

@@ -180,6 +180,10 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
                                 copy_buffers=True)
         ctx = StepContext(training=True, workspace=Workspace(backend), seed=spec["seed"],
                           buffers=buffers)
+        if getattr(backend, "jit", False):  # compile now, not in the first timed step
+            model.loss_and_grads(np.zeros((2, *model.input_shape), model.dtype),
+                                 np.zeros(2, np.int64), params, backend,
+                                 StepContext(training=True, seed=spec["seed"], buffers=buffers))
         batch_name, xs = None, None
         conn.send(("ready", i, os.getpid()))
         while True:

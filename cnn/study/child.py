@@ -203,6 +203,13 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     result["machine"]["source_hash"] = source
     if write:
         write_json(Path(result_path), result)
+    if result["status"] == "failed" and _mpi_rank() is not None:
+        # a failure on one rank would leave the others waiting in a collective: end them all
+        # (rank 0 has written its result; another rank gives it a moment to, if it failed too)
+        from ..parallel.launch import abort_mpi_job
+        if not write:
+            time.sleep(1.0)
+        abort_mpi_job(1)
     return 0
 
 
@@ -243,6 +250,10 @@ def main(argv: Iterable[str] | None = None) -> int:
         die_with_parent(a.parent_pid)
     else:  # an MPI rank: its parent is the launcher's proxy; watch the study's pid itself
         watch_pid(a.parent_pid)
+        try:  # initialise MPI first, so that a failure on one rank can end them all
+            from mpi4py import MPI  # noqa: F401
+        except ImportError:
+            pass
     if a.warmup:
         return warmup_main(*a.warmup, a.result)
     # every rank trains (the MPI paths); rank 0 alone writes the result
