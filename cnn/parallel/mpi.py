@@ -60,7 +60,8 @@ import numpy as np
 
 from .base import Strategy
 from .launch import under_launcher
-from .sync import FlatLayout, SyncCore, Transport, flat_view, shard_bounds
+from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, slot_api,
+                   state_arrays, state_with_arrays, step_scalars)
 
 _NAME_BYTES = 256
 
@@ -85,14 +86,6 @@ def processor_names(comm) -> list[str]:
     every = np.zeros((comm.Get_size(), _NAME_BYTES), np.uint8)
     comm.Allgather(mine, every)
     return [bytes(row).rstrip(b"\0").decode(errors="replace") for row in every]
-
-
-def array_leaves(tree) -> list[np.ndarray]:
-    """The arrays in a (nested) dict of optimizer state, in insertion order (the same on
-    every rank); scalars are not leaves."""
-    if isinstance(tree, dict):
-        return [a for v in tree.values() for a in array_leaves(v)]
-    return [tree] if isinstance(tree, np.ndarray) and tree.ndim > 0 else []
 
 
 def _check_cpu_backend(name: str, backend) -> None:
@@ -249,13 +242,13 @@ class _MPIStrategy(Strategy):
                              f"must run the same configuration. This is rank {self.rank} with "
                              f"{values}")
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
+    def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         _check_cpu_backend(self.name, backend)
-        super().start(model, optimizer, backend, params, seed)
+        super().start(model, optimizer, backend, params, seed, **kwargs)
         self._agree("the model, optimizer, dtype and seed",
                     {"spec": model.spec(), "dtype": str(model.dtype), "optimizer":
                      optimizer.config(), "seed": seed, "strategy": self.describe()})
-        for v in list(self.params.values()) + array_leaves(self.state):
+        for v in list(self.params.values()) + state_arrays(self.state):
             self.comm.Bcast(flat_view(v), root=0)
 
     # ---- shared numbers ----------------------------------------------------------------------
@@ -324,8 +317,8 @@ class MPISync(_MPIStrategy):
         self.overlap, self.bucket_bytes = overlap, int(bucket_bytes)
         super().__init__(threads, abort_on_error, comm)
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
-        super().start(model, optimizer, backend, params, seed)
+    def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
+        super().start(model, optimizer, backend, params, seed, **kwargs)
         self._core = SyncCore(model, optimizer, backend, self.params, self.state)
         self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
                                        self.bucket_bytes)
@@ -335,8 +328,9 @@ class MPISync(_MPIStrategy):
         if not hasattr(self, "_core"):
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
         self._ctx.step = self.steps
+        lr, t = step_scalars(self.optimizer, self.state, self.steps)
         _, _, comm, totals = self._core.worker_step(self.rank, self.size, xb, yb,
-                                                    self._transport, self._ctx)
+                                                    self._transport, self._ctx, lr, t)
         self.steps += 1
         self.comm_time += comm
         return totals
@@ -373,15 +367,17 @@ class MPIAverage(_MPIStrategy):
     def examples_per_step(self, batch_size: int) -> int:
         return self.size * batch_size
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
-        super().start(model, optimizer, backend, params, seed)
+    def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
+        super().start(model, optimizer, backend, params, seed, **kwargs)
         # what is averaged: the weights, every array of the optimizer state and the buffers
         # (batch-norm statistics; committed by copy, so these views stay the buffers)
         self._leaves = [flat_view(v) for v in self.params.values()] + \
-            [flat_view(v) for v in array_leaves(self.state)] + \
+            [flat_view(v) for v in state_arrays(self.state)] + \
             [flat_view(v) for v in self.buffers.values()]
         self._buf = np.zeros(sum(v.size for v in self._leaves) + 1, np.float64)
         self._out = {k: np.empty_like(v) for k, v in self.params.items()}
+        self._out_state = state_with_arrays(self.state, [np.empty_like(a) for a in
+                                                         state_arrays(self.state)])
         self._out_buffers = {k: np.empty_like(v) for k, v in self.buffers.items()}
         self._count = 0  # examples this replica trained on since the last average
         self._since = 0  # global steps since the last average (the same on every rank)
@@ -396,7 +392,11 @@ class MPIAverage(_MPIStrategy):
             self._ctx.step, self._ctx.offset, self._ctx.global_batch = self.steps, lo, n
             loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
                                                              self.backend, self._ctx)
-            self.optimizer.update(self.params, grads, self.state, self.backend)
+            if slot_api(self.optimizer, self.state):  # the scalar step advances below, once
+                lr, t = step_scalars(self.optimizer, self.state, self.steps)
+                self.optimizer.apply(self.params, grads, self.state.slots, self.backend, lr, t)
+            else:
+                self.optimizer.update(self.params, grads, self.state, self.backend)
             self._ctx.commit(copy=True)  # this replica's own batch-norm statistics
             local[0] = float(self.backend.to_host(loss)) * (hi - lo)
             local[1] = int(self.backend.to_host(correct))
@@ -425,17 +425,15 @@ class MPIAverage(_MPIStrategy):
         count = buf[-1]
         if count == 0:
             return self.params
-        if into_replicas:
-            targets = self._leaves
-        else:  # the weights and the buffers only (None: an optimizer-state leaf, skipped)
-            n_state = len(self._leaves) - len(self._out) - len(self._out_buffers)
-            targets = ([flat_view(v) for v in self._out.values()] + [None] * n_state
-                       + [flat_view(v) for v in self._out_buffers.values()])
+        # into the replicas, or into separate outputs (the weights, optimizer state, buffers)
+        targets = self._leaves if into_replicas else \
+            [flat_view(v) for v in self._out.values()] + \
+            [flat_view(v) for v in state_arrays(self._out_state)] + \
+            [flat_view(v) for v in self._out_buffers.values()]
         off = 0
         for v, out in zip(self._leaves, targets):
-            if out is not None:
-                np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
-                out[...] = buf[off:off + v.size]
+            np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
+            out[...] = buf[off:off + v.size]
             off += v.size
         if not into_replicas:
             return self._out
@@ -462,6 +460,16 @@ class MPIAverage(_MPIStrategy):
         if not hasattr(self, "_leaves") or self._since == 0:
             return self.buffers
         return self._out_buffers
+
+    def current_state(self):
+        """The optimizer state averaged like the weights (a collective when the replicas have
+        trained since the last average; call it right after :meth:`current_params`)."""
+        if not hasattr(self, "_leaves") or self._since == 0:
+            return self.state
+        self._average(into_replicas=False)
+        if hasattr(self._out_state, "step"):
+            self._out_state.step = self.state.step
+        return self._out_state
 
     def describe(self) -> dict:
         return {**super().describe(), "average_every": self.every}

@@ -50,30 +50,13 @@ from typing import Any
 import numpy as np
 
 from .base import Strategy
-from .sync import FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view
+from .sync import (FlatLayout, SharedReduce, SharedSlots, SyncCore, state_arrays,
+                   state_with_arrays, step_scalars)
 
 START_METHODS = ("forkserver", "spawn", "fork")
 #: the prefix of every shared-memory segment this strategy creates (``/dev/shm/<name>``)
 SEGMENT_PREFIX = "pcnn_"
 _ALIGN = 64
-
-
-def array_leaves(tree) -> list[np.ndarray]:
-    """The arrays of a (nested) dict of optimizer state, in insertion order."""
-    if isinstance(tree, dict):
-        return [a for v in tree.values() for a in array_leaves(v)]
-    return [tree] if isinstance(tree, np.ndarray) and tree.ndim > 0 else []
-
-
-def replace_leaves(tree, leaves: list):
-    """``tree`` with its array leaves (in :func:`array_leaves` order) replaced by ``leaves``."""
-    it = iter(leaves)
-
-    def walk(t):
-        if isinstance(t, dict):
-            return {k: walk(v) for k, v in t.items()}
-        return next(it) if isinstance(t, np.ndarray) and t.ndim > 0 else t
-    return walk(tree)
 
 
 class _Plan:
@@ -172,8 +155,8 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         # the buffers every worker reads; worker 0 copies each step's new values into them
         buffers = buf_layout.views(views["buffers"]) if buf_layout else {}
         state_tree = optimizer.init_state(model.params, backend)
-        state = replace_leaves(state_tree, [v.reshape(a.shape) for v, a in zip(
-            plan.state_rows(views["state"]), array_leaves(state_tree))])
+        state = state_with_arrays(state_tree, [v.reshape(a.shape) for v, a in zip(
+            plan.state_rows(views["state"]), state_arrays(state_tree))])
         core = SyncCore(model, optimizer, backend, params, state)
         reduce = SharedReduce(workers, barrier, views["reduce"])
         transport = SharedSlots(layout, list(views["slots"]), views["gsum"], barrier, reduce,
@@ -190,7 +173,7 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
             msg = conn.recv()
             if msg[0] == "stop":
                 break
-            _, n, step, name, capacity = msg
+            _, n, step, name, capacity, lr, t = msg
             if name != batch_name:  # the main process grew the batch segment
                 xs = None
                 if len(segments) > 1:
@@ -201,7 +184,7 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
                 batch_name = name
             ctx.step = step
             loss, correct, comm, _ = core.worker_step(i, workers, xs[0][:n], xs[1][:n],
-                                                      transport, ctx)
+                                                      transport, ctx, lr, t)
             views["results"][i, :3] = loss, correct, comm
             conn.send(("ok",))
     except BaseException as err:  # noqa: BLE001 - reported to the main process
@@ -318,12 +301,12 @@ class SyncProcesses(Strategy):
         self._segments.append(seg)
         return seg
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
+    def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         if getattr(backend, "on_device", False):
             raise ValueError(f"strategy 'processes' runs CPU worker processes; backend "
                              f"{backend.name!r} keeps the weights on a device. Use a CPU "
                              "backend (numpy, numba)")
-        super().start(model, optimizer, backend, params, seed)
+        super().start(model, optimizer, backend, params, seed, **kwargs)
         try:
             self._start(model, optimizer, backend, seed)
         except BaseException:
@@ -333,7 +316,7 @@ class SyncProcesses(Strategy):
     def _start(self, model, optimizer, backend, seed) -> None:
         w = self.threads
         self._layout = FlatLayout(self.params)
-        leaves = array_leaves(self.state)
+        leaves = state_arrays(self.state)
         for a in leaves:
             if a.dtype != self._layout.dtype:
                 raise ValueError(f"strategy 'processes' keeps the optimizer state in shared "
@@ -400,7 +383,8 @@ class SyncProcesses(Strategy):
             self._grow_batch(n)
         self._xs[0][:n] = xb
         self._xs[1][:n] = yb
-        msg = ("step", n, self.steps, self._batch_seg.name, self._capacity)
+        lr, t = step_scalars(self.optimizer, self.state, self.steps)
+        msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
         for c in self._conns:
             c.send(msg)
         self._collect("ok")
@@ -486,7 +470,7 @@ class SyncProcesses(Strategy):
         if getattr(self, "_views", None) is not None:
             self._layout.unpack(self._views["params"], self.params)
             for row, a in zip(self._plan.state_rows(self._views["state"]),
-                              array_leaves(self.state)):
+                              state_arrays(self.state)):
                 a.reshape(-1)[...] = row
         return self.params
 
@@ -495,6 +479,11 @@ class SyncProcesses(Strategy):
         if getattr(self, "_views", None) is not None and self._buf_layout:
             self._buf_layout.unpack(self._views["buffers"], self.buffers)
         return self.buffers
+
+    def current_state(self):
+        """The optimizer state, its slots refreshed from shared memory."""
+        self.current_params()
+        return self.state
 
     def close(self) -> None:
         """Stop the workers and unlink every shared segment. Safe to call twice."""

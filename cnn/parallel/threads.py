@@ -83,7 +83,8 @@ import numpy as np
 
 from ..backends import Backend
 from .base import Strategy
-from .sync import FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view, shard_bounds
+from .sync import (FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view, shard_bounds,
+                   step_scalars)
 
 Phase = Callable[[int], None]
 
@@ -237,10 +238,10 @@ class ThreadStrategy(Strategy):
                           "oversubscribe the cores; fit(blas_threads=1) pins BLAS to one "
                           "thread per worker", RuntimeWarning, stacklevel=4)
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
+    def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         self._check_backend(backend)
         self._warn_blas_threads(self.threads)
-        super().start(model, optimizer, backend, params, seed)
+        super().start(model, optimizer, backend, params, seed, **kwargs)
         self._contexts = [self.new_context() for _ in range(self.threads)]
         try:
             self._setup()
@@ -336,7 +337,7 @@ class SyncThreads(ThreadStrategy):
 
     def _work(self, i: int) -> None:
         self._out[i] = self._core.worker_step(i, self.threads, self._xb, self._yb,
-                                              self._transport, self._context(i))
+                                              self._transport, self._context(i), *self._scalars)
 
     def step(self, xb, yb):
         if self._workers is None:
@@ -345,6 +346,8 @@ class SyncThreads(ThreadStrategy):
             self._barrier.reset()
         self._xb, self._yb = xb, yb
         self._out = [None] * self.threads
+        # one learning rate and step number for every slice of this global step
+        self._scalars = step_scalars(self.optimizer, self.state, self.steps)
         try:
             self._run((self._work,))
             self.steps += 1
