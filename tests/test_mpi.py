@@ -360,3 +360,15 @@ def test_a_failure_on_one_rank_before_training_ends_the_job(tmp_path):
     assert res.returncode == 2, res.stderr
     assert "no model spec file" in res.stderr and "rank 1 of 2 ends with exit status 2" in res.stderr
     assert time.monotonic() - t < 30
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--strategy", "sync", "--threads", "2", "--overlap"], "--overlap is an option of --strategy mpi"),
+    (["--strategy", "mpi", "--average-every", "3"], "--average-every is an option of --strategy average"),
+    (["--strategy", "mpi_average", "--average-every", "0"], "every must be a positive number of steps"),
+    (["--strategy", "mpi", "--hostfile", "hosts"], "--hostfile needs --ranks N"),
+    (["--strategy", "mpi", "--ranks", "2", "--threads", "2"], "leave --threads at 1. Received threads=2"),
+])
+def test_mpi_options_refused_naming_the_value(capsys, extra, message):
+    assert cli.main(TRAIN + extra) == 2
+    assert message in capsys.readouterr().err

@@ -253,10 +253,15 @@ class _MPIStrategy(Strategy):
 
     # ---- shared numbers ----------------------------------------------------------------------
     def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
-        keys = sorted(values)
-        buf = np.array([values[k] for k in keys], np.float64)
+        """Rank 0's ``values`` on every rank (its keys too: two ``Bcast`` of bytes, the
+        length first), so the other ranks need not know which numbers rank 0 computed."""
+        text = np.frombuffer(json.dumps({k: float(v) for k, v in values.items()}).encode(),
+                             np.uint8) if self.is_master else np.zeros(0, np.uint8)
+        size = np.array([text.size], np.int64)
+        self.comm.Bcast(size, root=0)
+        buf = text.copy() if self.is_master else np.zeros(int(size[0]), np.uint8)
         self.comm.Bcast(buf, root=0)
-        return {k: float(v) for k, v in zip(keys, buf)}
+        return {k: float(v) for k, v in json.loads(buf.tobytes().decode()).items()}
 
     def check_replicas(self) -> None:
         """Raise RuntimeError (on every rank) unless every rank holds bitwise the same
