@@ -45,6 +45,31 @@ def _env() -> dict:
     return env
 
 
+@pytest.fixture(autouse=True)
+def no_mpich_segment_left_behind():
+    """Jobs that end normally remove MPICH's /dev/shm segments; those that end by MPI_Abort
+    or a killed rank leave them, and the tests remove them (what ``--ranks`` does itself), so
+    that CI runs do not fill /dev/shm: afterwards none made during the test remains."""
+    from cnn.parallel.launch import MPICH_SEGMENTS, remove_orphan_segments
+    import glob
+    before = set(glob.glob(MPICH_SEGMENTS))
+    started = time.time()
+    yield
+    remove_orphan_segments(since=started)
+    assert set(glob.glob(MPICH_SEGMENTS)) - before <= _in_use(), "MPICH segments left behind"
+
+
+def _in_use() -> set:
+    import glob
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            mapped.update(line.split()[-1] for line in open(maps) if "/dev/shm/mpich" in line)
+        except OSError:
+            pass
+    return mapped
+
+
 def mpirun(*args, ranks=2, timeout=120, check=True, mpiexec_args=()):
     cmd = [str(MPIEXEC), *mpiexec_args, "-n", str(ranks), sys.executable, *map(str, args)]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
@@ -372,3 +397,18 @@ def test_a_failure_on_one_rank_before_training_ends_the_job(tmp_path):
 def test_mpi_options_refused_naming_the_value(capsys, extra, message):
     assert cli.main(TRAIN + extra) == 2
     assert message in capsys.readouterr().err
+
+
+def test_orphan_segments_are_removed_and_live_ones_kept(tmp_path):
+    """remove_orphan_segments unlinks an MPICH segment no process maps, and keeps one that a
+    process still maps (a running job's)."""
+    import mmap
+    from cnn.parallel.launch import remove_orphan_segments
+    pattern = str(tmp_path / "mpich_shm_*")
+    orphan, live = tmp_path / "mpich_shm_orphan_0", tmp_path / "mpich_shm_live_0"
+    for p in (orphan, live):
+        p.write_bytes(b"\0" * 4096)
+    with open(live, "r+b") as f, mmap.mmap(f.fileno(), 4096):
+        removed = remove_orphan_segments(pattern=pattern)
+        assert removed == [str(orphan)]
+        assert live.exists() and not orphan.exists()

@@ -78,9 +78,55 @@ def mpiexec_command(args: list[str], ranks: int, hostfile: str | None = None,
 def run_mpiexec(args: list[str], ranks: int, hostfile: str | None = None,
                 extra: list[str] | None = None) -> int:
     """Run ``python -m cnn <args>`` on ``ranks`` ranks and return the job's exit status."""
+    import time
     cmd = mpiexec_command(args, ranks, hostfile, extra=extra)
     print(f"launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
-    return subprocess.call(cmd)
+    started = time.time()
+    code = subprocess.call(cmd)
+    if code:
+        remove_orphan_segments(since=started)
+    return code
+
+
+#: the shared-memory segments MPICH makes on each host (``/dev/shm/mpich_shm_*``)
+MPICH_SEGMENTS = "/dev/shm/mpich_shm_*"
+
+
+def remove_orphan_segments(since: float | None = None, pattern: str = MPICH_SEGMENTS) -> list[str]:
+    """Unlink MPICH's shared-memory segments that a job ended by ``MPI_Abort`` or by a killed
+    rank left behind (MPICH removes them only when its ranks finalise): those of this user,
+    modified at or after ``since`` (a ``time.time()``), that no process maps any more. Returns
+    the paths removed. Segments still mapped by a running job are never touched."""
+    import glob
+    candidates = []
+    for path in glob.glob(pattern):
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_uid == os.getuid() and (since is None or st.st_mtime >= since - 1):
+            candidates.append(path)
+    if not candidates:
+        return []
+    mapped = set()
+    for maps in glob.glob("/proc/[0-9]*/maps"):
+        try:
+            with open(maps) as f:
+                for line in f:
+                    fields = line.split(None, 5)
+                    if len(fields) == 6 and fields[5].startswith("/"):
+                        mapped.add(fields[5].strip())
+        except (OSError, IndexError):
+            continue
+    removed = []
+    for path in candidates:
+        if path not in mapped:
+            try:
+                os.unlink(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
 
 
 def _without(argv: list[str], options: tuple[str, ...]) -> list[str]:
@@ -227,7 +273,11 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
         cmd += ["-n", str(ranks), sys.executable, "-m", "cnn.parallel.launch", str(cfg), str(out)]
         env = {k: v for k, v in os.environ.items()
                if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}  # not a rank of an outer job
+        import time
+        started = time.time()
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if res.returncode != 0:
+            remove_orphan_segments(since=started)
         if res.returncode != 0 or not out.with_suffix(".npz").is_file():
             raise RuntimeError(f"{' '.join(cmd)} failed with exit status {res.returncode}:\n"
                                f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")

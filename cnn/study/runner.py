@@ -170,6 +170,10 @@ def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
                      "error": f"TimeoutError: the run exceeded its timeout of {timeout:g} s "
                               f"and was killed"}, wall, _tail(out))
         wall = time.perf_counter() - t
+        if code and cfg.get("path") in P.PATHS and P.get_path(cfg["path"]).launch == "mpiexec":
+            # an MPI job ended by MPI_Abort or a killed rank leaves MPICH's /dev/shm segments
+            from ..parallel.launch import remove_orphan_segments
+            remove_orphan_segments(since=time.time() - wall)
         if res_path.is_file():
             return json.loads(res_path.read_text()), wall, _tail(output)
         if code == 130:
