@@ -1,0 +1,71 @@
+"""The benchmark's arithmetic and bookkeeping (its timings are never asserted): FLOP counts by
+hand, the ratios and targets of the summary on made-up rows, and the PyTorch contender
+computing the same network as ours from the same weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cnn.bench.hardware import layer_flops, training_flops_per_image
+from cnn.bench.peers import annotate, contenders, summary
+from cnn.model import build_model
+
+
+def test_flops_by_hand():
+    model = build_model("cifar_tutorial", seed=0)
+    fwd = {"conv2d": 2 * 32 * 30 * 30 * 3 * 9, "conv2d_1": 2 * 64 * 13 * 13 * 32 * 9,
+           "conv2d_2": 2 * 64 * 4 * 4 * 64 * 9, "dense": 2 * 1024 * 64, "dense_1": 2 * 64 * 10}
+    assert {r["layer"]: r["forward"] for r in layer_flops(model)} == fwd
+    # forward + weight gradient + input gradient, none for the first layer
+    assert training_flops_per_image(model) == 3 * sum(fwd.values()) - fwd["conv2d"] == 25_736_448
+    mnist = build_model("mnist_small", seed=0)
+    assert training_flops_per_image(mnist) == 2 * (2 * 8 * 26 * 26 * 9) + 3 * (2 * 1352 * 10)
+
+
+def _row(name, family, threads, ips, malloc=False):
+    return {"name": name, "family": family, "threads": threads, "images_per_sec": ips,
+            "malloc_env": malloc, "repeats": 3}
+
+
+def test_annotate_and_summary_ratios():
+    rows = [_row("ours numpy", "ours", 1, 800), _row("ours numba", "ours", 1, 1000),
+            _row("ours numba +MALLOC_*", "ours", 1, 1020, malloc=True),
+            _row("ours sync numba", "ours", 2, 1900), _row("keras", "keras", 1, 1250),
+            _row("keras", "keras", 2, 2000), _row("pytorch", "torch", 1, 500),
+            _row("pytorch", "torch", 2, 950)]
+    annotate(rows, flops=10_000_000, peak=100.0)
+    numba = rows[1]
+    assert numba["gflops"] == pytest.approx(10.0)
+    assert numba["fraction_of_peak"] == pytest.approx(0.1)
+    assert numba["ratio_keras"] == pytest.approx(0.8) and numba["ratio_torch"] == pytest.approx(2.0)
+    assert rows[3]["fraction_of_peak"] == pytest.approx(19.0 / 200)  # two threads, two cores
+    assert rows[3]["ratio_keras"] == pytest.approx(0.95)
+    lines = summary({("cifar_tutorial", 128): rows})
+    line = next(l for l in lines if "cifar_tutorial" in l and "128" in l)
+    # best 1t = numba (the MALLOC_* row is a check, never the best), /keras1 0.80, /torch1 2.00,
+    # best 2t sync numba /keras2 0.95 /torch2 2.00, sync/best1 1.90, malloc numba 1.02
+    for figure in ("0.80", "2.00", "0.95", "1.90", "1.02"):
+        assert figure in line, (figure, line)
+
+
+def test_default_contenders_cover_the_issue():
+    names = {(s.name, s.threads) for s in contenders()}
+    for needed in [("ours numpy", 1), ("ours numba", 1), ("ours numba_parallel", 2),
+                   ("ours sync numpy", 2), ("ours sync numba", 2), ("keras", 1), ("keras", 2),
+                   ("pytorch", 1), ("pytorch", 2), ("ours numpy +MALLOC_*", 1)]:
+        assert needed in names
+    assert {(s.name, s.threads) for s in contenders(quick=True)} < names
+
+
+@pytest.mark.parametrize("preset", ["mnist_small", "cifar_tutorial"])
+def test_pytorch_contender_is_our_network(preset):
+    torch = pytest.importorskip("torch", reason="PyTorch is an optional extra "
+                                                "(requirements-bench.txt)")
+    from cnn.bench.worker import synthetic_data, torch_model
+
+    model = build_model(preset, seed=0)
+    x, _ = synthetic_data(preset, 5)
+    ours, _ = model.forward(x)
+    with torch.no_grad():
+        theirs = torch_model(model)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
