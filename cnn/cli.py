@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 
@@ -99,10 +100,54 @@ def _add_train(sub) -> None:
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
                         "nothing saved) or is counted and training goes on (continue)")
+    _add_optim_arguments(p)
+
+
+def _add_optim_arguments(p) -> None:
+    """train's optimizer, schedule, validation, callback and multi-model options."""
+    g = p.add_argument_group("optimizer and learning rate (see cnn.optim, cnn.schedules)")
+    g.add_argument("--optimizer", default=None, metavar="SPEC",
+                   help="sgd | rmsprop | adam | adamw, with options as NAME:key=value,... "
+                        "(adam:beta_2=0.99,epsilon=1e-8), an inline JSON object or a "
+                        ".json/.yaml file; default: the model spec's. Another type than the "
+                        "spec's starts from that optimizer's own defaults")
+    g.add_argument("--weight-decay", type=_float("a finite number >= 0", 0.0, low_open=False),
+                   default=None, help="decoupled weight decay (every optimizer; AdamW's)")
+    g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
+    g.add_argument("--lr-schedule", default=None, metavar="SPEC",
+                   help="constant | step | cosine | cosine_restarts | cyclic | warmup | plateau, "
+                        "with options as NAME:key=value,... (step:step_size=2,factor=0.5,"
+                        "unit=epoch; cyclic:max_lr=0.5,step_size=200; plateau:patience=2), "
+                        "JSON or a file; a cosine without decay_steps anneals to the end")
+    g.add_argument("--warmup-steps", type=positive_int, default=None,
+                   help="begin with a linear warm-up of this many steps")
+    g = p.add_argument_group("validation, early stopping, checkpoints, curves")
+    g.add_argument("--validation-split", type=unit_interval, default=0.1,
+                   help="fraction of the training data held out (stratified) to validate on "
+                        "after each epoch (default 0.1; 0: none). The test set is used once, "
+                        "for the final accuracy")
+    g.add_argument("--early-stopping", type=positive_int, default=None, metavar="PATIENCE",
+                   help="stop after PATIENCE epochs without a lower validation loss, and keep "
+                        "the best epoch's weights")
+    g.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="write the best weights so far (lowest validation loss) to PATH (.npz) "
+                        "after each epoch that improves it")
+    g.add_argument("--plot", default=None, metavar="PNG",
+                   help="draw live training curves (loss, accuracy) into this PNG each epoch")
+    g = p.add_argument_group("several models from one file")
+    g.add_argument("--config", default=None, metavar="FILE",
+                   help="train the models of a YAML/JSON file (see cnn.configs) and print a "
+                        "comparison table; the other train options do not apply")
+    g.add_argument("--name", default=None, action="append",
+                   help="with --config: train only this model (repeat for several)")
+    g.add_argument("--parallel", type=positive_int, default=1,
+                   help="with --config: models trained side by side in this many processes "
+                        "(default 1: one after another)")
 
 
 def _default_model(dataset: str) -> str:
-    return "cifar_tutorial" if dataset == "cifar10" else "mnist_small"
+    from .presets import default_model
+    return default_model(dataset)
 
 
 class _Interrupt:
@@ -178,6 +223,10 @@ def cmd_train(args) -> int:
     from .parallel import launch, make_strategy
     from .presets import with_filters
 
+    if args.config is not None:
+        return cmd_train_config(args)
+    if args.name is not None or args.parallel != 1:
+        raise ValueError("--name and --parallel go with --config")
     launch.join_mpi_job(args.strategy)  # under mpiexec: a failure on one rank ends them all
     # everything known before the data: checked first, so no error comes after work is done
     if args.dataset not in DATASET_NAMES:
@@ -200,11 +249,23 @@ def cmd_train(args) -> int:
     if not isinstance(optimizer, dict):
         raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
     optimizer = dict(optimizer)
+    if args.optimizer is not None:
+        from .configs import _optimizer_spec
+        try:
+            optimizer = _optimizer_spec({"optimizer": optimizer}, args.optimizer)
+        except (ValueError, FileNotFoundError) as err:
+            raise type(err)(f"--optimizer: {err}") from None
     if args.lr is not None:
         optimizer["lr"] = args.lr
     if args.momentum is not None:
         optimizer["momentum"] = args.momentum
-    make_optimizer(optimizer)
+    if args.weight_decay is not None:
+        optimizer["weight_decay"] = args.weight_decay
+    if args.nesterov:
+        optimizer["nesterov"] = True
+    schedule = _schedule_option(args)
+    make_optimizer(optimizer, schedule=schedule)
+    callbacks = _train_callbacks(args, schedule)
     if args.batch_size is not None:
         batch_size = args.batch_size
     else:
@@ -236,13 +297,16 @@ def cmd_train(args) -> int:
     interrupt = _Interrupt()
     try:
         with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves
-            print(f"{data}\n{model.summary()}\noptimizer {optimizer}, batch {batch_size}, "
-                  f"{_describe_strategy(strategy)}, backend {args.backend}"
+            print(f"{data}\n{model.summary()}\noptimizer {optimizer}"
+                  + (f", lr schedule {schedule}" if schedule else "")
+                  + f", batch {batch_size}, {_describe_strategy(strategy)}, backend "
+                  f"{args.backend}, validation split {args.validation_split}"
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
             hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
                              batch_size=batch_size, optimizer=optimizer, strategy=strategy,
                              threads=args.threads, seed=args.seed,
-                             validation_data=(data.x_test, data.y_test),
+                             validation_split=args.validation_split, lr_schedule=schedule,
+                             callbacks=callbacks,
                              verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
                              progress=interrupt.progress)
             if interrupt.requested:  # pressed during the last evaluation: the run is whole
@@ -266,12 +330,16 @@ def cmd_train(args) -> int:
                   file=sys.stderr)
         return EXIT_INTERRUPTED
     h = hist.history
-    print("\nepoch  test_acc  train_loss  time_s  img/s")
+    print("\nepoch   val_acc  train_loss  time_s  img/s")
     for i in range(hist.epochs):
-        print(f"{h['epoch'][i]:>5}  {h['val_accuracy'][i]:8.4f}  {h['loss'][i]:10.4f}  "
+        val = f"{h['val_accuracy'][i]:8.4f}" if "val_accuracy" in h else f"{'-':>8}"
+        print(f"{h['epoch'][i]:>5}  {val}  {h['loss'][i]:10.4f}  "
               f"{h['time'][i]:6.2f}  {h['images_per_sec'][i]:,.0f}")
+    for cb in callbacks:
+        _report_callback(cb)
+    test = model.evaluate(data.x_test, data.y_test)  # the test set: once, for the final number
     print(f"total training time {sum(h['time']):.1f} s (+ {hist.info['compile_time']:.1f} s JIT "
-          f"compile); final test accuracy {h['val_accuracy'][-1]:.4f}")
+          f"compile); final test accuracy {test['accuracy']:.4f} (test loss {test['loss']:.4f})")
     if hist.info.get("nonfinite_steps"):
         first = hist.info["first_nonfinite"]
         print(f"warning: {hist.info['nonfinite_steps']} training steps had a non-finite loss "
@@ -283,6 +351,111 @@ def cmd_train(args) -> int:
     if save is not None and master:
         print(f"weights saved to {model.save_weights(save)}")
     return 0
+
+
+def _schedule_option(args):
+    """The ``--lr-schedule`` spec (with ``--warmup-steps``), or None."""
+    from .configs import parse_option_spec
+    try:
+        schedule = parse_option_spec(args.lr_schedule, "--lr-schedule")
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"--lr-schedule: {err}" if not str(err).startswith("--") else str(err)) \
+            from None
+    if args.warmup_steps is not None:
+        if schedule is None:
+            schedule = {"type": "warmup", "warmup_steps": args.warmup_steps}
+        elif isinstance(schedule, dict):
+            schedule = {**schedule, "warmup_steps": args.warmup_steps}
+    if isinstance(schedule, dict) and str(schedule.get("type")) in ("plateau", "reduce_on_plateau") \
+            and not args.validation_split:
+        raise ValueError("--lr-schedule plateau reduces on the validation loss: it needs "
+                         "--validation-split > 0")
+    return schedule
+
+
+def _train_callbacks(args, schedule) -> list:
+    """EarlyStopping, ModelCheckpoint and LiveCurves from the options, checked before any
+    data is read."""
+    from .callbacks import EarlyStopping, LiveCurves, ModelCheckpoint
+    from .model import check_weights_path
+    callbacks = []
+    for option, value in (("--early-stopping", args.early_stopping),
+                          ("--checkpoint", args.checkpoint)):
+        if value is not None and not args.validation_split:
+            raise ValueError(f"{option} decides on the validation loss: it needs "
+                             f"--validation-split > 0 (received --validation-split 0)")
+    if args.early_stopping is not None:
+        callbacks.append(EarlyStopping(patience=args.early_stopping, restore_best_weights=True))
+    if args.checkpoint is not None:
+        try:
+            path = check_weights_path(args.checkpoint)
+        except (OSError, ValueError) as err:
+            raise type(err)(f"--checkpoint: {err}") from None
+        callbacks.append(ModelCheckpoint(path))
+    if args.plot is not None:
+        plot = Path(args.plot)
+        if plot.is_dir() or (plot.parent.exists() and not plot.parent.is_dir()):
+            raise ValueError(f"--plot: {plot} is not a writable file path")
+        if plot.suffix.lower() != ".png":
+            raise ValueError(f"--plot: give a .png file. Received {args.plot!r}")
+        callbacks.append(LiveCurves(png=plot, notebook=False))
+    return callbacks
+
+
+def _report_callback(cb) -> None:
+    from .callbacks import EarlyStopping, LiveCurves, ModelCheckpoint
+    if isinstance(cb, EarlyStopping):
+        if cb.stopped_epoch:
+            print(f"early stopping: no lower validation loss for {cb.patience} epochs; stopped "
+                  f"after epoch {cb.stopped_epoch}")
+        if cb.best_weights is not None:
+            print(f"kept the weights of epoch {cb.best_epoch} (validation loss {cb.best:.4f})")
+    elif isinstance(cb, ModelCheckpoint) and cb.saved:
+        print(f"best weights (epoch {cb.best_epoch}, validation loss {cb.best:.4f}) in "
+              f"{cb.saved[-1]}")
+    elif isinstance(cb, LiveCurves) and cb.png is not None:
+        print(f"training curves in {cb.png}")
+
+
+def cmd_train_config(args) -> int:
+    """``train --config FILE``: every model (or those named) trained, then compared."""
+    from .configs import comparison_table, load_config, train_all
+    runs = load_config(args.config)
+    if args.name:
+        known = [r.name for r in runs]
+        missing = [n for n in args.name if n not in known]
+        if missing:
+            raise ValueError(f"--name: no model {missing[0]!r} in {args.config}; it has {known}")
+        runs = [r for r in runs if r.name in args.name]
+    how = "one after another" if args.parallel == 1 else f"{args.parallel} side by side"
+    print(f"{len(runs)} model(s) from {args.config}, {how}: "
+          + ", ".join(r.name for r in runs), flush=True)
+
+    def done(row):
+        what = (f"val_acc {row['val_accuracy']:.4f}, test_acc {row['test_accuracy']:.4f}, "
+                f"{row['train_time']:.1f} s" if row["status"] == "ok"
+                else f"{row['status']}: {row['error']}")
+        print(f"  {row['name']}: {what}", flush=True)
+
+    rows = train_all(runs, parallel=args.parallel, data_dir=args.data_dir,
+                     verbose=0 if (args.quiet is True or args.parallel > 1) else 1, on_done=done)
+    print("\n" + comparison_table(rows, runs))
+    if args.parallel > 1:
+        print("(side by side: the models shared the cores, so their times are not comparable "
+              "with runs one after another)")
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _add_predict(sub) -> None:
+    p = sub.add_parser("predict", help="a saved model's predictions, test accuracy, confusion "
+                                       "matrix and a figure of sample predictions")
+    from .predict import add_arguments
+    add_arguments(p)
+
+
+def cmd_predict(args) -> int:
+    from .predict import command
+    return command(args)
 
 
 def _add_bench(sub) -> None:
@@ -345,7 +518,8 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"train": (_add_train, cmd_train), "bench": (_add_bench, cmd_bench),
+COMMANDS = {"train": (_add_train, cmd_train), "predict": (_add_predict, cmd_predict),
+            "bench": (_add_bench, cmd_bench),
             "study": (_add_study, cmd_study), "report": (_add_report, cmd_report)}
 
 

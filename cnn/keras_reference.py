@@ -355,38 +355,18 @@ def keras_loss_and_grads(kmodel, model, x, y, training: bool = True):
     return float(loss.numpy()), logits.numpy(), keras_to_ours(model, by_layer)
 
 
-class _ConstantRate:
-    """A constant learning rate handed to Keras as a callable returning a float64 tensor, which
-    the update casts to each variable's dtype. A plain float would be stored in a float32
-    variable (Keras's floatx) and cost a float64 model the low bits of ``lr`` (0.1 becomes
-    0.10000000149: a 1.5e-8 relative error in every step); for float32 models both agree."""
-
-    def __init__(self, lr: float):
-        self.lr = float(lr)
-
-    def __call__(self):
-        from keras import ops
-        return ops.convert_to_tensor(self.lr, dtype="float64")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.lr})"
-
-
 def keras_optimizer(optimizer=None):
-    """The Keras optimizer for our optimizer spec (:func:`cnn.optim.make_optimizer`): SGD with
-    the same constant learning rate and momentum (Keras's SGD is the formulation ours follows:
-    ``v = momentum * v - lr * g; w += v``).
+    """The Keras optimizer for our optimizer spec (:func:`cnn.optim.make_optimizer`): the
+    Keras 3 optimizer with the same formulation, hyper-parameters and learning-rate schedule
+    (``Optimizer.keras()`` in :mod:`cnn.optim`: SGD with momentum/Nesterov, RMSprop, Adam,
+    AdamW, decoupled weight decay).
 
     float64 caveat: Keras's SGD casts ``momentum`` through a float32 constant (0.9 becomes
     0.89999998), so float64 models with momentum differ from ours by ~3e-8 relative per step
-    unless ``momentum`` is exact in float32 (0.5, 0.875, ...). The learning rate is passed so
-    that it stays exact (see ``_ConstantRate``)."""
-    import keras
-    from .optim import SGD, make_optimizer
-    opt = make_optimizer(optimizer)
-    if type(opt) is not SGD:
-        raise NotImplementedError(f"the Keras reference knows SGD only. Received {opt!r}")
-    return keras.optimizers.SGD(learning_rate=_ConstantRate(opt.lr), momentum=opt.momentum)
+    unless ``momentum`` is exact in float32 (0.5, 0.875, ...). A constant learning rate is
+    passed as a float64 callable so that it stays exact."""
+    from .optim import make_optimizer
+    return make_optimizer(optimizer).keras()
 
 
 def keras_accuracy(model):
@@ -534,6 +514,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
           callbacks), which a single multi-epoch ``fit`` would pay once, is not charged to
           the epoch: it is listed per epoch in ``info["fit_call_overhead"]``;
         - ``transfer_time``: 0.0 (the CPU path has no host-device copies);
+        - ``lr``: the learning rate of the epoch's last step;
         - ``eval_time``, ``val_loss``, ``val_accuracy`` when ``validation_data`` is given.
 
         ``info`` holds ``compile_time`` (see :func:`_keras_warm_up`: tf.function tracing, done
@@ -550,6 +531,9 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         model.check_inputs(*validation_data)
     check_keras_compatible(model)
     opt = make_optimizer(optimizer)
+    if opt.schedule is not None:  # horizons in epochs or left to the end of the fit, as fit
+        spe = -(-len(x) // batch_size)
+        opt = opt.with_schedule(opt.schedule.resolve(spe, epochs * spe))
     configure_threads(threads)
     import keras
     import tensorflow as tf
@@ -595,8 +579,10 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             t2 = time.perf_counter()
             compute, data = timer.elapsed, t1 - t0
             history.info["fit_call_overhead"].append(t2 - t1 - compute)
+            steps_done = int(kmodel.optimizer.iterations.numpy())
             logs = {"epoch": epoch, "loss": float(klogs["loss"][0]),
-                    "accuracy": float(klogs["accuracy"][0]), "time": data + compute,
+                    "accuracy": float(klogs["accuracy"][0]),
+                    "lr": opt.learning_rate(max(steps_done - 1, 0)), "time": data + compute,
                     "compute_time": compute, "comm_time": 0.0, "data_time": data,
                     "transfer_time": 0.0,
                     "images_per_sec": n / (data + compute)}

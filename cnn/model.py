@@ -108,6 +108,9 @@ class Sequential:
             raise ValueError(f"the last layer must give flat logits (N, K); it gives per-example "
                              f"shape {shape}. Add a flatten and a dense layer.")
         self.num_classes = self.loss.num_classes(shape[0])
+        #: the optimizer state (slots and step count, host arrays) the last ``fit`` ended
+        #: with; the next ``fit`` continues from it (see :mod:`cnn.optim`)
+        self.optimizer_state = None
         rng = np.random.default_rng(seed)
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
@@ -336,6 +339,11 @@ class Sequential:
         """Train in place; see :func:`cnn.train.fit` for the arguments. Returns a History."""
         from .train import fit
         return fit(self, x, y, **kwargs)
+
+    def reset_optimizer_state(self) -> None:
+        """Forget the optimizer state kept from earlier fits: the next ``fit`` starts with
+        zero slots (momentum, Adam's moments) at step 0 (schedules and dropout masks restart)."""
+        self.optimizer_state = None
 
     # ---- persistence -----------------------------------------------------------------------
     def get_weights(self) -> dict[str, np.ndarray]:

@@ -1,58 +1,541 @@
-"""Optimizers. Configuration and state are separate: ``init_state`` allocates the state on the
-backend (device memory for CUDA), so replicas (model averaging) and devices each get their own,
-and the optimizer object itself is shared and immutable during a fit."""
+"""Optimizers, written once over a few element-wise backend primitives.
+
+Each optimizer is one ``update_step`` (as in Keras 3, whose optimizers write ``update_step``
+over ``ops``) expressed with the backend's element-wise optimizer primitives, so the NumPy,
+Numba and CUDA backends and every strategy run the same update:
+
+- ``backend.axpby(y, a, x, b)``: ``y = a * y + b * x``;
+- ``backend.axpby_square(y, a, x, b)``: ``y = a * y + b * x * x``;
+- ``backend.axpby_ratio(y, a, b, num, den, eps, eps_inside, center)``:
+  ``y = a * y + b * num / (sqrt(den - center**2) + eps)`` (``eps_inside``:
+  ``/ sqrt(den - center**2 + eps)``; ``center`` may be None).
+
+All three work in place on ``y``, element by element, with scalars in the array's dtype
+(float32 models compute in float32), on arrays of any shape **or on flat slices** of them.
+
+State: slots and the scalar step, kept apart
+--------------------------------------------
+An optimizer object holds configuration only (hyper-parameters and an optional learning-rate
+schedule) and never changes during a fit. Its state is an :class:`OptimizerState`:
+
+- ``slots[name][key]``: one array per *slot* (``"velocity"`` for SGD with momentum and for
+  RMSProp with momentum, ``"v"`` for RMSProp, ``"m"`` and ``"v"`` for Adam/AdamW) and per
+  parameter ``key``, with the parameter's shape and dtype, on the parameter's backend;
+- ``step``: the number of updates taken so far, one per **global** step (a scalar, kept on the
+  host). Adam's bias correction and every schedule read it; it is also the ``step`` of every
+  :class:`~cnn.context.StepContext`, which keys dropout masks, so it persists with the state.
+
+Using an optimizer from a strategy (the contract)
+-------------------------------------------------
+Every update is element-wise: element ``i`` of a parameter changes from element ``i`` of its
+gradient and of its slots alone, plus scalars (the learning rate, the step). So any strategy can
+apply any optimizer to **any slices** of flat parameters, gradients and slots, in any number of
+pieces and workers, as long as every piece of one global step uses the same ``lr`` and
+``step``, and the scalar step advances **once** per global step::
+
+    lr = optimizer.learning_rate(state.step)     # once per global step (schedules read it)
+    t = state.step + 1                          # the 1-based number of the update being taken
+    flat = state.flat()                         # {slot: {key: 1-D view}} (host arrays)
+    for key, sl in my_pieces:                   # this worker's ranges of the flat vector
+        optimizer.update_step(flat_params[key][sl], g_piece,
+                              {name: flat[name][key][sl] for name in flat}, lr, t, backend)
+    # ... after every worker has updated its pieces (a barrier), exactly once:
+    state.step += 1
+
+(``Strategy.steps`` *is* ``state.step``: ``self.steps += 1`` in a strategy advances it.)
+
+- ``sync`` (threads, processes, MPI): the combined gradient's ranges updated by their owners
+  as above, one shared state;
+- ``average``: each replica has its own slots (``init_slots`` / copies) updated with
+  :meth:`Optimizer.apply` at the shared ``lr``/``t``; averaging averages **every** slot with the
+  weights; the scalar step advances once per global step;
+- ``hogwild``: per-worker slots, shared weights, one scalar step;
+- sequential and CUDA: :meth:`Optimizer.update` (all parameters, then ``step += 1``).
+
+The learning rate is an argument of every update (never baked into a kernel), so a schedule
+can change it every step; CUDA kernels receive it as a kernel parameter.
+
+State across ``fit`` calls
+--------------------------
+Like Keras and PyTorch, the state persists: :func:`cnn.train.fit` starts from the state the
+model kept from its previous fit (``model.optimizer_state``) when the optimizer is of the same
+type with the same slots, and stores the state it ends with there, so ten steps then ten more
+equal twenty. A different optimizer type starts from a fresh state (zero slots, step 0);
+``model.reset_optimizer_state()`` (or ``fit(reset_optimizer=True)``) starts afresh explicitly.
+"""
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from .backends.base import Backend
 
 
-class SGD:
-    """Stochastic gradient descent with optional momentum (Keras's formulation):
+# ---- validation -----------------------------------------------------------------------------
+def _real(owner: str, name: str, value: Any) -> float:
+    """``value`` as a finite Python float, or a ValueError naming ``name``."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                      np.floating)):
+        raise ValueError(f"{owner}: {name} must be a number. Received {name}={value!r}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{owner}: {name} must be a finite number. Received {name}={value!r}")
+    return v
 
-    ``v = momentum * v - lr * g;  w = w + v``  (``w -= lr * g`` when ``momentum == 0``).
-    ``lr`` is in parameter units per unit gradient; it is constant during a fit.
+
+def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
+                 high: float | None = None, low_open: bool = False,
+                 high_open: bool = False) -> float:
+    """``value`` as a finite float within the bounds, else a ValueError naming ``name``, the
+    bounds and the value received (e.g. ``Adam: beta_1 must be in [0, 1). Received
+    beta_1=1.5``). Accepts Python and NumPy numbers (``np.float32(0.1)``), refuses bools."""
+    v = _real(owner, name, value)
+    bad = ((low is not None and (v <= low if low_open else v < low))
+           or (high is not None and (v >= high if high_open else v > high)))
+    if bad:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        span = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+        raise ValueError(f"{owner}: {name} must be in {span}. Received {name}={value!r}")
+    return v
+
+
+def check_positive(owner: str, name: str, value: Any) -> float:
+    return check_number(owner, name, value, low=0.0, low_open=True)
+
+
+def _check_bool(owner: str, name: str, value: Any) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{owner}: {name} must be True or False. Received {name}={value!r}")
+    return bool(value)
+
+
+# ---- state -----------------------------------------------------------------------------------
+class OptimizerState:
+    """The state of an optimizer: named slots per parameter, and the scalar step.
+
+    Attributes:
+        slots: ``{slot name: {parameter key: array}}``; arrays have their parameter's shape
+            and dtype and live on the backend the parameters live on.
+        step: updates taken (global steps), a Python int.
+        optimizer: the ``type`` of the optimizer that made it (``"adam"``), so a later fit can
+            tell whether it may resume from it.
+    """
+
+    def __init__(self, slots: Mapping[str, Mapping[str, Any]] | None = None, step: int = 0,
+                 optimizer: str | None = None):
+        self.slots: dict[str, dict[str, Any]] = {n: dict(s) for n, s in (slots or {}).items()}
+        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+            raise ValueError(f"OptimizerState: step must be a non-negative integer. "
+                             f"Received step={step!r}")
+        self.step = int(step)
+        self.optimizer = optimizer
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.slots)
+
+    def of(self, key: str) -> dict[str, Any]:
+        """``{slot name: array}`` of parameter ``key`` (what ``update_step`` takes)."""
+        return {n: s[key] for n, s in self.slots.items()}
+
+    def flat(self) -> dict[str, dict[str, np.ndarray]]:
+        """``{slot name: {key: 1-D view}}`` of host (NumPy) slots, for slice-wise updates; the
+        views share memory with the slots (never copies: writes must reach them)."""
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for n, s in self.slots.items():
+            out[n] = {}
+            for k, a in s.items():
+                if not isinstance(a, np.ndarray) or not a.flags.c_contiguous:
+                    raise ValueError(f"slice-wise updates need C-contiguous host slots; slot "
+                                     f"{n!r} of {k!r} is {type(a).__name__}")
+                out[n][k] = a.reshape(-1)
+        return out
+
+    def map(self, fn: Callable[[Any], Any]) -> "OptimizerState":
+        """A new state with ``fn`` applied to every slot array (same step and optimizer)."""
+        return OptimizerState({n: {k: fn(a) for k, a in s.items()} for n, s in self.slots.items()},
+                              self.step, self.optimizer)
+
+    def copy(self) -> "OptimizerState":
+        """A deep copy (host arrays and device arrays that have ``copy``)."""
+        return self.map(lambda a: a.copy())
+
+    def to_host(self, backend: Backend) -> "OptimizerState":
+        """A copy with NumPy arrays (from any backend)."""
+        return self.map(lambda a: np.array(backend.to_host(a), copy=True))
+
+    def to_backend(self, backend: Backend) -> "OptimizerState":
+        """A copy on ``backend`` (the host arrays are never shared with it)."""
+        return self.map(lambda a: backend.asarray(np.array(backend.to_host(a), copy=True)))
+
+    @property
+    def nbytes(self) -> int:
+        return int(sum(a.nbytes for s in self.slots.values() for a in s.values()))
+
+    def __repr__(self) -> str:
+        keys = sorted({k for s in self.slots.values() for k in s})
+        return (f"OptimizerState(optimizer={self.optimizer!r}, step={self.step}, "
+                f"slots={list(self.slots)}, params={len(keys)})")
+
+
+# ---- the optimizers --------------------------------------------------------------------------
+class Optimizer:
+    """Base class: learning rate (a number or a schedule), decoupled weight decay, the state
+    and the update loop. Subclasses set ``type``, ``slot_names`` and write ``_update``.
+
+    ``weight_decay`` (every optimizer, Keras 3's semantics): before each update,
+    ``w = w - lr * weight_decay * w`` (decoupled from the gradient, as in AdamW; applied to
+    every parameter, biases included, as Keras does by default).
+    """
+
+    type = "abstract"
+    slot_names: tuple[str, ...] = ()
+
+    def __init__(self, lr: Any = 0.01, weight_decay: float = 0.0):
+        name = type(self).__name__
+        from .schedules import Schedule
+        if isinstance(lr, Schedule):
+            self.schedule: Schedule | None = lr
+            self.lr = float(lr.initial_lr)
+        else:
+            self.schedule = None
+            self.lr = check_positive(name, "lr", lr)
+        self.weight_decay = check_number(name, "weight_decay", weight_decay, low=0.0)
+
+    # ---- the learning rate ---------------------------------------------------------------
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of the update that follows ``step`` updates (a Python float):
+        the schedule at ``step`` (0-based, as Keras evaluates it at ``iterations``), or the
+        constant ``lr``."""
+        if self.schedule is None:
+            return self.lr
+        return float(self.schedule(step))
+
+    def with_schedule(self, schedule) -> "Optimizer":
+        """A copy of this optimizer whose learning rate follows ``schedule`` (None: constant
+        ``lr``); the optimizer itself never changes."""
+        import copy
+        other = copy.copy(self)
+        other.schedule = schedule
+        if schedule is not None:
+            other.lr = float(schedule.initial_lr)
+        return other
+
+    # ---- state ---------------------------------------------------------------------------
+    def init_slots(self, params: Mapping[str, Any], backend: Backend) -> dict[str, dict[str, Any]]:
+        """Zero slots on ``backend`` for ``params``: ``{slot: {key: zeros like params[key]}}``."""
+        return {n: {k: backend.zeros_like(v) for k, v in params.items()} for n in self.slot_names}
+
+    def init_state(self, params: Mapping[str, Any], backend: Backend) -> OptimizerState:
+        """A fresh state: zero slots on ``backend``, step 0."""
+        return OptimizerState(self.init_slots(params, backend), 0, self.type)
+
+    def accepts(self, state: OptimizerState | None, params: Mapping[str, Any]) -> bool:
+        """Whether ``state`` (kept from an earlier fit) can continue with this optimizer and
+        ``params``: same optimizer type, same slots, same keys and shapes."""
+        if state is None or state.optimizer != self.type or state.names != self.slot_names:
+            return False
+        return all(set(s) == set(params) and all(tuple(np.shape(s[k])) == tuple(np.shape(params[k]))
+                                                for k in params) for s in state.slots.values())
+
+    # ---- updates -------------------------------------------------------------------------
+    def update_step(self, param, grad, slots: Mapping[str, Any], lr: float, step: int,
+                    backend: Backend) -> None:
+        """Update one parameter, or any slice of it, in place: ``param``, ``grad`` and every
+        ``slots[name]`` are arrays of one shape (or equal flat slices of the flattened ones);
+        ``lr`` is this update's learning rate and ``step`` its 1-based number (the same for
+        every piece of one global step). Changes no scalar state."""
+        lr = float(lr)
+        if self.weight_decay:
+            backend.axpby(param, 1.0, param, -lr * self.weight_decay)
+        self._update(param, grad, slots, lr, int(step), backend)
+
+    def _update(self, param, grad, slots, lr: float, step: int, backend: Backend) -> None:
+        raise NotImplementedError
+
+    def apply(self, params: Mapping[str, Any], grads: Mapping[str, Any],
+              slots: Mapping[str, Mapping[str, Any]], backend: Backend, lr: float,
+              step: int) -> None:
+        """:meth:`update_step` for every key of ``params`` with its slots (``slots[name][key]``)
+        at the given ``lr`` and 1-based ``step``; changes no scalar state (replicas and
+        per-worker slots use this and advance the shared step themselves)."""
+        for key, p in params.items():
+            self.update_step(p, grads[key], {n: s[key] for n, s in slots.items()}, lr, step,
+                             backend)
+
+    def update(self, params: Mapping[str, Any], grads: Mapping[str, Any], state: OptimizerState,
+               backend: Backend, lr: float | None = None) -> None:
+        """One whole global step: every parameter at ``lr`` (default: the schedule's or the
+        constant rate at ``state.step``), then ``state.step += 1``."""
+        if not isinstance(state, OptimizerState):
+            raise TypeError(f"{type(self).__name__}.update takes an OptimizerState (from "
+                            f"init_state). Received {type(state).__name__}; to update slices, "
+                            "call update_step on each piece and advance state.step once "
+                            "(see cnn.optim)")
+        if lr is None:
+            lr = self.learning_rate(state.step)
+        self.apply(params, grads, state.slots, backend, lr, state.step + 1)
+        state.step += 1
+
+    # ---- description ---------------------------------------------------------------------
+    def _hyper(self) -> dict:
+        return {}
+
+    def config(self) -> dict:
+        """A plain dict that :func:`make_optimizer` turns back into this optimizer."""
+        cfg = {"type": self.type, "lr": self.lr, **self._hyper()}
+        if self.weight_decay or type(self) is AdamW:
+            cfg["weight_decay"] = self.weight_decay
+        if self.schedule is not None:
+            cfg["schedule"] = self.schedule.config()
+        return cfg
+
+    def keras(self):
+        """The Keras 3 optimizer computing the same update (for the reference tests)."""
+        raise NotImplementedError(f"no Keras counterpart for {type(self).__name__}")
+
+    def _keras_common(self) -> dict:
+        out = {"learning_rate": (self.schedule.keras() if self.schedule is not None
+                                 else _KerasConstant(self.lr))}
+        if self.weight_decay:
+            out["weight_decay"] = self.weight_decay
+        return out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items() if k != 'type')})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, Keras's formulation:
+
+    - plain: ``w -= lr * g``;
+    - ``momentum``: ``v = momentum * v - lr * g;  w += v``;
+    - ``nesterov``: ``v = momentum * v - lr * g;  w += momentum * v - lr * g``.
+
+    Slots: ``velocity`` (only with momentum > 0).
     """
 
     type = "sgd"
 
-    def __init__(self, lr: float = 0.01, momentum: float = 0.0):
-        if not (isinstance(lr, (int, float)) and lr > 0):
-            raise ValueError(f"SGD: lr must be a positive number. Received lr={lr!r}")
-        if not (isinstance(momentum, (int, float)) and 0 <= momentum < 1):
-            raise ValueError(f"SGD: momentum must be in [0, 1). Received momentum={momentum!r}")
-        self.lr = float(lr)
-        self.momentum = float(momentum)
+    def __init__(self, lr: Any = 0.01, momentum: float = 0.0, nesterov: bool = False,
+                 weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.momentum = check_number("SGD", "momentum", momentum, low=0.0, high=1.0,
+                                     high_open=True)
+        self.nesterov = _check_bool("SGD", "nesterov", nesterov)
+        if self.nesterov and not self.momentum:
+            raise ValueError("SGD: nesterov=True needs momentum > 0. Received momentum=0")
+        self.slot_names = ("velocity",) if self.momentum else ()
 
-    def init_state(self, params: dict[str, Any], backend: Backend) -> dict[str, Any]:
-        """Velocity buffers on ``backend``, one per parameter (none without momentum)."""
+    def _update(self, param, grad, slots, lr, step, be):
         if not self.momentum:
-            return {}
-        return {k: backend.zeros_like(v) for k, v in params.items()}
+            be.axpby(param, 1.0, grad, -lr)
+            return
+        v, m = slots["velocity"], self.momentum
+        be.axpby(v, m, grad, -lr)
+        if self.nesterov:
+            be.axpby(param, 1.0, v, m)
+            be.axpby(param, 1.0, grad, -lr)
+        else:
+            be.axpby(param, 1.0, v, 1.0)
 
-    def update(self, params: dict, grads: dict, state: dict, backend: Backend) -> None:
-        """Apply one step in place to ``params`` (backend arrays) from ``grads``."""
-        for key, p in params.items():
-            backend.sgd_update(p, grads[key], state.get(key), self.lr, self.momentum)
+    def _hyper(self):
+        return {"momentum": self.momentum, "nesterov": self.nesterov}
 
-    def config(self) -> dict:
-        return {"type": self.type, "lr": self.lr, "momentum": self.momentum}
-
-
-OPTIMIZERS = {"sgd": SGD}
+    def keras(self):
+        import keras
+        return keras.optimizers.SGD(momentum=self.momentum, nesterov=self.nesterov,
+                                    **self._keras_common())
 
 
-def make_optimizer(spec: "dict | SGD | None") -> SGD:
-    """An optimizer from a dict like ``{"type": "sgd", "lr": 0.1, "momentum": 0.9}``."""
+class RMSProp(Optimizer):
+    """RMSProp, Keras's formulation (``epsilon`` inside the square root):
+
+    ``v = rho * v + (1 - rho) * g**2``; with ``centered``, also ``a = rho * a + (1 - rho) * g``
+    and the denominator is ``sqrt(v - a**2 + epsilon)``, else ``sqrt(v + epsilon)``; then
+    ``w -= lr * g / denominator``, or with ``momentum``:
+    ``u = momentum * u + lr * g / denominator;  w -= u``.
+
+    Slots: ``v``; ``velocity`` (momentum > 0); ``average`` (centered).
+    """
+
+    type = "rmsprop"
+
+    def __init__(self, lr: Any = 0.001, rho: float = 0.9, momentum: float = 0.0,
+                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        self.rho = check_number("RMSProp", "rho", rho, low=0.0, high=1.0, high_open=True)
+        self.momentum = check_number("RMSProp", "momentum", momentum, low=0.0, high=1.0,
+                                     high_open=True)
+        self.epsilon = check_positive("RMSProp", "epsilon", epsilon)
+        self.centered = _check_bool("RMSProp", "centered", centered)
+        self.slot_names = (("v",) + (("velocity",) if self.momentum else ())
+                           + (("average",) if self.centered else ()))
+
+    def _update(self, param, grad, slots, lr, step, be):
+        v, rho = slots["v"], self.rho
+        be.axpby_square(v, rho, grad, 1.0 - rho)
+        center = None
+        if self.centered:
+            center = slots["average"]
+            be.axpby(center, rho, grad, 1.0 - rho)
+        if self.momentum:
+            u = slots["velocity"]
+            be.axpby_ratio(u, self.momentum, lr, grad, v, self.epsilon, True, center)
+            be.axpby(param, 1.0, u, -1.0)
+        else:
+            be.axpby_ratio(param, 1.0, -lr, grad, v, self.epsilon, True, center)
+
+    def _hyper(self):
+        return {"rho": self.rho, "momentum": self.momentum, "epsilon": self.epsilon,
+                "centered": self.centered}
+
+    def keras(self):
+        import keras
+        return keras.optimizers.RMSprop(rho=self.rho, momentum=self.momentum,
+                                        epsilon=self.epsilon, centered=self.centered,
+                                        **self._keras_common())
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba), Keras's formulation (``epsilon`` outside the square root, not
+    bias-corrected): at update ``t`` (1-based),
+
+    ``m = beta_1 * m + (1 - beta_1) * g;  v = beta_2 * v + (1 - beta_2) * g**2;``
+    ``w -= lr * sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)``.
+
+    Slots: ``m``, ``v``. With ``weight_decay`` > 0 this is AdamW (decoupled weight decay).
+    """
+
+    type = "adam"
+    slot_names = ("m", "v")
+
+    def __init__(self, lr: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
+                 epsilon: float = 1e-7, weight_decay: float = 0.0):
+        super().__init__(lr, weight_decay)
+        name = type(self).__name__
+        self.beta_1 = check_number(name, "beta_1", beta_1, low=0.0, high=1.0, high_open=True)
+        self.beta_2 = check_number(name, "beta_2", beta_2, low=0.0, high=1.0, high_open=True)
+        self.epsilon = check_positive(name, "epsilon", epsilon)
+
+    def step_size(self, lr: float, step: int) -> float:
+        """``lr * sqrt(1 - beta_2**t) / (1 - beta_1**t)`` for the 1-based update ``t``."""
+        if step < 1:
+            raise ValueError(f"{type(self).__name__}: the update number is 1-based. "
+                             f"Received step={step}")
+        return lr * math.sqrt(1.0 - self.beta_2 ** step) / (1.0 - self.beta_1 ** step)
+
+    def _update(self, param, grad, slots, lr, step, be):
+        m, v = slots["m"], slots["v"]
+        be.axpby(m, self.beta_1, grad, 1.0 - self.beta_1)
+        be.axpby_square(v, self.beta_2, grad, 1.0 - self.beta_2)
+        be.axpby_ratio(param, 1.0, -self.step_size(lr, step), m, v, self.epsilon, False, None)
+
+    def _hyper(self):
+        return {"beta_1": self.beta_1, "beta_2": self.beta_2, "epsilon": self.epsilon}
+
+    def keras(self):
+        import keras
+        return keras.optimizers.Adam(beta_1=self.beta_1, beta_2=self.beta_2,
+                                     epsilon=self.epsilon, **self._keras_common())
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): before each Adam update
+    ``w -= lr * weight_decay * w``. Keras's defaults (``weight_decay=0.004``)."""
+
+    type = "adamw"
+
+    def __init__(self, lr: Any = 0.001, weight_decay: float = 0.004, beta_1: float = 0.9,
+                 beta_2: float = 0.999, epsilon: float = 1e-7):
+        super().__init__(lr, beta_1, beta_2, epsilon, weight_decay)
+
+    def keras(self):
+        import keras
+        common = self._keras_common()
+        common["weight_decay"] = self.weight_decay
+        return keras.optimizers.AdamW(beta_1=self.beta_1, beta_2=self.beta_2,
+                                      epsilon=self.epsilon, **common)
+
+
+class _KerasConstant:
+    """A constant learning rate handed to Keras as a callable returning a float64 tensor,
+    which each update casts to its variable's dtype (a plain float would be stored in a
+    float32 variable and cost float64 models the low bits of ``lr``)."""
+
+    def __init__(self, lr: float):
+        self.lr = float(lr)
+
+    def __call__(self):
+        from keras import ops
+        return ops.convert_to_tensor(self.lr, dtype="float64")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.lr})"
+
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "rmsprop": RMSProp, "adam": Adam,
+                                          "adamw": AdamW}
+
+
+def optimizer_names() -> list[str]:
+    return list(OPTIMIZERS)
+
+
+def _options(cls: type) -> list[str]:
+    import inspect
+    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+
+def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None) -> Optimizer:
+    """An optimizer from a spec dict or an optimizer (returned as it is).
+
+    A spec names its ``type`` (``sgd``, ``rmsprop``, ``adam``, ``adamw``; default ``sgd``) and
+    any of its hyper-parameters, plus an optional learning-rate ``schedule`` spec (see
+    :func:`cnn.schedules.make_schedule`) that starts from ``lr``::
+
+        {"type": "adam", "lr": 1e-3, "beta_2": 0.99,
+         "schedule": {"type": "cosine", "decay_steps": 1000, "warmup_steps": 100}}
+
+    ``schedule`` (argument) replaces the spec's schedule. Unknown types and options, and every
+    out-of-range value, raise ``ValueError`` naming them.
+    """
     if spec is None:
-        return SGD()
-    if hasattr(spec, "update") and hasattr(spec, "init_state"):
-        return spec
-    if not isinstance(spec, dict):
+        spec = {}
+    if isinstance(spec, Optimizer):
+        if schedule is None:
+            return spec
+        spec = spec.config()
+    if not isinstance(spec, Mapping):
         raise TypeError(f"an optimizer spec is a dict or an optimizer. Received {spec!r}")
     options = dict(spec)
-    kind = str(options.pop("type", "sgd")).lower()
+    kind = options.pop("type", "sgd")
+    kind = kind.lower() if isinstance(kind, str) else kind
     if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer {kind!r}; choose one of {sorted(OPTIMIZERS)}")
-    return OPTIMIZERS[kind](**options)
+        raise ValueError(f"unknown optimizer type {kind!r}; choose one of {optimizer_names()}")
+    cls = OPTIMIZERS[kind]
+    sched_spec = options.pop("schedule", None)
+    if schedule is not None:
+        sched_spec = schedule
+    unknown = sorted(set(options) - set(_options(cls)), key=str)
+    if unknown:
+        raise ValueError(f"unknown option {unknown[0]!r} for optimizer {kind!r}; its options "
+                         f"are {_options(cls)} and 'schedule'")
+    if sched_spec is not None:
+        from .schedules import make_schedule
+        base = options.get("lr", _default_lr(cls))
+        base = check_positive(cls.__name__, "lr", base)
+        options["lr"] = make_schedule(sched_spec, base)
+    return cls(**options)
+
+
+def _default_lr(cls: type) -> float:
+    import inspect
+    return inspect.signature(cls.__init__).parameters["lr"].default
+
+
+__all__ = ["Adam", "AdamW", "OPTIMIZERS", "Optimizer", "OptimizerState", "RMSProp", "SGD",
+           "check_number", "make_optimizer", "optimizer_names"]

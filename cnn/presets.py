@@ -18,6 +18,29 @@ PRESETS: dict[str, dict] = {
         "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.0},
         "batch_size": 32,
     },
+    # XOR (two-pixel images, cnn.data.make_xor): the classic feed-forward network with one
+    # hidden layer; a network without one cannot separate XOR.
+    "xor_mlp": {
+        "input_shape": [1, 1, 2],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 16, "activation": "relu"},
+            {"type": "dense", "units": 2},
+        ],
+        "optimizer": {"type": "adam", "lr": 0.02},
+        "batch_size": 16,
+    },
+    # The feed-forward MNIST network of the source projects: 784 -> 128 (relu) -> 10.
+    "mnist_mlp": {
+        "input_shape": [1, 28, 28],
+        "layers": [
+            {"type": "flatten"},
+            {"type": "dense", "units": 128, "activation": "relu"},
+            {"type": "dense", "units": 10},
+        ],
+        "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.0},
+        "batch_size": 32,
+    },
     # The CNN of TensorFlow's "Convolutional Neural Network" tutorial for CIFAR-10.
     "cifar_tutorial": {
         "input_shape": [3, 32, 32],
@@ -35,6 +58,16 @@ PRESETS: dict[str, dict] = {
         "batch_size": 32,
     },
 }
+
+
+#: the preset ``python -m cnn train --dataset NAME`` trains when no --model is given: one that
+#: fits the data set's input (XOR's two-pixel images need a feed-forward network)
+DATASET_MODELS = {"cifar10": "cifar_tutorial", "xor": "xor_mlp"}
+
+
+def default_model(dataset: str) -> str:
+    """The default preset for ``dataset`` (``mnist_small`` for MNIST-shaped and blob images)."""
+    return DATASET_MODELS.get(dataset, "mnist_small")
 
 
 def preset_names() -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .backends import Backend, get_backend
+from .callbacks import Callback, FitRun, monitored
 from .context import StepContext
 from .optim import make_optimizer
 from .parallel import Strategy, make_strategy
@@ -71,16 +72,6 @@ class DivergedError(FloatingPointError):
         return (type(self), (self.epoch, self.step, self.loss, self.phase))
 
 
-class Callback:
-    """Hooks into :func:`fit`. ``on_epoch_end`` returning True stops training."""
-
-    def on_train_begin(self, history: "History") -> None:
-        pass
-
-    def on_epoch_end(self, epoch: int, logs: dict) -> bool | None:
-        return None
-
-
 @dataclass
 class History:
     """Per-epoch records (``history[key]`` is a list over epochs) and run-level facts."""
@@ -120,19 +111,34 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         shuffle: bool = True, seed: int = 0, validation_data: tuple | None = None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
         progress: Callable | None = None, on_nonfinite: str = "raise",
-        prefetch: bool = True) -> History:
+        prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
+        reset_optimizer: bool = False) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
         epochs: full passes over the training set.
         batch_size: examples per update (per worker for ``average``/``hogwild``).
-        optimizer: an optimizer or its spec dict (default plain SGD, lr 0.01).
+        optimizer: an optimizer or its spec dict (default plain SGD, lr 0.01; see
+            :func:`cnn.optim.make_optimizer`). Its state (slots and step count) persists across
+            ``fit`` calls on the same model: the fit continues from ``model.optimizer_state``
+            when the optimizer has the same type and slots, and leaves its final state there.
+        lr_schedule: a learning-rate schedule or its spec (:func:`cnn.schedules.make_schedule`,
+            e.g. ``"cosine"`` or ``{"type": "step", "step_size": 2, "unit": "epoch"}``),
+            starting from the optimizer's ``lr``; replaces the optimizer spec's ``schedule``.
+            Horizons left out (a cosine's ``decay_steps``) end with this fit.
+        reset_optimizer: start from a fresh optimizer state (zero slots, step 0) even when the
+            model kept one.
         strategy, threads, strategy_options: how each batch is split (see :mod:`cnn.parallel`).
         backend: where the arithmetic runs (default the model's).
         shuffle, seed: the data order of each epoch comes from ``seed``, so two runs with the
             same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
             ``val_accuracy``); the study passes the held-out test set here.
+        validation_split: a fraction in (0, 1) of the training data, carved out stratified by
+            class (:func:`cnn.data.stratified_split` with ``seed``), that is not trained on
+            and serves as ``validation_data`` (early stopping, checkpoints, reduce-on-plateau
+            decide on it). Not together with ``validation_data``.
+        callbacks: hooks (:mod:`cnn.callbacks`): per step, per epoch, at the start and end.
         on_nonfinite: what a NaN or infinite training loss does: ``"raise"`` (default) stops
             at that step with :class:`DivergedError` naming the epoch and step (also when the
             validation loss or, at the end, the weights are non-finite); ``"continue"`` keeps
@@ -150,11 +156,13 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
 
     Returns:
         a :class:`History`: per epoch ``loss``, ``accuracy`` (running, on training batches),
-        ``val_loss``, ``val_accuracy``, ``time``, ``compute_time`` (the steps, less
+        ``val_loss``, ``val_accuracy``, ``lr`` (the learning rate of the epoch's last step),
+        ``time``, ``compute_time`` (the steps, less
         ``comm_time``: seconds spent combining gradients or weights between workers, 0 for
         one worker), ``data_time``,
         ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``
-        and the configuration.
+        and the configuration (the optimizer, the global steps at the start and end,
+        seconds spent in batch callbacks, which are not in ``time``).
     """
     epochs = _positive("epochs", epochs)
     batch_size = _positive("batch_size", batch_size)
@@ -162,23 +170,47 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}. "
                          f"Received on_nonfinite={on_nonfinite!r}")
     model.check_inputs(x, y)
+    if validation_split:
+        x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
     be = get_backend(backend or model.backend)
-    opt = make_optimizer(optimizer)
+    opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
     if not strat.is_master:  # MPI ranks other than 0 neither print nor show progress
         verbose = 0
     n = len(x)
     step_size = strat.examples_per_step(batch_size)
+    steps_per_epoch = -(-n // step_size)
+    saved = None if reset_optimizer else getattr(model, "optimizer_state", None)
+    if not opt.accepts(saved, model.params):
+        saved = None
+    start_step = saved.step if saved is not None else 0
+    if opt.schedule is not None:
+        opt = opt.with_schedule(opt.schedule.resolve(steps_per_epoch,
+                                                     start_step + epochs * steps_per_epoch))
+    callbacks = list(callbacks)
+    for owner, metric in monitored(callbacks, opt.schedule):
+        if metric.startswith("val_") and validation_data is None:
+            raise ValueError(f"{owner} monitors {metric!r}, which needs validation data: pass "
+                             "fit(validation_split=...) (carved from the training data) or "
+                             "validation_data=")
     rng = np.random.default_rng(seed)
     history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
                             "nonfinite_steps": 0, "first_nonfinite": None,
-                            "prefetch": bool(prefetch)})
+                            "prefetch": bool(prefetch),
+                            "start_step": start_step, "callback_time": 0.0,
+                            "validation_examples": (None if validation_data is None
+                                                    else len(validation_data[1]))})
+    run = FitRun(model, history, strat, be)
     for cb in callbacks:
+        if hasattr(cb, "set_run"):
+            cb.set_run(run)
+        else:
+            cb.run = run
         cb.on_train_begin(history)
 
     with _blas_limit(blas_threads):
@@ -186,15 +218,17 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         params = {k: be.asarray(v) for k, v in model.params.items()}
         be.synchronize()
         history.info["params_transfer_time"] = time.perf_counter() - t0
-        history.info["compile_time"] = _warm_up(model, x, y, params, be)
-        strat.start(model, opt, be, params, seed=seed)
+        history.info["compile_time"] = _warm_up(model, x, y, params, be, opt)
+        state = saved.to_backend(be) if saved is not None else None
+        strat.start(model, opt, be, params, seed=seed, state=state)
         raising = on_nonfinite == "raise"
-        steps_per_epoch = -(-n // step_size)
+        stepper = _StepHooks(callbacks, strat, model, be, run)
         epoch = 0
+        finished = False
         try:
             for epoch in range(1, epochs + 1):
                 logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
-                                  verbose, progress, history.info, raising, prefetch)
+                                  verbose, progress, history.info, raising, prefetch, stepper)
                 if validation_data is not None:
                     t = time.perf_counter()
                     current = strat.current_params()  # a collective for some strategies
@@ -212,8 +246,17 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                 history.append(logs)
                 if verbose:
                     print(_epoch_line(logs, epochs), flush=True)
-                if any([cb.on_epoch_end(epoch, logs) for cb in callbacks]):
+                if opt.schedule is not None:  # reduce-on-plateau reads the epoch's metrics
+                    opt.schedule.on_epoch_end(epoch, logs)
+                if callbacks:  # callbacks see the current weights in the model
+                    now = {**strat.current_params(), **strat.current_buffers()}
+                    model.set_weights({k: be.to_host(v) for k, v in now.items()})
+                    stops = [cb.on_epoch_end(epoch, logs) for cb in callbacks]
+                    if any(stops) or run.stop_training:
+                        break
+                elif run.stop_training:
                     break
+            finished = True
         except DivergedError as err:
             err.history = history
             raise
@@ -224,26 +267,56 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             # keep what was learned even when a step fails or the run is interrupted
             final = {**strat.current_params(), **strat.current_buffers()}
             model.set_weights({k: be.to_host(v) for k, v in final.items()})
+            model.optimizer_state = strat.current_state().to_host(be)
             strat.close()
     # the last update comes after the last loss was read: check the weights it left, once
     if raising and not all(np.isfinite(v).all() for v in model.params.values()):
         err = DivergedError(epoch, steps_per_epoch, float("nan"), "weights")
         err.history = history
         raise err
+    history.info["end_step"] = model.optimizer_state.step
+    if finished:
+        for cb in callbacks:
+            cb.on_train_end(history)
     return history
 
 
-def _warm_up(model, x, y, params, be: Backend) -> float:
+def _overrides(cb, hook: str) -> bool:
+    """Whether ``cb`` has its own ``hook`` (not the base class's no-op)."""
+    fn = getattr(type(cb), hook, None)
+    return fn is not None and fn is not getattr(Callback, hook, None)
+
+
+def _carve_validation(x, y, fraction, validation_data, seed):
+    """``(x_train, y_train, (x_val, y_val))``: ``fraction`` of the examples, stratified."""
+    from .data import stratified_split
+    if validation_data is not None:
+        raise ValueError("pass validation_split or validation_data, not both. Received "
+                         f"validation_split={fraction!r} and validation_data")
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
+            or not 0 < fraction < 1:
+        raise ValueError(f"validation_split must be a number in (0, 1). Received "
+                         f"validation_split={fraction!r}")
+    x_t, y_t, x_v, y_v = stratified_split(x, np.asarray(y), float(fraction), seed)
+    return x_t, y_t, (x_v, y_v)
+
+
+def _warm_up(model, x, y, params, be: Backend, opt=None) -> float:
     """Seconds spent compiling: one untimed forward/backward on two examples for JIT backends
-    (Numba, CUDA), without an update; 0 for backends with nothing to compile."""
+    (Numba, CUDA), and the optimizer's update applied to scratch copies (its kernels compile
+    too); the real parameters are not updated. 0 for backends with nothing to compile."""
     if not getattr(be, "jit", False):
         return 0.0
     t = time.perf_counter()
     # a training pass (dropout and batch-norm kernels compile too) that updates nothing: no
-    # optimizer step, and its new batch-norm statistics (ctx.updates) are never committed
+    # optimizer step (its kernels compile on scratch copies), and its new batch-norm
+    # statistics (ctx.updates) are never committed
     buffers = {k: be.asarray(v) for k, v in model.buffers.items()}
-    loss, correct, _ = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params, be,
-                                            StepContext(training=True, buffers=buffers))
+    loss, correct, grads = model.loss_and_grads(be.asarray(x[:2]), be.asarray(y[:2]), params,
+                                                be, StepContext(training=True, buffers=buffers))
+    if opt is not None:
+        scratch = {k: be.zeros_like(v) for k, v in params.items()}
+        opt.apply(scratch, grads, opt.init_slots(scratch, be), be, opt.learning_rate(0), 1)
     be.to_host(loss)
     return time.perf_counter() - t
 
@@ -333,10 +406,47 @@ class _Prefetcher:
             self._thread.join()
 
 
+class _StepHooks:
+    """Calls the callbacks that override ``on_step_end`` after every step (see
+    :mod:`cnn.callbacks` for the logs they get), keeping the fit's step and example counts and
+    its training clock, which leaves the hooks' own time out."""
+
+    def __init__(self, callbacks, strat, model, be, run):
+        self.callbacks = [cb for cb in callbacks if _overrides(cb, "on_step_end")]
+        self.strat, self.model, self.be, self.run = strat, model, be, run
+        self.step = self.examples = 0
+        self.elapsed = 0.0  # training seconds of the finished epochs
+        self.stop = False
+
+    def __bool__(self) -> bool:
+        return bool(self.callbacks)
+
+    def _evaluate(self, xv, yv) -> dict:
+        return self.model.evaluate(xv, yv, params=self.strat.current_params(), backend=self.be)
+
+    def __call__(self, epoch: int, batch: int, examples: int, loss: float, correct: int,
+                 lr: float, epoch_elapsed: float) -> bool:
+        self.step += 1
+        self.examples += examples
+        logs = {"epoch": epoch, "step": self.step, "batch": batch, "examples": self.examples,
+                "elapsed": self.elapsed + epoch_elapsed, "loss": loss,
+                "accuracy": correct / max(examples, 1), "lr": lr,
+                "global_step": self.strat.steps, "params": self.strat.current_params,
+                "evaluate": self._evaluate}
+        stops = [cb.on_step_end(self.step, logs) for cb in self.callbacks]
+        self.stop = any(stops) or self.run.stop_training
+        self.run.stop_training = self.stop
+        return self.stop
+
+
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
-               verbose, progress, info: dict, raising: bool, prefetch: bool = True) -> dict:
+               verbose, progress, info: dict, raising: bool, prefetch: bool = True,
+               stepper=None) -> dict:
     data_t = transfer_t = compute_t = 0.0
     loss_sum, correct = 0.0, 0
+    seen = 0
+    callback_t = 0.0
+    lr = strat.learning_rate()
     start = time.perf_counter()
     order = rng.permutation(n) if shuffle else np.arange(n)
     data_t += time.perf_counter() - start
@@ -355,6 +465,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
             transfer_t += min(waited, transfer_s)
             data_t += waited - min(waited, transfer_s)
             t3 = time.perf_counter()
+            lr = strat.learning_rate()
             batch_loss, batch_correct = strat.step(xb, yb)
             batches.release()
             compute_t += time.perf_counter() - t3
@@ -369,6 +480,14 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
                 bar.set_postfix(loss=f"{loss_sum / min(i + step_size, n):.4f}", refresh=False)
             if progress is not None:
                 progress(epoch, min(i + step_size, n), n)
+            seen = min(i + step_size, n)
+            if stepper:
+                t5 = time.perf_counter()
+                stop = stepper(epoch, step, size, batch_loss / max(size, 1), batch_correct, lr,
+                               t5 - start - callback_t)
+                callback_t += time.perf_counter() - t5
+                if stop:
+                    break
     finally:
         batches.close()
     t = time.perf_counter()
@@ -378,10 +497,17 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     comm_t = strat.take_comm_time()
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - start
-    return {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n, "time": wall,
+    wall = time.perf_counter() - start - callback_t  # step hooks are not training time
+    info["callback_time"] += callback_t
+    n = seen or n  # an epoch cut short by a callback: the means over what it saw
+    logs = {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n, "lr": lr, "time": wall,
             "compute_time": compute_t - comm_t, "comm_time": comm_t, "data_time": data_t,
             "transfer_time": transfer_t, "images_per_sec": n / wall}
+    if stepper:
+        stepper.elapsed += wall
+        logs["callback_time"] = callback_t
+        logs["examples"] = n  # fewer than the epoch's when a step callback stopped it
+    return logs
 
 
 def _epoch_line(logs: dict, epochs: int) -> str:

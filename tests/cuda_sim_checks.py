@@ -247,21 +247,72 @@ def check_softmax_cross_entropy(cb):
 
 
 # ---- optimizer -----------------------------------------------------------------------------------
-@check(cost=0.2)
-def check_sgd_update(cb):
+@check(cost=1.5)
+def check_optimizer_primitives(cb):
+    """axpby, axpby_square and axpby_ratio (both eps placements, centered or not) against
+    their formulas computed in float64, in float32 and float64."""
     rng = _rng(18)
-    p = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
-    g = rng.standard_normal(p.shape).astype(np.float32)
-    v = rng.standard_normal(p.shape).astype(np.float32)
-    dp, dv = cb.asarray(p), cb.asarray(v)
-    cb.sgd_update(dp, cb.asarray(g), dv, 0.05, 0.9)
-    r_p, r_v = p.copy(), v.copy()
-    NP.sgd_update(r_p, g, r_v, 0.05, 0.9)
-    assert_close("sgd momentum param", cb.to_host(dp), r_p, np.float32)
-    assert_close("sgd momentum velocity", cb.to_host(dv), r_v, np.float32)
-    cb.sgd_update(dp, cb.asarray(g), None, 0.05, 0.0)
-    NP.sgd_update(r_p, g, None, 0.05, 0.0)
-    assert_close("sgd without momentum", cb.to_host(dp), r_p, np.float32)
+    for dtype in (np.float32, np.float64):
+        y, x, num = (rng.standard_normal((3, 2, 3, 3)).astype(dtype) for _ in range(3))
+        den = (rng.random((3, 2, 3, 3)) + 0.5).astype(dtype)
+        center = (0.3 * rng.standard_normal((3, 2, 3, 3))).astype(dtype)
+        yd = y.astype(np.float64)
+        cases = [
+            ("axpby", lambda d: cb.axpby(d, 0.9, cb.asarray(x), -0.05),
+             0.9 * yd - 0.05 * x),
+            ("axpby_square", lambda d: cb.axpby_square(d, 0.99, cb.asarray(x), 0.01),
+             0.99 * yd + 0.01 * x.astype(np.float64) ** 2),
+            ("axpby_ratio", lambda d: cb.axpby_ratio(d, 1.0, -0.1, cb.asarray(num),
+                                                     cb.asarray(den), 1e-3, False),
+             yd - 0.1 * num / (np.sqrt(den.astype(np.float64)) + 1e-3)),
+            ("axpby_ratio eps inside", lambda d: cb.axpby_ratio(d, 0.5, 0.2, cb.asarray(num),
+                                                                cb.asarray(den), 1e-3, True),
+             0.5 * yd + 0.2 * num / np.sqrt(den.astype(np.float64) + 1e-3)),
+            ("axpby_ratio centered", lambda d: cb.axpby_ratio(
+                d, 1.0, -0.1, cb.asarray(num), cb.asarray(den), 1e-3, True, cb.asarray(center)),
+             yd - 0.1 * num / np.sqrt(den.astype(np.float64) - center.astype(np.float64) ** 2
+                                      + 1e-3)),
+        ]
+        for name, launch, want in cases:
+            d = cb.asarray(y)
+            launch(d)
+            assert_close(f"{name} ({np.dtype(dtype)})", cb.to_host(d), want, dtype)
+        d = cb.asarray(y)  # x aliasing y (decoupled weight decay: w = w - c * w)
+        cb.axpby(d, 1.0, d, -0.01)
+        assert_close(f"axpby aliased ({np.dtype(dtype)})", cb.to_host(d), yd - 0.01 * yd, dtype)
+
+
+@check(cost=9)
+def check_optimizers_on_device(cb):
+    """Three updates of every optimizer (state on the device, lr changing every step as a
+    schedule would) equal the NumPy backend's, for the parameters and every slot."""
+    from cnn.optim import make_optimizer
+
+    rng = _rng(21)
+    params = {"w": rng.standard_normal((2, 3, 3)).astype(np.float32),
+              "b": rng.standard_normal(5).astype(np.float32)}
+    grads = [{k: rng.standard_normal(v.shape).astype(np.float32) for k, v in params.items()}
+             for _ in range(3)]
+    specs = [{"type": "sgd", "lr": 0.1}, {"type": "sgd", "lr": 0.1, "momentum": 0.9},
+             {"type": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+             {"type": "rmsprop", "lr": 0.01}, {"type": "rmsprop", "lr": 0.01, "momentum": 0.5,
+                                               "centered": True},
+             {"type": "adam", "lr": 0.01}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.1}]
+    for spec in specs:
+        opt = make_optimizer(spec)
+        dev = {k: cb.asarray(v) for k, v in params.items()}
+        ref = {k: v.copy() for k, v in params.items()}
+        s_dev, s_ref = opt.init_state(dev, cb), opt.init_state(ref, NP)
+        for i, g in enumerate(grads):
+            lr = spec["lr"] * (1.0 - 0.2 * i)
+            opt.update(dev, {k: cb.asarray(v) for k, v in g.items()}, s_dev, cb, lr)
+            opt.update(ref, g, s_ref, NP, lr)
+        assert s_dev.step == s_ref.step == 3, f"{spec}: step {s_dev.step}"
+        for k in params:
+            assert_close(f"{spec['type']} {spec} param {k}", cb.to_host(dev[k]), ref[k], np.float32)
+            for name in opt.slot_names:
+                assert_close(f"{spec} slot {name}/{k}", cb.to_host(s_dev.slots[name][k]),
+                             s_ref.slots[name][k], np.float32)
 
 
 # ---- memory and a device-resident step -----------------------------------------------------------
@@ -279,8 +330,10 @@ def check_memory(cb):
 
 @check(cost=3)
 def check_device_step_without_transfers(cb):
-    """conv -> relu -> pool -> flatten -> dense -> loss, backward, SGD, all on the device:
+    """conv -> relu -> pool -> flatten -> dense -> loss, backward, Adam, all on the device:
     no host<->device copy inside the step, and the same update as the NumPy backend."""
+    from cnn.optim import Adam
+    adam = Adam(lr=0.01)
     import numba.cuda.simulator.kernel as sim_kernel
     from numba import cuda
     from numba.cuda.simulator.cudadrv.devicearray import FakeCUDAArray
@@ -305,12 +358,12 @@ def check_device_step_without_transfers(cb):
         d3 = be.maxpool2d_backward(dflat.reshape(h3.shape), c3)
         d2 = be.relu_backward(d3, c2)
         _, g_cw, g_cb = be.conv2d_backward(d2, c1, need_dx=False)
-        for name, g in (("cw", g_cw), ("cb", g_cb), ("dw", g_dw), ("db", g_db)):
-            be.sgd_update(p[name], g, vel[name], 0.1, 0.9)
+        grads = {"cw": g_cw, "cb": g_cb, "dw": g_dw, "db": g_db}
+        adam.update(p, grads, vel, be)
         return loss, correct
 
     dev = {name: cb.asarray(v) for name, v in params.items()}
-    vel = {name: cb.zeros_like(v) for name, v in dev.items()}
+    vel = adam.init_state(dev, cb)
     xb, yb = cb.asarray(x), cb.asarray(y)
 
     transfers = []
@@ -332,7 +385,7 @@ def check_device_step_without_transfers(cb):
     assert not transfers, f"host transfers inside a device step: {transfers}"
 
     ref = {name: v.copy() for name, v in params.items()}
-    r_loss, r_correct = step(NP, ref, {name: np.zeros_like(v) for name, v in ref.items()}, x, y)
+    r_loss, r_correct = step(NP, ref, adam.init_state(ref, NP), x, y)
     assert_close("step loss", cb.to_host(loss), r_loss, np.float32)
     assert int(cb.to_host(correct)) == int(r_correct), "step correct count"
     for name in params:

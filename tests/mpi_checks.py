@@ -33,6 +33,10 @@ SCENARIOS = {
     "center": ("mpi", {"kind": "center"}),
     "batch1": ("mpi", {"batch_size": 1, "epochs": 1, "n": 9}),  # every step: one rank a ghost
     "plain_sgd": ("mpi", {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3}),
+    "adam": ("mpi", {"optimizer": {"type": "adam", "lr": 0.01}}),
+    "adamw_cosine": ("mpi", {"optimizer": {"type": "adamw", "lr": 0.01, "schedule": "cosine"}}),
+    "average_adam": ("mpi_average", {"every": 2, "batch_size": 5,
+                                     "optimizer": {"type": "rmsprop", "lr": 0.01}}),
     "average_every1": ("mpi_average", {"every": 1, "batch_size": 5}),
     "average_every3": ("mpi_average", {"every": 3, "batch_size": 5}),
     "average_epoch": ("mpi_average", {"batch_size": 5}),

@@ -99,7 +99,19 @@ SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
     "center": {"kind": "center"},
     "batch1": {"batch_size": 1, "epochs": 1, "n": 9},
     "plain_sgd": {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3},
+    # every optimizer of cnn.optim applied slice-wise, one step count, the lr of a schedule
+    "adam": {"optimizer": {"type": "adam", "lr": 0.01}},
+    "adamw_cosine": {"optimizer": {"type": "adamw", "lr": 0.01, "schedule": "cosine"}},
 }
+
+
+def test_average_advances_the_optimizer_step_once_per_global_step(runs):
+    """mpi_average with RMSProp: every replica updates once per global step (of 2 * 5
+    examples), the scalar step counts global steps, and the replicas end averaged (equal)."""
+    got, rec = load(runs, "average_adam")
+    other, _ = load(runs, "average_adam", 1)
+    assert rec["info"]["end_step"] == 2 * -(-50 // 10)
+    assert all(np.array_equal(got[k], other[k]) for k in got)
 
 
 @pytest.mark.parametrize("name", list(SYNC_CASES))

@@ -356,15 +356,23 @@ def test_float32_close_to_float64(dtype):
     np.testing.assert_allclose(out, ref, rtol=tol, atol=tol)
 
 
-# ---- SGD -------------------------------------------------------------------------------------
+# ---- SGD (cnn.optim over the backend's element-wise primitives) ------------------------------
+def _sgd_steps(be, w, v, grads, lr, m):
+    """``SGD(lr, momentum=m)`` applied to ``w`` (velocity ``v``) for each gradient."""
+    from cnn.optim import SGD
+    opt = SGD(lr=lr, momentum=m)
+    slots = {"velocity": v} if m else {}
+    for step, g in enumerate(grads, 1):
+        opt.update_step(w, g, slots, lr, step, be)
+
+
 GRADS = [np.array([0.5, -1.0, 2.0]), np.array([-0.25, 0.5, 1.0]), np.array([1.0, 0.0, -3.0])]
 
 
 @pytest.mark.parametrize("be", [NP, NAIVE], ids=["numpy", "naive"])
 def test_sgd_plain_three_steps_by_hand(be):
     w = np.array([1.0, -2.0, 0.5])
-    for g in GRADS:
-        be.sgd_update(w, g, None, 0.1, 0.0)
+    _sgd_steps(be, w, None, GRADS, 0.1, 0.0)
     # w - 0.1 * (g1 + g2 + g3)
     expected = np.array([1.0 - 0.1 * (0.5 - 0.25 + 1.0),
                          -2.0 - 0.1 * (-1.0 + 0.5 + 0.0),
@@ -380,8 +388,7 @@ def test_sgd_momentum_three_steps_by_hand(be, dtype):
     lr, m = 0.1, 0.9
     w = np.array([1.0, -2.0, 0.5], dtype=dtype)
     v = np.zeros(3, dtype=dtype)
-    for g in GRADS:
-        be.sgd_update(w, g.astype(dtype), v, lr, m)
+    _sgd_steps(be, w, v, [g.astype(dtype) for g in GRADS], lr, m)
     assert w.dtype == dtype and v.dtype == dtype
     # v1 = -lr g1; v2 = m v1 - lr g2; v3 = m v2 - lr g3; w3 = w0 + v1 + v2 + v3
     g1, g2, g3 = GRADS

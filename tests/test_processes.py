@@ -98,8 +98,11 @@ def test_processes_keep_the_optimizer_state():
     for i in range(0, 24, 8):
         _, _, g = ref.loss_and_grads(x[i:i + 8], y[i:i + 8])
         opt.update(ref.params, g, state, get_backend("numpy"))
-    for k in state:
-        np.testing.assert_allclose(strat.state[k], state[k], rtol=0, atol=1e-13)
+    assert strat.state.step == state.step == 3
+    for name, slot in state.slots.items():  # every optimizer slot (velocity)
+        for k in slot:
+            np.testing.assert_allclose(strat.state.slots[name][k], slot[k], rtol=0, atol=1e-13)
+    for k in ref.params:
         np.testing.assert_allclose(params[k], ref.params[k], rtol=0, atol=1e-13)
 
 

@@ -19,7 +19,8 @@ on shared weights at once.
 
 Workspaces: no allocation in the hot path
 -----------------------------------------
-Every op except ``sgd_update`` takes a keyword ``ws=None``: the calling layer's
+Every op except the optimizer primitives (``axpby``, ``axpby_square``, ``axpby_ratio``, which
+work in place and allocate nothing per call) takes a keyword ``ws=None``: the calling layer's
 :class:`cnn.context.Workspace` scope (``ctx.scope(layer.name)``; the loss gets
 ``ctx.scope("__loss__")``). With ``ws=None`` (tests, evaluation, prediction) an op allocates its
 outputs afresh, as a plain function would, and its results may be kept as long as the caller
@@ -245,11 +246,23 @@ class Backend:
         """In place ``grad += l1 * sign(w) + 2 * l2 * w`` (sign(0) = 0); returns ``grad``."""
         raise NotImplementedError
 
-    # ---- optimizer -------------------------------------------------------------------------
-    def sgd_update(self, param, grad, velocity, lr: float, momentum: float) -> None:
-        """In place: ``velocity = momentum * velocity - lr * grad; param += velocity``.
+    # ---- optimizer primitives ----------------------------------------------------------------
+    # Every optimizer of :mod:`cnn.optim` is written once over these three element-wise
+    # updates. All work in place on ``y``; ``x``, ``num``, ``den`` and ``center`` are read only
+    # (``x`` may be ``y`` itself); arrays have one shape (any, or flat slices of flattened
+    # arrays); the float scalars are applied in the arrays' dtype (float32 arrays compute in
+    # float32) and are ordinary arguments, never compiled in (a schedule changes ``lr`` every
+    # step).
+    def axpby(self, y, a: float, x, b: float) -> None:
+        """In place: ``y = a * y + b * x``."""
+        raise NotImplementedError
 
-        This is Keras's SGD formulation; with ``momentum == 0`` it is ``param -= lr * grad``
-        and ``velocity`` may be ``None``.
-        """
+    def axpby_square(self, y, a: float, x, b: float) -> None:
+        """In place: ``y = a * y + b * x * x`` (a running mean of squares)."""
+        raise NotImplementedError
+
+    def axpby_ratio(self, y, a: float, b: float, num, den, eps: float, eps_inside: bool,
+                    center=None) -> None:
+        """In place: ``y = a * y + b * num / d`` with ``d = sqrt(den - center**2) + eps``, or
+        ``d = sqrt(den - center**2 + eps)`` when ``eps_inside`` (``center`` None: 0)."""
         raise NotImplementedError

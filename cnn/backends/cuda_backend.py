@@ -2,7 +2,7 @@
 
 Arrays in and out are Numba device arrays (C-contiguous, so the model's ``.reshape`` flatten
 is a free view); caches hold device arrays only; no op copies to or from the host, so a whole
-training step (forward, loss, backward, ``sgd_update``) stays on the device and only the two
+training step (forward, loss, backward, the optimizer's primitives) stays on the device and only the two
 scalars ``loss`` and ``correct`` need ``to_host``. With a workspace (``ws``, see
 :mod:`cnn.backends.base`; the workspace's allocator is :meth:`CudaBackend.empty`) every output,
 cache and temporary is a device buffer allocated once per (layer, batch shape) and reused, so a
@@ -193,15 +193,29 @@ class CudaBackend(CudaLayerOps, Backend):
         # 0-d views, as the contract asks: to_host then yields 0-d numpy arrays.
         return loss.reshape(()), dlogits, correct.reshape(())
 
-    # ---- optimizer -------------------------------------------------------------------------
-    def sgd_update(self, param, grad, velocity, lr, momentum):
-        size = param.size
-        dt = param.dtype.type  # scalars in the param dtype keep float32 math in float32
-        grid = K.elementwise_grid(size)
-        if momentum:
-            K.sgd_momentum_kernel[grid, K.ELEMENTWISE_THREADS](
-                param.reshape(size), grad.reshape(size), velocity.reshape(size),
-                dt(lr), dt(momentum))
-        else:
-            K.sgd_kernel[grid, K.ELEMENTWISE_THREADS](
-                param.reshape(size), grad.reshape(size), dt(lr))
+    # ---- optimizer primitives (see the contract in base.py) -------------------------------
+    def _flat_launch(self, kernel, y, *args):
+        size = y.size
+        kernel[K.elementwise_grid(size), K.ELEMENTWISE_THREADS](y.reshape(size), *args)
+
+    def axpby(self, y, a, x, b):
+        dt = y.dtype.type  # scalars in the array dtype keep float32 math in float32
+        self._flat_launch(K.axpby_kernel, y, dt(a), x.reshape(x.size), dt(b))
+
+    def axpby_square(self, y, a, x, b):
+        dt = y.dtype.type
+        self._flat_launch(K.axpby_square_kernel, y, dt(a), x.reshape(x.size), dt(b))
+
+    def axpby_ratio(self, y, a, b, num, den, eps, eps_inside, center=None):
+        dt = y.dtype.type
+        if center is None:
+            center = self._empty(y.dtype)
+        self._flat_launch(K.axpby_ratio_kernel, y, dt(a), dt(b), num.reshape(num.size),
+                          den.reshape(den.size), dt(eps), bool(eps_inside),
+                          center.reshape(center.size), center.size > 0)
+
+    def _empty(self, dtype):
+        """An empty device array of ``dtype`` (placeholder for optional kernel arguments)."""
+        if dtype not in self._no_bias:
+            self._no_bias[dtype] = cuda.device_array(0, dtype=dtype)
+        return self._no_bias[dtype]

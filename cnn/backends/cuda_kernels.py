@@ -524,23 +524,41 @@ def softmax_xent_kernel(logits, labels, inv_n, dlogits, loss, correct):
         correct[0] = hit_part[0]
 
 
-# ---- optimizer ---------------------------------------------------------------------------------
+# ---- optimizer primitives ----------------------------------------------------------------------
+# The three element-wise updates every optimizer of cnn.optim is written with (see the contract
+# in cnn/backends/base.py). Flat arrays ``(L,)``; the scalars arrive in the arrays' dtype as
+# kernel parameters (a schedule changes the learning rate every step without recompiling).
+# Launch: ``elementwise_grid(L)`` blocks of ``ELEMENTWISE_THREADS``, one thread per element.
 @cuda.jit
-def sgd_kernel(param, grad, lr):
-    """In place ``param -= lr * grad`` on flat arrays ``(L,)``; ``lr`` in the param dtype.
-    Launch: ``elementwise_grid(L)`` blocks of ``ELEMENTWISE_THREADS``."""
+def axpby_kernel(y, a, x, b):
+    """In place ``y = a * y + b * x``."""
     i = cuda.grid(1)
-    if i < param.shape[0]:
-        param[i] -= lr * grad[i]
+    if i < y.shape[0]:
+        y[i] = a * y[i] + b * x[i]
 
 
 @cuda.jit
-def sgd_momentum_kernel(param, grad, velocity, lr, momentum):
-    """In place ``velocity = momentum * velocity - lr * grad; param += velocity`` (Keras SGD)
-    on flat arrays ``(L,)``; ``lr`` and ``momentum`` in the param dtype.
-    Launch: ``elementwise_grid(L)`` blocks of ``ELEMENTWISE_THREADS``."""
+def axpby_square_kernel(y, a, x, b):
+    """In place ``y = a * y + b * x * x``."""
     i = cuda.grid(1)
-    if i < param.shape[0]:
-        v = momentum * velocity[i] - lr * grad[i]
-        velocity[i] = v
-        param[i] += v
+    if i < y.shape[0]:
+        xi = x[i]
+        y[i] = a * y[i] + b * (xi * xi)
+
+
+@cuda.jit
+def axpby_ratio_kernel(y, a, b, num, den, eps, eps_inside, center, centered):
+    """In place ``y = a * y + b * num / d``, ``d = sqrt(den - center**2) + eps`` or, with
+    ``eps_inside``, ``sqrt(den - center**2 + eps)``; ``center`` is read only when
+    ``centered`` (otherwise any array of the dtype, e.g. empty)."""
+    i = cuda.grid(1)
+    if i < y.shape[0]:
+        d = den[i]
+        if centered:
+            c = center[i]
+            d -= c * c
+        if eps_inside:
+            d = math.sqrt(d + eps)
+        else:
+            d = math.sqrt(d) + eps
+        y[i] = a * y[i] + b * (num[i] / d)

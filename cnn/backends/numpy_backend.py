@@ -8,6 +8,8 @@ reused buffer (``out=`` arguments throughout), so a training step allocates noth
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
@@ -212,11 +214,67 @@ class NumpyBackend(NumpyLayerOps, Backend):
         np.copyto(out, dlogits, casting="same_kind")
         return np.asarray(loss, dtype=logits.dtype), out, np.asarray(correct)
 
-    # ---- optimizer -------------------------------------------------------------------------
-    def sgd_update(self, param, grad, velocity, lr, momentum):
-        if momentum:
-            velocity *= momentum
-            velocity -= lr * grad
-            param += velocity
+    # ---- optimizer primitives (see the contract in base.py) -------------------------------
+    # Python-float scalars are "weak" in NumPy 2: float32 arrays compute in float32. The one
+    # temporary a primitive needs is a per-thread scratch buffer, grown to the largest operand
+    # seen and then reused, so updates allocate nothing per step (sync threads update their
+    # slices concurrently, each with its own buffer).
+    def _opt_scratch(self, like: np.ndarray) -> np.ndarray:
+        local = _OPT_SCRATCH.__dict__
+        key = like.dtype.str
+        buf = local.get(key)
+        if buf is None or buf.size < like.size:
+            buf = local[key] = np.empty(max(like.size, 1024), dtype=like.dtype)
+        return buf[:like.size].reshape(like.shape)
+
+    def axpby(self, y, a, x, b):
+        a, b = float(a), float(b)
+        if b == 0.0:
+            if a != 1.0:
+                np.multiply(y, a, out=y)
+            return
+        t = None
+        if b not in (1.0, -1.0) or (a != 1.0 and np.may_share_memory(x, y)):
+            t = self._opt_scratch(y)
+            np.multiply(x, b, out=t)  # before y is scaled: x may be y
+        if a != 1.0:
+            np.multiply(y, a, out=y)
+        if t is not None:
+            np.add(y, t, out=y)
+        elif b == 1.0:
+            np.add(y, x, out=y)
         else:
-            param -= lr * grad
+            np.subtract(y, x, out=y)
+
+    def axpby_square(self, y, a, x, b):
+        a, b = float(a), float(b)
+        t = self._opt_scratch(y)
+        np.multiply(x, x, out=t)
+        np.multiply(t, b, out=t)
+        if a != 1.0:
+            np.multiply(y, a, out=y)
+        np.add(y, t, out=y)
+
+    def axpby_ratio(self, y, a, b, num, den, eps, eps_inside, center=None):
+        a, b, eps = float(a), float(b), float(eps)
+        d = self._opt_scratch(y)
+        if center is not None:
+            np.multiply(center, center, out=d)
+            np.subtract(den, d, out=d)
+        else:
+            np.copyto(d, den)
+        if eps_inside:
+            np.add(d, eps, out=d)
+            np.sqrt(d, out=d)
+        else:
+            np.sqrt(d, out=d)
+            np.add(d, eps, out=d)
+        np.divide(num, d, out=d)
+        np.multiply(d, b, out=d)
+        if a != 1.0:
+            np.multiply(y, a, out=y)
+        np.add(y, d, out=y)
+
+
+#: per-thread scratch buffers of the optimizer primitives (``{dtype.str: 1-D array}``)
+_OPT_SCRATCH = threading.local()

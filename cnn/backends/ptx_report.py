@@ -140,8 +140,10 @@ def kernel_specs() -> list[KernelSpec]:
          2 * N * D * M + N * M, 4 * (N * D + D * M + M + N * M)),
         ("softmax_xent_kernel", (a2, int64[::1], float32, a2, a1, int32[::1]), K.XENT_THREADS,
          8 * N * M, 4 * 2 * N * M + 8 * N + 8),
-        ("sgd_kernel", (a1, a1, float32), elem, 2 * F * Q, 12 * F * Q),
-        ("sgd_momentum_kernel", (a1, a1, a1, float32, float32), elem, 4 * F * Q, 20 * F * Q),
+        ("axpby_kernel", (a1, float32, a1, float32), elem, 3 * F * Q, 12 * F * Q),
+        ("axpby_square_kernel", (a1, float32, a1, float32), elem, 4 * F * Q, 12 * F * Q),
+        ("axpby_ratio_kernel", (a1, float32, float32, a1, a1, float32, boolean, a1, boolean),
+         elem, 8 * F * Q, 20 * F * Q),
         # cuda_layer_kernels
         ("sigmoid_forward_kernel", (a1, a1), elem, 4 * conv_out, 8 * conv_out),
         ("sigmoid_backward_kernel", (a1, a1, a1), elem, 3 * conv_out, 12 * conv_out),

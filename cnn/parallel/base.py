@@ -53,18 +53,40 @@ class Strategy:
         """Raise ``ValueError`` when this strategy cannot split batches of ``batch_size``."""
 
     def start(self, model, optimizer, backend: Backend, params: dict[str, Any],
-              seed: int = 0) -> None:
+              seed: int = 0, state=None) -> None:
         """Set up for a fit: ``params`` are the backend arrays to train (updated in place);
-        ``seed`` keys the randomness inside training steps (see :mod:`cnn.context`)."""
+        ``seed`` keys the randomness inside training steps (see :mod:`cnn.context`);
+        ``state`` is the :class:`~cnn.optim.OptimizerState` to continue from (on ``backend``;
+        None: a fresh one). How a strategy applies the optimizer: see :mod:`cnn.optim`."""
         self.model, self.optimizer, self.backend, self.params = model, optimizer, backend, params
-        self.state = optimizer.init_state(params, backend)
+        self.state = optimizer.init_state(params, backend) if state is None else state
         #: the buffers the workers read (batch norm's running statistics), on the backend; a
         #: training pass leaves new values in its context's ``updates`` and the strategy
         #: commits them (``ctx.commit()``), once per copy of the buffers
         self.buffers = {k: backend.asarray(v.copy()) for k, v in model.buffers.items()}
         self.seed = seed
-        #: global optimizer steps taken so far in this fit (the ``step`` of every context)
-        self.steps = 0
+
+    @property
+    def steps(self) -> int:
+        """Global optimizer steps taken so far, across epochs and ``fit`` calls: the optimizer
+        state's scalar ``step`` (so it persists with the state). It is the ``step`` of every
+        context (it keys dropout masks) and schedules read it; a strategy advances it once
+        per global step (``self.steps += 1``)."""
+        return self.state.step
+
+    @steps.setter
+    def steps(self, value: int) -> None:
+        self.state.step = int(value)
+
+    def learning_rate(self) -> float:
+        """The learning rate of the global step about to be taken (the optimizer's schedule
+        at :attr:`steps`); every update of that step uses it."""
+        return self.optimizer.learning_rate(self.steps)
+
+    def current_state(self):
+        """The optimizer state that represents the run now (kept by ``fit`` for the next one;
+        ``average`` averages its replicas' slots, ``hogwild`` gives worker 0's)."""
+        return self.state
 
     def new_context(self) -> StepContext:
         """A training context for one worker, with a workspace of its own (one per worker,
@@ -106,15 +128,14 @@ class SequentialStrategy(Strategy):
             raise ValueError(f"the sequential strategy runs one worker. Received threads={threads}; "
                              "use strategy='sync', 'average' or 'hogwild' for more")
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
-        super().start(model, optimizer, backend, params, seed)
+    def start(self, model, optimizer, backend, params, seed=0, state=None) -> None:
+        super().start(model, optimizer, backend, params, seed, state)
         self._ctx = self.new_context()
 
     def step(self, xb, yb):
         be = self.backend
         self._ctx.step, self._ctx.global_batch = self.steps, len(yb)
         loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be, self._ctx)
-        self.optimizer.update(self.params, grads, self.state, be)
+        self.optimizer.update(self.params, grads, self.state, be)  # advances self.steps
         self._ctx.commit()
-        self.steps += 1
         return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))

@@ -29,10 +29,12 @@ The strategies
     (weights and optimizer state) with ``batch_size`` examples per step on its own part of the
     data; a global step is ``threads * batch_size`` examples, so within an epoch the replicas
     see disjoint subsets that together cover the training set. Every ``every`` steps (or, with
-    ``every="epoch"``, the default, after each epoch) the replicas' weights **and momentum
-    buffers** are replaced by their average, weighted by the examples each replica trained on
-    since the last average. Averaging the momentum too makes ``every=1`` exactly synchronous
-    SGD on the global batch (tested) for models without batch norm. Each replica keeps its own
+    ``every="epoch"``, the default, after each epoch) the replicas' weights **and every
+    optimizer slot** (velocity, Adam's ``m`` and ``v``) are replaced by their average, weighted
+    by the examples each replica trained on since the last average; the scalar step (Adam's
+    bias correction, schedules) advances once per global step. Averaging the momentum too
+    makes ``every=1`` with SGD exactly synchronous SGD on the global batch (tested) for models
+    without batch norm. Each replica keeps its own
     buffers (batch-norm running statistics, from its own batches' statistics: no cross-replica
     reduce), averaged with the same weights. Evaluation uses the average of the replicas.
 ``hogwild``
@@ -52,9 +54,11 @@ The strategies
       and then overwrite it, so that worker's contribution to that element is lost. Which
       elements, and how many, depends on timing: hogwild runs are **not reproducible**.
 
-    Momentum: each worker keeps **its own velocity** (only the weights are shared), so the
-    velocity buffers never race; the sum of the workers' velocities plays the role of the
-    sequential velocity. With ``threads=1`` hogwild is exactly the sequential path. Buffers
+    Optimizer state: each worker keeps **its own slots** (velocity, Adam's moments; only the
+    weights are shared), so the slots never race; the sum of the workers' velocities plays
+    the role of the sequential velocity. The scalar step advances once per global step, and
+    the state kept after the fit is worker 0's. With ``threads=1`` hogwild is exactly the
+    sequential path. Buffers
     (batch-norm running statistics) are shared like the weights: each worker normalises with
     its own batch's statistics and then rebinds the shared buffers to its new running
     statistics, so the last worker to finish a step wins (another lost update, by design).
@@ -387,13 +391,14 @@ class AverageThreads(ThreadStrategy):
     def _setup(self) -> None:
         t = self.threads
         dtype = next(iter(self.params.values())).dtype
-        # replica i: its weights and optimizer state; self.params holds the latest average
+        # replica i: its weights and optimizer slots; self.params and self.state hold the
+        # latest average (the scalar step is shared: self.state.step)
         self._replicas = [{k: v.copy() for k, v in self.params.items()} for _ in range(t)]
-        self._states = [{k: v.copy() for k, v in self.state.items()} for _ in range(t)]
+        self._states = [self.state.copy() for _ in range(t)]  # their slots are the replica's
         self._flat_params = {k: _flat(v) for k, v in self.params.items()}
-        self._flat_state = {k: _flat(v) for k, v in self.state.items()}  # the averaged velocity
+        self._flat_state = self.state.flat()  # the averaged slots, {slot: {key: flat view}}
         self._flat_reps = [{k: _flat(v) for k, v in r.items()} for r in self._replicas]
-        self._flat_states = [{k: _flat(v) for k, v in s.items()} for s in self._states]
+        self._flat_states = [s.flat() for s in self._states]
         self._pieces = _flat_slices(self.params, t)
         self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0), dtype=dtype)
                      for p in self._pieces]
@@ -415,19 +420,20 @@ class AverageThreads(ThreadStrategy):
             ctx = self._shard_context(i, len(self._yb))
             loss, correct, grads = self.model.loss_and_grads(
                 self._xb[lo:hi], self._yb[lo:hi], rep, self.backend, ctx)
-            self.optimizer.update(rep, grads, self._states[i], self.backend)
+            lr, t = self._scalars
+            self.optimizer.apply(rep, grads, self._states[i].slots, self.backend, lr, t)
             ctx.commit()  # into this replica's buffers
             self._results[i] = (loss, correct)
 
     def _average_slice(self, j: int) -> None:
-        """Worker ``j`` averages its slice of every replica's weights and velocity, writes the
-        average to the shared output and copies it back into every replica."""
+        """Worker ``j`` averages its slice of every replica's weights and optimizer slots,
+        writes the average to the shared output and copies it back into every replica."""
         weights = self._avg_weights
         tmp = self._tmp[j]
         for key, sl in self._pieces[j]:
             groups = [(self._flat_params, self._flat_reps)]
-            if self.state:
-                groups.append((self._flat_state, self._flat_states))
+            for name, avg_slot in self._flat_state.items():
+                groups.append((avg_slot, [fs[name] for fs in self._flat_states]))
             for avg, reps in groups:
                 out = avg[key][sl]
                 _weighted_sum(out, [(w, reps[i][key][sl]) for i, w in weights],
@@ -472,6 +478,8 @@ class AverageThreads(ThreadStrategy):
         for i, s in enumerate(sizes):
             self._counts[i] += s
         self._steps += 1
+        # one learning rate and update number for every replica (the scalar step is shared)
+        self._scalars = step_scalars(self.optimizer, self.state, self.steps)
         phases: list[Phase] = [self._train]
         if self.every != "epoch" and self._steps % self.every == 0 and self._prepare_average():
             phases.append(self._average_slice)
@@ -501,6 +509,18 @@ class AverageThreads(ThreadStrategy):
                 _weighted_sum(out, [(w, self._flat_reps[i][key]) for i, w in weights], tmp)
         return self.params
 
+    def current_state(self):
+        """The optimizer state with every slot the weighted average of the replicas' (as
+        :meth:`current_params` averages the weights)."""
+        total = sum(self._counts) if hasattr(self, "_counts") else 0
+        if total:
+            weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
+            for name, slot in self._flat_state.items():
+                for key, out in slot.items():
+                    _weighted_sum(out, [(w, self._flat_states[i][name][key])
+                                        for i, w in weights], np.empty_like(out))
+        return self.state
+
     def current_buffers(self) -> dict:
         """The weighted average of the replicas' buffers when they have trained since the last
         average (the replicas are left as they are), else the last average."""
@@ -522,9 +542,9 @@ class HogwildThreads(ThreadStrategy):
 
     def _setup(self) -> None:
         t = self.threads
-        # worker 0 uses the state start() made; the others get their own velocity buffers
-        self._states = [self.state] + [self.optimizer.init_state(self.params, self.backend)
-                                       for _ in range(t - 1)]
+        # worker 0 uses the slots of the state start() made; the others get their own (zero)
+        self._slots = [self.state.slots] + [self.optimizer.init_slots(self.params, self.backend)
+                                            for _ in range(t - 1)]
         self._results: list[Any] = [None] * t
         self._bounds: list[tuple[int, int]] = []
         self._xb = self._yb = None
@@ -536,7 +556,8 @@ class HogwildThreads(ThreadStrategy):
             ctx = self._shard_context(i, len(self._yb))
             loss, correct, grads = self.model.loss_and_grads(
                 self._xb[lo:hi], self._yb[lo:hi], self.params, self.backend, ctx)
-            self.optimizer.update(self.params, grads, self._states[i], self.backend)
+            lr, t = self._scalars
+            self.optimizer.apply(self.params, grads, self._slots[i], self.backend, lr, t)
             # the shared buffers: each worker rebinds them to its own new statistics, the
             # last one to finish wins (batch norm's running statistics race like the weights)
             ctx.commit()
@@ -546,6 +567,7 @@ class HogwildThreads(ThreadStrategy):
         self._xb, self._yb = xb, yb
         self._bounds = shard_bounds(len(yb), self.threads)
         self._results = [None] * self.threads
+        self._scalars = step_scalars(self.optimizer, self.state, self.steps)
         try:
             self._run((self._train,))
             self.steps += 1

@@ -1,0 +1,376 @@
+"""Several models from one YAML/JSON file (``python -m cnn train --config models.yaml``), and
+the ``NAME:key=value,...`` option syntax of ``--optimizer`` and ``--lr-schedule``.
+
+A config file names its models and, optionally, settings they share::
+
+    defaults:                 # any model key; each model may override it
+      dataset: mnist_embedded
+      epochs: 3
+      validation_split: 0.1
+    models:
+      cnn_sgd:
+        model: mnist_small    # a preset, a .json/.yaml spec file, or an inline spec
+        optimizer: {type: sgd, lr: 0.1, momentum: 0.9}
+      cnn_adam:
+        model: mnist_small
+        optimizer: adam:lr=0.001
+        lr_schedule: cosine
+      mlp:
+        model: {input_shape: [1, 28, 28], layers: [{type: flatten}, {type: dense, units: 10}]}
+        batch_size: 64
+
+(``models`` may also be a list of dicts with a ``name`` each.) Model keys: ``model``,
+``dataset``, ``epochs``, ``batch_size``, ``optimizer``, ``lr_schedule``, ``strategy``,
+``threads``, ``backend``, ``dtype``, ``seed``, ``validation_split``, ``early_stopping``
+(patience in epochs), ``limit``, ``test_limit``. Every model is checked before any trains; a
+bad key or value is refused naming the model, the key and the value.
+
+Each model trains on its dataset's training data less a stratified validation split (the
+``val_*`` columns), and is tested once, at the end, on the test set. The comparison table
+marks the best model by validation accuracy (a decision: never taken on the test set).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
+            "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
+            "test_limit")
+
+
+# ---- NAME:key=value,... ---------------------------------------------------------------------
+def parse_option_spec(text: Any, option: str) -> Any:
+    """A spec from the command line: ``NAME`` or ``NAME:key=value,key=value`` (values read as
+    YAML scalars: ``0.1``, ``2``, ``true``, ``epoch``), an inline JSON object, or a
+    ``.json``/``.yaml`` file. Dicts and other non-strings are returned as they are."""
+    if not isinstance(text, str):
+        return text
+    text = text.strip()
+    if not text:
+        raise ValueError(f"{option}: empty value")
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{option}: not a JSON object ({err.msg} at column {err.colno}). "
+                             f"Received {text!r}") from None
+    if text.lower().endswith((".json", ".yaml", ".yml")):
+        return read_structured(Path(text), option)
+    name, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"type": name.strip()}
+    if rest.strip():
+        import yaml
+        for item in rest.split(","):
+            key, eq, value = item.partition("=")
+            if not eq or not key.strip():
+                raise ValueError(f"{option}: expected NAME:key=value,...; {item!r} has no "
+                                 f"key=value. Received {text!r}")
+            try:
+                spec[key.strip()] = yaml.safe_load(value.strip())
+            except yaml.YAMLError:
+                spec[key.strip()] = value.strip()
+    return spec
+
+
+def read_structured(path: Path, what: str) -> Any:
+    """The contents of a JSON or YAML file; errors name the file (and the line)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{what}: no such file {path}")
+    text = path.read_text()
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{what}: {path} is not valid JSON ({err.msg}, line {err.lineno})") \
+                from None
+    import yaml
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f", line {mark.line + 1}" if mark is not None else ""
+        raise ValueError(f"{what}: {path} is not valid YAML{where}") from None
+
+
+# ---- one run ---------------------------------------------------------------------------------
+@dataclass
+class RunConfig:
+    """One model of a config file, after defaults are applied."""
+
+    name: str
+    model: Any = None
+    dataset: str = "mnist_embedded"
+    epochs: int = 3
+    batch_size: int | None = None
+    optimizer: Any = None
+    lr_schedule: Any = None
+    strategy: str = "sequential"
+    threads: int = 1
+    backend: str = "numpy"
+    dtype: str = "float32"
+    seed: int = 0
+    validation_split: float = 0.1
+    early_stopping: int | None = None
+    limit: int | None = None
+    test_limit: int | None = None
+    spec: dict = field(default_factory=dict, repr=False)
+
+    def check(self) -> "RunConfig":
+        """Validate everything that can be checked before data is read; resolves ``spec``,
+        ``optimizer`` and ``batch_size``. ValueError names the model, key and value."""
+        from .data import DATASET_NAMES
+        from .layers import layers_from_spec
+        from .model import resolve_spec
+        from .optim import make_optimizer
+        from .parallel import make_strategy
+        from .backends import available_backends
+        from .presets import default_model
+
+        where = f"model {self.name!r}"
+        if self.dataset not in DATASET_NAMES:
+            raise ValueError(f"{where}: dataset must be one of {', '.join(DATASET_NAMES)}. "
+                             f"Received dataset={self.dataset!r}")
+        for key in ("epochs", "threads"):
+            _positive_int(where, key, getattr(self, key))
+        for key in ("batch_size", "limit", "test_limit", "early_stopping"):
+            if getattr(self, key) is not None:
+                _positive_int(where, key, getattr(self, key))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"{where}: seed must be an integer >= 0. Received seed={self.seed!r}")
+        vs = self.validation_split
+        if isinstance(vs, bool) or not isinstance(vs, (int, float)) or not 0 <= vs < 1:
+            raise ValueError(f"{where}: validation_split must be a number in [0, 1). "
+                             f"Received validation_split={vs!r}")
+        if self.early_stopping is not None and not vs:
+            raise ValueError(f"{where}: early_stopping needs a validation_split > 0")
+        if self.dtype not in ("float32", "float64"):
+            raise ValueError(f"{where}: dtype must be float32 or float64. Received dtype={self.dtype!r}")
+        if self.backend not in available_backends():
+            raise ValueError(f"{where}: backend must be one of {available_backends()}. "
+                             f"Received backend={self.backend!r}")
+        model = self.model if self.model is not None else default_model(self.dataset)
+        try:
+            self.spec = resolve_spec(model)
+            layers_from_spec(self.spec["layers"])
+            opt = _optimizer_spec(self.spec, self.optimizer)
+            schedule = parse_option_spec(self.lr_schedule, "lr_schedule")
+            make_optimizer(opt, schedule=schedule)
+            self.optimizer, self.lr_schedule = opt, schedule
+            if self.batch_size is None:
+                self.batch_size = self.spec.get("batch_size", 32)
+                _positive_int(where, "batch_size (of the spec)", self.batch_size)
+            strat = make_strategy(self.strategy, self.threads)
+            strat.check_batch_size(self.batch_size)
+            if (schedule is not None and "plateau" in json.dumps(schedule)) and not vs:
+                raise ValueError("lr_schedule plateau needs a validation_split > 0")
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise type(err)(f"{where}: {err}") from None
+        return self
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d.pop("spec")
+        if not isinstance(d["model"], (str, type(None))):
+            d["model"] = "(inline spec)"
+        return d
+
+
+def _positive_int(where: str, key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{where}: {key} must be a positive integer. Received {key}={value!r}")
+    return value
+
+
+def _optimizer_spec(spec: Mapping, given: Any) -> dict:
+    """The run's optimizer: the model spec's, updated with ``given`` (a spec, or the
+    ``NAME:key=value`` text); a ``given`` of another type replaces it entirely."""
+    base = dict(spec.get("optimizer", {"type": "sgd", "lr": 0.01}))
+    given = parse_option_spec(given, "optimizer")
+    if given is None:
+        return base
+    if not isinstance(given, Mapping):
+        raise ValueError(f"optimizer must be a name, NAME:key=value,... or a dict. "
+                         f"Received optimizer={given!r}")
+    given = dict(given)
+    kind = str(given.get("type", base.get("type", "sgd"))).lower()
+    if kind != str(base.get("type", "sgd")).lower():
+        return {**given, "type": kind}
+    return {**base, **given, "type": kind}
+
+
+def load_config(path: str | os.PathLike) -> list[RunConfig]:
+    """The models of a config file, defaults applied, each checked (see the module docstring)."""
+    path = Path(path)
+    doc = read_structured(path, "--config")
+    if not isinstance(doc, Mapping) or "models" not in doc:
+        raise ValueError(f"--config: {path} must hold a mapping with 'models' (and optionally "
+                         f"'defaults'). Received {type(doc).__name__}")
+    unknown = sorted(set(doc) - {"models", "defaults"})
+    if unknown:
+        raise ValueError(f"--config: {path}: unknown top-level key {unknown[0]!r} (expected "
+                         "'models' and 'defaults')")
+    defaults = doc.get("defaults") or {}
+    if not isinstance(defaults, Mapping):
+        raise ValueError(f"--config: {path}: 'defaults' must be a mapping")
+    models = doc["models"]
+    if isinstance(models, Mapping):
+        entries = [(str(k), v) for k, v in models.items()]
+    elif isinstance(models, list):
+        entries = []
+        for i, m in enumerate(models):
+            if not isinstance(m, Mapping) or "name" not in m:
+                raise ValueError(f"--config: {path}: models[{i}] must be a mapping with a 'name'")
+            entries.append((str(m["name"]), {k: v for k, v in m.items() if k != "name"}))
+    else:
+        raise ValueError(f"--config: {path}: 'models' must be a mapping or a list")
+    if not entries:
+        raise ValueError(f"--config: {path}: no models")
+    names = [n for n, _ in entries]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"--config: {path}: model name {dup[0]!r} appears twice")
+    runs = []
+    for name, entry in entries:
+        if entry is None:
+            entry = {}
+        if isinstance(entry, str):  # "name: preset"
+            entry = {"model": entry}
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"--config: {path}: model {name!r} must be a mapping")
+        merged = {**defaults, **entry}
+        bad = sorted(set(merged) - set(RUN_KEYS))
+        if bad:
+            raise ValueError(f"--config: {path}: model {name!r}: unknown key {bad[0]!r}; "
+                             f"the keys are {list(RUN_KEYS)}")
+        try:
+            runs.append(RunConfig(name=name, **merged).check())
+        except (ValueError, TypeError, FileNotFoundError) as err:
+            raise type(err)(f"--config: {path}: {err}") from None
+    return runs
+
+
+def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
+    """Train one configured model; returns its row of the comparison table (and its history).
+    A run that diverges or fails gives a row with ``status`` saying so."""
+    from .callbacks import EarlyStopping
+    from .data import load_dataset
+    from .model import Sequential
+    from .train import DivergedError
+
+    t0 = time.perf_counter()
+    row: dict[str, Any] = {"name": run.name, "status": "ok", "error": ""}
+    try:
+        dtype = np.dtype(run.dtype)
+        data = load_dataset(run.dataset, root=data_dir, limit=run.limit,
+                            test_limit=run.test_limit, seed=run.seed, dtype=dtype)
+        model = Sequential.from_spec(run.spec, input_shape=data.input_shape, dtype=dtype,
+                                     seed=run.seed, backend=run.backend)
+        callbacks = []
+        if run.early_stopping:
+            callbacks.append(EarlyStopping(patience=run.early_stopping, restore_best_weights=True))
+        hist = model.fit(data.x_train, data.y_train, epochs=run.epochs,
+                         batch_size=run.batch_size, optimizer=run.optimizer,
+                         lr_schedule=run.lr_schedule, strategy=run.strategy,
+                         threads=run.threads, backend=run.backend, seed=run.seed,
+                         validation_split=run.validation_split or 0.0, callbacks=callbacks,
+                         verbose=verbose)
+        test = model.evaluate(data.x_test, data.y_test)
+        h = hist.history
+        row.update({"epochs": hist.epochs, "train_loss": h["loss"][-1],
+                    "val_loss": h.get("val_loss", [math.nan])[-1],
+                    "val_accuracy": h.get("val_accuracy", [math.nan])[-1],
+                    "test_loss": test["loss"], "test_accuracy": test["accuracy"],
+                    "train_time": float(sum(h["time"])), "params": model.num_params,
+                    "history": {k: list(v) for k, v in h.items()}})
+    except DivergedError as err:
+        row.update({"status": "diverged", "error": str(err)})
+    except Exception as err:  # noqa: BLE001 - one failing model must not lose the others
+        row.update({"status": "failed", "error": f"{type(err).__name__}: {err}"})
+    row["wall_time"] = time.perf_counter() - t0
+    return row
+
+
+def _worker(args):
+    run, data_dir = args
+    return train_one(run, data_dir)
+
+
+def train_all(runs: list[RunConfig], parallel: int = 1, data_dir=None, verbose: int = 0,
+              on_done=None) -> list[dict]:
+    """Train ``runs`` one after another (``parallel=1``) or up to ``parallel`` side by side,
+    each in a process of its own (BLAS pinned to one thread in each); rows in ``runs``' order.
+    ``on_done(row)`` is called as each finishes."""
+    if parallel <= 1 or len(runs) == 1:
+        rows = []
+        for run in runs:
+            rows.append(train_one(run, data_dir, verbose))
+            if on_done:
+                on_done(rows[-1])
+        return rows
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    ctx = mp.get_context("spawn")
+    rows: dict[str, dict] = {}
+    with ProcessPoolExecutor(max_workers=min(parallel, len(runs)), mp_context=ctx) as pool:
+        futures = {pool.submit(_worker, (run, data_dir)): run.name for run in runs}
+        for fut in as_completed(futures):
+            try:
+                row = fut.result()
+            except Exception as err:  # noqa: BLE001 - a worker process died
+                row = {"name": futures[fut], "status": "failed",
+                       "error": f"{type(err).__name__}: {err}", "wall_time": math.nan}
+            rows[row["name"]] = row
+            if on_done:
+                on_done(row)
+    return [rows[r.name] for r in runs]
+
+
+def best_row(rows: list[dict]) -> int | None:
+    """Index of the best finished model: highest validation accuracy, then lowest validation
+    loss (the test set decides nothing). None when none finished with validation numbers."""
+    ok = [(i, r) for i, r in enumerate(rows) if r["status"] == "ok"
+          and not math.isnan(r.get("val_accuracy", math.nan))]
+    if not ok:
+        return None
+    return min(ok, key=lambda ir: (-ir[1]["val_accuracy"], ir[1]["val_loss"]))[0]
+
+
+def comparison_table(rows: list[dict], runs: list[RunConfig] | None = None) -> str:
+    """The comparison table: one line per model, the best marked with ``*``."""
+    best = best_row(rows)
+    opts = {r.name: r for r in (runs or [])}
+    head = (f"  {'model':<16}{'optimizer':<12}{'schedule':<10}{'epochs':>6}{'train_loss':>11}"
+            f"{'val_loss':>10}{'val_acc':>9}{'test_acc':>10}{'time_s':>9}  status")
+    lines = [head, "  " + "-" * (len(head) - 2)]
+    for i, r in enumerate(rows):
+        run = opts.get(r["name"])
+        opt = (run.optimizer or {}).get("type", "") if run else ""
+        sched = run.lr_schedule if run else None
+        sched = (sched.get("type", "") if isinstance(sched, Mapping) else (sched or "-"))
+        mark = "*" if i == best else " "
+        if r["status"] == "ok":
+            lines.append(f"{mark} {r['name']:<16}{opt:<12}{sched:<10}{r['epochs']:>6}"
+                         f"{r['train_loss']:>11.4f}{r['val_loss']:>10.4f}"
+                         f"{r['val_accuracy']:>9.4f}{r['test_accuracy']:>10.4f}"
+                         f"{r['train_time']:>9.2f}  ok")
+        else:
+            lines.append(f"{mark} {r['name']:<16}{opt:<12}{sched:<10}{'':>6}{'':>11}{'':>10}"
+                         f"{'':>9}{'':>10}{'':>9}  {r['status']}: {r['error'][:80]}")
+    if best is not None:
+        lines.append(f"* best: {rows[best]['name']} (highest validation accuracy; test accuracy "
+                     "is the final number, not a selection criterion)")
+    else:
+        lines.append("no model finished with validation numbers: none marked")
+    return "\n".join(lines)
+
+
+__all__ = ["RunConfig", "best_row", "comparison_table", "load_config", "parse_option_spec",
+           "train_all", "train_one"]

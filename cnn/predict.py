@@ -1,0 +1,225 @@
+"""``python -m cnn predict``: a saved model's predictions, its test accuracy, a confusion
+matrix and a figure of sample predictions.
+
+A weights file written by ``save_weights`` (``train --save``) carries the model's spec, so
+:func:`load_model` rebuilds the architecture from the file alone.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+
+def load_model(path, backend: str = "numpy", dtype=None):
+    """The model saved in ``path`` (its spec and weights). ``dtype`` defaults to the dtype the
+    weights were saved in. Errors name the file."""
+    from .model import Sequential, read_weights
+
+    path = Path(path)
+    weights = read_weights(path)  # checks existence, format, arrays (naming the file)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "__spec__" not in f.files:
+                raise ValueError(f"{path}: holds no model spec (__spec__); it was not written "
+                                 "by save_weights / train --save")
+            spec = json.loads(str(f["__spec__"]))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: its model spec is not valid JSON ({err.msg})") from None
+    if dtype is None:
+        dtype = next(iter(weights.values())).dtype
+    try:
+        model = Sequential.from_spec(spec, dtype=dtype, backend=backend)
+        model.set_weights(weights)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: the saved spec and weights do not make a model: {err}") from None
+    return model
+
+
+def load_images(path, input_shape: Sequence[int], dtype) -> np.ndarray:
+    """Images for ``--images``: a ``.npy`` (or ``.npz`` with one array) of shape ``(N, C, H,
+    W)``, ``(N, H, W)`` (one channel) or one image ``(C, H, W)``/``(H, W)``; integer pixels
+    (0..255) are scaled to [0, 1] as the loaders do. Errors name the file and the shapes."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--images: no such file {path}")
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001
+        raise ValueError(f"--images: {path} is not a NumPy .npy/.npz file ({err})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if len(loaded.files) != 1:
+                raise ValueError(f"--images: {path} holds {len(loaded.files)} arrays "
+                                 f"({loaded.files}); give one")
+            x = loaded[loaded.files[0]]
+    else:
+        x = loaded
+    if x.dtype.kind not in "fiu":
+        raise ValueError(f"--images: {path} holds {x.dtype} values; images are numbers")
+    want = tuple(input_shape)
+    one_channel = len(want) == 3 and want[0] == 1
+    if x.shape == want or (one_channel and x.shape == want[1:]):
+        x = x.reshape((1,) + want)  # one image
+    elif one_channel and x.ndim == 3 and x.shape[1:] == want[1:]:
+        x = x[:, None]  # (N, H, W) -> (N, 1, H, W)
+    if x.ndim != len(want) + 1 or tuple(x.shape[1:]) != want:
+        raise ValueError(f"--images: {path} has shape {x.shape}; the model takes (N, "
+                         f"{', '.join(map(str, want))}) images")
+    if x.dtype.kind in "iu":
+        x = x.astype(np.float64) / 255.0
+    return np.ascontiguousarray(x, dtype=dtype)
+
+
+def confusion_matrix(y_true, y_pred, classes: int) -> np.ndarray:
+    """``m[i, j]``: examples of class ``i`` predicted as ``j``."""
+    m = np.zeros((classes, classes), dtype=np.int64)
+    np.add.at(m, (np.asarray(y_true), np.asarray(y_pred)), 1)
+    return m
+
+
+def format_confusion(m: np.ndarray, names: Sequence[str]) -> str:
+    """The confusion matrix as text: rows true classes, columns predicted, with per-class
+    recall."""
+    names = [str(n)[:8] for n in names]
+    width = max(6, max(len(n) for n in names) + 1, len(str(int(m.max()))) + 1)
+    head = "true\\pred".ljust(10) + "".join(n.rjust(width) for n in names) + "  recall"
+    rows = [head]
+    for i, n in enumerate(names):
+        total = m[i].sum()
+        recall = f"{m[i, i] / total:.3f}" if total else "  -"
+        rows.append(n.ljust(10) + "".join(str(int(v)).rjust(width) for v in m[i]) + f"  {recall}")
+    return "\n".join(rows)
+
+
+def sample_figure(x, y_pred, probs, names, out, y_true=None, count: int = 16, seed: int = 0):
+    """A grid of up to ``count`` images with their predicted class and probability (and the
+    true class, red when wrong), written to ``out`` (PNG). Returns the path."""
+    import matplotlib
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    n = min(count, len(x))
+    idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
+    cols = min(8, n)
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx):
+        img = x[i]
+        if img.ndim == 3 and img.shape[0] in (1, 3):
+            img = img[0] if img.shape[0] == 1 else np.transpose(img, (1, 2, 0))
+        elif img.ndim == 1:
+            img = img[None, :]
+        img = np.asarray(img, dtype=np.float64)
+        lo, hi = img.min(), img.max()
+        img = (img - lo) / (hi - lo) if hi > lo else img * 0
+        ax.imshow(img, cmap="gray" if img.ndim == 2 else None, interpolation="nearest")
+        title = f"{names[y_pred[i]]} ({probs[i, y_pred[i]]:.2f})"
+        color = "black"
+        if y_true is not None:
+            title += f"\ntrue {names[y_true[i]]}"
+            color = "black" if y_true[i] == y_pred[i] else "red"
+        ax.set_title(title, fontsize=8, color=color)
+    fig.suptitle("sample predictions" + (" (red: wrong)" if y_true is not None else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def add_arguments(p) -> None:
+    from .cli import nonnegative_int, positive_int
+    p.add_argument("--weights", required=True, help="a weights file written by train --save")
+    p.add_argument("--dataset", default=None,
+                   help="evaluate on this data set's test split (mnist | cifar10 | "
+                        "mnist_embedded | blobs | xor); default: mnist_embedded unless "
+                        "--images is given")
+    p.add_argument("--images", default=None,
+                   help="predict these images instead: a .npy/.npz of shape (N, C, H, W) or "
+                        "(N, H, W)")
+    p.add_argument("--data-dir", default=None, help="data root (default $CNN_DATA_DIR or the cache)")
+    p.add_argument("--test-limit", type=positive_int, default=None, help="first N test examples")
+    p.add_argument("--seed", type=nonnegative_int, default=0,
+                   help="synthetic data sets and the sample figure's choice of images")
+    p.add_argument("--backend", default="numpy", help="numpy | numba | cuda")
+    p.add_argument("--figure", default="predictions.png",
+                   help="PNG of sample predictions (default predictions.png; 'none' for none)")
+    p.add_argument("--samples", type=positive_int, default=16, help="images in the figure")
+    p.add_argument("--show", type=nonnegative_int, default=10,
+                   help="predictions printed (default 10; all with --images up to this many)")
+
+
+def command(args) -> int:
+    from .backends import get_backend
+    from .data import DATASET_NAMES, load_dataset
+
+    if args.dataset is not None and args.dataset not in DATASET_NAMES:
+        raise ValueError(f"--dataset: unknown data set {args.dataset!r}; choose one of "
+                         f"{', '.join(DATASET_NAMES)}")
+    get_backend(args.backend)
+    figure = None if str(args.figure).lower() == "none" else Path(args.figure)
+    if figure is not None and figure.exists() and figure.is_dir():
+        raise ValueError(f"--figure: {figure} is a folder; give a .png file path")
+    model = load_model(args.weights, backend=args.backend)
+    print(f"model from {args.weights}\n{model.summary()}")
+    if args.images is not None:
+        x = load_images(args.images, model.input_shape, model.dtype)
+        names = [str(k) for k in range(model.num_classes)]
+        if args.dataset is not None:
+            names = _class_names(args, model) or names
+        probs = model.predict(x)
+        pred = probs.argmax(axis=1)
+        print(f"\n{len(x)} images from {args.images}")
+        for i in range(min(len(x), max(args.show, 1))):
+            print(f"  image {i}: {names[pred[i]]}  (p={probs[i, pred[i]]:.3f})")
+        if len(x) > max(args.show, 1):
+            counts = np.bincount(pred, minlength=model.num_classes)
+            print("  ... predicted class counts: "
+                  + ", ".join(f"{names[k]}: {c}" for k, c in enumerate(counts) if c))
+        if figure is not None:
+            print(f"figure of sample predictions: {sample_figure(x, pred, probs, names, figure, count=args.samples, seed=args.seed)}")
+        return 0
+    dataset = args.dataset or "mnist_embedded"
+    data = load_dataset(dataset, root=args.data_dir, test_limit=args.test_limit,
+                        seed=args.seed, dtype=model.dtype)
+    if tuple(data.input_shape) != tuple(model.input_shape):
+        raise ValueError(f"--dataset {dataset}: its images are {data.input_shape}; the model in "
+                         f"{args.weights} takes {tuple(model.input_shape)}")
+    if data.num_classes != model.num_classes:
+        raise ValueError(f"--dataset {dataset}: {data.num_classes} classes; the model in "
+                         f"{args.weights} predicts {model.num_classes}")
+    x, y = data.x_test, data.y_test
+    probs = model.predict(x)
+    pred = probs.argmax(axis=1)
+    names = list(data.classes)
+    acc = float((pred == y).mean())
+    loss = model.evaluate(x, y)["loss"]
+    print(f"\n{dataset} test set: {len(y)} images")
+    for i in range(min(len(y), args.show)):
+        ok = "" if pred[i] == y[i] else "  (wrong)"
+        print(f"  image {i}: predicted {names[pred[i]]} (p={probs[i, pred[i]]:.3f}), "
+              f"true {names[y[i]]}{ok}")
+    print(f"\nconfusion matrix (rows: true class, columns: predicted)\n"
+          f"{format_confusion(confusion_matrix(y, pred, model.num_classes), names)}")
+    print(f"\ntest loss {loss:.4f}; test accuracy {acc:.4f} ({int((pred == y).sum())} of {len(y)})")
+    if figure is not None:
+        print(f"figure of sample predictions: "
+              f"{sample_figure(x, pred, probs, names, figure, y_true=y, count=args.samples, seed=args.seed)}")
+    return 0
+
+
+def _class_names(args, model):
+    from .data import load_dataset
+    try:
+        data = load_dataset(args.dataset, root=args.data_dir, limit=4, test_limit=4,
+                            seed=args.seed, dtype=model.dtype)
+    except Exception:  # noqa: BLE001 - names are a nicety
+        return None
+    return list(data.classes) if data.num_classes == model.num_classes else None
