@@ -584,6 +584,37 @@ def check_fit_commits_statistics_on_the_device(cb):
         assert_close(f"fit {k}", got["cuda"][k], v, np.float32)
 
 
+@check(cost=15)
+def check_fit_keeps_optimizer_state_on_the_device(cb):
+    """fit on the CUDA backend with Adam and a cosine schedule, twice (the state goes to the
+    device, stays there for the fit, and comes back for the next): the same weights, slots and
+    step count as the NumPy path after 2 + 2 steps."""
+    from cnn.model import build_model
+
+    spec = {"input_shape": [1, 2, 3], "layers": [
+        {"type": "flatten"}, {"type": "dense", "units": 4, "activation": "relu"},
+        {"type": "dense", "units": 3}]}
+    rng_ = _rng(33)
+    x = rng_.standard_normal((6, 1, 2, 3)).astype(np.float32)
+    y = rng_.integers(0, 3, 6)
+    opt = {"type": "adam", "lr": 0.05, "schedule": {"type": "cosine", "decay_steps": 5}}
+    got = {}
+    for backend in ("cuda", "numpy"):
+        model = build_model(spec, seed=1, backend=cb if backend == "cuda" else backend)
+        for _ in range(2):
+            model.fit(x, y, epochs=1, batch_size=3, optimizer=opt, seed=2, verbose=0)
+        got[backend] = model
+    ours, ref = got["cuda"], got["numpy"]
+    assert ours.optimizer_state.step == ref.optimizer_state.step == 4, "step count"
+    assert all(isinstance(a, np.ndarray) for s in ours.optimizer_state.slots.values()
+               for a in s.values()), "the kept state must be host arrays"
+    for k, v in ref.params.items():
+        assert_close(f"fit twice {k}", ours.params[k], v, np.float32)
+        for name in ("m", "v"):
+            assert_close(f"slot {name}/{k}", ours.optimizer_state.slots[name][k],
+                         ref.optimizer_state.slots[name][k], np.float32)
+
+
 # ---- runner --------------------------------------------------------------------------------------
 def run(names):
     """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""

@@ -324,7 +324,7 @@ def test_hogwild_keeps_per_worker_slots_and_one_step_count():
                                   {"type": "rmsprop", "lr": 0.01, "momentum": 0.5,
                                    "schedule": {"type": "cosine", "decay_steps": 30}}],
                          ids=["sgd_momentum", "adam", "rmsprop_cosine"])
-@pytest.mark.parametrize("strategy", ["sequential", "sync"])
+@pytest.mark.parametrize("strategy", ["sequential", "sync", "processes"])
 def test_ten_plus_ten_steps_equal_twenty(spec, strategy):
     """Optimizer state (slots, step count, hence Adam's bias correction and the schedule)
     persists across fit calls, as in Keras and PyTorch."""
