@@ -79,7 +79,10 @@ def _real(owner: str, name: str, value: Any) -> float:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
                                                                       np.floating)):
         raise ValueError(f"{owner}: {name} must be a number. Received {name}={value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:
+        v = math.inf
     if not math.isfinite(v):
         raise ValueError(f"{owner}: {name} must be a finite number. Received {name}={value!r}")
     return v

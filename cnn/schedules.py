@@ -103,6 +103,9 @@ class Schedule:
     def _defaults_to_end(self) -> tuple[str, ...]:
         return ()
 
+    def on_train_begin(self) -> None:
+        """Told by ``fit`` that a fit starts (only stateful schedules use it)."""
+
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any]) -> None:
         """Told the epoch's metrics by ``fit`` (only stateful schedules use them)."""
 
@@ -308,6 +311,9 @@ class LinearWarmup(Schedule):
             return self.start_lr + (self.initial_lr - self.start_lr) * step / self.warmup_steps
         return self.after(step - self.warmup_steps)
 
+    def on_train_begin(self):
+        self.after.on_train_begin()
+
     def on_epoch_end(self, epoch, logs):
         self.after.on_epoch_end(epoch, logs)
 
@@ -354,7 +360,13 @@ class ReduceLROnPlateau(Schedule):
         self.reset()
 
     def reset(self) -> None:
+        """Back to the initial rate, forgetting the best value and the counters."""
         self.lr = self.initial_lr
+        self.on_train_begin()
+
+    def on_train_begin(self) -> None:
+        """A new fit: the best value and the counters start afresh; the rate reached so far
+        stays (as Keras's callback leaves the optimizer's reduced rate)."""
         self.best: float | None = None
         self.wait = 0
         self.cooldown_counter = 0

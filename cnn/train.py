@@ -206,6 +206,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                             "validation_examples": (None if validation_data is None
                                                     else len(validation_data[1]))})
     run = FitRun(model, history, strat, be)
+    if opt.schedule is not None:
+        opt.schedule.on_train_begin()
     for cb in callbacks:
         if hasattr(cb, "set_run"):
             cb.set_run(run)

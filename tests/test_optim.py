@@ -394,7 +394,7 @@ def test_numpy_numbers_are_accepted():
 BAD = [
     ({"lr": float("inf")}, "lr=inf"), ({"lr": float("nan")}, "lr=nan"), ({"lr": 0}, "lr=0"),
     ({"lr": -0.1}, "lr=-0.1"), ({"lr": True}, "lr=True"), ({"lr": "0.1"}, "lr='0.1'"),
-    ({"lr": None}, "lr=None"), ({"momentum": 1.0}, "momentum=1.0"),
+    ({"lr": None}, "lr=None"), ({"lr": 10 ** 400}, "lr=1000"), ({"momentum": 1.0}, "momentum=1.0"),
     ({"momentum": -0.1}, "momentum=-0.1"), ({"momentum": float("nan")}, "momentum=nan"),
     ({"nesterov": 1}, "nesterov=1"), ({"nesterov": True}, "momentum"),
     ({"weight_decay": -1e-4}, "weight_decay=-0.0001"),

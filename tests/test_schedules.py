@@ -122,6 +122,18 @@ def test_plateau_follows_keras_callback(kwargs):
         assert ours(0) == pytest.approx(float(kopt.learning_rate), rel=1e-6), (epoch, kwargs)
 
 
+def test_plateau_keeps_its_rate_across_fits_and_restarts_its_counters():
+    """One ReduceLROnPlateau object over two fits: the rate reached stays, the best value and
+    the patience count restart (Keras's callback on_train_begin)."""
+    s = ReduceLROnPlateau(0.1, patience=1, factor=0.5)
+    for v in (1.0, 1.0):
+        s.on_epoch_end(1, {"val_loss": v})
+    assert s(0) == pytest.approx(0.05)
+    s.on_train_begin()
+    s.on_epoch_end(1, {"val_loss": 5.0})  # the first value of a fit is the new best
+    assert s(0) == pytest.approx(0.05) and s.best == 5.0 and s.wait == 0
+
+
 def test_plateau_on_accuracy_goes_up():
     s = ReduceLROnPlateau(0.1, monitor="val_accuracy", patience=1, factor=0.5)
     for acc in (0.5, 0.6, 0.6, 0.6):
