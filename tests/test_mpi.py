@@ -46,28 +46,19 @@ def _env() -> dict:
 
 
 @pytest.fixture(autouse=True)
-def no_mpich_segment_left_behind():
+def remove_mpich_orphans():
     """Jobs that end normally remove MPICH's /dev/shm segments; those that end by MPI_Abort
-    or a killed rank leave them, and the tests remove them (what ``--ranks`` does itself), so
-    that CI runs do not fill /dev/shm: afterwards none made during the test remains."""
-    from cnn.parallel.launch import MPICH_SEGMENTS, remove_orphan_segments
-    import glob
-    before = set(glob.glob(MPICH_SEGMENTS))
+    or a killed rank leave them: the tests remove them (what ``--ranks`` does itself), so that
+    CI runs do not fill /dev/shm (test_a_rank_killed_... checks it for its job's segment)."""
+    from cnn.parallel.launch import remove_orphan_segments
     started = time.time()
     yield
     remove_orphan_segments(since=started)
-    assert set(glob.glob(MPICH_SEGMENTS)) - before <= _in_use(), "MPICH segments left behind"
 
 
-def _in_use() -> set:
-    import glob
-    mapped = set()
-    for maps in glob.glob("/proc/[0-9]*/maps"):
-        try:
-            mapped.update(line.split()[-1] for line in open(maps) if "/dev/shm/mpich" in line)
-        except OSError:
-            pass
-    return mapped
+def _mapped_segments(pid: int) -> set:
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split()[-1] for line in f if "/dev/shm/mpich_shm" in line}
 
 
 def mpirun(*args, ranks=2, timeout=120, check=True, mpiexec_args=()):
@@ -300,6 +291,7 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
             time.sleep(0.05)
         victim = int((tmp_path / "pid.rank1").read_text())
         survivor = int((tmp_path / "pid.rank0").read_text())
+        segments = _mapped_segments(survivor)  # the job's own (per host) shared memory
         os.kill(victim, signal.SIGKILL)
         t = time.monotonic()
         job.wait(timeout=30)
@@ -312,6 +304,10 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
     assert ended < 10, f"the job took {ended:.1f} s to end after the kill"
     with pytest.raises(ProcessLookupError):
         os.kill(survivor, 0)
+    # MPICH leaves its segment behind a killed job; the clean-up removes it
+    from cnn.parallel.launch import remove_orphan_segments
+    remove_orphan_segments()
+    assert not any(os.path.exists(s) for s in segments), segments
 
 
 # ---- two hosts: network namespaces and TCP ---------------------------------------------------------

@@ -60,8 +60,8 @@ import numpy as np
 
 from .base import Strategy
 from .launch import under_launcher
-from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, slot_api,
-                   state_arrays, state_with_arrays, step_scalars)
+from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, state_arrays,
+                   state_with_arrays, step_scalars)
 
 _NAME_BYTES = 256
 
@@ -397,11 +397,9 @@ class MPIAverage(_MPIStrategy):
             self._ctx.step, self._ctx.offset, self._ctx.global_batch = self.steps, lo, n
             loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
                                                              self.backend, self._ctx)
-            if slot_api(self.optimizer, self.state):  # the scalar step advances below, once
-                lr, t = step_scalars(self.optimizer, self.state, self.steps)
-                self.optimizer.apply(self.params, grads, self.state.slots, self.backend, lr, t)
-            else:
-                self.optimizer.update(self.params, grads, self.state, self.backend)
+            # this replica's update; the scalar step advances once below, on every rank
+            lr, t = step_scalars(self.optimizer, self.state, self.steps)
+            self.optimizer.apply(self.params, grads, self.state.slots, self.backend, lr, t)
             self._ctx.commit(copy=True)  # this replica's own batch-norm statistics
             local[0] = float(self.backend.to_host(loss)) * (hi - lo)
             local[1] = int(self.backend.to_host(correct))
@@ -472,8 +470,7 @@ class MPIAverage(_MPIStrategy):
         if not hasattr(self, "_leaves") or self._since == 0:
             return self.state
         self._average(into_replicas=False)
-        if hasattr(self._out_state, "step"):
-            self._out_state.step = self.state.step
+        self._out_state.step = self.state.step
         return self._out_state
 
     def describe(self) -> dict:

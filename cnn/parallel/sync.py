@@ -131,47 +131,27 @@ class FlatLayout:
         return f"{self.total:,} {self.dtype} parameters ({self.nbytes:,} bytes)"
 
 
-# ---- the optimizer's state, whatever its shape --------------------------------------------------
-# cnn.optim's optimizers keep their state as named slots per parameter plus a scalar step
-# (``state.slots[name][key]``, ``state.step``) and update any slice with ``update_step(param,
-# grad, {name: slot}, lr, t, backend)``; the first SGD kept ``{key: velocity}`` and had
-# ``update(params, grads, state, backend)``. These helpers and :class:`SyncCore` take both.
+# ---- the optimizer's state --------------------------------------------------------------------
+# cnn.optim keeps an optimizer's state as named slots per parameter plus a scalar step
+# (``state.slots[name][key]``, ``state.step``) and updates any slice of a parameter with
+# ``update_step(param, grad, {name: slot}, lr, t, backend)``, the same lr and t for every slice
+# of one global step; the strategy advances ``state.step`` once per global step.
 def state_arrays(state) -> list[np.ndarray]:
-    """The arrays of an optimizer state, in a fixed order (the same in every process)."""
-    if hasattr(state, "slots"):
-        return [a for s in state.slots.values() for a in s.values()]
-    if isinstance(state, dict):
-        return [a for v in state.values() for a in state_arrays(v)]
-    return [state] if isinstance(state, np.ndarray) and state.ndim > 0 else []
+    """The slot arrays of an optimizer state, in a fixed order (the same in every process)."""
+    return [a for s in state.slots.values() for a in s.values()]
 
 
 def state_with_arrays(state, arrays: Sequence[np.ndarray]):
-    """A state shaped like ``state`` whose arrays (in :func:`state_arrays` order) are
-    ``arrays``: views into shared memory, for instance. The scalar step is copied."""
+    """A state like ``state`` (same slots, step, optimizer) whose arrays, in
+    :func:`state_arrays` order, are ``arrays``: views into shared memory, for instance."""
     it = iter(arrays)
-    if hasattr(state, "slots"):
-        import copy
-        out = copy.copy(state)
-        out.slots = {n: {k: next(it) for k in s} for n, s in state.slots.items()}
-        return out
-
-    def walk(t):
-        if isinstance(t, dict):
-            return {k: walk(v) for k, v in t.items()}
-        return next(it) if isinstance(t, np.ndarray) and t.ndim > 0 else t
-    return walk(state)
+    return state.map(lambda a: next(it))
 
 
-def slot_api(optimizer, state) -> bool:
-    """Whether ``optimizer``/``state`` follow the named-slots API (``update_step``)."""
-    return hasattr(optimizer, "update_step") and hasattr(state, "slots")
-
-
-def step_scalars(optimizer, state, steps: int) -> tuple[float | None, int]:
+def step_scalars(optimizer, state, steps: int) -> tuple[float, int]:
     """``(lr, t)`` of the global step about to be taken after ``steps`` updates: the same for
-    every slice every worker updates in it (None for an optimizer without schedules)."""
-    lr = optimizer.learning_rate(steps) if hasattr(optimizer, "learning_rate") else None
-    return lr, steps + 1
+    every slice every worker updates in it."""
+    return optimizer.learning_rate(steps), steps + 1
 
 
 def ordered_sum(slots: Sequence[np.ndarray], lo: int, hi: int, out: np.ndarray) -> np.ndarray:
@@ -188,23 +168,20 @@ class SyncCore:
 
     Args:
         model: the :class:`~cnn.model.Sequential` whose ``loss_and_grads`` computes a shard.
-        optimizer: an element-wise optimizer (its ``update`` is applied to flat slices).
+        optimizer: a :class:`cnn.optim.Optimizer` (its ``update_step`` is applied to flat
+            slices, all with the step's ``lr`` and ``t``).
         backend: a CPU backend (host NumPy arrays).
         params: ``{key: array}`` the weights this worker reads and updates in place.
-        state: the optimizer state of ``params`` (same structure ``init_state`` returned).
+        state: the :class:`cnn.optim.OptimizerState` of ``params``: its slots are updated in
+            place here; its scalar ``step`` is advanced by the strategy, once per global step.
     """
 
-    def __init__(self, model, optimizer, backend, params: dict, state: dict):
+    def __init__(self, model, optimizer, backend, params: dict, state):
         self.model, self.optimizer, self.backend = model, optimizer, backend
         self.params, self.state = params, state
         self.layout = FlatLayout(params)
         self._flat_params = {k: flat_view(v) for k, v in params.items()}
-        self._slot_api = slot_api(optimizer, state)
-        if self._slot_api:  # {slot name: {key: flat view}}
-            self._flat_slots = {n: {k: flat_view(a) for k, a in s.items()}
-                                for n, s in state.slots.items()}
-        else:  # {key: flat velocity}
-            self._flat_state = {k: flat_view(v) for k, v in state.items()}
+        self._flat_slots = state.flat()  # {slot name: {key: flat view}}
         #: this global step's learning rate and 1-based number (set by worker_step)
         self.lr: float | None = None
         self.t = 1
@@ -227,13 +204,9 @@ class SyncCore:
         holds that range of the combined gradient)."""
         opt, be = self.optimizer, self.backend
         for key, p_sl, g_sl in self.layout.pieces(lo, hi):
-            if self._slot_api:  # any optimizer of cnn.optim, on slices, one lr and t per step
-                opt.update_step(self._flat_params[key][p_sl], g[g_sl],
-                                {n: s[key][p_sl] for n, s in self._flat_slots.items()},
-                                self.lr, self.t, be)
-            else:
-                state = {key: self._flat_state[key][p_sl]} if self._flat_state else {}
-                opt.update({key: self._flat_params[key][p_sl]}, {key: g[g_sl]}, state, be)
+            opt.update_step(self._flat_params[key][p_sl], g[g_sl],
+                            {n: s[key][p_sl] for n, s in self._flat_slots.items()},
+                            self.lr, self.t, be)
 
     # ---- the step, once -------------------------------------------------------------------------
     def worker_step(self, i: int, parts: int, xb, yb, transport: "Transport", ctx=None,
