@@ -105,7 +105,7 @@ def sample_figure(x, y_pred, probs, names, out, y_true=None, count: int = 16, se
     idx = np.sort(np.random.default_rng(seed).choice(len(x), size=n, replace=False))
     cols = min(8, n)
     rows = -(-n // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.3 * rows + 0.4), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, idx):
@@ -126,7 +126,7 @@ def sample_figure(x, y_pred, probs, names, out, y_true=None, count: int = 16, se
         ax.set_title(title, fontsize=8, color=color)
     fig.suptitle("sample predictions" + (" (red: wrong)" if y_true is not None else ""),
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=1.2)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
