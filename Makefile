@@ -1,5 +1,6 @@
 # The two commands (see README.md):
-#   make study   run the study (PROFILE=quick by default), the analysis notebook and the report
+#   make study   run the study (PROFILE=quick by default; full; device on a GPU machine), the
+#                analysis notebook and the report
 #   make test    run the whole test suite (unit tests, simulator kernels, PTX, notebooks)
 # Each creates .venv and installs the pinned requirements the first time; after that the
 # stamp file makes them start at once.
@@ -35,11 +36,14 @@ study: $(STAMP)
 	    -p profile $(PROFILE) -p out ../$(RESULTS)/df_results.pkl $(if $(CNN_DATA_DIR),-p data_root $(abspath $(CNN_DATA_DIR)))
 	$(PY) -m papermill --cwd notebooks notebooks/results.ipynb $(RESULTS)/results.ipynb \
 	    -p results_path ../$(RESULTS)/df_results.pkl -p figures_dir ../$(RESULTS)/figures \
-	    -p summary_dir ../$(RESULTS)
+	    -p summary_dir ../$(RESULTS) $(foreach m,$(MERGE),-y "merge: [../$(m)]")
 	$(MAKE) report PROFILE=$(PROFILE)
 
+# the full report merges another machine's results (the device profile) when they exist
+MERGE := $(if $(filter full,$(PROFILE)),$(wildcard results/device/df_results.pkl))
+
 report: $(STAMP)
-	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf)
+	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf) $(foreach m,$(MERGE),--merge $(m))
 
 bench: $(STAMP)
 	$(PY) -m cnn bench

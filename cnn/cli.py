@@ -502,11 +502,17 @@ def _add_report(sub) -> None:
     p.add_argument("--gpu-kernels", default=None,
                    help="per-kernel GPU table (default: <results dir>/gpu_kernels.csv, "
                         "else results/gpu_kernels.csv, if present)")
-    p.add_argument("--n-boot", type=positive_int, default=2000, help="bootstrap resamples (default 2000)")
-    p.add_argument("--level", type=open_unit_interval, default=0.95, help="confidence level (default 0.95)")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="bootstrap seed")
+    p.add_argument("--n-boot", type=positive_int, default=2000,
+                   help="ignored: intervals are order statistics now (kept for old scripts)")
+    p.add_argument("--level", type=open_unit_interval, default=0.95,
+                   help="coverage the median intervals aim at (default 0.95; with few "
+                        "repeats the range is used and its coverage stated)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="ignored (kept for old scripts)")
     p.add_argument("--dpi", type=positive_int, default=150, help="figure resolution")
     p.add_argument("--no-pdf", action="store_true", help="everything but the Typst compile")
+    p.add_argument("--merge", action="append", default=[], metavar="RESULTS",
+                   help="another results pickle to analyse beside --results (e.g. another "
+                        "machine's, results/device/df_results.pkl); repeatable")
 
 
 def cmd_report(args) -> int:
@@ -514,7 +520,7 @@ def cmd_report(args) -> int:
     build_report(args.results, args.out, figures_dir=args.figures_dir,
                  summary_dir=args.summary_dir, generated_dir=args.generated_dir,
                  gpu_kernels=args.gpu_kernels, n_boot=args.n_boot, level=args.level,
-                 seed=args.seed, dpi=args.dpi, pdf=not args.no_pdf)
+                 seed=args.seed, dpi=args.dpi, pdf=not args.no_pdf, merge=args.merge)
     return 0
 
 

@@ -76,6 +76,18 @@ class TrainingPath:
             oversubscribes the machine.
         model_backend: the backend the model is built with when it differs from ``backend``
             (Keras builds our model on numpy and copies its weights).
+        cores: what the worker count costs in cores, which sets the ``p`` of speed-up and
+            efficiency: ``"workers"`` (one core per worker: ``p = threads``), ``"one"`` (one
+            core whatever ``threads`` says: ``p = 1``; e.g. micro-batches run one after the
+            other) or ``"device"`` (a GPU: ``p`` undefined).
+        options: per strategy, grid axis -> strategy option (``{"average": {"period":
+            "every"}}``: the grid's ``period`` becomes ``AverageThreads(every=...)``).
+        requires: modules that must be importable for the path to run (e.g. ``torch``); the
+            grid drops its runs where they are missing, and says so.
+        device: ``"cpu"`` or ``"cuda"``, for trainers that take a device (PyTorch).
+        sequential_algorithm: the path computes the sequential algorithm (same updates, up to
+            the order of floating-point sums), so its weights must track the sequential
+            path's step by step (the equivalence figure).
     """
 
     name: str
@@ -92,14 +104,22 @@ class TrainingPath:
     needs_gpu: bool = False
     uses_cores: bool = True
     model_backend: str | None = None
+    cores: str = "workers"
+    options: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    device: str = "cpu"
+    sequential_algorithm: bool = False
 
     def __post_init__(self):
         if self.launch not in LAUNCHERS:
             raise ValueError(f"path {self.name!r}: launch must be one of {LAUNCHERS}; "
                              f"received launch={self.launch!r}")
-        if self.trainer not in ("fit", "keras"):
-            raise ValueError(f"path {self.name!r}: trainer must be 'fit' or 'keras'; "
+        if self.trainer not in ("fit", "keras", "torch"):
+            raise ValueError(f"path {self.name!r}: trainer must be 'fit', 'keras' or 'torch'; "
                              f"received trainer={self.trainer!r}")
+        if self.cores not in ("workers", "one", "device"):
+            raise ValueError(f"path {self.name!r}: cores must be 'workers', 'one' or 'device'; "
+                             f"received cores={self.cores!r}")
         if not self.strategies or not self.backends:
             raise ValueError(f"path {self.name!r}: needs at least one strategy and backend")
 
@@ -152,9 +172,35 @@ class TrainingPath:
         return list(argv)
 
     def fit_arguments(self, cfg: Mapping) -> dict:
-        """``strategy`` and ``threads`` for :func:`cnn.train.fit`."""
-        return {"strategy": self.fit_strategy.get(cfg["strategy"], cfg["strategy"]),
-                "threads": int(cfg["threads"]) if self.fit_workers else 1}
+        """``strategy``, ``threads`` and ``strategy_options`` for :func:`cnn.train.fit`."""
+        out = {"strategy": self.fit_strategy.get(cfg["strategy"], cfg["strategy"]),
+               "threads": int(cfg["threads"]) if self.fit_workers else 1}
+        opts = {}
+        for axis, option in self.options.get(cfg["strategy"], {}).items():
+            value = cfg.get(axis)
+            if _given(value):
+                opts[option] = int(value) if str(value).isdigit() else value
+        if opts:
+            out["strategy_options"] = opts
+        return out
+
+    def takes_option(self, strategy: str, axis: str) -> bool:
+        """Whether ``axis`` (e.g. ``period``) means something for this path's ``strategy``."""
+        return axis in self.options.get(strategy, {})
+
+    def available(self) -> tuple[bool, str]:
+        """``(True, "")`` when every module the path requires imports, else ``(False, why)``."""
+        import importlib.util
+        missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
+        return (not missing, f"{', '.join(missing)} not installed" if missing else "")
+
+    def label(self, strategy, backend, threads) -> str:
+        """The variant with its worker count: ``threads/sync ×2``, ``accumulate m=4``,
+        ``sequential``; no count for paths that do not scale."""
+        name = self.variant(strategy, backend)
+        if not self.scales or not _given(threads):
+            return name
+        return f"{name} ×{int(threads)}" if self.cores == "workers" else f"{name} m={int(threads)}"
 
     # ---- analysis ------------------------------------------------------------------------------
     def variant(self, strategy: str | None, backend: str | None) -> str:
@@ -168,18 +214,21 @@ class TrainingPath:
         return name
 
     def p(self, threads) -> float:
-        """The ``p`` of speed-up and efficiency: the worker count; NaN for a path without CPU
-        workers (CUDA: its parallelism is not a count of workers)."""
-        if not self.uses_cores or not _given(threads):
+        """The ``p`` of speed-up and efficiency: the cores its workers occupy (``cores``):
+        the worker count, 1 for one-core paths, NaN for a device (a GPU's parallelism is not a
+        count of workers)."""
+        if self.cores == "device":
             return float("nan")
-        return float(threads)
+        if self.cores == "one":
+            return 1.0
+        return float(threads) if _given(threads) else float("nan")
 
     def oversubscribed(self, threads, cores: int | None = None) -> bool:
         """True when ``threads`` workers exceed the machine's ``cores`` (None: this machine's;
         NaN, unknown: False)."""
         if cores is None:
             cores = os.cpu_count() or 1
-        if not self.uses_cores or not _given(threads) or not _given(cores):
+        if self.cores != "workers" or not _given(threads) or not _given(cores):
             return False
         return int(threads) > int(cores)
 
@@ -195,28 +244,46 @@ def _given(x) -> bool:
 #: the registry, in the order tables and figures list the paths
 PATHS: dict[str, TrainingPath] = {p.name: p for p in (
     TrainingPath("sequential", "NumPy backend, one worker, BLAS pinned to one thread: the "
-                 "baseline", strategies=("sequential",), backends=("numpy",), workers="none"),
+                 "baseline", strategies=("sequential",), backends=("numpy",), workers="none",
+                 cores="one", sequential_algorithm=True),
     TrainingPath("threads", "data-parallel Python threads (sync | average | hogwild) over the "
                  "NumPy or Numba nogil kernels", strategies=("sync", "average", "hogwild"),
-                 backends=("numpy", "numba"), workers="Python threads", scales=True),
+                 backends=("numpy", "numba"), workers="Python threads", scales=True,
+                 options={"average": {"period": "every"}}, sequential_algorithm=True),
+    TrainingPath("accumulate", "micro-batch gradient accumulation on one thread: the sync "
+                 "algorithm with its shards computed one after the other",
+                 strategies=("accumulate",), backends=("numpy", "numba"),
+                 workers="micro-batches per step, on one thread", scales=True, cores="one",
+                 sequential_algorithm=True),
     TrainingPath("numba", "Numba nogil kernels, one worker", backends=("numba",),
-                 workers="none"),
+                 workers="none", cores="one", sequential_algorithm=True),
     TrainingPath("processes", "sync over worker processes, weights and gradients in shared "
                  "memory (no GIL, no MPI)", strategies=("sync",), backends=("numpy", "numba"),
-                 workers="worker processes", scales=True, fit_strategy={"sync": "processes"}),
+                 workers="worker processes", scales=True, fit_strategy={"sync": "processes"},
+                 sequential_algorithm=True),
     TrainingPath("mpi", "sync (or local SGD: average) across MPI ranks started by mpiexec, one "
                  "Allreduce per step", strategies=("sync", "average"),
                  backends=("numpy", "numba"), workers="MPI ranks", scales=True,
                  launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
-                 fit_workers=False),
+                 fit_workers=False, requires=("mpi4py",)),
     TrainingPath("numba_parallel", "Numba parallel=True kernels (intra-op threads)",
                  backends=("numba_parallel",), workers="NUMBA_NUM_THREADS", scales=True,
-                 launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False),
+                 launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False,
+                 sequential_algorithm=True),
     TrainingPath("cuda", "numba.cuda kernels, parameters resident on the GPU",
-                 backends=("cuda",), workers="none", needs_gpu=True, uses_cores=False),
+                 backends=("cuda",), workers="none", needs_gpu=True, uses_cores=False,
+                 cores="device", sequential_algorithm=True),
     TrainingPath("keras", "the Keras reference (TensorFlow, CPU), same spec and weights",
                  backends=("tensorflow",), workers="TensorFlow intra/inter-op threads",
-                 scales=True, trainer="keras", model_backend="numpy"),
+                 scales=True, trainer="keras", model_backend="numpy",
+                 requires=("tensorflow",)),
+    TrainingPath("torch", "PyTorch on the CPU (intra-op threads), same spec, weights and batches",
+                 backends=("torch",), workers="PyTorch intra-op threads", scales=True,
+                 trainer="torch", model_backend="numpy", requires=("torch",)),
+    TrainingPath("torch_cuda", "PyTorch on the GPU, same spec, weights and batches",
+                 backends=("torch_cuda",), workers="none", trainer="torch",
+                 model_backend="numpy", requires=("torch",), needs_gpu=True,
+                 uses_cores=False, cores="device", device="cuda"),
 )}
 
 
@@ -252,6 +319,15 @@ def variant_name(path: str, strategy=None, backend=None) -> str:
             name += f"/{strategy}"
         return name
     return entry.variant(strategy, backend)
+
+
+def label(path: str, strategy=None, backend=None, threads=None) -> str:
+    """The display label of a run: variant and worker count (see :meth:`TrainingPath.label`)."""
+    entry = PATHS.get(str(path))
+    if entry is None:
+        name = variant_name(path, strategy, backend)
+        return f"{name} ×{int(threads)}" if _given(threads) else name
+    return entry.label(strategy, backend, threads)
 
 
 def workers(path: str, threads) -> float:

@@ -14,7 +14,11 @@ Configuration (the same on every row of a run, :data:`CONFIG_FIELDS`):
     :data:`cnn.paths.PATHS`), strategy, backend (str), threads (the path's workers, see the
     registry), batch_size, filters, epochs (int), train_size, test_size (int; examples actually
     used), repeat (int, 0-based), dtype (str), seed (int; the run's seed = base seed + repeat),
-    lr, momentum (float), cuda_simulator (bool).
+    lr, momentum (float), cuda_simulator (bool), period (str; ``average``'s averaging period in
+    steps or "epoch", "" for other strategies), target (float; the time-to-accuracy target on
+    the validation split, NaN when off), eval_every (int; steps between validation
+    evaluations, 0 when off), val_size (int; validation examples carved from the end of the
+    training split, 0 when off).
 Per epoch (:data:`EPOCH_FIELDS`):
     epoch (Int64, 1-based), time (float s; training wall time of the epoch = data + transfer +
     compute + comm), compute_time, comm_time (combining gradients or weights between workers:
@@ -22,7 +26,10 @@ Per epoch (:data:`EPOCH_FIELDS`):
     NaN in results from before it was measured), data_time (shuffle and batch gather), transfer_time (host->device),
     eval_time (evaluation on the test set, not part of ``time``), images_per_sec
     (train_size / time), train_loss, train_accuracy (running, over the epoch's training
-    batches), test_loss, test_accuracy (on the held-out test set after the epoch).
+    batches), test_loss, test_accuracy (on the held-out test set after the epoch), comm_time
+    (seconds combining gradients or weights between workers, where the strategy reports it),
+    step_eval_time (seconds of the validation evaluations inside the epoch, not part of
+    ``time``).
 Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     compile_time (s; the run's JIT warm-up before epoch 1, against the study's warm cache;
     0 for numpy), cold_compile_time (s; the one-off compile of the run's backend and dtype
@@ -30,8 +37,14 @@ Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     (test accuracy after the last epoch), num_params (Int64), load_time (s; loading the data in
     the child), run_time (s; wall time of the whole child process as seen by the parent,
     start-up and compile included), started_at (str, ISO 8601 UTC), device ("cpu", the GPU's
-    name, or "cuda-simulator"), hosts (str; the MPI ranks' host names, comma-separated in rank
-    order; the machine's name for other paths).
+    name, or "cuda-simulator"), order_index (Int64; the run's place in the study's randomised
+    order), order_seed (Int64; the seed of that order), reduce_time (s; measured cost of one
+    step's reduction of ``threads`` gradient copies of the model's size on one thread, for
+    paths with several workers; NaN otherwise), tta_status ("" when no target, "reached",
+    "not reached"), time_to_target (training seconds until the first evaluation at or above
+    the target), steps_to_target, examples_to_target (NaN when not reached), eval_trace (JSON
+    ``[[step, examples, training seconds, validation accuracy], ...]``), hosts (str; the MPI
+    ranks' host names, comma-separated in rank order; the machine's name for other paths).
 Machine and software (:data:`MACHINE_COLUMNS`, from :func:`cnn.machine.machine_info`, probed
 in the child):
     cpu, cores (int), blas, python, platform, git_commit ("-dirty" when the work tree had
@@ -80,23 +93,29 @@ STATUSES = ("ok", "failed", "diverged")
 
 CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size",
                  "filters", "epochs", "train_size", "test_size", "repeat", "dtype", "seed", "lr",
-                 "momentum", "cuda_simulator")
-EPOCH_FIELDS = ("epoch", "time", "compute_time", "comm_time", "data_time", "transfer_time", "eval_time",
-                "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy")
+                 "momentum", "cuda_simulator", "period", "target", "eval_every", "val_size")
+EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
+                "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
+                "comm_time", "step_eval_time")
 RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_params",
-              "load_time", "run_time", "started_at", "device", "hosts")
+              "load_time", "run_time", "started_at", "device", "order_index", "order_seed",
+              "reduce_time", "tta_status", "time_to_target", "steps_to_target",
+              "examples_to_target", "eval_trace", "hosts")
 MACHINE_COLUMNS = ("cpu", "cores", "blas", "python", "platform", "git_commit", "source_hash",
                    "numpy_version", "numba_version", "numba_cuda_version", "tensorflow_version",
                    "keras_version", "threadpoolctl_version", "pandas_version")
 COLUMNS = (("run_key", "status", "error") + CONFIG_FIELDS + EPOCH_FIELDS + RUN_FIELDS
            + MACHINE_COLUMNS)
 INT_COLUMNS = ("threads", "batch_size", "filters", "epochs", "train_size", "test_size",
-               "repeat", "seed", "cores")
-NULLABLE_INT_COLUMNS = ("epoch", "num_params")
-FLOAT_COLUMNS = ("lr", "momentum", "time", "compute_time", "comm_time", "data_time", "transfer_time",
-                 "eval_time", "images_per_sec", "train_loss", "train_accuracy", "test_loss",
-                 "test_accuracy", "compile_time", "cold_compile_time", "final_test_accuracy",
-                 "load_time", "run_time")
+               "repeat", "seed", "cores", "eval_every", "val_size")
+NULLABLE_INT_COLUMNS = ("epoch", "num_params", "order_index", "order_seed")
+FLOAT_COLUMNS = ("lr", "momentum", "target", "time", "compute_time", "data_time",
+                 "transfer_time", "eval_time", "images_per_sec", "train_loss", "train_accuracy",
+                 "test_loss", "test_accuracy", "comm_time", "step_eval_time", "compile_time",
+                 "cold_compile_time", "final_test_accuracy", "load_time", "run_time",
+                 "reduce_time", "time_to_target", "steps_to_target", "examples_to_target")
+#: what a column added after the first edition holds in an older file
+FILL = {"eval_every": 0, "val_size": 0}
 BOOL_COLUMNS = ("cuda_simulator",)
 STRING_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + NULLABLE_INT_COLUMNS
                        + FLOAT_COLUMNS + BOOL_COLUMNS)
@@ -132,6 +151,9 @@ def typed(df):
             df[col] = None
     extra = [c for c in df.columns if c not in COLUMNS]
     df = df[list(COLUMNS) + extra]
+    for col, value in FILL.items():
+        df[col] = df[col].fillna(value) if df[col].dtype != object else \
+            df[col].map(lambda v: value if v is None or v != v else v)
     for col in INT_COLUMNS:
         df[col] = pd.to_numeric(df[col]).astype("int64")
     for col in NULLABLE_INT_COLUMNS:

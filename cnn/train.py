@@ -424,7 +424,8 @@ class _StepHooks:
         return bool(self.callbacks)
 
     def _evaluate(self, xv, yv) -> dict:
-        return self.model.evaluate(xv, yv, params=self.strat.current_params(), backend=self.be)
+        return self.model.evaluate(xv, yv, params=self.strat.current_params(),
+                                   buffers=self.strat.current_buffers(), backend=self.be)
 
     def __call__(self, epoch: int, batch: int, examples: int, loss: float, correct: int,
                  lr: float, epoch_elapsed: float) -> bool:

@@ -119,8 +119,10 @@ def test_profiles():
     for r in full:
         ident = tuple(v for k, v in r.items() if k not in ("repeat", "seed", "run_key"))
         repeats[ident] = repeats.get(ident, 0) + 1
-    assert min(repeats.values()) >= 3
-    assert {r["train_size"] for r in full if r["dataset"] == "mnist"} == {60000}
+    assert min(repeats.values()) >= 5
+    # the whole training split, or 55,000 + a 5,000-image validation split (time-to-accuracy)
+    assert {r["train_size"] for r in full if r["dataset"] == "mnist"} == {60000, 55000}
+    assert {r["val_size"] for r in full if r["target"] is not None} == {5000}
     plan = describe_plan("full", gpu=False)
     assert "estimated wall time" in plan and "cuda" in plan
     assert set(PROFILES) >= {"quick", "full"}

@@ -1,4 +1,10 @@
-"""The figures of the report, drawn from a :class:`~cnn.analysis.summary.Summary`."""
+"""The figures of the report, drawn from a :class:`~cnn.analysis.summary.Summary`.
+
+Every figure is one column of panels or a single panel (no empty slots in a grid), keeps its
+legend inside the canvas, gives heatmaps a colour bar, uses readable log axes (powers of two
+or decades, plain labels), and marks oversubscribed points (more workers than cores) with
+hollow markers. A figure with nothing to show is not drawn (its function returns None).
+"""
 from __future__ import annotations
 
 import math
@@ -9,18 +15,21 @@ import numpy as np
 import pandas as pd
 
 from .statistics import amdahl_speedup
-from .summary import (BASELINE_PATH, CONFIG_KEYS, TIME_PARTS, Summary, _at_max_p, _config_text,
-                      _int, _num, _sort_key)
-
+from .summary import (BASELINE_PATH, Summary, _config_text, _int, _num, _sort_key,
+                      trace_frame)
 
 TEXT_WIDTH_IN = 6.7
-FIGURE_KINDS = ("epoch_time", "throughput", "speedup", "efficiency", "speedup_vs_size",
-                "speedup_heatmap", "time_breakdown", "accuracy", "accuracy_vs_time")
+FIGURE_KINDS = ("throughput", "baselines", "scaling", "per_image", "time_breakdown",
+                "accuracy", "time_to_accuracy", "average_period", "heatmap", "scaling_model")
+#: drawn once for the whole study, not per problem
+GLOBAL_KINDS = ("equivalence",)
+PARTS = ("compute", "comm", "data", "transfer", "other")
+SMALL_PARTS = ("data", "transfer", "comm", "compile", "eval")
 
 
 def _palette(summary: Summary) -> dict:
     import seaborn as sns
-    variants = _ordered(summary.runs, "variant")
+    variants = _ordered(summary.runs, "variant") if len(summary.runs) else []
     colors = sns.color_palette("colorblind", max(len(variants), 1))
     return {v: colors[i % len(colors)] for i, v in enumerate(variants)}
 
@@ -34,361 +43,542 @@ def _ordered(frame: pd.DataFrame, col: str) -> list:
     return list(seen)
 
 
-def _facets(frame: pd.DataFrame):
-    """Panels for the configurations of one problem: rows = filters, columns = batch sizes
-    (wrapped when training size or dtype vary too). Returns ``[(title, mask, (r, c))], shape``."""
-    cfg = frame[list(CONFIG_KEYS) + ["config_id"]].drop_duplicates("config_id")
-    cfg = cfg.assign(_b=cfg["batch_size"].map(_num), _f=cfg["filters"].map(_num))
-    full = cfg[["train_size", "dtype"]].astype(str).drop_duplicates().shape[0] > 1
-    if not full:
-        fs, bs = sorted(cfg["_f"].unique()), sorted(cfg["_b"].unique())
-        pos = {cid: (fs.index(f), bs.index(b)) for cid, f, b in zip(cfg["config_id"], cfg["_f"], cfg["_b"])}
-        shape = (len(fs), len(bs))
-    else:
-        cfg = cfg.sort_values(["_b", "_f", "train_size"])
-        ncol = min(4, len(cfg))
-        pos = {cid: divmod(i, ncol) for i, cid in enumerate(cfg["config_id"])}
-        shape = (math.ceil(len(cfg) / ncol), ncol)
-    panels = [(_config_text(r, full), r["config_id"], pos[r["config_id"]])
-              for _, r in cfg.iterrows()]
-    return panels, shape
-
-
-def _new_figure(nrows: int, ncols: int, w: float, h: float, sharex=False, sharey=False):
+def _figure(w: float, h: float, nrows: int = 1, ncols: int = 1, **kw):
     from matplotlib.figure import Figure
-    fig = Figure(figsize=(max(4.0, w * ncols), max(2.5, h * nrows)), layout="constrained")
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex, sharey=sharey)
-    for ax in axes.flat:
-        ax.set_visible(False)
+    fig = Figure(figsize=(w, h), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False, **kw)
     return fig, axes
 
 
 def _per_problem(frame: pd.DataFrame, problem: str) -> pd.DataFrame:
-    return frame[frame["problem"] == problem]
+    return frame[frame["problem"] == problem] if len(frame) else frame
 
 
-def plot_epoch_time(summary: Summary, problem: str):
-    """Per-run epoch time (dots, one per repeat) and the median (bar) per path variant."""
-    runs = _per_problem(summary.runs, problem)
-    if runs.empty:
-        return None
-    pal = _palette(summary)
-    panels, (nr, nc) = _facets(runs)
-    labels = _ordered(runs, "label")
-    fig, axes = _new_figure(nr, nc, 4.2, 0.28 * len(labels) + 1.0)
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
-        d = runs[runs["config_id"] == cid]
-        order = [lb for lb in labels if lb in set(d["label"])]
-        med = d.groupby("label")["epoch_time"].median().reindex(order)
-        colors = [pal[d.loc[d["label"] == lb, "variant"].iat[0]] for lb in order]
-        ax.barh(range(len(order)), med.to_numpy(), color=colors, alpha=0.35)
-        _strip(ax, d, "epoch_time", order, pal)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("time per epoch (s)")
-    return fig
+def _configs(frame: pd.DataFrame) -> list[tuple[str, str]]:
+    """``[(config_id, title)]`` in batch, filters, size order."""
+    cfg = frame.drop_duplicates("config_id")
+    cfg = cfg.assign(_b=cfg["batch_size"].map(_num), _f=cfg["filters"].map(_num),
+                     _n=cfg["train_size"].map(_num)).sort_values(["_b", "_f", "_n"])
+    full = cfg[["train_size", "dtype"]].astype(str).drop_duplicates().shape[0] > 1
+    return [(r["config_id"], _config_text(r, full)) for _, r in cfg.iterrows()]
 
 
-def _strip(ax, d, value, order, pal, size=12):
-    """One dot per run at its category (jittered deterministically), categories top-down."""
-    from matplotlib.ticker import MaxNLocator
-    for k, lb in enumerate(order):
-        dv = d[d["label"] == lb]
-        n = len(dv)
-        jitter = (np.arange(n) - (n - 1) / 2) * (0.3 / max(n, 1))
-        ax.scatter(dv[value], k + jitter, s=size, color=pal[dv["variant"].iat[0]], zorder=3,
-                   edgecolor="white", linewidth=0.3)
-    ax.set_yticks(range(len(order)), order)
-    ax.set_ylim(len(order) - 0.5, -0.5)
-    ax.xaxis.set_major_locator(MaxNLocator(5))
-    ax.tick_params(labelsize=8)
+def _grouped_rows(frame: pd.DataFrame, labels_of) -> list[tuple]:
+    """Rows of a grouped horizontal chart: ``(y, config_id, label or None for a header,
+    title)``, one block per configuration."""
+    rows, y = [], 0.0
+    for cid, title in _configs(frame):
+        rows.append((y, cid, None, title))
+        y += 1.0
+        for lb in labels_of(frame[frame["config_id"] == cid]):
+            rows.append((y, cid, lb, title))
+            y += 1.0
+        y += 0.4
+    return rows
 
 
-def _barh_ci(ax, d, value, lo, hi, pal, order):
-    d = d.set_index("label").reindex(order)
-    y = np.arange(len(order))
-    v = d[value].to_numpy(float)
-    err = np.vstack([v - d[lo].to_numpy(float), d[hi].to_numpy(float) - v])
-    err = np.where(np.isfinite(err), err, 0.0)
-    ax.barh(y, v, color=[pal[x] for x in d["variant"]], xerr=err, capsize=2,
-            error_kw={"lw": 0.8})
-    ax.set_yticks(y, order)
-    ax.invert_yaxis()
-    ax.tick_params(labelsize=8)
+def _style_grouped(ax, rows, xlabel: str) -> None:
+    ticks = [(y, lb) for y, _, lb, _ in rows if lb is not None]
+    ax.set_yticks([y for y, _ in ticks], [lb for _, lb in ticks])
+    for y, _, lb, title in rows:
+        if lb is None:
+            ax.text(0.0, y, title, transform=ax.get_yaxis_transform(), fontsize=8,
+                    fontweight="bold", va="center", ha="left")
+    ax.set_ylim(max(y for y, *_ in rows) + 0.7, -0.7)
+    ax.set_xlabel(xlabel)
+    ax.tick_params(labelsize=7.5)
+    ax.grid(axis="x", lw=0.3, alpha=0.5)
 
 
+def _err(v, lo, hi):
+    e = np.vstack([v - lo, hi - v]).astype(float)
+    return np.where(np.isfinite(e), np.maximum(e, 0), 0.0)
+
+
+# ---- throughput -----------------------------------------------------------------------------------
 def plot_throughput(summary: Summary, problem: str):
-    """Median images/s per path variant with its bootstrap CI."""
+    """Median images/s per variant and configuration, with the order-statistic interval;
+    the best one-core contender of each configuration is outlined."""
     t = _per_problem(summary.table, problem)
     if t.empty:
         return None
     pal = _palette(summary)
-    panels, (nr, nc) = _facets(t)
     labels = _ordered(t, "label")
-    fig, axes = _new_figure(nr, nc, 4.2, 0.28 * len(labels) + 1.0)
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
-        d = t[t["config_id"] == cid]
-        _barh_ci(ax, d, "images_per_sec_median", "images_per_sec_ci_lo", "images_per_sec_ci_hi",
-                 pal, [lb for lb in labels if lb in set(d["label"])])
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("training throughput (images/s)")
+    rows = _grouped_rows(t, lambda d: [lb for lb in labels if lb in set(d["label"])])
+    fig, axes = _figure(6.4, 0.2 * len(rows) + 1.0)
+    ax = axes[0][0]
+    for y, cid, lb, _ in rows:
+        if lb is None:
+            continue
+        r = t[(t["config_id"] == cid) & (t["label"] == lb)].iloc[0]
+        best = r["best_label"] == lb
+        ax.barh(y, r["images_per_sec_median"], color=pal[r["variant"]], height=0.75,
+                edgecolor="black" if best else "none", linewidth=1.2 if best else 0,
+                hatch="///" if r["oversubscribed"] else None,
+                xerr=_err(np.array([r["images_per_sec_median"]]),
+                          np.array([r["images_per_sec_ci_lo"]]),
+                          np.array([r["images_per_sec_ci_hi"]])),
+                error_kw={"lw": 0.8, "capsize": 2})
+    _style_grouped(ax, rows, "training throughput (images/s)")
     return fig
 
 
-def plot_speedup(summary: Summary, problem: str):
-    """Speed-up against the sequential path vs threads, per variant, with CIs, the ideal
-    ``S = p`` and the fitted Amdahl curve."""
+# ---- speed-up against the three baselines ------------------------------------------------------------
+BASELINES = (("speedup", "(a) vs sequential NumPy", "o"),
+             ("speedup_best", "(b) vs best one-core contender", "D"),
+             ("speedup_self", "(c) vs own one-worker run", "s"))
+
+
+def plot_baselines(summary: Summary, problem: str):
+    """Speed-up of every variant using more than one core against (a) sequential NumPy,
+    (b) the best one-core contender of the configuration, (c) its own one-worker run."""
     t = _per_problem(summary.table, problem)
-    t = t[(t["path"] != BASELINE_PATH) & t["p"].notna() & t["speedup"].notna()]
+    t = t[(t["p"] > 1)]
     if t.empty:
         return None
-    pal = _palette(summary)
-    am = summary.amdahl
-    panels, (nr, nc) = _facets(t)
-    fig, axes = _new_figure(nr, nc, 3.6, 2.9)
-    variants = _ordered(t, "variant")
-    pmax = float(t["p"].max())
-    handles = {}
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
-        d = t[t["config_id"] == cid]
-        ps = np.linspace(1, max(pmax, 2), 50)
-        ax.plot(ps, ps, ls=":", color="0.5", lw=1)
-        ax.axhline(1.0, color="0.3", lw=0.8)
-        for k, v in enumerate(variants):
-            dv = d[d["variant"] == v].sort_values("p")
-            if dv.empty:
+    labels = _ordered(t, "label")
+    rows = _grouped_rows(t, lambda d: [lb for lb in labels if lb in set(d["label"])])
+    fig, axes = _figure(6.4, 0.24 * len(rows) + 1.3)
+    ax = axes[0][0]
+    colors = ("#4c72b0", "#c44e52", "#55a868")
+    for k, (col, name, marker) in enumerate(BASELINES):
+        ys, v, lo, hi, hollow = [], [], [], [], []
+        for y, cid, lb, _ in rows:
+            if lb is None:
                 continue
-            x = dv["p"].to_numpy(float) + (k - len(variants) / 2) * 0.03
-            y = dv["speedup"].to_numpy(float)
-            err = np.vstack([y - dv["speedup_ci_lo"], dv["speedup_ci_hi"] - y])
-            h = ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=4,
-                            color=pal[v], capsize=2, lw=1, label=v)
-            handles.setdefault(v, h)
-            fit = am[(am["config_id"] == cid) & (am["variant"] == v)]
-            if len(fit) and np.isfinite(fit["amdahl_f"].iat[0]):
-                ax.plot(ps, amdahl_speedup(fit["amdahl_f"].iat[0], ps), ls="--", lw=0.8,
-                        color=pal[v])
-        ax.set_xticks(sorted(set(t["p"].astype(int))))
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("threads p")
-        ax.set_ylabel("speed-up S")
-        ax.tick_params(labelsize=8)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-               ncol=min(4, len(handles)), fontsize=8, frameon=False)
+            r = t[(t["config_id"] == cid) & (t["label"] == lb)].iloc[0]
+            ys.append(y + (k - 1) * 0.22)
+            v.append(r[col])
+            lo.append(r[f"{col}_ci_lo"])
+            hi.append(r[f"{col}_ci_hi"])
+            hollow.append(bool(r["oversubscribed"]))
+        v, lo, hi = (np.array(a, dtype=float) for a in (v, lo, hi))
+        ax.errorbar(v, ys, xerr=_err(v, lo, hi), fmt="none", ecolor=colors[k], lw=0.8,
+                    capsize=1.5)
+        hollow = np.array(hollow)
+        ax.scatter(v[~hollow], np.array(ys)[~hollow], marker=marker, s=16, color=colors[k],
+                   label=name, zorder=3)
+        if hollow.any():
+            ax.scatter(v[hollow], np.array(ys)[hollow], marker=marker, s=16,
+                       facecolor="white", edgecolor=colors[k], zorder=3)
+    for y, cid, lb, _ in rows:
+        if lb is not None:
+            p = t[(t["config_id"] == cid) & (t["label"] == lb)]["p"].iat[0]
+            ax.plot([p, p], [y - 0.4, y + 0.4], color="0.5", lw=0.8, ls=":")
+    ax.axvline(1.0, color="0.3", lw=0.8)
+    _style_grouped(ax, rows, "speed-up S (dotted tick: S = p; hollow: oversubscribed)")
+    fig.legend(*ax.get_legend_handles_labels(), loc="outside lower center", ncol=3,
+               fontsize=7, frameon=False)
     return fig
 
 
-def plot_efficiency(summary: Summary, problem: str):
-    """Parallel efficiency ``E = S/p`` with CI for the variants run on ``p > 1`` threads."""
+# ---- scaling with p ---------------------------------------------------------------------------------
+def plot_scaling(summary: Summary, problem: str):
+    """Self-relative speed-up against workers p, per configuration with at least two
+    measured p; ideal S = p dotted; the Amdahl fit (only where >= 3 worker counts were
+    measured) dashed over the measured range, never beyond it; oversubscribed points hollow
+    and left out of the fit."""
     t = _per_problem(summary.table, problem)
-    t = t[(t["p"] > 1) & t["speedup"].notna()]
+    t = t[t["p"].notna() & t["speedup_self"].notna() & (t["path"] != BASELINE_PATH)]
+    multi = t.groupby(["config_id", "variant"])["p"].transform("nunique") >= 2
+    t = t[multi]
     if t.empty:
         return None
     pal = _palette(summary)
-    panels, (nr, nc) = _facets(t)
-    labels = _ordered(t, "label")
-    fig, axes = _new_figure(nr, nc, 4.0, 0.3 * len(labels) + 1.0)
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
+    configs = _configs(t)
+    fig, axes = _figure(5.0, 2.6 * len(configs), nrows=len(configs))
+    am = summary.amdahl
+    for (cid, title), ax in zip(configs, axes[:, 0]):
         d = t[t["config_id"] == cid]
-        _barh_ci(ax, d, "efficiency", "efficiency_ci_lo", "efficiency_ci_hi", pal,
-                 [lb for lb in labels if lb in set(d["label"])])
-        ax.axvline(1.0, color="0.3", lw=0.8)
+        pmax = float(d["p"].max())
+        ps = np.linspace(1, pmax, 50)
+        ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
+        for v in _ordered(d, "variant"):
+            dv = d[d["variant"] == v].sort_values("p")
+            x, y = dv["p"].to_numpy(float), dv["speedup_self"].to_numpy(float)
+            over = dv["oversubscribed"].to_numpy(bool)
+            ax.errorbar(x, y, yerr=_err(y, dv["speedup_self_ci_lo"].to_numpy(float),
+                                        dv["speedup_self_ci_hi"].to_numpy(float)),
+                        color=pal[v], lw=1, capsize=2, label=v, marker=None)
+            ax.scatter(x[~over], y[~over], color=pal[v], s=18, zorder=3)
+            ax.scatter(x[over], y[over], facecolor="white", edgecolor=pal[v], s=18, zorder=3)
+            fit = am[(am["config_id"] == cid) & (am["variant"] == v)] if len(am) else am
+            if len(fit) and np.isfinite(fit["amdahl_f_self"].iat[0]):
+                pm = float(fit["p_max"].iat[0])
+                q = np.linspace(1, pm, 50)
+                ax.plot(q, amdahl_speedup(fit["amdahl_f_self"].iat[0], q), ls="--", lw=0.9,
+                        color=pal[v])
+        ax.set_xticks(sorted(set(d["p"].astype(int))))
         ax.set_title(title, fontsize=9)
-        ax.set_xlabel("parallel efficiency E = S/p")
+        ax.set_xlabel("workers p (hollow: more workers than cores)")
+        ax.set_ylabel("S vs own one-worker run")
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     return fig
 
 
-def plot_speedup_vs_size(summary: Summary, problem: str):
-    """Speed-up (at each variant's largest thread count) against batch size, one panel per
-    filter count: above 1 parallelism pays, below it the overhead wins."""
-    t = _at_max_p(_per_problem(summary.table, problem))
-    if t.empty or t["batch_size"].nunique() < 2 and t["filters"].nunique() < 2:
+# ---- per-image time against the batch a worker computes ------------------------------------------------
+def plot_per_image(summary: Summary, problem: str):
+    """Core-milliseconds per training image against the examples one worker computes at a
+    time (the batch, its shard for ``sync`` with p workers, its micro-batch for accumulation).
+    A parallel variant's point is p x its time per image. When a worker's per-image cost falls
+    as its batch shrinks, a speed-up above p follows without any parallel magic."""
+    t = _per_problem(summary.table, problem)
+    t = t[t["p"].notna() & ((t["p"] == 1) | (t["strategy"] == "sync"))]
+    if t.empty:
         return None
     pal = _palette(summary)
-    by, panel_key = ("batch_size", "filters") if t["batch_size"].nunique() >= 2 else ("filters", "batch_size")
-    keys = sorted(t[panel_key].unique(), key=_num)
-    fig, axes = _new_figure(1, len(keys), 3.6, 3.0, sharey=True)
-    handles = {}
-    for j, key in enumerate(keys):
-        ax = axes[0][j]
-        ax.set_visible(True)
-        d = t[t[panel_key] == key]
-        for k, (lb, dv) in enumerate(sorted(d.groupby("label"), key=lambda x: _ordered(t, "label").index(x[0]))):
-            dv = dv.sort_values(by)
-            x = dv[by].to_numpy(float) * (1 + (k - 2) * 0.015)
-            y = dv["speedup"].to_numpy(float)
-            err = np.vstack([y - dv["speedup_ci_lo"], dv["speedup_ci_hi"] - y])
-            h = ax.errorbar(x, y, yerr=np.where(np.isfinite(err), err, 0), marker="o", ms=4,
-                            capsize=2, lw=1, color=pal[dv["variant"].iat[0]], label=lb)
-            handles.setdefault(lb, h)
-        ax.axhline(1.0, color="0.3", lw=0.8)
+    filters = sorted(t["filters"].unique(), key=_num)
+    fig, axes = _figure(5.0, 2.7 * len(filters), nrows=len(filters))
+    for f, ax in zip(filters, axes[:, 0]):
+        d = t[t["filters"] == f]
+        xs_all = []
+        for lb in _ordered(d, "label"):
+            dv = d[d["label"] == lb].copy()
+            m = dv["threads"].where(dv["strategy"].isin(["sync", "accumulate"]), 1)
+            dv["x"] = dv["batch_size"] / m
+            dv["y"] = dv["time_per_image_ms"] * dv["p"].fillna(1)
+            dv = dv.sort_values("x")
+            xs_all += list(dv["x"])
+            sync = dv["strategy"].iat[0] == "sync"
+            ax.plot(dv["x"], dv["y"], marker="s" if sync else "o", ms=3.5, lw=1,
+                    ls="--" if sync else "-", color=pal[dv["variant"].iat[0]], label=lb)
         ax.set_xscale("log", base=2)
-        xs = sorted(t[by].dropna().unique())
-        ax.set_xticks(xs, [str(int(x)) for x in xs])
+        xs = sorted(set(np.round(xs_all, 6)))
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
         ax.minorticks_off()
-        ax.set_xlabel(by.replace("_", " "))
-        ax.set_ylabel("speed-up S vs sequential")
-        ax.set_title(f"{panel_key.replace('_', ' ')} {_int(key)}", fontsize=9)
+        ax.set_xlabel("examples one worker computes per step")
+        ax.set_ylabel("core-ms per image")
+        ax.set_title(f"{problem}, filters {_int(f)}", fontsize=9)
         ax.tick_params(labelsize=8)
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center",
-               ncol=min(4, len(handles)), fontsize=8, frameon=False)
+        ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
 
 
-def plot_speedup_heatmap(summary: Summary, problem: str):
-    """Median speed-up over batch size x filters, one panel per variant (largest p)."""
+# ---- where the time goes ------------------------------------------------------------------------------------
+def plot_time_breakdown(summary: Summary, problem: str):
+    """Left: median seconds per epoch in compute, communication (combining gradients or
+    weights, where measured), data preparation, host-device transfer and the rest. Right:
+    the small parts alone on a log axis (data, transfer, communication, the run's JIT compile
+    and the test-set evaluation per epoch), so they are visible at all."""
+    t = _per_problem(summary.table, problem)
+    if t.empty:
+        return None
+    import seaborn as sns
+    labels = _ordered(t, "label")
+    rows = _grouped_rows(t, lambda d: [lb for lb in labels if lb in set(d["label"])])
+    colors = dict(zip(PARTS + ("compile", "eval"),
+                      sns.color_palette("Set2", len(PARTS) + 2)))
+    fig, axes = _figure(6.6, 0.2 * len(rows) + 1.4, ncols=2, sharey=True)
+    left, right = axes[0]
+    cols = {"compute": "compute_per_epoch", "comm": "comm_per_epoch", "data": "data_per_epoch",
+            "transfer": "transfer_per_epoch", "eval": "eval_per_epoch",
+            "compile": "compile_time"}
+    for y, cid, lb, _ in rows:
+        if lb is None:
+            continue
+        r = t[(t["config_id"] == cid) & (t["label"] == lb)].iloc[0]
+        parts = {k: float(r[c]) if np.isfinite(r[c]) else 0.0 for k, c in cols.items()}
+        parts["other"] = max(float(r["epoch_time_median"]) - parts["compute"] - parts["comm"]
+                             - parts["data"] - parts["transfer"], 0.0)
+        x = 0.0
+        for part in PARTS:
+            left.barh(y, parts[part], left=x, color=colors[part], height=0.75,
+                      label=part if y == rows[1][0] else None)
+            x += parts[part]
+        for k, part in enumerate(SMALL_PARTS):
+            val = parts[part]
+            if val > 0:
+                right.barh(y + (k - 2) * 0.15, val, height=0.15, color=colors[part],
+                           label=part if y == rows[1][0] else None)
+    _style_grouped(left, rows, "seconds per epoch")
+    _style_grouped(right, rows, "seconds, log scale")
+    right.set_xscale("log")
+    right.tick_params(axis="y", labelleft=False)
+    hl, ll = left.get_legend_handles_labels()
+    hr, lr = right.get_legend_handles_labels()
+    keep = {lab: h for h, lab in zip(hl + hr, ll + lr)}
+    fig.legend(list(keep.values()), list(keep), loc="outside lower center",
+               ncol=len(keep), fontsize=7, frameon=False)
+    return fig
+
+
+# ---- accuracy ----------------------------------------------------------------------------------------------
+def plot_accuracy(summary: Summary, problem: str):
+    """Final test accuracy of each run minus the sequential run with the same seed, in
+    percentage points (one dot per seed, bar: median), beside the seed-to-seed spread of the
+    sequential runs (grey band: their range)."""
+    runs = _per_problem(summary.runs, problem)
+    if not len(runs):
+        return None
+    runs = runs[~runs["tta"] & runs["final_accuracy"].notna()]
+    seq = runs[runs["path"] == BASELINE_PATH]
+    if runs.empty or seq.empty:
+        return None
+    pal = _palette(summary)
+    labels = [lb for lb in _ordered(runs, "label") if lb != BASELINE_PATH]
+    rows = _grouped_rows(runs, lambda d: [lb for lb in labels if lb in set(d["label"])])
+    if not any(lb for _, _, lb, _ in rows):
+        return None
+    fig, axes = _figure(6.4, 0.2 * len(rows) + 1.2)
+    ax = axes[0][0]
+    for y, cid, lb, _ in rows:
+        s = seq[seq["config_id"] == cid]
+        base = dict(zip(s["seed"], s["final_accuracy"]))
+        spread = 100 * (s["final_accuracy"] - s["final_accuracy"].median())
+        if lb is None:
+            continue
+        ax.fill_betweenx([y - 0.45, y + 0.45], spread.min(), spread.max(), color="0.85",
+                         lw=0)
+        d = runs[(runs["config_id"] == cid) & (runs["label"] == lb)]
+        diffs = [100 * (a - base[sd]) for sd, a in zip(d["seed"], d["final_accuracy"])
+                 if sd in base]
+        if diffs:
+            n = len(diffs)
+            jitter = (np.arange(n) - (n - 1) / 2) * (0.5 / max(n, 1))
+            ax.scatter(diffs, y + jitter, s=10, color=pal[d["variant"].iat[0]], zorder=3)
+            ax.plot([np.median(diffs)] * 2, [y - 0.4, y + 0.4], color="0.1", lw=1.2)
+    ax.axvline(0, color="0.3", lw=0.8)
+    _style_grouped(ax, rows, "accuracy minus sequential, same seed (percentage points)")
+    return fig
+
+
+# ---- time-to-accuracy ---------------------------------------------------------------------------------------
+def plot_time_to_accuracy(summary: Summary, problem: str):
+    """Left: validation accuracy against training seconds for every run (evaluations every k
+    steps, the clock stopped while evaluating), target dashed. Right: median time-to-target
+    with its interval over the runs that reached it; how many did not, within the cap, is
+    written beside each bar."""
+    tr = trace_frame(_per_problem(summary.runs, problem))
+    tt = _per_problem(summary.tta, problem)
+    if tr.empty or tt.empty:
+        return None
+    pal = _palette(summary)
+    fig, axes = _figure(6.6, max(2.8, 0.3 * len(tt) + 1.6), ncols=2)
+    left, right = axes[0]
+    for (key, v), d in tr.groupby(["run_key", "variant"], sort=False):
+        left.plot(d["seconds"], d["val_accuracy"], lw=0.7, alpha=0.7, color=pal[v])
+    for target in sorted(tr["target"].dropna().unique()):
+        left.axhline(target, ls="--", color="0.3", lw=0.8)
+    left.set_xlabel("training seconds")
+    left.set_ylabel("validation accuracy")
+    lo = max(0.0, float(tr["val_accuracy"].quantile(0.05)) - 0.05)
+    left.set_ylim(lo, min(1.0, float(tr["val_accuracy"].max()) + 0.02))
+    left.tick_params(labelsize=8)
+    order = _ordered(tt, "label")
+    tt = tt.set_index("label").reindex(order).reset_index()
+    y = np.arange(len(tt))
+    v = tt["time_to_target_median"].to_numpy(float)
+    right.barh(y, np.nan_to_num(v), color=[pal[x] for x in tt["variant"]],
+               xerr=_err(v, tt["time_to_target_ci_lo"].to_numpy(float),
+                         tt["time_to_target_ci_hi"].to_numpy(float)),
+               error_kw={"lw": 0.8, "capsize": 2})
+    for yi, (_, r) in zip(y, tt.iterrows()):
+        right.text(np.nan_to_num(r["time_to_target_median"]), yi,
+                   f"  {int(r['n_reached'])}/{int(r['n_runs'])}", va="center", fontsize=7)
+    right.set_yticks(y, tt["label"])
+    right.invert_yaxis()
+    right.set_xlabel("median seconds to target")
+    right.tick_params(labelsize=7.5)
+    return fig
+
+
+# ---- average's period -------------------------------------------------------------------------------------------
+def plot_average_period(summary: Summary, problem: str):
+    """``average`` swept over its averaging period: final test accuracy (left) and
+    throughput (right) against the steps between averages ("epoch": once per epoch)."""
+    t = _per_problem(summary.table, problem)
+    t = t[(t["strategy"] == "average")]
+    if t.empty or t["period"].nunique() < 2:
+        return None
+    fig, axes = _figure(6.4, 2.6, ncols=2)
+    left, right = axes[0]
+    for (cid, lab), d in t.groupby(["config_id", "threads"]):
+        d = d.assign(_k=d["period"].map(lambda q: 1e9 if q == "epoch" else float(q)))
+        d = d.sort_values("_k")
+        x = np.arange(len(d))
+        name = f"{_config_text(d.iloc[0])}, ×{int(lab)}"
+        left.errorbar(x, 100 * d["final_accuracy_median"], marker="o", ms=3, lw=1,
+                      label=name)
+        right.errorbar(x, d["images_per_sec_median"],
+                       yerr=_err(d["images_per_sec_median"].to_numpy(float),
+                                 d["images_per_sec_ci_lo"].to_numpy(float),
+                                 d["images_per_sec_ci_hi"].to_numpy(float)),
+                       marker="o", ms=3, lw=1, capsize=2)
+        for ax in (left, right):
+            ax.set_xticks(x, list(d["period"]))
+    seq = _per_problem(summary.table, problem)
+    seq = seq[(seq["path"] == BASELINE_PATH) & seq["config_id"].isin(t["config_id"])]
+    for acc in 100 * seq["final_accuracy_median"]:
+        left.axhline(acc, ls=":", color="0.4", lw=0.8)
+    left.set_xlabel("steps between averages")
+    left.set_ylabel("test accuracy (%)")
+    right.set_xlabel("steps between averages")
+    right.set_ylabel("images/s")
+    left.legend(fontsize=7, loc="lower left")
+    for ax in (left, right):
+        ax.tick_params(labelsize=8)
+    return fig
+
+
+# ---- heatmap ---------------------------------------------------------------------------------------------------
+def plot_heatmap(summary: Summary, problem: str):
+    """Speed-up against the best one-core contender over batch size x filters, for variants
+    measured on at least a 2 x 2 grid (each at its largest p that fits the cores), with a
+    colour bar."""
+    from .summary import _at_max_p
     t = _at_max_p(_per_problem(summary.table, problem))
-    if t.empty or (t["batch_size"].nunique() < 2 and t["filters"].nunique() < 2):
+    if t.empty:
+        return None
+    ok = [lb for lb, d in t.groupby("label")
+          if d["batch_size"].nunique() >= 2 and d["filters"].nunique() >= 2]
+    if not ok:
         return None
     from matplotlib.colors import TwoSlopeNorm
-    import seaborn as sns
-    labels = _ordered(t, "label")
-    ncol = min(4, len(labels))
-    nrow = math.ceil(len(labels) / ncol)
-    fig, axes = _new_figure(nrow, ncol, 2.6, 2.3)
-    lo = min(0.9, float(t["speedup"].min()))
-    hi = max(1.1, float(t["speedup"].max()))
-    norm = TwoSlopeNorm(vmin=lo, vcenter=1.0, vmax=hi)
-    for k, lb in enumerate(labels):
-        ax = axes[k // ncol][k % ncol]
-        ax.set_visible(True)
+    fig, axes = _figure(4.6, 2.4 * len(ok), nrows=len(ok))
+    vals = t[t["label"].isin(ok)]["speedup_best"]
+    norm = TwoSlopeNorm(vmin=min(0.9, float(vals.min())), vcenter=1.0,
+                        vmax=max(1.1, float(vals.max())))
+    for lb, ax in zip(ok, axes[:, 0]):
         d = t[t["label"] == lb].pivot_table(index="filters", columns="batch_size",
-                                            values="speedup", aggfunc="median")
-        d.index = [_int(x) for x in d.index]
-        d.columns = [_int(x) for x in d.columns]
-        sns.heatmap(d, ax=ax, annot=True, fmt=".2f", cmap="RdBu", norm=norm, cbar=False,
-                    annot_kws={"fontsize": 8}, linewidths=0.5)
-        ax.invert_yaxis()
-        ax.set_title(lb, fontsize=9)
+                                            values="speedup_best", aggfunc="median")
+        im = ax.imshow(d.to_numpy(float), cmap="RdBu", norm=norm, origin="lower",
+                       aspect="auto")
+        for (i, j), val in np.ndenumerate(d.to_numpy(float)):
+            if np.isfinite(val):
+                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
+        ax.set_xticks(range(d.shape[1]), [_int(x) for x in d.columns])
+        ax.set_yticks(range(d.shape[0]), [_int(x) for x in d.index])
         ax.set_xlabel("batch size")
         ax.set_ylabel("filters")
+        ax.set_title(lb, fontsize=9)
+        fig.colorbar(im, ax=ax, label="S vs best one-core")
+    return fig
+
+
+# ---- the scaling model -------------------------------------------------------------------------------------------
+def plot_scaling_model(summary: Summary, problem: str):
+    """Predicted speed-up to p = 64 from measured costs (compute per example, reduction,
+    allreduce where fitted), beside the measured points; the shaded region is beyond this
+    machine's cores (prediction only)."""
+    model = summary.extra.get("scaling")
+    if model is None or model.empty:
+        return None
+    m = model[model["problem"] == problem]
+    if m.empty:
+        return None
+    keys = list(m.groupby(["config_id", "variant"], sort=False).groups)[:4]
+    fig, axes = _figure(5.2, 2.7 * len(keys), nrows=len(keys))
+    for (cid, v), ax in zip(keys, axes[:, 0]):
+        d = m[(m["config_id"] == cid) & (m["variant"] == v)].sort_values("p")
+        ps = d["p"].to_numpy(float)
+        ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
+        for col, name, style in (("predicted_threads", "model: threads (measured reduce)",
+                                  "-"), ("predicted_mpi", "model: MPI ranks (allreduce "
+                                         "alpha/beta)", "--")):
+            if col in d and d[col].notna().any():
+                ax.plot(ps, d[col], ls=style, lw=1.2, label=name)
+        meas = d[d["measured"].notna()]
+        ax.scatter(meas["p"], meas["measured"], color="black", s=20, zorder=3,
+                   label="measured")
+        cores = d["cores"].iat[0]
+        if np.isfinite(cores):
+            ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log", base=2)
+        ticks = [int(x) for x in ps if x == 2 ** round(math.log2(x))]
+        ax.set_xticks(ticks, [str(x) for x in ticks])
+        ax.set_yticks(ticks, [str(x) for x in ticks])
+        ax.minorticks_off()
+        ax.set_ylim(0.5, ps.max() * 1.2)
+        ax.set_xlabel("workers p")
+        ax.set_ylabel("speed-up vs one worker")
+        ax.set_title(f"{v}, {d['title'].iat[0]}", fontsize=9)
         ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
     return fig
 
 
-def plot_time_breakdown(summary: Summary, problem: str):
-    """Median seconds per run in each phase: compute, data, host-device transfer, evaluation,
-    JIT compile (once per run) and the rest of the epoch loop."""
-    runs = _per_problem(summary.runs, problem)
-    if runs.empty:
+# ---- equivalence (global) ------------------------------------------------------------------------------------------
+def plot_equivalence(table: pd.DataFrame):
+    """Relative weight difference ``||w - w_seq|| / ||w_seq||`` after each step, for every
+    path that implements the sequential algorithm, float64 and float32, same initial weights
+    and batches (log scale; float64 sits near 1e-16, float32 near 1e-7)."""
+    if table is None or table.empty:
         return None
+    dtypes = [d for d in ("float64", "float32") if d in set(table["dtype"])]
+    fig, axes = _figure(6.4, 2.6, ncols=len(dtypes), sharey=False)
     import seaborn as sns
-    panels, (nr, nc) = _facets(runs)
-    labels = _ordered(runs, "label")
-    colors = dict(zip(TIME_PARTS, sns.color_palette("Set2", len(TIME_PARTS))))
-    fig, axes = _new_figure(nr, nc, 4.2, 0.28 * len(labels) + 1.0)
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
-        d = runs[runs["config_id"] == cid]
-        order = [lb for lb in labels if lb in set(d["label"])]
-        med = d.groupby("label")[list(TIME_PARTS)].median().reindex(order)
-        left = np.zeros(len(order))
-        for part in TIME_PARTS:
-            ax.barh(range(len(order)), med[part].to_numpy(), left=left, color=colors[part],
-                    label=part)
-            left += med[part].to_numpy()
-        ax.set_yticks(range(len(order)), order)
-        ax.invert_yaxis()
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("seconds per run (all epochs)")
+    labels = list(dict.fromkeys(table["label"]))
+    colors = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
+    for dt, ax in zip(dtypes, axes[0]):
+        d = table[table["dtype"] == dt]
+        for lb, g in d.groupby("label", sort=False):
+            ax.plot(g["step"], g["rel_diff"].clip(lower=1e-20), lw=1, color=colors[lb],
+                    label=lb)
+        ax.set_yscale("log")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("relative weight difference")
+        ax.set_title(dt, fontsize=9)
         ax.tick_params(labelsize=8)
-    h, lb = axes[panels[0][2][0]][panels[0][2][1]].get_legend_handles_labels()
-    fig.legend(h, lb, loc="outside lower center", ncol=len(TIME_PARTS), fontsize=8,
-               frameon=False)
+        eps = float(np.finfo(dt).eps)
+        ax.axhline(eps, ls=":", color="0.4", lw=0.8)
+    axes[0][0].legend(fontsize=6.5, loc="lower right", framealpha=0.9)
     return fig
 
 
-def plot_accuracy(summary: Summary, problem: str):
-    """Final test accuracy per variant: box (quartiles) and one dot per repeat."""
-    runs = _per_problem(summary.runs, problem)
-    runs = runs[runs["final_accuracy"].notna()]
-    if runs.empty:
-        return None
-    pal = _palette(summary)
-    panels, (nr, nc) = _facets(runs)
-    labels = _ordered(runs, "label")
-    fig, axes = _new_figure(nr, nc, 4.2, 0.28 * len(labels) + 1.0)
-    for title, cid, (i, j) in panels:
-        ax = axes[i][j]
-        ax.set_visible(True)
-        d = runs[runs["config_id"] == cid]
-        order = [lb for lb in labels if lb in set(d["label"])]
-        box = ax.boxplot([d.loc[d["label"] == lb, "final_accuracy"].to_numpy() for lb in order],
-                         positions=range(len(order)), orientation="horizontal", widths=0.6,
-                         showfliers=False, patch_artist=True, medianprops={"color": "0.2"})
-        for patch, lb in zip(box["boxes"], order):
-            patch.set(facecolor=pal[d.loc[d["label"] == lb, "variant"].iat[0]], alpha=0.35,
-                      linewidth=0.8)
-        _strip(ax, d, "final_accuracy", order, pal, size=9)
-        ax.set_title(title, fontsize=9)
-        ax.set_xlabel("final test accuracy")
-    return fig
-
-
-def plot_accuracy_vs_time(summary: Summary, problem: str):
-    """Final test accuracy against the run's training wall time (all epochs), one dot a run."""
-    runs = _per_problem(summary.runs, problem)
-    runs = runs[runs["final_accuracy"].notna()]
-    if runs.empty:
-        return None
-    import seaborn as sns
-    pal = _palette(summary)
-    runs = runs.assign(config=[_config_text(r) for _, r in runs.iterrows()])
-    fig, axes = _new_figure(1, 1, 6.5, 4.0)
-    ax = axes[0][0]
-    ax.set_visible(True)
-    sns.scatterplot(data=runs, x="total_time", y="final_accuracy", hue="variant",
-                    hue_order=_ordered(runs, "variant"), palette=pal, style="config", ax=ax,
-                    s=30, alpha=0.85)
-    wide = runs["total_time"].max() > 10 * runs["total_time"].min()
-    if wide:
-        ax.set_xscale("log")
-    ax.set_xlabel("training wall time of the run (s" + (", log scale)" if wide else ")"))
-    ax.set_ylabel("final test accuracy")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-    return fig
-
-
-PLOTS = {"epoch_time": plot_epoch_time, "throughput": plot_throughput,
-         "speedup": plot_speedup, "efficiency": plot_efficiency,
-         "speedup_vs_size": plot_speedup_vs_size, "speedup_heatmap": plot_speedup_heatmap,
-         "time_breakdown": plot_time_breakdown, "accuracy": plot_accuracy,
-         "accuracy_vs_time": plot_accuracy_vs_time}
+PLOTS = {"throughput": plot_throughput, "baselines": plot_baselines, "scaling": plot_scaling,
+         "per_image": plot_per_image, "time_breakdown": plot_time_breakdown,
+         "accuracy": plot_accuracy, "time_to_accuracy": plot_time_to_accuracy,
+         "average_period": plot_average_period, "heatmap": plot_heatmap,
+         "scaling_model": plot_scaling_model}
 
 
 def _caption(kind: str, summary: Summary, problem: str) -> str:
-    ci = f"{summary.level:.0%} percentile-bootstrap CI over repeats ({summary.n_boot} resamples)"
-    return {
-        "epoch_time": f"{problem}: training wall time per epoch; a dot is one run (the median "
-                      f"of its epochs), the bar the median over repeats.",
-        "throughput": f"{problem}: training throughput (images/s), median over repeats; "
-                      f"whiskers: {ci}.",
-        "speedup": f"{problem}: speed-up S against the sequential path of the same "
-                   f"configuration vs threads p; whiskers: {ci} of the ratio of medians; "
-                   f"dotted: ideal S = p; dashed: least-squares Amdahl fit.",
-        "efficiency": f"{problem}: parallel efficiency E = S/p for p > 1; whiskers: {ci}.",
-        "speedup_vs_size": f"{problem}: speed-up at each variant's largest thread count "
-                           f"against the batch size; above 1 parallelism pays, below 1 the "
-                           f"overhead wins. Whiskers: {ci}.",
-        "speedup_heatmap": f"{problem}: median speed-up over batch size and filter count at "
-                           f"each variant's largest thread count (blue: faster than "
-                           f"sequential, red: slower).",
-        "time_breakdown": f"{problem}: where a run's time goes, median seconds per run: "
-                          f"compute, data (shuffle, gather), host-device transfer, test-set "
-                          f"evaluation, JIT compile (once per run) and the rest of the loop.",
-        "accuracy": f"{problem}: final test accuracy on the held-out split; boxes: quartiles "
-                    f"over repeats, dots: runs.",
-        "accuracy_vs_time": f"{problem}: final test accuracy against the training wall time "
-                            f"of the run (all epochs, compile excluded); one marker a run.",
-    }[kind]
+    cov = summary.table["ci_coverage"].dropna() if len(summary.table) else pd.Series(dtype=float)
+    ci = ("whiskers: distribution-free order-statistic interval of the median over repeats"
+          + (f" (coverage {100 * cov.min():.0f}% at n = {int(summary.table['n_repeats'].min())})"
+             if len(cov) else ""))
+    text = {
+        "throughput": f"{problem}: training throughput, median over repeats; {ci}. Black "
+                      f"outline: the best one-core contender of the configuration; hatched: "
+                      f"more workers than cores (oversubscribed).",
+        "baselines": f"{problem}: speed-up of each variant using more than one core against "
+                     f"(a) the sequential NumPy path, (b) the best one-core contender measured "
+                     f"for that configuration (named in the table), (c) its own one-worker "
+                     f"run; medians of per-seed ratios, {ci}. Strong scaling: the global "
+                     f"batch is fixed.",
+        "scaling": f"{problem}: strong scaling (fixed global batch): speed-up against the "
+                   f"variant's own one-worker run, against workers p; dotted: S = p; dashed: "
+                   f"Amdahl fit, drawn only where at least three worker counts were measured, "
+                   f"and only over them; hollow: oversubscribed, not fitted.",
+        "per_image": f"{problem}: core-milliseconds per training image against the examples "
+                     f"one worker computes per step. A sync point with p workers is p times "
+                     f"its time per image at shard size batch/p; accumulation runs the same "
+                     f"shards on one core. Where the per-image cost falls with the shard size, "
+                     f"S > p against the whole-batch sequential run follows.",
+        "time_breakdown": f"{problem}: where an epoch's time goes (median over repeats). "
+                          f"Right: the small parts on a log axis, including the run's JIT "
+                          f"compile (once per run) and the test-set evaluation per epoch.",
+        "accuracy": f"{problem}: final test accuracy minus that of the sequential run with "
+                    f"the same seed, in percentage points (dots: seeds; bar: median), against "
+                    f"the sequential runs' own seed-to-seed spread (grey).",
+        "time_to_accuracy": f"{problem}: time-to-accuracy on a validation split carved from "
+                            f"the training set (evaluations every k steps, not timed). Left: "
+                            f"every run's validation accuracy against training seconds, "
+                            f"target dashed. Right: median time to target over the runs that "
+                            f"reached it; reached/runs beside each bar.",
+        "average_period": f"{problem}: model averaging (average) swept over its period: steps "
+                          f"between averages (each step a replica trains on its own batch; "
+                          f"examples per global step = workers x batch).",
+        "heatmap": f"{problem}: speed-up against the best one-core contender over batch size "
+                   f"and filter count (each variant at its largest p within the cores).",
+        "scaling_model": f"{problem}: predicted speed-up to p = 64 from measured costs (compute "
+                         f"per example from the one-worker run, the measured reduction, and an "
+                         f"allreduce latency/bandwidth model where fitted), beside the measured "
+                         f"points; shaded: beyond this machine's cores.",
+    }
+    return text[kind]
 
 
 def figure_name(kind: str, problem: str) -> str:
@@ -396,24 +586,35 @@ def figure_name(kind: str, problem: str) -> str:
 
 
 def make_figures(summary: Summary, figures_dir, dpi: int = 150,
-                 kinds: Iterable[str] = FIGURE_KINDS) -> list[dict]:
-    """Draw and save every figure (PNG) under ``figures_dir``; figures that have nothing to
-    show (e.g. no thread counts above 1) are skipped. Returns ``[{problem, kind, file,
-    path, caption}]`` in report order."""
+                 kinds: Iterable[str] = FIGURE_KINDS, equivalence=None) -> list[dict]:
+    """Draw and save every figure (PNG) under ``figures_dir``; figures with nothing to show
+    are skipped. Returns ``[{problem, kind, file, path, caption, width}]`` in report order
+    (the equivalence figure, when its table is given, has ``problem`` "")."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     made = []
+
+    def save(fig, kind, problem, caption):
+        name = figure_name(kind, problem or "all")
+        fig.savefig(out / name, dpi=dpi)
+        made.append({"problem": problem, "kind": kind, "file": name, "path": str(out / name),
+                     "caption": caption,
+                     # share of the report's text width (17 cm), so fonts keep one size
+                     "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN), 3)})
+
+    fig = plot_equivalence(equivalence)
+    if fig is not None:
+        skipped = (equivalence.attrs or {}).get("skipped", [])
+        setup = (equivalence.attrs or {}).get("setup", "")
+        save(fig, "equivalence", "", "Relative weight difference to the sequential path after "
+             "each step, same initial weights and batches" + (f" ({setup})" if setup else "")
+             + "; dotted: the dtype's machine epsilon."
+             + (f" Not run here: {', '.join(skipped)}." if skipped else ""))
     for problem in summary.problems:
         for kind in kinds:
             fig = PLOTS[kind](summary, problem)
-            if fig is None:
-                continue
-            name = figure_name(kind, problem)
-            fig.savefig(out / name, dpi=dpi)
-            made.append({"problem": problem, "kind": kind, "file": name,
-                         "path": str(out / name), "caption": _caption(kind, summary, problem),
-                         # share of the report's text width (17 cm), so fonts keep one size
-                         "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN), 3)})
+            if fig is not None:
+                save(fig, kind, problem, _caption(kind, summary, problem))
     return made
 
 

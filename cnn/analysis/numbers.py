@@ -9,43 +9,65 @@ import numpy as np
 import pandas as pd
 
 from .. import paths as P
-from .summary import (BASELINE_PATH, GROUP_KEYS, Summary, _at_max_p, _config_text,
+from .summary import (BASELINE_PATH, Summary, _at_max_p, _config_text,
                       _int, _isnan, _jsonable, _num, cold_compile, noise, simulator_check,
                       sync_check)
 from ..results import MACHINE_COLUMNS
 from .text import _pct, fmt, fmt_ci
 
 
+def _pct_ci(m, lo, hi) -> str:
+    return fmt_ci(m, lo, hi)
+
+
 def _table_rows(t: pd.DataFrame) -> list[dict]:
     rows, prev = [], None
     for _, r in t.iterrows():
+        seq = r["path"] == BASELINE_PATH
         rows.append({
             "first": bool(rows) and r["config_id"] != prev,
-            "label": r["label"], "batch": _int(r["batch_size"]), "filters": _int(r["filters"]),
+            "label": r["label"] + (" †" if r["oversubscribed"] else ""),
+            "batch": _int(r["batch_size"]), "filters": _int(r["filters"]),
             "n": str(int(r["n_repeats"])),
             "time": fmt_ci(r["epoch_time_median"], r["epoch_time_ci_lo"], r["epoch_time_ci_hi"]),
             "ips": fmt_ci(r["images_per_sec_median"], r["images_per_sec_ci_lo"],
                           r["images_per_sec_ci_hi"]),
-            "speedup": ("1 (baseline)" if r["path"] == BASELINE_PATH else
-                        fmt_ci(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"])),
-            "efficiency": "–" if r["path"] == BASELINE_PATH else fmt(r["efficiency"]),
-            "karp_flatt": fmt(r["karp_flatt"], 2),
-            "accuracy": (f"{_pct(r['final_accuracy_median'])} ({_pct(r['final_accuracy_iqr'])})"),
+            "speedup": "1 (base)" if seq else fmt_ci(r["speedup"], r["speedup_ci_lo"],
+                                                     r["speedup_ci_hi"]),
+            "speedup_best": ("1 (base)" if r["best_label"] == r["label"] else
+                             fmt_ci(r["speedup_best"], r["speedup_best_ci_lo"],
+                                    r["speedup_best_ci_hi"])),
+            "speedup_self": ("–" if _isnan(r["speedup_self"]) or r["p"] == 1 else
+                             fmt_ci(r["speedup_self"], r["speedup_self_ci_lo"],
+                                    r["speedup_self_ci_hi"])),
+            "efficiency": "–" if not r["p"] > 1 else fmt(r["efficiency_best"]),
+            "karp_flatt": fmt(r["karp_flatt_self"], 2),
+            "accuracy": _pct(r["final_accuracy_median"]),
+            "acc_diff": "–" if seq else _pp(r["accuracy_diff_pp"]),
         })
         prev = r["config_id"]
     return rows
+
+
+def _pp(x) -> str:
+    return "–" if _isnan(x) else f"{float(x):+.2f} pp"
 
 
 def _short_config(r) -> str:
     return f"b{_int(r['batch_size'])} f{_int(r['filters'])}"
 
 
-def speedup_verdicts(t: pd.DataFrame) -> dict:
-    """Per problem and variant (with a sequential baseline and a CI): in how many configurations
-    the speed-up's CI lies above 1 (parallelism pays), below 1 (the overhead wins), or spans 1."""
-    par = t[(t["path"] != BASELINE_PATH) & t["speedup_ci_lo"].notna()]
-    pays = par["speedup_ci_lo"] > 1
-    loses = par["speedup_ci_hi"] < 1
+def speedup_verdicts(t: pd.DataFrame, col: str = "speedup_best") -> dict:
+    """Per problem and variant using more than one core (p > 1: a one-thread backend swap is
+    not parallelism): in how many configurations the interval of the speed-up against the best
+    one-core contender (``col``) lies above 1 (parallelism pays), below 1 (the overhead wins),
+    or spans 1. Oversubscribed points count, and are flagged."""
+    par = t[(t["p"] > 1) & t[f"{col}_ci_lo"].notna()] if len(t) else t
+    if not len(par):
+        return {"n": 0, "n_pays": 0, "n_loses": 0, "n_unclear": 0, "rows": [],
+                "baseline": col}
+    pays = par[f"{col}_ci_lo"] > 1
+    loses = par[f"{col}_ci_hi"] < 1
     rows = []
     for (problem, lb), g in par.groupby(["problem", "label"], sort=False):
         gp, gl = pays[g.index], loses[g.index]
@@ -56,13 +78,15 @@ def speedup_verdicts(t: pd.DataFrame) -> dict:
                      "where_loses": ", ".join(_short_config(r) for _, r in g[gl].iterrows()) or "–",
                      "where_unclear": ", ".join(_short_config(r) for _, r in g[gu].iterrows()) or "–"})
     return {"n": int(len(par)), "n_pays": int(pays.sum()), "n_loses": int(loses.sum()),
-            "n_unclear": int(len(par) - pays.sum() - loses.sum()), "rows": rows}
+            "n_unclear": int(len(par) - pays.sum() - loses.sum()), "rows": rows,
+            "baseline": col}
 
 
 def speedup_trends(t: pd.DataFrame) -> list[dict]:
-    """How the speed-up of each variant (at its largest p) moves with the batch size, filters
-    held fixed, and with the filter count, batch size held fixed; ``clear`` when the CIs at the
-    two ends do not overlap."""
+    """How the speed-up against the best one-core contender of each variant (at its largest p
+    within the cores) moves with the batch size, filters held fixed, and with the filter
+    count, batch size held fixed; ``clear`` when the intervals at the two ends do not
+    overlap."""
     out = []
     t = _at_max_p(t)
     for (problem, lb), g in t.groupby(["problem", "label"], sort=False):
@@ -73,12 +97,14 @@ def speedup_trends(t: pd.DataFrame) -> list[dict]:
                 if h[axis].nunique() < 2:
                     continue
                 a, b = h.iloc[0], h.iloc[-1]
-                clear = (a["speedup_ci_hi"] < b["speedup_ci_lo"]) or (b["speedup_ci_hi"] < a["speedup_ci_lo"])
+                clear = ((a["speedup_best_ci_hi"] < b["speedup_best_ci_lo"])
+                         or (b["speedup_best_ci_hi"] < a["speedup_best_ci_lo"]))
                 out.append({"problem": problem, "label": lb, "fixed": f"{ounit} {_int(ov)}",
                             "varied": unit,
                             "values": ", ".join(f"{_int(x)}: {fmt(y)}" for x, y in
-                                                zip(h[axis], h["speedup"])),
-                            "direction": "rises" if b["speedup"] > a["speedup"] else "falls",
+                                                zip(h[axis], h["speedup_best"])),
+                            "direction": ("rises" if b["speedup_best"] > a["speedup_best"]
+                                          else "falls"),
                             "clear": "yes" if clear else "no"})
     return out
 
@@ -166,6 +192,53 @@ def communication(t: pd.DataFrame) -> list[dict]:
     return rows
 
 
+def _best_parallel(tp: pd.DataFrame, col: str):
+    par = tp[(tp["p"] > 1) & tp[col].notna() & ~tp["oversubscribed"].astype(bool)]
+    if not len(par):
+        return None
+    r = par.loc[par[col].idxmax()]
+    return {"label": r["label"], "config": _config_text(r), "p": _int(r["p"]),
+            "speedup": fmt_ci(r[col], r[f"{col}_ci_lo"], r[f"{col}_ci_hi"]),
+            "speedup_seq": fmt_ci(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"]),
+            "best_label": r["best_label"],
+            "efficiency": fmt(r[col] / r["p"]), "superlinear": bool(r[col] > r["p"]),
+            "superlinear_seq": bool(r["speedup"] > r["p"])}
+
+
+def _superlinear(tp: pd.DataFrame) -> list[dict]:
+    """Every S > p (against any baseline), with the per-image times that explain it."""
+    out = []
+    for _, r in tp[(tp["p"] > 1)].iterrows():
+        over = [name for col, name in (("speedup", "sequential"),
+                                       ("speedup_best", "best one-core"),
+                                       ("speedup_self", "own one-worker run"))
+                if np.isfinite(r[col]) and r[col] > r["p"]]
+        if not over:
+            continue
+        base = tp[(tp["config_id"] == r["config_id"]) & (tp["path"] == BASELINE_PATH)]
+        out.append({"label": r["label"], "config": _config_text(r), "p": _int(r["p"]),
+                    "against": ", ".join(over), "speedup": fmt(r["speedup"]),
+                    "ms_per_image": fmt(r["time_per_image_ms"] * r["p"]),
+                    "seq_ms_per_image": fmt(base["time_per_image_ms"].iat[0]) if len(base)
+                    else "–"})
+    return out
+
+
+def _tta_rows(tt: pd.DataFrame) -> list[dict]:
+    return [{"label": r["label"], "config": _config_text(r), "target": _pct(r["target"], 1),
+             "runs": str(int(r["n_runs"])), "reached": str(int(r["n_reached"])),
+             "failed": str(int(r["n_failed"])), "cap": str(int(r["cap_epochs"])),
+             "time": fmt_ci(r["time_to_target_median"], r["time_to_target_ci_lo"],
+                            r["time_to_target_ci_hi"]),
+             "steps": fmt(r["steps_to_target_median"]),
+             "per_step_ms": fmt(1000 * r["time_per_step"]),
+             "product": fmt(r["steps_x_time_per_step"]),
+             "speedup": ("1 (base)" if r["path"] == BASELINE_PATH else
+                         fmt_ci(r["tta_speedup"], r["tta_speedup_ci_lo"],
+                                r["tta_speedup_ci_hi"]))}
+            for _, r in tt.iterrows()]
+
+
 def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> dict:
     """Every number and generated sentence ``report/report.typ`` prints (a JSON-able dict)."""
     runs, t, res = summary.runs, summary.table, summary.results
@@ -174,16 +247,20 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
     failed_only = sorted(set(summary.failed["path"]) - set(present)) if len(summary.failed) else []
     started = pd.to_datetime(res["started_at"], errors="coerce", utc=True,
                              format="ISO8601").dropna()
-    reps = runs.groupby(list(GROUP_KEYS), dropna=False).size() if len(runs) else pd.Series(dtype=int)
-    epochs = sorted(int(x) for x in runs["n_epochs"].unique()) if len(runs) else []
+    timing = runs[~runs["tta"]] if len(runs) else runs
+    reps = (timing.groupby(["config_id", "variant", "threads"], dropna=False).size()
+            if len(timing) else pd.Series(dtype=int))
+    epochs = sorted(int(x) for x in timing["n_epochs"].unique()) if len(timing) else []
+    scaling = summary.extra.get("scaling")
     problems = []
     for problem in summary.problems:
         tp = t[t["problem"] == problem]
         rp = runs[runs["problem"] == problem]
         am = summary.amdahl[summary.amdahl["problem"] == problem]
-        par = tp[(tp["path"] != BASELINE_PATH) & tp["speedup"].notna()]
-        best = par.loc[par["speedup"].idxmax()] if len(par) else None
+        tt = summary.tta[summary.tta["problem"] == problem]
         params = rp.groupby("filters", dropna=False)["num_params"].first()
+        sc = scaling[scaling["problem"] == problem] if scaling is not None and len(scaling) \
+            else None
         problems.append({
             "name": problem, "dataset": str(rp["dataset"].iat[0]), "model": str(rp["model"].iat[0]),
             "architecture": _model_text(str(rp["model"].iat[0])),
@@ -195,33 +272,38 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
             "paths": [p for p in present if p in set(rp["path"])],
             "absent": [p for p in PATHS if p not in set(rp["path"])],
             "no_baseline": sorted({_config_text(r) for _, r in tp.iterrows() if r["n_baseline"] == 0}),
-            "best": None if best is None else {
-                "label": best["label"], "config": _config_text(best),
-                "speedup": fmt_ci(best["speedup"], best["speedup_ci_lo"], best["speedup_ci_hi"]),
-                "efficiency": fmt(best["efficiency"]),
-            },
+            "best": _best_parallel(tp, "speedup_best"),
+            "best_seq": _best_parallel(tp, "speedup"),
+            "contenders": sorted({r["best_label"] for _, r in tp.iterrows() if r["best_label"]}),
+            "superlinear": _superlinear(tp),
             "table": _table_rows(tp),
+            "oversubscribed": sorted({r["label"] for _, r in tp.iterrows() if r["oversubscribed"]}),
             "amdahl": [{"variant": r["variant"], "config": _config_text(r),
-                        "p_values": r["p_values"],
-                        "f": fmt_ci(r["amdahl_f"], r["amdahl_f_ci_lo"], r["amdahl_f_ci_hi"], 2)
-                        + ("*" if r["at_bound"] else ""),
-                        "rms": fmt(r["rms_residual"], 2),
+                        "p_values": r["p_values"], "excluded": r["excluded"] or "–",
+                        "f": fmt_ci(r["amdahl_f"], r["amdahl_f_ci_lo"], r["amdahl_f_ci_hi"], 2),
                         "f_self": fmt_ci(r["amdahl_f_self"], r["amdahl_f_self_ci_lo"],
                                          r["amdahl_f_self_ci_hi"], 2),
-                        "kf": fmt(r["karp_flatt_at_p_max"], 2),
-                        "kf_self": fmt(r["karp_flatt_self_at_p_max"], 2),
-                        "p_max": _int(r["p_max"]),
-                        "s_max": fmt(r["speedup_at_p_max"])} for _, r in am.iterrows()],
-            "amdahl_at_bound": int(am["at_bound"].sum()) if len(am) else 0,
-            # a single p > 1 point determines the fit (p = 1 only adds a constant to the loss)
-            "amdahl_one_point": bool(len(am) and all(
-                sum(int(x) > 1 for x in pv.split(", ")) <= 1 for pv in am["p_values"])),
+                        "rms": fmt(r["rms_residual_self"], 2),
+                        "kf": fmt(r["karp_flatt_self_at_p_max"], 2),
+                        "p_max": _int(r["p_max"])} for _, r in am.iterrows()],
+            "tta": _tta_rows(tt),
+            "scaling": [] if sc is None or not len(sc) else [
+                {"variant": v, "config": g["title"].iat[0],
+                 "p64": fmt(g.loc[g["p"] == 64, "predicted_threads"].iat[0])
+                 if (g["p"] == 64).any() else "–",
+                 "p64_mpi": fmt(g.loc[g["p"] == 64, "predicted_mpi"].iat[0])
+                 if (g["p"] == 64).any() else "–",
+                 "max_error": _pct(g["rel_error"].abs().max(), 0)
+                 if g["rel_error"].notna().any() else "–"}
+                for (cid, v), g in sc.groupby(["config_id", "variant"], sort=False)],
             "figures": [f for f in figures if f["problem"] == problem],
         })
     ok_machines = _machines(summary)
     cuda_ok = "cuda" in set(runs["path"])
     cuda_failed = summary.failed[summary.failed["path"] == "cuda"] if len(summary.failed) else []
     n_rep_min = int(reps.min()) if len(reps) else 0
+    cov = t["ci_coverage"].dropna() if len(t) else pd.Series(dtype=float)
+    orders = res["order_seed"].dropna().unique() if "order_seed" in res else []
     numbers = {
         "generated_at": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "source": summary.source,
@@ -237,6 +319,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
             "configs": int(runs["config_id"].nunique()) if len(runs) else 0,
             "problems": len(summary.problems),
             "groups": int(len(t)),
+            "tta_runs": int(runs["tta"].sum()) if len(runs) else 0,
         },
         "period": {"start": started.min().strftime("%Y-%m-%d %H:%M") if len(started) else "–",
                    "end": started.max().strftime("%Y-%m-%d %H:%M") if len(started) else "–"},
@@ -249,28 +332,33 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                     "error": str(r.get("error", ""))[:160]} for _, r in summary.failed.iterrows()],
         "paths": {"expected": list(PATHS), "present": present,
                   "absent": [p for p in PATHS if p not in present], "failed_only": failed_only},
-        "method": {"n_boot": summary.n_boot, "level": _pct(summary.level, 0),
-                   "seed": summary.seed,
-                   # a bootstrap CI of a median cannot leave the range of the observations; the
-                   # range [min, max] of n samples covers the true median with prob. 1 - 2^(1-n)
-                   "range_coverage": _pct(1 - 2.0 ** (1 - n_rep_min), 0) if n_rep_min else "–",
-                   "n_min": n_rep_min},
+        "method": {"level": _pct(summary.level, 0), "n_min": n_rep_min,
+                   "coverage_min": _pct(cov.min(), 0) if len(cov) else "–",
+                   "coverage_max": _pct(cov.max(), 0) if len(cov) else "–",
+                   "randomised": bool(len(orders)),
+                   "order_seeds": ", ".join(str(int(x)) for x in orders) or "–",
+                   "min_p_for_fits": 3},
         "problems": problems,
         "verdicts": speedup_verdicts(t) if len(t) else {"n": 0},
+        "verdicts_seq": speedup_verdicts(t, "speedup") if len(t) else {"n": 0},
         "trends": speedup_trends(t) if len(t) else [],
         "communication": communication(t),
         "sync": sync_check(summary),
         "noise": noise(summary),
         "cold_compile": cold_compile(summary),
+        "equivalence": summary.extra.get("equivalence_numbers", {"variants": 0}),
+        "allreduce": summary.extra.get("allreduce_text", ""),
         "gpu": {"cuda_measured": bool(cuda_ok), "cuda_failed": int(len(cuda_failed)),
                 "simulated": simulator_check(summary),
                 "cuda_error": (str(cuda_failed["error"].iat[0])[:160] if len(cuda_failed) else ""),
                 "kernels": read_gpu_kernels(gpu_kernels)},
         "datasets": sorted(set(runs["dataset"])) if len(runs) else [],
+        "global_figures": [f for f in figures if not f["problem"]],
     }
     s = numbers["sync"]
     if s.get("pairs"):
-        s["max_abs_diff_text"] = _pct(s["max_abs_diff"], 2)
+        s["max_text"] = f"{s['max_abs_diff_pp']:.2f}"
+        s["spread_text"] = f"{s['seed_spread_pp_max']:.2f}"
     n = numbers["noise"]
     if n.get("groups"):
         n["cv_median_text"], n["cv_max_text"] = _pct(n["cv_median"]), _pct(n["cv_max"])

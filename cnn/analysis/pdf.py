@@ -36,14 +36,22 @@ def compile_report(numbers_json, figures_dir, out, typ=REPORT_TYP) -> Path:
 
 
 def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_dir=None,
-                 generated_dir=None, gpu_kernels=None, n_boot: int = 2000, level: float = 0.95,
+                 generated_dir=None, gpu_kernels=None, n_boot: int = 0, level: float = 0.95,
                  seed: int = 0, dpi: int = 150, typ=REPORT_TYP, pdf: bool = True,
-                 verbose: bool = True) -> dict:
+                 verbose: bool = True, merge=(), equivalence=None, allreduce=None) -> dict:
     """The one command: results pickle -> summary (CSV, JSON) + figures + ``numbers.json`` ->
     PDF. Defaults: figures in ``<results dir>/figures``, the summary beside the results,
     ``numbers.json`` in ``<out dir>/generated``, the GPU table from ``<results dir>/
-    gpu_kernels.csv`` (else the repository's ``results/gpu_kernels.csv``). Returns the paths
-    written and the seconds taken."""
+    gpu_kernels.csv`` (else the repository's ``results/gpu_kernels.csv``), the equivalence
+    table from ``<results dir>/equivalence.csv`` and the MPI allreduce fit from
+    ``<results dir>/mpi_allreduce.json`` when they exist. ``merge``: more results files (for
+    example another machine's, ``results/device/df_results.pkl``), analysed beside the main
+    one (speed-ups are only ever formed within one machine). Returns the paths written and the
+    seconds taken."""
+    import pandas as pd
+
+    from ..study.equivalence import read as read_equivalence
+    from .scaling import read_allreduce, scaling_model
     t0 = time.perf_counter()
     results = Path(results)
     out = Path(out)
@@ -53,10 +61,29 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
     if gpu_kernels is None:
         cands = [results.parent / "gpu_kernels.csv", ROOT / "results" / "gpu_kernels.csv"]
         gpu_kernels = next((c for c in cands if c.exists()), None)
-    df = load_results(results)
-    summary = summarize(df, n_boot=n_boot, level=level, seed=seed, source=str(results))
+    frames = [load_results(results)] + [load_results(m) for m in merge]
+    df = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    source = " + ".join(str(x) for x in (results, *merge))
+    summary = summarize(df, n_boot=n_boot, level=level, seed=seed, source=source)
+    eq = read_equivalence(equivalence or results.parent / "equivalence.csv")
+    ar = read_allreduce(allreduce or results.parent / "mpi_allreduce.json")
+    summary.extra["scaling"] = scaling_model(summary, ar)
+    summary.extra["allreduce_text"] = (
+        f"alpha = {ar['alpha'] * 1e6:.1f} us, beta = {ar['beta'] * 1e9:.3f} ns/byte at "
+        f"{int(ar.get('ranks', 2))} ranks (from {ar['source']})" if ar else "")
+    if eq is not None and len(eq):
+        last = eq.sort_values("step").groupby(["dtype", "label"]).last()["rel_diff"]
+        summary.extra["equivalence_numbers"] = {
+            "variants": int(eq["label"].nunique()), "steps": int(eq["step"].max()),
+            "max64": f"{eq.loc[eq['dtype'] == 'float64', 'rel_diff'].max():.1e}"
+            if (eq["dtype"] == "float64").any() else "–",
+            "max32": f"{eq.loc[eq['dtype'] == 'float32', 'rel_diff'].max():.1e}"
+            if (eq["dtype"] == "float32").any() else "–",
+            "labels": sorted(eq["label"].unique()),
+            "skipped": list(eq.attrs.get("skipped", [])),
+            "final": {f"{d} {lb}": f"{v:.1e}" for (d, lb), v in last.items()}}
     paths = write_summary(summary, summary_dir)
-    figures = make_figures(summary, figures_dir, dpi=dpi)
+    figures = make_figures(summary, figures_dir, dpi=dpi, equivalence=eq)
     numbers = report_numbers(summary, figures, gpu_kernels)
     numbers["gpu"]["kernels_source"] = str(gpu_kernels) if gpu_kernels else ""
     generated_dir.mkdir(parents=True, exist_ok=True)
@@ -69,8 +96,8 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
     written["seconds"] = time.perf_counter() - t0
     if verbose:
         c = numbers["counts"]
-        print(f"{c['runs_ok']} runs ok, {c['runs_failed']} failed (excluded); "
-              f"{len(figures)} figures in {figures_dir}; summary {paths['csv']}; "
-              f"numbers {numbers_path}" + (f"; report {written['pdf']}" if pdf else "")
-              + f" ({written['seconds']:.1f} s)")
+        print(f"{c['runs_ok']} runs ok, {c['runs_failed']} failed and {c['runs_diverged']} "
+              f"diverged (excluded); {len(figures)} figures in {figures_dir}; summary "
+              f"{paths['csv']}; numbers {numbers_path}"
+              + (f"; report {written['pdf']}" if pdf else "") + f" ({written['seconds']:.1f} s)")
     return written

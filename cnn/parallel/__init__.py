@@ -14,6 +14,7 @@ _STRATEGIES = {
     "processes": ("cnn.parallel.processes", "SyncProcesses"),
     "mpi": ("cnn.parallel.mpi", "MPISync"),
     "mpi_average": ("cnn.parallel.mpi", "MPIAverage"),
+    "accumulate": ("cnn.parallel.accumulate", "AccumulateStrategy"),
 }
 #: the strategies that run one process per MPI rank (started by a launcher)
 MPI_STRATEGIES = ("mpi", "mpi_average")

@@ -114,9 +114,17 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
 
     entry = P.get_path(cfg["path"])
     dtype = np.dtype(cfg["dtype"])
+    val_size = int(cfg.get("val_size") or 0)
     t = time.perf_counter()
-    data = load_dataset(cfg["dataset"], root=data_root, limit=cfg["train_size"],
+    data = load_dataset(cfg["dataset"], root=data_root, limit=cfg["train_size"] + val_size,
                         test_limit=cfg["test_size"], seed=0, dtype=dtype, download=download)
+    x_train, y_train = data.x_train, data.y_train
+    if val_size:  # the validation split: the end of the training split, never the test set
+        if len(x_train) <= val_size:
+            raise ValueError(f"val_size={val_size} leaves no training examples of "
+                             f"{len(x_train)}")
+        x_val, y_val = x_train[-val_size:], y_train[-val_size:]
+        x_train, y_train = x_train[:-val_size], y_train[:-val_size]
     load_time = time.perf_counter() - t
     spec = with_filters(resolve_spec(cfg["model"]), cfg["filters"])
     backend = entry.model_backend or cfg["backend"]
@@ -126,13 +134,26 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
                  "momentum": cfg["momentum"]}
     common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=optimizer,
                   seed=cfg["seed"], validation_data=(data.x_test, data.y_test), verbose=0)
+    tta = None
+    if cfg.get("target") is not None and not (isinstance(cfg["target"], float)
+                                              and math.isnan(cfg["target"])):
+        from .tta import TimeToAccuracy
+        tta = TimeToAccuracy(x_val, y_val, int(cfg["eval_every"]), float(cfg["target"]))
+    callbacks = [tta] if tta else []
     if entry.trainer == "keras":
+        if tta:
+            raise ValueError(f"path {entry.name!r} has no step hook: time-to-accuracy "
+                             f"(target) needs a path trained by cnn.train.fit or PyTorch")
         from ..keras_reference import fit_keras
-        hist = fit_keras(model, data.x_train, data.y_train, threads=cfg["threads"], **common)
+        hist = fit_keras(model, x_train, y_train, threads=cfg["threads"], **common)
+    elif entry.trainer == "torch":
+        from ..torch_reference import fit_torch
+        hist = fit_torch(model, x_train, y_train, threads=cfg["threads"], device=entry.device,
+                         callbacks=callbacks, **common)
     else:
         from ..train import fit
-        hist = fit(model, data.x_train, data.y_train, backend=backend, blas_threads=1,
-                   **entry.fit_arguments(cfg), **common)
+        hist = fit(model, x_train, y_train, backend=backend, blas_threads=1,
+                   callbacks=callbacks, **entry.fit_arguments(cfg), **common)
     h = hist.history
     epochs = len(h.get("epoch", h.get("loss", [])))
     losses = [h["loss"][i] for i in range(min(epochs, len(h.get("loss", []))))]
@@ -145,13 +166,43 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
         row = {col: (_finite(h[key][i]) if key in h and i < len(h[key]) else None)
                for key, col in HISTORY_TO_COLUMN.items()}
         row["epoch"] = int(h["epoch"][i]) if "epoch" in h else i + 1
+        if "comm_time" in h and i < len(h["comm_time"]):
+            row["comm_time"] = _finite(h["comm_time"][i])
+        if "callback_time" in h and i < len(h["callback_time"]):
+            row["step_eval_time"] = _finite(h["callback_time"][i])
         per_epoch.append(row)
     import socket
     hosts = hist.info.get("hosts") or [socket.gethostname()]
-    return {"epochs": per_epoch, "compile_time": _finite(hist.info.get("compile_time")),
-            "hosts": ",".join(map(str, hosts)),
-            "num_params": int(model.num_params), "train_size": int(len(data.x_train)),
-            "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
+    out = {"epochs": per_epoch, "compile_time": _finite(hist.info.get("compile_time")),
+           "hosts": ",".join(map(str, hosts)),
+           "num_params": int(model.num_params), "train_size": int(len(x_train)),
+           "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
+    if tta:
+        out.update(tta.summary())
+        out["eval_trace"] = json.dumps(tta.trace)
+    if (entry.trainer == "fit" and entry.cores == "workers" and entry.fit_workers
+            and int(cfg["threads"]) > 1):
+        out["reduce_time"] = measure_reduce(int(model.num_params), int(cfg["threads"]), dtype)
+    return out
+
+
+def measure_reduce(num_params: int, p: int, dtype, repeats: int = 21) -> float:
+    """Median seconds, on one thread, of one step's reduction: the size-weighted sum of ``p``
+    gradient vectors of ``num_params`` elements (what ``sync`` does between the backward pass
+    and the update; its workers share it by slices)."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    grads = [rng.random(num_params).astype(dtype) for _ in range(p)]
+    acc, tmp = np.empty(num_params, dtype=dtype), np.empty(num_params, dtype=dtype)
+    w = 1.0 / p
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        np.multiply(grads[0], w, out=acc)
+        for g in grads[1:]:
+            acc += np.multiply(g, w, out=tmp)
+        times.append(time.perf_counter() - t)
+    return float(sorted(times)[len(times) // 2])
 
 
 def is_divergence(err: BaseException) -> bool:

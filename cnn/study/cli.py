@@ -57,6 +57,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--wait", type=_wait_seconds, default=0.0,
                    help="when another study is writing --out, wait this many seconds (or "
                         "'forever') for it instead of refusing at once")
+    p.add_argument("--order-seed", type=int, default=0,
+                   help="seed of the randomised run order within each repeat block (recorded "
+                        "per run; default 0)")
     p.add_argument("--no-retry-failed", action="store_true", help="skip runs recorded as failed")
     p.add_argument("--no-download", action="store_true", help="never download data sets")
 
@@ -82,7 +85,7 @@ def command(args) -> int:
     try:
         run_study(grid, out=args.out, data_root=args.data_dir, progress=True,
                   retry_failed=not args.no_retry_failed, download=not args.no_download,
-                  timeout=args.timeout, wait=args.wait)
+                  timeout=args.timeout, wait=args.wait, order_seed=args.order_seed)
     except StudyLockedError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -5,7 +5,7 @@ import math
 
 from .. import paths as P
 from ..results import done_keys, load_results
-from .grid import expand_grid, variant
+from .grid import EVALS_PER_EPOCH, expand_grid, unavailable, variant
 from .profiles import FULL_NOTES
 from .runner import jit_key
 
@@ -17,12 +17,15 @@ REFERENCE_IPS = {"mnist_small": {4: 33000, 8: 21000, 16: 9000, 32: 4300},
 #: guessed speed relative to sequential until measured (results of an earlier study replace
 #: it); a path not listed is guessed as fast as sequential
 DEFAULT_SPEEDUP = {"sequential": 1.0, "threads": 1.3, "numba": 1.0, "numba_parallel": 1.3,
-                   "cuda": 5.0, "keras": 3.0}
+                   "cuda": 5.0, "keras": 3.0, "accumulate": 0.95, "torch": 0.5,
+                   "torch_cuda": 5.0}
 #: seconds per run outside the epochs: interpreter start, imports (TensorFlow), data loading
 OVERHEAD = {"base": 2.0, "mnist": 2.0, "cifar10": 3.0, "keras": 12.0, "numba": 2.0,
-            "numba_parallel": 2.0, "cuda": 5.0}
+            "numba_parallel": 2.0, "cuda": 5.0, "torch": 4.0, "torch_cuda": 8.0}
 #: seconds of the one-off cold compile per JIT backend and dtype
 COLD_COMPILE = {"numba": 40.0, "numba_parallel": 60.0, "cuda": 30.0}
+#: time-to-accuracy runs stop at their target: the share of the epoch cap guessed for them
+TTA_SHARE_OF_CAP = 0.5
 
 
 def _reference_ips(model: str, filters: int) -> float:
@@ -86,8 +89,15 @@ def estimate_seconds(runs: list[dict], calibration=None) -> list[float]:
         if overhead is None:
             overhead = OVERHEAD["base"] + OVERHEAD.get(r["path"], 0.0)
         overhead += OVERHEAD.get(r["dataset"], 0.0)
-        out.append(cold + overhead
-                   + r["epochs"] * (r["train_size"] / ips + r["test_size"] / eval_ips))
+        epochs = r["epochs"]
+        extra = 0.0
+        if r.get("target") is not None:
+            # training stops at the target: guess a share of the cap, plus the validation
+            # evaluations (every eval_every steps, about EVALS_PER_EPOCH per epoch)
+            epochs = max(1.0, TTA_SHARE_OF_CAP * r["epochs"])
+            extra = epochs * EVALS_PER_EPOCH * r["val_size"] / eval_ips
+        out.append(cold + overhead + extra
+                   + epochs * (r["train_size"] / ips + r["test_size"] / eval_ips))
     return out
 
 
@@ -113,9 +123,10 @@ def describe_plan(grid_or_profile="quick", calibration=None, gpu: bool | None = 
         lines.append("  oversubscribed on this machine (more workers than cores): "
                      + ", ".join(f"{v} x{t}" for v, t in over))
     if len(everything) > len(runs):
-        gpu_paths = sorted({r["path"] for r in everything} - {r["path"] for r in runs})
-        lines.append(f"  skipped: {len(everything) - len(runs)} run(s) of {', '.join(gpu_paths)}:"
-                     f" no GPU on this machine (nothing will be recorded for them)")
+        why = sorted({f"{r['path']} ({unavailable(r, gpu)})" for r in everything
+                      if unavailable(r, gpu)})
+        lines.append(f"  skipped: {len(everything) - len(runs)} run(s) that cannot run on this "
+                     f"machine, nothing will be recorded for them: {', '.join(why)}")
     if grid_or_profile == "full":
         lines.append("  " + FULL_NOTES)
     if out is not None:

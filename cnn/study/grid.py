@@ -14,6 +14,13 @@ crossed. The axes (default in brackets):
 - ``batch_size`` [the preset's], ``filters`` [the preset's; filters of the first conv layer],
   ``epochs`` [1], ``train_size`` / ``test_size`` [the whole split; the first N examples],
   ``dtype`` [float32], ``seed`` [0], ``lr`` / ``momentum`` [the preset's optimizer].
+- ``period`` [None: the strategy's default, once per epoch]: for strategy ``average``, the
+  steps between two averages (a positive integer) or ``"epoch"``; ignored elsewhere.
+- time-to-accuracy: ``target`` [None: off]: a validation accuracy in (0, 1); the run then
+  holds out ``val_size`` [10% of the training split, at most 5,000] examples carved from the
+  end of the training split (never the test set), evaluates on them every ``eval_every``
+  [an epoch / 10] optimizer steps, and stops at the first evaluation that reaches the target
+  (``epochs`` is the cap).
 - settings, one value per sub-grid: ``repeats`` [1], ``timeout`` [1800 s per run],
   ``cuda_simulator`` [False: run paths that need a GPU under NUMBA_ENABLE_CUDASIM=1].
 
@@ -57,15 +64,23 @@ MAX_THREADS = 1024
 
 #: grid axes that take lists (crossed), in expansion order
 LIST_AXES = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size", "filters",
-             "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum")
+             "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum", "period",
+             "target", "eval_every", "val_size")
 #: grid settings: one value per sub-grid
 SETTINGS = ("repeats", "timeout", "cuda_simulator")
 GRID_DEFAULTS: dict[str, Any] = {
     "dataset": "mnist_embedded", "model": None, "path": "sequential", "strategy": None,
     "backend": None, "threads": 1, "batch_size": None, "filters": None, "epochs": 1,
     "train_size": None, "test_size": None, "dtype": "float32", "seed": 0, "lr": None,
-    "momentum": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
+    "momentum": None, "period": None, "target": None, "eval_every": None, "val_size": None,
+    "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
 }
+#: configuration fields added after the first edition: left out of a run's key while they
+#: hold these values, so the keys of runs that do not use them did not change
+KEY_DEFAULTS = {"period": ("", "epoch"), "target": (None,), "eval_every": (0, None),
+                "val_size": (0, None)}
+#: evaluations per epoch for time-to-accuracy when ``eval_every`` is not given
+EVALS_PER_EPOCH = 10
 
 
 # ---- values ---------------------------------------------------------------------------------
@@ -134,6 +149,20 @@ def check_value(axis: str, v):
             raise ValueError(f"grid axis {axis!r}: must be a finite number {rng} or None; "
                              f"received {axis}={v!r}")
         return f
+    if axis == "period":
+        if v is None or v == "epoch":
+            return v
+        return str(_check_positive_int(axis, v, most=10**9))
+    if axis == "target":
+        if v is None:
+            return None
+        f = _finite_float(v)
+        if f is None or not 0 < f < 1:
+            raise ValueError(f"grid axis 'target': must be a validation accuracy in (0, 1) or "
+                             f"None; received target={v!r}")
+        return f
+    if axis in ("eval_every", "val_size"):
+        return _check_positive_int(axis, v, allow_none=True, most=10**9)
     if axis == "repeats":
         return _check_positive_int(axis, v, most=1000)
     if axis == "timeout":
@@ -217,6 +246,15 @@ def canonical(raw: dict) -> dict:
         if c[k] is None:
             c[k] = defaults[k]
     full_train, full_test = DATASET_SIZES[c["dataset"]]
+    if c["target"] is None:
+        c["eval_every"] = c["val_size"] = 0
+    else:  # a validation split carved from the training split
+        c["val_size"] = c["val_size"] or min(5000, full_train // 10)
+        if c["dataset"] not in SYNTHETIC and c["val_size"] >= full_train:
+            raise ValueError(f"grid axis 'val_size': {c['val_size']} leaves no training "
+                             f"examples of {c['dataset']}'s {full_train}")
+        if c["dataset"] not in SYNTHETIC:
+            full_train -= c["val_size"]
     if c["dataset"] in SYNTHETIC:  # generated: any size is available
         c["train_size"] = c["train_size"] or full_train
         c["test_size"] = c["test_size"] or full_test
@@ -226,6 +264,18 @@ def canonical(raw: dict) -> dict:
     entry = P.get_path(c["path"])
     c["strategy"], c["backend"], c["threads"] = entry.resolve(c["strategy"], c["backend"],
                                                               c["threads"])
+    if c["target"] is not None and entry.trainer == "keras":
+        raise ValueError(f"grid axis 'target': path {c['path']!r} trains inside Keras's own "
+                         f"loop, which has no step hook for time-to-accuracy; use it on paths "
+                         f"trained by cnn.train.fit or PyTorch")
+    if c["target"] is not None and not c["eval_every"]:
+        per_step = c["batch_size"] * (c["threads"] if c["strategy"] in ("average", "hogwild")
+                                      else 1)
+        steps = -(-c["train_size"] // per_step)
+        c["eval_every"] = max(1, steps // EVALS_PER_EPOCH)
+    c["period"] = (str(c["period"] or "epoch") if entry.takes_option(c["strategy"], "period")
+                   else "")
+
     if not entry.needs_gpu:
         c["cuda_simulator"] = False
     return c
@@ -239,7 +289,8 @@ def variant(cfg: dict) -> str:
 def run_key(cfg: dict) -> str:
     """A stable key: a readable prefix (the path, with strategy and backend for paths that take
     several) and a hash of the whole configuration, repeat included."""
-    ident = {k: cfg[k] for k in CONFIG_FIELDS}
+    ident = {k: cfg[k] for k in CONFIG_FIELDS
+             if not (k in KEY_DEFAULTS and cfg[k] in KEY_DEFAULTS[k])}
     digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     entry = P.get_path(cfg["path"])
     v = cfg["path"]
@@ -266,14 +317,28 @@ def gpu_available() -> bool:
         return False
 
 
+def unavailable(cfg: dict, gpu: bool | None = None) -> str:
+    """Why a run cannot run on this machine ("" when it can): a path that needs a GPU where
+    there is none (and the grid did not ask for the simulator), or a missing module."""
+    entry = P.get_path(cfg["path"])
+    ok, why = entry.available()
+    if not ok:
+        return why
+    if entry.needs_gpu and not cfg.get("cuda_simulator"):
+        if not (gpu_available() if gpu is None else gpu):
+            return "no GPU on this machine"
+    return ""
+
+
 def expand_grid(grid="quick", *, gpu: bool | None = None,
                 include_unavailable: bool = False) -> list[dict]:
     """The runs of ``grid`` (a profile name, a dict or a list of dicts; see the module doc).
 
     Returns one dict per run, in execution order (all configurations' repeat 0, then repeat 1,
     ...), with the resolved configuration (``CONFIG_FIELDS``), ``run_key`` and ``timeout``.
-    Runs of paths that need a GPU are dropped unless a GPU is present (``gpu``; None detects
-    it) or their grid sets ``cuda_simulator=True``; ``include_unavailable=True`` keeps them.
+    Runs that cannot run here are dropped (:func:`unavailable`: paths that need a GPU unless
+    one is present, ``gpu``, None detects it, or their grid sets ``cuda_simulator=True``;
+    paths whose modules are not installed); ``include_unavailable=True`` keeps them.
     """
     configs: dict[str, dict] = {}
     for sub in as_subgrids(grid):
@@ -306,12 +371,8 @@ def expand_grid(grid="quick", *, gpu: bool | None = None,
                 configs[ident] = {**c, "repeats": settings["repeats"],
                                   "timeout": settings["timeout"]}
     base = list(configs.values())
-    needs_gpu = any(P.get_path(c["path"]).needs_gpu and not c["cuda_simulator"] for c in base)
-    if needs_gpu and not include_unavailable:
-        has_gpu = gpu_available() if gpu is None else gpu
-        if not has_gpu:
-            base = [c for c in base
-                    if not P.get_path(c["path"]).needs_gpu or c["cuda_simulator"]]
+    if not include_unavailable:
+        base = [c for c in base if not unavailable(c, gpu)]
     runs = []
     max_repeats = max((c["repeats"] for c in base), default=0)
     for r in range(max_repeats):
@@ -325,6 +386,25 @@ def expand_grid(grid="quick", *, gpu: bool | None = None,
                 run["timeout"] = c["timeout"]
                 runs.append(run)
     return runs
+
+
+def plan_order(runs: list[dict], seed: int | None = 0) -> list[dict]:
+    """The study's run order: repeat blocks in turn (every configuration's repeat 0, then
+    repeat 1, ...: drift hits all configurations alike), the order inside each block shuffled
+    with ``seed`` (None keeps the declared order), so no path always runs first or right
+    after a heavy one. Each run gets ``order_index`` (its place) and ``order_seed``."""
+    import random
+    blocks: dict[int, list[dict]] = {}
+    for r in runs:
+        blocks.setdefault(r["repeat"], []).append(r)
+    out = []
+    rng = random.Random(seed)
+    for rep in sorted(blocks):
+        block = list(blocks[rep])
+        if seed is not None:
+            rng.shuffle(block)
+        out.extend(block)
+    return [{**r, "order_index": i, "order_seed": seed} for i, r in enumerate(out)]
 
 
 # ---- grid files -------------------------------------------------------------------------------

@@ -52,7 +52,8 @@ from .. import paths as P
 from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COLUMNS,
                        ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
 from .child import source_hash
-from .grid import DEFAULT_TIMEOUT, SYNTHETIC, check_timeout, expand_grid, variant
+from .grid import (DEFAULT_TIMEOUT, SYNTHETIC, check_timeout, expand_grid, plan_order,
+                   unavailable, variant)
 
 TEMP_PREFIX = "cnn-study-"
 
@@ -187,7 +188,10 @@ def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
 
 
 def jit_key(cfg: dict):
-    """``(backend, dtype)`` when the run's kernels are JIT-compiled, else None."""
+    """``(backend, dtype)`` when the run's kernels are JIT-compiled, else None (also under the
+    CUDA simulator, which interprets kernels and compiles nothing)."""
+    if cfg.get("cuda_simulator"):
+        return None
     entry = P.PATHS.get(cfg.get("path"))
     compiles = entry.compiles(cfg["backend"]) if entry else cfg["backend"] in P.JIT_BACKENDS
     return (cfg["backend"], cfg["dtype"]) if compiles else None
@@ -258,7 +262,11 @@ def rows(cfg: dict, result: dict, started_at: str, run_time: float,
            "num_params": result.get("num_params"), "load_time": result.get("load_time"),
            "run_time": run_time, "started_at": started_at,
            "device": result.get("device", "cuda" if entry and entry.needs_gpu else "cpu"),
+           "order_index": cfg.get("order_index"), "order_seed": cfg.get("order_seed"),
            "hosts": result.get("hosts")}
+    run.update({k: result.get(k) for k in ("reduce_time", "tta_status", "time_to_target",
+                                           "steps_to_target", "examples_to_target",
+                                           "eval_trace")})
     machine = result.get("machine") or {**_parent_machine(), "source_hash": source_hash()}
     mach = {k: machine.get(k) for k in MACHINE_COLUMNS}
     if base["status"] == "ok" and not epochs:
@@ -298,7 +306,7 @@ def _preflight(runs: list[dict], data_root, download: bool) -> None:
 def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
               progress: bool | Callable[[dict], None] = True, retry_failed: bool = True,
               download: bool = True, timeout: float | None = None, gpu: bool | None = None,
-              wait: float | None = 0.0):
+              wait: float | None = 0.0, order_seed: int | None = 0):
     """Run every run of the grid not already done in ``out``; return the whole DataFrame.
 
     Everything that can be checked is checked before the first run: the grid, ``timeout``,
@@ -318,21 +326,26 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
         gpu: whether a GPU is present (None detects it), for paths that need one.
         wait: seconds to wait for another study holding ``out`` (0: refuse at once, None:
             wait as long as it takes).
+        order_seed: seed of the randomised run order within each repeat block
+            (:func:`cnn.study.grid.plan_order`; None: the declared order), recorded per run.
     Returns:
         every row in ``out`` after the study (earlier rows included), typed per the schema.
     """
     timeout = check_timeout(timeout)
     out = check_out_path(out)
     say = print if progress is True else (lambda *a, **k: None)
-    runs = expand_grid(grid_or_profile, gpu=gpu)
+    if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)):
+        raise ValueError(f"order_seed must be an integer or None; received {order_seed!r}")
+    runs = plan_order(expand_grid(grid_or_profile, gpu=gpu), order_seed)
     everything = expand_grid(grid_or_profile, gpu=gpu, include_unavailable=True)
     with ResultsLock(out, wait=wait):
         df = load_results(out, missing_ok=True)
         if len(everything) > len(runs):
-            gpu_paths = sorted({r["path"] for r in everything} - {r["path"] for r in runs})
-            say(f"skipping {len(everything) - len(runs)} run(s) of {gpu_paths}: no GPU on this "
-                f"machine (set cuda_simulator=True in a grid to use the simulator); nothing is "
-                f"recorded for them")
+            why = sorted({f"{r['path']} ({unavailable(r, gpu)})" for r in everything
+                          if unavailable(r, gpu)})
+            say(f"skipping {len(everything) - len(runs)} run(s) that cannot run on this "
+                f"machine: {', '.join(why)}; nothing is recorded for them (a grid may set "
+                f"cuda_simulator=True to run CUDA under the simulator)")
         skip = done_keys(df, retry_failed)
         todo = [r for r in runs if r["run_key"] not in skip]
         say(f"study: {len(runs)} runs, {len(runs) - len(todo)} already in {out}, "

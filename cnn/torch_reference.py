@@ -1,0 +1,204 @@
+"""The same network in PyTorch, as a contender of the study (optional: only where PyTorch is
+installed; nothing else imports it).
+
+:func:`build_torch_model` builds our :class:`~cnn.model.Sequential` in ``torch.nn`` with the
+same weights (conv weights are ``(F, C, kh, kw)`` in both; a dense layer's ``w (D, units)`` is
+``Linear.weight.T``; "same" padding is TensorFlow's split, done with ``ZeroPad2d``), and
+:func:`fit_torch` trains it the way :func:`cnn.train.fit` trains ours: the same epoch orders
+(``numpy.random.default_rng(seed)``), SGD with the same momentum (PyTorch's
+``v = m v + g; w -= lr v`` is ours, ``v' = m v' - lr g; w += v'``, with ``v' = -lr v`` for a
+constant learning rate), the same History columns, and the trained weights copied back.
+On the CPU it runs ``threads`` intra-op threads (one inter-op thread); with ``device="cuda"``
+the parameters stay on the GPU and only batches go in.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+
+def available() -> bool:
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def build_torch_model(model, device: str = "cpu"):
+    """``torch.nn.Sequential`` equal to ``model`` (same architecture and weights)."""
+    import torch
+    from torch import nn
+
+    dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[
+        np.dtype(model.dtype)]
+    mods = []
+    for layer in model.layers:
+        kind = layer.type
+        p = {n: model.params[f"{layer.name}.{n}"] for n in layer.param_names}
+        if kind == "conv2d":
+            (top, bottom), (left, right) = layer.pads
+            if top or bottom or left or right:
+                mods.append(nn.ZeroPad2d((left, right, top, bottom)))
+            conv = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
+                             stride=layer.stride, padding=0).to(dtype=dtype)
+            with torch.no_grad():
+                conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"])))
+                conv.bias.copy_(torch.from_numpy(p["b"]))
+            mods.append(conv)
+        elif kind == "maxpool2d":
+            mods.append(nn.MaxPool2d(layer.pool_size, stride=layer.stride))
+        elif kind == "relu":
+            mods.append(nn.ReLU())
+        elif kind == "flatten":
+            mods.append(nn.Flatten())
+        elif kind == "dense":
+            lin = nn.Linear(layer.input_shape[0], layer.units).to(dtype=dtype)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"].T)))
+                lin.bias.copy_(torch.from_numpy(p["b"]))
+            mods.append(lin)
+        else:
+            raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
+                                      f"(layer {layer.name!r})")
+    return nn.Sequential(*mods).to(device=device, dtype=dtype)
+
+
+def copy_back(tmodel, model) -> None:
+    """The torch model's weights into ours (same layer order)."""
+    import torch
+    mods = [m for m in tmodel if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    layers = [layer for layer in model.layers if layer.type in ("conv2d", "dense")]
+    weights = {}
+    for m, layer in zip(mods, layers):
+        w = m.weight.detach().cpu().numpy()
+        weights[f"{layer.name}.w"] = w.T.copy() if layer.type == "dense" else w.copy()
+        weights[f"{layer.name}.b"] = m.bias.detach().cpu().numpy().copy()
+    model.set_weights(weights)
+
+
+def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
+              seed: int = 0, validation_data: tuple | None = None, threads: int = 1,
+              device: str = "cpu", verbose: int = 0, callbacks=()):
+    """Train the PyTorch copy of ``model``; same arguments and History columns as
+    :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled), and the same step hook
+    (``Callback.on_step_end``; its ``params`` are the torch tensors). The trained weights are
+    copied back into ``model`` (also when training is interrupted)."""
+    import torch
+
+    from .optim import make_optimizer
+    from .train import Callback, History, _epoch_line, _positive
+
+    epochs = _positive("epochs", epochs)
+    batch_size = _positive("batch_size", batch_size)
+    model.check_inputs(x, y)
+    opt_cfg = make_optimizer(optimizer).config()
+    if opt_cfg.get("type", "sgd") != "sgd":
+        raise NotImplementedError(f"the PyTorch reference trains with SGD only; received "
+                                  f"optimizer={opt_cfg}")
+    if device == "cpu":
+        torch.set_num_threads(int(threads))
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:  # already set in this process
+            pass
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    tmodel = build_torch_model(model, device=dev)
+    opt = torch.optim.SGD(tmodel.parameters(), lr=opt_cfg["lr"],
+                          momentum=opt_cfg.get("momentum", 0.0))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    rng = np.random.default_rng(seed)
+    n = len(x)
+    history = History(info={"backend": f"torch-{dev.type}", "strategy": "torch",
+                            "threads": threads, "batch_size": batch_size, "epochs": epochs,
+                            "seed": seed, "optimizer": opt_cfg, "train_examples": n,
+                            "dtype": str(model.dtype), "compile_time": 0.0,
+                            "torch_version": torch.__version__})
+    yt = np.asarray(y, dtype=np.int64)
+    hooks = [cb for cb in callbacks if type(cb).on_step_end is not Callback.on_step_end]
+
+    def evaluate(xv, yv):
+        loss, acc = _evaluate(tmodel, xv, yv, dev, loss_fn)
+        return {"loss": loss, "accuracy": acc}
+
+    step = examples = 0
+    elapsed, stop = 0.0, False
+    try:
+        for epoch in range(1, epochs + 1):
+            data_t = transfer_t = compute_t = callback_t = 0.0
+            loss_sum, correct, done = 0.0, 0, 0
+            start = time.perf_counter()
+            order = rng.permutation(n)
+            data_t += time.perf_counter() - start
+            tmodel.train()
+            for i in range(0, n, batch_size):
+                t = time.perf_counter()
+                idx = order[i:i + batch_size]
+                xb, yb = np.ascontiguousarray(x[idx]), yt[idx]
+                t2 = time.perf_counter()
+                xb_t = torch.from_numpy(xb).to(dev)
+                yb_t = torch.from_numpy(yb).to(dev)
+                sync()
+                t3 = time.perf_counter()
+                opt.zero_grad(set_to_none=False)
+                logits = tmodel(xb_t)
+                loss = loss_fn(logits, yb_t)
+                loss.backward()
+                opt.step()
+                loss_v = float(loss.item())  # reads back: the step is complete
+                correct += int((logits.argmax(1) == yb_t).sum().item())
+                t4 = time.perf_counter()
+                data_t += t2 - t
+                transfer_t += t3 - t2
+                compute_t += t4 - t3
+                loss_sum += loss_v * len(idx)
+                done += len(idx)
+                if hooks:
+                    step += 1
+                    examples += len(idx)
+                    t5 = time.perf_counter()
+                    slog = {"epoch": epoch, "step": step, "examples": examples,
+                            "elapsed": elapsed + t5 - start - callback_t, "loss": loss_v,
+                            "params": lambda: dict(tmodel.named_parameters()),
+                            "evaluate": evaluate}
+                    stop = any([cb.on_step_end(step, slog) for cb in hooks])
+                    callback_t += time.perf_counter() - t5
+                    if stop:
+                        break
+            wall = time.perf_counter() - start - callback_t
+            elapsed += wall
+            logs = {"epoch": epoch, "loss": loss_sum / done, "accuracy": correct / done,
+                    "time": wall, "compute_time": compute_t, "data_time": data_t,
+                    "transfer_time": transfer_t, "images_per_sec": done / wall}
+            if hooks:
+                logs["callback_time"], logs["examples"] = callback_t, done
+            if validation_data is not None:
+                t = time.perf_counter()
+                logs["val_loss"], logs["val_accuracy"] = _evaluate(tmodel, *validation_data,
+                                                                   dev, loss_fn)
+                logs["eval_time"] = time.perf_counter() - t
+            history.append(logs)
+            if verbose:
+                print(_epoch_line(logs, epochs), flush=True)
+            if stop:
+                break
+    finally:
+        copy_back(tmodel, model)
+    return history
+
+
+def _evaluate(tmodel, xv, yv, dev, loss_fn, batch_size: int = 256):
+    import torch
+    tmodel.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(xv), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(xv[i:i + batch_size])).to(dev)
+            yb = torch.from_numpy(np.asarray(yv[i:i + batch_size], dtype=np.int64)).to(dev)
+            logits = tmodel(xb)
+            loss_sum += float(loss_fn(logits, yb).item()) * len(yb)
+            correct += int((logits.argmax(1) == yb).sum().item())
+    tmodel.train()
+    return loss_sum / len(xv), correct / len(xv)
