@@ -51,6 +51,10 @@ def build_torch_model(model, device: str = "cpu"):
             mods.append(nn.MaxPool2d(layer.pool_size, stride=layer.stride))
         elif kind == "relu":
             mods.append(nn.ReLU())
+        elif kind == "sigmoid":
+            mods.append(nn.Sigmoid())
+        elif kind == "tanh":
+            mods.append(nn.Tanh())
         elif kind == "flatten":
             mods.append(nn.Flatten())
         elif kind == "dense":
@@ -59,8 +63,11 @@ def build_torch_model(model, device: str = "cpu"):
                 lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"].T)))
                 lin.bias.copy_(torch.from_numpy(p["b"]))
             mods.append(lin)
-        else:
+        else:  # dropout, batch norm, penalties: not mirrored (the presets have none)
             raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
+                                      f"(layer {layer.name!r})")
+        if getattr(layer, "penalties", None) and list(layer.penalties()):
+            raise NotImplementedError(f"the PyTorch reference has no weight penalties "
                                       f"(layer {layer.name!r})")
     return nn.Sequential(*mods).to(device=device, dtype=dtype)
 

@@ -9,7 +9,10 @@ it is parallelism; a speed-up over the whole-batch sequential path may also be t
 per-shard batch being faster per image).
 
 Constructed as ``make_strategy("accumulate", threads=m)``: ``threads`` is the number of
-micro-batches (the study's grid calls it so for this path); one worker runs them.
+micro-batches (the study's grid calls it so for this path); one worker runs them. Layers with
+batch statistics (batch normalisation) see each micro-batch on its own here ("ghost" batch
+norm), unlike ``sync``, whose shards share their statistics: for such models accumulation is
+not the sequential algorithm.
 """
 from __future__ import annotations
 
@@ -45,8 +48,7 @@ class AccumulateStrategy(Strategy):
                              f"received backend={backend.name!r}")
         super().start(model, optimizer, backend, params, seed)
         self._ctx = self.new_context()
-        self._acc = {k: np.zeros_like(v) for k, v in params.items()}
-        self._tmp = {k: np.zeros_like(v) for k, v in params.items()}  # no allocation per step
+        self._acc = {k: np.zeros_like(v) for k, v in params.items()}  # reused every step
 
     def step(self, xb, yb):
         be = self.backend
@@ -56,18 +58,21 @@ class AccumulateStrategy(Strategy):
         for lo, hi in shard_bounds(n, self.micro_batches):
             if hi == lo:
                 continue
-            loss, ok, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params, be,
-                                                        self._ctx)
+            # the gradients of this shard's share n_i/N of the batch's mean loss (sync's
+            # convention), so the shards' gradients simply add up
             w = (hi - lo) / n
+            loss, ok, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params, be,
+                                                        self._ctx, loss_scale=w)
             for k, acc in self._acc.items():  # grads may be workspace buffers: use them now
                 if first:
-                    np.multiply(grads[k], w, out=acc)
+                    np.copyto(acc, grads[k])
                 else:
-                    acc += np.multiply(grads[k], w, out=self._tmp[k])
+                    acc += grads[k]
             first = False
             loss_sum += float(be.to_host(loss)) * (hi - lo)
             correct += int(be.to_host(ok))
         self.optimizer.update(self.params, self._acc, self.state, be)
+        self._ctx.commit()
         self.steps += 1
         return loss_sum, correct
 
