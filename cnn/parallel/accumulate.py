@@ -42,11 +42,11 @@ class AccumulateStrategy(Strategy):
                              f"{batch_size} into micro_batches={self.micro_batches}; use "
                              f"batch_size >= micro_batches")
 
-    def start(self, model, optimizer, backend, params, seed=0) -> None:
+    def start(self, model, optimizer, backend, params, seed=0, state=None) -> None:
         if getattr(backend, "device", "cpu") != "cpu" and backend.name not in ("numpy", "numba"):
             raise ValueError(f"strategy 'accumulate' runs on CPU backends (numpy, numba); "
                              f"received backend={backend.name!r}")
-        super().start(model, optimizer, backend, params, seed)
+        super().start(model, optimizer, backend, params, seed, state)
         self._ctx = self.new_context()
         self._acc = {k: np.zeros_like(v) for k, v in params.items()}  # reused every step
 
@@ -71,9 +71,8 @@ class AccumulateStrategy(Strategy):
             first = False
             loss_sum += float(be.to_host(loss)) * (hi - lo)
             correct += int(be.to_host(ok))
-        self.optimizer.update(self.params, self._acc, self.state, be)
+        self.optimizer.update(self.params, self._acc, self.state, be)  # advances self.steps
         self._ctx.commit()
-        self.steps += 1
         return loss_sum, correct
 
     def describe(self) -> dict:
