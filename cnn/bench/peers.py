@@ -277,6 +277,9 @@ def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeat
         print("keras: TensorFlow is not installed, its contenders are skipped")
         specs = [s for s in specs if s.family != "keras"]
     images = images or (QUICK_IMAGES if quick else IMAGES)
+    if quick:
+        print("--quick: a smoke run (a few images per epoch, one repeat, six contenders); its "
+              "figures are dominated by per-epoch overhead and mean nothing about speed")
     info = machine_info()
     peak1 = sgemm_peak(1, sizes=(512,) if quick else (1024, 1536), repeats=3 if quick else 5)
     print(f"cpu: {info['cpu']}, {info['cores']} cores; caches: {cache_sizes()}")
