@@ -44,10 +44,15 @@ Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     "not reached"), time_to_target (training seconds until the first evaluation at or above
     the target), steps_to_target, examples_to_target (NaN when not reached), eval_trace (JSON
     ``[[step, examples, training seconds, validation accuracy], ...]``), hosts (str; the MPI
-    ranks' host names, comma-separated in rank order; the machine's name for other paths).
+    ranks' host names, comma-separated in rank order; the machine's name for other paths),
+    flops_per_image (float; FLOPs of one training image, forward and both gradients of the
+    conv and dense layers: :func:`cnn.bench.hardware.training_flops_per_image`).
 Machine and software (:data:`MACHINE_COLUMNS`, from :func:`cnn.machine.machine_info`, probed
 in the child):
-    cpu, cores (int), blas, python, platform, git_commit ("-dirty" when the work tree had
+    cpu, cores (int), cpu_caches (the cache sizes, from sysfs), blas, blas_kernel (the BLAS
+    library and the kernel it picked), sgemm_peak_gflops (float; float32 GEMM rate of BLAS
+    on one thread, measured once by the study before its first run), python, platform,
+    git_commit ("-dirty" when the work tree had
     uncommitted changes), source_hash (hash of the package's .py files as the run imported
     them), numpy_version, numba_version, numba_cuda_version, tensorflow_version,
     keras_version, threadpoolctl_version, pandas_version (str).
@@ -100,8 +105,9 @@ EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "
 RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_params",
               "load_time", "run_time", "started_at", "device", "order_index", "order_seed",
               "reduce_time", "tta_status", "time_to_target", "steps_to_target",
-              "examples_to_target", "eval_trace", "hosts")
-MACHINE_COLUMNS = ("cpu", "cores", "blas", "python", "platform", "git_commit", "source_hash",
+              "examples_to_target", "eval_trace", "hosts", "flops_per_image")
+MACHINE_COLUMNS = ("cpu", "cores", "cpu_caches", "blas", "blas_kernel", "sgemm_peak_gflops",
+                   "python", "platform", "git_commit", "source_hash",
                    "numpy_version", "numba_version", "numba_cuda_version", "tensorflow_version",
                    "keras_version", "threadpoolctl_version", "pandas_version")
 COLUMNS = (("run_key", "status", "error") + CONFIG_FIELDS + EPOCH_FIELDS + RUN_FIELDS
@@ -113,7 +119,8 @@ FLOAT_COLUMNS = ("lr", "momentum", "target", "time", "compute_time", "data_time"
                  "transfer_time", "eval_time", "images_per_sec", "train_loss", "train_accuracy",
                  "test_loss", "test_accuracy", "comm_time", "step_eval_time", "compile_time",
                  "cold_compile_time", "final_test_accuracy", "load_time", "run_time",
-                 "reduce_time", "time_to_target", "steps_to_target", "examples_to_target")
+                 "reduce_time", "time_to_target", "steps_to_target", "examples_to_target",
+                 "flops_per_image", "sgemm_peak_gflops")
 #: what a column added after the first edition holds in an older file
 FILL = {"eval_every": 0, "val_size": 0}
 BOOL_COLUMNS = ("cuda_simulator",)

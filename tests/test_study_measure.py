@@ -207,3 +207,16 @@ def test_device_profile_cuda_runs_under_the_simulator(tmp_path):
     df = run_study(grid, out=tmp_path / "df.pkl", progress=False, gpu=False)
     assert df["status"].tolist() == ["ok"], df["error"].tolist()
     assert df["device"].iat[0] == "cuda-simulator"
+
+
+# ---- what every run records about the machine and the arithmetic ---------------------------------
+def test_runs_record_caches_blas_kernel_sgemm_peak_and_flops(tmp_path):
+    df = run_study({**TINY, "path": "sequential"}, out=tmp_path / "df.pkl", progress=False)
+    r = df.iloc[0]
+    assert r["sgemm_peak_gflops"] > 0 and r["blas_kernel"] and r["cpu_caches"]
+    # FLOPs by hand: conv 8 3x3 filters over C x H x W (forward and weight gradient; no input
+    # gradient for the first layer) and the dense layer (forward and both gradients)
+    c, h, w = load_dataset("blobs", limit=1, test_limit=1).input_shape
+    conv = 2 * 8 * (h - 2) * (w - 2) * c * 9
+    dense = 2 * 8 * ((h - 2) // 2) * ((w - 2) // 2) * 10
+    assert r["flops_per_image"] == 2 * conv + 3 * dense

@@ -287,6 +287,10 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                         "kf": fmt(r["karp_flatt_self_at_p_max"], 2),
                         "p_max": _int(r["p_max"])} for _, r in am.iterrows()],
             "tta": _tta_rows(tt),
+            "rates": [{"label": r["label"], "config": _config_text(r),
+                       "ips": fmt(r["images_per_sec_median"]), "gflops": fmt(r["gflops"]),
+                       "peak": _pct(r["peak_fraction"], 1)}
+                      for _, r in tp[(tp["p"] == 1) & tp["gflops"].notna()].iterrows()],
             "scaling": [] if sc is None or not len(sc) else [
                 {"variant": v, "config": g["title"].iat[0],
                  "p64": fmt(g.loc[g["p"] == 64, "predicted_threads"].iat[0])

@@ -80,7 +80,8 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "cuda_simulator", "device", "comm_time",
                                        "reduce_time", "target", "time_to_target",
                                        "steps_to_target", "examples_to_target",
-                                       "order_index")},
+                                       "order_index", "flops_per_image",
+                                       "sgemm_peak_gflops")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
                 "val_size": 0, "hosts": ""}
     missing = {c: v for c, v in defaults.items() if c not in df.columns}
@@ -165,7 +166,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
                "final_test_accuracy", "num_params", "started_at", "test_size", "order_index",
                "target", "eval_every", "val_size", "tta_status", "time_to_target",
                "steps_to_target", "examples_to_target", "eval_trace", "reduce_time",
-               "epochs"]].first()
+               "epochs", "flops_per_image", "sgemm_peak_gflops"]].first()
     agg = g.agg(n_epochs=("epoch", "nunique"), epoch_time=("time", "median"),
                 total_time=("time", "sum"), compute=("compute_time", "sum"),
                 comm=("comm_time", "sum"), data=("data_time", "sum"),
@@ -227,7 +228,7 @@ SUMMARY_COLUMNS = [
     "problem", *CONFIG_KEYS, *VARIANT_KEYS, "threads", "variant", "label", "p",
     "oversubscribed", "n_repeats", "ci_coverage", "epoch_time_median", "epoch_time_ci_lo",
     "epoch_time_ci_hi", "images_per_sec_median", "images_per_sec_ci_lo", "images_per_sec_ci_hi",
-    "time_per_image_ms", "n_pairs", "speedup", "speedup_ci_lo", "speedup_ci_hi",
+    "time_per_image_ms", "gflops", "peak_fraction", "n_pairs", "speedup", "speedup_ci_lo", "speedup_ci_hi",
     "speedup_ci_coverage", "best_label", "speedup_best", "speedup_best_ci_lo",
     "speedup_best_ci_hi", "speedup_self", "speedup_self_ci_lo", "speedup_self_ci_hi",
     "efficiency", "efficiency_best", "efficiency_self", "karp_flatt_self", "amdahl_f",
@@ -311,6 +312,12 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
                 "images_per_sec_median": ips, "images_per_sec_ci_lo": ips_lo,
                 "images_per_sec_ci_hi": ips_hi,
                 "time_per_image_ms": 1000 * float(np.median(g["time_per_image"])),
+                "gflops": float(ips * g["flops_per_image"].median() / 1e9)
+                if g["flops_per_image"].notna().any() else np.nan,
+                "peak_fraction": float(ips * g["flops_per_image"].median() / 1e9
+                                       / (g["sgemm_peak_gflops"].median() * max(p, 1)))
+                if g["flops_per_image"].notna().any() and g["sgemm_peak_gflops"].notna().any()
+                and p == p else np.nan,
                 "n_pairs": s[4], "speedup": s[0], "speedup_ci_lo": s[1], "speedup_ci_hi": s[2],
                 "speedup_ci_coverage": s[3], "best_label": blab, "speedup_best": sb[0],
                 "speedup_best_ci_lo": sb[1], "speedup_best_ci_hi": sb[2],

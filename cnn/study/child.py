@@ -177,6 +177,11 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
            "hosts": ",".join(map(str, hosts)),
            "num_params": int(model.num_params), "train_size": int(len(x_train)),
            "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
+    try:
+        from ..bench.hardware import training_flops_per_image
+        out["flops_per_image"] = float(training_flops_per_image(model))
+    except Exception:  # noqa: BLE001 - a nicety; never fail a run for it
+        pass
     if tta:
         out.update(tta.summary())
         out["eval_trace"] = json.dumps(tta.trace)
@@ -249,6 +254,8 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     try:
         from ..machine import machine_info
         result["machine"] = dict(machine_info())
+        from ..bench.hardware import blas_kernel, cache_sizes
+        result["machine"].update(cpu_caches=cache_sizes(), blas_kernel=blas_kernel())
     except Exception as err:  # noqa: BLE001
         result["machine"] = {"cpu": f"unknown ({err})"}
     result["machine"]["source_hash"] = source

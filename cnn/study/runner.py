@@ -245,8 +245,21 @@ def _parent_machine() -> dict:
     return dict(machine_info())
 
 
+def sgemm_peak() -> float | None:
+    """The machine's float32 GEMM rate on one BLAS thread (GFLOP/s), measured in a child
+    process (so this process's BLAS threads stay as they are); None when it cannot be."""
+    code = ("from cnn.bench.hardware import sgemm_peak; "
+            "print(sgemm_peak(threads=1, repeats=3)['peak'])")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             timeout=300, env=child_env({}))
+        return float(out.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return None
+
+
 def rows(cfg: dict, result: dict, started_at: str, run_time: float,
-         cold_compile_time: float | None = None) -> list[dict]:
+         cold_compile_time: float | None = None, peak: float | None = None) -> list[dict]:
     """The results rows of one run: one per epoch, or one for a run that did not finish."""
     base = {"run_key": cfg["run_key"], "status": result.get("status", "failed"),
             "error": result.get("error", "")}
@@ -266,9 +279,10 @@ def rows(cfg: dict, result: dict, started_at: str, run_time: float,
            "hosts": result.get("hosts")}
     run.update({k: result.get(k) for k in ("reduce_time", "tta_status", "time_to_target",
                                            "steps_to_target", "examples_to_target",
-                                           "eval_trace")})
+                                           "eval_trace", "flops_per_image")})
     machine = result.get("machine") or {**_parent_machine(), "source_hash": source_hash()}
     mach = {k: machine.get(k) for k in MACHINE_COLUMNS}
+    mach["sgemm_peak_gflops"] = peak
     if base["status"] == "ok" and not epochs:
         base.update(status="failed", error="RuntimeError: the run recorded no epochs")
     if base["status"] != "ok":
@@ -356,7 +370,9 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
         if todo:
             _preflight(todo, data_root, download)
         jit_cache = study_tempdir("jit")
-        cold: dict[tuple, float | None] = {}
+        cold: dict[tuple, float | None] = {"peak": sgemm_peak() if todo else None}
+        if todo and cold["peak"]:
+            say(f"single-core SGEMM peak of this machine: {cold['peak']:.1f} GFLOP/s")
         try:
             _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache,
                      cold)
@@ -386,7 +402,7 @@ def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cac
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         say(f"[{i}/{len(todo)}] {fmt_run(cfg)} ...", end="", flush=True)
         result, wall, output = launch(cfg, data_root, download, jit_cache)
-        rs = rows(cfg, result, started, wall, cold.get(jit))
+        rs = rows(cfg, result, started, wall, cold.get(jit), cold.get("peak"))
         new = typed(pd.DataFrame(rs))
         kept = df[df["run_key"] != cfg["run_key"]]
         df = typed(pd.concat([kept, new], ignore_index=True)) if len(kept) else new
