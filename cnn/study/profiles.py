@@ -66,7 +66,11 @@ PROFILES: dict[str, list[dict]] = {
                   {"path": "accumulate", "threads": 2},
                   {"path": "threads", "strategy": "sync", "backend": ["numpy", "numba"],
                    "threads": [1, 2, 4]},
-                  {"path": ["keras", "torch"], "threads": 1}])
+                  {"path": "keras", "threads": 1}])
+        # PyTorch (where installed) at one configuration per problem: it is slow to start
+        + _profile({"dataset": "mnist", "model": "mnist_small", "batch_size": 128,
+                    "epochs": 2, "repeats": REPEATS, "timeout": 3600},
+                   [{"path": "torch", "threads": 1}])
         + _profile({"dataset": "mnist", "model": "mnist_small", "batch_size": 128,
                     "epochs": 2, "repeats": REPEATS, "timeout": 3600},
                    [{"path": ["cuda", "torch_cuda"]},
@@ -81,7 +85,7 @@ PROFILES: dict[str, list[dict]] = {
                    [{"path": ["sequential", "numba"]}, {"path": "accumulate", "threads": 2},
                     {"path": "threads", "strategy": "sync", "backend": ["numpy", "numba"],
                      "threads": 2},
-                    {"path": ["keras", "torch"], "threads": 1}])
+                    {"path": "keras", "threads": 1}])
         # MNIST: average swept over its period (steps between averages, or once per epoch)
         + _profile({"dataset": "mnist", "model": "mnist_small", "batch_size": 32, "epochs": 2,
                     "repeats": REPEATS, "timeout": 3600},
