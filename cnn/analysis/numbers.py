@@ -363,6 +363,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
     if s.get("pairs"):
         s["max_text"] = f"{s['max_abs_diff_pp']:.2f}"
         s["spread_text"] = f"{s['seed_spread_pp_max']:.2f}"
+        s["within_spread"] = bool(s["max_abs_diff_pp"] <= s["seed_spread_pp_max"])
     n = numbers["noise"]
     if n.get("groups"):
         n["cv_median_text"], n["cv_max_text"] = _pct(n["cv_median"]), _pct(n["cv_max"])
