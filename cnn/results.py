@@ -98,7 +98,8 @@ STATUSES = ("ok", "failed", "diverged")
 
 CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size",
                  "filters", "epochs", "train_size", "test_size", "repeat", "dtype", "seed", "lr",
-                 "momentum", "cuda_simulator", "period", "target", "eval_every", "val_size")
+                 "momentum", "cuda_simulator", "period", "target", "eval_every", "val_size",
+                 "optimizer", "lr_schedule")
 EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
                 "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                 "comm_time", "step_eval_time")

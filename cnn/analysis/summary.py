@@ -38,7 +38,8 @@ from .text import _isnan, _pct, fmt
 
 BASELINE_PATH = P.BASELINE
 #: what a speed-up is matched on: the sequential run of the same configuration
-CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype")
+CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype", "optimizer",
+               "lr_schedule")
 #: ... on the same machine (constant within one study; guards against mixed result files)
 MACHINE_KEYS = ("cpu", "cores")
 VARIANT_KEYS = ("path", "strategy", "backend", "period")
@@ -83,10 +84,11 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "order_index", "flops_per_image",
                                        "sgemm_peak_gflops")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
-                "val_size": 0, "hosts": ""}
+                "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": ""}
     missing = {c: v for c, v in defaults.items() if c not in df.columns}
     df = df.assign(**missing) if missing else df.copy()
-    df["period"] = df["period"].fillna("").astype(str).replace("nan", "")
+    for col in ("period", "optimizer", "lr_schedule"):  # text; "" is the default
+        df[col] = df[col].fillna("").astype(str).replace("nan", "")
     df["status"] = df["status"].astype(str).str.lower()
     return df
 

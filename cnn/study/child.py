@@ -126,12 +126,12 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
         x_val, y_val = x_train[-val_size:], y_train[-val_size:]
         x_train, y_train = x_train[:-val_size], y_train[:-val_size]
     load_time = time.perf_counter() - t
-    spec = with_filters(resolve_spec(cfg["model"]), cfg["filters"])
+    spec = with_filters(resolve_spec(cfg["model"]), cfg["filters"] or None)  # 0: no conv layer
     backend = entry.model_backend or cfg["backend"]
     model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
                                  seed=cfg["seed"], backend=backend)
-    optimizer = {**spec.get("optimizer", {"type": "sgd"}), "lr": cfg["lr"],
-                 "momentum": cfg["momentum"]}
+    from .grid import run_optimizer
+    optimizer = run_optimizer(cfg, spec)  # the preset's or the grid's, lr, momentum, schedule
     common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=optimizer,
                   seed=cfg["seed"], validation_data=(data.x_test, data.y_test), verbose=0)
     tta = None

@@ -11,9 +11,18 @@ crossed. The axes (default in brackets):
   registry says which); a path with one strategy or backend fixes it and ignores the axis.
 - ``threads`` [1]: the path's workers (the registry's ``workers``: Python threads,
   NUMBA_NUM_THREADS, TensorFlow threads, ...); forced to 1 for paths that do not scale.
-- ``batch_size`` [the preset's], ``filters`` [the preset's; filters of the first conv layer],
+- ``batch_size`` [the preset's], ``filters`` [the preset's; filters of the first conv layer;
+  0 for a feed-forward preset, which has none],
   ``epochs`` [1], ``train_size`` / ``test_size`` [the whole split; the first N examples],
-  ``dtype`` [float32], ``seed`` [0], ``lr`` / ``momentum`` [the preset's optimizer].
+  ``dtype`` [float32], ``seed`` [0], ``lr`` / ``momentum`` [the preset's optimizer; with
+  another optimizer type, that optimizer's default rate and no momentum].
+- ``optimizer`` [the preset's]: ``sgd`` | ``rmsprop`` | ``adam`` | ``adamw``, with options as
+  ``NAME:key=value,...`` (``sgd:nesterov=true``, ``adam:beta_2=0.99``; ``lr`` and ``momentum``
+  are the axes above); ``lr_schedule`` [none: a constant rate]: ``cosine`` | ``step`` |
+  ``cosine_restarts`` | ``cyclic`` | ``warmup`` with options likewise
+  (``step:step_size=1,unit=epoch``; see :mod:`cnn.schedules`; a cosine without
+  ``decay_steps`` anneals to the end of the run). Both are recorded as text, ``""`` for the
+  preset's optimizer and for no schedule. The PyTorch paths train plain SGD only.
 - ``period`` [None: the strategy's default, once per epoch]: for strategy ``average``, the
   steps between two averages (a positive integer) or ``"epoch"``; ignored elsewhere.
 - time-to-accuracy: ``target`` [None: off]: a validation accuracy in (0, 1); the run then
@@ -65,7 +74,7 @@ MAX_THREADS = 1024
 #: grid axes that take lists (crossed), in expansion order
 LIST_AXES = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size", "filters",
              "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum", "period",
-             "target", "eval_every", "val_size")
+             "target", "eval_every", "val_size", "optimizer", "lr_schedule")
 #: grid settings: one value per sub-grid
 SETTINGS = ("repeats", "timeout", "cuda_simulator")
 GRID_DEFAULTS: dict[str, Any] = {
@@ -73,12 +82,12 @@ GRID_DEFAULTS: dict[str, Any] = {
     "backend": None, "threads": 1, "batch_size": None, "filters": None, "epochs": 1,
     "train_size": None, "test_size": None, "dtype": "float32", "seed": 0, "lr": None,
     "momentum": None, "period": None, "target": None, "eval_every": None, "val_size": None,
-    "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
+    "optimizer": None, "lr_schedule": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
 }
 #: configuration fields added after the first edition: left out of a run's key while they
 #: hold these values, so the keys of runs that do not use them did not change
 KEY_DEFAULTS = {"period": ("", "epoch"), "target": (None,), "eval_every": (0, None),
-                "val_size": (0, None)}
+                "val_size": (0, None), "optimizer": ("",), "lr_schedule": ("",)}
 #: evaluations per epoch for time-to-accuracy when ``eval_every`` is not given
 EVALS_PER_EPOCH = 10
 
@@ -163,6 +172,10 @@ def check_value(axis: str, v):
         return f
     if axis in ("eval_every", "val_size"):
         return _check_positive_int(axis, v, allow_none=True, most=10**9)
+    if axis == "optimizer":
+        return _check_optimizer(v)
+    if axis == "lr_schedule":
+        return _check_schedule(v)
     if axis == "repeats":
         return _check_positive_int(axis, v, most=1000)
     if axis == "timeout":
@@ -176,6 +189,95 @@ def check_value(axis: str, v):
             raise ValueError(f"grid axis 'cuda_simulator': must be True or False; received {v!r}")
         return v
     raise ValueError(f"unknown grid axis {axis!r}")
+
+
+def _spec_text(spec: dict) -> str:
+    """``NAME`` or ``NAME:key=value,...`` (sorted keys): the canonical text of a spec."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, dict):
+            return json.dumps(v, sort_keys=True)
+        return str(v)
+    rest = ",".join(f"{k}={value(spec[k])}" for k in sorted(spec) if k != "type")
+    return spec["type"] + (f":{rest}" if rest else "")
+
+
+def _parse_spec(axis: str, v) -> dict:
+    from ..configs import parse_option_spec
+    if not isinstance(v, (str, dict)):
+        raise ValueError(f"grid axis {axis!r}: must be a name, NAME:key=value,... or a dict, or "
+                         f"None; received {axis}={v!r}")
+    try:
+        spec = parse_option_spec(v, f"grid axis {axis!r}")
+    except (ValueError, OSError) as err:
+        raise ValueError(f"grid axis {axis!r}: {err}") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
+        raise ValueError(f"grid axis {axis!r}: a spec names its type; received {axis}={v!r}")
+    return {**spec, "type": spec["type"].lower()}
+
+
+def _check_optimizer(v) -> str | None:
+    """None (the preset's), or the canonical ``NAME[:key=value,...]`` of a valid optimizer."""
+    if v is None:
+        return None
+    from ..optim import make_optimizer
+    spec = _parse_spec("optimizer", v)
+    inside = sorted({"lr", "momentum", "schedule"} & set(spec))
+    if inside:
+        raise ValueError(f"grid axis 'optimizer': give {inside[0]!r} as its own axis "
+                         f"({'lr_schedule' if inside[0] == 'schedule' else inside[0]}), not "
+                         f"inside the optimizer; received optimizer={v!r}")
+    try:  # with momentum when it takes one, so that nesterov=true checks out
+        probe = {**spec, "lr": 0.01}
+        if spec["type"] in ("sgd", "rmsprop") and spec.get("nesterov"):
+            probe["momentum"] = 0.9
+        make_optimizer(probe)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"grid axis 'optimizer': {err}") from None
+    return _spec_text(spec)
+
+
+def _check_schedule(v) -> str:
+    """The canonical ``NAME[:key=value,...]`` of a valid schedule, ``""`` for none."""
+    if v is None or (isinstance(v, str) and v.lower() in ("", "none", "constant")):
+        return ""
+    from ..schedules import ALIASES, make_schedule
+    spec = _parse_spec("lr_schedule", v)
+    spec["type"] = ALIASES.get(spec["type"], spec["type"])
+    if spec["type"] == "plateau":
+        raise ValueError("grid axis 'lr_schedule': 'plateau' reduces on a validation metric, "
+                         "which study runs do not compute; use a step schedule")
+    try:
+        make_schedule(spec, 0.1)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"grid axis 'lr_schedule': {err}") from None
+    return "" if spec == {"type": "constant"} else _spec_text(spec)
+
+
+def takes_momentum(optimizer_type: str) -> bool:
+    return optimizer_type in ("sgd", "rmsprop")
+
+
+def run_optimizer(cfg: dict, spec: dict) -> dict:
+    """The optimizer spec (for :func:`cnn.optim.make_optimizer`) of a run: the preset's, or
+    the ``optimizer`` axis's type and options, with the run's ``lr``, its ``momentum`` (for the
+    optimizers that take one) and its ``lr_schedule``."""
+    from ..configs import parse_option_spec
+    base = dict(spec.get("optimizer", {"type": "sgd"}))
+    kind = str(base.get("type", "sgd")).lower()
+    if cfg.get("optimizer"):
+        given = parse_option_spec(cfg["optimizer"], "optimizer")
+        if given["type"] != kind:
+            base, kind = {"type": given["type"]}, given["type"]
+        base.update(given)
+    base.pop("momentum", None)
+    out = {**base, "lr": cfg["lr"]}
+    if takes_momentum(kind):
+        out["momentum"] = cfg["momentum"]
+    if cfg.get("lr_schedule"):
+        out["schedule"] = parse_option_spec(cfg["lr_schedule"], "lr_schedule")
+    return out
 
 
 def _finite_float(v) -> float | None:
@@ -233,8 +335,36 @@ def _preset_defaults(model: str) -> dict:
     spec = get_preset(model)
     conv = next((layer for layer in spec["layers"] if layer["type"] == "conv2d"), None)
     opt = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
-    return {"filters": conv["filters"] if conv else None, "batch_size": spec.get("batch_size", 32),
-            "lr": float(opt.get("lr", 0.01)), "momentum": float(opt.get("momentum", 0.0))}
+    # 0: a feed-forward preset (xor_mlp, mnist_mlp) has no conv layer whose filters to set
+    return {"filters": conv["filters"] if conv else 0, "batch_size": spec.get("batch_size", 32),
+            "lr": float(opt.get("lr", 0.01)), "momentum": float(opt.get("momentum", 0.0)),
+            "optimizer": str(opt.get("type", "sgd")).lower()}
+
+
+def _resolve_optimizer(c: dict, defaults: dict) -> None:
+    """The ``optimizer`` axis in canonical form (``""`` when it is the preset's) and the
+    ``lr``/``momentum`` defaults that go with it."""
+    given = c["optimizer"] or ""
+    kind = given.split(":", 1)[0] if given else defaults["optimizer"]
+    same = kind == defaults["optimizer"]
+    if same and ":" not in given:
+        c["optimizer"] = ""  # the preset's, however it was written
+    if c["lr"] is None:
+        c["lr"] = defaults["lr"] if same else _class_default_lr(kind)
+    if takes_momentum(kind):
+        if c["momentum"] is None:
+            c["momentum"] = defaults["momentum"] if same else 0.0
+    else:
+        if c["momentum"] not in (None, 0.0):
+            raise ValueError(f"grid axes 'momentum' and 'optimizer': {kind} takes no momentum; "
+                             f"received momentum={c['momentum']!r} with optimizer={kind!r}")
+        c["momentum"] = 0.0
+
+
+def _class_default_lr(kind: str) -> float:
+    import inspect
+    from ..optim import OPTIMIZERS
+    return float(inspect.signature(OPTIMIZERS[kind].__init__).parameters["lr"].default)
 
 
 def canonical(raw: dict) -> dict:
@@ -242,9 +372,13 @@ def canonical(raw: dict) -> dict:
     c = dict(raw)
     c["model"] = c["model"] or ("cifar_tutorial" if c["dataset"] == "cifar10" else "mnist_small")
     defaults = _preset_defaults(c["model"])
-    for k in ("filters", "batch_size", "lr", "momentum"):
+    if defaults["filters"] == 0 and c["filters"] is not None:
+        raise ValueError(f"grid axis 'filters': model {c['model']!r} has no conv2d layer whose "
+                         f"filters it could set; received filters={c['filters']!r}")
+    for k in ("filters", "batch_size"):
         if c[k] is None:
             c[k] = defaults[k]
+    _resolve_optimizer(c, defaults)
     full_train, full_test = DATASET_SIZES[c["dataset"]]
     if c["target"] is None:
         c["eval_every"] = c["val_size"] = 0
@@ -275,6 +409,20 @@ def canonical(raw: dict) -> dict:
         c["eval_every"] = max(1, steps // EVALS_PER_EPOCH)
     c["period"] = (str(c["period"] or "epoch") if entry.takes_option(c["strategy"], "period")
                    else "")
+    kind = (c["optimizer"] or defaults["optimizer"]).split(":", 1)[0]
+    if c["optimizer"] or c["lr_schedule"]:  # the combination, with this lr and momentum
+        from ..optim import make_optimizer
+        from ..presets import get_preset
+        try:
+            make_optimizer(run_optimizer(c, get_preset(c["model"])))
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"grid axes 'optimizer'/'lr_schedule'/'lr'/'momentum': {err} "
+                             f"(optimizer={c['optimizer'] or kind!r}, lr={c['lr']}, momentum="
+                             f"{c['momentum']}, lr_schedule={c['lr_schedule']!r})") from None
+    if entry.trainer == "torch" and (kind != "sgd" or ":" in c["optimizer"] or c["lr_schedule"]):
+        raise ValueError(f"grid axes 'optimizer'/'lr_schedule': path {c['path']!r} (PyTorch) "
+                         f"trains plain SGD with a constant rate; received optimizer="
+                         f"{c['optimizer'] or kind!r}, lr_schedule={c['lr_schedule']!r}")
 
     if not entry.needs_gpu:
         c["cuda_simulator"] = False
