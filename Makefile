@@ -8,7 +8,11 @@
 PYTHON  ?= python3
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml | cksum | cut -d' ' -f1)
+# TORCH=1 adds the optional PyTorch contender (requirements-bench.txt: the CPU build of torch,
+# which the benchmark and the study's baselines use where it is installed, and whose tests
+# otherwise skip); CI sets it
+TORCH   ?=
+STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml $(if $(TORCH),requirements-bench.txt) | cksum | cut -d' ' -f1)
 PROFILE ?= quick
 # the quick profile writes under results/quick so it never overwrites the committed full results
 RESULTS ?= $(if $(filter full,$(PROFILE)),results,results/$(PROFILE))
@@ -24,6 +28,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --disable-pip-version-check -q -r requirements.txt
 	$(PY) -m pip install --disable-pip-version-check -q --no-deps -e .
+	$(if $(TORCH),$(PY) -m pip install --disable-pip-version-check -q -r requirements-bench.txt)
 	rm -f $(VENV)/.installed-*
 	touch $@
 
