@@ -37,7 +37,8 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def _blas() -> str:
+def blas_kernel() -> str:
+    """The BLAS library NumPy uses and the kernel it picked: ``"openblas 0.3.31 (SkylakeX)"``."""
     try:
         from threadpoolctl import threadpool_info
         import numpy  # noqa: F401  (loads numpy's BLAS so threadpoolctl can see it)
@@ -46,6 +47,22 @@ def _blas() -> str:
         return "; ".join(libs) or "unknown"
     except Exception as err:  # the probe must never break a run
         return f"unknown ({err})"
+
+
+def cache_sizes() -> str:
+    """``"L1d 48K, L1i 32K, L2 2048K, L3 32768K"`` from sysfs (per core for L1/L2), or ``"?"``."""
+    root = Path("/sys/devices/system/cpu/cpu0/cache")
+    parts = []
+    try:
+        for idx in sorted(root.glob("index*")):
+            level = (idx / "level").read_text().strip()
+            kind = (idx / "type").read_text().strip()
+            size = (idx / "size").read_text().strip()
+            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
+            parts.append(f"L{level}{suffix} {size}")
+    except OSError:
+        return "?"
+    return ", ".join(parts) or "?"
 
 
 def _version(pkg: str) -> str:
@@ -57,11 +74,13 @@ def _version(pkg: str) -> str:
 
 @lru_cache(maxsize=1)
 def machine_info() -> dict[str, str | int]:
-    """A flat dict: ``cpu``, ``cores``, ``blas``, ``python``, ``<package>_version``, ``git_commit``."""
+    """A flat dict: ``cpu``, ``cores``, ``cpu_caches``, ``blas``, ``python``, ``platform``,
+    ``git_commit``, ``<package>_version``."""
     info: dict[str, str | int] = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count() or 0,
-        "blas": _blas(),
+        "cpu_caches": cache_sizes(),
+        "blas": blas_kernel(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "git_commit": _git_commit(),
@@ -73,6 +92,7 @@ def machine_info() -> dict[str, str | int]:
 
 def describe() -> str:
     i = machine_info()
-    return (f"{i['cpu']}, {i['cores']} cores, BLAS {i['blas']}, Python {i['python']}, "
+    return (f"{i['cpu']}, {i['cores']} cores ({i['cpu_caches']}), BLAS {i['blas']}, "
+            f"Python {i['python']}, "
             f"numpy {i['numpy_version']}, numba {i['numba_version']}, "
             f"tensorflow {i['tensorflow_version']}, commit {i['git_commit']}")

@@ -210,10 +210,10 @@ def test_device_profile_cuda_runs_under_the_simulator(tmp_path):
 
 
 # ---- what every run records about the machine and the arithmetic ---------------------------------
-def test_runs_record_caches_blas_kernel_sgemm_peak_and_flops(tmp_path):
+def test_runs_record_caches_blas_sgemm_peak_and_flops(tmp_path):
     df = run_study({**TINY, "path": "sequential"}, out=tmp_path / "df.pkl", progress=False)
     r = df.iloc[0]
-    assert r["sgemm_peak_gflops"] > 0 and r["blas_kernel"] and r["cpu_caches"]
+    assert r["sgemm_peak_gflops"] > 0 and r["blas"] and r["cpu_caches"]
     # FLOPs by hand: conv 8 3x3 filters over C x H x W (forward and weight gradient; no input
     # gradient for the first layer) and the dense layer (forward and both gradients)
     c, h, w = load_dataset("blobs", limit=1, test_limit=1).input_shape

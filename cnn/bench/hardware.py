@@ -1,5 +1,6 @@
 """What a throughput figure is measured against: the arithmetic of a network (FLOPs per
-training image) and of the machine (cache sizes, BLAS kernel, measured single-core SGEMM peak).
+training image) and of the machine (measured single-core SGEMM peak; the CPU, its caches and
+the BLAS kernel are :mod:`cnn.machine`'s).
 """
 from __future__ import annotations
 
@@ -39,33 +40,6 @@ def training_flops_per_image(model) -> int:
 
 
 # ---- the machine -------------------------------------------------------------------------------
-def cache_sizes() -> str:
-    """``"L1d 48K, L1i 32K, L2 2048K, L3 32768K"`` from sysfs (per core for L1/L2), or ``"?"``."""
-    root = Path("/sys/devices/system/cpu/cpu0/cache")
-    parts = []
-    try:
-        for idx in sorted(root.glob("index*")):
-            level = (idx / "level").read_text().strip()
-            kind = (idx / "type").read_text().strip()
-            size = (idx / "size").read_text().strip()
-            suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
-            parts.append(f"L{level}{suffix} {size}")
-    except OSError:
-        return "?"
-    return ", ".join(parts) or "?"
-
-
-def blas_kernel() -> str:
-    """The BLAS library NumPy uses and the kernel it picked (``openblas 0.3.x SkylakeX``)."""
-    try:
-        from threadpoolctl import threadpool_info
-        libs = [f"{i.get('internal_api')} {i.get('version')} {i.get('architecture', '?')}"
-                for i in threadpool_info() if i.get("user_api") == "blas"]
-        return "; ".join(libs) or "?"
-    except Exception as err:  # the probe must never break a benchmark
-        return f"? ({err})"
-
-
 def sgemm_peak(threads: int = 1, sizes=(1024, 1536), repeats: int = 5) -> dict:
     """Measured float32 GEMM rate of BLAS pinned to ``threads`` threads (threadpoolctl):
     for each square size the median of ``repeats`` products, and the best of those medians as

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from ..machine import describe, machine_info
 from ..model import build_model
-from .hardware import blas_kernel, cache_sizes, layer_flops, sgemm_peak, training_flops_per_image
+from .hardware import layer_flops, sgemm_peak, training_flops_per_image
 
 #: images per timed epoch: long enough to dwarf per-epoch overhead, short enough that the
 #: default suite ends within ~15 minutes on 2 cores
@@ -282,8 +282,8 @@ def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeat
               "figures are dominated by per-epoch overhead and mean nothing about speed")
     info = machine_info()
     peak1 = sgemm_peak(1, sizes=(512,) if quick else (1024, 1536), repeats=3 if quick else 5)
-    print(f"cpu: {info['cpu']}, {info['cores']} cores; caches: {cache_sizes()}")
-    print(f"blas: {blas_kernel()}; measured single-core SGEMM peak (float32, threadpoolctl "
+    print(f"cpu: {info['cpu']}, {info['cores']} cores; caches: {info['cpu_caches']}")
+    print(f"blas: {info['blas']}; measured single-core SGEMM peak (float32, threadpoolctl "
           f"1 thread): {peak1['peak']:.1f} GFLOP/s "
           f"({', '.join(f'n={n}: {v:.1f}' for n, v in peak1['by_size'].items())})")
     print(f"software: {describe()}")
@@ -315,7 +315,7 @@ def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeat
     for line in summary(groups):
         print(line)
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
-    result = {"machine": {**info, "caches": cache_sizes(), "blas_kernel": blas_kernel()},
+    result = {"machine": dict(info),
               "sgemm_peak_1thread_gflops": peak1["peak"], "sgemm_by_size": peak1["by_size"],
               "flops_per_image": flops_of, "repeats": repeats, "images": images,
               "rows": all_rows}

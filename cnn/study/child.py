@@ -254,8 +254,6 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     try:
         from ..machine import machine_info
         result["machine"] = dict(machine_info())
-        from ..bench.hardware import blas_kernel, cache_sizes
-        result["machine"].update(cpu_caches=cache_sizes(), blas_kernel=blas_kernel())
     except Exception as err:  # noqa: BLE001
         result["machine"] = {"cpu": f"unknown ({err})"}
     result["machine"]["source_hash"] = source
