@@ -242,3 +242,67 @@ def test_warmup_reports_seconds(backend):
     seconds = get_backend(backend).warmup(np.float32)
     assert isinstance(seconds, float) and seconds >= 0.0
     assert get_backend(backend).jit is True
+
+
+# ---- channels-last views (the numba backend's BLAS path) ----------------------------------------
+def channels_last(a):
+    """``a (N, C, H, W)`` as an (N, C, H, W) view of a channels-last buffer: the layout the
+    numba backend's BLAS path hands from layer to layer."""
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("stride, padding", [(1, ((0, 0), (0, 0))), (2, ((1, 2), (0, 1))),
+                                             (1, ((1, 1), (1, 1)))])
+@pytest.mark.parametrize("dout_layout", ["nchw", "channels-last"])
+def test_conv2d_on_channels_last_inputs(dtype, tol, stride, padding, dout_layout):
+    """A conv whose input is a channels-last view (the output of a previous BLAS-path layer),
+    many input channels, several chunks: forward and backward against the naive loops; ``dout``
+    either layout. Outputs and ``dx`` come back as channels-last views."""
+    be = get_backend("numba")
+    rng = np.random.default_rng(11)
+    x, w, b = (normal(rng, s, dtype) for s in ((40, 17, 7, 6), (16, 17, 3, 3), 16))
+    out_ref, cache_ref = NAIVE.conv2d_forward(x, w, b, stride, padding)
+    dout = normal(rng, out_ref.shape, dtype)
+    dx_ref, dw_ref, db_ref = NAIVE.conv2d_backward(dout, cache_ref)
+    out, cache = be.conv2d_forward(channels_last(x.astype(dtype)), w.astype(dtype),
+                                   b.astype(dtype), stride, padding)
+    assert not out.flags.c_contiguous  # channels-last, as the next layer wants it
+    assert_close(out, out_ref, dtype, tol)
+    d = dout.astype(dtype)
+    dx, dw, db = be.conv2d_backward(channels_last(d) if dout_layout != "nchw" else d, cache)
+    for got, ref in ((dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+        assert_close(got, ref, dtype, tol)
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape, pool, stride", POOL_CASES)
+@pytest.mark.parametrize("ties", [False, True], ids=["distinct", "ties"])
+@pytest.mark.parametrize("dout_layout", ["nchw", "channels-last"])
+def test_maxpool2d_and_relu_on_channels_last_inputs(dtype, tol, shape, pool, stride, ties,
+                                                    dout_layout):
+    """Pooling and ReLU of channels-last views (the channels-last kernels; ties: the first
+    maximum of each window gets the gradient) against the naive loops, ``dout`` either layout."""
+    be = get_backend("numba")
+    rng = np.random.default_rng(sum(shape) + pool + 3)
+    shape = (shape[0], shape[1] + 17, shape[2], shape[3])  # enough channels to vectorise
+    x = rng.integers(-1, 3, shape).astype(np.float64) if ties else normal(rng, shape, dtype)
+    out_ref, cache_ref = NAIVE.maxpool2d_forward(x, pool, stride)
+    dout = normal(rng, out_ref.shape, dtype)
+    dx_ref = NAIVE.maxpool2d_backward(dout, cache_ref)
+    relu_ref, relu_cache = NAIVE.relu_forward(x)
+    drelu = normal(rng, shape, dtype)
+    drelu_ref = NAIVE.relu_backward(drelu, relu_cache)
+
+    lay = (lambda a: a) if dout_layout == "nchw" else channels_last
+    xc = channels_last(x.astype(dtype))
+    out, cache = be.maxpool2d_forward(xc, pool, stride)
+    assert_close(out, out_ref, dtype, tol)
+    assert_close(be.maxpool2d_backward(lay(dout.astype(dtype)), cache), dx_ref, dtype, tol)
+    r, rc = be.relu_forward(xc)
+    assert_close(r, relu_ref, dtype, tol)
+    assert_close(be.relu_backward(lay(drelu.astype(dtype)), rc), drelu_ref, dtype, tol)
+    # an NCHW consumer of a channels-last result (the per-image conv path's pooling, here)
+    assert_close(be.maxpool2d_backward(channels_last(dout.astype(dtype)),
+                                       be.maxpool2d_forward(x.astype(dtype), pool, stride)[1]),
+                 dx_ref, dtype, tol)

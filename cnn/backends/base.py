@@ -8,7 +8,10 @@ are that backend's arrays (``numpy.ndarray`` on the CPU backends, device arrays 
 
 Layouts (all backends, all paths):
 
-- images: ``(N, C, H, W)``, C-contiguous, float32 or float64 (ops keep the input dtype);
+- images: ``(N, C, H, W)``, float32 or float64 (ops keep the input dtype). Inputs from data
+  are C-contiguous; an op may return a strided view instead (the numba backend hands
+  channels-last buffers from layer to layer as ``(N, C, H, W)`` views), so every op accepts
+  any strides on its array inputs, and a caller that needs contiguous memory copies;
 - conv weights: ``(F, C, KH, KW)``, conv bias ``(F,)``;
 - dense weights: ``(D, M)`` (inputs x outputs), dense bias ``(M,)``;
 - labels: ``(N,)`` integer class indices in ``[0, K)``.

@@ -266,42 +266,23 @@ def col2im_images(dcols3, n0, n1, kh, kw, stride, top, left, ho, wo, dx):
 
 
 @njit(**_JIT)
-def scatter_bias(acc, b, n0, n1, out3):
-    """``out3[n, f, :] = acc[f, (n - n0)*P : (n - n0 + 1)*P] + b[f]`` for ``n0 <= n < n1``:
-    a chunk's GEMM result ``acc (F, nb*P)`` (images side by side) back into ``(N, F, P)``."""
-    f_dim, p = out3.shape[1], out3.shape[2]
-    for n in range(n0, n1):
-        uq = np.uint64((n - n0) * p)
-        for f in range(f_dim):
-            bf = b[f]
-            for s in range(np.uint64(p)):
-                out3[n, f, s] = acc[f, uq + s] + bf
+def nhwc_to_nchw(src, dst):
+    """``dst (N, C, H, W)`` = the channels-last ``src (N, H, W, C)``."""
+    nimg, h, w, c_dim = src.shape
+    for m in range(nimg):
+        for c in range(c_dim):
+            for y in range(h):
+                for xc in range(w):
+                    dst[m, c, y, xc] = src[m, y, xc, c]
 
 
-@njit(**_JIT)
-def gather_chunk(a3, n0, n1, out):
-    """``out (R, nb*P) = a3[n0:n1] (nb, R, P)`` side by side along columns (the inverse of
-    :func:`scatter_bias`): a chunk of ``dout`` laid out for the BLAS products."""
-    _gather_chunk(a3, n0, n1, out)
-
-
-@njit(**_JIT)
-def im2col_ones(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols):
-    """:func:`_im2col` into the first ``C*KH*KW`` rows of ``cols``, ones in its last row: the
-    product ``dout_chunk @ cols.T`` then holds the weight gradient and, in its last column,
-    the bias gradient (one GEMM for both)."""
-    _im2col(x, n0, n1, kh, kw, stride, top, left, ho, wo, cols)
-    last = cols.shape[0] - 1
-    one = cols.dtype.type(1)
-    for s in range(cols.shape[1]):
-        cols[last, s] = one
-
-
-# ---- channels-last patches (layers with many input channels) ---------------------------------
-# With C >= 16 input channels, the BLAS path unrolls patches from a channels-last copy of the
-# chunk: a patch row is then KH*KW runs of C contiguous values (32 or 64 floats, whole AVX-512
-# vectors) instead of C*KH*KW*Ho runs of Wo values (13 or 4 floats on CIFAR conv2/conv3), and
-# im2col/col2im run several times faster; the transposes in and out touch each input value once.
+# ---- channels-last layout (the BLAS path) ------------------------------------------------------
+# Conv layers on the BLAS path keep their activations channels-last, (N, H, W, C) buffers that
+# the backend hands out as (N, C, H, W) views (see "Layout" in numba_backend). A patch row is
+# then KH runs of KW*C contiguous values (96 or 192 floats on CIFAR conv2/conv3, 9 on conv1)
+# instead of C*KH*KW*Ho runs of Wo values, the GEMM ``patches @ w`` writes its result straight
+# into the next layer's (N*Ho*Wo, F) channels-last buffer, and no transpose or scatter pass
+# runs between layers. Pooling and ReLU run along the contiguous channel axis.
 @njit(**_JIT)
 def nchw_to_nhwc_pad(x, n0, n1, top, left, xt):
     """``xt (nb, Hp, Wp, C)``: images ``n0:n1`` of ``x (N, C, H, W)`` channels-last, zero
@@ -323,74 +304,181 @@ def nchw_to_nhwc_pad(x, n0, n1, top, left, xt):
 
 
 @njit(**_JIT)
+def nhwc_pad(xs, n0, n1, top, left, xt):
+    """``xt (nb, Hp, Wp, C)``: images ``n0:n1`` of the channels-last ``xs (N, H, W, C)``, zero
+    padded by ``top``/``left`` (bottom/right: whatever ``Hp``/``Wp`` leave)."""
+    h, w, c_dim = xs.shape[1], xs.shape[2], xs.shape[3]
+    hp, wp = xt.shape[1], xt.shape[2]
+    zero = xt.dtype.type(0)
+    uc = np.uint64(c_dim)
+    for n in range(n0, n1):
+        m = n - n0
+        for y in range(hp):
+            for xc in range(wp):
+                if y < top or y >= top + h or xc < left or xc >= left + w:
+                    for c in range(uc):
+                        xt[m, y, xc, c] = zero
+                else:
+                    for c in range(uc):
+                        xt[m, y, xc, c] = xs[n, y - top, xc - left, c]
+
+
+@njit(**_JIT)
 def im2col_nhwc(xt, kh, kw, stride, ho, wo, cols):
     """``cols (nb*Ho*Wo, KH*KW*C + 1)``: row ``(m*Ho + i)*Wo + j`` holds the patch of output
-    pixel ``(i, j)`` of image ``m`` of ``xt (nb, Hp, Wp, C)``, in ``(di, dj, c)`` order, then a
-    one (the bias gradient's column)."""
-    nb, c_dim = xt.shape[0], xt.shape[3]
-    kc = kh * kw * c_dim
+    pixel ``(i, j)`` of image ``m`` of ``xt (nb, Hp, Wp, C)`` (already padded), in ``(di, dj,
+    c)`` order, then a one (it meets the bias row of the weights in the forward GEMM and gives
+    the bias gradient in the weight-gradient GEMM). For each ``di`` the ``KW*C`` values are one
+    contiguous run of ``xt``, whatever the stride."""
+    nb, hp, wp, c_dim = xt.shape
+    run = kw * c_dim
+    kc = kh * run
     one = cols.dtype.type(1)
-    uc = np.uint64(c_dim)
+    x3 = xt.reshape(nb, hp, wp * c_dim)
+    urun = np.uint64(run)
     for m in range(nb):
         for i in range(ho):
             for j in range(wo):
                 row = (m * ho + i) * wo + j
+                x0 = np.uint64(j * stride * c_dim)
                 for di in range(kh):
-                    for dj in range(kw):
-                        base = np.uint64((di * kw + dj) * c_dim)
-                        y, xc = i * stride + di, j * stride + dj
-                        for c in range(uc):
-                            cols[row, base + c] = xt[m, y, xc, c]
+                    y = i * stride + di
+                    base = np.uint64(di * run)
+                    for t in range(urun):
+                        cols[row, base + t] = x3[m, y, x0 + t]
                 cols[row, kc] = one
 
 
 @njit(**_JIT)
-def scatter_bias_t(acc_t, b, n0, n1, out3):
-    """``out3[n, f, s] = acc_t[(n - n0)*P + s, f] + b[f]``: a channels-last GEMM result
-    ``(nb*P, F)`` back into ``(N, F, P)`` with the bias."""
-    f_dim, p = out3.shape[1], out3.shape[2]
-    for n in range(n0, n1):
-        base = (n - n0) * p
-        for f in range(f_dim):
-            bf = b[f]
-            for s in range(p):
-                out3[n, f, s] = acc_t[base + s, f] + bf
-
-
-@njit(**_JIT)
 def col2im_nhwc(dcols, kh, kw, stride, ho, wo, dxt):
-    """Adjoint of :func:`im2col_nhwc` (without the ones column): ``dxt`` is zeroed, then every
-    patch row of ``dcols (nb*Ho*Wo, KH*KW*C)`` is added back at its pixels."""
+    """Adjoint of :func:`im2col_nhwc` (without the ones column): ``dxt (nb, Hp, Wp, C)`` is
+    zeroed, then every patch row of ``dcols (nb*Ho*Wo, KH*KW*C)`` is added back at its
+    pixels."""
     nb, hp, wp, c_dim = dxt.shape
+    d3 = dxt.reshape(nb, hp, wp * c_dim)
     zero = dxt.dtype.type(0)
     for m in range(nb):
         for y in range(hp):
-            for xc in range(wp):
-                for c in range(c_dim):
-                    dxt[m, y, xc, c] = zero
-    uc = np.uint64(c_dim)
+            for t in range(np.uint64(wp * c_dim)):
+                d3[m, y, t] = zero
+    run = kw * c_dim
+    urun = np.uint64(run)
     for m in range(nb):
         for i in range(ho):
             for j in range(wo):
                 row = (m * ho + i) * wo + j
+                x0 = np.uint64(j * stride * c_dim)
                 for di in range(kh):
-                    for dj in range(kw):
-                        base = np.uint64((di * kw + dj) * c_dim)
-                        y, xc = i * stride + di, j * stride + dj
-                        for c in range(uc):
-                            dxt[m, y, xc, c] += dcols[row, base + c]
+                    y = i * stride + di
+                    base = np.uint64(di * run)
+                    for t in range(urun):
+                        d3[m, y, x0 + t] += dcols[row, base + t]
 
 
 @njit(**_JIT)
-def nhwc_crop_to_nchw(dxt, n0, n1, top, left, dx):
-    """``dx[n0:n1] (nb, C, H, W)`` = the un-padded part of ``dxt (nb, Hp, Wp, C)``."""
-    c_dim, h, w = dx.shape[1], dx.shape[2], dx.shape[3]
-    for n in range(n0, n1):
-        m = n - n0
-        for c in range(c_dim):
-            for y in range(h):
+def nhwc_crop(dxt, top, left, dx):
+    """``dx (nb, H, W, C)`` = the un-padded part of ``dxt (nb, Hp, Wp, C)``."""
+    nb, h, w, c_dim = dx.shape
+    uc = np.uint64(c_dim)
+    for m in range(nb):
+        for y in range(h):
+            for xc in range(w):
+                for c in range(uc):
+                    dx[m, y, xc, c] = dxt[m, y + top, xc + left, c]
+
+
+@njit(**_JIT)
+def maxpool_nhwc_forward(x4, pool, stride, out4, arg4):
+    """Max pooling of the channels-last ``x4 (N, H, W, C)`` into ``out4 (N, Ho, Wo, C)``;
+    ``arg4`` (same shape, an integer type holding ``pool*pool - 1``) gets the row-major index
+    ``a*pool + b`` of each maximum within its window, the first one on ties (strict ``>``).
+
+    The loops over the channels hold no dependence between iterations, so they vectorise:
+    2 x 2 windows (the common case) keep the running maximum in registers, with selects; other
+    sizes update ``out4``/``arg4`` in memory, one window offset after the other."""
+    nimg = x4.shape[0]
+    ho, wo, c_dim = out4.shape[1], out4.shape[2], out4.shape[3]
+    uc = np.uint64(c_dim)
+    one, two, three = arg4.dtype.type(1), arg4.dtype.type(2), arg4.dtype.type(3)
+    zero = arg4.dtype.type(0)
+    for m in range(nimg):
+        for i in range(ho):
+            for j in range(wo):
+                y0, x0 = i * stride, j * stride
+                if pool == 2:
+                    for c in range(uc):
+                        best, idx = x4[m, y0, x0, c], zero
+                        v = x4[m, y0, x0 + 1, c]
+                        better = v > best
+                        best, idx = (v if better else best), (one if better else idx)
+                        v = x4[m, y0 + 1, x0, c]
+                        better = v > best
+                        best, idx = (v if better else best), (two if better else idx)
+                        v = x4[m, y0 + 1, x0 + 1, c]
+                        better = v > best
+                        best, idx = (v if better else best), (three if better else idx)
+                        out4[m, i, j, c] = best
+                        arg4[m, i, j, c] = idx
+                    continue
+                for c in range(uc):
+                    out4[m, i, j, c] = x4[m, y0, x0, c]
+                    arg4[m, i, j, c] = zero
+                for k in range(1, pool * pool):
+                    a = k // pool
+                    b = k - a * pool
+                    kk = arg4.dtype.type(k)
+                    for c in range(uc):
+                        v = x4[m, y0 + a, x0 + b, c]
+                        o = out4[m, i, j, c]
+                        better = v > o
+                        out4[m, i, j, c] = v if better else o
+                        arg4[m, i, j, c] = kk if better else arg4[m, i, j, c]
+
+
+@njit(**_JIT)
+def maxpool_nhwc_backward(dout4, arg4, pool, stride, dx4):
+    """``dx4 (N, H, W, C)`` (overwritten) from ``dout4 (N, Ho, Wo, C)`` and the window indices
+    of :func:`maxpool_nhwc_forward`. Non-overlapping windows (``stride == pool``) write each
+    covered pixel once (the gradient or a zero) and zero the uncovered border; otherwise zeros
+    first, then overlapping windows accumulate."""
+    nimg, h, w, c_dim = dx4.shape
+    ho, wo = dout4.shape[1], dout4.shape[2]
+    zero = dx4.dtype.type(0)
+    uc = np.uint64(c_dim)
+    if stride == pool:
+        for m in range(nimg):
+            for i in range(ho):
+                for a in range(pool):
+                    y = i * pool + a
+                    for j in range(wo):
+                        for b in range(pool):
+                            xc = j * pool + b
+                            k = a * pool + b
+                            for c in range(uc):
+                                g = dout4[m, i, j, c]
+                                dx4[m, y, xc, c] = g if arg4[m, i, j, c] == k else zero
+                    for xc in range(wo * pool, w):
+                        for c in range(uc):
+                            dx4[m, y, xc, c] = zero
+            for y in range(ho * pool, h):
                 for xc in range(w):
-                    dx[n, c, y, xc] = dxt[m, y + top, xc + left, c]
+                    for c in range(uc):
+                        dx4[m, y, xc, c] = zero
+        return
+    for m in range(nimg):
+        for y in range(h):
+            for xc in range(w):
+                for c in range(uc):
+                    dx4[m, y, xc, c] = zero
+    for m in range(nimg):
+        for i in range(ho):
+            for j in range(wo):
+                for k in range(pool * pool):
+                    a = k // pool
+                    y, xc = i * stride + a, j * stride + k - a * pool
+                    for c in range(uc):
+                        g = dout4[m, i, j, c]
+                        dx4[m, y, xc, c] += g if arg4[m, i, j, c] == k else zero
 
 
 @njit(**_JIT)
