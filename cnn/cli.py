@@ -468,7 +468,9 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="compare suite: also write every figure and the machine to PATH")
+                   help="compare and mpi suites: also write every figure to PATH (mpi: the "
+                        "fitted alpha and beta the study's scaling model reads from "
+                        "results/mpi_allreduce.json)")
 
 
 def cmd_bench(args) -> int:

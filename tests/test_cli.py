@@ -172,6 +172,16 @@ def test_bad_bench_and_report_numbers_name_the_option(argv, capsys):
     assert f"argument {argv[1]}:" in capsys.readouterr().err
 
 
+def test_bench_json_on_a_suite_without_figures_is_refused(tmp_path, capsys):
+    """``--json`` is not silently dropped: a suite that writes no figures refuses it, naming
+    the option and the path, before it measures anything."""
+    out = tmp_path / "x.json"
+    assert main(["bench", "keras", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"--json {out}" in err and "'keras' suite writes no figures" in err, err
+    assert not out.exists()
+
+
 def test_zero_values_are_not_replaced_by_defaults():
     """No ``args.x or default``: a value of 0 never silently becomes the preset's."""
     source = (ROOT / "cnn" / "cli.py").read_text()

@@ -360,6 +360,18 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
 
 
+def test_bench_mpi_command_writes_its_json(tmp_path):
+    """``python -m cnn bench mpi --json PATH`` (the command the study's scaling model names)
+    passes ``--json`` on to the ranks: the file holds the 2-rank fit."""
+    out = tmp_path / "mpi_allreduce.json"
+    res = subprocess.run([sys.executable, "-m", "cnn", "bench", "mpi", "--quick", "--presets",
+                          "mnist_small", "--batch-sizes", "32", "--json", str(out)],
+                         capture_output=True, text=True, timeout=180, env=_env())
+    assert res.returncode == 0, res.stdout + res.stderr
+    record = json.loads(out.read_text())
+    assert record["ranks"] == 2 and record["alpha"] > 0 and record["beta"] > 0
+
+
 # ---- the study -------------------------------------------------------------------------------------
 def test_the_study_runs_the_mpi_and_processes_paths(tmp_path):
     """The study launches an mpi run with its registry's mpiexec (rank 0 alone writes the

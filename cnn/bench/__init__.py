@@ -268,11 +268,14 @@ def gpu_suite(presets=("mnist_small", "cifar_tutorial"), batch_sizes=(32, 128),
     return results
 
 
-def mpi_suite(repeats: int = 5, images=None, presets=None, batch_sizes=None) -> None:
+def mpi_suite(repeats: int = 5, images=None, presets=None, batch_sizes=None,
+              json_path: str | None = None) -> None:
     """MPI ranks: allreduce latency/bandwidth (fitted alpha, beta) and whether overlapping the
-    allreduce with backward pays; the code is in :mod:`cnn.parallel.bench_mpi`."""
+    allreduce with backward pays; the code is in :mod:`cnn.parallel.bench_mpi`. ``json_path``:
+    where the figures go for the study's scaling model (``results/mpi_allreduce.json``)."""
     from ..parallel.bench_mpi import suite
-    suite(repeats=repeats, quick=images is not None, presets=presets, batch_sizes=batch_sizes)
+    suite(repeats=repeats, quick=images is not None, presets=presets, batch_sizes=batch_sizes,
+          json_path=json_path)
 
 
 def compare_suite(quick: bool = False, json_path: str | None = None, **kwargs):
@@ -295,15 +298,22 @@ def memory_suite(**kwargs):
 #: suite name -> function; ``compare`` is the default (other suites register here too)
 SUITES = {"compare": compare_suite, "keras": keras_suite, "threads": threads_suite,
           "gpu": gpu_suite, "mpi": mpi_suite, "memory": memory_suite}
+#: the suites that write their figures to ``--json PATH``
+JSON_SUITES = ("compare", "mpi")
 
 
 def main(suite: str = "compare", repeats: int = 5, quick: bool = False, presets=None,
          batch_sizes=None, json_path: str | None = None) -> None:
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite {suite!r}; choose one of {sorted(SUITES)}")
+    if json_path is not None and suite not in JSON_SUITES:
+        raise ValueError(f"--json {json_path}: the {suite!r} suite writes no figures; --json "
+                         f"works with {' and '.join(JSON_SUITES)}")
     kwargs = {"repeats": 1 if quick else repeats}
+    if suite in JSON_SUITES:
+        kwargs["json_path"] = json_path
     if suite == "compare":
-        kwargs.update(quick=quick, json_path=json_path)
+        kwargs["quick"] = quick
     else:
         print(f"machine: {describe()}")
         if quick:

@@ -138,8 +138,9 @@ def main(argv=None) -> int:
     presets = a.presets or ["mnist_small", "cifar_tutorial"]
     batch_sizes = a.batch_sizes or [32, 128]
     images = {"mnist_small": 256 if a.quick else 2048, "cifar_tutorial": 64 if a.quick else 512}
-    say(f"\nOverlap: strategy='mpi' training at {size} ranks, images/s median of {repeats} "
-        "(min..max), blocking Allreduce vs per-layer Iallreduce during backward")
+    say(f"\nOverlap: strategy='mpi' training at {size} ranks (numpy backend, fit's default), "
+        f"images/s median of {repeats} (min..max), blocking Allreduce vs per-layer Iallreduce "
+        "during backward")
     say(f"{'preset':<15} {'batch':>5}  {'blocking':>18}  {'overlap':>18}  {'ratio':>6}  "
         f"{'comm share (blocking / overlap)':>31}")
     for preset in presets:
