@@ -19,6 +19,8 @@ from .summary import (BASELINE_PATH, Summary, _config_text, _int, _num, _sort_ke
                       trace_frame)
 
 TEXT_WIDTH_IN = 6.7
+#: the tallest a figure may print (inches): the A4 text height (25.3 cm) less two caption lines
+MAX_HEIGHT_IN = 8.6
 FIGURE_KINDS = ("throughput", "baselines", "scaling", "per_image", "time_breakdown",
                 "accuracy", "time_to_accuracy", "average_period", "heatmap", "scaling_model")
 #: drawn once for the whole study, not per problem
@@ -599,8 +601,11 @@ def make_figures(summary: Summary, figures_dir, dpi: int = 150,
         fig.savefig(out / name, dpi=dpi)
         made.append({"problem": problem, "kind": kind, "file": name, "path": str(out / name),
                      "caption": caption,
-                     # share of the report's text width (17 cm), so fonts keep one size
-                     "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN), 3)})
+                     # share of the report's text width (17 cm), so fonts keep one size;
+                     # a tall figure is narrowed until it and its caption fit on a page
+                     "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN,
+                                        MAX_HEIGHT_IN * fig.get_figwidth()
+                                        / fig.get_figheight() / TEXT_WIDTH_IN), 3)})
 
     fig = plot_equivalence(equivalence)
     if fig is not None:

@@ -114,8 +114,10 @@ def _machines(summary: Summary) -> list[dict]:
     if r.empty:
         r = summary.results
     cols = [c for c in MACHINE_COLUMNS if c != "git_commit"]
-    m = r[cols].astype(str).drop_duplicates()
-    return m.to_dict("records")
+    m = r[cols].copy()
+    if "sgemm_peak_gflops" in m:  # measured per study; its digits beyond 0.1 GFLOP/s are noise
+        m["sgemm_peak_gflops"] = pd.to_numeric(m["sgemm_peak_gflops"], errors="coerce").round(1)
+    return m.astype(str).drop_duplicates().to_dict("records")
 
 
 def _model_text(name: str) -> str:

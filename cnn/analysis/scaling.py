@@ -123,5 +123,8 @@ def scaling_model(summary: Summary, allreduce: dict | None = None) -> pd.DataFra
                          "title": _config_text(r0), "p": float(p), "cores": cores,
                          "measured": m, "predicted_threads": pred, "predicted_mpi": mpi,
                          "t1_step": t1, "compute_step": c1, "reduce_step": r,
-                         "rel_error": pred / m - 1 if np.isfinite(m) and p > 1 else np.nan})
+                         # checked only within the cores: the model splits compute over p
+                         # workers, which p > cores cannot do (those points are marked †)
+                         "rel_error": pred / m - 1 if np.isfinite(m) and p > 1 and not
+                         (np.isfinite(cores) and p > cores) else np.nan})
     return pd.DataFrame(rows, columns=COLUMNS)
