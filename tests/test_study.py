@@ -123,6 +123,13 @@ def test_profiles():
     # the whole training split, or 55,000 + a 5,000-image validation split (time-to-accuracy)
     assert {r["train_size"] for r in full if r["dataset"] == "mnist"} == {60000, 55000}
     assert {r["val_size"] for r in full if r["target"] is not None} == {5000}
+    # baseline (b) is the best one-core contender of each throughput configuration: Keras on
+    # one thread is among them in every one (the first edition lacked it at CIFAR batch 128)
+    def config(r):
+        return r["dataset"], r["batch_size"], r.get("filters"), r["train_size"]
+    throughput = [r for r in full if r["target"] is None]
+    assert {config(r) for r in throughput} == {
+        config(r) for r in throughput if r["path"] == "keras" and r["threads"] == 1}
     plan = describe_plan("full", gpu=False)
     assert "estimated wall time" in plan and "cuda" in plan
     assert set(PROFILES) >= {"quick", "full"}
