@@ -289,8 +289,11 @@ def cmd_train(args) -> int:
         except (OSError, ValueError) as err:
             raise type(err)(f"--save: {err}") from None
 
+    # the validation split is carved here, from arrays nobody else holds, rather than by fit
+    # (which copies the caller's data): the same examples, without a second training set
     data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
-                        test_limit=args.test_limit, seed=args.seed, dtype=dtype)
+                        test_limit=args.test_limit, seed=args.seed, dtype=dtype,
+                        validation_split=args.validation_split)
     with naming_spec_file(spec_file(model_name)):
         model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
                                      seed=args.seed, backend=args.backend)
@@ -305,7 +308,8 @@ def cmd_train(args) -> int:
             hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
                              batch_size=batch_size, optimizer=optimizer, strategy=strategy,
                              threads=args.threads, seed=args.seed,
-                             validation_split=args.validation_split, lr_schedule=schedule,
+                             validation_data=None if data.x_val is None
+                             else (data.x_val, data.y_val), lr_schedule=schedule,
                              callbacks=callbacks,
                              verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
                              progress=interrupt.progress)

@@ -480,6 +480,41 @@ def test_stratified_split_proportions():
     assert not np.array_equal(stratified_split(x, y, 0.2, seed=4)[2], x_b)
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 1024])
+def test_stratified_split_in_place_gives_the_same_parts_without_copying_part_a(monkeypatch,
+                                                                              chunk):
+    """``in_place=True`` (load_dataset's split of arrays it owns) returns the same four parts
+    as the copying split, part a as views of the front of the input (rows moved in chunks,
+    boundaries crossed with small chunks)."""
+    import cnn.data as D
+    monkeypatch.setattr(D, "_SPLIT_CHUNK", chunk)
+    y = np.random.default_rng(1).integers(0, 4, 300)
+    x = np.arange(300 * 2, dtype=np.float32).reshape(300, 1, 1, 2)
+    expected = stratified_split(x.copy(), y.copy(), 0.3, seed=5)
+    x_own, y_own = x.copy(), y.copy()
+    got = stratified_split(x_own, y_own, 0.3, seed=5, in_place=True)
+    for e, g in zip(expected, got):
+        np.testing.assert_array_equal(g, e)
+    assert np.shares_memory(got[0], x_own) and np.shares_memory(got[1], y_own)
+    with pytest.raises(ValueError, match="writeable NumPy arrays"):
+        x_ro = x.copy()
+        x_ro.flags.writeable = False
+        stratified_split(x_ro, y.copy(), 0.3, in_place=True)
+
+
+def test_load_dataset_split_is_fits_split():
+    """``train`` carves its validation split in ``load_dataset`` (in place) and passes it to
+    ``fit`` as validation data: the same examples as ``fit(validation_split=...)`` takes from
+    the whole training set with the same seed."""
+    from cnn.train import _carve_validation
+    whole = load_dataset("blobs", limit=300, test_limit=10, seed=4)
+    x_t, y_t, (x_v, y_v) = _carve_validation(whole.x_train, whole.y_train, 0.25, None, 4)
+    split = load_dataset("blobs", limit=300, test_limit=10, seed=4, validation_split=0.25)
+    for got, want in ((split.x_train, x_t), (split.y_train, y_t), (split.x_val, x_v),
+                      (split.y_val, y_v)):
+        np.testing.assert_array_equal(got, want)
+
+
 def test_stratified_split_total_is_exact_with_uneven_classes():
     y = np.repeat([0, 1, 2], [5, 5, 5])
     _, _, _, y_b = stratified_split(np.zeros((15, 1, 1, 1)), y, 0.5, seed=0)
