@@ -282,6 +282,17 @@ class MaxPool2D(Layer):
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         return backend.maxpool2d_backward(dout, cache, ws=ctx.scope(self.name)), {}
 
+    # a ReLU layer directly before this one, fused into its op (on a backend with
+    # ``fuses_relu_maxpool``; the model decides)
+    def forward_after_relu(self, x, backend, ctx):
+        """This layer applied to ``relu(x)``: ``(out, cache)``."""
+        return backend.maxpool2d_relu_forward(x, self.pool_size, self.stride,
+                                              ws=ctx.scope(self.name))
+
+    def backward_after_relu(self, dout, cache, backend, ctx):
+        """``dx`` of the ReLU's input, from the cache of :meth:`forward_after_relu`."""
+        return backend.maxpool2d_relu_backward(dout, cache, ws=ctx.scope(self.name))
+
     def config(self):
         return {**super().config(), "pool_size": self.pool_size, "stride": self.stride}
 

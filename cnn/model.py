@@ -32,7 +32,7 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .context import StepContext
-from .layers import Layer, layers_from_spec
+from .layers import Layer, MaxPool2D, ReLU, layers_from_spec
 from .losses import Loss, get_loss
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -221,10 +221,26 @@ class Sequential:
         buffers = self.buffers if ctx.buffers is None else ctx.buffers
         ctx.updates.clear()
         caches = []
-        for layer in self.layers:
+        fuse = be.fuses_relu_maxpool
+        i = 0
+        while i < len(self.layers):
+            layer = self.layers[i]
+            if fuse and self._relu_then_pool(i):
+                # one op for both layers; the ReLU's cache slot stays empty
+                x, cache = self.layers[i + 1].forward_after_relu(x, be, ctx)
+                caches += [None, cache]
+                i += 2
+                continue
             x, cache = layer.forward(self._layer_params(layer, params, buffers), x, be, ctx)
             caches.append(cache)
+            i += 1
         return x, caches
+
+    def _relu_then_pool(self, i: int) -> bool:
+        """Whether layer ``i`` is a ReLU directly followed by a max pooling, a pair that a
+        backend with ``fuses_relu_maxpool`` runs as one op (see :class:`cnn.backends.Backend`)."""
+        return (isinstance(self.layers[i], ReLU) and i + 1 < len(self.layers)
+                and isinstance(self.layers[i + 1], MaxPool2D))
 
     def backward(self, dlogits, caches, params=None, backend=None,
                  ctx: StepContext | None = None, on_grads=None,
@@ -241,8 +257,14 @@ class Sequential:
         buffers = self.buffers if ctx.buffers is None else ctx.buffers
         grads: dict[str, Any] = {}
         dout = dlogits
-        for i in range(len(self.layers) - 1, -1, -1):
+        fuse = be.fuses_relu_maxpool
+        i = len(self.layers) - 1
+        while i >= 0:
             layer = self.layers[i]
+            if fuse and i > 0 and self._relu_then_pool(i - 1):  # the forward fused the pair
+                dout = layer.backward_after_relu(dout, caches[i], be, ctx)
+                i -= 2
+                continue
             # the first layer's input is data: its gradient is never used
             dout, layer_grads = layer.backward(self._layer_params(layer, params, buffers), dout,
                                                caches[i], be, ctx, need_dx=i > 0)
@@ -254,6 +276,7 @@ class Sequential:
             grads.update(named)
             if on_grads is not None and named:
                 on_grads(named)
+            i -= 1
         return grads
 
     def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None,

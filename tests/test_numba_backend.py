@@ -140,6 +140,33 @@ def test_maxpool2d(backend, dtype, tol, shape, pool, stride, ties):
     assert_close(be.maxpool2d_backward(dout.astype(dtype), cache), dx_ref, dtype, tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape, pool, stride", POOL_CASES)
+@pytest.mark.parametrize("layout", ["nchw", "channels-last"])
+def test_fused_relu_maxpool(backend, dtype, tol, shape, pool, stride, layout):
+    """``maxpool2d_relu_forward/backward`` (the model's ReLU -> MaxPool2D pair as one op, the
+    ReLU applied to the pooled values) against the naive ReLU then pooling, chained: on small
+    integers, so that windows tie, hold only zeros and negatives, or a single zero."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(sum(shape) + pool + 5)
+    if layout == "channels-last":  # enough channels to vectorise the channels-last kernels
+        shape = (shape[0], shape[1] + 17, shape[2], shape[3])
+    x = rng.integers(-3, 2, shape).astype(np.float64)  # mostly <= 0: ReLU-cut windows
+    h, relu_cache = NAIVE.relu_forward(x)
+    out_ref, pool_cache = NAIVE.maxpool2d_forward(h, pool, stride)
+    dout = normal(rng, out_ref.shape, dtype)
+    dx_ref = NAIVE.relu_backward(NAIVE.maxpool2d_backward(dout, pool_cache), relu_cache)
+    assert (out_ref == 0).any() and (out_ref > 0).any() and (dx_ref == 0).any()
+
+    xin = x.astype(dtype)
+    out, cache = be.maxpool2d_relu_forward(xin if layout == "nchw" else channels_last(xin),
+                                           pool, stride)
+    assert_close(out, out_ref, dtype, tol)
+    for dout_in in (dout.astype(dtype), channels_last(dout.astype(dtype))):
+        assert_close(be.maxpool2d_relu_backward(dout_in, cache), dx_ref, dtype, tol)
+
+
 # ---- ReLU --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)

@@ -134,6 +134,24 @@ class Backend:
         """``dout * (x > 0)``: the derivative at 0 is taken as 0 (as TensorFlow does)."""
         raise NotImplementedError
 
+    # ---- fused ReLU -> max pooling (optional) -----------------------------------------------
+    #: True when the backend implements the two ops below; the model then runs a ReLU layer
+    #: directly followed by a MaxPool2D layer as one op. Max and ReLU commute
+    #: (``maxpool(relu(x)) == relu(maxpool(x))``, the same gradients too), so the ReLU can act on
+    #: the pooled values, a ``pool*pool``-th of its input, and its mask can ride in the
+    #: pooling's window indices: two passes over the largest activation are saved each way.
+    fuses_relu_maxpool: bool = False
+
+    def maxpool2d_relu_forward(self, x, pool: int, stride: int, ws=None):
+        """``maxpool(relu(x))``, computed as ``relu(maxpool(x))``: shapes as
+        :meth:`maxpool2d_forward`. Only backends with ``fuses_relu_maxpool`` implement it."""
+        raise NotImplementedError
+
+    def maxpool2d_relu_backward(self, dout, cache, ws=None):
+        """The backward of :meth:`maxpool2d_relu_forward`: ``dout`` at each window's first
+        maximum where the pooled value is positive, zero elsewhere."""
+        raise NotImplementedError
+
     # ---- dense -----------------------------------------------------------------------------
     def dense_forward(self, x, w, b, ws=None):
         """``x (N, D) @ w (D, M) + b (M,)`` -> ``(N, M)``."""

@@ -157,6 +157,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
     maxpool2d_forward_kernel = staticmethod(K.maxpool2d_forward)
     maxpool2d_backward_kernel = staticmethod(K.maxpool2d_backward)
+    maxpool2x2_forward_kernel = staticmethod(K.maxpool2x2_forward)
+    maxpool2x2_backward_kernel = staticmethod(K.maxpool2x2_backward)
     relu_forward_kernel = staticmethod(K.relu_forward)
     relu_backward_kernel = staticmethod(K.relu_backward)
 
@@ -434,7 +436,18 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
 
     # ---- pooling ---------------------------------------------------------------------------
+    fuses_relu_maxpool = True
+
     def maxpool2d_forward(self, x, pool, stride, ws=None):
+        return self._maxpool(x, pool, stride, False, ws)
+
+    def maxpool2d_relu_forward(self, x, pool, stride, ws=None):
+        return self._maxpool(x, pool, stride, True, ws)
+
+    def _maxpool(self, x, pool, stride, relu, ws):
+        """Max pooling, followed by a ReLU when ``relu`` (in the pooling kernel: the ReLU then
+        reads and writes a ``pool*pool``-th of the values, and its backward is the pooling's
+        own, whose window indices mark the windows the ReLU cut)."""
         n, c, h, w = x.shape
         if pool < 1 or stride < 1 or pool > min(h, w):
             raise ValueError(f"need 1 <= pool <= min(H, W) and stride >= 1; received "
@@ -443,16 +456,22 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         xs = _nhwc(x)
         if xs is not None and not x.flags.c_contiguous:  # channels-last: stays so
             out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, c), x.dtype)
-            # the index within the window; one byte covers windows up to 16 x 16
+            # the index within the window (pool*pool: cut by the ReLU); one byte covers
+            # windows up to 15 x 15
             arg = self.scratch(ws, "argmax_nhwc", (n, ho, wo, c),
-                               np.uint8 if pool * pool <= 256 else np.int32)
-            self._launch_nhwc(K.maxpool_nhwc_forward, xs, int(pool), int(stride), out_t, arg)
+                               np.uint8 if pool * pool < 256 else np.int32)
+            self._launch_nhwc(K.maxpool_nhwc_forward, xs, int(pool), int(stride), relu, out_t,
+                              arg)
             return out_t.transpose(0, 3, 1, 2), (x.shape, arg, int(pool), int(stride))
         x = np.ascontiguousarray(x)
         out = self.scratch(ws, "out", (n * c, ho, wo), x.dtype)
+        if pool == stride == 2:  # the common case: the index within the window, one byte
+            arg = self.scratch(ws, "argmax_2x2", (n * c, ho, wo), np.uint8)
+            self._launch(self.maxpool2x2_forward_kernel, x.reshape(n * c, h, w), relu, out, arg)
+            return out.reshape(n, c, ho, wo), (x.shape, arg, "2x2")
         arg = self.scratch(ws, "argmax", (n * c, ho, wo), np.int32)
         self._launch(self.maxpool2d_forward_kernel, x.reshape(n * c, h, w), int(pool),
-                     int(stride), out, arg)
+                     int(stride), relu, out, arg)
         return out.reshape(n, c, ho, wo), (x.shape, arg)
 
     def maxpool2d_backward(self, dout, cache, ws=None):
@@ -466,11 +485,18 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             dx_t = self.scratch(ws, "dx_nhwc", (n, h, w, c), dout.dtype)
             self._launch_nhwc(K.maxpool_nhwc_backward, ds, arg, pool, stride, dx_t)
             return dx_t.transpose(0, 3, 1, 2)
-        x_shape, arg = cache
+        x_shape, arg = cache[:2]
+        dout3 = self._nchw(dout, ws).reshape(arg.shape)
+        if len(cache) == 3:  # 2 x 2 windows, stride 2
+            dx = self.scratch(ws, "dx", (arg.shape[0],) + tuple(x_shape[2:]), dout.dtype)
+            self._launch(self.maxpool2x2_backward_kernel, dout3, arg, dx)
+            return dx.reshape(x_shape)
         dx = self.scratch(ws, "dx", (arg.shape[0], x_shape[2] * x_shape[3]), dout.dtype)
-        self._launch(self.maxpool2d_backward_kernel, self._nchw(dout, ws).reshape(arg.shape),
-                     arg, dx)
+        self._launch(self.maxpool2d_backward_kernel, dout3, arg, dx)
         return dx.reshape(x_shape)
+
+    # the window indices of a fused forward carry the ReLU's mask
+    maxpool2d_relu_backward = maxpool2d_backward
 
     # ---- activations -----------------------------------------------------------------------
     def relu_forward(self, x, ws=None):
@@ -519,6 +545,8 @@ class NumbaParallelBackend(NumbaBackend):
     conv2d_backward_kernel = staticmethod(K.conv2d_backward_par)
     maxpool2d_forward_kernel = staticmethod(K.maxpool2d_forward_par)
     maxpool2d_backward_kernel = staticmethod(K.maxpool2d_backward_par)
+    maxpool2x2_forward_kernel = staticmethod(K.maxpool2x2_forward_par)
+    maxpool2x2_backward_kernel = staticmethod(K.maxpool2x2_backward_par)
     relu_forward_kernel = staticmethod(K.relu_forward_par)
     relu_backward_kernel = staticmethod(K.relu_backward_par)
 

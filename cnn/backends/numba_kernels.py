@@ -388,10 +388,13 @@ def nhwc_crop(dxt, top, left, dx):
 
 
 @njit(**_JIT)
-def maxpool_nhwc_forward(x4, pool, stride, out4, arg4):
+def maxpool_nhwc_forward(x4, pool, stride, relu, out4, arg4):
     """Max pooling of the channels-last ``x4 (N, H, W, C)`` into ``out4 (N, Ho, Wo, C)``;
-    ``arg4`` (same shape, an integer type holding ``pool*pool - 1``) gets the row-major index
+    ``arg4`` (same shape, an integer type holding ``pool*pool``) gets the row-major index
     ``a*pool + b`` of each maximum within its window, the first one on ties (strict ``>``).
+    With ``relu``, ``out4`` is ``max(pool(x), 0)`` (= the pool of ``max(x, 0)``), and a window
+    whose maximum is not positive gets the index ``pool*pool``, which no window offset matches,
+    so :func:`maxpool_nhwc_backward` gives it no gradient: the ReLU's backward, for free.
 
     The loops over the channels hold no dependence between iterations, so they vectorise:
     2 x 2 windows (the common case) keep the running maximum in registers, with selects; other
@@ -401,6 +404,8 @@ def maxpool_nhwc_forward(x4, pool, stride, out4, arg4):
     uc = np.uint64(c_dim)
     one, two, three = arg4.dtype.type(1), arg4.dtype.type(2), arg4.dtype.type(3)
     zero = arg4.dtype.type(0)
+    none = arg4.dtype.type(pool * pool)  # "no gradient": the ReLU cut this window
+    fzero = out4.dtype.type(0)
     for m in range(nimg):
         for i in range(ho):
             for j in range(wo):
@@ -417,6 +422,9 @@ def maxpool_nhwc_forward(x4, pool, stride, out4, arg4):
                         v = x4[m, y0 + 1, x0 + 1, c]
                         better = v > best
                         best, idx = (v if better else best), (three if better else idx)
+                        if relu:
+                            kept = best > fzero
+                            best, idx = (best if kept else fzero), (idx if kept else none)
                         out4[m, i, j, c] = best
                         arg4[m, i, j, c] = idx
                     continue
@@ -433,6 +441,11 @@ def maxpool_nhwc_forward(x4, pool, stride, out4, arg4):
                         better = v > o
                         out4[m, i, j, c] = v if better else o
                         arg4[m, i, j, c] = kk if better else arg4[m, i, j, c]
+                if relu:
+                    for c in range(uc):
+                        kept = out4[m, i, j, c] > fzero
+                        out4[m, i, j, c] = out4[m, i, j, c] if kept else fzero
+                        arg4[m, i, j, c] = arg4[m, i, j, c] if kept else none
 
 
 @njit(**_JIT)
@@ -578,6 +591,95 @@ def conv2d_backward_par(x, w_t, dout3, kh, kw, stride, top, left, ho, wo, n0, n1
 
 
 # ---- max pooling -------------------------------------------------------------------------------
+# 2 x 2 windows with stride 2 on (N*C, H, W) planes, the first layer's pooling: each window's
+# index within it (``2*a + b``, 4 when a fused ReLU cut it) in one byte, as in the channels-last
+# kernels, so both loops run along a row with unit-stride loads the compiler vectorises; the
+# general kernels below keep a flat in-plane index, which costs a scatter in the backward.
+@njit(**_JIT)
+def _maxpool2x2_plane(x2, relu, out2, arg2):
+    """``out2 (Ho, Wo)``, ``arg2`` (uint8) from the 2 x 2 windows of ``x2 (H, W)``; ``relu``:
+    ``out2 = max(maxima, 0)``, index 4 where that cut the window."""
+    ho, wo = out2.shape
+    zero = out2.dtype.type(0)
+    one, two, three, none = np.uint8(1), np.uint8(2), np.uint8(3), np.uint8(4)
+    idx0 = np.uint8(0)
+    uwo, u2 = np.uint64(wo), np.uint64(2)
+    for i in range(ho):
+        r0, r1 = x2[2 * i], x2[2 * i + 1]
+        o, a = out2[i], arg2[i]
+        for j in range(uwo):
+            best, idx = r0[u2 * j], idx0
+            v = r0[u2 * j + np.uint64(1)]
+            better = v > best
+            best, idx = (v if better else best), (one if better else idx)
+            v = r1[u2 * j]
+            better = v > best
+            best, idx = (v if better else best), (two if better else idx)
+            v = r1[u2 * j + np.uint64(1)]
+            better = v > best
+            best, idx = (v if better else best), (three if better else idx)
+            if relu:
+                kept = best > zero
+                best, idx = (best if kept else zero), (idx if kept else none)
+            o[j] = best
+            a[j] = idx
+
+
+@njit(**_JIT)
+def _maxpool2x2_plane_backward(dout2, arg2, dx2):
+    """``dx2 (H, W)`` (overwritten): ``dout2 (Ho, Wo)`` at each window's recorded maximum,
+    zeros elsewhere (and on an odd last row or column, which no window covers)."""
+    ho, wo = dout2.shape
+    h, w = dx2.shape
+    zero = dx2.dtype.type(0)
+    uwo, u2, u1 = np.uint64(wo), np.uint64(2), np.uint64(1)
+    for i in range(ho):
+        g_row, a_row = dout2[i], arg2[i]
+        for a in range(2):
+            row = dx2[2 * i + a]
+            k0, k1 = np.uint8(2 * a), np.uint8(2 * a + 1)
+            for j in range(uwo):
+                g, k = g_row[j], a_row[j]
+                row[u2 * j] = g if k == k0 else zero
+                row[u2 * j + u1] = g if k == k1 else zero
+            for xc in range(2 * wo, w):
+                row[xc] = zero
+    for y in range(2 * ho, h):
+        for xc in range(w):
+            dx2[y, xc] = zero
+
+
+@njit(**_JIT)
+def maxpool2x2_forward(x3, relu, out3, arg3):
+    """2 x 2, stride-2 max pooling of the planes ``x3 (N*C, H, W)`` into ``out3 (N*C, H//2,
+    W//2)``; ``arg3`` (uint8, same shape) gets the index ``2*a + b`` of each maximum within its
+    window, the first one on ties; ``relu``: fused ReLU, index 4 where it cut the window."""
+    for m in range(x3.shape[0]):
+        _maxpool2x2_plane(x3[m], relu, out3[m], arg3[m])
+
+
+@njit(**_PJIT)
+def maxpool2x2_forward_par(x3, relu, out3, arg3):
+    """:func:`maxpool2x2_forward` with planes shared out among threads."""
+    for m in prange(x3.shape[0]):
+        _maxpool2x2_plane(x3[m], relu, out3[m], arg3[m])
+
+
+@njit(**_JIT)
+def maxpool2x2_backward(dout3, arg3, dx3):
+    """``dx3 (N*C, H, W)`` (overwritten) from ``dout3 (N*C, H//2, W//2)`` and the indices of
+    :func:`maxpool2x2_forward`."""
+    for m in range(dout3.shape[0]):
+        _maxpool2x2_plane_backward(dout3[m], arg3[m], dx3[m])
+
+
+@njit(**_PJIT)
+def maxpool2x2_backward_par(dout3, arg3, dx3):
+    """:func:`maxpool2x2_backward` with planes shared out among threads."""
+    for m in prange(dout3.shape[0]):
+        _maxpool2x2_plane_backward(dout3[m], arg3[m], dx3[m])
+
+
 @njit(**_JIT)
 def _argmax_step(x2, y, xc, uw, best, idx):
     """One step of a running argmax over ``x2[y, xc]`` (flat index ``y*W + xc``, ``uw = W``);
@@ -588,9 +690,12 @@ def _argmax_step(x2, y, xc, uw, best, idx):
 
 
 @njit(**_JIT)
-def _maxpool_plane(x2, pool, stride, out2, arg2):
+def _maxpool_plane(x2, pool, stride, relu, out2, arg2):
     """Maxima of the windows of one plane ``x2 (H, W)`` into ``out2 (Ho, Wo)``; ``arg2`` gets
     the flat ``y*W + x`` index of each maximum, the first one in row-major window order.
+    With ``relu``, ``out2 = max(maxima, 0)`` and a window whose maximum is not positive gets
+    the index ``-1 - (y*W + x)``, which :func:`_maxpool_plane_backward` reads as "no gradient"
+    (the ReLU's backward, fused).
 
     The running maximum is updated with selects, not branches: on real data the comparisons
     are unpredictable, and branchy versions ran 1.3-7x slower. 2 x 2 windows, the common
@@ -598,6 +703,7 @@ def _maxpool_plane(x2, pool, stride, out2, arg2):
     """
     w = x2.shape[1]
     ho, wo = out2.shape
+    fzero = out2.dtype.type(0)
     uw, upool, one = np.uint64(w), np.uint64(pool), np.uint64(1)
     for i in range(ho):
         y0 = np.uint64(i * stride)
@@ -612,35 +718,43 @@ def _maxpool_plane(x2, pool, stride, out2, arg2):
                 for y in range(y0, y0 + upool):
                     for xc in range(x0, x0 + upool):
                         best, idx = _argmax_step(x2, y, xc, uw, best, idx)
-            out2[i, j] = best
-            arg2[i, j] = np.int32(idx)
+            if relu and not best > fzero:
+                out2[i, j] = fzero
+                arg2[i, j] = np.int32(-1) - np.int32(idx)
+            else:
+                out2[i, j] = best
+                arg2[i, j] = np.int32(idx)
 
 
 @njit(**_JIT)
 def _maxpool_plane_backward(dout2, arg2, dx1):
-    """``dx1 (H*W,)``: zeros plus ``dout2 (Ho, Wo)`` added at the argmax positions ``arg2``."""
+    """``dx1 (H*W,)``: zeros plus ``dout2 (Ho, Wo)`` added at the argmax positions ``arg2``
+    (a negative entry ``-1 - s``: the fused ReLU cut the window at ``s``; it adds nothing)."""
     for s in range(dx1.size):
         dx1[s] = 0
+    zero = dx1.dtype.type(0)
     ho, wo = dout2.shape
     for i in range(ho):
         for j in range(wo):
-            dx1[arg2[i, j]] += dout2[i, j]
+            a = arg2[i, j]
+            kept = a >= 0
+            dx1[a if kept else -1 - a] += dout2[i, j] if kept else zero
 
 
 @njit(**_JIT)
-def maxpool2d_forward(x3, pool, stride, out3, arg3):
+def maxpool2d_forward(x3, pool, stride, relu, out3, arg3):
     """Max pooling of ``x3 (N*C, H, W)`` (images flattened into planes) into ``out3 (N*C, Ho,
     Wo)``, ``Ho = (H - pool) // stride + 1``; ``arg3`` (int32, same shape) gets the flat
-    in-plane index of each maximum."""
+    in-plane index of each maximum. ``relu``: fused ReLU, see :func:`_maxpool_plane`."""
     for m in range(x3.shape[0]):
-        _maxpool_plane(x3[m], pool, stride, out3[m], arg3[m])
+        _maxpool_plane(x3[m], pool, stride, relu, out3[m], arg3[m])
 
 
 @njit(**_PJIT)
-def maxpool2d_forward_par(x3, pool, stride, out3, arg3):
+def maxpool2d_forward_par(x3, pool, stride, relu, out3, arg3):
     """:func:`maxpool2d_forward` with planes shared out among threads."""
     for m in prange(x3.shape[0]):
-        _maxpool_plane(x3[m], pool, stride, out3[m], arg3[m])
+        _maxpool_plane(x3[m], pool, stride, relu, out3[m], arg3[m])
 
 
 @njit(**_JIT)
