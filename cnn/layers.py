@@ -232,6 +232,20 @@ class Conv2D(Layer):
         dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx, ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
+    # a ReLU and a MaxPool2D layer directly after this one, fused into its op (on a backend
+    # with ``fuses_conv_relu_maxpool``; the model decides)
+    def forward_relu_maxpool(self, params, x, pool, backend, ctx):
+        """This layer, a ReLU and the MaxPool2D layer ``pool``: ``(out, cache)``."""
+        return backend.conv2d_relu_maxpool2d_forward(x, params["w"], params["b"], self.stride,
+                                                     self.pads, pool.pool_size, pool.stride,
+                                                     ws=ctx.scope(self.name))
+
+    def backward_relu_maxpool(self, params, dout, cache, backend, ctx, need_dx=True):
+        """``(dx, {"w": dw, "b": db})`` from the cache of :meth:`forward_relu_maxpool`."""
+        dx, dw, db = backend.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx,
+                                                            ws=ctx.scope(self.name))
+        return dx, {"w": dw, "b": db}
+
     def penalties(self):
         return _kernel_penalties(self)
 

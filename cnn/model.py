@@ -32,7 +32,7 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .context import StepContext
-from .layers import Layer, MaxPool2D, ReLU, layers_from_spec
+from .layers import Conv2D, Layer, MaxPool2D, ReLU, layers_from_spec
 from .losses import Loss, get_loss
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -221,26 +221,36 @@ class Sequential:
         buffers = self.buffers if ctx.buffers is None else ctx.buffers
         ctx.updates.clear()
         caches = []
-        fuse = be.fuses_relu_maxpool
-        i = 0
-        while i < len(self.layers):
+        for i, span in self._plan(be):
             layer = self.layers[i]
-            if fuse and self._relu_then_pool(i):
-                # one op for both layers; the ReLU's cache slot stays empty
+            if span == 3:  # conv -> ReLU -> max pooling
+                x, cache = layer.forward_relu_maxpool(self._layer_params(layer, params, buffers),
+                                                      x, self.layers[i + 2], be, ctx)
+            elif span == 2:  # ReLU -> max pooling
                 x, cache = self.layers[i + 1].forward_after_relu(x, be, ctx)
-                caches += [None, cache]
-                i += 2
-                continue
-            x, cache = layer.forward(self._layer_params(layer, params, buffers), x, be, ctx)
-            caches.append(cache)
-            i += 1
+            else:
+                x, cache = layer.forward(self._layer_params(layer, params, buffers), x, be, ctx)
+            # a fused run's cache sits at its first layer, the others' slots stay empty
+            caches += [cache] + [None] * (span - 1)
         return x, caches
 
-    def _relu_then_pool(self, i: int) -> bool:
-        """Whether layer ``i`` is a ReLU directly followed by a max pooling, a pair that a
-        backend with ``fuses_relu_maxpool`` runs as one op (see :class:`cnn.backends.Backend`)."""
-        return (isinstance(self.layers[i], ReLU) and i + 1 < len(self.layers)
-                and isinstance(self.layers[i + 1], MaxPool2D))
+    def _plan(self, be) -> list[tuple[int, int]]:
+        """How ``be`` runs the layers: ``(first layer, how many)`` per op, in order. A backend
+        may fuse runs of layers into one op (see :class:`cnn.backends.Backend`): a Conv2D, a
+        ReLU and a MaxPool2D (``fuses_conv_relu_maxpool``), or a ReLU and a MaxPool2D
+        (``fuses_relu_maxpool``); every other layer is an op of its own."""
+        kinds = [type(layer) for layer in self.layers]
+        runs, i = [], 0
+        while i < len(kinds):
+            if (be.fuses_conv_relu_maxpool and kinds[i:i + 3] == [Conv2D, ReLU, MaxPool2D]):
+                span = 3
+            elif be.fuses_relu_maxpool and kinds[i:i + 2] == [ReLU, MaxPool2D]:
+                span = 2
+            else:
+                span = 1
+            runs.append((i, span))
+            i += span
+        return runs
 
     def backward(self, dlogits, caches, params=None, backend=None,
                  ctx: StepContext | None = None, on_grads=None,
@@ -257,17 +267,18 @@ class Sequential:
         buffers = self.buffers if ctx.buffers is None else ctx.buffers
         grads: dict[str, Any] = {}
         dout = dlogits
-        fuse = be.fuses_relu_maxpool
-        i = len(self.layers) - 1
-        while i >= 0:
+        for i, span in reversed(self._plan(be)):
             layer = self.layers[i]
-            if fuse and i > 0 and self._relu_then_pool(i - 1):  # the forward fused the pair
-                dout = layer.backward_after_relu(dout, caches[i], be, ctx)
-                i -= 2
+            if span == 2:  # ReLU -> max pooling: no parameters
+                dout = self.layers[i + 1].backward_after_relu(dout, caches[i], be, ctx)
                 continue
+            lp = self._layer_params(layer, params, buffers)
             # the first layer's input is data: its gradient is never used
-            dout, layer_grads = layer.backward(self._layer_params(layer, params, buffers), dout,
-                                               caches[i], be, ctx, need_dx=i > 0)
+            if span == 3:
+                dout, layer_grads = layer.backward_relu_maxpool(lp, dout, caches[i], be, ctx,
+                                                                need_dx=i > 0)
+            else:
+                dout, layer_grads = layer.backward(lp, dout, caches[i], be, ctx, need_dx=i > 0)
             for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
                 layer_grads[pname] = be.weight_penalty_grad(
                     layer_grads[pname], params[f"{layer.name}.{pname}"], l1 * loss_scale,
@@ -276,7 +287,6 @@ class Sequential:
             grads.update(named)
             if on_grads is not None and named:
                 on_grads(named)
-            i -= 1
         return grads
 
     def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None,

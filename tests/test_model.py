@@ -432,50 +432,45 @@ def test_empty_batch(model32, call):
         _run(model32, call, _x(n=0), np.zeros(0, dtype=np.int64))
 
 
-def test_relu_then_maxpool_runs_as_one_op_on_a_fusing_backend():
-    """On a backend with ``fuses_relu_maxpool`` (numba), each ReLU directly followed by a
-    MaxPool2D runs as one ``maxpool2d_relu_*`` op, other ReLUs as ReLUs; the loss and gradients
-    equal the layer-by-layer pass of the NumPy backend (which does not fuse)."""
+def test_fused_layer_runs_on_a_fusing_backend():
+    """On a backend that fuses (numba), a Conv2D, ReLU, MaxPool2D run is one
+    ``conv2d_relu_maxpool2d_*`` op and a ReLU, MaxPool2D pair (not after a conv) one
+    ``maxpool2d_relu_*`` op; other layers run alone. The loss and gradients equal the
+    layer-by-layer pass of the NumPy backend (which fuses nothing)."""
     from collections import Counter
 
     from cnn.backends.numba_backend import NumbaBackend
 
     calls = Counter()
+    counted = ["conv2d_forward", "relu_forward", "maxpool2d_forward", "maxpool2d_relu_forward",
+               "maxpool2d_relu_backward", "conv2d_relu_maxpool2d_forward",
+               "conv2d_relu_maxpool2d_backward"]
 
-    class Counting(NumbaBackend):
-        def relu_forward(self, *a, **k):
-            calls["relu_forward"] += 1
-            return super().relu_forward(*a, **k)
+    def counting(name):
+        def op(self, *a, **k):
+            calls[name] += 1
+            return getattr(NumbaBackend, name)(self, *a, **k)
+        return op
 
-        def maxpool2d_forward(self, *a, **k):
-            calls["maxpool2d_forward"] += 1
-            return super().maxpool2d_forward(*a, **k)
-
-        def maxpool2d_relu_forward(self, *a, **k):
-            calls["maxpool2d_relu_forward"] += 1
-            return super().maxpool2d_relu_forward(*a, **k)
-
-        def maxpool2d_relu_backward(self, *a, **k):
-            calls["maxpool2d_relu_backward"] += 1
-            return super().maxpool2d_relu_backward(*a, **k)
-
-    # conv -> relu -> pool twice, then relu after conv, relu after dense, and a lone pool
-    spec = [{"type": "conv2d", "filters": 3, "kernel_size": 3, "activation": "relu"},
-            {"type": "maxpool2d", "pool_size": 2},
-            {"type": "conv2d", "filters": 4, "kernel_size": 3, "activation": "relu"},
-            {"type": "maxpool2d", "pool_size": 2, "stride": 1},
+    Counting = type("Counting", (NumbaBackend,), {n: counting(n) for n in counted})
+    spec = [{"type": "conv2d", "filters": 16, "kernel_size": 3, "activation": "relu"},
+            {"type": "maxpool2d", "pool_size": 2},                      # conv, ReLU, pool
+            {"type": "conv2d", "filters": 16, "kernel_size": 3, "activation": "relu"},
+            {"type": "maxpool2d", "pool_size": 2, "stride": 1},         # conv, ReLU, pool
             {"type": "conv2d", "filters": 4, "kernel_size": 2, "activation": "relu"},
-            {"type": "maxpool2d", "pool_size": 1},
+            {"type": "relu"}, {"type": "maxpool2d", "pool_size": 1},   # conv; ReLU; ReLU, pool
             {"type": "flatten"}, {"type": "dense", "units": 5, "activation": "relu"},
             {"type": "dense", "units": 3}]
     model = Sequential.from_spec(spec, input_shape=(2, 14, 13), dtype=np.float64, seed=4)
     rng = np.random.default_rng(2)
     x, y = rng.standard_normal((5, 2, 14, 13)), rng.integers(0, 3, 5)
     loss, correct, grads = model.loss_and_grads(x, y, backend=Counting())
-    assert calls == {"maxpool2d_relu_forward": 3, "maxpool2d_relu_backward": 3,
-                     "relu_forward": 1}
+    assert calls == {"conv2d_relu_maxpool2d_forward": 2, "conv2d_relu_maxpool2d_backward": 2,
+                     "conv2d_forward": 1, "relu_forward": 2, "maxpool2d_relu_forward": 1,
+                     "maxpool2d_relu_backward": 1}
     ref_loss, ref_correct, ref_grads = model.loss_and_grads(x, y, backend="numpy")
     assert float(loss) == pytest.approx(float(ref_loss), rel=1e-13)
     assert int(correct) == int(ref_correct)
+    assert grads.keys() == ref_grads.keys()
     for k, g in ref_grads.items():
         np.testing.assert_allclose(grads[k], g, rtol=1e-10, atol=1e-13)

@@ -167,6 +167,58 @@ def test_fused_relu_maxpool(backend, dtype, tol, shape, pool, stride, layout):
         assert_close(be.maxpool2d_relu_backward(dout_in, cache), dx_ref, dtype, tol)
 
 
+FUSED_CONV_CASES = [  # (N, C, H, W), F, K, stride, padding, pool, pool stride
+    # few input channels: the per-image BLAS path; 5 images per chunk, so two chunks
+    pytest.param((7, 2, 40, 39), 16, 3, 1, ((0, 0), (0, 0)), 2, 2, id="images-2/2-chunks"),
+    pytest.param((7, 2, 23, 21), 16, 3, 2, ((1, 1), (0, 1)), 3, 2, id="images-s2-pad-3/2"),
+    # many input channels: the channels-last path; 4 images per chunk
+    pytest.param((7, 17, 20, 19), 16, 3, 1, ((0, 0), (0, 0)), 2, 2, id="nhwc-2/2-chunks"),
+    pytest.param((5, 17, 12, 11), 18, 3, 1, ((1, 1), (1, 1)), 2, 1, id="nhwc-pad-2/1"),
+    # few filters: the small-filter kernels, then the fused ReLU and pooling
+    pytest.param((3, 2, 9, 8), 4, 3, 1, ((0, 0), (0, 0)), 2, 2, id="small-filters"),
+]
+
+
+def test_fused_conv_cases_reach_the_paths_they_name():
+    be = get_backend("numba")
+    for case in FUSED_CONV_CASES:
+        (n, c, h, w), f, k = case.values[:3]
+        blas = be._use_blas(f, c * k * k)
+        path = "small" if not blas else ("nhwc" if c >= 16 else "images")
+        assert case.id.startswith(path), case.id
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("shape, f, k, stride, padding, pool, pool_stride", FUSED_CONV_CASES)
+def test_fused_conv_relu_maxpool(backend, dtype, tol, shape, f, k, stride, padding, pool,
+                                 pool_stride):
+    """``conv2d_relu_maxpool2d_forward/backward`` (a Conv2D, ReLU, MaxPool2D run as one op,
+    pooled chunk by chunk) against the naive conv, ReLU and pooling, chained; ``dout`` in
+    both layouts, and without ``dx``."""
+    be = get_backend(backend)
+    rng = np.random.default_rng(sum(shape) + f + pool)
+    x, w, b = (normal(rng, s, dtype) for s in (shape, (f, shape[1], k, k), f))
+    h, conv_cache = NAIVE.conv2d_forward(x, w, b, stride, padding)
+    r, relu_cache = NAIVE.relu_forward(h)
+    out_ref, pool_cache = NAIVE.maxpool2d_forward(r, pool, pool_stride)
+    dout = normal(rng, out_ref.shape, dtype)
+    dh = NAIVE.relu_backward(NAIVE.maxpool2d_backward(dout, pool_cache), relu_cache)
+    dx_ref, dw_ref, db_ref = NAIVE.conv2d_backward(dh, conv_cache)
+    assert (out_ref == 0).any() and (out_ref > 0).any()  # the ReLU cut some windows
+
+    args = [a.astype(dtype) for a in (x, w, b)]
+    out, cache = be.conv2d_relu_maxpool2d_forward(*args, stride, padding, pool, pool_stride)
+    assert_close(out, out_ref, dtype, tol)
+    for d in (dout.astype(dtype), channels_last(dout.astype(dtype))):
+        dx, dw, db = be.conv2d_relu_maxpool2d_backward(d, cache)
+        for got, ref in ((dx, dx_ref), (dw, dw_ref), (db, db_ref)):
+            assert_close(got, ref, dtype, tol)
+    dx, dw, db = be.conv2d_relu_maxpool2d_backward(dout.astype(dtype), cache, need_dx=False)
+    assert dx is None
+    assert_close(dw, dw_ref, dtype, tol)
+
+
 # ---- ReLU --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)

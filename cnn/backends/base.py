@@ -152,6 +152,22 @@ class Backend:
         maximum where the pooled value is positive, zero elsewhere."""
         raise NotImplementedError
 
+    #: True when the backend implements the two ops below; the model then runs a Conv2D, a
+    #: ReLU and a MaxPool2D layer in a row as one op, which can pool the conv output chunk by
+    #: chunk while it is in cache instead of writing (and, backward, reading) it whole.
+    fuses_conv_relu_maxpool: bool = False
+
+    def conv2d_relu_maxpool2d_forward(self, x, w, b, stride: int, padding: Padding, pool: int,
+                                      pool_stride: int, ws=None):
+        """``maxpool(relu(conv2d(x)))``: arguments as :meth:`conv2d_forward` and
+        :meth:`maxpool2d_forward`; returns the pooled ``(N, F, Hp, Wp)`` output and a cache.
+        Only backends with ``fuses_conv_relu_maxpool`` implement it."""
+        raise NotImplementedError
+
+    def conv2d_relu_maxpool2d_backward(self, dout, cache, need_dx: bool = True, ws=None):
+        """``dout (N, F, Hp, Wp)`` -> ``(dx, dw, db)`` as :meth:`conv2d_backward`."""
+        raise NotImplementedError
+
     # ---- dense -----------------------------------------------------------------------------
     def dense_forward(self, x, w, b, ws=None):
         """``x (N, D) @ w (D, M) + b (M,)`` -> ``(N, M)``."""

@@ -144,6 +144,99 @@ def _nhwc(a):
     return t if t.flags.c_contiguous else None
 
 
+def _check_pool(pool: int, stride: int, shape) -> None:
+    """Refuse a pooling that does not fit an ``(N, C, H, W)`` input of ``shape``."""
+    if pool < 1 or stride < 1 or pool > min(shape[2], shape[3]):
+        raise ValueError(f"need 1 <= pool <= min(H, W) and stride >= 1; received "
+                         f"pool={pool}, stride={stride}, x.shape={tuple(shape)}")
+
+
+def _scope(ws, name: str):
+    """The sub-scope ``name`` of a workspace scope (None without a workspace)."""
+    return None if ws is None else ws.scope(name)
+
+
+class _Pooling:
+    """The max pooling (with ReLU) that a fused conv applies to each chunk of its output:
+    pooled outputs and window indices for the whole batch, one chunk-sized buffer for the
+    gradient unpooled in the backward. ``conv_shape``: the conv output ``(N, F, Ho, Wo)``;
+    ``channels_last``: the conv path's layout (its chunks are ``(m, Ho, Wo, F)``, else
+    ``(m, F, Ho*Wo)``). Kernels and indices as :meth:`NumbaBackend.maxpool2d_relu_forward`."""
+
+    def __init__(self, backend, ws, spec, conv_shape, dtype, channels_last: bool):
+        self.backend, self.ws = backend, ws
+        self.pool, self.stride = spec
+        self.conv_shape = conv_shape
+        self.channels_last = channels_last
+        n, f, ho, wo = conv_shape
+        hp, wp = (ho - self.pool) // self.stride + 1, (wo - self.pool) // self.stride + 1
+        self.tiny = self.pool == self.stride == 2  # the one-byte 2 x 2 kernels
+        if channels_last:
+            self.out = backend.scratch(ws, "pool_out_nhwc", (n, hp, wp, f), dtype)
+            self.arg = backend.scratch(ws, "pool_arg_nhwc", (n, hp, wp, f),
+                                       np.uint8 if self.pool ** 2 < 256 else np.int32)
+        else:
+            self.out = backend.scratch(ws, "pool_out", (n * f, hp, wp), dtype)
+            self.arg = backend.scratch(ws, "pool_arg", (n * f, hp, wp),
+                                       np.uint8 if self.tiny else np.int32)
+
+    def forward(self, chunk, c0: int, c1: int) -> None:
+        """Pool the conv output ``chunk`` of images ``c0:c1`` into their rows of the output."""
+        be = self.backend
+        if self.channels_last:
+            be._launch_nhwc(K.maxpool_nhwc_forward, chunk, self.pool, self.stride, True,
+                            self.out[c0:c1], self.arg[c0:c1])
+            return
+        _, f, ho, wo = self.conv_shape
+        planes, rows = chunk.reshape(-1, ho, wo), slice(c0 * f, c1 * f)
+        if self.tiny:
+            be._launch(be.maxpool2x2_forward_kernel, planes, True, self.out[rows],
+                       self.arg[rows])
+        else:
+            be._launch(be.maxpool2d_forward_kernel, planes, self.pool, self.stride, True,
+                       self.out[rows], self.arg[rows])
+
+    def output(self):
+        """The pooled output as an ``(N, F, Hp, Wp)`` array (a view of a channels-last buffer
+        on the channels-last path)."""
+        if self.channels_last:
+            return self.out.transpose(0, 3, 1, 2)
+        n, f = self.conv_shape[:2]
+        return self.out.reshape(n, f, *self.out.shape[1:])
+
+    def chunk_grads(self, dout):
+        """``(c0, c1) -> `` the conv output's gradient for images ``c0:c1`` (``(m*Ho*Wo, F)``
+        rows channels-last, else ``(m, F, Ho*Wo)``), unpooled from ``dout (N, F, Hp, Wp)``
+        into one chunk-sized buffer."""
+        be, ws = self.backend, self.ws
+        _, f, ho, wo = self.conv_shape
+        if self.channels_last:
+            ds = _nhwc(dout)
+            if ds is None:
+                ds = be.scratch(ws, "pool_dout_nhwc", self.out.shape, dout.dtype)
+                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+
+            def grads(c0, c1):
+                d = be.scratch(ws, "pool_dchunk_nhwc", (c1 - c0, ho, wo, f), dout.dtype)
+                be._launch_nhwc(K.maxpool_nhwc_backward, ds[c0:c1], self.arg[c0:c1],
+                                self.pool, self.stride, d)
+                return d.reshape(-1, f)
+            return grads
+        dp = be._nchw(dout, ws, "pool_dout").reshape(self.out.shape)
+
+        def grads(c0, c1):
+            d = be.scratch(ws, "pool_dchunk", (c1 - c0, f, ho * wo), dout.dtype)
+            rows = slice(c0 * f, c1 * f)
+            if self.tiny:
+                be._launch(be.maxpool2x2_backward_kernel, dp[rows], self.arg[rows],
+                           d.reshape(-1, ho, wo))
+            else:
+                be._launch(be.maxpool2d_backward_kernel, dp[rows], self.arg[rows],
+                           d.reshape(-1, ho * wo))
+            return d
+        return grads
+
+
 class NumbaBackend(NumbaLayerOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
@@ -237,25 +330,44 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             return out.reshape(n, f, ho, wo), (x, w, stride, padding)
         if x.shape[1] >= _NHWC_MIN_CHANNELS:
             return self._conv_forward_nhwc(x, w, b, stride, padding, ho, wo, ws)
-        # Few input channels (the first layer): per-image patches (C*KH*KW + 1, P), the last
-        # row ones, in a chunk-sized buffer that stays in L2 (the backward unrolls them again,
-        # as the channels-last path does); the weights get the bias as their last column, so
-        # each image's GEMM writes its (F, P) output in place, bias included. The output stays
-        # NCHW: channels-last patch rows would be runs of KW*C = 9 values, and the (P, F) GEMM
-        # and im2col ran 1.4x slower than these (CIFAR conv1: 6.0 against 4.3 ms per batch
-        # of 128).
+        return self._conv_forward_images(x, w, b, stride, padding, ho, wo, ws)
+
+    def _conv_forward_images(self, x, w, b, stride, padding, ho, wo, ws, pool=None):
+        """Few input channels (the first layer): per-image patches (C*KH*KW + 1, P), the last
+        row ones, in a chunk-sized buffer that stays in L2 (the backward unrolls them again,
+        as the channels-last path does); the weights get the bias as their last column, so
+        each image's GEMM writes its (F, P) output in place, bias included. The output stays
+        NCHW: channels-last patch rows would be runs of KW*C = 9 values, and the (P, F) GEMM
+        and im2col ran 1.4x slower than these (CIFAR conv1: 6.0 against 4.3 ms per batch
+        of 128). ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`."""
+        n = x.shape[0]
+        f, _, kh, kw = w.shape
+        k, p = w[0].size, ho * wo
+        (top, _), (left, _) = padding
         x = np.ascontiguousarray(x)
         nb = self._blas_chunk(n, p, k, f, x.itemsize)
-        out = self.scratch(ws, "out", (n, f, p), x.dtype)
         cols = self.scratch(ws, "cols", (nb, k + 1, p), x.dtype)
         wb = self.scratch(ws, "w_bias", (f, k + 1), x.dtype)
         wb[:, :k] = w.reshape(f, k)
         wb[:, k] = b
+        cache = (x, w, stride, padding, cols, nb)
+        if pool is None:
+            out = self.scratch(ws, "out", (n, f, p), x.dtype)
+        else:  # the chunk's conv output only, pooled into the layer's output while in L2
+            chunk = self.scratch(ws, "out_chunk", (nb, f, p), x.dtype)
+            pooled = _Pooling(self, ws, pool, (n, f, ho, wo), x.dtype, channels_last=False)
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
-            K.im2col_images(x[c0:c1], 0, c1 - c0, kh, kw, stride, top, left, ho, wo, cols)
-            np.matmul(wb, cols[:c1 - c0], out=out[c0:c1])
-        return out.reshape(n, f, ho, wo), (x, w, stride, padding, cols, nb)
+            K.im2col_images(x[c0:c1], 0, c1 - c0, kh, kw, stride, int(top), int(left), ho, wo,
+                            cols)
+            if pool is None:
+                np.matmul(wb, cols[:c1 - c0], out=out[c0:c1])
+            else:
+                np.matmul(wb, cols[:c1 - c0], out=chunk[:c1 - c0])
+                pooled.forward(chunk[:c1 - c0], c0, c1)
+        if pool is None:
+            return out.reshape(n, f, ho, wo), cache
+        return pooled.output(), (cache, pooled)
 
     def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
         if cache[-1] == "nhwc":
@@ -269,8 +381,9 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         dout3 = self._nchw(dout, ws).reshape(n, f, p)
         dx = self.scratch(ws, "dx", (n if need_dx else 0,) + x.shape[1:], dt)
         if len(cache) == 6:
-            return self._conv_backward_images(x, w, stride, padding, cache[4], cache[5], dout3,
-                                              need_dx, dx, ws, ho, wo)
+            return self._conv_backward_images(x, w, stride, padding, cache[4], cache[5],
+                                              lambda c0, c1: dout3[c0:c1], need_dx, dx, ws,
+                                              ho, wo)
         nb = self._chunk_images(n, p)
         parts = self.scratch(ws, "parts", (self._weight_grad_parts(-(-n // nb)), k + 1, f), dt)
         parts.fill(0)
@@ -296,12 +409,13 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         K.nhwc_to_nchw(src, out)
         return out
 
-    def _conv_backward_images(self, x, w, stride, padding, cols, nb, dout3, need_dx, dx, ws,
-                              ho, wo):
+    def _conv_backward_images(self, x, w, stride, padding, cols, nb, chunk_dout, need_dx, dx,
+                              ws, ho, wo):
         """Gradients of the per-image BLAS path (few input channels): per image ``[dw | db] +=
         dout[n] @ cols[n]^T`` (the patches unrolled again into the chunk buffer ``cols``; the
-        ones row gives ``db``), summed over each chunk; ``dx`` = col2im of ``w^T @ dout``."""
-        n, f, p = dout3.shape
+        ones row gives ``db``), summed over each chunk; ``dx`` = col2im of ``w^T @ dout``.
+        ``chunk_dout(c0, c1)``: the ``(c1 - c0, F, P)`` gradient of images ``c0:c1``."""
+        n, f, p = x.shape[0], w.shape[0], ho * wo
         k = w[0].size
         dt = x.dtype
         (top, _), (left, _) = padding
@@ -318,11 +432,12 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             c1 = min(c0 + nb, n)
             m = c1 - c0
             K.im2col_images(x[c0:c1], 0, m, kh, kw, stride, top, left, ho, wo, cols)
-            np.matmul(dout3[c0:c1], cols[:m].transpose(0, 2, 1), out=per_image[:m])
+            dq = chunk_dout(c0, c1)
+            np.matmul(dq, cols[:m].transpose(0, 2, 1), out=per_image[:m])
             np.sum(per_image[:m], axis=0, out=part)
             dwb += part
             if need_dx:
-                np.matmul(w2t, dout3[c0:c1], out=dcols[:m])
+                np.matmul(w2t, dq, out=dcols[:m])
                 K.col2im_images(dcols, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
         dw = self.scratch(ws, "dw", (f, k), dt)
         np.copyto(dw, dwb[:, :k])
@@ -330,7 +445,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(db, dwb[:, k])
         return (dx if need_dx else None), dw.reshape(w.shape), db
 
-    def _conv_forward_nhwc(self, x, w, b, stride, padding, ho, wo, ws):
+    def _conv_forward_nhwc(self, x, w, b, stride, padding, ho, wo, ws, pool=None):
         """The BLAS path, channels-last: chunk by chunk, the (padded) channels-last images are
         unrolled into patch rows ``(nb*P, KH*KW*C + 1)`` (the last column ones) and one GEMM
         ``patches @ [w; b] (KH*KW*C + 1, F)`` writes the chunk's output, bias included, into
@@ -340,7 +455,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
 
         The patches live in one chunk-sized buffer that stays in L2, and the backward unrolls
         them again: reading back all of them from memory instead (25 MB on CIFAR conv2 at
-        batch 128) made the weight-gradient GEMM 1.4x slower than the im2col it saves."""
+        batch 128) made the weight-gradient GEMM 1.4x slower than the im2col it saves.
+        ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`."""
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
@@ -350,8 +466,12 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(wtb[:kc].reshape(kh, kw, c, f), w.transpose(2, 3, 1, 0))
         wtb[kc] = b
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
-        out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, f), dt)
-        out2 = out_t.reshape(n * p, f)
+        if pool is None:
+            out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, f), dt)
+            out2 = out_t.reshape(n * p, f)
+        else:  # the chunk's conv output only, pooled into the layer's output while in L2
+            chunk = self.scratch(ws, "out_chunk_nhwc", (nb, ho, wo, f), dt)
+            pooled = _Pooling(self, ws, pool, (n, f, ho, wo), dt, channels_last=True)
         xs = _nhwc(x)
         if xs is None:
             x = np.ascontiguousarray(x)
@@ -359,8 +479,14 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             colq = self._patches_nhwc(cache, c0, c1, ho, wo, cols, ws)
-            np.matmul(colq, wtb, out=out2[c0 * p:c1 * p])
-        return out_t.transpose(0, 3, 1, 2), cache
+            if pool is None:
+                np.matmul(colq, wtb, out=out2[c0 * p:c1 * p])
+            else:
+                np.matmul(colq, wtb, out=chunk[:c1 - c0].reshape(-1, f))
+                pooled.forward(chunk[:c1 - c0], c0, c1)
+        if pool is None:
+            return out_t.transpose(0, 3, 1, 2), cache
+        return pooled.output(), (cache, pooled)
 
     def _patches_nhwc(self, cache, c0, c1, ho, wo, cols, ws):
         """The patch rows of images ``c0:c1`` of the cached input, in ``cols``: the chunk's
@@ -383,24 +509,30 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         K.im2col_nhwc(src, kh, kw, stride, ho, wo, colq)
         return colq
 
-    def _conv_backward_nhwc(self, dout, cache, need_dx, ws):
+    def _conv_backward_nhwc(self, dout, cache, need_dx, ws, pooled=None):
         """Gradients of :meth:`_conv_forward_nhwc`, chunk by chunk from the channels-last
         ``dout`` rows ``(nb*P, F)`` (converted first if ``dout`` is an ordinary NCHW array) and
         the chunk's patch rows, unrolled again: ``[dw; db]^T += patches^T @ dout`` (the ones
         column gives ``db``), and ``dx`` = col2im of ``dout @ w (F, KH*KW*C)`` into a
-        channels-last buffer, returned as an ``(N, C, H, W)`` view."""
+        channels-last buffer, returned as an ``(N, C, H, W)`` view. ``pooled``: the forward
+        pooled its output (see :meth:`conv2d_relu_maxpool2d_forward`), ``dout`` is the
+        gradient of the pooled output, unpooled chunk by chunk."""
         x, _, w, stride, padding, nb, _ = cache
-        n, f, ho, wo = dout.shape
+        n, f, ho, wo = dout.shape if pooled is None else pooled.conv_shape
         _, c, h, wd = x.shape
         kh, kw = w.shape[2], w.shape[3]
         (top, bottom), (left, right) = padding
         padded = top or bottom or left or right
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
-        ds = _nhwc(dout)
-        if ds is None:
-            ds = self.scratch(ws, "dout_nhwc", (n, ho, wo, f), dt)
-            np.copyto(ds, dout.transpose(0, 2, 3, 1))
-        d2 = ds.reshape(n * p, f)
+        if pooled is None:
+            ds = _nhwc(dout)
+            if ds is None:
+                ds = self.scratch(ws, "dout_nhwc", (n, ho, wo, f), dt)
+                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+            d2 = ds.reshape(n * p, f)
+            chunk_dout = lambda c0, c1: d2[c0 * p:c1 * p]  # noqa: E731
+        else:
+            chunk_dout = pooled.chunk_grads(dout)
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
         # (KH*KW*C + 1, F): patches^T @ dout ran as fast as dout^T @ patches on CIFAR conv2
         # and conv3, and faster on conv1 (78 against 58 GFLOP/s)
@@ -416,7 +548,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         for c0 in range(0, n, nb):
             c1 = min(c0 + nb, n)
             q = (c1 - c0) * p
-            dq = d2[c0 * p:c1 * p]
+            dq = chunk_dout(c0, c1)
             colq = self._patches_nhwc(cache, c0, c1, ho, wo, cols, ws)
             np.matmul(colq.T, dq, out=dwb if c0 == 0 else part)
             if c0 > 0:
@@ -435,6 +567,43 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(db, dwb[kc])
         return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
 
+    # ---- conv -> ReLU -> max pooling, fused -------------------------------------------------
+    fuses_conv_relu_maxpool = True
+
+    def conv2d_relu_maxpool2d_forward(self, x, w, b, stride, padding, pool, pool_stride,
+                                      ws=None):
+        """On the BLAS paths, each chunk's conv output is pooled (with the ReLU, as in
+        :meth:`maxpool2d_relu_forward`) while it is still in L2: the layer's full-size conv
+        output is never written, nor, in the backward, the full-size gradient that pooling
+        scatters into (7 MiB each for CIFAR's first layer per 64 images: the largest buffers
+        of a training step, and what two cores sharing one L3 fought over). The small-filter
+        kernels run the conv, then the pooling."""
+        w, b = np.ascontiguousarray(w), np.ascontiguousarray(b)
+        ho, wo = _conv_geometry(x, w, b, stride, padding)
+        _check_pool(pool, pool_stride, (x.shape[0], w.shape[0], ho, wo))
+        if not self._use_blas(w.shape[0], w[0].size):
+            h, conv_cache = self.conv2d_forward(x, w, b, stride, padding, ws=ws)
+            out, pool_cache = self.maxpool2d_relu_forward(h, pool, pool_stride,
+                                                          ws=_scope(ws, "pool"))
+            return out, ("conv, then pooling", conv_cache, pool_cache)
+        spec = (int(pool), int(pool_stride))
+        if x.shape[1] >= _NHWC_MIN_CHANNELS:
+            return self._conv_forward_nhwc(x, w, b, int(stride), padding, ho, wo, ws, spec)
+        return self._conv_forward_images(x, w, b, int(stride), padding, ho, wo, ws, spec)
+
+    def conv2d_relu_maxpool2d_backward(self, dout, cache, need_dx=True, ws=None):
+        if cache[0] == "conv, then pooling":
+            dh = self.maxpool2d_relu_backward(dout, cache[2], ws=_scope(ws, "pool"))
+            return self.conv2d_backward(dh, cache[1], need_dx=need_dx, ws=ws)
+        conv_cache, pooled = cache
+        if conv_cache[-1] == "nhwc":
+            return self._conv_backward_nhwc(dout, conv_cache, need_dx, ws, pooled)
+        x, w, stride, padding, cols, nb = conv_cache
+        dx = self.scratch(ws, "dx", (x.shape[0] if need_dx else 0,) + x.shape[1:], x.dtype)
+        _, _, ho, wo = pooled.conv_shape
+        return self._conv_backward_images(x, w, stride, padding, cols, nb,
+                                          pooled.chunk_grads(dout), need_dx, dx, ws, ho, wo)
+
     # ---- pooling ---------------------------------------------------------------------------
     fuses_relu_maxpool = True
 
@@ -449,9 +618,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         reads and writes a ``pool*pool``-th of the values, and its backward is the pooling's
         own, whose window indices mark the windows the ReLU cut)."""
         n, c, h, w = x.shape
-        if pool < 1 or stride < 1 or pool > min(h, w):
-            raise ValueError(f"need 1 <= pool <= min(H, W) and stride >= 1; received "
-                             f"pool={pool}, stride={stride}, x.shape={x.shape}")
+        _check_pool(pool, stride, x.shape)
         ho, wo = (h - pool) // stride + 1, (w - pool) // stride + 1
         xs = _nhwc(x)
         if xs is not None and not x.flags.c_contiguous:  # channels-last: stays so
