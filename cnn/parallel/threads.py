@@ -331,8 +331,10 @@ class SyncThreads(ThreadStrategy):
         lay = self._core.layout
         self._barrier = threading.Barrier(t)
         reduce = SharedReduce(t, self._barrier, np.zeros((2, t, self.reduce_bytes), np.uint8))
+        # no barrier after the update: _Workers.run passes one after the step's phase
         self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],
-                                      np.empty(lay.total, lay.dtype), self._barrier, reduce)
+                                      np.empty(lay.total, lay.dtype), self._barrier, reduce,
+                                      done_barrier=False)
         self._out: list[Any] = [None] * t
         self._xb = self._yb = None
 
