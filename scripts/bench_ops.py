@@ -15,7 +15,9 @@ called twice to warm up (the Numba kernels are compiled beforehand by ``warmup``
 is printed), then the backends' repeats are interleaved (numpy, numba, numba_parallel,
 numpy, ...) so that drift in a shared machine's speed hits all three alike. Printed: medians
 in milliseconds and the speed-ups ``numpy / numba`` (> 1: Numba is faster). Before timing, each
-op's outputs on the Numba backends are checked against NumPy's.
+op's outputs on the Numba backends are checked against NumPy's. A conv layer whose ReLU is
+followed by max pooling is one row, as a training step runs it: the fused op on the Numba
+backends (``conv2d_relu_maxpool2d_*``), the three ops chained on NumPy.
 """
 from __future__ import annotations
 
@@ -51,9 +53,40 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
     fwd, bwd = [], []
     first = True
     conv_i = dense_i = 0
-    for layer in spec["layers"]:
+    layers = list(spec["layers"])
+    while layers:
+        layer = layers.pop(0)
         kind = layer["type"]
         x = rng.standard_normal(shape).astype(dtype)
+        if kind == "conv2d" and layer.get("activation") == "relu" and layers \
+                and layers[0]["type"] == "maxpool2d":
+            # a conv, its ReLU and the pooling after it: one op where the backend fuses them
+            # (as a training step runs them), the three ops chained where it does not
+            pool = layers.pop(0)
+            conv_i += 1
+            k, p = layer["kernel_size"], pool["pool_size"]
+            s = pool.get("stride", p)
+            w = (rng.standard_normal((layer["filters"], shape[1], k, k)) * 0.1).astype(dtype)
+            b = np.zeros(layer["filters"], dtype)
+            need_dx = not first
+            ho, wo = shape[2] - k + 1, shape[3] - k + 1
+
+            def fwd_call(be, x=x, w=w, b=b, p=p, s=s):
+                ws = Workspace(be)
+                return lambda: _conv_relu_pool(be, x, w, b, p, s, ws)
+
+            def bwd_call(be, x=x, w=w, b=b, p=p, s=s, need_dx=need_dx):
+                ws = Workspace(be)
+                out, cache = _conv_relu_pool(be, x, w, b, p, s, ws)
+                dout = np.ones_like(out)
+                return lambda: _conv_relu_pool_backward(be, dout, cache, need_dx, ws)
+
+            name = f"conv{conv_i}+relu+pool"
+            fwd.append((f"{name} fwd", x.shape, fwd_call, True))
+            bwd.append((f"{name} bwd", x.shape, bwd_call, False))
+            shape = (batch, layer["filters"], (ho - p) // s + 1, (wo - p) // s + 1)
+            first = False
+            continue
         if kind == "conv2d":
             if layer.get("padding", "valid") != "valid" or layer.get("stride", 1) != 1:
                 raise ValueError(f"bench_ops supports stride-1 'valid' conv; received {layer}")
@@ -78,7 +111,7 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             name = f"conv{conv_i} {w.shape[1]}->{w.shape[0]} {k}x{k}"
         elif kind == "maxpool2d":
             p = layer["pool_size"]
-            s = layer.get("strides", p)
+            s = layer.get("stride", p)
 
             def fwd_call(be, x=x, p=p, s=s):
                 ws = Workspace(be)
@@ -133,6 +166,26 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             fwd.append(("  relu fwd", shape, relu_fwd, True))
             bwd.append(("  relu bwd", shape, relu_bwd, False))
     return fwd + bwd[::-1]
+
+
+def _conv_relu_pool(be, x, w, b, pool, stride, ws):
+    """Forward of a conv, ReLU, max-pooling run: the fused op, or the three ops."""
+    pads = ((0, 0), (0, 0))
+    if be.fuses_conv_relu_maxpool:
+        return be.conv2d_relu_maxpool2d_forward(x, w, b, 1, pads, pool, stride, ws=ws)
+    h, conv = be.conv2d_forward(x, w, b, 1, pads, ws=ws.scope("conv"))
+    h, relu = be.relu_forward(h, ws=ws.scope("relu"))
+    out, pooling = be.maxpool2d_forward(h, pool, stride, ws=ws.scope("pool"))
+    return out, (conv, relu, pooling)
+
+
+def _conv_relu_pool_backward(be, dout, cache, need_dx, ws):
+    if be.fuses_conv_relu_maxpool:
+        return be.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx, ws=ws)
+    conv, relu, pooling = cache
+    d = be.maxpool2d_backward(dout, pooling, ws=ws.scope("pool"))
+    d = be.relu_backward(d, relu, ws=ws.scope("relu"))
+    return be.conv2d_backward(d, conv, need_dx=need_dx, ws=ws.scope("conv"))
 
 
 def _outputs(result, is_forward):

@@ -35,6 +35,21 @@ cache, or the reverse, is converted), and any other consumer sees an ordinary st
 (a flatten layer's ``reshape`` copies it into NCHW order). The first conv layer (3 input
 channels) keeps NCHW: its patch rows would be runs of 9 values.
 
+Fused layers: conv -> ReLU -> max pooling as one op
+---------------------------------------------------
+Both backends set ``fuses_conv_relu_maxpool`` and ``fuses_relu_maxpool``, so the model runs a
+Conv2D, ReLU, MaxPool2D run of layers as one op (:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`)
+and a ReLU, MaxPool2D pair as another (:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and
+ReLU commute, so the ReLU acts on the pooled values, inside the pooling kernel, and its mask
+rides in the pooling's window indices (a window the ReLU cut gets an index no offset matches):
+the ReLU costs two passes less over the largest activation each way. The conv version pools
+each chunk of its GEMM output while it is still in L2, and its backward unpools each chunk's
+gradient just before that chunk's GEMMs: the full-size conv output and its gradient are never
+written (7 MiB each for CIFAR's first layer per 64 images; a worker's workspace for a
+64-image CIFAR shard went from 32.7 to 14.6 MiB, so that two workers fit in the 32 MiB L3 that
+they share, instead of evicting each other's activations). Measured on CIFAR with one thread,
+interleaved in one process: 1.13x the step of the unfused layers at batch 128, 1.14x at 32.
+
 Threading layer
 ---------------
 Importing this module sets ``numba.config.THREADING_LAYER`` (unless the user chose one with

@@ -31,9 +31,9 @@ from ..machine import describe, machine_info
 from ..model import build_model
 from .hardware import layer_flops, sgemm_peak, training_flops_per_image
 
-#: images per timed epoch: long enough to dwarf per-epoch overhead, short enough that the
-#: default suite ends within ~15 minutes on 2 cores
-IMAGES = {"mnist_small": 8192, "cifar_tutorial": 2048}
+#: images per timed epoch: long enough to dwarf per-epoch overhead and a shared machine's
+#: hiccups (0.3-2 s per epoch), short enough that the default suite ends in ~8 minutes on 2 cores
+IMAGES = {"mnist_small": 32768, "cifar_tutorial": 4096}
 QUICK_IMAGES = {"mnist_small": 256, "cifar_tutorial": 64}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
