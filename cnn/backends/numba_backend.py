@@ -166,6 +166,16 @@ def _check_pool(pool: int, stride: int, shape) -> None:
                          f"pool={pool}, stride={stride}, x.shape={tuple(shape)}")
 
 
+def _window_index_dtype(pool: int, stride: int, channels_last: bool):
+    """The dtype of pooling's window indices. Channels-last kernels keep the index within the
+    window (``pool*pool``: cut by a fused ReLU), one byte up to 15 x 15 windows. On NCHW
+    planes the 2 x 2, stride-2 kernels keep it in one byte too; the others keep a flat
+    in-plane index. :meth:`NumbaBackend._unpool_planes` tells the two apart by it."""
+    if channels_last:
+        return np.uint8 if pool * pool < 256 else np.int32
+    return np.uint8 if pool == stride == 2 else np.int32
+
+
 def _scope(ws, name: str):
     """The sub-scope ``name`` of a workspace scope (None without a workspace)."""
     return None if ws is None else ws.scope(name)
@@ -185,15 +195,10 @@ class _Pooling:
         self.channels_last = channels_last
         n, f, ho, wo = conv_shape
         hp, wp = (ho - self.pool) // self.stride + 1, (wo - self.pool) // self.stride + 1
-        self.tiny = self.pool == self.stride == 2  # the one-byte 2 x 2 kernels
-        if channels_last:
-            self.out = backend.scratch(ws, "pool_out_nhwc", (n, hp, wp, f), dtype)
-            self.arg = backend.scratch(ws, "pool_arg_nhwc", (n, hp, wp, f),
-                                       np.uint8 if self.pool ** 2 < 256 else np.int32)
-        else:
-            self.out = backend.scratch(ws, "pool_out", (n * f, hp, wp), dtype)
-            self.arg = backend.scratch(ws, "pool_arg", (n * f, hp, wp),
-                                       np.uint8 if self.tiny else np.int32)
+        shape = (n, hp, wp, f) if channels_last else (n * f, hp, wp)
+        self.out = backend.scratch(ws, "pool_out", shape, dtype)
+        self.arg = backend.scratch(ws, "pool_arg", shape,
+                                   _window_index_dtype(self.pool, self.stride, channels_last))
 
     def forward(self, chunk, c0: int, c1: int) -> None:
         """Pool the conv output ``chunk`` of images ``c0:c1`` into their rows of the output."""
@@ -203,13 +208,9 @@ class _Pooling:
                             self.out[c0:c1], self.arg[c0:c1])
             return
         _, f, ho, wo = self.conv_shape
-        planes, rows = chunk.reshape(-1, ho, wo), slice(c0 * f, c1 * f)
-        if self.tiny:
-            be._launch(be.maxpool2x2_forward_kernel, planes, True, self.out[rows],
-                       self.arg[rows])
-        else:
-            be._launch(be.maxpool2d_forward_kernel, planes, self.pool, self.stride, True,
-                       self.out[rows], self.arg[rows])
+        rows = slice(c0 * f, c1 * f)
+        be._pool_planes(chunk.reshape(-1, ho, wo), self.pool, self.stride, True,
+                        self.out[rows], self.arg[rows])
 
     def output(self):
         """The pooled output as an ``(N, F, Hp, Wp)`` array (a view of a channels-last buffer
@@ -242,12 +243,7 @@ class _Pooling:
         def grads(c0, c1):
             d = be.scratch(ws, "pool_dchunk", (c1 - c0, f, ho * wo), dout.dtype)
             rows = slice(c0 * f, c1 * f)
-            if self.tiny:
-                be._launch(be.maxpool2x2_backward_kernel, dp[rows], self.arg[rows],
-                           d.reshape(-1, ho, wo))
-            else:
-                be._launch(be.maxpool2d_backward_kernel, dp[rows], self.arg[rows],
-                           d.reshape(-1, ho * wo))
+            be._unpool_planes(dp[rows], self.arg[rows], d.reshape(-1, ho, wo))
             return d
         return grads
 
@@ -641,20 +637,33 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             # the index within the window (pool*pool: cut by the ReLU); one byte covers
             # windows up to 15 x 15
             arg = self.scratch(ws, "argmax_nhwc", (n, ho, wo, c),
-                               np.uint8 if pool * pool < 256 else np.int32)
+                               _window_index_dtype(pool, stride, True))
             self._launch_nhwc(K.maxpool_nhwc_forward, xs, int(pool), int(stride), relu, out_t,
                               arg)
             return out_t.transpose(0, 3, 1, 2), (x.shape, arg, int(pool), int(stride))
         x = np.ascontiguousarray(x)
         out = self.scratch(ws, "out", (n * c, ho, wo), x.dtype)
-        if pool == stride == 2:  # the common case: the index within the window, one byte
-            arg = self.scratch(ws, "argmax_2x2", (n * c, ho, wo), np.uint8)
-            self._launch(self.maxpool2x2_forward_kernel, x.reshape(n * c, h, w), relu, out, arg)
-            return out.reshape(n, c, ho, wo), (x.shape, arg, "2x2")
-        arg = self.scratch(ws, "argmax", (n * c, ho, wo), np.int32)
-        self._launch(self.maxpool2d_forward_kernel, x.reshape(n * c, h, w), int(pool),
-                     int(stride), relu, out, arg)
+        arg = self.scratch(ws, "argmax", (n * c, ho, wo), _window_index_dtype(pool, stride, False))
+        self._pool_planes(x.reshape(n * c, h, w), pool, stride, relu, out, arg)
         return out.reshape(n, c, ho, wo), (x.shape, arg)
+
+    def _pool_planes(self, planes, pool, stride, relu, out, arg):
+        """Max pooling (and a fused ReLU) of the planes ``(M, H, W)`` into ``out (M, Ho, Wo)``,
+        the window indices (of :func:`_window_index_dtype`) into ``arg``."""
+        if pool == stride == 2:  # the common case: the index within the window, one byte
+            self._launch(self.maxpool2x2_forward_kernel, planes, relu, out, arg)
+        else:
+            self._launch(self.maxpool2d_forward_kernel, planes, int(pool), int(stride), relu,
+                         out, arg)
+
+    def _unpool_planes(self, dout3, arg, dx3):
+        """``dx3 (M, H, W)`` (overwritten) from ``dout3 (M, Ho, Wo)`` and the indices of
+        :meth:`_pool_planes`: one byte for the 2 x 2 kernels, else flat in-plane indices."""
+        if arg.dtype == np.uint8:
+            self._launch(self.maxpool2x2_backward_kernel, dout3, arg, dx3)
+        else:
+            self._launch(self.maxpool2d_backward_kernel, dout3, arg,
+                         dx3.reshape(dx3.shape[0], -1))
 
     def maxpool2d_backward(self, dout, cache, ws=None):
         if len(cache) == 4:  # channels-last
@@ -667,14 +676,9 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             dx_t = self.scratch(ws, "dx_nhwc", (n, h, w, c), dout.dtype)
             self._launch_nhwc(K.maxpool_nhwc_backward, ds, arg, pool, stride, dx_t)
             return dx_t.transpose(0, 3, 1, 2)
-        x_shape, arg = cache[:2]
-        dout3 = self._nchw(dout, ws).reshape(arg.shape)
-        if len(cache) == 3:  # 2 x 2 windows, stride 2
-            dx = self.scratch(ws, "dx", (arg.shape[0],) + tuple(x_shape[2:]), dout.dtype)
-            self._launch(self.maxpool2x2_backward_kernel, dout3, arg, dx)
-            return dx.reshape(x_shape)
-        dx = self.scratch(ws, "dx", (arg.shape[0], x_shape[2] * x_shape[3]), dout.dtype)
-        self._launch(self.maxpool2d_backward_kernel, dout3, arg, dx)
+        x_shape, arg = cache
+        dx = self.scratch(ws, "dx", (arg.shape[0],) + tuple(x_shape[2:]), dout.dtype)
+        self._unpool_planes(self._nchw(dout, ws).reshape(arg.shape), arg, dx)
         return dx.reshape(x_shape)
 
     # the window indices of a fused forward carry the ReLU's mask
