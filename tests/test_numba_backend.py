@@ -180,12 +180,18 @@ FUSED_CONV_CASES = [  # (N, C, H, W), F, K, stride, padding, pool, pool stride
 
 
 def test_fused_conv_cases_reach_the_paths_they_name():
+    """... and both BLAS paths hand the next layer a channels-last output (which a
+    channels-last conv reads without converting it)."""
     be = get_backend("numba")
     for case in FUSED_CONV_CASES:
-        (n, c, h, w), f, k = case.values[:3]
-        blas = be._use_blas(f, c * k * k)
-        path = "small" if not blas else ("nhwc" if c >= 16 else "images")
+        shape, f, k, stride, padding, pool, pool_stride = case.values
+        blas = be._use_blas(f, shape[1] * k * k)
+        path = "small" if not blas else ("nhwc" if shape[1] >= 16 else "images")
         assert case.id.startswith(path), case.id
+        x = np.zeros(shape, np.float32)
+        w, b = np.zeros((f, shape[1], k, k), np.float32), np.zeros(f, np.float32)
+        out, _ = be.conv2d_relu_maxpool2d_forward(x, w, b, stride, padding, pool, pool_stride)
+        assert out.transpose(0, 2, 3, 1).flags.c_contiguous == blas, case.id
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
