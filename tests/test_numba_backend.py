@@ -225,6 +225,37 @@ def test_fused_conv_relu_maxpool(backend, dtype, tol, shape, f, k, stride, paddi
     assert_close(dw, dw_ref, dtype, tol)
 
 
+# ---- GEMM from Numba (NumPy's BLAS) -----------------------------------------------------------
+def _operand(a, transposed):
+    """``a`` itself, or the same values as the transposed view of a C-contiguous array."""
+    return np.ascontiguousarray(a.T).T if transposed else a
+
+
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("trans_a", [False, True], ids=["a", "aT"])
+@pytest.mark.parametrize("trans_b", [False, True], ids=["b", "bT"])
+def test_gemm_from_numba(dtype, tol, trans_a, trans_b):
+    """``numba_blas.gemm`` (the conv paths' GEMM) against NumPy's product in float64: both
+    operands plain or transposed views, ``beta`` 0 (overwrite) and 1 (accumulate); and the
+    loop nest that stands in when no BLAS is found, called through its C address."""
+    from cnn.backends import numba_blas
+    assert numba_blas.HAVE_BLAS, numba_blas.BLAS_SOURCE  # NumPy's wheels bundle OpenBLAS
+    rng = np.random.default_rng(int(trans_a) + 2 * int(trans_b))
+    a, b, c = (normal(rng, s, dtype) for s in ((7, 5), (5, 3), (7, 3)))
+    ref = a @ b
+    for beta in (0.0, 1.0):
+        got = c.astype(dtype)
+        numba_blas.gemm(_operand(a.astype(dtype), trans_a), _operand(b.astype(dtype), trans_b),
+                        got, beta)
+        assert_close(got, ref + beta * c, dtype, tol)
+    loops = numba_blas._gemm_loops("s" if dtype == np.float32 else "d")
+    a32, b32, got = a.astype(dtype), np.ascontiguousarray(b.T.astype(dtype)), c.astype(dtype)
+    loops.ctypes(101, 112 if trans_a else 111, 112, 7, 3, 5, 2.0,
+                 (np.ascontiguousarray(a32.T) if trans_a else a32).ctypes.data, 7 if trans_a
+                 else 5, b32.ctypes.data, 5, 0.5, got.ctypes.data, 3)
+    assert_close(got, 2 * ref + 0.5 * c, dtype, tol)
+
+
 # ---- ReLU --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)

@@ -3,11 +3,13 @@
 
 Both implement the contract of :mod:`cnn.backends.base` with the signatures of
 :class:`~cnn.backends.numpy_backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
-kernels (:mod:`cnn.backends.numba_kernels`). Dense layers, memory, loss and optimizer ops are
-inherited from NumPy. Dense is BLAS, which is what ``np.dot`` inside a Numba kernel would call
-too (Numba reaches BLAS through SciPy, which this project does not install; NumPy's matmul
-releases the GIL just the same). The Numba GEMM of the conv kernels ran 1.2-4x slower than
-BLAS on the dense shapes, whose 10 or 64 outputs are too few for its vectorised inner loop.
+kernels (:mod:`cnn.backends.numba_kernels`); on the BLAS path (layers with enough filters),
+each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
+(:mod:`cnn.backends.numba_conv`), whose GEMMs call NumPy's own BLAS
+(:mod:`cnn.backends.numba_blas`): the op takes the GIL once, not once per chunk and kernel.
+Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each).
+The Numba GEMM of the small-filter kernels ran 1.2-4x slower than BLAS on the dense shapes,
+whose 10 or 64 outputs are too few for its vectorised inner loop.
 
 Which backend for which training path
 -------------------------------------
@@ -49,6 +51,7 @@ written (7 MiB each for CIFAR's first layer per 64 images; a worker's workspace 
 64-image CIFAR shard went from 32.7 to 14.6 MiB, so that two workers fit in the 32 MiB L3 that
 they share, instead of evicting each other's activations). Measured on CIFAR with one thread,
 interleaved in one process: 1.13x the step of the unfused layers at batch 128, 1.14x at 32.
+The first layer's pooled output is handed over channels-last too (see ``_Pooling``).
 
 Threading layer
 ---------------
@@ -85,6 +88,7 @@ import numba
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
+from . import numba_conv as C
 from . import numba_kernels as K
 from .base import Padding
 from .numba_layer_ops import NumbaLayerOps
@@ -182,11 +186,11 @@ def _scope(ws, name: str):
 
 
 class _Pooling:
-    """The max pooling (with ReLU) that a fused conv applies to each chunk of its output:
-    pooled outputs and window indices for the whole batch, one chunk-sized buffer for the
-    gradient unpooled in the backward. ``conv_shape``: the conv output ``(N, F, Ho, Wo)``;
-    ``channels_last``: the conv path's layout (its chunks are ``(m, Ho, Wo, F)``, else
-    ``(m, F, Ho*Wo)``). Kernels and indices as :meth:`NumbaBackend.maxpool2d_relu_forward`.
+    """The max pooling (with ReLU) that a fused conv applies to each chunk of its output
+    (:mod:`~cnn.backends.numba_conv`): the pooled output and the window indices for the whole
+    batch. ``spec``: ``(pool, stride)``; ``conv_shape``: the conv output ``(N, F, Ho, Wo)``;
+    ``channels_last``: the conv path's layout. Indices as in
+    :meth:`NumbaBackend.maxpool2d_relu_forward`.
 
     The pooled output is channels-last on both paths. The NCHW path serves the first layer
     (few input channels); its output, with as many channels as the layer has filters (at
@@ -195,13 +199,11 @@ class _Pooling:
     a chunk-sized NCHW buffer and converted from there (a quarter of the conv output, still in
     L2), so each value is converted once per step: a CIFAR training pass took 46.1 against
     43.9 ms at batch 128 (1.05x), 23.1 against 22.2 ms at 64. The window indices, and the
-    backward's unpooling, stay NCHW."""
+    backward's unpooling, stay NCHW on that path."""
 
     def __init__(self, backend, ws, spec, conv_shape, dtype, channels_last: bool):
-        self.backend, self.ws = backend, ws
-        self.pool, self.stride = spec
+        self.pool, self.stride = (int(v) for v in spec)
         self.conv_shape = conv_shape
-        self.channels_last = channels_last
         n, f, ho, wo = conv_shape
         hp, wp = (ho - self.pool) // self.stride + 1, (wo - self.pool) // self.stride + 1
         self.out = backend.scratch(ws, "pool_out", (n, hp, wp, f), dtype)
@@ -209,50 +211,22 @@ class _Pooling:
                                    else (n * f, hp, wp),
                                    _window_index_dtype(self.pool, self.stride, channels_last))
 
-    def forward(self, chunk, c0: int, c1: int) -> None:
-        """Pool the conv output ``chunk`` of images ``c0:c1`` into their rows of the output."""
-        be = self.backend
-        if self.channels_last:
-            be._launch_nhwc(K.maxpool_nhwc_forward, chunk, self.pool, self.stride, True,
-                            self.out[c0:c1], self.arg[c0:c1])
-            return
-        _, f, ho, wo = self.conv_shape
-        m, hp, wp = c1 - c0, self.out.shape[1], self.out.shape[2]
-        planes = be.scratch(self.ws, "pool_chunk", (m, f, hp, wp), chunk.dtype)
-        be._pool_planes(chunk.reshape(-1, ho, wo), self.pool, self.stride, True,
-                        planes.reshape(-1, hp, wp), self.arg[c0 * f:c1 * f])
-        K.nchw_to_nhwc_pad(planes, 0, m, 0, 0, self.out[c0:c1])
-
     def output(self):
         """The pooled output as an ``(N, F, Hp, Wp)`` view of its channels-last buffer."""
         return self.out.transpose(0, 3, 1, 2)
 
-    def chunk_grads(self, dout):
-        """``(c0, c1) -> `` the conv output's gradient for images ``c0:c1`` (``(m*Ho*Wo, F)``
-        rows channels-last, else ``(m, F, Ho*Wo)``), unpooled from ``dout (N, F, Hp, Wp)``
-        into one chunk-sized buffer."""
-        be, ws = self.backend, self.ws
-        _, f, ho, wo = self.conv_shape
-        if self.channels_last:
-            ds = _nhwc(dout)
-            if ds is None:
-                ds = be.scratch(ws, "pool_dout_nhwc", self.out.shape, dout.dtype)
-                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+    @staticmethod
+    def grads(dout):
+        """``(array, channels_last)``: the gradient of the pooled output, ``(N, F, Hp, Wp)``,
+        as the kernels take it: its channels-last buffer (from a channels-last conv), else
+        NCHW, C-contiguous."""
+        ds = None if dout.flags.c_contiguous else _nhwc(dout)
+        return (np.ascontiguousarray(dout), False) if ds is None else (ds, True)
 
-            def grads(c0, c1):
-                d = be.scratch(ws, "pool_dchunk_nhwc", (c1 - c0, ho, wo, f), dout.dtype)
-                be._launch_nhwc(K.maxpool_nhwc_backward, ds[c0:c1], self.arg[c0:c1],
-                                self.pool, self.stride, d)
-                return d.reshape(-1, f)
-            return grads
-        dp = be._nchw(dout, ws, "pool_dout").reshape(self.arg.shape)
 
-        def grads(c0, c1):
-            d = be.scratch(ws, "pool_dchunk", (c1 - c0, f, ho * wo), dout.dtype)
-            rows = slice(c0 * f, c1 * f)
-            be._unpool_planes(dp[rows], self.arg[rows], d.reshape(-1, ho, wo))
-            return d
-        return grads
+def _none(dtype, ndim: int):
+    """An empty array standing for a buffer a :mod:`numba_conv` variant does not use."""
+    return np.empty((0,) * ndim, dtype)
 
 
 class NumbaBackend(NumbaLayerOps, NumpyBackend):
@@ -357,34 +331,33 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         each image's GEMM writes its (F, P) output in place, bias included. The output stays
         NCHW: channels-last patch rows would be runs of KW*C = 9 values, and the (P, F) GEMM
         and im2col ran 1.4x slower than these (CIFAR conv1: 6.0 against 4.3 ms per batch
-        of 128). ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`."""
+        of 128). ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
+        :func:`~cnn.backends.numba_conv.images_forward`."""
         n = x.shape[0]
         f, _, kh, kw = w.shape
         k, p = w[0].size, ho * wo
         (top, _), (left, _) = padding
         x = np.ascontiguousarray(x)
+        dt = x.dtype
         nb = self._blas_chunk(n, p, k, f, x.itemsize)
-        cols = self.scratch(ws, "cols", (nb, k + 1, p), x.dtype)
-        wb = self.scratch(ws, "w_bias", (f, k + 1), x.dtype)
+        cols = self.scratch(ws, "cols", (nb, k + 1, p), dt)
+        wb = self.scratch(ws, "w_bias", (f, k + 1), dt)
         wb[:, :k] = w.reshape(f, k)
         wb[:, k] = b
         cache = (x, w, stride, padding, cols, nb)
         if pool is None:
-            out = self.scratch(ws, "out", (n, f, p), x.dtype)
-        else:  # the chunk's conv output only, pooled into the layer's output while in L2
-            chunk = self.scratch(ws, "out_chunk", (nb, f, p), x.dtype)
-            pooled = _Pooling(self, ws, pool, (n, f, ho, wo), x.dtype, channels_last=False)
-        for c0 in range(0, n, nb):
-            c1 = min(c0 + nb, n)
-            K.im2col_images(x[c0:c1], 0, c1 - c0, kh, kw, stride, int(top), int(left), ho, wo,
-                            cols)
-            if pool is None:
-                np.matmul(wb, cols[:c1 - c0], out=out[c0:c1])
-            else:
-                np.matmul(wb, cols[:c1 - c0], out=chunk[:c1 - c0])
-                pooled.forward(chunk[:c1 - c0], c0, c1)
-        if pool is None:
+            out = self.scratch(ws, "out", (n, f, p), dt)
+            C.images_forward(x, wb, kh, kw, stride, int(top), int(left), ho, wo, cols, out, 0,
+                             0, _none(dt, 3), _none(dt, 4), _none(np.uint8, 3), _none(dt, 4))
             return out.reshape(n, f, ho, wo), cache
+        # the chunk's conv output only, pooled into the layer's output while in L2
+        pooled = _Pooling(self, ws, pool, (n, f, ho, wo), dt, channels_last=False)
+        chunk = self.scratch(ws, "out_chunk", (nb, f, p), dt)
+        _, hp, wp, _ = pooled.out.shape
+        planes = self.scratch(ws, "pool_chunk", (nb, f, hp, wp), dt)
+        C.images_forward(x, wb, kh, kw, stride, int(top), int(left), ho, wo, cols,
+                         _none(dt, 3), pooled.pool, pooled.stride, chunk, planes, pooled.arg,
+                         pooled.out)
         return pooled.output(), (cache, pooled)
 
     def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
@@ -399,9 +372,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         dout3 = self._nchw(dout, ws).reshape(n, f, p)
         dx = self.scratch(ws, "dx", (n if need_dx else 0,) + x.shape[1:], dt)
         if len(cache) == 6:
-            return self._conv_backward_images(x, w, stride, padding, cache[4], cache[5],
-                                              lambda c0, c1: dout3[c0:c1], need_dx, dx, ws,
-                                              ho, wo)
+            return self._conv_backward_images(x, w, stride, padding, cache[4], dout3, None,
+                                              need_dx, dx, ws, ho, wo)
         nb = self._chunk_images(n, p)
         parts = self.scratch(ws, "parts", (self._weight_grad_parts(-(-n // nb)), k + 1, f), dt)
         parts.fill(0)
@@ -427,36 +399,34 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         K.nhwc_to_nchw(src, out)
         return out
 
-    def _conv_backward_images(self, x, w, stride, padding, cols, nb, chunk_dout, need_dx, dx,
+    def _conv_backward_images(self, x, w, stride, padding, cols, dout3, pooled, need_dx, dx,
                               ws, ho, wo):
-        """Gradients of the per-image BLAS path (few input channels): per image ``[dw | db] +=
-        dout[n] @ cols[n]^T`` (the patches unrolled again into the chunk buffer ``cols``; the
-        ones row gives ``db``), summed over each chunk; ``dx`` = col2im of ``w^T @ dout``.
-        ``chunk_dout(c0, c1)``: the ``(c1 - c0, F, P)`` gradient of images ``c0:c1``."""
+        """Gradients of the per-image BLAS path (few input channels): ``[dw | db] += dout[n]
+        @ cols[n]^T`` image by image (the patches unrolled again into the chunk buffer
+        ``cols``; the ones row gives ``db``); ``dx`` = col2im of ``w^T @ dout``. The conv
+        output's gradient is ``dout3 (N, F, P)``, or, after a fused pooling (``pooled``, the
+        forward's :class:`_Pooling`; ``dout3`` is then the pooled output's gradient), unpooled
+        chunk by chunk. The chunk loop is :func:`~cnn.backends.numba_conv.images_backward`."""
         n, f, p = x.shape[0], w.shape[0], ho * wo
         k = w[0].size
         dt = x.dtype
+        nb = cols.shape[0]
         (top, _), (left, _) = padding
         dwb = self.scratch(ws, "dw_db", (f, k + 1), dt)
-        dwb.fill(0)
-        per_image = self.scratch(ws, "dw_db_images", (nb, f, k + 1), dt)
-        part = self.scratch(ws, "dw_db_part", (f, k + 1), dt)
-        if need_dx:
-            dcols = self.scratch(ws, "dcols", (nb, k, p), dt)
-        w2t = w.reshape(f, k).T
-        kh, kw = w.shape[2], w.shape[3]
-        top, left = int(top), int(left)
-        for c0 in range(0, n, nb):
-            c1 = min(c0 + nb, n)
-            m = c1 - c0
-            K.im2col_images(x[c0:c1], 0, m, kh, kw, stride, top, left, ho, wo, cols)
-            dq = chunk_dout(c0, c1)
-            np.matmul(dq, cols[:m].transpose(0, 2, 1), out=per_image[:m])
-            np.sum(per_image[:m], axis=0, out=part)
-            dwb += part
-            if need_dx:
-                np.matmul(w2t, dq, out=dcols[:m])
-                K.col2im_images(dcols, c0, c1, kh, kw, stride, top, left, ho, wo, dx)
+        dcols = self.scratch(ws, "dcols", (nb, k, p), dt) if need_dx else _none(dt, 3)
+        w2t = np.ascontiguousarray(w.reshape(f, k).T)
+        if pooled is None:
+            args = (dout3, _none(dt, 4), _none(np.uint8, 3), _none(dt, 4), _none(dt, 3))
+        else:
+            ds, channels_last = _Pooling.grads(dout3)
+            _, hp, wp = pooled.arg.shape
+            # a channels-last gradient is converted chunk by chunk, in a chunk-sized buffer
+            planes = (self.scratch(ws, "pool_dout_chunk", (nb, f, hp, wp), dt)
+                      if channels_last else _none(dt, 4))
+            args = (_none(dt, 3), ds, pooled.arg, planes,
+                    self.scratch(ws, "pool_dchunk", (nb, f, p), dt))
+        C.images_backward(x, w2t, w.shape[2], w.shape[3], stride, int(top), int(left), ho, wo,
+                          cols, *args, bool(need_dx), dcols, dwb, dx)
         dw = self.scratch(ws, "dw", (f, k), dt)
         np.copyto(dw, dwb[:, :k])
         db = self.scratch(ws, "db", (f,), dt)
@@ -474,7 +444,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         The patches live in one chunk-sized buffer that stays in L2, and the backward unrolls
         them again: reading back all of them from memory instead (25 MB on CIFAR conv2 at
         batch 128) made the weight-gradient GEMM 1.4x slower than the im2col it saves.
-        ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`."""
+        ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
+        :func:`~cnn.backends.numba_conv.nhwc_forward`."""
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
@@ -484,48 +455,39 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(wtb[:kc].reshape(kh, kw, c, f), w.transpose(2, 3, 1, 0))
         wtb[kc] = b
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
-        if pool is None:
-            out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, f), dt)
-            out2 = out_t.reshape(n * p, f)
-        else:  # the chunk's conv output only, pooled into the layer's output while in L2
-            chunk = self.scratch(ws, "out_chunk_nhwc", (nb, ho, wo, f), dt)
-            pooled = _Pooling(self, ws, pool, (n, f, ho, wo), dt, channels_last=True)
         xs = _nhwc(x)
         if xs is None:
             x = np.ascontiguousarray(x)
         cache = (x, xs, w, stride, padding, nb, "nhwc")
-        for c0 in range(0, n, nb):
-            c1 = min(c0 + nb, n)
-            colq = self._patches_nhwc(cache, c0, c1, ho, wo, cols, ws)
-            if pool is None:
-                np.matmul(colq, wtb, out=out2[c0 * p:c1 * p])
-            else:
-                np.matmul(colq, wtb, out=chunk[:c1 - c0].reshape(-1, f))
-                pooled.forward(chunk[:c1 - c0], c0, c1)
+        inputs = self._nhwc_inputs(cache, ws)
+        (top, _), (left, _) = padding
+        geometry = (kh, kw, stride, int(top), int(left), ho, wo)
         if pool is None:
+            out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, f), dt)
+            C.nhwc_forward(*inputs[:2], wtb, *geometry, inputs[2], cols,
+                           out_t.reshape(n * p, f), 0, 0, _none(dt, 2), _none(np.uint8, 4),
+                           _none(dt, 4))
             return out_t.transpose(0, 3, 1, 2), cache
+        # the chunk's conv output only, pooled into the layer's output while in L2
+        pooled = _Pooling(self, ws, pool, (n, f, ho, wo), dt, channels_last=True)
+        chunk = self.scratch(ws, "out_chunk_nhwc", (nb * p, f), dt)
+        C.nhwc_forward(*inputs[:2], wtb, *geometry, inputs[2], cols, _none(dt, 2), pooled.pool,
+                       pooled.stride, chunk, pooled.arg, pooled.out)
         return pooled.output(), (cache, pooled)
 
-    def _patches_nhwc(self, cache, c0, c1, ho, wo, cols, ws):
-        """The patch rows of images ``c0:c1`` of the cached input, in ``cols``: the chunk's
-        channels-last images (padded if need be, in a workspace buffer), unrolled."""
+    def _nhwc_inputs(self, cache, ws):
+        """``(x, xs, xt)`` for :mod:`~cnn.backends.numba_conv`'s channels-last path: the NCHW
+        input or the channels-last one (the other empty), and the padded chunk buffer
+        (empty when the channels-last input needs no padding: it is unrolled in place)."""
         x, xs, w, stride, padding, nb, _ = cache
         (top, bottom), (left, right) = padding
-        kh, kw = w.shape[2], w.shape[3]
+        n, c, h, wd = x.shape
         if xs is not None and not (top or bottom or left or right):
-            src = xs[c0:c1]
-        else:
-            _, c, h, wd = x.shape
-            xt = self.scratch(ws, "x_nhwc", (nb, h + top + bottom, wd + left + right, c),
-                              x.dtype)
-            src = xt[:c1 - c0]
-            if xs is not None:
-                K.nhwc_pad(xs, c0, c1, int(top), int(left), src)
-            else:
-                K.nchw_to_nhwc_pad(x, c0, c1, int(top), int(left), src)
-        colq = cols[:(c1 - c0) * ho * wo]
-        K.im2col_nhwc(src, kh, kw, stride, ho, wo, colq)
-        return colq
+            return _none(x.dtype, 4), xs, _none(x.dtype, 4)
+        xt = self.scratch(ws, "x_nhwc", (nb, h + top + bottom, wd + left + right, c), x.dtype)
+        if xs is not None:
+            return _none(x.dtype, 4), xs, xt
+        return x, _none(x.dtype, 4), xt
 
     def _conv_backward_nhwc(self, dout, cache, need_dx, ws, pooled=None):
         """Gradients of :meth:`_conv_forward_nhwc`, chunk by chunk from the channels-last
@@ -534,7 +496,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         column gives ``db``), and ``dx`` = col2im of ``dout @ w (F, KH*KW*C)`` into a
         channels-last buffer, returned as an ``(N, C, H, W)`` view. ``pooled``: the forward
         pooled its output (see :meth:`conv2d_relu_maxpool2d_forward`), ``dout`` is the
-        gradient of the pooled output, unpooled chunk by chunk."""
+        gradient of the pooled output, unpooled chunk by chunk. The chunk loop is
+        :func:`~cnn.backends.numba_conv.nhwc_backward`."""
         x, _, w, stride, padding, nb, _ = cache
         n, f, ho, wo = dout.shape if pooled is None else pooled.conv_shape
         _, c, h, wd = x.shape
@@ -547,15 +510,21 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             if ds is None:
                 ds = self.scratch(ws, "dout_nhwc", (n, ho, wo, f), dt)
                 np.copyto(ds, dout.transpose(0, 2, 3, 1))
-            d2 = ds.reshape(n * p, f)
-            chunk_dout = lambda c0, c1: d2[c0 * p:c1 * p]  # noqa: E731
+            grads = (ds.reshape(n * p, f), _none(dt, 4), _none(np.uint8, 4), 0, 0,
+                     _none(dt, 2))
         else:
-            chunk_dout = pooled.chunk_grads(dout)
+            ds, channels_last = _Pooling.grads(dout)
+            if not channels_last:
+                ds = self.scratch(ws, "pool_dout_nhwc", pooled.out.shape, dt)
+                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+            grads = (_none(dt, 2), ds, pooled.arg, pooled.pool, pooled.stride,
+                     self.scratch(ws, "pool_dchunk_nhwc", (nb * p, f), dt))
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
         # (KH*KW*C + 1, F): patches^T @ dout ran as fast as dout^T @ patches on CIFAR conv2
         # and conv3, and faster on conv1 (78 against 58 GFLOP/s)
         dwb = self.scratch(ws, "dw_db_t", (kc + 1, f), dt)
-        part = self.scratch(ws, "dw_db_part", (kc + 1, f), dt)
+        dx_t = dxt = _none(dt, 4)
+        wf = dcols = _none(dt, 2)
         if need_dx:
             wf = self.scratch(ws, "w_fhwc", (f, kc), dt)
             np.copyto(wf.reshape(f, kh, kw, c), w.transpose(0, 2, 3, 1))
@@ -563,22 +532,9 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             dx_t = self.scratch(ws, "dx_nhwc", (n, h, wd, c), dt)
             if padded:
                 dxt = self.scratch(ws, "dx_pad", (nb, h + top + bottom, wd + left + right, c), dt)
-        for c0 in range(0, n, nb):
-            c1 = min(c0 + nb, n)
-            q = (c1 - c0) * p
-            dq = chunk_dout(c0, c1)
-            colq = self._patches_nhwc(cache, c0, c1, ho, wo, cols, ws)
-            np.matmul(colq.T, dq, out=dwb if c0 == 0 else part)
-            if c0 > 0:
-                dwb += part
-            if need_dx:
-                dcq = dcols[:q]
-                np.matmul(dq, wf, out=dcq)
-                if padded:
-                    K.col2im_nhwc(dcq, kh, kw, stride, ho, wo, dxt[:c1 - c0])
-                    K.nhwc_crop(dxt[:c1 - c0], int(top), int(left), dx_t[c0:c1])
-                else:
-                    K.col2im_nhwc(dcq, kh, kw, stride, ho, wo, dx_t[c0:c1])
+        inputs = self._nhwc_inputs(cache, ws)
+        C.nhwc_backward(*inputs[:2], kh, kw, stride, int(top), int(left), ho, wo, inputs[2],
+                        cols, *grads, bool(need_dx), wf, dcols, dxt, dwb, dx_t)
         dw = self.scratch(ws, "dw", (f, c, kh, kw), dt)
         np.copyto(dw, dwb[:kc].reshape(kh, kw, c, f).transpose(3, 2, 0, 1))
         db = self.scratch(ws, "db", (f,), dt)
@@ -619,8 +575,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         x, w, stride, padding, cols, nb = conv_cache
         dx = self.scratch(ws, "dx", (x.shape[0] if need_dx else 0,) + x.shape[1:], x.dtype)
         _, _, ho, wo = pooled.conv_shape
-        return self._conv_backward_images(x, w, stride, padding, cols, nb,
-                                          pooled.chunk_grads(dout), need_dx, dx, ws, ho, wo)
+        return self._conv_backward_images(x, w, stride, padding, cols, dout, pooled, need_dx,
+                                          dx, ws, ho, wo)
 
     # ---- pooling ---------------------------------------------------------------------------
     fuses_relu_maxpool = True
