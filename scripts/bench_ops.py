@@ -17,7 +17,9 @@ numpy, ...) so that drift in a shared machine's speed hits all three alike. Prin
 in milliseconds and the speed-ups ``numpy / numba`` (> 1: Numba is faster). Before timing, each
 op's outputs on the Numba backends are checked against NumPy's. A conv layer whose ReLU is
 followed by max pooling is one row, as a training step runs it: the fused op on the Numba
-backends (``conv2d_relu_maxpool2d_*``), the three ops chained on NumPy.
+backends (``conv2d_relu_maxpool2d_*``), the three ops chained on NumPy. Each op gets its
+inputs in the layout its backend hands them over in training: on ``numba``, the activations
+after a BLAS-path conv and the gradients flowing back into one are channels-last views.
 """
 from __future__ import annotations
 
@@ -42,6 +44,15 @@ BACKENDS = ("numpy", "numba", "numba_parallel")
 CLOCK = time.perf_counter
 
 
+def _as_received(be, a, channels_last: bool):
+    """``a`` as ``be`` receives it in a training step: with ``channels_last``, on the ``numba``
+    backend, an ``(N, C, H, W)`` view of an ``(N, H, W, C)`` buffer (what its BLAS-path convs
+    hand over, see ``cnn.backends.numba_backend``); NCHW everywhere else."""
+    if not channels_last or be.name != "numba" or a.ndim != 4:
+        return a
+    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+
+
 def layer_ops(spec: dict, batch: int, dtype, rng):
     """The op calls of one training step of ``spec``, in forward-then-backward order.
 
@@ -54,10 +65,16 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
     first = True
     conv_i = dense_i = 0
     layers = list(spec["layers"])
+    blas = get_backend("numba")._use_blas
+    cl_in = False  # the input comes from a BLAS-path conv: channels-last on numba
     while layers:
         layer = layers.pop(0)
         kind = layer["type"]
         x = rng.standard_normal(shape).astype(dtype)
+        # a BLAS-path conv's output, and the gradient that flows back into it, are
+        # channels-last on numba
+        cl_out = kind == "conv2d" and blas(layer["filters"],
+                                           shape[1] * layer["kernel_size"] ** 2)
         if kind == "conv2d" and layer.get("activation") == "relu" and layers \
                 and layers[0]["type"] == "maxpool2d":
             # a conv, its ReLU and the pooling after it: one op where the backend fuses them
@@ -71,14 +88,15 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             need_dx = not first
             ho, wo = shape[2] - k + 1, shape[3] - k + 1
 
-            def fwd_call(be, x=x, w=w, b=b, p=p, s=s):
+            def fwd_call(be, x=x, w=w, b=b, p=p, s=s, cl=(cl_in, cl_out)):
                 ws = Workspace(be)
-                return lambda: _conv_relu_pool(be, x, w, b, p, s, ws)
+                xb = _as_received(be, x, cl[0])
+                return lambda: _conv_relu_pool(be, xb, w, b, p, s, ws)
 
-            def bwd_call(be, x=x, w=w, b=b, p=p, s=s, need_dx=need_dx):
+            def bwd_call(be, x=x, w=w, b=b, p=p, s=s, need_dx=need_dx, cl=(cl_in, cl_out)):
                 ws = Workspace(be)
-                out, cache = _conv_relu_pool(be, x, w, b, p, s, ws)
-                dout = np.ones_like(out)
+                out, cache = _conv_relu_pool(be, _as_received(be, x, cl[0]), w, b, p, s, ws)
+                dout = _as_received(be, np.ones(out.shape, out.dtype), cl[1])
                 return lambda: _conv_relu_pool_backward(be, dout, cache, need_dx, ws)
 
             name = f"conv{conv_i}+relu+pool"
@@ -86,6 +104,7 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             bwd.append((f"{name} bwd", x.shape, bwd_call, False))
             shape = (batch, layer["filters"], (ho - p) // s + 1, (wo - p) // s + 1)
             first = False
+            cl_in = cl_out
             continue
         if kind == "conv2d":
             if layer.get("padding", "valid") != "valid" or layer.get("stride", 1) != 1:
@@ -97,14 +116,15 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             pads = ((0, 0), (0, 0))
             need_dx = not first
 
-            def fwd_call(be, x=x, w=w, b=b, pads=pads):
+            def fwd_call(be, x=x, w=w, b=b, pads=pads, cl=(cl_in, cl_out)):
                 ws = Workspace(be)
-                return lambda: be.conv2d_forward(x, w, b, 1, pads, ws=ws)
+                xb = _as_received(be, x, cl[0])
+                return lambda: be.conv2d_forward(xb, w, b, 1, pads, ws=ws)
 
-            def bwd_call(be, x=x, w=w, b=b, pads=pads, need_dx=need_dx):
+            def bwd_call(be, x=x, w=w, b=b, pads=pads, need_dx=need_dx, cl=(cl_in, cl_out)):
                 ws = Workspace(be)
-                out, cache = be.conv2d_forward(x, w, b, 1, pads, ws=ws)
-                dout = np.ones_like(out)
+                out, cache = be.conv2d_forward(_as_received(be, x, cl[0]), w, b, 1, pads, ws=ws)
+                dout = _as_received(be, np.ones(out.shape, out.dtype), cl[1])
                 return lambda: be.conv2d_backward(dout, cache, need_dx=need_dx, ws=ws)
 
             shape = (batch, layer["filters"], shape[2] - k + 1, shape[3] - k + 1)
@@ -151,16 +171,18 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
         fwd.append((f"{name} fwd", x.shape, fwd_call, True))
         bwd.append((f"{name} bwd", x.shape, bwd_call, False))
         first = False
+        cl_in = cl_out
         if layer.get("activation") == "relu":
             y = rng.standard_normal(shape).astype(dtype)
 
-            def relu_fwd(be, y=y):
+            def relu_fwd(be, y=y, cl=cl_out):
                 ws = Workspace(be)
-                return lambda: be.relu_forward(y, ws=ws)
+                yb = _as_received(be, y, cl)
+                return lambda: be.relu_forward(yb, ws=ws)
 
-            def relu_bwd(be, y=y):
+            def relu_bwd(be, y=y, cl=cl_out):
                 ws = Workspace(be)
-                out, cache = be.relu_forward(y, ws=ws)
+                out, cache = be.relu_forward(_as_received(be, y, cl), ws=ws)
                 return lambda: be.relu_backward(y, cache, ws=ws)
 
             fwd.append(("  relu fwd", shape, relu_fwd, True))
