@@ -80,6 +80,7 @@ becomes a parfor of its own, and compile time grew with each.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import threading
 import time
@@ -224,8 +225,10 @@ class _Pooling:
         return (np.ascontiguousarray(dout), False) if ds is None else (ds, True)
 
 
+@functools.lru_cache(maxsize=None)
 def _none(dtype, ndim: int):
-    """An empty array standing for a buffer a :mod:`numba_conv` variant does not use."""
+    """An empty array standing for a buffer a :mod:`numba_conv` variant does not use (one per
+    dtype and rank, made once: nothing is allocated per step)."""
     return np.empty((0,) * ndim, dtype)
 
 
@@ -387,7 +390,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(db, dwt[k])
         return (dx if need_dx else None), dw.reshape(w.shape), db
 
-    def _nchw(self, a, ws, name="dout_nchw"):
+    def _nchw(self, a, ws):
         """``a`` as a C-contiguous ``(N, C, H, W)`` array: itself, or a channels-last view
         converted by a Numba kernel (NumPy's strided copy ran several times slower)."""
         if a.flags.c_contiguous:
@@ -395,7 +398,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         src = _nhwc(a)
         if src is None:
             return np.ascontiguousarray(a)
-        out = self.scratch(ws, name, a.shape, a.dtype)
+        out = self.scratch(ws, "dout_nchw", a.shape, a.dtype)
         K.nhwc_to_nchw(src, out)
         return out
 
