@@ -45,7 +45,7 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .optim import check_number
+from .checks import check_number
 from .schedules import _improved, _mode, _monitor
 
 

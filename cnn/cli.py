@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .train import DivergedError
+from .errors import DivergedError
 
 #: exit status of ``train`` when the loss or the weights became NaN/inf
 EXIT_DIVERGED = 3

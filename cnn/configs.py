@@ -263,7 +263,7 @@ def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
     from .callbacks import EarlyStopping
     from .data import load_dataset
     from .model import Sequential
-    from .train import DivergedError
+    from .errors import DivergedError
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"name": run.name, "status": "ok", "error": ""}

@@ -523,9 +523,10 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         the configuration, and the TensorFlow/Keras versions and thread settings.
     """
     from .optim import make_optimizer
-    from .train import History, _epoch_line, _positive
-    epochs = _positive("epochs", epochs)
-    batch_size = _positive("batch_size", batch_size)
+    from .checks import check_int
+    from .train import History, _epoch_line
+    epochs = check_int(None, "epochs", epochs)
+    batch_size = check_int(None, "batch_size", batch_size)
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)

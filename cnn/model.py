@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import secrets
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .context import StepContext
+from .files import atomic_write, read_structured
 from .layers import Conv2D, Layer, MaxPool2D, ReLU, layers_from_spec
 from .losses import Loss, get_loss
 
@@ -413,21 +413,8 @@ class Sequential:
         """
         path = weights_path(path)
         _mkdirs(path.parent)
-        # a unique temporary name beside the target (so the rename is atomic), created with
-        # the usual permissions (mkstemp's would be 0600)
-        name = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-        fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        try:
-            with open(fd, "wb") as f:
-                np.savez(f, __spec__=np.array(json.dumps(self.spec())), **self.params,
-                         **self.buffers)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(name, path)
-        except BaseException:
-            Path(name).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write(path, lambda f: np.savez(
+            f, __spec__=np.array(json.dumps(self.spec())), **self.params, **self.buffers))
 
     def load_weights(self, path: str | os.PathLike) -> None:
         """Load parameters written by :meth:`save_weights` (checked against this model).
@@ -565,37 +552,6 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 # ---- specs -----------------------------------------------------------------------------------
-def _read_spec_file(path: Path) -> Any:
-    """Parse a ``.json``/``.yaml``/``.yml`` spec file; ``ValueError`` naming the file (and the
-    line) when it is not valid JSON/YAML text."""
-    if not path.is_file():
-        raise FileNotFoundError(f"no model spec file at {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a text file ({exc})") from None
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, "
-                             f"column {exc.colno}") from None
-        except RecursionError:
-            raise ValueError(f"{path}: not a usable JSON spec (nested too deeply)") from None
-    import yaml
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        where = ""
-        mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not a usable YAML spec (nested too deeply)") from None
-
-
 def _check_spec(spec: dict, source: str) -> dict:
     """Structural checks of a spec dict (values of layer options are the layers' to check)."""
     layers = spec["layers"]
@@ -663,7 +619,7 @@ def resolve_spec(spec: Any) -> dict:
             return PRESETS[name]
         path = Path(name)
         if path.suffix.lower() in (".json", ".yaml", ".yml"):
-            spec = _read_spec_file(path)
+            spec = read_structured(path, "model spec file")
             source = f"{path}: "
         else:
             raise ValueError(f"unknown model {name!r}: not a preset ({sorted(PRESETS)}) "

@@ -71,48 +71,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .backends.base import Backend
-
-
-# ---- validation -----------------------------------------------------------------------------
-def _real(owner: str, name: str, value: Any) -> float:
-    """``value`` as a finite Python float, or a ValueError naming ``name``."""
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
-                                                                      np.floating)):
-        raise ValueError(f"{owner}: {name} must be a number. Received {name}={value!r}")
-    try:
-        v = float(value)
-    except OverflowError:
-        v = math.inf
-    if not math.isfinite(v):
-        raise ValueError(f"{owner}: {name} must be a finite number. Received {name}={value!r}")
-    return v
-
-
-def check_number(owner: str, name: str, value: Any, *, low: float | None = None,
-                 high: float | None = None, low_open: bool = False,
-                 high_open: bool = False) -> float:
-    """``value`` as a finite float within the bounds, else a ValueError naming ``name``, the
-    bounds and the value received (e.g. ``Adam: beta_1 must be in [0, 1). Received
-    beta_1=1.5``). Accepts Python and NumPy numbers (``np.float32(0.1)``), refuses bools."""
-    v = _real(owner, name, value)
-    bad = ((low is not None and (v <= low if low_open else v < low))
-           or (high is not None and (v >= high if high_open else v > high)))
-    if bad:
-        lo = "-inf" if low is None else f"{low:g}"
-        hi = "inf" if high is None else f"{high:g}"
-        span = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
-        raise ValueError(f"{owner}: {name} must be in {span}. Received {name}={value!r}")
-    return v
-
-
-def check_positive(owner: str, name: str, value: Any) -> float:
-    return check_number(owner, name, value, low=0.0, low_open=True)
-
-
-def _check_bool(owner: str, name: str, value: Any) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{owner}: {name} must be True or False. Received {name}={value!r}")
-    return bool(value)
+from .checks import check_bool, check_number, check_positive
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -328,7 +287,7 @@ class SGD(Optimizer):
         super().__init__(lr, weight_decay)
         self.momentum = check_number("SGD", "momentum", momentum, low=0.0, high=1.0,
                                      high_open=True)
-        self.nesterov = _check_bool("SGD", "nesterov", nesterov)
+        self.nesterov = check_bool("SGD", "nesterov", nesterov)
         if self.nesterov and not self.momentum:
             raise ValueError("SGD: nesterov=True needs momentum > 0. Received momentum=0")
         self.slot_names = ("velocity",) if self.momentum else ()
@@ -374,7 +333,7 @@ class RMSProp(Optimizer):
         self.momentum = check_number("RMSProp", "momentum", momentum, low=0.0, high=1.0,
                                      high_open=True)
         self.epsilon = check_positive("RMSProp", "epsilon", epsilon)
-        self.centered = _check_bool("RMSProp", "centered", centered)
+        self.centered = check_bool("RMSProp", "centered", centered)
         self.slot_names = (("v",) + (("velocity",) if self.momentum else ())
                            + (("average",) if self.centered else ()))
 

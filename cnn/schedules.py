@@ -34,7 +34,7 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .optim import check_number, check_positive
+from .checks import check_number, check_positive
 
 UNITS = ("step", "epoch")
 

@@ -95,10 +95,11 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     import torch
 
     from .optim import make_optimizer
-    from .train import Callback, History, _epoch_line, _positive
+    from .checks import check_int
+    from .train import Callback, History, _epoch_line
 
-    epochs = _positive("epochs", epochs)
-    batch_size = _positive("batch_size", batch_size)
+    epochs = check_int(None, "epochs", epochs)
+    batch_size = check_int(None, "batch_size", batch_size)
     model.check_inputs(x, y)
     opt_cfg = make_optimizer(optimizer).config()
     if opt_cfg.get("type", "sgd") != "sgd":

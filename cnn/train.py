@@ -28,48 +28,14 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .callbacks import Callback, FitRun, monitored
+from .checks import check_int
 from .context import StepContext
+from .errors import DivergedError
 from .optim import make_optimizer
 from .parallel import Strategy, make_strategy
 
 
 NONFINITE_POLICIES = ("raise", "continue")
-
-
-class DivergedError(FloatingPointError):
-    """Training produced a non-finite loss (or non-finite weights): the run diverged.
-
-    Raised by :func:`fit` (with ``on_nonfinite="raise"``, the default) at the first step whose
-    loss is NaN or infinite, naming the epoch and the step, so that callers (the CLI, the
-    study) can tell a diverged run from a failed one and record it as such.
-
-    Attributes:
-        epoch: the 1-based epoch in which it happened.
-        step: the 1-based step within that epoch (for ``phase="validation"``/``"weights"``, the
-            last step of the epoch, after whose update the problem was found).
-        loss: the non-finite value (a float; for ``phase="weights"``, NaN).
-        phase: ``"train"`` (a training step's loss), ``"validation"`` (the end-of-epoch
-            validation loss) or ``"weights"`` (the parameters after the last update).
-        history: the :class:`History` of the epochs completed before it (set by :func:`fit`).
-
-    The model then holds the parameters of the step that diverged (non-finite), so that they
-    can be inspected; nothing is saved.
-    """
-
-    def __init__(self, epoch: int, step: int, loss: float, phase: str = "train",
-                 detail: str = ""):
-        self.epoch, self.step, self.loss, self.phase = int(epoch), int(step), float(loss), phase
-        self.history: "History | None" = None
-        what = {"train": f"the training loss is {loss}",
-                "validation": f"the validation loss is {loss}",
-                "weights": "the weights are no longer finite"}.get(phase, f"{phase} is {loss}")
-        where = (f"at epoch {epoch}, step {step}" if phase == "train"
-                 else f"after epoch {epoch} (step {step})")
-        super().__init__(f"training diverged: {what} {where}{detail}; lower the learning rate "
-                         f"or check the inputs (fit(on_nonfinite='continue') keeps going)")
-
-    def __reduce__(self):  # picklable across processes, with its attributes
-        return (type(self), (self.epoch, self.step, self.loss, self.phase))
 
 
 @dataclass
@@ -97,12 +63,6 @@ def _blas_limit(threads: int | None):
         return nullcontext()
     from threadpoolctl import threadpool_limits
     return threadpool_limits(limits=threads, user_api="blas")
-
-
-def _positive(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer. Received {name}={value!r}")
-    return int(value)
 
 
 def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
@@ -164,8 +124,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         and the configuration (the optimizer, the global steps at the start and end,
         seconds spent in batch callbacks, which are not in ``time``).
     """
-    epochs = _positive("epochs", epochs)
-    batch_size = _positive("batch_size", batch_size)
+    epochs = check_int(None, "epochs", epochs)
+    batch_size = check_int(None, "batch_size", batch_size)
     if on_nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"on_nonfinite must be one of {NONFINITE_POLICIES}. "
                          f"Received on_nonfinite={on_nonfinite!r}")

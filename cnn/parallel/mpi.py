@@ -281,7 +281,7 @@ class _MPIStrategy(Strategy):
     def abort(self, err: BaseException) -> None:
         """Called by ``fit`` when training stops with ``err``: unless every rank raised it
         together, print it with this rank's number and end every rank (``MPI_Abort``)."""
-        from ..train import DivergedError
+        from ..errors import DivergedError
         if self.size == 1 or not self.abort_on_error or isinstance(err, DivergedError):
             return
         host = self.hosts[self.rank] if getattr(self, "hosts", None) else "?"

@@ -1,0 +1,45 @@
+"""The errors a user of the package may catch, in one module every layer can import.
+
+:class:`DivergedError` is raised by the fit loop and by the strategies (an MPI rank that finds
+a non-finite loss), caught by the CLI (exit status 3) and by the study (a diverged run is a
+result, not a failure), so it lives below all of them.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+
+class DivergedError(FloatingPointError):
+    """Training produced a non-finite loss (or non-finite weights): the run diverged.
+
+    Raised by :func:`fit` (with ``on_nonfinite="raise"``, the default) at the first step whose
+    loss is NaN or infinite, naming the epoch and the step, so that callers (the CLI, the
+    study) can tell a diverged run from a failed one and record it as such.
+
+    Attributes:
+        epoch: the 1-based epoch in which it happened.
+        step: the 1-based step within that epoch (for ``phase="validation"``/``"weights"``, the
+            last step of the epoch, after whose update the problem was found).
+        loss: the non-finite value (a float; for ``phase="weights"``, NaN).
+        phase: ``"train"`` (a training step's loss), ``"validation"`` (the end-of-epoch
+            validation loss) or ``"weights"`` (the parameters after the last update).
+        history: the :class:`History` of the epochs completed before it (set by :func:`fit`).
+
+    The model then holds the parameters of the step that diverged (non-finite), so that they
+    can be inspected; nothing is saved.
+    """
+
+    def __init__(self, epoch: int, step: int, loss: float, phase: str = "train",
+                 detail: str = ""):
+        self.epoch, self.step, self.loss, self.phase = int(epoch), int(step), float(loss), phase
+        self.history: Any = None
+        what = {"train": f"the training loss is {loss}",
+                "validation": f"the validation loss is {loss}",
+                "weights": "the weights are no longer finite"}.get(phase, f"{phase} is {loss}")
+        where = (f"at epoch {epoch}, step {step}" if phase == "train"
+                 else f"after epoch {epoch} (step {step})")
+        super().__init__(f"training diverged: {what} {where}{detail}; lower the learning rate "
+                         f"or check the inputs (fit(on_nonfinite='continue') keeps going)")
+
+    def __reduce__(self):  # picklable across processes, with its attributes
+        return (type(self), (self.epoch, self.step, self.loss, self.phase))
