@@ -160,7 +160,7 @@ def test_average_current_params_is_the_mean_of_the_replicas():
     try:
         strat.step(x[:14], y[:14])  # shards of 7 and 7
         strat.step(x[14:20], y[14:20])  # shards of 3 and 3
-        reps = strat._replicas
+        reps = [strat._core.replicas[i].params for i in range(2)]
         got = strat.current_params()
         for k in got:
             np.testing.assert_allclose(got[k], 0.5 * reps[0][k] + 0.5 * reps[1][k], rtol=0,

@@ -28,9 +28,11 @@ Run under a launcher, one process per rank, each running the same ``fit``:
 ``mpi_average`` (:class:`MPIAverage`)
     Each rank trains its own replica on its own ``batch_size`` examples per step (a global step
     is ``ranks * batch_size`` examples), and every ``every`` steps (default: after each epoch)
-    the replicas' weights and optimizer state are replaced by their average weighted by the
-    examples each trained on, with one ``Allreduce``. ``every=1`` is ``sync`` on the global
-    batch. The per-step loss and correct count are summed over the ranks (two numbers).
+    the replicas' weights, optimizer state and buffers are replaced by their average weighted
+    by the examples each trained on: :class:`~cnn.parallel.average.AverageCore`'s steps, the
+    ones written for threads too, with :class:`MPITransport` (one ``Allreduce`` of the flat
+    replica). ``every=1`` is ``sync`` on the global batch. The per-step loss and correct count
+    are summed over the ranks (two numbers).
 
 Only rank 0 (``is_master``) prints, shows progress, evaluates and saves; it broadcasts its
 validation numbers so that callbacks decide alike on every rank. Every call that moves data is
@@ -58,10 +60,10 @@ from typing import Any
 
 import numpy as np
 
+from .average import AverageStrategy, check_every
 from .base import Strategy
 from .launch import under_launcher
-from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, state_arrays,
-                   state_with_arrays, step_scalars)
+from .sync import FlatLayout, SyncCore, Transport, flat_view, state_arrays, step_scalars
 
 _NAME_BYTES = 256
 
@@ -96,8 +98,9 @@ def _check_cpu_backend(name: str, backend) -> None:
 
 
 class MPITransport(Transport):
-    """``sync``'s transport over MPI: one flat buffer, ``Allreduce``; optionally per bucket with
-    ``Iallreduce`` while backward runs; ``StepContext.reduce`` as ``Allreduce`` too.
+    """The transport over MPI (of ``sync``'s gradients and of ``average``'s replicas): one flat
+    buffer, ``Allreduce``; optionally per bucket with ``Iallreduce`` while backward runs;
+    ``StepContext.reduce`` as ``Allreduce`` too.
 
     The buffer holds the ``layout.total`` gradient elements followed by two more: the rank's
     summed loss and its correct count, so one collective also gives every rank the global
@@ -349,129 +352,49 @@ class MPISync(_MPIStrategy):
         return {**super().describe(), "overlap": self.overlap}
 
 
-class MPIAverage(_MPIStrategy):
-    """Local SGD across MPI ranks: one replica per rank, averaged (weights and optimizer
-    state, weighted by examples) every ``every`` steps or after each epoch.
+class MPIAverage(AverageStrategy, _MPIStrategy):
+    """Local SGD across MPI ranks: one replica per rank, averaged (weights, optimizer state and
+    buffers, weighted by examples) every ``every`` steps or after each epoch. See the module
+    docstring.
 
     Args:
         threads: must be 1.
         every: steps between averages, or ``"epoch"`` (default).
+        abort_on_error, comm: as for :class:`MPISync`.
     """
 
     name = "mpi_average"
 
     def __init__(self, threads: int = 1, every: "int | str" = "epoch",
                  abort_on_error: bool = True, comm=None):
-        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
-                                 or every < 1):
-            raise ValueError(f"strategy 'mpi_average': every must be a positive number of steps "
-                             f"or 'epoch'. Received every={every!r}")
-        self.every = every if every == "epoch" else int(every)
+        self.every = check_every(f"strategy {self.name!r}", every)
         super().__init__(threads, abort_on_error, comm)
 
-    def examples_per_step(self, batch_size: int) -> int:
-        return self.size * batch_size
+    @property
+    def replica_count(self) -> int:
+        return self.size
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         super().start(model, optimizer, backend, params, seed, **kwargs)
-        # what is averaged: the weights, every array of the optimizer state and the buffers
-        # (batch-norm statistics; committed by copy, so these views stay the buffers)
-        self._leaves = [flat_view(v) for v in self.params.values()] + \
-            [flat_view(v) for v in state_arrays(self.state)] + \
-            [flat_view(v) for v in self.buffers.values()]
-        self._buf = np.zeros(sum(v.size for v in self._leaves) + 1, np.float64)
-        self._out = {k: np.empty_like(v) for k, v in self.params.items()}
-        self._out_state = state_with_arrays(self.state, [np.empty_like(a) for a in
-                                                         state_arrays(self.state)])
-        self._out_buffers = {k: np.empty_like(v) for k, v in self.buffers.items()}
-        self._count = 0  # examples this replica trained on since the last average
-        self._since = 0  # global steps since the last average (the same on every rank)
+        core = self._start_average((self.rank,))
+        self._transport = MPITransport(self.comm, core.layout)
         self._ctx = self.new_context()
         self._pair = np.zeros(2, np.float64)
 
+    def _average(self, weights, into_replicas):
+        return self._core.average(self.rank, self._transport, weights, into_replicas)
+
     def step(self, xb, yb):
-        n = len(yb)
-        lo, hi = shard_bounds(n, self.size)[self.rank]
-        local = np.zeros(2, np.float64)
-        if hi > lo:
-            self._ctx.step, self._ctx.offset, self._ctx.global_batch = self.steps, lo, n
-            loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
-                                                             self.backend, self._ctx)
-            # this replica's update; the scalar step advances once below, on every rank
-            lr, t = step_scalars(self.optimizer, self.state, self.steps)
-            self.optimizer.apply(self.params, grads, self.state.slots, self.backend, lr, t)
-            self._ctx.commit(copy=True)  # this replica's own batch-norm statistics
-            local[0] = float(self.backend.to_host(loss)) * (hi - lo)
-            local[1] = int(self.backend.to_host(correct))
-            self._count += hi - lo
-        t = time.perf_counter()
+        if not hasattr(self, "_core"):
+            raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        weights = self._core.begin_step(len(yb))
+        self._ctx.step = self.steps
+        lr, t = step_scalars(self.optimizer, self.state, self.steps)
+        local = np.array(self._core.train(self.rank, xb, yb, self._ctx, lr, t), np.float64)
+        start = time.perf_counter()
         self.comm.Allreduce(local, self._pair, self.MPI.SUM)
+        self.comm_time += time.perf_counter() - start
         self.steps += 1
-        self._since += 1
-        if self.every != "epoch" and self._since % self.every == 0:
-            self._average(into_replicas=True)
-        self.comm_time += time.perf_counter() - t
+        if weights is not None:
+            self.comm_time += self._average(weights, into_replicas=True)
         return float(self._pair[0]), int(round(self._pair[1]))
-
-    def _average(self, into_replicas: bool) -> dict:
-        """The example-weighted average of the replicas, ``sum_r c_r x_r / sum_r c_r`` in
-        float64 (one ``Allreduce``): written into every replica's weights, optimizer state and
-        buffers (``into_replicas``), or only returned (the weights; the buffers are left in
-        ``_out_buffers``, for evaluation)."""
-        buf, c = self._buf, float(self._count)
-        off = 0
-        for v in self._leaves:
-            np.multiply(v, c, out=buf[off:off + v.size])
-            off += v.size
-        buf[-1] = c
-        self.comm.Allreduce(self.MPI.IN_PLACE, buf, self.MPI.SUM)
-        count = buf[-1]
-        if count == 0:
-            return self.params
-        # into the replicas, or into separate outputs (the weights, optimizer state, buffers)
-        targets = self._leaves if into_replicas else \
-            [flat_view(v) for v in self._out.values()] + \
-            [flat_view(v) for v in state_arrays(self._out_state)] + \
-            [flat_view(v) for v in self._out_buffers.values()]
-        off = 0
-        for v, out in zip(self._leaves, targets):
-            np.divide(buf[off:off + v.size], count, out=buf[off:off + v.size])
-            out[...] = buf[off:off + v.size]
-            off += v.size
-        if not into_replicas:
-            return self._out
-        self._count = 0
-        self._since = 0
-        return self.params
-
-    def end_epoch(self) -> None:
-        if self.every == "epoch" and self._since:
-            t = time.perf_counter()
-            self._average(into_replicas=True)
-            self.comm_time += time.perf_counter() - t
-
-    def current_params(self) -> dict:
-        """The weighted average of the replicas (a collective: every rank calls it); the
-        replicas are left as they are."""
-        if not hasattr(self, "_leaves") or self._since == 0:
-            return self.params
-        return self._average(into_replicas=False)
-
-    def current_buffers(self) -> dict:
-        """The buffers that go with :meth:`current_params` (which averages them too: call it
-        first, as ``fit`` does)."""
-        if not hasattr(self, "_leaves") or self._since == 0:
-            return self.buffers
-        return self._out_buffers
-
-    def current_state(self):
-        """The optimizer state averaged like the weights (a collective when the replicas have
-        trained since the last average; call it right after :meth:`current_params`)."""
-        if not hasattr(self, "_leaves") or self._since == 0:
-            return self.state
-        self._average(into_replicas=False)
-        self._out_state.step = self.state.step
-        return self._out_state
-
-    def describe(self) -> dict:
-        return {**super().describe(), "average_every": self.every}

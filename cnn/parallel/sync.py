@@ -257,7 +257,8 @@ class SyncCore:
 
 
 class Transport:
-    """How ``sync`` workers exchange gradients. See the module docstring.
+    """How ``sync`` workers exchange gradients (and ``average`` workers their replicas, through
+    ``slot``, ``combine`` and ``done``: :mod:`cnn.parallel.average`). See the module docstring.
 
     ``slot(i)``: worker ``i``'s flat contribution buffer (at least ``layout.total`` long).
     ``grad_hook(i, core, ghost)``: a callable for ``loss_and_grads(on_grads=...)`` when the

@@ -26,17 +26,13 @@ The strategies
     is per element); both then use both cores.
 ``average``
     Model averaging / local SGD (Zinkevich et al. 2010): worker ``i`` trains its own replica
-    (weights and optimizer state) with ``batch_size`` examples per step on its own part of the
-    data; a global step is ``threads * batch_size`` examples, so within an epoch the replicas
-    see disjoint subsets that together cover the training set. Every ``every`` steps (or, with
-    ``every="epoch"``, the default, after each epoch) the replicas' weights **and every
-    optimizer slot** (velocity, Adam's ``m`` and ``v``) are replaced by their average, weighted
-    by the examples each replica trained on since the last average; the scalar step (Adam's
-    bias correction, schedules) advances once per global step. Averaging the momentum too
-    makes ``every=1`` with SGD exactly synchronous SGD on the global batch (tested) for models
-    without batch norm. Each replica keeps its own
-    buffers (batch-norm running statistics, from its own batches' statistics: no cross-replica
-    reduce), averaged with the same weights. Evaluation uses the average of the replicas.
+    (weights, optimizer slots and buffers) with ``batch_size`` examples per step on its own part
+    of the data, and every ``every`` steps (or, with ``every="epoch"``, the default, after each
+    epoch) the replicas are replaced by their average, weighted by the examples each trained
+    on. :class:`~cnn.parallel.average.AverageCore`'s steps (written once for threads and MPI
+    ranks; the algorithm is described there) with the shared-memory transport: per-worker
+    slots in ordinary NumPy memory and a :class:`threading.Barrier`. Evaluation uses the
+    average of the replicas.
 ``hogwild``
     Lock-free updates of shared weights (Niu et al. 2011): worker ``i`` computes the gradient
     of its shard (``batch_size`` examples) on the shared weights and applies its update to the
@@ -66,7 +62,8 @@ The strategies
 Only ``hogwild`` shares mutable state between running workers. In ``sync`` the workers read the
 same weights while computing gradients (nobody writes them), then each writes only its own
 disjoint slice of the combined gradient, the weights and the optimizer state; in ``average`` each
-worker owns its replica and averaging writes disjoint slices. Barriers order the phases.
+worker owns its replica, and an average writes disjoint slices of the mean, which each worker
+then copies into its own replica. Barriers order the phases.
 
 An exception in any worker stops the step: the other workers finish their current phase, skip
 the rest, and the exception is re-raised in the main thread (with a note naming the worker);
@@ -86,9 +83,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends import Backend
+from .average import AverageStrategy, check_every
 from .base import Strategy
-from .sync import (FlatLayout, SharedReduce, SharedSlots, SyncCore, flat_view, shard_bounds,
-                   step_scalars)
+from .sync import SharedReduce, SharedSlots, SyncCore, shard_bounds, step_scalars
 
 Phase = Callable[[int], None]
 
@@ -175,44 +172,17 @@ class _Workers:
             t.join()
 
 
-def _flat_slices(params: dict[str, np.ndarray], parts: int) -> list[list[tuple[str, slice]]]:
-    """Cut the concatenation of the flattened parameters into ``parts`` contiguous ranges of
-    (nearly) equal length; returns, per part, the ``(key, slice)`` pieces it covers."""
-    sizes = [(k, v.size) for k, v in params.items()]
-    total = sum(s for _, s in sizes)
-    bounds = shard_bounds(total, parts)
-    out: list[list[tuple[str, slice]]] = []
-    for lo, hi in bounds:
-        pieces, offset = [], 0
-        for k, s in sizes:
-            a, b = max(lo, offset), min(hi, offset + s)
-            if a < b:
-                pieces.append((k, slice(a - offset, b - offset)))
-            offset += s
-        out.append(pieces)
-    return out
-
-
-_flat = flat_view
-
-
-def _weighted_sum(out: np.ndarray, terms: list[tuple[float, np.ndarray]], tmp: np.ndarray) -> None:
-    """``out = sum_i w_i * a_i`` in the order of ``terms`` (deterministic rounding)."""
-    w0, a0 = terms[0]
-    np.multiply(a0, w0, out=out)
-    for w, a in terms[1:]:
-        np.multiply(a, w, out=tmp)
-        np.add(out, tmp, out=out)
-
-
 class ThreadStrategy(Strategy):
-    """Shared machinery: backend checks, the persistent workers, shard bounds."""
+    """Shared machinery: backend checks, the persistent workers, the barrier of a strategy's
+    own collectives."""
 
     name = "threads"
 
     def __init__(self, threads: int = 1):
         super().__init__(threads)
         self._workers: _Workers | None = None
+        #: the barrier inside the strategy's collectives (set by ``_setup``), if it has one
+        self._barrier: threading.Barrier | None = None
 
     def _check_backend(self, backend: Backend) -> None:
         if getattr(backend, "on_device", False):
@@ -259,6 +229,8 @@ class ThreadStrategy(Strategy):
 
     def _abort_collectives(self) -> None:
         """Release workers waiting in a collective of the strategy's own (a failed step)."""
+        if self._barrier is not None:
+            self._barrier.abort()
 
     def _context(self, i: int):
         """Worker ``i``'s training context, at the current global step (the shard's offset and
@@ -270,31 +242,14 @@ class ThreadStrategy(Strategy):
     def _run(self, phases: Sequence[Phase]) -> None:
         if self._workers is None:
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        if self._barrier is not None and self._barrier.broken:
+            self._barrier.reset()  # a failed step aborted it; every worker has left it since
         self._workers.run(phases)
 
     def close(self) -> None:
         if self._workers is not None:
             self._workers.close()
             self._workers = None
-
-    def _shard_context(self, i: int, n: int):
-        """Worker ``i``'s context for the current step of ``average``/``hogwild``: its shard's
-        offset among the step's ``n`` examples (distinct dropout keys per example) and the
-        global step. Each worker's shard is a whole batch of its own here (its replica, or its
-        update, uses it alone), so ``global_batch`` is None and ``reduce`` the identity: batch
-        statistics are the worker's own."""
-        ctx = self._contexts[i]
-        ctx.step, ctx.offset, ctx.global_batch, ctx.reduce = self.steps, self._bounds[i][0], None, None
-        return ctx
-
-    def _host_sums(self, results, sizes) -> tuple[float, int]:
-        be = self.backend
-        loss, correct = 0.0, 0
-        for r, n in zip(results, sizes):
-            if r is not None:
-                loss += float(be.to_host(r[0])) * n
-                correct += int(be.to_host(r[1]))
-        return loss, correct
 
 
 class SyncThreads(ThreadStrategy):
@@ -338,9 +293,6 @@ class SyncThreads(ThreadStrategy):
         self._out: list[Any] = [None] * t
         self._xb = self._yb = None
 
-    def _abort_collectives(self) -> None:
-        self._barrier.abort()
-
     def _work(self, i: int) -> None:
         self._out[i] = self._core.worker_step(i, self.threads, self._xb, self._yb,
                                               self._transport, self._context(i), *self._scalars)
@@ -348,8 +300,6 @@ class SyncThreads(ThreadStrategy):
     def step(self, xb, yb):
         if self._workers is None:
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
-        if self._barrier.broken:  # a failed step aborted it; every worker has left it since
-            self._barrier.reset()
         self._xb, self._yb = xb, yb
         self._out = [None] * self.threads
         # one learning rate and step number for every slice of this global step
@@ -364,8 +314,10 @@ class SyncThreads(ThreadStrategy):
             self._out = [None] * self.threads
 
 
-class AverageThreads(ThreadStrategy):
-    """Model averaging: one replica per thread, averaged every ``every`` steps or each epoch.
+class AverageThreads(AverageStrategy, ThreadStrategy):
+    """Model averaging over threads: :class:`~cnn.parallel.average.AverageCore`'s steps (one
+    replica per thread, written once for threads and MPI ranks) with the shared-memory
+    transport. See the module docstring.
 
     Args:
         threads: replicas (and worker threads).
@@ -378,159 +330,58 @@ class AverageThreads(ThreadStrategy):
 
     def __init__(self, threads: int = 1, every: "int | str" = "epoch"):
         super().__init__(threads)
-        if every != "epoch" and (isinstance(every, bool) or not isinstance(every, (int, np.integer))
-                                 or every < 1):
-            raise ValueError(f"strategy 'average': every must be a positive number of steps or "
-                             f"'epoch'. Received every={every!r}")
-        self.every = every if every == "epoch" else int(every)
+        self.every = check_every(f"strategy {self.name!r}", every)
 
-    def examples_per_step(self, batch_size: int) -> int:
-        return self.threads * batch_size
-
-    def describe(self) -> dict:
-        return {**super().describe(), "average_every": self.every}
+    @property
+    def replica_count(self) -> int:
+        return self.threads
 
     def _setup(self) -> None:
         t = self.threads
-        dtype = next(iter(self.params.values())).dtype
-        # replica i: its weights and optimizer slots; self.params and self.state hold the
-        # latest average (the scalar step is shared: self.state.step)
-        self._replicas = [{k: v.copy() for k, v in self.params.items()} for _ in range(t)]
-        self._states = [self.state.copy() for _ in range(t)]  # their slots are the replica's
-        self._flat_params = {k: _flat(v) for k, v in self.params.items()}
-        self._flat_state = self.state.flat()  # the averaged slots, {slot: {key: flat view}}
-        self._flat_reps = [{k: _flat(v) for k, v in r.items()} for r in self._replicas]
-        self._flat_states = [s.flat() for s in self._states]
-        self._pieces = _flat_slices(self.params, t)
-        self._tmp = [np.empty(max([s.stop - s.start for _, s in p], default=0), dtype=dtype)
-                     for p in self._pieces]
-        # each replica's buffers (batch-norm statistics), read and committed by its own worker
-        self._rep_buffers = [{k: v.copy() for k, v in self.buffers.items()} for _ in range(t)]
-        for ctx, bufs in zip(self._contexts, self._rep_buffers):
-            ctx.buffers = bufs
-        self._counts = [0] * t  # examples per replica since the last average
-        self._steps = 0
-        self._results: list[Any] = [None] * t
-        self._bounds: list[tuple[int, int]] = []
+        core = self._start_average(range(t))
+        lay = core.layout
+        self._barrier = threading.Barrier(t)
+        # the workers sum their ranges of the slots straight into the mean; the barrier after
+        # it (done) makes the mean whole before each worker copies it into its replica
+        self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],
+                                      core.mean.flat, self._barrier)
+        self._out: list[Any] = [None] * t
+        self._seconds = [0.0] * t
         self._xb = self._yb = None
-        self._avg_weights: list[tuple[int, float]] = []
+        self._averaging: tuple = ()  # (weights, into_replicas) of the next average phase
 
     def _train(self, i: int) -> None:
-        lo, hi = self._bounds[i]
-        if hi > lo:
-            rep = self._replicas[i]
-            ctx = self._shard_context(i, len(self._yb))
-            loss, correct, grads = self.model.loss_and_grads(
-                self._xb[lo:hi], self._yb[lo:hi], rep, self.backend, ctx)
-            lr, t = self._scalars
-            self.optimizer.apply(rep, grads, self._states[i].slots, self.backend, lr, t)
-            ctx.commit()  # into this replica's buffers
-            self._results[i] = (loss, correct)
+        self._out[i] = self._core.train(i, self._xb, self._yb, self._context(i), *self._scalars)
 
-    def _average_slice(self, j: int) -> None:
-        """Worker ``j`` averages its slice of every replica's weights and optimizer slots,
-        writes the average to the shared output and copies it back into every replica."""
-        weights = self._avg_weights
-        tmp = self._tmp[j]
-        for key, sl in self._pieces[j]:
-            groups = [(self._flat_params, self._flat_reps)]
-            for name, avg_slot in self._flat_state.items():
-                groups.append((avg_slot, [fs[name] for fs in self._flat_states]))
-            for avg, reps in groups:
-                out = avg[key][sl]
-                _weighted_sum(out, [(w, reps[i][key][sl]) for i, w in weights],
-                              tmp[:sl.stop - sl.start])
-                for r in reps:
-                    r[key][sl] = out
+    def _average_phase(self, i: int) -> None:
+        self._seconds[i] = self._core.average(i, self._transport, *self._averaging)
 
-    def _buffer_average(self, weights) -> dict:
-        """The weighted average of the replicas' buffers (new arrays), in replica order."""
-        out = {}
-        for key in self.buffers:
-            terms = [(w, self._rep_buffers[i][key]) for i, w in weights]
-            avg = np.empty_like(terms[0][1])
-            _weighted_sum(avg, terms, np.empty_like(avg))
-            out[key] = avg
-        return out
-
-    def _average_buffers(self) -> None:
-        """Replace the buffers of the model and of every replica by their weighted average
-        (the weights of the parameters' average: examples trained on since the last one)."""
-        if not self.buffers:
-            return
-        self.buffers.update(self._buffer_average(self._avg_weights))
-        for bufs in self._rep_buffers:
-            for key, value in self.buffers.items():
-                bufs[key] = value.copy()
-
-    def _prepare_average(self) -> bool:
-        total = sum(self._counts)
-        if total == 0:
-            return False
-        self._avg_weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
-        self._counts = [0] * self.threads
-        return True
+    def _average(self, weights, into_replicas):
+        self._averaging = (weights, into_replicas)
+        self._run((self._average_phase,))
+        return self._seconds[0]  # as seen by worker 0
 
     def step(self, xb, yb):
-        n = len(yb)
+        if self._workers is None:
+            raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
+        weights = self._core.begin_step(len(yb))
         self._xb, self._yb = xb, yb
-        self._bounds = shard_bounds(n, self.threads)
-        sizes = [hi - lo for lo, hi in self._bounds]
-        self._results = [None] * self.threads
-        for i, s in enumerate(sizes):
-            self._counts[i] += s
-        self._steps += 1
+        self._out = [None] * self.threads
         # one learning rate and update number for every replica (the scalar step is shared)
         self._scalars = step_scalars(self.optimizer, self.state, self.steps)
         phases: list[Phase] = [self._train]
-        if self.every != "epoch" and self._steps % self.every == 0 and self._prepare_average():
-            phases.append(self._average_slice)
+        if weights is not None:
+            self._averaging = (weights, True)
+            phases.append(self._average_phase)
         try:
             self._run(phases)
-            if len(phases) > 1:
-                self._average_buffers()
             self.steps += 1
-            return self._host_sums(self._results, sizes)
+            if weights is not None:
+                self.comm_time += self._seconds[0]
+            return (sum(o[0] for o in self._out), sum(o[1] for o in self._out))
         finally:
             self._xb = self._yb = None
-            self._results = [None] * self.threads
-
-    def end_epoch(self) -> None:
-        if self.every == "epoch" and self._prepare_average():
-            self._run((self._average_slice,))
-            self._average_buffers()
-
-    def current_params(self) -> dict:
-        """The weighted average of the replicas (computed here, in the calling thread, when
-        they have trained since the last average; the replicas are left as they are)."""
-        total = sum(self._counts) if hasattr(self, "_counts") else 0
-        if total:
-            weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
-            for key, out in self._flat_params.items():
-                tmp = np.empty_like(out)
-                _weighted_sum(out, [(w, self._flat_reps[i][key]) for i, w in weights], tmp)
-        return self.params
-
-    def current_state(self):
-        """The optimizer state with every slot the weighted average of the replicas' (as
-        :meth:`current_params` averages the weights)."""
-        total = sum(self._counts) if hasattr(self, "_counts") else 0
-        if total:
-            weights = [(i, c / total) for i, c in enumerate(self._counts) if c > 0]
-            for name, slot in self._flat_state.items():
-                for key, out in slot.items():
-                    _weighted_sum(out, [(w, self._flat_states[i][name][key])
-                                        for i, w in weights], np.empty_like(out))
-        return self.state
-
-    def current_buffers(self) -> dict:
-        """The weighted average of the replicas' buffers when they have trained since the last
-        average (the replicas are left as they are), else the last average."""
-        total = sum(self._counts) if hasattr(self, "_counts") else 0
-        if total and self.buffers:
-            return self._buffer_average([(i, c / total) for i, c in enumerate(self._counts)
-                                         if c > 0])
-        return self.buffers
+            self._out = [None] * self.threads
 
 
 class HogwildThreads(ThreadStrategy):
@@ -541,6 +392,24 @@ class HogwildThreads(ThreadStrategy):
 
     def examples_per_step(self, batch_size: int) -> int:
         return self.threads * batch_size
+
+    def _shard_context(self, i: int, n: int):
+        """Worker ``i``'s context for the current step: its shard's offset among the step's
+        ``n`` examples (distinct dropout keys per example) and the global step. Each worker's
+        shard is a whole batch of its own here (its update uses it alone), so ``global_batch``
+        is None and ``reduce`` the identity: batch statistics are the worker's own."""
+        ctx = self._contexts[i]
+        ctx.step, ctx.offset, ctx.global_batch, ctx.reduce = self.steps, self._bounds[i][0], None, None
+        return ctx
+
+    def _host_sums(self, results, sizes) -> tuple[float, int]:
+        be = self.backend
+        loss, correct = 0.0, 0
+        for r, n in zip(results, sizes):
+            if r is not None:
+                loss += float(be.to_host(r[0])) * n
+                correct += int(be.to_host(r[1]))
+        return loss, correct
 
     def _setup(self) -> None:
         t = self.threads
