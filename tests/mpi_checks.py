@@ -40,6 +40,11 @@ SCENARIOS = {
     "average_every1": ("mpi_average", {"every": 1, "batch_size": 5}),
     "average_every3": ("mpi_average", {"every": 3, "batch_size": 5}),
     "average_epoch": ("mpi_average", {"batch_size": 5}),
+    # 45 examples: every epoch ends with a step of 5, split 3/2, so the weights of the
+    # average differ between the replicas
+    "average_uneven": ("mpi_average", {"every": 2, "batch_size": 4, "n": 45}),
+    "average_float32": ("mpi_average", {"every": 3, "batch_size": 5, "n": 45,
+                                        "dtype": np.float32}),
 }
 
 #: ``python tests/mpi_checks.py layers OUT``: the layers of issue 12 (batch norm synchronised

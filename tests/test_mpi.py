@@ -23,7 +23,8 @@ import pytest
 from cnn import cli
 from cnn.optim import make_optimizer
 from cnn.parallel.sync import shard_bounds
-from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
+from mpi_checks import SCENARIOS
+from parallel_helpers import N, OPT, blobs, build, max_abs_diff, max_rel_diff, train
 
 HERE = Path(__file__).resolve().parent
 MPIEXEC = Path(sys.executable).parent / "mpiexec"
@@ -149,12 +150,13 @@ def test_average_every_step_is_sync_on_the_global_batch(runs):
     assert rec["info"]["average_every"] == 1
 
 
-def naive_local_sgd(every: int | None, batch_size: int = 5, ranks: int = 2, epochs: int = 2):
+def naive_local_sgd(every: int | None, batch_size: int = 5, ranks: int = 2, epochs: int = 2,
+                    dtype=np.float64, n: int = N):
     """Two replicas trained one after the other in plain loops, each on its shard of every
     global step, averaged (weights and velocity, weighted by examples) every ``every`` steps
     or (``None``) at the end of each epoch; the model that ``fit`` ends with: the average."""
-    x, y = blobs()
-    model = build()
+    x, y = blobs(n, dtype)
+    model = build(dtype=dtype)
     opt = make_optimizer(OPT)
     reps = [{k: v.copy() for k, v in model.params.items()} for _ in range(ranks)]
     vels = [{k: np.zeros_like(v) for k, v in model.params.items()} for _ in range(ranks)]
@@ -200,6 +202,35 @@ def test_average_is_local_sgd(runs, name, every):
     assert max_abs_diff(got, ref) < 1e-12
     sync, _ = load(runs, "average_every1")
     assert max_abs_diff(got, sync) > 1e-6  # really local SGD, not sync in disguise
+
+
+#: the mpi_average scenarios of mpi_checks.py
+AVERAGE_SCENARIOS = [name for name, (strategy, _) in SCENARIOS.items() if strategy == "mpi_average"]
+
+
+@pytest.mark.parametrize("name", AVERAGE_SCENARIOS)
+def test_average_over_threads_equals_average_over_ranks(runs, name):
+    """``average`` is written once over two transports: two threads (shared slots) and two MPI
+    ranks (Allreduce) from the same seeds and data end with the same weights, up to the order
+    of floating-point sums; with SGD, both equal the naive loop above."""
+    kwargs = SCENARIOS[name][1]
+    ranks, _ = load(runs, name)
+    threads, _ = train("average", 2, **kwargs)
+    float32 = kwargs.get("dtype") == np.float32
+    assert ranks["conv2d.w"].dtype == threads["conv2d.w"].dtype
+    if float32:
+        assert max_rel_diff(ranks, threads) < 1e-6
+    else:
+        assert max_abs_diff(ranks, threads) < 1e-12
+    if "optimizer" not in kwargs:  # the naive loop's SGD with momentum
+        every = kwargs.get("every")
+        ref = naive_local_sgd(every, kwargs["batch_size"], n=kwargs.get("n", N),
+                              dtype=np.float32 if float32 else np.float64)
+        for got in (ranks, threads):
+            if float32:
+                assert max_rel_diff(got, ref) < 1e-5
+            else:
+                assert max_abs_diff(got, ref) < 1e-12
 
 
 # ---- launching ----------------------------------------------------------------------------------
