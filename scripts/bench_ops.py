@@ -47,7 +47,7 @@ CLOCK = time.perf_counter
 def _as_received(be, a, channels_last: bool):
     """``a`` as ``be`` receives it in a training step: with ``channels_last``, on the ``numba``
     backend, an ``(N, C, H, W)`` view of an ``(N, H, W, C)`` buffer (what its BLAS-path convs
-    hand over, see ``cnn.backends.numba_backend``); NCHW everywhere else."""
+    hand over, see ``cnn.backends.numba.backend``); NCHW everywhere else."""
     if not channels_last or be.name != "numba" or a.ndim != 4:
         return a
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)

@@ -1,8 +1,8 @@
 """Numba CPU kernels for dropout and batch normalisation, and the mixin that gives them to
-:class:`~cnn.backends.numba_backend.NumbaBackend`.
+:class:`~cnn.backends.numba.backend.NumbaBackend`.
 
 Kernels are ``@njit(nogil=True, cache=True, fastmath=False)`` like those of
-:mod:`cnn.backends.numba_kernels`: they release the GIL (so the threads strategy runs one per
+:mod:`cnn.backends.numba.kernels`: they release the GIL (so the threads strategy runs one per
 core), keep IEEE semantics, write into arrays the caller allocates, and compile once per dtype.
 Where a kernel does not pay, the NumPy op is inherited: sigmoid and tanh (NumPy's ufuncs run
 SIMD ``exp``/``tanh``, which Numba's scalar libm calls do not: a Numba tanh took 15 ms against
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import rng
+from .. import rng
 
 _JIT = dict(nogil=True, cache=True, fastmath=False)
 

@@ -6,7 +6,7 @@ which released the GIL and took it back: about 350 hand-overs per CIFAR training
 images. Two ``sync`` worker threads then queued for the GIL between their kernels: their
 passes ran 3-4% slower side by side than alone, where two processes lost 0.5% (CIFAR, numba,
 batch 64). Calling the GEMM from Numba lets a whole chunk loop run as one ``nogil`` call
-(:mod:`~cnn.backends.numba_conv`).
+(:mod:`~cnn.backends.numba.conv`).
 
 :func:`gemm` calls ``cblas_sgemm``/``cblas_dgemm`` of the BLAS library that NumPy itself
 loaded (found with threadpoolctl, so ``threadpool_limits`` pins it as it pins NumPy's

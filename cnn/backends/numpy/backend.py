@@ -13,18 +13,11 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .base import Backend, Padding
-from .numpy_layer_ops import NumpyLayerOps
+from ..base import Backend
+from .layer_ops import NumpyLayerOps
 
 #: bytes of per-image temporaries per chunk of images in the conv backward: half of a 1 MiB L2
 _CHUNK_BYTES = 1 << 19
-
-
-def _pad(x: np.ndarray, padding: Padding) -> np.ndarray:
-    (top, bottom), (left, right) = padding
-    if top == bottom == left == right == 0:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
 def _window_offsets(x: np.ndarray, pool: int, stride: int):
@@ -45,7 +38,7 @@ def _windows(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
 
 class NumpyBackend(NumpyLayerOps, Backend):
     """im2col + BLAS; the ops of sigmoid/tanh/dropout/batch norm/BCE/penalties come from
-    :class:`~cnn.backends.numpy_layer_ops.NumpyLayerOps`."""
+    :class:`~cnn.backends.numpy.layer_ops.NumpyLayerOps`."""
 
     name = "numpy"
 

@@ -1,4 +1,4 @@
-"""Numba CPU kernels behind :mod:`cnn.backends.numba_backend`.
+"""Numba CPU kernels behind :mod:`cnn.backends.numba.backend`.
 
 Every kernel is ``@njit(nogil=True, cache=True, fastmath=False)``: it releases the GIL, so the
 data-parallel thread strategy runs one kernel per thread truly in parallel, and keeps IEEE
@@ -278,7 +278,7 @@ def nhwc_to_nchw(src, dst):
 
 # ---- channels-last layout (the BLAS path) ------------------------------------------------------
 # Conv layers on the BLAS path keep their activations channels-last, (N, H, W, C) buffers that
-# the backend hands out as (N, C, H, W) views (see "Layout" in numba_backend). A patch row is
+# the backend hands out as (N, C, H, W) views (see "Layout" in numba/backend.py). A patch row is
 # then KH runs of KW*C contiguous values (96 or 192 floats on CIFAR conv2/conv3, 9 on conv1)
 # instead of C*KH*KW*Ho runs of Wo values, the GEMM ``patches @ w`` writes its result straight
 # into the next layer's (N*Ho*Wo, F) channels-last buffer, and no transpose or scatter pass

@@ -2,11 +2,11 @@
 (``parallel=True`` kernels, the intra-op alternative).
 
 Both implement the contract of :mod:`cnn.backends.base` with the signatures of
-:class:`~cnn.backends.numpy_backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
-kernels (:mod:`cnn.backends.numba_kernels`); on the BLAS path (layers with enough filters),
+:class:`~cnn.backends.numpy.backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
+kernels (:mod:`cnn.backends.numba.kernels`); on the BLAS path (layers with enough filters),
 each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
-(:mod:`cnn.backends.numba_conv`), whose GEMMs call NumPy's own BLAS
-(:mod:`cnn.backends.numba_blas`): the op takes the GIL once, not once per chunk and kernel.
+(:mod:`cnn.backends.numba.conv`), whose GEMMs call NumPy's own BLAS
+(:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and kernel.
 Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each).
 The Numba GEMM of the small-filter kernels ran 1.2-4x slower than BLAS on the dense shapes,
 whose 10 or 64 outputs are too few for its vectorised inner loop.
@@ -89,11 +89,11 @@ import numba
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
-from . import numba_conv as C
-from . import numba_kernels as K
-from .base import Padding
-from .numba_layer_ops import NumbaLayerOps
-from .numpy_backend import NumpyBackend
+from ..base import Padding
+from ..numpy import NumpyBackend
+from . import conv as C
+from . import kernels as K
+from .layer_ops import NumbaLayerOps
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk of the fused Numba
 #: kernels (small layers): long enough for the vectorised inner loop, small enough for the
@@ -188,7 +188,7 @@ def _scope(ws, name: str):
 
 class _Pooling:
     """The max pooling (with ReLU) that a fused conv applies to each chunk of its output
-    (:mod:`~cnn.backends.numba_conv`): the pooled output and the window indices for the whole
+    (:mod:`~cnn.backends.numba.conv`): the pooled output and the window indices for the whole
     batch. ``spec``: ``(pool, stride)``; ``conv_shape``: the conv output ``(N, F, Ho, Wo)``;
     ``channels_last``: the conv path's layout. Indices as in
     :meth:`NumbaBackend.maxpool2d_relu_forward`.
@@ -227,7 +227,7 @@ class _Pooling:
 
 @functools.lru_cache(maxsize=None)
 def _none(dtype, ndim: int):
-    """An empty array standing for a buffer a :mod:`numba_conv` variant does not use (one per
+    """An empty array standing for a buffer a :mod:`.conv` variant does not use (one per
     dtype and rank, made once: nothing is allocated per step)."""
     return np.empty((0,) * ndim, dtype)
 
@@ -236,7 +236,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
     sigmoid/tanh/dropout/batch norm come from
-    :class:`~cnn.backends.numba_layer_ops.NumbaLayerOps`."""
+    :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`."""
 
     name = "numba"
     jit = True
@@ -335,7 +335,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         NCHW: channels-last patch rows would be runs of KW*C = 9 values, and the (P, F) GEMM
         and im2col ran 1.4x slower than these (CIFAR conv1: 6.0 against 4.3 ms per batch
         of 128). ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
-        :func:`~cnn.backends.numba_conv.images_forward`."""
+        :func:`~cnn.backends.numba.conv.images_forward`."""
         n = x.shape[0]
         f, _, kh, kw = w.shape
         k, p = w[0].size, ho * wo
@@ -409,7 +409,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         ``cols``; the ones row gives ``db``); ``dx`` = col2im of ``w^T @ dout``. The conv
         output's gradient is ``dout3 (N, F, P)``, or, after a fused pooling (``pooled``, the
         forward's :class:`_Pooling`; ``dout3`` is then the pooled output's gradient), unpooled
-        chunk by chunk. The chunk loop is :func:`~cnn.backends.numba_conv.images_backward`."""
+        chunk by chunk. The chunk loop is :func:`~cnn.backends.numba.conv.images_backward`."""
         n, f, p = x.shape[0], w.shape[0], ho * wo
         k = w[0].size
         dt = x.dtype
@@ -448,7 +448,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         them again: reading back all of them from memory instead (25 MB on CIFAR conv2 at
         batch 128) made the weight-gradient GEMM 1.4x slower than the im2col it saves.
         ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
-        :func:`~cnn.backends.numba_conv.nhwc_forward`."""
+        :func:`~cnn.backends.numba.conv.nhwc_forward`."""
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
@@ -479,7 +479,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return pooled.output(), (cache, pooled)
 
     def _nhwc_inputs(self, cache, ws):
-        """``(x, xs, xt)`` for :mod:`~cnn.backends.numba_conv`'s channels-last path: the NCHW
+        """``(x, xs, xt)`` for :mod:`~cnn.backends.numba.conv`'s channels-last path: the NCHW
         input or the channels-last one (the other empty), and the padded chunk buffer
         (empty when the channels-last input needs no padding: it is unrolled in place)."""
         x, xs, w, stride, padding, nb, _ = cache
@@ -500,7 +500,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         channels-last buffer, returned as an ``(N, C, H, W)`` view. ``pooled``: the forward
         pooled its output (see :meth:`conv2d_relu_maxpool2d_forward`), ``dout`` is the
         gradient of the pooled output, unpooled chunk by chunk. The chunk loop is
-        :func:`~cnn.backends.numba_conv.nhwc_backward`."""
+        :func:`~cnn.backends.numba.conv.nhwc_backward`."""
         x, _, w, stride, padding, nb, _ = cache
         n, f, ho, wo = dout.shape if pooled is None else pooled.conv_shape
         _, c, h, wd = x.shape

@@ -7,7 +7,7 @@ scalars ``loss`` and ``correct`` need ``to_host``. With a workspace (``ws``, see
 :mod:`cnn.backends.base`; the workspace's allocator is :meth:`CudaBackend.empty`) every output,
 cache and temporary is a device buffer allocated once per (layer, batch shape) and reused, so a
 training step allocates no device memory after the first. The kernels and their launch arithmetic
-live in :mod:`cnn.backends.cuda_kernels`.
+live in :mod:`cnn.backends.cuda.kernels`.
 
 Without a GPU, run under Numba's CUDA simulator by setting ``NUMBA_ENABLE_CUDASIM=1`` in the
 environment before Numba is first imported (the simulator runs a few thousand threads per
@@ -18,9 +18,9 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from . import cuda_kernels as K
-from .base import Backend
-from .cuda_layer_ops import CudaLayerOps
+from ..base import Backend
+from . import kernels as K
+from .layer_ops import CudaLayerOps
 
 
 def _is_device_array(x) -> bool:
@@ -31,7 +31,7 @@ def _is_device_array(x) -> bool:
 class CudaBackend(CudaLayerOps, Backend):
     """The conv/pool/dense/loss/SGD ops below; sigmoid, tanh, dropout, batch norm, binary
     cross-entropy and weight penalties come from
-    :class:`~cnn.backends.cuda_layer_ops.CudaLayerOps`."""
+    :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps`."""
 
     name = "cuda"
     on_device = True

@@ -1,9 +1,9 @@
 """NumPy versions of the ops behind sigmoid, tanh, dropout, batch normalisation, binary
 cross-entropy and weight penalties (see :mod:`cnn.backends.base` for the contract).
 
-They live in a mixin of their own, beside :class:`~cnn.backends.numpy_backend.NumpyBackend`'s
+They live in a mixin of their own, beside :class:`~cnn.backends.numpy.backend.NumpyBackend`'s
 conv/pool/dense ops, which ``NumpyBackend`` inherits: the Numba backend overrides some of them
-with kernels (:mod:`cnn.backends.numba_layer_ops`), the naive backend with plain loops.
+with kernels (:mod:`cnn.backends.numba.layer_ops`), the naive backend with plain loops.
 
 Batch normalisation normalises over every axis but the channel axis 1: ``(N, C)`` after a
 dense layer, ``(N, C, H, W)`` after a convolution (per channel, over ``N*H*W`` values). Its
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rng
+from .. import rng
 
 
 def _channel_axes(x) -> tuple[int, ...]:
