@@ -39,19 +39,18 @@ channels) keeps NCHW: its patch rows would be runs of 9 values.
 
 Fused layers: conv -> ReLU -> max pooling as one op
 ---------------------------------------------------
-Both backends set ``fuses_conv_relu_maxpool`` and ``fuses_relu_maxpool``, so the model runs a
-Conv2D, ReLU, MaxPool2D run of layers as one op (:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`)
-and a ReLU, MaxPool2D pair as another (:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and
-ReLU commute, so the ReLU acts on the pooled values, inside the pooling kernel, and its mask
-rides in the pooling's window indices (a window the ReLU cut gets an index no offset matches):
-the ReLU costs two passes less over the largest activation each way. The conv version pools
-each chunk of its GEMM output while it is still in L2, and its backward unpools each chunk's
-gradient just before that chunk's GEMMs: the full-size conv output and its gradient are never
-written (7 MiB each for CIFAR's first layer per 64 images; a worker's workspace for a
-64-image CIFAR shard went from 32.7 to 14.6 MiB, so that two workers fit in the 32 MiB L3 that
-they share, instead of evicting each other's activations). Measured on CIFAR with one thread,
-interleaved in one process: 1.13x the step of the unfused layers at batch 128, 1.14x at 32.
-The first layer's pooled output is handed over channels-last too (see ``_Pooling``).
+Both backends declare two fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
+model's plan runs a Conv2D, ReLU, MaxPool2D run of layers as one op
+(:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`) and a ReLU, MaxPool2D pair as another
+(:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and ReLU commute, so the ReLU acts on the
+pooled values, inside the pooling kernel, and its mask rides in the pooling's window indices
+(a window the ReLU cut gets an index no offset matches): the ReLU costs two passes less over
+the largest activation each way. The conv version pools each chunk of its GEMM output while it
+is still in L2, and its backward unpools each chunk's gradient just before that chunk's GEMMs:
+the full-size conv output and its gradient, the largest buffers of a training step, are never
+written, so the workspaces of two workers that share an L3 cache can both fit in it instead of
+evicting each other's activations. The first layer's pooled output is handed over
+channels-last too (see ``_Pooling``).
 
 Threading layer
 ---------------
@@ -90,6 +89,7 @@ import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
 from ..base import Padding
+from ..fusion import CONV_RELU_MAXPOOL, RELU_MAXPOOL
 from ..numpy import NumpyBackend
 from . import conv as C
 from . import kernels as K
@@ -240,6 +240,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
 
     name = "numba"
     jit = True
+    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
@@ -545,8 +546,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
 
     # ---- conv -> ReLU -> max pooling, fused -------------------------------------------------
-    fuses_conv_relu_maxpool = True
-
     def conv2d_relu_maxpool2d_forward(self, x, w, b, stride, padding, pool, pool_stride,
                                       ws=None):
         """On the BLAS paths, each chunk's conv output is pooled (with the ReLU, as in
@@ -582,8 +581,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
                                           dx, ws, ho, wo)
 
     # ---- pooling ---------------------------------------------------------------------------
-    fuses_relu_maxpool = True
-
     def maxpool2d_forward(self, x, pool, stride, ws=None):
         return self._maxpool(x, pool, stride, False, ws)
 
