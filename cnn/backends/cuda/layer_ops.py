@@ -22,8 +22,9 @@ def _ncl(x):
 
 
 class CudaLayerOps:
-    """The ops of the layers added for issue 12, as CUDA kernels; outputs, caches and
-    temporaries are workspace buffers in device memory when the layer passes ``ws``."""
+    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy and the weight
+    penalties, as CUDA kernels; outputs, caches and temporaries are workspace buffers in device
+    memory when the layer passes ``ws``."""
 
     def _elementwise(self, kernel, name, ws, *arrays):
         a0 = arrays[0]
