@@ -22,6 +22,7 @@ import numpy as np
 from .backends import rng as counter_rng
 from .backends.base import Backend
 from .context import StepContext
+from .plan import LayerOp
 
 Params = dict[str, Any]
 
@@ -161,6 +162,12 @@ class Layer:
         """``dout (N, *output_shape)`` -> ``(dx or None, grads)`` with ``grads`` keyed like params."""
         raise NotImplementedError
 
+    def plan_op(self, backend: Backend) -> LayerOp:
+        """This layer as an op of a plan on ``backend`` (see :mod:`cnn.plan`), when no fusion
+        of the backend takes it into a run: its own :meth:`forward` and :meth:`backward`. A
+        layer that holds layers of its own returns an op that walks their plans."""
+        return LayerOp(self, backend)
+
     def config(self) -> dict:
         """The spec entry that rebuilds this layer."""
         return {"type": self.type, "name": self.name}
@@ -232,20 +239,6 @@ class Conv2D(Layer):
         dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx, ws=ctx.scope(self.name))
         return dx, {"w": dw, "b": db}
 
-    # a ReLU and a MaxPool2D layer directly after this one, fused into its op (on a backend
-    # with ``fuses_conv_relu_maxpool``; the model decides)
-    def forward_relu_maxpool(self, params, x, pool, backend, ctx):
-        """This layer, a ReLU and the MaxPool2D layer ``pool``: ``(out, cache)``."""
-        return backend.conv2d_relu_maxpool2d_forward(x, params["w"], params["b"], self.stride,
-                                                     self.pads, pool.pool_size, pool.stride,
-                                                     ws=ctx.scope(self.name))
-
-    def backward_relu_maxpool(self, params, dout, cache, backend, ctx, need_dx=True):
-        """``(dx, {"w": dw, "b": db})`` from the cache of :meth:`forward_relu_maxpool`."""
-        dx, dw, db = backend.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx,
-                                                            ws=ctx.scope(self.name))
-        return dx, {"w": dw, "b": db}
-
     def penalties(self):
         return _kernel_penalties(self)
 
@@ -295,17 +288,6 @@ class MaxPool2D(Layer):
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         return backend.maxpool2d_backward(dout, cache, ws=ctx.scope(self.name)), {}
-
-    # a ReLU layer directly before this one, fused into its op (on a backend with
-    # ``fuses_relu_maxpool``; the model decides)
-    def forward_after_relu(self, x, backend, ctx):
-        """This layer applied to ``relu(x)``: ``(out, cache)``."""
-        return backend.maxpool2d_relu_forward(x, self.pool_size, self.stride,
-                                              ws=ctx.scope(self.name))
-
-    def backward_after_relu(self, dout, cache, backend, ctx):
-        """``dx`` of the ReLU's input, from the cache of :meth:`forward_after_relu`."""
-        return backend.maxpool2d_relu_backward(dout, cache, ws=ctx.scope(self.name))
 
     def config(self):
         return {**super().config(), "pool_size": self.pool_size, "stride": self.stride}

@@ -1,5 +1,6 @@
 """The model: a stack of layers built from a plain spec, its parameters, and the one
-forward/backward pass every training path uses.
+forward/backward pass every training path uses. The pass walks the backend's plan of ops
+(:mod:`cnn.plan`): one op per layer, or per run of layers the backend fuses.
 
 Parameters are a flat dict ``{"<layer>.<w|b>": array}`` (same keys for gradients and optimizer
 state, as in numpy-ml). Passing ``params=`` and ``backend=`` to ``forward``/``backward`` lets a
@@ -32,8 +33,9 @@ import numpy as np
 from .backends import Backend, get_backend
 from .context import StepContext
 from .files import atomic_write, read_structured
-from .layers import Conv2D, Layer, MaxPool2D, ReLU, layers_from_spec
+from .layers import Layer, layers_from_spec
 from .losses import Loss, get_loss
+from .plan import plan_layers
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
@@ -108,6 +110,8 @@ class Sequential:
             raise ValueError(f"the last layer must give flat logits (N, K); it gives per-example "
                              f"shape {shape}. Add a flatten and a dense layer.")
         self.num_classes = self.loss.num_classes(shape[0])
+        #: backend -> its plan of ops (see :meth:`plan`)
+        self._plans: dict[Backend, tuple] = {}
         #: the optimizer state (slots and step count, host arrays) the last ``fit`` ended
         #: with; the next ``fit`` continues from it (see :mod:`cnn.optim`)
         self.optimizer_state = None
@@ -127,6 +131,11 @@ class Sequential:
                 self.params[f"{layer.name}.{pname}"] = value
             for bname, value in layer.init_buffers(self.dtype).items():
                 self.buffers[f"{layer.name}.{bname}"] = value
+
+    def __getstate__(self) -> dict:
+        # the plans hold backend objects (a lock, device handles): a copy sent to another
+        # process plans again there, for its own backends
+        return {**self.__dict__, "_plans": {}}
 
     # ---- construction ----------------------------------------------------------------------
     def _name_layers(self) -> None:
@@ -212,45 +221,36 @@ class Sequential:
         return (self.params if params is None else params), get_backend(backend or self.backend)
 
     def forward(self, x, params=None, backend=None, ctx: StepContext | None = None):
-        """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``.
+        """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``, ``caches`` one per
+        op of the backend's :meth:`plan`.
 
         ``ctx`` (see :mod:`cnn.context`) says whether this is a training pass and which
         workspace it may reuse; the default is an inference pass that allocates per call."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
-        buffers = self.buffers if ctx.buffers is None else ctx.buffers
         ctx.updates.clear()
+        arrays = self._arrays(params, ctx)
         caches = []
-        for i, span in self._plan(be):
-            layer = self.layers[i]
-            if span == 3:  # conv -> ReLU -> max pooling
-                x, cache = layer.forward_relu_maxpool(self._layer_params(layer, params, buffers),
-                                                      x, self.layers[i + 2], be, ctx)
-            elif span == 2:  # ReLU -> max pooling
-                x, cache = self.layers[i + 1].forward_after_relu(x, be, ctx)
-            else:
-                x, cache = layer.forward(self._layer_params(layer, params, buffers), x, be, ctx)
-            # a fused run's cache sits at its first layer, the others' slots stay empty
-            caches += [cache] + [None] * (span - 1)
+        for op in self.plan(be):
+            x, cache = op.forward(arrays, x, ctx)
+            caches.append(cache)
         return x, caches
 
-    def _plan(self, be) -> list[tuple[int, int]]:
-        """How ``be`` runs the layers: ``(first layer, how many)`` per op, in order. A backend
-        may fuse runs of layers into one op (see :class:`cnn.backends.Backend`): a Conv2D, a
-        ReLU and a MaxPool2D (``fuses_conv_relu_maxpool``), or a ReLU and a MaxPool2D
-        (``fuses_relu_maxpool``); every other layer is an op of its own."""
-        kinds = [type(layer) for layer in self.layers]
-        runs, i = [], 0
-        while i < len(kinds):
-            if (be.fuses_conv_relu_maxpool and kinds[i:i + 3] == [Conv2D, ReLU, MaxPool2D]):
-                span = 3
-            elif be.fuses_relu_maxpool and kinds[i:i + 2] == [ReLU, MaxPool2D]:
-                span = 2
-            else:
-                span = 1
-            runs.append((i, span))
-            i += span
-        return runs
+    def plan(self, backend=None) -> tuple:
+        """The ops that run the layers on ``backend`` (default the model's), in order: one per
+        layer, or per run of layers the backend fuses (see :mod:`cnn.plan`). Built on the
+        first call for each backend, then reused."""
+        be = get_backend(backend or self.backend)
+        ops = self._plans.get(be)
+        if ops is None:
+            ops = self._plans[be] = plan_layers(self.layers, be)
+        return ops
+
+    def _arrays(self, params: dict, ctx: StepContext) -> dict:
+        """The parameters and the buffers the pass reads (the context's, default the
+        model's), in one flat dict: what the plan's ops take."""
+        buffers = self.buffers if ctx.buffers is None else ctx.buffers
+        return {**params, **buffers} if buffers else params
 
     def backward(self, dlogits, caches, params=None, backend=None,
                  ctx: StepContext | None = None, on_grads=None,
@@ -264,29 +264,23 @@ class Sequential:
         ``dlogits`` is the gradient of, see :meth:`loss_and_grads`)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
-        buffers = self.buffers if ctx.buffers is None else ctx.buffers
+        arrays = self._arrays(params, ctx)
+        ops = self.plan(be)
         grads: dict[str, Any] = {}
         dout = dlogits
-        for i, span in reversed(self._plan(be)):
-            layer = self.layers[i]
-            if span == 2:  # ReLU -> max pooling: no parameters
-                dout = self.layers[i + 1].backward_after_relu(dout, caches[i], be, ctx)
-                continue
-            lp = self._layer_params(layer, params, buffers)
-            # the first layer's input is data: its gradient is never used
-            if span == 3:
-                dout, layer_grads = layer.backward_relu_maxpool(lp, dout, caches[i], be, ctx,
-                                                                need_dx=i > 0)
-            else:
-                dout, layer_grads = layer.backward(lp, dout, caches[i], be, ctx, need_dx=i > 0)
-            for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
-                layer_grads[pname] = be.weight_penalty_grad(
-                    layer_grads[pname], params[f"{layer.name}.{pname}"], l1 * loss_scale,
-                    l2 * loss_scale, ws=ctx.scope(layer.name))
-            named = {f"{layer.name}.{pname}": g for pname, g in layer_grads.items()}
-            grads.update(named)
-            if on_grads is not None and named:
-                on_grads(named)
+        for i in reversed(range(len(ops))):
+            # the first op's input is data: its gradient is never used
+            dout, op_grads = ops[i].backward(arrays, dout, caches[i], ctx, need_dx=i > 0)
+            for layer in reversed(ops[i].layers):  # a fused op's layers: each one's own
+                keys = [f"{layer.name}.{p}" for p in layer.param_names]
+                named = {key: op_grads[key] for key in keys}
+                for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
+                    key = f"{layer.name}.{pname}"
+                    named[key] = be.weight_penalty_grad(named[key], params[key], l1 * loss_scale,
+                                                        l2 * loss_scale, ws=ctx.scope(layer.name))
+                grads.update(named)
+                if on_grads is not None and named:
+                    on_grads(named)
         return grads
 
     def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None,
@@ -322,13 +316,6 @@ class Sequential:
                 ws = None if ctx is None else ctx.scope(layer.name)
                 loss = be.weight_penalty(params[f"{layer.name}.{pname}"], l1, l2, loss, ws=ws)
         return loss
-
-    @staticmethod
-    def _layer_params(layer: Layer, params: dict, buffers: dict | None = None) -> dict:
-        out = {p: params[f"{layer.name}.{p}"] for p in layer.param_names}
-        for b in layer.buffer_names:
-            out[b] = buffers[f"{layer.name}.{b}"]
-        return out
 
     # ---- inference -------------------------------------------------------------------------
     def predict_logits(self, x, batch_size: int = 256, params=None, backend=None,

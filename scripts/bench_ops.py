@@ -33,6 +33,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from cnn.backends import get_backend
+from cnn.backends.fusion import CONV_RELU_MAXPOOL
 from cnn.context import Workspace
 from cnn.machine import describe
 from cnn.presets import get_preset
@@ -47,7 +48,7 @@ CLOCK = time.perf_counter
 def _as_received(be, a, channels_last: bool):
     """``a`` as ``be`` receives it in a training step: with ``channels_last``, on the ``numba``
     backend, an ``(N, C, H, W)`` view of an ``(N, H, W, C)`` buffer (what its BLAS-path convs
-    hand over, see ``cnn.backends.numba_backend``); NCHW everywhere else."""
+    hand over, see ``cnn.backends.numba.backend``); NCHW everywhere else."""
     if not channels_last or be.name != "numba" or a.ndim != 4:
         return a
     return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
@@ -193,7 +194,7 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
 def _conv_relu_pool(be, x, w, b, pool, stride, ws):
     """Forward of a conv, ReLU, max-pooling run: the fused op, or the three ops."""
     pads = ((0, 0), (0, 0))
-    if be.fuses_conv_relu_maxpool:
+    if CONV_RELU_MAXPOOL in be.fusions:
         return be.conv2d_relu_maxpool2d_forward(x, w, b, 1, pads, pool, stride, ws=ws)
     h, conv = be.conv2d_forward(x, w, b, 1, pads, ws=ws.scope("conv"))
     h, relu = be.relu_forward(h, ws=ws.scope("relu"))
@@ -202,7 +203,7 @@ def _conv_relu_pool(be, x, w, b, pool, stride, ws):
 
 
 def _conv_relu_pool_backward(be, dout, cache, need_dx, ws):
-    if be.fuses_conv_relu_maxpool:
+    if CONV_RELU_MAXPOOL in be.fusions:
         return be.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx, ws=ws)
     conv, relu, pooling = cache
     d = be.maxpool2d_backward(dout, pooling, ws=ws.scope("pool"))

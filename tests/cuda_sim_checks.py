@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cnn.backends.naive import NaiveBackend
-from cnn.backends.numpy_backend import NumpyBackend
+from cnn.backends.numpy import NumpyBackend
 
 NP = NumpyBackend()
 NAIVE = NaiveBackend()
@@ -110,7 +110,7 @@ def check_conv_float64(cb):
 
 @check(cost=5)
 def check_conv_weight_grad_split_k(cb):
-    from cnn.backends import cuda_kernels as K
+    from cnn.backends.cuda import kernels as K
 
     n, c, h, w, f = 2, 1, 9, 9, 2
     splits, _ = K.conv2d_dw_splits(f, c * 9 + 1, n * h * w)
@@ -211,7 +211,7 @@ def check_matmul_transposes(cb):
 
 @check(cost=0.7)
 def check_column_sums(cb):
-    from cnn.backends import cuda_kernels as K
+    from cnn.backends.cuda import kernels as K
 
     # 40 columns > one 32-wide block; 20 rows > the 8 row phases of a column
     a = _rng(15).standard_normal((20, 40)).astype(np.float32)
@@ -620,7 +620,7 @@ def run(names):
     """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         raise SystemExit("set NUMBA_ENABLE_CUDASIM=1 before running the simulator checks")
-    from cnn.backends.cuda_backend import CudaBackend
+    from cnn.backends.cuda.backend import CudaBackend
 
     cb = CudaBackend()
     results = {}

@@ -22,7 +22,7 @@ import numpy as np
 # run as a script, so this folder is sys.path[0] and the shared helpers import directly
 from parallel_helpers import OPT, blobs, build, train
 
-from cnn.backends.numpy_backend import NumpyBackend
+from cnn.backends.numpy import NumpyBackend
 
 #: name -> (strategy, keyword arguments of parallel_helpers.train)
 SCENARIOS = {

@@ -90,7 +90,7 @@ def test_no_gpu_error_names_the_simulator():
         "from numba import cuda\n"
         "if cuda.is_available():\n"
         "    print('GPU'); sys.exit(0)\n"
-        "from cnn.backends.cuda_backend import CudaBackend\n"
+        "from cnn.backends.cuda.backend import CudaBackend\n"
         "try:\n"
         "    CudaBackend()\n"
         "except RuntimeError as e:\n"

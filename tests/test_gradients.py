@@ -22,6 +22,7 @@ from cnn.backends import get_backend
 from cnn.context import StepContext
 from cnn.layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, layers_from_spec
 from cnn.model import Sequential
+from cnn.plan import layer_params
 from cnn.presets import PRESETS
 
 NP = get_backend("numpy")
@@ -232,7 +233,7 @@ def kink_margins(model, x):
             live = win[..., -1] != 0
             if live.any():
                 pool_margin = min(pool_margin, float(gap[live].min()))
-        x, _ = layer.forward(model._layer_params(layer, model.params), x, NP, StepContext())
+        x, _ = layer.forward(layer_params(layer, model.params), x, NP, StepContext())
     return relu_margin, pool_margin
 
 
@@ -263,7 +264,7 @@ def input_gradient(model, x, y):
     logits, caches = model.forward(x, backend=NP)
     _, dout, _ = NP.softmax_cross_entropy(logits, y)
     for layer, cache in zip(model.layers[::-1], caches[::-1]):
-        dout, _ = layer.backward(model._layer_params(layer, model.params), dout, cache, NP,
+        dout, _ = layer.backward(layer_params(layer, model.params), dout, cache, NP,
                                  StepContext(), need_dx=True)
     return dout
 
@@ -304,7 +305,7 @@ def test_model_backward_equals_layerwise_chain():
     logits, caches = model.forward(x, backend=NP)
     _, dout, _ = NP.softmax_cross_entropy(logits, y)
     for layer, cache in zip(model.layers[::-1], caches[::-1]):
-        dout, lg = layer.backward(model._layer_params(layer, model.params), dout, cache, NP,
+        dout, lg = layer.backward(layer_params(layer, model.params), dout, cache, NP,
                                   StepContext(), True)
         for p, g in lg.items():
             np.testing.assert_allclose(grads[f"{layer.name}.{p}"], g, rtol=1e-14, atol=1e-16)

@@ -17,6 +17,7 @@ from cnn.backends import get_backend, rng
 from cnn.context import StepContext
 from cnn.layers import BatchNorm, Dense, Dropout, Flatten, Sigmoid, Tanh
 from cnn.model import Sequential, build_model
+from cnn.plan import layer_params
 
 NAIVE = get_backend("naive")
 FAST = ["numpy", "numba"]
@@ -290,7 +291,7 @@ def test_model_input_gradient_vs_finite_differences(name):
     logits, caches = model.forward(x, ctx=c)
     _, dout, _ = model.loss(logits, y, np_be)
     for layer, cache in zip(model.layers[::-1], caches[::-1]):
-        dout, _ = layer.backward(model._layer_params(layer, model.params, model.buffers), dout,
+        dout, _ = layer.backward(layer_params(layer, model.params, model.buffers), dout,
                                  cache, np_be, c, True)
     numeric = numeric_grad(lambda: float(model.loss_and_grads(x, y, ctx=ctx())[0]), x)
     assert_fd(dout, numeric, f"{name} input gradient")

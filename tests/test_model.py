@@ -439,7 +439,7 @@ def test_fused_layer_runs_on_a_fusing_backend():
     layer-by-layer pass of the NumPy backend (which fuses nothing)."""
     from collections import Counter
 
-    from cnn.backends.numba_backend import NumbaBackend
+    from cnn.backends.numba import NumbaBackend
 
     calls = Counter()
     counted = ["conv2d_forward", "relu_forward", "maxpool2d_forward", "maxpool2d_relu_forward",

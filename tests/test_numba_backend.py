@@ -20,8 +20,8 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
-from cnn.backends import numba_kernels as K
-from cnn.backends.numba_backend import _CHUNK_COLUMNS
+from cnn.backends.numba import kernels as K
+from cnn.backends.numba.backend import _CHUNK_COLUMNS
 
 NAIVE = get_backend("naive")
 BACKENDS = ["numba", "numba_parallel"]
@@ -238,7 +238,7 @@ def test_gemm_from_numba(dtype, tol, trans_a, trans_b):
     """``numba_blas.gemm`` (the conv paths' GEMM) against NumPy's product in float64: both
     operands plain or transposed views, ``beta`` 0 (overwrite) and 1 (accumulate); and the
     loop nest that stands in when no BLAS is found, called through its C address."""
-    from cnn.backends import numba_blas
+    from cnn.backends.numba import blas as numba_blas
     assert numba_blas.HAVE_BLAS, numba_blas.BLAS_SOURCE  # NumPy's wheels bundle OpenBLAS
     rng = np.random.default_rng(int(trans_a) + 2 * int(trans_b))
     a, b, c = (normal(rng, s, dtype) for s in ((7, 5), (5, 3), (7, 3)))

@@ -52,3 +52,20 @@ def test_installed_package_imports_from_anywhere(tmp_path):
     proc = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0 and "train" in proc.stdout, proc.stderr
+
+
+def test_import_cnn_needs_no_numba():
+    """``import cnn`` and a NumPy training step import neither Numba nor ``numba.cuda``: the
+    backends' registry imports a backend's folder only when that backend is first asked for,
+    so the package works where Numba (or a GPU) is missing."""
+    code = ("import sys\n"
+            "import numpy as np\n"
+            "import cnn\n"
+            "model = cnn.build_model('mnist_small')\n"
+            "x = np.zeros((2, 1, 28, 28), np.float32)\n"
+            "model.loss_and_grads(x, np.array([0, 1]), backend='numpy')\n"
+            "print(sorted(m for m in sys.modules if m == 'numba' or m.startswith('numba.')))\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]", f"importing cnn imported {proc.stdout.strip()}"

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from cnn.backends.numpy_backend import NumpyBackend
+from cnn.backends.numpy import NumpyBackend
 from cnn.layers import layers_from_spec
 from cnn.model import Sequential
 from cnn.train import _Prefetcher

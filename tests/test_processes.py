@@ -13,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from cnn.backends.numpy_backend import NumpyBackend
+from cnn.backends.numpy import NumpyBackend
 from cnn.optim import make_optimizer
 from cnn.parallel import make_strategy
 from cnn.parallel.processes import SEGMENT_PREFIX, SyncProcesses, WorkerError

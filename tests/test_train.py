@@ -10,7 +10,7 @@ import pytest
 from threadpoolctl import threadpool_info
 
 import cnn.parallel.base as parallel_base
-from cnn.backends.numpy_backend import NumpyBackend
+from cnn.backends.numpy import NumpyBackend
 from cnn.data import load_dataset, make_blobs_images
 from cnn.layers import layers_from_spec
 from cnn.model import Sequential

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
-from cnn.backends import numba_backend
+from cnn.backends.numba import backend as numba_backend
 from cnn.context import StepContext, Workspace
 from cnn.model import Sequential
 from cnn.layers import layers_from_spec

@@ -10,11 +10,11 @@ from .base import Backend
 
 # name -> (module, class); modules import only when the backend is first asked for
 _REGISTRY = {
-    "numpy": ("cnn.backends.numpy_backend", "NumpyBackend"),
+    "numpy": ("cnn.backends.numpy", "NumpyBackend"),
     "naive": ("cnn.backends.naive", "NaiveBackend"),
-    "numba": ("cnn.backends.numba_backend", "NumbaBackend"),
-    "numba_parallel": ("cnn.backends.numba_backend", "NumbaParallelBackend"),
-    "cuda": ("cnn.backends.cuda_backend", "CudaBackend"),
+    "numba": ("cnn.backends.numba", "NumbaBackend"),
+    "numba_parallel": ("cnn.backends.numba", "NumbaParallelBackend"),
+    "cuda": ("cnn.backends.cuda", "CudaBackend"),
 }
 _INSTANCES: dict[str, Backend] = {}
 

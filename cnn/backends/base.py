@@ -134,17 +134,15 @@ class Backend:
         """``dout * (x > 0)``: the derivative at 0 is taken as 0 (as TensorFlow does)."""
         raise NotImplementedError
 
-    # ---- fused ReLU -> max pooling (optional) -----------------------------------------------
-    #: True when the backend implements the two ops below; the model then runs a ReLU layer
-    #: directly followed by a MaxPool2D layer as one op. Max and ReLU commute
-    #: (``maxpool(relu(x)) == relu(maxpool(x))``, the same gradients too), so the ReLU can act on
-    #: the pooled values, a ``pool*pool``-th of its input, and its mask can ride in the
-    #: pooling's window indices: two passes over the largest activation are saved each way.
-    fuses_relu_maxpool: bool = False
+    # ---- fused runs of layers (optional) ------------------------------------------------------
+    #: the runs of layers this backend executes as one op, as :class:`cnn.backends.fusion.Fusion`
+    #: objects, tried in this order at each layer (see :func:`cnn.plan.plan_layers`); a backend that
+    #: lists one implements the fused ops it calls (below)
+    fusions: tuple = ()
 
     def maxpool2d_relu_forward(self, x, pool: int, stride: int, ws=None):
         """``maxpool(relu(x))``, computed as ``relu(maxpool(x))``: shapes as
-        :meth:`maxpool2d_forward`. Only backends with ``fuses_relu_maxpool`` implement it."""
+        :meth:`maxpool2d_forward`. Called by :data:`~cnn.backends.fusion.RELU_MAXPOOL`."""
         raise NotImplementedError
 
     def maxpool2d_relu_backward(self, dout, cache, ws=None):
@@ -152,16 +150,11 @@ class Backend:
         maximum where the pooled value is positive, zero elsewhere."""
         raise NotImplementedError
 
-    #: True when the backend implements the two ops below; the model then runs a Conv2D, a
-    #: ReLU and a MaxPool2D layer in a row as one op, which can pool the conv output chunk by
-    #: chunk while it is in cache instead of writing (and, backward, reading) it whole.
-    fuses_conv_relu_maxpool: bool = False
-
     def conv2d_relu_maxpool2d_forward(self, x, w, b, stride: int, padding: Padding, pool: int,
                                       pool_stride: int, ws=None):
         """``maxpool(relu(conv2d(x)))``: arguments as :meth:`conv2d_forward` and
         :meth:`maxpool2d_forward`; returns the pooled ``(N, F, Hp, Wp)`` output and a cache.
-        Only backends with ``fuses_conv_relu_maxpool`` implement it."""
+        Called by :data:`~cnn.backends.fusion.CONV_RELU_MAXPOOL`."""
         raise NotImplementedError
 
     def conv2d_relu_maxpool2d_backward(self, dout, cache, need_dx: bool = True, ws=None):

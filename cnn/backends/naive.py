@@ -11,7 +11,15 @@ import math
 import numpy as np
 
 from . import rng
-from .numpy_backend import NumpyBackend, _pad
+from .base import Padding
+from .numpy import NumpyBackend
+
+
+def _pad(x: np.ndarray, padding: Padding) -> np.ndarray:
+    """``x (N, C, H, W)`` with ``padding`` zeros around each image: ``(N, C, H + top +
+    bottom, W + left + right)``."""
+    (top, bottom), (left, right) = padding
+    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
 class NaiveBackend(NumpyBackend):

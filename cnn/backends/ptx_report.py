@@ -4,7 +4,7 @@ simulator off: ``NUMBA_ENABLE_CUDASIM`` unset).
 
     python -m cnn.backends.ptx_report [--out results/gpu_kernels.csv] [--json]
 
-For every kernel of :mod:`cnn.backends.cuda_kernels` and :mod:`cnn.backends.cuda_layer_kernels`
+For every kernel of :mod:`cnn.backends.cuda.kernels` and :mod:`cnn.backends.cuda.layer_kernels`
 and every architecture in ``ARCHS``:
 ``numba.cuda.compile_ptx`` with the float32 signature the backend launches it with, then
 ``ptxas -v -arch=sm_XX``, whose report gives registers per thread, static shared memory per
@@ -40,7 +40,7 @@ D = 64*7*7 = 3136 -> M = 10. Per kernel (P = Ho*Wo, Q = C*KH*KW):
 - SGD on the conv weights (L = F*Q): ``2*L`` over ``12*L``; with momentum ``4*L`` over ``20*L``;
 - fill zero (L = F*Q, the velocity initialisation): 0 FLOPs over ``4*L``.
 
-The kernels of :mod:`cnn.backends.cuda_layer_kernels`, on the same reference shapes (the conv
+The kernels of :mod:`cnn.backends.cuda.layer_kernels`, on the same reference shapes (the conv
 output L = N*F*P for activations and batch norm over its F channels, the dense input N*D for
 dropout, the conv weights F*Q for the penalties, N = 128 logits for binary cross-entropy; a
 transcendental function counts as one FLOP, dropout's integer hash as none):
@@ -107,12 +107,12 @@ class KernelSpec:
 
 
 def kernel_specs() -> list[KernelSpec]:
-    """Every kernel (every ``*_kernel`` of :mod:`cnn.backends.cuda_kernels`; one without a
+    """Every kernel (every ``*_kernel`` of :mod:`cnn.backends.cuda.kernels`; one without a
     spec is an error) with the float32 signature the backend launches it with."""
     from numba import boolean, float32, int32, int64, uint8, uint64
 
-    from . import cuda_kernels as K
-    from . import cuda_layer_kernels as LK
+    from .cuda import kernels as K
+    from .cuda import layer_kernels as LK
 
     a1, a2 = float32[::1], float32[:, ::1]
     a4, a5 = float32[:, :, :, ::1], float32[:, :, :, :, ::1]
@@ -144,7 +144,7 @@ def kernel_specs() -> list[KernelSpec]:
         ("axpby_square_kernel", (a1, float32, a1, float32), elem, 4 * F * Q, 12 * F * Q),
         ("axpby_ratio_kernel", (a1, float32, float32, a1, a1, float32, boolean, a1, boolean),
          elem, 8 * F * Q, 20 * F * Q),
-        # cuda_layer_kernels
+        # cuda/layer_kernels.py
         ("sigmoid_forward_kernel", (a1, a1), elem, 4 * conv_out, 8 * conv_out),
         ("sigmoid_backward_kernel", (a1, a1, a1), elem, 3 * conv_out, 12 * conv_out),
         ("tanh_forward_kernel", (a1, a1), elem, conv_out, 8 * conv_out),
@@ -236,8 +236,8 @@ def analyse(cc_list=tuple(ARCHS)) -> list[dict]:
     """One row per (kernel, arch): the ``COLUMNS`` plus ``fp64_instructions``."""
     from numba import cuda
 
-    from . import cuda_kernels as K
-    from . import cuda_layer_kernels as LK
+    from .cuda import kernels as K
+    from .cuda import layer_kernels as LK
 
     ptxas = ptxas_path()
     rows = []

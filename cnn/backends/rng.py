@@ -21,7 +21,7 @@ probability ``1 - threshold / 2**32``, within ``2**-32`` of ``1 - rate``.
 
 The same function is written four times: with Python integers (:func:`keep_mask_reference`,
 the test oracle), vectorised in NumPy (:func:`keep_mask`), and as Numba CPU and CUDA device
-functions (:mod:`cnn.backends.numba_layer_ops`, :mod:`cnn.backends.cuda_layer_kernels`);
+functions (:mod:`cnn.backends.numba.layer_ops`, :mod:`cnn.backends.cuda.layer_kernels`);
 ``tests/test_rng.py`` and the simulator checks assert that all four agree bit for bit.
 """
 from __future__ import annotations

@@ -2,14 +2,14 @@
 (``parallel=True`` kernels, the intra-op alternative).
 
 Both implement the contract of :mod:`cnn.backends.base` with the signatures of
-:class:`~cnn.backends.numpy_backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
-kernels (:mod:`cnn.backends.numba_kernels`); on the BLAS path (layers with enough filters),
+:class:`~cnn.backends.numpy.backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
+kernels (:mod:`cnn.backends.numba.kernels`); on the BLAS path (layers with enough filters),
 each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
-(:mod:`cnn.backends.numba_conv`), whose GEMMs call NumPy's own BLAS
-(:mod:`cnn.backends.numba_blas`): the op takes the GIL once, not once per chunk and kernel.
-Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each).
-The Numba GEMM of the small-filter kernels ran 1.2-4x slower than BLAS on the dense shapes,
-whose 10 or 64 outputs are too few for its vectorised inner loop.
+(:mod:`cnn.backends.numba.conv`), whose GEMMs call NumPy's own BLAS
+(:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and kernel.
+Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each):
+the Numba GEMM of the small-filter kernels is slower than BLAS on the dense shapes, whose few
+outputs (the classes, a hidden layer's units) are too few for its vectorised inner loop.
 
 Which backend for which training path
 -------------------------------------
@@ -39,43 +39,42 @@ channels) keeps NCHW: its patch rows would be runs of 9 values.
 
 Fused layers: conv -> ReLU -> max pooling as one op
 ---------------------------------------------------
-Both backends set ``fuses_conv_relu_maxpool`` and ``fuses_relu_maxpool``, so the model runs a
-Conv2D, ReLU, MaxPool2D run of layers as one op (:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`)
-and a ReLU, MaxPool2D pair as another (:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and
-ReLU commute, so the ReLU acts on the pooled values, inside the pooling kernel, and its mask
-rides in the pooling's window indices (a window the ReLU cut gets an index no offset matches):
-the ReLU costs two passes less over the largest activation each way. The conv version pools
-each chunk of its GEMM output while it is still in L2, and its backward unpools each chunk's
-gradient just before that chunk's GEMMs: the full-size conv output and its gradient are never
-written (7 MiB each for CIFAR's first layer per 64 images; a worker's workspace for a
-64-image CIFAR shard went from 32.7 to 14.6 MiB, so that two workers fit in the 32 MiB L3 that
-they share, instead of evicting each other's activations). Measured on CIFAR with one thread,
-interleaved in one process: 1.13x the step of the unfused layers at batch 128, 1.14x at 32.
-The first layer's pooled output is handed over channels-last too (see ``_Pooling``).
+Both backends declare two fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
+model's plan runs a Conv2D, ReLU, MaxPool2D run of layers as one op
+(:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`) and a ReLU, MaxPool2D pair as another
+(:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and ReLU commute, so the ReLU acts on the
+pooled values, inside the pooling kernel, and its mask rides in the pooling's window indices
+(a window the ReLU cut gets an index no offset matches): the ReLU costs two passes less over
+the largest activation each way. The conv version pools each chunk of its GEMM output while it
+is still in L2, and its backward unpools each chunk's gradient just before that chunk's GEMMs:
+the full-size conv output and its gradient, the largest buffers of a training step, are never
+written, so the workspaces of two workers that share an L3 cache can both fit in it instead of
+evicting each other's activations. The first layer's pooled output is handed over
+channels-last too (see ``_Pooling``).
 
 Threading layer
 ---------------
 Importing this module sets ``numba.config.THREADING_LAYER`` (unless the user chose one with
 ``NUMBA_THREADING_LAYER``, or a parallel kernel already ran): ``"threadsafe"``, i.e. TBB if it
-loads and otherwise OpenMP, when either is available; ``"workqueue"`` otherwise. On the
-development machine TBB is not installed (``libtbb.so.12`` missing) and GNU OpenMP
-(``libgomp.so.1``) is, so the layer is **omp**: thread-safe, which makes concurrent calls from
-several Python threads legal, but GNU OpenMP is not fork-safe: do not ``fork`` (e.g.
-``multiprocessing`` with the fork start method) after a ``numba_parallel`` op has run. MPI
-ranks are separate processes started by ``mpiexec`` and are unaffected.
+loads and otherwise OpenMP, when either is available; ``"workqueue"`` otherwise. Where TBB is
+missing (no ``libtbb.so.12``) and GNU OpenMP (``libgomp.so.1``) is there, the layer is
+**omp**: thread-safe, which makes concurrent calls from several Python threads legal, but GNU
+OpenMP is not fork-safe: do not ``fork`` (e.g. ``multiprocessing`` with the fork start method)
+after a ``numba_parallel`` op has run. MPI ranks are separate processes started by
+``mpiexec`` and are unaffected.
 :attr:`NumbaParallelBackend.threading_layer` reports the layer actually in use
 (``numba.threading_layer()``) once a parallel kernel has run; ``warmup`` runs one.
 
 Compilation
 -----------
 Kernels are compiled lazily, once per dtype (float32, float64), and cached on disk
-(``cache=True``, in ``cnn/backends/__pycache__``). A fresh clone (CI, a new machine) compiles
-on first use; :meth:`NumbaBackend.warmup` compiles every kernel for one dtype on tiny inputs
-and returns the seconds spent, so the training loop can record JIT time in its own column
-(on the development machine about 8 s for ``numba`` and 11 s for ``numba_parallel`` per
-dtype, 0.2 s from the cache). The parallel kernels hold nothing but their ``prange`` loop, the
-backend allocating their outputs: in a ``parallel=True`` function every array expression
-becomes a parfor of its own, and compile time grew with each.
+(``cache=True``, in ``cnn/backends/numba/__pycache__``). A fresh clone (CI, a new machine)
+compiles on first use, seconds per backend and dtype, where loading from the cache takes a
+fraction of that; :meth:`NumbaBackend.warmup` compiles every kernel for one dtype on tiny
+inputs and returns the seconds spent, so the training loop can record JIT time in its own
+column. The parallel kernels hold nothing but their ``prange`` loop, the backend allocating
+their outputs: in a ``parallel=True`` function every array expression becomes a parfor of its
+own, and compile time grows with each.
 """
 from __future__ import annotations
 
@@ -89,16 +88,17 @@ import numba
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
-from . import numba_conv as C
-from . import numba_kernels as K
-from .base import Padding
-from .numba_layer_ops import NumbaLayerOps
-from .numpy_backend import NumpyBackend
+from ..base import Padding
+from ..fusion import CONV_RELU_MAXPOOL, RELU_MAXPOOL
+from ..numpy import NumpyBackend
+from . import conv as C
+from . import kernels as K
+from .layer_ops import NumbaLayerOps
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk of the fused Numba
 #: kernels (small layers): long enough for the vectorised inner loop, small enough for the
-#: chunk's patches to stay in cache (a sweep of 128-2048 on the reference layers moved the
-#: conv times by under 10%; 512 was best)
+#: chunk's patches to stay in cache (the conv times change little around it; it was the best
+#: of a sweep on the reference layers)
 _CHUNK_COLUMNS = 512
 #: bytes of patch rows plus GEMM result per chunk on the BLAS path (see ``_blas_chunk``), for
 #: layers with few input channels (short runs per patch row) ...
@@ -188,19 +188,18 @@ def _scope(ws, name: str):
 
 class _Pooling:
     """The max pooling (with ReLU) that a fused conv applies to each chunk of its output
-    (:mod:`~cnn.backends.numba_conv`): the pooled output and the window indices for the whole
+    (:mod:`~cnn.backends.numba.conv`): the pooled output and the window indices for the whole
     batch. ``spec``: ``(pool, stride)``; ``conv_shape``: the conv output ``(N, F, Ho, Wo)``;
     ``channels_last``: the conv path's layout. Indices as in
     :meth:`NumbaBackend.maxpool2d_relu_forward`.
 
     The pooled output is channels-last on both paths. The NCHW path serves the first layer
     (few input channels); its output, with as many channels as the layer has filters (at
-    least ``_BLAS_MIN_FILTERS``), is the input of a channels-last conv, which converted NCHW
-    input chunk by chunk, in its forward and again in its backward. Each chunk is pooled into
-    a chunk-sized NCHW buffer and converted from there (a quarter of the conv output, still in
-    L2), so each value is converted once per step: a CIFAR training pass took 46.1 against
-    43.9 ms at batch 128 (1.05x), 23.1 against 22.2 ms at 64. The window indices, and the
-    backward's unpooling, stay NCHW on that path."""
+    least ``_BLAS_MIN_FILTERS``), is the input of a channels-last conv, which would convert an
+    NCHW input chunk by chunk in its forward and again in its backward. Each chunk is pooled
+    into a chunk-sized NCHW buffer and converted from there (a fraction of the conv output,
+    still in L2), so each value is converted once per step instead of twice. The window
+    indices, and the backward's unpooling, stay NCHW on that path."""
 
     def __init__(self, backend, ws, spec, conv_shape, dtype, channels_last: bool):
         self.pool, self.stride = (int(v) for v in spec)
@@ -227,7 +226,7 @@ class _Pooling:
 
 @functools.lru_cache(maxsize=None)
 def _none(dtype, ndim: int):
-    """An empty array standing for a buffer a :mod:`numba_conv` variant does not use (one per
+    """An empty array standing for a buffer a :mod:`.conv` variant does not use (one per
     dtype and rank, made once: nothing is allocated per step)."""
     return np.empty((0,) * ndim, dtype)
 
@@ -235,11 +234,13 @@ def _none(dtype, ndim: int):
 class NumbaBackend(NumbaLayerOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
-    sigmoid/tanh/dropout/batch norm come from
-    :class:`~cnn.backends.numba_layer_ops.NumbaLayerOps`."""
+    dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`;
+    those of sigmoid, tanh, binary cross-entropy and the weight penalties, like dense, loss
+    and optimizer ops, are NumPy's."""
 
     name = "numba"
     jit = True
+    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
@@ -332,10 +333,10 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         row ones, in a chunk-sized buffer that stays in L2 (the backward unrolls them again,
         as the channels-last path does); the weights get the bias as their last column, so
         each image's GEMM writes its (F, P) output in place, bias included. The output stays
-        NCHW: channels-last patch rows would be runs of KW*C = 9 values, and the (P, F) GEMM
-        and im2col ran 1.4x slower than these (CIFAR conv1: 6.0 against 4.3 ms per batch
-        of 128). ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
-        :func:`~cnn.backends.numba_conv.images_forward`."""
+        NCHW: channels-last patch rows would be runs of KW*C values (9 for RGB images and a
+        3 x 3 kernel), too short for im2col to copy fast, and the (P, F) GEMM with them was
+        slower than these. ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
+        :func:`~cnn.backends.numba.conv.images_forward`."""
         n = x.shape[0]
         f, _, kh, kw = w.shape
         k, p = w[0].size, ho * wo
@@ -392,7 +393,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
 
     def _nchw(self, a, ws):
         """``a`` as a C-contiguous ``(N, C, H, W)`` array: itself, or a channels-last view
-        converted by a Numba kernel (NumPy's strided copy ran several times slower)."""
+        converted by a Numba kernel (NumPy's strided copy is the slower of the two)."""
         if a.flags.c_contiguous:
             return a
         src = _nhwc(a)
@@ -409,7 +410,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         ``cols``; the ones row gives ``db``); ``dx`` = col2im of ``w^T @ dout``. The conv
         output's gradient is ``dout3 (N, F, P)``, or, after a fused pooling (``pooled``, the
         forward's :class:`_Pooling`; ``dout3`` is then the pooled output's gradient), unpooled
-        chunk by chunk. The chunk loop is :func:`~cnn.backends.numba_conv.images_backward`."""
+        chunk by chunk. The chunk loop is :func:`~cnn.backends.numba.conv.images_backward`."""
         n, f, p = x.shape[0], w.shape[0], ho * wo
         k = w[0].size
         dt = x.dtype
@@ -445,10 +446,11 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         chunk. Returns the output as an ``(N, F, Ho, Wo)`` view of its channels-last buffer.
 
         The patches live in one chunk-sized buffer that stays in L2, and the backward unrolls
-        them again: reading back all of them from memory instead (25 MB on CIFAR conv2 at
-        batch 128) made the weight-gradient GEMM 1.4x slower than the im2col it saves.
+        them again: keeping all of them for the backward means reading the whole batch's
+        patches back from memory, which slows the weight-gradient GEMM by more than the
+        im2col it saves.
         ``pool``: see :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
-        :func:`~cnn.backends.numba_conv.nhwc_forward`."""
+        :func:`~cnn.backends.numba.conv.nhwc_forward`."""
         n, c, h, wd = x.shape
         f, _, kh, kw = w.shape
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
@@ -479,7 +481,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return pooled.output(), (cache, pooled)
 
     def _nhwc_inputs(self, cache, ws):
-        """``(x, xs, xt)`` for :mod:`~cnn.backends.numba_conv`'s channels-last path: the NCHW
+        """``(x, xs, xt)`` for :mod:`~cnn.backends.numba.conv`'s channels-last path: the NCHW
         input or the channels-last one (the other empty), and the padded chunk buffer
         (empty when the channels-last input needs no padding: it is unrolled in place)."""
         x, xs, w, stride, padding, nb, _ = cache
@@ -500,7 +502,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         channels-last buffer, returned as an ``(N, C, H, W)`` view. ``pooled``: the forward
         pooled its output (see :meth:`conv2d_relu_maxpool2d_forward`), ``dout`` is the
         gradient of the pooled output, unpooled chunk by chunk. The chunk loop is
-        :func:`~cnn.backends.numba_conv.nhwc_backward`."""
+        :func:`~cnn.backends.numba.conv.nhwc_backward`."""
         x, _, w, stride, padding, nb, _ = cache
         n, f, ho, wo = dout.shape if pooled is None else pooled.conv_shape
         _, c, h, wd = x.shape
@@ -523,8 +525,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
             grads = (_none(dt, 2), ds, pooled.arg, pooled.pool, pooled.stride,
                      self.scratch(ws, "pool_dchunk_nhwc", (nb * p, f), dt))
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
-        # (KH*KW*C + 1, F): patches^T @ dout ran as fast as dout^T @ patches on CIFAR conv2
-        # and conv3, and faster on conv1 (78 against 58 GFLOP/s)
+        # (KH*KW*C + 1, F): patches^T @ dout was as fast as dout^T @ patches on the CIFAR
+        # layers with many input channels, and faster on the first one
         dwb = self.scratch(ws, "dw_db_t", (kc + 1, f), dt)
         dx_t = dxt = _none(dt, 4)
         wf = dcols = _none(dt, 2)
@@ -545,16 +547,13 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
 
     # ---- conv -> ReLU -> max pooling, fused -------------------------------------------------
-    fuses_conv_relu_maxpool = True
-
     def conv2d_relu_maxpool2d_forward(self, x, w, b, stride, padding, pool, pool_stride,
                                       ws=None):
         """On the BLAS paths, each chunk's conv output is pooled (with the ReLU, as in
         :meth:`maxpool2d_relu_forward`) while it is still in L2: the layer's full-size conv
         output is never written, nor, in the backward, the full-size gradient that pooling
-        scatters into (7 MiB each for CIFAR's first layer per 64 images: the largest buffers
-        of a training step, and what two cores sharing one L3 fought over). The small-filter
-        kernels run the conv, then the pooling."""
+        scatters into (the largest buffers of a training step, and what two cores sharing one
+        L3 cache would fight over). The small-filter kernels run the conv, then the pooling."""
         w, b = np.ascontiguousarray(w), np.ascontiguousarray(b)
         ho, wo = _conv_geometry(x, w, b, stride, padding)
         _check_pool(pool, pool_stride, (x.shape[0], w.shape[0], ho, wo))
@@ -582,8 +581,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
                                           dx, ws, ho, wo)
 
     # ---- pooling ---------------------------------------------------------------------------
-    fuses_relu_maxpool = True
-
     def maxpool2d_forward(self, x, pool, stride, ws=None):
         return self._maxpool(x, pool, stride, False, ws)
 

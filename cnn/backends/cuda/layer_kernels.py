@@ -1,7 +1,7 @@
 """Numba CUDA kernels for sigmoid, tanh, dropout, batch normalisation, binary cross-entropy and
-weight penalties (the ops :class:`~cnn.backends.cuda_layer_ops.CudaLayerOps` launches).
+weight penalties (the ops :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps` launches).
 
-Conventions of :mod:`cnn.backends.cuda_kernels`: each kernel stands next to its threads-per-block
+Conventions of :mod:`cnn.backends.cuda.kernels`: each kernel stands next to its threads-per-block
 constant and its grid arithmetic; kernels are dtype-generic, with constants made by
 ``arr.dtype.type(...)`` and scalars passed in the array's dtype, so a float32 kernel does no
 float64 arithmetic (``tests/test_cuda_ptx.py`` checks the PTX); reductions are shared-memory
@@ -28,8 +28,8 @@ import warnings
 import numpy as np
 from numba import config, cuda, int32, uint64
 
-from . import rng
-from .cuda_kernels import ELEMENTWISE_THREADS, elementwise_grid  # noqa: F401 (re-exported)
+from .. import rng
+from .kernels import ELEMENTWISE_THREADS, elementwise_grid  # noqa: F401 (re-exported)
 
 if config.ENABLE_CUDASIM:
     # the hash wraps modulo 2**64 by design; the simulator runs kernels on NumPy scalars, which
@@ -45,7 +45,7 @@ _S27, _S30, _S31, _S32 = np.uint64(27), np.uint64(30), np.uint64(31), np.uint64(
 
 @cuda.jit(device=True, inline="always")
 def _mix64(z):
-    """The SplitMix64 finaliser (inlined at the IR level, see cuda_kernels' note)."""
+    """The SplitMix64 finaliser (inlined at the IR level, see the note in cuda/kernels.py)."""
     z = (z ^ (z >> _S30)) * _MIX1
     z = (z ^ (z >> _S27)) * _MIX2
     return z ^ (z >> _S31)

@@ -1,10 +1,10 @@
 """The chunk loops of the Numba backend's BLAS conv paths, each one ``nogil`` call.
 
 A conv op on the BLAS path walks the batch chunk by chunk (see ``NumbaBackend._blas_chunk``):
-unroll the chunk's patches (:mod:`~cnn.backends.numba_kernels`), multiply them with NumPy's
-own BLAS (:func:`~cnn.backends.numba_blas.gemm`), and, in a fused conv, pool the product
+unroll the chunk's patches (:mod:`~cnn.backends.numba.kernels`), multiply them with NumPy's
+own BLAS (:func:`~cnn.backends.numba.blas.gemm`), and, in a fused conv, pool the product
 while it is in L2. Here those loops are compiled whole, so an op takes the GIL once, not once
-per chunk and kernel (see :mod:`~cnn.backends.numba_blas` for why that matters to threads).
+per chunk and kernel (see :mod:`~cnn.backends.numba.blas` for why that matters to threads).
 The Python side (``NumbaBackend._conv_*``) allocates every buffer from the workspace and
 passes it in; nothing here allocates.
 
@@ -12,15 +12,15 @@ Two layouts, as in the backend: the *images* path (few input channels: per-image
 ``(C*KH*KW + 1, P)`` and per-image GEMMs ``[w | b] @ patches`` into NCHW planes) and the
 *channels-last* path (patch rows ``(nb*P, KH*KW*C + 1)``, one GEMM per chunk into
 channels-last rows). ``pool > 0`` fuses ReLU and max pooling (indices as in
-:func:`~cnn.backends.numba_kernels.maxpool2x2_forward` and friends); ``pool == 0`` is the
+:func:`~cnn.backends.numba.kernels.maxpool2x2_forward` and friends); ``pool == 0`` is the
 plain conv. Buffers a variant does not use are passed as empty arrays.
 """
 from __future__ import annotations
 
 from numba import njit
 
-from . import numba_kernels as K
-from .numba_blas import gemm
+from . import kernels as K
+from .blas import gemm
 
 _JIT = dict(nogil=True, cache=True, fastmath=False)
 

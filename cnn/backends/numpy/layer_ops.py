@@ -1,9 +1,9 @@
 """NumPy versions of the ops behind sigmoid, tanh, dropout, batch normalisation, binary
 cross-entropy and weight penalties (see :mod:`cnn.backends.base` for the contract).
 
-They live in a mixin of their own, beside :class:`~cnn.backends.numpy_backend.NumpyBackend`'s
+They live in a mixin of their own, beside :class:`~cnn.backends.numpy.backend.NumpyBackend`'s
 conv/pool/dense ops, which ``NumpyBackend`` inherits: the Numba backend overrides some of them
-with kernels (:mod:`cnn.backends.numba_layer_ops`), the naive backend with plain loops.
+with kernels (:mod:`cnn.backends.numba.layer_ops`), the naive backend with plain loops.
 
 Batch normalisation normalises over every axis but the channel axis 1: ``(N, C)`` after a
 dense layer, ``(N, C, H, W)`` after a convolution (per channel, over ``N*H*W`` values). Its
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import rng
+from .. import rng
 
 
 def _channel_axes(x) -> tuple[int, ...]:
@@ -34,14 +34,15 @@ def stable_sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 class NumpyLayerOps:
-    """The ops of the layers added for issue 12, vectorised in NumPy. With a workspace every
-    output, cache and temporary of size ``N*...`` comes from ``self.scratch`` (see "Workspaces"
-    in :mod:`cnn.backends.base`); per-channel vectors and the loss scalars are tiny."""
+    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy and the weight
+    penalties, vectorised in NumPy. With a workspace every output, cache and temporary of size
+    ``N*...`` comes from ``self.scratch`` (see "Workspaces" in :mod:`cnn.backends.base`);
+    per-channel vectors and the loss scalars are tiny."""
 
     # ---- activations -----------------------------------------------------------------------
     def sigmoid_forward(self, x, ws=None):
         # exp(min(x, 0)) / (1 + exp(-|x|)): 1 / (1 + e^-x) for x >= 0 and e^x / (1 + e^x) for
-        # x < 0, without a select (a masked copy is ~20x slower than these SIMD passes) and
+        # x < 0, without a select (a masked copy is far slower than these SIMD passes) and
         # with exp of non-positive numbers only (no overflow, full relative precision)
         num = self.scratch(ws, "numerator", x.shape, x.dtype)
         den = self.scratch(ws, "denominator", x.shape, x.dtype)

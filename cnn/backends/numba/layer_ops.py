@@ -1,19 +1,19 @@
 """Numba CPU kernels for dropout and batch normalisation, and the mixin that gives them to
-:class:`~cnn.backends.numba_backend.NumbaBackend`.
+:class:`~cnn.backends.numba.backend.NumbaBackend`.
 
 Kernels are ``@njit(nogil=True, cache=True, fastmath=False)`` like those of
-:mod:`cnn.backends.numba_kernels`: they release the GIL (so the threads strategy runs one per
+:mod:`cnn.backends.numba.kernels`: they release the GIL (so the threads strategy runs one per
 core), keep IEEE semantics, write into arrays the caller allocates, and compile once per dtype.
 Where a kernel does not pay, the NumPy op is inherited: sigmoid and tanh (NumPy's ufuncs run
-SIMD ``exp``/``tanh``, which Numba's scalar libm calls do not: a Numba tanh took 15 ms against
-NumPy's 0.33 ms on a (128, 32, 15, 15) float32 map, one core), binary cross-entropy on ``(N, 1)``
-logits, and the weight penalties (one BLAS dot or one ufunc pass each).
+SIMD ``exp``/``tanh``, which Numba's scalar libm calls do not, so a Numba loop is many times
+slower), binary cross-entropy on ``(N, 1)`` logits, and the weight penalties (one BLAS dot or
+one ufunc pass each).
 
 What the kernels gain over NumPy is fusion and no temporaries: dropout hashes each unit's
-coordinates in registers (:mod:`cnn.backends.rng`) instead of building uint64 temporaries
-(0.5 ms against 11 ms, forward and backward, on that map); batch norm's normalisation and its
-input gradient are one pass each instead of four (0.15 ms against 0.9 and 0.8 ms), and its
-per-channel sums keep one float64 partial sum per position (see below; 0.14 ms against 0.22).
+coordinates in registers (:mod:`cnn.backends.rng`) instead of building uint64 temporaries as
+large as the activation; batch norm's normalisation and its input gradient are one pass each
+instead of four, and its per-channel sums keep one float64 partial sum per position, a
+loop that vectorises (see below).
 
 Batch norm sees ``x`` as ``(N, C, L)`` (``L = H*W``, or 1 after a dense layer); per-channel
 sums accumulate in float64 whatever the dtype, so long float32 sums lose nothing to order.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from . import rng
+from .. import rng
 
 _JIT = dict(nogil=True, cache=True, fastmath=False)
 

@@ -1,6 +1,6 @@
 """The CUDA backend's sigmoid, tanh, dropout, batch-norm, binary cross-entropy and penalty ops
-(a mixin of :class:`~cnn.backends.cuda_backend.CudaBackend`): allocate outputs on the device and
-launch the kernels of :mod:`cnn.backends.cuda_layer_kernels`. No op copies to or from the host;
+(a mixin of :class:`~cnn.backends.cuda.backend.CudaBackend`): allocate outputs on the device and
+launch the kernels of :mod:`cnn.backends.cuda.layer_kernels`. No op copies to or from the host;
 scalars are passed in the arrays' dtype, so float32 models compute in float32.
 """
 from __future__ import annotations
@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
-from . import cuda_layer_kernels as K
-from . import rng
+from .. import rng
+from . import layer_kernels as K
 
 
 def _flat(a):
@@ -22,8 +22,9 @@ def _ncl(x):
 
 
 class CudaLayerOps:
-    """The ops of the layers added for issue 12, as CUDA kernels; outputs, caches and
-    temporaries are workspace buffers in device memory when the layer passes ``ws``."""
+    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy and the weight
+    penalties, as CUDA kernels; outputs, caches and temporaries are workspace buffers in device
+    memory when the layer passes ``ws``."""
 
     def _elementwise(self, kernel, name, ws, *arrays):
         a0 = arrays[0]

@@ -13,18 +13,11 @@ import threading
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from .base import Backend, Padding
-from .numpy_layer_ops import NumpyLayerOps
+from ..base import Backend
+from .layer_ops import NumpyLayerOps
 
 #: bytes of per-image temporaries per chunk of images in the conv backward: half of a 1 MiB L2
 _CHUNK_BYTES = 1 << 19
-
-
-def _pad(x: np.ndarray, padding: Padding) -> np.ndarray:
-    (top, bottom), (left, right) = padding
-    if top == bottom == left == right == 0:
-        return x
-    return np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
 
 
 def _window_offsets(x: np.ndarray, pool: int, stride: int):
@@ -45,7 +38,7 @@ def _windows(x: np.ndarray, kh: int, kw: int, stride: int) -> np.ndarray:
 
 class NumpyBackend(NumpyLayerOps, Backend):
     """im2col + BLAS; the ops of sigmoid/tanh/dropout/batch norm/BCE/penalties come from
-    :class:`~cnn.backends.numpy_layer_ops.NumpyLayerOps`."""
+    :class:`~cnn.backends.numpy.layer_ops.NumpyLayerOps`."""
 
     name = "numpy"
 
@@ -110,8 +103,8 @@ class NumpyBackend(NumpyLayerOps, Backend):
             dxp.fill(0)
         # Chunks of nb images whose per-image weight gradients (F, K) and patch gradients
         # (K, P) fit in about _CHUNK_BYTES, so that their sums read them back from cache: one
-        # pass over the whole batch wrote (N, F, K) = 19 MB on CIFAR conv3 at batch 128 and
-        # ran 5.7x slower than at batch 32.
+        # pass over the whole batch writes (N, F, K) values, far more than a cache holds at
+        # training batch sizes, and its sum then reads them back from memory.
         nb = max(1, min(n, _CHUNK_BYTES // ((f * k + k * p) * dt.itemsize)))
         dw3 = self.scratch(ws, "dw_per_image", (nb, f, k), dt)
         dw = self.scratch(ws, "dw", (f, k), dt)
@@ -151,8 +144,8 @@ class NumpyBackend(NumpyLayerOps, Backend):
         # per window offset): no window array is materialised. The forward also records, per
         # window, which offset held the first maximum (a one-byte index, strict ">" over the
         # offsets in row-major order), so the backward is one select per offset: recovering
-        # it there by comparing every offset's values with the maximum cost 3-4x more (11-17
-        # ms on CIFAR's first pooling at batch 128).
+        # it there by comparing every offset's values with the maximum costs several passes
+        # more.
         views = list(_window_offsets(x, pool, stride))
         out = self.scratch(ws, "out", views[0].shape, x.dtype)
         np.copyto(out, views[0])
@@ -164,7 +157,7 @@ class NumpyBackend(NumpyLayerOps, Backend):
             np.greater(view, out, out=better)
             np.maximum(out, view, out=out)
             # idx = k where better: idx += better * (k - idx), exact in modular integer
-            # arithmetic (np.copyto(idx, k, where=better) ran 25x slower)
+            # arithmetic (np.copyto(idx, k, where=better), a masked copy, is far slower)
             np.subtract(idx.dtype.type(k), idx, out=step)
             np.multiply(step, better, out=step)
             np.add(idx, step, out=idx)
@@ -197,8 +190,8 @@ class NumpyBackend(NumpyLayerOps, Backend):
         return out, out
 
     def relu_backward(self, dout, cache, ws=None):
-        # cache is the output: out > 0 exactly where x > 0. Multiplying by the mask is ~6x
-        # faster than np.where(mask, dout, 0) on (128, 32, 30, 30).
+        # cache is the output: out > 0 exactly where x > 0. Multiplying by the mask is a
+        # SIMD pass, where np.where(mask, dout, 0) is a slower select.
         mask = self.scratch(ws, "mask", cache.shape, np.bool_)
         np.greater(cache, 0, out=mask)
         dx = self.scratch(ws, "dx", dout.shape, dout.dtype)

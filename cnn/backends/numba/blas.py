@@ -2,11 +2,10 @@
 
 The Numba backend's BLAS conv paths run chunk by chunk: unroll a chunk's patches, one GEMM,
 pool the result, and so on. Driven from Python, every chunk cost half a dozen calls, each of
-which released the GIL and took it back: about 350 hand-overs per CIFAR training pass of 64
-images. Two ``sync`` worker threads then queued for the GIL between their kernels: their
-passes ran 3-4% slower side by side than alone, where two processes lost 0.5% (CIFAR, numba,
-batch 64). Calling the GEMM from Numba lets a whole chunk loop run as one ``nogil`` call
-(:mod:`~cnn.backends.numba_conv`).
+which released the GIL and took it back, hundreds of hand-overs per training pass. Two
+``sync`` worker threads then queued for the GIL between their kernels, and their passes ran
+slower side by side than alone, where two processes did not. Calling the GEMM from Numba lets
+a whole chunk loop run as one ``nogil`` call (:mod:`~cnn.backends.numba.conv`).
 
 :func:`gemm` calls ``cblas_sgemm``/``cblas_dgemm`` of the BLAS library that NumPy itself
 loaded (found with threadpoolctl, so ``threadpool_limits`` pins it as it pins NumPy's
@@ -17,7 +16,7 @@ cache holds code that is valid whichever library a later process finds. NumPy's 
 bundle OpenBLAS with 64-bit integers and renamed symbols (``scipy_cblas_sgemm64_``); other
 builds export ``cblas_sgemm64_`` or ``cblas_sgemm`` (32-bit integers, not used). Without a
 64-bit-integer CBLAS, :data:`HAVE_BLAS` is False and the symbols run a plain loop nest
-(correct, several times slower); :data:`BLAS_SOURCE` says which it is.
+(correct, and much slower); :data:`BLAS_SOURCE` says which it is.
 """
 from __future__ import annotations
 

@@ -2,25 +2,26 @@
 
 Arrays in and out are Numba device arrays (C-contiguous, so the model's ``.reshape`` flatten
 is a free view); caches hold device arrays only; no op copies to or from the host, so a whole
-training step (forward, loss, backward, the optimizer's primitives) stays on the device and only the two
-scalars ``loss`` and ``correct`` need ``to_host``. With a workspace (``ws``, see
+training step (forward, loss, backward, the optimizer's primitives) stays on the device and
+only the two scalars ``loss`` and ``correct`` need ``to_host``. With a workspace (``ws``, see
 :mod:`cnn.backends.base`; the workspace's allocator is :meth:`CudaBackend.empty`) every output,
-cache and temporary is a device buffer allocated once per (layer, batch shape) and reused, so a
-training step allocates no device memory after the first. The kernels and their launch arithmetic
-live in :mod:`cnn.backends.cuda_kernels`.
+cache and temporary is a device buffer allocated once per (layer, batch shape) and reused, so
+a training step allocates no device memory after the first. The kernels and their launch
+arithmetic live in :mod:`cnn.backends.cuda.kernels`. The backend fuses no layers (``fusions``
+is empty): every layer is an op of its own.
 
 Without a GPU, run under Numba's CUDA simulator by setting ``NUMBA_ENABLE_CUDASIM=1`` in the
-environment before Numba is first imported (the simulator runs a few thousand threads per
-second: tiny shapes only).
+environment before Numba is first imported (the simulator runs every GPU thread in Python:
+tiny shapes only).
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import cuda
 
-from . import cuda_kernels as K
-from .base import Backend
-from .cuda_layer_ops import CudaLayerOps
+from ..base import Backend
+from . import kernels as K
+from .layer_ops import CudaLayerOps
 
 
 def _is_device_array(x) -> bool:
@@ -29,9 +30,9 @@ def _is_device_array(x) -> bool:
 
 
 class CudaBackend(CudaLayerOps, Backend):
-    """The conv/pool/dense/loss/SGD ops below; sigmoid, tanh, dropout, batch norm, binary
-    cross-entropy and weight penalties come from
-    :class:`~cnn.backends.cuda_layer_ops.CudaLayerOps`."""
+    """The memory, conv, pooling, ReLU, dense, softmax cross-entropy and optimizer ops below;
+    sigmoid, tanh, dropout, batch norm, binary cross-entropy and weight penalties come from
+    :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps`."""
 
     name = "cuda"
     on_device = True

@@ -1,10 +1,10 @@
-"""Numba CPU kernels behind :mod:`cnn.backends.numba_backend`.
+"""Numba CPU kernels behind :mod:`cnn.backends.numba.backend`.
 
 Every kernel is ``@njit(nogil=True, cache=True, fastmath=False)``: it releases the GIL, so the
 data-parallel thread strategy runs one kernel per thread truly in parallel, and keeps IEEE
-semantics (no reassociation, no FMA contraction; allowing contraction alone, ``fastmath=
-{"contract"}``, made the GEMM 15-20% faster in a trial). Kernels write into arrays the caller
-allocates. The public kernels come in two families with identical signatures:
+semantics (no reassociation, no FMA contraction: allowing contraction alone, ``fastmath=
+{"contract"}``, makes the GEMM faster but changes its rounding). Kernels write into arrays the
+caller allocates. The public kernels come in two families with identical signatures:
 
 - ``conv2d_forward``, ``maxpool2d_forward``, ``relu_forward``, ...: sequential, one core;
 - ``conv2d_forward_par``, ...: ``parallel=True``, ``prange`` over chunks of images (conv),
@@ -15,11 +15,10 @@ Convolution is im2col + GEMM, chunk by chunk: a chunk of ``nb`` images is unroll
 ``cols (C*KH*KW, nb*Ho*Wo)`` (zero padding handled by index ranges, never materialised) and
 multiplied by the weights with :func:`gemm`, a register-blocked GEMM whose inner loop runs
 along the long ``nb*Ho*Wo`` axis. A direct loop nest (4 filters per pass, inner loop along an
-output row, same index tricks) measured 1.1-1.6x slower on the MNIST and CIFAR conv1 layers
-and 5-10x slower on CIFAR conv2/conv3, whose 13- and 4-pixel rows are too short to vectorise
-well. Chunks keep the working set in cache and are ``prange``'s unit of work. In the backward
-pass the bias gradient rides along in the weight-gradient GEMM as an extra row of ones in
-``cols``.
+output row, same index tricks) was slower on every reference layer, and far slower on the
+deeper CIFAR layers, whose output rows are too short to vectorise well. Chunks keep the
+working set in cache and are ``prange``'s unit of work. In the backward pass the bias
+gradient rides along in the weight-gradient GEMM as an extra row of ones in ``cols``.
 
 Why the index code looks the way it does:
 
@@ -28,7 +27,7 @@ Why the index code looks the way it does:
 - Numba emits negative-index wraparound code for *signed* indices unless LLVM can prove them
   non-negative (it can for ``range(n)`` counters, not for ``base + j``); that code defeats the
   vectoriser ("unsafe indirect dependence"). Hot copy loops therefore index with ``np.uint64``
-  values, for which Numba emits no wraparound (im2col 3-6x faster). Never mix ``uint64`` and
+  values, for which Numba emits no wraparound, and im2col vectorises. Never mix ``uint64`` and
   ``int64`` in one expression: Numba would promote the result to float64.
 
 Arrays must be C-contiguous, integers are Python ints (int64): that keeps the number of
@@ -45,8 +44,8 @@ _PJIT = dict(_JIT, parallel=True)
 #: partial sums per dot product in :func:`gemm_nt`: two AVX registers of float32
 _LANES = 16
 #: weight gradients of layers with at most this many filters use :func:`gemm_nt`, wider ones
-#: :func:`gemm` (float32 GEMM rates on the reference layers: 8 filters 23 vs 5 GFLOP/s,
-#: 32 filters 27 vs 20, 64 filters 26 vs 40)
+#: :func:`gemm`: on the reference layers the dot-product form wins while the filters are too
+#: few to fill :func:`gemm`'s vectorised rows, and loses once they are many
 _NT_MAX_FILTERS = 32
 
 
@@ -105,8 +104,8 @@ def gemm_nt(a, b, c):
     vectors long. Without fastmath LLVM may not reorder a sum, so each dot product is split by
     hand into ``_LANES`` interleaved partial sums held in a small array; the loop over the
     lanes then vectorises. A 2 x 4 block of outputs shares every loaded slice of ``a`` and
-    ``b``, and each partial sum takes two products per load and store of the array (1.4x
-    faster than one).
+    ``b``, and each partial sum takes two products per load and store of the array, which
+    halves the loads and stores of one product each.
     """
     m, q = a.shape
     n = b.shape[0]
@@ -278,7 +277,7 @@ def nhwc_to_nchw(src, dst):
 
 # ---- channels-last layout (the BLAS path) ------------------------------------------------------
 # Conv layers on the BLAS path keep their activations channels-last, (N, H, W, C) buffers that
-# the backend hands out as (N, C, H, W) views (see "Layout" in numba_backend). A patch row is
+# the backend hands out as (N, C, H, W) views (see "Layout" in numba/backend.py). A patch row is
 # then KH runs of KW*C contiguous values (96 or 192 floats on CIFAR conv2/conv3, 9 on conv1)
 # instead of C*KH*KW*Ho runs of Wo values, the GEMM ``patches @ w`` writes its result straight
 # into the next layer's (N*Ho*Wo, F) channels-last buffer, and no transpose or scatter pass
@@ -292,7 +291,8 @@ def nchw_to_nhwc_pad(x, n0, n1, top, left, xt):
     zero = xt.dtype.type(0)
     uc = np.uint64(c_dim)
     # the channel loop innermost: contiguous writes, reads from the C planes of one image
-    # (L1-resident on the layers this serves); 1.5x faster than the planes outermost
+    # (L1-resident on the layers this serves), faster than the planes outermost, whose
+    # writes stride by C
     for n in range(n0, n1):
         m = n - n0
         for y in range(hp):
@@ -700,8 +700,8 @@ def _maxpool_plane(x2, pool, stride, relu, out2, arg2):
     (the ReLU's backward, fused).
 
     The running maximum is updated with selects, not branches: on real data the comparisons
-    are unpredictable, and branchy versions ran 1.3-7x slower. 2 x 2 windows, the common
-    case, are unrolled (2-3x faster than the loops).
+    are unpredictable, and branchy versions were slower. 2 x 2 windows, the common case, are
+    unrolled, which beats the loops over so short a window.
     """
     w = x2.shape[1]
     ho, wo = out2.shape
@@ -775,9 +775,8 @@ def maxpool2d_backward_par(dout3, arg3, dx2):
 
 
 # ---- ReLU (on flat views) ----------------------------------------------------------------------
-# The zero is typed like the data: with a plain ``0`` (an int) in the select, LLVM did not
-# vectorise the loop, and the backward ran 5x slower than with ``zero`` (9.8 vs 1.9 ms on
-# (128, 32, 30, 30) float32).
+# The zero is typed like the data: with a plain ``0`` (an int) in the select, LLVM does not
+# vectorise the loop.
 @njit(**_JIT)
 def relu_forward(x1, out1):
     """``out1 = max(x1, 0)`` for flat arrays (NaN gives 0)."""

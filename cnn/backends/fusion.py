@@ -1,0 +1,93 @@
+"""Fusions: runs of consecutive layers that a backend executes as one op.
+
+A backend declares the fusions it implements in :attr:`Backend.fusions
+<cnn.backends.base.Backend.fusions>`, in the order it prefers them (longer runs first). The
+model's plan (:func:`cnn.plan.plan_layers`) walks the layers and, at each position, asks them
+in turn whether they :meth:`~Fusion.matches` the layers that start there; the first that does
+runs them as one op, and a layer no fusion takes runs alone. So a backend's optimisation
+stays in the backend: the layers know nothing of it, and the model's forward and backward walk
+ops without knowing which are fused.
+
+A fusion recognises layers by their ``type`` (``"conv2d"``, ``"relu"``, ...), so the backends
+never import the layer classes; it reads the configuration it needs from the layers (a conv's
+``stride`` and ``pads``, a pooling's ``pool_size`` and ``stride``) and calls the backend's fused
+ops with it. Like a layer, it takes each layer's own parameters (``{"w": ..., "b": ...}``) and
+returns each layer's gradients keyed the same way, and it gives every backend op the workspace
+scope of one layer of its run (``ctx.scope(layer.name)``).
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+class Fusion:
+    """A run of layers, matched by their types, that one backend op executes.
+
+    Subclasses set :attr:`pattern` and implement :meth:`forward` and :meth:`backward`; one
+    that handles only some configurations of those layers also overrides :meth:`matches`.
+    """
+
+    #: the ``type`` of each layer of the run, in order
+    pattern: tuple[str, ...] = ()
+
+    def matches(self, layers: Sequence[Any]) -> bool:
+        """Whether this fusion runs ``layers`` (consecutive layers of a model, as many as the
+        pattern has) as one op: their types are the pattern's."""
+        return tuple(layer.type for layer in layers) == self.pattern
+
+    def forward(self, backend, layers, params: Sequence[dict], x, ctx):
+        """The run's forward on ``backend``: ``x`` (the first layer's input) -> ``(out,
+        cache)``, ``out`` the last layer's output. ``params[i]`` holds the parameters and
+        buffers of ``layers[i]``, as :meth:`cnn.layers.Layer.forward` takes them."""
+        raise NotImplementedError
+
+    def backward(self, backend, layers, params: Sequence[dict], dout, cache, ctx,
+                 need_dx: bool):
+        """``dout`` (the gradient of the last layer's output) -> ``(dx, grads)``: ``dx`` that
+        of the first layer's input (None when ``need_dx`` is False and the run can skip it),
+        ``grads[i]`` the gradients of ``layers[i]``'s parameters, keyed like them."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(self.pattern)})"
+
+
+class ConvReluMaxPool(Fusion):
+    """A Conv2D, a ReLU and a MaxPool2D as one op (``conv2d_relu_maxpool2d_*`` of the
+    backend), which can pool the conv output piece by piece while it is in cache instead of
+    writing it whole, and read back only the pooled gradient in the backward."""
+
+    pattern = ("conv2d", "relu", "maxpool2d")
+
+    def forward(self, backend, layers, params, x, ctx):
+        conv, _, pool = layers
+        return backend.conv2d_relu_maxpool2d_forward(x, params[0]["w"], params[0]["b"],
+                                                     conv.stride, conv.pads, pool.pool_size,
+                                                     pool.stride, ws=ctx.scope(conv.name))
+
+    def backward(self, backend, layers, params, dout, cache, ctx, need_dx):
+        dx, dw, db = backend.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx,
+                                                            ws=ctx.scope(layers[0].name))
+        return dx, [{"w": dw, "b": db}, {}, {}]
+
+
+class ReluMaxPool(Fusion):
+    """A ReLU and a MaxPool2D as one op (``maxpool2d_relu_*`` of the backend). Max and ReLU
+    commute (``maxpool(relu(x)) == relu(maxpool(x))``, with the same gradients), so the ReLU
+    acts on the pooled values, a ``pool*pool``-th of its input, and its mask rides in the
+    pooling's window indices: two passes over the larger activation are saved each way."""
+
+    pattern = ("relu", "maxpool2d")
+
+    def forward(self, backend, layers, params, x, ctx):
+        pool = layers[1]
+        return backend.maxpool2d_relu_forward(x, pool.pool_size, pool.stride,
+                                              ws=ctx.scope(pool.name))
+
+    def backward(self, backend, layers, params, dout, cache, ctx, need_dx):
+        return backend.maxpool2d_relu_backward(dout, cache, ws=ctx.scope(layers[1].name)), [{}, {}]
+
+
+#: the fusions, one instance each (a fusion holds no state): what backends list in ``fusions``
+CONV_RELU_MAXPOOL = ConvReluMaxPool()
+RELU_MAXPOOL = ReluMaxPool()

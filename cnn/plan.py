@@ -1,0 +1,107 @@
+"""The plan: how one backend runs a list of layers, as a list of ops.
+
+:func:`plan_layers` walks the layers once and, at each position, asks the backend's fusions
+(:attr:`cnn.backends.base.Backend.fusions`, see :mod:`cnn.backends.fusion`) whether one of them
+runs the layers that start there as one op (:class:`FusedOp`); a layer no fusion takes becomes
+an op of its own (:meth:`cnn.layers.Layer.plan_op`, by default a :class:`LayerOp`). The model
+builds the plan once per backend and its forward and backward walk the ops, all of one shape:
+
+- ``op.layers``: the layers the op runs, in order;
+- ``op.forward(params, x, ctx) -> (out, cache)``;
+- ``op.backward(params, dout, cache, ctx, need_dx) -> (dx, grads)``, ``grads`` keyed like the
+  model's parameters (``"<layer>.<param>"``), one entry per parameter of ``op.layers``.
+
+``params`` is the model's flat dict of parameters and buffers (``{"conv2d.w": array,
+"batchnorm.running_mean": array, ...}``); each op takes its layers' own from it. Weight
+penalties and gradient callbacks stay the model's business, per layer of each op.
+
+A layer that holds layers of its own (a residual block: a main branch and a shortcut) plugs in
+through :meth:`~cnn.layers.Layer.plan_op`: it returns an op whose forward and backward walk
+``plan_layers(branch, backend)`` for each branch, so the backend's fusions apply inside the branches
+as they do in the model's own list, and nothing here changes.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+
+def layer_params(layer, params: dict, buffers: dict | None = None) -> dict:
+    """The arrays of ``layer`` as its forward and backward take them, keyed by their own names
+    (``{"w": ..., "b": ...}``): its parameters from the model's flat ``params``
+    (``"<layer>.<param>"``) and its buffers from ``buffers`` (default ``params``, when that
+    holds the buffers too)."""
+    out = {p: params[f"{layer.name}.{p}"] for p in layer.param_names}
+    source = params if buffers is None else buffers
+    for b in layer.buffer_names:
+        out[b] = source[f"{layer.name}.{b}"]
+    return out
+
+
+def _named(layer, grads: dict) -> dict:
+    """A layer's gradients keyed like the model's parameters: ``"<layer>.<param>"``."""
+    return {f"{layer.name}.{p}": g for p, g in grads.items()}
+
+
+class LayerOp:
+    """One layer run alone: its own :meth:`~cnn.layers.Layer.forward` and
+    :meth:`~cnn.layers.Layer.backward` on the plan's backend."""
+
+    def __init__(self, layer, backend):
+        self.layers = (layer,)
+        self.backend = backend
+
+    def forward(self, params, x, ctx):
+        layer = self.layers[0]
+        return layer.forward(layer_params(layer, params), x, self.backend, ctx)
+
+    def backward(self, params, dout, cache, ctx, need_dx):
+        layer = self.layers[0]
+        dx, grads = layer.backward(layer_params(layer, params), dout, cache, self.backend, ctx,
+                                   need_dx=need_dx)
+        return dx, _named(layer, grads)
+
+    def __repr__(self) -> str:
+        return f"LayerOp({self.layers[0].name})"
+
+
+class FusedOp:
+    """A run of layers that one of the backend's fusions executes as one op."""
+
+    def __init__(self, fusion, layers: Sequence[Any], backend):
+        self.fusion = fusion
+        self.layers = tuple(layers)
+        self.backend = backend
+
+    def forward(self, params, x, ctx):
+        own = [layer_params(layer, params) for layer in self.layers]
+        return self.fusion.forward(self.backend, self.layers, own, x, ctx)
+
+    def backward(self, params, dout, cache, ctx, need_dx):
+        own = [layer_params(layer, params) for layer in self.layers]
+        dx, grads = self.fusion.backward(self.backend, self.layers, own, dout, cache, ctx,
+                                         need_dx)
+        named: dict = {}
+        for layer, layer_grads in zip(self.layers, grads):
+            named.update(_named(layer, layer_grads))
+        return dx, named
+
+    def __repr__(self) -> str:
+        return f"FusedOp({type(self.fusion).__name__}: {', '.join(l.name for l in self.layers)})"
+
+
+def plan_layers(layers: Sequence[Any], backend) -> tuple:
+    """The ops that run ``layers`` on ``backend``, in order: at each layer, the first of the
+    backend's fusions that matches the layers starting there takes them as one op; a layer
+    none takes is an op of its own."""
+    ops: list = []
+    i = 0
+    while i < len(layers):
+        for fusion in backend.fusions:
+            run = layers[i:i + len(fusion.pattern)]
+            if len(run) == len(fusion.pattern) and fusion.matches(run):
+                ops.append(FusedOp(fusion, run, backend))
+                break
+        else:
+            ops.append(layers[i].plan_op(backend))
+        i += len(ops[-1].layers)
+    return tuple(ops)
