@@ -239,7 +239,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     :class:`~cnn.backends.numba_layer_ops.NumbaLayerOps`."""
 
     name = "numba"
-    jit = True
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
