@@ -56,6 +56,8 @@ open_unit_interval = _float("a number in (0, 1)", 0.0, 1.0)
 
 
 def _add_train(sub) -> None:
+    from .backends import available_backends
+    from .parallel import MPI_STRATEGIES, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
                               "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
@@ -71,8 +73,8 @@ def _add_train(sub) -> None:
     p.add_argument("--lr", type=positive_float, default=None, help="default: the preset's")
     p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
     p.add_argument("--strategy", default="sequential",
-                   help="sequential | sync | average | hogwild (threads) | processes | "
-                        "mpi | mpi_average (MPI ranks)")
+                   help=" | ".join(strategy_names()) + " (see cnn.parallel; "
+                        + " and ".join(MPI_STRATEGIES) + " run one process per MPI rank)")
     # checked (before the data is read) by the strategy, whose message names threads=
     p.add_argument("--threads", type=int, default=1,
                    help="workers (a positive integer): threads, or processes for processes")
@@ -86,7 +88,7 @@ def _add_train(sub) -> None:
                    help="mpi: overlap the gradient allreduce with the backward pass")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
-    p.add_argument("--backend", default="numpy", help="numpy | numba | numba_parallel | cuda")
+    p.add_argument("--backend", default="numpy", help=" | ".join(available_backends()))
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
                    help="filters of the first conv layer")
@@ -105,9 +107,11 @@ def _add_train(sub) -> None:
 
 def _add_optim_arguments(p) -> None:
     """train's optimizer, schedule, validation, callback and multi-model options."""
+    from .optim import optimizer_names
+    from .schedules import schedule_names
     g = p.add_argument_group("optimizer and learning rate (see cnn.optim, cnn.schedules)")
     g.add_argument("--optimizer", default=None, metavar="SPEC",
-                   help="sgd | rmsprop | adam | adamw, with options as NAME:key=value,... "
+                   help=" | ".join(optimizer_names()) + ", with options as NAME:key=value,... "
                         "(adam:beta_2=0.99,epsilon=1e-8), an inline JSON object or a "
                         ".json/.yaml file; default: the model spec's. Another type than the "
                         "spec's starts from that optimizer's own defaults")
@@ -115,7 +119,7 @@ def _add_optim_arguments(p) -> None:
                    default=None, help="decoupled weight decay (every optimizer; AdamW's)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
     g.add_argument("--lr-schedule", default=None, metavar="SPEC",
-                   help="constant | step | cosine | cosine_restarts | cyclic | warmup | plateau, "
+                   help=" | ".join(schedule_names()) + ", "
                         "with options as NAME:key=value,... (step:step_size=2,factor=0.5,"
                         "unit=epoch; cyclic:max_lr=0.5,step_size=200; plateau:patience=2), "
                         "JSON or a file; a cosine without decay_steps anneals to the end")
@@ -189,20 +193,23 @@ def _finite_weights(model) -> bool:
 
 
 def _strategy_options(args) -> dict:
-    """The strategy options given on the command line (checked against the strategy)."""
-    options = {}
+    """The strategy options given on the command line (checked against the options the
+    strategy's class takes)."""
+    from .parallel import strategy_names, strategy_options
+    given = {}
     if args.overlap:
-        if args.strategy != "mpi":
-            raise ValueError(f"--overlap is an option of --strategy mpi. Received --strategy "
-                             f"{args.strategy}")
-        options["overlap"] = True
+        given["overlap"] = ("--overlap", True)
     if args.average_every is not None:
-        if args.strategy not in ("average", "mpi_average"):
-            raise ValueError(f"--average-every is an option of --strategy average or "
-                             f"mpi_average. Received --strategy {args.strategy}")
         every = args.average_every
-        options["every"] = every if every == "epoch" else \
-            int(every) if every.lstrip("-").isdigit() else every
+        given["every"] = ("--average-every", every if every == "epoch" else
+                          int(every) if every.lstrip("-").isdigit() else every)
+    options = {}
+    for option, (flag, value) in given.items():
+        if option not in strategy_options(args.strategy):
+            takers = [s for s in strategy_names() if option in strategy_options(s)]
+            raise ValueError(f"{flag} is an option of --strategy {' or '.join(takers)}. "
+                             f"Received --strategy {args.strategy}")
+        options[option] = value
     return options
 
 

@@ -167,6 +167,24 @@ class Optimizer:
             self.lr = check_positive(name, "lr", lr)
         self.weight_decay = check_number(name, "weight_decay", weight_decay, low=0.0)
 
+    # ---- facts about the class (what the study's grid and the CLI ask) ---------------------
+    @classmethod
+    def options(cls) -> list[str]:
+        """The hyper-parameters a spec may give (the constructor's arguments), ``lr`` first."""
+        import inspect
+        return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+
+    @classmethod
+    def default_lr(cls) -> float:
+        """The learning rate this optimizer takes when a spec gives none."""
+        import inspect
+        return inspect.signature(cls.__init__).parameters["lr"].default
+
+    @classmethod
+    def takes_momentum(cls) -> bool:
+        """Whether it has a ``momentum`` hyper-parameter (the study's ``momentum`` axis)."""
+        return "momentum" in cls.options()
+
     # ---- the learning rate ---------------------------------------------------------------
     def learning_rate(self, step: int) -> float:
         """The learning rate of the update that follows ``step`` updates (a Python float):
@@ -270,6 +288,28 @@ class Optimizer:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.config().items() if k != 'type')})"
 
 
+def register_optimizer(cls: type[Optimizer]) -> type[Optimizer]:
+    """Add an optimizer class to :data:`OPTIMIZERS` under its ``type`` (a class decorator):
+    specs, the CLI's ``--optimizer`` and the study's ``optimizer`` axis take it from then on.
+    ValueError when the type is taken or missing."""
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise TypeError(f"register_optimizer takes an Optimizer subclass; received {cls!r}")
+    kind = cls.__dict__.get("type")
+    if not isinstance(kind, str) or not kind or kind != kind.lower():
+        raise ValueError(f"{cls.__name__}: an optimizer class sets its own lower-case type "
+                         f"name; received type={kind!r}")
+    if kind in OPTIMIZERS:
+        raise ValueError(f"optimizer type {kind!r} is already registered "
+                         f"({OPTIMIZERS[kind].__name__})")
+    OPTIMIZERS[kind] = cls
+    return cls
+
+
+#: type name -> class, in the order ``--help`` lists them (filled by :func:`register_optimizer`)
+OPTIMIZERS: dict[str, type[Optimizer]] = {}
+
+
+@register_optimizer
 class SGD(Optimizer):
     """Stochastic gradient descent, Keras's formulation:
 
@@ -313,6 +353,7 @@ class SGD(Optimizer):
                                     **self._keras_common())
 
 
+@register_optimizer
 class RMSProp(Optimizer):
     """RMSProp, Keras's formulation (``epsilon`` inside the square root):
 
@@ -362,6 +403,7 @@ class RMSProp(Optimizer):
                                         **self._keras_common())
 
 
+@register_optimizer
 class Adam(Optimizer):
     """Adam (Kingma & Ba), Keras's formulation (``epsilon`` outside the square root, not
     bias-corrected): at update ``t`` (1-based),
@@ -405,6 +447,7 @@ class Adam(Optimizer):
                                      epsilon=self.epsilon, **self._keras_common())
 
 
+@register_optimizer
 class AdamW(Adam):
     """Adam with decoupled weight decay (Loshchilov & Hutter): before each Adam update
     ``w -= lr * weight_decay * w``. Keras's defaults (``weight_decay=0.004``)."""
@@ -439,17 +482,15 @@ class _KerasConstant:
         return f"{type(self).__name__}({self.lr})"
 
 
-OPTIMIZERS: dict[str, type[Optimizer]] = {"sgd": SGD, "rmsprop": RMSProp, "adam": Adam,
-                                          "adamw": AdamW}
-
-
 def optimizer_names() -> list[str]:
     return list(OPTIMIZERS)
 
 
-def _options(cls: type) -> list[str]:
-    import inspect
-    return [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+def optimizer_class(kind: str) -> type[Optimizer]:
+    """The class of optimizer type ``kind`` (ValueError naming the choices otherwise)."""
+    if not isinstance(kind, str) or kind not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer type {kind!r}; choose one of {optimizer_names()}")
+    return OPTIMIZERS[kind]
 
 
 def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None) -> Optimizer:
@@ -476,28 +517,23 @@ def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None)
     options = dict(spec)
     kind = options.pop("type", "sgd")
     kind = kind.lower() if isinstance(kind, str) else kind
-    if kind not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer type {kind!r}; choose one of {optimizer_names()}")
-    cls = OPTIMIZERS[kind]
+    cls = optimizer_class(kind)
     sched_spec = options.pop("schedule", None)
     if schedule is not None:
         sched_spec = schedule
-    unknown = sorted(set(options) - set(_options(cls)), key=str)
+    unknown = sorted(set(options) - set(cls.options()), key=str)
     if unknown:
         raise ValueError(f"unknown option {unknown[0]!r} for optimizer {kind!r}; its options "
-                         f"are {_options(cls)} and 'schedule'")
+                         f"are {cls.options()} and 'schedule'")
     if sched_spec is not None:
         from .schedules import make_schedule
-        base = options.get("lr", _default_lr(cls))
+        base = options.get("lr", cls.default_lr())
         base = check_positive(cls.__name__, "lr", base)
         options["lr"] = make_schedule(sched_spec, base)
     return cls(**options)
 
 
-def _default_lr(cls: type) -> float:
-    import inspect
-    return inspect.signature(cls.__init__).parameters["lr"].default
-
 
 __all__ = ["Adam", "AdamW", "OPTIMIZERS", "Optimizer", "OptimizerState", "RMSProp", "SGD",
-           "check_number", "make_optimizer", "optimizer_names"]
+           "check_number", "make_optimizer", "optimizer_class", "optimizer_names",
+           "register_optimizer"]

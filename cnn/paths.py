@@ -3,30 +3,29 @@ what a path is.
 
 A *path* is a way to train the one model: a backend (where the arithmetic runs), a strategy
 (how a batch is split, :mod:`cnn.parallel`) and a launcher (how the run's process is started).
-The study's grid validation (:mod:`cnn.study.grid`), the runner's launch and the child's
-training call (:mod:`cnn.study.runner`, :mod:`cnn.study.child`), the analysis's labels and
-orders (:mod:`cnn.analysis`) and the CLI all read this table; none of them lists path names
-of its own.
+The study's grid validation (:mod:`cnn.study.grid`), its runs (:class:`cnn.study.run.Run`, which
+hold their entry), the runner's launch and the child's training call (:mod:`cnn.study.runner`,
+:mod:`cnn.study.child`), the time estimates (:mod:`cnn.study.estimate`), the analysis's labels,
+orders and selections (:mod:`cnn.analysis`) and the CLI all read this table; none of them
+lists path names of its own. What a recorded strategy computes is an :class:`Algorithm`
+(:data:`ALGORITHMS`); what a backend is (compiled, on a device) is its record in
+:mod:`cnn.backends.registry`.
 
-Adding a path (processes, MPI ranks, ...) is one :class:`TrainingPath` entry in
-:data:`PATHS` plus its strategy in :mod:`cnn.parallel`. For example, a process-parallel
-``sync`` path would be::
+Adding a path is its strategy in :mod:`cnn.parallel` (when it needs a new one) plus one
+:class:`TrainingPath` entry in :data:`PATHS` (or :func:`register_path`). The real ``mpi`` entry,
+for example, reads::
 
-    TrainingPath("processes", "sync over worker processes sharing weights in shared memory",
-                 strategies=("sync",), backends=("numpy", "numba"),
-                 workers="worker processes", scales=True, fit_strategy={"sync": "processes"})
-
-and an MPI path launched by ``mpiexec -n p``::
-
-    TrainingPath("mpi", "sync across MPI ranks (mpi4py Allreduce)", strategies=("sync",),
-                 backends=("numpy",), workers="MPI ranks", scales=True,
-                 launch="mpiexec", fit_strategy={"sync": "mpi"}, fit_workers=False)
+    TrainingPath("mpi", "sync (or local SGD: average) across MPI ranks started by mpiexec, one "
+                 "Allreduce per step", strategies=("sync", "average"),
+                 backends=("numpy", "numba"), workers="MPI ranks", scales=True,
+                 launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
+                 fit_workers=False, requires=("mpi4py",), communicates=True)
 
 Everything else (grid axes, keys, labels, figure order, oversubscription marks, the child's
-command line and environment) follows from the entry.
+command line and environment, the estimates) follows from the entry.
 
-Importing this module imports the standard library only (the study's child imports it before
-numpy).
+Importing this module imports the standard library only (and the backends' registry, which
+does too): the study's child reads it before Numba, TensorFlow or PyTorch is imported.
 """
 from __future__ import annotations
 
@@ -38,12 +37,43 @@ from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Mapping
 
+from .backends.registry import backend_info
+
 #: the path every speed-up is divided by (DESIGN.md: NumPy, one worker, BLAS pinned to 1)
 BASELINE = "sequential"
-#: backends whose kernels Numba compiles (and caches on disk)
-JIT_BACKENDS = ("numba", "numba_parallel", "cuda")
 #: how a run's process is started
 LAUNCHERS = ("in-process", "env", "mpiexec")
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What a recorded strategy (the grid's ``strategy`` axis, the results' ``strategy``
+    column) computes, whichever path runs it.
+
+    Attributes:
+        name: the strategy's name in grids and results.
+        sequential: it computes the sequential algorithm's updates (up to the order of
+            floating-point sums) on a path that runs the sequential algorithm.
+        shards: the workers split each batch (a worker computes ``batch / p`` examples at a
+            time).
+        batch_per_worker: every worker takes a whole batch per step, so an epoch has ``p``
+            times fewer steps.
+    """
+
+    name: str
+    sequential: bool = False
+    shards: bool = False
+    batch_per_worker: bool = False
+
+
+#: the recorded strategies, by name
+ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
+    Algorithm("sequential", sequential=True),
+    Algorithm("sync", sequential=True, shards=True),
+    Algorithm("accumulate", sequential=True, shards=True),
+    Algorithm("average", batch_per_worker=True),
+    Algorithm("hogwild", batch_per_worker=True),
+)}
 
 
 @dataclass(frozen=True)
@@ -53,8 +83,9 @@ class TrainingPath:
     Attributes:
         name: the value of the grid's ``path`` axis and of the results' ``path`` column.
         description: one line for plans, reports and ``--help``.
-        strategies: the strategies this path runs (the results' ``strategy`` column); the first
-            is the default. A path with one strategy ignores the grid's ``strategy`` axis.
+        strategies: the strategies this path runs (the results' ``strategy`` column, each one
+            of :data:`ALGORITHMS`); the first is the default. A path with one strategy ignores
+            the grid's ``strategy`` axis.
         backends: the backends it runs over (the results' ``backend`` column); the first is the
             default. A path with one backend ignores the grid's ``backend`` axis.
         workers: what the grid's ``threads`` axis means for this path (``"none"``: it has no
@@ -86,8 +117,20 @@ class TrainingPath:
             grid drops its runs where they are missing, and says so.
         device: ``"cpu"`` or ``"cuda"``, for trainers that take a device (PyTorch).
         sequential_algorithm: the path computes the sequential algorithm (same updates, up to
-            the order of floating-point sums), so its weights must track the sequential
-            path's step by step (the equivalence figure).
+            the order of floating-point sums) with its strategies whose :class:`Algorithm` is
+            ``sequential``, so its weights must track the sequential path's step by step (the
+            equivalence table and figure, :mod:`cnn.study.equivalence`).
+        communicates: its workers exchange gradients or weights and time it (the results'
+            ``comm_time``: the reduce phase of threads and processes, MPI's allreduce), which
+            the report sets beside computation.
+        optimizers: the only optimizer types its trainer runs, with no options but the grid's
+            ``lr`` and ``momentum`` and at a constant rate (the PyTorch bridge: ``("sgd",)``);
+            empty: any optimizer of :mod:`cnn.optim`, with any options and schedule.
+        overhead: a guess of the seconds a run spends outside its epochs beyond a plain
+            interpreter's start (importing TensorFlow, a GPU context), for the study's time
+            estimate until results of this path are measured.
+        speed_guess: a guess of its training speed relative to the sequential path's, for the
+            study's time estimate until results of this path are measured.
     """
 
     name: str
@@ -109,6 +152,10 @@ class TrainingPath:
     requires: tuple[str, ...] = ()
     device: str = "cpu"
     sequential_algorithm: bool = False
+    communicates: bool = False
+    optimizers: tuple[str, ...] = ()
+    overhead: float = 0.0
+    speed_guess: float = 1.0
 
     def __post_init__(self):
         if self.launch not in LAUNCHERS:
@@ -122,6 +169,11 @@ class TrainingPath:
                              f"received cores={self.cores!r}")
         if not self.strategies or not self.backends:
             raise ValueError(f"path {self.name!r}: needs at least one strategy and backend")
+        unknown = [s for s in self.strategies if s not in ALGORITHMS]
+        if unknown:
+            raise ValueError(f"path {self.name!r}: strategy {unknown[0]!r} is not one of "
+                             f"{list(ALGORITHMS)} (cnn.paths.ALGORITHMS says what each "
+                             f"computes)")
 
     # ---- configuration ---------------------------------------------------------------------
     @property
@@ -133,8 +185,22 @@ class TrainingPath:
         return self.backends[0]
 
     def compiles(self, backend: str | None = None) -> bool:
-        """Whether a run of this path JIT-compiles kernels (over ``backend``)."""
-        return (backend or self.default_backend) in JIT_BACKENDS
+        """Whether a run of this path JIT-compiles kernels (over ``backend``; the backend's
+        record says)."""
+        return backend_info(backend or self.default_backend).jit
+
+    def computes_sequential(self, strategy: str) -> bool:
+        """Whether this path's ``strategy`` computes the sequential algorithm's updates (False
+        for a strategy it does not know, e.g. from another results file)."""
+        algorithm = ALGORITHMS.get(strategy)
+        return (self.sequential_algorithm and strategy in self.strategies
+                and algorithm is not None and algorithm.sequential)
+
+    @property
+    def step_hooks(self) -> bool:
+        """Whether its trainer calls callbacks after each step (time-to-accuracy needs them):
+        every trainer but Keras's own loop."""
+        return self.trainer != "keras"
 
     def resolve(self, strategy: str | None, backend: str | None, threads: int) -> tuple:
         """``(strategy, backend, threads)`` of a run: the defaults filled in, fixed axes fixed,
@@ -249,42 +315,56 @@ PATHS: dict[str, TrainingPath] = {p.name: p for p in (
     TrainingPath("threads", "data-parallel Python threads (sync | average | hogwild) over the "
                  "NumPy or Numba nogil kernels", strategies=("sync", "average", "hogwild"),
                  backends=("numpy", "numba"), workers="Python threads", scales=True,
-                 options={"average": {"period": "every"}}, sequential_algorithm=True),
+                 options={"average": {"period": "every"}}, sequential_algorithm=True,
+                 communicates=True, speed_guess=1.3),
     TrainingPath("accumulate", "micro-batch gradient accumulation on one thread: the sync "
                  "algorithm with its shards computed one after the other",
                  strategies=("accumulate",), backends=("numpy", "numba"),
                  workers="micro-batches per step, on one thread", scales=True, cores="one",
-                 sequential_algorithm=True),
+                 sequential_algorithm=True, speed_guess=0.95),
     TrainingPath("numba", "Numba nogil kernels, one worker", backends=("numba",),
-                 workers="none", cores="one", sequential_algorithm=True),
+                 workers="none", cores="one", sequential_algorithm=True, overhead=2.0),
     TrainingPath("processes", "sync over worker processes, weights and gradients in shared "
                  "memory (no GIL, no MPI)", strategies=("sync",), backends=("numpy", "numba"),
                  workers="worker processes", scales=True, fit_strategy={"sync": "processes"},
-                 sequential_algorithm=True),
+                 sequential_algorithm=True, communicates=True),
     TrainingPath("mpi", "sync (or local SGD: average) across MPI ranks started by mpiexec, one "
                  "Allreduce per step", strategies=("sync", "average"),
                  backends=("numpy", "numba"), workers="MPI ranks", scales=True,
                  launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
-                 fit_workers=False, requires=("mpi4py",)),
+                 fit_workers=False, requires=("mpi4py",), communicates=True),
     TrainingPath("numba_parallel", "Numba parallel=True kernels (intra-op threads)",
                  backends=("numba_parallel",), workers="NUMBA_NUM_THREADS", scales=True,
                  launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False,
-                 sequential_algorithm=True),
+                 sequential_algorithm=True, overhead=2.0, speed_guess=1.3),
     TrainingPath("cuda", "numba.cuda kernels, parameters resident on the GPU",
                  backends=("cuda",), workers="none", needs_gpu=True, uses_cores=False,
-                 cores="device", sequential_algorithm=True),
+                 cores="device", sequential_algorithm=True, overhead=5.0, speed_guess=5.0),
     TrainingPath("keras", "the Keras reference (TensorFlow, CPU), same spec and weights",
                  backends=("tensorflow",), workers="TensorFlow intra/inter-op threads",
                  scales=True, trainer="keras", model_backend="numpy",
-                 requires=("tensorflow",)),
+                 requires=("tensorflow",), overhead=12.0, speed_guess=3.0),
     TrainingPath("torch", "PyTorch on the CPU (intra-op threads), same spec, weights and batches",
                  backends=("torch",), workers="PyTorch intra-op threads", scales=True,
-                 trainer="torch", model_backend="numpy", requires=("torch",)),
+                 trainer="torch", model_backend="numpy", requires=("torch",),
+                 optimizers=("sgd",), overhead=4.0, speed_guess=0.5),
     TrainingPath("torch_cuda", "PyTorch on the GPU, same spec, weights and batches",
                  backends=("torch_cuda",), workers="none", trainer="torch",
                  model_backend="numpy", requires=("torch",), needs_gpu=True,
-                 uses_cores=False, cores="device", device="cuda"),
+                 uses_cores=False, cores="device", device="cuda", optimizers=("sgd",),
+                 overhead=8.0, speed_guess=5.0),
 )}
+
+
+def register_path(entry: TrainingPath) -> TrainingPath:
+    """Add ``entry`` to the registry, after the paths already there (ValueError when its name
+    is taken). The grid, the runner, the estimates and the analysis know it from then on."""
+    if not isinstance(entry, TrainingPath):
+        raise TypeError(f"register_path takes a TrainingPath; received {type(entry).__name__}")
+    if entry.name in PATHS:
+        raise ValueError(f"path {entry.name!r} is already registered")
+    PATHS[entry.name] = entry
+    return entry
 
 
 def path_names() -> list[str]:

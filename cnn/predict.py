@@ -148,7 +148,8 @@ def add_arguments(p) -> None:
     p.add_argument("--test-limit", type=positive_int, default=None, help="first N test examples")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="synthetic data sets and the sample figure's choice of images")
-    p.add_argument("--backend", default="numpy", help="numpy | numba | cuda")
+    from .backends import available_backends
+    p.add_argument("--backend", default="numpy", help=" | ".join(available_backends()))
     p.add_argument("--figure", default="predictions.png",
                    help="PNG of sample predictions (default predictions.png; 'none' for none)")
     p.add_argument("--samples", type=positive_int, default=16, help="images in the figure")

@@ -135,19 +135,23 @@ def test_profiles():
     assert set(PROFILES) >= {"quick", "full"}
 
 
+def _run(**axes):
+    """The first run of a tiny grid with ``axes``."""
+    return expand_grid({"dataset": "blobs", "model": "mnist_small", **axes},
+                       include_unavailable=True)[0]
+
+
 def test_child_environment():
-    env = runner.child_env({"path": "numba_parallel", "threads": 3}, numba_cache=Path("/x"))
+    env = runner.child_env(_run(path="numba_parallel", threads=3), numba_cache=Path("/x"))
     assert env["NUMBA_NUM_THREADS"] == "3" and env["NUMBA_CACHE_DIR"] == "/x"
-    assert runner.child_env({"path": "cuda", "cuda_simulator": True})["NUMBA_ENABLE_CUDASIM"] == "1"
+    assert runner.child_env(_run(path="cuda", cuda_simulator=True))["NUMBA_ENABLE_CUDASIM"] == "1"
 
 
 def test_jit_warm_up_runs_in_its_own_process(tmp_path):
-    assert runner.jit_key({"path": "numba", "backend": "numba", "dtype": "float32"}) == (
-        "numba", "float32")
-    assert runner.jit_key({"path": "threads", "backend": "numba", "dtype": "float64"}) is not None
-    assert runner.jit_key({"path": "numba_parallel", "backend": "numba_parallel",
-                           "dtype": "float64"}) is not None
-    assert runner.jit_key({"path": "keras", "backend": "tensorflow", "dtype": "float32"}) is None
+    assert _run(path="numba", dtype="float32").jit_key() == ("numba", "float32")
+    assert _run(path="threads", backend="numba", dtype="float64").jit_key() is not None
+    assert _run(path="numba_parallel", dtype="float64").jit_key() is not None
+    assert _run(path="keras", dtype="float32").jit_key() is None
     seconds, message = runner.warm_jit(("numpy", "float32"), tmp_path)
     assert seconds is None and "nothing to compile" in message
 

@@ -6,6 +6,7 @@ all know without any other change."""
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 
 import pandas as pd
 import pytest
@@ -81,7 +82,7 @@ def test_adding_a_path_is_one_registry_entry(toy_path, tmp_path):
     argv = runner.child_command(cfg, "--run-json", "c.json")
     assert argv[1:4] == ["-m", "cnn.study.child", "--run-json"]
     assert str(os.getpid()) in argv  # the child watches this study
-    assert runner.jit_key(cfg) is None and runner.jit_key({**cfg, "backend": "numba"})
+    assert cfg.jit_key() is None and replace(cfg, backend="numba").jit_key()
     # the training call: fit gets the path's strategy and workers (a real, tiny run)
     result = execute_run(cfg)
     assert len(result["epochs"]) == 1 and 0 <= result["epochs"][0]["test_accuracy"] <= 1

@@ -302,7 +302,7 @@ def test_kill_9_of_the_study_ends_its_child_and_the_next_study_cleans_up(tmp_pat
 def test_child_checks_its_parent_before_training(tmp_path):
     """A child whose parent died before it could ask for PDEATHSIG exits at once."""
     cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps({"config": expand_grid(TINY)[0]}))
+    cfg.write_text(json.dumps({"config": dict(expand_grid(TINY)[0])}))
     rc = subprocess.run([sys.executable, "-m", "cnn.study.child", "--run-json", str(cfg),
                          "--result", str(tmp_path / "r.json"), "--parent-pid", "1"],
                         cwd=ROOT, capture_output=True, timeout=120)

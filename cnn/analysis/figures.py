@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
+from .. import paths as P
 from .statistics import amdahl_speedup
 from .summary import (BASELINE_PATH, Summary, _config_text, _int, _num, _sort_key,
                       trace_frame)
@@ -237,7 +238,8 @@ def plot_per_image(summary: Summary, problem: str):
         xs_all = []
         for lb in _ordered(d, "label"):
             dv = d[d["label"] == lb].copy()
-            m = dv["threads"].where(dv["strategy"].isin(["sync", "accumulate"]), 1)
+            shards = [s for s, a in P.ALGORITHMS.items() if a.shards]  # batch / p per worker
+            m = dv["threads"].where(dv["strategy"].isin(shards), 1)
             dv["x"] = dv["batch_size"] / m
             dv["y"] = dv["time_per_image_ms"] * dv["p"].fillna(1)
             dv = dv.sort_values("x")

@@ -173,10 +173,6 @@ def read_gpu_kernels(path) -> list[dict] | None:
     return rows
 
 
-#: the paths whose workers exchange gradients or weights (their comm_time is measured)
-COMMUNICATING = ("threads", "processes", "mpi")
-
-
 def communication(t: pd.DataFrame) -> list[dict]:
     """Per configuration of a communicating path with more than one worker: the median
     seconds per epoch spent computing and communicating (threads and processes: the reduce
@@ -184,7 +180,8 @@ def communication(t: pd.DataFrame) -> list[dict]:
     rows = []
     if not len(t) or "comm_per_epoch" not in t:
         return rows
-    sel = t[t["path"].isin(COMMUNICATING) & (t["p"] > 1) & t["comm_per_epoch"].notna()]
+    communicating = [n for n, e in P.PATHS.items() if e.communicates]  # comm_time measured
+    sel = t[t["path"].isin(communicating) & (t["p"] > 1) & t["comm_per_epoch"].notna()]
     for _, r in sel.iterrows():
         steps = r["compute_per_epoch"] + r["comm_per_epoch"]
         rows.append({"problem": r["problem"], "label": r["label"], "config": _short_config(r),

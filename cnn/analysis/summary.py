@@ -564,8 +564,11 @@ def sync_check(summary: Summary) -> dict:
         return {"pairs": 0}
     r = r[~r["tta"]]
     seq = r[r["path"] == BASELINE_PATH][["config_id", "seed", "final_accuracy"]]
-    algo = [n for n, e in P.PATHS.items() if e.sequential_algorithm and n != BASELINE_PATH]
-    same = r[r["path"].isin(algo) & r["strategy"].isin(["sync", "sequential", "accumulate"])]
+    algo = pd.Series([path != BASELINE_PATH and path in P.PATHS
+                      and P.PATHS[path].computes_sequential(strategy)
+                      for path, strategy in zip(r["path"], r["strategy"])],
+                     index=r.index, dtype=bool)
+    same = r[algo]
     m = same.merge(seq, on=["config_id", "seed"], suffixes=("", "_seq"))
     if m.empty:
         return {"pairs": 0}

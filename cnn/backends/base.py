@@ -50,6 +50,8 @@ from __future__ import annotations
 
 from typing import Any, Tuple
 
+from .registry import BackendInfo, backend_info
+
 Padding = Tuple[Tuple[int, int], Tuple[int, int]]  # ((top, bottom), (left, right)), in pixels
 
 
@@ -58,11 +60,28 @@ class Backend:
 
     #: registry name, e.g. ``"numpy"``
     name: str = "abstract"
-    #: True when ops run on an accelerator and arrays live in device memory
-    on_device: bool = False
-    #: True when ops compile on first use (Numba, CUDA): fit then times a warm-up step as
-    #: JIT compile time, outside the epochs
-    jit: bool = False
+
+    # ---- facts, read from the backend's record in cnn.backends.registry ----------------------
+    @property
+    def info(self) -> BackendInfo:
+        """This backend's record (a CPU backend that compiles nothing when it has none)."""
+        return backend_info(self.name)
+
+    @property
+    def on_device(self) -> bool:
+        """Ops run on an accelerator and arrays live in device memory."""
+        return self.info.on_device
+
+    @property
+    def jit(self) -> bool:
+        """Ops compile on first use (Numba, CUDA): fit then times a warm-up step as JIT
+        compile time, outside the epochs."""
+        return self.info.jit
+
+    @property
+    def parallel_ops(self) -> bool:
+        """Each op runs on the backend's own thread pool: one calling thread only."""
+        return self.info.parallel_ops
 
     # ---- memory ---------------------------------------------------------------------------
     def asarray(self, x: Any) -> Any:

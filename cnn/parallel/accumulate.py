@@ -43,9 +43,9 @@ class AccumulateStrategy(Strategy):
                              f"batch_size >= micro_batches")
 
     def start(self, model, optimizer, backend, params, seed=0, state=None) -> None:
-        if getattr(backend, "device", "cpu") != "cpu" and backend.name not in ("numpy", "numba"):
-            raise ValueError(f"strategy 'accumulate' runs on CPU backends (numpy, numba); "
-                             f"received backend={backend.name!r}")
+        if backend.on_device:  # the accumulator and its sums are host arrays
+            raise ValueError(f"strategy 'accumulate' runs on CPU backends; backend "
+                             f"{backend.name!r} keeps the weights on a device")
         super().start(model, optimizer, backend, params, seed, state)
         self._ctx = self.new_context()
         self._acc = {k: np.zeros_like(v) for k, v in params.items()}  # reused every step

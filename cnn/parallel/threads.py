@@ -70,9 +70,10 @@ the rest, and the exception is re-raised in the main thread (with a note naming 
 ``fit`` then calls :meth:`close`, which stops and joins every worker thread.
 
 Backends: any CPU backend whose ops may be called from several threads at once (``numpy``,
-``numba``). ``numba_parallel`` starts its own thread pool inside each op and must not be called
-from several threads; device backends (``cuda``) keep the weights on the GPU. Both are refused
-with ``threads > 1`` (``numba_parallel``) or always (device backends).
+``numba``). A backend that starts its own thread pool inside each op (its record's
+``parallel_ops``: ``numba_parallel``) must not be called from several threads; device backends
+(``cuda``) keep the weights on the GPU. Both are refused: with ``threads > 1`` (``parallel_ops``)
+or always (device backends).
 """
 from __future__ import annotations
 
@@ -189,11 +190,11 @@ class ThreadStrategy(Strategy):
             raise ValueError(f"strategy {self.name!r} runs Python threads over a CPU backend; "
                              f"backend {backend.name!r} keeps the weights on a device. Use "
                              "strategy='sequential' on it (one device), or MPI for several")
-        if backend.name == "numba_parallel" and self.threads > 1:
-            raise ValueError(f"backend 'numba_parallel' runs its own thread pool inside each op "
+        if backend.parallel_ops and self.threads > 1:
+            raise ValueError(f"backend {backend.name!r} runs its own thread pool inside each op "
                              f"and must not be called from several threads. Received "
                              f"strategy={self.name!r}, threads={self.threads}; use "
-                             "backend='numba' (nogil kernels) with threads, or numba_parallel "
+                             f"backend='numba' (nogil kernels) with threads, or {backend.name} "
                              "with strategy='sequential'")
 
     @staticmethod

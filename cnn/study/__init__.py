@@ -14,6 +14,8 @@ Usage::
 The package, by concern:
 
 - :mod:`cnn.study.grid`: axes, validation, defaults, expansion into runs, run keys, grid files;
+- :mod:`cnn.study.run`: one run as a typed value (:class:`Run`: its configuration and its
+  path's registry entry);
 - :mod:`cnn.study.profiles`: the named grids (quick, full, smoke);
 - :mod:`cnn.study.runner`: isolated runs in child processes, the lock, resuming;
 - :mod:`cnn.study.child`: the child process (one run, dies with its parent);
@@ -31,9 +33,10 @@ from .cli import add_arguments, command, main
 from .estimate import describe_plan, estimate_seconds
 from .grid import DATASET_SIZES, GRID_DEFAULTS, LIST_AXES, SETTINGS, expand_grid, read_grid
 from .profiles import FULL_NOTES, PROFILES
+from .run import Run
 from .runner import run_study
 
 __all__ = ["COLUMNS", "DATASET_SIZES", "DEFAULT_RESULTS", "FULL_NOTES", "GRID_DEFAULTS",
-           "LIST_AXES", "PROFILES", "SETTINGS", "add_arguments", "command", "describe_plan",
+           "LIST_AXES", "PROFILES", "Run", "SETTINGS", "add_arguments", "command", "describe_plan",
            "estimate_seconds", "expand_grid", "load_results", "main", "read_grid", "run_study",
            "save_results"]

@@ -32,7 +32,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
-from .. import paths as P
+from .run import Run
 
 PR_SET_PDEATHSIG = 1
 #: history key of cnn.train.History -> results column
@@ -82,11 +82,10 @@ def _finite(v):
     return v if math.isfinite(v) else None
 
 
-def _device(cfg: dict) -> str:
-    entry = P.get_path(cfg["path"])
-    if not entry.needs_gpu:
+def _device(run: Run) -> str:
+    if not run.entry.needs_gpu:
         return "cpu"
-    if cfg.get("cuda_simulator"):
+    if run.cuda_simulator:
         return "cuda-simulator"
     try:
         from numba import cuda
@@ -100,8 +99,8 @@ class Diverged(Exception):
     """Raised inside :func:`execute_run` when a run's history shows a non-finite loss."""
 
 
-def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
-    """Train one configuration in this process and return its measurements (JSON-able).
+def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
+    """Train one run in this process and return its measurements (JSON-able).
 
     The study calls this in a fresh child process; calling it directly is for debugging only,
     since nothing then isolates runs from each other.
@@ -112,12 +111,12 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
     from ..model import Sequential, resolve_spec
     from ..presets import with_filters
 
-    entry = P.get_path(cfg["path"])
-    dtype = np.dtype(cfg["dtype"])
-    val_size = int(cfg.get("val_size") or 0)
+    entry = run.entry
+    dtype = np.dtype(run.dtype)
+    val_size = int(run.val_size or 0)
     t = time.perf_counter()
-    data = load_dataset(cfg["dataset"], root=data_root, limit=cfg["train_size"] + val_size,
-                        test_limit=cfg["test_size"], seed=0, dtype=dtype, download=download)
+    data = load_dataset(run.dataset, root=data_root, limit=run.train_size + val_size,
+                        test_limit=run.test_size, seed=0, dtype=dtype, download=download)
     x_train, y_train = data.x_train, data.y_train
     if val_size:  # the validation split: the end of the training split, never the test set
         if len(x_train) <= val_size:
@@ -126,34 +125,34 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
         x_val, y_val = x_train[-val_size:], y_train[-val_size:]
         x_train, y_train = x_train[:-val_size], y_train[:-val_size]
     load_time = time.perf_counter() - t
-    spec = with_filters(resolve_spec(cfg["model"]), cfg["filters"] or None)  # 0: no conv layer
-    backend = entry.model_backend or cfg["backend"]
+    spec = with_filters(resolve_spec(run.model), run.filters or None)  # 0: no conv layer
+    backend = entry.model_backend or run.backend
     model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
-                                 seed=cfg["seed"], backend=backend)
+                                 seed=run.seed, backend=backend)
     from .grid import run_optimizer
-    optimizer = run_optimizer(cfg, spec)  # the preset's or the grid's, lr, momentum, schedule
-    common = dict(epochs=cfg["epochs"], batch_size=cfg["batch_size"], optimizer=optimizer,
-                  seed=cfg["seed"], validation_data=(data.x_test, data.y_test), verbose=0)
+    optimizer = run_optimizer(run, spec)  # the preset's or the grid's, lr, momentum, schedule
+    common = dict(epochs=run.epochs, batch_size=run.batch_size, optimizer=optimizer,
+                  seed=run.seed, validation_data=(data.x_test, data.y_test), verbose=0)
     tta = None
-    if cfg.get("target") is not None and not (isinstance(cfg["target"], float)
-                                              and math.isnan(cfg["target"])):
-        from .tta import TimeToAccuracy
-        tta = TimeToAccuracy(x_val, y_val, int(cfg["eval_every"]), float(cfg["target"]))
-    callbacks = [tta] if tta else []
-    if entry.trainer == "keras":
-        if tta:
+    if run.target is not None and not (isinstance(run.target, float)
+                                       and math.isnan(run.target)):
+        if not entry.step_hooks:
             raise ValueError(f"path {entry.name!r} has no step hook: time-to-accuracy "
                              f"(target) needs a path trained by cnn.train.fit or PyTorch")
+        from .tta import TimeToAccuracy
+        tta = TimeToAccuracy(x_val, y_val, int(run.eval_every), float(run.target))
+    callbacks = [tta] if tta else []
+    if entry.trainer == "keras":
         from ..keras_reference import fit_keras
-        hist = fit_keras(model, x_train, y_train, threads=cfg["threads"], **common)
+        hist = fit_keras(model, x_train, y_train, threads=run.threads, **common)
     elif entry.trainer == "torch":
         from ..torch_reference import fit_torch
-        hist = fit_torch(model, x_train, y_train, threads=cfg["threads"], device=entry.device,
+        hist = fit_torch(model, x_train, y_train, threads=run.threads, device=entry.device,
                          callbacks=callbacks, **common)
     else:
         from ..train import fit
         hist = fit(model, x_train, y_train, backend=backend, blas_threads=1,
-                   callbacks=callbacks, **entry.fit_arguments(cfg), **common)
+                   callbacks=callbacks, **entry.fit_arguments(run), **common)
     h = hist.history
     epochs = len(h.get("epoch", h.get("loss", [])))
     losses = [h["loss"][i] for i in range(min(epochs, len(h.get("loss", []))))]
@@ -176,7 +175,7 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
     out = {"epochs": per_epoch, "compile_time": _finite(hist.info.get("compile_time")),
            "hosts": ",".join(map(str, hosts)),
            "num_params": int(model.num_params), "train_size": int(len(x_train)),
-           "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(cfg)}
+           "test_size": int(len(data.x_test)), "load_time": load_time, "device": _device(run)}
     try:
         from ..bench.hardware import training_flops_per_image
         out["flops_per_image"] = float(training_flops_per_image(model))
@@ -186,8 +185,8 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
         out.update(tta.summary())
         out["eval_trace"] = json.dumps(tta.trace)
     if (entry.trainer == "fit" and entry.cores == "workers" and entry.fit_workers
-            and int(cfg["threads"]) > 1):
-        out["reduce_time"] = measure_reduce(int(model.num_params), int(cfg["threads"]), dtype)
+            and int(run.threads) > 1):
+        out["reduce_time"] = measure_reduce(int(model.num_params), int(run.threads), dtype)
     return out
 
 
@@ -240,11 +239,11 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     """``--run-json CONFIG --result RESULT``: train, write the result (``write``: MPI ranks
     other than 0 train without writing it)."""
     payload = json.loads(Path(config_path).read_text())
-    cfg = payload["config"]
     source = source_hash()  # the code this run imports, hashed before it trains
     result: dict[str, Any] = {"status": "ok", "error": ""}
     try:
-        result.update(execute_run(cfg, payload.get("data_root"), payload.get("download", True)))
+        run = Run.from_row(payload["config"])
+        result.update(execute_run(run, payload.get("data_root"), payload.get("download", True)))
     except KeyboardInterrupt:
         return 130
     except BaseException as err:  # noqa: BLE001 - every failure becomes a row

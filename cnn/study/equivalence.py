@@ -2,11 +2,13 @@
 implements the sequential algorithm and the sequential path, after each step, from the same
 initial weights and the same batches, in float64 and float32.
 
-``sync`` threads, micro-batch accumulation, the Numba kernels and the CUDA kernels all compute
-the sequential update; they differ only in the order of floating-point sums, so their weights
-must track the sequential weights to rounding error that grows slowly with the steps (and
-faster in float32). This is what the algebra predicts; final accuracy after thousands of
-momentum steps is not.
+``sync`` threads and processes, micro-batch accumulation, the Numba kernels and the CUDA
+kernels all compute the sequential update (the registry says which: a path's
+``sequential_algorithm`` with its strategies whose :class:`~cnn.paths.Algorithm` is
+``sequential``); they differ only in the order of floating-point sums, so their weights must
+track the sequential weights to rounding error that grows slowly with the steps (and faster in
+float32). This is what the algebra predicts; final accuracy after thousands of momentum steps
+is not.
 
 ``python -m cnn.study.equivalence OUT.csv`` (or :func:`weight_trajectories`) writes a tidy
 table: ``dtype, path, label, step, rel_diff`` with ``rel_diff = ||w - w_seq|| / ||w_seq||``
@@ -22,12 +24,19 @@ from pathlib import Path
 
 from .. import paths as P
 
-#: the variants compared (path, strategy, backend, threads); those whose path cannot run here
-#: (no GPU, a module missing) are left out and listed in the table's ``skipped`` attribute
-VARIANTS = (("threads", "sync", "numpy", 2), ("threads", "sync", "numba", 2),
-            ("accumulate", "accumulate", "numpy", 2), ("numba", "sequential", "numba", 1),
-            ("numba_parallel", "sequential", "numba_parallel", 2),
-            ("cuda", "sequential", "cuda", 1))
+#: the workers of a variant whose path scales (one worker is the sequential path's own case)
+WORKERS = 2
+
+
+def sequential_variants() -> tuple[tuple[str, str, str, int], ...]:
+    """The variants compared, ``(path, strategy, backend, threads)``: every strategy and backend
+    of every path in the registry that computes the sequential algorithm, the baseline aside,
+    with :data:`WORKERS` workers where the path scales. Those whose path cannot run here (no
+    GPU, a module missing) are left out and listed in the table's ``skipped`` attribute."""
+    return tuple((e.name, s, b, WORKERS if e.scales else 1)
+                 for e in P.PATHS.values() if e.name != P.BASELINE and e.trainer == "fit"
+                 for s in e.strategies if e.computes_sequential(s)
+                 for b in e.backends)
 
 
 class _Recorder:
@@ -51,53 +60,54 @@ def _host(a):
     return a.copy_to_host() if hasattr(a, "copy_to_host") else a
 
 
-def _train(cfg: dict, data, steps: int, batch_size: int, seed: int, optimizer: dict,
-           dtype) -> list:
+def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, model: str, data,
+           steps: int, batch_size: int, seed: int, optimizer: dict, dtype) -> list:
     from ..model import Sequential, resolve_spec
     from ..train import fit
-    entry = P.get_path(cfg["path"])
-    model = Sequential.from_spec(resolve_spec(cfg["model"]), input_shape=data.input_shape,
-                                 dtype=dtype, seed=seed, backend=cfg["backend"])
+    net = Sequential.from_spec(resolve_spec(model), input_shape=data.input_shape, dtype=dtype,
+                               seed=seed, backend=backend)
     rec = _Recorder()
     n = steps * batch_size
-    fit(model, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=batch_size,
-        optimizer=optimizer, seed=seed, backend=cfg["backend"], blas_threads=1, verbose=0,
-        callbacks=[rec.hook], **entry.fit_arguments(cfg))
+    fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=batch_size,
+        optimizer=optimizer, seed=seed, backend=backend, blas_threads=1, verbose=0,
+        callbacks=[rec.hook], **entry.fit_arguments({"strategy": strategy, "threads": threads}))
     return rec.weights
 
 
-def weight_trajectories(variants=VARIANTS, dtypes=("float64", "float32"),
+def weight_trajectories(variants=None, dtypes=("float64", "float32"),
                         dataset: str = "mnist_embedded", model: str = "mnist_small",
                         steps: int = 60, batch_size: int = 32, seed: int = 0,
                         lr: float = 0.05, momentum: float = 0.9, data_root=None,
                         gpu: bool | None = None, cuda_simulator: bool = False):
-    """The table described in the module doc (a pandas DataFrame)."""
+    """The table described in the module doc (a pandas DataFrame) for ``variants``
+    (``(path, strategy, backend, threads)``; None: :func:`sequential_variants`)."""
     import numpy as np
     import pandas as pd
 
     from ..data import load_dataset
     from .grid import unavailable
     rows, skipped = [], []
+    variants = sequential_variants() if variants is None else variants
     optimizer = {"type": "sgd", "lr": lr, "momentum": momentum}
     for dt in dtypes:
         dtype = np.dtype(dt)
         data = load_dataset(dataset, root=data_root, limit=steps * batch_size, test_limit=1,
                             seed=0, dtype=dtype)
-        base = {"model": model, "path": "sequential", "strategy": "sequential",
-                "backend": "numpy", "threads": 1, "period": ""}
-        seq = np.stack(_train(base, data, steps, batch_size, seed, optimizer, dtype))
+        base = P.get_path(P.BASELINE)
+        seq = np.stack(_train(base, base.default_strategy, base.default_backend, 1, model, data,
+                              steps, batch_size, seed, optimizer, dtype))
         norm = np.linalg.norm(seq, axis=1)
         for path, strategy, backend, threads in variants:
-            cfg = {**base, "path": path, "strategy": strategy, "backend": backend,
-                   "threads": threads, "cuda_simulator": cuda_simulator}
-            why = unavailable(cfg, gpu)
+            entry = P.get_path(path)
+            why = unavailable(entry, gpu, cuda_simulator)
             if why:
                 skipped.append(f"{path} ({why})")
                 continue
             t = time.perf_counter()
-            w = np.stack(_train(cfg, data, steps, batch_size, seed, optimizer, dtype))
+            w = np.stack(_train(entry, strategy, backend, threads, model, data, steps,
+                                batch_size, seed, optimizer, dtype))
             diff = np.linalg.norm(w - seq, axis=1) / norm
-            label = P.label(path, strategy, backend, threads)
+            label = entry.label(strategy, backend, threads)
             rows += [{"dtype": dt, "path": path, "label": label, "step": i + 1,
                       "rel_diff": float(d), "seconds": time.perf_counter() - t}
                      for i, d in enumerate(diff)]

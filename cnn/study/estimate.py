@@ -4,26 +4,23 @@ from __future__ import annotations
 import math
 
 from .. import paths as P
+from ..backends.registry import backend_info
 from ..results import done_keys, load_results
-from .grid import EVALS_PER_EPOCH, expand_grid, unavailable, variant
+from .grid import EVALS_PER_EPOCH, expand_grid, unavailable
 from .profiles import FULL_NOTES
-from .runner import jit_key
+from .run import Run
 
 #: images/s of the sequential path (numpy, 1 thread, batch 32) on the 2-core development
 #: machine (AMD EPYC, OpenBLAS), by model and first-layer filters; evaluation runs ~2.5x faster.
 #: Only for --dry-run estimates when no measured results match.
 REFERENCE_IPS = {"mnist_small": {4: 33000, 8: 21000, 16: 9000, 32: 4300},
                  "cifar_tutorial": {16: 1650, 32: 720, 64: 590}}
-#: guessed speed relative to sequential until measured (results of an earlier study replace
-#: it); a path not listed is guessed as fast as sequential
-DEFAULT_SPEEDUP = {"sequential": 1.0, "threads": 1.3, "numba": 1.0, "numba_parallel": 1.3,
-                   "cuda": 5.0, "keras": 3.0, "accumulate": 0.95, "torch": 0.5,
-                   "torch_cuda": 5.0}
-#: seconds per run outside the epochs: interpreter start, imports (TensorFlow), data loading
-OVERHEAD = {"base": 2.0, "mnist": 2.0, "cifar10": 3.0, "keras": 12.0, "numba": 2.0,
-            "numba_parallel": 2.0, "cuda": 5.0, "torch": 4.0, "torch_cuda": 8.0}
-#: seconds of the one-off cold compile per JIT backend and dtype
-COLD_COMPILE = {"numba": 40.0, "numba_parallel": 60.0, "cuda": 30.0}
+#: seconds per run outside the epochs: the interpreter's start; a path's own imports and
+#: contexts are its registry entry's ``overhead``, a backend's cold compile its record's
+#: ``cold_compile``, its speed before it is measured the entry's ``speed_guess``
+START_OVERHEAD = 2.0
+#: seconds per run loading a real data set
+DATASET_OVERHEAD = {"mnist": 2.0, "cifar10": 3.0}
 #: time-to-accuracy runs stop at their target: the share of the epoch cap guessed for them
 TTA_SHARE_OF_CAP = 0.5
 
@@ -41,7 +38,7 @@ def _reference_ips(model: str, filters: int) -> float:
     return math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[hi]))
 
 
-def estimate_seconds(runs: list[dict], calibration=None) -> list[float]:
+def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
     """Rough wall time of each run (the first run of each JIT backend also carries the study's
     one-off cold compile). With ``calibration`` (a results DataFrame), a run whose
     configuration (model, path, strategy, backend, threads, batch, filters) was measured takes
@@ -72,32 +69,30 @@ def estimate_seconds(runs: list[dict], calibration=None) -> list[float]:
                 overheads[key[0]] = float(g["overhead"].median())
     out, compiled = [], set()
     for r in runs:
-        jit = jit_key(r)
+        jit = r.jit_key()
         cold = 0.0
         if jit is not None and jit not in compiled:
             compiled.add(jit)
-            cold = COLD_COMPILE.get(r["backend"], 30.0)
+            cold = backend_info(r.backend).cold_compile
         key = tuple(r[c] for c in cols)
         if key in measured:
             ips, eval_ips = measured[key]
         else:
-            s = speedups.get((r["path"], r["strategy"], r["backend"], r["threads"]),
-                             DEFAULT_SPEEDUP.get(r["path"], 1.0))
-            ips = _reference_ips(r["model"], r["filters"]) * s
+            s = speedups.get((r.path, r.strategy, r.backend, r.threads), r.entry.speed_guess)
+            ips = _reference_ips(r.model, r.filters) * s
             eval_ips = 2.5 * ips
-        overhead = overheads.get(r["path"])
+        overhead = overheads.get(r.path)
         if overhead is None:
-            overhead = OVERHEAD["base"] + OVERHEAD.get(r["path"], 0.0)
-        overhead += OVERHEAD.get(r["dataset"], 0.0)
-        epochs = r["epochs"]
+            overhead = START_OVERHEAD + r.entry.overhead
+        overhead += DATASET_OVERHEAD.get(r.dataset, 0.0)
+        epochs = r.epochs
         extra = 0.0
-        if r.get("target") is not None:
+        if r.target is not None:
             # training stops at the target: guess a share of the cap, plus the validation
             # evaluations (every eval_every steps, about EVALS_PER_EPOCH per epoch)
-            epochs = max(1.0, TTA_SHARE_OF_CAP * r["epochs"])
-            extra = epochs * EVALS_PER_EPOCH * r["val_size"] / eval_ips
-        out.append(cold + overhead + extra
-                   + epochs * (r["train_size"] / ips + r["test_size"] / eval_ips))
+            epochs = max(1.0, TTA_SHARE_OF_CAP * r.epochs)
+            extra = epochs * EVALS_PER_EPOCH * r.val_size / eval_ips
+        out.append(cold + overhead + extra + epochs * (r.train_size / ips + r.test_size / eval_ips))
     return out
 
 
@@ -113,25 +108,24 @@ def describe_plan(grid_or_profile="quick", calibration=None, gpu: bool | None = 
     lines = [f"{len(runs)} runs ({len(configs)} configurations x repeats)"]
     groups: dict[tuple, list] = {}
     for r, s in zip(runs, est):
-        groups.setdefault((r["dataset"], r["train_size"], variant(r)), []).append(s)
+        groups.setdefault((r.dataset, r.train_size, r.variant), []).append(s)
     for (ds, n, v), secs in groups.items():
         lines.append(f"  {ds:<15} n={n:<6} {v:<24} {len(secs):>3} runs  "
                      f"~{sum(secs) / 60:6.1f} min")
-    over = sorted({(variant(r), r["threads"]) for r in runs
-                   if P.oversubscribed(r["path"], r["threads"], None)})
+    over = sorted({(r.variant, r.threads) for r in runs if r.entry.oversubscribed(r.threads)})
     if over:
         lines.append("  oversubscribed on this machine (more workers than cores): "
                      + ", ".join(f"{v} x{t}" for v, t in over))
     if len(everything) > len(runs):
-        why = sorted({f"{r['path']} ({unavailable(r, gpu)})" for r in everything
-                      if unavailable(r, gpu)})
+        why = sorted({f"{r.path} ({unavailable(r.entry, gpu, r.cuda_simulator)})"
+                      for r in everything if unavailable(r.entry, gpu, r.cuda_simulator)})
         lines.append(f"  skipped: {len(everything) - len(runs)} run(s) that cannot run on this "
                      f"machine, nothing will be recorded for them: {', '.join(why)}")
     if grid_or_profile == "full":
         lines.append("  " + FULL_NOTES)
     if out is not None:
         skip = done_keys(load_results(out, missing_ok=True))
-        remaining = [s for r, s in zip(runs, est) if r["run_key"] not in skip]
+        remaining = [s for r, s in zip(runs, est) if r.run_key not in skip]
         lines.append(f"already done in {out}: {len(runs) - len(remaining)} runs")
         est = remaining
     total = sum(est)

@@ -16,13 +16,14 @@ crossed. The axes (default in brackets):
   ``epochs`` [1], ``train_size`` / ``test_size`` [the whole split; the first N examples],
   ``dtype`` [float32], ``seed`` [0], ``lr`` / ``momentum`` [the preset's optimizer; with
   another optimizer type, that optimizer's default rate and no momentum].
-- ``optimizer`` [the preset's]: ``sgd`` | ``rmsprop`` | ``adam`` | ``adamw``, with options as
+- ``optimizer`` [the preset's]: a type of :data:`cnn.optim.OPTIMIZERS`, with options as
   ``NAME:key=value,...`` (``sgd:nesterov=true``, ``adam:beta_2=0.99``; ``lr`` and ``momentum``
-  are the axes above); ``lr_schedule`` [none: a constant rate]: ``cosine`` | ``step`` |
-  ``cosine_restarts`` | ``cyclic`` | ``warmup`` with options likewise
-  (``step:step_size=1,unit=epoch``; see :mod:`cnn.schedules`; a cosine without
-  ``decay_steps`` anneals to the end of the run). Both are recorded as text, ``""`` for the
-  preset's optimizer and for no schedule. The PyTorch paths train plain SGD only.
+  are the axes above; ``momentum`` only for the optimizers that take one); ``lr_schedule``
+  [none: a constant rate]: a type of :data:`cnn.schedules.SCHEDULES` but ``plateau``, with
+  options likewise (``step:step_size=1,unit=epoch``; a cosine without ``decay_steps`` anneals
+  to the end of the run). Both are recorded as text, ``""`` for the preset's optimizer and for
+  no schedule. Paths whose trainer runs only some optimizers say so in the registry
+  (``TrainingPath.optimizers``: PyTorch trains plain SGD only).
 - ``period`` [None: the strategy's default, once per epoch]: for strategy ``average``, the
   steps between two averages (a positive integer) or ``"epoch"``; ignored elsewhere.
 - time-to-accuracy: ``target`` [None: off]: a validation accuracy in (0, 1); the run then
@@ -53,6 +54,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,7 @@ from typing import Any
 from .. import paths as P
 from ..results import CONFIG_FIELDS
 from .profiles import PROFILES
+from .run import Run
 
 DTYPES = ("float32", "float64")
 #: full (train, test) sizes per data set; for the synthetic sets, the default sizes generated
@@ -221,7 +224,7 @@ def _check_optimizer(v) -> str | None:
     """None (the preset's), or the canonical ``NAME[:key=value,...]`` of a valid optimizer."""
     if v is None:
         return None
-    from ..optim import make_optimizer
+    from ..optim import OPTIMIZERS, make_optimizer
     spec = _parse_spec("optimizer", v)
     inside = sorted({"lr", "momentum", "schedule"} & set(spec))
     if inside:
@@ -230,7 +233,8 @@ def _check_optimizer(v) -> str | None:
                          f"inside the optimizer; received optimizer={v!r}")
     try:  # with momentum when it takes one, so that nesterov=true checks out
         probe = {**spec, "lr": 0.01}
-        if spec["type"] in ("sgd", "rmsprop") and spec.get("nesterov"):
+        cls = OPTIMIZERS.get(spec["type"])
+        if cls is not None and cls.takes_momentum() and spec.get("nesterov"):
             probe["momentum"] = 0.9
         make_optimizer(probe)
     except (ValueError, TypeError) as err:
@@ -255,15 +259,12 @@ def _check_schedule(v) -> str:
     return "" if spec == {"type": "constant"} else _spec_text(spec)
 
 
-def takes_momentum(optimizer_type: str) -> bool:
-    return optimizer_type in ("sgd", "rmsprop")
-
-
 def run_optimizer(cfg: dict, spec: dict) -> dict:
     """The optimizer spec (for :func:`cnn.optim.make_optimizer`) of a run: the preset's, or
     the ``optimizer`` axis's type and options, with the run's ``lr``, its ``momentum`` (for the
     optimizers that take one) and its ``lr_schedule``."""
     from ..configs import parse_option_spec
+    from ..optim import optimizer_class
     base = dict(spec.get("optimizer", {"type": "sgd"}))
     kind = str(base.get("type", "sgd")).lower()
     if cfg.get("optimizer"):
@@ -273,7 +274,7 @@ def run_optimizer(cfg: dict, spec: dict) -> dict:
         base.update(given)
     base.pop("momentum", None)
     out = {**base, "lr": cfg["lr"]}
-    if takes_momentum(kind):
+    if optimizer_class(kind).takes_momentum():
         out["momentum"] = cfg["momentum"]
     if cfg.get("lr_schedule"):
         out["schedule"] = parse_option_spec(cfg["lr_schedule"], "lr_schedule")
@@ -344,14 +345,16 @@ def _preset_defaults(model: str) -> dict:
 def _resolve_optimizer(c: dict, defaults: dict) -> None:
     """The ``optimizer`` axis in canonical form (``""`` when it is the preset's) and the
     ``lr``/``momentum`` defaults that go with it."""
+    from ..optim import optimizer_class
     given = c["optimizer"] or ""
     kind = given.split(":", 1)[0] if given else defaults["optimizer"]
+    cls = optimizer_class(kind)
     same = kind == defaults["optimizer"]
     if same and ":" not in given:
         c["optimizer"] = ""  # the preset's, however it was written
     if c["lr"] is None:
-        c["lr"] = defaults["lr"] if same else _class_default_lr(kind)
-    if takes_momentum(kind):
+        c["lr"] = defaults["lr"] if same else float(cls.default_lr())
+    if cls.takes_momentum():
         if c["momentum"] is None:
             c["momentum"] = defaults["momentum"] if same else 0.0
     else:
@@ -359,12 +362,6 @@ def _resolve_optimizer(c: dict, defaults: dict) -> None:
             raise ValueError(f"grid axes 'momentum' and 'optimizer': {kind} takes no momentum; "
                              f"received momentum={c['momentum']!r} with optimizer={kind!r}")
         c["momentum"] = 0.0
-
-
-def _class_default_lr(kind: str) -> float:
-    import inspect
-    from ..optim import OPTIMIZERS
-    return float(inspect.signature(OPTIMIZERS[kind].__init__).parameters["lr"].default)
 
 
 def canonical(raw: dict) -> dict:
@@ -398,13 +395,13 @@ def canonical(raw: dict) -> dict:
     entry = P.get_path(c["path"])
     c["strategy"], c["backend"], c["threads"] = entry.resolve(c["strategy"], c["backend"],
                                                               c["threads"])
-    if c["target"] is not None and entry.trainer == "keras":
+    if c["target"] is not None and not entry.step_hooks:
         raise ValueError(f"grid axis 'target': path {c['path']!r} trains inside Keras's own "
                          f"loop, which has no step hook for time-to-accuracy; use it on paths "
                          f"trained by cnn.train.fit or PyTorch")
     if c["target"] is not None and not c["eval_every"]:
-        per_step = c["batch_size"] * (c["threads"] if c["strategy"] in ("average", "hogwild")
-                                      else 1)
+        workers = c["threads"] if P.ALGORITHMS[c["strategy"]].batch_per_worker else 1
+        per_step = c["batch_size"] * workers
         steps = -(-c["train_size"] // per_step)
         c["eval_every"] = max(1, steps // EVALS_PER_EPOCH)
     c["period"] = (str(c["period"] or "epoch") if entry.takes_option(c["strategy"], "period")
@@ -419,19 +416,17 @@ def canonical(raw: dict) -> dict:
             raise ValueError(f"grid axes 'optimizer'/'lr_schedule'/'lr'/'momentum': {err} "
                              f"(optimizer={c['optimizer'] or kind!r}, lr={c['lr']}, momentum="
                              f"{c['momentum']}, lr_schedule={c['lr_schedule']!r})") from None
-    if entry.trainer == "torch" and (kind != "sgd" or ":" in c["optimizer"] or c["lr_schedule"]):
-        raise ValueError(f"grid axes 'optimizer'/'lr_schedule': path {c['path']!r} (PyTorch) "
-                         f"trains plain SGD with a constant rate; received optimizer="
+    if entry.optimizers and (kind not in entry.optimizers or ":" in c["optimizer"]
+                             or c["lr_schedule"]):
+        from ..optim import OPTIMIZERS
+        plain = " or ".join(OPTIMIZERS[k].__name__ for k in entry.optimizers)
+        raise ValueError(f"grid axes 'optimizer'/'lr_schedule': path {c['path']!r} "
+                         f"trains plain {plain} with a constant rate; received optimizer="
                          f"{c['optimizer'] or kind!r}, lr_schedule={c['lr_schedule']!r}")
 
     if not entry.needs_gpu:
         c["cuda_simulator"] = False
     return c
-
-
-def variant(cfg: dict) -> str:
-    """The display name of a run's path variant (the registry's: ``threads/sync[numba]``)."""
-    return P.get_path(cfg["path"]).variant(cfg["strategy"], cfg["backend"])
 
 
 def run_key(cfg: dict) -> str:
@@ -465,25 +460,27 @@ def gpu_available() -> bool:
         return False
 
 
-def unavailable(cfg: dict, gpu: bool | None = None) -> str:
-    """Why a run cannot run on this machine ("" when it can): a path that needs a GPU where
-    there is none (and the grid did not ask for the simulator), or a missing module."""
-    entry = P.get_path(cfg["path"])
+def unavailable(entry: P.TrainingPath, gpu: bool | None = None,
+                cuda_simulator: bool = False) -> str:
+    """Why a run of path ``entry`` cannot run on this machine ("" when it can): a path that
+    needs a GPU where there is none (``gpu``; None detects it) and the run does not ask for the
+    simulator, or a missing module."""
     ok, why = entry.available()
     if not ok:
         return why
-    if entry.needs_gpu and not cfg.get("cuda_simulator"):
+    if entry.needs_gpu and not cuda_simulator:
         if not (gpu_available() if gpu is None else gpu):
             return "no GPU on this machine"
     return ""
 
 
 def expand_grid(grid="quick", *, gpu: bool | None = None,
-                include_unavailable: bool = False) -> list[dict]:
+                include_unavailable: bool = False) -> list[Run]:
     """The runs of ``grid`` (a profile name, a dict or a list of dicts; see the module doc).
 
-    Returns one dict per run, in execution order (all configurations' repeat 0, then repeat 1,
-    ...), with the resolved configuration (``CONFIG_FIELDS``), ``run_key`` and ``timeout``.
+    Returns one :class:`~cnn.study.run.Run` per run, in execution order (all configurations'
+    repeat 0, then repeat 1, ...), with the resolved configuration (``CONFIG_FIELDS``),
+    ``run_key``, ``timeout`` and its path's registry entry.
     Runs that cannot run here are dropped (:func:`unavailable`: paths that need a GPU unless
     one is present, ``gpu``, None detects it, or their grid sets ``cuda_simulator=True``;
     paths whose modules are not installed); ``include_unavailable=True`` keeps them.
@@ -520,31 +517,28 @@ def expand_grid(grid="quick", *, gpu: bool | None = None,
                                   "timeout": settings["timeout"]}
     base = list(configs.values())
     if not include_unavailable:
-        base = [c for c in base if not unavailable(c, gpu)]
+        base = [c for c in base
+                if not unavailable(P.get_path(c["path"]), gpu, c["cuda_simulator"])]
     runs = []
     max_repeats = max((c["repeats"] for c in base), default=0)
     for r in range(max_repeats):
         for c in base:
             if r < c["repeats"]:
-                run = {k: c[k] for k in CONFIG_FIELDS if k != "repeat"}
-                run["repeat"] = r
-                run["seed"] = c["seed"] + r
-                run = {k: run[k] for k in CONFIG_FIELDS}
-                run["run_key"] = run_key(run)
-                run["timeout"] = c["timeout"]
-                runs.append(run)
+                row = {k: c[k] for k in CONFIG_FIELDS if k != "repeat"}
+                row.update(repeat=r, seed=c["seed"] + r)
+                runs.append(Run(**row, run_key=run_key(row), timeout=c["timeout"]))
     return runs
 
 
-def plan_order(runs: list[dict], seed: int | None = 0) -> list[dict]:
+def plan_order(runs: list[Run], seed: int | None = 0) -> list[Run]:
     """The study's run order: repeat blocks in turn (every configuration's repeat 0, then
     repeat 1, ...: drift hits all configurations alike), the order inside each block shuffled
     with ``seed`` (None keeps the declared order), so no path always runs first or right
     after a heavy one. Each run gets ``order_index`` (its place) and ``order_seed``."""
     import random
-    blocks: dict[int, list[dict]] = {}
+    blocks: dict[int, list[Run]] = {}
     for r in runs:
-        blocks.setdefault(r["repeat"], []).append(r)
+        blocks.setdefault(r.repeat, []).append(r)
     out = []
     rng = random.Random(seed)
     for rep in sorted(blocks):
@@ -552,7 +546,7 @@ def plan_order(runs: list[dict], seed: int | None = 0) -> list[dict]:
         if seed is not None:
             rng.shuffle(block)
         out.extend(block)
-    return [{**r, "order_index": i, "order_seed": seed} for i, r in enumerate(out)]
+    return [replace(r, order_index=i, order_seed=seed) for i, r in enumerate(out)]
 
 
 # ---- grid files -------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Callable
@@ -53,7 +54,8 @@ from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COL
                        ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
 from .child import source_hash
 from .grid import (DEFAULT_TIMEOUT, SYNTHETIC, check_timeout, expand_grid, plan_order,
-                   unavailable, variant)
+                   unavailable)
+from .run import Run
 
 TEMP_PREFIX = "cnn-study-"
 
@@ -121,45 +123,45 @@ def _package_root() -> str:
     return str(Path(__file__).resolve().parent.parent.parent)
 
 
-def child_env(cfg: dict, numba_cache: Path | None = None) -> dict:
-    """The child's environment, complete before its interpreter starts (numba and TensorFlow
-    read these variables at import): the path's own variables (registry) and the study's."""
+def child_env(run: Run | None = None, numba_cache: Path | None = None) -> dict:
+    """The environment of a child process, complete before its interpreter starts (numba and
+    TensorFlow read these variables at import): the study's, and ``run``'s path's own
+    variables (registry) when it trains a run."""
     env = dict(os.environ)
     if numba_cache is not None:
         env["NUMBA_CACHE_DIR"] = str(numba_cache)  # the study's own JIT cache
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
-    if cfg.get("path") in P.PATHS:
-        env.update(P.get_path(cfg["path"]).child_env(cfg))
-    if cfg.get("cuda_simulator"):
-        env["NUMBA_ENABLE_CUDASIM"] = "1"
+    if run is not None:
+        env.update(run.entry.child_env(run))
+        if run.cuda_simulator:
+            env["NUMBA_ENABLE_CUDASIM"] = "1"
     return env
 
 
-def child_command(cfg: dict, *args: str) -> list[str]:
+def child_command(run: Run, *args: str) -> list[str]:
     argv = [sys.executable, "-m", "cnn.study.child", *args, "--parent-pid", str(os.getpid())]
-    if cfg.get("path") in P.PATHS:
-        return P.get_path(cfg["path"]).command(cfg, argv)
-    return argv
+    return run.entry.command(run, argv)
 
 
 def _tail(text: str, lines: int = 200) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
+def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None
            ) -> tuple[dict, float, str]:
-    """Run one configuration in a child; returns (result, wall seconds, child output tail)."""
+    """Train one run in a child; returns (result, wall seconds, child output tail)."""
     tmp = study_tempdir("run")
     try:
         cfg_path, res_path = tmp / "config.json", tmp / "result.json"
         root = None if data_root is None else str(data_root)
-        cfg_path.write_text(json.dumps({"config": cfg, "download": download, "data_root": root}))
-        cmd = child_command(cfg, "--run-json", str(cfg_path), "--result", str(res_path))
-        timeout = cfg.get("timeout", DEFAULT_TIMEOUT)
+        cfg_path.write_text(json.dumps({"config": dict(run), "download": download,
+                                        "data_root": root}))
+        cmd = child_command(run, "--run-json", str(cfg_path), "--result", str(res_path))
+        timeout = run.timeout
         t = time.perf_counter()
         try:
-            proc = subprocess.run(cmd, env=child_env(cfg, numba_cache=jit_cache),
+            proc = subprocess.run(cmd, env=child_env(run, numba_cache=jit_cache),
                                   cwd=_package_root(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
             output, code = proc.stdout or "", proc.returncode
@@ -171,7 +173,7 @@ def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
                      "error": f"TimeoutError: the run exceeded its timeout of {timeout:g} s "
                               f"and was killed"}, wall, _tail(out))
         wall = time.perf_counter() - t
-        if code and cfg.get("path") in P.PATHS and P.get_path(cfg["path"]).launch == "mpiexec":
+        if code and run.entry.launch == "mpiexec":
             # an MPI job ended by MPI_Abort or a killed rank leaves MPICH's /dev/shm segments
             from ..parallel.launch import remove_orphan_segments
             remove_orphan_segments(since=time.time() - wall)
@@ -187,31 +189,24 @@ def launch(cfg: dict, data_root, download: bool, jit_cache: Path | None = None
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def jit_key(cfg: dict):
-    """``(backend, dtype)`` when the run's kernels are JIT-compiled, else None (also under the
-    CUDA simulator, which interprets kernels and compiles nothing)."""
-    if cfg.get("cuda_simulator"):
-        return None
-    entry = P.PATHS.get(cfg.get("path"))
-    compiles = entry.compiles(cfg["backend"]) if entry else cfg["backend"] in P.JIT_BACKENDS
-    return (cfg["backend"], cfg["dtype"]) if compiles else None
-
-
 def warm_jit(jit: tuple, jit_cache: Path, timeout: float = DEFAULT_TIMEOUT):
     """Compile ``(backend, dtype)``'s kernels into the empty study cache in a child process.
     Returns (cold compile seconds or None, a message)."""
     backend, dtype = jit
-    path = next((p.name for p in P.PATHS.values()
-                 if p.backends == (backend,) and p.launch != "mpiexec"), "sequential")
-    cfg = {"path": path, "threads": 1, "cuda_simulator": False, "backend": backend}
+    # the environment of a path that runs this backend alone, formatted for one worker
+    # (a path whose workers are NUMBA_NUM_THREADS compiles with 1)
+    entry = next((p for p in P.PATHS.values()
+                  if p.backends == (backend,) and p.launch != "mpiexec"), None)
+    env = child_env(numba_cache=jit_cache)
+    if entry is not None:
+        env.update(entry.child_env({"threads": 1}))
     tmp = study_tempdir("warm")
     try:
         res_path = tmp / "result.json"
         cmd = [sys.executable, "-m", "cnn.study.child", "--warmup", backend, dtype,
                "--result", str(res_path), "--parent-pid", str(os.getpid())]
         try:
-            proc = subprocess.run(cmd, env=child_env(cfg, numba_cache=jit_cache),
-                                  cwd=_package_root(), stdout=subprocess.PIPE,
+            proc = subprocess.run(cmd, env=env, cwd=_package_root(), stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True, timeout=timeout)
         except subprocess.TimeoutExpired:
             return None, f"timed out after {timeout:g} s; the runs will compile for themselves"
@@ -252,34 +247,33 @@ def sgemm_peak() -> float | None:
             "print(sgemm_peak(threads=1, repeats=3)['peak'])")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                             timeout=300, env=child_env({}))
+                             timeout=300, env=child_env())
         return float(out.stdout.strip().splitlines()[-1])
     except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return None
 
 
-def rows(cfg: dict, result: dict, started_at: str, run_time: float,
+def rows(run: Run, result: dict, started_at: str, run_time: float,
          cold_compile_time: float | None = None, peak: float | None = None) -> list[dict]:
     """The results rows of one run: one per epoch, or one for a run that did not finish."""
-    base = {"run_key": cfg["run_key"], "status": result.get("status", "failed"),
+    base = {"run_key": run.run_key, "status": result.get("status", "failed"),
             "error": result.get("error", "")}
-    base.update({k: cfg[k] for k in CONFIG_FIELDS})
+    base.update({k: run[k] for k in CONFIG_FIELDS})
     for k in ("train_size", "test_size"):
         if result.get(k) is not None:
             base[k] = result[k]  # what was actually used
     epochs = result.get("epochs") or []
     final = epochs[-1].get("test_accuracy") if epochs else None
-    entry = P.PATHS.get(cfg["path"])
-    run = {"compile_time": result.get("compile_time"), "cold_compile_time": cold_compile_time,
-           "final_test_accuracy": final,
-           "num_params": result.get("num_params"), "load_time": result.get("load_time"),
-           "run_time": run_time, "started_at": started_at,
-           "device": result.get("device", "cuda" if entry and entry.needs_gpu else "cpu"),
-           "order_index": cfg.get("order_index"), "order_seed": cfg.get("order_seed"),
-           "hosts": result.get("hosts")}
-    run.update({k: result.get(k) for k in ("reduce_time", "tta_status", "time_to_target",
-                                           "steps_to_target", "examples_to_target",
-                                           "eval_trace", "flops_per_image")})
+    measured = {"compile_time": result.get("compile_time"),
+                "cold_compile_time": cold_compile_time, "final_test_accuracy": final,
+                "num_params": result.get("num_params"), "load_time": result.get("load_time"),
+                "run_time": run_time, "started_at": started_at,
+                "device": result.get("device", "cuda" if run.entry.needs_gpu else "cpu"),
+                "order_index": run.order_index, "order_seed": run.order_seed,
+                "hosts": result.get("hosts")}
+    measured.update({k: result.get(k) for k in ("reduce_time", "tta_status", "time_to_target",
+                                                "steps_to_target", "examples_to_target",
+                                                "eval_trace", "flops_per_image")})
     machine = result.get("machine") or {**_parent_machine(), "source_hash": source_hash()}
     mach = {k: machine.get(k) for k in MACHINE_COLUMNS}
     mach["sgemm_peak_gflops"] = peak
@@ -287,12 +281,12 @@ def rows(cfg: dict, result: dict, started_at: str, run_time: float,
         base.update(status="failed", error="RuntimeError: the run recorded no epochs")
     if base["status"] != "ok":
         epochs = [{}]  # one row for a run that did not finish, measurements missing
-    return [{**base, **{k: e.get(k) for k in EPOCH_FIELDS}, **run, **mach} for e in epochs]
+    return [{**base, **{k: e.get(k) for k in EPOCH_FIELDS}, **measured, **mach} for e in epochs]
 
 
-def fmt_run(cfg: dict) -> str:
-    return (f"{cfg['dataset']} {variant(cfg)} t{cfg['threads']} b{cfg['batch_size']} "
-            f"f{cfg['filters']} e{cfg['epochs']} n{cfg['train_size']} r{cfg['repeat']}")
+def fmt_run(run: Run) -> str:
+    return (f"{run.dataset} {run.variant} t{run.threads} b{run.batch_size} f{run.filters} "
+            f"e{run.epochs} n{run.train_size} r{run.repeat}")
 
 
 def _summary_line(rs: list[dict], wall: float) -> str:
@@ -308,11 +302,11 @@ def _summary_line(rs: list[dict], wall: float) -> str:
     return f"ok in {wall:.1f} s: {ips_txt}, test acc {acc_txt}"
 
 
-def _preflight(runs: list[dict], data_root, download: bool) -> None:
+def _preflight(runs: list[Run], data_root, download: bool) -> None:
     """Fail early, before any run, when a real data set is missing (downloading it once here
     rather than in every child)."""
     from ..data import load_dataset
-    for name in sorted({r["dataset"] for r in runs} - set(SYNTHETIC) - {"mnist_embedded"}):
+    for name in sorted({r.dataset for r in runs} - set(SYNTHETIC) - {"mnist_embedded"}):
         load_dataset(name, root=data_root, limit=1, test_limit=1, download=download)
 
 
@@ -332,7 +326,8 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
         out: the results pickle; rewritten atomically and fsynced after every run.
         data_root: where MNIST / CIFAR-10 live (default ``$CNN_DATA_DIR`` or the cache).
         progress: True prints one line per run; a callable receives, after each run is
-            saved, ``{"index", "total", "config", "rows", "wall"}`` (raising from it stops the
+            saved, ``{"index", "total", "config", "rows", "wall"}`` (``config``: the
+            :class:`~cnn.study.run.Run`, a mapping of its columns; raising from it stops the
             study, with every finished run kept).
         retry_failed: rerun runs recorded as failed (default) instead of skipping them.
         download: let the loaders download missing data sets.
@@ -355,13 +350,13 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
     with ResultsLock(out, wait=wait):
         df = load_results(out, missing_ok=True)
         if len(everything) > len(runs):
-            why = sorted({f"{r['path']} ({unavailable(r, gpu)})" for r in everything
-                          if unavailable(r, gpu)})
+            why = sorted({f"{r.path} ({unavailable(r.entry, gpu, r.cuda_simulator)})"
+                          for r in everything if unavailable(r.entry, gpu, r.cuda_simulator)})
             say(f"skipping {len(everything) - len(runs)} run(s) that cannot run on this "
                 f"machine: {', '.join(why)}; nothing is recorded for them (a grid may set "
                 f"cuda_simulator=True to run CUDA under the simulator)")
         skip = done_keys(df, retry_failed)
-        todo = [r for r in runs if r["run_key"] not in skip]
+        todo = [r for r in runs if r.run_key not in skip]
         say(f"study: {len(runs)} runs, {len(runs) - len(todo)} already in {out}, "
             f"{len(todo)} to run")
         removed = clean_stale_tempdirs()
@@ -380,7 +375,7 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
             shutil.rmtree(jit_cache, ignore_errors=True)
         df = typed(load_results(out, missing_ok=True))
     if todo:
-        mine = df[df["run_key"].isin([r["run_key"] for r in runs])].drop_duplicates("run_key")
+        mine = df[df["run_key"].isin([r.run_key for r in runs])].drop_duplicates("run_key")
         n_failed = int((mine["status"] == "failed").sum())
         n_div = int((mine["status"] == "diverged").sum())
         say(f"study done: {len(todo)} run(s) this time, {n_failed} failed and {n_div} diverged "
@@ -390,25 +385,25 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
 
 def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache, cold):
     import pandas as pd
-    for i, cfg in enumerate(todo, 1):
+    for i, run in enumerate(todo, 1):
         if timeout is not None:
-            cfg = {**cfg, "timeout": float(timeout)}
-        jit = jit_key(cfg)
+            run = replace(run, timeout=float(timeout))
+        jit = run.jit_key()
         if jit is not None and jit not in cold:
             say(f"compiling the {jit[0]} kernels ({jit[1]}) into the study's JIT cache ...",
                 end="", flush=True)
             cold[jit], message = warm_jit(jit, jit_cache)
             say(f" {message}", flush=True)
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-        say(f"[{i}/{len(todo)}] {fmt_run(cfg)} ...", end="", flush=True)
-        result, wall, output = launch(cfg, data_root, download, jit_cache)
-        rs = rows(cfg, result, started, wall, cold.get(jit), cold.get("peak"))
+        say(f"[{i}/{len(todo)}] {fmt_run(run)} ...", end="", flush=True)
+        result, wall, output = launch(run, data_root, download, jit_cache)
+        rs = rows(run, result, started, wall, cold.get(jit), cold.get("peak"))
         new = typed(pd.DataFrame(rs))
-        kept = df[df["run_key"] != cfg["run_key"]]
+        kept = df[df["run_key"] != run.run_key]
         df = typed(pd.concat([kept, new], ignore_index=True)) if len(kept) else new
         save_results(df, out)  # durable before the next run starts
         say(" " + _summary_line(rs, wall), flush=True)
         if rs[0]["status"] == "failed" and (where := _where(output)):
             say(f"    raised at {where}", flush=True)
         if callable(progress):
-            progress({"index": i, "total": len(todo), "config": cfg, "rows": rs, "wall": wall})
+            progress({"index": i, "total": len(todo), "config": run, "rows": rs, "wall": wall})

@@ -35,8 +35,6 @@ class CudaBackend(CudaLayerOps, Backend):
     :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps`."""
 
     name = "cuda"
-    on_device = True
-    jit = True  # kernels compile per signature on first launch
 
     def __init__(self):
         if not cuda.is_available():

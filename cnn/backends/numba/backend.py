@@ -239,7 +239,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     and optimizer ops, are NumPy's."""
 
     name = "numba"
-    jit = True
     fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
