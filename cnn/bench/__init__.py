@@ -17,7 +17,6 @@ every contender; data values do not change the arithmetic.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -69,28 +68,15 @@ def ours(preset: str, x, y, batch_size: int, name: str = "ours (numpy, 1 thread)
 
 
 def keras(preset: str, x, y, batch_size: int, threads: int = 1) -> Contender:
-    """The same architecture in Keras (TensorFlow), pinned to ``threads`` threads. The epoch
-    is timed inside ``fit`` by a callback, so Keras's per-call set-up is not charged to it."""
+    """The same architecture in Keras (TensorFlow), pinned to ``threads`` threads, set up by
+    the Keras reference. The epoch is timed inside ``fit`` by its epoch timer, so Keras's
+    per-call set-up is not charged to it."""
     def setup():
-        import keras as K
-        from ..keras_reference import build_keras_model, configure_threads, to_keras_images
-        configure_threads(threads)
+        from ..reference.keras import compiled_keras_model, epoch_timer, to_keras_images
         model = build_model(preset, seed=0)
-        kmodel = build_keras_model(model)
-        opt = get_preset(preset)["optimizer"]
-        kmodel.compile(optimizer=K.optimizers.SGD(learning_rate=opt["lr"], momentum=opt["momentum"]),
-                       loss=K.losses.SparseCategoricalCrossentropy(from_logits=True),
-                       metrics=["accuracy"])
+        kmodel = compiled_keras_model(model, get_preset(preset)["optimizer"], threads)
         xk = to_keras_images(x)
-
-        class EpochTimer(K.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.t = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.elapsed = time.perf_counter() - self.t
-
-        timer = EpochTimer()
+        timer = epoch_timer()
 
         def run() -> float:
             kmodel.fit(xk, y, batch_size=batch_size, epochs=1, shuffle=True, verbose=0,

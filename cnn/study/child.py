@@ -144,10 +144,10 @@ def execute_run(cfg: dict, data_root=None, download: bool = True) -> dict:
         if tta:
             raise ValueError(f"path {entry.name!r} has no step hook: time-to-accuracy "
                              f"(target) needs a path trained by cnn.train.fit or PyTorch")
-        from ..keras_reference import fit_keras
+        from ..reference.keras import fit_keras
         hist = fit_keras(model, x_train, y_train, threads=cfg["threads"], **common)
     elif entry.trainer == "torch":
-        from ..torch_reference import fit_torch
+        from ..reference.torch import fit_torch
         hist = fit_torch(model, x_train, y_train, threads=cfg["threads"], device=entry.device,
                          callbacks=callbacks, **common)
     else:
