@@ -22,10 +22,9 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 from ..model import build_model
 from ..presets import get_preset
+from .harness import synthetic_batch
 
 _PROTO = None
 
@@ -39,15 +38,6 @@ def _wait_for_go() -> bool:
     """Block until the parent says ``go`` (True) or ``stop``/closes stdin (False)."""
     line = sys.stdin.readline()
     return line.strip() == "go"
-
-
-def synthetic_data(preset: str, n: int, seed: int = 0):
-    """``n`` random images in [0, 1) with the preset's input shape and random labels."""
-    spec = get_preset(preset)
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *spec["input_shape"]), dtype=np.float64).astype(np.float32)
-    y = rng.integers(0, 10, n).astype(np.int64)
-    return x, y
 
 
 # ---- ours --------------------------------------------------------------------------------------
@@ -143,7 +133,7 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr
     try:
         job = json.loads(argv[0])
-        x, y = synthetic_data(job["preset"], job["images"])
+        x, y = synthetic_batch(job["preset"], job["images"])
         RUNNERS[job["contender"]["kind"]](job, x, y)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which skips the row
         traceback.print_exc()
