@@ -267,7 +267,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cnn.bench.ptx",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="CSV file to write (directories are created)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
     args = parser.parse_args(argv)
