@@ -470,11 +470,12 @@ def cmd_predict(args) -> int:
 
 
 def _add_bench(sub) -> None:
+    from .bench import SUITES
     p = sub.add_parser("bench", help="throughput benchmarks with side-by-side ratios")
     p.add_argument("suite", nargs="?", default="compare",
-                   help="compare (default: ours on every CPU path vs Keras and PyTorch, 1 and 2 "
-                        "threads), keras (sequential vs Keras), threads (speed-up), gpu (CUDA)")
-    p.add_argument("--repeats", type=positive_int, default=5)
+                   help=", ".join(f"{name} ({s.measures})" for name, s in SUITES.items()))
+    p.add_argument("--repeats", type=positive_int, default=None,
+                   help="timed repeats per contender (default 5; ops: 15)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke run)")
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
@@ -482,12 +483,18 @@ def _add_bench(sub) -> None:
                    help="compare and mpi suites: also write every figure to PATH (mpi: the "
                         "fitted alpha and beta the study's scaling model reads from "
                         "results/mpi_allreduce.json)")
+    p.add_argument("--dtype", default=None, choices=["float32", "float64"],
+                   help="ops suite: the ops' dtype (default float32)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="ops suite: time the calling thread's CPU time (a busy machine disturbs "
+                        "it less)")
 
 
 def cmd_bench(args) -> int:
     from .bench import main
     main(args.suite, repeats=args.repeats, quick=args.quick, presets=args.presets,
-         batch_sizes=args.batch_sizes, json_path=args.json)
+         batch_sizes=args.batch_sizes, json_path=args.json, dtype=args.dtype,
+         cpu_time=args.cpu_time)
     return 0
 
 

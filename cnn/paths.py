@@ -96,8 +96,9 @@ class TrainingPath:
             ``env``) or ``"mpiexec"`` (the child is started as ``mpiexec -n <threads> ...``).
         env: environment variables of the child, values formatted with the run's configuration
             (``"{threads}"``), set before its interpreter starts.
-        trainer: ``"fit"`` (:func:`cnn.train.fit`) or ``"keras"``
-            (:func:`cnn.keras_reference.fit_keras`).
+        trainer: ``"fit"`` (:func:`cnn.train.fit`), ``"keras"``
+            (:func:`cnn.reference.keras.fit_keras`) or ``"torch"``
+            (:func:`cnn.reference.torch.fit_torch`).
         fit_strategy: the recorded strategy -> the :mod:`cnn.parallel` strategy name passed to
             ``fit`` (identity when absent).
         fit_workers: whether ``fit`` gets ``threads`` workers (False: one; the parallelism

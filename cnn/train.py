@@ -53,6 +53,18 @@ class History:
     def epochs(self) -> int:
         return len(self.history.get("epoch", []))
 
+    def epoch_line(self, epochs: int) -> str:
+        """The last epoch's progress line, as every trainer prints it with ``verbose=1``:
+        ``epoch 3/10: loss ... acc ... time 1.23s (4,567 img/s)``, then the validation loss and
+        accuracy when the epoch was evaluated."""
+        logs = {k: v[-1] for k, v in self.history.items()}
+        line = (f"epoch {logs['epoch']}/{epochs}: loss {logs['loss']:.4f}  "
+                f"acc {logs['accuracy']:.4f}  "
+                f"time {logs['time']:.2f}s ({logs['images_per_sec']:,.0f} img/s)")
+        if "val_accuracy" in logs:
+            line += f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
+        return line
+
     def to_frame(self):
         import pandas as pd
         return pd.DataFrame(self.history)
@@ -207,7 +219,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                         raise DivergedError(epoch, steps_per_epoch, val["loss"], "validation")
                 history.append(logs)
                 if verbose:
-                    print(_epoch_line(logs, epochs), flush=True)
+                    print(history.epoch_line(epochs), flush=True)
                 if opt.schedule is not None:  # reduce-on-plateau reads the epoch's metrics
                     opt.schedule.on_epoch_end(epoch, logs)
                 if callbacks:  # callbacks see the current weights in the model
@@ -471,11 +483,3 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
         logs["callback_time"] = callback_t
         logs["examples"] = n  # fewer than the epoch's when a step callback stopped it
     return logs
-
-
-def _epoch_line(logs: dict, epochs: int) -> str:
-    line = (f"epoch {logs['epoch']}/{epochs}: loss {logs['loss']:.4f}  acc {logs['accuracy']:.4f}  "
-            f"time {logs['time']:.2f}s ({logs['images_per_sec']:,.0f} img/s)")
-    if "val_accuracy" in logs:
-        line += f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
-    return line

@@ -61,11 +61,12 @@ def test_default_contenders_cover_the_issue():
 def test_pytorch_contender_is_our_network(preset):
     torch = pytest.importorskip("torch", reason="PyTorch is an optional extra "
                                                 "(requirements-bench.txt)")
-    from cnn.bench.worker import synthetic_data, torch_model
+    from cnn.bench.harness import synthetic_batch
+    from cnn.reference.torch import build_torch_model
 
     model = build_model(preset, seed=0)
-    x, _ = synthetic_data(preset, 5)
+    x, _ = synthetic_batch(preset, 5)
     ours, _ = model.forward(x)
     with torch.no_grad():
-        theirs = torch_model(model)(torch.from_numpy(x)).numpy()
+        theirs = build_torch_model(model)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)

@@ -1,7 +1,7 @@
 """Every CUDA kernel compiles to PTX for sm_75, sm_80 and sm_90, assembles with ptxas, spills
 no registers and does no float64 arithmetic in its float32 version (an accidental promotion).
 
-The analysis (``python -m cnn.backends.ptx_report``) runs once, in a subprocess with the CUDA
+The analysis (``python -m cnn.bench.ptx``) runs once, in a subprocess with the CUDA
 simulator off: ``compile_ptx`` needs Numba's real CUDA target, and the pytest process may have
 imported Numba with ``NUMBA_ENABLE_CUDASIM=1`` set. No GPU is needed.
 """
@@ -24,13 +24,13 @@ COLUMNS = ["kernel", "arch", "registers", "smem_bytes", "spill_stores", "spill_l
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
-    """``(rows, csv_path)`` of one ``ptx_report --json --out ...`` run."""
+    """``(rows, csv_path)`` of one ``python -m cnn.bench.ptx --json --out ...`` run."""
     out = tmp_path_factory.mktemp("ptx") / "gpu_kernels.csv"
     env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
-    proc = subprocess.run([sys.executable, "-m", "cnn.backends.ptx_report", "--json",
+    proc = subprocess.run([sys.executable, "-m", "cnn.bench.ptx", "--json",
                            "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=600)
-    assert proc.returncode == 0, f"ptx_report failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"cnn.bench.ptx failed:\n{proc.stdout}\n{proc.stderr}"
     return json.loads(proc.stdout), out
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from cnn.backends import get_backend
 from cnn.context import StepContext
-from cnn.keras_reference import (build_keras_model, compile_keras_model, configure_threads,
+from cnn.reference.keras import (build_keras_model, compile_keras_model, configure_threads,
                                  fit_keras, get_keras_weights, keras_labels,
                                  keras_loss_and_grads, keras_to_ours, ours_to_keras,
                                  to_keras_images)

@@ -14,11 +14,11 @@ import pytest
 from cnn import layers as layers_mod
 from cnn.backends import get_backend
 from cnn.data import load_dataset
-from cnn.keras_reference import (SUPPORTED_LAYERS, build_keras_model, compile_keras_model,
-                                 configure_threads, diff_table, fit_keras, from_keras_images,
+from cnn.reference.compare import diff_table, relative_difference
+from cnn.reference.keras import (SUPPORTED_LAYERS, build_keras_model, compile_keras_model,
+                                 configure_threads, fit_keras, from_keras_images,
                                  get_keras_weights, keras_loss_and_grads, keras_to_ours,
-                                 ours_to_keras, relative_difference, thread_settings,
-                                 to_keras_images)
+                                 ours_to_keras, thread_settings, to_keras_images)
 from cnn.layers import Dense, Flatten, Layer
 from cnn.model import Sequential, build_model
 from cnn.optim import SGD

@@ -366,7 +366,7 @@ def test_two_hosts_over_tcp_equal_one_host(tmp_path, sequential_cli):
 
 # ---- the benchmark --------------------------------------------------------------------------------
 def test_alpha_beta_fit_recovers_a_linear_cost_model():
-    from cnn.parallel.bench_mpi import SIZES, fit_alpha_beta
+    from cnn.bench.mpi import SIZES, fit_alpha_beta
     alpha, beta = 3e-6, 2.5e-10
     times = [alpha + beta * n for n in SIZES]
     a, b, worst = fit_alpha_beta(SIZES, times)
@@ -377,11 +377,11 @@ def test_alpha_beta_fit_recovers_a_linear_cost_model():
 def test_bench_mpi_runs_on_two_ranks(tmp_path):
     """A smoke run of ``python -m cnn bench mpi`` (tiny: its figures are not checked here)."""
     out = tmp_path / "mpi.json"
-    res = subprocess.run([sys.executable, "-m", "cnn.parallel.bench_mpi", "--quick", "--presets",
+    res = subprocess.run([sys.executable, "-m", "cnn.bench.mpi", "--quick", "--presets",
                           "mnist_small", "--batch-sizes", "32", "--json", str(out)],
                          capture_output=True, text=True, timeout=120, env=_env())
     assert res.returncode == 0, res.stderr  # one rank without a launcher works too
-    res = mpirun("-m", "cnn.parallel.bench_mpi", "--quick", "--presets", "mnist_small",
+    res = mpirun("-m", "cnn.bench.mpi", "--quick", "--presets", "mnist_small",
                  "--batch-sizes", "32", "--json", out)
     assert "fitted t(n) = alpha + beta * n" in res.stdout
     assert res.stdout.count("Allreduce (in place") == 1  # rank 0 alone prints

@@ -77,7 +77,7 @@ def data(n=STEPS * BATCH, seed=3):
 def keras_after():
     """``{id: weights}``: the Keras copy of the model after STEPS train_on_batch calls."""
     pytest.importorskip("tensorflow")
-    from cnn.keras_reference import (build_keras_model, compile_keras_model, configure_threads,
+    from cnn.reference.keras import (build_keras_model, compile_keras_model, configure_threads,
                                      get_keras_weights, to_keras_images)
     configure_threads(1)
     x, y = data()
@@ -456,7 +456,7 @@ def test_fit_keras_follows_fit_with_adam_and_a_cosine_to_the_end():
     """fit_keras resolves a schedule's horizon as fit does (a cosine without decay_steps ends
     with the fit): two epochs of Adam + cosine reach the same weights on both."""
     pytest.importorskip("tensorflow")
-    from cnn.keras_reference import configure_threads, fit_keras
+    from cnn.reference.keras import configure_threads, fit_keras
     configure_threads(1)
     x, y = data(40)
     kw = dict(epochs=2, batch_size=8, optimizer={"type": "adam", "lr": 0.01,

@@ -127,7 +127,7 @@ def test_accumulation_is_the_sequential_algorithm(blobs):
 
 def test_pytorch_reference_matches_our_model(blobs):
     torch = pytest.importorskip("torch")
-    from cnn.torch_reference import build_torch_model, fit_torch
+    from cnn.reference.torch import build_torch_model, fit_torch
     for preset, shape in (("mnist_small", blobs.input_shape), ("cifar_tutorial", (3, 32, 32))):
         ours = Sequential.from_spec(resolve_spec(preset), input_shape=shape,
                                     dtype=np.float64, seed=1)

@@ -22,9 +22,13 @@ def peak_rss(argv: list[str]) -> tuple[int, float, int]:
     return usage.ru_maxrss * 1024, time.perf_counter() - t, proc.returncode
 
 
-def memory_suite(backends=("numpy", "numba"), dataset: str = "cifar10",
-                 preset: str = "cifar_tutorial", batch_size: int = 128, epochs: int = 1,
-                 limit: int | None = None, **_ignored) -> list[dict]:
+def suite(quick: bool = False, backends=("numpy", "numba"), dataset: str = "cifar10",
+          preset: str = "cifar_tutorial", batch_size: int = 128, epochs: int = 1,
+          **_ignored) -> list[dict]:
+    """One training run per backend, its peak RSS printed. ``quick``: the first 1,024
+    training images only (a smoke run). The command's ``repeats``, ``presets`` and
+    ``batch_sizes`` do not apply (one run of ``preset`` at ``batch_size`` per backend)."""
+    limit = 1024 if quick else None
     rows = []
     print(f"peak resident memory of `python -m cnn train --dataset {dataset} --model {preset} "
           f"--batch-size {batch_size} --epochs {epochs}` (whole process, data included; "

@@ -12,8 +12,10 @@ then the parent interleaves their timed epochs (A, B, C, ..., A, B, C, ...), one
 drift in a shared machine's speed hits all alike, and reports per contender the median
 images/s with its range, GFLOP/s from the network's FLOP count (printed), the fraction of the
 measured single-core SGEMM peak times the threads used, and the ratios to Keras and PyTorch at
-the same thread count. A summary checks the targets of issue 9. ``--json PATH`` writes every
-figure (and the machine) for the study to read.
+the same thread count. A summary puts the headline ratios side by side (the best path of ours
+at 1 and 2 threads against Keras and PyTorch, sync against the best one-thread path, the
+``MALLOC_*`` check, batch 128 against batch 32). ``--json PATH`` writes every figure (and the
+machine) for the study to read.
 """
 from __future__ import annotations
 
@@ -29,12 +31,12 @@ from dataclasses import dataclass, field
 
 from ..machine import describe, machine_info
 from ..model import build_model
+from .harness import QUICK_IMAGES
 from .hardware import layer_flops, sgemm_peak, training_flops_per_image
 
 #: images per timed epoch: long enough to dwarf per-epoch overhead and a shared machine's
-#: hiccups (0.3-2 s per epoch), short enough that the default suite ends in ~8 minutes on 2 cores
+#: hiccups (the suite prints its wall time at the end)
 IMAGES = {"mnist_small": 32768, "cifar_tutorial": 4096}
-QUICK_IMAGES = {"mnist_small": 256, "cifar_tutorial": 64}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 
@@ -266,8 +268,13 @@ def summary(groups: dict) -> list[str]:
     return lines
 
 
-def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeats: int = 5,
-        images: dict | None = None, quick: bool = False, json_path: str | None = None) -> dict:
+def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
+          json_path: str | None = None) -> dict:
+    """Every contender of :func:`contenders` per preset and batch size (see the module's
+    description); prints the tables and the summary and returns every figure, also written
+    to ``json_path`` when given. ``quick``: six contenders on a few images per epoch."""
+    presets = presets or ("cifar_tutorial", "mnist_small")
+    batch_sizes = batch_sizes or (32, 128)
     specs = contenders(quick)
     if not torch_available():
         print("pytorch: not installed, its contenders are skipped (pip install -r "
@@ -276,7 +283,7 @@ def run(presets=("cifar_tutorial", "mnist_small"), batch_sizes=(32, 128), repeat
     if importlib.util.find_spec("tensorflow") is None:
         print("keras: TensorFlow is not installed, its contenders are skipped")
         specs = [s for s in specs if s.family != "keras"]
-    images = images or (QUICK_IMAGES if quick else IMAGES)
+    images = QUICK_IMAGES if quick else IMAGES
     if quick:
         print("--quick: a smoke run (a few images per epoch, one repeat, six contenders); its "
               "figures are dominated by per-epoch overhead and mean nothing about speed")

@@ -22,10 +22,9 @@ import sys
 import time
 import traceback
 
-import numpy as np
-
 from ..model import build_model
 from ..presets import get_preset
+from .harness import synthetic_batch
 
 _PROTO = None
 
@@ -39,15 +38,6 @@ def _wait_for_go() -> bool:
     """Block until the parent says ``go`` (True) or ``stop``/closes stdin (False)."""
     line = sys.stdin.readline()
     return line.strip() == "go"
-
-
-def synthetic_data(preset: str, n: int, seed: int = 0):
-    """``n`` random images in [0, 1) with the preset's input shape and random labels."""
-    spec = get_preset(preset)
-    rng = np.random.default_rng(seed)
-    x = rng.random((n, *spec["input_shape"]), dtype=np.float64).astype(np.float32)
-    y = rng.integers(0, 10, n).astype(np.int64)
-    return x, y
 
 
 # ---- ours --------------------------------------------------------------------------------------
@@ -74,31 +64,17 @@ def run_ours(job: dict, x, y) -> None:
 
 # ---- Keras -------------------------------------------------------------------------------------
 def run_keras(job: dict, x, y) -> None:
-    from ..keras_reference import build_keras_model, configure_threads, to_keras_images
-
-    configure_threads(job["contender"]["threads"])
-    import keras as K
+    from ..reference.keras import compiled_keras_model, epoch_timer, to_keras_images
 
     model = build_model(job["preset"], seed=0)
-    kmodel = build_keras_model(model)
-    opt = get_preset(job["preset"])["optimizer"]
-    kmodel.compile(optimizer=K.optimizers.SGD(learning_rate=opt["lr"], momentum=opt["momentum"]),
-                   loss=K.losses.SparseCategoricalCrossentropy(from_logits=True),
-                   metrics=["accuracy"])
+    kmodel = compiled_keras_model(model, get_preset(job["preset"])["optimizer"],
+                                  job["contender"]["threads"])
     xk = to_keras_images(x)
-
-    class EpochTimer(K.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            self.t = time.perf_counter()
-
-        def on_epoch_end(self, epoch, logs=None):
-            self.elapsed = time.perf_counter() - self.t
-
     # One fit call per epoch, waiting for the parent's go between calls rather than inside a
-    # callback: a Keras fit blocked in a callback keeps its tf.data threads live, and they took
-    # the cores from the contender being timed (Keras at 2 threads fell to a tenth of its speed
-    # alone). The timer inside fit keeps fit's per-call set-up out of the epoch time.
-    timer = EpochTimer()
+    # callback: a Keras fit blocked in a callback keeps its tf.data threads live, and they
+    # take the cores from the contender being timed. The timer inside fit keeps fit's
+    # per-call set-up out of the epoch time.
+    timer = epoch_timer()
     for epoch in range(job["epochs"]):
         if epoch and not _wait_for_go():
             return
@@ -108,52 +84,20 @@ def run_keras(job: dict, x, y) -> None:
 
 
 # ---- PyTorch -----------------------------------------------------------------------------------
-def torch_model(model):
-    """The same network in PyTorch (NCHW like ours, so conv weights and the flatten order carry
-    over as they are; dense weights are transposed), with our initial weights."""
-    import torch
-    from torch import nn
-
-    mods = []
-    for layer in model.layers:
-        p = {k.split(".", 1)[1]: v for k, v in model.params.items()
-             if k.split(".", 1)[0] == layer.name}
-        if layer.type == "conv2d":
-            if layer.padding == "same" and layer.stride != 1:
-                raise NotImplementedError("padding='same' with stride > 1 in the PyTorch contender")
-            m = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
-                          stride=layer.stride, padding=0 if layer.padding == "valid" else "same")
-            m.weight.data = torch.from_numpy(p["w"].copy())
-            m.bias.data = torch.from_numpy(p["b"].copy())
-        elif layer.type == "dense":
-            m = nn.Linear(layer.input_shape[0], layer.units)
-            m.weight.data = torch.from_numpy(np.ascontiguousarray(p["w"].T))
-            m.bias.data = torch.from_numpy(p["b"].copy())
-        elif layer.type == "maxpool2d":
-            m = nn.MaxPool2d(layer.pool_size, stride=layer.stride)
-        elif layer.type == "relu":
-            m = nn.ReLU()
-        elif layer.type == "flatten":
-            m = nn.Flatten()
-        else:
-            raise NotImplementedError(f"layer type {layer.type!r} in the PyTorch contender")
-        mods.append(m)
-    return nn.Sequential(*mods)
-
-
 def run_torch(job: dict, x, y) -> None:
     import torch
     import torch.nn.functional as F
 
+    from ..reference.torch import build_torch_model, configure_threads
+
     threads = job["contender"]["threads"]
-    torch.set_num_threads(threads)
-    torch.set_num_interop_threads(threads)
+    configure_threads(threads, interop_threads=threads)
     torch.manual_seed(1)
     model = build_model(job["preset"], seed=0)
-    net = torch_model(model)
+    net = build_torch_model(model)
     opt = get_preset(job["preset"])["optimizer"]
-    # PyTorch's momentum (v = m v + g; w -= lr v) is Keras's (v = m v - lr g; w += v) for a
-    # constant learning rate
+    # PyTorch's momentum (v = m v + g; w -= lr v) is ours and Keras's (v = m v - lr g;
+    # w += v) for a constant learning rate
     sgd = torch.optim.SGD(net.parameters(), lr=opt["lr"], momentum=opt["momentum"])
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     n, bs = len(x), job["batch_size"]
@@ -189,7 +133,7 @@ def main(argv=None) -> int:
     sys.stdout = sys.stderr
     try:
         job = json.loads(argv[0])
-        x, y = synthetic_data(job["preset"], job["images"])
+        x, y = synthetic_batch(job["preset"], job["images"])
         RUNNERS[job["contender"]["kind"]](job, x, y)
     except BaseException as err:  # noqa: BLE001 - reported to the parent, which skips the row
         traceback.print_exc()

@@ -143,10 +143,10 @@ def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
         tta = TimeToAccuracy(x_val, y_val, int(run.eval_every), float(run.target))
     callbacks = [tta] if tta else []
     if entry.trainer == "keras":
-        from ..keras_reference import fit_keras
+        from ..reference.keras import fit_keras
         hist = fit_keras(model, x_train, y_train, threads=run.threads, **common)
     elif entry.trainer == "torch":
-        from ..torch_reference import fit_torch
+        from ..reference.torch import fit_torch
         hist = fit_torch(model, x_train, y_train, threads=run.threads, device=entry.device,
                          callbacks=callbacks, **common)
     else:

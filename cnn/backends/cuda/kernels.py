@@ -70,7 +70,7 @@ def fill_zero_kernel(a):
 # its first k once and then steps the multi-index by TILE in mixed radix: no division in the
 # loop. The helpers are inlined at the Numba IR level (inline="always"): a separately compiled
 # device function would ask the current GPU for its compute capability, which makes
-# compile_ptx fail on a machine without one (see ptx_report).
+# compile_ptx fail on a machine without one (see cnn.bench.ptx).
 @cuda.jit(device=True, inline="always")
 def _split(k, nb, nc):
     """k -> (a, b, c) with ``k = (a * nb + b) * nc + c``, ``b < nb``, ``c < nc``."""

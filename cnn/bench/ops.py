@@ -1,14 +1,14 @@
-"""Op-level microbenchmark: every layer op of the reference architectures on the ``numpy``,
-``numba`` and ``numba_parallel`` backends, side by side.
+"""``python -m cnn bench ops``: every layer op of the reference architectures on the
+``numpy``, ``numba`` and ``numba_parallel`` backends, side by side.
 
-    .venv/bin/python scripts/bench_ops.py [--presets mnist_small cifar_tutorial]
-        [--batch-sizes 32 128] [--dtype float32] [--repeats 15]
+    python -m cnn bench ops [--presets mnist_small cifar_tutorial] [--batch-sizes 32 128]
+        [--dtype float32] [--repeats 15] [--cpu-time]
 
 BLAS is pinned to one thread (threadpoolctl), the sequential setting of the study, for all
 three: ``numba_parallel`` gets its parallelism from Numba's own thread pool, and its only BLAS
 calls are the dense ops; unpinned, OpenBLAS's spinning worker threads compete with that pool
-for the cores right after each dense op (a ReLU on 8K elements after one took 3-6 ms instead of
-10 us). ``fit`` pins BLAS the same way by default. The first layer's backward skips ``dx``
+for the cores right after each dense op, and the small op that follows one pays for it. ``fit``
+pins BLAS the same way by default. The first layer's backward skips ``dx``
 (``need_dx=False``), as in training. Every op gets a workspace (``ws=``) of its own, as in
 a training step after the first, so outputs and temporaries are reused, not allocated. Each op is
 called twice to warm up (the Numba kernels are compiled beforehand by ``warmup``, whose time
@@ -23,26 +23,19 @@ after a BLAS-path conv and the gradients flowing back into one are channels-last
 """
 from __future__ import annotations
 
-import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from cnn.backends import get_backend
-from cnn.backends.fusion import CONV_RELU_MAXPOOL
-from cnn.context import Workspace
-from cnn.machine import describe
-from cnn.presets import get_preset
+from ..backends import get_backend
+from ..backends.fusion import CONV_RELU_MAXPOOL
+from ..context import Workspace
+from ..machine import describe
+from ..presets import get_preset
 
 BACKENDS = ("numpy", "numba", "numba_parallel")
-#: wall clock by default; ``--cpu-time`` times the calling thread's CPU time instead, which a
-#: busy shared machine disturbs less (meaningless for numba_parallel, whose work runs on
-#: other threads too)
-CLOCK = time.perf_counter
 
 
 def _as_received(be, a, channels_last: bool):
@@ -109,7 +102,7 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             continue
         if kind == "conv2d":
             if layer.get("padding", "valid") != "valid" or layer.get("stride", 1) != 1:
-                raise ValueError(f"bench_ops supports stride-1 'valid' conv; received {layer}")
+                raise ValueError(f"bench ops supports stride-1 'valid' conv; received {layer}")
             conv_i += 1
             k = layer["kernel_size"]
             w = (rng.standard_normal((layer["filters"], shape[1], k, k)) * 0.1).astype(dtype)
@@ -168,7 +161,7 @@ def layer_ops(spec: dict, batch: int, dtype, rng):
             shape = (batch, layer["units"])
             name = f"dense{dense_i} {w.shape[0]}->{w.shape[1]}"
         else:
-            raise ValueError(f"bench_ops: unsupported layer type {kind!r}")
+            raise ValueError(f"bench ops: unsupported layer type {kind!r}")
         fwd.append((f"{name} fwd", x.shape, fwd_call, True))
         bwd.append((f"{name} bwd", x.shape, bwd_call, False))
         first = False
@@ -229,7 +222,9 @@ def _check(label, ref, got, dtype):
             np.testing.assert_allclose(g, r, rtol=tol, atol=tol, err_msg=label)
 
 
-def bench(preset: str, batch: int, dtype, repeats: int) -> None:
+def bench(preset: str, batch: int, dtype, repeats: int, clock=time.perf_counter) -> None:
+    """The table of one preset and batch size: each op's median of ``repeats`` interleaved
+    calls per backend (milliseconds of ``clock``) and the speed-ups over NumPy."""
     spec = get_preset(preset)
     ops = layer_ops(spec, batch, dtype, np.random.default_rng(0))
     print(f"\n{preset}, batch {batch}, {np.dtype(dtype).name}: median ms of {repeats} "
@@ -252,9 +247,9 @@ def bench(preset: str, batch: int, dtype, repeats: int) -> None:
         times = {name: [] for name in BACKENDS}
         for _ in range(repeats):
             for name in BACKENDS:
-                t0 = CLOCK()
+                t0 = clock()
                 calls[name]()
-                times[name].append(CLOCK() - t0)
+                times[name].append(clock() - t0)
         med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
         for name in BACKENDS:
             totals[name] += med[name]
@@ -266,33 +261,25 @@ def bench(preset: str, batch: int, dtype, repeats: int) -> None:
           f"{totals['numpy'] / totals['numba_parallel']:10.2f}")
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=["mnist_small", "cifar_tutorial"])
-    p.add_argument("--batch-sizes", nargs="+", type=int, default=[32, 128])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--cpu-time", action="store_true",
-                   help="time the calling thread's CPU time (a busy machine disturbs it less)")
-    a = p.parse_args(argv)
-    global CLOCK
-    if a.cpu_time:
-        CLOCK = time.thread_time
+def suite(repeats: int = 15, quick: bool = False, presets=None, batch_sizes=None,
+          dtype: str = "float32", cpu_time: bool = False) -> None:
+    """One table per preset and batch size, BLAS pinned to one thread. ``dtype``: float32 or
+    float64. ``cpu_time``: time the calling thread's CPU time instead of the wall clock, which
+    a busy shared machine disturbs less (meaningless for numba_parallel, whose work runs on
+    other threads too). ``quick`` needs nothing beyond the one repeat the command gives it."""
+    clock = time.perf_counter
+    if cpu_time:
+        clock = time.thread_time
         print("timing: CPU time of the calling thread (numba_parallel's column is not wall time)")
-    dtype = np.dtype(a.dtype).type
+    dtype_name, dtype = dtype, np.dtype(dtype).type
 
     print(describe())
     for name in ("numba", "numba_parallel"):
         seconds = get_backend(name).warmup(dtype)
-        print(f"{name}: JIT compile / cache load for {a.dtype}: {seconds:.1f} s")
+        print(f"{name}: JIT compile / cache load for {dtype_name}: {seconds:.1f} s")
     layer = get_backend("numba_parallel").threading_layer
     print(f"numba threading layer: {layer}, {__import__('numba').get_num_threads()} threads")
     with threadpool_limits(limits=1, user_api="blas"):
-        for preset in a.presets:
-            for batch in a.batch_sizes:
-                bench(preset, batch, dtype, a.repeats)
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        for preset in presets or ("mnist_small", "cifar_tutorial"):
+            for batch in batch_sizes or (32, 128):
+                bench(preset, batch, dtype, repeats, clock)

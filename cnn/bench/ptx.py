@@ -2,7 +2,7 @@
 theoretical occupancy and arithmetic intensity. Needs no GPU (and must run with the CUDA
 simulator off: ``NUMBA_ENABLE_CUDASIM`` unset).
 
-    python -m cnn.backends.ptx_report [--out results/gpu_kernels.csv] [--json]
+    python -m cnn.bench.ptx [--out results/gpu_kernels.csv] [--json]
 
 For every kernel of :mod:`cnn.backends.cuda.kernels` and :mod:`cnn.backends.cuda.layer_kernels`
 and every architecture in ``ARCHS``:
@@ -111,8 +111,8 @@ def kernel_specs() -> list[KernelSpec]:
     spec is an error) with the float32 signature the backend launches it with."""
     from numba import boolean, float32, int32, int64, uint8, uint64
 
-    from .cuda import kernels as K
-    from .cuda import layer_kernels as LK
+    from ..backends.cuda import kernels as K
+    from ..backends.cuda import layer_kernels as LK
 
     a1, a2 = float32[::1], float32[:, ::1]
     a4, a5 = float32[:, :, :, ::1], float32[:, :, :, :, ::1]
@@ -236,8 +236,8 @@ def analyse(cc_list=tuple(ARCHS)) -> list[dict]:
     """One row per (kernel, arch): the ``COLUMNS`` plus ``fp64_instructions``."""
     from numba import cuda
 
-    from .cuda import kernels as K
-    from .cuda import layer_kernels as LK
+    from ..backends.cuda import kernels as K
+    from ..backends.cuda import layer_kernels as LK
 
     ptxas = ptxas_path()
     rows = []
@@ -267,7 +267,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cnn.bench.ptx",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="CSV file to write (directories are created)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON instead")
     args = parser.parse_args(argv)

@@ -1,7 +1,9 @@
 """The Keras reference: the same spec built in Keras (TensorFlow backend), weight transfer in
-both directions, and :func:`fit_keras`, which trains that Keras copy and reports a History with
+both directions, the one Keras set-up (threads, build, compile) and epoch timer every Keras
+user here shares, and :func:`fit_keras`, which trains that Keras copy and reports a History with
 the columns of :func:`cnn.train.fit`, so every path can be checked and timed against Keras from
-identical weights.
+identical weights (the equivalence tests and notebooks, the study's ``keras`` path and the
+benchmarks' Keras contenders all start from here).
 
 Layout differences handled here (ours -> Keras):
 
@@ -15,7 +17,7 @@ Layout differences handled here (ours -> Keras):
   *not* consumed by a dense layer (it gives the logits) cannot be fixed by permuting weights,
   so Keras gets a ``Permute`` to channels-first before its ``Flatten`` instead.
 
-The layers added for issue 12 map to ``Activation("sigmoid")``, ``Activation("tanh")``,
+Sigmoid, tanh, dropout and batch norm map to ``Activation("sigmoid")``, ``Activation("tanh")``,
 ``Dropout(rate)`` and ``BatchNormalization(axis=-1, momentum, epsilon)`` (per channel of a
 channels-last map, or per feature of a flat vector; weights ``[gamma, beta, moving_mean,
 moving_variance]``: our parameters and our buffers); ``kernel_regularizer`` to
@@ -42,7 +44,7 @@ import time
 
 import numpy as np
 
-from .layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh
+from ..layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh
 
 #: batch size of the per-epoch validation evaluation (that of ``Sequential.evaluate``)
 EVAL_BATCH = 256
@@ -147,7 +149,7 @@ def check_keras_compatible(model) -> None:
         raise NotImplementedError(
             f"the Keras reference cannot express layer {names}: it builds only the layer types "
             f"{supported} (exact classes; a subclass may compute something else). Add a "
-            f"converter to cnn/keras_reference.py to compare this layer with Keras.")
+            f"converter to cnn/reference/keras.py to compare this layer with Keras.")
     for i, layer in enumerate(model.layers):
         if type(layer) is Flatten and len(layer.input_shape) not in (1, 3):
             raise NotImplementedError(f"flatten {layer.name!r} of a rank-{len(layer.input_shape)} "
@@ -365,7 +367,7 @@ def keras_optimizer(optimizer=None):
     0.89999998), so float64 models with momentum differ from ours by ~3e-8 relative per step
     unless ``momentum`` is exact in float32 (0.5, 0.875, ...). A constant learning rate is
     passed as a float64 callable so that it stays exact."""
-    from .optim import make_optimizer
+    from ..optim import make_optimizer
     return make_optimizer(optimizer).keras()
 
 
@@ -396,34 +398,34 @@ def compile_keras_model(kmodel, model, optimizer=None) -> None:
         keras.backend.set_floatx(previous)
 
 
-# ---- comparing two paths ----------------------------------------------------------------------
-def relative_difference(actual, reference) -> float:
-    """``max |actual - reference| / max |reference|``: the difference in units of the array's
-    scale (0 when both are zero). The tests and notebooks bound this number."""
-    a = np.asarray(actual, dtype=np.float64)
-    r = np.asarray(reference, dtype=np.float64)
-    if a.shape != r.shape:
-        raise ValueError(f"shapes differ: {a.shape} vs {r.shape}")
-    scale = float(np.abs(r).max()) if r.size else 0.0
-    diff = float(np.abs(a - r).max()) if r.size else 0.0
-    return diff / scale if scale else diff
+# ---- the set-up every Keras user shares -----------------------------------------------------
+def compiled_keras_model(model, optimizer=None, threads: int | None = 1):
+    """The Keras copy of ``model``, ready to train: TensorFlow pinned to ``threads`` threads
+    (:func:`configure_threads`), the architecture and current weights of ``model``
+    (:func:`build_keras_model`), compiled with our loss and ``optimizer`` in the model's dtype
+    (:func:`compile_keras_model`). :func:`fit_keras` and the benchmarks' Keras contenders all
+    start from it."""
+    configure_threads(threads)
+    kmodel = build_keras_model(model)
+    compile_keras_model(kmodel, model, optimizer)
+    return kmodel
 
 
-def diff_table(actual: dict, reference: dict):
-    """One row per key of two dicts of arrays (parameters, gradients, logits): shape,
-    ``max_abs_ref`` = max |reference|, ``max_abs_diff`` = max |actual - reference| and
-    ``rel_diff`` (see :func:`relative_difference`). A pandas DataFrame indexed by key."""
-    import pandas as pd
-    if actual.keys() != reference.keys():
-        raise ValueError(f"keys differ: {sorted(actual)} vs {sorted(reference)}")
-    rows = []
-    for k in reference:
-        a = np.asarray(actual[k], dtype=np.float64)
-        r = np.asarray(reference[k], dtype=np.float64)
-        rows.append({"key": k, "shape": tuple(r.shape), "max_abs_ref": float(np.abs(r).max()),
-                     "max_abs_diff": float(np.abs(a - r).max()),
-                     "rel_diff": relative_difference(a, r)})
-    return pd.DataFrame(rows).set_index("key")
+def epoch_timer():
+    """A Keras callback that times each epoch of ``Model.fit`` from ``on_epoch_begin`` to
+    ``on_epoch_end`` (seconds of ``time.perf_counter`` in its ``elapsed``): every step,
+    including Keras's per-batch slicing in tf.data, which Keras does not let us separate, and
+    none of ``fit``'s per-call set-up and tear-down (building the tf.data pipeline, callbacks)."""
+    import keras
+
+    class EpochTimer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.elapsed = time.perf_counter() - self.start
+
+    return EpochTimer()
 
 
 # ---- training --------------------------------------------------------------------------------
@@ -486,7 +488,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         x, y: training images ``(N, C, H, W)`` and labels, in our layout.
         epochs, batch_size: as in :func:`cnn.train.fit`; the last batch of an epoch may be
             smaller, as there.
-        optimizer: our optimizer spec (:func:`cnn.optim.make_optimizer`); SGD only.
+        optimizer: our optimizer spec (:func:`cnn.optim.make_optimizer`): any optimizer with
+            a Keras counterpart (:func:`keras_optimizer`), with its schedule.
         seed: the epoch orders come from ``numpy.random.default_rng(seed)`` exactly as in
             :func:`cnn.train.fit`, so Keras sees the same batches in the same order as our
             sequential path (Keras's own shuffling is off).
@@ -502,9 +505,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
 
         - ``loss``, ``accuracy``: Keras's running means over the epoch's training batches
           (weighted by batch size, as ours);
-        - ``compute_time``: the epoch as timed by a Keras callback (``on_epoch_begin`` to
-          ``on_epoch_end``): every step, including Keras's per-batch slicing in tf.data, which
-          Keras does not let us separate;
+        - ``compute_time``: the epoch as timed by :func:`epoch_timer` inside ``fit``;
         - ``data_time``: our shuffle and gather of the epoch's examples (the order is ours, see
           ``seed``), timed as :func:`cnn.train.fit` times its own;
         - ``time`` = ``data_time + compute_time``, the epoch's training wall time (as in
@@ -518,13 +519,14 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         - ``eval_time``, ``val_loss``, ``val_accuracy`` when ``validation_data`` is given.
 
         ``info`` holds ``compile_time`` (see :func:`_keras_warm_up`: tf.function tracing, done
-        before the first epoch on the real model so no epoch pays it), ``params_transfer_time`` (building the
-        Keras model and copying our weights in), the layout conversion time of the inputs,
+        before the first epoch on the real model so no epoch pays it),
+        ``params_transfer_time`` (building and compiling the Keras model, our weights copied
+        in), the layout conversion time of the inputs,
         the configuration, and the TensorFlow/Keras versions and thread settings.
     """
-    from .optim import make_optimizer
-    from .checks import check_int
-    from .train import History, _epoch_line
+    from ..checks import check_int
+    from ..optim import make_optimizer
+    from ..train import History
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
     model.check_inputs(x, y)
@@ -535,15 +537,14 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     if opt.schedule is not None:  # horizons in epochs or left to the end of the fit, as fit
         spe = -(-len(x) // batch_size)
         opt = opt.with_schedule(opt.schedule.resolve(spe, epochs * spe))
-    configure_threads(threads)
+    configure_threads(threads)  # before the clock starts: its first call imports TensorFlow
     import keras
     import tensorflow as tf
 
     n = len(x)
     y = keras_labels(model, y)
     t = time.perf_counter()
-    kmodel = build_keras_model(model)
-    compile_keras_model(kmodel, model, opt)
+    kmodel = compiled_keras_model(model, opt, threads)
     params_time = time.perf_counter() - t
     t = time.perf_counter()
     xk = to_keras_images(x)
@@ -560,15 +561,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                                 f"tf_{k}_threads": v for k, v in thread_settings().items()}})
     try:
         history.info["compile_time"] = _keras_warm_up(kmodel, xk, y, batch_size, val, EVAL_BATCH)
-
-        class EpochTimer(keras.callbacks.Callback):
-            def on_epoch_begin(self, epoch, logs=None):
-                self.start = time.perf_counter()
-
-            def on_epoch_end(self, epoch, logs=None):
-                self.elapsed = time.perf_counter() - self.start
-
-        timer = EpochTimer()
+        timer = epoch_timer()
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
@@ -594,15 +587,15 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                 logs["val_loss"], logs["val_accuracy"] = float(res["loss"]), float(res["accuracy"])
             history.append(logs)
             if verbose:
-                print(_epoch_line(logs, epochs), flush=True)
+                print(history.epoch_line(epochs), flush=True)
     finally:
         model.set_weights(get_keras_weights(kmodel, model))
     return history
 
 
 __all__ = ["SUPPORTED_LAYERS", "build_keras_model", "check_keras_compatible",
-           "compile_keras_model", "configure_threads", "diff_table", "fit_keras",
-           "from_keras_images", "get_keras_weights", "keras_accuracy", "keras_labels",
-           "keras_loss", "keras_loss_and_grads",
-           "keras_optimizer", "keras_to_ours", "ours_to_keras", "relative_difference",
-           "set_keras_weights", "thread_settings", "to_keras_images"]
+           "compile_keras_model", "compiled_keras_model", "configure_threads", "epoch_timer",
+           "fit_keras", "from_keras_images", "get_keras_weights", "keras_accuracy",
+           "keras_labels", "keras_loss", "keras_loss_and_grads", "keras_optimizer",
+           "keras_to_ours", "ours_to_keras", "set_keras_weights", "thread_settings",
+           "to_keras_images"]

@@ -2,7 +2,7 @@
 overlapping it with the backward pass pays.
 
 The suite starts ``ranks`` ranks (default 2) with the venv's ``mpiexec`` running
-``python -m cnn.parallel.bench_mpi``; rank 0 prints.
+``python -m cnn.bench.mpi``; rank 0 prints.
 
 1. **Allreduce latency and bandwidth** over message sizes from 1 KiB to 16 MiB (powers of
    two; float32 buffers, ``MPI.SUM``, in place, the call the ``mpi`` strategy makes). For each
@@ -74,9 +74,9 @@ def allreduce_times(comm, MPI, sizes, repeats: int, budget: float = 0.05) -> lis
 
 def overlap_times(preset: str, images: int, batch_size: int, repeats: int) -> dict:
     """img/s of the mpi strategy without and with overlap, interleaved."""
-    from ..bench import synthetic_batch
     from ..model import build_model
     from ..presets import get_preset
+    from .harness import synthetic_batch
 
     x, y = synthetic_batch(preset, images)
     optimizer = get_preset(preset)["optimizer"]
@@ -97,7 +97,7 @@ def overlap_times(preset: str, images: int, batch_size: int, repeats: int) -> di
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m cnn.parallel.bench_mpi",
+    p = argparse.ArgumentParser(prog="python -m cnn.bench.mpi",
                                 description="(run under mpiexec) allreduce and overlap figures")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--quick", action="store_true")
@@ -114,7 +114,7 @@ def main(argv=None) -> int:
     say = print if rank == 0 else (lambda *args, **kw: None)
     sizes = SIZES[::2] if a.quick else SIZES
     repeats = 1 if a.quick else a.repeats
-    from .mpi import processor_names
+    from ..parallel.mpi import processor_names
     say(f"MPI: {MPI.Get_library_version().splitlines()[0]}; {size} ranks on hosts "
         f"{processor_names(comm)}", flush=True)
     rows = allreduce_times(comm, MPI, sizes, repeats, budget=0.01 if a.quick else 0.05)
@@ -165,12 +165,12 @@ def main(argv=None) -> int:
 
 
 def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
-          ranks: int = 2, json_path: str | None = None, **_) -> int:
+          ranks: int = 2, json_path: str | None = None) -> int:
     """Run the benchmark on ``ranks`` ranks (``python -m cnn bench mpi``)."""
     import subprocess
 
-    from .launch import find_mpiexec
-    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "cnn.parallel.bench_mpi",
+    from ..parallel.launch import find_mpiexec
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "cnn.bench.mpi",
            "--repeats", str(repeats)]
     if quick:
         cmd.append("--quick")

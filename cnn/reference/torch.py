@@ -1,15 +1,21 @@
-"""The same network in PyTorch, as a contender of the study (optional: only where PyTorch is
-installed; nothing else imports it).
+"""The PyTorch reference: our spec built in ``torch.nn`` with our weights
+(:func:`build_torch_model`), the trained weights back in our layout
+(:func:`get_torch_weights`), and :func:`fit_torch`, which trains the PyTorch copy the way
+:func:`cnn.train.fit` trains ours. PyTorch is optional (``requirements-bench.txt``): the study's
+``torch`` paths and the benchmarks' PyTorch contenders use this module where it is installed,
+and it imports PyTorch on first use.
 
-:func:`build_torch_model` builds our :class:`~cnn.model.Sequential` in ``torch.nn`` with the
-same weights (conv weights are ``(F, C, kh, kw)`` in both; a dense layer's ``w (D, units)`` is
-``Linear.weight.T``; "same" padding is TensorFlow's split, done with ``ZeroPad2d``), and
-:func:`fit_torch` trains it the way :func:`cnn.train.fit` trains ours: the same epoch orders
-(``numpy.random.default_rng(seed)``), SGD with the same momentum (PyTorch's
-``v = m v + g; w -= lr v`` is ours, ``v' = m v' - lr g; w += v'``, with ``v' = -lr v`` for a
-constant learning rate), the same History columns, and the trained weights copied back.
-On the CPU it runs ``threads`` intra-op threads (one inter-op thread); with ``device="cuda"``
-the parameters stay on the GPU and only batches go in.
+Layouts: images and conv kernels ``(F, C, KH, KW)`` are channels-first in both, so a flatten
+keeps its order; a dense layer's ``w (D, units)`` is ``Linear.weight.T``. ``padding="same"`` is
+our layer's own split (TensorFlow's: the odd pixel bottom/right, at any stride): the
+convolution's own padding where the split is symmetric, a ``ZeroPad2d`` before it where it is
+not. (PyTorch's ``padding="same"`` splits alike at stride 1 but refuses a stride > 1.)
+
+:func:`fit_torch` uses the same epoch orders (``numpy.random.default_rng(seed)``), SGD with the
+same momentum (PyTorch's ``v = m v + g; w -= lr v`` is ours, ``v' = m v' - lr g; w += v'``,
+with ``v' = -lr v`` for a constant learning rate) and the same History columns, and copies the
+trained weights back. On the CPU it runs ``threads`` intra-op threads (one inter-op thread);
+with ``device="cuda"`` the parameters stay on the GPU and only batches go in.
 """
 from __future__ import annotations
 
@@ -18,16 +24,22 @@ import time
 import numpy as np
 
 
-def available() -> bool:
+def configure_threads(threads: int, interop_threads: int = 1) -> None:
+    """PyTorch's CPU thread pools: ``threads`` intra-op threads, and ``interop_threads``
+    inter-op threads unless this process has fixed them already (PyTorch takes that setting
+    once, before its first inter-op work; a later call leaves it as it is)."""
+    import torch
+    torch.set_num_threads(int(threads))
     try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
+        torch.set_num_interop_threads(int(interop_threads))
+    except RuntimeError:  # already fixed in this process
+        pass
 
 
 def build_torch_model(model, device: str = "cpu"):
-    """``torch.nn.Sequential`` equal to ``model`` (same architecture and weights)."""
+    """``torch.nn.Sequential`` equal to ``model``: the same architecture and current weights,
+    in the model's dtype, on ``device``. Raises ``NotImplementedError`` naming a layer (or a
+    weight penalty) it has no counterpart for."""
     import torch
     from torch import nn
 
@@ -39,10 +51,12 @@ def build_torch_model(model, device: str = "cpu"):
         p = {n: model.params[f"{layer.name}.{n}"] for n in layer.param_names}
         if kind == "conv2d":
             (top, bottom), (left, right) = layer.pads
-            if top or bottom or left or right:
+            padding = (top, left)
+            if (top, left) != (bottom, right):  # the odd pixel bottom/right: pad explicitly
                 mods.append(nn.ZeroPad2d((left, right, top, bottom)))
+                padding = 0
             conv = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
-                             stride=layer.stride, padding=0).to(dtype=dtype)
+                             stride=layer.stride, padding=padding).to(dtype=dtype)
             with torch.no_grad():
                 conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"])))
                 conv.bias.copy_(torch.from_numpy(p["b"]))
@@ -63,7 +77,7 @@ def build_torch_model(model, device: str = "cpu"):
                 lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"].T)))
                 lin.bias.copy_(torch.from_numpy(p["b"]))
             mods.append(lin)
-        else:  # dropout, batch norm, penalties: not mirrored (the presets have none)
+        else:  # dropout, batch norm: not mirrored (the presets have none)
             raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
                                       f"(layer {layer.name!r})")
         if getattr(layer, "penalties", None) and list(layer.penalties()):
@@ -72,8 +86,9 @@ def build_torch_model(model, device: str = "cpu"):
     return nn.Sequential(*mods).to(device=device, dtype=dtype)
 
 
-def copy_back(tmodel, model) -> None:
-    """The torch model's weights into ours (same layer order)."""
+def get_torch_weights(tmodel, model) -> dict[str, np.ndarray]:
+    """The weights of ``tmodel`` (built by :func:`build_torch_model` from ``model``) in our
+    layout and keys, on the host (load them with ``model.set_weights``)."""
     import torch
     mods = [m for m in tmodel if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     layers = [layer for layer in model.layers if layer.type in ("conv2d", "dense")]
@@ -82,7 +97,7 @@ def copy_back(tmodel, model) -> None:
         w = m.weight.detach().cpu().numpy()
         weights[f"{layer.name}.w"] = w.T.copy() if layer.type == "dense" else w.copy()
         weights[f"{layer.name}.b"] = m.bias.detach().cpu().numpy().copy()
-    model.set_weights(weights)
+    return weights
 
 
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
@@ -94,9 +109,10 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     copied back into ``model`` (also when training is interrupted)."""
     import torch
 
-    from .optim import make_optimizer
-    from .checks import check_int
-    from .train import Callback, History, _epoch_line
+    from ..callbacks import Callback
+    from ..checks import check_int
+    from ..optim import make_optimizer
+    from ..train import History
 
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
@@ -106,11 +122,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         raise NotImplementedError(f"the PyTorch reference trains with SGD only; received "
                                   f"optimizer={opt_cfg}")
     if device == "cpu":
-        torch.set_num_threads(int(threads))
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:  # already set in this process
-            pass
+        configure_threads(threads)
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     tmodel = build_torch_model(model, device=dev)
@@ -189,11 +201,11 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                 logs["eval_time"] = time.perf_counter() - t
             history.append(logs)
             if verbose:
-                print(_epoch_line(logs, epochs), flush=True)
+                print(history.epoch_line(epochs), flush=True)
             if stop:
                 break
     finally:
-        copy_back(tmodel, model)
+        model.set_weights(get_torch_weights(tmodel, model))
     return history
 
 
