@@ -304,8 +304,9 @@ def test_down_after_up_was_killed_midway_leaves_nothing(tmp_path):
 @needs_netns
 def test_a_delay_adds_twice_itself_to_the_round_trip(tmp_path):
     """``delay=2ms``: one-byte TCP round trips between two hosts take at least 4 ms (the delay
-    line holds each frame 1 ms on each of the two links, each way) and, at the median, not
-    much more; ``down`` ends the delay line."""
+    line holds each frame 1 ms on each of the two links, each way) and the shortest not much
+    more (the shortest: on a loaded machine the others wait for a core too); ``down`` ends
+    the delay line."""
     delay = 2e-3
     with EmulatedCluster(hosts=2, link=f"1gbe,delay={delay * 1e3:g}ms",
                          state_dir=tmp_path / "state") as cluster:
@@ -319,7 +320,7 @@ def test_a_delay_adds_twice_itself_to_the_round_trip(tmp_path):
         server.communicate(timeout=30)
         assert res.returncode == 0, res.stderr
         rtt = np.array(json.loads(res.stdout)["rtt"])
-    assert rtt.min() >= 2 * delay
-    assert np.median(rtt) < 2 * delay + 3e-3, f"median round trip {np.median(rtt) * 1e3:.2f} ms"
+    assert 2 * delay <= rtt.min() < 2 * delay + 2e-3, \
+        f"round trips {rtt.min() * 1e3:.2f} ms at the shortest, {np.median(rtt) * 1e3:.2f} median"
     assert not _running(line[0])
     assert _leftovers(cluster.id) == {"namespaces": [], "shm": []}

@@ -6,7 +6,7 @@ stand-in so that MPICH's ``mpiexec`` spreads ranks over the hosts as over machin
 Usage::
 
     python -m cnn cluster up --hosts 4 --link 1gbe      # state in /run/parallel-cnn/cluster
-    /run/parallel-cnn/cluster/mpiexec -n 4 python -m cnn bench mpi
+    /run/parallel-cnn/cluster/mpiexec -n 4 python -m cnn train --strategy mpi
     python -m cnn cluster status
     python -m cnn cluster down                          # also after a crash of `up`
 

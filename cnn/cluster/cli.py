@@ -9,7 +9,7 @@ from .links import USAGE
 
 EPILOG = f"""examples:
   python -m cnn cluster up --hosts 4 --link 1gbe
-  {STATE_DIR}/mpiexec -n 4 python -m cnn bench mpi
+  {STATE_DIR}/mpiexec -n 4 python -m cnn train --strategy mpi
   {STATE_DIR}/enter node1 hostname
   python -m cnn cluster status
   python -m cnn cluster down
