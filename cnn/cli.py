@@ -544,9 +544,22 @@ def cmd_report(args) -> int:
     return 0
 
 
+def _add_cluster(sub) -> None:
+    p = sub.add_parser("cluster", help="an emulated cluster: hosts in network namespaces on "
+                                       "shaped links (up, down, status)")
+    from .cluster.cli import add_arguments
+    add_arguments(p)
+
+
+def cmd_cluster(args) -> int:
+    from .cluster.cli import command
+    return command(args)
+
+
 COMMANDS = {"train": (_add_train, cmd_train), "predict": (_add_predict, cmd_predict),
             "bench": (_add_bench, cmd_bench),
-            "study": (_add_study, cmd_study), "report": (_add_report, cmd_report)}
+            "study": (_add_study, cmd_study), "report": (_add_report, cmd_report),
+            "cluster": (_add_cluster, cmd_cluster)}
 
 
 def main(argv=None) -> int:

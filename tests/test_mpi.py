@@ -3,9 +3,9 @@
 Every 2-rank run is compared with a reference computed here, in the test's own process, by
 another path: the sequential strategy (for ``mpi``, the sync algorithm) or a naive loop over
 two replicas (for ``mpi_average``). Also: both ranks end with bitwise the same weights, the
-launch paths (``mpiexec``, ``--ranks``, no launcher), failures (an exception on one rank, a rank
-killed with SIGKILL), and two hosts made of network namespaces talking TCP. Tiny shapes: each
-launch takes a second or two."""
+launch paths (``mpiexec``, ``--ranks``, no launcher) and failures (an exception on one rank, a
+rank killed with SIGKILL). Ranks on several hosts, made of network namespaces talking TCP over
+shaped links: tests/test_cluster.py. Tiny shapes: each launch takes a second or two."""
 from __future__ import annotations
 
 import json
@@ -339,29 +339,6 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
     from cnn.parallel.launch import remove_orphan_segments
     remove_orphan_segments()
     assert not any(os.path.exists(s) for s in segments), segments
-
-
-# ---- two hosts: network namespaces and TCP ---------------------------------------------------------
-def test_two_hosts_over_tcp_equal_one_host(tmp_path, sequential_cli):
-    from netns_hosts import NetnsHosts, unavailable
-    reason = unavailable()
-    if reason:
-        pytest.skip(f"network namespaces unavailable: {reason}")
-    w = tmp_path / "w.npz"
-    with NetnsHosts(tmp_path) as hosts:
-        before = hosts.bytes_on_link()
-        res = hosts.run([sys.executable, "-m", "cnn", *TRAIN, "--strategy", "mpi", "--save",
-                         str(w)], mpiexec=str(MPIEXEC), ranks=2, env=_env(), timeout=120)
-        moved = hosts.bytes_on_link() - before
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count("final test accuracy") == 1
-    # the ranks ran on the two "hosts" (their own hostnames) ...
-    assert f"hosts {hosts.names[0]},{hosts.names[1]}" in res.stdout
-    # ... and the gradients went over the veth link: each of the 2 x 14 steps sends at least
-    # the whole float64 gradient buffer each way
-    got = saved(w)
-    assert moved > 2 * 14 * sum(v.size for v in got.values()) * 8
-    assert max_abs_diff(got, sequential_cli) < 1e-12
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
