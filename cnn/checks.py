@@ -7,6 +7,9 @@ Python's ``bool`` is an ``int`` subclass, but ``epochs=True`` is surely a mistak
 here accepts a bool where a number is asked for. NumPy scalars (``np.int64(3)``,
 ``np.float32(0.1)``) are accepted wherever Python numbers are.
 
+A value picked by name from a registry (a path, a preset, a data set) is refused in the form
+of a look-up instead (:func:`check_known`: ``unknown path 'gpu'; choose one of [...]``).
+
 Each check is a test that says what was expected (``_int_problem``, ``_number_problem``: None
 when the value is fine) and one message built from it, so the ``check_*`` functions (for
 Python values) and the ``*_arg`` factories (``argparse`` types for command-line text, whose
@@ -151,6 +154,16 @@ def check_choice(owner: str | None, name: str, value: Any, choices: Iterable) ->
         ok = False
     if not ok:
         raise _refuse(owner, name, f"one of {options}", value)
+    return value
+
+
+def check_known(owner: str | None, what: str, value: Any, names: Iterable[str]) -> str:
+    """``value`` when it is one of the registered ``names`` (of paths, presets, data sets),
+    else a ``ValueError`` in the form of a look-up (``grid axis 'path': unknown path 'gpu';
+    choose one of ['sequential', ...]``)."""
+    options = list(names)
+    if not isinstance(value, str) or value not in options:
+        raise ValueError(f"{_prefix(owner)}unknown {what} {value!r}; choose one of {options}")
     return value
 
 

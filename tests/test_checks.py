@@ -8,8 +8,8 @@ import math
 import numpy as np
 import pytest
 
-from cnn.checks import (check_bool, check_choice, check_int, check_number, check_pair,
-                        check_positive, int_arg, is_integer, is_real, number_arg)
+from cnn.checks import (check_bool, check_choice, check_int, check_known, check_number,
+                        check_pair, check_positive, int_arg, is_integer, is_real, number_arg)
 
 
 @pytest.mark.parametrize("value, integer, real", [
@@ -90,6 +90,14 @@ def test_check_bool_and_choice():
     with pytest.raises(ValueError, match=r"padding must be one of \['valid', 'same'\]\. "
                                          r"Received padding=\['same'\]"):
         check_choice(None, "padding", ["same"], ("valid", "same"))  # unhashable: refused
+
+
+def test_check_known_reads_as_a_look_up():
+    assert check_known("grid axis 'path'", "path", "threads", ["sequential", "threads"]) == "threads"
+    for bad in ("gpu", None, ["threads"]):
+        with pytest.raises(ValueError, match=r"^grid axis 'path': unknown path .*; choose one of "
+                                             r"\['sequential', 'threads'\]$"):
+            check_known("grid axis 'path'", "path", bad, ["sequential", "threads"])
 
 
 def _parse(kind, text):
