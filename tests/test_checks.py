@@ -93,11 +93,12 @@ def test_check_bool_and_choice():
 
 
 def test_check_known_reads_as_a_look_up():
-    assert check_known("grid axis 'path'", "path", "threads", ["sequential", "threads"]) == "threads"
+    names = ["sequential", "threads"]
+    assert check_known("grid axis 'path'", "path", "threads", names) == "threads"
     for bad in ("gpu", None, ["threads"]):
         with pytest.raises(ValueError, match=r"^grid axis 'path': unknown path .*; choose one of "
                                              r"\['sequential', 'threads'\]$"):
-            check_known("grid axis 'path'", "path", bad, ["sequential", "threads"])
+            check_known("grid axis 'path'", "path", bad, names)
 
 
 def _parse(kind, text):
