@@ -84,8 +84,9 @@ _SPLITS = ("train", "test")
 
 
 # ---- argument checks ------------------------------------------------------------------------
-# dtype, limit and split keep the message form the data tests have pinned from the start ("...;
-# received limit=0"); they test with cnn.checks' predicates like every other check
+# dtype, counts and split keep the form of message the data tests pin ("...; received limit=0",
+# lowercase) rather than cnn.checks' ("... Received limit=0"); a count is an integer by
+# cnn.checks.is_integer, as everywhere else
 def _check_dtype(dtype) -> np.dtype:
     try:
         # np.dtype(None) is float64, but a None here is more likely a mistake than a choice

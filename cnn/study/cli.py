@@ -20,7 +20,12 @@ _nonnegative_seconds = number_arg(low=0.0)
 
 def _wait_seconds(text: str) -> float | None:
     """``--wait``: seconds >= 0, or ``inf``/``forever`` (None: wait as long as it takes)."""
-    return None if text in ("inf", "forever") else _nonnegative_seconds(text)
+    if text in ("inf", "forever"):
+        return None
+    try:
+        return _nonnegative_seconds(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or 'forever')") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
