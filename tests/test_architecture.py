@@ -19,8 +19,9 @@ package that re-exports its submodules is not a cycle).
 
 The exceptions are listed by name below. :data:`ALLOWED_UPWARD` is the design's one upward
 import. :data:`BEING_REMOVED` are imports the other parts of the architecture work remove
-(backends, references, benchmarks): delete each line when its part is merged; the last test
-fails while a listed exception no longer occurs, so none outlives its reason.
+(backends, references, benchmarks): delete each line when its part is merged;
+:func:`test_every_listed_exception_still_occurs` fails while one no longer occurs, so none
+outlives its reason.
 """
 from __future__ import annotations
 
