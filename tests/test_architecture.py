@@ -39,14 +39,17 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cnn"
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.paths", "cnn.machine"]),
+                     "cnn.machine"]),
     ("backends", ["cnn.backends.*"]),
     ("data and presets", ["cnn.data", "cnn.presets"]),
-    ("layers and optimizers", ["cnn.layers", "cnn.losses", "cnn.optim", "cnn.schedules"]),
+    ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
+                               "cnn.schedules"]),
     ("model", ["cnn.model"]),
     ("strategies", ["cnn.parallel.*"]),
     ("training loop", ["cnn.train", "cnn.callbacks", "cnn.configs"]),
     ("references", ["cnn.keras_reference", "cnn.torch_reference", "cnn.reference.*"]),
+    # what the study runs: backend x strategy x launcher, named (it reads backend facts)
+    ("path registry", ["cnn.paths"]),
     ("study, analysis, benchmarks", ["cnn.results", "cnn.study.*", "cnn.analysis.*",
                                      "cnn.bench.*"]),
     ("commands", ["cnn.cli", "cnn.predict", "cnn.__main__", "cnn"]),
@@ -259,15 +262,16 @@ def test_the_checks_find_what_they_look_for(tmp_path):
         "checks.py": "from .layers import Dense\n",              # upward, and a cycle
         "layers.py": "def f():\n    from .checks import _hidden\n",  # lazy, private
         "paths.py": "def _entry(): pass\n",
-        "model.py": "from . import paths as P\nx = P._entry\n",  # private through a module
+        "results.py": "from . import paths as P\nx = P._entry\n",  # private via a module
         "parallel/__init__.py": "from .threads import Sync\n",
+        "model.py": "",
         "parallel/threads.py": "from .base import Strategy\nfrom ..model import build\n",
         "parallel/base.py": "",
     })
     imports = read_imports(root)
     assert cycle_report(imports) and cycles(imports) == [["cnn.checks", "cnn.layers"]]
     assert sorted(str(i) for i in imports if is_private(i.name)) == [
-        "cnn.layers:2 imports cnn.checks._hidden", "cnn.model:2 imports cnn.paths._entry"]
+        "cnn.layers:2 imports cnn.checks._hidden", "cnn.results:2 imports cnn.paths._entry"]
     assert [(i.importer, i.module) for i in upward(imports)] == [("cnn.checks", "cnn.layers")]
     # a package importing its submodules and a submodule importing a sibling are no cycle
     assert ("cnn.parallel.threads", "cnn.parallel.base") in {(i.importer, i.module)
