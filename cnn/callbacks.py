@@ -45,8 +45,8 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from .checks import check_number
-from .schedules import _improved, _mode, _monitor
+from .checks import check_bool, check_int, check_number
+from .monitor import check_monitor, has_improved, resolve_mode
 
 
 class Callback:
@@ -103,18 +103,10 @@ class FitRun:
                                    backend=self.backend)
 
 
-def _check_count(owner: str, name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not hasattr(value, "__index__") \
-            or int(value) < 0:
-        raise ValueError(f"{owner}: {name} must be a non-negative integer. "
-                         f"Received {name}={value!r}")
-    return int(value)
-
-
 class _Monitoring(Callback):
     def __init__(self, owner: str, monitor: str, mode: str, min_delta: float):
-        self.monitor = _monitor(owner, monitor)
-        self.mode = _mode(owner, mode, self.monitor)
+        self.monitor = check_monitor(owner, monitor)
+        self.mode = resolve_mode(owner, mode, self.monitor)
         self.min_delta = abs(check_number(owner, "min_delta", min_delta))
 
     def _value(self, logs: Mapping) -> float:
@@ -140,15 +132,13 @@ class EarlyStopping(_Monitoring):
                  mode: str = "auto", baseline: float | None = None,
                  restore_best_weights: bool = False, start_from_epoch: int = 0):
         super().__init__("EarlyStopping", monitor, mode, min_delta)
-        self.patience = _check_count("EarlyStopping", "patience", patience)
+        self.patience = check_int("EarlyStopping", "patience", patience, low=0)
         self.baseline = (None if baseline is None
                          else check_number("EarlyStopping", "baseline", baseline))
-        if not isinstance(restore_best_weights, bool):
-            raise ValueError(f"EarlyStopping: restore_best_weights must be True or False. "
-                             f"Received restore_best_weights={restore_best_weights!r}")
-        self.restore_best_weights = restore_best_weights
-        self.start_from_epoch = _check_count("EarlyStopping", "start_from_epoch",
-                                             start_from_epoch)
+        self.restore_best_weights = check_bool("EarlyStopping", "restore_best_weights",
+                                               restore_best_weights)
+        self.start_from_epoch = check_int("EarlyStopping", "start_from_epoch", start_from_epoch,
+                                          low=0)
         self._reset()
 
     def _reset(self) -> None:
@@ -168,12 +158,12 @@ class EarlyStopping(_Monitoring):
         if self.restore_best_weights and self.best_weights is None:
             self.best_weights, self.best_epoch = self.run.model.get_weights(), epoch
         self.wait += 1
-        if _improved(self.mode, current, self.best, self.min_delta):
+        if has_improved(self.mode, current, self.best, self.min_delta):
             self.best, self.best_epoch = current, epoch
             if self.restore_best_weights:
                 self.best_weights = self.run.model.get_weights()
-            if self.baseline is None or _improved(self.mode, current, self.baseline,
-                                                  self.min_delta):
+            if self.baseline is None or has_improved(self.mode, current, self.baseline,
+                                                     self.min_delta):
                 self.wait = 0
             return None
         if self.wait >= self.patience and epoch > 1:
@@ -204,10 +194,7 @@ class ModelCheckpoint(_Monitoring):
         if not isinstance(path, (str, os.PathLike)) or not str(path):
             raise ValueError(f"ModelCheckpoint: path must be a file path. Received path={path!r}")
         self.path = str(path)
-        if not isinstance(save_best_only, bool):
-            raise ValueError(f"ModelCheckpoint: save_best_only must be True or False. "
-                             f"Received save_best_only={save_best_only!r}")
-        self.save_best_only = save_best_only
+        self.save_best_only = check_bool("ModelCheckpoint", "save_best_only", save_best_only)
         self.best: float | None = None
         self.best_epoch = 0
         self.saved: list[Path] = []
@@ -220,7 +207,7 @@ class ModelCheckpoint(_Monitoring):
 
     def on_epoch_end(self, epoch: int, logs: dict) -> bool | None:
         current = self._value(logs)
-        improved = _improved(self.mode, current, self.best, self.min_delta)
+        improved = has_improved(self.mode, current, self.best, self.min_delta)
         if improved:
             self.best, self.best_epoch = current, epoch
         if (improved or not self.save_best_only) and self.run.is_master:
@@ -240,12 +227,7 @@ class LiveCurves(Callback):
 
     def __init__(self, png: str | os.PathLike | None = None, every_steps: int | None = None,
                  notebook: bool | None = None, title: str | None = None):
-        if every_steps is not None:
-            every_steps = _check_count("LiveCurves", "every_steps", every_steps)
-            if every_steps == 0:
-                raise ValueError("LiveCurves: every_steps must be positive (or None). "
-                                 "Received every_steps=0")
-        self.every_steps = every_steps
+        self.every_steps = check_int("LiveCurves", "every_steps", every_steps, optional=True)
         self.notebook = _in_notebook() if notebook is None else bool(notebook)
         self.png = (Path(png) if png is not None
                     else None if self.notebook else Path("training_curves.png"))

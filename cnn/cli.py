@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import signal
 import sys
 import threading
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .backends import available_backends
+from .checks import check_int, int_arg, number_arg
 from .errors import DivergedError
 
 #: exit status of ``train`` when the loss or the weights became NaN/inf
@@ -19,40 +20,11 @@ EXIT_INTERRUPTED = 130
 
 
 # ---- argument types: a bad number is refused by argparse, naming the option ----------------
-def _int(minimum: int, what: str):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}")
-        return value
-    parse.__name__ = what  # argparse names the type in some messages
-    return parse
-
-
-def _float(what: str, low: float, high: float = math.inf, low_open: bool = True,
-           high_open: bool = True):
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}") from None
-        above = value > low if low_open else value >= low
-        below = value < high if high_open else value <= high
-        if not (math.isfinite(value) and above and below):
-            raise argparse.ArgumentTypeError(f"must be {what}; received {text!r}")
-        return value
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _int(1, "a positive integer")
-nonnegative_int = _int(0, "an integer >= 0")
-positive_float = _float("a finite number > 0", 0.0)
-unit_interval = _float("a number in [0, 1)", 0.0, 1.0, low_open=False)
-open_unit_interval = _float("a number in (0, 1)", 0.0, 1.0)
+positive_int = int_arg()
+nonnegative_int = int_arg(low=0)
+positive_float = number_arg(low=0.0, low_open=True)
+unit_interval = number_arg(low=0.0, high=1.0, high_open=True)
+open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True)
 
 
 def _add_train(sub) -> None:
@@ -88,7 +60,9 @@ def _add_train(sub) -> None:
                    help="mpi: overlap the gradient allreduce with the backward pass")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
-    p.add_argument("--backend", default="numpy", help=" | ".join(available_backends()))
+    p.add_argument("--backend", default="numpy",
+                   help=f"{' | '.join(available_backends())} (default numpy; naive is the "
+                        f"loop-by-loop oracle the tests check the others against: slow)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
                    help="filters of the first conv layer")
@@ -115,7 +89,7 @@ def _add_optim_arguments(p) -> None:
                         "(adam:beta_2=0.99,epsilon=1e-8), an inline JSON object or a "
                         ".json/.yaml file; default: the model spec's. Another type than the "
                         "spec's starts from that optimizer's own defaults")
-    g.add_argument("--weight-decay", type=_float("a finite number >= 0", 0.0, low_open=False),
+    g.add_argument("--weight-decay", type=number_arg(low=0.0),
                    default=None, help="decoupled weight decay (every optimizer; AdamW's)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
     g.add_argument("--lr-schedule", default=None, metavar="SPEC",
@@ -257,9 +231,9 @@ def cmd_train(args) -> int:
         raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
     optimizer = dict(optimizer)
     if args.optimizer is not None:
-        from .configs import _optimizer_spec
+        from .configs import optimizer_spec
         try:
-            optimizer = _optimizer_spec({"optimizer": optimizer}, args.optimizer)
+            optimizer = optimizer_spec({"optimizer": optimizer}, args.optimizer)
         except (ValueError, FileNotFoundError) as err:
             raise type(err)(f"--optimizer: {err}") from None
     if args.lr is not None:
@@ -276,10 +250,10 @@ def cmd_train(args) -> int:
     if args.batch_size is not None:
         batch_size = args.batch_size
     else:
-        batch_size = spec.get("batch_size", 32)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"{model_name}: the spec's batch_size must be a positive integer. "
-                             f"Received batch_size={batch_size!r}; or pass --batch-size")
+        try:
+            batch_size = check_int(model_name, "batch_size", spec.get("batch_size", 32))
+        except ValueError as err:
+            raise ValueError(f"{err} (the spec's; or pass --batch-size)") from None
     options = _strategy_options(args)
     get_backend(args.backend)
     # --ranks N: checked here, then this same command runs again under mpiexec -n N

@@ -41,6 +41,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .checks import check_choice, check_int, check_number
+from .files import STRUCTURED_SUFFIXES, read_structured
+
 RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
             "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
             "test_limit")
@@ -62,8 +65,8 @@ def parse_option_spec(text: Any, option: str) -> Any:
         except json.JSONDecodeError as err:
             raise ValueError(f"{option}: not a JSON object ({err.msg} at column {err.colno}). "
                              f"Received {text!r}") from None
-    if text.lower().endswith((".json", ".yaml", ".yml")):
-        return read_structured(Path(text), option)
+    if text.lower().endswith(STRUCTURED_SUFFIXES):
+        return _read_file(text, option)
     name, _, rest = text.partition(":")
     spec: dict[str, Any] = {"type": name.strip()}
     if rest.strip():
@@ -80,24 +83,13 @@ def parse_option_spec(text: Any, option: str) -> Any:
     return spec
 
 
-def read_structured(path: Path, what: str) -> Any:
-    """The contents of a JSON or YAML file; errors name the file (and the line)."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{what}: no such file {path}")
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{what}: {path} is not valid JSON ({err.msg}, line {err.lineno})") \
-                from None
-    import yaml
+def _read_file(path: str | os.PathLike, option: str) -> Any:
+    """The contents of a JSON/YAML file given to ``option``; errors name the option, the file
+    and the line."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f", line {mark.line + 1}" if mark is not None else ""
-        raise ValueError(f"{what}: {path} is not valid YAML{where}") from None
+        return read_structured(path, "file")
+    except (ValueError, FileNotFoundError) as err:
+        raise type(err)(f"{option}: {err}") from None
 
 
 # ---- one run ---------------------------------------------------------------------------------
@@ -135,38 +127,29 @@ class RunConfig:
         from .presets import default_model
 
         where = f"model {self.name!r}"
-        if self.dataset not in DATASET_NAMES:
-            raise ValueError(f"{where}: dataset must be one of {', '.join(DATASET_NAMES)}. "
-                             f"Received dataset={self.dataset!r}")
+        check_choice(where, "dataset", self.dataset, DATASET_NAMES)
         for key in ("epochs", "threads"):
-            _positive_int(where, key, getattr(self, key))
+            check_int(where, key, getattr(self, key))
         for key in ("batch_size", "limit", "test_limit", "early_stopping"):
-            if getattr(self, key) is not None:
-                _positive_int(where, key, getattr(self, key))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"{where}: seed must be an integer >= 0. Received seed={self.seed!r}")
-        vs = self.validation_split
-        if isinstance(vs, bool) or not isinstance(vs, (int, float)) or not 0 <= vs < 1:
-            raise ValueError(f"{where}: validation_split must be a number in [0, 1). "
-                             f"Received validation_split={vs!r}")
+            check_int(where, key, getattr(self, key), optional=True)
+        check_int(where, "seed", self.seed, low=0)
+        vs = check_number(where, "validation_split", self.validation_split, low=0.0, high=1.0,
+                          high_open=True)
         if self.early_stopping is not None and not vs:
             raise ValueError(f"{where}: early_stopping needs a validation_split > 0")
-        if self.dtype not in ("float32", "float64"):
-            raise ValueError(f"{where}: dtype must be float32 or float64. Received dtype={self.dtype!r}")
-        if self.backend not in available_backends():
-            raise ValueError(f"{where}: backend must be one of {available_backends()}. "
-                             f"Received backend={self.backend!r}")
+        check_choice(where, "dtype", self.dtype, ("float32", "float64"))
+        check_choice(where, "backend", self.backend, available_backends())
         model = self.model if self.model is not None else default_model(self.dataset)
         try:
             self.spec = resolve_spec(model)
             layers_from_spec(self.spec["layers"])
-            opt = _optimizer_spec(self.spec, self.optimizer)
+            opt = optimizer_spec(self.spec, self.optimizer)
             schedule = parse_option_spec(self.lr_schedule, "lr_schedule")
             make_optimizer(opt, schedule=schedule)
             self.optimizer, self.lr_schedule = opt, schedule
             if self.batch_size is None:
-                self.batch_size = self.spec.get("batch_size", 32)
-                _positive_int(where, "batch_size (of the spec)", self.batch_size)
+                self.batch_size = check_int("the spec", "batch_size",
+                                            self.spec.get("batch_size", 32))
             strat = make_strategy(self.strategy, self.threads)
             strat.check_batch_size(self.batch_size)
             if (schedule is not None and "plateau" in json.dumps(schedule)) and not vs:
@@ -183,13 +166,7 @@ class RunConfig:
         return d
 
 
-def _positive_int(where: str, key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{where}: {key} must be a positive integer. Received {key}={value!r}")
-    return value
-
-
-def _optimizer_spec(spec: Mapping, given: Any) -> dict:
+def optimizer_spec(spec: Mapping, given: Any) -> dict:
     """The run's optimizer: the model spec's, updated with ``given`` (a spec, or the
     ``NAME:key=value`` text); a ``given`` of another type replaces it entirely."""
     base = dict(spec.get("optimizer", {"type": "sgd", "lr": 0.01}))
@@ -209,7 +186,7 @@ def _optimizer_spec(spec: Mapping, given: Any) -> dict:
 def load_config(path: str | os.PathLike) -> list[RunConfig]:
     """The models of a config file, defaults applied, each checked (see the module docstring)."""
     path = Path(path)
-    doc = read_structured(path, "--config")
+    doc = _read_file(path, "--config")
     if not isinstance(doc, Mapping) or "models" not in doc:
         raise ValueError(f"--config: {path} must hold a mapping with 'models' (and optionally "
                          f"'defaults'). Received {type(doc).__name__}")

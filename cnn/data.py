@@ -39,6 +39,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 from tqdm import tqdm
 
+from .checks import check_number, is_integer
+
 __all__ = [
     "Dataset",
     "DATASET_NAMES",
@@ -82,6 +84,9 @@ _SPLITS = ("train", "test")
 
 
 # ---- argument checks ------------------------------------------------------------------------
+# dtype, counts and split keep the form of message the data tests pin ("...; received limit=0",
+# lowercase) rather than cnn.checks' ("... Received limit=0"); a count is an integer by
+# cnn.checks.is_integer, as everywhere else
 def _check_dtype(dtype) -> np.dtype:
     try:
         # np.dtype(None) is float64, but a None here is more likely a mistake than a choice
@@ -96,8 +101,7 @@ def _check_dtype(dtype) -> np.dtype:
 def _check_count(value, name: str, allow_none: bool = True) -> Optional[int]:
     if value is None and allow_none:
         return None
-    # bool is an int subclass, but limit=True is surely a mistake
-    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < 1:
+    if not is_integer(value) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}; "
                          f"received {name}={value!r}")
     return int(value)
@@ -549,8 +553,8 @@ def stratified_split(x: np.ndarray, y: np.ndarray, fraction: float, seed: int = 
     if y.ndim != 1 or len(x) != len(y):
         raise ValueError(f"x and y must hold the same number of examples with y 1-D; received "
                          f"x of shape {np.shape(x)} and y of shape {y.shape}")
-    if not (isinstance(fraction, (float, int, np.floating)) and 0 < fraction < 1):
-        raise ValueError(f"fraction must be a number in (0, 1); received fraction={fraction!r}")
+    fraction = check_number(None, "fraction", fraction, low=0.0, high=1.0, low_open=True,
+                            high_open=True)
     n_b = round(fraction * len(y))
     if not 0 < n_b < len(y):
         raise ValueError(f"fraction={fraction} of {len(y)} examples leaves one part empty")
@@ -644,9 +648,7 @@ def load_dataset(name: str, root=None, limit: Optional[int] = None,
     dtype = _check_dtype(dtype)
     limit = _check_count(limit, "limit")
     test_limit = _check_count(test_limit, "test_limit")
-    if not (isinstance(validation_split, (float, int, np.floating)) and 0 <= validation_split < 1):
-        raise ValueError(f"validation_split must be a number in [0, 1); received "
-                         f"validation_split={validation_split!r}")
+    check_number(None, "validation_split", validation_split, low=0.0, high=1.0, high_open=True)
     if name in ("mnist", "cifar10"):
         # find (or fetch) the files of both splits first, so a missing-data error lists them all
         if name == "mnist":

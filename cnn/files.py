@@ -17,39 +17,72 @@ from typing import Any, BinaryIO, Callable
 STRUCTURED_SUFFIXES = (".json", ".yaml", ".yml")
 
 
+class StructuredFileError(ValueError):
+    """A file :func:`read_structured` cannot read as what its suffix says.
+
+    Attributes: ``path``; ``kind`` (``"JSON"`` or ``"YAML"``; None when the bytes cannot be
+    read as text at all); ``problem`` (what the parser says); ``line`` and ``column`` (1-based,
+    None when the parser does not say). ``where`` is `` at line L, column C`` (or empty), so a
+    caller that words the error its own way still names the place. Constructed from a message
+    alone (``type(err)(f"--config: {err}")``) it keeps only the message.
+    """
+
+    path: Path | None = None
+    problem = ""
+    kind: str | None = None
+    line: int | None = None
+    column: int | None = None
+
+    @property
+    def where(self) -> str:
+        return f" at line {self.line}, column {self.column}" if self.line is not None else ""
+
+
+def _unreadable(path: Path, problem: str, kind: str | None = None, line: int | None = None,
+                column: int | None = None) -> StructuredFileError:
+    """The error for ``path``: ``<path>: not valid <kind>: <problem> at line L, column C``."""
+    err = StructuredFileError()
+    err.path, err.problem, err.kind, err.line, err.column = path, problem, kind, line, column
+    err.args = (f"{path}: not valid {kind}: {problem}{err.where}" if kind
+                else f"{path}: {problem}",)
+    return err
+
+
 def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
     """The value in a ``.json``/``.yaml``/``.yml`` file (YAML: ``safe_load``, no objects).
 
     ``FileNotFoundError`` naming ``what`` and the path when there is no such file;
-    ``ValueError`` naming the file (and the line and column) when it is not valid text of its
-    kind, not UTF-8, or nested too deeply to parse."""
+    :class:`StructuredFileError` (a ``ValueError``) naming the file (and the line and column)
+    when it cannot be read, is not UTF-8, is not valid text of its kind, or is nested too
+    deeply to parse."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no {what} at {path}")
+        raise FileNotFoundError(f"no {what} at {path}"
+                                + (" (it is a folder)" if path.is_dir() else ""))
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not a text file ({exc})") from None
+        raise _unreadable(path, f"not a text file (not UTF-8: {exc.reason} at byte "
+                                f"{exc.start})") from None
+    except OSError as exc:
+        raise _unreadable(path, f"cannot be read ({exc.strerror or exc})") from None
     if path.suffix.lower() == ".json":
         try:
             return json.loads(text)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON: {exc.msg} at line {exc.lineno}, "
-                             f"column {exc.colno}") from None
+            raise _unreadable(path, exc.msg, "JSON", exc.lineno, exc.colno) from None
         except RecursionError:
-            raise ValueError(f"{path}: not usable JSON (nested too deeply)") from None
+            raise _unreadable(path, "nested too deeply", "JSON") from None
     import yaml
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        where = ""
         mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            where = f" at line {mark.line + 1}, column {mark.column + 1}"
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ValueError(f"{path}: not valid YAML: {problem}{where}") from None
+        raise _unreadable(path, problem, "YAML",
+                          *((mark.line + 1, mark.column + 1) if mark else ())) from None
     except RecursionError:
-        raise ValueError(f"{path}: not usable YAML (nested too deeply)") from None
+        raise _unreadable(path, "nested too deeply", "YAML") from None
 
 
 def fsync_dir(folder: str | os.PathLike) -> None:

@@ -21,25 +21,11 @@ import numpy as np
 
 from .backends import rng as counter_rng
 from .backends.base import Backend
+from .checks import check_choice, check_int, check_number, check_pair
 from .context import StepContext
 from .plan import LayerOp
 
 Params = dict[str, Any]
-
-
-def _positive_int(name: str, value: Any, layer: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{layer}: {name} must be a positive integer. Received {name}={value!r}")
-    return int(value)
-
-
-def _pair(name: str, value: Any, layer: str) -> tuple[int, int]:
-    if isinstance(value, (list, tuple)):
-        if len(value) != 2:
-            raise ValueError(f"{layer}: {name} must be an int or a pair. Received {name}={value!r}")
-        return _positive_int(name, value[0], layer), _positive_int(name, value[1], layer)
-    v = _positive_int(name, value, layer)
-    return v, v
 
 
 # ---- initialisers: (shape, fan_in, fan_out, rng, dtype) -> array ------------------------------
@@ -69,21 +55,6 @@ INITIALIZERS: dict[str, Callable] = {
 }
 
 
-def _number(name: str, value: Any, layer: str, lo: float, hi: float, *, lo_open=False,
-            hi_open=False) -> float:
-    """``value`` as a float in the interval from ``lo`` to ``hi`` (open ends as asked)."""
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if ok:
-        v = float(value)
-        ok = (math.isfinite(v) and (v > lo if lo_open else v >= lo)
-              and (v < hi if hi_open else v <= hi))
-    if not ok:
-        interval = f"{'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise ValueError(f"{layer}: {name} must be a number in {interval}. "
-                         f"Received {name}={value!r}")
-    return float(value)
-
-
 #: Keras's string shorthands for kernel regularisers, with Keras's default factors
 REGULARIZER_SHORTHANDS = {"l1": {"l1": 0.01, "l2": 0.0}, "l2": {"l1": 0.0, "l2": 0.01}}
 
@@ -101,16 +72,9 @@ def _regularizer(value: Any, layer: str) -> tuple[float, float] | None:
     if spec is None:
         raise ValueError(f"{layer}: kernel_regularizer must be None, 'l1', 'l2' or a dict like "
                          f"{{'l1': 0.0, 'l2': 1e-4}}. Received kernel_regularizer={value!r}")
-    l1 = _number("kernel_regularizer l1", spec.get("l1", 0.0), layer, 0.0, math.inf, hi_open=True)
-    l2 = _number("kernel_regularizer l2", spec.get("l2", 0.0), layer, 0.0, math.inf, hi_open=True)
+    l1 = check_number(layer, "kernel_regularizer l1", spec.get("l1", 0.0), low=0.0)
+    l2 = check_number(layer, "kernel_regularizer l2", spec.get("l2", 0.0), low=0.0)
     return (l1, l2) if (l1 or l2) else None
-
-
-def _initializer(name: Any, layer: str) -> str:
-    if name not in INITIALIZERS:
-        raise ValueError(f"{layer}: unknown kernel_initializer {name!r}; "
-                         f"choose one of {sorted(INITIALIZERS)}")
-    return name
 
 
 class Layer:
@@ -197,14 +161,13 @@ class Conv2D(Layer):
     def __init__(self, filters, kernel_size=3, stride=1, padding="valid",
                  kernel_initializer="glorot_uniform", kernel_regularizer=None, name=None):
         super().__init__(name)
-        self.filters = _positive_int("filters", filters, "Conv2D")
+        self.filters = check_int("Conv2D", "filters", filters)
         self.kernel_regularizer = _regularizer(kernel_regularizer, "Conv2D")
-        self.kernel_size = _pair("kernel_size", kernel_size, "Conv2D")
-        self.stride = _positive_int("stride", stride, "Conv2D")
-        if padding not in ("valid", "same"):
-            raise ValueError(f"Conv2D: padding must be 'valid' or 'same'. Received padding={padding!r}")
-        self.padding = padding
-        self.kernel_initializer = _initializer(kernel_initializer, "Conv2D")
+        self.kernel_size = check_pair("Conv2D", "kernel_size", kernel_size)
+        self.stride = check_int("Conv2D", "stride", stride)
+        self.padding = check_choice("Conv2D", "padding", padding, ("valid", "same"))
+        self.kernel_initializer = check_choice("Conv2D", "kernel_initializer", kernel_initializer,
+                                               sorted(INITIALIZERS))
         self.pads = ((0, 0), (0, 0))
 
     def _output_shape(self, input_shape):
@@ -271,8 +234,8 @@ class MaxPool2D(Layer):
 
     def __init__(self, pool_size=2, stride=None, name=None):
         super().__init__(name)
-        self.pool_size = _positive_int("pool_size", pool_size, "MaxPool2D")
-        self.stride = self.pool_size if stride is None else _positive_int("stride", stride, "MaxPool2D")
+        self.pool_size = check_int("MaxPool2D", "pool_size", pool_size)
+        self.stride = self.pool_size if stride is None else check_int("MaxPool2D", "stride", stride)
 
     def _output_shape(self, input_shape):
         _expect_rank(self, input_shape, 3, "(C, H, W)")
@@ -328,8 +291,9 @@ class Dense(Layer):
     def __init__(self, units, kernel_initializer="glorot_uniform", kernel_regularizer=None,
                  name=None):
         super().__init__(name)
-        self.units = _positive_int("units", units, "Dense")
-        self.kernel_initializer = _initializer(kernel_initializer, "Dense")
+        self.units = check_int("Dense", "units", units)
+        self.kernel_initializer = check_choice("Dense", "kernel_initializer", kernel_initializer,
+                                               sorted(INITIALIZERS))
         self.kernel_regularizer = _regularizer(kernel_regularizer, "Dense")
 
     def _output_shape(self, input_shape):
@@ -396,7 +360,7 @@ class Dropout(Layer):
 
     def __init__(self, rate, name=None):
         super().__init__(name)
-        self.rate = _number("rate", rate, "Dropout", 0.0, 1.0, hi_open=True)
+        self.rate = check_number("Dropout", "rate", rate, low=0.0, high=1.0, high_open=True)
 
     def forward(self, params, x, backend, ctx):
         if not ctx.training or self.rate == 0.0:
@@ -444,9 +408,8 @@ class BatchNorm(Layer):
 
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
         super().__init__(name)
-        self.momentum = _number("momentum", momentum, "BatchNorm", 0.0, 1.0)
-        self.epsilon = _number("epsilon", epsilon, "BatchNorm", 0.0, math.inf, lo_open=True,
-                               hi_open=True)
+        self.momentum = check_number("BatchNorm", "momentum", momentum, low=0.0, high=1.0)
+        self.epsilon = check_number("BatchNorm", "epsilon", epsilon, low=0.0, low_open=True)
 
     def _output_shape(self, input_shape):
         if len(input_shape) not in (1, 3):

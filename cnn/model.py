@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
+from .checks import is_integer
 from .context import StepContext
 from .files import atomic_write, read_structured
 from .layers import Layer, layers_from_spec
@@ -57,8 +58,7 @@ def check_input_shape(input_shape) -> tuple[int, ...]:
     if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, (list, tuple)):
         raise TypeError(f"input_shape must be a list or tuple of positive integers such as "
                         f"(1, 28, 28). Received input_shape={input_shape!r}")
-    bad = [s for s in input_shape
-           if isinstance(s, (bool, np.bool_)) or not isinstance(s, (int, np.integer)) or s < 1]
+    bad = [s for s in input_shape if not is_integer(s) or s < 1]
     if not input_shape or bad:
         raise ValueError(f"input_shape must be a non-empty list of positive integers such as "
                          f"(1, 28, 28). Received input_shape={tuple(input_shape)!r}")
@@ -180,11 +180,6 @@ class Sequential:
     def num_buffer_values(self) -> int:
         """Values held in buffers (non-trained state)."""
         return int(sum(b.size for b in self.buffers.values()))
-
-    def param_layer(self, key: str) -> Layer:
-        """The layer that owns parameter ``key`` (``"conv2d.w"`` -> the conv2d layer)."""
-        name = key.rsplit(".", 1)[0]
-        return next(layer for layer in self.layers if layer.name == name)
 
     # ---- validation ------------------------------------------------------------------------
     def check_inputs(self, x, y=None) -> None:

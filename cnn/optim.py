@@ -71,7 +71,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .backends.base import Backend
-from .checks import check_bool, check_number, check_positive
+from .checks import check_bool, check_int, check_number, check_positive
+from .schedules import KerasConstant, Schedule, make_schedule
 
 
 # ---- state -----------------------------------------------------------------------------------
@@ -89,10 +90,7 @@ class OptimizerState:
     def __init__(self, slots: Mapping[str, Mapping[str, Any]] | None = None, step: int = 0,
                  optimizer: str | None = None):
         self.slots: dict[str, dict[str, Any]] = {n: dict(s) for n, s in (slots or {}).items()}
-        if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-            raise ValueError(f"OptimizerState: step must be a non-negative integer. "
-                             f"Received step={step!r}")
-        self.step = int(step)
+        self.step = check_int("OptimizerState", "step", step, low=0)
         self.optimizer = optimizer
 
     @property
@@ -158,7 +156,6 @@ class Optimizer:
 
     def __init__(self, lr: Any = 0.01, weight_decay: float = 0.0):
         name = type(self).__name__
-        from .schedules import Schedule
         if isinstance(lr, Schedule):
             self.schedule: Schedule | None = lr
             self.lr = float(lr.initial_lr)
@@ -279,7 +276,7 @@ class Optimizer:
 
     def _keras_common(self) -> dict:
         out = {"learning_rate": (self.schedule.keras() if self.schedule is not None
-                                 else _KerasConstant(self.lr))}
+                                 else KerasConstant(self.lr))}
         if self.weight_decay:
             out["weight_decay"] = self.weight_decay
         return out
@@ -466,20 +463,6 @@ class AdamW(Adam):
                                       epsilon=self.epsilon, **common)
 
 
-class _KerasConstant:
-    """A constant learning rate handed to Keras as a callable returning a float64 tensor,
-    which each update casts to its variable's dtype (a plain float would be stored in a
-    float32 variable and cost float64 models the low bits of ``lr``)."""
-
-    def __init__(self, lr: float):
-        self.lr = float(lr)
-
-    def __call__(self):
-        from keras import ops
-        return ops.convert_to_tensor(self.lr, dtype="float64")
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.lr})"
 
 
 def optimizer_names() -> list[str]:
@@ -526,7 +509,6 @@ def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None)
         raise ValueError(f"unknown option {unknown[0]!r} for optimizer {kind!r}; its options "
                          f"are {cls.options()} and 'schedule'")
     if sched_spec is not None:
-        from .schedules import make_schedule
         base = options.get("lr", cls.default_lr())
         base = check_positive(cls.__name__, "lr", base)
         options["lr"] = make_schedule(sched_spec, base)
@@ -535,5 +517,5 @@ def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None)
 
 
 __all__ = ["Adam", "AdamW", "OPTIMIZERS", "Optimizer", "OptimizerState", "RMSProp", "SGD",
-           "check_number", "make_optimizer", "optimizer_class", "optimizer_names",
+           "make_optimizer", "optimizer_class", "optimizer_names",
            "register_optimizer"]

@@ -135,7 +135,8 @@ def sample_figure(x, y_pred, probs, names, out, y_true=None, count: int = 16, se
 
 
 def add_arguments(p) -> None:
-    from .cli import nonnegative_int, positive_int
+    from .backends import available_backends
+    from .checks import int_arg
     p.add_argument("--weights", required=True, help="a weights file written by train --save")
     p.add_argument("--dataset", default=None,
                    help="evaluate on this data set's test split (mnist | cifar10 | "
@@ -145,15 +146,15 @@ def add_arguments(p) -> None:
                    help="predict these images instead: a .npy/.npz of shape (N, C, H, W) or "
                         "(N, H, W)")
     p.add_argument("--data-dir", default=None, help="data root (default $CNN_DATA_DIR or the cache)")
-    p.add_argument("--test-limit", type=positive_int, default=None, help="first N test examples")
-    p.add_argument("--seed", type=nonnegative_int, default=0,
+    p.add_argument("--test-limit", type=int_arg(), default=None, help="first N test examples")
+    p.add_argument("--seed", type=int_arg(low=0), default=0,
                    help="synthetic data sets and the sample figure's choice of images")
-    from .backends import available_backends
-    p.add_argument("--backend", default="numpy", help=" | ".join(available_backends()))
+    p.add_argument("--backend", default="numpy",
+                   help=f"{' | '.join(available_backends())} (default numpy)")
     p.add_argument("--figure", default="predictions.png",
                    help="PNG of sample predictions (default predictions.png; 'none' for none)")
-    p.add_argument("--samples", type=positive_int, default=16, help="images in the figure")
-    p.add_argument("--show", type=nonnegative_int, default=10,
+    p.add_argument("--samples", type=int_arg(), default=16, help="images in the figure")
+    p.add_argument("--show", type=int_arg(low=0), default=10,
                    help="predictions printed (default 10; all with --images up to this many)")
 
 

@@ -89,6 +89,8 @@ import sys
 import time
 from pathlib import Path
 
+from .files import atomic_write
+
 DEFAULT_RESULTS = Path("results") / "df_results.pkl"
 #: where ``make study`` puts the quick profile's results
 QUICK_RESULTS = Path("results") / "quick" / "df_results.pkl"
@@ -329,40 +331,20 @@ def adopt(path, out=None):
 
 
 # ---- writing ----------------------------------------------------------------------------------
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # not supported here (e.g. Windows): the rename is still atomic
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_results(df, path=DEFAULT_RESULTS) -> Path:
-    """Write ``df`` to ``path`` durably and atomically: pickle + integrity record into a
-    temporary file in the same folder, fsync, ``os.replace``, fsync the folder. Readers and
-    crashes only ever see the old file or the new one."""
+    """Write ``df`` to ``path`` durably and atomically (:func:`cnn.files.atomic_write`: a
+    temporary file in the same folder, fsync, rename, fsync of the folder): pickle + integrity
+    record. Readers and crashes only ever see the old file or the new one."""
     path = Path(path)
     check_out_path(path)
     buf = io.BytesIO()
     df.to_pickle(buf)
     payload = buf.getvalue()
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: same file system
-    try:
-        with open(tmp, "wb") as f:
-            f.write(payload)
-            f.write(_trailer(payload))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+
+    def write(f) -> None:
+        f.write(payload)
+        f.write(_trailer(payload))
+    atomic_write(path, write)
     return path
 
 

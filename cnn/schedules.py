@@ -34,7 +34,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
-from .checks import check_number, check_positive
+from .checks import check_choice, check_number, check_positive, is_integer
+from .monitor import check_monitor, has_improved, resolve_mode
 
 UNITS = ("step", "epoch")
 
@@ -57,10 +58,7 @@ class Schedule:
 
     def __init__(self, initial_lr: float, unit: str = "step"):
         self.initial_lr = check_positive(type(self).__name__, "lr", initial_lr)
-        if unit not in UNITS:
-            raise ValueError(f"{type(self).__name__}: unit must be one of {UNITS}. "
-                             f"Received unit={unit!r}")
-        self.unit = unit
+        self.unit = check_choice(type(self).__name__, "unit", unit, UNITS)
 
     def __call__(self, step: int) -> float:
         if self.unit != "step" or any(getattr(self, h) is None for h in self.horizons
@@ -68,7 +66,7 @@ class Schedule:
             raise ValueError(f"{type(self).__name__}: unresolved horizon (unit={self.unit!r}, "
                              f"{ {h: getattr(self, h) for h in self.horizons} }); give it in "
                              "steps, or let fit resolve it (Schedule.resolve)")
-        if isinstance(step, bool) or not isinstance(step, int) and not hasattr(step, "__index__"):
+        if not is_integer(step):
             raise TypeError(f"{type(self).__name__}: step must be an integer. Received {step!r}")
         step = int(step)
         if step < 0:
@@ -139,8 +137,24 @@ class Constant(Schedule):
         return self.initial_lr
 
     def keras(self):
-        from .optim import _KerasConstant
-        return _KerasConstant(self.initial_lr)
+        return KerasConstant(self.initial_lr)
+
+
+class KerasConstant:
+    """A constant learning rate handed to Keras as a callable returning a float64 tensor,
+    which each update casts to its variable's dtype (a plain float would be stored in a
+    float32 variable and cost float64 models the low bits of ``lr``). What
+    :meth:`Constant.keras` returns, and what an optimizer without a schedule gives Keras."""
+
+    def __init__(self, lr: float):
+        self.lr = float(lr)
+
+    def __call__(self):
+        from keras import ops
+        return ops.convert_to_tensor(self.lr, dtype="float64")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.lr})"
 
 
 class StepDecay(Schedule):
@@ -349,8 +363,8 @@ class ReduceLROnPlateau(Schedule):
                  patience: int = 10, min_delta: float = 1e-4, cooldown: int = 0,
                  min_lr: float = 0.0, mode: str = "auto", unit: str = "step"):
         super().__init__(initial_lr, unit)
-        self.monitor = _monitor("ReduceLROnPlateau", monitor)
-        self.mode = _mode("ReduceLROnPlateau", mode, self.monitor)
+        self.monitor = check_monitor("ReduceLROnPlateau", monitor)
+        self.mode = resolve_mode("ReduceLROnPlateau", mode, self.monitor)
         self.factor = check_number("ReduceLROnPlateau", "factor", factor, low=0.0, high=1.0,
                                    low_open=True, high_open=True)
         self.patience = int(_count("ReduceLROnPlateau", "patience", patience, allow_zero=True))
@@ -383,7 +397,7 @@ class ReduceLROnPlateau(Schedule):
         if self.cooldown_counter > 0:
             self.cooldown_counter -= 1
             self.wait = 0
-        if _improved(self.mode, current, self.best, self.min_delta):
+        if has_improved(self.mode, current, self.best, self.min_delta):
             self.best = float(current)
             self.wait = 0
         elif self.cooldown_counter <= 0:
@@ -397,37 +411,6 @@ class ReduceLROnPlateau(Schedule):
         return {"monitor": self.monitor, "factor": self.factor, "patience": self.patience,
                 "min_delta": self.min_delta, "cooldown": self.cooldown, "min_lr": self.min_lr,
                 "mode": self.mode}
-
-
-def _monitor(owner: str, monitor: Any) -> str:
-    if not isinstance(monitor, str) or not monitor:
-        raise ValueError(f"{owner}: monitor must be the name of a logged metric (val_loss, "
-                         f"val_accuracy, loss, accuracy). Received monitor={monitor!r}")
-    return monitor
-
-
-def _mode(owner: str, mode: Any, monitor: str) -> str:
-    if mode not in ("auto", "min", "max"):
-        raise ValueError(f"{owner}: mode must be 'auto', 'min' or 'max'. Received mode={mode!r}")
-    if mode != "auto":
-        return mode
-    name = monitor.removeprefix("val_")
-    if "loss" in name:
-        return "min"
-    if "acc" in name:
-        return "max"
-    raise ValueError(f"{owner}: cannot tell whether monitor={monitor!r} should go up or down; "
-                     "pass mode='min' or mode='max'")
-
-
-def _improved(mode: str, current: float, best: float | None, min_delta: float) -> bool:
-    """Keras's rule: the first value improves; then ``current < best - min_delta`` (min) or
-    ``current > best + min_delta`` (max)."""
-    if best is None:
-        return True
-    if mode == "min":
-        return current + min_delta < best
-    return current - min_delta > best
 
 
 SCHEDULES: dict[str, type[Schedule]] = {
@@ -509,6 +492,6 @@ def _check_options(cls: type, kind: str, options: Mapping) -> None:
                          f"its options are {allowed}")
 
 
-__all__ = ["Constant", "CosineDecay", "CosineRestarts", "Cyclic", "LinearWarmup",
-           "ReduceLROnPlateau", "SCHEDULES", "Schedule", "StepDecay", "make_schedule",
-           "schedule_names"]
+__all__ = ["Constant", "CosineDecay", "CosineRestarts", "Cyclic", "KerasConstant",
+           "LinearWarmup", "ReduceLROnPlateau", "SCHEDULES", "Schedule", "StepDecay",
+           "make_schedule", "schedule_names"]

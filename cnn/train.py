@@ -28,7 +28,7 @@ import numpy as np
 
 from .backends import Backend, get_backend
 from .callbacks import Callback, FitRun, monitored
-from .checks import check_int
+from .checks import check_int, check_number
 from .context import StepContext
 from .errors import DivergedError
 from .optim import make_optimizer
@@ -267,11 +267,9 @@ def _carve_validation(x, y, fraction, validation_data, seed):
     if validation_data is not None:
         raise ValueError("pass validation_split or validation_data, not both. Received "
                          f"validation_split={fraction!r} and validation_data")
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float, np.integer, np.floating)) \
-            or not 0 < fraction < 1:
-        raise ValueError(f"validation_split must be a number in (0, 1). Received "
-                         f"validation_split={fraction!r}")
-    x_t, y_t, x_v, y_v = stratified_split(x, np.asarray(y), float(fraction), seed)
+    fraction = check_number(None, "validation_split", fraction, low=0.0, high=1.0,
+                            low_open=True, high_open=True)
+    x_t, y_t, x_v, y_v = stratified_split(x, np.asarray(y), fraction, seed)
     return x_t, y_t, (x_v, y_v)
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from cnn import paths as P
 from cnn.analysis import summarize
-from cnn.analysis.summary import _sort_key
+from cnn.analysis.summary import variant_sort_key
 from cnn.backends import available_backends
 from cnn.parallel import strategy_names
 from cnn.study import expand_grid
@@ -90,8 +90,8 @@ def test_adding_a_path_is_one_registry_entry(toy_path, tmp_path):
     assert P.variant_name("toy", "sync", "numpy") == "toy"
     assert P.variant_name("toy", "sync", "numba") == "toy[numba]"
     assert P.workers("toy", 2) == 2.0
-    assert _sort_key("keras", "sequential", "tensorflow", 1) < _sort_key("toy", "sync",
-                                                                        "numpy", 1)
+    assert (variant_sort_key("keras", "sequential", "tensorflow", 1)
+            < variant_sort_key("toy", "sync", "numpy", 1))
     rows = [{"run_key": f"{p}{r}", "status": "ok", "error": "", "dataset": "blobs",
              "model": "mnist_small", "path": p, "strategy": s, "backend": "numpy",
              "threads": t, "batch_size": 32, "filters": 8, "train_size": 64, "test_size": 32,

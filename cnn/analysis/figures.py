@@ -16,8 +16,9 @@ import pandas as pd
 
 from .. import paths as P
 from .statistics import amdahl_speedup
-from .summary import (BASELINE_PATH, Summary, _config_text, _int, _num, _sort_key,
-                      trace_frame)
+from .summary import (BASELINE_PATH, Summary, at_largest_p, config_text, sort_number,
+                      trace_frame, variant_sort_key)
+from .text import fmt_int
 
 TEXT_WIDTH_IN = 6.7
 #: the tallest a figure may print (inches): the A4 text height (25.3 cm) less two caption lines
@@ -41,7 +42,7 @@ def _ordered(frame: pd.DataFrame, col: str) -> list:
     seen = {}
     keys = frame[["path", "strategy", "backend", "threads", col]].itertuples(index=False)
     for path, strategy, backend, threads, value in sorted(
-            keys, key=lambda k: _sort_key(k[0], k[1], k[2], k[3])):
+            keys, key=lambda k: variant_sort_key(k[0], k[1], k[2], k[3])):
         seen.setdefault(value, None)
     return list(seen)
 
@@ -60,10 +61,10 @@ def _per_problem(frame: pd.DataFrame, problem: str) -> pd.DataFrame:
 def _configs(frame: pd.DataFrame) -> list[tuple[str, str]]:
     """``[(config_id, title)]`` in batch, filters, size order."""
     cfg = frame.drop_duplicates("config_id")
-    cfg = cfg.assign(_b=cfg["batch_size"].map(_num), _f=cfg["filters"].map(_num),
-                     _n=cfg["train_size"].map(_num)).sort_values(["_b", "_f", "_n"])
+    cfg = cfg.assign(_b=cfg["batch_size"].map(sort_number), _f=cfg["filters"].map(sort_number),
+                     _n=cfg["train_size"].map(sort_number)).sort_values(["_b", "_f", "_n"])
     full = cfg[["train_size", "dtype"]].astype(str).drop_duplicates().shape[0] > 1
-    return [(r["config_id"], _config_text(r, full)) for _, r in cfg.iterrows()]
+    return [(r["config_id"], config_text(r, full)) for _, r in cfg.iterrows()]
 
 
 def _grouped_rows(frame: pd.DataFrame, labels_of) -> list[tuple]:
@@ -231,7 +232,7 @@ def plot_per_image(summary: Summary, problem: str):
     if t.empty:
         return None
     pal = _palette(summary)
-    filters = sorted(t["filters"].unique(), key=_num)
+    filters = sorted(t["filters"].unique(), key=sort_number)
     fig, axes = _figure(5.0, 2.7 * len(filters), nrows=len(filters))
     for f, ax in zip(filters, axes[:, 0]):
         d = t[t["filters"] == f]
@@ -253,7 +254,7 @@ def plot_per_image(summary: Summary, problem: str):
         ax.minorticks_off()
         ax.set_xlabel("examples one worker computes per step")
         ax.set_ylabel("core-ms per image")
-        ax.set_title(f"{problem}, filters {_int(f)}", fontsize=9)
+        ax.set_title(f"{problem}, filters {fmt_int(f)}", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.legend(fontsize=6.5, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
@@ -401,7 +402,7 @@ def plot_average_period(summary: Summary, problem: str):
         d = d.assign(_k=d["period"].map(lambda q: 1e9 if q == "epoch" else float(q)))
         d = d.sort_values("_k")
         x = np.arange(len(d))
-        name = f"{_config_text(d.iloc[0])}, ×{int(lab)}"
+        name = f"{config_text(d.iloc[0])}, ×{int(lab)}"
         left.errorbar(x, 100 * d["final_accuracy_median"], marker="o", ms=3, lw=1,
                       label=name)
         right.errorbar(x, d["images_per_sec_median"],
@@ -430,8 +431,7 @@ def plot_heatmap(summary: Summary, problem: str):
     """Speed-up against the best one-core contender over batch size x filters, for variants
     measured on at least a 2 x 2 grid (each at its largest p that fits the cores), with a
     colour bar."""
-    from .summary import _at_max_p
-    t = _at_max_p(_per_problem(summary.table, problem))
+    t = at_largest_p(_per_problem(summary.table, problem))
     if t.empty:
         return None
     ok = [lb for lb, d in t.groupby("label")
@@ -451,8 +451,8 @@ def plot_heatmap(summary: Summary, problem: str):
         for (i, j), val in np.ndenumerate(d.to_numpy(float)):
             if np.isfinite(val):
                 ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
-        ax.set_xticks(range(d.shape[1]), [_int(x) for x in d.columns])
-        ax.set_yticks(range(d.shape[0]), [_int(x) for x in d.index])
+        ax.set_xticks(range(d.shape[1]), [fmt_int(x) for x in d.columns])
+        ax.set_yticks(range(d.shape[0]), [fmt_int(x) for x in d.index])
         ax.set_xlabel("batch size")
         ax.set_ylabel("filters")
         ax.set_title(lb, fontsize=9)

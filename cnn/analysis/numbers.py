@@ -9,15 +9,10 @@ import numpy as np
 import pandas as pd
 
 from .. import paths as P
-from .summary import (BASELINE_PATH, Summary, _at_max_p, _config_text,
-                      _int, _isnan, _jsonable, _num, cold_compile, noise, simulator_check,
-                      sync_check)
+from .summary import (BASELINE_PATH, Summary, at_largest_p, cold_compile, config_text,
+                      jsonable, noise, simulator_check, sort_number, sync_check)
 from ..results import MACHINE_COLUMNS
-from .text import _pct, fmt, fmt_ci
-
-
-def _pct_ci(m, lo, hi) -> str:
-    return fmt_ci(m, lo, hi)
+from .text import fmt, fmt_ci, fmt_int, fmt_pct, is_missing
 
 
 def _table_rows(t: pd.DataFrame) -> list[dict]:
@@ -27,7 +22,7 @@ def _table_rows(t: pd.DataFrame) -> list[dict]:
         rows.append({
             "first": bool(rows) and r["config_id"] != prev,
             "label": r["label"] + (" †" if r["oversubscribed"] else ""),
-            "batch": _int(r["batch_size"]), "filters": _int(r["filters"]),
+            "batch": fmt_int(r["batch_size"]), "filters": fmt_int(r["filters"]),
             "n": str(int(r["n_repeats"])),
             "time": fmt_ci(r["epoch_time_median"], r["epoch_time_ci_lo"], r["epoch_time_ci_hi"]),
             "ips": fmt_ci(r["images_per_sec_median"], r["images_per_sec_ci_lo"],
@@ -37,12 +32,12 @@ def _table_rows(t: pd.DataFrame) -> list[dict]:
             "speedup_best": ("1 (base)" if r["best_label"] == r["label"] else
                              fmt_ci(r["speedup_best"], r["speedup_best_ci_lo"],
                                     r["speedup_best_ci_hi"])),
-            "speedup_self": ("–" if _isnan(r["speedup_self"]) or r["p"] == 1 else
+            "speedup_self": ("–" if is_missing(r["speedup_self"]) or r["p"] == 1 else
                              fmt_ci(r["speedup_self"], r["speedup_self_ci_lo"],
                                     r["speedup_self_ci_hi"])),
             "efficiency": "–" if not r["p"] > 1 else fmt(r["efficiency_best"]),
             "karp_flatt": fmt(r["karp_flatt_self"], 2),
-            "accuracy": _pct(r["final_accuracy_median"]),
+            "accuracy": fmt_pct(r["final_accuracy_median"]),
             "acc_diff": "–" if seq else _pp(r["accuracy_diff_pp"]),
         })
         prev = r["config_id"]
@@ -50,11 +45,11 @@ def _table_rows(t: pd.DataFrame) -> list[dict]:
 
 
 def _pp(x) -> str:
-    return "–" if _isnan(x) else f"{float(x):+.2f} pp"
+    return "–" if is_missing(x) else f"{float(x):+.2f} pp"
 
 
 def _short_config(r) -> str:
-    return f"b{_int(r['batch_size'])} f{_int(r['filters'])}"
+    return f"b{fmt_int(r['batch_size'])} f{fmt_int(r['filters'])}"
 
 
 def speedup_verdicts(t: pd.DataFrame, col: str = "speedup_best") -> dict:
@@ -88,20 +83,20 @@ def speedup_trends(t: pd.DataFrame) -> list[dict]:
     count, batch size held fixed; ``clear`` when the intervals at the two ends do not
     overlap."""
     out = []
-    t = _at_max_p(t)
+    t = at_largest_p(t)
     for (problem, lb), g in t.groupby(["problem", "label"], sort=False):
         for axis, other, unit, ounit in (("batch_size", "filters", "batch", "filters"),
                                          ("filters", "batch_size", "filters", "batch")):
             for ov, h in g.groupby(other, dropna=False):
-                h = h.sort_values(axis, key=lambda s: s.map(_num))
+                h = h.sort_values(axis, key=lambda s: s.map(sort_number))
                 if h[axis].nunique() < 2:
                     continue
                 a, b = h.iloc[0], h.iloc[-1]
                 clear = ((a["speedup_best_ci_hi"] < b["speedup_best_ci_lo"])
                          or (b["speedup_best_ci_hi"] < a["speedup_best_ci_lo"]))
-                out.append({"problem": problem, "label": lb, "fixed": f"{ounit} {_int(ov)}",
+                out.append({"problem": problem, "label": lb, "fixed": f"{ounit} {fmt_int(ov)}",
                             "varied": unit,
-                            "values": ", ".join(f"{_int(x)}: {fmt(y)}" for x, y in
+                            "values": ", ".join(f"{fmt_int(x)}: {fmt(y)}" for x, y in
                                                 zip(h[axis], h["speedup_best"])),
                             "direction": ("rises" if b["speedup_best"] > a["speedup_best"]
                                           else "falls"),
@@ -156,10 +151,10 @@ def read_gpu_kernels(path) -> list[dict] | None:
     for _, r in k.iterrows():
         row = {}
         for col, v in r.items():
-            if _isnan(v):
+            if is_missing(v):
                 row[col] = "–"
             elif col == "occupancy" and 0 <= float(v) <= 1:
-                row[col] = _pct(v, 0)
+                row[col] = fmt_pct(v, 0)
             elif isinstance(v, (int, np.integer)) or (isinstance(v, float) and v.is_integer()
                                                        and col != "arithmetic_intensity"):
                 row[col] = str(int(v))
@@ -186,7 +181,7 @@ def communication(t: pd.DataFrame) -> list[dict]:
         steps = r["compute_per_epoch"] + r["comm_per_epoch"]
         rows.append({"problem": r["problem"], "label": r["label"], "config": _short_config(r),
                      "compute": fmt(r["compute_per_epoch"]), "comm": fmt(r["comm_per_epoch"]),
-                     "share": _pct(r["comm_per_epoch"] / steps) if steps > 0 else "–",
+                     "share": fmt_pct(r["comm_per_epoch"] / steps) if steps > 0 else "–",
                      "oversubscribed": bool(P.oversubscribed(r["path"], r["threads"], None))})
     return rows
 
@@ -196,7 +191,7 @@ def _best_parallel(tp: pd.DataFrame, col: str):
     if not len(par):
         return None
     r = par.loc[par[col].idxmax()]
-    return {"label": r["label"], "config": _config_text(r), "p": _int(r["p"]),
+    return {"label": r["label"], "config": config_text(r), "p": fmt_int(r["p"]),
             "speedup": fmt_ci(r[col], r[f"{col}_ci_lo"], r[f"{col}_ci_hi"]),
             "speedup_seq": fmt_ci(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"]),
             "best_label": r["best_label"],
@@ -215,7 +210,7 @@ def _superlinear(tp: pd.DataFrame) -> list[dict]:
         if not over:
             continue
         base = tp[(tp["config_id"] == r["config_id"]) & (tp["path"] == BASELINE_PATH)]
-        out.append({"label": r["label"], "config": _config_text(r), "p": _int(r["p"]),
+        out.append({"label": r["label"], "config": config_text(r), "p": fmt_int(r["p"]),
                     "against": ", ".join(over), "speedup": fmt(r["speedup"]),
                     "ms_per_image": fmt(r["time_per_image_ms"] * r["p"]),
                     "seq_ms_per_image": fmt(base["time_per_image_ms"].iat[0]) if len(base)
@@ -224,7 +219,7 @@ def _superlinear(tp: pd.DataFrame) -> list[dict]:
 
 
 def _tta_rows(tt: pd.DataFrame) -> list[dict]:
-    return [{"label": r["label"], "config": _config_text(r), "target": _pct(r["target"], 1),
+    return [{"label": r["label"], "config": config_text(r), "target": fmt_pct(r["target"], 1),
              "runs": str(int(r["n_runs"])), "reached": str(int(r["n_reached"])),
              "failed": str(int(r["n_failed"])), "cap": str(int(r["cap_epochs"])),
              "time": fmt_ci(r["time_to_target_median"], r["time_to_target_ci_lo"],
@@ -263,32 +258,33 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
         problems.append({
             "name": problem, "dataset": str(rp["dataset"].iat[0]), "model": str(rp["model"].iat[0]),
             "architecture": _model_text(str(rp["model"].iat[0])),
-            "params": ", ".join(f"{_int(k)} filters: {int(v):,} parameters" for k, v in params.items()
-                                if not _isnan(v)),
-            "train_size": ", ".join(sorted({_int(x) for x in rp["train_size"]})),
-            "test_size": ", ".join(sorted({_int(x) for x in rp["test_size"].dropna()})) or "–",
+            "params": ", ".join(f"{fmt_int(k)} filters: {int(v):,} parameters"
+                                for k, v in params.items() if not is_missing(v)),
+            "train_size": ", ".join(sorted({fmt_int(x) for x in rp["train_size"]})),
+            "test_size": ", ".join(sorted({fmt_int(x) for x in rp["test_size"].dropna()})) or "–",
             "runs": int(rp["run_key"].nunique()), "configs": int(rp["config_id"].nunique()),
             "paths": [p for p in present if p in set(rp["path"])],
             "absent": [p for p in PATHS if p not in set(rp["path"])],
-            "no_baseline": sorted({_config_text(r) for _, r in tp.iterrows() if r["n_baseline"] == 0}),
+            "no_baseline": sorted({config_text(r) for _, r in tp.iterrows()
+                                   if r["n_baseline"] == 0}),
             "best": _best_parallel(tp, "speedup_best"),
             "best_seq": _best_parallel(tp, "speedup"),
             "contenders": sorted({r["best_label"] for _, r in tp.iterrows() if r["best_label"]}),
             "superlinear": _superlinear(tp),
             "table": _table_rows(tp),
             "oversubscribed": sorted({r["label"] for _, r in tp.iterrows() if r["oversubscribed"]}),
-            "amdahl": [{"variant": r["variant"], "config": _config_text(r),
+            "amdahl": [{"variant": r["variant"], "config": config_text(r),
                         "p_values": r["p_values"], "excluded": r["excluded"] or "–",
                         "f": fmt_ci(r["amdahl_f"], r["amdahl_f_ci_lo"], r["amdahl_f_ci_hi"], 2),
                         "f_self": fmt_ci(r["amdahl_f_self"], r["amdahl_f_self_ci_lo"],
                                          r["amdahl_f_self_ci_hi"], 2),
                         "rms": fmt(r["rms_residual_self"], 2),
                         "kf": fmt(r["karp_flatt_self_at_p_max"], 2),
-                        "p_max": _int(r["p_max"])} for _, r in am.iterrows()],
+                        "p_max": fmt_int(r["p_max"])} for _, r in am.iterrows()],
             "tta": _tta_rows(tt),
-            "rates": [{"label": r["label"], "config": _config_text(r),
+            "rates": [{"label": r["label"], "config": config_text(r),
                        "ips": fmt(r["images_per_sec_median"]), "gflops": fmt(r["gflops"]),
-                       "peak": _pct(r["peak_fraction"], 1)}
+                       "peak": fmt_pct(r["peak_fraction"], 1)}
                       for _, r in tp[(tp["p"] == 1) & tp["gflops"].notna()].iterrows()],
             "scaling": [] if sc is None or not len(sc) else [
                 {"variant": v, "config": g["title"].iat[0],
@@ -296,7 +292,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                  if (g["p"] == 64).any() else "–",
                  "p64_mpi": fmt(g.loc[g["p"] == 64, "predicted_mpi"].iat[0])
                  if (g["p"] == 64).any() else "–",
-                 "max_error": _pct(g["rel_error"].abs().max(), 0)
+                 "max_error": fmt_pct(g["rel_error"].abs().max(), 0)
                  if g["rel_error"].notna().any() else "–"}
                 for (cid, v), g in sc.groupby(["config_id", "variant"], sort=False)],
             "figures": [f for f in figures if f["problem"] == problem],
@@ -335,9 +331,9 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                     "error": str(r.get("error", ""))[:160]} for _, r in summary.failed.iterrows()],
         "paths": {"expected": list(PATHS), "present": present,
                   "absent": [p for p in PATHS if p not in present], "failed_only": failed_only},
-        "method": {"level": _pct(summary.level, 0), "n_min": n_rep_min,
-                   "coverage_min": _pct(cov.min(), 0) if len(cov) else "–",
-                   "coverage_max": _pct(cov.max(), 0) if len(cov) else "–",
+        "method": {"level": fmt_pct(summary.level, 0), "n_min": n_rep_min,
+                   "coverage_min": fmt_pct(cov.min(), 0) if len(cov) else "–",
+                   "coverage_max": fmt_pct(cov.max(), 0) if len(cov) else "–",
                    "randomised": bool(len(orders)),
                    "order_seeds": ", ".join(str(int(x)) for x in orders) or "–",
                    "min_p_for_fits": 3},
@@ -365,7 +361,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
         s["within_spread"] = bool(s["max_abs_diff_pp"] <= s["seed_spread_pp_max"])
     n = numbers["noise"]
     if n.get("groups"):
-        n["cv_median_text"], n["cv_max_text"] = _pct(n["cv_median"]), _pct(n["cv_max"])
+        n["cv_median_text"], n["cv_max_text"] = fmt_pct(n["cv_median"]), fmt_pct(n["cv_max"])
     return _json_clean(numbers)
 
 
@@ -374,4 +370,4 @@ def _json_clean(x):
         return {str(k): _json_clean(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
         return [_json_clean(v) for v in x]
-    return _jsonable(x)
+    return jsonable(x)

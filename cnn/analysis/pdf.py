@@ -6,10 +6,11 @@ import os
 import time
 from pathlib import Path
 
+from ..files import atomic_write
 from ..results import load_results
 from .figures import make_figures
 from .numbers import report_numbers
-from .summary import _atomic_write, summarize, write_summary
+from .summary import summarize, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 REPORT_TYP = ROOT / "report" / "report.typ"
@@ -27,12 +28,10 @@ def compile_report(numbers_json, figures_dir, out, typ=REPORT_TYP) -> Path:
     root = Path(os.path.commonpath([typ.parent, numbers_json.parent, figures_dir]))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp.pdf")
-    typst.compile(str(typ), output=str(tmp), root=str(root),
-                  sys_inputs={"numbers": _root_relative(numbers_json, root),
-                              "figures": _root_relative(figures_dir, root)})
-    os.replace(tmp, out)
-    return out
+    pdf = typst.compile(str(typ), root=str(root), format="pdf",
+                        sys_inputs={"numbers": _root_relative(numbers_json, root),
+                                    "figures": _root_relative(figures_dir, root)})
+    return atomic_write(out, pdf)
 
 
 def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_dir=None,
@@ -88,7 +87,7 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
     numbers["gpu"]["kernels_source"] = str(gpu_kernels) if gpu_kernels else ""
     generated_dir.mkdir(parents=True, exist_ok=True)
     numbers_path = generated_dir / "numbers.json"
-    _atomic_write(numbers_path, json.dumps(numbers, indent=1, ensure_ascii=False))
+    atomic_write(numbers_path, json.dumps(numbers, indent=1, ensure_ascii=False))
     written = {**{f"summary_{k}": v for k, v in paths.items()}, "numbers": numbers_path,
                "figures": [Path(f["path"]) for f in figures]}
     if pdf:

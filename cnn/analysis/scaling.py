@@ -24,7 +24,6 @@ the model and the measured points says how much they do.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -32,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from .. import paths as P
-from .summary import BASELINE_PATH, Summary, _config_text
+from ..files import read_structured
+from .summary import BASELINE_PATH, Summary, config_text
 
 P_GRID = (1, 2, 4, 8, 16, 32, 64)
 COLUMNS = ["problem", "config_id", "variant", "title", "p", "cores", "measured",
@@ -48,8 +48,8 @@ def read_allreduce(path) -> dict | None:
     path = Path(path)
     if not path.is_file():
         return None
+    data = read_structured(path, "allreduce fit")  # errors name the file and the line
     try:
-        data = json.loads(path.read_text())
         alpha, beta = float(data["alpha"]), float(data["beta"])
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"{path}: not an allreduce fit with 'alpha' and 'beta' ({err})") \
@@ -120,7 +120,7 @@ def scaling_model(summary: Summary, allreduce: dict | None = None) -> pd.DataFra
             meas = g[g["p"] == p]["speedup_self"]
             m = float(meas.iat[0]) if len(meas) else np.nan
             rows.append({"problem": r0["problem"], "config_id": cid, "variant": variant,
-                         "title": _config_text(r0), "p": float(p), "cores": cores,
+                         "title": config_text(r0), "p": float(p), "cores": cores,
                          "measured": m, "predicted_threads": pred, "predicted_mpi": mpi,
                          "t1_step": t1, "compute_step": c1, "reduce_step": r,
                          # checked only within the cores: the model splits compute over p

@@ -101,23 +101,6 @@ def fit_amdahl(p, s) -> float:
     return float(0.0 if f < 1e-9 else 1.0 if f > 1 - 1e-9 else f)
 
 
-def _fit_amdahl_many(p, samples, chunk: int = 256) -> np.ndarray:
-    """Least-squares ``f`` for each row of ``samples (B, P)`` (the bootstrap): in closed form
-    when one thread count above 1 is measured (points at p = 1 add a constant to the loss),
-    else on a grid of step 1e-3."""
-    keep = p > 1
-    p, samples = p[keep], samples[:, keep]
-    if len(p) == 1:
-        return np.clip(karp_flatt(samples[:, 0], np.full(len(samples), p[0])), 0.0, 1.0)
-    model = amdahl_speedup(_GRID[:, None], p[None, :])  # (G, P)
-    out = np.empty(len(samples))
-    for i in range(0, len(samples), chunk):
-        block = samples[i:i + chunk]
-        sse = ((block[:, None, :] - model[None, :, :]) ** 2).sum(axis=-1)
-        out[i:i + chunk] = _GRID[np.argmin(sse, axis=1)]
-    return out
-
-
 # ---- distribution-free intervals for a median (order statistics) ---------------------------
 def order_statistic_coverage(n: int, k: int) -> float:
     """Coverage of ``[x_(k), x_(n+1-k)]`` (1-based order statistics of ``n`` samples) for the

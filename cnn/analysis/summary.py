@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +31,10 @@ import numpy as np
 import pandas as pd
 
 from .. import paths as P
+from ..files import atomic_write
 from ..results import MACHINE_COLUMNS
-from .statistics import amdahl_speedup, fit_amdahl, karp_flatt, median_interval
-from .text import _isnan, _pct, fmt
+from .statistics import amdahl_speedup, fit_amdahl, karp_flatt, median_interval, paired_ratios
+from .text import fmt, fmt_int, fmt_pct, is_missing
 
 BASELINE_PATH = P.BASELINE
 #: what a speed-up is matched on: the sequential run of the same configuration
@@ -100,46 +100,44 @@ workers = P.workers
 
 def _variant(path, strategy, backend, period) -> str:
     name = P.variant_name(path, strategy, backend)
-    return name + (f"@{period}" if period not in (None, "") and not _isnan(period) else "")
+    return name + (f"@{period}" if period not in (None, "") and not is_missing(period) else "")
 
 
 def _label(path, strategy, backend, threads, period) -> str:
     lab = P.label(path, strategy, backend, threads)
-    if period not in (None, "") and not _isnan(period):
+    if period not in (None, "") and not is_missing(period):
         head, sep, tail = lab.partition(" ")
         lab = f"{head}@{period}{sep}{tail}"
     return lab
 
 
-def _sort_key(path, strategy, backend, threads):
+def variant_sort_key(path, strategy, backend, threads):
     """Registry order of paths, then each path's own order of strategies and backends."""
     entry = P.PATHS.get(path)
     si = (entry.strategies.index(strategy) if entry and strategy in entry.strategies
           else 99)
     bi = entry.backends.index(backend) if entry and backend in entry.backends else 99
     return (P.order(path), str(path), si, bi, str(backend),
-            0 if _isnan(threads) else float(threads))
+            0 if is_missing(threads) else float(threads))
 
 
 def _period_key(period) -> float:
-    if period in (None, "") or _isnan(period):
+    if period in (None, "") or is_missing(period):
         return -1.0
     return 1e18 if period == "epoch" else float(period)
 
 
-def _config_text(row, full: bool = False) -> str:
-    text = f"batch {_int(row['batch_size'])}, filters {_int(row['filters'])}"
+def config_text(row, full: bool = False) -> str:
+    """``batch 64, filters 8`` (``full``: with the training size and dtype) of a row."""
+    text = f"batch {fmt_int(row['batch_size'])}, filters {fmt_int(row['filters'])}"
     if full:
-        text += f", n={_int(row['train_size'])}, {row['dtype']}"
+        text += f", n={fmt_int(row['train_size'])}, {row['dtype']}"
     return text
 
 
-def _int(x) -> str:
-    return "default" if _isnan(x) else str(int(x))
-
-
-def _num(x) -> float:
-    return -1.0 if _isnan(x) else float(x)
+def sort_number(x) -> float:
+    """A setting as a number to sort by; missing values (the preset's default) first."""
+    return -1.0 if is_missing(x) else float(x)
 
 
 def _ids(frame: pd.DataFrame, keys) -> pd.Series:
@@ -195,11 +193,11 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     runs["config_id"] = _ids(runs, CONFIG_KEYS + MACHINE_KEYS + ("target",))
     keys = pd.DataFrame({
         "a": runs["problem"], "t": runs["target"].fillna(-1.0),
-        "b": runs["batch_size"].map(_num), "c": runs["filters"].map(_num),
-        "d": runs["train_size"].map(_num), "e": runs["dtype"].astype(str),
-        "f": [_sort_key(*k) for k in runs[["path", "strategy", "backend", "threads"]]
+        "b": runs["batch_size"].map(sort_number), "c": runs["filters"].map(sort_number),
+        "d": runs["train_size"].map(sort_number), "e": runs["dtype"].astype(str),
+        "f": [variant_sort_key(*k) for k in runs[["path", "strategy", "backend", "threads"]]
               .itertuples(index=False)], "q": runs["period"].map(_period_key),
-        "g": runs["repeat"].map(_num)})
+        "g": runs["repeat"].map(sort_number)})
     order = keys.sort_values(list(keys.columns), kind="stable").index
     return runs.loc[order].reset_index(drop=True)
 
@@ -248,12 +246,9 @@ def _by_seed(g: pd.DataFrame, col: str = "epoch_time") -> dict:
 
 def _ratio(base: dict | None, mine: dict, level: float):
     """Median of the per-seed ratios base/mine with its interval; (nan...) without pairs."""
-    if not base:
+    r = paired_ratios(base or {}, mine)
+    if not len(r):
         return (float("nan"),) * 4 + (0,)
-    seeds = sorted(set(base) & set(mine))
-    if not seeds:
-        return (float("nan"),) * 4 + (0,)
-    r = np.array([base[s] / mine[s] for s in seeds])
     m, lo, hi, cov = median_interval(r, level)
     return m, lo, hi, cov, len(r)
 
@@ -351,7 +346,7 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
                         on=["config_id", "variant"], how="left")
     kf = []
     for _, r in table.iterrows():
-        fitted = not _isnan(r["amdahl_f_self"]) or not _isnan(r["amdahl_f"])
+        fitted = not is_missing(r["amdahl_f_self"]) or not is_missing(r["amdahl_f"])
         kf.append(karp_flatt(r["speedup_self"], r["p"]) if fitted and r["p"] > 1
                   and not r["oversubscribed"] else np.nan)
     table["karp_flatt_self"] = kf
@@ -498,7 +493,7 @@ def trace_frame(runs: pd.DataFrame) -> pd.DataFrame:
                                        "val_accuracy"])
 
 
-def _at_max_p(t: pd.DataFrame) -> pd.DataFrame:
+def at_largest_p(t: pd.DataFrame) -> pd.DataFrame:
     """Each variant at its largest measured p that does not oversubscribe the machine."""
     t = t[(t["path"] != BASELINE_PATH) & t["speedup"].notna() & t["p"].notna()
           & ~t["oversubscribed"].astype(bool)]
@@ -524,16 +519,18 @@ def write_summary(summary: Summary, out_dir) -> dict[str, Path]:
     out.mkdir(parents=True, exist_ok=True)
     table = summary.table.drop(columns=["config_id"])
     paths = {"csv": out / "summary.csv", "json": out / "summary.json"}
-    table.to_csv(paths["csv"], index=False)
-    records = [{k: _jsonable(v) for k, v in r.items()} for r in table.to_dict("records")]
-    _atomic_write(paths["json"], json.dumps(records, indent=1))
+    atomic_write(paths["csv"], table.to_csv(index=False))
+    records = [{k: jsonable(v) for k, v in r.items()} for r in table.to_dict("records")]
+    atomic_write(paths["json"], json.dumps(records, indent=1))
     if len(summary.tta):
         paths["tta_csv"] = out / "summary_tta.csv"
-        summary.tta.drop(columns=["config_id"]).to_csv(paths["tta_csv"], index=False)
+        atomic_write(paths["tta_csv"],
+                     summary.tta.drop(columns=["config_id"]).to_csv(index=False))
     return paths
 
 
-def _jsonable(v):
+def jsonable(v):
+    """``v`` as a plain JSON value: NumPy scalars as Python numbers, NaN/inf/NA as None."""
     if isinstance(v, (np.integer,)):
         return int(v)
     if isinstance(v, (np.floating, float)):
@@ -543,12 +540,6 @@ def _jsonable(v):
     if v is None or (not isinstance(v, (str, list, dict, tuple)) and pd.isna(v)):
         return None
     return v
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ---- derived facts for the narrative ------------------------------------------------------------
@@ -600,7 +591,7 @@ def simulator_check(summary: Summary) -> dict:
         if len(m):
             d = (m["final"] - m["final_accuracy"]).abs()
             out.update(pairs=int(len(m)), max_abs_diff=float(d.max()),
-                       max_abs_diff_text=_pct(d.max(), 2))
+                       max_abs_diff_text=fmt_pct(d.max(), 2))
     return out
 
 
@@ -621,4 +612,4 @@ def noise(summary: Summary) -> dict:
         return {"groups": 0}
     worst = summary.table.loc[cv.idxmax()]
     return {"groups": int(len(cv)), "cv_median": float(cv.median()), "cv_max": float(cv.max()),
-            "cv_max_label": f"{worst['label']} ({worst['problem']}, {_config_text(worst)})"}
+            "cv_max_label": f"{worst['label']} ({worst['problem']}, {config_text(worst)})"}

@@ -6,7 +6,8 @@ import math
 import pandas as pd
 
 
-def _isnan(x) -> bool:
+def is_missing(x) -> bool:
+    """True for None, NaN and pandas' NA: a value the results do not have."""
     try:
         return x is None or (isinstance(x, float) and math.isnan(x)) or bool(pd.isna(x))
     except (TypeError, ValueError):
@@ -15,7 +16,7 @@ def _isnan(x) -> bool:
 
 def fmt(x, digits: int = 3) -> str:
     """``digits`` significant figures (no exponent for ordinary magnitudes); '–' for NaN."""
-    if x is None or _isnan(x):
+    if x is None or is_missing(x):
         return "–"
     x = float(x)
     if x == 0:
@@ -27,10 +28,16 @@ def fmt(x, digits: int = 3) -> str:
 
 
 def fmt_ci(m, lo, hi, digits: int = 3) -> str:
-    if _isnan(lo) or _isnan(hi):
+    if is_missing(lo) or is_missing(hi):
         return fmt(m, digits)
     return f"{fmt(m, digits)} [{fmt(lo, digits)}, {fmt(hi, digits)}]"
 
 
-def _pct(x, digits: int = 1) -> str:
-    return "–" if _isnan(x) else f"{100 * float(x):.{digits}f}%"
+def fmt_int(x) -> str:
+    """An integer setting (batch size, filters, workers) as text; 'default' when missing."""
+    return "default" if is_missing(x) else str(int(x))
+
+
+def fmt_pct(x, digits: int = 1) -> str:
+    """A fraction as a percentage with ``digits`` decimals (``0.953`` -> ``95.3%``)."""
+    return "–" if is_missing(x) else f"{100 * float(x):.{digits}f}%"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..checks import check_int
 from .base import Strategy
 from .threads import shard_bounds
 
@@ -30,10 +31,7 @@ class AccumulateStrategy(Strategy):
     def __init__(self, threads: int = 1, micro_batches: int | None = None):
         super().__init__(threads)
         m = threads if micro_batches is None else micro_batches
-        if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-            raise ValueError(f"strategy 'accumulate': micro_batches must be a positive integer. "
-                             f"Received micro_batches={m!r}")
-        self.micro_batches = int(m)
+        self.micro_batches = check_int("strategy 'accumulate'", "micro_batches", m)
         self.threads = 1  # one worker runs every micro-batch
 
     def check_batch_size(self, batch_size: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..backends import Backend
+from ..checks import check_int
 from ..context import StepContext, Workspace
 
 
@@ -22,9 +23,7 @@ class Strategy:
     is_master = True
 
     def __init__(self, threads: int = 1):
-        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"threads must be a positive integer. Received threads={threads!r}")
-        self.threads = threads
+        self.threads = check_int(None, "threads", threads)
         #: seconds spent combining gradients between workers (threads and processes: the
         #: reduce phase; MPI: the allreduce) since the last :meth:`take_comm_time`
         self.comm_time = 0.0

@@ -14,6 +14,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ..checks import check_int
+from ..files import read_structured
+
 #: environment variables that MPI launchers set in every rank (MPICH's Hydra: PMI_*; PMIx
 #: launchers such as Open MPI's prterun and Slurm's srun: PMIX_*/OMPI_*)
 LAUNCHER_VARIABLES = ("PMI_RANK", "PMI_SIZE", "PMI_FD", "PMI_PORT", "PMIX_RANK",
@@ -53,9 +56,7 @@ def find_mpiexec() -> str:
 
 
 def check_ranks(ranks) -> int:
-    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be a positive integer. Received ranks={ranks!r}")
-    return ranks
+    return check_int(None, "ranks", ranks)
 
 
 def mpiexec_command(args: list[str], ranks: int, hostfile: str | None = None,
@@ -283,7 +284,7 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
                                f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
         with np.load(out.with_suffix(".npz")) as f:
             weights = {k: f[k] for k in f.files}
-        record = json.loads(out.with_suffix(".json").read_text())
+        record = read_structured(out.with_suffix(".json"), "rank 0's record")
     return {"weights": weights, **record}
 
 
@@ -296,7 +297,7 @@ def _fit_main(config_path: str, out: str) -> int:
     from ..data import load_dataset
     from ..model import Sequential, resolve_spec
 
-    c = json.loads(Path(config_path).read_text())
+    c = read_structured(config_path, "run configuration")
     dtype = np.dtype(c["dtype"])
     data = load_dataset(c["dataset"], root=c["data_root"], limit=c["limit"],
                         test_limit=c["test_limit"], dtype=dtype)

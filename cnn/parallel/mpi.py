@@ -42,7 +42,7 @@ Failure: an exception on any rank makes that rank print the error with its rank 
 call ``MPI_Abort``, which ends every rank of the job (the launcher's exit status is non-zero):
 no rank is left waiting in a collective. A rank that dies (``kill -9``) is noticed by the
 launcher, which ends the others. Errors that every rank raises together (bad arguments before
-training starts; :class:`cnn.train.DivergedError`, decided on the all-reduced loss) are raised
+training starts; :class:`cnn.errors.DivergedError`, decided on the all-reduced loss) are raised
 normally on every rank.
 
 Without a launcher, ``strategy="mpi"`` runs one rank and warns that it does.
@@ -60,6 +60,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_bool, check_int
 from .average import AverageStrategy, check_every
 from .base import Strategy
 from .launch import under_launcher
@@ -214,9 +215,7 @@ class _MPIStrategy(Strategy):
             raise ValueError(f"strategy {self.name!r} runs one worker per MPI rank and takes the "
                              f"number of ranks from the launcher (mpiexec -n N, or --ranks N on "
                              f"the command line); threads must be 1. Received threads={threads}")
-        if not isinstance(abort_on_error, bool):
-            raise ValueError(f"abort_on_error must be True or False. Received "
-                             f"abort_on_error={abort_on_error!r}")
+        check_bool(None, "abort_on_error", abort_on_error)
         self.MPI = load_mpi()
         self.comm = self.MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -316,13 +315,8 @@ class MPISync(_MPIStrategy):
 
     def __init__(self, threads: int = 1, overlap: bool = False, bucket_bytes: int = 0,
                  abort_on_error: bool = True, comm=None):
-        if not isinstance(overlap, bool):
-            raise ValueError(f"overlap must be True or False. Received overlap={overlap!r}")
-        if isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, (int, np.integer)) \
-                or bucket_bytes < 0:
-            raise ValueError(f"bucket_bytes must be a non-negative integer. Received "
-                             f"bucket_bytes={bucket_bytes!r}")
-        self.overlap, self.bucket_bytes = overlap, int(bucket_bytes)
+        self.overlap = check_bool(None, "overlap", overlap)
+        self.bucket_bytes = check_int(None, "bucket_bytes", bucket_bytes, low=0)
         super().__init__(threads, abort_on_error, comm)
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:

@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from ..checks import check_choice, check_int, check_positive
 from .base import Strategy
 from .sync import (FlatLayout, SharedReduce, SharedSlots, SyncCore, state_arrays,
                    state_with_arrays, step_scalars)
@@ -256,18 +257,9 @@ class SyncProcesses(Strategy):
     def __init__(self, threads: int = 1, start_method: str = "forkserver",
                  reduce_bytes: int = 1 << 16, start_timeout: float = 120.0):
         super().__init__(threads)
-        if start_method not in START_METHODS:
-            raise ValueError(f"start_method must be one of {START_METHODS}. Received "
-                             f"start_method={start_method!r}")
-        if isinstance(reduce_bytes, bool) or not isinstance(reduce_bytes, (int, np.integer)) \
-                or reduce_bytes < 0:
-            raise ValueError(f"reduce_bytes must be a non-negative integer. Received "
-                             f"reduce_bytes={reduce_bytes!r}")
-        if not isinstance(start_timeout, (int, float)) or not start_timeout > 0:
-            raise ValueError(f"start_timeout must be a positive number of seconds. Received "
-                             f"start_timeout={start_timeout!r}")
-        self.start_method, self.reduce_bytes = start_method, int(reduce_bytes)
-        self.start_timeout = float(start_timeout)
+        self.start_method = check_choice(None, "start_method", start_method, START_METHODS)
+        self.reduce_bytes = check_int(None, "reduce_bytes", reduce_bytes, low=0)
+        self.start_timeout = check_positive(None, "start_timeout", start_timeout)
         self._batch_hint = 1
         self._processes: list = []
         self._conns: list = []

@@ -84,6 +84,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..backends import Backend
+from ..checks import check_int
 from .average import AverageStrategy, check_every
 from .base import Strategy
 from .sync import SharedReduce, SharedSlots, SyncCore, shard_bounds, step_scalars
@@ -269,11 +270,7 @@ class SyncThreads(ThreadStrategy):
 
     def __init__(self, threads: int = 1, reduce_bytes: int = 1 << 16):
         super().__init__(threads)
-        if isinstance(reduce_bytes, bool) or not isinstance(reduce_bytes, (int, np.integer)) \
-                or reduce_bytes < 0:
-            raise ValueError(f"reduce_bytes must be a non-negative integer. Received "
-                             f"reduce_bytes={reduce_bytes!r}")
-        self.reduce_bytes = int(reduce_bytes)
+        self.reduce_bytes = check_int(None, "reduce_bytes", reduce_bytes, low=0)
 
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < self.threads:

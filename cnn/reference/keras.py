@@ -44,6 +44,7 @@ import time
 
 import numpy as np
 
+from ..checks import check_int
 from ..layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh
 
 #: batch size of the per-epoch validation evaluation (that of ``Sequential.evaluate``)
@@ -63,12 +64,10 @@ def configure_threads(threads: int | None) -> None:
     these settings once per process. Calling it again with the settings already in force is a
     no-op; asking for different ones after TensorFlow has started raises ``RuntimeError``.
     """
+    threads = check_int(None, "threads", threads, optional=True)
     if threads is None:
         return
-    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)) or threads < 1:
-        raise ValueError(f"threads must be a positive integer or None. Received threads={threads!r}")
     import tensorflow as tf
-    threads = int(threads)
     cfg = tf.config.threading
     try:
         cfg.set_intra_op_parallelism_threads(threads)
@@ -524,7 +523,6 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         in), the layout conversion time of the inputs,
         the configuration, and the TensorFlow/Keras versions and thread settings.
     """
-    from ..checks import check_int
     from ..optim import make_optimizer
     from ..train import History
     epochs = check_int(None, "epochs", epochs)

@@ -11,11 +11,12 @@ The child dies with its parent: on Linux it asks the kernel for SIGKILL when the
 parent (closing the window before that call); elsewhere a daemon thread watches the parent's
 pid. A ``kill -9`` of the study therefore never leaves a run competing for the CPU.
 
-Outcomes: "ok"; "diverged" when training raised :class:`cnn.train.DivergedError` (a
+Outcomes: "ok"; "diverged" when training raised :class:`cnn.errors.DivergedError` (a
 non-finite loss or weights) or recorded a non-finite training loss; "failed" for any other
 exception (the error is ``ExceptionType: message``).
 
-Module-level imports are the standard library only.
+Module-level imports are the standard library and the package's modules that import nothing
+else (:mod:`cnn.paths`, :mod:`cnn.errors`, :mod:`cnn.files`).
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..errors import DivergedError
+from ..files import atomic_write, read_structured
 from .run import Run
 
 PR_SET_PDEATHSIG = 1
@@ -42,8 +45,6 @@ HISTORY_TO_COLUMN = {"epoch": "epoch", "time": "time", "compute_time": "compute_
                      "eval_time": "eval_time", "images_per_sec": "images_per_sec",
                      "loss": "train_loss", "accuracy": "train_accuracy",
                      "val_loss": "test_loss", "val_accuracy": "test_accuracy"}
-#: the exception class names that mean "training diverged" (cnn.train.DivergedError)
-DIVERGED_ERRORS = ("DivergedError",)
 
 
 # ---- dying with the parent ----------------------------------------------------------------------
@@ -210,19 +211,9 @@ def measure_reduce(num_params: int, p: int, dtype, repeats: int = 21) -> float:
 
 
 def is_divergence(err: BaseException) -> bool:
-    """Whether ``err`` says training diverged (cnn.train.DivergedError, matched by name so
-    this module needs no import of the training code)."""
-    return isinstance(err, Diverged) or any(
-        cls.__name__ in DIVERGED_ERRORS for cls in type(err).__mro__)
-
-
-def write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Whether ``err`` says training diverged (:class:`cnn.errors.DivergedError`, raised by
+    the fit loop and the strategies, or this module's :class:`Diverged`)."""
+    return isinstance(err, (Diverged, DivergedError))
 
 
 def source_hash() -> str:
@@ -238,7 +229,7 @@ def source_hash() -> str:
 def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     """``--run-json CONFIG --result RESULT``: train, write the result (``write``: MPI ranks
     other than 0 train without writing it)."""
-    payload = json.loads(Path(config_path).read_text())
+    payload = read_structured(config_path, "run configuration")
     source = source_hash()  # the code this run imports, hashed before it trains
     result: dict[str, Any] = {"status": "ok", "error": ""}
     try:
@@ -257,7 +248,7 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
         result["machine"] = {"cpu": f"unknown ({err})"}
     result["machine"]["source_hash"] = source
     if write:
-        write_json(Path(result_path), result)
+        atomic_write(result_path, json.dumps(result))
     if result["status"] == "failed" and _mpi_rank() is not None:
         # a failure on one rank would leave the others waiting in a collective: end them all
         # (rank 0 has written its result; another rank gives it a moment to, if it failed too)
@@ -286,7 +277,7 @@ def warmup_main(backend: str, dtype: str, result_path: str) -> int:
     except Exception as err:  # noqa: BLE001
         traceback.print_exc()
         result["error"] = f"{type(err).__name__}: {err}"
-    write_json(Path(result_path), result)
+    atomic_write(result_path, json.dumps(result))
     return 0
 
 

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
 from typing import Iterable
 
+from ..checks import int_arg, number_arg
 from ..results import DEFAULT_RESULTS, QUICK_RESULTS, StudyLockedError, load_results
 from .estimate import describe_plan
 from .grid import read_grid
@@ -15,27 +15,17 @@ from .profiles import PROFILES
 from .runner import run_study
 
 
-def _positive_seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds; received {text!r}")
-    if not math.isfinite(v) or v <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive number of seconds; received {text}")
-    return v
+_nonnegative_seconds = number_arg(low=0.0)
 
 
 def _wait_seconds(text: str) -> float | None:
+    """``--wait``: seconds >= 0, or ``inf``/``forever`` (None: wait as long as it takes)."""
     if text in ("inf", "forever"):
         return None
     try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds or 'forever'; received "
-                                         f"{text!r}")
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds; received {text}")
-    return v
+        return _nonnegative_seconds(text)
+    except argparse.ArgumentTypeError as err:
+        raise argparse.ArgumentTypeError(f"{err} (or 'forever')") from None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -52,12 +42,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibrate", default=None,
                    help="results pickle whose measurements refine the --dry-run estimate "
                         f"(default: --out, else {QUICK_RESULTS}, when it exists)")
-    p.add_argument("--timeout", type=_positive_seconds, default=None,
+    p.add_argument("--timeout", type=number_arg(low=0.0, low_open=True), default=None,
                    help="per-run timeout in seconds (positive)")
     p.add_argument("--wait", type=_wait_seconds, default=0.0,
                    help="when another study is writing --out, wait this many seconds (or "
                         "'forever') for it instead of refusing at once")
-    p.add_argument("--order-seed", type=int, default=0,
+    p.add_argument("--order-seed", type=int_arg(low=None), default=0,
                    help="seed of the randomised run order within each repeat block (recorded "
                         "per run; default 0)")
     p.add_argument("--no-retry-failed", action="store_true", help="skip runs recorded as failed")

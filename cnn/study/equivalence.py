@@ -17,12 +17,12 @@ over all parameters (computed in float64).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from .. import paths as P
+from ..files import atomic_write, read_structured
 
 #: the workers of a variant whose path scales (one worker is the sequential path's own case)
 WORKERS = 2
@@ -123,19 +123,15 @@ def write(table, out) -> Path:
     import json
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    table.to_csv(tmp, index=False)
-    os.replace(tmp, out)
-    meta = out.with_suffix(".json")
-    meta.write_text(json.dumps({"setup": table.attrs.get("setup", ""),
-                                "skipped": table.attrs.get("skipped", [])}, indent=1))
+    atomic_write(out, table.to_csv(index=False))
+    atomic_write(out.with_suffix(".json"),
+                 json.dumps({"setup": table.attrs.get("setup", ""),
+                             "skipped": table.attrs.get("skipped", [])}, indent=1))
     return out
 
 
 def read(path):
     """The table written by :func:`write`, or None when there is none."""
-    import json
-
     import pandas as pd
     path = Path(path)
     if not path.is_file():
@@ -143,7 +139,7 @@ def read(path):
     table = pd.read_csv(path)
     meta = path.with_suffix(".json")
     if meta.is_file():
-        table.attrs.update(json.loads(meta.read_text()))
+        table.attrs.update(read_structured(meta))
     return table
 
 

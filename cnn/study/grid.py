@@ -49,7 +49,6 @@ import hashlib
 import itertools
 import json
 import math
-import numbers
 import os
 import shutil
 import subprocess
@@ -60,6 +59,9 @@ from pathlib import Path
 from typing import Any
 
 from .. import paths as P
+from ..checks import (check_bool, check_choice, check_int, check_known, check_number,
+                      check_positive)
+from ..files import STRUCTURED_SUFFIXES, StructuredFileError, read_structured
 from ..results import CONFIG_FIELDS
 from .profiles import PROFILES
 from .run import Run
@@ -96,101 +98,54 @@ EVALS_PER_EPOCH = 10
 
 
 # ---- values ---------------------------------------------------------------------------------
-def _is_int(v) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
-
-
-def _check_positive_int(axis, v, allow_none=False, most=None):
-    if v is None and allow_none:
-        return None
-    if not _is_int(v) or v < 1:
-        raise ValueError(f"grid axis {axis!r}: must be a positive integer"
-                         f"{' or None' if allow_none else ''}; received {axis}={v!r}")
-    if most is not None and v > most:
-        raise ValueError(f"grid axis {axis!r}: at most {most}; received {axis}={v!r}")
-    return int(v)
-
-
-def _choice(axis: str, v, choices, what: str):
-    if not isinstance(v, str) or v not in choices:
-        raise ValueError(f"grid axis {axis!r}: unknown {what} {v!r}; choose one of "
-                         f"{list(choices)}")
-    return v
-
-
 def check_value(axis: str, v):
     """Validate one value of one axis; returns it normalised (ValueError naming the axis)."""
+    owner = f"grid axis {axis!r}"
     if axis == "dataset":
-        return _choice(axis, v, list(DATASET_SIZES), "data set")
+        return check_known(owner, "data set", v, list(DATASET_SIZES))
     if axis == "model":
         if v is None:
             return None
         from ..presets import PRESETS
-        return _choice(axis, v, sorted(PRESETS), "preset")
+        return check_known(owner, "preset", v, sorted(PRESETS))
     if axis == "path":
-        return _choice(axis, v, P.path_names(), "path")
+        return check_known(owner, "path", v, P.path_names())
     if axis == "strategy":
-        return None if v is None else _choice(axis, v, P.all_strategies(), "strategy")
+        return None if v is None else check_known(owner, "strategy", v, P.all_strategies())
     if axis == "backend":
-        return None if v is None else _choice(axis, v, P.all_backends(), "backend")
+        return None if v is None else check_known(owner, "backend", v, P.all_backends())
     if axis == "threads":
-        return _check_positive_int(axis, v, most=MAX_THREADS)
+        return check_int(owner, axis, v, high=MAX_THREADS)
     if axis == "epochs":
-        return _check_positive_int(axis, v, most=100_000)
-    if axis in ("batch_size", "filters", "train_size", "test_size"):
-        return _check_positive_int(axis, v, allow_none=True, most=10**9)
+        return check_int(owner, axis, v, high=100_000)
+    if axis in ("batch_size", "filters", "train_size", "test_size", "eval_every", "val_size"):
+        return check_int(owner, axis, v, high=10**9, optional=True)
     if axis == "dtype":
-        name = getattr(v, "__name__", None) if isinstance(v, type) else v
-        if not isinstance(name, str) or name not in DTYPES:
-            raise ValueError(f"grid axis 'dtype': must be one of {list(DTYPES)}; received {v!r}")
-        return name
+        return check_choice(owner, axis, getattr(v, "__name__", None) if isinstance(v, type)
+                            else v, DTYPES)
     if axis == "seed":
-        if not _is_int(v) or not 0 <= v < 2**63:
-            raise ValueError(f"grid axis 'seed': must be a non-negative integer; received {v!r}")
-        return int(v)
-    if axis in ("lr", "momentum"):
-        if v is None:
-            return None
-        f = _finite_float(v)
-        if f is None or not (f > 0 if axis == "lr" else 0 <= f < 1):
-            rng = "> 0" if axis == "lr" else "in [0, 1)"
-            raise ValueError(f"grid axis {axis!r}: must be a finite number {rng} or None; "
-                             f"received {axis}={v!r}")
-        return f
+        return check_int(owner, axis, v, low=0, high=2**63 - 1)
+    if axis == "lr":
+        return check_number(owner, axis, v, low=0.0, low_open=True, optional=True)
+    if axis == "momentum":
+        return check_number(owner, axis, v, low=0.0, high=1.0, high_open=True, optional=True)
     if axis == "period":
         if v is None or v == "epoch":
             return v
-        return str(_check_positive_int(axis, v, most=10**9))
-    if axis == "target":
-        if v is None:
-            return None
-        f = _finite_float(v)
-        if f is None or not 0 < f < 1:
-            raise ValueError(f"grid axis 'target': must be a validation accuracy in (0, 1) or "
-                             f"None; received target={v!r}")
-        return f
-    if axis in ("eval_every", "val_size"):
-        return _check_positive_int(axis, v, allow_none=True, most=10**9)
+        return str(check_int(owner, axis, v, high=10**9))
+    if axis == "target":  # a validation accuracy
+        return check_number(owner, axis, v, low=0.0, high=1.0, low_open=True, high_open=True,
+                            optional=True)
     if axis == "optimizer":
         return _check_optimizer(v)
     if axis == "lr_schedule":
         return _check_schedule(v)
     if axis == "repeats":
-        return _check_positive_int(axis, v, most=1000)
+        return check_int(owner, axis, v, high=1000)
     if axis == "timeout":
-        f = _finite_float(v)
-        if f is None or not f > 0:
-            raise ValueError(f"grid axis 'timeout': must be a positive, finite number of "
-                             f"seconds; received timeout={v!r}")
-        return f
+        return check_positive(owner, axis, v)
     if axis == "cuda_simulator":
-        if not isinstance(v, bool):
-            raise ValueError(f"grid axis 'cuda_simulator': must be True or False; received {v!r}")
-        return v
+        return check_bool(owner, axis, v)
     raise ValueError(f"unknown grid axis {axis!r}")
 
 
@@ -281,26 +236,10 @@ def run_optimizer(cfg: dict, spec: dict) -> dict:
     return out
 
 
-def _finite_float(v) -> float | None:
-    if not _is_real(v):
-        return None
-    try:
-        f = float(v)
-    except (OverflowError, ValueError, TypeError):
-        return None
-    return f if math.isfinite(f) else None
-
-
 def check_timeout(timeout) -> float | None:
     """``--timeout`` / ``run_study(timeout=...)``: None, or a positive finite number of
     seconds (0, negative, NaN and inf are refused: they would fill the file with failures)."""
-    if timeout is None:
-        return None
-    f = _finite_float(timeout)
-    if f is None or f <= 0:
-        raise ValueError(f"timeout must be a positive number of seconds; received "
-                         f"timeout={timeout!r}")
-    return f
+    return check_number(None, "timeout", timeout, low=0.0, low_open=True, optional=True)
 
 
 # ---- sub-grids --------------------------------------------------------------------------------
@@ -554,31 +493,13 @@ def read_grid(path) -> Any:
     """The grid in a ``.json`` or ``.yaml``/``.yml`` file, validated: a file that is missing,
     unreadable, malformed or holds an invalid grid raises an error naming the file."""
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"no grid file at {p}" + (" (it is a folder)" if p.is_dir()
-                                                           else ""))
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise ValueError(f"grid file {p}: cannot be read as UTF-8 text ({err})") from None
-    suffix = p.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
-        try:
-            grid = yaml.safe_load(text)
-        except yaml.YAMLError as err:
-            where = getattr(err, "problem_mark", None)
-            at = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
-            raise ValueError(f"grid file {p}: malformed YAML{at}: "
-                             f"{getattr(err, 'problem', None) or err}") from None
-    elif suffix == ".json":
-        try:
-            grid = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"grid file {p}: malformed JSON at line {err.lineno}, column "
-                             f"{err.colno}: {err.msg}") from None
-    else:
+    if p.suffix.lower() not in STRUCTURED_SUFFIXES:
         raise ValueError(f"grid file {p}: expected a .json, .yaml or .yml file")
+    try:
+        grid = read_structured(p, "grid file")
+    except StructuredFileError as err:
+        raise ValueError(f"grid file {p}: malformed {err.kind}{err.where}: {err.problem}"
+                         if err.kind else f"grid file {p}: {err.problem}") from None
     if isinstance(grid, str):
         raise ValueError(f"grid file {p}: holds the string {_short(grid)}, not a grid (a dict "
                          f"of axis -> value(s) or a list of such dicts); use --profile for a "

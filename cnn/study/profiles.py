@@ -8,18 +8,20 @@ repeat blocks (:func:`cnn.study.grid.plan_order`). Runs of paths that cannot run
 
 - ``quick``: offline (the MNIST subset shipped in the package), every CPU path at batch 128,
   the strategies' one- and two-worker points, ``average`` at two periods, a time-to-accuracy
-  block; about 6 min on the quiet 2-core development machine, under 10 min while shared.
+  block; minutes on two cores.
 - ``full``: MNIST (60,000/10,000) and CIFAR-10 (throughput over the first 12,500 training
   images, time-to-accuracy over all of them): every path, threads 1, 2 and 4 (4
   oversubscribes 2 cores: marked, kept out of fits), batch 32 and 128, filters 8 and 32 on
   MNIST, ``average`` swept over its period (1, 8, 64 steps, epoch), micro-batch accumulation,
-  time-to-accuracy to 97.5% (MNIST) and 55% (CIFAR-10). Sized for 90 min on 2 cores
-  (``--dry-run`` prints the estimate).
+  time-to-accuracy to 97.5% (MNIST) and 55% (CIFAR-10); sized for a study of an hour or two
+  on two cores.
 - ``device``: a 16-core machine with one NVIDIA GPU (no TensorFlow, no network): threads at
   p = 1, 2, 4, 8, 16 on both CPU backends, the CUDA path and PyTorch on the same GPU, on the
-  shipped MNIST subset; under 8 minutes there. Its results go to ``results/device/`` and the
-  report merges them as a second machine.
-- ``smoke``: one run on synthetic blobs in a second, to check the machinery.
+  shipped MNIST subset. Its results go to ``results/device/`` and the report merges them as a
+  second machine.
+- ``smoke``: one run on synthetic blobs, to check the machinery.
+
+``study --dry-run`` prints the plan of a profile and its time estimate on this machine.
 """
 from __future__ import annotations
 
@@ -97,9 +99,9 @@ PROFILES: dict[str, list[dict]] = {
                    [{"path": ["sequential", "numba"]},
                     {"path": "threads", "strategy": "sync", "backend": ["numpy", "numba"],
                      "threads": 2}])
-        # CIFAR-10 throughput: one epoch over the first 12,500 training images (a sequential
-        # epoch of the whole set is ~35 s here; a quarter keeps 5 repeats of every
-        # configuration in budget); accuracy is the time-to-accuracy block's business
+        # CIFAR-10 throughput: one epoch over the first 12,500 training images (a quarter of
+        # the set keeps 5 repeats of every configuration in budget); accuracy is the
+        # time-to-accuracy block's business
         + _profile({"dataset": "cifar10", "model": "cifar_tutorial", "batch_size": 32,
                     "train_size": 12500, "epochs": 1, "repeats": REPEATS, "timeout": 3600},
                    [{"path": ["sequential", "numba", "cuda", "torch_cuda"]},

@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Callable
 
 from .. import paths as P
+from ..checks import check_int
+from ..files import read_structured
 from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COLUMNS,
                        ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
 from .child import source_hash
@@ -178,7 +180,7 @@ def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None
             from ..parallel.launch import remove_orphan_segments
             remove_orphan_segments(since=time.time() - wall)
         if res_path.is_file():
-            return json.loads(res_path.read_text()), wall, _tail(output)
+            return read_structured(res_path, "run result"), wall, _tail(output)
         if code == 130:
             raise KeyboardInterrupt
         last = _tail(output, 1) or "no output"
@@ -213,7 +215,7 @@ def warm_jit(jit: tuple, jit_cache: Path, timeout: float = DEFAULT_TIMEOUT):
         if not res_path.is_file():
             return None, (f"failed ({_tail(proc.stdout, 1) or proc.returncode}); the runs will "
                           f"compile for themselves")
-        result = json.loads(res_path.read_text())
+        result = read_structured(res_path, "warm-up result")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if result.get("error"):
@@ -343,8 +345,7 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
     timeout = check_timeout(timeout)
     out = check_out_path(out)
     say = print if progress is True else (lambda *a, **k: None)
-    if order_seed is not None and (isinstance(order_seed, bool) or not isinstance(order_seed, int)):
-        raise ValueError(f"order_seed must be an integer or None; received {order_seed!r}")
+    order_seed = check_int(None, "order_seed", order_seed, low=None, optional=True)
     runs = plan_order(expand_grid(grid_or_profile, gpu=gpu), order_seed)
     everything = expand_grid(grid_or_profile, gpu=gpu, include_unavailable=True)
     with ResultsLock(out, wait=wait):

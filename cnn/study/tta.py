@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import time
 
+from ..checks import check_int
 from ..train import Callback
 
 
@@ -18,8 +19,7 @@ class TimeToAccuracy(Callback):
     ``reached`` is the first entry at or above the target (None while not reached)."""
 
     def __init__(self, x_val, y_val, every: int, target: float | None = None):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be a positive number of steps; received every={every!r}")
+        check_int("TimeToAccuracy", "every", every)
         self.x_val, self.y_val, self.every, self.target = x_val, y_val, every, target
         self.trace: list[list[float]] = []
         self.reached: list[float] | None = None
