@@ -25,6 +25,14 @@ from cnn.backends.numba.backend import _CHUNK_COLUMNS
 
 NAIVE = get_backend("naive")
 BACKENDS = ["numba", "numba_parallel"]
+
+
+@pytest.fixture(autouse=True)
+def direct_algorithm(monkeypatch):
+    """The cases here test the direct algorithm's paths (im2col, GEMM, col2im, and the layouts
+    and fusions around them), which ``numba`` runs on the 3 x 3 layers only when asked to;
+    tests/test_winograd.py tests its Winograd path."""
+    monkeypatch.setattr(get_backend("numba"), "conv_algorithm", "direct")
 DTYPES = [pytest.param(np.float64, 1e-12, id="float64"),
           pytest.param(np.float32, 1e-5, id="float32")]
 

@@ -53,6 +53,13 @@ def conv_layers(model, backend) -> list[str]:
     return out
 
 
+def algorithm_summary(model) -> str:
+    """The conv algorithm a default ``numba`` backend runs on each conv layer of ``model``
+    (what ``get_backend("numba")`` makes of ``$CNN_NUMBA_CONV_ALGORITHM`` in this process)."""
+    be = NumbaBackend()
+    return f"{be.conv_algorithm} ({'; '.join(conv_layers(model, be))})"
+
+
 class _Step:
     """One algorithm's training step on one batch, op by op, with the inputs and output
     gradients each op sees in a real step (in its backend's layout)."""
@@ -107,6 +114,44 @@ def _relative_errors(ref, got) -> str:
     return "max " + f"{max(errs):.1e}"
 
 
+def layer_errors(model, backends: dict, reference: str = "direct") -> None:
+    """Print, for every conv layer of ``model`` (float32) on its input in a forward pass of
+    random images, the error of each algorithm's forward, ``dx`` and ``dw`` against the float64
+    direct conv (max abs, and relative to the largest value), and between the algorithms (the
+    others against ``reference``). Plain convs with a random output gradient: behind a fused
+    pooling, an algorithm's rounding may pick another maximum in a near-tie, which is no
+    error of the conv."""
+    exact = NumbaBackend(conv_algorithm="direct")
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((8, *model.input_shape)).astype(model.dtype)
+    params = {**model.params, **model.buffers}
+    print(f"float32 error per conv layer (8 images): max |error| (relative to the largest "
+          f"value) against float64, and against {reference} in float32")
+    for op in model.plan(exact):
+        layer = op.layers[0]
+        if layer.type == "conv2d":
+            w, b = params[f"{layer.name}.w"], params[f"{layer.name}.b"]
+            x = np.ascontiguousarray(h)
+            out64, cache = exact.conv2d_forward(x.astype(np.float64), w.astype(np.float64),
+                                                b.astype(np.float64), layer.stride, layer.pads)
+            dout = rng.standard_normal(out64.shape)
+            truth = (out64, *exact.conv2d_backward(dout, cache)[:2])
+            got = {}
+            for name, be in backends.items():
+                out, c = be.conv2d_forward(x, w, b, layer.stride, layer.pads)
+                got[name] = [np.array(a, np.float64)
+                             for a in (out, *be.conv2d_backward(dout.astype(w.dtype), c)[:2])]
+            for name, arrays in got.items():
+                cells = []
+                for what, a, t, r in zip(("out", "dx", "dw"), arrays, truth, got[reference]):
+                    err, diff = np.abs(a - t).max(), np.abs(a - r).max()
+                    cells.append(f"{what} {err:.1e} ({err / np.abs(t).max():.1e})"
+                                 + ("" if name == reference else
+                                    f" / {diff:.1e} ({diff / np.abs(r).max():.1e})"))
+                print(f"  {layer.name:<10}{name:<10}" + ";  ".join(cells))
+        h, _ = op.forward(params, h, StepContext(training=True))
+
+
 def compare(label: str, calls: dict, rounds: int) -> dict:
     """Time ``calls`` (algorithm -> zero-argument call), interleaved; print and return the
     median milliseconds and median ratios to the first algorithm."""
@@ -135,7 +180,7 @@ def compare(label: str, calls: dict, rounds: int) -> dict:
     return {"ms": med, "ratio": ratios}
 
 
-def bench(preset: str, batch: int, algorithms, rounds: int, dtype) -> None:
+def bench(preset: str, batch: int, algorithms, rounds: int, dtype, batches=()) -> None:
     model = build_model(preset, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *model.input_shape)).astype(dtype)
@@ -147,6 +192,8 @@ def bench(preset: str, batch: int, algorithms, rounds: int, dtype) -> None:
           f"interleaved rounds; ratio = median over rounds of time / {algorithms[0]}'s")
     for a, be in backends.items():
         print(f"  {a}: " + "; ".join(conv_layers(model, be)))
+    if batch == min(batches, default=batch) and np.dtype(dtype) == np.float32:
+        layer_errors(model, backends, algorithms[0])
     head = f"{'op':<28}" + "".join(f"{a:>10}" for a in algorithms) \
         + "".join(f"{'/' + algorithms[0][:8]:>10}" for _ in algorithms[1:])
     print(head)
@@ -180,7 +227,8 @@ def main(argv=None) -> int:
     with threadpool_limits(limits=1, user_api="blas"):
         for preset in a.presets:
             for batch in a.batch_sizes:
-                bench(preset, batch, a.algorithms, a.rounds, np.dtype(a.dtype).type)
+                bench(preset, batch, a.algorithms, a.rounds, np.dtype(a.dtype).type,
+                      a.batch_sizes)
     return 0
 
 

@@ -5,8 +5,10 @@ Both implement the contract of :mod:`cnn.backends.base` with the signatures of
 :class:`~cnn.backends.numpy.backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
 kernels (:mod:`cnn.backends.numba.kernels`); on the BLAS path (layers with enough filters),
 each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
-(:mod:`cnn.backends.numba.conv`), whose GEMMs call NumPy's own BLAS
-(:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and kernel.
+(:mod:`cnn.backends.numba.conv`, or :mod:`cnn.backends.numba.winograd` for the 3 x 3 layers
+that run Winograd's algorithm, see "Convolution algorithms" below), whose GEMMs call NumPy's
+own BLAS (:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and
+kernel.
 Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each):
 the Numba GEMM of the small-filter kernels is slower than BLAS on the dense shapes, whose few
 outputs (the classes, a hidden layer's units) are too few for its vectorised inner loop.
@@ -51,6 +53,32 @@ the full-size conv output and its gradient, the largest buffers of a training st
 written, so the workspaces of two workers that share an L3 cache can both fit in it instead of
 evicting each other's activations. The first layer's pooled output is handed over
 channels-last too (see ``_Pooling``).
+
+Convolution algorithms
+----------------------
+``NumbaBackend(conv_algorithm=...)``, by default the value of the environment variable
+``CNN_NUMBA_CONV_ALGORITHM`` (read when the backend is made, e.g. by the first
+``get_backend("numba")`` of a process), else ``"auto"``:
+
+- ``"direct"``: im2col and GEMM (the paths above) for every layer;
+- ``"winograd"``: Winograd's minimal filtering F(m x m, 3 x 3) (:mod:`.winograd`) for every
+  3 x 3, stride-1 conv, with the tile ``m`` of fewer multiplications (4, or 2 on outputs of
+  one or two pixels across), and the direct algorithm for the others;
+- ``"auto"``: Winograd where it pays: 3 x 3, stride-1 layers of the channels-last BLAS path
+  (at least ``_NHWC_MIN_CHANNELS`` input channels and BLAS-sized filters) whose GEMMs do at
+  most ``_WINOGRAD_MAX_MULTIPLICATIONS`` of the direct conv's multiplications, counting the
+  tiles that hang over the output's edge. The first layer of an RGB network stays direct:
+  with 3 channels its transforms cost as much as its GEMMs, whose dot products are 3 long.
+
+The choice is made per layer at each call, from the layer's shape
+(:meth:`NumbaBackend.winograd_tile`), so models, plans and workspaces need no setting of
+their own. Winograd's path hands over and takes the same layouts as the direct channels-last
+path, and fuses the ReLU and pooling the same way. It computes the same convolution with
+other roundings: in float32 its errors, against the float64 result, are larger than the
+direct algorithm's (F(4x4, 3x3) multiplies by up to 8 in its transforms), which
+``tests/test_winograd.py`` bounds and ``python -m cnn.bench.conv_algorithms`` prints per layer
+of a network; in float64 they stay far below the 1e-12 the equivalence tests hold every path
+to, so float64 runs Winograd too. ``numba_parallel`` runs the direct algorithm.
 
 Threading layer
 ---------------
@@ -116,9 +144,10 @@ _BLAS_MIN_ROWS = 16
 #: algorithms" above), and the environment variable that sets the default
 CONV_ALGORITHMS = ("auto", "direct", "winograd")
 CONV_ALGORITHM_ENV = "CNN_NUMBA_CONV_ALGORITHM"
-#: bytes of padded input, transformed patches and products, and conv output per chunk of the
-#: Winograd path (see ``_winograd_chunk``)
-_WINOGRAD_CHUNK_BYTES = 1 << 20
+#: bytes of split input, transformed patches and products, and conv output per chunk of the
+#: Winograd path (see ``_winograd_chunk``): twice the L2 of one core, as its phases touch
+#: parts of it at a time and longer GEMMs run faster (the best of a sweep on CIFAR's layers)
+_WINOGRAD_CHUNK_BYTES = 2 << 20
 #: ``auto`` runs Winograd on a layer when its GEMMs do at most this fraction of the direct
 #: conv's multiplications (:func:`~cnn.backends.numba.winograd.multiplications`): the
 #: transforms cost passes over the data that must be paid for
@@ -600,7 +629,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
                         a: int, itemsize: int) -> int:
         """Images per chunk of the Winograd path: the chunk's phase-split input (``split``
         pixels), transformed patches and products (``a*a`` elements of ``tiles`` tiles) and
-        conv output (``pixels``) fill about ``_WINOGRAD_CHUNK_BYTES`` (the L2 of one core)."""
+        conv output (``pixels``) fill about ``_WINOGRAD_CHUNK_BYTES``."""
         per_image = (split * c + a * a * tiles * (c + f) + pixels * f) * itemsize
         return max(1, min(n, _WINOGRAD_CHUNK_BYTES // per_image))
 
