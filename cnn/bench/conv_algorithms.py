@@ -3,17 +3,21 @@ conv (fused with its ReLU and pooling where the backend fuses them) and the whol
 (forward, loss and backward), on the same data, under each algorithm.
 
     python -m cnn.bench.conv_algorithms [--presets cifar_tutorial] [--batch-sizes 32 128]
-        [--algorithms direct auto] [--rounds 40] [--cpu-time]
+        [--algorithms direct auto] [--rounds 40] [--dtype float32] [--cpu-time]
 
 One process, one backend instance per algorithm (``NumbaBackend(conv_algorithm=...)``), each
 with its own workspace, BLAS pinned to one thread (threadpoolctl), as in a training step after
 the first. Every round calls the op once under each algorithm, in turn, the order reversed
 from one round to the next, so that a shared machine's drift hits all of them alike.
-Printed per op: the median milliseconds of each algorithm, and the median over the rounds of
-each algorithm's time over the first one's (< 1: faster than the first), with the algorithm
-every conv layer runs (``direct`` or Winograd's ``F(m x m, 3 x 3)``). Before timing, every
-op's outputs are compared with the first algorithm's: the largest difference relative to the
-largest value, per output (the float32 error of Winograd against the direct conv).
+
+Printed: the algorithm every conv layer runs (``direct`` or Winograd's ``F(m x m, 3 x 3)``);
+in float32, at the first batch size, each conv layer's error under each algorithm, forward,
+``dx`` and ``dw``, against the float64 conv and against the first algorithm
+(:func:`layer_errors`); then per op the median milliseconds of each algorithm and the median
+over the rounds of each algorithm's time over the first one's (< 1: faster than the first),
+with the largest difference of its outputs from the first algorithm's, relative to the
+largest value (behind a fused pooling it includes the windows where rounding picked another
+maximum).
 """
 from __future__ import annotations
 
@@ -28,11 +32,6 @@ from ..backends.numba.backend import CONV_ALGORITHMS, NumbaBackend
 from ..context import StepContext, Workspace
 from ..machine import describe
 from ..model import build_model
-
-#: wall clock by default; ``--cpu-time`` times the calling thread's CPU time (the ops run on
-#: it alone, BLAS at one thread), which a busy shared machine disturbs less
-CLOCK = time.perf_counter
-
 
 def conv_layers(model, backend) -> list[str]:
     """``name: algorithm`` of every conv layer of ``model`` on ``backend``, its input shape
@@ -152,9 +151,9 @@ def layer_errors(model, backends: dict, reference: str = "direct") -> None:
         h, _ = op.forward(params, h, StepContext(training=True))
 
 
-def compare(label: str, calls: dict, rounds: int) -> dict:
-    """Time ``calls`` (algorithm -> zero-argument call), interleaved; print and return the
-    median milliseconds and median ratios to the first algorithm."""
+def compare(label: str, calls: dict, rounds: int, clock) -> dict:
+    """Time ``calls`` (algorithm -> zero-argument call) with ``clock``, interleaved; print and
+    return the median milliseconds and median ratios to the first algorithm."""
     names = list(calls)
     ref = None
     errors = []
@@ -168,9 +167,9 @@ def compare(label: str, calls: dict, rounds: int) -> dict:
     times = {name: [] for name in names}
     for r in range(rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
-            t0 = CLOCK()
+            t0 = clock()
             calls[name]()
-            times[name].append(CLOCK() - t0)
+            times[name].append(clock() - t0)
     med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
     ratios = {name: statistics.median(t / t0 for t, t0 in zip(times[name], times[names[0]]))
               for name in names[1:]}
@@ -180,7 +179,10 @@ def compare(label: str, calls: dict, rounds: int) -> dict:
     return {"ms": med, "ratio": ratios}
 
 
-def bench(preset: str, batch: int, algorithms, rounds: int, dtype, batches=()) -> None:
+def bench(preset: str, batch: int, algorithms, rounds: int, dtype, clock,
+          errors: bool) -> None:
+    """The tables of ``preset`` at ``batch`` (see the module doc); ``errors``: with the
+    per-layer errors."""
     model = build_model(preset, seed=0, dtype=dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((batch, *model.input_shape)).astype(dtype)
@@ -192,7 +194,7 @@ def bench(preset: str, batch: int, algorithms, rounds: int, dtype, batches=()) -
           f"interleaved rounds; ratio = median over rounds of time / {algorithms[0]}'s")
     for a, be in backends.items():
         print(f"  {a}: " + "; ".join(conv_layers(model, be)))
-    if batch == min(batches, default=batch) and np.dtype(dtype) == np.float32:
+    if errors:
         layer_errors(model, backends, algorithms[0])
     head = f"{'op':<28}" + "".join(f"{a:>10}" for a in algorithms) \
         + "".join(f"{'/' + algorithms[0][:8]:>10}" for _ in algorithms[1:])
@@ -202,9 +204,30 @@ def bench(preset: str, batch: int, algorithms, rounds: int, dtype, batches=()) -
         if op.layers[0].type != "conv2d":
             continue
         name = "+".join(layer.name for layer in op.layers)
-        compare(f"{name} fwd", {a: s.forward(i) for a, s in steps.items()}, rounds)
-        compare(f"{name} bwd", {a: s.backward(i) for a, s in steps.items()}, rounds)
-    compare("training step (fwd+bwd)", {a: s.step() for a, s in steps.items()}, rounds)
+        compare(f"{name} fwd", {a: s.forward(i) for a, s in steps.items()}, rounds, clock)
+        compare(f"{name} bwd", {a: s.backward(i) for a, s in steps.items()}, rounds, clock)
+    compare("training step (fwd+bwd)", {a: s.step() for a, s in steps.items()}, rounds, clock)
+
+
+def suite(repeats: int = 40, quick: bool = False, presets=None, batch_sizes=None,
+          dtype: str = "float32", cpu_time: bool = False,
+          algorithms=("direct", "auto")) -> None:
+    """The tables for every preset and batch size (defaults: ``cifar_tutorial``, 32 and 128),
+    ``repeats`` interleaved rounds each. ``cpu_time``: time the calling thread's CPU time
+    (every op runs on it, BLAS at one thread), which a busy shared machine disturbs less than
+    the wall clock. ``quick`` needs nothing beyond the one repeat it is given."""
+    clock = time.thread_time if cpu_time else time.perf_counter
+    if cpu_time:
+        print("timing: CPU time of the calling thread")
+    real = np.dtype(dtype).type
+    print(describe())
+    NumbaBackend().warmup(real)
+    batch_sizes = batch_sizes or (32, 128)
+    with threadpool_limits(limits=1, user_api="blas"):
+        for preset in presets or ("cifar_tutorial",):
+            for batch in batch_sizes:
+                bench(preset, batch, list(algorithms), repeats, real, clock,
+                      errors=batch == batch_sizes[0] and real == np.float32)
 
 
 def main(argv=None) -> int:
@@ -218,17 +241,8 @@ def main(argv=None) -> int:
     p.add_argument("--cpu-time", action="store_true",
                    help="time the calling thread's CPU time (a busy machine disturbs it less)")
     a = p.parse_args(argv)
-    global CLOCK
-    if a.cpu_time:
-        CLOCK = time.thread_time
-        print("timing: CPU time of the calling thread")
-    print(describe())
-    NumbaBackend().warmup(np.dtype(a.dtype).type)
-    with threadpool_limits(limits=1, user_api="blas"):
-        for preset in a.presets:
-            for batch in a.batch_sizes:
-                bench(preset, batch, a.algorithms, a.rounds, np.dtype(a.dtype).type,
-                      a.batch_sizes)
+    suite(a.rounds, presets=a.presets, batch_sizes=a.batch_sizes, dtype=a.dtype,
+          cpu_time=a.cpu_time, algorithms=a.algorithms)
     return 0
 
 

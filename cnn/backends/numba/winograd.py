@@ -118,9 +118,10 @@ def filter_transform(w, g, u, scratch):
     taps, t = scratch[:9], scratch[9:]
     for s0 in range(0, pairs, block):
         n = min(block, pairs - s0)
+        wb = w2[s0:s0 + n]  # slices, not s0 + s offsets: see "Why the index code ..."
         for s in range(n):
             for k in range(9):
-                taps[k, s] = w2[s0 + s, k]
+                taps[k, s] = wb[s, k]
         # t[i*3 + q] = sum_p G[i, p] * tap (p, q)
         for i in range(a):
             g0, g1, g2 = g[i, 0], g[i, 1], g[i, 2]
@@ -133,9 +134,9 @@ def filter_transform(w, g, u, scratch):
             x0, x1, x2 = t[i * 3], t[i * 3 + 1], t[i * 3 + 2]
             for j in range(a):
                 g0, g1, g2 = g[j, 0], g[j, 1], g[j, 2]
-                row = u2[i * a + j]
+                row = u2[i * a + j, s0:s0 + n]
                 for s in range(n):
-                    row[s0 + s] = g0 * x0[s] + g1 * x1[s] + g2 * x2[s]
+                    row[s] = g0 * x0[s] + g1 * x1[s] + g2 * x2[s]
 
 
 @njit(**_JIT)
@@ -156,9 +157,9 @@ def filter_transform_adjoint(du, g, dw, scratch):
         for i in range(a):
             t0, t1, t2 = t[i * 3], t[i * 3 + 1], t[i * 3 + 2]
             for j in range(a):
-                g0, g1, g2, src = g[j, 0], g[j, 1], g[j, 2], du2[i * a + j]
+                g0, g1, g2, src = g[j, 0], g[j, 1], g[j, 2], du2[i * a + j, s0:s0 + n]
                 for s in range(n):
-                    x = np.float64(src[s0 + s])
+                    x = np.float64(src[s])
                     t0[s] += g0 * x
                     t1[s] += g1 * x
                     t2[s] += g2 * x
@@ -175,9 +176,10 @@ def filter_transform_adjoint(du, g, dw, scratch):
                     d0[s] += g0 * x
                     d1[s] += g1 * x
                     d2[s] += g2 * x
+        dwb = dw2[s0:s0 + n]
         for s in range(n):
             for k in range(9):
-                dw2[s0 + s, k] = taps[k, s]
+                dwb[s, k] = taps[k, s]
 
 
 # ---- the 1-D transforms, along runs ---------------------------------------------------------------
