@@ -5,7 +5,11 @@ Every case runs forward, ``dx``, ``dw`` and ``db`` (and without ``dx``) against 
 in float64 on the same inputs, on random shapes: odd and even sizes, non-square images,
 'valid', 'same' and asymmetric padding, several channel and filter counts, batches over
 several chunks with a shorter last one, both tile sizes, inputs NCHW and channels-last, the
-output gradient in both layouts, and fused with ReLU and max pooling.
+output gradient in both layouts, and fused with ReLU and max pooling. Then the transforms
+against their definition, the backend's choice of algorithm, a model's step (with a workspace,
+no buffer or array allocated after the first; float64 against the NumPy backend). Two threads
+at once, and ``nogil``: ``test_concurrent_threads_match_single_threaded`` and
+``test_kernels_release_the_gil`` in test_numba_backend.py.
 
 Tolerance, relative to the largest value of the reference, as in test_numba_backend.py:
 float64 1e-12 (the bound every path is held to; Winograd's float64 errors are orders of
@@ -15,10 +19,8 @@ transform, and its float32 rounding errors are several times the direct conv's.
 """
 from __future__ import annotations
 
-import threading
 import tracemalloc
 
-import numba
 import numpy as np
 import pytest
 
@@ -60,7 +62,7 @@ def winograd(tile):
     return be
 
 
-# ---- the transforms ----------------------------------------------------------------------------
+# ---- the transforms -----------------------------------------------------------------------------
 @pytest.mark.parametrize("m", WG.TILES)
 def test_matrices_compute_the_1d_correlation(m):
     """F(m, 3) in 1-D: ``A^T [(G g) * (B^T d)]`` is the correlation of ``a = m + 2`` inputs
@@ -94,16 +96,7 @@ def test_1d_kernels_apply_their_matrix(m, name):
     np.testing.assert_allclose(got, matrix @ x, rtol=1e-14, atol=1e-14)
 
 
-def test_kernels_release_the_gil():
-    kernels = [getattr(WG, name) for name in dir(WG)
-               if isinstance(getattr(WG, name), numba.core.registry.CPUDispatcher)]
-    assert len(kernels) >= 10
-    for kernel in kernels:
-        assert kernel.targetoptions["nogil"] is True, kernel.__name__
-        assert kernel.targetoptions.get("fastmath", False) is False, kernel.__name__
-
-
-# ---- the conv against the naive loops -------------------------------------------------------------
+# ---- the conv against the naive loops -----------------------------------------------------------
 CONV_CASES = [  # (N, C, H, W), F, padding
     pytest.param((3, 5, 9, 8), 7, VALID, id="valid-odd-even"),
     pytest.param((2, 17, 7, 6), 16, SAME, id="same"),
@@ -220,7 +213,7 @@ def test_fused_conv_relu_maxpool(tile, dtype, tol, shape, f, padding, pool, pool
     assert_close(dw, dw_ref, dtype, tol)
 
 
-# ---- the backend's choice ----------------------------------------------------------------------------
+# ---- the backend's choice -----------------------------------------------------------------------
 def test_auto_picks_winograd_where_it_pays():
     be = NumbaBackend(conv_algorithm="auto")
     # cifar_tutorial: the RGB layer stays direct, the next two run F(4x4, 3x3)
@@ -264,7 +257,7 @@ def test_direct_stays_selectable(monkeypatch):
     assert NumbaBackend().conv_algorithm == "auto"
 
 
-# ---- workspaces and threads --------------------------------------------------------------------------
+# ---- workspaces ---------------------------------------------------------------------------------
 def _step(be, x, w, b, ws):
     """A fused conv's forward and backward, as a training step runs it."""
     out, cache = be.conv2d_relu_maxpool2d_forward(x, w, b, 1, VALID, 2, 2, ws=ws)
@@ -293,37 +286,6 @@ def test_second_step_allocates_nothing():
     # what remains is Python objects (views, tuples), against megabytes of reused buffers
     assert ws.nbytes > 1_000_000
     assert peak < 20_000, peak
-
-
-def test_concurrent_threads_match_single_threaded():
-    """Two threads run the Winograd conv at the same time on different shards (the sync
-    strategy's workers): results are exactly the sequential ones."""
-    be = winograd(4)
-    rng = np.random.default_rng(11)
-    w = rng.standard_normal((32, 16, 3, 3)).astype(np.float32)
-    b = rng.standard_normal(32).astype(np.float32)
-    shards = [channels_last(rng.standard_normal((9, 16, 12, 12)).astype(np.float32))
-              for _ in range(2)]
-    expected = [_step(be, x, w, b, Workspace(be)) for x in shards]
-    results = [[] for _ in shards]
-    start = threading.Barrier(len(shards))
-
-    def worker(i):
-        ws = Workspace(be)
-        start.wait()
-        for _ in range(5):
-            results[i].append([np.array(a) for a in _step(be, shards[i], w, b, ws)])
-
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(shards))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    for i, runs in enumerate(results):
-        assert len(runs) == 5
-        for run in runs:
-            for got, ref in zip(run, expected[i]):
-                np.testing.assert_array_equal(got, ref)
 
 
 def test_model_step_with_and_without_workspace():

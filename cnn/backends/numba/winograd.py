@@ -91,7 +91,7 @@ def multiplications(ho: int, wo: int, m: int) -> float:
     return th * tw * (m + 2) ** 2 / (9 * ho * wo)
 
 
-# ---- the filter transforms (once per step, float64 sums) ------------------------------------------
+# ---- the filter transforms (once per step, float64 sums) ----------------------------------------
 #: filter pairs ``(f, c)`` per block of the filter transforms: the block's float64 scratch
 #: (:func:`filter_scratch_shape`) stays in L1
 FILTER_BLOCK = 128
@@ -182,7 +182,7 @@ def filter_transform_adjoint(du, g, dw, scratch):
                 dwb[s, k] = taps[k, s]
 
 
-# ---- the 1-D transforms, along runs ---------------------------------------------------------------
+# ---- the 1-D transforms, along runs -------------------------------------------------------------
 # ``_bt<m>`` applies B^T to ``a`` runs of ``src`` (at ``s0``, ``s0 + ss``, ...), writing ``a``
 # runs of ``dst`` (at ``d0``, ``d0 + ds``, ...), each ``run`` values long; ``_b<m>`` applies B
 # (the input transform's adjoint), ``_at<m>`` A^T (``a`` runs in, ``m`` out) and ``_a<m>`` A
@@ -192,9 +192,22 @@ def filter_transform_adjoint(du, g, dw, scratch):
 # "Why the index code looks the way it does" in kernels.py: an int64 among them would make the
 # offset a float64).
 @njit(**_JIT)
+def _four(base, step):
+    """Four offsets ``step`` apart, from ``base``."""
+    return base, base + step, base + step + step, base + step + step + step
+
+
+@njit(**_JIT)
+def _six(base, step):
+    """Six offsets ``step`` apart, from ``base``."""
+    third = base + step + step + step
+    return base, base + step, base + step + step, third, third + step, third + step + step
+
+
+@njit(**_JIT)
 def _bt2(src, s0, ss, dst, d0, ds, run):
-    s1, s2, s3 = s0 + ss, s0 + ss + ss, s0 + ss + ss + ss
-    d1, d2, d3 = d0 + ds, d0 + ds + ds, d0 + ds + ds + ds
+    s0, s1, s2, s3 = _four(s0, ss)
+    d0, d1, d2, d3 = _four(d0, ds)
     for s in range(run):
         x0, x1, x2, x3 = src[s0 + s], src[s1 + s], src[s2 + s], src[s3 + s]
         dst[d0 + s] = x0 - x2
@@ -205,8 +218,8 @@ def _bt2(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _b2(src, s0, ss, dst, d0, ds, run):
-    s1, s2, s3 = s0 + ss, s0 + ss + ss, s0 + ss + ss + ss
-    d1, d2, d3 = d0 + ds, d0 + ds + ds, d0 + ds + ds + ds
+    s0, s1, s2, s3 = _four(s0, ss)
+    d0, d1, d2, d3 = _four(d0, ds)
     for s in range(run):
         x0, x1, x2, x3 = src[s0 + s], src[s1 + s], src[s2 + s], src[s3 + s]
         dst[d0 + s] = x0
@@ -217,7 +230,7 @@ def _b2(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _at2(src, s0, ss, dst, d0, ds, run):
-    s1, s2, s3 = s0 + ss, s0 + ss + ss, s0 + ss + ss + ss
+    s0, s1, s2, s3 = _four(s0, ss)
     d1 = d0 + ds
     for s in range(run):
         x0, x1, x2, x3 = src[s0 + s], src[s1 + s], src[s2 + s], src[s3 + s]
@@ -228,7 +241,7 @@ def _at2(src, s0, ss, dst, d0, ds, run):
 @njit(**_JIT)
 def _a2(src, s0, ss, dst, d0, ds, run):
     s1 = s0 + ss
-    d1, d2, d3 = d0 + ds, d0 + ds + ds, d0 + ds + ds + ds
+    d0, d1, d2, d3 = _four(d0, ds)
     for s in range(run):
         g0, g1 = src[s0 + s], src[s1 + s]
         dst[d0 + s] = g0
@@ -239,10 +252,8 @@ def _a2(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _bt4(src, s0, ss, dst, d0, ds, run):
-    s1, s2 = s0 + ss, s0 + ss + ss
-    s3, s4, s5 = s2 + ss, s2 + ss + ss, s2 + ss + ss + ss
-    d1, d2 = d0 + ds, d0 + ds + ds
-    d3, d4, d5 = d2 + ds, d2 + ds + ds, d2 + ds + ds + ds
+    s0, s1, s2, s3, s4, s5 = _six(s0, ss)
+    d0, d1, d2, d3, d4, d5 = _six(d0, ds)
     two, four, five = dst.dtype.type(2), dst.dtype.type(4), dst.dtype.type(5)
     for s in range(run):
         x0, x1, x2 = src[s0 + s], src[s1 + s], src[s2 + s]
@@ -261,10 +272,8 @@ def _bt4(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _b4(src, s0, ss, dst, d0, ds, run):
-    s1, s2 = s0 + ss, s0 + ss + ss
-    s3, s4, s5 = s2 + ss, s2 + ss + ss, s2 + ss + ss + ss
-    d1, d2 = d0 + ds, d0 + ds + ds
-    d3, d4, d5 = d2 + ds, d2 + ds + ds, d2 + ds + ds + ds
+    s0, s1, s2, s3, s4, s5 = _six(s0, ss)
+    d0, d1, d2, d3, d4, d5 = _six(d0, ds)
     two, four, five = dst.dtype.type(2), dst.dtype.type(4), dst.dtype.type(5)
     for s in range(run):
         x0, x1, x2 = src[s0 + s], src[s1 + s], src[s2 + s]
@@ -281,9 +290,8 @@ def _b4(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _at4(src, s0, ss, dst, d0, ds, run):
-    s1, s2 = s0 + ss, s0 + ss + ss
-    s3, s4, s5 = s2 + ss, s2 + ss + ss, s2 + ss + ss + ss
-    d1, d2, d3 = d0 + ds, d0 + ds + ds, d0 + ds + ds + ds
+    s0, s1, s2, s3, s4, s5 = _six(s0, ss)
+    d0, d1, d2, d3 = _four(d0, ds)
     two, four, eight = dst.dtype.type(2), dst.dtype.type(4), dst.dtype.type(8)
     for s in range(run):
         x0, x1, x2 = src[s0 + s], src[s1 + s], src[s2 + s]
@@ -298,9 +306,8 @@ def _at4(src, s0, ss, dst, d0, ds, run):
 
 @njit(**_JIT)
 def _a4(src, s0, ss, dst, d0, ds, run):
-    s1, s2, s3 = s0 + ss, s0 + ss + ss, s0 + ss + ss + ss
-    d1, d2 = d0 + ds, d0 + ds + ds
-    d3, d4, d5 = d2 + ds, d2 + ds + ds, d2 + ds + ds + ds
+    s0, s1, s2, s3 = _four(s0, ss)
+    d0, d1, d2, d3, d4, d5 = _six(d0, ds)
     two, four, eight = dst.dtype.type(2), dst.dtype.type(4), dst.dtype.type(8)
     for s in range(run):
         g0, g1, g2, g3 = src[s0 + s], src[s1 + s], src[s2 + s], src[s3 + s]
@@ -314,39 +321,34 @@ def _a4(src, s0, ss, dst, d0, ds, run):
         dst[d5 + s] = g3
 
 
+#: which 1-D transform :func:`_apply` applies
+_BT, _B, _AT, _A = 0, 1, 2, 3
+
+
 @njit(**_JIT)
-def _bt(m, src, s0, ss, dst, d0, ds, run):
+def _apply(which, m, src, s0, ss, dst, d0, ds, run):
+    """The 1-D transform ``which`` (``_BT``, ``_B``, ``_AT`` or ``_A``) of F(m x m, 3 x 3)
+    along runs, as described above."""
     if m == 2:
-        _bt2(src, s0, ss, dst, d0, ds, run)
-    else:
+        if which == _BT:
+            _bt2(src, s0, ss, dst, d0, ds, run)
+        elif which == _B:
+            _b2(src, s0, ss, dst, d0, ds, run)
+        elif which == _AT:
+            _at2(src, s0, ss, dst, d0, ds, run)
+        else:
+            _a2(src, s0, ss, dst, d0, ds, run)
+    elif which == _BT:
         _bt4(src, s0, ss, dst, d0, ds, run)
-
-
-@njit(**_JIT)
-def _b(m, src, s0, ss, dst, d0, ds, run):
-    if m == 2:
-        _b2(src, s0, ss, dst, d0, ds, run)
-    else:
+    elif which == _B:
         _b4(src, s0, ss, dst, d0, ds, run)
-
-
-@njit(**_JIT)
-def _at(m, src, s0, ss, dst, d0, ds, run):
-    if m == 2:
-        _at2(src, s0, ss, dst, d0, ds, run)
-    else:
+    elif which == _AT:
         _at4(src, s0, ss, dst, d0, ds, run)
-
-
-@njit(**_JIT)
-def _a(m, src, s0, ss, dst, d0, ds, run):
-    if m == 2:
-        _a2(src, s0, ss, dst, d0, ds, run)
     else:
         _a4(src, s0, ss, dst, d0, ds, run)
 
 
-# ---- the data transforms, a tile row at a time -------------------------------------------------------
+# ---- the data transforms, a tile row at a time --------------------------------------------------
 # Every pass runs along the ``Tw`` tiles of a tile row side by side, channels innermost: a run
 # of ``Tw*C`` values. One pixel's channels alone (32 on CIFAR's second conv) would be shorter
 # than one iteration of the loops LLVM vectorises (4 x 16 floats) and be left to a scalar or
@@ -428,18 +430,19 @@ def input_transform(xq, v, ycol):
     tiles = v.shape[1]
     q1, v1, y1 = xq.reshape(-1), v.reshape(-1), ycol.reshape(-1)
     run = np.uint64(tw * c_dim)
-    uhp, ua, uc = np.uint64(hp), np.uint64(a), np.uint64(c_dim)
+    uhp, uc = np.uint64(hp), np.uint64(c_dim)
+    element = np.uint64(a * tiles * c_dim)  # from one element of v to the next i
     for n in range(nb):
         # across: ycol[:, y] = B^T applied over q to xq[n, y, q], every tile of the row at once
         for y in range(hp):
-            _bt(m, q1, np.uint64((n * hp + y) * a) * run, run, y1, np.uint64(y) * run,
-                uhp * run, run)
+            src, dst = np.uint64((n * hp + y) * a) * run, np.uint64(y) * run
+            _apply(_BT, m, q1, src, run, y1, dst, uhp * run, run)
         # down: v[i*a + j, tile row ty] = B^T applied over r to ycol[j, ty*m + r]
         for ty in range(th):
             t0 = (n * th + ty) * tw
             for j in range(a):
-                _bt(m, y1, np.uint64(j * hp + ty * m) * run, run, v1,
-                    np.uint64(j * tiles + t0) * uc, ua * np.uint64(tiles) * uc, run)
+                src, dst = np.uint64(j * hp + ty * m) * run, np.uint64(j * tiles + t0) * uc
+                _apply(_BT, m, y1, src, run, v1, dst, element, run)
 
 
 @njit(**_JIT)
@@ -455,7 +458,8 @@ def input_transform_adjoint(dv, dxq, ycol):
     tiles = dv.shape[1]
     q1, v1, y1 = dxq.reshape(-1), dv.reshape(-1), ycol.reshape(-1)
     run = np.uint64(tw * c_dim)
-    uhp, ua, uc = np.uint64(hp), np.uint64(a), np.uint64(c_dim)
+    uhp, uc = np.uint64(hp), np.uint64(c_dim)
+    element = np.uint64(a * tiles * c_dim)  # from one element of dv to the next i
     rows = np.uint64(a * hp) * run  # where the tile row's patches go before they are added
     zero = dv.dtype.type(0)
     for n in range(nb):
@@ -465,8 +469,8 @@ def input_transform_adjoint(dv, dxq, ycol):
         for ty in range(th):
             t0 = (n * th + ty) * tw
             for j in range(a):
-                _b(m, v1, np.uint64(j * tiles + t0) * uc, ua * np.uint64(tiles) * uc, y1,
-                   rows + np.uint64(j * a) * run, run, run)
+                src, dst = np.uint64(j * tiles + t0) * uc, rows + np.uint64(j * a) * run
+                _apply(_B, m, v1, src, element, y1, dst, run, run)
             for j in range(a):
                 for r in range(a):
                     dst = np.uint64(j * hp + ty * m + r) * run
@@ -475,8 +479,8 @@ def input_transform_adjoint(dv, dxq, ycol):
                         y1[dst + s] += y1[src + s]
         # across: dxq[n, y, :] = B applied over j to ycol[:, y]
         for y in range(hp):
-            _b(m, y1, np.uint64(y) * run, uhp * run, q1, np.uint64((n * hp + y) * a) * run,
-               run, run)
+            src, dst = np.uint64(y) * run, np.uint64((n * hp + y) * a) * run
+            _apply(_B, m, y1, src, uhp * run, q1, dst, run, run)
 
 
 @njit(**_JIT)
@@ -490,17 +494,19 @@ def output_transform(mm, bias, out, z, yq):
     tiles = mm.shape[1]
     m1, o1, z1, y1 = mm.reshape(-1), out.reshape(-1), z.reshape(-1), yq.reshape(-1)
     uf, run = np.uint64(f_dim), np.uint64(tw * f_dim)
-    ua, um = np.uint64(a), np.uint64(m)
+    um = np.uint64(m)
+    element = np.uint64(a * tiles * f_dim)  # from one element of the products to the next i
     for n in range(nb):
         for ty in range(th):
             t0 = (n * th + ty) * tw
             # down: z[j, r] = A^T applied over i to M[i*a + j, tile row ty]
             for j in range(a):
-                _at(m, m1, np.uint64(j * tiles + t0) * uf, ua * np.uint64(tiles) * uf, z1,
-                    np.uint64(j * m) * run, run, run)
+                src, dst = np.uint64(j * tiles + t0) * uf, np.uint64(j * m) * run
+                _apply(_AT, m, m1, src, element, z1, dst, run, run)
             # across: yq[r, q] = A^T applied over j to z[j, r]
             for r in range(m):
-                _at(m, z1, np.uint64(r) * run, um * run, y1, np.uint64(r * m) * run, run, run)
+                src, dst = np.uint64(r) * run, np.uint64(r * m) * run
+                _apply(_AT, m, z1, src, um * run, y1, dst, run, run)
             # the tiles' pixels inside the output, plus the bias
             for r in range(min(m, ho - ty * m)):
                 for tx in range(tw):
@@ -523,7 +529,8 @@ def output_transform_adjoint(dy, dm, db, z, yq):
     tiles = dm.shape[1]
     g1, m1, z1, y1 = dy.reshape(-1), dm.reshape(-1), z.reshape(-1), yq.reshape(-1)
     uf, run = np.uint64(f_dim), np.uint64(tw * f_dim)
-    ua, um = np.uint64(a), np.uint64(m)
+    um = np.uint64(m)
+    element = np.uint64(a * tiles * f_dim)  # from one element of the products to the next i
     zero = dy.dtype.type(0)
     for p in range(nb * ho * wo):
         src = np.uint64(p * f_dim)
@@ -546,14 +553,15 @@ def output_transform_adjoint(dy, dm, db, z, yq):
                                 y1[dst + s] = zero
             # across: z[j, r] = A applied over q to yq[r, q]
             for r in range(m):
-                _a(m, y1, np.uint64(r * m) * run, run, z1, np.uint64(r) * run, um * run, run)
+                src, dst = np.uint64(r * m) * run, np.uint64(r) * run
+                _apply(_A, m, y1, src, run, z1, dst, um * run, run)
             # down: dm[i*a + j, tile row ty] = A applied over r to z[j, r]
             for j in range(a):
-                _a(m, z1, np.uint64(j * m) * run, run, m1, np.uint64(j * tiles + t0) * uf,
-                   ua * np.uint64(tiles) * uf, run)
+                src, dst = np.uint64(j * m) * run, np.uint64(j * tiles + t0) * uf
+                _apply(_A, m, z1, src, run, m1, dst, element, run)
 
 
-# ---- the chunk loops ------------------------------------------------------------------------------
+# ---- the chunk loops ----------------------------------------------------------------------------
 @njit(**_JIT)
 def _chunk_view(buf, tiles):
     """The first ``a*a*tiles*K`` values of the buffer ``buf (a*a, nb*Th*Tw, K)`` as a
