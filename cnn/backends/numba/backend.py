@@ -653,7 +653,7 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         """A 3 x 3, stride-1 conv by Winograd's F(m x m, 3 x 3) (:mod:`~cnn.backends.numba.
         winograd`), channels-last: ``x`` a channels-last view or an NCHW array (converted
         chunk by chunk), the output an ``(N, F, Ho, Wo)`` view of its channels-last buffer
-        like the direct channels-last path's. The transformed filters ``U (a*a, C, F)`` stay
+        like the direct channels-last path's. The transformed filters ``U (a*a, F, C)`` stay
         in the cache for the input gradient. ``pool``: see
         :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
         :func:`~cnn.backends.numba.winograd.forward`."""

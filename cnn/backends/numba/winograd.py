@@ -30,14 +30,16 @@ Layout: the images are channels-last ``(N, H, W, C)``, as on the backend's chann
 path, and the output tiles go into the channels-last rows that a fused conv's pooling reads.
 Each 1-D transform is one pass over long contiguous runs (see "the data transforms" below),
 the tiles of a chunk zero padded to whole tiles. The transformed patches ``V (a*a, T, C)``
-and products ``M (a*a, T, F)`` of one chunk stay in L2; the backward transforms the chunk's
-input again rather than keep ``V`` for the whole batch.
+and products ``M (a*a, T, F)`` are those of one chunk of images (the backend sizes it to stay
+in cache), and the backward transforms the chunk's input again rather than keep ``V`` for
+the whole batch.
 
 Precision: ``B^T`` and ``A^T`` hold small integers, so the data transforms round only in
 their sums, but their entries up to 8 (``m = 4``) make the transformed values larger than
 the data and their rounding errors larger than the direct conv's; the filter transforms
-(``G`` holds 1/6 and 1/24 for ``m = 4``) compute in float64. The backend's documentation
-states the error measured against the direct algorithm.
+(``G`` holds 1/6 and 1/24 for ``m = 4``) compute in float64. tests/test_winograd.py bounds
+the errors, and ``python -m cnn.bench.conv_algorithms`` prints them for each layer of a
+network, beside the direct algorithm's.
 """
 from __future__ import annotations
 
@@ -118,7 +120,8 @@ def filter_transform(w, g, u, scratch):
     taps, t = scratch[:9], scratch[9:]
     for s0 in range(0, pairs, block):
         n = min(block, pairs - s0)
-        wb = w2[s0:s0 + n]  # slices, not s0 + s offsets: see "Why the index code ..."
+        # slices: an s0 + s index gets Numba's wraparound check, which stops the vectoriser
+        wb = w2[s0:s0 + n]
         for s in range(n):
             for k in range(9):
                 taps[k, s] = wb[s, k]
