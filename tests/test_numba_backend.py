@@ -21,10 +21,19 @@ import pytest
 
 from cnn.backends import get_backend
 from cnn.backends.numba import kernels as K
-from cnn.backends.numba.backend import _CHUNK_COLUMNS
+from cnn.backends.numba import winograd as WG
+from cnn.backends.numba.backend import _CHUNK_COLUMNS, NumbaBackend
 
 NAIVE = get_backend("naive")
 BACKENDS = ["numba", "numba_parallel"]
+
+
+@pytest.fixture(autouse=True)
+def direct_algorithm(monkeypatch):
+    """The cases here test the direct algorithm's paths (im2col, GEMM, col2im, and the layouts
+    and fusions around them), which ``numba`` runs on the 3 x 3 layers only when asked to;
+    tests/test_winograd.py tests its Winograd path."""
+    monkeypatch.setattr(get_backend("numba"), "conv_algorithm", "direct")
 DTYPES = [pytest.param(np.float64, 1e-12, id="float64"),
           pytest.param(np.float32, 1e-5, id="float32")]
 
@@ -293,20 +302,29 @@ def test_dense(backend, dtype, tol):
 
 
 # ---- threads -----------------------------------------------------------------------------------
+def _kernels(module) -> list:
+    return [getattr(module, name) for name in dir(module)
+            if isinstance(getattr(module, name), numba.core.registry.CPUDispatcher)]
+
+
 def test_kernels_release_the_gil():
-    kernels = [getattr(K, name) for name in dir(K)
-               if isinstance(getattr(K, name), numba.core.registry.CPUDispatcher)]
+    """... and so do the Winograd path's (tests/test_winograd.py)."""
+    kernels = _kernels(K)
     assert len(kernels) >= 12
-    for kernel in kernels:
+    winograd = _kernels(WG)
+    assert len(winograd) >= 10
+    for kernel in kernels + winograd:
         assert kernel.targetoptions["nogil"] is True, kernel.__name__
         assert kernel.targetoptions.get("fastmath", False) is False, kernel.__name__
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["winograd"])
 def test_concurrent_threads_match_single_threaded(backend):
     """Two Python threads run conv forward and backward at the same time on different inputs
-    (as the data-parallel strategy does with shards): results are exactly the sequential ones."""
-    be = get_backend(backend)
+    (as the data-parallel strategy does with shards): results are exactly the sequential ones.
+    ``winograd``: the numba backend's Winograd path (tests/test_winograd.py)."""
+    be = (NumbaBackend(conv_algorithm="winograd") if backend == "winograd"
+          else get_backend(backend))
     rng = np.random.default_rng(11)
     w = rng.standard_normal((16, 3, 3, 3)).astype(np.float32)
     b = rng.standard_normal(16).astype(np.float32)

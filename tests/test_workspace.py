@@ -100,6 +100,7 @@ def test_numba_blas_path_over_several_chunks(monkeypatch, dtype, tol, padding, s
     input channels, channels-last for many) with chunks of 2 images and a shorter last chunk,
     against the naive loops."""
     be = get_backend("numba")
+    monkeypatch.setattr(be, "conv_algorithm", "direct")  # Winograd: tests/test_winograd.py
     naive = get_backend("naive")
     rng = np.random.default_rng(3)
     n, h, w, f, k = 7, 9, 8, 17, 3

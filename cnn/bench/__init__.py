@@ -39,6 +39,9 @@ SUITES = {
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
+    "conv": Suite("conv_algorithms", "direct vs Winograd convolution per conv op and step, "
+                  "and each algorithm's float32 error", ("dtype", "cpu_time"),
+                  prints_machine=True),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)
 OPTIONS = {"json_path": "--json", "dtype": "--dtype", "cpu_time": "--cpu-time"}

@@ -301,7 +301,9 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     except OSError:
         pass
     print("GFLOP/s count multiply-adds x 2 of conv/dense: forward + weight gradient + input "
-          "gradient (none for the first layer); %peak = GFLOP/s / (threads x 1-core peak)")
+          "gradient (none for the first layer), those of the direct conv whatever algorithm "
+          "runs (Winograd's are fewer); %peak = GFLOP/s / (threads x 1-core peak)")
+    from .conv_algorithms import algorithm_summary  # imports Numba: only when the bench runs
     groups, all_rows, flops_of = {}, [], {}
     t_start = time.perf_counter()
     for preset in presets:
@@ -310,6 +312,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
         per_layer = ", ".join(f"{r['layer']} {r['forward'] / 1e6:.2f}" for r in layer_flops(model))
         print(f"\n{preset}: forward MFLOP per image by layer: {per_layer}; training "
               f"{flops / 1e6:.2f} MFLOP per image")
+        print(f"  numba conv algorithm: {algorithm_summary(model)}")
         for bs in batch_sizes:
             rows = measure(preset, bs, specs, images[preset], repeats)
             annotate(rows, flops, peak1["peak"])

@@ -5,8 +5,10 @@ Both implement the contract of :mod:`cnn.backends.base` with the signatures of
 :class:`~cnn.backends.numpy.backend.NumpyBackend`. Convolution, pooling and ReLU run Numba
 kernels (:mod:`cnn.backends.numba.kernels`); on the BLAS path (layers with enough filters),
 each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
-(:mod:`cnn.backends.numba.conv`), whose GEMMs call NumPy's own BLAS
-(:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and kernel.
+(:mod:`cnn.backends.numba.conv`, or :mod:`cnn.backends.numba.winograd` for the 3 x 3 layers
+that run Winograd's algorithm, see "Convolution algorithms" below), whose GEMMs call NumPy's
+own BLAS (:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and
+kernel.
 Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each):
 the Numba GEMM of the small-filter kernels is slower than BLAS on the dense shapes, whose few
 outputs (the classes, a hidden layer's units) are too few for its vectorised inner loop.
@@ -52,6 +54,32 @@ written, so the workspaces of two workers that share an L3 cache can both fit in
 evicting each other's activations. The first layer's pooled output is handed over
 channels-last too (see ``_Pooling``).
 
+Convolution algorithms
+----------------------
+``NumbaBackend(conv_algorithm=...)``, by default the value of the environment variable
+``CNN_NUMBA_CONV_ALGORITHM`` (read when the backend is made, e.g. by the first
+``get_backend("numba")`` of a process), else ``"auto"``:
+
+- ``"direct"``: im2col and GEMM (the paths above) for every layer;
+- ``"winograd"``: Winograd's minimal filtering F(m x m, 3 x 3) (:mod:`.winograd`) for every
+  3 x 3, stride-1 conv, with the tile ``m`` of fewer multiplications (4, or 2 on outputs of
+  one or two pixels across), and the direct algorithm for the others;
+- ``"auto"``: Winograd where it pays: 3 x 3, stride-1 layers of the channels-last BLAS path
+  (at least ``_NHWC_MIN_CHANNELS`` input channels and BLAS-sized filters) whose GEMMs do at
+  most ``_WINOGRAD_MAX_MULTIPLICATIONS`` of the direct conv's multiplications, counting the
+  tiles that hang over the output's edge. The first layer of an RGB network stays direct:
+  with 3 channels its transforms cost as much as its GEMMs, whose dot products are 3 long.
+
+The choice is made per layer at each call, from the layer's shape
+(:meth:`NumbaBackend.winograd_tile`), so models, plans and workspaces need no setting of
+their own. Winograd's path hands over and takes the same layouts as the direct channels-last
+path, and fuses the ReLU and pooling the same way. It computes the same convolution with
+other roundings: in float32 its errors, against the float64 result, are larger than the
+direct algorithm's (F(4x4, 3x3) multiplies by up to 8 in its transforms), which
+``tests/test_winograd.py`` bounds and ``python -m cnn.bench.conv_algorithms`` prints per layer
+of a network; in float64 they stay far below the 1e-12 the equivalence tests hold every path
+to, so float64 runs Winograd too. ``numba_parallel`` runs the direct algorithm.
+
 Threading layer
 ---------------
 Importing this module sets ``numba.config.THREADING_LAYER`` (unless the user chose one with
@@ -81,6 +109,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import os
 import threading
 import time
 
@@ -88,11 +117,13 @@ import numba
 import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
+from ...checks import check_choice
 from ..base import Padding
 from ..fusion import CONV_RELU_MAXPOOL, RELU_MAXPOOL
 from ..numpy import NumpyBackend
 from . import conv as C
 from . import kernels as K
+from . import winograd as WG
 from .layer_ops import NumbaLayerOps
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk of the fused Numba
@@ -109,6 +140,18 @@ _NHWC_CHUNK_BYTES = 1 << 20
 #: conv layers with at least this many filters and patch rows use BLAS for their GEMMs
 _BLAS_MIN_FILTERS = 16
 _BLAS_MIN_ROWS = 16
+#: the conv algorithms ``NumbaBackend(conv_algorithm=...)`` takes (see "Convolution
+#: algorithms" above), and the environment variable that sets the default
+CONV_ALGORITHMS = ("auto", "direct", "winograd")
+CONV_ALGORITHM_ENV = "CNN_NUMBA_CONV_ALGORITHM"
+#: bytes of split input, transformed patches and products, and conv output per chunk of the
+#: Winograd path (see ``_winograd_chunk``): twice the L2 of one core, as its phases touch
+#: parts of it at a time and longer GEMMs run faster (the best of a sweep on CIFAR's layers)
+_WINOGRAD_CHUNK_BYTES = 2 << 20
+#: ``auto`` runs Winograd on a layer when its GEMMs do at most this fraction of the direct
+#: conv's multiplications (:func:`~cnn.backends.numba.winograd.multiplications`): the
+#: transforms cost passes over the data that must be paid for
+_WINOGRAD_MAX_MULTIPLICATIONS = 0.75
 
 
 def _select_threading_layer() -> str:
@@ -250,6 +293,16 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     relu_forward_kernel = staticmethod(K.relu_forward)
     relu_backward_kernel = staticmethod(K.relu_backward)
 
+    def __init__(self, conv_algorithm: str | None = None):
+        if conv_algorithm is None:
+            conv_algorithm = os.environ.get(CONV_ALGORITHM_ENV) or "auto"
+            owner = f"{type(self).__name__} (from ${CONV_ALGORITHM_ENV})"
+        else:
+            owner = type(self).__name__
+        #: ``"auto"``, ``"direct"`` or ``"winograd"``: see "Convolution algorithms" above
+        self.conv_algorithm = check_choice(owner, "conv_algorithm", conv_algorithm,
+                                           CONV_ALGORITHMS)
+
     def _launch(self, kernel, *args):
         kernel(*args)
 
@@ -316,6 +369,9 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         p = ho * wo
         (top, _), (left, _) = padding
         stride, top, left = int(stride), int(top), int(left)
+        tile = self.winograd_tile(x.shape[1], f, kh, kw, stride, ho, wo)
+        if tile:
+            return self._conv_forward_winograd(x, w, b, padding, ho, wo, tile, ws)
         if not self._use_blas(f, k):
             x = np.ascontiguousarray(x)
             out = self.scratch(ws, "out", (n, f, p), x.dtype)
@@ -366,6 +422,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     def conv2d_backward(self, dout, cache, need_dx=True, ws=None):
         if cache[-1] == "nhwc":
             return self._conv_backward_nhwc(dout, cache, need_dx, ws)
+        if cache[-1] == "winograd":
+            return self._conv_backward_winograd(dout, cache, need_dx, ws)
         x, w, stride, padding = cache[:4]
         n, f, ho, wo = dout.shape
         k = w[0].size
@@ -510,17 +568,11 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         padded = top or bottom or left or right
         p, kc, dt = ho * wo, kh * kw * c, x.dtype
         if pooled is None:
-            ds = _nhwc(dout)
-            if ds is None:
-                ds = self.scratch(ws, "dout_nhwc", (n, ho, wo, f), dt)
-                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+            ds = self._channels_last(dout, ws, "dout_nhwc")
             grads = (ds.reshape(n * p, f), _none(dt, 4), _none(np.uint8, 4), 0, 0,
                      _none(dt, 2))
         else:
-            ds, channels_last = _Pooling.grads(dout)
-            if not channels_last:
-                ds = self.scratch(ws, "pool_dout_nhwc", pooled.out.shape, dt)
-                np.copyto(ds, dout.transpose(0, 2, 3, 1))
+            ds = self._channels_last(dout, ws, "pool_dout_nhwc")
             grads = (_none(dt, 2), ds, pooled.arg, pooled.pool, pooled.stride,
                      self.scratch(ws, "pool_dchunk_nhwc", (nb * p, f), dt))
         cols = self.scratch(ws, "cols_nhwc", (nb * p, kc + 1), dt)
@@ -545,6 +597,121 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         np.copyto(db, dwb[kc])
         return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
 
+    def _channels_last(self, a, ws, name: str):
+        """The channels-last buffer ``(N, H, W, C)`` of ``a (N, C, H, W)``: its own when ``a``
+        is a channels-last view, else a copy in the workspace buffer ``name``."""
+        s = _nhwc(a)
+        if s is None:
+            s = self.scratch(ws, name, (a.shape[0], a.shape[2], a.shape[3], a.shape[1]),
+                             a.dtype)
+            np.copyto(s, a.transpose(0, 2, 3, 1))
+        return s
+
+    # ---- Winograd ---------------------------------------------------------------------------
+    def winograd_tile(self, c: int, f: int, kh: int, kw: int, stride: int, ho: int,
+                      wo: int) -> int:
+        """The output tile ``m`` of F(m x m, 3 x 3) that a conv layer with ``c`` input
+        channels, ``f`` filters of ``kh x kw``, ``stride`` and an ``ho x wo`` output runs
+        with under :attr:`conv_algorithm`, or 0 for the direct algorithm (see "Convolution
+        algorithms" above)."""
+        if self.conv_algorithm == "direct" or (kh, kw) != (3, 3) or stride != 1:
+            return 0
+        tile = min(WG.TILES, key=lambda m: WG.multiplications(ho, wo, m))
+        if self.conv_algorithm == "winograd":
+            return tile
+        # auto: the channels-last BLAS path's layers, where the GEMMs save enough
+        if c < _NHWC_MIN_CHANNELS or not self._use_blas(f, c * kh * kw):
+            return 0
+        return tile if WG.multiplications(ho, wo, tile) <= _WINOGRAD_MAX_MULTIPLICATIONS else 0
+
+    def _winograd_chunk(self, n: int, split: int, tiles: int, pixels: int, c: int, f: int,
+                        a: int, itemsize: int) -> int:
+        """Images per chunk of the Winograd path: the chunk's phase-split input (``split``
+        pixels), transformed patches and products (``a*a`` elements of ``tiles`` tiles) and
+        conv output (``pixels``) fill about ``_WINOGRAD_CHUNK_BYTES``."""
+        per_image = (split * c + a * a * tiles * (c + f) + pixels * f) * itemsize
+        return max(1, min(n, _WINOGRAD_CHUNK_BYTES // per_image))
+
+    def _winograd_buffers(self, ws, n, c, f, ho, wo, m, dt):
+        """``(nb, (xq, ycol, v, mm, z, yq))``: images per chunk and the chunk buffers of
+        :func:`~cnn.backends.numba.winograd.forward` and ``backward``."""
+        a = m + 2
+        th, tw = WG.tile_grid(ho, wo, m)
+        hp = th * m + 2
+        nb = self._winograd_chunk(n, hp * a * tw, th * tw, ho * wo, c, f, a,
+                                  np.dtype(dt).itemsize)
+        return nb, (self.scratch(ws, "wino_x", (nb, hp, a, tw, c), dt),
+                    # the transform of a chunk's columns, and in the backward a tile row's
+                    self.scratch(ws, "wino_cols", (a * (hp + a), tw * c), dt),
+                    self.scratch(ws, "wino_v", (a * a, nb * th * tw, c), dt),
+                    self.scratch(ws, "wino_m", (a * a, nb * th * tw, f), dt),
+                    self.scratch(ws, "wino_rows", (a, m, tw * f), dt),
+                    self.scratch(ws, "wino_tiles", (m, m, tw * f), dt))
+
+    def _conv_forward_winograd(self, x, w, b, padding, ho, wo, m, ws, pool=None):
+        """A 3 x 3, stride-1 conv by Winograd's F(m x m, 3 x 3) (:mod:`~cnn.backends.numba.
+        winograd`), channels-last: ``x`` a channels-last view or an NCHW array (converted
+        chunk by chunk), the output an ``(N, F, Ho, Wo)`` view of its channels-last buffer
+        like the direct channels-last path's. The transformed filters ``U (a*a, F, C)`` stay
+        in the cache for the input gradient. ``pool``: see
+        :meth:`conv2d_relu_maxpool2d_forward`. The chunk loop is
+        :func:`~cnn.backends.numba.winograd.forward`."""
+        n, c = x.shape[:2]
+        f, dt = w.shape[0], x.dtype
+        u = self.scratch(ws, "wino_u", ((m + 2) ** 2, f, c), dt)
+        WG.filter_transform(w, WG.transform_matrices(m)[1], u,
+                            self.scratch(ws, "wino_filter", WG.filter_scratch_shape(m),
+                                         np.float64))
+        xs = _nhwc(x)
+        if xs is None:
+            x = np.ascontiguousarray(x)
+        nb, bufs = self._winograd_buffers(ws, n, c, f, ho, wo, m, dt)
+        (top, _), (left, _) = padding
+        inputs = (_none(dt, 4), xs) if xs is not None else (x, _none(dt, 4))
+        cache = (x, xs, w, padding, m, u, "winograd")
+        if pool is None:
+            out_t = self.scratch(ws, "out_nhwc", (n, ho, wo, f), dt)
+            WG.forward(*inputs, u, b, int(top), int(left), *bufs, out_t, 0, 0,
+                       _none(dt, 4), _none(np.uint8, 4), _none(dt, 4))
+            return out_t.transpose(0, 3, 1, 2), cache
+        pooled = _Pooling(self, ws, pool, (n, f, ho, wo), dt, channels_last=True)
+        chunk = self.scratch(ws, "wino_out_chunk", (nb, ho, wo, f), dt)
+        WG.forward(*inputs, u, b, int(top), int(left), *bufs, _none(dt, 4),
+                   pooled.pool, pooled.stride, chunk, pooled.arg, pooled.out)
+        return pooled.output(), (cache, pooled)
+
+    def _conv_backward_winograd(self, dout, cache, need_dx, ws, pooled=None):
+        """Gradients of :meth:`_conv_forward_winograd` in the same tiles: ``dw`` and ``db``,
+        and ``dx`` as an ``(N, C, H, W)`` view of a channels-last buffer. ``pooled``: the
+        forward pooled its output, ``dout`` is the pooled output's gradient (unpooled chunk
+        by chunk). The chunk loop is :func:`~cnn.backends.numba.winograd.backward`."""
+        x, xs, w, padding, m, u, _ = cache
+        n, c, h, wd = x.shape
+        f, dt = w.shape[0], x.dtype
+        _, _, ho, wo = dout.shape if pooled is None else pooled.conv_shape
+        nb, bufs = self._winograd_buffers(ws, n, c, f, ho, wo, m, dt)
+        if pooled is None:
+            grads = (self._channels_last(dout, ws, "dout_nhwc"), _none(dt, 4),
+                     _none(np.uint8, 4), 0, 0, _none(dt, 4))
+        else:
+            grads = (_none(dt, 4), self._channels_last(dout, ws, "pool_dout_nhwc"),
+                     pooled.arg, pooled.pool, pooled.stride,
+                     self.scratch(ws, "wino_dchunk", (nb, ho, wo, f), dt))
+        dx_t = self.scratch(ws, "dx_nhwc", (n, h, wd, c), dt) if need_dx else _none(dt, 4)
+        du = self.scratch(ws, "wino_du", u.shape, dt)
+        db64 = self.scratch(ws, "db_float64", (f,), np.float64)
+        (top, _), (left, _) = padding
+        inputs = (_none(dt, 4), xs) if xs is not None else (x, _none(dt, 4))
+        WG.backward(*inputs, u, int(top), int(left), *bufs, *grads, bool(need_dx),
+                    du, db64, dx_t)
+        dw = self.scratch(ws, "dw", w.shape, dt)
+        WG.filter_transform_adjoint(du, WG.transform_matrices(m)[1], dw,
+                                    self.scratch(ws, "wino_filter",
+                                                 WG.filter_scratch_shape(m), np.float64))
+        db = self.scratch(ws, "db", (f,), dt)
+        np.copyto(db, db64)
+        return (dx_t.transpose(0, 3, 1, 2) if need_dx else None), dw, db
+
     # ---- conv -> ReLU -> max pooling, fused -------------------------------------------------
     def conv2d_relu_maxpool2d_forward(self, x, w, b, stride, padding, pool, pool_stride,
                                       ws=None):
@@ -556,12 +723,16 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         w, b = np.ascontiguousarray(w), np.ascontiguousarray(b)
         ho, wo = _conv_geometry(x, w, b, stride, padding)
         _check_pool(pool, pool_stride, (x.shape[0], w.shape[0], ho, wo))
+        spec = (int(pool), int(pool_stride))
+        f, c, kh, kw = w.shape
+        tile = self.winograd_tile(c, f, kh, kw, int(stride), ho, wo)
+        if tile:
+            return self._conv_forward_winograd(x, w, b, padding, ho, wo, tile, ws, spec)
         if not self._use_blas(w.shape[0], w[0].size):
             h, conv_cache = self.conv2d_forward(x, w, b, stride, padding, ws=ws)
             out, pool_cache = self.maxpool2d_relu_forward(h, pool, pool_stride,
                                                           ws=_scope(ws, "pool"))
             return out, ("conv, then pooling", conv_cache, pool_cache)
-        spec = (int(pool), int(pool_stride))
         if x.shape[1] >= _NHWC_MIN_CHANNELS:
             return self._conv_forward_nhwc(x, w, b, int(stride), padding, ho, wo, ws, spec)
         return self._conv_forward_images(x, w, b, int(stride), padding, ho, wo, ws, spec)
@@ -573,6 +744,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
         conv_cache, pooled = cache
         if conv_cache[-1] == "nhwc":
             return self._conv_backward_nhwc(dout, conv_cache, need_dx, ws, pooled)
+        if conv_cache[-1] == "winograd":
+            return self._conv_backward_winograd(dout, conv_cache, need_dx, ws, pooled)
         x, w, stride, padding, cols, nb = conv_cache
         dx = self.scratch(ws, "dx", (x.shape[0] if need_dx else 0,) + x.shape[1:], x.dtype)
         _, _, ho, wo = pooled.conv_shape
@@ -699,7 +872,9 @@ class NumbaParallelBackend(NumbaBackend):
     relu_backward_kernel = staticmethod(K.relu_backward_par)
 
     def __init__(self):
-        super().__init__()
+        # the Winograd path's chunk loop is sequential BLAS, like the direct BLAS path, which
+        # this backend does not use either (see ``_use_blas``)
+        super().__init__(conv_algorithm="direct")
         self._guard = (threading.Lock() if _LAYER_SETTING == "workqueue"
                        else contextlib.nullcontext())
 
