@@ -29,7 +29,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 
 def _add_train(sub) -> None:
     from .backends import available_backends
-    from .parallel import MPI_STRATEGIES, strategy_names
+    from .parallel import mpi_strategies, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
                               "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
     p.add_argument("--strategy", default="sequential",
                    help=" | ".join(strategy_names()) + " (see cnn.parallel; "
-                        + " and ".join(MPI_STRATEGIES) + " run one process per MPI rank)")
+                        + " and ".join(mpi_strategies()) + " run one process per MPI rank)")
     # checked (before the data is read) by the strategy, whose message names threads=
     p.add_argument("--threads", type=int, default=1,
                    help="workers (a positive integer): threads, or processes for processes")

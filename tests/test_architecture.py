@@ -39,6 +39,10 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
                      "cnn.machine"]),
     ("backends", ["cnn.backends.*"]),
+    # the names of what the study runs: paths (backend x strategy x launcher) and where each
+    # strategy lives; the standard library only (and the backends' records), so every layer
+    # above may read it, and it names what it describes without importing it
+    ("path registry", ["cnn.paths"]),
     ("data and presets", ["cnn.data", "cnn.presets"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
                                "cnn.schedules"]),
@@ -46,8 +50,6 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("strategies", ["cnn.parallel.*"]),
     ("training loop", ["cnn.train", "cnn.callbacks", "cnn.configs"]),
     ("references", ["cnn.reference.*"]),
-    # what the study runs: backend x strategy x launcher, named (it reads backend facts)
-    ("path registry", ["cnn.paths"]),
     ("study, analysis, benchmarks, the emulated cluster",
      ["cnn.results", "cnn.study.*", "cnn.analysis.*", "cnn.bench.*", "cnn.cluster.*"]),
     ("commands", ["cnn.cli", "cnn.predict", "cnn.__main__", "cnn"]),
