@@ -200,7 +200,7 @@ def cmd_train(args) -> int:
     from .layers import layers_from_spec
     from .model import (Sequential, check_weights_path, naming_spec_file, resolve_spec,
                         spec_file)
-    from .optim import make_optimizer
+    from .optim import default_optimizer_spec, make_optimizer
     from .parallel import launch, make_strategy
     from .presets import with_filters
 
@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
                 raise ValueError(f"--filters {args.filters}: model {model_name!r} has no conv2d "
                                  f"layer whose filters it could set")
             spec = with_filters(spec, args.filters)
-    optimizer = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
+    optimizer = spec.get("optimizer", default_optimizer_spec())
     if not isinstance(optimizer, dict):
         raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
     optimizer = dict(optimizer)

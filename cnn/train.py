@@ -90,8 +90,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     Args:
         epochs: full passes over the training set.
         batch_size: examples per update (per worker for ``average``/``hogwild``).
-        optimizer: an optimizer or its spec dict (default plain SGD, lr 0.01; see
-            :func:`cnn.optim.make_optimizer`). Its state (slots and step count) persists across
+        optimizer: an optimizer or its spec dict (default: plain SGD at its default rate,
+            :func:`cnn.optim.default_optimizer_spec`; see :func:`cnn.optim.make_optimizer`). Its state (slots and step count) persists across
             ``fit`` calls on the same model: the fit continues from ``model.optimizer_state``
             when the optimizer has the same type and slots, and leaves its final state there.
         lr_schedule: a learning-rate schedule or its spec (:func:`cnn.schedules.make_schedule`,
