@@ -2,7 +2,7 @@
 
 Every training path (sequential, threads, CUDA, MPI) runs through :func:`fit`; what differs is
 the backend (where the arithmetic runs) and the strategy (how a batch is split). The timing
-columns follow DESIGN.md: data preparation (shuffle, gather), host-to-device transfer, compute
+columns follow docs/measuring.md: data preparation (shuffle, gather), host-to-device transfer, compute
 (the strategy's step, including reading back the two scalars), JIT compile (a warm-up step
 before the first epoch) and evaluation are measured separately; ``time`` is the training wall
 time of the epoch, and throughput is examples / ``time``.
