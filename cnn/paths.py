@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .backends.registry import backend_info
+from .records import ClassRecord, add_record
 
 #: the path every speed-up is divided by (NumPy, one worker, BLAS pinned to one thread; see
 #: docs/measuring.md)
@@ -94,7 +95,7 @@ def register_algorithm(algorithm: Algorithm) -> Algorithm:
 
 
 @dataclass(frozen=True)
-class StrategyInfo:
+class StrategyInfo(ClassRecord):
     """Where a strategy of :mod:`cnn.parallel` lives (a name ``fit(strategy=...)``,
     ``--strategy`` and a path's ``fit_strategy`` take), known before its module is imported.
 
@@ -106,8 +107,6 @@ class StrategyInfo:
             or ``train --ranks N``).
     """
 
-    module: str
-    cls: str
     mpi_ranks: bool = False
 
 
@@ -127,18 +126,7 @@ STRATEGIES: dict[str, StrategyInfo] = {
 def register_strategy(name: str, info: StrategyInfo) -> StrategyInfo:
     """Add strategy ``name`` (ValueError when the name is taken or the record names no
     class); ``fit``, ``--strategy`` and path entries take it from then on."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a strategy's name is a non-empty string; received name={name!r}")
-    if not isinstance(info, StrategyInfo):
-        raise TypeError(f"register_strategy takes a StrategyInfo; received "
-                        f"{type(info).__name__}")
-    if name in STRATEGIES:
-        raise ValueError(f"strategy {name!r} is already registered")
-    if not (info.module and info.cls):
-        raise ValueError(f"strategy {name!r}: its record names the module and class that "
-                         f"define it; received module={info.module!r}, cls={info.cls!r}")
-    STRATEGIES[name] = info
-    return info
+    return add_record(STRATEGIES, "strategy", name, info, StrategyInfo)
 
 
 def strategy_info(name: str) -> StrategyInfo:

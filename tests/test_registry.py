@@ -200,6 +200,15 @@ def test_strategy_records_are_checked(registered):
         P.register_strategy("sync", P.StrategyInfo("cnn.parallel.threads", "SyncThreads"))
     with pytest.raises(ValueError, match="algorithm 'sync' is already registered"):
         P.register_algorithm(P.Algorithm("sync"))
+    with pytest.raises(TypeError, match="a strategy's record is a StrategyInfo; received "
+                                        "BackendInfo"):
+        P.register_strategy("gossip", BackendInfo("cnn.parallel.threads", "SyncThreads"))
+    with pytest.raises(TypeError, match="a backend's record is a BackendInfo; received "
+                                        "StrategyInfo"):
+        register_backend("gossip", P.StrategyInfo("cnn.backends.numpy", "NumpyBackend"))
+    with pytest.raises(ValueError, match="backend 'numpy' is already registered"):
+        register_backend("numpy", BackendInfo("cnn.backends.numpy", "NumpyBackend"))
+    assert "gossip" not in P.STRATEGIES and "gossip" not in BACKENDS
 
 
 def test_the_mpi_strategies_are_those_whose_record_says_so(registered):
@@ -261,15 +270,17 @@ def test_backend_facts_are_read_from_the_record():
 
 def test_the_path_registry_imports_the_standard_library_only():
     """The study's child reads the registry before Numba, TensorFlow or PyTorch; so do the
-    backends' records it reads."""
-    for module in ("cnn/paths.py", "cnn/backends/registry.py"):
+    backends' records it reads, and the record type both use."""
+    package = {"cnn/paths.py": {"backends.registry", "records"},  # relative imports allowed
+               "cnn/backends/registry.py": {"records"}, "cnn/records.py": set()}
+    for module, allowed in package.items():
         tree = ast.parse((ROOT / module).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: only the backends' records
-                    assert (module, node.module) == ("cnn/paths.py", "backends.registry")
+                if node.level:
+                    assert node.module in allowed, (module, node.module)
                     continue
                 names = [node.module]
             else:

@@ -6,8 +6,6 @@ dependencies (mpi4py) stay optional. A new strategy is its module here and its r
 """
 from __future__ import annotations
 
-import importlib
-
 from ..paths import STRATEGIES, strategy_info
 from .base import SequentialStrategy, Strategy
 
@@ -23,8 +21,7 @@ def mpi_strategies() -> list[str]:
 
 def strategy_class(name: str) -> type[Strategy]:
     """The class of the strategy called ``name`` (its module imported now)."""
-    info = strategy_info(name)
-    return getattr(importlib.import_module(info.module), info.cls)
+    return strategy_info(name).load()
 
 
 def strategy_options(name: str) -> list[str]:
