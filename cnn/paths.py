@@ -27,8 +27,8 @@ computes something new, its :class:`Algorithm`) and one :class:`TrainingPath` en
 Everything else (grid axes, keys, labels, figure order, oversubscription marks, the child's
 command line and environment, the estimates) follows from the entry.
 
-Importing this module imports the standard library only (and the backends' registry, which
-does too): the study's child reads it before Numba, TensorFlow or PyTorch is imported,
+Importing this module imports the standard library only (and the backends' registry and
+:mod:`cnn.records`, which do too): the study's child reads it before Numba, TensorFlow or PyTorch is imported,
 and :mod:`cnn.parallel` reads the strategies' records from it without importing one.
 """
 from __future__ import annotations
@@ -124,8 +124,8 @@ STRATEGIES: dict[str, StrategyInfo] = {
 
 
 def register_strategy(name: str, info: StrategyInfo) -> StrategyInfo:
-    """Add strategy ``name`` (ValueError when the name is taken or the record names no
-    class); ``fit``, ``--strategy`` and path entries take it from then on."""
+    """Add strategy ``name`` (see :func:`cnn.records.add_record` for what it refuses);
+    ``fit``, ``--strategy`` and path entries take it from then on."""
     return add_record(STRATEGIES, "strategy", name, info, StrategyInfo)
 
 

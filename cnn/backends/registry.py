@@ -65,5 +65,5 @@ def backend_info(name: str) -> BackendInfo:
 
 
 def register_backend(name: str, info: BackendInfo) -> BackendInfo:
-    """Add backend ``name`` (ValueError when the name is taken or the record names no class)."""
+    """Add backend ``name`` (see :func:`cnn.records.add_record` for what it refuses)."""
     return add_record(BACKENDS, "backend", name, info, BackendInfo)
