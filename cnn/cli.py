@@ -29,7 +29,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 
 def _add_train(sub) -> None:
     from .backends import available_backends
-    from .parallel import MPI_STRATEGIES, strategy_names
+    from .parallel import mpi_strategies, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
                               "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
@@ -46,7 +46,7 @@ def _add_train(sub) -> None:
     p.add_argument("--momentum", type=unit_interval, default=None, help="default: the preset's")
     p.add_argument("--strategy", default="sequential",
                    help=" | ".join(strategy_names()) + " (see cnn.parallel; "
-                        + " and ".join(MPI_STRATEGIES) + " run one process per MPI rank)")
+                        + " and ".join(mpi_strategies()) + " run one process per MPI rank)")
     # checked (before the data is read) by the strategy, whose message names threads=
     p.add_argument("--threads", type=int, default=1,
                    help="workers (a positive integer): threads, or processes for processes")
@@ -200,7 +200,7 @@ def cmd_train(args) -> int:
     from .layers import layers_from_spec
     from .model import (Sequential, check_weights_path, naming_spec_file, resolve_spec,
                         spec_file)
-    from .optim import make_optimizer
+    from .optim import default_optimizer_spec, make_optimizer
     from .parallel import launch, make_strategy
     from .presets import with_filters
 
@@ -226,7 +226,7 @@ def cmd_train(args) -> int:
                 raise ValueError(f"--filters {args.filters}: model {model_name!r} has no conv2d "
                                  f"layer whose filters it could set")
             spec = with_filters(spec, args.filters)
-    optimizer = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
+    optimizer = spec.get("optimizer", default_optimizer_spec())
     if not isinstance(optimizer, dict):
         raise ValueError(f"{model_name}: the spec's optimizer must be a dict. Received {optimizer!r}")
     optimizer = dict(optimizer)

@@ -169,7 +169,8 @@ class RunConfig:
 def optimizer_spec(spec: Mapping, given: Any) -> dict:
     """The run's optimizer: the model spec's, updated with ``given`` (a spec, or the
     ``NAME:key=value`` text); a ``given`` of another type replaces it entirely."""
-    base = dict(spec.get("optimizer", {"type": "sgd", "lr": 0.01}))
+    from .optim import DEFAULT_OPTIMIZER, default_optimizer_spec
+    base = dict(spec.get("optimizer", default_optimizer_spec()))
     given = parse_option_spec(given, "optimizer")
     if given is None:
         return base
@@ -177,8 +178,8 @@ def optimizer_spec(spec: Mapping, given: Any) -> dict:
         raise ValueError(f"optimizer must be a name, NAME:key=value,... or a dict. "
                          f"Received optimizer={given!r}")
     given = dict(given)
-    kind = str(given.get("type", base.get("type", "sgd"))).lower()
-    if kind != str(base.get("type", "sgd")).lower():
+    kind = str(given.get("type", base.get("type", DEFAULT_OPTIMIZER))).lower()
+    if kind != str(base.get("type", DEFAULT_OPTIMIZER)).lower():
         return {**given, "type": kind}
     return {**base, **given, "type": kind}
 

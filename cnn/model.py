@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from .backends import Backend, get_backend
-from .checks import is_integer
+from .checks import check_int, is_integer
 from .context import StepContext
 from .files import atomic_write, read_structured
 from .layers import Layer, layers_from_spec
@@ -318,6 +318,7 @@ class Sequential:
         """Host logits ``(N, K)`` for ``x (N, C, H, W)``, computed in batches (an inference
         pass: no dropout, batch norm on the running statistics of ``buffers``, default the
         model's)."""
+        batch_size = check_int("Sequential.predict", "batch_size", batch_size)
         self.check_inputs(x)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)
@@ -335,6 +336,7 @@ class Sequential:
                  buffers=None) -> dict[str, float]:
         """Mean loss (with the weight penalties, as Keras reports it) and accuracy (fraction in
         [0, 1]) over ``x, y``, in inference mode (see :meth:`predict_logits`)."""
+        batch_size = check_int("Sequential.evaluate", "batch_size", batch_size)
         self.check_inputs(x, y)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)

@@ -465,6 +465,16 @@ class AdamW(Adam):
 
 
 
+#: the optimizer type of a spec that names none
+DEFAULT_OPTIMIZER = "sgd"
+
+
+def default_optimizer_spec() -> dict:
+    """The optimizer of a model spec that gives none: :data:`DEFAULT_OPTIMIZER` at its own
+    default rate (``{"type": "sgd", "lr": 0.01}``), a new dict each call."""
+    return {"type": DEFAULT_OPTIMIZER, "lr": optimizer_class(DEFAULT_OPTIMIZER).default_lr()}
+
+
 def optimizer_names() -> list[str]:
     return list(OPTIMIZERS)
 
@@ -479,7 +489,8 @@ def optimizer_class(kind: str) -> type[Optimizer]:
 def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None) -> Optimizer:
     """An optimizer from a spec dict or an optimizer (returned as it is).
 
-    A spec names its ``type`` (``sgd``, ``rmsprop``, ``adam``, ``adamw``; default ``sgd``) and
+    A spec names its ``type`` (``sgd``, ``rmsprop``, ``adam``, ``adamw``; default
+    :data:`DEFAULT_OPTIMIZER`) and
     any of its hyper-parameters, plus an optional learning-rate ``schedule`` spec (see
     :func:`cnn.schedules.make_schedule`) that starts from ``lr``::
 
@@ -498,7 +509,7 @@ def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None)
     if not isinstance(spec, Mapping):
         raise TypeError(f"an optimizer spec is a dict or an optimizer. Received {spec!r}")
     options = dict(spec)
-    kind = options.pop("type", "sgd")
+    kind = options.pop("type", DEFAULT_OPTIMIZER)
     kind = kind.lower() if isinstance(kind, str) else kind
     cls = optimizer_class(kind)
     sched_spec = options.pop("schedule", None)
@@ -516,6 +527,6 @@ def make_optimizer(spec: "dict | Optimizer | None" = None, schedule: Any = None)
 
 
 
-__all__ = ["Adam", "AdamW", "OPTIMIZERS", "Optimizer", "OptimizerState", "RMSProp", "SGD",
-           "make_optimizer", "optimizer_class", "optimizer_names",
-           "register_optimizer"]
+__all__ = ["Adam", "AdamW", "DEFAULT_OPTIMIZER", "OPTIMIZERS", "Optimizer", "OptimizerState",
+           "RMSProp", "SGD", "default_optimizer_spec", "make_optimizer", "optimizer_class",
+           "optimizer_names", "register_optimizer"]

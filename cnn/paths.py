@@ -8,12 +8,15 @@ hold their entry), the runner's launch and the child's training call (:mod:`cnn.
 :mod:`cnn.study.child`), the time estimates (:mod:`cnn.study.estimate`), the analysis's labels,
 orders and selections (:mod:`cnn.analysis`) and the CLI all read this table; none of them
 lists path names of its own. What a recorded strategy computes is an :class:`Algorithm`
-(:data:`ALGORITHMS`); what a backend is (compiled, on a device) is its record in
-:mod:`cnn.backends.registry`.
+(:data:`ALGORITHMS`); where each strategy of :mod:`cnn.parallel` lives is its
+:class:`StrategyInfo` (:data:`STRATEGIES`, which :func:`cnn.parallel.make_strategy` reads);
+what a backend is (compiled, on a device) is its record in :mod:`cnn.backends.registry`.
 
-Adding a path is its strategy in :mod:`cnn.parallel` (when it needs a new one) plus one
-:class:`TrainingPath` entry in :data:`PATHS` (or :func:`register_path`). The real ``mpi`` entry,
-for example, reads::
+Adding a path touches two files at most: the module of its strategy in :mod:`cnn.parallel`
+(when it needs a new one) and this one: the strategy's :class:`StrategyInfo` (and, when it
+computes something new, its :class:`Algorithm`) and one :class:`TrainingPath` entry in
+:data:`PATHS` (at run time: :func:`register_strategy`, :func:`register_algorithm` and
+:func:`register_path`). The real ``mpi`` entry, for example, reads::
 
     TrainingPath("mpi", "sync (or local SGD: average) across MPI ranks started by mpiexec, one "
                  "Allreduce per step", strategies=("sync", "average"),
@@ -24,8 +27,9 @@ for example, reads::
 Everything else (grid axes, keys, labels, figure order, oversubscription marks, the child's
 command line and environment, the estimates) follows from the entry.
 
-Importing this module imports the standard library only (and the backends' registry, which
-does too): the study's child reads it before Numba, TensorFlow or PyTorch is imported.
+Importing this module imports the standard library only (and the backends' registry and
+:mod:`cnn.records`, which do too): the study's child reads it before Numba, TensorFlow or PyTorch is imported,
+and :mod:`cnn.parallel` reads the strategies' records from it without importing one.
 """
 from __future__ import annotations
 
@@ -38,8 +42,10 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from .backends.registry import backend_info
+from .records import ClassRecord, add_record
 
-#: the path every speed-up is divided by (DESIGN.md: NumPy, one worker, BLAS pinned to 1)
+#: the path every speed-up is divided by (NumPy, one worker, BLAS pinned to one thread; see
+#: docs/measuring.md)
 BASELINE = "sequential"
 #: how a run's process is started
 LAUNCHERS = ("in-process", "env", "mpiexec")
@@ -76,6 +82,60 @@ ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
 )}
 
 
+def register_algorithm(algorithm: Algorithm) -> Algorithm:
+    """Add what a new recorded strategy computes (ValueError when its name is taken); path
+    entries may name it in ``strategies`` from then on."""
+    if not isinstance(algorithm, Algorithm):
+        raise TypeError(f"register_algorithm takes an Algorithm; received "
+                        f"{type(algorithm).__name__}")
+    if algorithm.name in ALGORITHMS:
+        raise ValueError(f"algorithm {algorithm.name!r} is already registered")
+    ALGORITHMS[algorithm.name] = algorithm
+    return algorithm
+
+
+@dataclass(frozen=True)
+class StrategyInfo(ClassRecord):
+    """Where a strategy of :mod:`cnn.parallel` lives (a name ``fit(strategy=...)``,
+    ``--strategy`` and a path's ``fit_strategy`` take), known before its module is imported.
+
+    Attributes:
+        module: the module that defines its class, imported when the strategy is first made
+            (so that mpi4py stays optional: only the MPI strategies' module needs it).
+        cls: the class's name in ``module`` (a :class:`cnn.parallel.Strategy`).
+        mpi_ranks: it runs one process per MPI rank, each started by a launcher (``mpiexec``,
+            or ``train --ranks N``).
+    """
+
+    mpi_ranks: bool = False
+
+
+#: the strategies of :mod:`cnn.parallel`, by name, in the order ``--help`` lists them
+STRATEGIES: dict[str, StrategyInfo] = {
+    "sequential": StrategyInfo("cnn.parallel.base", "SequentialStrategy"),
+    "sync": StrategyInfo("cnn.parallel.threads", "SyncThreads"),
+    "average": StrategyInfo("cnn.parallel.threads", "AverageThreads"),
+    "hogwild": StrategyInfo("cnn.parallel.threads", "HogwildThreads"),
+    "processes": StrategyInfo("cnn.parallel.processes", "SyncProcesses"),
+    "mpi": StrategyInfo("cnn.parallel.mpi", "MPISync", mpi_ranks=True),
+    "mpi_average": StrategyInfo("cnn.parallel.mpi", "MPIAverage", mpi_ranks=True),
+    "accumulate": StrategyInfo("cnn.parallel.accumulate", "AccumulateStrategy"),
+}
+
+
+def register_strategy(name: str, info: StrategyInfo) -> StrategyInfo:
+    """Add strategy ``name`` (see :func:`cnn.records.add_record` for what it refuses);
+    ``fit``, ``--strategy`` and path entries take it from then on."""
+    return add_record(STRATEGIES, "strategy", name, info, StrategyInfo)
+
+
+def strategy_info(name: str) -> StrategyInfo:
+    """The record of strategy ``name`` (ValueError naming the choices otherwise)."""
+    if not isinstance(name, str) or name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of {list(STRATEGIES)}")
+    return STRATEGIES[name]
+
+
 @dataclass(frozen=True)
 class TrainingPath:
     """One training path.
@@ -100,7 +160,7 @@ class TrainingPath:
             (:func:`cnn.reference.keras.fit_keras`) or ``"torch"``
             (:func:`cnn.reference.torch.fit_torch`).
         fit_strategy: the recorded strategy -> the :mod:`cnn.parallel` strategy name passed to
-            ``fit`` (identity when absent).
+            ``fit`` (identity when absent), one of :data:`STRATEGIES`.
         fit_workers: whether ``fit`` gets ``threads`` workers (False: one; the parallelism
             lives elsewhere, e.g. in NUMBA_NUM_THREADS or in the MPI ranks).
         needs_gpu: runs only with a CUDA GPU (or under the simulator when the grid says so).
@@ -175,6 +235,13 @@ class TrainingPath:
             raise ValueError(f"path {self.name!r}: strategy {unknown[0]!r} is not one of "
                              f"{list(ALGORITHMS)} (cnn.paths.ALGORITHMS says what each "
                              f"computes)")
+        if self.trainer == "fit":
+            unmade = [self.fit_strategy.get(s, s) for s in self.strategies
+                      if self.fit_strategy.get(s, s) not in STRATEGIES]
+            if unmade:
+                raise ValueError(f"path {self.name!r}: fit strategy {unmade[0]!r} is not one of "
+                                 f"{list(STRATEGIES)} (cnn.paths.STRATEGIES says where each "
+                                 f"lives)")
 
     # ---- configuration ---------------------------------------------------------------------
     @property

@@ -18,7 +18,8 @@ Configuration (the same on every row of a run, :data:`CONFIG_FIELDS`):
     steps or "epoch", "" for other strategies), target (float; the time-to-accuracy target on
     the validation split, NaN when off), eval_every (int; steps between validation
     evaluations, 0 when off), val_size (int; validation examples carved from the end of the
-    training split, 0 when off).
+    training split, 0 when off), optimizer (str; the optimizer as ``NAME[:key=value,...]``, ""
+    for the preset's), lr_schedule (str; the schedule likewise, "" for a constant rate).
 Per epoch (:data:`EPOCH_FIELDS`):
     epoch (Int64, 1-based), time (float s; training wall time of the epoch = data + transfer +
     compute + comm), compute_time, comm_time (combining gradients or weights between workers:
@@ -26,8 +27,7 @@ Per epoch (:data:`EPOCH_FIELDS`):
     NaN in results from before it was measured), data_time (shuffle and batch gather), transfer_time (host->device),
     eval_time (evaluation on the test set, not part of ``time``), images_per_sec
     (train_size / time), train_loss, train_accuracy (running, over the epoch's training
-    batches), test_loss, test_accuracy (on the held-out test set after the epoch), comm_time
-    (seconds combining gradients or weights between workers, where the strategy reports it),
+    batches), test_loss, test_accuracy (on the held-out test set after the epoch),
     step_eval_time (seconds of the validation evaluations inside the epoch, not part of
     ``time``).
 Per run (repeated on each of its rows, :data:`RUN_FIELDS`):

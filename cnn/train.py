@@ -2,7 +2,7 @@
 
 Every training path (sequential, threads, CUDA, MPI) runs through :func:`fit`; what differs is
 the backend (where the arithmetic runs) and the strategy (how a batch is split). The timing
-columns follow DESIGN.md: data preparation (shuffle, gather), host-to-device transfer, compute
+columns follow docs/measuring.md: data preparation (shuffle, gather), host-to-device transfer, compute
 (the strategy's step, including reading back the two scalars), JIT compile (a warm-up step
 before the first epoch) and evaluation are measured separately; ``time`` is the training wall
 time of the epoch, and throughput is examples / ``time``.
@@ -90,8 +90,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     Args:
         epochs: full passes over the training set.
         batch_size: examples per update (per worker for ``average``/``hogwild``).
-        optimizer: an optimizer or its spec dict (default plain SGD, lr 0.01; see
-            :func:`cnn.optim.make_optimizer`). Its state (slots and step count) persists across
+        optimizer: an optimizer or its spec dict (default: plain SGD at its default rate,
+            :func:`cnn.optim.default_optimizer_spec`; see :func:`cnn.optim.make_optimizer`). Its state (slots and step count) persists across
             ``fit`` calls on the same model: the fit continues from ``model.optimizer_state``
             when the optimizer has the same type and slots, and leaves its final state there.
         lr_schedule: a learning-rate schedule or its spec (:func:`cnn.schedules.make_schedule`,

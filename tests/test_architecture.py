@@ -20,10 +20,14 @@ package that re-exports its submodules is not a cycle).
 The exception is listed by name below: :data:`ALLOWED_UPWARD` is the design's one upward
 import; :func:`test_every_listed_exception_still_occurs` fails when it no longer occurs, so it
 never outlives its reason.
+
+:data:`LAYERS` is also the picture in ``docs/architecture.md``:
+:func:`test_the_docs_draw_these_layers` fails when the two differ.
 """
 from __future__ import annotations
 
 import ast
+import re
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +35,19 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cnn"
+ARCHITECTURE_DOC = PACKAGE.parent / "docs" / "architecture.md"
 
 #: The layers of the package, lowest first. A module may import modules of its own layer and
 #: of lower layers. ``"cnn.backends.*"`` is the package and everything inside it; other
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.machine"]),
+                     "cnn.machine", "cnn.records"]),
     ("backends", ["cnn.backends.*"]),
+    # the names of what the study runs: paths (backend x strategy x launcher) and where each
+    # strategy lives; the standard library only (and the backends' records), so every layer
+    # above may read it, and it names what it describes without importing it
+    ("path registry", ["cnn.paths"]),
     ("data and presets", ["cnn.data", "cnn.presets"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
                                "cnn.schedules"]),
@@ -46,8 +55,6 @@ LAYERS: list[tuple[str, list[str]]] = [
     ("strategies", ["cnn.parallel.*"]),
     ("training loop", ["cnn.train", "cnn.callbacks", "cnn.configs"]),
     ("references", ["cnn.reference.*"]),
-    # what the study runs: backend x strategy x launcher, named (it reads backend facts)
-    ("path registry", ["cnn.paths"]),
     ("study, analysis, benchmarks, the emulated cluster",
      ["cnn.results", "cnn.study.*", "cnn.analysis.*", "cnn.bench.*", "cnn.cluster.*"]),
     ("commands", ["cnn.cli", "cnn.predict", "cnn.__main__", "cnn"]),
@@ -225,6 +232,33 @@ def test_every_listed_exception_still_occurs():
     stale = [key for key in ALLOWED_UPWARD
              if not any((i.importer, i.module) == key for i in IMPORTS)]
     assert not stale, f"exceptions that no longer occur (delete them): {stale}"
+
+
+def drawn_layers(text: str) -> list[tuple[str, list[str]]]:
+    """The layers the picture in ``text`` draws, lowest first: ``(name, modules)``. The picture
+    is the code block drawn with ``+---`` rules, one box per layer: ``| 9 name | modules |``,
+    a name or its modules wrapping onto more rows of the box."""
+    block = next(b for b in re.findall(r"^```\n(.*?)^```", text, re.S | re.M) if "+---" in b)
+    boxes: list[list[list[str]]] = [[]]
+    for line in block.splitlines():
+        line = line.strip()
+        if line.startswith("+"):
+            boxes.append([])
+        elif line.startswith("|"):
+            boxes[-1].append([cell.strip() for cell in line.strip("|").split("|")])
+    drawn = []
+    for rows in (b for b in boxes if b):
+        name = re.sub(r"^\d+\s+", "", " ".join(r[0] for r in rows if r[0]))
+        drawn.append((name, [m for r in rows for m in r[1].split()]))
+    return drawn[::-1]
+
+
+def test_the_docs_draw_these_layers():
+    """docs/architecture.md draws :data:`LAYERS`: the same layers, in the same order, with the
+    same modules (a package as its name, in any order within its layer)."""
+    expected = [(name, sorted(e.removesuffix(".*") for e in entries)) for name, entries in LAYERS]
+    drawn = drawn_layers(ARCHITECTURE_DOC.read_text(encoding="utf-8"))
+    assert [(name, sorted(modules)) for name, modules in drawn] == expected
 
 
 # ---- the checks themselves, on a made-up package ------------------------------------------------

@@ -362,6 +362,16 @@ def model32():
     return small_model()
 
 
+@pytest.mark.parametrize("call", ["predict", "predict_logits", "evaluate"])
+@pytest.mark.parametrize("batch_size", [0, -1, 2.0, True])
+def test_a_bad_batch_size_is_refused_by_name(model32, call, batch_size):
+    args = (_x(), np.zeros(2, np.int64)) if call == "evaluate" else (_x(),)
+    owner = "evaluate" if call == "evaluate" else "predict"
+    with pytest.raises(ValueError, match=rf"Sequential\.{owner}: batch_size must be a positive "
+                                         rf"integer\. Received batch_size={batch_size!r}"):
+        getattr(model32, call)(*args, batch_size=batch_size)
+
+
 def _x(n=2, shape=(1, 8, 8), dtype=np.float32):
     return np.zeros((n, *shape), dtype=dtype)
 

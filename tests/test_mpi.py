@@ -22,7 +22,7 @@ import pytest
 
 from cnn import cli
 from cnn.optim import make_optimizer
-from cnn.parallel.sync import shard_bounds
+from cnn.parallel.transport import shard_bounds
 from mpi_checks import SCENARIOS
 from parallel_helpers import N, OPT, blobs, build, max_abs_diff, max_rel_diff, train
 

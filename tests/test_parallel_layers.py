@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cnn.context import StepContext
-from cnn.parallel.sync import shard_bounds
+from cnn.parallel.transport import shard_bounds
 from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
 
 HERE = Path(__file__).resolve().parent

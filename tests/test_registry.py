@@ -1,9 +1,10 @@
 """The registries are the one source of truth: what the study's grid, runs, estimates and
-analysis, the CLI and the strategies decide about a path, a backend or an optimizer, they read
-from its :class:`~cnn.paths.TrainingPath` entry, its backend record
-(:mod:`cnn.backends.registry`) or its :class:`~cnn.optim.Optimizer` class. Shown here with
-throwaway entries added through the public registration functions only, which every consumer
-then knows without any other change."""
+analysis, the CLI and the strategies decide about a path, a strategy, a backend or an
+optimizer, they read from its :class:`~cnn.paths.TrainingPath` entry, its strategy record
+(:data:`cnn.paths.STRATEGIES`), its backend record (:mod:`cnn.backends.registry`) or its
+:class:`~cnn.optim.Optimizer` class. Shown here with throwaway entries added through the
+public registration functions only, which every consumer then knows without any other
+change."""
 from __future__ import annotations
 
 import ast
@@ -11,6 +12,7 @@ import json
 import sys
 from dataclasses import fields, replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -24,8 +26,11 @@ from cnn.backends.registry import BACKENDS, BackendInfo, register_backend
 from cnn.data import make_blobs_images
 from cnn.model import Sequential
 from cnn.optim import OPTIMIZERS, Optimizer, make_optimizer, register_optimizer
+from cnn.parallel import (SequentialStrategy, make_strategy, mpi_strategies, strategy_names,
+                          strategy_options)
 from cnn.results import CONFIG_FIELDS
 from cnn.study import estimate_seconds, expand_grid
+from cnn.study.child import execute_run
 from cnn.study.equivalence import sequential_variants
 from cnn.study.estimate import DATASET_OVERHEAD, START_OVERHEAD
 from cnn.study.grid import run_optimizer
@@ -48,6 +53,12 @@ def registered():
         elif kind == "backend":
             register_backend(name, thing)
             added.append((BACKENDS, name))
+        elif kind == "strategy":
+            P.register_strategy(name, thing)
+            added.append((P.STRATEGIES, name))
+        elif kind == "algorithm":
+            P.register_algorithm(thing)
+            added.append((P.ALGORITHMS, thing.name))
         else:
             register_optimizer(thing)
             added.append((OPTIMIZERS, thing.type))
@@ -114,6 +125,103 @@ def test_what_a_strategy_computes_decides_the_steps_between_evaluations():
     assert every == {"sync": 8, "average": 4}
 
 
+# ---- strategies ----------------------------------------------------------------------------------
+class TwiceStrategy(SequentialStrategy):
+    """A throwaway strategy, found through its record (this module and this class name): two
+    sequential updates on every batch."""
+
+    name = "twice"
+
+    def __init__(self, threads: int = 1, times: int = 2):
+        super().__init__(threads)
+        self.times = times
+
+    def step(self, xb, yb):
+        for _ in range(self.times - 1):
+            super().step(xb, yb)
+        return super().step(xb, yb)
+
+
+def _register_twice(registered):
+    registered("strategy", P.StrategyInfo(__name__, "TwiceStrategy"), name="twice")
+
+
+def test_a_registered_strategy_is_made_by_name_listed_and_trains_like_its_formula(registered,
+                                                                                 capsys):
+    """Its record alone makes it known to make_strategy, fit and the CLI; one epoch of one
+    batch of all 8 examples is two SGD steps on that batch, written out here."""
+    _register_twice(registered)
+    assert "twice" in strategy_names() and "twice" not in mpi_strategies()
+    assert type(make_strategy("twice")) is TwiceStrategy
+    assert strategy_options("twice") == ["times"]
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    assert "accumulate | twice" in " ".join(capsys.readouterr().out.split())
+    x, y = make_blobs_images(8, classes=10, size=4, seed=5, dtype=np.float64)
+    model = Sequential.from_spec([{"type": "flatten"}, {"type": "dense", "units": 10}],
+                                 input_shape=(1, 4, 4), dtype=np.float64, seed=0)
+    w, b = model.params["dense.w"].copy(), model.params["dense.b"].copy()
+    flat, onehot = x.reshape(len(x), -1), np.eye(10)[y]
+    for _ in range(2):
+        z = flat @ w + b
+        p = np.exp(z - z.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        dz = (p - onehot) / len(x)
+        w, b = w - 0.1 * (flat.T @ dz), b - 0.1 * dz.sum(axis=0)
+    model.fit(x, y, epochs=1, batch_size=8, verbose=0, strategy="twice",
+              optimizer={"type": "sgd", "lr": 0.1})
+    np.testing.assert_allclose(model.params["dense.w"], w, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(model.params["dense.b"], b, rtol=1e-12, atol=1e-14)
+
+
+def test_a_path_over_a_registered_strategy_runs_in_the_study(registered):
+    """A new strategy and its path: the strategy's record, what it computes and the path's
+    entry, and nothing else, take it from the grid to a trained run."""
+    _register_twice(registered)
+    registered("algorithm", P.Algorithm("twice"))
+    registered("path", P.TrainingPath("twice", "two updates per batch", strategies=("twice",),
+                                      cores="one"))
+    run = expand_grid({**TINY, "path": "twice"})[0]
+    assert (run.entry, run.strategy, run.variant) == (P.PATHS["twice"], "twice", "twice")
+    assert run.entry.fit_arguments(run) == {"strategy": "twice", "threads": 1}
+    result = execute_run(run)
+    assert [e["epoch"] for e in result["epochs"]] == [1, 2]
+    assert all(np.isfinite(e["train_loss"]) for e in result["epochs"])
+
+
+def test_strategy_records_are_checked(registered):
+    with pytest.raises(ValueError, match="unknown strategy 'gossip'; choose one of"):
+        make_strategy("gossip")
+    with pytest.raises(ValueError, match="fit strategy 'gossip' is not one of"):
+        P.TrainingPath("gossip", "x", strategies=("sync",), fit_strategy={"sync": "gossip"})
+    with pytest.raises(ValueError, match="names the module and class"):
+        P.register_strategy("gossip", P.StrategyInfo("", "Gossip"))
+    with pytest.raises(ValueError, match="strategy 'sync' is already registered"):
+        P.register_strategy("sync", P.StrategyInfo("cnn.parallel.threads", "SyncThreads"))
+    with pytest.raises(ValueError, match="algorithm 'sync' is already registered"):
+        P.register_algorithm(P.Algorithm("sync"))
+    with pytest.raises(TypeError, match="a strategy's record is a StrategyInfo; received "
+                                        "BackendInfo"):
+        P.register_strategy("gossip", BackendInfo("cnn.parallel.threads", "SyncThreads"))
+    with pytest.raises(TypeError, match="a backend's record is a BackendInfo; received "
+                                        "StrategyInfo"):
+        register_backend("gossip", P.StrategyInfo("cnn.backends.numpy", "NumpyBackend"))
+    with pytest.raises(ValueError, match="backend 'numpy' is already registered"):
+        register_backend("numpy", BackendInfo("cnn.backends.numpy", "NumpyBackend"))
+    assert "gossip" not in P.STRATEGIES and "gossip" not in BACKENDS
+
+
+def test_the_mpi_strategies_are_those_whose_record_says_so(registered):
+    assert mpi_strategies() == ["mpi", "mpi_average"]
+    registered("strategy", P.StrategyInfo("cnn.parallel.mpi", "MPISync", mpi_ranks=True),
+               name="mpi_again")
+    assert mpi_strategies() == ["mpi", "mpi_average", "mpi_again"]
+    from cnn.parallel.launch import maybe_launch
+    args = SimpleNamespace(ranks=2, hostfile=None, strategy="sync", threads=1)
+    with pytest.raises(ValueError, match="--strategy mpi or mpi_average or mpi_again"):
+        maybe_launch(args, [])
+
+
 # ---- backends ------------------------------------------------------------------------------------
 class _Stand(NumpyBackend):
     """The NumPy ops under a name whose record the tests register."""
@@ -162,15 +270,17 @@ def test_backend_facts_are_read_from_the_record():
 
 def test_the_path_registry_imports_the_standard_library_only():
     """The study's child reads the registry before Numba, TensorFlow or PyTorch; so do the
-    backends' records it reads."""
-    for module in ("cnn/paths.py", "cnn/backends/registry.py"):
+    backends' records it reads, and the record type both use."""
+    package = {"cnn/paths.py": {"backends.registry", "records"},  # relative imports allowed
+               "cnn/backends/registry.py": {"records"}, "cnn/records.py": set()}
+    for module, allowed in package.items():
         tree = ast.parse((ROOT / module).read_text())
         for node in ast.walk(tree):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom):
-                if node.level:  # relative: only the backends' records
-                    assert (module, node.module) == ("cnn/paths.py", "backends.registry")
+                if node.level:
+                    assert node.module in allowed, (module, node.module)
                     continue
                 names = [node.module]
             else:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import threading
 from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,12 +31,7 @@ LEARN_SPEC = [{"type": "conv2d", "filters": 8, "kernel_size": 3, "activation": "
 OPT = {"type": "sgd", "lr": 0.05, "momentum": 0.9}
 N = 50  # batch sizes 7 and 10 below: 7 does not divide 50, and 10 splits unevenly in 3 and 4
 
-_NUMBA_FILE = Path(__file__).resolve().parents[1] / "cnn" / "backends" / "numba" / "backend.py"
-# The numba backend is tested whenever its module exists; if it is absent the parameter is
-# reported as skipped with this reason (never silently). Once it exists, any import or compile
-# error fails the test.
-BACKENDS = ["numpy", pytest.param("numba", marks=pytest.mark.skipif(
-    not _NUMBA_FILE.is_file(), reason="cnn/backends/numba/backend.py does not exist yet"))]
+BACKENDS = ["numpy", "numba"]
 
 
 @lru_cache(maxsize=None)
@@ -354,7 +348,6 @@ def test_device_backend_refused(strategy):
     assert threading.active_count() == baseline
 
 
-@pytest.mark.skipif(not _NUMBA_FILE.is_file(), reason="cnn/backends/numba/backend.py does not exist yet")
 def test_numba_parallel_refused_from_several_threads():
     with pytest.raises(ValueError, match="numba_parallel.*must not be called from several threads"):
         _fit(strategy="sync", threads=2, backend="numba_parallel")

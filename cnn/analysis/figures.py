@@ -25,8 +25,6 @@ TEXT_WIDTH_IN = 6.7
 MAX_HEIGHT_IN = 8.6
 FIGURE_KINDS = ("throughput", "baselines", "scaling", "per_image", "time_breakdown",
                 "accuracy", "time_to_accuracy", "average_period", "heatmap", "scaling_model")
-#: drawn once for the whole study, not per problem
-GLOBAL_KINDS = ("equivalence",)
 PARTS = ("compute", "comm", "data", "transfer", "other")
 SMALL_PARTS = ("data", "transfer", "comm", "compile", "eval")
 

@@ -44,7 +44,6 @@ CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype
 MACHINE_KEYS = ("cpu", "cores")
 VARIANT_KEYS = ("path", "strategy", "backend", "period")
 GROUP_KEYS = CONFIG_KEYS + VARIANT_KEYS + ("threads",)
-TIME_PARTS = ("compute", "comm", "data", "transfer", "eval", "compile", "other")
 #: Amdahl and Karp-Flatt only where at least this many worker counts were measured
 MIN_P_FOR_FITS = 3
 

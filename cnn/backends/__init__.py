@@ -5,8 +5,6 @@ live) so that ``import cnn`` needs neither Numba nor a GPU.
 """
 from __future__ import annotations
 
-import importlib
-
 from .base import Backend
 from .registry import BACKENDS
 
@@ -24,8 +22,7 @@ def get_backend(name: str | Backend = "numpy") -> Backend:
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)}")
     if name not in _INSTANCES:
-        info = BACKENDS[name]
-        _INSTANCES[name] = getattr(importlib.import_module(info.module), info.cls)()
+        _INSTANCES[name] = BACKENDS[name].load()()
     return _INSTANCES[name]
 
 

@@ -2,9 +2,10 @@
 
 A *backend* decides where the arithmetic runs (NumPy/BLAS, Numba CPU kernels, CUDA kernels).
 Layers, the model, the loss and the optimizer call only these methods, so the layer math and
-the training loop are written once (see DESIGN.md). Arrays passed to and returned by a backend
-are that backend's arrays (``numpy.ndarray`` on the CPU backends, device arrays on CUDA); use
-``asarray``/``to_host`` to cross the boundary.
+the training loop are written once (see docs/architecture.md; docs/op-contract.md summarises
+this module). Arrays passed to and returned by a backend are that backend's arrays
+(``numpy.ndarray`` on the CPU backends, device arrays on CUDA); use ``asarray``/``to_host`` to
+cross the boundary.
 
 Layouts (all backends, all paths):
 

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..records import ClassRecord, add_record
+
 
 @dataclass(frozen=True)
-class BackendInfo:
+class BackendInfo(ClassRecord):
     """What is known about a backend before its module is imported.
 
     Attributes:
@@ -35,8 +37,6 @@ class BackendInfo:
             figure (its ``cold_compile_time`` column).
     """
 
-    module: str = ""
-    cls: str = ""
     jit: bool = False
     on_device: bool = False
     parallel_ops: bool = False
@@ -65,13 +65,5 @@ def backend_info(name: str) -> BackendInfo:
 
 
 def register_backend(name: str, info: BackendInfo) -> BackendInfo:
-    """Add backend ``name`` (ValueError when the name is taken or the record names no class)."""
-    if not isinstance(name, str) or not name:
-        raise ValueError(f"a backend's name is a non-empty string; received name={name!r}")
-    if name in BACKENDS:
-        raise ValueError(f"backend {name!r} is already registered")
-    if not (info.module and info.cls):
-        raise ValueError(f"backend {name!r}: its record names the module and class that define "
-                         f"it; received module={info.module!r}, cls={info.cls!r}")
-    BACKENDS[name] = info
-    return info
+    """Add backend ``name`` (see :func:`cnn.records.add_record` for what it refuses)."""
+    return add_record(BACKENDS, "backend", name, info, BackendInfo)

@@ -30,6 +30,8 @@ import time
 
 import numpy as np
 
+from ..files import atomic_write
+
 SIZES = [1 << k for k in range(10, 25)]  # 1 KiB .. 16 MiB
 
 
@@ -156,10 +158,10 @@ def main(argv=None) -> int:
         "MPI calls (the strategy tests its requests after each layer), and on one machine the "
         "ranks share the cores that compute")
     if rank == 0 and a.json:
-        with open(a.json, "w") as f:
-            json.dump({"ranks": size, "allreduce": rows, "alpha": alpha, "beta": beta,
-                       "fit_worst_relative_error": worst, "alpha_fastest": a_min,
-                       "beta_fastest": b_min, "overlap": overlap}, f, indent=1)
+        atomic_write(a.json, json.dumps({"ranks": size, "allreduce": rows, "alpha": alpha,
+                                         "beta": beta, "fit_worst_relative_error": worst,
+                                         "alpha_fastest": a_min, "beta_fastest": b_min,
+                                         "overlap": overlap}, indent=1))
         say(f"figures written to {a.json}")
     return 0
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
+from ..files import atomic_write
 from ..machine import describe, machine_info
 from ..model import build_model
 from .harness import QUICK_IMAGES
@@ -330,7 +331,6 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
               "flops_per_image": flops_of, "repeats": repeats, "images": images,
               "rows": all_rows}
     if json_path:
-        with open(json_path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+        atomic_write(json_path, json.dumps(result, indent=1, default=str))
         print(f"results written to {json_path}")
     return result

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 import os
@@ -68,6 +69,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..files import atomic_write
 
 COLUMNS = ["kernel", "arch", "registers", "smem_bytes", "spill_stores", "spill_loads",
            "threads_per_block", "occupancy", "arithmetic_intensity"]
@@ -278,10 +281,11 @@ def main(argv=None) -> int:
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        with out.open("w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+        atomic_write(out, text.getvalue())
     print(json.dumps(rows) if args.json else format_table(rows))
     return 0
 

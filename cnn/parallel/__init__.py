@@ -1,35 +1,27 @@
-"""Training strategies, chosen by name: ``make_strategy("sync", threads=2)``."""
+"""Training strategies, chosen by name: ``make_strategy("sync", threads=2)``.
+
+Where each strategy lives is its record in the registry (:data:`cnn.paths.STRATEGIES`, the
+standard library only); its module is imported when the strategy is first made, so optional
+dependencies (mpi4py) stay optional. A new strategy is its module here and its record there.
+"""
 from __future__ import annotations
 
-import importlib
-
+from ..paths import STRATEGIES, strategy_info
 from .base import SequentialStrategy, Strategy
-
-# name -> (module, class); imported on first use so optional dependencies (mpi4py) stay optional
-_STRATEGIES = {
-    "sequential": ("cnn.parallel.base", "SequentialStrategy"),
-    "sync": ("cnn.parallel.threads", "SyncThreads"),
-    "average": ("cnn.parallel.threads", "AverageThreads"),
-    "hogwild": ("cnn.parallel.threads", "HogwildThreads"),
-    "processes": ("cnn.parallel.processes", "SyncProcesses"),
-    "mpi": ("cnn.parallel.mpi", "MPISync"),
-    "mpi_average": ("cnn.parallel.mpi", "MPIAverage"),
-    "accumulate": ("cnn.parallel.accumulate", "AccumulateStrategy"),
-}
-#: the strategies that run one process per MPI rank (started by a launcher)
-MPI_STRATEGIES = ("mpi", "mpi_average")
 
 
 def strategy_names() -> list[str]:
-    return list(_STRATEGIES)
+    return list(STRATEGIES)
+
+
+def mpi_strategies() -> list[str]:
+    """The strategies that run one process per MPI rank (started by a launcher)."""
+    return [name for name, info in STRATEGIES.items() if info.mpi_ranks]
 
 
 def strategy_class(name: str) -> type[Strategy]:
     """The class of the strategy called ``name`` (its module imported now)."""
-    if not isinstance(name, str) or name not in _STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of {strategy_names()}")
-    module, cls = _STRATEGIES[name]
-    return getattr(importlib.import_module(module), cls)
+    return strategy_info(name).load()
 
 
 def strategy_options(name: str) -> list[str]:
@@ -47,5 +39,5 @@ def make_strategy(name: "str | Strategy" = "sequential", threads: int = 1, **opt
     return strategy_class(name)(threads=threads, **options)
 
 
-__all__ = ["MPI_STRATEGIES", "SequentialStrategy", "Strategy", "make_strategy", "strategy_class",
-           "strategy_names", "strategy_options"]
+__all__ = ["SequentialStrategy", "Strategy", "make_strategy", "mpi_strategies",
+           "strategy_class", "strategy_names", "strategy_options"]

@@ -1,7 +1,7 @@
 """Micro-batch gradient accumulation on one thread: the ``sync`` algorithm, serially.
 
 Each global batch of ``batch_size`` examples is cut into ``micro_batches`` contiguous shards
-(the same :func:`~cnn.parallel.threads.shard_bounds` as ``sync``); one worker computes the
+(the same :func:`~cnn.parallel.transport.shard_bounds` as ``sync``); one worker computes the
 mean-loss gradient ``g_i`` of each shard in turn and accumulates ``g = sum_i (n_i / N) g_i``;
 then one optimizer update. That is the arithmetic of ``sync`` with ``micro_batches`` threads,
 done by one thread: the study's single-thread contender for ``sync`` (a ``sync`` speed-up over
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..checks import check_int
 from .base import Strategy
-from .threads import shard_bounds
+from .transport import shard_bounds
 
 
 class AccumulateStrategy(Strategy):

@@ -5,15 +5,15 @@ the replicas are replaced by their average. Threads (strategy ``average``,
 :class:`~cnn.parallel.threads.AverageThreads`) and MPI ranks (``mpi_average``,
 :class:`~cnn.parallel.mpi.MPIAverage`) run the same per-worker steps, :meth:`AverageCore.train`
 and :meth:`AverageCore.average`; they differ only in the *transport* that moves the replicas
-between workers, the one ``sync`` uses (:class:`~cnn.parallel.sync.Transport`: shared slots
+between workers, the one ``sync`` uses (:class:`~cnn.parallel.transport.Transport`: shared slots
 and a barrier for threads, one ``Allreduce`` of a flat buffer for MPI).
 
 1. **replicas**: worker ``i`` of ``P`` owns replica ``i``: the weights, every optimizer slot
    (velocity, Adam's ``m`` and ``v``) and the buffers (batch norm's running statistics), all
    views of one flat vector (:class:`Replica`, laid out by a
-   :class:`~cnn.parallel.sync.FlatLayout`). Every replica starts as a copy of the model.
+   :class:`~cnn.parallel.transport.FlatLayout`). Every replica starts as a copy of the model.
 2. **train**: a global step is ``P * batch_size`` examples; worker ``i`` takes shard ``i`` of
-   it (:func:`~cnn.parallel.sync.shard_bounds`; within an epoch the replicas see disjoint
+   it (:func:`~cnn.parallel.transport.shard_bounds`; within an epoch the replicas see disjoint
    examples that together cover the training set) and takes one optimizer step of its replica
    on that shard alone: the shard's own batch statistics (no reduce across workers), its own
    new buffer values, dropout masks keyed by each example's position in the global step. Every
@@ -49,7 +49,8 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..checks import is_integer
-from .sync import FlatLayout, Transport, flat_view, shard_bounds, state_with_arrays
+from .base import state_with_arrays
+from .transport import FlatLayout, Transport, flat_view, shard_bounds
 
 __all__ = ["AverageCore", "AverageStrategy", "Replica", "check_every"]
 

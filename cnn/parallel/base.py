@@ -7,7 +7,9 @@ strategy owns its workers (threads, ranks) for the whole fit: ``start`` creates 
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
+
+import numpy as np
 
 from ..backends import Backend
 from ..checks import check_int
@@ -138,3 +140,26 @@ class SequentialStrategy(Strategy):
         self.optimizer.update(self.params, grads, self.state, be)  # advances self.steps
         self._ctx.commit()
         return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))
+
+
+# ---- the optimizer's state, as every strategy handles it -----------------------------------------
+# cnn.optim keeps an optimizer's state as named slots per parameter plus a scalar step
+# (``state.slots[name][key]``, ``state.step``) and updates any slice of a parameter with
+# ``update_step(param, grad, {name: slot}, lr, t, backend)``, the same lr and t for every slice
+# of one global step; the strategy advances ``state.step`` once per global step.
+def state_arrays(state) -> list[np.ndarray]:
+    """The slot arrays of an optimizer state, in a fixed order (the same in every process)."""
+    return [a for s in state.slots.values() for a in s.values()]
+
+
+def state_with_arrays(state, arrays: Sequence[np.ndarray]):
+    """A state like ``state`` (same slots, step, optimizer) whose arrays, in
+    :func:`state_arrays` order, are ``arrays``: views into shared memory, for instance."""
+    it = iter(arrays)
+    return state.map(lambda a: next(it))
+
+
+def step_scalars(optimizer, state, steps: int) -> tuple[float, int]:
+    """``(lr, t)`` of the global step about to be taken after ``steps`` updates: the same for
+    every slice every worker updates in it."""
+    return optimizer.learning_rate(steps), steps + 1

@@ -150,12 +150,12 @@ def maybe_launch(args, argv: list[str]) -> int | None:
     """For ``python -m cnn train --ranks N``: run the same command under ``mpiexec -n N``
     (without ``--ranks``/``--hostfile``) and return its exit status; None when there is
     nothing to launch (no ``--ranks``, or already under a launcher)."""
-    from . import MPI_STRATEGIES
+    from . import mpi_strategies
     if args.ranks is None and args.hostfile is None:
         return None
-    if args.strategy not in MPI_STRATEGIES:
+    if args.strategy not in mpi_strategies():
         raise ValueError(f"--ranks starts MPI ranks; use it with --strategy "
-                         f"{' or '.join(MPI_STRATEGIES)}. Received --strategy {args.strategy}")
+                         f"{' or '.join(mpi_strategies())}. Received --strategy {args.strategy}")
     if args.ranks is None:
         raise ValueError("--hostfile needs --ranks N (how many ranks to start over its hosts)")
     ranks = check_ranks(args.ranks)
@@ -172,8 +172,8 @@ def join_mpi_job(strategy: str) -> None:
     """For the MPI strategies under a launcher: initialise MPI now, before anything that could
     fail on one rank only (a file missing on one machine), so that such a failure can end
     every rank (:func:`run_main`) instead of leaving the others waiting in ``MPI_Init``."""
-    from . import MPI_STRATEGIES
-    if strategy in MPI_STRATEGIES and under_launcher():
+    from . import mpi_strategies
+    if strategy in mpi_strategies() and under_launcher():
         try:
             from mpi4py import MPI  # noqa: F401 - importing initialises MPI
         except ImportError:
@@ -183,8 +183,8 @@ def join_mpi_job(strategy: str) -> None:
 def silence_other_ranks(strategy: str) -> bool:
     """For the MPI strategies: send this process's standard output to ``/dev/null`` unless it
     is rank 0 (standard error stays, for errors). Returns True on the master."""
-    from . import MPI_STRATEGIES
-    if strategy in MPI_STRATEGIES and launcher_rank() != 0:
+    from . import mpi_strategies
+    if strategy in mpi_strategies() and launcher_rank() != 0:
         sys.stdout = open(os.devnull, "w")
         return False
     return True

@@ -62,9 +62,10 @@ import numpy as np
 
 from ..checks import check_bool, check_int
 from .average import AverageStrategy, check_every
-from .base import Strategy
+from .base import Strategy, state_arrays, step_scalars
 from .launch import under_launcher
-from .sync import FlatLayout, SyncCore, Transport, flat_view, state_arrays, step_scalars
+from .sync import SyncCore
+from .transport import FlatLayout, Transport, flat_view
 
 _NAME_BYTES = 256
 

@@ -11,7 +11,7 @@ maps, so nothing is pickled per step but a three-item command. Each step:
    worker ``("step", N, step)`` through its pipe;
 2. every worker runs :meth:`cnn.parallel.sync.SyncCore.worker_step`, the step written once
    for threads, processes and MPI, with the shared-memory transport
-   (:class:`~cnn.parallel.sync.SharedSlots` over a :class:`multiprocessing.Barrier`): compute
+   (:class:`~cnn.parallel.transport.SharedSlots` over a :class:`multiprocessing.Barrier`): compute
    its shard's gradient on the shared weights, write ``(n_i / N) g_i`` into its slot, pass the
    barrier, add the slots in fixed order over its own ``1/P`` of the parameters and update that
    range of the shared weights and optimizer state in place, pass the barrier again (worker 0
@@ -50,9 +50,9 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_choice, check_int, check_positive
-from .base import Strategy
-from .sync import (FlatLayout, SharedReduce, SharedSlots, SyncCore, state_arrays,
-                   state_with_arrays, step_scalars)
+from .base import Strategy, state_arrays, state_with_arrays, step_scalars
+from .sync import SyncCore
+from .transport import FlatLayout, SharedReduce, SharedSlots
 
 START_METHODS = ("forkserver", "spawn", "fork")
 #: the prefix of every shared-memory segment this strategy creates (``/dev/shm/<name>``)

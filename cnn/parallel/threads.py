@@ -86,8 +86,9 @@ import numpy as np
 from ..backends import Backend
 from ..checks import check_int
 from .average import AverageStrategy, check_every
-from .base import Strategy
-from .sync import SharedReduce, SharedSlots, SyncCore, shard_bounds, step_scalars
+from .base import Strategy, step_scalars
+from .sync import SyncCore
+from .transport import SharedReduce, SharedSlots, shard_bounds
 
 Phase = Callable[[int], None]
 

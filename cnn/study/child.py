@@ -16,7 +16,8 @@ non-finite loss or weights) or recorded a non-finite training loss; "failed" for
 exception (the error is ``ExceptionType: message``).
 
 Module-level imports are the standard library and the package's modules that import nothing
-else (:mod:`cnn.paths`, :mod:`cnn.errors`, :mod:`cnn.files`).
+else (:mod:`cnn.errors`, :mod:`cnn.files`, and :mod:`cnn.study.run` with the registry it
+reads, :mod:`cnn.paths`).
 """
 from __future__ import annotations
 

@@ -10,11 +10,13 @@ from .grid import EVALS_PER_EPOCH, expand_grid, unavailable
 from .profiles import FULL_NOTES
 from .run import Run
 
-#: images/s of the sequential path (numpy, 1 thread, batch 32) on the 2-core development
-#: machine (AMD EPYC, OpenBLAS), by model and first-layer filters; evaluation runs ~2.5x faster.
-#: Only for --dry-run estimates when no measured results match.
+#: a guess of the sequential path's images/s (numpy, 1 thread, batch 32), by model and
+#: first-layer filters, where no measured result matches a run: only for ``--dry-run``
+#: estimates, which calibrate on measured results instead when given them
 REFERENCE_IPS = {"mnist_small": {4: 33000, 8: 21000, 16: 9000, 32: 4300},
                  "cifar_tutorial": {16: 1650, 32: 720, 64: 590}}
+#: a guess of how many times faster evaluation (a forward pass) runs than training, likewise
+EVAL_SPEED_GUESS = 2.5
 #: seconds per run outside the epochs: the interpreter's start; a path's own imports and
 #: contexts are its registry entry's ``overhead``, a backend's cold compile its record's
 #: ``cold_compile``, its speed before it is measured the entry's ``speed_guess``
@@ -80,7 +82,7 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
         else:
             s = speedups.get((r.path, r.strategy, r.backend, r.threads), r.entry.speed_guess)
             ips = _reference_ips(r.model, r.filters) * s
-            eval_ips = 2.5 * ips
+            eval_ips = EVAL_SPEED_GUESS * ips
         overhead = overheads.get(r.path)
         if overhead is None:
             overhead = START_OVERHEAD + r.entry.overhead
@@ -130,6 +132,6 @@ def describe_plan(grid_or_profile="quick", calibration=None, gpu: bool | None = 
         est = remaining
     total = sum(est)
     basis = "calibrated on earlier results" if calibration is not None and len(calibration) \
-        else "reference throughput of the development machine, guessed speed-ups"
+        else "guessed reference throughput and speed-ups"
     lines.append(f"estimated wall time: {total / 60:.0f} min ({total / 3600:.1f} h; {basis})")
     return "\n".join(lines)

@@ -219,9 +219,9 @@ def run_optimizer(cfg: dict, spec: dict) -> dict:
     the ``optimizer`` axis's type and options, with the run's ``lr``, its ``momentum`` (for the
     optimizers that take one) and its ``lr_schedule``."""
     from ..configs import parse_option_spec
-    from ..optim import optimizer_class
-    base = dict(spec.get("optimizer", {"type": "sgd"}))
-    kind = str(base.get("type", "sgd")).lower()
+    from ..optim import DEFAULT_OPTIMIZER, optimizer_class
+    base = dict(spec.get("optimizer", {"type": DEFAULT_OPTIMIZER}))
+    kind = str(base.get("type", DEFAULT_OPTIMIZER)).lower()
     if cfg.get("optimizer"):
         given = parse_option_spec(cfg["optimizer"], "optimizer")
         if given["type"] != kind:
@@ -271,14 +271,16 @@ def _short(x, n: int = 120) -> str:
 
 
 def _preset_defaults(model: str) -> dict:
+    from ..optim import DEFAULT_OPTIMIZER, default_optimizer_spec, optimizer_class
     from ..presets import get_preset
     spec = get_preset(model)
     conv = next((layer for layer in spec["layers"] if layer["type"] == "conv2d"), None)
-    opt = spec.get("optimizer", {"type": "sgd", "lr": 0.01})
+    opt = spec.get("optimizer", default_optimizer_spec())
+    kind = str(opt.get("type", DEFAULT_OPTIMIZER)).lower()
     # 0: a feed-forward preset (xor_mlp, mnist_mlp) has no conv layer whose filters to set
     return {"filters": conv["filters"] if conv else 0, "batch_size": spec.get("batch_size", 32),
-            "lr": float(opt.get("lr", 0.01)), "momentum": float(opt.get("momentum", 0.0)),
-            "optimizer": str(opt.get("type", "sgd")).lower()}
+            "lr": float(opt.get("lr", optimizer_class(kind).default_lr())),
+            "momentum": float(opt.get("momentum", 0.0)), "optimizer": kind}
 
 
 def _resolve_optimizer(c: dict, defaults: dict) -> None:
