@@ -37,9 +37,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cnn"
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.machine"]),
+                     "cnn.machine", "cnn.extras"]),
     ("backends", ["cnn.backends.*"]),
-    ("data and presets", ["cnn.data", "cnn.presets"]),
+    ("data and presets", ["cnn.data", "cnn.datafile", "cnn.presets"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
                                "cnn.schedules"]),
     ("model", ["cnn.model"]),
