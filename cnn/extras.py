@@ -104,10 +104,10 @@ def _install_source() -> tuple[str, str]:
     """How pip names this installation: ``("", "/path/to/wheel.whl")`` (or a folder),
     ``("-e ", "/path/to/checkout")`` for an editable one, ``("", "parallel-cnn")`` for one
     from an index (or none: a source tree on the path)."""
+    dist = _distribution()
     try:
-        record = json.loads(metadata.distribution(DISTRIBUTION).read_text("direct_url.json")
-                            or "{}")
-    except (metadata.PackageNotFoundError, json.JSONDecodeError):
+        record = json.loads((dist.read_text("direct_url.json") if dist else None) or "{}")
+    except json.JSONDecodeError:
         record = {}
     url = urlparse(record.get("url", ""))
     if url.scheme != "file":
@@ -120,10 +120,8 @@ def _requirements(extra: str) -> list[str]:
     """The requirements ``extra`` adds, from the installed metadata (``pyproject.toml``), with
     the extras it names of this package itself (``parallel-cnn[plot]``) resolved; empty when
     the package's metadata is not installed."""
-    try:
-        lines = metadata.requires(DISTRIBUTION) or []
-    except metadata.PackageNotFoundError:
-        return []
+    dist = _distribution()
+    lines = (dist.requires or []) if dist else []
     found: list[str] = []
     for line in lines:
         requirement, _, marker = line.partition(";")
@@ -136,6 +134,16 @@ def _requirements(extra: str) -> list[str]:
             elif requirement not in found:
                 found.append(requirement)
     return found
+
+
+def _distribution():
+    """This package's installed metadata: the one pip installed (it has a ``direct_url.json``)
+    when there are several, as in a checkout that holds a ``parallel_cnn.egg-info`` of its own
+    beside ``cnn/``, which would otherwise be found first from its folder; None when the
+    package is not installed."""
+    found = list(metadata.distributions(name=DISTRIBUTION))
+    installed = [d for d in found if d.read_text("direct_url.json") is not None]
+    return (installed or found or [None])[0]
 
 
 def _name(requirement: str) -> str:
