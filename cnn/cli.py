@@ -636,6 +636,8 @@ def _add_study(sub) -> None:
 
 
 def cmd_study(args) -> int:
+    from .extras import require
+    require("study", "study", ("pandas",))  # the results table
     from .study import command
     return command(args)
 
@@ -667,6 +669,9 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
+    from .extras import require
+    require("study", "report", ("pandas", "matplotlib", "seaborn")
+            + (() if args.no_pdf else ("typst",)))
     from .analysis import build_report
     build_report(args.results, args.out, figures_dir=args.figures_dir,
                  summary_dir=args.summary_dir, generated_dir=args.generated_dir,
