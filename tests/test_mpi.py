@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -321,11 +322,10 @@ def test_an_exception_on_one_rank_aborts_every_rank(tmp_path):
     assert not any(os.path.exists(line.removesuffix(" (deleted)")) for line in mapped)
 
 
-@pytest.mark.parametrize("victim", ["rank", "mpiexec"])
-def test_no_segment_survives_a_kill(tmp_path, victim):
-    """A running job's MPICH segment has no name in /dev/shm any more (every rank maps it, and
-    release_segments unlinked it), so SIGKILL to a rank or to mpiexec, after which nothing of
-    ours runs, leaves no segment behind: checked with no clean-up in between."""
+@contextmanager
+def _training_job(tmp_path):
+    """``mpi_checks.py slow`` under ``mpiexec -n 2``, once both ranks train: yields mpiexec's
+    Popen and the ranks' pids (rank 0 first); kills the job on the way out if it still runs."""
     cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "slow",
            str(tmp_path)]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
@@ -335,7 +335,19 @@ def test_no_segment_survives_a_kill(tmp_path, victim):
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline, "the ranks did not start training"
             time.sleep(0.05)
-        ranks = [int((tmp_path / f"pid.rank{r}").read_text()) for r in (0, 1)]
+        yield job, [int((tmp_path / f"pid.rank{r}").read_text()) for r in (0, 1)]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+@pytest.mark.parametrize("victim", ["rank", "mpiexec"])
+def test_no_segment_survives_a_kill(tmp_path, victim):
+    """A running job's MPICH segment has no name in /dev/shm any more (every rank maps it, and
+    release_segments unlinked it), so SIGKILL to a rank or to mpiexec, after which nothing of
+    ours runs, leaves no segment behind: checked with no clean-up in between."""
+    with _training_job(tmp_path) as (job, ranks):
         lines = [line for pid in ranks for line in _segment_lines(pid)]
         assert lines and all(line.endswith(" (deleted)") for line in lines), lines
         names = {line.removesuffix(" (deleted)") for line in lines}
@@ -345,34 +357,16 @@ def test_no_segment_survives_a_kill(tmp_path, victim):
         while any(os.path.exists(f"/proc/{pid}") for pid in ranks):
             assert time.monotonic() < deadline, f"a rank outlived the killed {victim}"
             time.sleep(0.1)
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert not any(os.path.exists(name) for name in names), names
 
 
 def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "slow",
-           str(tmp_path)]
-    job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
-    try:
-        deadline = time.monotonic() + 60
-        while not all((tmp_path / f"started.rank{r}").exists() for r in (0, 1)):
-            assert job.poll() is None, job.communicate()
-            assert time.monotonic() < deadline, "the ranks did not start training"
-            time.sleep(0.05)
-        victim = int((tmp_path / "pid.rank1").read_text())
-        survivor = int((tmp_path / "pid.rank0").read_text())
+    with _training_job(tmp_path) as (job, (survivor, victim)):
         segments = _mapped_segments(survivor)  # the job's own (per host) shared memory
         os.kill(victim, signal.SIGKILL)
         t = time.monotonic()
         job.wait(timeout=30)
         ended = time.monotonic() - t
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert job.returncode != 0
     assert ended < 10, f"the job took {ended:.1f} s to end after the kill"
     with pytest.raises(ProcessLookupError):
