@@ -265,7 +265,7 @@ def command(args) -> int:
     pred = probs.argmax(axis=1)
     names = list(data.classes)
     acc = float((pred == y).mean())
-    print(f"\n{dataset} test set: {len(y)} images")
+    print(f"\n{dataset} test set: {len(y)} images" + "".join(f"\n  {n}" for n in data.notes))
     for i in range(min(len(y), args.show)):
         ok = "" if pred[i] == y[i] else "  (wrong)"
         print(f"  image {i}: predicted {names[pred[i]]} (p={probs[i, pred[i]]:.3f}), "
