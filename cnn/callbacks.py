@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .checks import check_bool, check_int, check_number
+from .extras import require
 from .monitor import check_monitor, has_improved, resolve_mode
 
 
@@ -222,11 +223,14 @@ class LiveCurves(Callback):
 
     In a notebook (IPython kernel) the figure is redrawn in place after every epoch (and every
     ``every_steps`` steps if given); elsewhere it is written to ``png`` (default
-    ``training_curves.png``) after each epoch. ``figure()`` returns the last figure.
+    ``training_curves.png``) after each epoch. ``figure()`` returns the last figure. It draws
+    with matplotlib (the ``plot`` extra): without it the constructor raises
+    :class:`~cnn.errors.MissingExtraError`, so a fit is refused before it starts.
     """
 
     def __init__(self, png: str | os.PathLike | None = None, every_steps: int | None = None,
                  notebook: bool | None = None, title: str | None = None):
+        require("plot", "LiveCurves (training curves)", ("matplotlib",))  # before training
         self.every_steps = check_int("LiveCurves", "every_steps", every_steps, optional=True)
         self.notebook = _in_notebook() if notebook is None else bool(notebook)
         self.png = (Path(png) if png is not None

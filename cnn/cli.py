@@ -11,12 +11,15 @@ import numpy as np
 
 from .backends import available_backends
 from .checks import check_int, int_arg, number_arg
-from .errors import DivergedError
+from .errors import DeviceUnavailableError, DivergedError, MissingExtraError
 
 #: exit status of ``train`` when the loss or the weights became NaN/inf
 EXIT_DIVERGED = 3
 #: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
 EXIT_INTERRUPTED = 130
+#: ``train --backend`` values that train the same spec through a framework's reference
+#: (cnn.reference), with the extra each needs
+REFERENCE_BACKENDS = {"keras": "keras", "torch": "torch"}
 
 
 # ---- argument types: a bad number is refused by argparse, naming the option ----------------
@@ -35,7 +38,10 @@ def _add_train(sub) -> None:
                               "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
                               "interrupted by Ctrl-C (the weights so far saved to --save)")
     p.add_argument("--dataset", default="mnist_embedded",
-                   help="mnist | cifar10 | mnist_embedded | blobs | xor (default mnist_embedded)")
+                   help="mnist | cifar10 | mnist_embedded | blobs | xor (default "
+                        "mnist_embedded), or your own data: a .npz file with x_train, y_train "
+                        "and optionally x_test, y_test (see cnn.datafile; `python -m cnn data` "
+                        "writes the built-in sets in that format)")
     p.add_argument("--model", default=None,
                    help="preset (mnist_small, cifar_tutorial) or a .json/.yaml spec; default: "
                         "mnist_small for MNIST-shaped data, cifar_tutorial for cifar10")
@@ -61,8 +67,10 @@ def _add_train(sub) -> None:
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
     p.add_argument("--backend", default="numpy",
-                   help=f"{' | '.join(available_backends())} (default numpy; naive is the "
-                        f"loop-by-loop oracle the tests check the others against: slow)")
+                   help=f"{' | '.join([*available_backends(), *REFERENCE_BACKENDS])} (default "
+                        f"numpy; naive is the loop-by-loop oracle the tests check the others "
+                        f"against: slow; keras and torch train the same spec through the "
+                        f"Keras or PyTorch reference, --threads of theirs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
                    help="filters of the first conv layer")
@@ -71,7 +79,8 @@ def _add_train(sub) -> None:
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="initial weights and data order (an integer >= 0)")
     p.add_argument("--save", default=None,
-                   help="write the trained weights to this .npz (checked before training)")
+                   help="write the trained weights to this .npz (checked before training); "
+                        "with --config: a folder, or a path with {name} (each model's name)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
@@ -111,11 +120,15 @@ def _add_optim_arguments(p) -> None:
                    help="write the best weights so far (lowest validation loss) to PATH (.npz) "
                         "after each epoch that improves it")
     g.add_argument("--plot", default=None, metavar="PNG",
-                   help="draw live training curves (loss, accuracy) into this PNG each epoch")
+                   help="draw live training curves (loss, accuracy) into this PNG each epoch "
+                        "(needs matplotlib: the plot extra); with --config: a folder, or a "
+                        "path with {name}")
     g = p.add_argument_group("several models from one file")
     g.add_argument("--config", default=None, metavar="FILE",
                    help="train the models of a YAML/JSON file (see cnn.configs) and print a "
-                        "comparison table; the other train options do not apply")
+                        "comparison table; of the other train options only --name, "
+                        "--parallel, --save, --plot, --data-dir and --quiet apply (the rest "
+                        "are refused: set them in the file)")
     g.add_argument("--name", default=None, action="append",
                    help="with --config: train only this model (repeat for several)")
     g.add_argument("--parallel", type=positive_int, default=1,
@@ -194,25 +207,91 @@ def _describe_strategy(strat) -> str:
     return f"strategy {d['strategy']} x{d['threads']}"
 
 
+def _require_extras(args) -> None:
+    """The optional parts ``train``'s options need (cnn.extras), refused before any work."""
+    from .extras import require
+    from .parallel import mpi_strategies
+    if args.plot is not None:
+        require("plot", "--plot", ("matplotlib",))
+    if args.backend in REFERENCE_BACKENDS:
+        require(REFERENCE_BACKENDS[args.backend], f"--backend {args.backend}")
+    if args.strategy in mpi_strategies():
+        require("mpi", f"--strategy {args.strategy}", ("mpi4py",))
+
+
+def _check_reference_options(args) -> None:
+    """``--backend keras|torch``: the options the reference trainers do not take, refused
+    before the data is read. They train sequentially, on ``--threads`` of the framework's own,
+    without our callbacks."""
+    check_int(f"--backend {args.backend}", "threads", args.threads)
+    refused = [("--strategy " + args.strategy, args.strategy != "sequential"),
+               ("--early-stopping", args.early_stopping is not None),
+               ("--checkpoint", args.checkpoint is not None),
+               ("--plot", args.plot is not None)]
+    if args.backend == "torch":  # fit_torch: SGD with momentum at a constant learning rate
+        refused += [("--lr-schedule", args.lr_schedule is not None),
+                    ("--warmup-steps", args.warmup_steps is not None)]
+    for option, given in refused:
+        if given:
+            raise ValueError(f"{option}: not with --backend {args.backend}, whose reference "
+                             f"trainer (cnn.reference) trains one process on --threads of its "
+                             f"own, without callbacks" + (" or learning-rate schedules"
+                                                          if args.backend == "torch" else ""))
+
+
+def _check_reference_model(backend: str, model, optimizer, schedule, threads: int) -> None:
+    """What the reference cannot build or train (a layer, an optimizer or schedule without a
+    counterpart), refused naming ``--backend`` before training starts."""
+    from .optim import make_optimizer
+    opt = make_optimizer(optimizer, schedule=schedule)
+    try:
+        if backend == "keras":
+            from .reference.keras import (check_keras_compatible, configure_threads,
+                                          keras_optimizer)
+            check_keras_compatible(model)
+            configure_threads(threads)  # TensorFlow takes its threads before anything else
+            keras_optimizer(opt)
+        else:
+            from .reference.torch import check_torch_trainable
+            check_torch_trainable(model, opt)
+    except NotImplementedError as err:
+        raise ValueError(f"--backend {backend}: {err}") from None
+
+
+def _fit_reference(args, model, data, optimizer, schedule, batch_size):
+    """Train ``model`` through the Keras or PyTorch reference (its weights are the starting
+    point and receive the result), with fit's arguments and per-epoch output."""
+    from .optim import make_optimizer
+    validation = None if data.x_val is None else (data.x_val, data.y_val)
+    kwargs = dict(epochs=args.epochs, batch_size=batch_size,
+                  optimizer=make_optimizer(optimizer, schedule=schedule), seed=args.seed,
+                  validation_data=validation, threads=args.threads,
+                  verbose=0 if args.quiet else 1)
+    if args.backend == "keras":
+        from .reference.keras import fit_keras
+        return fit_keras(model, data.x_train, data.y_train, **kwargs)
+    from .reference.torch import fit_torch
+    return fit_torch(model, data.x_train, data.y_train, **kwargs)
+
+
 def cmd_train(args) -> int:
     from .backends import get_backend
-    from .data import DATASET_NAMES, load_dataset
+    from .data import check_dataset_name, load_dataset
     from .layers import layers_from_spec
     from .model import (Sequential, check_weights_path, naming_spec_file, resolve_spec,
                         spec_file)
     from .optim import default_optimizer_spec, make_optimizer
     from .parallel import launch, make_strategy
-    from .presets import with_filters
+    from .presets import for_data, with_filters
 
     if args.config is not None:
         return cmd_train_config(args)
     if args.name is not None or args.parallel != 1:
         raise ValueError("--name and --parallel go with --config")
+    _require_extras(args)  # a missing optional part is named before anything else
     launch.join_mpi_job(args.strategy)  # under mpiexec: a failure on one rank ends them all
     # everything known before the data: checked first, so no error comes after work is done
-    if args.dataset not in DATASET_NAMES:
-        raise ValueError(f"--dataset: unknown data set {args.dataset!r}; choose one of "
-                         f"{', '.join(DATASET_NAMES)}")
+    check_dataset_name(args.dataset)
     dtype = np.dtype(args.dtype)
     model_name = args.model if args.model is not None else _default_model(args.dataset)
     spec = resolve_spec(model_name)
@@ -255,13 +334,17 @@ def cmd_train(args) -> int:
         except ValueError as err:
             raise ValueError(f"{err} (the spec's; or pass --batch-size)") from None
     options = _strategy_options(args)
-    get_backend(args.backend)
+    reference = args.backend in REFERENCE_BACKENDS
+    if reference:
+        _check_reference_options(args)
+    else:
+        get_backend(args.backend)
     # --ranks N: checked here, then this same command runs again under mpiexec -n N
     launched = launch.maybe_launch(args, getattr(args, "argv", sys.argv[1:]))
     if launched is not None:
         return launched
     master = launch.silence_other_ranks(args.strategy)  # MPI: rank 0 alone prints and saves
-    strategy = make_strategy(args.strategy, args.threads, **options)
+    strategy = make_strategy(args.strategy, 1 if reference else args.threads, **options)
     strategy.check_batch_size(batch_size)
     save = None
     if args.save is not None:
@@ -275,25 +358,34 @@ def cmd_train(args) -> int:
     data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
                         test_limit=args.test_limit, seed=args.seed, dtype=dtype,
                         validation_split=args.validation_split)
+    spec = for_data(spec, model_name, args.dataset, data.num_classes)  # a preset on your data
     with naming_spec_file(spec_file(model_name)):
         model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
-                                     seed=args.seed, backend=args.backend)
+                                     seed=args.seed, backend="numpy" if reference else args.backend)
+    if reference:
+        _check_reference_model(args.backend, model, optimizer, schedule, args.threads)
     interrupt = _Interrupt()
     try:
         with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves
-            print(f"{data}\n{model.summary()}\noptimizer {optimizer}"
+            print(f"{data}" + "".join(f"\n  {note}" for note in data.notes)
+                  + f"\n{model.summary()}\noptimizer {optimizer}"
                   + (f", lr schedule {schedule}" if schedule else "")
-                  + f", batch {batch_size}, {_describe_strategy(strategy)}, backend "
-                  f"{args.backend}, validation split {args.validation_split}"
+                  + f", batch {batch_size}, "
+                  + (f"the {args.backend} reference with {args.threads} thread(s)" if reference
+                     else f"{_describe_strategy(strategy)}, backend {args.backend}")
+                  + f", validation split {args.validation_split}"
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
-            hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
-                             batch_size=batch_size, optimizer=optimizer, strategy=strategy,
-                             threads=args.threads, seed=args.seed,
-                             validation_data=None if data.x_val is None
-                             else (data.x_val, data.y_val), lr_schedule=schedule,
-                             callbacks=callbacks,
-                             verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
-                             progress=interrupt.progress)
+            validation = None if data.x_val is None else (data.x_val, data.y_val)
+            if reference:
+                hist = _fit_reference(args, model, data, optimizer, schedule, batch_size)
+            else:
+                hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
+                                 batch_size=batch_size, optimizer=optimizer, strategy=strategy,
+                                 threads=args.threads, seed=args.seed,
+                                 validation_data=validation, lr_schedule=schedule,
+                                 callbacks=callbacks,
+                                 verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
+                                 progress=interrupt.progress)
             if interrupt.requested:  # pressed during the last evaluation: the run is whole
                 raise KeyboardInterrupt
     except DivergedError as err:
@@ -323,6 +415,7 @@ def cmd_train(args) -> int:
     for cb in callbacks:
         _report_callback(cb)
     test = model.evaluate(data.x_test, data.y_test)  # the test set: once, for the final number
+    print(f"\n{hist.timing_table()}")
     print(f"total training time {sum(h['time']):.1f} s (+ {hist.info['compile_time']:.1f} s JIT "
           f"compile); final test accuracy {test['accuracy']:.4f} (test loss {test['loss']:.4f})")
     if hist.info.get("nonfinite_steps"):
@@ -402,10 +495,36 @@ def _report_callback(cb) -> None:
         print(f"training curves in {cb.png}")
 
 
+#: the train options that apply to ``--config`` (the rest are each model's keys in the file)
+CONFIG_OPTIONS = ("config", "name", "parallel", "save", "plot", "data_dir", "quiet")
+
+
+def _refuse_options_beside_config(args) -> None:
+    """``train --config``: an option given that the config's models take from the file instead
+    is refused, naming it, rather than silently ignored."""
+    commands = argparse.ArgumentParser().add_subparsers()
+    _add_train(commands)
+    defaults = vars(commands.choices["train"].parse_args([]))
+    argv = getattr(args, "argv", sys.argv[1:])
+    for key, value in vars(args).items():
+        if key not in defaults or key in CONFIG_OPTIONS:
+            continue
+        option = "--" + key.replace("_", "-")  # each train option's dest is its long name's
+        # given: a value other than the default, or the option on the line with the default
+        if value != defaults[key] or any(a == option or a.startswith(option + "=")
+                                         for a in argv):
+            raise ValueError(f"{option} does not apply to --config, whose models take their "
+                             f"settings from {args.config}: set it there (a model's key, or "
+                             f"under defaults:); with --config only "
+                             f"{', '.join('--' + k.replace('_', '-') for k in CONFIG_OPTIONS[1:])}"
+                             f" apply")
+
+
 def cmd_train_config(args) -> int:
     """``train --config FILE``: every model (or those named) trained, then compared."""
     from .configs import comparison_table, load_config, train_all
-    runs = load_config(args.config)
+    _refuse_options_beside_config(args)
+    runs = load_config(args.config, outputs={"save": args.save, "plot": args.plot})
     if args.name:
         known = [r.name for r in runs]
         missing = [n for n in args.name if n not in known]
@@ -420,7 +539,9 @@ def cmd_train_config(args) -> int:
         what = (f"val_acc {row['val_accuracy']:.4f}, test_acc {row['test_accuracy']:.4f}, "
                 f"{row['train_time']:.1f} s" if row["status"] == "ok"
                 else f"{row['status']}: {row['error']}")
-        print(f"  {row['name']}: {what}", flush=True)
+        wrote = "".join(f"; {label} in {row[key]}" for key, label in
+                        (("saved", "weights"), ("plot", "curves")) if key in row)
+        print(f"  {row['name']}: {what}{wrote}", flush=True)
 
     rows = train_all(runs, parallel=args.parallel, data_dir=args.data_dir,
                      verbose=0 if (args.quiet is True or args.parallel > 1) else 1, on_done=done)
@@ -429,6 +550,42 @@ def cmd_train_config(args) -> int:
         print("(side by side: the models shared the cores, so their times are not comparable "
               "with runs one after another)")
     return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+def _add_data(sub) -> None:
+    from .data import DATASET_NAMES
+    p = sub.add_parser("data", help="write a built-in data set to a .npz file in the format "
+                                    "of --dataset PATH.npz (see cnn.datafile)",
+                       epilog="the file holds x_train, y_train, x_test, y_test (images "
+                              "channels-first: uint8 pixels for the image sets, float64 for the "
+                              "synthetic ones) and classes; `train --dataset FILE` reads back "
+                              "the arrays `train --dataset NAME` trains on")
+    p.add_argument("name", choices=DATASET_NAMES, help="the data set")
+    p.add_argument("--out", required=True, metavar="PATH.npz", help="the file to write")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="first N training examples (synthetic sets: how many to draw)")
+    p.add_argument("--test-limit", type=positive_int, default=None,
+                   help="first N test examples (synthetic sets: how many to draw)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="synthetic sets: the draw")
+    p.add_argument("--data-dir", default=None, help="data root (default $CNN_DATA_DIR or the cache)")
+
+
+def cmd_data(args) -> int:
+    from .data import write_dataset
+    from .datafile import SUFFIX, read_dataset_file
+    out = Path(args.out)
+    if out.suffix.lower() != SUFFIX:
+        raise ValueError(f"--out: a data set file ends in {SUFFIX}. Received {args.out!r}")
+    if out.is_dir():
+        raise ValueError(f"--out: {out} is a folder; give a {SUFFIX} file path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_dataset(args.name, out, root=args.data_dir, limit=args.limit,
+                  test_limit=args.test_limit, seed=args.seed)
+    written = read_dataset_file(out)
+    print(f"{args.name} written to {out}: {len(written.y_train)} training and "
+          f"{len(written.y_test)} test examples of shape {written.x_train.shape[1:]} "
+          f"({written.x_train.dtype}), {len(written.classes)} classes")
+    return 0
 
 
 def _add_predict(sub) -> None:
@@ -479,6 +636,8 @@ def _add_study(sub) -> None:
 
 
 def cmd_study(args) -> int:
+    from .extras import require
+    require("study", "study", ("pandas",))  # the results table
     from .study import command
     return command(args)
 
@@ -510,6 +669,9 @@ def _add_report(sub) -> None:
 
 
 def cmd_report(args) -> int:
+    from .extras import require
+    require("study", "report", ("pandas", "matplotlib", "seaborn")
+            + (() if args.no_pdf else ("typst",)))
     from .analysis import build_report
     build_report(args.results, args.out, figures_dir=args.figures_dir,
                  summary_dir=args.summary_dir, generated_dir=args.generated_dir,
@@ -531,6 +693,7 @@ def cmd_cluster(args) -> int:
 
 
 COMMANDS = {"train": (_add_train, cmd_train), "predict": (_add_predict, cmd_predict),
+            "data": (_add_data, cmd_data),
             "bench": (_add_bench, cmd_bench),
             "study": (_add_study, cmd_study), "report": (_add_report, cmd_report),
             "cluster": (_add_cluster, cmd_cluster)}
@@ -545,7 +708,7 @@ def main(argv=None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)  # to re-run it under mpiexec
     try:
         return COMMANDS[args.command][1](args)
-    except (ValueError, TypeError, OSError) as err:
+    except (ValueError, TypeError, OSError, MissingExtraError, DeviceUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

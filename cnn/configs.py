@@ -20,10 +20,20 @@ A config file names its models and, optionally, settings they share::
         batch_size: 64
 
 (``models`` may also be a list of dicts with a ``name`` each.) Model keys: ``model``,
-``dataset``, ``epochs``, ``batch_size``, ``optimizer``, ``lr_schedule``, ``strategy``,
-``threads``, ``backend``, ``dtype``, ``seed``, ``validation_split``, ``early_stopping``
-(patience in epochs), ``limit``, ``test_limit``. Every model is checked before any trains; a
-bad key or value is refused naming the model, the key and the value.
+``dataset`` (a built-in name or a ``.npz`` data set file, :mod:`cnn.datafile`), ``epochs``,
+``batch_size``, ``optimizer``, ``lr_schedule``, ``strategy``, ``threads``, ``backend``,
+``dtype``, ``seed``, ``validation_split``, ``early_stopping`` (patience in epochs), ``limit``,
+``test_limit``, and where each model's results go:
+
+- ``save``: the trained weights (for ``predict``), and
+- ``plot``: the training curves (a PNG; needs matplotlib, the ``plot`` extra),
+
+each a folder (``runs/``: ``runs/<name>.npz`` and ``runs/<name>.png``) or a path in which
+``{name}`` stands for the model's name (``weights/{name}.npz``); a plain path is fine for one
+model, and two models writing one file are refused. ``train --config FILE --save PATTERN
+--plot PATTERN`` sets them for every model, over the file's. Every model is checked before any
+trains (the targets of ``save`` and ``plot`` included); a bad key or value is refused naming
+the model, the key and the value.
 
 Each model trains on its dataset's training data less a stratified validation split (the
 ``val_*`` columns), and is tested once, at the end, on the test set. The comparison table
@@ -46,7 +56,9 @@ from .files import STRUCTURED_SUFFIXES, read_structured
 
 RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
             "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
-            "test_limit")
+            "test_limit", "save", "plot")
+#: the file each of the output keys writes, per model, under a folder
+OUTPUT_SUFFIXES = {"save": ".npz", "plot": ".png"}
 
 
 # ---- NAME:key=value,... ---------------------------------------------------------------------
@@ -113,12 +125,14 @@ class RunConfig:
     early_stopping: int | None = None
     limit: int | None = None
     test_limit: int | None = None
+    save: str | None = None
+    plot: str | None = None
     spec: dict = field(default_factory=dict, repr=False)
 
     def check(self) -> "RunConfig":
         """Validate everything that can be checked before data is read; resolves ``spec``,
         ``optimizer`` and ``batch_size``. ValueError names the model, key and value."""
-        from .data import DATASET_NAMES
+        from .data import check_dataset_name
         from .layers import layers_from_spec
         from .model import resolve_spec
         from .optim import make_optimizer
@@ -127,7 +141,8 @@ class RunConfig:
         from .presets import default_model
 
         where = f"model {self.name!r}"
-        check_choice(where, "dataset", self.dataset, DATASET_NAMES)
+        check_dataset_name(self.dataset, f"{where}: dataset")
+        self._check_outputs(where)
         for key in ("epochs", "threads"):
             check_int(where, key, getattr(self, key))
         for key in ("batch_size", "limit", "test_limit", "early_stopping"):
@@ -158,12 +173,46 @@ class RunConfig:
             raise type(err)(f"{where}: {err}") from None
         return self
 
+    def _check_outputs(self, where: str) -> None:
+        """``save`` and ``plot``: each resolved to this model's file (:func:`output_path`) and
+        checked writable now, before any model trains; ``plot`` needs matplotlib."""
+        from .extras import require
+        from .model import check_weights_path
+        if self.save is not None:
+            try:
+                self.save = str(check_weights_path(output_path(self.save, self.name, "save")))
+            except (OSError, ValueError) as err:
+                raise type(err)(f"{where}: save: {err}") from None
+        if self.plot is not None:
+            require("plot", f"{where}: plot", ("matplotlib",))
+            plot = Path(output_path(self.plot, self.name, "plot"))
+            if plot.suffix.lower() != ".png" or plot.is_dir():
+                raise ValueError(f"{where}: plot must be a .png path, a folder or a pattern "
+                                 f"with {{name}}. Received plot={self.plot!r}")
+            self.plot = str(plot)
+
     def describe(self) -> dict:
         d = asdict(self)
         d.pop("spec")
         if not isinstance(d["model"], (str, type(None))):
             d["model"] = "(inline spec)"
         return d
+
+
+def output_path(value: str, name: str, key: str) -> str:
+    """Where model ``name``'s ``key`` output (``save``: weights, ``plot``: curves) goes, from
+    the config's or the command line's value: ``{name}`` in it replaced by the model's name,
+    or, for a folder (an existing one, or a value ending in ``/``), ``<folder>/<name>`` with
+    the output's suffix; any other value as it is."""
+    if not isinstance(value, (str, os.PathLike)) or not str(value).strip():
+        raise ValueError(f"{key} must be a path, a folder or a pattern with {{name}}. Received "
+                         f"{key}={value!r}")
+    text = str(value)
+    if "{name}" in text:
+        return text.replace("{name}", name)
+    if text.endswith(("/", os.sep)) or Path(text).is_dir():
+        return str(Path(text) / f"{name}{OUTPUT_SUFFIXES[key]}")
+    return text
 
 
 def optimizer_spec(spec: Mapping, given: Any) -> dict:
@@ -184,8 +233,11 @@ def optimizer_spec(spec: Mapping, given: Any) -> dict:
     return {**base, **given, "type": kind}
 
 
-def load_config(path: str | os.PathLike) -> list[RunConfig]:
-    """The models of a config file, defaults applied, each checked (see the module docstring)."""
+def load_config(path: str | os.PathLike, outputs: Mapping[str, str | None] | None = None
+                ) -> list[RunConfig]:
+    """The models of a config file, defaults applied, each checked (see the module docstring).
+    ``outputs``: ``save`` and ``plot`` from the command line, set for every model over the
+    file's (a ``None`` value leaves the file's)."""
     path = Path(path)
     doc = _read_file(path, "--config")
     if not isinstance(doc, Mapping) or "models" not in doc:
@@ -223,7 +275,8 @@ def load_config(path: str | os.PathLike) -> list[RunConfig]:
             entry = {"model": entry}
         if not isinstance(entry, Mapping):
             raise ValueError(f"--config: {path}: model {name!r} must be a mapping")
-        merged = {**defaults, **entry}
+        merged = {**defaults, **entry,
+                  **{k: v for k, v in (outputs or {}).items() if v is not None}}
         bad = sorted(set(merged) - set(RUN_KEYS))
         if bad:
             raise ValueError(f"--config: {path}: model {name!r}: unknown key {bad[0]!r}; "
@@ -232,16 +285,27 @@ def load_config(path: str | os.PathLike) -> list[RunConfig]:
             runs.append(RunConfig(name=name, **merged).check())
         except (ValueError, TypeError, FileNotFoundError) as err:
             raise type(err)(f"--config: {path}: {err}") from None
+    for key in OUTPUT_SUFFIXES:  # one file per model
+        targets: dict[str, str] = {}
+        for run in runs:
+            target = getattr(run, key)
+            if target is not None and target in targets:
+                raise ValueError(f"--config: {path}: models {targets[target]!r} and {run.name!r} "
+                                 f"would both write {key} to {target}; put {{name}} in the path "
+                                 f"or give a folder")
+            if target is not None:
+                targets[target] = run.name
     return runs
 
 
 def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
     """Train one configured model; returns its row of the comparison table (and its history).
     A run that diverges or fails gives a row with ``status`` saying so."""
-    from .callbacks import EarlyStopping
+    from .callbacks import EarlyStopping, LiveCurves
     from .data import load_dataset
     from .model import Sequential
     from .errors import DivergedError
+    from .presets import default_model, for_data
 
     t0 = time.perf_counter()
     row: dict[str, Any] = {"name": run.name, "status": "ok", "error": ""}
@@ -249,11 +313,15 @@ def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
         dtype = np.dtype(run.dtype)
         data = load_dataset(run.dataset, root=data_dir, limit=run.limit,
                             test_limit=run.test_limit, seed=run.seed, dtype=dtype)
-        model = Sequential.from_spec(run.spec, input_shape=data.input_shape, dtype=dtype,
+        spec = for_data(run.spec, run.model if run.model is not None
+                        else default_model(run.dataset), run.dataset, data.num_classes)
+        model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
                                      seed=run.seed, backend=run.backend)
         callbacks = []
         if run.early_stopping:
             callbacks.append(EarlyStopping(patience=run.early_stopping, restore_best_weights=True))
+        if run.plot is not None:
+            callbacks.append(LiveCurves(png=run.plot, notebook=False, title=run.name))
         hist = model.fit(data.x_train, data.y_train, epochs=run.epochs,
                          batch_size=run.batch_size, optimizer=run.optimizer,
                          lr_schedule=run.lr_schedule, strategy=run.strategy,
@@ -268,6 +336,10 @@ def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
                     "test_loss": test["loss"], "test_accuracy": test["accuracy"],
                     "train_time": float(sum(h["time"])), "params": model.num_params,
                     "history": {k: list(v) for k, v in h.items()}})
+        if run.plot is not None:
+            row["plot"] = run.plot
+        if run.save is not None:
+            row["saved"] = str(model.save_weights(run.save))
     except DivergedError as err:
         row.update({"status": "diverged", "error": str(err)})
     except Exception as err:  # noqa: BLE001 - one failing model must not lose the others

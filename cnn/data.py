@@ -19,6 +19,11 @@ the official one::
 Missing files are downloaded from the official sources when ``download=True`` (MD5-checked,
 written to a temporary file and renamed into place); files already in the root are parsed
 and validated but not checksummed, since a correct copy may carry a different gzip wrapper.
+
+Your own data: :func:`load_dataset` also takes the path of a ``.npz`` file of arrays
+(``x_train``, ``y_train``, optionally ``x_test``, ``y_test``, ``classes``; the format is in
+:mod:`cnn.datafile`), scaled and split like the built-in sets; :func:`write_dataset` writes any
+built-in set in that format (``python -m cnn data NAME --out PATH.npz``).
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import tarfile
 import tempfile
 import urllib.request
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Tuple
 
@@ -40,6 +45,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .checks import check_number, is_integer
+from .datafile import TEST_FRACTION, is_dataset_file, read_dataset_file, write_dataset_file
 
 __all__ = [
     "Dataset",
@@ -51,7 +57,9 @@ __all__ = [
     "load_mnist_embedded",
     "make_xor",
     "make_blobs_images",
+    "check_dataset_name",
     "stratified_split",
+    "write_dataset",
 ]
 
 DATA_DIR_ENV = "CNN_DATA_DIR"
@@ -598,6 +606,8 @@ class Dataset:
     classes: list[str]
     x_val: Optional[np.ndarray] = None
     y_val: Optional[np.ndarray] = None
+    #: how the data was read, for the user (a data set file's layout, a held-out test set)
+    notes: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         parts = [("train", self.x_train, self.y_train), ("test", self.x_test, self.y_test)]
@@ -627,7 +637,18 @@ class Dataset:
 
 
 DATASET_NAMES = ("mnist", "cifar10", "mnist_embedded", "xor", "blobs")
+#: the built-in sets made of 8-bit pixels (written as ``uint8`` by :func:`write_dataset`)
+PIXEL_DATASETS = ("mnist", "cifar10", "mnist_embedded")
 _SYNTHETIC_SIZES = {"xor": (1000, 200), "blobs": (2000, 500)}  # default (train, test) sizes
+
+
+def check_dataset_name(name, option: str = "--dataset") -> None:
+    """Refuse, naming ``option``, a data set that is neither a built-in name nor a data set
+    file (``.npz``); whether the file exists and holds a data set is :func:`load_dataset`'s."""
+    if name not in DATASET_NAMES and not is_dataset_file(name):
+        raise ValueError(f"{option}: unknown data set {name!r}; choose one of "
+                         f"{', '.join(DATASET_NAMES)}, or give a .npz file of your own "
+                         f"(x_train, y_train and optionally x_test, y_test: see cnn.datafile)")
 
 
 def load_dataset(name: str, root=None, limit: Optional[int] = None,
@@ -637,19 +658,27 @@ def load_dataset(name: str, root=None, limit: Optional[int] = None,
 
     ``name``: ``"mnist"``, ``"cifar10"``, ``"mnist_embedded"`` (the shipped subset), ``"xor"``
     or ``"blobs"`` (:func:`make_xor` with noise 0.1 / :func:`make_blobs_images`, 10 classes of
-    8x8 single-channel images, generated from ``seed``). ``limit`` and ``test_limit`` keep the
-    first examples of each split; for synthetic sets they are the sizes to generate (default
-    1000/200 for xor, 2000/500 for blobs). ``validation_split`` in ``[0, 1)`` moves that
-    fraction of the (limited) training set, stratified by class, into ``x_val``/``y_val``.
+    8x8 single-channel images, generated from ``seed``), or the path of a data set file
+    (``.npz``, :mod:`cnn.datafile`: ``uint8`` pixels scaled by 1/255, channels-last images
+    turned channels-first, and without a test set a stratified ``TEST_FRACTION`` of the
+    training examples held out; ``Dataset.notes`` say what was done). ``limit`` and
+    ``test_limit`` keep the first examples of each split; for synthetic sets they are the
+    sizes to generate (default 1000/200 for xor, 2000/500 for blobs). ``validation_split`` in
+    ``[0, 1)`` moves that fraction of the (limited) training set, stratified by class, into
+    ``x_val``/``y_val``.
     """
-    if name not in DATASET_NAMES:
-        raise ValueError(f"unknown data set; valid names are {', '.join(DATASET_NAMES)}; "
-                         f"received name={name!r}")
+    if name not in DATASET_NAMES and not is_dataset_file(name):
+        raise ValueError(f"unknown data set; valid names are {', '.join(DATASET_NAMES)} or a "
+                         f"data set file (.npz); received name={name!r}")
     dtype = _check_dtype(dtype)
     limit = _check_count(limit, "limit")
     test_limit = _check_count(test_limit, "test_limit")
     check_number(None, "validation_split", validation_split, low=0.0, high=1.0, high_open=True)
-    if name in ("mnist", "cifar10"):
+    notes = []
+    if is_dataset_file(name):
+        x_train, y_train, x_test, y_test, classes, notes = _from_file(name, limit, test_limit,
+                                                                      seed, dtype)
+    elif name in ("mnist", "cifar10"):
         # find (or fetch) the files of both splits first, so a missing-data error lists them all
         if name == "mnist":
             _mnist_files(data_root(root) / "mnist", ["train", "t10k"], download)
@@ -678,5 +707,43 @@ def load_dataset(name: str, root=None, limit: Optional[int] = None,
     if validation_split > 0:  # the arrays are this function's own: split without a copy
         x_train, y_train, x_val, y_val = stratified_split(x_train, y_train, validation_split,
                                                           seed, in_place=True)
-    return Dataset(x_train, y_train, x_test, y_test, name=name, classes=list(classes),
-                   x_val=x_val, y_val=y_val)
+    return Dataset(x_train, y_train, x_test, y_test, name=str(name), classes=list(classes),
+                   x_val=x_val, y_val=y_val, notes=notes)
+
+
+def _from_file(path, limit, test_limit, seed, dtype):
+    """The splits of a data set file (:mod:`cnn.datafile`), limited and scaled as the built-in
+    loaders do, with the notes of how it was read."""
+    found = read_dataset_file(path)
+    x_train, y_train, x_test, y_test = found.x_train, found.y_train, found.x_test, found.y_test
+    if x_test is None:
+        try:
+            x_train, y_train, x_test, y_test = stratified_split(x_train, y_train, TEST_FRACTION,
+                                                                seed)
+        except ValueError as err:
+            raise ValueError(f"{path}: has no x_test/y_test and {err}") from None
+
+    def scale(x):  # pixels as the built-in loaders scale theirs; other values as they are
+        return _to_unit_float(x, dtype) if x.dtype == np.uint8 else x.astype(dtype)
+
+    return (scale(x_train[:limit]), y_train[:limit], scale(x_test[:test_limit]),
+            y_test[:test_limit], found.classes, found.notes)
+
+
+def write_dataset(name: str, path, root=None, limit: Optional[int] = None,
+                  test_limit: Optional[int] = None, seed: int = 0) -> Path:
+    """Write the built-in data set ``name`` (as :func:`load_dataset` gives it, with the same
+    ``limit``, ``test_limit`` and ``seed``) to the data set file ``path`` (:mod:`cnn.datafile`):
+    the pixel sets as ``uint8`` and the synthetic ones as ``float64``, so that
+    ``load_dataset(path)`` gives the same arrays as ``load_dataset(name)`` in either dtype."""
+    if name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set; valid names are {', '.join(DATASET_NAMES)}; "
+                         f"received name={name!r}")
+    data = load_dataset(name, root=root, limit=limit, test_limit=test_limit, seed=seed,
+                        dtype=np.float64)
+    if name in PIXEL_DATASETS:  # k / 255 in float64 comes back to k exactly
+        pixels = [np.rint(x * 255).astype(np.uint8) for x in (data.x_train, data.x_test)]
+    else:
+        pixels = [data.x_train, data.x_test]
+    return write_dataset_file(path, pixels[0], data.y_train, pixels[1], data.y_test,
+                              data.classes)

@@ -2,7 +2,9 @@
 
 :class:`DivergedError` is raised by the fit loop and by the strategies (an MPI rank that finds
 a non-finite loss), caught by the CLI (exit status 3) and by the study (a diverged run is a
-result, not a failure), so it lives below all of them.
+result, not a failure), so it lives below all of them. :class:`MissingExtraError` is raised
+wherever an optional dependency is first needed (:func:`cnn.extras.require`) and caught by the
+CLI (exit status 2), as is :class:`DeviceUnavailableError` (``--backend cuda`` without a GPU).
 """
 from __future__ import annotations
 
@@ -43,3 +45,30 @@ class DivergedError(FloatingPointError):
 
     def __reduce__(self):  # picklable across processes, with its attributes
         return (type(self), (self.epoch, self.step, self.loss, self.phase))
+
+
+class MissingExtraError(ImportError):
+    """A command or function needs an optional part of the package (an *extra* of
+    ``pyproject.toml``: ``plot``, ``keras``, ``torch``, ``mpi``, ``study``, ...) that is not
+    installed. Raised by :func:`cnn.extras.require` before any work starts; the message names
+    what needed it, the missing modules, the extra and the ``pip`` command that adds it. The
+    CLI reports it as an ``error:`` line with exit status 2.
+
+    Attributes:
+        extra: the extra's name.
+        missing: the modules that could not be found.
+    """
+
+    def __init__(self, message: str, extra: str = "", missing: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.extra, self.missing = extra, tuple(missing)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.extra, self.missing))
+
+
+class DeviceUnavailableError(RuntimeError):
+    """A backend's device cannot be used here: the ``cuda`` backend on a machine without an
+    NVIDIA GPU or without its driver. Raised when the backend is first asked for (before any
+    work); the message says which of the two and how to run without one (Numba's CUDA
+    simulator). The CLI reports it as an ``error:`` line with exit status 2."""

@@ -1,12 +1,15 @@
 """``python -m cnn predict``: a saved model's predictions, its test accuracy, a confusion
-matrix and a figure of sample predictions.
+matrix and a figure of sample predictions; with several ``--weights``, an ensemble: the mean
+of the models' class probabilities, with each model's accuracy beside the ensemble's.
 
 A weights file written by ``save_weights`` (``train --save``) carries the model's spec, so
-:func:`load_model` rebuilds the architecture from the file alone.
+:func:`load_model` rebuilds the architecture from the file alone. The figure goes beside the
+(first) weights file unless ``--figure`` says otherwise (:func:`default_figure`).
 """
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -137,11 +140,14 @@ def sample_figure(x, y_pred, probs, names, out, y_true=None, count: int = 16, se
 def add_arguments(p) -> None:
     from .backends import available_backends
     from .checks import int_arg
-    p.add_argument("--weights", required=True, help="a weights file written by train --save")
+    p.add_argument("--weights", required=True, action="append", metavar="NPZ",
+                   help="a weights file written by train --save; repeat it for an ensemble "
+                        "(the mean of the models' probabilities, each model's accuracy "
+                        "printed beside the ensemble's)")
     p.add_argument("--dataset", default=None,
                    help="evaluate on this data set's test split (mnist | cifar10 | "
-                        "mnist_embedded | blobs | xor); default: mnist_embedded unless "
-                        "--images is given")
+                        "mnist_embedded | blobs | xor, or a .npz data set file); default: "
+                        "mnist_embedded unless --images is given")
     p.add_argument("--images", default=None,
                    help="predict these images instead: a .npy/.npz of shape (N, C, H, W) or "
                         "(N, H, W)")
@@ -151,32 +157,89 @@ def add_arguments(p) -> None:
                    help="synthetic data sets and the sample figure's choice of images")
     p.add_argument("--backend", default="numpy",
                    help=f"{' | '.join(available_backends())} (default numpy)")
-    p.add_argument("--figure", default="predictions.png",
-                   help="PNG of sample predictions (default predictions.png; 'none' for none)")
+    p.add_argument("--figure", default=None, metavar="PNG",
+                   help="PNG of sample predictions (needs matplotlib: the plot extra); default: "
+                        "<weights name>_predictions.png beside the (first) weights file, "
+                        "skipped with a note when matplotlib is missing; 'none' for none")
     p.add_argument("--samples", type=int_arg(), default=16, help="images in the figure")
     p.add_argument("--show", type=int_arg(low=0), default=10,
                    help="predictions printed (default 10; all with --images up to this many)")
 
 
+def default_figure(weights) -> Path:
+    """Where ``predict`` draws its figure when ``--figure`` is not given: beside the weights
+    file, named after it (``w.npz`` -> ``w_predictions.png``)."""
+    weights = Path(weights)
+    return weights.with_name(f"{weights.stem}_predictions.png")
+
+
+def _figure_option(args) -> Path | None:
+    """The figure to draw, checked before anything is loaded: an explicit ``--figure`` needs
+    matplotlib (refused otherwise, naming the plot extra); the default one is skipped, with a
+    note, when matplotlib is missing."""
+    from .extras import missing_modules, require
+    if args.figure is not None:
+        if str(args.figure).lower() == "none":
+            return None
+        figure = Path(args.figure)
+        if figure.is_dir():
+            raise ValueError(f"--figure: {figure} is a folder; give a .png file path")
+        require("plot", "--figure", ("matplotlib",))
+        return figure
+    if missing_modules("plot", ("matplotlib",)):
+        from .extras import install_command
+        print(f"note: no figure of sample predictions: matplotlib is not installed (the plot "
+              f"extra: {install_command('plot')}); --figure none skips it without this note",
+              file=sys.stderr)
+        return None
+    return default_figure(args.weights[0])
+
+
+def load_models(paths: Sequence, backend: str = "numpy") -> list:
+    """The models saved in ``paths`` (:func:`load_model`), which must take the same inputs and
+    predict the same classes to be averaged; errors name the files."""
+    models = [load_model(path, backend=backend) for path in paths]
+    first = models[0]
+    for path, model in zip(paths[1:], models[1:]):
+        if (tuple(model.input_shape), model.num_classes) != (tuple(first.input_shape),
+                                                           first.num_classes):
+            raise ValueError(f"--weights: {path} takes {tuple(model.input_shape)} inputs and "
+                             f"predicts {model.num_classes} classes, {paths[0]} "
+                             f"{tuple(first.input_shape)} and {first.num_classes}: an ensemble "
+                             f"averages models of one task")
+    return models
+
+
+def ensemble_probabilities(models: Sequence, x: np.ndarray) -> tuple[np.ndarray, list]:
+    """``(mean, each)``: every model's class probabilities ``(N, classes)`` for ``x (N, C, H,
+    W)`` (each in its own dtype), and their mean, the ensemble's prediction."""
+    each = [np.asarray(m.predict(x.astype(m.dtype, copy=False)), dtype=np.float64)
+            for m in models]
+    return np.mean(each, axis=0), each
+
+
 def command(args) -> int:
     from .backends import get_backend
-    from .data import DATASET_NAMES, load_dataset
+    from .data import check_dataset_name, load_dataset
 
-    if args.dataset is not None and args.dataset not in DATASET_NAMES:
-        raise ValueError(f"--dataset: unknown data set {args.dataset!r}; choose one of "
-                         f"{', '.join(DATASET_NAMES)}")
+    if args.dataset is not None:
+        check_dataset_name(args.dataset)
     get_backend(args.backend)
-    figure = None if str(args.figure).lower() == "none" else Path(args.figure)
-    if figure is not None and figure.exists() and figure.is_dir():
-        raise ValueError(f"--figure: {figure} is a folder; give a .png file path")
-    model = load_model(args.weights, backend=args.backend)
-    print(f"model from {args.weights}\n{model.summary()}")
+    figure = _figure_option(args)
+    models = load_models(args.weights, backend=args.backend)
+    model = models[0]
+    if len(models) == 1:
+        print(f"model from {args.weights[0]}\n{model.summary()}")
+    else:
+        print(f"ensemble of {len(models)} models (the mean of their probabilities):\n"
+              + "\n".join(f"  {path}: {m.num_params:,} parameters ({m.dtype})"
+                          for path, m in zip(args.weights, models)))
     if args.images is not None:
         x = load_images(args.images, model.input_shape, model.dtype)
         names = [str(k) for k in range(model.num_classes)]
         if args.dataset is not None:
             names = _class_names(args, model) or names
-        probs = model.predict(x)
+        probs, _ = ensemble_probabilities(models, x)
         pred = probs.argmax(axis=1)
         print(f"\n{len(x)} images from {args.images}")
         for i in range(min(len(x), max(args.show, 1))):
@@ -193,24 +256,35 @@ def command(args) -> int:
                         seed=args.seed, dtype=model.dtype)
     if tuple(data.input_shape) != tuple(model.input_shape):
         raise ValueError(f"--dataset {dataset}: its images are {data.input_shape}; the model in "
-                         f"{args.weights} takes {tuple(model.input_shape)}")
+                         f"{args.weights[0]} takes {tuple(model.input_shape)}")
     if data.num_classes != model.num_classes:
         raise ValueError(f"--dataset {dataset}: {data.num_classes} classes; the model in "
-                         f"{args.weights} predicts {model.num_classes}")
+                         f"{args.weights[0]} predicts {model.num_classes}")
     x, y = data.x_test, data.y_test
-    probs = model.predict(x)
+    probs, each = ensemble_probabilities(models, x)
     pred = probs.argmax(axis=1)
     names = list(data.classes)
     acc = float((pred == y).mean())
-    loss = model.evaluate(x, y)["loss"]
-    print(f"\n{dataset} test set: {len(y)} images")
+    print(f"\n{dataset} test set: {len(y)} images" + "".join(f"\n  {n}" for n in data.notes))
     for i in range(min(len(y), args.show)):
         ok = "" if pred[i] == y[i] else "  (wrong)"
         print(f"  image {i}: predicted {names[pred[i]]} (p={probs[i, pred[i]]:.3f}), "
               f"true {names[y[i]]}{ok}")
     print(f"\nconfusion matrix (rows: true class, columns: predicted)\n"
           f"{format_confusion(confusion_matrix(y, pred, model.num_classes), names)}")
-    print(f"\ntest loss {loss:.4f}; test accuracy {acc:.4f} ({int((pred == y).sum())} of {len(y)})")
+    if len(models) == 1:
+        loss = model.evaluate(x, y)["loss"]
+        print(f"\ntest loss {loss:.4f}; test accuracy {acc:.4f} ({int((pred == y).sum())} of "
+              f"{len(y)})")
+    else:
+        print("\neach model alone:")
+        for path, m, p in zip(args.weights, models, each):
+            hits = int((p.argmax(axis=1) == y).sum())
+            print(f"  {path}: test loss {m.evaluate(x.astype(m.dtype, copy=False), y)['loss']:.4f}; "
+                  f"test accuracy {hits / len(y):.4f} ({hits} of {len(y)})")
+        nll = float(-np.mean(np.log(np.clip(probs[np.arange(len(y)), y], 1e-300, None))))
+        print(f"ensemble of {len(models)}: log loss of the mean probabilities {nll:.4f}; test "
+              f"accuracy {acc:.4f} ({int((pred == y).sum())} of {len(y)})")
     if figure is not None:
         print(f"figure of sample predictions: "
               f"{sample_figure(x, pred, probs, names, figure, y_true=y, count=args.samples, seed=args.seed)}")

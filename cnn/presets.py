@@ -5,6 +5,8 @@ optimizer and batch size the study trains it with by default.
 """
 from __future__ import annotations
 
+from .datafile import is_dataset_file, stored_input_shape
+
 PRESETS: dict[str, dict] = {
     # The small MNIST network: one conv layer of 8 3x3 filters, pooling and a softmax layer.
     "mnist_small": {
@@ -66,8 +68,17 @@ DATASET_MODELS = {"cifar10": "cifar_tutorial", "xor": "xor_mlp"}
 
 
 def default_model(dataset: str) -> str:
-    """The default preset for ``dataset`` (``mnist_small`` for MNIST-shaped and blob images)."""
-    return DATASET_MODELS.get(dataset, "mnist_small")
+    """The default preset for ``dataset`` (``mnist_small`` for MNIST-shaped and blob images).
+    For a data set file the shape ``(C, H, W)`` of its images decides (read from the file's
+    header): ``cifar_tutorial`` for ``(3, 32, 32)``, ``xor_mlp`` for images too small for
+    ``mnist_small``'s 3x3 convolution and 2x2 pooling (feature vectors ``(1, 1, D)`` among
+    them), ``mnist_small`` otherwise."""
+    if not is_dataset_file(dataset):
+        return DATASET_MODELS.get(dataset, "mnist_small")
+    input_shape = stored_input_shape(dataset)
+    if tuple(input_shape) == (3, 32, 32):
+        return "cifar_tutorial"
+    return "xor_mlp" if min(input_shape[1:]) < 4 else "mnist_small"
 
 
 def preset_names() -> list[str]:
@@ -88,4 +99,23 @@ def with_filters(spec: dict, filters: int | None) -> dict:
     layers = [dict(layer) for layer in spec["layers"]]
     first_conv = next(i for i, layer in enumerate(layers) if layer["type"] == "conv2d")
     layers[first_conv]["filters"] = int(filters)
+    return {**spec, "layers": layers}
+
+
+def for_data(spec: dict, model, dataset: str, classes: int) -> dict:
+    """The spec to train on ``dataset``: a preset (``model`` names one) trained on a data set
+    file gets an output layer of the file's ``classes`` (:func:`with_classes`); any other spec
+    is the user's own and is kept as it is."""
+    if is_dataset_file(dataset) and isinstance(model, str) and model in PRESETS:
+        return with_classes(spec, classes)
+    return spec
+
+
+def with_classes(spec: dict, classes: int) -> dict:
+    """A copy of ``spec`` whose output layer (its last layer, when a dense one) has ``classes``
+    units: a preset sized to a data set's classes. Other specs are returned as they are."""
+    layers = [dict(layer) for layer in spec["layers"]]
+    if not layers or str(layers[-1].get("type", "")).lower() != "dense":
+        return spec
+    layers[-1]["units"] = int(classes)
     return {**spec, "layers": layers}

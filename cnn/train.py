@@ -38,6 +38,22 @@ from .parallel import Strategy, make_strategy
 NONFINITE_POLICIES = ("raise", "continue")
 
 
+#: phase -> its per-epoch column of a History, in the order of the timing table
+PHASE_COLUMNS = (("data", "data_time"), ("compute", "compute_time"),
+                 ("communication", "comm_time"), ("transfer", "transfer_time"),
+                 ("evaluation", "eval_time"))
+#: what each phase of the timing table holds
+PHASE_MEANING = {
+    "data": "shuffling and gathering batches (the part not hidden by prefetching)",
+    "compute": "the training steps: forward, backward, update",
+    "communication": "combining gradients or weights between workers",
+    "transfer": "host-to-device copies (the part not hidden by prefetching)",
+    "evaluation": "the validation pass after each epoch",
+    "compile": "JIT compilation (or tracing) before the first epoch",
+    "other": "the rest: set-up, callbacks, bookkeeping between steps",
+}
+
+
 @dataclass
 class History:
     """Per-epoch records (``history[key]`` is a list over epochs) and run-level facts."""
@@ -65,9 +81,35 @@ class History:
             line += f"  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_accuracy']:.4f}"
         return line
 
+    def phase_times(self) -> dict[str, float]:
+        """Seconds per phase over the whole fit, from the per-epoch columns and ``info``:
+        ``data``, ``compute``, ``communication``, ``transfer`` (inside the epochs' time),
+        ``evaluation`` (after each epoch) and ``compile`` (before the first); a trainer without
+        a column (one worker communicates nothing) counts 0 for it."""
+        h = self.history
+        return {phase: float(sum(h.get(column, ()))) for phase, column in PHASE_COLUMNS} | {
+            "compile": float(self.info.get("compile_time", 0.0))}
+
+    def timing_table(self) -> str:
+        """The per-phase timing table ``train`` ends with: each phase's seconds
+        (:meth:`phase_times`) and its share of the fit's wall time (``info["wall_time"]``), and
+        the rest of that wall time as ``other`` (set-up, step hooks, Python between steps)."""
+        times = self.phase_times()
+        wall = self.info.get("wall_time")
+        if wall is None:  # a History not made by a fit: shares of the phases' sum
+            wall = sum(times.values())
+        times["other"] = max(wall - sum(times.values()), 0.0)
+        lines = [f"time per phase over {self.epochs} epoch(s), share of the fit's wall time "
+                 f"{wall:.2f} s:", f"  {'phase':<15}{'seconds':>9}{'share':>8}"]
+        for phase, seconds in times.items():
+            share = f"{seconds / wall:8.1%}" if wall > 0 else f"{'-':>8}"
+            lines.append(f"  {phase:<15}{seconds:9.2f}{share}  {PHASE_MEANING[phase]}")
+        return "\n".join(lines)
+
     def to_frame(self):
         import pandas as pd
         return pd.DataFrame(self.history)
+
 
 
 def _blas_limit(threads: int | None):
@@ -132,10 +174,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         ``time``, ``compute_time`` (the steps, less
         ``comm_time``: seconds spent combining gradients or weights between workers, 0 for
         one worker), ``data_time``,
-        ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``
-        and the configuration (the optimizer, the global steps at the start and end,
+        ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``,
+        ``wall_time`` (the seconds of the whole call), and the configuration (the optimizer, the global steps at the start and end,
         seconds spent in batch callbacks, which are not in ``time``).
     """
+    started = time.perf_counter()
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
     if on_nonfinite not in NONFINITE_POLICIES:
@@ -252,6 +295,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     if finished:
         for cb in callbacks:
             cb.on_train_end(history)
+    history.info["wall_time"] = time.perf_counter() - started
     return history
 
 

@@ -5,7 +5,8 @@ MPI strategies and write, from every rank, ``OUT/<scenario>.rank<r>.npz`` (weigh
 ``.json`` (history and info); the test compares them with the sequential path, computed in the
 test's own process. One launch trains all of them, to keep CI short.
 
-``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward.
+``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward, after
+writing the MPICH segments it maps to ``OUT/segments.rank1``.
 ``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
 ``OUT/pid.rank<r>`` and, once training has started, ``OUT/started.rank<r>`` (the test kills
 rank 1 with SIGKILL).
@@ -75,6 +76,10 @@ def main(mode: str, out: str) -> None:
                 if rank == 1:
                     self.calls += 1
                     if self.calls > 2:
+                        with open("/proc/self/maps") as f:  # the test checks their names
+                            (out_dir / "segments.rank1").write_text("".join(
+                                line.split(None, 5)[5] for line in f
+                                if "/dev/shm/mpich_shm" in line))
                         raise FloatingPointError("injected failure")
                 return super().dense_forward(x, w, b, *args, **kwargs)
 

@@ -42,13 +42,13 @@ ARCHITECTURE_DOC = PACKAGE.parent / "docs" / "architecture.md"
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.machine", "cnn.records"]),
+                     "cnn.machine", "cnn.records", "cnn.extras"]),
     ("backends", ["cnn.backends.*"]),
     # the names of what the study runs: paths (backend x strategy x launcher) and where each
     # strategy lives; the standard library only (and the backends' records), so every layer
     # above may read it, and it names what it describes without importing it
     ("path registry", ["cnn.paths"]),
-    ("data and presets", ["cnn.data", "cnn.presets"]),
+    ("data and presets", ["cnn.data", "cnn.datafile", "cnn.presets"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
                                "cnn.schedules"]),
     ("model", ["cnn.model"]),

@@ -310,3 +310,132 @@ def test_filters_on_a_model_without_conv_and_layer_errors_name_the_file(tmp_path
     assert main(["train", "--dataset", "blobs", "--model", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {path}: ") and "larger than its input" in err
+
+
+# ---- the per-phase timing table --------------------------------------------------------------
+PHASES = ("data", "compute", "communication", "transfer", "evaluation", "compile", "other")
+
+
+def timing_rows(stdout: str) -> dict[str, float]:
+    """The timing table's rows: phase -> share of the wall time (a fraction)."""
+    rows = {}
+    for line in stdout.splitlines():
+        m = re.match(r"^\s+(\w+)\s+(\d+\.\d{2})\s+(\d+\.\d)%\s", line)
+        if m and m.group(1) in PHASES:
+            rows[m.group(1)] = float(m.group(3)) / 100
+    return rows
+
+
+def test_train_ends_with_the_timing_table(capsys):
+    rc = main(["train", "--dataset", "blobs", "--quiet", "--limit", "200", "--test-limit", "40",
+               "--epochs", "2", "--strategy", "sync", "--threads", "2"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = timing_rows(out)
+    assert list(rows) == list(PHASES), out
+    assert sum(rows.values()) == pytest.approx(1.0, abs=0.004)  # seven shares rounded to 0.1%
+    assert out.index("time per phase") > out.index("epoch   val_acc")
+
+
+# ---- --backend keras and torch: the same spec through the references ---------------------------
+def _train_losses(stdout: str) -> list[float]:
+    return [float(row[2]) for row in table_rows(stdout)]
+
+
+@pytest.mark.parametrize("backend", ["keras", "torch"])
+def test_reference_backends_train_the_same_spec_with_the_same_output(backend, tmp_path):
+    """From the same initial weights and batches the reference's per-epoch training losses are
+    ours (to the 4 printed decimals, float64), the table and the timing table are printed alike,
+    and the saved weights load and score as printed."""
+    if backend == "torch":
+        pytest.importorskip("torch")
+    common = ["--dataset", "blobs", "--limit", "300", "--test-limit", "60", "--epochs", "2",
+              "--dtype", "float64", "--quiet"]
+    ours = run_cli("train", *common)
+    assert ours.returncode == 0, ours.stderr
+    save = tmp_path / "w.npz"
+    ref = run_cli("train", *common, "--backend", backend, "--save", str(save))
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert f"the {backend} reference with 1 thread(s)" in ref.stdout
+    assert _train_losses(ref.stdout) == pytest.approx(_train_losses(ours.stdout), abs=2e-4)
+    assert len(table_rows(ref.stdout)) == 2 and list(timing_rows(ref.stdout)) == list(PHASES)
+    acc = float(re.search(r"final test accuracy (\d\.\d{4})", ref.stdout).group(1))
+    model = Sequential.from_spec("mnist_small", input_shape=(1, 8, 8), dtype=np.float64)
+    model.load_weights(save)
+    data = load_dataset("blobs", limit=300, test_limit=60, seed=0, dtype=np.float64)
+    assert model.evaluate(data.x_test, data.y_test)["accuracy"] == pytest.approx(acc, abs=1e-4)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--backend", "keras", "--strategy", "sync", "--threads", "2"], "--strategy sync: not with"),
+    (["--backend", "keras", "--early-stopping", "2"], "--early-stopping: not with"),
+    (["--backend", "torch", "--lr-schedule", "cosine"], "--lr-schedule: not with"),
+    (["--backend", "torch", "--optimizer", "adam"], "--backend torch: the PyTorch reference "
+                                                    "trains with SGD"),
+    (["--backend", "torch", "--nesterov", "--momentum", "0.9"], "--backend torch"),
+])
+def test_reference_backends_refuse_what_they_cannot_honour(argv, named, capsys, monkeypatch):
+    trained = []
+    monkeypatch.setattr("cnn.reference.torch.fit_torch", lambda *a, **k: trained.append(1))
+    rc = main(["train", "--dataset", "blobs", "--limit", "64", "--test-limit", "8", *argv])
+    err = capsys.readouterr().err
+    assert rc == 2 and named in err and not trained, err
+
+
+def test_cuda_without_a_gpu_is_an_error_line_and_exit_2():
+    env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
+    probe = subprocess.run([sys.executable, "-c", "from numba import cuda; "
+                            "print(cuda.is_available())"], capture_output=True, text=True,
+                           env=env, timeout=120)
+    if probe.stdout.strip() == "True":
+        pytest.skip("a CUDA GPU is present: --backend cuda trains here")
+    proc = subprocess.run([sys.executable, "-m", "cnn", "train", "--backend", "cuda",
+                           "--dataset", "blobs"], capture_output=True, text=True, env=env,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: CudaBackend: no CUDA GPU is usable here: ")
+    assert "no CUDA driver" in proc.stderr or "found no GPU" in proc.stderr
+    assert "NUMBA_ENABLE_CUDASIM=1" in proc.stderr and "Traceback" not in proc.stderr
+    assert "epoch" not in proc.stdout
+
+
+# ---- a missing optional part is named before any work -----------------------------------------
+@pytest.fixture
+def without_matplotlib(monkeypatch):
+    """matplotlib reported missing (cnn.extras looks with importlib.util.find_spec);
+    tests/test_packaging.py checks the same in an environment that really lacks it."""
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == "matplotlib"
+                        else find_spec(name, *a))
+
+
+def test_plot_without_matplotlib_is_refused_before_training(without_matplotlib, tmp_path,
+                                                            capsys):
+    png = tmp_path / "c.png"
+    rc = main(["train", "--dataset", "blobs", "--plot", str(png), "--save",
+               str(tmp_path / "w.npz")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.startswith("error: --plot needs matplotlib, which is not installed"), err
+    assert "plot extra" in err and "pip install" in err and "'matplotlib>=3.8'" in err
+    assert "epoch" not in out and not list(tmp_path.iterdir())
+
+
+def test_predict_figure_without_matplotlib(without_matplotlib, tmp_path, capsys):
+    weights = tmp_path / "w.npz"
+    assert main(["train", "--dataset", "blobs", "--quiet", "--limit", "64", "--test-limit", "16",
+                 "--epochs", "1", "--save", str(weights)]) == 0
+    capsys.readouterr()
+    # asked for: refused before anything is loaded
+    rc = main(["predict", "--weights", str(weights), "--dataset", "blobs", "--figure",
+               str(tmp_path / "p.png")])
+    out, err = capsys.readouterr()
+    assert rc == 2 and "--figure needs matplotlib" in err and "plot extra" in err
+    assert "test set" not in out
+    # the default one: the predictions, and a note instead of the figure
+    rc = main(["predict", "--weights", str(weights), "--dataset", "blobs", "--test-limit", "16"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "test accuracy" in out
+    assert "note: no figure of sample predictions: matplotlib is not installed" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]

@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +58,15 @@ def remove_mpich_orphans():
     remove_orphan_segments(since=started)
 
 
-def _mapped_segments(pid: int) -> set:
+def _segment_lines(pid: int) -> list[str]:
+    """The lines of /proc/PID/maps that map an MPICH segment (an unlinked one ends with
+    ``(deleted)``)."""
     with open(f"/proc/{pid}/maps") as f:
-        return {line.split()[-1] for line in f if "/dev/shm/mpich_shm" in line}
+        return [line.split(None, 5)[5].rstrip("\n") for line in f if "/dev/shm/mpich_shm" in line]
+
+
+def _mapped_segments(pid: int) -> set:
+    return {line.removesuffix(" (deleted)") for line in _segment_lines(pid)}
 
 
 def mpirun(*args, ranks=2, timeout=120, check=True, mpiexec_args=()):
@@ -308,9 +315,17 @@ def test_an_exception_on_one_rank_aborts_every_rank(tmp_path):
     assert "rank 1 of 2" in res.stderr and "FloatingPointError: injected failure" in res.stderr
     assert "aborting all 2 ranks" in res.stderr
     assert time.monotonic() - t < 30  # no rank left waiting in a collective
+    # MPI_Abort skips MPI_Finalize, which alone unlinks MPICH's segment: its name was gone
+    # already when the rank failed (release_segments), so the aborted job left nothing
+    mapped = (tmp_path / "segments.rank1").read_text().splitlines()
+    assert mapped and all(line.endswith(" (deleted)") for line in mapped), mapped
+    assert not any(os.path.exists(line.removesuffix(" (deleted)")) for line in mapped)
 
 
-def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
+@contextmanager
+def _training_job(tmp_path):
+    """``mpi_checks.py slow`` under ``mpiexec -n 2``, once both ranks train: yields mpiexec's
+    Popen and the ranks' pids (rank 0 first); kills the job on the way out if it still runs."""
     cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "slow",
            str(tmp_path)]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
@@ -320,17 +335,38 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
             assert job.poll() is None, job.communicate()
             assert time.monotonic() < deadline, "the ranks did not start training"
             time.sleep(0.05)
-        victim = int((tmp_path / "pid.rank1").read_text())
-        survivor = int((tmp_path / "pid.rank0").read_text())
+        yield job, [int((tmp_path / f"pid.rank{r}").read_text()) for r in (0, 1)]
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
+@pytest.mark.parametrize("victim", ["rank", "mpiexec"])
+def test_no_segment_survives_a_kill(tmp_path, victim):
+    """A running job's MPICH segment has no name in /dev/shm any more (every rank maps it, and
+    release_segments unlinked it), so SIGKILL to a rank or to mpiexec, after which nothing of
+    ours runs, leaves no segment behind: checked with no clean-up in between."""
+    with _training_job(tmp_path) as (job, ranks):
+        lines = [line for pid in ranks for line in _segment_lines(pid)]
+        assert lines and all(line.endswith(" (deleted)") for line in lines), lines
+        names = {line.removesuffix(" (deleted)") for line in lines}
+        os.kill(ranks[1] if victim == "rank" else job.pid, signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while any(os.path.exists(f"/proc/{pid}") for pid in ranks):
+            assert time.monotonic() < deadline, f"a rank outlived the killed {victim}"
+            time.sleep(0.1)
+    assert not any(os.path.exists(name) for name in names), names
+
+
+def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
+    with _training_job(tmp_path) as (job, (survivor, victim)):
         segments = _mapped_segments(survivor)  # the job's own (per host) shared memory
         os.kill(victim, signal.SIGKILL)
         t = time.monotonic()
         job.wait(timeout=30)
         ended = time.monotonic() - t
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
     assert job.returncode != 0
     assert ended < 10, f"the job took {ended:.1f} s to end after the kill"
     with pytest.raises(ProcessLookupError):

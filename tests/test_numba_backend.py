@@ -12,8 +12,12 @@ kernel twice (two dtypes) for both backends, about 45 s of CPU; later runs load 
 from __future__ import annotations
 
 import importlib
+import json
 import os
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numba
 import numpy as np
@@ -440,3 +444,23 @@ def test_maxpool2d_and_relu_on_channels_last_inputs(dtype, tol, shape, pool, str
     assert_close(be.maxpool2d_backward(channels_last(dout.astype(dtype)),
                                        be.maxpool2d_forward(x.astype(dtype), pool, stride)[1]),
                  dx_ref, dtype, tol)
+
+
+def test_no_compilation_inside_any_epoch_with_a_cold_cache(tmp_path):
+    """With an empty Numba cache, every kernel the epochs and evaluations of a fit use is
+    compiled in its warm-up (timed as ``compile_time``), on every JIT path of the CPU: no
+    compilation or cache load happens after the warm-up (tests/compile_checks.py records
+    Numba's compiler-lock events). The first path compiles the ``numba`` kernels, the second
+    finds them compiled, the third compiles the ``numba_parallel`` ones."""
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba-cache")}
+    here = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(here / "compile_checks.py")], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fits = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [f["path"] for f in fits] == ["numba sync x2", "numba sequential x1",
+                                         "numba_parallel sequential x1"]
+    for fit in fits:
+        assert fit["events_after_warm_up"] == 0, fit
+    assert fits[0]["warm_up_events"] > 0 and fits[2]["warm_up_events"] > 0, fits  # cold
+    assert fits[0]["compile_time"] > 0 and fits[2]["compile_time"] > 0

@@ -362,7 +362,7 @@ def test_no_semicolon_is_swallowed_after_an_embedded_expression():
     ``#if c [..];``) ends the expression and is dropped from the text: the PDF read
     "... to 13:22 code ..." and "55.8 over MPI ranks largest error". Write ``#";"`` instead."""
     import re
-    source = (Path(__file__).resolve().parents[1] / "report" / "report.typ").read_text()
+    source = (Path(__file__).resolve().parents[1] / "cnn" / "analysis" / "report.typ").read_text()
     code_free = re.sub(r"`[^`\n]*`", "``", source)  # raw text keeps its semicolons
     hits = [line for line in code_free.splitlines() if not line.lstrip().startswith("//")
             and re.search(r"#[\w.\-]+(\([^()\n]*\))?;|#(if|for)\b[^\n]*\];", line)]

@@ -86,7 +86,8 @@ def test_history_has_every_documented_key(blobs_run):
         assert f"``{key}``" in fit.__doc__, f"{key} is no longer documented in fit"
     # and nothing documented is missing from this list
     returns = fit.__doc__.split("Returns:")[1]
-    assert set(re.findall(r"``(\w+)``", returns)) - {"info"} == set(DOCUMENTED_KEYS) | {"compile_time"}
+    assert set(re.findall(r"``(\w+)``", returns)) - {"info"} == set(DOCUMENTED_KEYS) | {
+        "compile_time", "wall_time"}
     assert isinstance(hist, History)
     for key in DOCUMENTED_KEYS:
         assert len(hist.history[key]) == 3, key
@@ -102,6 +103,9 @@ def test_history_has_every_documented_key(blobs_run):
                                    1000 / hist.history["time"][i], rtol=1e-9)
         assert 0 <= hist.history["accuracy"][i] <= 1 and 0 <= hist.history["val_accuracy"][i] <= 1
     assert hist.info["compile_time"] >= 0
+    # the whole call: every epoch, every evaluation and the compile inside it
+    assert hist.info["wall_time"] >= (sum(hist.history["time"]) + sum(hist.history["eval_time"])
+                                      + hist.info["compile_time"])
     assert hist.info["batch_size"] == 32 and hist.info["strategy"] == "sequential"
     # the last epoch's validation numbers describe the returned model
     final = model.evaluate(data.x_test, data.y_test)
@@ -109,6 +113,43 @@ def test_history_has_every_documented_key(blobs_run):
     assert hist.history["val_accuracy"][-1] == final["accuracy"]
     frame = hist.to_frame()
     assert frame.shape[0] == 3 and set(DOCUMENTED_KEYS) <= set(frame.columns)
+
+
+def _timing_rows(table: str) -> dict[str, tuple[float, str]]:
+    rows = {}
+    for line in table.splitlines()[2:]:
+        phase, seconds, share = line.split()[:3]
+        rows[phase] = (float(seconds), share)
+    return rows
+
+
+def test_timing_table_gives_each_phase_its_seconds_and_share():
+    """Hand-made numbers: each phase's sum over the epochs, its share of the wall time, and
+    the wall time the phases leave as ``other``."""
+    hist = History(history={"epoch": [1, 2], "data_time": [0.5, 0.5],
+                            "compute_time": [2.5, 3.5], "comm_time": [1.0, 1.0],
+                            "transfer_time": [0.0, 0.5], "eval_time": [0.25, 0.25]},
+                   info={"compile_time": 2.0, "wall_time": 20.0})
+    table = hist.timing_table()
+    assert "2 epoch(s)" in table and "20.00 s" in table
+    assert _timing_rows(table) == {
+        "data": (1.0, "5.0%"), "compute": (6.0, "30.0%"), "communication": (2.0, "10.0%"),
+        "transfer": (0.5, "2.5%"), "evaluation": (0.5, "2.5%"), "compile": (2.0, "10.0%"),
+        "other": (8.0, "40.0%")}
+    # a trainer without a column (PyTorch's one worker has no comm_time) counts 0 for it
+    del hist.history["comm_time"]
+    assert _timing_rows(hist.timing_table())["communication"] == (0.0, "0.0%")
+
+
+def test_timing_table_of_a_fit_adds_up_to_its_wall_time(blobs_run):
+    _, _, hist = blobs_run
+    rows = _timing_rows(hist.timing_table())
+    h = hist.history
+    for phase, column in (("data", "data_time"), ("compute", "compute_time"),
+                          ("evaluation", "eval_time")):
+        assert rows[phase][0] == pytest.approx(sum(h[column]), abs=0.005 + 1e-9)
+    assert sum(seconds for seconds, _ in rows.values()) == pytest.approx(
+        hist.info["wall_time"], abs=0.04)  # seven figures rounded to 0.01 s
 
 
 def test_history_loss_is_mean_over_examples():

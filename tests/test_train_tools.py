@@ -285,3 +285,110 @@ def test_load_config_applies_defaults(tmp_path):
     assert (b.epochs, b.optimizer) == (2, {"type": "sgd"})
     assert a.spec["input_shape"] == [1, 1, 2] and a.batch_size == 16  # xor_mlp's
     assert Path(cfg).is_file()
+
+
+# ---- --config: each model saved and plotted -----------------------------------------------------
+SAVED_CONFIG = """\
+defaults:
+  dataset: xor
+  epochs: 2
+  save: {save}
+  plot: {plot}
+models:
+  adam: {{model: xor_mlp, optimizer: 'adam:lr=0.02'}}
+  sgd: {{model: xor_mlp, optimizer: 'sgd:lr=0.5'}}
+"""
+
+
+def test_config_saves_and_plots_every_model_and_predict_reads_them(capsys, tmp_path):
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text(SAVED_CONFIG.format(save=f"'{tmp_path}/weights/'",
+                                       plot=f"'{tmp_path}/curves/{{name}}.png'"))
+    code, out, err = run(capsys, "train", "--config", str(cfg), "--quiet")
+    assert code == 0, err
+    for name in ("adam", "sgd"):
+        weights, curves = tmp_path / "weights" / f"{name}.npz", tmp_path / "curves" / f"{name}.png"
+        assert f"{name}: " in out and f"weights in {weights}" in out and f"curves in {curves}" in out
+        assert curves.stat().st_size > 1000
+        # the saved model scores on the test set what the comparison table printed for it
+        acc = float(_table(out)[name].split()[-3])
+        data = load_dataset("xor", seed=0)
+        assert load_model(weights).evaluate(data.x_test, data.y_test)["accuracy"] == \
+            pytest.approx(acc, abs=1e-4)
+    code, out, err = run(capsys, "predict", "--weights", str(tmp_path / "weights" / "adam.npz"),
+                         "--weights", str(tmp_path / "weights" / "sgd.npz"), "--dataset", "xor",
+                         "--figure", "none")
+    assert code == 0 and "ensemble of 2" in out, err
+
+
+def test_config_save_and_plot_from_the_command_line(capsys, tmp_path):
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("defaults: {dataset: xor, epochs: 1}\nmodels: {a: xor_mlp, b: xor_mlp}\n")
+    code, out, err = run(capsys, "train", "--config", str(cfg), "--quiet", "--save",
+                         str(tmp_path / "w_{name}.npz"), "--plot", str(tmp_path / "p") + "/")
+    assert code == 0, err
+    assert sorted(p.name for p in tmp_path.rglob("*.npz")) == ["w_a.npz", "w_b.npz"]
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["a.png", "b.png"]
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["--save", "one.npz"], "models 'a' and 'b' would both write save to"),
+    (["--plot", "one.png"], "models 'a' and 'b' would both write plot to"),
+    (["--plot", "{name}.pdf"], "plot must be a .png path"),
+    (["--epochs", "5"], "--epochs does not apply to --config"),
+    (["--epochs", "3"], "--epochs does not apply to --config"),  # the default, given
+    (["--backend", "numba"], "--backend does not apply to --config"),
+    (["--lr", "0.1"], "--lr does not apply to --config"),
+])
+def test_config_refuses_what_it_cannot_honour(capsys, tmp_path, monkeypatch, argv, named):
+    cfg = tmp_path / "models.yaml"
+    cfg.write_text("defaults: {dataset: xor, epochs: 1}\nmodels: {a: xor_mlp, b: xor_mlp}\n")
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run(capsys, "train", "--config", str(cfg), *argv)
+    assert code == 2 and named in err and "val_acc" not in out, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["models.yaml"]
+
+
+# ---- predict: an ensemble, and the figure beside the weights ------------------------------------
+def test_predict_ensemble_is_the_mean_of_the_probabilities(capsys, saved, tmp_path):
+    path, model, data = saved
+    other = build_model("mnist_small", input_shape=data.input_shape, seed=7)
+    other.fit(data.x_train, data.y_train, epochs=1, batch_size=32, verbose=0,
+              optimizer={"type": "sgd", "lr": 0.05})
+    other_path = other.save_weights(tmp_path / "other.npz")
+    test = load_dataset("blobs", test_limit=120, seed=0)
+    code, out, err = run(capsys, "predict", "--weights", str(path), "--weights",
+                         str(other_path), "--dataset", "blobs", "--test-limit", "120",
+                         "--figure", "none", "--show", "3")
+    assert code == 0, err
+    each = [m.predict(test.x_test) for m in (model, other)]
+    mean = (each[0] + each[1]) / 2
+    pred = mean.argmax(1)
+    hits = int((pred == test.y_test).sum())
+    assert f"ensemble of 2: log loss of the mean probabilities" in out
+    assert f"test accuracy {hits / 120:.4f} ({hits} of 120)" in out.split("ensemble of 2:")[-1]
+    assert f"image 0: predicted {pred[0]} (p={mean[0, pred[0]]:.3f})" in out
+    for p, m_path in zip(each, (path, other_path)):
+        alone = int((p.argmax(1) == test.y_test).sum())
+        assert f"{m_path}: test loss" in out and f"({alone} of 120)" in out
+
+
+def test_predict_refuses_models_of_different_tasks(capsys, saved, tmp_path):
+    path, _, _ = saved
+    xor = build_model("xor_mlp", seed=0)
+    xor_path = xor.save_weights(tmp_path / "xor.npz")
+    code, _, err = run(capsys, "predict", "--weights", str(path), "--weights", str(xor_path),
+                       "--figure", "none")
+    assert code == 2 and str(xor_path) in err and "one task" in err, err
+
+
+def test_predict_figure_goes_beside_the_weights(capsys, saved, tmp_path, monkeypatch):
+    path, _, _ = saved
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    code, out, err = run(capsys, "predict", "--weights", str(path), "--dataset", "blobs",
+                         "--test-limit", "40")
+    figure = path.with_name("w_predictions.png")
+    assert code == 0 and f"figure of sample predictions: {figure}" in out, err
+    assert figure.stat().st_size > 1000 and not list(work.iterdir())

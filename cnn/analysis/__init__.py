@@ -15,7 +15,7 @@ The study (:mod:`cnn.study`) writes ``results/df_results.pkl`` (schema and file 
 * figures (:func:`make_figures`), the summary as CSV and JSON (:func:`write_summary`), every
   number the report prints (:func:`report_numbers` -> ``numbers.json``), and the PDF
   (:func:`build_report`, also ``python -m cnn report``), compiled with Typst from
-  ``report/report.typ``, which contains no measured number.
+  ``cnn/analysis/report.typ``, which contains no measured number.
 
 Modules: :mod:`.statistics` (pure functions), :mod:`.summary`, :mod:`.figures`,
 :mod:`.numbers`, :mod:`.pdf`, :mod:`.text` (formatting). Path names, labels and orders come

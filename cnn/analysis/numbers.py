@@ -234,7 +234,7 @@ def _tta_rows(tt: pd.DataFrame) -> list[dict]:
 
 
 def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> dict:
-    """Every number and generated sentence ``report/report.typ`` prints (a JSON-able dict)."""
+    """Every number and generated sentence ``cnn/analysis/report.typ`` prints (a JSON-able dict)."""
     runs, t, res = summary.runs, summary.table, summary.results
     PATHS = P.path_names()
     present = [p for p in PATHS if p in set(runs["path"])] + sorted(set(runs["path"]) - set(PATHS))

@@ -13,7 +13,8 @@ from .numbers import report_numbers
 from .summary import summarize, write_summary
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-REPORT_TYP = ROOT / "report" / "report.typ"
+#: the report's Typst source: package data, so an installed package builds the PDF too
+REPORT_TYP = Path(__file__).resolve().parent / "report.typ"
 
 
 def _root_relative(path: Path, root: Path) -> str:

@@ -19,23 +19,26 @@ from dataclasses import dataclass
 class Suite:
     """A suite of ``python -m cnn bench``: the module of :mod:`cnn.bench` whose ``suite``
     function runs it, what it measures, the options it takes beyond ``--repeats``,
-    ``--quick``, ``--presets`` and ``--batch-sizes`` (as ``suite`` keywords), and whether it
-    prints the machine it ran on itself (else the command prints it first)."""
+    ``--quick``, ``--presets`` and ``--batch-sizes`` (as ``suite`` keywords), whether it
+    prints the machine it ran on itself (else the command prints it first), and the extra it
+    cannot run without (:mod:`cnn.extras`; the default suite runs without its optional
+    contenders, saying so)."""
 
     module: str
     measures: str
     options: tuple[str, ...] = ()
     prints_machine: bool = False
+    extra: str | None = None
 
 
 #: suite name -> its entry; ``compare`` is the default
 SUITES = {
     "compare": Suite("peers", "the default: ours on every CPU path vs Keras and PyTorch, 1 "
                      "and 2 threads", ("json_path",), prints_machine=True),
-    "keras": Suite("keras", "sequential vs Keras"),
+    "keras": Suite("keras", "sequential vs Keras", extra="keras"),
     "threads": Suite("threads", "speed-up of sync threads"),
     "gpu": Suite("gpu", "CUDA vs sequential vs Keras"),
-    "mpi": Suite("mpi", "allreduce between MPI ranks, overlap", ("json_path",)),
+    "mpi": Suite("mpi", "allreduce between MPI ranks, overlap", ("json_path",), extra="mpi"),
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
@@ -64,6 +67,9 @@ def main(suite: str = "compare", repeats: int | None = None, quick: bool = False
             refusal = "writes no figures" if key == "json_path" else f"takes no {OPTIONS[key]}"
             raise ValueError(f"{option}: the {suite!r} suite {refusal}; {OPTIONS[key]} works "
                              f"with {' and '.join(takers)}")
+    if entry.extra is not None:
+        from ..extras import require
+        require(entry.extra, f"bench {suite}")
     kwargs = {"quick": quick, **{k: v for k, v in given.items() if v is not None}}
     if quick:
         kwargs["repeats"] = 1

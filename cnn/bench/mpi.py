@@ -108,8 +108,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     from threadpoolctl import threadpool_limits
-    from mpi4py import MPI
 
+    from ..parallel.mpi import load_mpi
+    MPI = load_mpi()  # MPI started, and this job's shared-memory names released
     threadpool_limits(1, "blas")
     comm = MPI.COMM_WORLD
     rank, size = comm.Get_rank(), comm.Get_size()

@@ -49,10 +49,11 @@ def find_mpiexec() -> str:
     found = shutil.which("mpiexec")
     if found:
         return found
-    raise FileNotFoundError(f"no mpiexec: looked for {here} and on PATH. Install an MPI from "
-                            "PyPI into this environment (pip install mpich mpi4py, or "
-                            "pip install 'parallel-cnn[mpi]'), or start the ranks yourself "
-                            "with your cluster's launcher")
+    from ..extras import install_command
+    raise FileNotFoundError(f"no mpiexec: looked for {here} and on PATH. Install MPICH from "
+                            f"PyPI into this environment, with mpi4py (the mpi extra: "
+                            f"{install_command('mpi')}), or start the ranks yourself with "
+                            f"your cluster's launcher")
 
 
 def check_ranks(ranks) -> int:
@@ -83,21 +84,80 @@ def run_mpiexec(args: list[str], ranks: int, hostfile: str | None = None,
     cmd = mpiexec_command(args, ranks, hostfile, extra=extra)
     print(f"launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
     started = time.time()
-    code = subprocess.call(cmd)
-    if code:
+    try:
+        return subprocess.call(cmd)
+    finally:  # however the job ended, the launcher interrupted too (see release_segments)
         remove_orphan_segments(since=started)
-    return code
 
 
+# ---- MPICH's shared memory -----------------------------------------------------------------------
 #: the shared-memory segments MPICH makes on each host (``/dev/shm/mpich_shm_*``)
 MPICH_SEGMENTS = "/dev/shm/mpich_shm_*"
+#: the prefix of every name MPICH gives a segment in ``/dev/shm``
+MPICH_SEGMENT_PREFIX = "/dev/shm/mpich_"
+_released = False
+
+
+def mapped_segments(pid: int | str = "self") -> set[str]:
+    """The MPICH segments process ``pid`` maps that still have a name in ``/dev/shm`` (an
+    unlinked one shows in ``/proc/PID/maps`` as ``... (deleted)``)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as f:
+        for line in f:
+            fields = line.split(None, 5)
+            if len(fields) == 6 and fields[5].startswith(MPICH_SEGMENT_PREFIX):
+                path = fields[5].rstrip("\n")
+                if not path.endswith(" (deleted)"):
+                    found.add(path)
+    return found
+
+
+def release_segments(MPI) -> list[str]:
+    """Remove the names of this job's MPICH segments from ``/dev/shm`` as soon as every rank
+    of this host maps them, so that no end of the job can leave one behind; returns the names
+    removed (on each host's first rank). Called once per process, by every rank, right after
+    MPI starts (:func:`cnn.parallel.mpi.load_mpi`, :func:`join_mpi_job`).
+
+    Why: in ``MPI_Init`` MPICH opens its intra-node segment by a name every rank of the host
+    derives from the job (``shm_open("mpich_shm_<job hash>_<host>")``), and unlinks it only in
+    ``MPI_Finalize``. A job that does not finalise (``MPI_Abort``, which is how a failure on one
+    rank ends them all; a rank killed with SIGKILL; ``mpiexec`` killed, or interrupted) left it
+    in ``/dev/shm`` for good, and the launcher's clean-up (:func:`remove_orphan_segments`) saw
+    only some of those jobs. Once every rank has the segment mapped the name is needed no more
+    (the memory lives while a process maps it, as with any unlinked file): this is what UCX
+    does with its own segments right away. ``MPI_Finalize``'s own unlink then finds nothing,
+    which it ignores. Only names that every rank of this host maps are removed, so another
+    job's segments are never touched."""
+    global _released
+    comm = MPI.COMM_WORLD
+    if _released or comm.Get_size() == 1:
+        return []
+    _released = True
+    host = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    try:
+        # a few names once per job: the pickling allgather is the simple way to swap them
+        everyone = host.allgather(sorted(mapped_segments()))
+        shared = set(everyone[0]).intersection(*everyone[1:])
+        removed = []
+        if host.Get_rank() == 0:  # every rank of the host maps them by now (the allgather)
+            for path in sorted(shared):
+                try:
+                    os.unlink(path)
+                    removed.append(path)
+                except FileNotFoundError:
+                    pass
+        return removed
+    finally:
+        host.Free()
 
 
 def remove_orphan_segments(since: float | None = None, pattern: str = MPICH_SEGMENTS) -> list[str]:
     """Unlink MPICH's shared-memory segments that a job ended by ``MPI_Abort`` or by a killed
     rank left behind (MPICH removes them only when its ranks finalise): those of this user,
     modified at or after ``since`` (a ``time.time()``), that no process maps any more. Returns
-    the paths removed. Segments still mapped by a running job are never touched."""
+    the paths removed. Segments still mapped by a running job are never touched. Our own jobs
+    remove their segments' names once they run (:func:`release_segments`); this is for a job
+    that died while starting, and for MPI programs of others."""
     import glob
     candidates = []
     for path in glob.glob(pattern):
@@ -175,9 +235,10 @@ def join_mpi_job(strategy: str) -> None:
     from . import mpi_strategies
     if strategy in mpi_strategies() and under_launcher():
         try:
-            from mpi4py import MPI  # noqa: F401 - importing initialises MPI
+            from mpi4py import MPI  # importing initialises MPI
         except ImportError:
-            pass  # the strategy reports it, naming what to install
+            return  # the strategy reports it, naming what to install
+        release_segments(MPI)
 
 
 def silence_other_ranks(strategy: str) -> bool:
@@ -276,8 +337,9 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
                if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}  # not a rank of an outer job
         import time
         started = time.time()
-        res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        if res.returncode != 0:
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        finally:  # a timeout kills the job
             remove_orphan_segments(since=started)
         if res.returncode != 0 or not out.with_suffix(".npz").is_file():
             raise RuntimeError(f"{' '.join(cmd)} failed with exit status {res.returncode}:\n"

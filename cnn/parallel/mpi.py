@@ -61,9 +61,10 @@ from typing import Any
 import numpy as np
 
 from ..checks import check_bool, check_int
+from ..extras import require
 from .average import AverageStrategy, check_every
 from .base import Strategy, state_arrays, step_scalars
-from .launch import under_launcher
+from .launch import release_segments, under_launcher
 from .sync import SyncCore
 from .transport import FlatLayout, Transport, flat_view
 
@@ -71,13 +72,12 @@ _NAME_BYTES = 256
 
 
 def load_mpi():
-    """``mpi4py.MPI``, or an ImportError that says how to get it."""
-    try:
-        from mpi4py import MPI
-    except ImportError as err:  # pragma: no cover - depends on the environment
-        raise ImportError("strategy 'mpi' needs mpi4py and an MPI library: pip install mpi4py "
-                          "mpich (pinned in requirements.txt; or pip install "
-                          f"'parallel-cnn[mpi]'). ({err})") from err
+    """``mpi4py.MPI`` (MPI started, this job's shared-memory names released: see
+    :func:`cnn.parallel.launch.release_segments`), or a
+    :class:`~cnn.errors.MissingExtraError` (an ImportError) that says how to get it."""
+    require("mpi", "strategy 'mpi'", ("mpi4py",))
+    from mpi4py import MPI
+    release_segments(MPI)
     return MPI
 
 

@@ -518,7 +518,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         - ``eval_time``, ``val_loss``, ``val_accuracy`` when ``validation_data`` is given.
 
         ``info`` holds ``compile_time`` (see :func:`_keras_warm_up`: tf.function tracing, done
-        before the first epoch on the real model so no epoch pays it),
+        before the first epoch on the real model so no epoch pays it), ``wall_time`` (the
+        seconds of the call from TensorFlow's import on),
         ``params_transfer_time`` (building and compiling the Keras model, our weights copied
         in), the layout conversion time of the inputs,
         the configuration, and the TensorFlow/Keras versions and thread settings.
@@ -538,6 +539,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     configure_threads(threads)  # before the clock starts: its first call imports TensorFlow
     import keras
     import tensorflow as tf
+    started = time.perf_counter()
 
     n = len(x)
     y = keras_labels(model, y)
@@ -588,6 +590,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                 print(history.epoch_line(epochs), flush=True)
     finally:
         model.set_weights(get_keras_weights(kmodel, model))
+    history.info["wall_time"] = time.perf_counter() - started
     return history
 
 

@@ -100,13 +100,41 @@ def get_torch_weights(tmodel, model) -> dict[str, np.ndarray]:
     return weights
 
 
+def check_torch_trainable(model, optimizer=None) -> None:
+    """Raise ``NotImplementedError`` naming what :func:`fit_torch` cannot train as ours does:
+    a layer or weight penalty :func:`build_torch_model` has no counterpart for, a loss other
+    than softmax cross-entropy (``CrossEntropyLoss``), an optimizer other than SGD with
+    momentum (Nesterov, weight decay) or a learning-rate schedule. Imports no PyTorch."""
+    from ..layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid, Tanh
+    from ..optim import make_optimizer
+    mirrored = (Conv2D, MaxPool2D, ReLU, Sigmoid, Tanh, Flatten, Dense)
+    for layer in model.layers:
+        if type(layer) not in mirrored:
+            raise NotImplementedError(f"the PyTorch reference has no {layer.type!r} layer "
+                                      f"(layer {layer.name!r})")
+        if getattr(layer, "penalties", None) and list(layer.penalties()):
+            raise NotImplementedError(f"the PyTorch reference has no weight penalties "
+                                      f"(layer {layer.name!r})")
+    if model.loss.name != "softmax_cross_entropy":
+        raise NotImplementedError(f"the PyTorch reference trains with softmax cross-entropy "
+                                  f"only; the model's loss is {model.loss.name!r}")
+    opt = make_optimizer(optimizer)
+    config = opt.config()
+    extra = {k: v for k, v in config.items() if k in ("nesterov", "weight_decay") and v}
+    if config.get("type", "sgd") != "sgd" or extra or opt.schedule is not None:
+        raise NotImplementedError(f"the PyTorch reference trains with SGD (lr, momentum) at a "
+                                  f"constant learning rate only; received optimizer={config}")
+
+
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int = 1,
               device: str = "cpu", verbose: int = 0, callbacks=()):
     """Train the PyTorch copy of ``model``; same arguments and History columns as
-    :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled), and the same step hook
+    :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled; ``comm_time`` absent: one
+    worker; ``info["wall_time"]`` the seconds of the call from PyTorch's import on), and the same step hook
     (``Callback.on_step_end``; its ``params`` are the torch tensors). The trained weights are
-    copied back into ``model`` (also when training is interrupted)."""
+    copied back into ``model`` (also when training is interrupted). What it cannot train as
+    ours does is refused first (:func:`check_torch_trainable`)."""
     import torch
 
     from ..callbacks import Callback
@@ -114,13 +142,14 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     from ..optim import make_optimizer
     from ..train import History
 
+    started = time.perf_counter()
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
     model.check_inputs(x, y)
+    if validation_data is not None:
+        model.check_inputs(*validation_data)
+    check_torch_trainable(model, optimizer)
     opt_cfg = make_optimizer(optimizer).config()
-    if opt_cfg.get("type", "sgd") != "sgd":
-        raise NotImplementedError(f"the PyTorch reference trains with SGD only; received "
-                                  f"optimizer={opt_cfg}")
     if device == "cpu":
         configure_threads(threads)
     dev = torch.device(device)
@@ -206,6 +235,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                 break
     finally:
         model.set_weights(get_torch_weights(tmodel, model))
+    history.info["wall_time"] = time.perf_counter() - started
     return history
 
 

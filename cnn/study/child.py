@@ -298,9 +298,12 @@ def main(argv: Iterable[str] | None = None) -> int:
     else:  # an MPI rank: its parent is the launcher's proxy; watch the study's pid itself
         watch_pid(a.parent_pid)
         try:  # initialise MPI first, so that a failure on one rank can end them all
-            from mpi4py import MPI  # noqa: F401
+            from mpi4py import MPI
         except ImportError:
             pass
+        else:
+            from ..parallel.launch import release_segments
+            release_segments(MPI)  # no end of the job leaves MPICH's segments behind
     if a.warmup:
         return warmup_main(*a.warmup, a.result)
     # every rank trains (the MPI paths); rank 0 alone writes the result

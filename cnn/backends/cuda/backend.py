@@ -19,9 +19,23 @@ from __future__ import annotations
 import numpy as np
 from numba import cuda
 
+from ...errors import DeviceUnavailableError
 from ..base import Backend
 from . import kernels as K
 from .layer_ops import CudaLayerOps
+
+
+def _why_unavailable() -> str:
+    """Why ``numba.cuda.is_available()`` is False: no driver (the reason Numba's driver gave
+    when it failed to load), or a driver that found no GPU."""
+    try:
+        from numba.cuda.cudadrv.driver import driver
+        reason = getattr(driver, "initialization_error", None)
+    except Exception:  # noqa: BLE001 - only for the message; the answer stays "unusable"
+        reason = None
+    if reason:
+        return "no CUDA driver (" + " ".join(str(reason).split()) + ")"
+    return "the CUDA driver found no GPU"
 
 
 def _is_device_array(x) -> bool:
@@ -38,11 +52,10 @@ class CudaBackend(CudaLayerOps, Backend):
 
     def __init__(self):
         if not cuda.is_available():
-            raise RuntimeError(
-                "CudaBackend: no CUDA GPU was found (numba.cuda.is_available() is False). "
-                "To run the CUDA kernels without a GPU, use Numba's CUDA simulator: set "
-                "NUMBA_ENABLE_CUDASIM=1 in the environment before Python imports numba."
-            )
+            raise DeviceUnavailableError(
+                f"CudaBackend: no CUDA GPU is usable here: {_why_unavailable()}. To run the "
+                f"CUDA kernels without a GPU, use Numba's CUDA simulator: set "
+                f"NUMBA_ENABLE_CUDASIM=1 in the environment before Python imports numba.")
         # Empty device arrays that tell matmul_kernel "no bias", one per dtype.
         self._no_bias: dict[np.dtype, object] = {}
 
