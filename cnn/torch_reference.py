@@ -3,11 +3,13 @@ installed; nothing else imports it).
 
 :func:`build_torch_model` builds our :class:`~cnn.model.Sequential` in ``torch.nn`` with the
 same weights (conv weights are ``(F, C, kh, kw)`` in both; a dense layer's ``w (D, units)`` is
-``Linear.weight.T``; "same" padding is TensorFlow's split, done with ``ZeroPad2d``), and
+``Linear.weight.T``; "same" padding is TensorFlow's split, done with ``ZeroPad2d``; residual
+blocks, global average pooling and batch norm as in ``akamaster/pytorch_resnet_cifar10``), and
 :func:`fit_torch` trains it the way :func:`cnn.train.fit` trains ours: the same epoch orders
 (``numpy.random.default_rng(seed)``), SGD with the same momentum (PyTorch's
 ``v = m v + g; w -= lr v`` is ours, ``v' = m v' - lr g; w += v'``, with ``v' = -lr v`` for a
-constant learning rate), the same History columns, and the trained weights copied back.
+constant learning rate; a coupled weight decay is PyTorch's ``weight_decay``), the same History
+columns, and the trained weights copied back.
 On the CPU it runs ``threads`` intra-op threads (one inter-op thread); with ``device="cuda"``
 the parameters stay on the GPU and only batches go in.
 """
@@ -27,62 +29,174 @@ def available() -> bool:
 
 
 def build_torch_model(model, device: str = "cpu"):
-    """``torch.nn.Sequential`` equal to ``model`` (same architecture and weights)."""
+    """``torch.nn.Sequential`` equal to ``model`` (same architecture and weights).
+
+    Residual blocks are modules of their own (main branch, shortcut, the sum and its ReLU),
+    option A's shortcut ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, before, after))`` as
+    ``akamaster/pytorch_resnet_cifar10`` writes it, global average pooling
+    ``AdaptiveAvgPool2d(1)`` and a flatten, batch norm ``BatchNorm2d``/``BatchNorm1d`` with
+    PyTorch's ``momentum = 1 - ours`` (PyTorch weighs the batch, we the running value) and
+    our epsilon. PyTorch's running variance takes the unbiased batch variance (``L / (L -
+    1)`` times ours, ``L`` the values per channel); everything else is the same arithmetic.
+    Dropout and weight penalties are not mirrored (``NotImplementedError``).
+
+    The returned module's ``layer_modules`` maps the name of each of our layers with
+    parameters to its ``Conv2d``, ``Linear`` or batch norm module (for
+    :func:`set_torch_weights`, :func:`get_torch_weights` and :func:`torch_grads`)."""
     import torch
     from torch import nn
 
     dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[
         np.dtype(model.dtype)]
-    mods = []
-    for layer in model.layers:
-        kind = layer.type
-        p = {n: model.params[f"{layer.name}.{n}"] for n in layer.param_names}
-        if kind == "conv2d":
-            (top, bottom), (left, right) = layer.pads
-            if top or bottom or left or right:
-                mods.append(nn.ZeroPad2d((left, right, top, bottom)))
-            conv = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
-                             stride=layer.stride, padding=0).to(dtype=dtype)
-            with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"])))
-                conv.bias.copy_(torch.from_numpy(p["b"]))
-            mods.append(conv)
-        elif kind == "maxpool2d":
-            mods.append(nn.MaxPool2d(layer.pool_size, stride=layer.stride))
-        elif kind == "relu":
-            mods.append(nn.ReLU())
-        elif kind == "sigmoid":
-            mods.append(nn.Sigmoid())
-        elif kind == "tanh":
-            mods.append(nn.Tanh())
-        elif kind == "flatten":
-            mods.append(nn.Flatten())
-        elif kind == "dense":
-            lin = nn.Linear(layer.input_shape[0], layer.units).to(dtype=dtype)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"].T)))
-                lin.bias.copy_(torch.from_numpy(p["b"]))
-            mods.append(lin)
-        else:  # dropout, batch norm, penalties: not mirrored (the presets have none)
-            raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
-                                      f"(layer {layer.name!r})")
-        if getattr(layer, "penalties", None) and list(layer.penalties()):
-            raise NotImplementedError(f"the PyTorch reference has no weight penalties "
-                                      f"(layer {layer.name!r})")
-    return nn.Sequential(*mods).to(device=device, dtype=dtype)
+    modules: dict = {}
+    tmodel = nn.Sequential(*[_torch_module(layer, modules) for layer in model.layers])
+    tmodel = tmodel.to(device=device, dtype=dtype)
+    tmodel.layer_modules = modules
+    set_torch_weights(tmodel, model)
+    return tmodel
+
+
+def _torch_module(layer, modules: dict):
+    """The ``torch.nn`` module computing our ``layer``; records the modules holding its
+    parameters in ``modules`` (by our layer name)."""
+    from torch import nn
+
+    kind = layer.type
+    if getattr(layer, "penalties", None) and list(layer.penalties()):
+        raise NotImplementedError(f"the PyTorch reference has no weight penalties "
+                                  f"(layer {layer.name!r})")
+    if kind == "conv2d":
+        (top, bottom), (left, right) = layer.pads
+        conv = modules[layer.name] = nn.Conv2d(layer.input_shape[0], layer.filters,
+                                               layer.kernel_size, stride=layer.stride, padding=0,
+                                               bias=layer.use_bias)
+        if top or bottom or left or right:
+            return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
+        return conv
+    if kind == "dense":
+        lin = modules[layer.name] = nn.Linear(layer.input_shape[0], layer.units,
+                                              bias=layer.use_bias)
+        return lin
+    if kind == "batchnorm":
+        cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else nn.BatchNorm1d
+        bn = modules[layer.name] = cls(layer.input_shape[0], eps=layer.epsilon,
+                                       momentum=1.0 - layer.momentum)
+        return bn
+    simple = {"maxpool2d": lambda: nn.MaxPool2d(layer.pool_size, stride=layer.stride),
+              "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "flatten": nn.Flatten,
+              "globalavgpool2d": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())}
+    if kind in simple:
+        return simple[kind]()
+    if kind == "residual":
+        residual, _ = _torch_blocks()
+        return residual(nn.Sequential(*[_torch_module(sub, modules) for sub in layer.main]),
+                        nn.Sequential(*[_torch_module(sub, modules)
+                                        for sub in layer.shortcut_layers]),
+                        layer.activation == "relu")
+    if kind == "shortcut_pad":
+        _, pad = _torch_blocks()
+        return pad(layer.stride, layer.channels_before, layer.channels_after)
+    raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
+                              f"(layer {layer.name!r})")
+
+
+_BLOCKS: list = []
+
+
+def _torch_blocks():
+    """The ``torch.nn`` modules of a residual block and of option A's shortcut (defined on
+    first use: importing this module needs no PyTorch)."""
+    if _BLOCKS:
+        return _BLOCKS
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Residual(nn.Module):
+        """``relu(main(x) + shortcut(x))`` (an empty shortcut is the identity)."""
+
+        def __init__(self, main, shortcut, relu: bool):
+            super().__init__()
+            self.main, self.shortcut, self.relu = main, shortcut, relu
+
+        def forward(self, x):
+            out = self.main(x) + self.shortcut(x)
+            return F.relu(out) if self.relu else out
+
+    class ShortcutPad(nn.Module):
+        """Option A: ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, before, after))``."""
+
+        def __init__(self, stride: int, before: int, after: int):
+            super().__init__()
+            self.stride, self.before, self.after = stride, before, after
+
+        def forward(self, x):
+            s = self.stride
+            return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, self.before, self.after))
+
+    _BLOCKS.extend([Residual, ShortcutPad])
+    return _BLOCKS
+
+
+def _weighted(tmodel, model):
+    """``(layer, module)`` for each of our layers with parameters and its torch module."""
+    for layer in model.leaves:
+        if layer.param_names:
+            yield layer, tmodel.layer_modules[layer.name]
+
+
+def set_torch_weights(tmodel, model, params=None, buffers=None) -> None:
+    """Our weights (default the model's parameters and buffers) into the torch model: conv
+    weights as they are, a dense layer's ``w (D, units)`` as ``Linear.weight.T``, batch norm's
+    ``gamma``, ``beta`` and running statistics as ``weight``, ``bias``, ``running_mean``,
+    ``running_var``."""
+    import torch
+    params = model.params if params is None else params
+    buffers = model.buffers if buffers is None else buffers
+    with torch.no_grad():
+        for layer, mod in _weighted(tmodel, model):
+            tensors = _torch_tensors(mod)
+            for name in layer.param_names + layer.buffer_names:
+                value = (params if name in layer.param_names else buffers)[f"{layer.name}.{name}"]
+                tensors[name].copy_(torch.from_numpy(_swap_layout(layer, name, value)))
+
+
+def _torch_tensors(mod) -> dict:
+    """Our array names -> the tensors of a ``Conv2d``, ``Linear`` or batch norm module."""
+    return {"w": mod.weight, "b": mod.bias, "gamma": mod.weight, "beta": mod.bias,
+            "running_mean": getattr(mod, "running_mean", None),
+            "running_var": getattr(mod, "running_var", None)}
+
+
+def _swap_layout(layer, name: str, value: np.ndarray) -> np.ndarray:
+    """An array of ``layer`` in the other framework's layout (a dense ``w`` is transposed,
+    the rest is shared), contiguous; its own inverse."""
+    return np.ascontiguousarray(value.T if layer.type == "dense" and name == "w" else value)
+
+
+def get_torch_weights(tmodel, model) -> dict:
+    """The torch model's weights in our layout and keys, parameters and buffers (load with
+    ``model.set_weights``)."""
+    return _from_torch(tmodel, model, lambda t: t, buffers=True)
+
+
+def torch_grads(tmodel, model) -> dict:
+    """The gradients (``.grad``) of the torch model's parameters in our layout and keys."""
+    return _from_torch(tmodel, model, lambda t: t.grad, buffers=False)
+
+
+def _from_torch(tmodel, model, read, buffers: bool) -> dict:
+    out = {}
+    for layer, mod in _weighted(tmodel, model):
+        tensors = _torch_tensors(mod)
+        for name in layer.param_names + (layer.buffer_names if buffers else ()):
+            value = read(tensors[name]).detach().cpu().numpy()
+            out[f"{layer.name}.{name}"] = _swap_layout(layer, name, value).copy()
+    return out
 
 
 def copy_back(tmodel, model) -> None:
-    """The torch model's weights into ours (same layer order)."""
-    import torch
-    mods = [m for m in tmodel if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    layers = [layer for layer in model.layers if layer.type in ("conv2d", "dense")]
-    weights = {}
-    for m, layer in zip(mods, layers):
-        w = m.weight.detach().cpu().numpy()
-        weights[f"{layer.name}.w"] = w.T.copy() if layer.type == "dense" else w.copy()
-        weights[f"{layer.name}.b"] = m.bias.detach().cpu().numpy().copy()
-    model.set_weights(weights)
+    """The torch model's weights (and batch norm's running statistics) into ours."""
+    model.set_weights(get_torch_weights(tmodel, model))
 
 
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
@@ -105,6 +219,9 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     if opt_cfg.get("type", "sgd") != "sgd":
         raise NotImplementedError(f"the PyTorch reference trains with SGD only; received "
                                   f"optimizer={opt_cfg}")
+    if opt_cfg.get("weight_decay") and opt_cfg.get("weight_decay_mode") != "coupled":
+        raise NotImplementedError(f"PyTorch's SGD decays weights coupled (an L2 term in the "
+                                  f"gradient) only; received optimizer={opt_cfg}")
     if device == "cpu":
         torch.set_num_threads(int(threads))
         try:
@@ -115,7 +232,9 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     tmodel = build_torch_model(model, device=dev)
     opt = torch.optim.SGD(tmodel.parameters(), lr=opt_cfg["lr"],
-                          momentum=opt_cfg.get("momentum", 0.0))
+                          momentum=opt_cfg.get("momentum", 0.0),
+                          nesterov=opt_cfg.get("nesterov", False),
+                          weight_decay=opt_cfg.get("weight_decay", 0.0))
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(seed)
     n = len(x)
