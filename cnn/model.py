@@ -225,16 +225,20 @@ class Sequential:
     def _params_backend(self, params, backend):
         return (self.params if params is None else params), get_backend(backend or self.backend)
 
-    def forward(self, x, params=None, backend=None, ctx: StepContext | None = None):
+    def forward(self, x, params=None, backend=None, ctx: StepContext | None = None,
+                keep_caches: bool = True):
         """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``, ``caches`` one per
         op of the backend's :meth:`plan`.
 
         ``ctx`` (see :mod:`cnn.context`) says whether this is a training pass and which
-        workspace it may reuse; the default is an inference pass that allocates per call."""
+        workspace it may reuse; the default is an inference pass that allocates per call.
+        ``keep_caches=False``: no backward follows (prediction, evaluation), so each op's
+        cache is dropped as the next op runs and ``caches`` is empty (see
+        :func:`cnn.plan.forward_ops`)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         ctx.updates.clear()
-        return forward_ops(self.plan(be), self._arrays(params, ctx), x, ctx)
+        return forward_ops(self.plan(be), self._arrays(params, ctx), x, ctx, keep_caches)
 
     def plan(self, backend=None) -> tuple:
         """The ops that run the layers on ``backend`` (default the model's), in order: one per
@@ -327,7 +331,8 @@ class Sequential:
         self.check_inputs(x)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)
-        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx)[0])
+        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx,
+                                       keep_caches=False)[0])
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out)
 
@@ -347,7 +352,7 @@ class Sequential:
         total_loss, correct = 0.0, 0
         for i in range(0, len(x), batch_size):
             xb, yb = be.asarray(x[i:i + batch_size]), be.asarray(y[i:i + batch_size])
-            logits, _ = self.forward(xb, params, be, ctx)
+            logits, _ = self.forward(xb, params, be, ctx, keep_caches=False)
             loss, _, n_right = self.loss(logits, yb, be)
             total_loss += float(be.to_host(loss)) * len(yb)
             correct += int(be.to_host(n_right))

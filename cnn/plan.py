@@ -108,13 +108,17 @@ def plan_layers(layers: Sequence[Any], backend) -> tuple:
     return tuple(ops)
 
 
-def forward_ops(ops: Sequence[Any], params: dict, x, ctx) -> tuple[Any, list]:
+def forward_ops(ops: Sequence[Any], params: dict, x, ctx,
+                keep_caches: bool = True) -> tuple[Any, list]:
     """``ops``' forwards in order from ``x``: ``(out, caches)``, one cache per op (``(x, [])``
-    for no ops)."""
+    for no ops). ``keep_caches=False`` (a pass no backward follows) drops each op's cache as
+    soon as the next op has run, so a pass holds the activations of one op at a time, not of
+    the whole network (``caches`` is then empty)."""
     caches = []
     for op in ops:
         x, cache = op.forward(params, x, ctx)
-        caches.append(cache)
+        if keep_caches:
+            caches.append(cache)
     return x, caches
 
 

@@ -70,6 +70,31 @@ def test_second_step_allocates_no_buffers(backend):
     assert {k: id(v) for k, v in ws._store.items()} == first
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_smaller_batch_takes_the_first_rows_of_the_larger_ones_buffers(backend):
+    """The last, smaller batch of an epoch (or a smaller shard) allocates nothing: its
+    buffers are the first rows of those of the full batch, and its step computes what a step
+    without a workspace computes (test_workspace_gives_the_same_step checks the values); a
+    larger batch after a smaller one gets buffers of its own."""
+    be = get_backend(backend)
+    model = _model(np.float32)
+    ws = Workspace(be)
+    ctx = StepContext(training=True, workspace=ws)
+    model.loss_and_grads(*_data(6, np.float32), backend=be, ctx=ctx)
+    full = {k: id(v) for k, v in ws._store.items()}
+    model.loss_and_grads(*_data(4, np.float32, seed=1), backend=be, ctx=ctx)
+    assert {k: id(v) for k, v in ws._store.items()} == full
+    model.loss_and_grads(*_data(8, np.float32, seed=2), backend=be, ctx=ctx)
+    assert backend == "naive" or len(ws._store) > len(full)
+    rows = Workspace(be).scope("layer")
+    big = rows.buffer("out", (6, 3, 2), np.float32)
+    small = rows.buffer("out", (4, 3, 2), np.float32)
+    assert small.shape == (4, 3, 2) and np.shares_memory(small, big)
+    assert small.flags.c_contiguous
+    assert not np.shares_memory(rows.buffer("out", (4, 3, 5), np.float32), big)
+    assert not np.shares_memory(rows.buffer("out", (4, 3, 2), np.float64), big)
+
+
 def test_numpy_step_allocates_next_to_nothing():
     """tracemalloc sees NumPy's allocations: after the first step, a step of a conv net on the
     NumPy backend allocates (at its peak) a small fraction of the workspace it reuses."""
