@@ -285,11 +285,10 @@ def compare_suite(quick: bool = False, json_path: str | None = None, **kwargs):
 
 
 def memory_suite(**kwargs):
-    """Peak resident memory of training on full CIFAR-10 (:mod:`.memory`)."""
+    """Peak resident memory of training on full CIFAR-10 (:mod:`.memory`), for the model of
+    ``--presets`` (default ``cifar_tutorial``) at ``--batch-sizes`` (default 128)."""
     from .memory import memory_suite as run
     kwargs.pop("repeats", None)
-    kwargs.pop("batch_sizes", None)
-    kwargs.pop("presets", None)
     if kwargs.pop("images", None) is not None:  # --quick: a small subset, a smoke run
         kwargs["limit"] = 1024
     return run(**kwargs)
