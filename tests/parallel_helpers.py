@@ -9,6 +9,11 @@ if every transport's ``reduce`` sums over every shard, ghosts included.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from cnn.data import make_blobs_images
@@ -125,3 +130,19 @@ def max_rel_diff(a, b) -> float:
     """Per parameter array: max |a - b| / max |b|; the worst over the arrays."""
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k])) / np.max(np.abs(b[k])))
                for k in a)
+
+
+def run_mpi_checks(mode: str, out: Path) -> Path:
+    """``tests/mpi_checks.py MODE OUT`` under the venv's ``mpiexec -n 2`` (the test is skipped
+    where mpi4py or mpiexec is missing); returns ``out``, where every rank wrote its results."""
+    import pytest
+    pytest.importorskip("mpi4py")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.is_file():
+        pytest.skip(f"no mpiexec at {mpiexec}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
+    cmd = [str(mpiexec), "-n", "2", sys.executable,
+           str(Path(__file__).resolve().parent / "mpi_checks.py"), mode, str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return out

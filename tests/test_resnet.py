@@ -12,7 +12,6 @@ tests/test_resnet_references.py.
 from __future__ import annotations
 
 import math
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ from cnn.plan import FusedOp, LayerOp, backward_ops
 from cnn.presets import get_preset
 from parallel_helpers import RESNET_SPEC, blobs, build
 from test_layer_ops import assert_fd, numeric_grad
+from test_workspace import traced_peak
 
 
 def conv(filters, stride=1, **kw):
@@ -394,12 +394,7 @@ def test_a_resnet_step_reuses_its_workspace(backend):
     model.loss_and_grads(x, y, backend=be, ctx=ctx)
     assert {k: id(v) for k, v in ws._store.items()} == first
     if backend == "numpy":  # and allocates next to nothing besides
-        tracemalloc.start()
-        try:
-            model.loss_and_grads(x, y, backend=be, ctx=ctx)
-            _, peak = tracemalloc.get_traced_memory()
-        finally:
-            tracemalloc.stop()
+        peak = traced_peak(lambda: model.loss_and_grads(x, y, backend=be, ctx=ctx))
         assert peak < 0.1 * ws.nbytes, (peak, ws.nbytes)
 
 
@@ -410,15 +405,9 @@ def test_prediction_keeps_no_caches():
     model = build_model("cifar_resnet20")
     x = np.random.default_rng(0).standard_normal((8, 3, 32, 32)).astype(np.float32)
     logits, caches = model.forward(x)
-    tracemalloc.start()
-    try:
-        model.forward(x)
-        _, keeping = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
-        lean, none = model.forward(x, keep_caches=False)
-        _, dropping = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    keeping = traced_peak(lambda: model.forward(x))
+    dropping = traced_peak(lambda: model.forward(x, keep_caches=False))
+    lean, none = model.forward(x, keep_caches=False)
     assert none == [] and len(caches) == len(model.plan())
     np.testing.assert_array_equal(lean, logits)
     assert dropping < 0.5 * keeping, (dropping, keeping)

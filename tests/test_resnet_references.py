@@ -19,11 +19,6 @@ the same sums in another order).
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -31,7 +26,7 @@ from cnn.context import StepContext
 from cnn.model import build_model
 from cnn.parallel.sync import shard_bounds
 from cnn.train import fit
-from parallel_helpers import RESNET_OPT, blobs, build, max_abs_diff
+from parallel_helpers import RESNET_OPT, blobs, build, max_abs_diff, run_mpi_checks
 from parallel_helpers import train as train_helper
 
 STEPS, BATCH = 20, 8
@@ -306,22 +301,10 @@ def test_hogwild_over_two_threads_trains_the_resnet():
 
 
 # ---- MPI ranks -----------------------------------------------------------------------------------
-HERE = Path(__file__).resolve().parent
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-
 @pytest.fixture(scope="module")
 def mpi_runs(tmp_path_factory):
     """The scenarios of ``mpi_checks.RESNET_SCENARIOS``, trained under ``mpiexec -n 2``."""
-    pytest.importorskip("mpi4py")
-    if not MPIEXEC.is_file():
-        pytest.skip(f"no mpiexec at {MPIEXEC}")
-    out = tmp_path_factory.mktemp("mpi_resnet")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "resnet", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
-    return out
+    return run_mpi_checks("resnet", tmp_path_factory.mktemp("mpi_resnet"))
 
 
 def _load(out, name, rank):

@@ -36,6 +36,16 @@ def _data(n, dtype, seed=0):
     return rng.standard_normal((n, 2, 8, 8)).astype(dtype), rng.integers(0, 3, n)
 
 
+def traced_peak(call) -> int:
+    """Peak bytes NumPy and Python allocate during ``call()`` (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _copy(result):
     loss, correct, grads = result
     return float(loss), int(correct), {k: np.array(v, copy=True) for k, v in grads.items()}
@@ -104,12 +114,7 @@ def test_numpy_step_allocates_next_to_nothing():
     ctx = StepContext(training=True, workspace=ws)
     x, y = _data(64, np.float32)
     model.loss_and_grads(x, y, backend=be, ctx=ctx)
-    tracemalloc.start()
-    try:
-        model.loss_and_grads(x, y, backend=be, ctx=ctx)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: model.loss_and_grads(x, y, backend=be, ctx=ctx))
     # what remains is of constant size (NumPy's ufunc iterator buffers, the loss's (N, K)
     # float64 temporaries): about 70 kB here, against 2 MB of reused buffers
     assert ws.nbytes > 1_000_000
