@@ -435,8 +435,12 @@ class Sequential:
             lines.append(line)
         lines.append(f"total parameters: {self.num_params:,} ({self.dtype})")
         if with_buffers:
+            names = list(self.buffers)
+            if len(names) > 6:  # a deep network's: per kind, not one by one
+                kinds = [key.rsplit(".", 1)[1] for key in names]
+                names = [f"{kind} x{kinds.count(kind)}" for kind in dict.fromkeys(kinds)]
             lines.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
-                         f"{len(self.buffers)} arrays ({', '.join(self.buffers)})")
+                         f"{len(self.buffers)} arrays ({', '.join(names)})")
         lines.append(f"loss: {self.loss.name}")
         return "\n".join(lines)
 

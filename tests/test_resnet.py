@@ -145,6 +145,7 @@ def test_summary_shows_the_blocks_and_their_layers():
     assert any(line.startswith("  residual_1/shortcut ") and "shortcut_pad" in line
                for line in lines)
     assert "total parameters: 1,590" in text
+    assert "buffers (non-trained): 80 in 14 arrays (running_mean x7, running_var x7)" in text
 
 
 def test_weights_files_keep_the_block_keys(tmp_path):
