@@ -43,8 +43,9 @@ def _add_train(sub) -> None:
                         "and optionally x_test, y_test (see cnn.datafile; `python -m cnn data` "
                         "writes the built-in sets in that format)")
     p.add_argument("--model", default=None,
-                   help="preset (mnist_small, cifar_tutorial) or a .json/.yaml spec; default: "
-                        "mnist_small for MNIST-shaped data, cifar_tutorial for cifar10")
+                   help="preset (mnist_small, cifar_tutorial, cifar_resnet20, cifar_resnet56, "
+                        "...) or a .json/.yaml spec; default: mnist_small for MNIST-shaped data, "
+                        "cifar_tutorial for cifar10")
     p.add_argument("--data-dir", default=None, help="data root (default $CNN_DATA_DIR or the cache)")
     p.add_argument("--epochs", type=positive_int, default=3)
     p.add_argument("--batch-size", type=positive_int, default=None, help="default: the preset's")
@@ -99,7 +100,10 @@ def _add_optim_arguments(p) -> None:
                         ".json/.yaml file; default: the model spec's. Another type than the "
                         "spec's starts from that optimizer's own defaults")
     g.add_argument("--weight-decay", type=number_arg(low=0.0),
-                   default=None, help="decoupled weight decay (every optimizer; AdamW's)")
+                   default=None, help="weight decay (every optimizer): decoupled, as Keras "
+                                      "and AdamW, unless the spec's optimizer says "
+                                      "weight_decay_mode: coupled (the ResNet presets: an L2 "
+                                      "term in the gradient, as the paper and PyTorch's SGD)")
     g.add_argument("--nesterov", action="store_true", help="Nesterov momentum (sgd)")
     g.add_argument("--lr-schedule", default=None, metavar="SPEC",
                    help=" | ".join(schedule_names()) + ", "

@@ -45,11 +45,14 @@ class Workspace:
     """Reusable buffers of one worker, one per ``(name, shape, dtype)``.
 
     ``buffer`` returns the same array every time it is asked for the same name, shape and
-    dtype, allocating it (uninitialised) on the backend the first time; a new batch shape (the
-    last, smaller batch of an epoch) gets buffers of its own, so alternating shapes never
-    reallocate. :meth:`scope` gives a layer its own namespace. Contents survive until the same
-    buffer is requested again by the same worker, i.e. a forward's cache stays valid through
-    its backward; never share a workspace between threads.
+    dtype, allocating it (uninitialised) on the backend the first time. A shape with fewer rows
+    than a buffer of the same name, dtype and trailing dimensions already holds (the last,
+    smaller batch of an epoch, a smaller shard) gets the first rows of that buffer, a view: a
+    step uses one batch shape throughout, so the two never hold live contents at once, and a
+    smaller batch costs no memory; alternating shapes never reallocate. :meth:`scope` gives a
+    layer its own namespace. Contents survive until the same buffer is requested again by the
+    same worker, i.e. a forward's cache stays valid through its backward; never share a
+    workspace between threads.
     """
 
     def __init__(self, backend, prefix: str = "", _store: dict | None = None,
@@ -71,12 +74,26 @@ class Workspace:
         key = (self.prefix + name, tuple(int(s) for s in shape), np.dtype(dtype).str)
         buf = self._store.get(key)
         if buf is None:
+            buf = self._rows_of_larger(key)
+        if buf is None:
             buf = self._store[key] = self.backend.empty(key[1], np.dtype(dtype))
         try:
             self._lookup[raw] = buf
         except TypeError:
             pass
         return buf
+
+    def _rows_of_larger(self, key) -> Any:
+        """The first rows of a stored buffer of the same name, dtype and trailing dimensions
+        that has at least ``key``'s rows (a view), or None."""
+        name, shape, dtype = key
+        if not shape:
+            return None
+        for (other, held, held_dtype), buf in self._store.items():
+            if (other == name and held_dtype == dtype and len(held) == len(shape)
+                    and held[1:] == shape[1:] and held[0] >= shape[0]):
+                return buf[:shape[0]]
+        return None
 
     def zeros(self, name: str, shape: tuple[int, ...], dtype) -> Any:
         """:meth:`buffer`, filled with zeros."""

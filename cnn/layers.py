@@ -21,9 +21,9 @@ import numpy as np
 
 from .backends import rng as counter_rng
 from .backends.base import Backend
-from .checks import check_choice, check_int, check_number, check_pair
+from .checks import check_bool, check_choice, check_int, check_known, check_number, check_pair
 from .context import StepContext
-from .plan import LayerOp
+from .plan import LayerOp, backward_ops, forward_ops, plan_layers
 
 Params = dict[str, Any]
 
@@ -44,15 +44,55 @@ def _he_uniform(shape, fan_in, fan_out, rng, dtype):
 
 
 def _he_normal(shape, fan_in, fan_out, rng, dtype):
+    # a plain normal, as PyTorch's kaiming_normal_ (fan_in mode); Keras's he_normal draws a
+    # normal truncated at two standard deviations, rescaled to the same variance 2 / fan_in
     return (rng.standard_normal(shape) * math.sqrt(2.0 / fan_in)).astype(dtype)
 
 
+def _torch_default(shape, fan_in, fan_out, rng, dtype):
+    # PyTorch's Conv2d and Linear: kaiming_uniform_(a=sqrt(5)), i.e. U(-b, b) with
+    # b = sqrt(2 / (1 + a**2)) * sqrt(3 / fan_in) = 1 / sqrt(fan_in); their bias likewise
+    limit = 1.0 / math.sqrt(fan_in)
+    return rng.uniform(-limit, limit, size=shape).astype(dtype)
+
+
+#: ``kernel_initializer`` -> ``(shape, fan_in, fan_out, rng, dtype) -> array``; the frameworks'
+#: defaults by their names: ``keras_default`` is Keras's glorot_uniform, ``torch_default``
+#: PyTorch's (which draws the bias too, see :data:`BIAS_INITIALIZERS`)
 INITIALIZERS: dict[str, Callable] = {
     "glorot_uniform": _glorot_uniform,
     "glorot_normal": _glorot_normal,
     "he_uniform": _he_uniform,
     "he_normal": _he_normal,
+    "keras_default": _glorot_uniform,
+    "torch_default": _torch_default,
 }
+#: kernel initialisers that draw the bias as well, after the kernel (PyTorch's default); with
+#: every other one the bias starts at zero, as in Keras
+BIAS_INITIALIZERS: dict[str, Callable] = {"torch_default": _torch_default}
+
+
+def _kernel_and_bias(layer, shape, units: int, fan_in: int, fan_out: int, rng, dtype) -> Params:
+    """The initial ``w`` of ``shape`` (``layer.kernel_initializer``) and, when the layer has
+    one, its bias of ``units`` values (zeros, or drawn after ``w`` for the initialisers of
+    :data:`BIAS_INITIALIZERS`)."""
+    params = {"w": INITIALIZERS[layer.kernel_initializer](shape, fan_in, fan_out, rng, dtype)}
+    if layer.use_bias:
+        draw = BIAS_INITIALIZERS.get(layer.kernel_initializer)
+        params["b"] = (np.zeros(units, dtype=dtype) if draw is None
+                       else draw((units,), fan_in, fan_out, rng, dtype))
+    return params
+
+
+def _bias(layer, params: Params, units: int, backend: Backend, ws, dtype):
+    """The bias the layer's ops add: its own, or for a layer without one (``use_bias=False``)
+    zeros from its workspace (adding zeros is exact, and the ops of every backend take a
+    bias; the gradient they return for it is dropped)."""
+    if layer.use_bias:
+        return params["b"]
+    zeros = backend.scratch(ws, "zero_bias", (units,), dtype)
+    backend.fill_zero(zeros)
+    return zeros
 
 
 #: Keras's string shorthands for kernel regularisers, with Keras's default factors
@@ -126,6 +166,20 @@ class Layer:
         """``dout (N, *output_shape)`` -> ``(dx or None, grads)`` with ``grads`` keyed like params."""
         raise NotImplementedError
 
+    def sublayers(self) -> tuple["Layer", ...]:
+        """The layers this one holds (a residual block's branches, in order); none for a
+        plain layer."""
+        return ()
+
+    def leaves(self) -> tuple["Layer", ...]:
+        """The plain layers this one is made of, in order: itself, or for a layer that holds
+        layers (a residual block) theirs. Parameters and buffers belong to leaves: the model
+        keys them ``"<leaf name>.<name>"``."""
+        subs = self.sublayers()
+        if not subs:
+            return (self,)
+        return tuple(leaf for layer in subs for leaf in layer.leaves())
+
     def plan_op(self, backend: Backend) -> LayerOp:
         """This layer as an op of a plan on ``backend`` (see :mod:`cnn.plan`), when no fusion
         of the backend takes it into a run: its own :meth:`forward` and :meth:`backward`. A
@@ -152,22 +206,30 @@ class Conv2D(Layer):
 
     ``padding='valid'``: ``Ho = (H - KH) // stride + 1``. ``padding='same'``: ``Ho = ceil(H /
     stride)``, with TensorFlow's split of the total padding (the extra pixel goes bottom/right),
-    so Keras models with the same weights give the same outputs.
+    so Keras models with the same weights give the same outputs. ``padding=p`` (an int, or a
+    pair ``[ph, pw]``): ``p`` zeros on every side, as PyTorch's ``Conv2d(padding=p)``, so
+    ``Ho = (H + 2 p - KH) // stride + 1`` (a strided 3x3 conv with ``padding=1`` pads top and
+    bottom alike, where ``'same'`` pads only the bottom).
+
+    ``use_bias=False``: no bias parameter (a conv followed by batch norm, whose ``beta`` takes
+    its place).
     """
 
     type = "conv2d"
-    param_names = ("w", "b")
 
     def __init__(self, filters, kernel_size=3, stride=1, padding="valid",
-                 kernel_initializer="glorot_uniform", kernel_regularizer=None, name=None):
+                 kernel_initializer="glorot_uniform", kernel_regularizer=None, use_bias=True,
+                 name=None):
         super().__init__(name)
         self.filters = check_int("Conv2D", "filters", filters)
         self.kernel_regularizer = _regularizer(kernel_regularizer, "Conv2D")
         self.kernel_size = check_pair("Conv2D", "kernel_size", kernel_size)
         self.stride = check_int("Conv2D", "stride", stride)
-        self.padding = check_choice("Conv2D", "padding", padding, ("valid", "same"))
-        self.kernel_initializer = check_choice("Conv2D", "kernel_initializer", kernel_initializer,
-                                               sorted(INITIALIZERS))
+        self.padding = _conv_padding(padding)
+        self.kernel_initializer = check_known("Conv2D", "kernel_initializer",
+                                              kernel_initializer, sorted(INITIALIZERS))
+        self.use_bias = check_bool("Conv2D", "use_bias", use_bias)
+        self.param_names = ("w", "b") if self.use_bias else ("w",)
         self.pads = ((0, 0), (0, 0))
 
     def _output_shape(self, input_shape):
@@ -180,27 +242,29 @@ class Conv2D(Layer):
             ph = max((ho - 1) * s + kh - h, 0)
             pw = max((wo - 1) * s + kw - w, 0)
             self.pads = ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2))
-        else:
-            if h < kh or w < kw:
-                raise ValueError(f"Conv2D {self.name!r}: kernel {self.kernel_size} is larger than "
-                                 f"its input {tuple(input_shape)} with padding='valid'")
-            ho, wo = (h - kh) // s + 1, (w - kw) // s + 1
-        return (self.filters, ho, wo)
+            return (self.filters, ho, wo)
+        ph, pw = (0, 0) if self.padding == "valid" else _padding_pair(self.padding)
+        self.pads = ((ph, ph), (pw, pw))
+        if h + 2 * ph < kh or w + 2 * pw < kw:
+            raise ValueError(f"Conv2D {self.name!r}: kernel {self.kernel_size} is larger than "
+                             f"its input {tuple(input_shape)} with padding={self.padding!r}")
+        return (self.filters, (h + 2 * ph - kh) // s + 1, (w + 2 * pw - kw) // s + 1)
 
     def init_params(self, rng, dtype):
         c = self.input_shape[0]
         kh, kw = self.kernel_size
-        fan_in, fan_out = c * kh * kw, self.filters * kh * kw
-        w = INITIALIZERS[self.kernel_initializer]((self.filters, c, kh, kw), fan_in, fan_out, rng, dtype)
-        return {"w": w, "b": np.zeros(self.filters, dtype=dtype)}
+        return _kernel_and_bias(self, (self.filters, c, kh, kw), self.filters, c * kh * kw,
+                                self.filters * kh * kw, rng, dtype)
 
     def forward(self, params, x, backend, ctx):
-        return backend.conv2d_forward(x, params["w"], params["b"], self.stride, self.pads,
-                                      ws=ctx.scope(self.name))
+        ws = ctx.scope(self.name)
+        return backend.conv2d_forward(x, params["w"], _bias(self, params, self.filters, backend,
+                                                            ws, x.dtype),
+                                      self.stride, self.pads, ws=ws)
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         dx, dw, db = backend.conv2d_backward(dout, cache, need_dx=need_dx, ws=ctx.scope(self.name))
-        return dx, {"w": dw, "b": db}
+        return dx, ({"w": dw, "b": db} if self.use_bias else {"w": dw})
 
     def penalties(self):
         return _kernel_penalties(self)
@@ -208,7 +272,25 @@ class Conv2D(Layer):
     def config(self):
         return {**super().config(), "filters": self.filters, "kernel_size": list(self.kernel_size),
                 "stride": self.stride, "padding": self.padding,
-                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self)}
+                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self),
+                **({} if self.use_bias else {"use_bias": False})}
+
+
+def _conv_padding(value: Any):
+    """``padding`` of a Conv2D: ``'valid'``, ``'same'``, a non-negative int or a pair of them
+    (kept as a list)."""
+    if isinstance(value, str) and value in ("valid", "same"):
+        return value
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return [check_int("Conv2D", "padding", v, low=0) for v in value]
+    if not isinstance(value, (list, tuple, str)):
+        return check_int("Conv2D", "padding", value, low=0)
+    raise ValueError(f"Conv2D: padding must be 'valid', 'same', a non-negative integer or a "
+                     f"pair of them. Received padding={value!r}")
+
+
+def _padding_pair(padding) -> tuple[int, int]:
+    return (padding, padding) if isinstance(padding, int) else tuple(padding)
 
 
 def _kernel_penalties(layer):
@@ -283,18 +365,20 @@ class Flatten(Layer):
 
 
 class Dense(Layer):
-    """Fully connected: ``(N, D) @ w (D, units) + b -> (N, units)``."""
+    """Fully connected: ``(N, D) @ w (D, units) + b -> (N, units)``; ``use_bias=False``: no
+    ``b``."""
 
     type = "dense"
-    param_names = ("w", "b")
 
     def __init__(self, units, kernel_initializer="glorot_uniform", kernel_regularizer=None,
-                 name=None):
+                 use_bias=True, name=None):
         super().__init__(name)
         self.units = check_int("Dense", "units", units)
-        self.kernel_initializer = check_choice("Dense", "kernel_initializer", kernel_initializer,
-                                               sorted(INITIALIZERS))
+        self.kernel_initializer = check_known("Dense", "kernel_initializer",
+                                              kernel_initializer, sorted(INITIALIZERS))
         self.kernel_regularizer = _regularizer(kernel_regularizer, "Dense")
+        self.use_bias = check_bool("Dense", "use_bias", use_bias)
+        self.param_names = ("w", "b") if self.use_bias else ("w",)
 
     def _output_shape(self, input_shape):
         _expect_rank(self, input_shape, 1, "flat (D,)")
@@ -302,23 +386,25 @@ class Dense(Layer):
 
     def init_params(self, rng, dtype):
         d = self.input_shape[0]
-        w = INITIALIZERS[self.kernel_initializer]((d, self.units), d, self.units, rng, dtype)
-        return {"w": w, "b": np.zeros(self.units, dtype=dtype)}
+        return _kernel_and_bias(self, (d, self.units), self.units, d, self.units, rng, dtype)
 
     def forward(self, params, x, backend, ctx):
-        return backend.dense_forward(x, params["w"], params["b"], ws=ctx.scope(self.name))
+        ws = ctx.scope(self.name)
+        return backend.dense_forward(x, params["w"], _bias(self, params, self.units, backend, ws,
+                                                           x.dtype), ws=ws)
 
     def backward(self, params, dout, cache, backend, ctx, need_dx=True):
         dx, dw, db = backend.dense_backward(dout, cache, need_dx=need_dx,
                                             ws=ctx.scope(self.name))
-        return dx, {"w": dw, "b": db}
+        return dx, ({"w": dw, "b": db} if self.use_bias else {"w": dw})
 
     def penalties(self):
         return _kernel_penalties(self)
 
     def config(self):
         return {**super().config(), "units": self.units,
-                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self)}
+                "kernel_initializer": self.kernel_initializer, **_regularizer_config(self),
+                **({} if self.use_bias else {"use_bias": False})}
 
 
 class Sigmoid(Layer):
@@ -488,12 +574,229 @@ class BatchNorm(Layer):
         return {**super().config(), "momentum": self.momentum, "epsilon": self.epsilon}
 
 
+class GlobalAvgPool2D(Layer):
+    """The mean of each channel over the image: ``(N, C, H, W) -> (N, C)`` (Keras's
+    ``GlobalAveragePooling2D``), the head of a residual network before its dense layer."""
+
+    type = "globalavgpool2d"
+
+    def _output_shape(self, input_shape):
+        _expect_rank(self, input_shape, 3, "(C, H, W)")
+        return (input_shape[0],)
+
+    def forward(self, params, x, backend, ctx):
+        return backend.globalavgpool2d_forward(x, ws=ctx.scope(self.name))
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        return backend.globalavgpool2d_backward(dout, cache, ws=ctx.scope(self.name)), {}
+
+
+# ---- residual blocks ----------------------------------------------------------------------------
+#: what a residual block's ``shortcut`` may name besides a list of layers
+SHORTCUTS = ("identity", "pad")
+
+
+class ShortcutPad(Layer):
+    """Option A's shortcut of a residual block (He et al. 2016, section 4.2): the input
+    subsampled by the stride and zero-padded on the channel axis to the main branch's output
+    (the zeros split between the first and the last channels, the odd one last, as in
+    ``akamaster/pytorch_resnet_cifar10``): ``(C, H, W) -> (C', ceil(H / s), ceil(W / s))``. No
+    parameters. A block builds it for ``"shortcut": "pad"`` and sets :attr:`target_shape`, the
+    main branch's output shape, from which the stride and the padding follow."""
+
+    type = "shortcut_pad"
+
+    def __init__(self, name=None):
+        super().__init__(name)
+        self.target_shape: tuple[int, ...] | None = None
+        self.stride, self.channels_before, self.channels_after = 1, 0, 0
+
+    def _output_shape(self, input_shape):
+        _expect_rank(self, input_shape, 3, "(C, H, W)")
+        (c, h, w), (c2, h2, w2) = input_shape, self.target_shape
+        stride = next((s for s in range(1, max(h, w) + 1)
+                       if -(-h // s) == h2 and -(-w // s) == w2), None)
+        if c2 < c or stride is None:
+            raise ValueError(f"shortcut 'pad' {self.name!r} cannot map its input {input_shape} to "
+                             f"the main branch's output {self.target_shape}: it subsamples by a "
+                             f"stride s to (C, ceil(H / s), ceil(W / s)) and adds zero channels, "
+                             f"never removes any; use a list of layers (a strided 1x1 conv) "
+                             f"instead")
+        self.stride = stride
+        self.channels_before = (c2 - c) // 2
+        self.channels_after = c2 - c - self.channels_before
+        return tuple(self.target_shape)
+
+    def forward(self, params, x, backend, ctx):
+        return backend.shortcut_pad_forward(x, self.stride, self.channels_before,
+                                            self.channels_after, ws=ctx.scope(self.name))
+
+    def backward(self, params, dout, cache, backend, ctx, need_dx=True):
+        return backend.shortcut_pad_backward(dout, cache, ws=ctx.scope(self.name)), {}
+
+
+class Residual(Layer):
+    """A residual block: ``act(main(x) + shortcut(x))`` (He et al. 2016).
+
+    Args:
+        layers: the main branch, a list of layer specs (or layers), any of them a block too.
+        shortcut: ``"identity"`` (the input itself: the branch must keep its shape), ``"pad"``
+            (option A: :class:`ShortcutPad`, the input subsampled and zero-padded to the
+            branch's output; its stride and padding follow from the shapes) or a list of layers
+            (option B: e.g. a strided 1x1 conv and batch norm). The two branches' outputs must
+            have one shape.
+        activation: ``"relu"`` after the sum, as in the paper, or None/``"linear"``.
+
+    Its layers are named ``"<block>/<layer>"`` (``"stage2_block1/conv2d_1"``) and the
+    shortcut's ``"<block>/shortcut/<layer>"`` (``"<block>/shortcut"`` for ``"pad"``), each
+    numbered per type within its branch as the model numbers its own; their parameters and
+    buffers are the model's ``"<layer>.<name>"`` (``"stage2_block1/conv2d_1.w"``). A block holds
+    no parameter of its own, and runs as one op of the model's plan whose branches are planned
+    like the model's list (:class:`ResidualOp`): the backend's fusions apply inside them. Its
+    backward sums the two branches' input gradients.
+    """
+
+    type = "residual"
+
+    def __init__(self, layers, shortcut="identity", activation=None, name=None):
+        super().__init__(name)
+        self.main = _branch("layers", layers)
+        if isinstance(shortcut, str):
+            self.shortcut = check_choice("Residual", "shortcut", shortcut, SHORTCUTS)
+            self.shortcut_layers = [ShortcutPad()] if shortcut == "pad" else []
+        elif isinstance(shortcut, (list, tuple)) and shortcut:
+            self.shortcut = "layers"
+            self.shortcut_layers = _branch("shortcut", shortcut)
+        else:
+            raise ValueError(f"Residual: shortcut must be one of {list(SHORTCUTS)} or a "
+                             f"non-empty list of layers. Received shortcut={shortcut!r}")
+        activation = None if activation == "linear" else activation
+        self.activation = check_choice("Residual", "activation", activation, [None, "relu"])
+        # the names given in the spec; build prefixes them with the block's own
+        self._given = {"main": [layer.name for layer in self.main],
+                       "shortcut": [layer.name for layer in self.shortcut_layers]}
+
+    def sublayers(self):
+        return tuple(self.main) + tuple(self.shortcut_layers)
+
+    def build(self, input_shape):
+        input_shape = tuple(input_shape)
+        name_layers(self.main, f"{self.name}/", self._given["main"])
+        shape = input_shape
+        for layer in self.main:
+            shape = layer.build(shape)
+        if self.shortcut == "pad":
+            pad = self.shortcut_layers[0]
+            pad.name, pad.target_shape = f"{self.name}/shortcut", shape
+        else:
+            name_layers(self.shortcut_layers, f"{self.name}/shortcut/", self._given["shortcut"])
+        short = input_shape
+        for layer in self.shortcut_layers:
+            short = layer.build(short)
+        if short != shape:
+            hint = ("; a shortcut 'pad' (option A) or a list of layers (option B, e.g. a strided "
+                    "1x1 conv and batch norm) can change the shape" if self.shortcut == "identity"
+                    else "")
+            raise ValueError(f"residual {self.name!r}: its main branch maps {input_shape} to "
+                             f"{shape} and its shortcut ({self.shortcut}) to {short}; the two "
+                             f"must match to be added{hint}")
+        self.input_shape, self.output_shape = input_shape, shape
+        return shape
+
+    def plan_op(self, backend):
+        return ResidualOp(self, backend)
+
+    def config(self):
+        shortcut = ([_local_config(layer) for layer in self.shortcut_layers]
+                    if self.shortcut == "layers" else self.shortcut)
+        return {**super().config(), "layers": [_local_config(layer) for layer in self.main],
+                "shortcut": shortcut, "activation": self.activation}
+
+
+class ResidualOp:
+    """A :class:`Residual` block as one op of a plan on ``backend``: each branch is a plan of
+    its own (:func:`cnn.plan.plan_layers`), the sum and its ReLU the backend's
+    ``residual_add_*`` ops in the block's workspace scope, and the backward sums the branches'
+    input gradients (``residual_grad_sum``). The identity shortcut is the empty plan."""
+
+    def __init__(self, block: Residual, backend: Backend):
+        self.layers = (block,)
+        self.backend = backend
+        self.main = plan_layers(block.main, backend)
+        self.shortcut = plan_layers(block.shortcut_layers, backend)
+
+    def forward(self, params, x, ctx):
+        block = self.layers[0]
+        h, main_caches = forward_ops(self.main, params, x, ctx)
+        s, shortcut_caches = forward_ops(self.shortcut, params, x, ctx)
+        out, cache = self.backend.residual_add_forward(h, s, block.activation == "relu",
+                                                       ws=ctx.scope(block.name))
+        return out, (main_caches, shortcut_caches, cache)
+
+    def backward(self, params, dout, cache, ctx, need_dx):
+        main_caches, shortcut_caches, add_cache = cache
+        ws = ctx.scope(self.layers[0].name)
+        d = self.backend.residual_add_backward(dout, add_cache, ws=ws)
+        dx_main, grads = backward_ops(self.main, params, d, main_caches, ctx, need_dx)
+        dx_shortcut, shortcut_grads = backward_ops(self.shortcut, params, d, shortcut_caches, ctx,
+                                                   need_dx)
+        grads.update(shortcut_grads)
+        if not need_dx:
+            return None, grads
+        return self.backend.residual_grad_sum(dx_main, dx_shortcut, ws=ws), grads
+
+    def __repr__(self) -> str:
+        return f"ResidualOp({self.layers[0].name}: main={self.main}, shortcut={self.shortcut})"
+
+
+def _branch(what: str, spec) -> list[Layer]:
+    """A block's branch: a non-empty list of layers, or of layer specs to build."""
+    if isinstance(spec, (list, tuple)) and spec and all(isinstance(s, Layer) for s in spec):
+        return list(spec)
+    if not isinstance(spec, (list, tuple)) or not spec:
+        raise ValueError(f"Residual: {what} must be a non-empty list of layers. "
+                         f"Received {what}={spec!r}")
+    try:
+        return layers_from_spec(spec)
+    except ValueError as err:
+        raise ValueError(f"Residual: {what}: {err}") from None
+
+
+def _local_config(layer: Layer) -> dict:
+    """The spec entry of a block's layer, named as in its branch (without the block's name)."""
+    return {**layer.config(), "name": layer.name.rsplit("/", 1)[-1]}
+
+
+def name_layers(layers, prefix: str = "", given=None) -> None:
+    """Name each of ``layers``: ``prefix`` + its given name (``given[i]``, default the layer's
+    own), or for a layer without one its type numbered per type (``conv2d``, ``conv2d_1``, ...).
+    Names are unique in the list, and a given name is a string without ``/`` (which separates a
+    block's name from its layers')."""
+    given = [layer.name for layer in layers] if given is None else given
+    seen: dict[str, int] = {}
+    names = set()
+    for layer, name in zip(layers, given):
+        if name is None:
+            k = seen.get(layer.type, 0)
+            seen[layer.type] = k + 1
+            name = layer.type if k == 0 else f"{layer.type}_{k}"
+        elif not isinstance(name, str) or "/" in name:
+            raise ValueError(f"a layer's name is a string without '/' (which separates a "
+                             f"residual block's name from its layers'). Received name={name!r}")
+        if name in names:
+            raise ValueError(f"two layers are named {prefix + name!r}; layer names must be unique")
+        names.add(name)
+        layer.name = prefix + name
+
+
 #: spec ``type`` -> class; Keras class names are accepted as aliases
 LAYER_TYPES: dict[str, type[Layer]] = {
     "conv2d": Conv2D, "maxpool2d": MaxPool2D, "maxpooling2d": MaxPool2D,
     "relu": ReLU, "flatten": Flatten, "dense": Dense,
     "sigmoid": Sigmoid, "tanh": Tanh, "dropout": Dropout,
     "batchnorm": BatchNorm, "batchnormalization": BatchNorm, "batch_normalization": BatchNorm,
+    "globalavgpool2d": GlobalAvgPool2D, "globalaveragepooling2d": GlobalAvgPool2D,
+    "residual": Residual,
 }
 #: ``activation=`` shorthands on conv2d/dense entries, expanded into their own layer
 ACTIVATIONS: dict[str, type[Layer]] = {"relu": ReLU, "sigmoid": Sigmoid, "tanh": Tanh}
@@ -503,7 +806,8 @@ def layers_from_spec(spec: list[dict]) -> list[Layer]:
     """Build layers from a list of dicts such as ``{"type": "conv2d", "filters": 8}``.
 
     An ``activation`` key on a layer entry (``"relu"`` or ``None``/``"linear"``) appends that
-    activation as a layer of its own. Unknown types or options raise ``ValueError`` naming them.
+    activation as a layer of its own (a residual block applies its own after its sum). Unknown
+    types or options raise ``ValueError`` naming them.
     """
     if not isinstance(spec, (list, tuple)) or not spec:
         raise ValueError(f"a model spec is a non-empty list of layer dicts. Received {spec!r}")
@@ -516,8 +820,10 @@ def layers_from_spec(spec: list[dict]) -> list[Layer]:
         if kind not in LAYER_TYPES:
             raise ValueError(f"layer {i}: unknown layer type {entry['type']!r}; "
                              f"choose one of {sorted(set(LAYER_TYPES))}")
-        activation = options.pop("activation", None)
         cls = LAYER_TYPES[kind]
+        # a block's activation follows its sum, inside the block; any other layer's is a layer
+        # of its own after it
+        activation = None if cls is Residual else options.pop("activation", None)
         try:
             layers.append(cls(**options))
         except TypeError as err:

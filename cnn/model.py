@@ -34,9 +34,9 @@ from .backends import Backend, get_backend
 from .checks import check_int, is_integer
 from .context import StepContext
 from .files import atomic_write, read_structured
-from .layers import Layer, layers_from_spec
+from .layers import Layer, layers_from_spec, name_layers
 from .losses import Loss, get_loss
-from .plan import plan_layers
+from .plan import backward_ops, forward_ops, plan_layers
 
 FLOAT_DTYPES = (np.float32, np.float64)
 
@@ -102,10 +102,17 @@ class Sequential:
         self.layers = list(layers)
         self.seed = seed
         self.backend = backend
-        self._name_layers()
+        name_layers(self.layers)
         shape = self.input_shape
         for layer in self.layers:
             shape = layer.build(shape)
+        #: the plain layers, residual blocks' included (see :meth:`Layer.leaves`): the owners
+        #: of the parameters and buffers, in order
+        self.leaves = tuple(leaf for layer in self.layers for leaf in layer.leaves())
+        names = [layer.name for _, layer in self.walk()]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"two layers are named {twice[0]!r}; layer names must be unique")
         if len(shape) != 1:
             raise ValueError(f"the last layer must give flat logits (N, K); it gives per-example "
                              f"shape {shape}. Add a flatten and a dense layer.")
@@ -118,7 +125,7 @@ class Sequential:
         rng = np.random.default_rng(seed)
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
-        for layer in self.layers:
+        for layer in self.leaves:
             try:
                 layer_params = layer.init_params(rng, self.dtype)
             except (MemoryError, ValueError, OverflowError) as err:
@@ -138,17 +145,14 @@ class Sequential:
         return {**self.__dict__, "_plans": {}}
 
     # ---- construction ----------------------------------------------------------------------
-    def _name_layers(self) -> None:
-        seen: dict[str, int] = {}
-        names = set()
-        for layer in self.layers:
-            if layer.name is None:
-                k = seen.get(layer.type, 0)
-                seen[layer.type] = k + 1
-                layer.name = layer.type if k == 0 else f"{layer.type}_{k}"
-            if layer.name in names:
-                raise ValueError(f"two layers are named {layer.name!r}; layer names must be unique")
-            names.add(layer.name)
+    def walk(self):
+        """``(depth, layer)`` for every layer in order, the layers of residual blocks after
+        their block at one depth more (0: the model's own list)."""
+        def visit(layers, depth):
+            for layer in layers:
+                yield depth, layer
+                yield from visit(layer.sublayers(), depth + 1)
+        return visit(self.layers, 0)
 
     @classmethod
     def from_spec(cls, spec, input_shape=None, **kwargs) -> "Sequential":
@@ -215,21 +219,20 @@ class Sequential:
     def _params_backend(self, params, backend):
         return (self.params if params is None else params), get_backend(backend or self.backend)
 
-    def forward(self, x, params=None, backend=None, ctx: StepContext | None = None):
+    def forward(self, x, params=None, backend=None, ctx: StepContext | None = None,
+                keep_caches: bool = True):
         """``x (N, C, H, W)`` -> ``(logits (N, K), caches)`` on ``backend``, ``caches`` one per
         op of the backend's :meth:`plan`.
 
         ``ctx`` (see :mod:`cnn.context`) says whether this is a training pass and which
-        workspace it may reuse; the default is an inference pass that allocates per call."""
+        workspace it may reuse; the default is an inference pass that allocates per call.
+        ``keep_caches=False``: no backward follows (prediction, evaluation), so each op's
+        cache is dropped as the next op runs and ``caches`` is empty (see
+        :func:`cnn.plan.forward_ops`)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         ctx.updates.clear()
-        arrays = self._arrays(params, ctx)
-        caches = []
-        for op in self.plan(be):
-            x, cache = op.forward(arrays, x, ctx)
-            caches.append(cache)
-        return x, caches
+        return forward_ops(self.plan(be), self._arrays(params, ctx), x, ctx, keep_caches)
 
     def plan(self, backend=None) -> tuple:
         """The ops that run the layers on ``backend`` (default the model's), in order: one per
@@ -259,23 +262,24 @@ class Sequential:
         ``dlogits`` is the gradient of, see :meth:`loss_and_grads`)."""
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
-        arrays = self._arrays(params, ctx)
-        ops = self.plan(be)
-        grads: dict[str, Any] = {}
-        dout = dlogits
-        for i in reversed(range(len(ops))):
-            # the first op's input is data: its gradient is never used
-            dout, op_grads = ops[i].backward(arrays, dout, caches[i], ctx, need_dx=i > 0)
-            for layer in reversed(ops[i].layers):  # a fused op's layers: each one's own
-                keys = [f"{layer.name}.{p}" for p in layer.param_names]
-                named = {key: op_grads[key] for key in keys}
+
+        def penalties_and_hook(op, op_grads):
+            # each layer of the op (a fused run's, a block's leaves), last first
+            leaves = [leaf for layer in op.layers for leaf in layer.leaves()]
+            for layer in reversed(leaves):
+                named = {f"{layer.name}.{p}": op_grads[f"{layer.name}.{p}"]
+                         for p in layer.param_names}
                 for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
                     key = f"{layer.name}.{pname}"
-                    named[key] = be.weight_penalty_grad(named[key], params[key], l1 * loss_scale,
-                                                        l2 * loss_scale, ws=ctx.scope(layer.name))
-                grads.update(named)
+                    named[key] = op_grads[key] = be.weight_penalty_grad(
+                        named[key], params[key], l1 * loss_scale, l2 * loss_scale,
+                        ws=ctx.scope(layer.name))
                 if on_grads is not None and named:
                     on_grads(named)
+
+        # the first op's input is data: its gradient is never used (need_dx=False)
+        _, grads = backward_ops(self.plan(be), self._arrays(params, ctx), dlogits, caches, ctx,
+                                need_dx=False, on_op=penalties_and_hook)
         return grads
 
     def loss_and_grads(self, x, y, params=None, backend=None, ctx: StepContext | None = None,
@@ -306,7 +310,7 @@ class Sequential:
 
     def _penalised(self, loss, params, be, ctx: StepContext | None = None):
         """``loss`` plus every layer's weight penalty (``kernel_regularizer``)."""
-        for layer in self.layers:
+        for layer in self.leaves:
             for pname, l1, l2 in layer.penalties():
                 ws = None if ctx is None else ctx.scope(layer.name)
                 loss = be.weight_penalty(params[f"{layer.name}.{pname}"], l1, l2, loss, ws=ws)
@@ -322,7 +326,8 @@ class Sequential:
         self.check_inputs(x)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)
-        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx)[0])
+        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx,
+                                       keep_caches=False)[0])
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out)
 
@@ -343,7 +348,7 @@ class Sequential:
         total_loss, correct = 0.0, 0
         for i in range(0, len(x), batch_size):
             xb, yb = be.asarray(x[i:i + batch_size]), be.asarray(y[i:i + batch_size])
-            logits, _ = self.forward(xb, params, be, ctx)
+            logits, _ = self.forward(xb, params, be, ctx, keep_caches=False)
             loss, _, n_right = self.loss(logits, yb, be)
             total_loss += float(be.to_host(loss)) * len(yb)
             correct += int(be.to_host(n_right))
@@ -410,22 +415,30 @@ class Sequential:
 
     def summary(self) -> str:
         """One row per layer: name, type, output shape, trained parameters and, when the model
-        has any, buffer values (non-trained state); then the totals and the loss."""
+        has any, buffer values (non-trained state); a residual block's row gives its layers'
+        totals and is followed by its layers, indented. Then the totals and the loss."""
         with_buffers = bool(self.buffers)
-        rows = [f"{'layer':<14}{'type':<11}{'output shape':<18}{'params':>9}"
-                + (f"{'buffers':>9}" if with_buffers else "")]
-        for layer in self.layers:
-            n = sum(self.params[f"{layer.name}.{p}"].size for p in layer.param_names)
-            row = f"{layer.name:<14}{layer.type:<11}{str(layer.output_shape):<18}{n:>9,}"
+        rows = [(f"{'  ' * depth}{layer.name}", layer) for depth, layer in self.walk()]
+        width = max(14, max(len(name) for name, _ in rows) + 2)
+        lines = [f"{'layer':<{width}}{'type':<16}{'output shape':<18}{'params':>9}"
+                 + (f"{'buffers':>9}" if with_buffers else "")]
+        for name, layer in rows:
+            leaves = layer.leaves()
+            n = sum(self.params[f"{leaf.name}.{p}"].size for leaf in leaves for p in leaf.param_names)
+            line = f"{name:<{width}}{layer.type:<16}{str(layer.output_shape):<18}{n:>9,}"
             if with_buffers:
-                row += f"{sum(self.buffers[f'{layer.name}.{b}'].size for b in layer.buffer_names):>9,}"
-            rows.append(row)
-        rows.append(f"total parameters: {self.num_params:,} ({self.dtype})")
+                line += f"{sum(self.buffers[f'{leaf.name}.{b}'].size for leaf in leaves for b in leaf.buffer_names):>9,}"
+            lines.append(line)
+        lines.append(f"total parameters: {self.num_params:,} ({self.dtype})")
         if with_buffers:
-            rows.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
-                        f"{len(self.buffers)} arrays ({', '.join(self.buffers)})")
-        rows.append(f"loss: {self.loss.name}")
-        return "\n".join(rows)
+            names = list(self.buffers)
+            if len(names) > 6:  # a deep network's: per kind, not one by one
+                kinds = [key.rsplit(".", 1)[1] for key in names]
+                names = [f"{kind} x{kinds.count(kind)}" for kind in dict.fromkeys(kinds)]
+            lines.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
+                         f"{len(self.buffers)} arrays ({', '.join(names)})")
+        lines.append(f"loss: {self.loss.name}")
+        return "\n".join(lines)
 
 
 # ---- weights files ---------------------------------------------------------------------------

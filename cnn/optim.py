@@ -71,7 +71,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from .backends.base import Backend
-from .checks import check_bool, check_int, check_number, check_positive
+from .checks import check_bool, check_choice, check_int, check_number, check_positive
 from .schedules import KerasConstant, Schedule, make_schedule
 
 
@@ -142,19 +142,33 @@ class OptimizerState:
 
 
 # ---- the optimizers --------------------------------------------------------------------------
-class Optimizer:
-    """Base class: learning rate (a number or a schedule), decoupled weight decay, the state
-    and the update loop. Subclasses set ``type``, ``slot_names`` and write ``_update``.
+#: how ``weight_decay`` acts (see :class:`Optimizer`)
+WEIGHT_DECAY_MODES = ("decoupled", "coupled")
 
-    ``weight_decay`` (every optimizer, Keras 3's semantics): before each update,
-    ``w = w - lr * weight_decay * w`` (decoupled from the gradient, as in AdamW; applied to
-    every parameter, biases included, as Keras does by default).
+
+class Optimizer:
+    """Base class: learning rate (a number or a schedule), weight decay, the state and the
+    update loop. Subclasses set ``type``, ``slot_names`` and write ``_update``.
+
+    ``weight_decay`` (every optimizer; applied to every parameter, biases and batch norm's
+    ``gamma`` and ``beta`` included), in one of two modes:
+
+    - ``weight_decay_mode="decoupled"`` (the default; Keras 3's semantics, AdamW's): before
+      each update, ``w = w - lr * weight_decay * w``, apart from the gradient;
+    - ``"coupled"`` (an L2 penalty ``weight_decay / 2 * sum w**2`` on the loss, as in the
+      ResNet paper, Caffe, Torch and PyTorch's ``SGD(weight_decay=...)``): the gradient
+      becomes ``g + weight_decay * w`` **in place** before the update, so momentum and
+      adaptive denominators see it. (The gradient is the step's own buffer, which no strategy
+      reads after the update.)
+
+    The two are the same update for plain SGD; with momentum they differ.
     """
 
     type = "abstract"
     slot_names: tuple[str, ...] = ()
 
-    def __init__(self, lr: Any = 0.01, weight_decay: float = 0.0):
+    def __init__(self, lr: Any = 0.01, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "decoupled"):
         name = type(self).__name__
         if isinstance(lr, Schedule):
             self.schedule: Schedule | None = lr
@@ -163,6 +177,8 @@ class Optimizer:
             self.schedule = None
             self.lr = check_positive(name, "lr", lr)
         self.weight_decay = check_number(name, "weight_decay", weight_decay, low=0.0)
+        self.weight_decay_mode = check_choice(name, "weight_decay_mode", weight_decay_mode,
+                                              WEIGHT_DECAY_MODES)
 
     # ---- facts about the class (what the study's grid and the CLI ask) ---------------------
     @classmethod
@@ -226,7 +242,9 @@ class Optimizer:
         ``lr`` is this update's learning rate and ``step`` its 1-based number (the same for
         every piece of one global step). Changes no scalar state."""
         lr = float(lr)
-        if self.weight_decay:
+        if self.weight_decay and self.weight_decay_mode == "coupled":
+            backend.axpby(grad, 1.0, param, self.weight_decay)
+        elif self.weight_decay:
             backend.axpby(param, 1.0, param, -lr * self.weight_decay)
         self._update(param, grad, slots, lr, int(step), backend)
 
@@ -266,15 +284,25 @@ class Optimizer:
         cfg = {"type": self.type, "lr": self.lr, **self._hyper()}
         if self.weight_decay or type(self) is AdamW:
             cfg["weight_decay"] = self.weight_decay
+        if self.weight_decay_mode != "decoupled":
+            cfg["weight_decay_mode"] = self.weight_decay_mode
         if self.schedule is not None:
             cfg["schedule"] = self.schedule.config()
         return cfg
 
     def keras(self):
-        """The Keras 3 optimizer computing the same update (for the reference tests)."""
+        """The Keras 3 optimizer computing the same update (for the reference tests). Keras's
+        optimizers have no coupled weight decay (``NotImplementedError``): the Keras
+        reference puts it on the model as L2 penalties instead
+        (:func:`cnn.reference.keras.compile_keras_model`)."""
         raise NotImplementedError(f"no Keras counterpart for {type(self).__name__}")
 
     def _keras_common(self) -> dict:
+        if self.weight_decay and self.weight_decay_mode == "coupled":
+            raise NotImplementedError(
+                f"{type(self).__name__}: Keras optimizers have no coupled weight decay "
+                f"(weight_decay_mode='coupled'); it is an L2 penalty of weight_decay / 2 on "
+                f"every weight, which the Keras reference puts on the model")
         out = {"learning_rate": (self.schedule.keras() if self.schedule is not None
                                  else KerasConstant(self.lr))}
         if self.weight_decay:
@@ -320,8 +348,8 @@ class SGD(Optimizer):
     type = "sgd"
 
     def __init__(self, lr: Any = 0.01, momentum: float = 0.0, nesterov: bool = False,
-                 weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+                 weight_decay: float = 0.0, weight_decay_mode: str = "decoupled"):
+        super().__init__(lr, weight_decay, weight_decay_mode)
         self.momentum = check_number("SGD", "momentum", momentum, low=0.0, high=1.0,
                                      high_open=True)
         self.nesterov = check_bool("SGD", "nesterov", nesterov)
@@ -365,8 +393,9 @@ class RMSProp(Optimizer):
     type = "rmsprop"
 
     def __init__(self, lr: Any = 0.001, rho: float = 0.9, momentum: float = 0.0,
-                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+                 epsilon: float = 1e-7, centered: bool = False, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "decoupled"):
+        super().__init__(lr, weight_decay, weight_decay_mode)
         self.rho = check_number("RMSProp", "rho", rho, low=0.0, high=1.0, high_open=True)
         self.momentum = check_number("RMSProp", "momentum", momentum, low=0.0, high=1.0,
                                      high_open=True)
@@ -408,15 +437,18 @@ class Adam(Optimizer):
     ``m = beta_1 * m + (1 - beta_1) * g;  v = beta_2 * v + (1 - beta_2) * g**2;``
     ``w -= lr * sqrt(1 - beta_2**t) / (1 - beta_1**t) * m / (sqrt(v) + epsilon)``.
 
-    Slots: ``m``, ``v``. With ``weight_decay`` > 0 this is AdamW (decoupled weight decay).
+    Slots: ``m``, ``v``. With ``weight_decay`` > 0 this is AdamW (decoupled weight decay), or
+    with ``weight_decay_mode="coupled"`` Adam on an L2-penalised loss (PyTorch's
+    ``Adam(weight_decay=...)``).
     """
 
     type = "adam"
     slot_names = ("m", "v")
 
     def __init__(self, lr: Any = 0.001, beta_1: float = 0.9, beta_2: float = 0.999,
-                 epsilon: float = 1e-7, weight_decay: float = 0.0):
-        super().__init__(lr, weight_decay)
+                 epsilon: float = 1e-7, weight_decay: float = 0.0,
+                 weight_decay_mode: str = "decoupled"):
+        super().__init__(lr, weight_decay, weight_decay_mode)
         name = type(self).__name__
         self.beta_1 = check_number(name, "beta_1", beta_1, low=0.0, high=1.0, high_open=True)
         self.beta_2 = check_number(name, "beta_2", beta_2, low=0.0, high=1.0, high_open=True)

@@ -17,8 +17,9 @@ penalties and gradient callbacks stay the model's business, per layer of each op
 
 A layer that holds layers of its own (a residual block: a main branch and a shortcut) plugs in
 through :meth:`~cnn.layers.Layer.plan_op`: it returns an op whose forward and backward walk
-``plan_layers(branch, backend)`` for each branch, so the backend's fusions apply inside the branches
-as they do in the model's own list, and nothing here changes.
+``plan_layers(branch, backend)`` for each branch (:func:`forward_ops`, :func:`backward_ops`, as
+the model walks its own), so the backend's fusions apply inside the branches as they do in the
+model's own list (:class:`cnn.layers.ResidualOp`).
 """
 from __future__ import annotations
 
@@ -105,3 +106,32 @@ def plan_layers(layers: Sequence[Any], backend) -> tuple:
             ops.append(layers[i].plan_op(backend))
         i += len(ops[-1].layers)
     return tuple(ops)
+
+
+def forward_ops(ops: Sequence[Any], params: dict, x, ctx,
+                keep_caches: bool = True) -> tuple[Any, list]:
+    """``ops``' forwards in order from ``x``: ``(out, caches)``, one cache per op (``(x, [])``
+    for no ops). ``keep_caches=False`` (a pass no backward follows) drops each op's cache as
+    soon as the next op has run, so a pass holds the activations of one op at a time, not of
+    the whole network (``caches`` is then empty)."""
+    caches = []
+    for op in ops:
+        x, cache = op.forward(params, x, ctx)
+        if keep_caches:
+            caches.append(cache)
+    return x, caches
+
+
+def backward_ops(ops: Sequence[Any], params: dict, dout, caches: Sequence[Any], ctx,
+                 need_dx: bool, on_op=None) -> tuple[Any, dict]:
+    """``ops``' backwards, last first, from ``dout``: ``(dx, grads)``, ``dx`` the gradient of
+    the first op's input (None when ``need_dx`` is False and the first op can skip it; ``dout``
+    itself for no ops) and ``grads`` every op's, keyed like the model's parameters.
+    ``on_op(op, op_grads)``, if given, is called after each op's backward."""
+    grads: dict = {}
+    for i in reversed(range(len(ops))):
+        dout, op_grads = ops[i].backward(params, dout, caches[i], ctx, need_dx=need_dx or i > 0)
+        if on_op is not None:
+            on_op(ops[i], op_grads)
+        grads.update(op_grads)
+    return dout, grads

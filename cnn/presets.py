@@ -7,6 +7,44 @@ from __future__ import annotations
 
 from .datafile import is_dataset_file, stored_input_shape
 
+
+def cifar_resnet(blocks_per_stage: int) -> dict:
+    """The CIFAR-10 residual network of He et al. (CVPR 2016, section 4.2) with ``6 n + 2``
+    weighted layers for ``n = blocks_per_stage`` (ResNet-20: 3, ResNet-56: 9): a 3x3 conv of
+    16 filters, three stages of ``n`` blocks of two 3x3 convs with 16, 32 and 64 filters (the
+    first block of stages 2 and 3 halves the image with stride 2, its shortcut is option A:
+    subsampling and zero channels), global average pooling and one dense layer. Batch norm
+    after every conv, convs without bias; ReLU after each block's sum.
+
+    Where the paper leaves a choice open, its reference Torch implementation
+    (facebook/fb.resnet.torch) decides: explicit padding 1 on every side of the 3x3 convs
+    (``'same'`` would pad a strided conv's bottom only, as TensorFlow does), batch norm with
+    Torch's momentum 0.1 (ours 0.9, Keras's convention) and epsilon 1e-5; the optimizer is the
+    paper's: SGD with momentum 0.9, learning rate 0.1, batch 128 and weight decay 1e-4 added to
+    the gradient of every parameter (``weight_decay_mode="coupled"``, Torch's and PyTorch's L2
+    decay). See docs/resnet.md for each difference between the paper, Keras and PyTorch."""
+    def conv(filters: int, stride: int = 1) -> dict:
+        return {"type": "conv2d", "filters": filters, "kernel_size": 3, "stride": stride,
+                "padding": 1, "use_bias": False, "kernel_initializer": "he_normal"}
+
+    batchnorm = {"type": "batchnorm", "momentum": 0.9, "epsilon": 1e-5}
+    layers = [conv(16), batchnorm, {"type": "relu"}]
+    for stage, filters in enumerate((16, 32, 64), 1):
+        for block in range(1, blocks_per_stage + 1):
+            stride = 2 if stage > 1 and block == 1 else 1
+            layers.append({"type": "residual", "name": f"stage{stage}_block{block}",
+                           "layers": [conv(filters, stride), batchnorm, {"type": "relu"},
+                                      conv(filters), batchnorm],
+                           "shortcut": "pad" if stride > 1 else "identity",
+                           "activation": "relu"})
+    layers += [{"type": "globalavgpool2d"},
+               {"type": "dense", "units": 10, "kernel_initializer": "he_normal"}]
+    return {"input_shape": [3, 32, 32], "layers": layers,
+            "optimizer": {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 1e-4,
+                          "weight_decay_mode": "coupled"},
+            "batch_size": 128}
+
+
 PRESETS: dict[str, dict] = {
     # The small MNIST network: one conv layer of 8 3x3 filters, pooling and a softmax layer.
     "mnist_small": {
@@ -59,6 +97,10 @@ PRESETS: dict[str, dict] = {
         "optimizer": {"type": "sgd", "lr": 0.01, "momentum": 0.9},
         "batch_size": 32,
     },
+    # ResNet-20 and ResNet-56 for CIFAR-10, as in the paper (see cifar_resnet): 0.27M and
+    # 0.85M parameters
+    "cifar_resnet20": cifar_resnet(3),
+    "cifar_resnet56": cifar_resnet(9),
 }
 
 

@@ -5,6 +5,9 @@ MPI strategies and write, from every rank, ``OUT/<scenario>.rank<r>.npz`` (weigh
 ``.json`` (history and info); the test compares them with the sequential path, computed in the
 test's own process. One launch trains all of them, to keep CI short.
 
+``python tests/mpi_checks.py layers|resnet OUT``: the same for :data:`LAYER_SCENARIOS` or
+:data:`RESNET_SCENARIOS`.
+
 ``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward, after
 writing the MPICH segments it maps to ``OUT/segments.rank1``.
 ``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 # run as a script, so this folder is sys.path[0] and the shared helpers import directly
-from parallel_helpers import OPT, blobs, build, train
+from parallel_helpers import OPT, RESNET_OPT, blobs, build, train
 
 from cnn.backends.numpy import NumpyBackend
 
@@ -58,12 +61,27 @@ LAYER_SCENARIOS = {
 }
 
 
+#: ``python tests/mpi_checks.py resnet OUT``: the test ResNet (issue 20: residual blocks, batch
+#: norm synchronised across ranks inside them), launched by tests/test_resnet_references.py
+RESNET_SCENARIOS = {
+    "resnet": ("mpi", {"kind": "resnet", "batch_size": 8, "epochs": 1, "n": 160,
+                       "optimizer": RESNET_OPT}),
+    # 50 examples in batches of 7: shards of 4/3, and a last step of one example (a ghost rank)
+    "resnet_uneven": ("mpi", {"kind": "resnet", "batch_size": 7, "epochs": 1, "n": 50,
+                              "optimizer": RESNET_OPT}),
+    "resnet_average": ("mpi_average", {"kind": "resnet", "batch_size": 4, "epochs": 1, "n": 48,
+                                       "every": 2, "optimizer": RESNET_OPT}),
+}
+
+
 def main(mode: str, out: str) -> None:
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
     out_dir = Path(out)
-    if mode in ("train", "layers"):
-        for name, (strategy, kwargs) in (SCENARIOS if mode == "train" else LAYER_SCENARIOS).items():
+    if mode in ("train", "layers", "resnet"):
+        scenarios = {"train": SCENARIOS, "layers": LAYER_SCENARIOS,
+                     "resnet": RESNET_SCENARIOS}[mode]
+        for name, (strategy, kwargs) in scenarios.items():
             weights, hist = train(strategy, **kwargs)
             np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)
             (out_dir / f"{name}.rank{rank}.json").write_text(

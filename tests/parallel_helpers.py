@@ -9,6 +9,11 @@ if every transport's ``reduce`` sums over every shard, ghosts included.
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 
 from cnn.data import make_blobs_images
@@ -30,6 +35,36 @@ LAYERS_SPEC = [{"type": "conv2d", "filters": 4, "kernel_size": 3,
                 "kernel_regularizer": {"l1": 0.001}},
                {"type": "batchnorm", "momentum": 0.5}, {"type": "dropout", "rate": 0.2},
                {"type": "dense", "units": 10}]
+#: a small residual network (issue 20) on 3 x 8 x 8 images: convs without bias, batch norm in
+#: every branch, both shortcut options (an identity block, a pad block halving the image, a
+#: 1x1-conv block), a block inside a block, global average pooling
+RESNET_SPEC = [{"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1, "use_bias": False},
+               {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}, {"type": "relu"},
+               {"type": "residual", "activation": "relu", "layers": [
+                   {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1,
+                    "use_bias": False},
+                   {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}, {"type": "relu"},
+                   {"type": "residual", "layers": [
+                       {"type": "conv2d", "filters": 4, "kernel_size": 3, "padding": 1}]},
+                   {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}]},
+               {"type": "residual", "shortcut": "pad", "activation": "relu", "layers": [
+                   {"type": "conv2d", "filters": 6, "kernel_size": 3, "stride": 2, "padding": 1,
+                    "use_bias": False},
+                   {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}, {"type": "relu"},
+                   {"type": "conv2d", "filters": 6, "kernel_size": 3, "padding": 1,
+                    "use_bias": False},
+                   {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}]},
+               {"type": "residual", "activation": "relu", "layers": [
+                   {"type": "conv2d", "filters": 8, "kernel_size": 3, "stride": 2, "padding": 1,
+                    "use_bias": False},
+                   {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}],
+                "shortcut": [{"type": "conv2d", "filters": 8, "kernel_size": 1, "stride": 2,
+                              "use_bias": False},
+                             {"type": "batchnorm", "momentum": 0.875, "epsilon": 1e-5}]},
+               {"type": "globalavgpool2d"}, {"type": "dense", "units": 10}]
+#: the ResNet paper's optimizer (momentum exact in float32, which Keras casts it through)
+RESNET_OPT = {"type": "sgd", "lr": 0.1, "momentum": 0.875, "weight_decay": 2 ** -10,
+              "weight_decay_mode": "coupled"}
 OPT = {"type": "sgd", "lr": 0.05, "momentum": 0.9}
 N = 50  # batch 7 splits 4/3 over two workers, and the epoch's last batch has 1 example
 
@@ -51,13 +86,19 @@ class CenterLayer(Layer):
         return dout - total / n, {}
 
 
-def blobs(n: int = N, dtype=np.float64, seed: int = 1):
-    return make_blobs_images(n, classes=10, size=8, seed=seed, dtype=dtype)
+def blobs(n: int = N, dtype=np.float64, seed: int = 1, channels: int = 1):
+    x, y = make_blobs_images(n, classes=10, size=8, seed=seed, dtype=dtype)
+    if channels > 1:  # colour images: each channel a scaled copy, so the channels differ
+        x = np.concatenate([x * (1 + c / 2) for c in range(channels)], axis=1)
+    return x, y
 
 
 def build(kind: str = "plain", dtype=np.float64, seed: int = 3) -> Sequential:
     """``plain``: :data:`SPEC`; ``center``: a CenterLayer after the pooling; ``layers``:
-    :data:`LAYERS_SPEC` (batch norm, dropout, penalties)."""
+    :data:`LAYERS_SPEC` (batch norm, dropout, penalties); ``resnet``: :data:`RESNET_SPEC` on
+    3-channel images."""
+    if kind == "resnet":
+        return Sequential.from_spec(RESNET_SPEC, input_shape=(3, 8, 8), dtype=dtype, seed=seed)
     if kind == "plain":
         return Sequential.from_spec(SPEC, input_shape=(1, 8, 8), dtype=dtype, seed=seed)
     if kind == "layers":
@@ -72,7 +113,7 @@ def train(strategy="sequential", threads=1, *, kind="plain", dtype=np.float64, b
           epochs=2, n=N, optimizer=OPT, backend="numpy", **options):
     """Weights (and buffers) and History after ``epochs`` of ``strategy`` from the same initial
     weights and the same batches."""
-    x, y = blobs(n, dtype)
+    x, y = blobs(n, dtype, channels=3 if kind == "resnet" else 1)
     model = build(kind, dtype)
     hist = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                      strategy=strategy, threads=threads, strategy_options=options or None,
@@ -89,3 +130,19 @@ def max_rel_diff(a, b) -> float:
     """Per parameter array: max |a - b| / max |b|; the worst over the arrays."""
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k])) / np.max(np.abs(b[k])))
                for k in a)
+
+
+def run_mpi_checks(mode: str, out: Path) -> Path:
+    """``tests/mpi_checks.py MODE OUT`` under the venv's ``mpiexec -n 2`` (the test is skipped
+    where mpi4py or mpiexec is missing); returns ``out``, where every rank wrote its results."""
+    import pytest
+    pytest.importorskip("mpi4py")
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    if not mpiexec.is_file():
+        pytest.skip(f"no mpiexec at {mpiexec}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
+    cmd = [str(mpiexec), "-n", "2", sys.executable,
+           str(Path(__file__).resolve().parent / "mpi_checks.py"), mode, str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
+    return out

@@ -126,7 +126,11 @@ def _reference(spec):
     v = np.zeros_like(w)
     a = np.zeros_like(w)
     for t, g in enumerate(GRADS, 1):
-        w = w - lr * spec.get("weight_decay", 0.004 if kind == "adamw" else 0.0) * w
+        wd = spec.get("weight_decay", 0.004 if kind == "adamw" else 0.0)
+        if spec.get("weight_decay_mode") == "coupled":  # an L2 penalty wd / 2 * |w|^2
+            g = g + wd * w
+        else:
+            w = w - lr * wd * w
         if kind == "sgd":
             mu = spec.get("momentum", 0.0)
             m = mu * m - lr * g
@@ -152,7 +156,11 @@ HAND = [{"type": "sgd", "lr": 0.1}, {"type": "sgd", "lr": 0.1, "momentum": 0.9},
         {"type": "rmsprop", "lr": 0.01}, {"type": "rmsprop", "lr": 0.01, "momentum": 0.9},
         {"type": "rmsprop", "lr": 0.01, "centered": True, "rho": 0.5},
         {"type": "adam", "lr": 0.01}, {"type": "adam", "lr": 0.1, "beta_1": 0.5, "epsilon": 1e-3},
-        {"type": "adamw", "lr": 0.01}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.3}]
+        {"type": "adamw", "lr": 0.01}, {"type": "adamw", "lr": 0.01, "weight_decay": 0.3},
+        {"type": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 0.5,
+         "weight_decay_mode": "coupled"},
+        {"type": "rmsprop", "lr": 0.01, "weight_decay": 0.5, "weight_decay_mode": "coupled"},
+        {"type": "adam", "lr": 0.01, "weight_decay": 0.5, "weight_decay_mode": "coupled"}]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "naive", "numba"])
@@ -163,9 +171,44 @@ def test_three_updates_equal_the_published_rule(spec, backend):
     params = {"w": W0.copy()}
     state = opt.init_state(params, be)
     for g in GRADS:
-        opt.update(params, {"w": g}, state, be)
+        opt.update(params, {"w": g.copy()}, state, be)  # coupled decay adds to the gradient
     assert state.step == 3 and state.optimizer == spec["type"]
     np.testing.assert_allclose(params["w"], _reference(spec), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("backend", ["numpy", "naive", "numba"])
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, False), (0.9, True)])
+def test_coupled_weight_decay_equals_pytorch_sgd(backend, momentum, nesterov):
+    """``weight_decay_mode="coupled"`` is PyTorch's ``SGD(weight_decay=...)`` (the ResNet
+    paper's L2 decay): three steps from the same weights and gradients leave the same weights
+    (PyTorch's ``v = m v + g + wd w; w -= lr v`` is our ``v' = m v' - lr (g + wd w); w += v'``
+    with ``v' = -lr v`` at a constant learning rate)."""
+    torch = pytest.importorskip("torch")
+    be = get_backend(backend)
+    lr, wd = 0.1, 0.05
+    opt = SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd,
+              weight_decay_mode="coupled")
+    params = {"w": W0.copy()}
+    state = opt.init_state(params, be)
+    tw = torch.tensor(W0.copy(), dtype=torch.float64, requires_grad=True)
+    topt = torch.optim.SGD([tw], lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    for g in GRADS:
+        opt.update(params, {"w": g.copy()}, state, be)
+        tw.grad = torch.tensor(g, dtype=torch.float64)
+        topt.step()
+    np.testing.assert_allclose(params["w"], tw.detach().numpy(), rtol=1e-13, atol=1e-15)
+    # the decoupled mode (Keras's) is a different update once momentum carries it
+    dec = SGD(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    p2 = {"w": W0.copy()}
+    s2 = dec.init_state(p2, be)
+    for g in GRADS:
+        dec.update(p2, {"w": g.copy()}, s2, be)
+    assert (np.abs(p2["w"] - params["w"]).max() > 1e-4) == bool(momentum)
+
+
+def test_coupled_weight_decay_has_no_keras_optimizer():
+    with pytest.raises(NotImplementedError, match="coupled"):
+        SGD(lr=0.1, weight_decay=1e-4, weight_decay_mode="coupled").keras()
 
 
 def test_sgd_momentum_by_hand():
@@ -408,6 +451,8 @@ BAD = [
     ({"type": "lion"}, "'lion'"), ({"type": 3}, "type 3"),
     ({"type": "sgd", "schedule": {"type": "bogus"}}, "'bogus'"),
     ({"type": "sgd", "lr": float("inf"), "schedule": "cosine"}, "lr=inf"),
+    ({"weight_decay_mode": "l2"}, "weight_decay_mode='l2'"),
+    ({"type": "adamw", "weight_decay_mode": "coupled"}, "'weight_decay_mode' for optimizer 'adamw'"),
 ]
 
 

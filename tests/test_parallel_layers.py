@@ -9,19 +9,15 @@ and a last batch of one example, so every worker but the first runs a ghost pass
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from cnn.context import StepContext
 from cnn.parallel.transport import shard_bounds
-from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
+from parallel_helpers import (OPT, blobs, build, max_abs_diff, max_rel_diff, run_mpi_checks,
+                              train)
 
-HERE = Path(__file__).resolve().parent
 BUFFERS = ("batchnorm.running_mean", "batchnorm.running_var", "batchnorm_1.running_mean",
            "batchnorm_1.running_var")
 
@@ -166,20 +162,9 @@ def test_hogwild_threads_runs_and_updates_the_shared_statistics():
 
 
 # ---- MPI ranks ---------------------------------------------------------------------------------
-MPIEXEC = Path(sys.executable).parent / "mpiexec"
-
-
 @pytest.fixture(scope="module")
 def mpi_runs(tmp_path_factory):
-    pytest.importorskip("mpi4py")
-    if not MPIEXEC.is_file():
-        pytest.skip(f"no mpiexec at {MPIEXEC}")
-    out = tmp_path_factory.mktemp("mpi_layers")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
-    cmd = [str(MPIEXEC), "-n", "2", sys.executable, str(HERE / "mpi_checks.py"), "layers", str(out)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
-    return out
+    return run_mpi_checks("layers", tmp_path_factory.mktemp("mpi_layers"))
 
 
 def _load(out, name, rank=0):

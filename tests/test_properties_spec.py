@@ -49,25 +49,45 @@ def assert_clean_error(err: BaseException, name: str | None = None) -> None:
 
 
 def expected_layers(spec) -> list[tuple[str, dict]]:
-    """The (type, options) of the layers a valid spec asks for, with activations expanded."""
+    """The (type, options) of the layers a valid spec asks for, with activations expanded (a
+    residual block keeps its own, which follows its sum inside the block)."""
     layers = spec["layers"] if isinstance(spec, dict) else spec
     out = []
     for entry in layers:
         kind = LAYER_TYPES[entry["type"].lower()].type
+        block = kind == "residual"
         options = {k: v for k, v in entry.items() if k not in ("type", "activation")}
+        if block and entry.get("activation") not in (None, "linear"):
+            options["activation"] = entry["activation"]
         out.append((kind, options))
-        if entry.get("activation") not in (None, "linear"):
+        if not block and entry.get("activation") not in (None, "linear"):
             out.append((entry["activation"], {}))
     return out
 
 
 def check_model(model: Sequential, spec) -> None:
     """Every layer is the one the spec entry asks for, with the options it gives."""
+    check_layers(model.layers, spec)
+    assert model.num_classes == model.layers[-1].output_shape[0]
+
+
+def check_layers(layers, spec) -> None:
+    """``layers`` are those ``spec`` (a list of entries) asks for, a residual block's branches
+    checked likewise against its entry's lists."""
     want = expected_layers(spec)
-    assert [layer.type for layer in model.layers] == [kind for kind, _ in want]
-    for layer, (_, options) in zip(model.layers, want):
+    assert [layer.type for layer in layers] == [kind for kind, _ in want]
+    for layer, (_, options) in zip(layers, want):
         config = layer.config()
         for key, value in options.items():
+            if layer.type == "residual" and key == "layers":
+                check_layers(layer.main, value)
+                continue
+            if layer.type == "residual" and key == "shortcut" and isinstance(value, list):
+                check_layers(layer.shortcut_layers, value)
+                continue
+            if key == "name":  # a block's layers are named "<block>/<name>"
+                assert layer.name.rsplit("/", 1)[-1] == value, (layer.name, value)
+                continue
             if key == "kernel_size" and not isinstance(value, list):
                 value = [value, value]
             if key == "kernel_size":
@@ -75,7 +95,6 @@ def check_model(model: Sequential, spec) -> None:
             if key == "stride" and value is None and layer.type == "maxpool2d":
                 value = config["pool_size"]
             assert config[key] == value, (key, config[key], value)
-    assert model.num_classes == model.layers[-1].output_shape[0]
 
 
 def build(spec, input_shape=INPUT, name=None):

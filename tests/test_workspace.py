@@ -36,6 +36,16 @@ def _data(n, dtype, seed=0):
     return rng.standard_normal((n, 2, 8, 8)).astype(dtype), rng.integers(0, 3, n)
 
 
+def traced_peak(call) -> int:
+    """Peak bytes NumPy and Python allocate during ``call()`` (tracemalloc)."""
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def _copy(result):
     loss, correct, grads = result
     return float(loss), int(correct), {k: np.array(v, copy=True) for k, v in grads.items()}
@@ -70,6 +80,31 @@ def test_second_step_allocates_no_buffers(backend):
     assert {k: id(v) for k, v in ws._store.items()} == first
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_a_smaller_batch_takes_the_first_rows_of_the_larger_ones_buffers(backend):
+    """The last, smaller batch of an epoch (or a smaller shard) allocates nothing: its
+    buffers are the first rows of those of the full batch, and its step computes what a step
+    without a workspace computes (test_workspace_gives_the_same_step checks the values); a
+    larger batch after a smaller one gets buffers of its own."""
+    be = get_backend(backend)
+    model = _model(np.float32)
+    ws = Workspace(be)
+    ctx = StepContext(training=True, workspace=ws)
+    model.loss_and_grads(*_data(6, np.float32), backend=be, ctx=ctx)
+    full = {k: id(v) for k, v in ws._store.items()}
+    model.loss_and_grads(*_data(4, np.float32, seed=1), backend=be, ctx=ctx)
+    assert {k: id(v) for k, v in ws._store.items()} == full
+    model.loss_and_grads(*_data(8, np.float32, seed=2), backend=be, ctx=ctx)
+    assert backend == "naive" or len(ws._store) > len(full)
+    rows = Workspace(be).scope("layer")
+    big = rows.buffer("out", (6, 3, 2), np.float32)
+    small = rows.buffer("out", (4, 3, 2), np.float32)
+    assert small.shape == (4, 3, 2) and np.shares_memory(small, big)
+    assert small.flags.c_contiguous
+    assert not np.shares_memory(rows.buffer("out", (4, 3, 5), np.float32), big)
+    assert not np.shares_memory(rows.buffer("out", (4, 3, 2), np.float64), big)
+
+
 def test_numpy_step_allocates_next_to_nothing():
     """tracemalloc sees NumPy's allocations: after the first step, a step of a conv net on the
     NumPy backend allocates (at its peak) a small fraction of the workspace it reuses."""
@@ -79,12 +114,7 @@ def test_numpy_step_allocates_next_to_nothing():
     ctx = StepContext(training=True, workspace=ws)
     x, y = _data(64, np.float32)
     model.loss_and_grads(x, y, backend=be, ctx=ctx)
-    tracemalloc.start()
-    try:
-        model.loss_and_grads(x, y, backend=be, ctx=ctx)
-        _, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
+    peak = traced_peak(lambda: model.loss_and_grads(x, y, backend=be, ctx=ctx))
     # what remains is of constant size (NumPy's ufunc iterator buffers, the loss's (N, K)
     # float64 temporaries): about 70 kB here, against 2 MB of reused buffers
     assert ws.nbytes > 1_000_000

@@ -181,6 +181,58 @@ class Backend:
         """``dout (N, F, Hp, Wp)`` -> ``(dx, dw, db)`` as :meth:`conv2d_backward`."""
         raise NotImplementedError
 
+    # ---- global average pooling -----------------------------------------------------------
+    def globalavgpool2d_forward(self, x, ws=None):
+        """The mean of each channel's image: ``x (N, C, H, W)`` -> ``out (N, C)`` with
+        ``out[n, c] = sum_{h, w} x[n, c, h, w] / (H * W)``. Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def globalavgpool2d_backward(self, dout, cache, ws=None):
+        """``dout (N, C)`` -> ``dx (N, C, H, W)`` with ``dx[n, c, h, w] = dout[n, c] / (H * W)``."""
+        raise NotImplementedError
+
+    # ---- residual blocks -------------------------------------------------------------------
+    # A residual block (:class:`cnn.layers.Residual`) computes ``act(main(x) + shortcut(x))``:
+    # its branches are layers (each with its own ops and workspace scope), and these ops are
+    # the block's own: the sum (with the ReLU after it), the sum of the branches' input
+    # gradients, and the parameter-free shortcut of option A (He et al. 2016, section 4.2),
+    # which runs as a layer of the shortcut branch. The sum ops share the block's scope
+    # (``ctx.scope(block.name)``), so their buffer names differ from each other's: on the NumPy
+    # backend ``"out"`` (forward), ``"dsum"`` (its backward), ``"dx"`` (the gradient sum).
+    def residual_add_forward(self, main, shortcut, relu: bool, ws=None):
+        """``out = main + shortcut``, then ``max(out, 0)`` when ``relu``: the two branches'
+        outputs, of one shape (``(N, C, H, W)`` or ``(N, D)``; strides may differ), -> ``out``
+        of that shape. Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def residual_add_backward(self, dout, cache, ws=None):
+        """``dout`` (the shape of ``out``) -> the gradient of the loss with respect to the sum's
+        operands, one array for both: ``dout * (out > 0)`` when the forward applied the ReLU
+        (the derivative at 0 taken as 0, as :meth:`relu_backward`), else ``dout`` itself (which
+        may then be returned as it is: the callers never write it)."""
+        raise NotImplementedError
+
+    def residual_grad_sum(self, dx_main, dx_shortcut, ws=None):
+        """The block's input gradient ``dx = dx_main + dx_shortcut``: the two branches'
+        gradients with respect to the block's input, of one shape (``(N, C, H, W)`` or
+        ``(N, D)``; strides may differ), -> ``dx`` of that shape."""
+        raise NotImplementedError
+
+    def shortcut_pad_forward(self, x, stride: int, channels_before: int, channels_after: int,
+                             ws=None):
+        """Option A's shortcut: ``x (N, C, H, W)`` subsampled by ``stride`` and zero-padded on
+        the channel axis -> ``out (N, channels_before + C + channels_after, Ho, Wo)`` with
+        ``Ho = (H - 1) // stride + 1`` (``Wo`` likewise), ``out[n, channels_before + c, i, j] =
+        x[n, c, i * stride, j * stride]`` and zeros in the first ``channels_before`` and the
+        last ``channels_after`` channels (PyTorch: ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0,
+        before, after))``). Returns ``(out, cache)``."""
+        raise NotImplementedError
+
+    def shortcut_pad_backward(self, dout, cache, ws=None):
+        """``dout (N, C', Ho, Wo)`` -> ``dx (N, C, H, W)``: ``dx[n, c, i * stride, j * stride]
+        = dout[n, channels_before + c, i, j]``, zero at the pixels the subsampling skips."""
+        raise NotImplementedError
+
     # ---- dense -----------------------------------------------------------------------------
     def dense_forward(self, x, w, b, ws=None):
         """``x (N, D) @ w (D, M) + b (M,)`` -> ``(N, M)``."""

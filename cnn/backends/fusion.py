@@ -59,6 +59,10 @@ class ConvReluMaxPool(Fusion):
 
     pattern = ("conv2d", "relu", "maxpool2d")
 
+    def matches(self, layers):
+        # the fused op adds the conv's bias: a conv without one (use_bias=False) runs unfused
+        return super().matches(layers) and layers[0].use_bias
+
     def forward(self, backend, layers, params, x, ctx):
         conv, _, pool = layers
         return backend.conv2d_relu_maxpool2d_forward(x, params[0]["w"], params[0]["b"],

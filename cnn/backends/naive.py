@@ -274,6 +274,70 @@ class NaiveBackend(NumpyBackend):
                 dx[idx] = k * (float(dout[idx]) - scale * (s1 + float(xhat[idx]) * s2))
         return dx
 
+    # ---- global average pooling, residual blocks ----------------------------------------------
+    def globalavgpool2d_forward(self, x, ws=None):
+        n, c, h, w = x.shape
+        out = np.zeros((n, c), dtype=x.dtype)
+        for ni in range(n):
+            for ci in range(c):
+                out[ni, ci] = math.fsum(float(v) for v in x[ni, ci].reshape(-1)) / (h * w)
+        return out, x.shape
+
+    def globalavgpool2d_backward(self, dout, cache, ws=None):
+        n, c, h, w = cache
+        dx = np.zeros(cache, dtype=dout.dtype)
+        for ni in range(n):
+            for ci in range(c):
+                for i in range(h):
+                    for j in range(w):
+                        dx[ni, ci, i, j] = dout[ni, ci] / (h * w)
+        return dx
+
+    def residual_add_forward(self, main, shortcut, relu, ws=None):
+        out = np.zeros(main.shape, dtype=main.dtype)
+        a, b, o = main.reshape(-1), shortcut.reshape(-1), out.reshape(-1)
+        for k in range(o.size):
+            s = a[k] + b[k]
+            o[k] = s if (s > 0 or not relu) else 0
+        return out, (out, relu)
+
+    def residual_add_backward(self, dout, cache, ws=None):
+        out, relu = cache
+        d = np.zeros_like(dout)
+        src, g, dd = out.reshape(-1), dout.reshape(-1), d.reshape(-1)
+        for k in range(src.size):
+            if not relu or src[k] > 0:
+                dd[k] = g[k]
+        return d
+
+    def residual_grad_sum(self, dx_main, dx_shortcut, ws=None):
+        dx = np.zeros(dx_main.shape, dtype=dx_main.dtype)
+        a, b, d = dx_main.reshape(-1), dx_shortcut.reshape(-1), dx.reshape(-1)
+        for k in range(d.size):
+            d[k] = a[k] + b[k]
+        return dx
+
+    def shortcut_pad_forward(self, x, stride, channels_before, channels_after, ws=None):
+        n, c, h, w = x.shape
+        ho, wo = -(-h // stride), -(-w // stride)
+        out = np.zeros((n, channels_before + c + channels_after, ho, wo), dtype=x.dtype)
+        for ni in range(n):
+            for ci in range(c):
+                for i in range(ho):
+                    for j in range(wo):
+                        out[ni, channels_before + ci, i, j] = x[ni, ci, i * stride, j * stride]
+        return out, (x.shape, stride, channels_before)
+
+    def shortcut_pad_backward(self, dout, cache, ws=None):
+        (n, c, h, w), stride, before = cache
+        dx = np.zeros((n, c, h, w), dtype=dout.dtype)
+        for ni in range(n):
+            for ci in range(c):
+                for i in range(dout.shape[2]):
+                    for j in range(dout.shape[3]):
+                        dx[ni, ci, i * stride, j * stride] = dout[ni, before + ci, i, j]
+        return dx
+
     # ---- binary cross-entropy, row by row ------------------------------------------------------
     def binary_cross_entropy(self, logits, labels, ws=None):
         n = logits.shape[0]

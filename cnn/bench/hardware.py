@@ -15,10 +15,10 @@ def layer_flops(model) -> list[dict]:
     """Per layer with arithmetic (conv2d, dense): multiply-adds x 2 of the forward pass, of
     the weight gradient (the same count) and of the input gradient (the same count; zero for
     the first layer, whose input is data and whose ``dx`` no contender computes). Biases,
-    activations, pooling and the loss are not counted (they are O(activations), not
-    O(activations x fan-in))."""
+    activations, pooling, residual sums and the loss are not counted (they are O(activations),
+    not O(activations x fan-in)); the layers of residual blocks are (``model.leaves``)."""
     rows = []
-    for i, layer in enumerate(model.layers):
+    for i, layer in enumerate(model.leaves):
         if layer.type == "conv2d":
             f, ho, wo = layer.output_shape
             c = layer.input_shape[0]

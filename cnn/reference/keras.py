@@ -27,8 +27,19 @@ draws its masks from its own generator, so training passes with dropout agree wi
 at ``rate=0``; inference passes always do.
 
 Padding ``'same'`` is TensorFlow's split (the odd pixel bottom/right), which our Conv2D
-computes too; pooling has no padding in either. Every Keras layer is built in the model's
-dtype (float32 or float64), and so is the loss, so float64 models are float64 end to end.
+computes too; an explicit ``padding=p`` is a ``ZeroPadding2D`` before a ``'valid'`` conv;
+pooling has no padding in either. Every Keras layer is built in the model's dtype (float32 or
+float64), and so is the loss, so float64 models are float64 end to end.
+
+Residual networks (issue 20) use Keras's functional API: a residual block is its main branch
+and its shortcut applied to one tensor, ``Add`` and a ``ReLU``; option A's shortcut is a
+``Lambda`` (``x[:, ::s, ::s, :]``, then zero channels padded on both sides);
+``globalavgpool2d`` is ``GlobalAveragePooling2D``; ``use_bias=False`` is Keras's own option.
+Our layer names have ``/`` between a block's name and its layers', which Keras names refuse:
+Keras gets ``__`` instead (:func:`keras_name`). A flatten inside a block is not converted.
+``weight_decay_mode="coupled"`` (:mod:`cnn.optim`), which Keras's optimizers lack, becomes an
+L2 penalty ``weight_decay / 2 * sum w**2`` on every trainable weight of the Keras model (see
+:func:`compile_keras_model`); Keras then reports it in its loss, which ours leaves out.
 
 Layers are converted by exact class: a layer type Keras has no counterpart for here (including
 a subclass of one of ours, whose maths may differ) raises ``NotImplementedError`` naming it.
@@ -45,13 +56,15 @@ import time
 import numpy as np
 
 from ..checks import check_int
-from ..layers import BatchNorm, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU, Sigmoid, Tanh
+from ..layers import (BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
+                      MaxPool2D, ReLU, Residual, ShortcutPad, Sigmoid, Tanh)
 
 #: batch size of the per-epoch validation evaluation (that of ``Sequential.evaluate``)
 EVAL_BATCH = 256
 #: our layer classes that have a Keras counterpart here (matched by exact class)
 SUPPORTED_LAYERS: tuple[type[Layer], ...] = (Conv2D, MaxPool2D, ReLU, Flatten, Dense, Sigmoid,
-                                              Tanh, Dropout, BatchNorm)
+                                              Tanh, Dropout, BatchNorm, GlobalAvgPool2D,
+                                              Residual, ShortcutPad)
 #: layers that act on each element alone (no parameters): they keep a flat vector's order
 ELEMENTWISE_LAYERS = (ReLU, Sigmoid, Tanh, Dropout)
 
@@ -140,7 +153,7 @@ def _to_chw(v: np.ndarray, src) -> np.ndarray:
 
 def check_keras_compatible(model) -> None:
     """Raise ``NotImplementedError`` naming every layer the Keras reference cannot build."""
-    bad = [layer for layer in model.layers if type(layer) not in SUPPORTED_LAYERS]
+    bad = [layer for _, layer in model.walk() if type(layer) not in SUPPORTED_LAYERS]
     if bad:
         names = ", ".join(f"{layer.name!r} (type {layer.type!r}, class {type(layer).__name__})"
                           for layer in bad)
@@ -149,22 +162,35 @@ def check_keras_compatible(model) -> None:
             f"the Keras reference cannot express layer {names}: it builds only the layer types "
             f"{supported} (exact classes; a subclass may compute something else). Add a "
             f"converter to cnn/reference/keras.py to compare this layer with Keras.")
-    for i, layer in enumerate(model.layers):
-        if type(layer) is Flatten and len(layer.input_shape) not in (1, 3):
-            raise NotImplementedError(f"flatten {layer.name!r} of a rank-{len(layer.input_shape)} "
-                                      "input has no Keras equivalent here")
+    for depth, layer in model.walk():
+        if type(layer) is Flatten and (depth > 0 or len(layer.input_shape) not in (1, 3)):
+            where = "inside a residual block" if depth else f"of a rank-{len(layer.input_shape)} input"
+            raise NotImplementedError(f"flatten {layer.name!r} {where} has no Keras equivalent "
+                                      "here")
 
 
-def _keras_layers(model, index: int, keras) -> list:
-    layer = model.layers[index]
-    kw = {"name": layer.name, "dtype": str(model.dtype)}
+def keras_name(name: str) -> str:
+    """The Keras name of our layer ``name``: ``/`` (between a block's name and its layers'),
+    which Keras refuses, becomes ``__``."""
+    return name.replace("/", "__")
+
+
+def _keras_leaf(layer, keras, dtype: str) -> list:
+    """The Keras layers computing our plain ``layer`` (not a flatten or a block)."""
+    kw = {"name": keras_name(layer.name), "dtype": dtype}
     t = type(layer)
     if t in (Conv2D, Dense) and layer.kernel_regularizer is not None:
         l1, l2 = layer.kernel_regularizer
         kw["kernel_regularizer"] = keras.regularizers.L1L2(l1=l1, l2=l2)
     if t is Conv2D:
-        return [keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.stride,
-                                    padding=layer.padding, **kw)]
+        out, padding = [], layer.padding
+        if padding not in ("valid", "same"):
+            (top, bottom), (left, right) = layer.pads
+            out.append(keras.layers.ZeroPadding2D(((top, bottom), (left, right)),
+                                                  name=f"{kw['name']}.pad", dtype=dtype))
+            padding = "valid"
+        return out + [keras.layers.Conv2D(layer.filters, layer.kernel_size, strides=layer.stride,
+                                          padding=padding, use_bias=layer.use_bias, **kw)]
     if t in (Sigmoid, Tanh):
         return [keras.layers.Activation(t.type, **kw)]
     if t is Dropout:
@@ -178,18 +204,53 @@ def _keras_layers(model, index: int, keras) -> list:
     if t is ReLU:
         return [keras.layers.ReLU(**kw)]
     if t is Dense:
-        return [keras.layers.Dense(layer.units, **kw)]
-    if t is Flatten:
-        shape = layer.input_shape
-        out = []
-        if (len(shape) == 3 and shape[0] > 1 and shape[1] * shape[2] > 1
-                and type(_flatten_consumer(model, index)) is not Dense):
-            # its output order is observable (no dense layer's rows absorb it): flatten
-            # channels-first, as ours does
-            out.append(keras.layers.Permute((3, 1, 2), name=f"{layer.name}_to_chw",
-                                            dtype=str(model.dtype)))
-        return out + [keras.layers.Flatten(**kw)]
+        return [keras.layers.Dense(layer.units, use_bias=layer.use_bias, **kw)]
+    if t is GlobalAvgPool2D:
+        return [keras.layers.GlobalAveragePooling2D(**kw)]
+    if t is ShortcutPad:
+        s, before, after = layer.stride, layer.channels_before, layer.channels_after
+
+        def pad(x):  # channels-last: subsample the image, zero channels on both sides
+            return keras.ops.pad(x[:, ::s, ::s, :], [[0, 0], [0, 0], [0, 0], [before, after]])
+
+        c, h, w = layer.output_shape
+        return [keras.layers.Lambda(pad, output_shape=(h, w, c), **kw)]
     raise AssertionError("unreachable: check_keras_compatible lets only supported layers by")
+
+
+def _apply_keras(layer, x, keras, dtype: str):
+    """``x`` through our ``layer`` (a plain layer, or a residual block and its branches)."""
+    if type(layer) is not Residual:
+        for klayer in _keras_leaf(layer, keras, dtype):
+            x = klayer(x)
+        return x
+    main = short = x
+    for sub in layer.main:
+        main = _apply_keras(sub, main, keras, dtype)
+    for sub in layer.shortcut_layers:
+        short = _apply_keras(sub, short, keras, dtype)
+    name = keras_name(layer.name)  # ".": apart from the names of the block's own layers
+    out = keras.layers.Add(name=f"{name}.sum", dtype=dtype)([main, short])
+    if layer.activation == "relu":
+        out = keras.layers.ReLU(name=f"{name}.sum_relu", dtype=dtype)(out)
+    return out
+
+
+def _keras_layers(model, index: int, keras) -> list:
+    """The Keras layers of our plain layer ``model.layers[index]``: a flatten reads its
+    neighbours (see the module docstring), any other layer converts alone."""
+    layer = model.layers[index]
+    if type(layer) is not Flatten:
+        return _keras_leaf(layer, keras, str(model.dtype))
+    shape = layer.input_shape
+    out = []
+    if (len(shape) == 3 and shape[0] > 1 and shape[1] * shape[2] > 1
+            and type(_flatten_consumer(model, index)) is not Dense):
+        # its output order is observable (no dense layer's rows absorb it): flatten
+        # channels-first, as ours does
+        out.append(keras.layers.Permute((3, 1, 2), name=f"{layer.name}_to_chw",
+                                        dtype=str(model.dtype)))
+    return out + [keras.layers.Flatten(name=layer.name, dtype=str(model.dtype))]
 
 
 def build_keras_model(model):
@@ -206,7 +267,10 @@ def build_keras_model(model):
         shape = (h, w, c)
     inputs = keras.Input(shape=shape, dtype=str(model.dtype), name="images")
     x = inputs
-    for i in range(len(model.layers)):
+    for i, layer in enumerate(model.layers):
+        if type(layer) is Residual:
+            x = _apply_keras(layer, x, keras, str(model.dtype))
+            continue
         for klayer in _keras_layers(model, i, keras):
             x = klayer(x)
     kmodel = keras.Model(inputs, x, name="reference")
@@ -231,6 +295,16 @@ def from_keras_images(x: np.ndarray) -> np.ndarray:
 
 
 # ---- weights (and gradients: they share the layout) -----------------------------------------
+def _weighted_layers(model):
+    """``(layer, source)`` for every layer with parameters, residual blocks' included, in
+    order: ``source`` the ``(C, H, W)`` shape whose flattening feeds it in Keras's order (see
+    :func:`_flatten_source_shape`; never inside a block, which holds no flatten), else None."""
+    for i, layer in enumerate(model.layers):
+        for leaf in layer.leaves():
+            if leaf.param_names:
+                yield leaf, (_flatten_source_shape(model, i) if leaf is layer else None)
+
+
 def ours_to_keras(model, params: dict[str, np.ndarray] | None = None,
                   buffers: dict[str, np.ndarray] | None = None) -> dict[str, list[np.ndarray]]:
     """Our parameters (default the model's; or any dict with the same keys, e.g. gradients) in
@@ -241,26 +315,24 @@ def ours_to_keras(model, params: dict[str, np.ndarray] | None = None,
         params = model.params
         buffers = model.buffers if buffers is None else buffers
     out = {}
-    for i, layer in enumerate(model.layers):
-        if not layer.param_names:
-            continue
+    for layer, src in _weighted_layers(model):
         t = type(layer)
         if t is BatchNorm:
             names = list(layer.param_names) + (list(layer.buffer_names) if buffers else [])
             source = {**params, **(buffers or {})}
             vectors = [np.asarray(source[f"{layer.name}.{n}"]).copy() for n in names]
-            if len(layer.input_shape) == 1 and (src := _flatten_source_shape(model, i)):
+            if len(layer.input_shape) == 1 and src:
                 vectors = [_to_hwc(v, src) for v in vectors]
             out[layer.name] = vectors
             continue
         w = np.asarray(params[f"{layer.name}.w"])
-        b = np.asarray(params[f"{layer.name}.b"])
         if t is Conv2D:
             w = w.transpose(2, 3, 1, 0)
-        elif t is Dense and (src := _flatten_source_shape(model, i)) is not None:
+        elif t is Dense and src is not None:
             c, h, wd = src
             w = w.reshape(c, h, wd, -1).transpose(1, 2, 0, 3).reshape(c * h * wd, -1)
-        out[layer.name] = [np.ascontiguousarray(w), b.copy()]
+        out[layer.name] = [np.ascontiguousarray(w)] + (
+            [np.asarray(params[f"{layer.name}.b"]).copy()] if layer.use_bias else [])
     return out
 
 
@@ -270,26 +342,25 @@ def keras_to_ours(model, keras_weights: dict[str, list[np.ndarray]]) -> dict[str
     moving_variance)]`` -> ``gamma``, ``beta`` (and the buffers ``running_mean``,
     ``running_var`` when given: :meth:`cnn.model.Sequential.set_weights` takes both)."""
     params = {}
-    for i, layer in enumerate(model.layers):
-        if not layer.param_names:
-            continue
+    for layer, src in _weighted_layers(model):
         t = type(layer)
         if t is BatchNorm:
             vectors = [np.asarray(a) for a in keras_weights[layer.name]]
-            if len(layer.input_shape) == 1 and (src := _flatten_source_shape(model, i)):
+            if len(layer.input_shape) == 1 and src:
                 vectors = [_to_chw(v, src) for v in vectors]
             names = list(layer.param_names) + list(layer.buffer_names)
             for name, v in zip(names, vectors):
                 params[f"{layer.name}.{name}"] = np.array(v, dtype=model.dtype)
             continue
-        w, b = (np.asarray(a) for a in keras_weights[layer.name])
+        w, *b = (np.asarray(a) for a in keras_weights[layer.name])
         if t is Conv2D:
             w = w.transpose(3, 2, 0, 1)
-        elif t is Dense and (src := _flatten_source_shape(model, i)) is not None:
+        elif t is Dense and src is not None:
             c, h, wd = src
             w = w.reshape(h, wd, c, -1).transpose(2, 0, 1, 3).reshape(c * h * wd, -1)
         params[f"{layer.name}.w"] = np.ascontiguousarray(w, dtype=model.dtype)
-        params[f"{layer.name}.b"] = np.array(b, dtype=model.dtype)
+        if b:
+            params[f"{layer.name}.b"] = np.array(b[0], dtype=model.dtype)
     return params
 
 
@@ -300,14 +371,14 @@ def set_keras_weights(kmodel, model, params: dict[str, np.ndarray] | None = None
     buffers = model.buffers if buffers is None else buffers
     for name, weights in ours_to_keras(model, model.params if params is None else params,
                                        buffers).items():
-        kmodel.get_layer(name).set_weights(weights)
+        kmodel.get_layer(keras_name(name)).set_weights(weights)
 
 
 def get_keras_weights(kmodel, model) -> dict[str, np.ndarray]:
     """The Keras model's weights in our layout, parameters and buffers (load with
     ``model.set_weights``)."""
-    return keras_to_ours(model, {layer.name: kmodel.get_layer(layer.name).get_weights()
-                                 for layer in model.layers if layer.param_names})
+    return keras_to_ours(model, {layer.name: kmodel.get_layer(keras_name(layer.name)).get_weights()
+                                 for layer, _ in _weighted_layers(model)})
 
 
 def keras_loss(model):
@@ -345,12 +416,12 @@ def keras_loss_and_grads(kmodel, model, x, y, training: bool = True):
         loss = keras_loss(model)(tf.convert_to_tensor(keras_labels(model, y)), logits)
         if kmodel.losses:  # the kernel regularisers' penalties
             loss = loss + tf.add_n([tf.cast(p, loss.dtype) for p in kmodel.losses])
-    names = [layer.name for layer in model.layers if layer.param_names]
-    variables = [v for name in names for v in kmodel.get_layer(name).trainable_weights]
+    names = [layer.name for layer, _ in _weighted_layers(model)]
+    variables = [v for name in names for v in kmodel.get_layer(keras_name(name)).trainable_weights]
     grads = tape.gradient(loss, variables)
     by_layer, k = {}, 0
     for name in names:
-        n = len(kmodel.get_layer(name).trainable_weights)
+        n = len(kmodel.get_layer(keras_name(name)).trainable_weights)
         by_layer[name] = [g.numpy() for g in grads[k:k + n]]
         k += n
     return float(loss.numpy()), logits.numpy(), keras_to_ours(model, by_layer)
@@ -380,21 +451,51 @@ def keras_accuracy(model):
 
 
 def compile_keras_model(kmodel, model, optimizer=None) -> None:
-    """Compile with our loss, the optimizer spec, and training-batch accuracy.
+    """Compile with our loss, the optimizer spec, and training-batch accuracy. A coupled weight
+    decay (``weight_decay_mode="coupled"``) becomes an L2 penalty on every trainable weight.
 
     Keras wraps the loss in a ``CompileLoss`` whose dtype is ``floatx()`` when ``compile``
     runs (float32), so a float64 model would get a float32 loss, which Keras then cannot add
     to the float64 penalties of its kernel regularisers ("Cannot convert a list containing a
     tensor of dtype float64 to float32"). ``floatx`` is therefore the model's dtype for the
     duration of the call (and restored after it): float64 models train on a float64 loss."""
+    import copy
+
     import keras
+
+    from ..optim import make_optimizer
+    opt = make_optimizer(optimizer)
+    if opt.weight_decay and opt.weight_decay_mode == "coupled":
+        # Keras's optimizers decay decoupled only: the coupled decay is the gradient of an L2
+        # penalty weight_decay / 2 * sum w**2 on every trainable weight, added to the model
+        for variable in kmodel.trainable_weights:
+            base = variable.regularizer
+            if isinstance(base, _CoupledDecay):  # compiled before: replace, never stack
+                base = base.base
+            variable.regularizer = _CoupledDecay(opt.weight_decay, base)
+        opt = copy.copy(opt)
+        opt.weight_decay = 0.0
     previous = keras.backend.floatx()
     keras.backend.set_floatx(str(model.dtype))
     try:
-        kmodel.compile(optimizer=keras_optimizer(optimizer), loss=keras_loss(model),
+        kmodel.compile(optimizer=keras_optimizer(opt), loss=keras_loss(model),
                        metrics=[keras_accuracy(model)])
     finally:
         keras.backend.set_floatx(previous)
+
+
+class _CoupledDecay:
+    """A Keras weight's regulariser ``weight_decay / 2 * sum w**2`` (its gradient
+    ``weight_decay * w``: coupled weight decay), plus the weight's own regulariser ``base``
+    (None: none), in the weight's dtype."""
+
+    def __init__(self, weight_decay: float, base=None):
+        self.weight_decay, self.base = float(weight_decay), base
+
+    def __call__(self, w):
+        from keras import ops
+        penalty = ops.multiply(ops.cast(self.weight_decay / 2, w.dtype), ops.sum(ops.square(w)))
+        return penalty if self.base is None else ops.add(penalty, self.base(w))
 
 
 # ---- the set-up every Keras user shares -----------------------------------------------------
@@ -597,6 +698,6 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
 __all__ = ["SUPPORTED_LAYERS", "build_keras_model", "check_keras_compatible",
            "compile_keras_model", "compiled_keras_model", "configure_threads", "epoch_timer",
            "fit_keras", "from_keras_images", "get_keras_weights", "keras_accuracy",
-           "keras_labels", "keras_loss", "keras_loss_and_grads", "keras_optimizer",
+           "keras_labels", "keras_loss", "keras_loss_and_grads", "keras_name", "keras_optimizer",
            "keras_to_ours", "ours_to_keras", "set_keras_weights", "thread_settings",
            "to_keras_images"]

@@ -9,11 +9,14 @@ Layouts: images and conv kernels ``(F, C, KH, KW)`` are channels-first in both, 
 keeps its order; a dense layer's ``w (D, units)`` is ``Linear.weight.T``. ``padding="same"`` is
 our layer's own split (TensorFlow's: the odd pixel bottom/right, at any stride): the
 convolution's own padding where the split is symmetric, a ``ZeroPad2d`` before it where it is
-not. (PyTorch's ``padding="same"`` splits alike at stride 1 but refuses a stride > 1.)
+not. (PyTorch's ``padding="same"`` splits alike at stride 1 but refuses a stride > 1.) Residual
+blocks, global average pooling and batch norm are built as ``akamaster/pytorch_resnet_cifar10``
+writes them (see :func:`build_torch_model`).
 
 :func:`fit_torch` uses the same epoch orders (``numpy.random.default_rng(seed)``), SGD with the
 same momentum (PyTorch's ``v = m v + g; w -= lr v`` is ours, ``v' = m v' - lr g; w += v'``,
-with ``v' = -lr v`` for a constant learning rate) and the same History columns, and copies the
+with ``v' = -lr v`` for a constant learning rate; a coupled weight decay is PyTorch's
+``weight_decay``) and the same History columns, and copies the
 trained weights back. On the CPU it runs ``threads`` intra-op threads (one inter-op thread);
 with ``device="cuda"`` the parameters stay on the GPU and only batches go in.
 """
@@ -37,79 +40,188 @@ def configure_threads(threads: int, interop_threads: int = 1) -> None:
 
 
 def build_torch_model(model, device: str = "cpu"):
-    """``torch.nn.Sequential`` equal to ``model``: the same architecture and current weights,
-    in the model's dtype, on ``device``. Raises ``NotImplementedError`` naming a layer (or a
-    weight penalty) it has no counterpart for."""
+    """``torch.nn.Sequential`` equal to ``model`` (same architecture and weights).
+
+    Residual blocks are modules of their own (main branch, shortcut, the sum and its ReLU),
+    option A's shortcut ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, before, after))`` as
+    ``akamaster/pytorch_resnet_cifar10`` writes it, global average pooling
+    ``AdaptiveAvgPool2d(1)`` and a flatten, batch norm ``BatchNorm2d``/``BatchNorm1d`` with
+    PyTorch's ``momentum = 1 - ours`` (PyTorch weighs the batch, we the running value) and
+    our epsilon. PyTorch's running variance takes the unbiased batch variance (``L / (L -
+    1)`` times ours, ``L`` the values per channel); everything else is the same arithmetic.
+    Dropout and weight penalties are not mirrored (``NotImplementedError``).
+
+    The returned module's ``layer_modules`` maps the name of each of our layers with
+    parameters to its ``Conv2d``, ``Linear`` or batch norm module (for
+    :func:`set_torch_weights`, :func:`get_torch_weights` and :func:`torch_grads`)."""
     import torch
     from torch import nn
 
     dtype = {np.dtype("float32"): torch.float32, np.dtype("float64"): torch.float64}[
         np.dtype(model.dtype)]
-    mods = []
-    for layer in model.layers:
-        kind = layer.type
-        p = {n: model.params[f"{layer.name}.{n}"] for n in layer.param_names}
-        if kind == "conv2d":
-            (top, bottom), (left, right) = layer.pads
-            padding = (top, left)
-            if (top, left) != (bottom, right):  # the odd pixel bottom/right: pad explicitly
-                mods.append(nn.ZeroPad2d((left, right, top, bottom)))
-                padding = 0
-            conv = nn.Conv2d(layer.input_shape[0], layer.filters, layer.kernel_size,
-                             stride=layer.stride, padding=padding).to(dtype=dtype)
-            with torch.no_grad():
-                conv.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"])))
-                conv.bias.copy_(torch.from_numpy(p["b"]))
-            mods.append(conv)
-        elif kind == "maxpool2d":
-            mods.append(nn.MaxPool2d(layer.pool_size, stride=layer.stride))
-        elif kind == "relu":
-            mods.append(nn.ReLU())
-        elif kind == "sigmoid":
-            mods.append(nn.Sigmoid())
-        elif kind == "tanh":
-            mods.append(nn.Tanh())
-        elif kind == "flatten":
-            mods.append(nn.Flatten())
-        elif kind == "dense":
-            lin = nn.Linear(layer.input_shape[0], layer.units).to(dtype=dtype)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p["w"].T)))
-                lin.bias.copy_(torch.from_numpy(p["b"]))
-            mods.append(lin)
-        else:  # dropout, batch norm: not mirrored (the presets have none)
-            raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
-                                      f"(layer {layer.name!r})")
-        if getattr(layer, "penalties", None) and list(layer.penalties()):
-            raise NotImplementedError(f"the PyTorch reference has no weight penalties "
-                                      f"(layer {layer.name!r})")
-    return nn.Sequential(*mods).to(device=device, dtype=dtype)
+    modules: dict = {}
+    tmodel = nn.Sequential(*[_torch_module(layer, modules) for layer in model.layers])
+    tmodel = tmodel.to(device=device, dtype=dtype)
+    tmodel.layer_modules = modules
+    set_torch_weights(tmodel, model)
+    return tmodel
 
 
-def get_torch_weights(tmodel, model) -> dict[str, np.ndarray]:
-    """The weights of ``tmodel`` (built by :func:`build_torch_model` from ``model``) in our
-    layout and keys, on the host (load them with ``model.set_weights``)."""
+def _torch_module(layer, modules: dict):
+    """The ``torch.nn`` module computing our ``layer``; records the modules holding its
+    parameters in ``modules`` (by our layer name)."""
+    from torch import nn
+
+    kind = layer.type
+    if getattr(layer, "penalties", None) and list(layer.penalties()):
+        raise NotImplementedError(f"the PyTorch reference has no weight penalties "
+                                  f"(layer {layer.name!r})")
+    if kind == "conv2d":
+        (top, bottom), (left, right) = layer.pads
+        symmetric = (top, left) == (bottom, right)
+        conv = modules[layer.name] = nn.Conv2d(layer.input_shape[0], layer.filters,
+                                               layer.kernel_size, stride=layer.stride,
+                                               padding=(top, left) if symmetric else 0,
+                                               bias=layer.use_bias)
+        if not symmetric:  # the odd pixel bottom/right: pad explicitly
+            return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
+        return conv
+    if kind == "dense":
+        lin = modules[layer.name] = nn.Linear(layer.input_shape[0], layer.units,
+                                              bias=layer.use_bias)
+        return lin
+    if kind == "batchnorm":
+        cls = nn.BatchNorm2d if len(layer.input_shape) == 3 else nn.BatchNorm1d
+        bn = modules[layer.name] = cls(layer.input_shape[0], eps=layer.epsilon,
+                                       momentum=1.0 - layer.momentum)
+        return bn
+    simple = {"maxpool2d": lambda: nn.MaxPool2d(layer.pool_size, stride=layer.stride),
+              "relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "flatten": nn.Flatten,
+              "globalavgpool2d": lambda: nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())}
+    if kind in simple:
+        return simple[kind]()
+    if kind == "residual":
+        residual, _ = _torch_blocks()
+        return residual(nn.Sequential(*[_torch_module(sub, modules) for sub in layer.main]),
+                        nn.Sequential(*[_torch_module(sub, modules)
+                                        for sub in layer.shortcut_layers]),
+                        layer.activation == "relu")
+    if kind == "shortcut_pad":
+        _, pad = _torch_blocks()
+        return pad(layer.stride, layer.channels_before, layer.channels_after)
+    raise NotImplementedError(f"the PyTorch reference has no {kind!r} layer "
+                              f"(layer {layer.name!r})")
+
+
+_BLOCKS: list = []
+
+
+def _torch_blocks():
+    """The ``torch.nn`` modules of a residual block and of option A's shortcut (defined on
+    first use: importing this module needs no PyTorch)."""
+    if _BLOCKS:
+        return _BLOCKS
+    import torch.nn.functional as F
+    from torch import nn
+
+    class Residual(nn.Module):
+        """``relu(main(x) + shortcut(x))`` (an empty shortcut is the identity)."""
+
+        def __init__(self, main, shortcut, relu: bool):
+            super().__init__()
+            self.main, self.shortcut, self.relu = main, shortcut, relu
+
+        def forward(self, x):
+            out = self.main(x) + self.shortcut(x)
+            return F.relu(out) if self.relu else out
+
+    class ShortcutPad(nn.Module):
+        """Option A: ``F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, before, after))``."""
+
+        def __init__(self, stride: int, before: int, after: int):
+            super().__init__()
+            self.stride, self.before, self.after = stride, before, after
+
+        def forward(self, x):
+            s = self.stride
+            return F.pad(x[:, :, ::s, ::s], (0, 0, 0, 0, self.before, self.after))
+
+    _BLOCKS.extend([Residual, ShortcutPad])
+    return _BLOCKS
+
+
+def _weighted(tmodel, model):
+    """``(layer, module)`` for each of our layers with parameters and its torch module."""
+    for layer in model.leaves:
+        if layer.param_names:
+            yield layer, tmodel.layer_modules[layer.name]
+
+
+def set_torch_weights(tmodel, model, params=None, buffers=None) -> None:
+    """Our weights (default the model's parameters and buffers) into the torch model: conv
+    weights as they are, a dense layer's ``w (D, units)`` as ``Linear.weight.T``, batch norm's
+    ``gamma``, ``beta`` and running statistics as ``weight``, ``bias``, ``running_mean``,
+    ``running_var``."""
     import torch
-    mods = [m for m in tmodel if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
-    layers = [layer for layer in model.layers if layer.type in ("conv2d", "dense")]
-    weights = {}
-    for m, layer in zip(mods, layers):
-        w = m.weight.detach().cpu().numpy()
-        weights[f"{layer.name}.w"] = w.T.copy() if layer.type == "dense" else w.copy()
-        weights[f"{layer.name}.b"] = m.bias.detach().cpu().numpy().copy()
-    return weights
+    params = model.params if params is None else params
+    buffers = model.buffers if buffers is None else buffers
+    with torch.no_grad():
+        for layer, mod in _weighted(tmodel, model):
+            tensors = _torch_tensors(mod)
+            for name in layer.param_names + layer.buffer_names:
+                value = (params if name in layer.param_names else buffers)[f"{layer.name}.{name}"]
+                tensors[name].copy_(torch.from_numpy(_swap_layout(layer, name, value)))
+
+
+def _torch_tensors(mod) -> dict:
+    """Our array names -> the tensors of a ``Conv2d``, ``Linear`` or batch norm module."""
+    return {"w": mod.weight, "b": mod.bias, "gamma": mod.weight, "beta": mod.bias,
+            "running_mean": getattr(mod, "running_mean", None),
+            "running_var": getattr(mod, "running_var", None)}
+
+
+def _swap_layout(layer, name: str, value: np.ndarray) -> np.ndarray:
+    """An array of ``layer`` in the other framework's layout (a dense ``w`` is transposed,
+    the rest is shared), contiguous; its own inverse."""
+    return np.ascontiguousarray(value.T if layer.type == "dense" and name == "w" else value)
+
+
+def get_torch_weights(tmodel, model) -> dict:
+    """The torch model's weights in our layout and keys, parameters and buffers (load with
+    ``model.set_weights``)."""
+    return _from_torch(tmodel, model, lambda t: t, buffers=True)
+
+
+def torch_grads(tmodel, model) -> dict:
+    """The gradients (``.grad``) of the torch model's parameters in our layout and keys."""
+    return _from_torch(tmodel, model, lambda t: t.grad, buffers=False)
+
+
+def _from_torch(tmodel, model, read, buffers: bool) -> dict:
+    out = {}
+    for layer, mod in _weighted(tmodel, model):
+        tensors = _torch_tensors(mod)
+        for name in layer.param_names + (layer.buffer_names if buffers else ()):
+            value = read(tensors[name]).detach().cpu().numpy()
+            out[f"{layer.name}.{name}"] = _swap_layout(layer, name, value).copy()
+    return out
+
+
+#: the layer types :func:`build_torch_model` mirrors
+MIRRORED = ("conv2d", "dense", "batchnorm", "maxpool2d", "relu", "sigmoid", "tanh", "flatten",
+            "globalavgpool2d", "residual", "shortcut_pad")
 
 
 def check_torch_trainable(model, optimizer=None) -> None:
     """Raise ``NotImplementedError`` naming what :func:`fit_torch` cannot train as ours does:
-    a layer or weight penalty :func:`build_torch_model` has no counterpart for, a loss other
-    than softmax cross-entropy (``CrossEntropyLoss``), an optimizer other than SGD with
-    momentum (Nesterov, weight decay) or a learning-rate schedule. Imports no PyTorch."""
-    from ..layers import Conv2D, Dense, Flatten, MaxPool2D, ReLU, Sigmoid, Tanh
+    a layer or weight penalty :func:`build_torch_model` has no counterpart for (residual blocks
+    included, all the way down), a loss other than softmax cross-entropy
+    (``CrossEntropyLoss``), an optimizer other than SGD (momentum, Nesterov, a coupled weight
+    decay: PyTorch's ``SGD(weight_decay=...)``) or a learning-rate schedule. Imports no
+    PyTorch."""
     from ..optim import make_optimizer
-    mirrored = (Conv2D, MaxPool2D, ReLU, Sigmoid, Tanh, Flatten, Dense)
-    for layer in model.layers:
-        if type(layer) not in mirrored:
+    for _, layer in model.walk():
+        if layer.type not in MIRRORED:
             raise NotImplementedError(f"the PyTorch reference has no {layer.type!r} layer "
                                       f"(layer {layer.name!r})")
         if getattr(layer, "penalties", None) and list(layer.penalties()):
@@ -120,10 +232,11 @@ def check_torch_trainable(model, optimizer=None) -> None:
                                   f"only; the model's loss is {model.loss.name!r}")
     opt = make_optimizer(optimizer)
     config = opt.config()
-    extra = {k: v for k, v in config.items() if k in ("nesterov", "weight_decay") and v}
-    if config.get("type", "sgd") != "sgd" or extra or opt.schedule is not None:
-        raise NotImplementedError(f"the PyTorch reference trains with SGD (lr, momentum) at a "
-                                  f"constant learning rate only; received optimizer={config}")
+    decoupled = config.get("weight_decay") and config.get("weight_decay_mode") != "coupled"
+    if config.get("type", "sgd") != "sgd" or decoupled or opt.schedule is not None:
+        raise NotImplementedError(f"the PyTorch reference trains with SGD (lr, momentum, "
+                                  f"Nesterov, a coupled weight decay) at a constant learning "
+                                  f"rate only; received optimizer={config}")
 
 
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
@@ -156,7 +269,9 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     tmodel = build_torch_model(model, device=dev)
     opt = torch.optim.SGD(tmodel.parameters(), lr=opt_cfg["lr"],
-                          momentum=opt_cfg.get("momentum", 0.0))
+                          momentum=opt_cfg.get("momentum", 0.0),
+                          nesterov=opt_cfg.get("nesterov", False),
+                          weight_decay=opt_cfg.get("weight_decay", 0.0))
     loss_fn = torch.nn.CrossEntropyLoss()
     rng = np.random.default_rng(seed)
     n = len(x)

@@ -278,8 +278,8 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
     dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`;
-    those of sigmoid, tanh, binary cross-entropy and the weight penalties, like dense, loss
-    and optimizer ops, are NumPy's."""
+    those of sigmoid, tanh, binary cross-entropy, the weight penalties, global average pooling
+    and residual blocks, like dense, loss and optimizer ops, are NumPy's."""
 
     name = "numba"
     fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
@@ -292,6 +292,17 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     maxpool2x2_backward_kernel = staticmethod(K.maxpool2x2_backward)
     relu_forward_kernel = staticmethod(K.relu_forward)
     relu_backward_kernel = staticmethod(K.relu_backward)
+
+    # Global average pooling and the residual blocks' ops are NumPy's until Numba kernels
+    # replace them: memory-bound passes, small next to the convolutions around them, and NumPy's
+    # take the channels-last views this backend hands over as they take any strides
+    globalavgpool2d_forward = NumpyBackend.globalavgpool2d_forward
+    globalavgpool2d_backward = NumpyBackend.globalavgpool2d_backward
+    residual_add_forward = NumpyBackend.residual_add_forward
+    residual_add_backward = NumpyBackend.residual_add_backward
+    residual_grad_sum = NumpyBackend.residual_grad_sum
+    shortcut_pad_forward = NumpyBackend.shortcut_pad_forward
+    shortcut_pad_backward = NumpyBackend.shortcut_pad_backward
 
     def __init__(self, conv_algorithm: str | None = None):
         if conv_algorithm is None:

@@ -1,5 +1,6 @@
 """NumPy versions of the ops behind sigmoid, tanh, dropout, batch normalisation, binary
-cross-entropy and weight penalties (see :mod:`cnn.backends.base` for the contract).
+cross-entropy, weight penalties, global average pooling and residual blocks (see
+:mod:`cnn.backends.base` for the contract).
 
 They live in a mixin of their own, beside :class:`~cnn.backends.numpy.backend.NumpyBackend`'s
 conv/pool/dense ops, which ``NumpyBackend`` inherits: the Numba backend overrides some of them
@@ -34,8 +35,8 @@ def stable_sigmoid(z: np.ndarray) -> np.ndarray:
 
 
 class NumpyLayerOps:
-    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy and the weight
-    penalties, vectorised in NumPy. With a workspace every output, cache and temporary of size
+    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy, the weight
+    penalties, global average pooling and residual blocks, vectorised in NumPy. With a workspace every output, cache and temporary of size
     ``N*...`` comes from ``self.scratch`` (see "Workspaces" in :mod:`cnn.backends.base`);
     per-channel vectors and the loss scalars are tiny."""
 
@@ -163,6 +164,58 @@ class NumpyLayerOps:
         dx *= dout.dtype.type(scale)
         np.subtract(dout, dx, out=dx)
         dx *= _per_channel(k, dout)
+        return dx
+
+    # ---- global average pooling -------------------------------------------------------------
+    def globalavgpool2d_forward(self, x, ws=None):
+        out = self.scratch(ws, "out", x.shape[:2], x.dtype)
+        np.mean(x, axis=(2, 3), out=out)
+        return out, x.shape
+
+    def globalavgpool2d_backward(self, dout, cache, ws=None):
+        n, c, h, w = cache
+        dx = self.scratch(ws, "dx", cache, dout.dtype)
+        # broadcast over each image: one pass writing dx, no (N, C, H, W) temporary
+        np.divide(dout.reshape(n, c, 1, 1), dout.dtype.type(h * w), out=dx)
+        return dx
+
+    # ---- residual blocks -----------------------------------------------------------------------
+    def residual_add_forward(self, main, shortcut, relu, ws=None):
+        out = self.scratch(ws, "out", main.shape, main.dtype)
+        np.add(main, shortcut, out=out)
+        if relu:
+            np.maximum(out, 0, out=out)
+        return out, (out if relu else None)
+
+    def residual_add_backward(self, dout, cache, ws=None):
+        if cache is None:  # no ReLU: the sum passes its gradient on to both operands
+            return dout
+        # as relu_backward: out > 0 exactly where the sum is, and a mask multiply is one pass
+        mask = self.scratch(ws, "dsum_mask", cache.shape, np.bool_)
+        np.greater(cache, 0, out=mask)
+        d = self.scratch(ws, "dsum", dout.shape, dout.dtype)
+        np.multiply(dout, mask, out=d)
+        return d
+
+    def residual_grad_sum(self, dx_main, dx_shortcut, ws=None):
+        dx = self.scratch(ws, "dx", dx_main.shape, dx_main.dtype)
+        return np.add(dx_main, dx_shortcut, out=dx)
+
+    def shortcut_pad_forward(self, x, stride, channels_before, channels_after, ws=None):
+        n, c, h, w = x.shape
+        ho, wo = (h - 1) // stride + 1, (w - 1) // stride + 1
+        out = self.scratch(ws, "out", (n, channels_before + c + channels_after, ho, wo), x.dtype)
+        out[:, :channels_before].fill(0)  # the zero channels; the others are all overwritten
+        out[:, channels_before + c:].fill(0)
+        np.copyto(out[:, channels_before:channels_before + c], x[:, :, ::stride, ::stride])
+        return out, (x.shape, stride, channels_before)
+
+    def shortcut_pad_backward(self, dout, cache, ws=None):
+        shape, stride, before = cache
+        dx = self.scratch(ws, "dx", shape, dout.dtype)
+        if stride > 1:  # the pixels the subsampling skipped get no gradient
+            dx.fill(0)
+        np.copyto(dx[:, :, ::stride, ::stride], dout[:, before:before + shape[1]])
         return dx
 
     # ---- binary cross-entropy ----------------------------------------------------------------
