@@ -29,11 +29,12 @@ Layout: channels-last between BLAS-path layers
 Conv layers with many input channels (>= ``_NHWC_MIN_CHANNELS``) return their output as an
 ``(N, F, Ho, Wo)`` *view* of a channels-last ``(N, Ho, Wo, F)`` buffer (``buf.transpose(0, 3,
 1, 2)``): a NumPy array of the contract's shape whose memory is channels-last, which is what
-their GEMM writes. ReLU and max pooling keep such inputs channels-last (their kernels run along
-the contiguous channels), the next conv reads them as they are, and the backward passes hand
-``dx`` back the same way, so no NCHW <-> NHWC transpose runs between these layers. Every op
-accepts either layout (``_nhwc`` tells them apart; a channels-last ``dout`` meeting an NCHW
-cache, or the reverse, is converted), and any other consumer sees an ordinary strided array
+their GEMM writes. ReLU, max pooling, a residual block's sum and shortcut and global
+average pooling keep such inputs channels-last (their kernels run along the contiguous
+channels), the next conv reads them as they are, and the backward passes hand ``dx`` back the
+same way, so no NCHW <-> NHWC transpose runs between these layers. Every op accepts either
+layout (:mod:`~cnn.backends.numba.layout` tells them apart; a channels-last ``dout`` meeting an
+NCHW cache, or the reverse, is converted), and any other consumer sees an ordinary strided array
 (a flatten layer's ``reshape`` copies it into NCHW order). The first conv layer (3 input
 channels) keeps NCHW: its patch rows would be runs of 9 values.
 
@@ -94,6 +95,8 @@ from ..numpy import NumpyBackend
 from . import conv as C
 from . import kernels as K
 from .layer_ops import NumbaLayerOps
+from .layout import nhwc as _nhwc
+from .residual import NumbaResidualOps
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk of the fused Numba
 #: kernels (small layers): long enough for the vectorised inner loop, small enough for the
@@ -153,15 +156,6 @@ def _conv_geometry(x, w, b, stride: int, padding: Padding):
         raise ValueError(f"kernel {w.shape[2:]} larger than padded input {x.shape[2:]} "
                          f"with padding={padding!r}")
     return ho, wo
-
-
-def _nhwc(a):
-    """The channels-last buffer ``(N, H, W, C)`` behind an ``(N, C, H, W)`` array when there
-    is one (the array is a transposed view of a C-contiguous buffer), else None."""
-    if a.ndim != 4:
-        return None
-    t = a.transpose(0, 2, 3, 1)
-    return t if t.flags.c_contiguous else None
 
 
 def _check_pool(pool: int, stride: int, shape) -> None:
@@ -231,12 +225,13 @@ def _none(dtype, ndim: int):
     return np.empty((0,) * ndim, dtype)
 
 
-class NumbaBackend(NumbaLayerOps, NumpyBackend):
+class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
-    dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`;
-    those of sigmoid, tanh, binary cross-entropy and the weight penalties, like dense, loss
-    and optimizer ops, are NumPy's."""
+    dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`,
+    those of residual blocks and global average pooling from
+    :class:`~cnn.backends.numba.residual.NumbaResidualOps`; those of sigmoid, tanh, binary
+    cross-entropy and the weight penalties, like dense, loss and optimizer ops, are NumPy's."""
 
     name = "numba"
     jit = True
