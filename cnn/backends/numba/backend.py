@@ -29,8 +29,8 @@ Layout: channels-last between BLAS-path layers
 Conv layers with many input channels (>= ``_NHWC_MIN_CHANNELS``) return their output as an
 ``(N, F, Ho, Wo)`` *view* of a channels-last ``(N, Ho, Wo, F)`` buffer (``buf.transpose(0, 3,
 1, 2)``): a NumPy array of the contract's shape whose memory is channels-last, which is what
-their GEMM writes. ReLU, max pooling, a residual block's sum and shortcut and global
-average pooling keep such inputs channels-last (their kernels run along the contiguous
+their GEMM writes. ReLU, max pooling, batch norm, a residual block's sum and shortcut and
+global average pooling keep such inputs channels-last (their kernels run along the contiguous
 channels), the next conv reads them as they are, and the backward passes hand ``dx`` back the
 same way, so no NCHW <-> NHWC transpose runs between these layers. Every op accepts either
 layout (:mod:`~cnn.backends.numba.layout` tells them apart; a channels-last ``dout`` meeting an
@@ -38,9 +38,9 @@ NCHW cache, or the reverse, is converted), and any other consumer sees an ordina
 (a flatten layer's ``reshape`` copies it into NCHW order). The first conv layer (3 input
 channels) keeps NCHW: its patch rows would be runs of 9 values.
 
-Fused layers: conv -> ReLU -> max pooling as one op
----------------------------------------------------
-Both backends declare two fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
+Fused layers: conv -> ReLU -> max pooling as one op, and more
+-------------------------------------------------------------
+Both backends declare three fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
 model's plan runs a Conv2D, ReLU, MaxPool2D run of layers as one op
 (:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`) and a ReLU, MaxPool2D pair as another
 (:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and ReLU commute, so the ReLU acts on the
@@ -51,7 +51,10 @@ is still in L2, and its backward unpools each chunk's gradient just before that 
 the full-size conv output and its gradient, the largest buffers of a training step, are never
 written, so the workspaces of two workers that share an L3 cache can both fit in it instead of
 evicting each other's activations. The first layer's pooled output is handed over
-channels-last too (see ``_Pooling``).
+channels-last too (see ``_Pooling``). A third fusion runs a BatchNorm, ReLU pair as the batch
+norm's ops with the ReLU inside their passes (the ``batchnorm_relu_*`` ops of
+:class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`): the pattern after every convolution of a
+residual network but the block's last.
 
 Threading layer
 ---------------
@@ -90,7 +93,7 @@ import numpy as np
 from numba.np.ufunc import parallel as _numba_parallel
 
 from ..base import Padding
-from ..fusion import CONV_RELU_MAXPOOL, RELU_MAXPOOL
+from ..fusion import BATCHNORM_RELU, CONV_RELU_MAXPOOL, RELU_MAXPOOL
 from ..numpy import NumpyBackend
 from . import conv as C
 from . import kernels as K
@@ -235,7 +238,7 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
 
     name = "numba"
     jit = True
-    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
+    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL, BATCHNORM_RELU)
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
