@@ -125,6 +125,22 @@ def dropout_backward_kernel(dout, mask, scale, dx):
         dx[i] = dout[i] * scale if mask[i] else dout.dtype.type(0)
 
 
+@cuda.jit(device=True, inline="always")
+def _block_sum(part, t, value):
+    """The sum of every thread's ``value`` into ``part[0]``: ``part`` is the block's shared
+    array, one slot per thread (a power of two), ``t`` the thread's index; half the threads add
+    the other half's slots until one is left. Every thread of the block calls it (it holds the
+    barriers)."""
+    part[t] = value
+    cuda.syncthreads()
+    half = part.shape[0] // 2
+    while half > 0:
+        if t < half:
+            part[t] += part[t + half]
+        cuda.syncthreads()
+        half //= 2
+
+
 # ---- batch normalisation (x as (N, C, L)) --------------------------------------------------------
 CHANNEL_THREADS = 256  # threads of the one block that reduces one channel; a power of two
 
@@ -145,14 +161,7 @@ def channel_sums_kernel(x3, out):
     for e in range(t, n * length, CHANNEL_THREADS):
         i = e // length
         acc += x3[i, c, e - i * length]
-    part[t] = acc
-    cuda.syncthreads()
-    half = CHANNEL_THREADS // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_sum(part, t, acc)
     if t == 0:
         out[c] = part[0]
 
@@ -171,14 +180,7 @@ def channel_sq_dev_sums_kernel(x3, sums, factor, out):
         i = e // length
         d = x3[i, c, e - i * length] - mean
         acc += d * d
-    part[t] = acc
-    cuda.syncthreads()
-    half = CHANNEL_THREADS // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_sum(part, t, acc)
     if t == 0:
         out[c] = part[0]
 
@@ -340,14 +342,7 @@ def plane_means_kernel(x2, out):
     acc = x2.dtype.type(0)
     for j in range(t, length, PLANE_THREADS):
         acc += x2[p, j]
-    part[t] = acc
-    cuda.syncthreads()
-    half = PLANE_THREADS // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_sum(part, t, acc)
     if t == 0:
         out[p] = part[0] / x2.dtype.type(length)
 
