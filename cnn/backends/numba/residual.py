@@ -8,6 +8,7 @@ Kernels are ``@njit(nogil=True, cache=True, fastmath=False)`` like those of
 core), keep IEEE semantics and write into arrays the caller allocates (workspace buffers).
 Every op is one memory-bound pass, so what they save is passes and conversions: the ReLU
 rides in the sum's pass, and no op converts between layouts on the path a ResNet takes.
+``numba_parallel`` runs these same sequential kernels, as it does batch norm's.
 
 Layouts
 -------
