@@ -267,11 +267,9 @@ class NumbaResidualOps:
     def shortcut_pad_backward(self, dout, cache, ws=None):
         (n, c, h, w), stride, before, last = cache
         if last:  # the forward's input was channels-last: so is dx
-            ds = channels_last(dout)
-            if ds is None:
-                ds = dout.transpose(0, 2, 3, 1)  # read through its strides
             dx_t = self.scratch(ws, "dx_nhwc", (n, h, w, c), dout.dtype)
-            self._launch(shortcut_unpad_nhwc, ds, stride, before, dx_t)
+            # dout's buffer when it is channels-last, else read through its strides
+            self._launch(shortcut_unpad_nhwc, dout.transpose(0, 2, 3, 1), stride, before, dx_t)
             return dx_t.transpose(0, 3, 1, 2)
         dx = self.scratch(ws, "dx", (n, c, h, w), dout.dtype)
         self._launch(shortcut_unpad_planes, dout, stride, before, dx)
