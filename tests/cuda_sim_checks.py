@@ -615,6 +615,89 @@ def check_fit_keeps_optimizer_state_on_the_device(cb):
                          ref.optimizer_state.slots[name][k], np.float32)
 
 
+# ---- the ops of residual networks (issue 20) -----------------------------------------------------
+# References written here with NumPy slicing and float64 arithmetic (the NumPy backend's versions
+# are another branch's work).
+def _stale(cb, ws, name, shape, dtype):
+    """Fill the workspace buffer ``name`` with NaN, as a previous step's values: an op that
+    relies on zeros it did not write fails."""
+    ws.buffer(name, shape, dtype).copy_to_device(np.full(shape, np.nan, dtype))
+
+
+@check(cost=0.5)
+def check_residual_add(cb):
+    """The sum with and without its ReLU (exact zeros at the kink), its backward, the gradient
+    sum, on (N, C, H, W) and (N, D) operands, float32 and float64."""
+    for shape, dtype in (((2, 3, 4, 5), np.float32), ((3, 7), np.float64)):
+        rng = _rng(34)
+        a = rng.standard_normal(shape).astype(dtype)
+        b = rng.standard_normal(shape).astype(dtype)
+        b.reshape(-1)[::7] = -a.reshape(-1)[::7]
+        total = a.astype(np.float64) + b
+        dout = rng.standard_normal(shape).astype(dtype)
+        for relu in (True, False):
+            out, cache = cb.residual_add_forward(cb.asarray(a), cb.asarray(b), relu)
+            assert_close(f"sum {shape} relu={relu}", cb.to_host(out),
+                         np.maximum(total, 0) if relu else total, dtype)
+            d_dev = cb.asarray(dout)
+            d = cb.residual_add_backward(d_dev, cache)
+            assert_close(f"sum backward {shape} relu={relu}", cb.to_host(d),
+                         np.where(total > 0, dout, 0) if relu else dout, dtype)
+            assert relu or d is d_dev, "without the ReLU the gradient passes on as it is"
+        assert_close(f"gradient sum {shape}", cb.to_host(cb.residual_grad_sum(
+            cb.asarray(a), cb.asarray(b))), total, dtype)
+    try:
+        cb.residual_grad_sum(cb.asarray(a), cb.asarray(a[:, :6]))
+    except ValueError as exc:
+        assert "dx_shortcut.shape=(3, 6)" in str(exc), str(exc)
+    else:
+        raise AssertionError("operands of different shapes were accepted")
+
+
+@check(cost=0.2)
+def check_shortcut_pad(cb):
+    """Option A's shortcut and its backward against NumPy slicing: stride 2 on odd sizes with
+    zero channels on both sides, stride 1 with channels after only; into workspace buffers
+    that hold NaN (every element must be written)."""
+    from cnn.context import Workspace
+
+    for shape, stride, before, after, dtype in (((2, 3, 5, 4), 2, 2, 1, np.float32),
+                                                ((1, 2, 3, 3), 1, 0, 2, np.float64)):
+        rng = _rng(35)
+        x = rng.standard_normal(shape).astype(dtype)
+        n, c, h, w = shape
+        want = np.zeros((n, before + c + after, -(-h // stride), -(-w // stride)), dtype)
+        want[:, before:before + c] = x[:, :, ::stride, ::stride]
+        dout = rng.standard_normal(want.shape).astype(dtype)
+        want_dx = np.zeros(shape, dtype)
+        want_dx[:, :, ::stride, ::stride] = dout[:, before:before + c]
+        ws = Workspace(cb)
+        _stale(cb, ws, "out", want.shape, dtype)
+        _stale(cb, ws, "dx", shape, dtype)
+        out, cache = cb.shortcut_pad_forward(cb.asarray(x), stride, before, after, ws=ws)
+        tag = f"shortcut {shape} stride {stride} +{before}/{after}"
+        assert_close(f"{tag} out", cb.to_host(out), want, dtype)
+        assert_close(f"{tag} dx", cb.to_host(cb.shortcut_pad_backward(cb.asarray(dout), cache,
+                                                                      ws=ws)), want_dx, dtype)
+
+
+@check(cost=1.6)
+def check_globalavgpool2d(cb):
+    """Global average pooling and its backward: planes shorter than a block (5 x 4) and
+    longer (9 x 9 > 64 threads: threads stride, then the tree), float32 and float64."""
+    for shape, dtype in (((2, 3, 5, 4), np.float32), ((1, 2, 9, 9), np.float64)):
+        rng = _rng(36)
+        x = (rng.standard_normal(shape) + 2).astype(dtype)
+        n, c, h, w = shape
+        dout = rng.standard_normal((n, c)).astype(dtype)
+        out, cache = cb.globalavgpool2d_forward(cb.asarray(x))
+        assert_close(f"pooling {shape}", cb.to_host(out),
+                     x.astype(np.float64).reshape(n, c, -1).sum(axis=2) / (h * w), dtype)
+        assert_close(f"pooling backward {shape}",
+                     cb.to_host(cb.globalavgpool2d_backward(cb.asarray(dout), cache)),
+                     np.repeat(dout.astype(np.float64) / (h * w), h * w).reshape(shape), dtype)
+
+
 # ---- runner --------------------------------------------------------------------------------------
 def run(names):
     """Run the named checks; ``{name: {"ok", "message", "seconds"}}``."""

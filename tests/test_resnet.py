@@ -375,12 +375,13 @@ def test_resnet_step_equals_the_naive_loops(backend, dtype, tol):
 
 
 def test_blocks_plan_their_branches():
-    ops = build("resnet").plan("numba")
-    block = ops[3]
-    assert isinstance(block, ResidualOp) and block.shortcut == ()
-    assert isinstance(block.main[3], ResidualOp)
-    assert [op.layers[0].name for op in ops[5].shortcut] == ["residual_2/shortcut/conv2d",
-                                                             "residual_2/shortcut/batchnorm"]
+    blocks = [op for op in build("resnet").plan("numba") if isinstance(op, ResidualOp)]
+    assert [b.layers[0].name for b in blocks] == ["residual", "residual_1", "residual_2"]
+    assert blocks[0].shortcut == ()
+    assert [op.layers[0].name for op in blocks[0].main if isinstance(op, ResidualOp)] == [
+        "residual/residual"]  # the block inside the block is planned as a block
+    assert [op.layers[0].name for op in blocks[2].shortcut] == ["residual_2/shortcut/conv2d",
+                                                                "residual_2/shortcut/batchnorm"]
 
 
 @pytest.mark.parametrize("backend", ["numpy", "numba"])

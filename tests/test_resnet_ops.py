@@ -13,17 +13,12 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
-from cnn.backends.numba import NumbaBackend
-from cnn.backends.numpy import NumpyBackend
 from cnn.context import Workspace
 from test_gradients import assert_grad_close, numeric_grad
 
 NAIVE = get_backend("naive")
 BACKENDS = ["numpy", "numba"]
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
-NEW_OPS = ["globalavgpool2d_forward", "globalavgpool2d_backward", "residual_add_forward",
-           "residual_add_backward", "residual_grad_sum", "shortcut_pad_forward",
-           "shortcut_pad_backward"]
 
 
 def close(got, ref, dtype, what=""):
@@ -203,10 +198,3 @@ def test_ops_reuse_their_buffers_and_leave_their_inputs_alone(backend):
     for a, before in zip((x, y, g, dpad), inputs_before):
         np.testing.assert_array_equal(a, before)
 
-
-def test_numba_runs_numpys_implementation_of_the_new_ops():
-    """Until Numba kernels replace them, the Numba backend takes these ops from NumPy (they are
-    memory-bound and small next to the convolutions); the tests above run them on its
-    channels-last layout. Kernels of its own replace this test."""
-    for op in NEW_OPS:
-        assert getattr(NumbaBackend, op) is getattr(NumpyBackend, op), op

@@ -92,6 +92,46 @@ class ReluMaxPool(Fusion):
         return backend.maxpool2d_relu_backward(dout, cache, ws=ctx.scope(layers[1].name)), [{}, {}]
 
 
+class BatchNormRelu(Fusion):
+    """A BatchNorm and a ReLU as one op: the normalisation writes the ReLU's output, and the
+    backward passes of batch norm apply the ReLU's mask as they read ``dout``, so the ReLU's
+    own passes (reading and writing the activation each way) are saved.
+
+    It runs the batch norm layer's own :meth:`~cnn.layers.BatchNorm.forward` and
+    :meth:`~cnn.layers.BatchNorm.backward`, so the statistics, synchronised over the shards of
+    a global batch, and the running updates are the layer's, written once: the layer is
+    handed the backend through :class:`_ReluAfterBatchNorm`, whose batch-norm normalisations
+    and backward passes are the backend's ``batchnorm_relu_*`` ops."""
+
+    pattern = ("batchnorm", "relu")
+
+    def forward(self, backend, layers, params, x, ctx):
+        return layers[0].forward(params[0], x, _ReluAfterBatchNorm(backend), ctx)
+
+    def backward(self, backend, layers, params, dout, cache, ctx, need_dx):
+        dx, grads = layers[0].backward(params[0], dout, cache, _ReluAfterBatchNorm(backend),
+                                       ctx, need_dx=need_dx)
+        return dx, [grads, {}]
+
+
+class _ReluAfterBatchNorm:
+    """A backend whose batch-norm normalisations apply a ReLU: its ``batchnorm_train_forward``,
+    ``batchnorm_infer_forward``, ``batchnorm_backward_sums`` and ``batchnorm_backward_dx`` are
+    the backend's ``batchnorm_relu_*`` ops (same signatures); every other attribute is the
+    backend's own."""
+
+    def __init__(self, backend):
+        self._backend = backend
+        self.batchnorm_train_forward = backend.batchnorm_relu_train_forward
+        self.batchnorm_infer_forward = backend.batchnorm_relu_infer_forward
+        self.batchnorm_backward_sums = backend.batchnorm_relu_backward_sums
+        self.batchnorm_backward_dx = backend.batchnorm_relu_backward_dx
+
+    def __getattr__(self, name):
+        return getattr(self._backend, name)
+
+
 #: the fusions, one instance each (a fusion holds no state): what backends list in ``fusions``
 CONV_RELU_MAXPOOL = ConvReluMaxPool()
 RELU_MAXPOOL = ReluMaxPool()
+BATCHNORM_RELU = BatchNormRelu()

@@ -52,7 +52,12 @@ transcendental function counts as one FLOP, dropout's integer hash as none):
   8*F``; normalisation ``4*L`` over ``12*L + 16*F``; running update ``6*F`` over ``24*F``;
   backward sums ``3*L`` over ``8*L + 8*F``; backward dx ``5*L`` over ``12*L + 16*F``;
 - binary cross-entropy ``10*N`` over ``16*N + 8``;
-- weight penalty ``4*F*Q`` over ``4*F*Q + 8``; its gradient ``5*F*Q`` over ``12*F*Q``.
+- weight penalty ``4*F*Q`` over ``4*F*Q + 8``; its gradient ``5*F*Q`` over ``12*F*Q``;
+- a residual block's sum with its ReLU on the conv output: ``2*L`` over ``12*L``; option A's
+  shortcut of the layer's input x, stride 2, its C channels zero-padded to 2C (-> 8 x 8): no
+  FLOPs over ``12*N*C*64``, its backward none over ``4*N*C*(64 + H*W)``;
+- global average pooling of the conv output: ``L`` over ``4*L + 4*N*F``, its backward
+  likewise.
 """
 from __future__ import annotations
 
@@ -171,6 +176,11 @@ def kernel_specs() -> list[KernelSpec]:
         ("weight_penalty_kernel", (a1, float32, float32, a1, a1), LK.PENALTY_THREADS,
          4 * F * Q, 4 * F * Q + 8),
         ("weight_penalty_grad_kernel", (a1, a1, float32, float32), elem, 5 * F * Q, 12 * F * Q),
+        ("residual_add_kernel", (a1, a1, boolean, a1), elem, 2 * conv_out, 12 * conv_out),
+        ("shortcut_pad_kernel", (a4, int64, int64, a4), elem, 0, 12 * N * C * 64),
+        ("shortcut_unpad_kernel", (a4, int64, int64, a4), elem, 0, 4 * N * C * (64 + H * W)),
+        ("plane_means_kernel", (a2, a1), LK.PLANE_THREADS, conv_out, 4 * conv_out + 4 * N * F),
+        ("spread_means_kernel", (a1, a2), elem, conv_out, 4 * conv_out + 4 * N * F),
     ]
     names = {n for module in (K, LK) for n in dir(module) if n.endswith("_kernel")}
     missing = sorted(names - {s[0] for s in specs})

@@ -45,7 +45,8 @@ def _is_device_array(x) -> bool:
 
 class CudaBackend(CudaLayerOps, Backend):
     """The memory, conv, pooling, ReLU, dense, softmax cross-entropy and optimizer ops below;
-    sigmoid, tanh, dropout, batch norm, binary cross-entropy and weight penalties come from
+    sigmoid, tanh, dropout, batch norm, residual blocks, global average pooling, binary
+    cross-entropy and weight penalties come from
     :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps`."""
 
     name = "cuda"

@@ -1,5 +1,6 @@
-"""Numba CUDA kernels for sigmoid, tanh, dropout, batch normalisation, binary cross-entropy and
-weight penalties (the ops :class:`~cnn.backends.cuda.layer_ops.CudaLayerOps` launches).
+"""Numba CUDA kernels for sigmoid, tanh, dropout, batch normalisation, residual blocks, global
+average pooling, binary cross-entropy and weight penalties (the ops
+:class:`~cnn.backends.cuda.layer_ops.CudaLayerOps` launches).
 
 Conventions of :mod:`cnn.backends.cuda.kernels`: each kernel stands next to its threads-per-block
 constant and its grid arithmetic; kernels are dtype-generic, with constants made by
@@ -16,6 +17,10 @@ every ``cuda.syncthreads()`` is reached by all threads of the block.
   then a tree.
 - Batch-level scalars (binary cross-entropy, the weight penalty): one block, like
   ``softmax_xent_kernel``.
+- Residual blocks: the sum (with its ReLU) is elementwise on flat arrays; option A's shortcut
+  and its backward run one thread per element of the array they write, so every element is
+  written once, zeros included. Global average pooling: one block per image plane, a tree like
+  batch norm's sums; its backward is elementwise.
 
 Dropout computes its mask from a counter-based hash (:mod:`cnn.backends.rng`): 64-bit integer
 arithmetic, a few dozen instructions per element, no state, the same bits as NumPy and Numba.
@@ -29,7 +34,7 @@ import numpy as np
 from numba import config, cuda, int32, uint64
 
 from .. import rng
-from .kernels import ELEMENTWISE_THREADS, elementwise_grid  # noqa: F401 (re-exported)
+from .kernels import ELEMENTWISE_THREADS, _split, elementwise_grid  # noqa: F401 (re-exported)
 
 if config.ENABLE_CUDASIM:
     # the hash wraps modulo 2**64 by design; the simulator runs kernels on NumPy scalars, which
@@ -120,6 +125,22 @@ def dropout_backward_kernel(dout, mask, scale, dx):
         dx[i] = dout[i] * scale if mask[i] else dout.dtype.type(0)
 
 
+@cuda.jit(device=True, inline="always")
+def _block_sum(part, t, value):
+    """The sum of every thread's ``value`` into ``part[0]``: ``part`` is the block's shared
+    array, one slot per thread (a power of two), ``t`` the thread's index; half the threads add
+    the other half's slots until one is left. Every thread of the block calls it (it holds the
+    barriers)."""
+    part[t] = value
+    cuda.syncthreads()
+    half = part.shape[0] // 2
+    while half > 0:
+        if t < half:
+            part[t] += part[t + half]
+        cuda.syncthreads()
+        half //= 2
+
+
 # ---- batch normalisation (x as (N, C, L)) --------------------------------------------------------
 CHANNEL_THREADS = 256  # threads of the one block that reduces one channel; a power of two
 
@@ -140,14 +161,7 @@ def channel_sums_kernel(x3, out):
     for e in range(t, n * length, CHANNEL_THREADS):
         i = e // length
         acc += x3[i, c, e - i * length]
-    part[t] = acc
-    cuda.syncthreads()
-    half = CHANNEL_THREADS // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_sum(part, t, acc)
     if t == 0:
         out[c] = part[0]
 
@@ -166,14 +180,7 @@ def channel_sq_dev_sums_kernel(x3, sums, factor, out):
         i = e // length
         d = x3[i, c, e - i * length] - mean
         acc += d * d
-    part[t] = acc
-    cuda.syncthreads()
-    half = CHANNEL_THREADS // 2
-    while half > 0:
-        if t < half:
-            part[t] += part[t + half]
-        cuda.syncthreads()
-        half //= 2
+    _block_sum(part, t, acc)
     if t == 0:
         out[c] = part[0]
 
@@ -257,6 +264,98 @@ def batchnorm_backward_dx_kernel(dout3, xhat3, gamma, inv_std, s_dy, s_dyx, scal
         c = plane - i * c_count
         corr = (s_dy[c] + xhat3[i, c, j] * s_dyx[c]) * scale
         dx3[i, c, j] = (gamma[c] * inv_std[c]) * (dout3[i, c, j] - corr)
+
+
+# ---- residual blocks ---------------------------------------------------------------------------
+@cuda.jit
+def residual_add_kernel(a, b, relu, out):
+    """``out = a + b``, then ``max(out, 0)`` when ``relu``, on flat arrays ``(L,)``: a block's
+    sum with its ReLU, and (``relu`` False) the sum of its branches' input gradients. The sum's
+    backward is :func:`~cnn.backends.cuda.kernels.relu_backward_kernel` on its output.
+    Launch: ``elementwise_grid(L)`` blocks of ``ELEMENTWISE_THREADS``."""
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        zero = out.dtype.type(0)
+        s = a[i] + b[i]
+        out[i] = s if (s > zero or not relu) else zero
+
+
+@cuda.jit
+def shortcut_pad_kernel(x, stride, before, out):
+    """Option A's shortcut: ``out[n, before + c, i, j] = x[n, c, i * stride, j * stride]`` for
+    ``x (N, C, H, W)``, zeros in the other channels of ``out (N, C', Ho, Wo)``. One thread per
+    output element. Launch: ``elementwise_grid(N*C'*Ho*Wo)`` blocks of
+    ``ELEMENTWISE_THREADS``."""
+    idx = cuda.grid(1)
+    n_img, c_out, ho, wo = out.shape
+    if idx < n_img * c_out * ho * wo:
+        plane, i, j = _split(idx, ho, wo)
+        n = plane // c_out
+        k = plane - n * c_out
+        c = k - before
+        if c >= 0 and c < x.shape[1]:
+            out[n, k, i, j] = x[n, c, i * stride, j * stride]
+        else:
+            out[n, k, i, j] = out.dtype.type(0)
+
+
+@cuda.jit
+def shortcut_unpad_kernel(dout, stride, before, dx):
+    """The adjoint of :func:`shortcut_pad_kernel`: ``dx[n, c, y, x] = dout[n, before + c, y /
+    stride, x / stride]`` where ``stride`` divides ``y`` and ``x``, else 0. One thread per
+    element of ``dx (N, C, H, W)``. Launch: ``elementwise_grid(N*C*H*W)`` blocks of
+    ``ELEMENTWISE_THREADS``."""
+    idx = cuda.grid(1)
+    n_img, c_in, height, width = dx.shape
+    if idx < n_img * c_in * height * width:
+        plane, y, xc = _split(idx, height, width)
+        n = plane // c_in
+        c = plane - n * c_in
+        i = y // stride
+        j = xc // stride
+        if y == i * stride and xc == j * stride:
+            dx[n, c, y, xc] = dout[n, before + c, i, j]
+        else:
+            dx[n, c, y, xc] = dx.dtype.type(0)
+
+
+# ---- global average pooling (images as planes (N*C, H*W)) ----------------------------------------
+#: threads of the block that averages one plane: a power of two; two warps, as the planes ResNet
+#: pools hold 8 x 8 values
+PLANE_THREADS = 64
+
+
+def plane_grid(planes: int) -> int:
+    """One block per plane."""
+    return planes
+
+
+@cuda.jit
+def plane_means_kernel(x2, out):
+    """``out[p] = sum x2[p, :] / L`` for ``x2 (N*C, L)``: threads stride over the plane (the
+    consecutive values of one plane), then a tree. Launch: ``plane_grid(N*C)`` blocks of
+    ``PLANE_THREADS``."""
+    part = cuda.shared.array(PLANE_THREADS, dtype=x2.dtype)
+    p = cuda.blockIdx.x
+    t = cuda.threadIdx.x
+    length = x2.shape[1]
+    acc = x2.dtype.type(0)
+    for j in range(t, length, PLANE_THREADS):
+        acc += x2[p, j]
+    _block_sum(part, t, acc)
+    if t == 0:
+        out[p] = part[0] / x2.dtype.type(length)
+
+
+@cuda.jit
+def spread_means_kernel(dout, dx2):
+    """The adjoint of :func:`plane_means_kernel`: ``dx2[p, j] = dout[p] / L`` for ``dx2 (N*C,
+    L)``. Launch: ``elementwise_grid(N*C*L)`` blocks of ``ELEMENTWISE_THREADS``."""
+    idx = cuda.grid(1)
+    planes, length = dx2.shape
+    if idx < planes * length:
+        p = idx // length
+        dx2[p, idx - p * length] = dout[p] / dx2.dtype.type(length)
 
 
 # ---- binary cross-entropy ----------------------------------------------------------------------

@@ -1,15 +1,18 @@
-"""The CUDA backend's sigmoid, tanh, dropout, batch-norm, binary cross-entropy and penalty ops
-(a mixin of :class:`~cnn.backends.cuda.backend.CudaBackend`): allocate outputs on the device and
-launch the kernels of :mod:`cnn.backends.cuda.layer_kernels`. No op copies to or from the host;
-scalars are passed in the arrays' dtype, so float32 models compute in float32.
+"""The CUDA backend's sigmoid, tanh, dropout, batch-norm, residual-block, global-pooling, binary
+cross-entropy and penalty ops (a mixin of :class:`~cnn.backends.cuda.backend.CudaBackend`):
+allocate outputs on the device and launch the kernels of :mod:`cnn.backends.cuda.layer_kernels`.
+No op copies to or from the host; scalars are passed in the arrays' dtype, so float32 models
+compute in float32.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import cuda
 
+from ...checks import check_int
 from .. import rng
 from . import layer_kernels as K
+from .kernels import relu_backward_kernel
 
 
 def _flat(a):
@@ -21,10 +24,29 @@ def _ncl(x):
     return x.reshape(x.shape[0], x.shape[1], x.size // (x.shape[0] * x.shape[1]))
 
 
+def _check_operands(op: str, a, b, names: tuple[str, str]) -> None:
+    """Refuse operands of an elementwise op that differ in shape or dtype (a kernel would read
+    past the shorter one)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        raise ValueError(f"{op}: {names[0]} and {names[1]} differ: {names[0]}.shape={a.shape} "
+                         f"{a.dtype}, {names[1]}.shape={b.shape} {b.dtype}")
+
+
+def _check_shortcut(x, stride, before, after) -> tuple[int, int, int, int]:
+    """``x.shape`` once ``x`` and the arguments of option A's shortcut are valid."""
+    if x.ndim != 4:
+        raise ValueError(f"shortcut_pad_forward expects x (N, C, H, W); received "
+                         f"x.shape={x.shape}")
+    check_int("shortcut_pad_forward", "stride", stride)
+    check_int("shortcut_pad_forward", "channels_before", before, low=0)
+    check_int("shortcut_pad_forward", "channels_after", after, low=0)
+    return x.shape
+
+
 class CudaLayerOps:
-    """The ops of sigmoid, tanh, dropout, batch norm, binary cross-entropy and the weight
-    penalties, as CUDA kernels; outputs, caches and temporaries are workspace buffers in device
-    memory when the layer passes ``ws``."""
+    """The ops of sigmoid, tanh, dropout, batch norm, residual blocks, global average pooling,
+    binary cross-entropy and the weight penalties, as CUDA kernels; outputs, caches and
+    temporaries are workspace buffers in device memory when the layer passes ``ws``."""
 
     def _elementwise(self, kernel, name, ws, *arrays):
         a0 = arrays[0]
@@ -124,6 +146,63 @@ class CudaLayerOps:
         K.batchnorm_backward_dx_kernel[K.elementwise_grid(dout.size), K.ELEMENTWISE_THREADS](
             dout3, xhat.reshape(dout3.shape), gamma, inv_std, self.asarray(sum_dy),
             self.asarray(sum_dy_xhat), dout.dtype.type(scale), dx.reshape(dout3.shape))
+        return dx
+
+    # ---- residual blocks ---------------------------------------------------------------------
+    def residual_add_forward(self, main, shortcut, relu, ws=None):
+        _check_operands("residual_add_forward", main, shortcut, ("main", "shortcut"))
+        out = self.scratch(ws, "out", main.shape, main.dtype)
+        K.residual_add_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
+            _flat(main), _flat(shortcut), bool(relu), _flat(out))
+        return out, (out if relu else None)
+
+    def residual_add_backward(self, dout, cache, ws=None):
+        if cache is None:  # no ReLU: the sum hands its gradient to both operands as it is
+            return dout
+        _check_operands("residual_add_backward", cache, dout, ("out", "dout"))
+        d = self.scratch(ws, "dsum", dout.shape, dout.dtype)
+        relu_backward_kernel[K.elementwise_grid(d.size), K.ELEMENTWISE_THREADS](
+            _flat(dout), _flat(cache), _flat(d))
+        return d
+
+    def residual_grad_sum(self, dx_main, dx_shortcut, ws=None):
+        _check_operands("residual_grad_sum", dx_main, dx_shortcut, ("dx_main", "dx_shortcut"))
+        dx = self.scratch(ws, "dx", dx_main.shape, dx_main.dtype)
+        K.residual_add_kernel[K.elementwise_grid(dx.size), K.ELEMENTWISE_THREADS](
+            _flat(dx_main), _flat(dx_shortcut), False, _flat(dx))
+        return dx
+
+    def shortcut_pad_forward(self, x, stride, channels_before, channels_after, ws=None):
+        n, c, h, w = _check_shortcut(x, stride, channels_before, channels_after)
+        out = self.scratch(ws, "out", (n, channels_before + c + channels_after,
+                                       (h - 1) // stride + 1, (w - 1) // stride + 1), x.dtype)
+        K.shortcut_pad_kernel[K.elementwise_grid(out.size), K.ELEMENTWISE_THREADS](
+            x, int(stride), int(channels_before), out)
+        return out, (x.shape, int(stride), int(channels_before))
+
+    def shortcut_pad_backward(self, dout, cache, ws=None):
+        shape, stride, before = cache
+        dx = self.scratch(ws, "dx", shape, dout.dtype)
+        K.shortcut_unpad_kernel[K.elementwise_grid(dx.size), K.ELEMENTWISE_THREADS](
+            dout, stride, before, dx)
+        return dx
+
+    # ---- global average pooling -------------------------------------------------------------
+    def globalavgpool2d_forward(self, x, ws=None):
+        if x.ndim != 4:
+            raise ValueError(f"globalavgpool2d_forward expects x (N, C, H, W); received "
+                             f"x.shape={x.shape}")
+        n, c, h, w = x.shape
+        out = self.scratch(ws, "out", (n, c), x.dtype)
+        K.plane_means_kernel[K.plane_grid(n * c), K.PLANE_THREADS](x.reshape(n * c, h * w),
+                                                                   out.reshape(n * c))
+        return out, x.shape
+
+    def globalavgpool2d_backward(self, dout, cache, ws=None):
+        n, c, h, w = cache
+        dx = self.scratch(ws, "dx", cache, dout.dtype)
+        K.spread_means_kernel[K.elementwise_grid(dx.size), K.ELEMENTWISE_THREADS](
+            dout.reshape(n * c), dx.reshape(n * c, h * w))
         return dx
 
     # ---- binary cross-entropy ----------------------------------------------------------------

@@ -31,17 +31,18 @@ Layout: channels-last between BLAS-path layers
 Conv layers with many input channels (>= ``_NHWC_MIN_CHANNELS``) return their output as an
 ``(N, F, Ho, Wo)`` *view* of a channels-last ``(N, Ho, Wo, F)`` buffer (``buf.transpose(0, 3,
 1, 2)``): a NumPy array of the contract's shape whose memory is channels-last, which is what
-their GEMM writes. ReLU and max pooling keep such inputs channels-last (their kernels run along
-the contiguous channels), the next conv reads them as they are, and the backward passes hand
-``dx`` back the same way, so no NCHW <-> NHWC transpose runs between these layers. Every op
-accepts either layout (``_nhwc`` tells them apart; a channels-last ``dout`` meeting an NCHW
-cache, or the reverse, is converted), and any other consumer sees an ordinary strided array
+their GEMM writes. ReLU, max pooling, batch norm, a residual block's sum and shortcut and
+global average pooling keep such inputs channels-last (their kernels run along the contiguous
+channels), the next conv reads them as they are, and the backward passes hand ``dx`` back the
+same way, so no NCHW <-> NHWC transpose runs between these layers. Every op accepts either
+layout (:mod:`~cnn.backends.numba.layout` tells them apart; a channels-last ``dout`` meeting an
+NCHW cache, or the reverse, is converted), and any other consumer sees an ordinary strided array
 (a flatten layer's ``reshape`` copies it into NCHW order). The first conv layer (3 input
 channels) keeps NCHW: its patch rows would be runs of 9 values.
 
-Fused layers: conv -> ReLU -> max pooling as one op
----------------------------------------------------
-Both backends declare two fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
+Fused layers: conv -> ReLU -> max pooling as one op, and more
+-------------------------------------------------------------
+Both backends declare three fusions (``fusions``, see :mod:`cnn.backends.fusion`), so the
 model's plan runs a Conv2D, ReLU, MaxPool2D run of layers as one op
 (:meth:`NumbaBackend.conv2d_relu_maxpool2d_forward`) and a ReLU, MaxPool2D pair as another
 (:meth:`NumbaBackend.maxpool2d_relu_forward`). Max and ReLU commute, so the ReLU acts on the
@@ -52,7 +53,10 @@ is still in L2, and its backward unpools each chunk's gradient just before that 
 the full-size conv output and its gradient, the largest buffers of a training step, are never
 written, so the workspaces of two workers that share an L3 cache can both fit in it instead of
 evicting each other's activations. The first layer's pooled output is handed over
-channels-last too (see ``_Pooling``).
+channels-last too (see ``_Pooling``). A third fusion runs a BatchNorm, ReLU pair as the batch
+norm's ops with the ReLU inside their passes (the ``batchnorm_relu_*`` ops of
+:class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`): the pattern after every convolution of a
+residual network but the block's last.
 
 Convolution algorithms
 ----------------------
@@ -119,12 +123,14 @@ from numba.np.ufunc import parallel as _numba_parallel
 
 from ...checks import check_choice
 from ..base import Padding
-from ..fusion import CONV_RELU_MAXPOOL, RELU_MAXPOOL
+from ..fusion import BATCHNORM_RELU, CONV_RELU_MAXPOOL, RELU_MAXPOOL
 from ..numpy import NumpyBackend
 from . import conv as C
 from . import kernels as K
 from . import winograd as WG
 from .layer_ops import NumbaLayerOps
+from .layout import nhwc as _nhwc
+from .residual import NumbaResidualOps
 
 #: target number of GEMM columns (images x output pixels) per im2col chunk of the fused Numba
 #: kernels (small layers): long enough for the vectorised inner loop, small enough for the
@@ -198,15 +204,6 @@ def _conv_geometry(x, w, b, stride: int, padding: Padding):
     return ho, wo
 
 
-def _nhwc(a):
-    """The channels-last buffer ``(N, H, W, C)`` behind an ``(N, C, H, W)`` array when there
-    is one (the array is a transposed view of a C-contiguous buffer), else None."""
-    if a.ndim != 4:
-        return None
-    t = a.transpose(0, 2, 3, 1)
-    return t if t.flags.c_contiguous else None
-
-
 def _check_pool(pool: int, stride: int, shape) -> None:
     """Refuse a pooling that does not fit an ``(N, C, H, W)`` input of ``shape``."""
     if pool < 1 or stride < 1 or pool > min(shape[2], shape[3]):
@@ -274,15 +271,16 @@ def _none(dtype, ndim: int):
     return np.empty((0,) * ndim, dtype)
 
 
-class NumbaBackend(NumbaLayerOps, NumpyBackend):
+class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
     """Sequential Numba kernels (``nogil``): one core per op, safe to call from many threads.
     Outputs are allocated here and filled by the kernels (see "Compilation" above). The ops of
-    dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`;
-    those of sigmoid, tanh, binary cross-entropy, the weight penalties, global average pooling
-    and residual blocks, like dense, loss and optimizer ops, are NumPy's."""
+    dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`,
+    those of residual blocks and global average pooling from
+    :class:`~cnn.backends.numba.residual.NumbaResidualOps`; those of sigmoid, tanh, binary
+    cross-entropy and the weight penalties, like dense, loss and optimizer ops, are NumPy's."""
 
     name = "numba"
-    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL)
+    fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL, BATCHNORM_RELU)
 
     conv2d_forward_kernel = staticmethod(K.conv2d_forward)
     conv2d_backward_kernel = staticmethod(K.conv2d_backward)
@@ -292,17 +290,6 @@ class NumbaBackend(NumbaLayerOps, NumpyBackend):
     maxpool2x2_backward_kernel = staticmethod(K.maxpool2x2_backward)
     relu_forward_kernel = staticmethod(K.relu_forward)
     relu_backward_kernel = staticmethod(K.relu_backward)
-
-    # Global average pooling and the residual blocks' ops are NumPy's until Numba kernels
-    # replace them: memory-bound passes, small next to the convolutions around them, and NumPy's
-    # take the channels-last views this backend hands over as they take any strides
-    globalavgpool2d_forward = NumpyBackend.globalavgpool2d_forward
-    globalavgpool2d_backward = NumpyBackend.globalavgpool2d_backward
-    residual_add_forward = NumpyBackend.residual_add_forward
-    residual_add_backward = NumpyBackend.residual_add_backward
-    residual_grad_sum = NumpyBackend.residual_grad_sum
-    shortcut_pad_forward = NumpyBackend.shortcut_pad_forward
-    shortcut_pad_backward = NumpyBackend.shortcut_pad_backward
 
     def __init__(self, conv_algorithm: str | None = None):
         if conv_algorithm is None:
