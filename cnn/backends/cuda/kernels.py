@@ -72,7 +72,7 @@ def fill_zero_kernel(a):
 # device function would ask the current GPU for its compute capability, which makes
 # compile_ptx fail on a machine without one (see cnn.bench.ptx).
 @cuda.jit(device=True, inline="always")
-def _split(k, nb, nc):
+def split_index(k, nb, nc):
     """k -> (a, b, c) with ``k = (a * nb + b) * nc + c``, ``b < nb``, ``c < nc``."""
     return k // (nb * nc), (k // nc) % nb, k % nc
 
@@ -80,7 +80,7 @@ def _split(k, nb, nc):
 @cuda.jit(device=True, inline="always")
 def _step(a, b, c, da, db, dc, nb, nc):
     """``(a, b, c) + (da, db, dc)`` in the mixed radix ``(., nb, nc)``; needs ``db < nb`` and
-    ``dc < nc``, as ``_split`` of the step guarantees, so each digit carries at most once."""
+    ``dc < nc``, as ``split_index`` of the step guarantees, so each digit carries at most once."""
     c += dc
     if c >= nc:
         c -= nc
@@ -129,10 +129,10 @@ def conv2d_forward_kernel(x, w, b, stride, pad_top, pad_left, out):
     ty = cuda.threadIdx.y
     f = cuda.blockIdx.y * TILE + ty
     p = cuda.blockIdx.x * TILE + tx
-    n, i, j = _split(p, ho, wo)  # this thread's output pixel, also the column it gathers
-    dc, du, dv = _split(TILE, kh, kw)
-    wc, wu, wv = _split(tx, kh, kw)  # W tile: k = k0 + tx (contiguous in w)
-    xc, xu, xv = _split(ty, kh, kw)  # x tile: k = k0 + ty
+    n, i, j = split_index(p, ho, wo)  # this thread's output pixel, also the column it gathers
+    dc, du, dv = split_index(TILE, kh, kw)
+    wc, wu, wv = split_index(tx, kh, kw)  # W tile: k = k0 + tx (contiguous in w)
+    xc, xu, xv = split_index(ty, kh, kw)  # x tile: k = k0 + ty
     acc = zero
     for k0 in range(0, k_total, TILE):
         if f < n_filt and wc < n_ch:
@@ -179,10 +179,10 @@ def conv2d_backward_input_kernel(dout, w, stride, pad_top, pad_left, dx):
     ty = cuda.threadIdx.y
     c = cuda.blockIdx.y * TILE + ty
     p = cuda.blockIdx.x * TILE + tx
-    n, h, x_pos = _split(p, height, width)
-    df, du, dv = _split(TILE, kh, kw)
-    wf, wu, wv = _split(tx, kh, kw)  # W^T tile: k = k0 + tx (contiguous along v)
-    gf, gu, gv = _split(ty, kh, kw)  # G tile: k = k0 + ty
+    n, h, x_pos = split_index(p, height, width)
+    df, du, dv = split_index(TILE, kh, kw)
+    wf, wu, wv = split_index(tx, kh, kw)  # W^T tile: k = k0 + tx (contiguous along v)
+    gf, gu, gv = split_index(ty, kh, kw)  # G tile: k = k0 + ty
     acc = zero
     for k0 in range(0, k_total, TILE):
         if c < n_ch and wf < n_filt:
@@ -254,10 +254,10 @@ def conv2d_backward_weight_kernel(x, dout, stride, pad_top, pad_left, chunk, dw_
     # reduction index k0 + tx) so that consecutive tx read consecutive output pixels j, which
     # are consecutive (stride s) addresses of x. That column's (c, u, v) is fixed per thread.
     load_col = col0 + ty
-    c_ld, u_ld, v_ld = _split(load_col, kh, kw)
+    c_ld, u_ld, v_ld = split_index(load_col, kh, kw)
     k_end = min((z + 1) * chunk, k_total)
-    dn, di, dj = _split(TILE, ho, wo)
-    n, i, j = _split(z * chunk + tx, ho, wo)  # both tiles: reduction index k = k0 + tx
+    dn, di, dj = split_index(TILE, ho, wo)
+    n, i, j = split_index(z * chunk + tx, ho, wo)  # both tiles: reduction index k = k0 + tx
     acc = zero
     for k0 in range(z * chunk, k_end, TILE):
         k = k0 + tx
@@ -283,7 +283,7 @@ def conv2d_backward_weight_kernel(x, dout, stride, pad_top, pad_left, chunk, dw_
     col = col0 + tx
     if f < n_filt:
         if col < k_cols:
-            c, u, v = _split(col, kh, kw)
+            c, u, v = split_index(col, kh, kw)
             dw_part[z, f, c, u, v] = acc
         elif col == k_cols:
             db_part[z, f] = acc
@@ -343,7 +343,7 @@ def maxpool2d_forward_kernel(x, pool, stride, out, argmax):
     idx = cuda.grid(1)
     planes, ho, wo = out.shape
     if idx < planes * ho * wo:
-        pl, i, j = _split(idx, ho, wo)
+        pl, i, j = split_index(idx, ho, wo)
         h0 = i * stride
         w0 = j * stride
         best = x[pl, h0, w0]
@@ -371,7 +371,7 @@ def maxpool2d_backward_kernel(dout, argmax, pool, stride, dx):
     planes, height, width = dx.shape
     _, ho, wo = dout.shape
     if idx < planes * height * width:
-        pl, h, w = _split(idx, height, width)
+        pl, h, w = split_index(idx, height, width)
         # windows i with i*s <= h <= i*s + pool - 1, clipped to the output
         i_lo = max(h - pool + stride, 0) // stride
         i_hi = min(h // stride, ho - 1)

@@ -34,7 +34,7 @@ import numpy as np
 from numba import config, cuda, int32, uint64
 
 from .. import rng
-from .kernels import ELEMENTWISE_THREADS, _split, elementwise_grid  # noqa: F401 (re-exported)
+from .kernels import ELEMENTWISE_THREADS, elementwise_grid, split_index  # noqa: F401 (re-exported)
 
 if config.ENABLE_CUDASIM:
     # the hash wraps modulo 2**64 by design; the simulator runs kernels on NumPy scalars, which
@@ -289,7 +289,7 @@ def shortcut_pad_kernel(x, stride, before, out):
     idx = cuda.grid(1)
     n_img, c_out, ho, wo = out.shape
     if idx < n_img * c_out * ho * wo:
-        plane, i, j = _split(idx, ho, wo)
+        plane, i, j = split_index(idx, ho, wo)
         n = plane // c_out
         k = plane - n * c_out
         c = k - before
@@ -308,7 +308,7 @@ def shortcut_unpad_kernel(dout, stride, before, dx):
     idx = cuda.grid(1)
     n_img, c_in, height, width = dx.shape
     if idx < n_img * c_in * height * width:
-        plane, y, xc = _split(idx, height, width)
+        plane, y, xc = split_index(idx, height, width)
         n = plane // c_in
         c = plane - n * c_in
         i = y // stride
