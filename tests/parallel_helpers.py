@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from cnn.backends.numpy import NumpyBackend
 from cnn.data import make_blobs_images
 from cnn.layers import Layer, layers_from_spec
 from cnn.model import Sequential
@@ -89,3 +90,27 @@ def max_rel_diff(a, b) -> float:
     """Per parameter array: max |a - b| / max |b|; the worst over the arrays."""
     return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k])) / np.max(np.abs(b[k])))
                for k in a)
+
+
+class DyingHoldingTheBarrier(NumpyBackend):
+    """Worker 1 takes the lock of its strategy's ``multiprocessing.Barrier`` (as a worker does
+    for a moment inside ``Barrier.wait``) in its third dense forward and dies there with
+    SIGKILL: the lock is never released (what ``kill -9`` of a worker inside the barrier does
+    by chance, made certain)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def dense_forward(self, x, w, b, *args, **kwargs):
+        import gc
+        import multiprocessing
+        import os
+        import signal
+        from multiprocessing.synchronize import Barrier
+        if multiprocessing.current_process().name == "cnn-processes-worker-1":
+            self.calls += 1
+            if self.calls > 2:
+                barrier = next(o for o in gc.get_objects() if isinstance(o, Barrier))
+                barrier._cond.acquire()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().dense_forward(x, w, b, *args, **kwargs)

@@ -7,8 +7,12 @@ from __future__ import annotations
 import glob
 import multiprocessing
 import os
+import re
 import signal
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -234,3 +238,34 @@ def test_device_backend_refused():
         build().fit(x, y, batch_size=8, strategy="processes", threads=2,
                     backend=FakeDeviceBackend(), verbose=0)
     assert threading.active_count() >= 1 and not multiprocessing.active_children()
+
+
+HANG_SCRIPT = """
+import sys
+from parallel_helpers import OPT, DyingHoldingTheBarrier, blobs, build
+from cnn.parallel.processes import WorkerError
+x, y = blobs()
+model = build()
+try:
+    model.fit(x, y, epochs=2, batch_size=6, optimizer=OPT, strategy="processes", threads=2,
+              backend=DyingHoldingTheBarrier(), verbose=0)
+except WorkerError as err:
+    print(f"WorkerError: {err}")
+"""
+
+
+def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
+    """Audit finding 1: the main process waited forever in Barrier.abort() for a lock that a
+    killed worker held (6 of 18 tries of kill -9 during a fit); now it names the worker."""
+    # its own session: a hung fit, its forkserver and workers are killed together
+    proc = subprocess.Popen([sys.executable, "-c", HANG_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the fit hung after its worker died holding the barrier's lock\n{err}")
+    assert re.search(r"WorkerError: worker process 1 of 2 \(pid \d+\) was killed by signal 9 "
+                     r"\(SIGKILL\) during step 3", out), out + err
