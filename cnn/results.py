@@ -393,7 +393,8 @@ class ResultsLock:
 
     def __init__(self, path, wait: float | None = 0.0, poll: float = 0.2):
         self.path = Path(path)
-        self.file = lock_path(self.path)
+        # the file itself, through any symbolic link: one lock however a study names it
+        self.file = lock_path(Path(os.path.realpath(self.path)))
         self.wait = wait
         self.poll = poll
         self._fd = None

@@ -154,6 +154,21 @@ def test_second_study_on_the_same_out_refuses_naming_the_first(tmp_path):
     assert load_results(out)["run_key"].nunique() == 1
 
 
+def test_a_symlinked_out_shares_the_lock_and_stays_a_link(tmp_path):
+    """Audit finding 10: a study writing through a symlink took a lock of its own beside the
+    link (so two studies ran at once on one file) and replaced the link by a regular file
+    (so their runs went to two files)."""
+    real = tmp_path / "store" / "conc.pkl"
+    real.parent.mkdir()
+    link = tmp_path / "link.pkl"
+    link.symlink_to(real)
+    with store.ResultsLock(real):
+        with pytest.raises(StudyLockedError):
+            run_study(TINY, out=link, progress=False)
+    run_study(TINY, out=link, progress=False)
+    assert link.is_symlink() and load_results(real)["run_key"].nunique() == 1
+
+
 def test_second_study_can_wait_for_the_first(tmp_path):
     out = tmp_path / "conc.pkl"
     lock = store.ResultsLock(out).acquire()
