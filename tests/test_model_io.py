@@ -3,8 +3,13 @@ files that are truncated or not weights at all, malformed JSON/YAML spec files, 
 negative ``input_shape``, and weights targets that cannot be written."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import subprocess
+import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +17,7 @@ import pytest
 from cnn.layers import layers_from_spec
 from cnn.model import Sequential, check_weights_path, read_weights, resolve_spec, weights_path
 
+HERE = Path(__file__).resolve().parent
 SPEC = [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
         {"type": "flatten"}, {"type": "dense", "units": 3}]
 
@@ -232,3 +238,75 @@ def test_parameters_too_large_to_allocate_name_the_layer(units):
     with pytest.raises(ValueError, match=r"conv2d 'conv2d': cannot create its parameters"):
         Sequential.from_spec([{"type": "conv2d", "filters": units}, {"type": "flatten"},
                               {"type": "dense", "units": 2}], input_shape=(1, 4, 4))
+
+
+# ---- audit findings (a reliability pass on fa4b133) ----------------------------------------------
+def zip_bomb(path, key: str, values: int) -> None:
+    """An .npz of the model's weights but ``key``, a float32 array of ``values`` zeros stored
+    deflated: about a thousandth of its size on disk."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (values,)})
+    chunk = bytes(1 << 24)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open(f"{key}.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            for _ in range(values * 4 // len(chunk)):
+                f.write(chunk)
+        for k, v in model().get_weights().items():
+            if k != key:
+                with z.open(f"{k}.npy", "w") as f:
+                    np.lib.format.write_array(f, v)
+
+
+@pytest.mark.parametrize("load", ["load_weights", "predict"])
+def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path, load):
+    """Audit finding 7: every array of an .npz was decompressed before its names and shapes
+    were checked (a 3.9 MB file took 3.9 GB and 20 s before it was refused). Here 1 GiB of
+    zeros under a parameter's name, loaded with 512 MiB of address space to spare."""
+    path = tmp_path / "bomb.npz"
+    zip_bomb(path, "conv2d.w", 1 << 28)
+    assert path.stat().st_size < 4 << 20
+    if load == "predict":  # a file with a spec, as train --save writes
+        with zipfile.ZipFile(path, "a") as z:
+            with z.open("__spec__.npy", "w") as f:
+                np.lib.format.write_array(f, np.array(json.dumps(model().spec())))
+    call = ("model().load_weights(path)" if load == "load_weights"
+            else "__import__('cnn.predict').predict.load_model(path)")
+    code = ("import resource, sys\n"
+            f"sys.path.insert(0, {str(HERE)!r})\n"
+            "from test_model_io import model\n"
+            f"path = {str(path)!r}\n"
+            "rss = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (rss + (512 << 20), rss + (512 << 20)))\n"
+            f"try:\n    {call}\n"
+            "except ValueError as err:\n    print(err)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert re.search(r"bomb\.npz: weight 'conv2d\.w' has shape \(268435456,\); the model "
+                     r"expects \(2, 1, 3, 3\)", res.stdout), res.stdout + res.stderr[-2000:]
+
+
+def test_a_misspelled_spec_key_is_refused_naming_it(tmp_path):
+    """Audit finding 8: a misspelled top-level key (``los:``) was dropped and the default loss
+    trained."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("los: binary_cross_entropy\nlayers:\n  - {type: flatten}\n"
+                    "  - {type: dense, units: 1}\n")
+    with pytest.raises(ValueError, match=r"spec\.yaml: unknown key 'los' in the model spec "
+                                         r"\(did you mean 'loss'\?\)"):
+        Sequential.from_spec(path, input_shape=(1, 2, 2))
+
+
+def test_an_unknown_backend_is_refused_when_the_model_is_built():
+    """Audit finding 9: build_model(..., backend="tpu") was accepted and failed only at fit."""
+    from cnn.model import build_model
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of \[.*'numpy'"):
+        build_model(SPEC, input_shape=(1, 6, 6), backend="tpu")
+
+
+def test_batch_norm_momentum_one_is_refused():
+    """Audit finding 9: momentum=1.0 was accepted, and the running statistics never moved."""
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)\. Received "
+                                         r"momentum=1\.0"):
+        layers_from_spec([{"type": "batchnorm", "momentum": 1.0}])
