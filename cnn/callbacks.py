@@ -73,6 +73,16 @@ class Callback:
     def on_train_end(self, history) -> None:
         pass
 
+    def get_state(self) -> Any:
+        """What this callback has learned during the fit, for a backup (:mod:`cnn.backup`):
+        plain values and NumPy arrays (None: nothing). A callback whose decisions depend on
+        earlier epochs overrides this and :meth:`set_state`, or a resumed fit forgets them."""
+        return None
+
+    def set_state(self, state: Any) -> None:
+        """Continue from what :meth:`get_state` returned (a resumed fit calls it after
+        ``on_train_begin``)."""
+
 
 class FitRun:
     """What callbacks see of a running fit."""
@@ -171,6 +181,14 @@ class EarlyStopping(_Monitoring):
             return True
         return None
 
+    def get_state(self) -> dict:
+        return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch,
+                "best_weights": self.best_weights, "stopped_epoch": self.stopped_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+        self.best_weights, self.stopped_epoch = state["best_weights"], state["stopped_epoch"]
+
     def on_train_end(self, history) -> None:
         history.info["early_stopping"] = {"stopped_epoch": self.stopped_epoch,
                                           "best_epoch": self.best_epoch, "best": self.best,
@@ -215,6 +233,14 @@ class ModelCheckpoint(_Monitoring):
             self.saved.append(self.run.model.save_weights(target))
         return None
 
+    def get_state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch,
+                "saved": [str(p) for p in self.saved]}
+
+    def set_state(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.saved = [Path(p) for p in state["saved"]]
+
 
 class LiveCurves(Callback):
     """Training curves drawn while training: loss and accuracy (training, and validation when
@@ -256,6 +282,13 @@ class LiveCurves(Callback):
 
     def figure(self):
         return self._fig
+
+    def get_state(self) -> dict:
+        return {"epochs": self.epochs, "batches": [list(b) for b in self.batches]}
+
+    def set_state(self, state: dict) -> None:
+        self.epochs = {k: list(v) for k, v in state["epochs"].items()}
+        self.batches = [tuple(b) for b in state["batches"]]
 
     def _draw(self) -> None:
         if self.run is not None and not self.run.is_master:

@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "cnn.schedules"]),
     ("model", ["cnn.model"]),
     ("strategies", ["cnn.parallel.*"]),
-    ("training loop", ["cnn.train", "cnn.callbacks", "cnn.configs"]),
+    ("training loop", ["cnn.train", "cnn.backup", "cnn.callbacks", "cnn.configs"]),
     ("references", ["cnn.reference.*"]),
     # what the study runs: backend x strategy x launcher, named (it reads backend facts)
     ("path registry", ["cnn.paths"]),
