@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable
 
@@ -257,6 +258,51 @@ def atomic_write(path: str | os.PathLike,
                else type(exc)(exc.errno, message)) from None
     fsync_dir(target.parent)
     return path
+
+
+def make_folders(folder: str | os.PathLike) -> list[Path]:
+    """Create ``folder`` and its missing parents; returns the folders created, deepest first.
+    ``NotADirectoryError`` naming the file in the way when an ancestor is a file."""
+    folder = Path(folder)
+    missing = []
+    current = folder
+    while not current.exists() and current != current.parent:
+        missing.append(current)
+        current = current.parent
+    if not current.is_dir():
+        raise NotADirectoryError(f"cannot write under {folder}: {current} is a file, not a folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def check_writable(path: str | os.PathLike, what: str = "the file") -> Path:
+    """Check, before any work is done, that ``path`` can be written (as :func:`atomic_write`
+    writes it): its folder exists or can be made, a file can be created in it, and an existing
+    ``path`` is writable. Returns ``path``; ``OSError`` naming it and the reason otherwise.
+    Leaves nothing behind: the probe file and any folders made for it are removed."""
+    target = Path(path)
+    try:
+        created = make_folders(target.parent)
+    except NotADirectoryError:
+        raise
+    except OSError as exc:
+        raise type(exc)(f"cannot create the folder for {target}: "
+                        f"{exc.strerror or exc}") from None
+    try:
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".probe")
+        os.close(fd)
+        os.unlink(name)
+        if target.exists() and not os.access(target, os.W_OK):
+            raise PermissionError("the file exists and is read-only")
+    except OSError as exc:
+        raise type(exc)(f"cannot write {what} to {target}: {exc.strerror or exc}") from None
+    finally:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+    return target
 
 
 def _has_link(path: Path) -> bool:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,7 @@ import numpy as np
 from .backends import Backend, available_backends, get_backend
 from .checks import is_integer
 from .context import StepContext
-from .files import atomic_write, read_structured
+from .files import atomic_write, check_writable, make_folders, read_structured
 from .layers import Layer, layers_from_spec
 from .losses import Loss, get_loss
 from .plan import plan_layers
@@ -397,7 +396,7 @@ class Sequential:
         naming the path (see :func:`check_weights_path`, which checks the same before a fit).
         """
         path = weights_path(path)
-        _mkdirs(path.parent)
+        make_folders(path.parent)
         return atomic_write(path, lambda f: np.savez(
             f, __spec__=np.array(json.dumps(self.spec())), **self.params, **self.buffers))
 
@@ -451,55 +450,12 @@ def weights_path(path: str | os.PathLike) -> Path:
     return out
 
 
-def _first_existing(folder: Path) -> tuple[Path, list[Path]]:
-    """The nearest existing ancestor of ``folder`` (itself included) and the missing ones
-    below it, nearest first. ``NotADirectoryError`` when that ancestor is not a folder."""
-    missing = []
-    current = folder
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    if not current.is_dir():
-        raise NotADirectoryError(f"cannot write under {folder}: {current} is a file, not a folder")
-    return current, missing
-
-
-def _mkdirs(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return the folders created, deepest first."""
-    _, missing = _first_existing(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
 def check_weights_path(path: str | os.PathLike) -> Path:
     """Check, before any training, that :meth:`Sequential.save_weights` can write ``path``:
     returns the file it will write, or raises ``OSError`` naming the path and the reason (a
     folder given as the file, a parent that is a file, a folder that cannot be created or
-    written). Leaves nothing behind: a probe file and any folders created for it are removed."""
-    target = weights_path(path)
-    try:
-        created = _mkdirs(target.parent)
-    except NotADirectoryError:
-        raise
-    except OSError as exc:
-        raise type(exc)(f"cannot create the folder for {target}: "
-                        f"{exc.strerror or exc}") from None
-    try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(name)
-        if target.exists() and not os.access(target, os.W_OK):
-            raise PermissionError("the file exists and is read-only")
-    except OSError as exc:
-        raise type(exc)(f"cannot write the weights to {target}: "
-                        f"{exc.strerror or exc}") from None
-    finally:
-        for folder in created:  # deepest first
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
-    return target
+    written). Leaves nothing behind (:func:`cnn.files.check_writable`)."""
+    return check_writable(weights_path(path), "the weights")
 
 
 def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -63,6 +63,12 @@ def load_images(path, input_shape: Sequence[int], dtype) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--images: no such file {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        # np.load takes anything else for a pickle, and would say so
+        raise ValueError(f"--images: {path} is not a NumPy .npy/.npz file (it starts with "
+                         f"{magic!r})")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001
