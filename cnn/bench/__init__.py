@@ -39,6 +39,7 @@ SUITES = {
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
+    "backup": Suite("backup", "fit's backups every 100 steps against none (cifar_tutorial)"),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)
 OPTIONS = {"json_path": "--json", "dtype": "--dtype", "cpu_time": "--cpu-time"}
