@@ -191,7 +191,8 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 _TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (one of another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -214,7 +215,7 @@ def remove_stale_temporaries(folder: str | os.PathLike, target: str = "*") -> li
     for entry in entries:
         m = _TEMPORARY.match(entry.name)
         if (m and fnmatch.fnmatchcase(m.group("name"), target)
-                and int(m.group("pid")) != os.getpid() and not _process_alive(int(m.group("pid")))):
+                and int(m.group("pid")) != os.getpid() and not process_alive(int(m.group("pid")))):
             try:
                 os.unlink(entry.path)
                 removed.append(Path(entry.path))

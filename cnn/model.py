@@ -504,9 +504,10 @@ def read_weights(path: str | os.PathLike, model: "Sequential | None" = None
     try:
         headers = npz_headers(path)
     except Exception as exc:  # noqa: BLE001 - zipfile, zlib and the .npy reader raise many kinds
+        # npz_headers words a member's problem itself, naming the array
+        why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{path}: not a readable weights file; it is truncated or corrupt "
-                         f"({exc if isinstance(exc, ValueError) else f'{type(exc).__name__}: {exc}'})"
-                         ) from None
+                         f"({why})") from None
     headers.pop("__spec__", None)
     if not headers:
         raise ValueError(f"{path}: holds no weight arrays")

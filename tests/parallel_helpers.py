@@ -92,25 +92,36 @@ def max_rel_diff(a, b) -> float:
                for k in a)
 
 
-class DyingHoldingTheBarrier(NumpyBackend):
-    """Worker 1 takes the lock of its strategy's ``multiprocessing.Barrier`` (as a worker does
-    for a moment inside ``Barrier.wait``) in its third dense forward and dies there with
-    SIGKILL: the lock is never released (what ``kill -9`` of a worker inside the barrier does
-    by chance, made certain)."""
+class KillingBackend(NumpyBackend):
+    """Worker 1 of strategy ``processes`` kills itself with SIGKILL in its third dense forward
+    (a crash, an OOM kill), after :meth:`before_dying`."""
 
     def __init__(self):
         self.calls = 0
 
+    def before_dying(self) -> None:
+        pass
+
     def dense_forward(self, x, w, b, *args, **kwargs):
-        import gc
         import multiprocessing
         import os
         import signal
-        from multiprocessing.synchronize import Barrier
         if multiprocessing.current_process().name == "cnn-processes-worker-1":
             self.calls += 1
             if self.calls > 2:
-                barrier = next(o for o in gc.get_objects() if isinstance(o, Barrier))
-                barrier._cond.acquire()
+                self.before_dying()
                 os.kill(os.getpid(), signal.SIGKILL)
         return super().dense_forward(x, w, b, *args, **kwargs)
+
+
+class DyingHoldingTheBarrier(KillingBackend):
+    """:class:`KillingBackend` whose worker first takes the lock of its strategy's
+    ``multiprocessing.Barrier`` (as a worker does for a moment inside ``Barrier.wait``) and
+    dies holding it: the lock is never released (what ``kill -9`` of a worker inside the
+    barrier does by chance, made certain)."""
+
+    def before_dying(self) -> None:
+        import gc
+        from multiprocessing.synchronize import Barrier
+        barrier = next(o for o in gc.get_objects() if isinstance(o, Barrier))
+        barrier._cond.acquire()

@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import re
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import pytest
 
 from cnn.layers import layers_from_spec
 from cnn.model import Sequential, check_weights_path, read_weights, resolve_spec, weights_path
+from limits import run_python
 
 HERE = Path(__file__).resolve().parent
 SPEC = [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
@@ -273,16 +272,10 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path, load):
                 np.lib.format.write_array(f, np.array(json.dumps(model().spec())))
     call = ("model().load_weights(path)" if load == "load_weights"
             else "__import__('cnn.predict').predict.load_model(path)")
-    code = ("import resource, sys\n"
-            f"sys.path.insert(0, {str(HERE)!r})\n"
-            "from test_model_io import model\n"
-            f"path = {str(path)!r}\n"
-            "rss = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n"
-            "resource.setrlimit(resource.RLIMIT_AS, (rss + (512 << 20), rss + (512 << 20)))\n"
-            f"try:\n    {call}\n"
-            "except ValueError as err:\n    print(err)\n")
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120)
+    res = run_python(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
+                     f"from test_model_io import model\npath = {str(path)!r}\n"
+                     f"try:\n    {call}\nexcept ValueError as err:\n    print(err)\n",
+                     512 << 20)
     assert re.search(r"bomb\.npz: weight 'conv2d\.w' has shape \(268435456,\); the model "
                      r"expects \(2, 1, 3, 3\)", res.stdout), res.stdout + res.stderr[-2000:]
 

@@ -22,7 +22,8 @@ from cnn.optim import make_optimizer
 from cnn.parallel import make_strategy
 from cnn.parallel.processes import SEGMENT_PREFIX, SyncProcesses, WorkerError
 from cnn.backends import get_backend
-from parallel_helpers import OPT, blobs, build, max_abs_diff, max_rel_diff, train
+from parallel_helpers import (OPT, KillingBackend, blobs, build, max_abs_diff, max_rel_diff,
+                              train)
 
 
 def my_segments() -> list[str]:
@@ -162,20 +163,6 @@ def test_a_worker_exception_ends_the_fit_naming_the_worker(worker):
     assert "dense_forward" in notes  # the worker's own traceback
     assert all(np.all(np.isfinite(v)) for v in model.params.values())
     assert not multiprocessing.active_children()
-
-
-class KillingBackend(NumpyBackend):
-    """Worker 1 kills itself with SIGKILL in its third dense forward (a crash, an OOM kill)."""
-
-    def __init__(self):
-        self.calls = 0
-
-    def dense_forward(self, x, w, b, *args, **kwargs):
-        if multiprocessing.current_process().name == "cnn-processes-worker-1":
-            self.calls += 1
-            if self.calls > 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-        return super().dense_forward(x, w, b, *args, **kwargs)
 
 
 def test_a_killed_worker_ends_the_fit_naming_it():

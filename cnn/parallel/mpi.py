@@ -33,7 +33,7 @@ Run under a launcher, one process per rank, each running the same ``fit``:
     by the examples each trained on: :class:`~cnn.parallel.average.AverageCore`'s steps, the
     ones written for threads too, with :class:`MPITransport` (one ``Allreduce`` of the flat
     replica). ``every=1`` is ``sync`` on the global batch. The per-step loss and correct count
-    are summed over the ranks (two numbers).
+    are summed over the ranks with each rank's vote to stop (three numbers).
 
 Only rank 0 (``is_master``) prints, shows progress, evaluates and saves; it broadcasts its
 validation numbers so that callbacks decide alike on every rank. Every call that moves data is

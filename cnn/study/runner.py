@@ -63,7 +63,7 @@ from typing import Callable
 from .. import paths as P
 from ..backup import backup_files
 from ..checks import check_int
-from ..files import read_structured
+from ..files import process_alive, read_structured
 from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COLUMNS,
                        ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
 from .child import source_hash
@@ -102,12 +102,8 @@ _TEMP_NAME = re.compile(rf"^{TEMP_PREFIX}(\d+)-(\d+)-[a-z]+-")
 
 
 def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True  # someone else's live process
     now = _proc_start(pid)
     return not (now and start not in ("", "0") and now != start)
 
