@@ -247,7 +247,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                                  identity, steps_per_epoch, n)
         first, totals, done = resume.start_point() if resume else (1, None, False)
         epoch = first - 1
-        finished = stop = False
+        finished, stop = False, done  # done: the backup's run had stopped training
+        if resume:  # that point needs no backup of its own
+            boundaries.last = (epoch, None) if totals is None else (first, totals.batches)
         try:
             for epoch in range(first, epochs + 1 if not done else first):
                 logs = _run_epoch(strat, be, x, y, n, step_size, orders, epoch, epochs,

@@ -50,8 +50,8 @@ def reference(strategy="sequential", threads=1, dtype="float64", **overrides):
 
 
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
-    return {**env, "PYTHONPATH": str(HERE)}
+    """This environment without an outer MPI job's launcher variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("PMI_", "PMIX_", "OMPI_"))}
 
 
 def _command(out, backup, strategy, threads, dtype, ranks, *extra) -> list[str]:
@@ -170,6 +170,24 @@ def test_mpi_ranks_killed_at_a_random_step_resume_bitwise(tmp_path, dtype):
         remove_orphan_segments(since=started)  # a killed job leaves MPICH's segments
     assert resumed[2]["resumes"], resumed[3]
     assert_same_run(ref[:2], resumed[:2], f"2 ranks {dtype} killed at step {step}")
+
+
+@needs_mpi
+def test_mpi_average_killed_at_a_random_step_resumes_bitwise(tmp_path):
+    """mpi_average's backup gathers every rank's replica to rank 0 and scatters them back."""
+    from cnn.parallel.launch import remove_orphan_segments
+    started = time.time()
+    step = random.randrange(5, 8)  # 3 global steps of 2 x 7 examples per epoch, 9 in all
+    try:
+        ref_dir = tmp_path / "ref"
+        ref_dir.mkdir()
+        ref = resumed_run(ref_dir, ref_dir / "backups", "mpi_average", 1, "float64", ranks=2)
+        backup = killed_run(tmp_path, "mpi_average", 1, "float64", at=("step", step), ranks=2)
+        resumed = resumed_run(tmp_path, backup, "mpi_average", 1, "float64", ranks=2)
+    finally:
+        remove_orphan_segments(since=started)
+    assert resumed[2]["resumes"], resumed[3]
+    assert_same_run(ref[:2], resumed[:2], f"mpi_average killed at step {step}")
 
 
 # ---- elastic: sync continued with another number of workers ---------------------------------------
@@ -405,3 +423,17 @@ def test_a_finished_run_continues_when_given_more_epochs(tmp_path):
     assert hist.history["loss"] == h_ref.history["loss"]
     for k, v in model_ref.get_weights().items():
         np.testing.assert_array_equal(model.get_weights()[k], v)
+
+
+def test_epoch_orders_are_todays_and_a_function_of_seed_and_epoch():
+    """The data order of epoch e is the e-th permutation drawn from default_rng(seed), as
+    before backups existed, and a resumed fit asking for a later epoch first gets the same."""
+    from cnn.train import EpochOrders
+    rng = np.random.default_rng(7)
+    today = [rng.permutation(50) for _ in range(4)]
+    orders = EpochOrders(7, 50)
+    for e in range(1, 5):
+        np.testing.assert_array_equal(orders(e), today[e - 1])
+    np.testing.assert_array_equal(EpochOrders(7, 50)(3), today[2])  # a later epoch first
+    np.testing.assert_array_equal(orders(2), today[1])  # an earlier one again
+    np.testing.assert_array_equal(EpochOrders(7, 50, shuffle=False)(2), np.arange(50))

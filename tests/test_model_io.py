@@ -7,7 +7,6 @@ import io
 import json
 import re
 import zipfile
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ from cnn.layers import layers_from_spec
 from cnn.model import Sequential, check_weights_path, read_weights, resolve_spec, weights_path
 from limits import run_python
 
-HERE = Path(__file__).resolve().parent
 SPEC = [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
         {"type": "flatten"}, {"type": "dense", "units": 3}]
 
@@ -272,8 +270,11 @@ def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path, load):
                 np.lib.format.write_array(f, np.array(json.dumps(model().spec())))
     call = ("model().load_weights(path)" if load == "load_weights"
             else "__import__('cnn.predict').predict.load_model(path)")
-    res = run_python(f"import sys\nsys.path.insert(0, {str(HERE)!r})\n"
-                     f"from test_model_io import model\npath = {str(path)!r}\n"
+    res = run_python("import json\nfrom cnn.layers import layers_from_spec\n"
+                     "from cnn.model import Sequential\n"
+                     f"def model():\n    return Sequential(layers_from_spec("
+                     f"json.loads({json.dumps(SPEC)!r})), (1, 6, 6))\n"
+                     f"path = {str(path)!r}\n"
                      f"try:\n    {call}\nexcept ValueError as err:\n    print(err)\n",
                      512 << 20)
     assert re.search(r"bomb\.npz: weight 'conv2d\.w' has shape \(268435456,\); the model "
