@@ -391,7 +391,8 @@ def _check_backup_options(args) -> None:
     try:
         parse_every(args.backup_every)
     except ValueError as err:
-        raise ValueError(f"--backup-every: {err}".replace("backup_every=", "")) from None
+        raise ValueError(str(err).replace("backup_every=", "")
+                         .replace("backup_every", "--backup-every", 1)) from None
     if args.backup_dir is not None:
         try:
             check_backup_dir(args.backup_dir)

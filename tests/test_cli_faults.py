@@ -263,6 +263,19 @@ def test_an_unwritable_plot_is_refused_before_training(capsys):
     assert "epoch" not in captured.out  # nothing trained
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--backup-every", "2weeks"], "error: --backup-every must be 'epoch', 'N epochs', 'N steps'"),
+    (["--restarts", "2"], "error: --restarts 2 relaunches an MPI job that this command starts"),
+    (["--strategy", "mpi", "--ranks", "2", "--restarts", "2"], "give --backup-dir DIR"),
+    (["--backup-dir", "/proc/x"], "error: --backup-dir: cannot write backups into /proc/x"),
+])
+def test_bad_backup_options_are_refused_before_training(capsys, extra, message):
+    rc = main([*SHORT, *extra])
+    captured = capsys.readouterr()
+    assert rc == 2 and message in captured.err, captured.err
+    assert "epoch" not in captured.out
+
+
 # ---- other checks of the audit -------------------------------------------------------------------
 def test_out_of_memory_is_an_error_line_not_a_traceback():
     """Audit finding 9: a MemoryError surfaced as a raw 17-frame traceback with exit 1."""
