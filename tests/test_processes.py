@@ -256,3 +256,36 @@ def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
         pytest.fail(f"the fit hung after its worker died holding the barrier's lock\n{err}")
     assert re.search(r"WorkerError: worker process 1 of 2 \(pid \d+\) was killed by signal 9 "
                      r"\(SIGKILL\) during step 3", out), out + err
+
+
+def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
+    """Ctrl-C reaches the whole process group; the workers ignore it and finish their step,
+    and the main process waits for them before it stops: the model holds the weights of a
+    whole step, bit for bit those of a run stopped cleanly after the same step."""
+    from cnn.callbacks import Callback
+    from cnn.errors import Interrupted
+
+    x, y = blobs()
+    model = build()
+    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            model.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
+                      threads=2, verbose=0)
+    finally:
+        timer.cancel()
+    steps = model.optimizer_state.step
+
+    class StopAt(Callback):
+        def on_step_end(self, step, logs):
+            if logs["global_step"] == steps:
+                self.run.strategy.request_stop()
+    ref = build()
+    with pytest.raises(Interrupted):
+        ref.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
+                threads=2, verbose=0, callbacks=[StopAt()])
+    assert ref.optimizer_state.step == steps > 0
+    for k, v in ref.get_weights().items():
+        np.testing.assert_array_equal(model.get_weights()[k], v, err_msg=k)
+    assert not multiprocessing.active_children()

@@ -390,22 +390,33 @@ class SyncProcesses(Strategy):
                 c.send(msg)
             except OSError:
                 pass  # a worker that died: _collect finds its sentinel and names it
-        self._collect("ok")
+        interrupted = self._collect("ok")
         res = self._views["results"]
         self.steps += 1
         self.comm_time += float(res[0, 2])  # as seen by worker 0
+        if interrupted:  # after the step the workers finished: the weights are a whole step's
+            raise KeyboardInterrupt
         return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
 
-    def _collect(self, expected: str, timeout: float | None = None) -> None:
+    def _collect(self, expected: str, timeout: float | None = None) -> bool:
         """Wait for every worker's answer (``expected``), watching their sentinels; on any
-        failure, release the others and raise the first primary error."""
+        failure, release the others and raise the first primary error. A first Ctrl-C
+        (KeyboardInterrupt) while the workers answer ``"ok"`` waits for the rest of the step
+        (they ignore SIGINT and finish it) and returns True; a second one interrupts."""
         pending = dict(enumerate(self._conns))
         failures: list[tuple[int, bool, BaseException]] = []  # (worker, primary, error)
         deadline = None if timeout is None else time.monotonic() + timeout
+        interrupted = False
         while pending:
             waitables = list(pending.values()) + [self._processes[i].sentinel for i in pending]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = connection.wait(waitables, left)
+            try:
+                ready = connection.wait(waitables, left)
+            except KeyboardInterrupt:
+                if interrupted or expected != "ok":
+                    raise
+                interrupted = True
+                continue
             if not ready:
                 if not failures:
                     late = sorted(pending)[0]
@@ -446,6 +457,7 @@ class SyncProcesses(Strategy):
                     self._kill_pending(pending, failures)
         if failures:
             self._fail(failures)
+        return interrupted
 
     def _worker_exception(self, msg) -> tuple[int, bool, BaseException]:
         _, i, payload, type_name, text, tb = msg
