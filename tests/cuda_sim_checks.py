@@ -558,6 +558,12 @@ def check_model_with_new_layers_on_the_device(cb):
     assert_close("inference logits", got, want, np.float32)
 
 
+#: a tiny network with batch norm and dropout, for the checks of fit on the device
+FIT_SPEC = {"input_shape": [1, 3, 3], "layers": [
+    {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
+    {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
+
+
 @check(cost=12)
 def check_fit_commits_statistics_on_the_device(cb):
     """fit on the CUDA backend (the sequential strategy, buffers on the device, the JIT
@@ -565,15 +571,12 @@ def check_fit_commits_statistics_on_the_device(cb):
     NumPy path, and the warm-up committed nothing (else the statistics would differ)."""
     from cnn.model import build_model
 
-    spec = {"input_shape": [1, 3, 3], "layers": [
-        {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
-        {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
     rng_ = _rng(32)
     x = rng_.standard_normal((6, 1, 3, 3)).astype(np.float32)
     y = rng_.integers(0, 2, 6)
     got = {}
     for backend in ("cuda", "numpy"):
-        model = build_model(spec, seed=1, backend=cb if backend == "cuda" else backend)
+        model = build_model(FIT_SPEC, seed=1, backend=cb if backend == "cuda" else backend)
         model.fit(x, y, epochs=1, batch_size=3, optimizer={"type": "sgd", "lr": 0.1}, seed=2,
                   verbose=0)
         got[backend] = model.get_weights()
@@ -632,24 +635,21 @@ def check_fit_resumes_bitwise_on_the_device(cb):
             if logs["global_step"] == 2:
                 self.run.strategy.request_stop()
 
-    spec = {"input_shape": [1, 3, 3], "layers": [
-        {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
-        {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
     rng_ = _rng(34)
     x = rng_.standard_normal((9, 1, 3, 3)).astype(np.float32)
     y = rng_.integers(0, 2, 9)
     run = {"epochs": 1, "batch_size": 3, "seed": 2, "verbose": 0,
            "optimizer": {"type": "adam", "lr": 0.05, "schedule": "cosine"}}
-    ref = build_model(spec, seed=1, backend=cb)
+    ref = build_model(FIT_SPEC, seed=1, backend=cb)
     ref.fit(x, y, **run)
     with tempfile.TemporaryDirectory() as folder:
         try:
-            build_model(spec, seed=1, backend=cb).fit(x, y, backup_dir=folder,
+            build_model(FIT_SPEC, seed=1, backend=cb).fit(x, y, backup_dir=folder,
                                                       callbacks=[StopAt()], **run)
             raise AssertionError("the fit did not stop")
         except Interrupted:
             pass
-        model = build_model(spec, seed=1, backend=cb)
+        model = build_model(FIT_SPEC, seed=1, backend=cb)
         hist = model.fit(x, y, backup_dir=folder, **run)
     assert hist.info["resumes"][0]["global_step"] == 2, hist.info["resumes"]
     for k, v in ref.get_weights().items():
