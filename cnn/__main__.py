@@ -1,7 +1,7 @@
 import sys
 
 from .cli import main
-from .parallel.launch import run_main
 
-# run_main: under mpiexec, a failure on any rank ends every rank instead of leaving them waiting
-sys.exit(run_main(main))
+# main() is also the console script's entry (parallel-cnn): under mpiexec, a failure on any rank
+# ends every rank instead of leaving them waiting, whichever way the command was started
+sys.exit(main())

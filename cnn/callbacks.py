@@ -42,11 +42,13 @@ the training data) or ``validation_data``; never the test set (that is for the f
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
 from .checks import check_bool, check_int, check_number
 from .extras import require
+from .files import atomic_write
 from .monitor import check_monitor, has_improved, resolve_mode
 
 
@@ -73,6 +75,16 @@ class Callback:
 
     def on_train_end(self, history) -> None:
         pass
+
+    def get_state(self) -> Any:
+        """What this callback has learned during the fit, for a backup (:mod:`cnn.backup`):
+        plain values and NumPy arrays (None: nothing). A callback whose decisions depend on
+        earlier epochs overrides this and :meth:`set_state`, or a resumed fit forgets them."""
+        return None
+
+    def set_state(self, state: Any) -> None:
+        """Continue from what :meth:`get_state` returned (a resumed fit calls it after
+        ``on_train_begin``)."""
 
 
 class FitRun:
@@ -172,6 +184,14 @@ class EarlyStopping(_Monitoring):
             return True
         return None
 
+    def get_state(self) -> dict:
+        return {"wait": self.wait, "best": self.best, "best_epoch": self.best_epoch,
+                "best_weights": self.best_weights, "stopped_epoch": self.stopped_epoch}
+
+    def set_state(self, state: dict) -> None:
+        self.wait, self.best, self.best_epoch = state["wait"], state["best"], state["best_epoch"]
+        self.best_weights, self.stopped_epoch = state["best_weights"], state["stopped_epoch"]
+
     def on_train_end(self, history) -> None:
         history.info["early_stopping"] = {"stopped_epoch": self.stopped_epoch,
                                           "best_epoch": self.best_epoch, "best": self.best,
@@ -186,8 +206,10 @@ class ModelCheckpoint(_Monitoring):
     """Write the model's weights (``save_weights``: ``.npz`` with the spec) to ``path`` after
     each epoch whose ``monitor`` improved on the best so far (``save_best_only``, the default,
     Keras's rule), or after every epoch. ``path`` may hold ``{epoch}`` and metric fields
-    (``"w-{epoch:02d}-{val_loss:.3f}.npz"``). Only the master process writes. Attributes:
-    ``best``, ``best_epoch``, ``saved`` (the paths written)."""
+    (``"w-{epoch:02d}-{val_loss:.3f}.npz"``). Only the master process writes. A write that
+    fails (a full disk, a folder gone) warns and training goes on: a checkpoint never costs
+    the training itself. Attributes: ``best``, ``best_epoch``, ``saved`` (the paths written),
+    ``failed`` (the errors of the writes that failed)."""
 
     def __init__(self, path: str | os.PathLike, monitor: str = "val_loss",
                  save_best_only: bool = True, mode: str = "auto", min_delta: float = 0.0):
@@ -199,9 +221,10 @@ class ModelCheckpoint(_Monitoring):
         self.best: float | None = None
         self.best_epoch = 0
         self.saved: list[Path] = []
+        self.failed: list[str] = []
 
     def on_train_begin(self, history) -> None:
-        self.best, self.best_epoch, self.saved = None, 0, []
+        self.best, self.best_epoch, self.saved, self.failed = None, 0, [], []
         parent = Path(self.path).parent
         if parent.exists() and not parent.is_dir():
             raise ValueError(f"ModelCheckpoint: {parent} is not a folder (path={self.path!r})")
@@ -213,8 +236,22 @@ class ModelCheckpoint(_Monitoring):
             self.best, self.best_epoch = current, epoch
         if (improved or not self.save_best_only) and self.run.is_master:
             target = self.path.format(**{**logs, "epoch": epoch})
-            self.saved.append(self.run.model.save_weights(target))
+            try:
+                self.saved.append(self.run.model.save_weights(target))
+            except OSError as err:
+                if not self.failed:
+                    warnings.warn(f"ModelCheckpoint: {err}; training goes on",
+                                  RuntimeWarning, stacklevel=2)
+                self.failed.append(str(err))
         return None
+
+    def get_state(self) -> dict:
+        return {"best": self.best, "best_epoch": self.best_epoch,
+                "saved": [str(p) for p in self.saved]}
+
+    def set_state(self, state: dict) -> None:
+        self.best, self.best_epoch = state["best"], state["best_epoch"]
+        self.saved = [Path(p) for p in state["saved"]]
 
 
 class LiveCurves(Callback):
@@ -238,6 +275,7 @@ class LiveCurves(Callback):
         self.title = title
         self._handle = None
         self._fig = None
+        self.failed: list[str] = []  # the errors of the drawings that could not be written
         self.epochs: dict[str, list] = {}
         self.batches: list[tuple[int, float]] = []
 
@@ -260,6 +298,13 @@ class LiveCurves(Callback):
 
     def figure(self):
         return self._fig
+
+    def get_state(self) -> dict:
+        return {"epochs": self.epochs, "batches": [list(b) for b in self.batches]}
+
+    def set_state(self, state: dict) -> None:
+        self.epochs = {k: list(v) for k, v in state["epochs"].items()}
+        self.batches = [tuple(b) for b in state["batches"]]
 
     def _draw(self) -> None:
         if self.run is not None and not self.run.is_master:
@@ -300,8 +345,14 @@ class LiveCurves(Callback):
             else:
                 self._handle.update(fig)
         if self.png is not None:
-            self.png.parent.mkdir(parents=True, exist_ok=True)
-            fig.savefig(self.png, dpi=110)
+            try:
+                self.png.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write(self.png, lambda f: fig.savefig(f, dpi=110, format="png"))
+            except OSError as err:  # a full disk: the curves wait, the training goes on
+                if not self.failed:
+                    warnings.warn(f"LiveCurves: {err}; training goes on", RuntimeWarning,
+                                  stacklevel=2)
+                self.failed.append(str(err))
 
     def on_train_end(self, history) -> None:
         if self._fig is not None and self.notebook:

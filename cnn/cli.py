@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +17,12 @@ from .errors import DeviceUnavailableError, DivergedError, MissingExtraError
 
 #: exit status of ``train`` when the loss or the weights became NaN/inf
 EXIT_DIVERGED = 3
-#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it)
+#: exit status after Ctrl-C (128 + SIGINT, as a shell reports it); after SIGTERM, 128 + 15
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+#: exit status of ``train`` when it trained but could not write ``--save`` (the weights went
+#: to a file named on standard error instead)
+EXIT_NOT_SAVED = 4
 #: ``train --backend`` values that train the same spec through a framework's reference
 #: (cnn.reference), with the extra each needs
 REFERENCE_BACKENDS = {"keras": "keras", "torch": "torch"}
@@ -35,8 +41,12 @@ def _add_train(sub) -> None:
     from .parallel import mpi_strategies, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
-                              "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
-                              "interrupted by Ctrl-C (the weights so far saved to --save)")
+                              "trained), 3 training diverged (NaN/inf; nothing saved), 4 "
+                              "trained but --save could not be written (the weights went to "
+                              "a file named on stderr), 130 interrupted by Ctrl-C, 143 by "
+                              "SIGTERM (either: stopped after the step in progress, the "
+                              "weights so far saved to --save and, with --backup-dir, a "
+                              "backup to continue from)")
     p.add_argument("--dataset", default="mnist_embedded",
                    help="mnist | cifar10 | mnist_embedded | blobs | xor (default "
                         "mnist_embedded), or your own data: a .npz file with x_train, y_train "
@@ -82,6 +92,18 @@ def _add_train(sub) -> None:
     p.add_argument("--save", default=None,
                    help="write the trained weights to this .npz (checked before training); "
                         "with --config: a folder, or a path with {name} (each model's name)")
+    g = p.add_argument_group("backups: continue a run that was stopped or killed "
+                             "(see docs/backups.md)")
+    g.add_argument("--backup-dir", default=None, metavar="DIR",
+                   help="back the run up into DIR (weights, optimizer, schedule, callbacks, "
+                        "position, history; the last two kept); a run given a DIR that holds "
+                        "a backup continues from it, exactly, and says so")
+    g.add_argument("--backup-every", default="epoch", metavar="N{steps|epochs}",
+                   help="how often: 'epoch' (default), e.g. '2epochs' or '100steps'")
+    g.add_argument("--restarts", type=nonnegative_int, default=0, metavar="K",
+                   help="with --ranks and --backup-dir: relaunch an MPI job that failed (a "
+                        "rank or a host lost) from its last backup, up to K times, on fewer "
+                        "ranks when hosts of --hostfile are gone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
@@ -146,37 +168,61 @@ def _default_model(dataset: str) -> str:
 
 
 class _Interrupt:
-    """Ctrl-C during a fit: the first one lets the current step finish and stops at the step
-    boundary (through fit's per-step ``progress`` hook), so the weights kept are those of a
-    whole step; a second one interrupts at once."""
+    """Ctrl-C (SIGINT) or SIGTERM (``timeout``, Slurm, ``docker stop``) during a fit: the
+    first asks the strategy to stop after the step in progress
+    (:meth:`~cnn.parallel.base.Strategy.request_stop`; every MPI rank stops after the same
+    step), so the weights kept, and the backup written with ``--backup-dir``, are those of a
+    whole step; another signal a moment later interrupts at once. Without a strategy (a
+    reference trainer, ``--backend keras|torch``, which has no step boundary of ours) the first
+    signal interrupts at once.
 
-    def __init__(self):
-        self.requested = False
+    Under ``mpiexec`` one Ctrl-C reaches a rank twice, from the terminal and forwarded by
+    ``mpiexec``: a second signal within :data:`SAME_PRESS` seconds of the first is the same
+    key press."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+    SAME_PRESS = 1.0
+
+    def __init__(self, strategy, master: bool = True):
+        self.strategy, self.master = strategy, master
+        self.signum: int | None = None
         self.where = (0, 0, 0)
-        self._previous = None
+        self._when = 0.0
+        self._previous: dict = {}
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handler)
+            for sig in self.SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
+        self._previous = {}
         return False
 
     def _handler(self, signum, frame):
-        if self.requested:
+        now = time.monotonic()
+        if self.signum is not None:
+            if now - self._when < self.SAME_PRESS:
+                return
             raise KeyboardInterrupt
-        self.requested = True
-        signal.signal(signal.SIGINT, self._previous or signal.default_int_handler)
-        print("\ninterrupt: stopping after the current step (Ctrl-C again to stop now)",
-              file=sys.stderr, flush=True)
+        self.signum, self._when = signum, now
+        if self.strategy is None:  # a reference trainer (--backend keras|torch): stop now
+            raise KeyboardInterrupt
+        self.strategy.request_stop()
+        if self.master:
+            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+            print(f"\n{what}: stopping after the current step (Ctrl-C again to stop now)",
+                  file=sys.stderr, flush=True)
+
+    @property
+    def exit_status(self) -> int:
+        return EXIT_TERMINATED if self.signum == signal.SIGTERM else EXIT_INTERRUPTED
 
     def progress(self, epoch: int, done: int, total: int) -> None:
         self.where = (epoch, done, total)
-        if self.requested:
-            raise KeyboardInterrupt
 
 
 def _finite_weights(model) -> bool:
@@ -231,7 +277,8 @@ def _check_reference_options(args) -> None:
     refused = [("--strategy " + args.strategy, args.strategy != "sequential"),
                ("--early-stopping", args.early_stopping is not None),
                ("--checkpoint", args.checkpoint is not None),
-               ("--plot", args.plot is not None)]
+               ("--plot", args.plot is not None),
+               ("--backup-dir", args.backup_dir is not None)]
     if args.backend == "torch":  # fit_torch: SGD with momentum at a constant learning rate
         refused += [("--lr-schedule", args.lr_schedule is not None),
                     ("--warmup-steps", args.warmup_steps is not None)]
@@ -343,6 +390,7 @@ def cmd_train(args) -> int:
         _check_reference_options(args)
     else:
         get_backend(args.backend)
+    _check_backup_options(args)
     # --ranks N: checked here, then this same command runs again under mpiexec -n N
     launched = launch.maybe_launch(args, getattr(args, "argv", sys.argv[1:]))
     if launched is not None:
@@ -356,21 +404,32 @@ def cmd_train(args) -> int:
             save = check_weights_path(args.save)
         except (OSError, ValueError) as err:
             raise type(err)(f"--save: {err}") from None
+        if args.checkpoint is not None and check_weights_path(args.checkpoint) == save:
+            print(f"warning: --save and --checkpoint both name {save}: the best epoch's "
+                  f"weights written there are replaced by the final ones at the end; give "
+                  f"--checkpoint another file to keep both", file=sys.stderr)
 
     # the validation split is carved here, from arrays nobody else holds, rather than by fit
     # (which copies the caller's data): the same examples, without a second training set
     data = load_dataset(args.dataset, root=args.data_dir, limit=args.limit,
                         test_limit=args.test_limit, seed=args.seed, dtype=dtype,
                         validation_split=args.validation_split)
+    if args.batch_size is not None and strategy.examples_per_step(batch_size) > len(data.y_train):
+        per_step = strategy.examples_per_step(batch_size)
+        raise ValueError(f"--batch-size {batch_size} is larger than the data: a step takes "
+                         f"{per_step} examples"
+                         + (f" ({batch_size} per worker)" if per_step != batch_size else "")
+                         + f" and there are {len(data.y_train)} training examples"
+                         + (" after the validation split" if data.x_val is not None else ""))
     spec = for_data(spec, model_name, args.dataset, data.num_classes)  # a preset on your data
     with naming_spec_file(spec_file(model_name)):
         model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
                                      seed=args.seed, backend="numpy" if reference else args.backend)
     if reference:
         _check_reference_model(args.backend, model, optimizer, schedule, args.threads)
-    interrupt = _Interrupt()
+    interrupt = _Interrupt(None if reference else strategy, master)
     try:
-        with interrupt:  # from here on, Ctrl-C stops at a step boundary and saves
+        with interrupt:  # from here on, Ctrl-C or SIGTERM stops at a step boundary and saves
             print(f"{data}" + "".join(f"\n  {note}" for note in data.notes)
                   + f"\n{model.summary()}\noptimizer {optimizer}"
                   + (f", lr schedule {schedule}" if schedule else "")
@@ -389,27 +448,16 @@ def cmd_train(args) -> int:
                                  validation_data=validation, lr_schedule=schedule,
                                  callbacks=callbacks,
                                  verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
-                                 progress=interrupt.progress)
-            if interrupt.requested:  # pressed during the last evaluation: the run is whole
-                raise KeyboardInterrupt
+                                 progress=interrupt.progress, backup_dir=args.backup_dir,
+                                 backup_every=args.backup_every)
+            if interrupt.signum is not None and launch.mpi_job_size() == 1:
+                raise KeyboardInterrupt  # asked for during the last evaluation: the run is whole
     except DivergedError as err:
         message = str(err).replace("fit(on_nonfinite='continue')", "--on-nonfinite continue")
         print(f"error: {message}\nweights not saved (they are not finite)", file=sys.stderr)
-        return EXIT_DIVERGED
-    except KeyboardInterrupt:
-        epoch, done, total = interrupt.where
-        where = f" in epoch {epoch} after {done} of {total} examples" if epoch else ""
-        print(f"\ninterrupted{where}", file=sys.stderr)
-        if not master:
-            pass  # MPI: rank 0 reports and saves
-        elif save is None:
-            print("weights not saved (no --save given)", file=sys.stderr)
-        elif not _finite_weights(model):
-            print("weights not saved (they are not finite)", file=sys.stderr)
-        else:
-            print(f"weights of the last completed step saved to {model.save_weights(save)}",
-                  file=sys.stderr)
-        return EXIT_INTERRUPTED
+        return launch.AgreedStatus(EXIT_DIVERGED)  # every rank diverges at the same step
+    except KeyboardInterrupt as err:
+        return _interrupted(err, interrupt, model, save, master)
     h = hist.history
     print("\nepoch   val_acc  train_loss  time_s  img/s")
     for i in range(hist.epochs):
@@ -431,8 +479,84 @@ def cmd_train(args) -> int:
               "saved", file=sys.stderr)
         return EXIT_DIVERGED
     if save is not None and master:
-        print(f"weights saved to {model.save_weights(save)}")
+        written = _save(model, save, "--save")
+        if written != save:
+            return EXIT_NOT_SAVED
+        print(f"weights saved to {written}")
     return 0
+
+
+def _check_backup_options(args) -> None:
+    """``--backup-dir``, ``--backup-every`` and ``--restarts``, checked before any data is
+    read (the folder created and probed)."""
+    from .backup import check_backup_dir, parse_every
+    try:
+        parse_every(args.backup_every)
+    except ValueError as err:
+        raise ValueError(str(err).replace("backup_every=", "")
+                         .replace("backup_every", "--backup-every", 1)) from None
+    if args.backup_dir is not None:
+        try:
+            check_backup_dir(args.backup_dir)
+        except OSError as err:
+            raise type(err)(f"--backup-dir: {err}") from None
+    if args.restarts:
+        if args.ranks is None:
+            raise ValueError(f"--restarts {args.restarts} relaunches an MPI job that this "
+                             f"command starts: give --ranks N (and --strategy mpi)")
+        if args.backup_dir is None:
+            raise ValueError(f"--restarts {args.restarts} continues a failed job from its last "
+                             f"backup: give --backup-dir DIR")
+
+
+def _interrupted(err: KeyboardInterrupt, interrupt: _Interrupt, model, save, master) -> int:
+    """Ctrl-C or SIGTERM ended the fit: say where, save the weights (the master), and return
+    the exit status (one every MPI rank agreed on when the fit stopped them together)."""
+    from .errors import Interrupted
+    from .parallel import launch
+    status = interrupt.exit_status
+    if isinstance(err, Interrupted):
+        where = f" in epoch {err.epoch} after {err.examples} of {err.total} examples"
+    else:
+        epoch, done, total = interrupt.where
+        where = f" in epoch {epoch} after {done} of {total} examples" if epoch else ""
+    if master:
+        print(f"\ninterrupted{where}", file=sys.stderr)
+        if getattr(err, "backup", None) is not None:
+            print(f"backup of that point in {err.backup}: run the same command again to "
+                  f"continue from it", file=sys.stderr)
+        if save is None:
+            print("weights not saved (no --save given)", file=sys.stderr)
+        elif not _finite_weights(model):
+            print("weights not saved (they are not finite)", file=sys.stderr)
+        else:
+            written = _save(model, save, "--save")
+            if written == save:
+                print(f"weights of the last completed step saved to {written}", file=sys.stderr)
+    # every rank stopped after the same step: the job ends normally (no MPI_Abort, which
+    # could cut rank 0's saving short)
+    return launch.AgreedStatus(status) if isinstance(err, Interrupted) else status
+
+
+def _save(model, path: Path, option: str) -> Path | None:
+    """``model.save_weights(path)``; when that fails (a full disk, a folder gone), the error
+    naming ``option`` and the path, and the weights written to a file in the temporary folder
+    instead, so that a finished training is never lost. Returns the path written, or None."""
+    import tempfile
+    try:
+        return model.save_weights(path)
+    except OSError as err:
+        print(f"error: {option}: {err}", file=sys.stderr)
+    fd, rescue = tempfile.mkstemp(prefix=f"parallel-cnn-{Path(path).stem}-", suffix=".npz")
+    os.close(fd)
+    try:
+        written = model.save_weights(rescue)
+    except OSError as err:
+        Path(rescue).unlink(missing_ok=True)
+        print(f"error: the weights could not be written anywhere: {err}", file=sys.stderr)
+        return None
+    print(f"the trained weights were written to {written} instead", file=sys.stderr)
+    return written
 
 
 def _schedule_option(args):
@@ -459,6 +583,7 @@ def _train_callbacks(args, schedule) -> list:
     """EarlyStopping, ModelCheckpoint and LiveCurves from the options, checked before any
     data is read."""
     from .callbacks import EarlyStopping, LiveCurves, ModelCheckpoint
+    from .files import check_writable
     from .model import check_weights_path
     callbacks = []
     for option, value in (("--early-stopping", args.early_stopping),
@@ -480,6 +605,10 @@ def _train_callbacks(args, schedule) -> list:
             raise ValueError(f"--plot: {plot} is not a writable file path")
         if plot.suffix.lower() != ".png":
             raise ValueError(f"--plot: give a .png file. Received {args.plot!r}")
+        try:  # now, not after the first epoch
+            check_writable(plot, "the training curves")
+        except OSError as err:
+            raise type(err)(f"--plot: {err}") from None
         callbacks.append(LiveCurves(png=plot, notebook=False))
     return callbacks
 
@@ -495,8 +624,12 @@ def _report_callback(cb) -> None:
     elif isinstance(cb, ModelCheckpoint) and cb.saved:
         print(f"best weights (epoch {cb.best_epoch}, validation loss {cb.best:.4f}) in "
               f"{cb.saved[-1]}")
-    elif isinstance(cb, LiveCurves) and cb.png is not None:
+    elif isinstance(cb, LiveCurves) and cb.png is not None and not cb.failed:
         print(f"training curves in {cb.png}")
+    for option, kind in (("--checkpoint", ModelCheckpoint), ("--plot", LiveCurves)):
+        if isinstance(cb, kind) and cb.failed:
+            print(f"warning: {option}: {len(cb.failed)} write(s) failed, the last: "
+                  f"{cb.failed[-1]}", file=sys.stderr)
 
 
 #: the train options that apply to ``--config`` (the rest are each model's keys in the file)
@@ -704,6 +837,15 @@ COMMANDS = {"train": (_add_train, cmd_train), "predict": (_add_predict, cmd_pred
 
 
 def main(argv=None) -> int:
+    """The command line: ``python -m cnn ...`` and the ``parallel-cnn`` console script both
+    come here, so they fail, exit and clean up alike; in particular, in an MPI job a failure
+    on one rank ends every rank (:func:`cnn.parallel.launch.run_main`) instead of leaving the
+    others waiting in a collective."""
+    from .parallel.launch import run_main
+    return run_main(lambda: _command(argv))
+
+
+def _command(argv) -> int:
     parser = argparse.ArgumentParser(prog="python -m cnn", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for add, _ in COMMANDS.values():
@@ -714,6 +856,11 @@ def main(argv=None) -> int:
         return COMMANDS[args.command][1](args)
     except (ValueError, TypeError, OSError, MissingExtraError, DeviceUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except MemoryError as err:
+        detail = f" ({err})" if str(err) else ""
+        print(f"error: out of memory{detail}; use a smaller --batch-size, --limit or model",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

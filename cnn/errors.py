@@ -72,3 +72,27 @@ class DeviceUnavailableError(RuntimeError):
     NVIDIA GPU or without its driver. Raised when the backend is first asked for (before any
     work); the message says which of the two and how to run without one (Numba's CUDA
     simulator). The CLI reports it as an ``error:`` line with exit status 2."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for during :func:`cnn.train.fit` (Ctrl-C or SIGTERM in the command line,
+    :meth:`cnn.parallel.base.Strategy.request_stop` in code), honoured at a step boundary: the
+    model holds the weights of a whole step, and every process of an MPI job stops after the
+    same step.
+
+    Attributes:
+        epoch: the 1-based epoch it stopped in.
+        batches, examples: batches and examples of that epoch done (``examples == total``
+            when it stopped at the end of the epoch).
+        total: the examples of an epoch.
+        backup: the backup written at that point (:mod:`cnn.backup`), or None.
+    """
+
+    def __init__(self, epoch: int, batches: int, examples: int, total: int,
+                 backup: Any = None):
+        self.epoch, self.batches, self.examples, self.total = epoch, batches, examples, total
+        self.backup = backup
+        super().__init__(f"stopped in epoch {epoch} after {examples} of {total} examples")
+
+    def __reduce__(self):
+        return (type(self), (self.epoch, self.batches, self.examples, self.total, self.backup))

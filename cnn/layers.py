@@ -484,7 +484,8 @@ class BatchNorm(Layer):
     - Inference pass: the running statistics, which are then constants.
 
     Args:
-        momentum: in [0, 1]; Keras's default 0.99.
+        momentum: in [0, 1); Keras's default 0.99 (1 would leave the running statistics at
+            their initial values for ever, so inference would never normalise).
         epsilon: added to the variance, > 0; Keras's default 1e-3.
     """
 
@@ -494,7 +495,8 @@ class BatchNorm(Layer):
 
     def __init__(self, momentum=0.99, epsilon=1e-3, name=None):
         super().__init__(name)
-        self.momentum = check_number("BatchNorm", "momentum", momentum, low=0.0, high=1.0)
+        self.momentum = check_number("BatchNorm", "momentum", momentum, low=0.0, high=1.0,
+                                     high_open=True)
         self.epsilon = check_number("BatchNorm", "epsilon", epsilon, low=0.0, low_open=True)
 
     def _output_shape(self, input_shape):

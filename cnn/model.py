@@ -23,17 +23,16 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .backends import Backend, get_backend
+from .backends import Backend, available_backends, get_backend
 from .checks import check_int, is_integer
 from .context import StepContext
-from .files import atomic_write, read_structured
+from .files import atomic_write, check_writable, make_folders, read_structured
 from .layers import Layer, layers_from_spec, name_layers
 from .losses import Loss, get_loss
 from .plan import backward_ops, forward_ops, plan_layers
@@ -98,6 +97,9 @@ class Sequential:
                  backend: str | Backend = "numpy", loss: "str | Loss" = "softmax_cross_entropy"):
         self.loss = get_loss(loss)
         self.dtype = _check_dtype(dtype)
+        if not isinstance(backend, Backend) and backend not in available_backends():
+            raise ValueError(f"unknown backend {backend!r}; choose one of "
+                             f"{available_backends()}")
         self.input_shape = check_input_shape(input_shape)
         self.layers = list(layers)
         self.seed = seed
@@ -401,7 +403,7 @@ class Sequential:
         naming the path (see :func:`check_weights_path`, which checks the same before a fit).
         """
         path = weights_path(path)
-        _mkdirs(path.parent)
+        make_folders(path.parent)
         return atomic_write(path, lambda f: np.savez(
             f, __spec__=np.array(json.dumps(self.spec())), **self.params, **self.buffers))
 
@@ -411,7 +413,7 @@ class Sequential:
         ``FileNotFoundError`` when there is no such file; ``ValueError`` naming the file when it
         is truncated, corrupt or not a weights file (nothing is loaded then).
         """
-        self.set_weights(read_weights(path))
+        self.set_weights(read_weights(path, self))
 
     def summary(self) -> str:
         """One row per layer: name, type, output shape, trained parameters and, when the model
@@ -463,61 +465,49 @@ def weights_path(path: str | os.PathLike) -> Path:
     return out
 
 
-def _first_existing(folder: Path) -> tuple[Path, list[Path]]:
-    """The nearest existing ancestor of ``folder`` (itself included) and the missing ones
-    below it, nearest first. ``NotADirectoryError`` when that ancestor is not a folder."""
-    missing = []
-    current = folder
-    while not current.exists() and current != current.parent:
-        missing.append(current)
-        current = current.parent
-    if not current.is_dir():
-        raise NotADirectoryError(f"cannot write under {folder}: {current} is a file, not a folder")
-    return current, missing
-
-
-def _mkdirs(folder: Path) -> list[Path]:
-    """Create ``folder`` and its missing parents; return the folders created, deepest first."""
-    _, missing = _first_existing(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return missing
-
-
 def check_weights_path(path: str | os.PathLike) -> Path:
     """Check, before any training, that :meth:`Sequential.save_weights` can write ``path``:
     returns the file it will write, or raises ``OSError`` naming the path and the reason (a
     folder given as the file, a parent that is a file, a folder that cannot be created or
-    written). Leaves nothing behind: a probe file and any folders created for it are removed."""
-    target = weights_path(path)
-    try:
-        created = _mkdirs(target.parent)
-    except NotADirectoryError:
-        raise
-    except OSError as exc:
-        raise type(exc)(f"cannot create the folder for {target}: "
-                        f"{exc.strerror or exc}") from None
-    try:
-        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".probe")
-        os.close(fd)
-        os.unlink(name)
-        if target.exists() and not os.access(target, os.W_OK):
-            raise PermissionError("the file exists and is read-only")
-    except OSError as exc:
-        raise type(exc)(f"cannot write the weights to {target}: "
-                        f"{exc.strerror or exc}") from None
-    finally:
-        for folder in created:  # deepest first
+    written). Leaves nothing behind (:func:`cnn.files.check_writable`)."""
+    return check_writable(weights_path(path), "the weights")
+
+
+def npz_headers(path: str | os.PathLike) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """``{array name: (shape, dtype)}`` of an ``.npz`` file, read from the arrays' ``.npy``
+    headers alone: nothing beyond the first bytes of each member is decompressed. Raises what
+    ``zipfile`` and NumPy's header reader raise on a damaged file."""
+    import zipfile
+    fmt = np.lib.format
+    out = {}
+    with zipfile.ZipFile(path) as z:
+        for info in z.infolist():
+            name = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
             try:
-                folder.rmdir()
-            except OSError:
-                pass
-    return target
+                with z.open(info) as f:
+                    version = fmt.read_magic(f)
+                    if version == (1, 0):
+                        shape, _, dtype = fmt.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _, dtype = fmt.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f".npy format version {version}")
+            except Exception as exc:  # noqa: BLE001 - zipfile, zlib, the header reader
+                raise ValueError(f"array {name!r}: {type(exc).__name__}: {exc}") from None
+            out[name] = (tuple(shape), np.dtype(dtype))
+    return out
 
 
-def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_weights(path: str | os.PathLike, model: "Sequential | None" = None
+                 ) -> dict[str, np.ndarray]:
     """The parameter arrays of a file written by :meth:`Sequential.save_weights` (without
     ``__spec__``). ``FileNotFoundError`` when absent; ``ValueError`` naming the file when it is
-    truncated, corrupt, pickled, or holds something else than numeric arrays."""
+    truncated, corrupt, pickled, or holds something else than numeric arrays.
+
+    Every array's name, shape and dtype are checked from the file's headers before any array
+    is read, and with ``model``, against its parameters and buffers (the buffers may be
+    missing): a file that is not this model's is refused without decompressing it (a
+    compressed ``.npz`` of a few megabytes can expand to gigabytes)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no weights file at {path}")
@@ -526,31 +516,61 @@ def read_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if magic != b"PK\x03\x04" and magic != b"PK\x05\x06":  # a zip archive (an empty one)
         raise ValueError(f"{path}: not a weights file written by save_weights (an .npz, i.e. "
                          f"zip, archive); it starts with {magic!r}")
+    try:
+        headers = npz_headers(path)
+    except Exception as exc:  # noqa: BLE001 - zipfile, zlib and the .npy reader raise many kinds
+        # npz_headers words a member's problem itself, naming the array
+        why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
+        raise ValueError(f"{path}: not a readable weights file; it is truncated or corrupt "
+                         f"({why})") from None
+    headers.pop("__spec__", None)
+    if not headers:
+        raise ValueError(f"{path}: holds no weight arrays")
+    for k, (_, dtype) in headers.items():
+        if dtype.hasobject:
+            raise ValueError(f"{path}: array {k!r} holds pickled Python objects, which are "
+                             f"never loaded; not a weights file written by save_weights")
+        if dtype.kind not in "fiu":
+            raise ValueError(f"{path}: weight {k!r} is a {dtype} array; weights are numbers")
+    if model is not None:
+        expected = {k: v.shape for k, v in {**model.params, **model.buffers}.items()}
+        missing = sorted(set(model.params) - set(headers))
+        extra = sorted(set(headers) - set(expected))
+        if missing or extra:
+            raise ValueError(f"{path}: its weights do not match the model: missing {missing}, "
+                             f"unexpected {extra}")
+        for k, (shape, _) in headers.items():
+            if shape != tuple(expected[k]):
+                raise ValueError(f"{path}: weight {k!r} has shape {shape}; the model expects "
+                                 f"{tuple(expected[k])}")
     member = None
     try:
         with np.load(path, allow_pickle=False) as data:
             arrays = {}
-            for member in data.files:
-                if member != "__spec__":
-                    arrays[member] = data[member]
+            for member in headers:
+                arrays[member] = data[member]
     except Exception as exc:  # noqa: BLE001 - zipfile, zlib and the .npy reader raise many kinds
-        where = f" (array {member!r})" if member is not None else ""
-        if "allow_pickle" in str(exc):
-            raise ValueError(f"{path}: array {member!r} holds pickled Python objects, which are "
-                             f"never loaded; not a weights file written by save_weights") from None
-        raise ValueError(f"{path}: not a readable weights file{where}; it is truncated or "
-                         f"corrupt ({type(exc).__name__}: {exc})") from None
-    if not arrays:
-        raise ValueError(f"{path}: holds no weight arrays")
-    for k, v in arrays.items():
-        if v.dtype.kind not in "fiu":
-            raise ValueError(f"{path}: weight {k!r} is a {v.dtype} array; weights are numbers")
+        raise ValueError(f"{path}: not a readable weights file (array {member!r}); it is "
+                         f"truncated or corrupt ({type(exc).__name__}: {exc})") from None
     return arrays
 
 
 # ---- specs -----------------------------------------------------------------------------------
+#: the keys a model spec may have (what :meth:`Sequential.from_spec`, the CLI and the study read)
+SPEC_KEYS = ("layers", "input_shape", "loss", "optimizer", "batch_size")
+
+
 def _check_spec(spec: dict, source: str) -> dict:
-    """Structural checks of a spec dict (values of layer options are the layers' to check)."""
+    """Structural checks of a spec dict (values of layer options are the layers' to check):
+    its keys among :data:`SPEC_KEYS` (a misspelled ``los`` would otherwise be dropped and the
+    default loss trained), ``layers`` a list of dicts with a ``type``."""
+    unknown = [k for k in spec if k not in SPEC_KEYS]
+    if unknown:
+        import difflib
+        close = difflib.get_close_matches(str(unknown[0]), SPEC_KEYS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"{source}unknown key {unknown[0]!r} in the model spec{hint}; a spec "
+                         f"has {', '.join(SPEC_KEYS)}")
     layers = spec["layers"]
     if not isinstance(layers, (list, tuple)) or not layers:
         raise ValueError(f"{source}'layers' must be a non-empty list of layer dicts. "
@@ -625,9 +645,8 @@ def resolve_spec(spec: Any) -> dict:
         return _check_spec({"layers": list(spec)}, source)
     if isinstance(spec, dict) and "layers" in spec:
         return _check_spec(spec, source)
-    shown = repr(spec)
-    if len(shown) > 200:
-        shown = shown[:200] + "..."
+    import reprlib
+    shown = reprlib.repr(spec)  # bounded: the value may be huge (and shared, from YAML aliases)
     raise ValueError(f"{source}a model spec is a list of layer dicts or a dict with 'layers'. "
                      f"Received {shown}")
 

@@ -16,27 +16,45 @@ from typing import Sequence
 import numpy as np
 
 
+#: the longest model spec a weights file may carry (its JSON text, in bytes of UTF-32)
+MAX_SPEC_BYTES = 16 << 20
+
+
 def load_model(path, backend: str = "numpy", dtype=None):
     """The model saved in ``path`` (its spec and weights). ``dtype`` defaults to the dtype the
     weights were saved in. Errors name the file."""
-    from .model import Sequential, read_weights
+    from .model import Sequential, npz_headers, read_weights
 
     path = Path(path)
-    weights = read_weights(path)  # checks existence, format, arrays (naming the file)
+    try:
+        headers = npz_headers(path)  # the headers alone: nothing large is decompressed yet
+    except Exception:  # noqa: BLE001 - read_weights words the problem, naming the file
+        read_weights(path)
+        raise
+    if not set(headers) - {"__spec__"}:
+        read_weights(path)  # "holds no weight arrays"
+    spec_shape, spec_dtype = headers.get("__spec__", (None, None))
+    if spec_dtype is None:
+        raise ValueError(f"{path}: holds no model spec (__spec__); it was not written "
+                         "by save_weights / train --save")
+    if spec_dtype.kind != "U" or spec_shape != () or spec_dtype.itemsize > MAX_SPEC_BYTES:
+        raise ValueError(f"{path}: its model spec (__spec__) is a {spec_dtype} array of shape "
+                         f"{spec_shape}, not the text save_weights writes")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "__spec__" not in f.files:
-                raise ValueError(f"{path}: holds no model spec (__spec__); it was not written "
-                                 "by save_weights / train --save")
             spec = json.loads(str(f["__spec__"]))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its model spec is not valid JSON ({err.msg})") from None
-    if dtype is None:
-        dtype = next(iter(weights.values())).dtype
+    if dtype is None:  # the dtype the weights were saved in
+        dtype = next(d for k, (_, d) in headers.items() if k != "__spec__")
     try:
         model = Sequential.from_spec(spec, dtype=dtype, backend=backend)
-        model.set_weights(weights)
     except (ValueError, TypeError) as err:
+        raise ValueError(f"{path}: the saved spec does not make a model: {err}") from None
+    try:
+        # the arrays checked against the model from their headers before any is read
+        model.set_weights(read_weights(path, model))
+    except TypeError as err:
         raise ValueError(f"{path}: the saved spec and weights do not make a model: {err}") from None
     return model
 
@@ -48,6 +66,12 @@ def load_images(path, input_shape: Sequence[int], dtype) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--images: no such file {path}")
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic != b"\x93NUMPY" and magic[:4] not in (b"PK\x03\x04", b"PK\x05\x06"):
+        # np.load takes anything else for a pickle, and would say so
+        raise ValueError(f"--images: {path} is not a NumPy .npy/.npz file (it starts with "
+                         f"{magic!r})")
     try:
         loaded = np.load(path, allow_pickle=False)
     except Exception as err:  # noqa: BLE001

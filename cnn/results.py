@@ -29,7 +29,10 @@ Per epoch (:data:`EPOCH_FIELDS`):
     (train_size / time), train_loss, train_accuracy (running, over the epoch's training
     batches), test_loss, test_accuracy (on the held-out test set after the epoch),
     step_eval_time (seconds of the validation evaluations inside the epoch, not part of
-    ``time``).
+    ``time``), resumed (bool; the epoch was trained by a process that continued the run from
+    its backup after the run's process had died, :mod:`cnn.backup`: the study keeps such
+    epochs out of its throughput figures, which come from the epochs of the run's first
+    process alone; False in files from before it was recorded).
 Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     compile_time (s; the run's JIT warm-up before epoch 1, against the study's warm cache;
     0 for numpy), cold_compile_time (s; the one-off compile of the run's backend and dtype
@@ -104,7 +107,7 @@ CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "
                  "optimizer", "lr_schedule")
 EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
                 "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                "comm_time", "step_eval_time")
+                "comm_time", "step_eval_time", "resumed")
 RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_params",
               "load_time", "run_time", "started_at", "device", "order_index", "order_seed",
               "reduce_time", "tta_status", "time_to_target", "steps_to_target",
@@ -125,8 +128,8 @@ FLOAT_COLUMNS = ("lr", "momentum", "target", "time", "compute_time", "data_time"
                  "reduce_time", "time_to_target", "steps_to_target", "examples_to_target",
                  "flops_per_image", "sgemm_peak_gflops")
 #: what a column added after the first edition holds in an older file
-FILL = {"eval_every": 0, "val_size": 0}
-BOOL_COLUMNS = ("cuda_simulator",)
+FILL = {"eval_every": 0, "val_size": 0, "resumed": False}
+BOOL_COLUMNS = ("cuda_simulator", "resumed")
 STRING_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + NULLABLE_INT_COLUMNS
                        + FLOAT_COLUMNS + BOOL_COLUMNS)
 #: the columns without which a file is not a study results file
@@ -393,7 +396,8 @@ class ResultsLock:
 
     def __init__(self, path, wait: float | None = 0.0, poll: float = 0.2):
         self.path = Path(path)
-        self.file = lock_path(self.path)
+        # the file itself, through any symbolic link: one lock however a study names it
+        self.file = lock_path(Path(os.path.realpath(self.path)))
         self.wait = wait
         self.poll = poll
         self._fd = None

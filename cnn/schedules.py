@@ -107,6 +107,14 @@ class Schedule:
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any]) -> None:
         """Told the epoch's metrics by ``fit`` (only stateful schedules use them)."""
 
+    def get_state(self) -> Any:
+        """What a stateful schedule has learned from the epochs so far (plain values), for a
+        backup; None for schedules that are functions of the step alone."""
+        return None
+
+    def set_state(self, state: Any) -> None:
+        """Continue from what :meth:`get_state` returned (after ``on_train_begin``)."""
+
     #: the metric a stateful schedule needs in the epoch logs (``fit`` checks it is there)
     monitor: str | None = None
 
@@ -331,6 +339,12 @@ class LinearWarmup(Schedule):
     def on_epoch_end(self, epoch, logs):
         self.after.on_epoch_end(epoch, logs)
 
+    def get_state(self):
+        return self.after.get_state()
+
+    def set_state(self, state):
+        self.after.set_state(state)
+
     def _params(self):
         return {"warmup_steps": self.warmup_steps, "start_lr": self.start_lr,
                 "after": self.after.config()}
@@ -387,6 +401,14 @@ class ReduceLROnPlateau(Schedule):
 
     def _lr(self, step):
         return self.lr
+
+    def get_state(self) -> dict:
+        return {"lr": self.lr, "best": self.best, "wait": self.wait,
+                "cooldown_counter": self.cooldown_counter}
+
+    def set_state(self, state: dict) -> None:
+        self.lr, self.best, self.wait = float(state["lr"]), state["best"], int(state["wait"])
+        self.cooldown_counter = int(state["cooldown_counter"])
 
     def on_epoch_end(self, epoch, logs):
         current = logs.get(self.monitor)

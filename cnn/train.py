@@ -16,22 +16,26 @@ was not ready yet (plus the epoch's shuffle), so ``time`` >= data + transfer + c
 from __future__ import annotations
 
 import math
+import os
 import queue
+import sys
 import threading
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from .backends import Backend, get_backend
+from .backup import (Backup, BackupMismatchError, FitBackups, check_identity, fingerprint, pack,
+                     unpack)
 from .callbacks import Callback, FitRun, monitored
 from .checks import check_int, check_number
 from .context import StepContext
-from .errors import DivergedError
-from .optim import make_optimizer
+from .errors import DivergedError, Interrupted
+from .optim import OptimizerState, make_optimizer
 from .parallel import Strategy, make_strategy
 
 
@@ -126,7 +130,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
         progress: Callable | None = None, on_nonfinite: str = "raise",
         prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
-        reset_optimizer: bool = False) -> History:
+        reset_optimizer: bool = False, backup_dir: "str | os.PathLike | None" = None,
+        backup_every: "int | str" = "epoch") -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -144,8 +149,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             model kept one.
         strategy, threads, strategy_options: how each batch is split (see :mod:`cnn.parallel`).
         backend: where the arithmetic runs (default the model's).
-        shuffle, seed: the data order of each epoch comes from ``seed``, so two runs with the
-            same seed see the same batches in the same order.
+        shuffle, seed: the data order of each epoch comes from ``seed`` (epoch ``e``'s order
+            is a function of ``seed`` and ``e`` alone, :class:`EpochOrders`), so two runs
+            with the same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
             ``val_accuracy``); the study passes the held-out test set here.
         validation_split: a fraction in (0, 1) of the training data, carved out stratified by
@@ -161,12 +167,25 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         blas_threads: BLAS threads for the duration of the fit (1: the sequential baseline
             really is sequential, and data-parallel workers do not oversubscribe the cores);
             ``None`` leaves BLAS alone.
+        backup_dir: a folder for backups of the run (:mod:`cnn.backup`, ``docs/backups.md``):
+            the weights, buffers, optimizer state and step, the schedule's and callbacks'
+            state, the position in the run and the history, written atomically every
+            ``backup_every`` (``"epoch"``, ``"N epochs"``, ``"N steps"`` or N steps), when the
+            fit is stopped at a step boundary (:class:`cnn.errors.Interrupted`) and when it
+            ends; the last two are kept. A fit given a folder that holds a backup continues
+            from the newest usable one (saying so; a torn one is skipped, saying so too) and
+            ends with the same weights and history as a run never interrupted; a backup of
+            another model, data set or configuration is refused, naming what differs.
 
     With ``prefetch=True`` (the default) the next batch is gathered (and moved to the device)
     by a prefetching thread while the current one trains; ``data_time``/``transfer_time``
     below count only the waits for it that remained exposed (see the module docstring).
     ``prefetch=False`` gathers each batch in the training thread, before its step (into the
     same reused buffers), so those columns then hold the whole gather and transfer.
+
+    A stop asked for while it trains (:meth:`Strategy.request_stop`; the command line's
+    Ctrl-C and SIGTERM) ends the fit after the step in progress with
+    :class:`cnn.errors.Interrupted`, the model holding that step's weights.
 
     Returns:
         a :class:`History`: per epoch ``loss``, ``accuracy`` (running, on training batches),
@@ -175,8 +194,12 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         ``comm_time``: seconds spent combining gradients or weights between workers, 0 for
         one worker), ``data_time``,
         ``transfer_time``, ``eval_time``, ``images_per_sec``; ``info`` holds ``compile_time``,
-        ``wall_time`` (the seconds of the whole call), and the configuration (the optimizer, the global steps at the start and end,
-        seconds spent in batch callbacks, which are not in ``time``).
+        ``wall_time`` (the seconds of the whole call) and the configuration (the optimizer, the
+        global steps at the start and end, seconds spent in batch callbacks, which are not in
+        ``time``, and in writing backups, which are). A resumed fit's ``info["resumes"]`` says
+        where each resume started and ``info["resumed_epochs"]`` which epochs a resume split
+        (their ``time`` covers the steps before the backup and those after the resume, not the
+        steps lost between).
     """
     started = time.perf_counter()
     epochs = check_int(None, "epochs", epochs)
@@ -198,10 +221,14 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     n = len(x)
     step_size = strat.examples_per_step(batch_size)
     steps_per_epoch = -(-n // step_size)
+    backups = (None if backup_dir is None
+               else FitBackups(backup_dir, backup_every, master=strat.is_master))
+    resume = _Resume.load(backups, strat)
     saved = None if reset_optimizer else getattr(model, "optimizer_state", None)
     if not opt.accepts(saved, model.params):
         saved = None
-    start_step = saved.step if saved is not None else 0
+    start_step = (resume.info["start_step"] if resume else
+                  saved.step if saved is not None else 0)
     if opt.schedule is not None:
         opt = opt.with_schedule(opt.schedule.resolve(steps_per_epoch,
                                                      start_step + epochs * steps_per_epoch))
@@ -211,7 +238,18 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             raise ValueError(f"{owner} monitors {metric!r}, which needs validation data: pass "
                              "fit(validation_split=...) (carved from the training data) or "
                              "validation_data=")
-    rng = np.random.default_rng(seed)
+    identity = None
+    if backups is not None:
+        identity = {"model": model.spec(), "dtype": str(model.dtype),
+                    "data": (None if not strat.is_master else
+                             {"train": fingerprint(x, y),
+                              "validation": (None if validation_data is None
+                                             else fingerprint(*validation_data))}),
+                    "training": {"batch_size": batch_size, "seed": seed,
+                                 "shuffle": bool(shuffle), "optimizer": opt.config(),
+                                 **strat.algorithm()}}
+        if resume:
+            resume.check(identity, strat)
     history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
@@ -220,6 +258,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                             "start_step": start_step, "callback_time": 0.0,
                             "validation_examples": (None if validation_data is None
                                                     else len(validation_data[1]))})
+    if backups is not None:
+        history.info.update(backup_time=0.0, resumes=[], resumed_epochs=[])
     run = FitRun(model, history, strat, be)
     if opt.schedule is not None:
         opt.schedule.on_train_begin()
@@ -229,6 +269,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         else:
             cb.run = run
         cb.on_train_begin(history)
+    stepper = _StepHooks(callbacks, strat, model, be, run)
+    if resume:
+        saved = resume.restore(model, opt, history, callbacks, stepper, be)
+        if strat.is_master:
+            resume.announce(epochs, strat)
 
     with _blas_limit(blas_threads):
         t0 = time.perf_counter()
@@ -238,14 +283,24 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         history.info["compile_time"] = _warm_up(model, x, y, params, be, opt)
         state = saved.to_backend(be) if saved is not None else None
         strat.start(model, opt, be, params, seed=seed, state=state)
+        if resume:
+            strat.restore(resume.strategy_snapshot())
         raising = on_nonfinite == "raise"
-        stepper = _StepHooks(callbacks, strat, model, be, run)
-        epoch = 0
-        finished = False
+        orders = EpochOrders(seed, n, shuffle)
+        boundaries = _Boundaries(backups, strat, be, opt, history, callbacks, stepper,
+                                 identity, steps_per_epoch, n)
+        first, totals, done = resume.start_point() if resume else (1, None, False)
+        epoch = first - 1
+        finished, stop = False, done  # done: the backup's run had stopped training
+        if resume:  # that point needs no backup of its own
+            boundaries.last = (epoch, None) if totals is None else (first, totals.batches)
         try:
-            for epoch in range(1, epochs + 1):
-                logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
-                                  verbose, progress, history.info, raising, prefetch, stepper)
+            for epoch in range(first, epochs + 1 if not done else first):
+                logs = _run_epoch(strat, be, x, y, n, step_size, orders, epoch, epochs,
+                                  verbose, progress, history.info, raising, prefetch, stepper,
+                                  totals, boundaries)
+                stopped_by_step = totals is not None and totals.stopped
+                totals = None
                 if validation_data is not None:
                     t = time.perf_counter()
                     current = strat.current_params()  # a collective for some strategies
@@ -265,18 +320,22 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                     print(history.epoch_line(epochs), flush=True)
                 if opt.schedule is not None:  # reduce-on-plateau reads the epoch's metrics
                     opt.schedule.on_epoch_end(epoch, logs)
+                stop = run.stop_training or stopped_by_step
                 if callbacks:  # callbacks see the current weights in the model
                     now = {**strat.current_params(), **strat.current_buffers()}
                     model.set_weights({k: be.to_host(v) for k, v in now.items()})
                     stops = [cb.on_epoch_end(epoch, logs) for cb in callbacks]
-                    if any(stops) or run.stop_training:
-                        break
-                elif run.stop_training:
+                    stop = any(stops) or run.stop_training or stop
+                boundaries.after_epoch(epoch, stop)
+                if stop:
                     break
             finished = True
+            boundaries.at_end(epoch, stop)
         except DivergedError as err:
             err.history = history
             raise
+        except Interrupted:
+            raise  # every process stops after the same step: nothing to abort
         except BaseException as err:
             strat.abort(err)  # MPI: print it with the rank and end every rank
             raise
@@ -297,6 +356,253 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             cb.on_train_end(history)
     history.info["wall_time"] = time.perf_counter() - started
     return history
+
+
+class EpochOrders:
+    """The order in which fit visits the ``n`` training examples in each epoch: epoch ``e``'s
+    is the ``e``-th ``rng.permutation(n)`` drawn from ``np.random.default_rng(seed)`` (the
+    identity without ``shuffle``), a function of ``(seed, e)`` alone. Asked for the epochs in
+    order it draws one permutation per epoch; asked for a later epoch first (a resumed fit) it
+    replays the draws of the epochs before it, so a resume rebuilds exactly the order the
+    interrupted run had."""
+
+    def __init__(self, seed: int, n: int, shuffle: bool = True):
+        self.seed, self.n, self.shuffle = seed, n, shuffle
+        self._rng = np.random.default_rng(seed)
+        self._next = 1  # the epoch whose permutation the generator draws next
+
+    def __call__(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.n)
+        if epoch < self._next:
+            self._rng, self._next = np.random.default_rng(self.seed), 1
+        while self._next < epoch:
+            self._rng.permutation(self.n)
+            self._next += 1
+        self._next += 1
+        return self._rng.permutation(self.n)
+
+
+#: ``history.info`` entries a resumed fit carries on from its backup (the others describe the
+#: process that runs now: its backend, strategy, compile time)
+_CARRIED_INFO = ("start_step", "callback_time", "nonfinite_steps", "first_nonfinite",
+                 "backup_time", "resumes", "resumed_epochs")
+
+
+@dataclass
+class _EpochTotals:
+    """What an epoch has summed so far. A backup taken inside an epoch keeps it; the fit that
+    resumes there goes on summing from it, so the epoch's history row is the one an
+    uninterrupted run writes (its timings: the seconds before the backup plus those after the
+    resume)."""
+
+    batches: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    data_time: float = 0.0
+    transfer_time: float = 0.0
+    compute_time: float = 0.0
+    comm_time: float = 0.0
+    callback_time: float = 0.0
+    time: float = 0.0
+    lr: float | None = None
+    #: a step callback stopped training after the epoch's last batch so far
+    stopped: bool = False
+
+
+class _Resume:
+    """The backup a fit continues from, on every process: the master read it (``backup``);
+    the others have its JSON from the master (:meth:`Strategy.share`) and its weights and
+    optimizer state through the strategy's start (MPI broadcasts rank 0's)."""
+
+    def __init__(self, meta: dict, backup: Backup | None):
+        self.meta, self.backup = meta, backup
+        self.info = meta["info"]
+        self.position = meta["position"]
+
+    @classmethod
+    def load(cls, backups: FitBackups | None, strat: Strategy) -> "_Resume | None":
+        if backups is None:
+            return None
+        backup = backups.load() if strat.is_master else None
+        meta = strat.share(None if backup is None else backup.meta)
+        return None if meta is None else cls(meta, backup)
+
+    def check(self, identity: dict, strat: Strategy) -> None:
+        """Refuse (on every process) a backup of another run, naming what differs."""
+        error = None
+        if strat.is_master:
+            try:
+                check_identity(self.backup.path, self.meta["identity"], identity)
+            except BackupMismatchError as err:
+                error = str(err)
+        error = strat.share(error)
+        if error:
+            raise BackupMismatchError(error)
+
+    @property
+    def stopped(self) -> bool:
+        return bool(self.position["stopped"])
+
+    def start_point(self) -> tuple[int, "_EpochTotals | None", bool]:
+        """``(epoch, totals, done)``: the epoch to continue with, its totals so far when the
+        backup was taken inside it, and whether no epoch is left (training had stopped)."""
+        pos = self.position
+        if pos["done"]:
+            return pos["epoch"] + 1, None, self.stopped
+        return pos["epoch"], _EpochTotals(**self.meta["totals"]), False
+
+    def arrays(self) -> dict | None:
+        return None if self.backup is None else self.backup.arrays
+
+    def strategy_snapshot(self):
+        return unpack(self.meta["strategy"], self.arrays())
+
+    def restore(self, model, opt, history: History, callbacks, stepper, be) -> OptimizerState:
+        """Put the backup's weights into ``model`` (master), its history, schedule, callback
+        and step-hook state into theirs; return the optimizer state to start from."""
+        meta, b = self.meta, self.backup
+        saved = meta["optimizer_state"]
+        if b is not None:
+            model.set_weights({**b.group("param"), **b.group("buffer")})
+            slots = {name: b.group(f"slot/{name}") for name in saved["slots"]}
+        else:  # its arrays come from the master when the strategy starts
+            slots = {name: {k: np.zeros_like(v) for k, v in model.params.items()}
+                     for name in saved["slots"]}
+        state = OptimizerState(slots, saved["step"], saved["type"])
+        history.history = {k: list(v) for k, v in meta["history"].items()}
+        for key in _CARRIED_INFO:
+            if key in self.info:
+                history.info[key] = self.info[key]
+        pos = self.position
+        history.info["resumes"].append({"backup": None if b is None else b.path.name,
+                                        "epoch": pos["epoch"], "done": pos["done"],
+                                        "global_step": pos["global_step"],
+                                        "written_by": meta["run"]["strategy"]})
+        if not pos["done"] and pos["epoch"] not in history.info["resumed_epochs"]:
+            history.info["resumed_epochs"].append(pos["epoch"])
+        stepper.step, stepper.examples, stepper.elapsed = (meta["stepper"]["step"],
+                                                           meta["stepper"]["examples"],
+                                                           meta["stepper"]["elapsed"])
+        if opt.schedule is not None and meta["schedule"] is not None:
+            opt.schedule.set_state(unpack(meta["schedule"], self.arrays()))
+        # each callback continues from the state of the first of its class not yet taken
+        left = list(meta["callbacks"])
+        for cb in callbacks:
+            entry = next((e for e in left if e["class"] == type(cb).__name__), None)
+            if entry is not None:
+                left.remove(entry)
+                if entry["state"] is not None:
+                    cb.set_state(unpack(entry["state"], self.arrays()))
+        return state
+
+    def announce(self, epochs: int, strat: Strategy) -> None:
+        pos = self.position
+        where = (f"after epoch {pos['epoch']}" if pos["done"] else
+                 f"in epoch {pos['epoch']} after {self.meta['totals']['batches']} of "
+                 f"{self.meta['batches_per_epoch']} batches")
+        text = (f"resuming from {self.backup.path}: {where} (global step "
+                f"{pos['global_step']})")
+        written = self.meta["run"]["strategy"]
+        now = strat.describe()
+        workers = [(k, written.get(k), now.get(k)) for k in ("threads", "ranks")
+                   if written.get(k) != now.get(k)]
+        if written.get("strategy") != now.get("strategy") or workers:
+            text += (f"; written by strategy {written.get('strategy')} "
+                     + ", ".join(f"{k}={a}" for k, a, _ in workers if a is not None)
+                     + f", continuing with {now.get('strategy')} "
+                     + ", ".join(f"{k}={b}" for k, _, b in workers if b is not None)).rstrip()
+        if self.stopped or (pos["done"] and pos["epoch"] >= epochs):
+            text += "; that run had finished: nothing is left to train"
+        print(text, file=sys.stderr, flush=True)
+
+
+class _Boundaries:
+    """What the fit does at step and epoch boundaries besides training: write a backup when
+    one is due (:class:`cnn.backup.FitBackups`), and stop when a stop was asked for
+    (:meth:`Strategy.stop_requested`: every process agrees), with a backup of that point.
+
+    Every process calls it at the same points: collecting the strategy's state may be a
+    collective (``average`` over MPI ranks); the master alone writes."""
+
+    def __init__(self, backups: FitBackups | None, strat: Strategy, be: Backend, opt,
+                 history: History, callbacks, stepper, identity: dict | None,
+                 steps_per_epoch: int, n: int):
+        self.backups, self.strat, self.be, self.opt = backups, strat, be, opt
+        self.history, self.callbacks, self.stepper = history, callbacks, stepper
+        self.identity, self.steps_per_epoch, self.n = identity, steps_per_epoch, n
+        self.last: tuple | None = None  # the point of the last backup written
+        self.path = None  # the last backup written (master)
+
+    def after_step(self, epoch: int, totals: _EpochTotals) -> None:
+        here = (epoch, totals.batches)
+        if self.backups is not None and self.backups.due_after_step(self.strat.steps):
+            self._write(epoch, totals)
+        if self.strat.stop_requested():
+            if self.backups is not None and self.last != here:
+                self._write(epoch, totals)
+            raise Interrupted(epoch, totals.batches, totals.seen, self.n, self._path(here))
+
+    def after_epoch(self, epoch: int, stop: bool) -> None:
+        here = (epoch, None)
+        if self.backups is not None and self.backups.due_after_epoch(epoch):
+            self._write(epoch, None, stop)
+        if not stop and self.strat.stop_requested():
+            if self.backups is not None and self.last != here:
+                self._write(epoch, None)
+            raise Interrupted(epoch, self.steps_per_epoch, self.n, self.n, self._path(here))
+
+    def at_end(self, epoch: int, stopped: bool) -> None:
+        """The fit ends (``stopped``: early, by a callback): a last backup unless one was just
+        written. A later fit with more epochs continues from it, unless it had stopped."""
+        if self.backups is not None and self.last != (epoch, None):
+            self._write(epoch, None, stopped)
+
+    def _path(self, here: tuple):
+        return self.path if self.last == here else None
+
+    def _write(self, epoch: int, totals: _EpochTotals | None, stopped: bool = False) -> None:
+        strat, be = self.strat, self.be
+        if totals is not None:  # the epoch's communication so far goes into the backup
+            totals.comm_time += strat.take_comm_time()
+        params, buffers = strat.current_params(), strat.current_buffers()
+        state = strat.current_state()
+        snapshot = strat.snapshot()
+        self.last = (epoch, None if totals is None else totals.batches)
+        if not self.backups.master:
+            return
+        t = time.perf_counter()
+        arrays: dict[str, np.ndarray] = {}
+        for prefix, group in (("param", params), ("buffer", buffers)):
+            for k, v in group.items():
+                arrays[f"{prefix}/{k}"] = be.to_host(v)
+        for name, slot in state.slots.items():
+            for k, v in slot.items():
+                arrays[f"slot/{name}/{k}"] = be.to_host(v)
+        info = self.history.info
+        meta = {"identity": self.identity,
+                "run": {"strategy": strat.describe(), "backend": be.name},
+                "batches_per_epoch": self.steps_per_epoch,
+                "position": {"epoch": epoch, "done": totals is None,
+                             "stopped": bool(stopped or (totals is not None and totals.stopped)),
+                             "global_step": strat.steps},
+                "totals": None if totals is None else asdict(totals),
+                "optimizer_state": {"type": state.optimizer, "step": state.step,
+                                    "slots": list(state.slots)},
+                "history": self.history.history,
+                "info": {k: info[k] for k in _CARRIED_INFO if k in info},
+                "stepper": {"step": self.stepper.step, "examples": self.stepper.examples,
+                            "elapsed": self.stepper.elapsed},
+                "schedule": pack(None if self.opt.schedule is None
+                                 else self.opt.schedule.get_state(), "schedule", arrays),
+                "callbacks": [{"class": type(cb).__name__,
+                               "state": pack(cb.get_state(), f"callback/{i}", arrays)}
+                              for i, cb in enumerate(self.callbacks)],
+                "strategy": pack(snapshot, "strategy", arrays)}
+        path = self.backups.write(meta, arrays)
+        info["backup_time"] += time.perf_counter() - t
+        self.path = path
 
 
 def _overrides(cb, hook: str) -> bool:
@@ -456,72 +762,85 @@ class _StepHooks:
         return self.stop
 
 
-def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
-               verbose, progress, info: dict, raising: bool, prefetch: bool = True,
-               stepper=None) -> dict:
-    data_t = transfer_t = compute_t = 0.0
-    loss_sum, correct = 0.0, 0
-    seen = 0
+def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOrders, epoch,
+               epochs, verbose, progress, info: dict, raising: bool, prefetch: bool = True,
+               stepper=None, totals: _EpochTotals | None = None,
+               boundaries: _Boundaries | None = None) -> dict:
+    """One epoch (from ``totals``, the sums of its first batches, when a resumed fit
+    continues it): its batches in ``orders(epoch)``, then the strategy's end of epoch; the
+    epoch's row of the history."""
+    t = totals or _EpochTotals()
+    before, callbacks_before = t.time, t.callback_time  # seconds of a run this one resumes
     callback_t = 0.0
-    lr = strat.learning_rate()
+    lr = strat.learning_rate() if t.lr is None else t.lr
     start = time.perf_counter()
-    order = rng.permutation(n) if shuffle else np.arange(n)
-    data_t += time.perf_counter() - start
+    order = orders(epoch)
+    t.data_time += time.perf_counter() - start
     bar = None
     if verbose:
         from tqdm.auto import tqdm
-        bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
-    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch)
+        bar = tqdm(total=n, initial=t.seen, desc=f"epoch {epoch}/{epochs}", unit="img",
+                   leave=False)
+    first = t.batches * step_size
+    batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
+                          threaded=prefetch)
     try:
-        for step, i in enumerate(range(0, n, step_size), 1):
-            t = time.perf_counter()
+        for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
+                                 t.batches + 1):
+            t1 = time.perf_counter()
             xb, yb, size, gather_s, transfer_s = batches.next()
-            waited = time.perf_counter() - t
+            waited = time.perf_counter() - t1
             # the exposed part of the prefetch: the transfer ends it, so a wait is charged to
             # the transfer first, the rest to the gather
-            transfer_t += min(waited, transfer_s)
-            data_t += waited - min(waited, transfer_s)
+            t.transfer_time += min(waited, transfer_s)
+            t.data_time += waited - min(waited, transfer_s)
             t3 = time.perf_counter()
             lr = strat.learning_rate()
             batch_loss, batch_correct = strat.step(xb, yb)
             batches.release()
-            compute_t += time.perf_counter() - t3
+            t.compute_time += time.perf_counter() - t3
             if not math.isfinite(batch_loss):  # a host float already: no extra read-back
                 if bar is not None and raising:
                     bar.close()
                 _nonfinite(info, epoch, step, batch_loss, raising)
-            loss_sum += batch_loss
-            correct += batch_correct
+            t.loss_sum += batch_loss
+            t.correct += batch_correct
+            t.batches, t.seen, t.lr = step, min(i + step_size, n), lr
             if bar is not None:
                 bar.update(size)
-                bar.set_postfix(loss=f"{loss_sum / min(i + step_size, n):.4f}", refresh=False)
+                bar.set_postfix(loss=f"{t.loss_sum / t.seen:.4f}", refresh=False)
             if progress is not None:
-                progress(epoch, min(i + step_size, n), n)
-            seen = min(i + step_size, n)
+                progress(epoch, t.seen, n)
             if stepper:
                 t5 = time.perf_counter()
-                stop = stepper(epoch, step, size, batch_loss / max(size, 1), batch_correct, lr,
-                               t5 - start - callback_t)
+                t.stopped = stepper(epoch, step, size, batch_loss / max(size, 1), batch_correct,
+                                    lr, before + t5 - start - callback_t)
                 callback_t += time.perf_counter() - t5
-                if stop:
-                    break
+            if boundaries is not None:  # a backup, a stop asked for: at this step's end
+                t.time = before + time.perf_counter() - start - callback_t
+                t.callback_time = callbacks_before + callback_t
+                boundaries.after_step(epoch, t)
+            if t.stopped:
+                break
     finally:
         batches.close()
-    t = time.perf_counter()
+    t4 = time.perf_counter()
     strat.end_epoch()
-    compute_t += time.perf_counter() - t
+    t.compute_time += time.perf_counter() - t4
     # communication between workers (gradient reduce, allreduce, averaging) is its own column
-    comm_t = strat.take_comm_time()
+    t.comm_time += strat.take_comm_time()
     if bar is not None:
         bar.close()
-    wall = time.perf_counter() - start - callback_t  # step hooks are not training time
-    info["callback_time"] += callback_t
-    n = seen or n  # an epoch cut short by a callback: the means over what it saw
-    logs = {"epoch": epoch, "loss": loss_sum / n, "accuracy": correct / n, "lr": lr, "time": wall,
-            "compute_time": compute_t - comm_t, "comm_time": comm_t, "data_time": data_t,
-            "transfer_time": transfer_t, "images_per_sec": n / wall}
+    wall = before + time.perf_counter() - start - callback_t  # step hooks are not training time
+    callback_total = callbacks_before + callback_t
+    info["callback_time"] += callback_total
+    n = t.seen or n  # an epoch cut short by a callback: the means over what it saw
+    logs = {"epoch": epoch, "loss": t.loss_sum / n, "accuracy": t.correct / n, "lr": lr,
+            "time": wall, "compute_time": t.compute_time - t.comm_time,
+            "comm_time": t.comm_time, "data_time": t.data_time,
+            "transfer_time": t.transfer_time, "images_per_sec": n / wall}
     if stepper:
         stepper.elapsed += wall
-        logs["callback_time"] = callback_t
+        logs["callback_time"] = callback_total
         logs["examples"] = n  # fewer than the epoch's when a step callback stopped it
     return logs

@@ -558,6 +558,12 @@ def check_model_with_new_layers_on_the_device(cb):
     assert_close("inference logits", got, want, np.float32)
 
 
+#: a tiny network with batch norm and dropout, for the checks of fit on the device
+FIT_SPEC = {"input_shape": [1, 3, 3], "layers": [
+    {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
+    {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
+
+
 @check(cost=12)
 def check_fit_commits_statistics_on_the_device(cb):
     """fit on the CUDA backend (the sequential strategy, buffers on the device, the JIT
@@ -565,15 +571,12 @@ def check_fit_commits_statistics_on_the_device(cb):
     NumPy path, and the warm-up committed nothing (else the statistics would differ)."""
     from cnn.model import build_model
 
-    spec = {"input_shape": [1, 3, 3], "layers": [
-        {"type": "conv2d", "filters": 2, "kernel_size": 2}, {"type": "batchnorm", "momentum": 0.5},
-        {"type": "flatten"}, {"type": "dropout", "rate": 0.5}, {"type": "dense", "units": 2}]}
     rng_ = _rng(32)
     x = rng_.standard_normal((6, 1, 3, 3)).astype(np.float32)
     y = rng_.integers(0, 2, 6)
     got = {}
     for backend in ("cuda", "numpy"):
-        model = build_model(spec, seed=1, backend=cb if backend == "cuda" else backend)
+        model = build_model(FIT_SPEC, seed=1, backend=cb if backend == "cuda" else backend)
         model.fit(x, y, epochs=1, batch_size=3, optimizer={"type": "sgd", "lr": 0.1}, seed=2,
                   verbose=0)
         got[backend] = model.get_weights()
@@ -696,6 +699,44 @@ def check_globalavgpool2d(cb):
         assert_close(f"pooling backward {shape}",
                      cb.to_host(cb.globalavgpool2d_backward(cb.asarray(dout), cache)),
                      np.repeat(dout.astype(np.float64) / (h * w), h * w).reshape(shape), dtype)
+
+
+@check(cost=25)
+def check_fit_resumes_bitwise_on_the_device(cb):
+    """fit on the CUDA backend with backups (batch norm, dropout, Adam on a cosine): stopped
+    after step 2 (a backup of that step, the device arrays copied to the host), then
+    continued by a new fit from the backup: the weights of the run never stopped, bit for
+    bit."""
+    import tempfile
+
+    from cnn.callbacks import Callback
+    from cnn.errors import Interrupted
+    from cnn.model import build_model
+
+    class StopAt(Callback):
+        def on_step_end(self, step, logs):
+            if logs["global_step"] == 2:
+                self.run.strategy.request_stop()
+
+    rng_ = _rng(34)
+    x = rng_.standard_normal((9, 1, 3, 3)).astype(np.float32)
+    y = rng_.integers(0, 2, 9)
+    run = {"epochs": 1, "batch_size": 3, "seed": 2, "verbose": 0,
+           "optimizer": {"type": "adam", "lr": 0.05, "schedule": "cosine"}}
+    ref = build_model(FIT_SPEC, seed=1, backend=cb)
+    ref.fit(x, y, **run)
+    with tempfile.TemporaryDirectory() as folder:
+        try:
+            build_model(FIT_SPEC, seed=1, backend=cb).fit(x, y, backup_dir=folder,
+                                                      callbacks=[StopAt()], **run)
+            raise AssertionError("the fit did not stop")
+        except Interrupted:
+            pass
+        model = build_model(FIT_SPEC, seed=1, backend=cb)
+        hist = model.fit(x, y, backup_dir=folder, **run)
+    assert hist.info["resumes"][0]["global_step"] == 2, hist.info["resumes"]
+    for k, v in ref.get_weights().items():
+        assert np.array_equal(model.get_weights()[k], v), f"{k} differs from the run never stopped"
 
 
 # ---- runner --------------------------------------------------------------------------------------

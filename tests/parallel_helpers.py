@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cnn.backends.numpy import NumpyBackend
 from cnn.data import make_blobs_images
 from cnn.layers import Layer, layers_from_spec
 from cnn.model import Sequential
@@ -146,3 +147,38 @@ def run_mpi_checks(mode: str, out: Path) -> Path:
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     assert res.returncode == 0, f"{cmd} failed:\n{res.stdout}\n{res.stderr}"
     return out
+
+
+class KillingBackend(NumpyBackend):
+    """Worker 1 of strategy ``processes`` kills itself with SIGKILL in its third dense forward
+    (a crash, an OOM kill), after :meth:`before_dying`."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def before_dying(self) -> None:
+        pass
+
+    def dense_forward(self, x, w, b, *args, **kwargs):
+        import multiprocessing
+        import os
+        import signal
+        if multiprocessing.current_process().name == "cnn-processes-worker-1":
+            self.calls += 1
+            if self.calls > 2:
+                self.before_dying()
+                os.kill(os.getpid(), signal.SIGKILL)
+        return super().dense_forward(x, w, b, *args, **kwargs)
+
+
+class DyingHoldingTheBarrier(KillingBackend):
+    """:class:`KillingBackend` whose worker first takes the lock of its strategy's
+    ``multiprocessing.Barrier`` (as a worker does for a moment inside ``Barrier.wait``) and
+    dies holding it: the lock is never released (what ``kill -9`` of a worker inside the
+    barrier does by chance, made certain)."""
+
+    def before_dying(self) -> None:
+        import gc
+        from multiprocessing.synchronize import Barrier
+        barrier = next(o for o in gc.get_objects() if isinstance(o, Barrier))
+        barrier._cond.acquire()

@@ -53,7 +53,7 @@ LAYERS: list[tuple[str, list[str]]] = [
                                "cnn.schedules"]),
     ("model", ["cnn.model"]),
     ("strategies", ["cnn.parallel.*"]),
-    ("training loop", ["cnn.train", "cnn.callbacks", "cnn.configs"]),
+    ("training loop", ["cnn.train", "cnn.backup", "cnn.callbacks", "cnn.configs"]),
     ("references", ["cnn.reference.*"]),
     ("study, analysis, benchmarks, the emulated cluster",
      ["cnn.results", "cnn.study.*", "cnn.analysis.*", "cnn.bench.*", "cnn.cluster.*"]),

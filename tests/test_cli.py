@@ -372,7 +372,8 @@ def test_reference_backends_train_the_same_spec_with_the_same_output(backend, tm
     (["--backend", "torch", "--lr-schedule", "cosine"], "--lr-schedule: not with"),
     (["--backend", "torch", "--optimizer", "adam"], "--backend torch: the PyTorch reference "
                                                     "trains with SGD"),
-    (["--backend", "torch", "--nesterov", "--momentum", "0.9"], "--backend torch"),
+    # decoupled weight decay (Keras 3's, ours by default): PyTorch's SGD decays coupled only
+    (["--backend", "torch", "--weight-decay", "0.01"], "--backend torch"),
 ])
 def test_reference_backends_refuse_what_they_cannot_honour(argv, named, capsys, monkeypatch):
     trained = []

@@ -324,3 +324,46 @@ def test_a_delay_adds_twice_itself_to_the_round_trip(tmp_path):
         f"round trips {rtt.min() * 1e3:.2f} ms at the shortest, {np.median(rtt) * 1e3:.2f} median"
     assert not _running(line[0])
     assert _leftovers(cluster.id) == {"namespaces": [], "shm": []}
+
+
+@needs_netns
+@needs_mpi
+def test_a_job_that_loses_a_host_goes_on_from_its_backup_on_the_others(tmp_path):
+    """Issue 22: `train --strategy mpi --ranks 3 --hostfile H --backup-dir D --restarts 1`, one
+    rank per host; a host is taken away mid-run (its processes killed, its namespace gone).
+    The job ends, the launcher finds that host gone, relaunches on the two others from the
+    last backup, and the run ends with the weights of the uninterrupted run (one process,
+    the same sync algorithm: equal within the rounding of reordered sums)."""
+    from cnn.backup import backup_files
+    run = ["train", "--dataset", "blobs", "--limit", "3000", "--test-limit", "64",
+           "--epochs", "3", "--quiet", "--seed", "3", "--dtype", "float64"]
+    ref = subprocess.run([PY, "-m", "cnn", *run, "--save", tmp_path / "ref.npz"],
+                         capture_output=True, text=True, timeout=300, cwd=HERE.parent,
+                         env=_env())
+    assert ref.returncode == 0, ref.stderr
+    folder, save = tmp_path / "backups", tmp_path / "w.npz"
+    with EmulatedCluster(hosts=3, link="unshaped", state_dir=tmp_path / "cluster") as c:
+        job = c.popen(0, [PY, "-m", "cnn", *run, "--strategy", "mpi", "--ranks", "3",
+                          "--hostfile", c.hostfile, "--backup-dir", folder, "--backup-every",
+                          "10steps", "--restarts", "1", "--save", save],
+                      env={**_env(), **c.environment()}, cwd=HERE.parent,
+                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 120
+            while not any(seq >= 2 for seq, _ in backup_files(folder)):
+                assert job.poll() is None, job.communicate()
+                assert time.monotonic() < deadline, "no backup within 120 s"
+                time.sleep(0.02)
+            gone = c.remove_host(2)
+            out, err = job.communicate(timeout=300)
+        finally:
+            if job.poll() is None:
+                job.kill()
+                job.wait()
+    assert job.returncode == 0, err
+    assert (f"gone: {gone.address}: relaunching it from its last backup on 2 ranks "
+            f"(restart 1 of 1)") in err, err
+    assert "resuming from" in err and "continuing with mpi ranks=2" in err, err
+    with np.load(save) as got, np.load(tmp_path / "ref.npz") as want:
+        assert max_abs_diff({k: got[k] for k in got.files if k != "__spec__"},
+                            {k: want[k] for k in want.files if k != "__spec__"}) < 1e-10

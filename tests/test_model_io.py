@@ -3,7 +3,10 @@ files that are truncated or not weights at all, malformed JSON/YAML spec files, 
 negative ``input_shape``, and weights targets that cannot be written."""
 from __future__ import annotations
 
+import io
 import json
+import re
+import shutil
 import zipfile
 
 import numpy as np
@@ -11,6 +14,7 @@ import pytest
 
 from cnn.layers import layers_from_spec
 from cnn.model import Sequential, check_weights_path, read_weights, resolve_spec, weights_path
+from limits import run_python
 
 SPEC = [{"type": "conv2d", "filters": 2, "kernel_size": 3, "activation": "relu"},
         {"type": "flatten"}, {"type": "dense", "units": 3}]
@@ -232,3 +236,80 @@ def test_parameters_too_large_to_allocate_name_the_layer(units):
     with pytest.raises(ValueError, match=r"conv2d 'conv2d': cannot create its parameters"):
         Sequential.from_spec([{"type": "conv2d", "filters": units}, {"type": "flatten"},
                               {"type": "dense", "units": 2}], input_shape=(1, 4, 4))
+
+
+# ---- audit findings (a reliability pass on fa4b133) ----------------------------------------------
+def zip_bomb(path, key: str, values: int) -> None:
+    """An .npz of the model's weights but ``key``, a float32 array of ``values`` zeros stored
+    deflated: about a thousandth of its size on disk."""
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False,
+                                                  "shape": (values,)})
+    chunk = bytes(1 << 24)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        with z.open(f"{key}.npy", "w", force_zip64=True) as f:
+            f.write(header.getvalue())
+            for _ in range(values * 4 // len(chunk)):
+                f.write(chunk)
+        for k, v in model().get_weights().items():
+            if k != key:
+                with z.open(f"{k}.npy", "w") as f:
+                    np.lib.format.write_array(f, v)
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory):
+    """512 MiB of zeros under a parameter's name, in a file of about half a megabyte."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.npz"
+    zip_bomb(path, "conv2d.w", 1 << 27)
+    assert path.stat().st_size < 2 << 20
+    return path
+
+
+@pytest.mark.parametrize("load", ["load_weights", "predict"])
+def test_a_zip_bomb_is_refused_before_it_is_decompressed(tmp_path, bomb, load):
+    """Audit finding 7: every array of an .npz was decompressed before its names and shapes
+    were checked (a 3.9 MB file took 3.9 GB and 20 s before it was refused). Here 512 MiB
+    under a parameter's name, loaded with 256 MiB of address space to spare."""
+    path = tmp_path / "bomb.npz"
+    shutil.copyfile(bomb, path)
+    if load == "predict":  # a file with a spec, as train --save writes
+        with zipfile.ZipFile(path, "a") as z:
+            with z.open("__spec__.npy", "w") as f:
+                np.lib.format.write_array(f, np.array(json.dumps(model().spec())))
+    call = ("model().load_weights(path)" if load == "load_weights"
+            else "__import__('cnn.predict').predict.load_model(path)")
+    res = run_python("import json\nfrom cnn.layers import layers_from_spec\n"
+                     "from cnn.model import Sequential\n"
+                     f"def model():\n    return Sequential(layers_from_spec("
+                     f"json.loads({json.dumps(SPEC)!r})), (1, 6, 6))\n"
+                     f"path = {str(path)!r}\n"
+                     f"try:\n    {call}\nexcept ValueError as err:\n    print(err)\n",
+                     256 << 20)
+    assert re.search(r"bomb\.npz: weight 'conv2d\.w' has shape \(134217728,\); the model "
+                     r"expects \(2, 1, 3, 3\)", res.stdout), res.stdout + res.stderr[-2000:]
+
+
+def test_a_misspelled_spec_key_is_refused_naming_it(tmp_path):
+    """Audit finding 8: a misspelled top-level key (``los:``) was dropped and the default loss
+    trained."""
+    path = tmp_path / "spec.yaml"
+    path.write_text("los: binary_cross_entropy\nlayers:\n  - {type: flatten}\n"
+                    "  - {type: dense, units: 1}\n")
+    with pytest.raises(ValueError, match=r"spec\.yaml: unknown key 'los' in the model spec "
+                                         r"\(did you mean 'loss'\?\)"):
+        Sequential.from_spec(path, input_shape=(1, 2, 2))
+
+
+def test_an_unknown_backend_is_refused_when_the_model_is_built():
+    """Audit finding 9: build_model(..., backend="tpu") was accepted and failed only at fit."""
+    from cnn.model import build_model
+    with pytest.raises(ValueError, match=r"unknown backend 'tpu'; choose one of \[.*'numpy'"):
+        build_model(SPEC, input_shape=(1, 6, 6), backend="tpu")
+
+
+def test_batch_norm_momentum_one_is_refused():
+    """Audit finding 9: momentum=1.0 was accepted, and the running statistics never moved."""
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\)\. Received "
+                                         r"momentum=1\.0"):
+        layers_from_spec([{"type": "batchnorm", "momentum": 1.0}])

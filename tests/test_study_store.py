@@ -154,6 +154,21 @@ def test_second_study_on_the_same_out_refuses_naming_the_first(tmp_path):
     assert load_results(out)["run_key"].nunique() == 1
 
 
+def test_a_symlinked_out_shares_the_lock_and_stays_a_link(tmp_path):
+    """Audit finding 10: a study writing through a symlink took a lock of its own beside the
+    link (so two studies ran at once on one file) and replaced the link by a regular file
+    (so their runs went to two files)."""
+    real = tmp_path / "store" / "conc.pkl"
+    real.parent.mkdir()
+    link = tmp_path / "link.pkl"
+    link.symlink_to(real)
+    with store.ResultsLock(real):
+        with pytest.raises(StudyLockedError):
+            run_study(TINY, out=link, progress=False)
+    run_study(TINY, out=link, progress=False)
+    assert link.is_symlink() and load_results(real)["run_key"].nunique() == 1
+
+
 def test_second_study_can_wait_for_the_first(tmp_path):
     out = tmp_path / "conc.pkl"
     lock = store.ResultsLock(out).acquire()
@@ -342,3 +357,43 @@ def test_diverged_runs_are_recorded_excluded_and_counted(tmp_path):
     counter = Counter()
     run_study(grid, out=out, progress=counter)
     assert counter.calls == []
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="needs Linux /proc")
+def test_a_run_whose_process_is_killed_goes_on_from_its_backup(tmp_path, capsys):
+    """Issue 22 item 5: a run killed mid-run (its child gone) continued from zero. Now the
+    study starts it again at once and it continues from its last backup (after an epoch):
+    the same losses and accuracies as a run never killed, the epochs of the second process
+    marked resumed (kept out of the throughput figures), the backups gone at the end."""
+    grid = {**TINY, "train_size": 6000, "epochs": 4}
+    ref = run_study(grid, out=tmp_path / "ref.pkl", progress=False)
+    out = tmp_path / "df.pkl"
+    folder = tmp_path / ".df.pkl.backups"
+    killed = []
+
+    def kill_the_child_after_its_first_backup():
+        deadline = time.monotonic() + 120
+        while not list(folder.glob("*/backup-*.npz")) and time.monotonic() < deadline:
+            time.sleep(0.005)
+        for kid in _children(os.getpid()):
+            cmdline = Path(f"/proc/{kid}/cmdline").read_text(errors="ignore")
+            if "cnn.study.child" in cmdline and "--run-json" in cmdline:
+                os.kill(kid, signal.SIGKILL)
+                killed.append(kid)
+    killer = threading.Thread(target=kill_the_child_after_its_first_backup, daemon=True)
+    killer.start()
+    df = run_study(grid, out=out, progress=True)
+    killer.join(timeout=10)
+    assert killed, "the run ended before its child could be killed"
+    assert "its process was killed (signal 9); resuming it from its backup" in \
+        capsys.readouterr().out
+    assert list(df["status"]) == ["ok"] * 4
+    resumed = list(df.sort_values("epoch")["resumed"])
+    first = resumed.index(True)
+    assert first >= 1 and resumed == [False] * first + [True] * (4 - first), resumed
+    for column in ("train_loss", "train_accuracy", "test_loss", "test_accuracy"):
+        assert list(df.sort_values("epoch")[column]) == list(ref.sort_values("epoch")[column])
+    assert not folder.exists()
+    from cnn.analysis.summary import run_table
+    table = run_table(df)
+    assert table["n_timed"].iloc[0] == first  # the first process's epochs alone are timed

@@ -83,7 +83,8 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "order_index", "flops_per_image",
                                        "sgemm_peak_gflops")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
-                "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": ""}
+                "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": "",
+                "resumed": False}
     missing = {c: v for c, v in defaults.items() if c not in df.columns}
     df = df.assign(**missing) if missing else df.copy()
     for col in ("period", "optimizer", "lr_schedule"):  # text; "" is the default
@@ -160,13 +161,20 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
                                      "variant", "p", "config_id", "tta"])
     ok = ok.assign(_images=(ok["images_per_sec"] * ok["time"]).fillna(ok["train_size"]),
                    comm_time=ok["comm_time"].fillna(0.0))
+    # the timings of the epochs a resumed process trained (the run's first process died)
+    # are kept out of the throughput figures, which come from the run's first process
+    resumed = ok["resumed"].fillna(False).astype(bool)
+    timing = ["time", "compute_time", "comm_time", "data_time", "transfer_time", "eval_time",
+              "_images"]
+    ok.loc[resumed, timing] = np.nan
     g = ok.groupby("run_key", sort=True)
     first = g[[*GROUP_KEYS, *MACHINE_KEYS, "repeat", "seed", "compile_time",
                "final_test_accuracy", "num_params", "started_at", "test_size", "order_index",
                "target", "eval_every", "val_size", "tta_status", "time_to_target",
                "steps_to_target", "examples_to_target", "eval_trace", "reduce_time",
                "epochs", "flops_per_image", "sgemm_peak_gflops"]].first()
-    agg = g.agg(n_epochs=("epoch", "nunique"), epoch_time=("time", "median"),
+    agg = g.agg(n_epochs=("epoch", "nunique"), n_timed=("time", "count"),
+                epoch_time=("time", "median"),
                 total_time=("time", "sum"), compute=("compute_time", "sum"),
                 comm=("comm_time", "sum"), data=("data_time", "sum"),
                 transfer=("transfer_time", "sum"), eval=("eval_time", "sum"),
@@ -297,7 +305,7 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
             diffs = [100 * (a - seq_acc.get(cid, {}).get(int(sd), np.nan))
                      for sd, a in zip(g["seed"], g["final_accuracy"])]
             dmed, dlo, dhi, _ = median_interval([d for d in diffs if np.isfinite(d)], level)
-            n_ep = g["n_epochs"].clip(lower=1)
+            n_ep = g["n_timed"].clip(lower=1)  # the epochs whose timings count
             has_p = p == p and p > 0
             t = g["epoch_time"].to_numpy(float)
             rows.append({

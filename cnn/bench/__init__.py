@@ -45,6 +45,7 @@ SUITES = {
     "conv": Suite("conv_algorithms", "direct vs Winograd convolution per conv op and step, "
                   "and each algorithm's float32 error", ("dtype", "cpu_time"),
                   prints_machine=True),
+    "backup": Suite("backup", "fit's backups every 100 steps against none (cifar_tutorial)"),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)
 OPTIONS = {"json_path": "--json", "dtype": "--dtype", "cpu_time": "--cpu-time"}

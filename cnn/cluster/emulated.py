@@ -346,6 +346,21 @@ class EmulatedCluster:
         kwargs.setdefault("text", True)
         return subprocess.run(self.mpiexec_command(argv, ranks), **kwargs)
 
+    def environment(self) -> dict[str, str]:
+        """The environment that makes an ``mpiexec`` started *on a host* (by a program: ``train
+        --ranks N --hostfile H`` with :attr:`hostfile`) reach the others as
+        :meth:`mpiexec_command` does (:func:`cnn.cluster.launcher.hydra_environment`)."""
+        return launcher.hydra_environment(self.ssh, HOST_LINK)
+
+    def remove_host(self, which: "int | str") -> Host:
+        """Take a host away, as a machine that fails does: every process on it is killed
+        (SIGKILL) and its network namespace, and so its link, deleted, so that nothing reaches
+        it any more (``enter`` refuses it). :meth:`down` removes the rest as usual."""
+        host = self.host(which)
+        _kill_processes([host.namespace], f"host {host.name}")
+        _run("ip", "netns", "del", host.namespace)
+        return host
+
     def counters(self) -> dict[str, LinkCounters]:
         """Host name -> bytes its ``eth0`` has sent and received so far."""
         out = {}
@@ -393,6 +408,27 @@ def _pids(namespace: str) -> list[int]:
     return [int(p) for p in res.stdout.split() if p.isdigit()]
 
 
+def _kill_processes(namespaces: list[str], what: str) -> None:
+    """SIGKILL every process in ``namespaces`` and wait until all have ended."""
+    killed: set[int] = set()
+    deadline = time.monotonic() + COMMAND_TIMEOUT
+    while True:
+        pids = {pid for ns in namespaces for pid in _pids(ns)}
+        # `ip netns pids` stops listing a process as it starts to exit: wait for its end
+        if not pids and not any(_running(pid) for pid in killed):
+            return
+        if time.monotonic() > deadline:
+            raise OSError(f"processes {sorted(pids | killed)} in {what} survived SIGKILL for "
+                          f"{COMMAND_TIMEOUT} s")
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        killed |= pids
+        time.sleep(0.02)
+
+
 def down(state_dir: "str | os.PathLike" = STATE_DIR) -> list[str]:
     """Remove the cluster whose state is in ``state_dir``, whole or half made: every process
     still running in its namespaces (SIGKILL; the delay line among them), its namespaces
@@ -416,23 +452,7 @@ def down(state_dir: "str | os.PathLike" = STATE_DIR) -> list[str]:
     namespaces = [ns for ns in _namespaces() if ns.startswith(prefix)]
     removed = []
     # processes first: a namespace outlives `ip netns del` while a process runs in it
-    killed: set[int] = set()
-    deadline = time.monotonic() + COMMAND_TIMEOUT
-    while True:
-        pids = {pid for ns in namespaces for pid in _pids(ns)}
-        # `ip netns pids` stops listing a process as it starts to exit: wait for its end
-        if not pids and not any(_running(pid) for pid in killed):
-            break
-        if time.monotonic() > deadline:
-            raise OSError(f"processes {sorted(pids | killed)} in cluster {cluster_id} "
-                          f"survived SIGKILL for {COMMAND_TIMEOUT} s")
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        killed |= pids
-        time.sleep(0.02)
+    _kill_processes(namespaces, f"cluster {cluster_id}")
     for ns in namespaces:
         _run("ip", "netns", "del", ns)
         removed.append(ns)

@@ -74,6 +74,15 @@ def hostfile_text(hosts) -> str:
     return "".join(f"{h.address}:1\n" for h in hosts)
 
 
+def hydra_environment(ssh: Path, interface: str) -> dict[str, str]:
+    """:func:`mpiexec_options` as environment variables, for an ``mpiexec`` that another
+    program starts on a host (``train --ranks N --hostfile H``, whose launcher relaunches a
+    failed job): Hydra's launcher and its ``ssh`` stand-in, the host's ``interface`` for the
+    proxies to call back (instead of ``-localhost``), TCP between every two ranks."""
+    return {"HYDRA_LAUNCHER": "ssh", "HYDRA_LAUNCHER_EXEC": str(ssh),
+            "HYDRA_IFACE": interface, "UCX_TLS": "tcp,self", "MPIR_CVAR_NOLOCAL": "1"}
+
+
 def mpiexec_options(hostfile: Path, ssh: Path, first_address: str) -> list[str]:
     """The ``mpiexec`` options for a job across the hosts.
 

@@ -34,6 +34,10 @@ class AccumulateStrategy(Strategy):
         self.micro_batches = check_int("strategy 'accumulate'", "micro_batches", m)
         self.threads = 1  # one worker runs every micro-batch
 
+    def algorithm(self) -> dict:
+        """The ``sync`` arithmetic, but batch statistics per micro-batch: their number counts."""
+        return {"algorithm": "accumulate", "micro_batches": self.micro_batches}
+
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < self.micro_batches:
             raise ValueError(f"strategy 'accumulate' splits each batch of batch_size="

@@ -163,6 +163,22 @@ class AverageCore:
         they trained since the last average), else None."""
         return self._take_weights() if self.every == "epoch" and self._since else None
 
+    def progress(self) -> dict:
+        """Where the averaging period stands: the examples each replica trained on and the
+        global steps since the last average (what a backup keeps with the replicas)."""
+        return {"counts": list(self._counts), "since": self._since}
+
+    def set_progress(self, progress: dict) -> None:
+        """Continue the averaging period that :meth:`progress` described (the replicas set
+        by the caller); the mean is recomputed when next asked for."""
+        counts = [int(c) for c in progress["counts"]]
+        if len(counts) != self.workers:
+            raise ValueError(f"averaging progress of {len(counts)} replicas; this strategy has "
+                             f"{self.workers}")
+        # after an average (no example since) the replicas are the mean the backup holds
+        self._counts, self._since = counts, int(progress["since"])
+        self._mean_current = not any(counts)
+
     def mean_weights(self) -> list[float] | None:
         """The weights to refresh the mean with (leaving the replicas as they are) when the
         replicas have trained since it was computed, else None."""
@@ -248,8 +264,32 @@ class AverageStrategy:
         self.params, self.state, self.buffers = core.mean.params, core.mean.state, core.mean.buffers
         return core
 
+    def _gather_replicas(self) -> "np.ndarray | None":
+        """Every replica's flat vector, ``(replicas, total)``, on the master (a collective for
+        MPI; other ranks get None)."""
+        raise NotImplementedError
+
+    def _scatter_replicas(self, flats: "np.ndarray | None") -> None:
+        """Set every local replica from the master's ``flats`` (``(replicas, total)``)."""
+        raise NotImplementedError
+
     def examples_per_step(self, batch_size: int) -> int:
         return self.replica_count * batch_size
+
+    def algorithm(self) -> dict:
+        """Averaging depends on the number of replicas (the examples of a global step, each
+        replica's shard) and on the period, so a backup continues only with the same ones."""
+        return {"algorithm": "average", "replicas": self.replica_count, "every": self.every}
+
+    def snapshot(self) -> dict:
+        """The replicas themselves (between averages they differ from the mean the backup
+        holds as the weights) and the averaging period's progress: with them the run continues
+        bit for bit."""
+        return {"replicas": self._gather_replicas(), **self._core.progress()}
+
+    def restore(self, snapshot: dict) -> None:
+        self._scatter_replicas(snapshot["replicas"])
+        self._core.set_progress(snapshot)
 
     def describe(self) -> dict:
         return {**super().describe(), "average_every": self.every}

@@ -45,6 +45,43 @@ class Strategy:
         one process: ``values`` as they are."""
         return values
 
+    def share(self, value: Any) -> Any:
+        """The master's JSON-able ``value`` on every process (what it read from a backup);
+        one process: ``value`` as it is."""
+        return value
+
+    # ---- stopping at a step boundary ------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the fit to stop after the step in progress (safe to call from a signal
+        handler: it only sets a flag). See :meth:`stop_requested`."""
+        self._stop_vote = True
+
+    def stop_requested(self) -> bool:
+        """Whether the fit stops now, at this step boundary: the same answer on every process
+        of the job (MPI ranks agree through the step's own collective, so all of them stop
+        after the same step). One process: whether :meth:`request_stop` was called."""
+        return getattr(self, "_stop_vote", False)
+
+    # ---- what a backup holds (cnn.backup) --------------------------------------------------------
+    def algorithm(self) -> dict:
+        """What a run's result depends on besides the model, the data and the optimizer: a
+        backup written by one strategy continues under another whose ``algorithm()`` is equal.
+        The ``sync`` family (sequential, ``sync`` threads, processes, MPI ranks) computes the
+        same update from the same global batch whatever the number of workers (up to the order
+        of floating-point sums), so it does not name the workers."""
+        return {"algorithm": "sync"}
+
+    def snapshot(self) -> Any:
+        """What this strategy holds beyond :meth:`current_params`, :meth:`current_buffers` and
+        :meth:`current_state` that a backup needs to continue the run exactly (arrays and
+        plain values; None: nothing). Called on every process at the same step (it may be a
+        collective); what the master returns is written."""
+        return None
+
+    def restore(self, snapshot: Any) -> None:
+        """After :meth:`start`: continue from ``snapshot`` (what :meth:`snapshot` returned on
+        the master when the backup was written; on other processes its arrays are None)."""
+
     def examples_per_step(self, batch_size: int) -> int:
         """How many examples one ``step`` consumes (``batch_size`` unless each worker takes a
         batch of its own)."""

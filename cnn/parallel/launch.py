@@ -79,15 +79,126 @@ def mpiexec_command(args: list[str], ranks: int, hostfile: str | None = None,
 
 def run_mpiexec(args: list[str], ranks: int, hostfile: str | None = None,
                 extra: list[str] | None = None) -> int:
-    """Run ``python -m cnn <args>`` on ``ranks`` ranks and return the job's exit status."""
+    """Run ``python -m cnn <args>`` on ``ranks`` ranks and return the job's exit status.
+
+    ``mpiexec`` runs in a session of its own and this process passes it the SIGINT and
+    SIGTERM it receives, once (``mpiexec`` forwards them to the ranks, which stop after the
+    same step, save and exit 130 or 143), and waits for the job: an interrupted launcher
+    never kills the job it started (``subprocess.call`` sent it SIGKILL on Ctrl-C, and the
+    ranks died before saving)."""
     import time
     cmd = mpiexec_command(args, ranks, hostfile, extra=extra)
     print(f"launching: {' '.join(cmd)}", file=sys.stderr, flush=True)
     started = time.time()
+    job = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        return subprocess.call(cmd)
+        return wait_passing_signals(job)
     finally:  # however the job ended, the launcher interrupted too (see release_segments)
         remove_orphan_segments(since=started)
+
+
+def wait_passing_signals(proc: subprocess.Popen) -> int:
+    """``proc.wait()``, passing ``proc`` the SIGINT and SIGTERM this process receives
+    meanwhile (in the main thread; elsewhere it only waits)."""
+    import signal
+    import threading
+
+    def forward(signum, frame):
+        try:
+            proc.send_signal(signum)
+        except ProcessLookupError:
+            pass
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---- relaunching a failed job --------------------------------------------------------------------
+#: exit statuses a relaunch cannot help: bad arguments, a divergence (it would diverge
+#: again), a stop the user asked for (Ctrl-C, SIGTERM)
+FINAL_STATUSES = (2, 3, 130, 143)
+
+
+def read_hostfile(path: str | os.PathLike) -> list[tuple[str, int]]:
+    """``(host, slots)`` per line of an MPICH hostfile (``host[:slots]``; ``#`` comments)."""
+    hosts = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        host, _, slots = line.partition(":")
+        try:
+            hosts.append((host.strip(), int(slots) if slots.strip() else 1))
+        except ValueError:
+            raise ValueError(f"{path}, line {number}: {line!r} is not host[:slots]") from None
+    if not hosts:
+        raise ValueError(f"{path}: names no host")
+    return hosts
+
+
+def rank_hosts(hosts: list[tuple[str, int]], ranks: int) -> list[str]:
+    """The host of each rank as Hydra places ``ranks`` ranks over ``hosts``: each host's
+    slots in turn, round and round."""
+    order = [h for h, slots in hosts for _ in range(slots)]
+    return [order[r % len(order)] for r in range(ranks)]
+
+
+def reachable(host: str, timeout: float = 30.0) -> bool:
+    """Whether ``mpiexec`` can start a process on ``host`` (one rank of ``true``), with the
+    launcher this environment configures (``HYDRA_LAUNCHER`` and the like)."""
+    try:
+        res = subprocess.run([find_mpiexec(), "-hosts", host, "-n", "1", "true"],
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return res.returncode == 0
+
+
+def run_with_restarts(args: list[str], ranks: int, hostfile: str | None,
+                      restarts: int) -> int:
+    """:func:`run_mpiexec`, and up to ``restarts`` relaunches of a job that failed (a rank
+    or a host lost: any exit status but 0 and :data:`FINAL_STATUSES`); the command resumes
+    from its last backup (``--backup-dir``). Before each relaunch the hosts of ``hostfile``
+    are probed (:func:`reachable`): the job goes on on those that answer, without the ranks
+    the gone hosts held, through a hostfile of the survivors (a temporary file)."""
+    import tempfile
+    code = run_mpiexec(args, ranks, hostfile)
+    written: list[str] = []
+    try:
+        for attempt in range(1, restarts + 1):
+            if code == 0 or code in FINAL_STATUSES:
+                break
+            why = f"the job ended with exit status {code}"
+            if hostfile is not None:
+                hosts = read_hostfile(hostfile)
+                alive = [(h, n) for h, n in hosts if reachable(h)]
+                gone = [h for h, n in hosts if (h, n) not in alive]
+                if not alive:
+                    print(f"[cnn mpi] {why}; no host of {hostfile} answers: not relaunched",
+                          file=sys.stderr, flush=True)
+                    break
+                if gone:
+                    ranks = max(1, sum(h not in gone for h in rank_hosts(hosts, ranks)))
+                    fd, hostfile = tempfile.mkstemp(prefix="cnn-hostfile-", suffix=".txt")
+                    written.append(hostfile)
+                    with os.fdopen(fd, "w") as f:
+                        f.write("".join(f"{h}:{n}\n" for h, n in alive))
+                    why += f"; gone: {', '.join(gone)}"
+            print(f"[cnn mpi] {why}: relaunching it from its last backup on {ranks} rank"
+                  f"{'s' if ranks > 1 else ''} (restart {attempt} of {restarts})",
+                  file=sys.stderr, flush=True)
+            code = run_mpiexec(args, ranks, hostfile)
+    finally:
+        for name in written:
+            Path(name).unlink(missing_ok=True)
+    return code
 
 
 # ---- MPICH's shared memory -----------------------------------------------------------------------
@@ -225,7 +336,11 @@ def maybe_launch(args, argv: list[str]) -> int | None:
                          f"threads={args.threads}")
     if under_launcher():
         return None  # this process is one of the ranks already
-    return run_mpiexec(_without(argv, ("--ranks", "--hostfile")), ranks, args.hostfile)
+    command = _without(argv, ("--ranks", "--hostfile", "--restarts"))
+    restarts = getattr(args, "restarts", 0) or 0
+    if not restarts:
+        return run_mpiexec(command, ranks, args.hostfile)
+    return run_with_restarts(command, ranks, args.hostfile, restarts)
 
 
 def join_mpi_job(strategy: str) -> None:
@@ -282,22 +397,30 @@ def abort_mpi_job(code: int, err: BaseException | None = None) -> None:
     MPI.COMM_WORLD.Abort(code)
 
 
+class AgreedStatus(int):
+    """An exit status that every rank of an MPI job reached together, at the same step (a
+    stop they agreed on after Ctrl-C or SIGTERM; a divergence, decided on the all-reduced
+    loss): :func:`run_main` lets such a job end normally, every rank finalising MPI, rather
+    than aborting it, which would cut short what the others still do (rank 0 saving)."""
+
+
 def run_main(main) -> int:
     """``main()``'s exit status; in a job of several ranks, a failure (an exception or a
-    non-zero status) on this rank ends every rank (:func:`abort_mpi_job`)."""
+    non-zero status that is not an :class:`AgreedStatus`) on this rank ends every rank
+    (:func:`abort_mpi_job`)."""
     try:
         code = main()
     except SystemExit as err:
         code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
-        if code:
+        if code and not isinstance(err.code, AgreedStatus):
             abort_mpi_job(code)
         raise
     except BaseException as err:
         abort_mpi_job(1, err)
         raise
-    if code:
+    if code and not isinstance(code, AgreedStatus):
         abort_mpi_job(code)
-    return code
+    return int(code) if code is not None else code
 
 
 # ---- a fit on N ranks, from a notebook or a script -------------------------------------------

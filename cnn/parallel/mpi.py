@@ -11,7 +11,8 @@ Run under a launcher, one process per rank, each running the same ``fit``:
     fit's seed, so each has the same global batch and takes its own shard of it: no data is
     scattered. Each step is :meth:`~cnn.parallel.sync.SyncCore.worker_step`, the one written
     for threads and processes too, with :class:`MPITransport`: the rank writes ``(n_i / N) g_i``
-    and, in two extra elements, its summed loss and correct count into one flat buffer, and one
+    and, in three extra elements, its summed loss, its correct count and its vote to stop (see
+    :meth:`~cnn.parallel.base.Strategy.request_stop`) into one flat buffer, and one
     ``Allreduce`` (the upper-case buffer call, never the pickling one) sums it on every rank;
     every rank then applies the same optimizer update to the whole vector, so every rank keeps
     the same weights (checked after each epoch). A rank whose shard is empty (a last batch
@@ -32,7 +33,7 @@ Run under a launcher, one process per rank, each running the same ``fit``:
     by the examples each trained on: :class:`~cnn.parallel.average.AverageCore`'s steps, the
     ones written for threads too, with :class:`MPITransport` (one ``Allreduce`` of the flat
     replica). ``every=1`` is ``sync`` on the global batch. The per-step loss and correct count
-    are summed over the ranks (two numbers).
+    are summed over the ranks with each rank's vote to stop (three numbers).
 
 Only rank 0 (``is_master``) prints, shows progress, evaluates and saves; it broadcasts its
 validation numbers so that callbacks decide alike on every rank. Every call that moves data is
@@ -104,16 +105,21 @@ class MPITransport(Transport):
     buffer, ``Allreduce``; optionally per bucket with ``Iallreduce`` while backward runs;
     ``StepContext.reduce`` as ``Allreduce`` too.
 
-    The buffer holds the ``layout.total`` gradient elements followed by two more: the rank's
-    summed loss and its correct count, so one collective also gives every rank the global
-    numbers (and so the same divergence decision).
+    The buffer holds the ``layout.total`` gradient elements followed by three more: the rank's
+    summed loss, its correct count and its vote to stop (:attr:`vote`, 1 when a stop was
+    requested on that rank), so one collective also gives every rank the global numbers (and
+    so the same divergence decision) and tells all of them, after the same step, whether any
+    rank asked to stop (:attr:`stop_votes`).
     """
 
     def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0):
         self.MPI = load_mpi()
         self.comm, self.layout, self.overlap = comm, layout, overlap
         self.total = layout.total
-        self.buf = np.zeros(layout.total + 2, layout.dtype)
+        self.buf = np.zeros(layout.total + 3, layout.dtype)
+        #: this rank's vote to stop after the step (set by the strategy), and the ranks'
+        #: votes summed by the last combine
+        self.vote, self.stop_votes = 0.0, 0.0
         self._reduce_seconds = 0.0
         self._requests: list = []
         # buckets: contiguous ranges of whole parameters, in backward order
@@ -131,8 +137,8 @@ class MPITransport(Transport):
             self.buckets.append((lo, self.total))
             for k in layout.keys:
                 self._bucket_of.setdefault(k, len(self.buckets) - 1)
-        # the last bucket also carries the two numbers; it is started in combine()
-        self.buckets[-1] = (self.buckets[-1][0], self.total + 2)
+        # the last bucket also carries the three numbers; it is started in combine()
+        self.buckets[-1] = (self.buckets[-1][0], self.total + 3)
         self._pending = [0] * len(self.buckets)
 
     def slot(self, i):
@@ -191,7 +197,7 @@ class MPITransport(Transport):
 
     def combine(self, i, local):
         buf, total, MPI = self.buf, self.total, self.MPI
-        buf[total], buf[total + 1] = local
+        buf[total], buf[total + 1], buf[total + 2] = *local, self.vote
         if self.overlap:
             lo, hi = self.buckets[-1]
             self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:hi], MPI.SUM))
@@ -199,6 +205,7 @@ class MPITransport(Transport):
             self._requests = []
         else:
             self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+        self.stop_votes = float(buf[total + 2])
         return buf[:total], 0, total, (float(buf[total]), int(round(float(buf[total + 1]))))
 
     def take_reduce_seconds(self, i):
@@ -251,20 +258,33 @@ class _MPIStrategy(Strategy):
         self._agree("the model, optimizer, dtype and seed",
                     {"spec": model.spec(), "dtype": str(model.dtype), "optimizer":
                      optimizer.config(), "seed": seed, "strategy": self.describe()})
-        for v in list(self.params.values()) + state_arrays(self.state):
+        # rank 0's weights, buffers and optimizer state (those of a backup it resumes from)
+        for v in (list(self.params.values()) + list(self.buffers.values())
+                  + state_arrays(self.state)):
             self.comm.Bcast(flat_view(v), root=0)
 
     # ---- shared numbers ----------------------------------------------------------------------
     def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
-        """Rank 0's ``values`` on every rank (its keys too: two ``Bcast`` of bytes, the
-        length first), so the other ranks need not know which numbers rank 0 computed."""
-        text = np.frombuffer(json.dumps({k: float(v) for k, v in values.items()}).encode(),
-                             np.uint8) if self.is_master else np.zeros(0, np.uint8)
+        """Rank 0's ``values`` on every rank (its keys too), so the other ranks need not know
+        which numbers rank 0 computed."""
+        shared = self.share({k: float(v) for k, v in values.items()} if self.is_master else None)
+        return {k: float(v) for k, v in shared.items()}
+
+    def share(self, value: Any) -> Any:
+        """Rank 0's JSON-able ``value`` on every rank (two ``Bcast`` of bytes, the length
+        first)."""
+        text = np.frombuffer(json.dumps(value).encode(), np.uint8) if self.is_master \
+            else np.zeros(0, np.uint8)
         size = np.array([text.size], np.int64)
         self.comm.Bcast(size, root=0)
         buf = text.copy() if self.is_master else np.zeros(int(size[0]), np.uint8)
         self.comm.Bcast(buf, root=0)
-        return {k: float(v) for k, v in json.loads(buf.tobytes().decode()).items()}
+        return json.loads(buf.tobytes().decode())
+
+    def stop_requested(self) -> bool:
+        """Whether any rank asked to stop by the last step's collective (every rank has the
+        same sum of votes, so all stop after the same step)."""
+        return getattr(self, "_stop_agreed", False)
 
     def check_replicas(self) -> None:
         """Raise RuntimeError (on every rank) unless every rank holds bitwise the same
@@ -332,8 +352,10 @@ class MPISync(_MPIStrategy):
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
         self._ctx.step = self.steps
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
+        self._transport.vote = 1.0 if getattr(self, "_stop_vote", False) else 0.0
         _, _, comm, totals = self._core.worker_step(self.rank, self.size, xb, yb,
                                                     self._transport, self._ctx, lr, t)
+        self._stop_agreed = self._transport.stop_votes > 0
         self.steps += 1
         self.comm_time += comm
         return totals
@@ -374,10 +396,23 @@ class MPIAverage(AverageStrategy, _MPIStrategy):
         core = self._start_average((self.rank,))
         self._transport = MPITransport(self.comm, core.layout)
         self._ctx = self.new_context()
-        self._pair = np.zeros(2, np.float64)
+        self._sums = np.zeros(3, np.float64)  # loss, correct, votes to stop
 
     def _average(self, weights, into_replicas):
         return self._core.average(self.rank, self._transport, weights, into_replicas)
+
+    def _gather_replicas(self):
+        mine = self._core.replicas[self.rank].flat
+        every = np.empty((self.size, mine.size), mine.dtype) if self.is_master else None
+        self.comm.Gather(mine, every, root=0)
+        return every
+
+    def _scatter_replicas(self, flats):
+        mine = self._core.replicas[self.rank].flat
+        if self.is_master and flats.shape != (self.size, mine.size):
+            raise ValueError(f"replicas of shape {flats.shape}; strategy {self.name!r} has "
+                             f"{self.size} of {mine.size} values")
+        self.comm.Scatter(flats if self.is_master else None, mine, root=0)
 
     def step(self, xb, yb):
         if not hasattr(self, "_core"):
@@ -385,11 +420,14 @@ class MPIAverage(AverageStrategy, _MPIStrategy):
         weights = self._core.begin_step(len(yb))
         self._ctx.step = self.steps
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
-        local = np.array(self._core.train(self.rank, xb, yb, self._ctx, lr, t), np.float64)
+        vote = 1.0 if getattr(self, "_stop_vote", False) else 0.0
+        local = np.array([*self._core.train(self.rank, xb, yb, self._ctx, lr, t), vote],
+                         np.float64)
         start = time.perf_counter()
-        self.comm.Allreduce(local, self._pair, self.MPI.SUM)
+        self.comm.Allreduce(local, self._sums, self.MPI.SUM)
         self.comm_time += time.perf_counter() - start
+        self._stop_agreed = self._sums[2] > 0
         self.steps += 1
         if weights is not None:
             self.comm_time += self._average(weights, into_replicas=True)
-        return float(self._pair[0]), int(round(self._pair[1]))
+        return float(self._sums[0]), int(round(self._sums[1]))

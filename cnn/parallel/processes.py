@@ -24,10 +24,15 @@ The main process computes nothing itself: it waits on the workers' pipes and on 
 sentinels together, so a worker that raises or dies is noticed at once. A worker that raises
 aborts the barrier (releasing the others), sends its exception and traceback, and the main
 process re-raises it with a note naming the worker; a worker that dies (``kill -9``) ends the
-fit with a ``RuntimeError`` naming the worker, its pid and the signal. Either way the fit
-stops, every worker is stopped, and every shared segment is unlinked (also when the main
-process is interrupted; if the main process itself is killed, Python's resource tracker
-unlinks them when the last worker has gone).
+fit with a ``RuntimeError`` naming the worker, its pid and the signal. The main process never
+touches the barrier itself: a worker killed inside ``Barrier.wait`` can die holding the
+barrier's lock, which nothing releases, so aborting the barrier could wait forever; instead
+the workers still running are killed, at once after a death and after :data:`GRACE` seconds
+after an exception (time for them to report). Either way the fit stops, every worker is
+stopped, and every shared segment is unlinked (also when the main process is interrupted; if
+the main process itself is killed, Python's resource tracker unlinks them when the last worker
+has gone). Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and
+the main process decides (it stops the fit at a step boundary).
 
 Workers are started with the ``forkserver`` method by default (a clean process that has
 imported the package, forked per worker: safe when the parent runs threads, unlike ``fork``,
@@ -55,6 +60,8 @@ from .sync import SyncCore
 from .transport import FlatLayout, SharedReduce, SharedSlots
 
 START_METHODS = ("forkserver", "spawn", "fork")
+#: seconds the other workers get to report after one raised, before they are killed
+GRACE = 2.0
 #: the prefix of every shared-memory segment this strategy creates (``/dev/shm/<name>``)
 SEGMENT_PREFIX = "pcnn_"
 _ALIGN = 64
@@ -139,6 +146,7 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
     """One worker process: attach the segments, then run steps until told to stop."""
     segments: list[shared_memory.SharedMemory] = []
     views: dict = {}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
     try:
         from threadpoolctl import threadpool_limits
         _limits = threadpool_limits(1, "blas")  # noqa: F841 - held for the worker's life
@@ -378,29 +386,48 @@ class SyncProcesses(Strategy):
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
         msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
         for c in self._conns:
-            c.send(msg)
-        self._collect("ok")
+            try:
+                c.send(msg)
+            except OSError:
+                pass  # a worker that died: _collect finds its sentinel and names it
+        interrupted = self._collect("ok")
         res = self._views["results"]
         self.steps += 1
         self.comm_time += float(res[0, 2])  # as seen by worker 0
+        if interrupted:  # after the step the workers finished: the weights are a whole step's
+            raise KeyboardInterrupt
         return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
 
-    def _collect(self, expected: str, timeout: float | None = None) -> None:
+    def _collect(self, expected: str, timeout: float | None = None) -> bool:
         """Wait for every worker's answer (``expected``), watching their sentinels; on any
-        failure, release the others and raise the first primary error."""
+        failure, release the others and raise the first primary error. A first Ctrl-C
+        (KeyboardInterrupt) while the workers answer ``"ok"`` waits for the rest of the step
+        (they ignore SIGINT and finish it) and returns True; a second one interrupts."""
         pending = dict(enumerate(self._conns))
         failures: list[tuple[int, bool, BaseException]] = []  # (worker, primary, error)
         deadline = None if timeout is None else time.monotonic() + timeout
+        interrupted = False
         while pending:
             waitables = list(pending.values()) + [self._processes[i].sentinel for i in pending]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = connection.wait(waitables, left)
+            try:
+                ready = connection.wait(waitables, left)
+            except KeyboardInterrupt:
+                if interrupted or expected != "ok":
+                    raise
+                interrupted = True
+                continue
             if not ready:
-                late = sorted(pending)
-                self._fail(failures + [(late[0], True, WorkerError(
-                    f"worker process {late[0]} of {self.threads} (pid "
-                    f"{self._processes[late[0]].pid}) did not answer within {timeout:.0f} s"))])
+                if not failures:
+                    late = sorted(pending)[0]
+                    failures.append((late, True, WorkerError(
+                        f"worker process {late} of {self.threads} (pid "
+                        f"{self._processes[late].pid}) did not answer within {timeout:.0f} s")))
+                self._kill_pending(pending, failures)
+                break
             for i in list(pending):
+                if i not in pending:  # killed after another worker failed
+                    continue
                 conn, proc = pending[i], self._processes[i]
                 if conn in ready or (proc.sentinel in ready and conn.poll()):
                     try:
@@ -412,8 +439,11 @@ class SyncProcesses(Strategy):
                         continue
                     if msg is not None and msg[0] == "error":
                         failures.append(self._worker_exception(msg))
-                        self._abort_barrier()
                         del pending[i]
+                        # the others report soon (the failing worker aborted the barrier) or
+                        # are stuck: they get GRACE seconds, then they are killed
+                        grace = time.monotonic() + GRACE
+                        deadline = grace if deadline is None else min(deadline, grace)
                         continue
                 if proc.sentinel in ready or (conn in ready):
                     proc.join(1)
@@ -421,10 +451,13 @@ class SyncProcesses(Strategy):
                         f"worker process {i} of {self.threads} (pid {proc.pid}) "
                         f"{_describe_exit(proc.exitcode)} during "
                         f"{'start-up' if expected == 'ready' else f'step {self.steps + 1}'}")))
-                    self._abort_barrier()
                     del pending[i]
+                    # it may have died holding the barrier's lock: nothing can release the
+                    # workers waiting there but ending them
+                    self._kill_pending(pending, failures)
         if failures:
             self._fail(failures)
+        return interrupted
 
     def _worker_exception(self, msg) -> tuple[int, bool, BaseException]:
         _, i, payload, type_name, text, tb = msg
@@ -443,11 +476,18 @@ class SyncProcesses(Strategy):
         err.add_note(f"worker {i}'s traceback:\n{tb}")
         return i, primary, err
 
-    def _abort_barrier(self) -> None:
-        try:
-            self._barrier.abort()
-        except Exception:
-            pass
+    def _kill_pending(self, pending: dict, failures: list) -> None:
+        """Kill the workers that have not answered (after another worker failed), recorded as
+        consequences of that failure."""
+        for i in sorted(pending):
+            proc = self._processes[i]
+            if proc.is_alive():
+                proc.kill()
+            proc.join(5)
+            failures.append((i, False, WorkerError(
+                f"worker process {i} of {self.threads} (pid {proc.pid}) was stopped after "
+                f"another worker failed")))
+        pending.clear()
 
     def _fail(self, failures) -> None:
         primary = sorted([f for f in failures if f[1]], key=lambda f: f[0]) or \

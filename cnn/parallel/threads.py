@@ -360,6 +360,16 @@ class AverageThreads(AverageStrategy, ThreadStrategy):
         self._run((self._average_phase,))
         return self._seconds[0]  # as seen by worker 0
 
+    def _gather_replicas(self):
+        return np.stack([self._core.replicas[i].flat for i in range(self.threads)])
+
+    def _scatter_replicas(self, flats):
+        if flats.shape != (self.threads, self._core.layout.total):
+            raise ValueError(f"replicas of shape {flats.shape}; strategy {self.name!r} has "
+                             f"{self.threads} of {self._core.layout.total} values")
+        for i in range(self.threads):
+            np.copyto(self._core.replicas[i].flat, flats[i])
+
     def step(self, xb, yb):
         if self._workers is None:
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
@@ -391,6 +401,21 @@ class HogwildThreads(ThreadStrategy):
 
     def examples_per_step(self, batch_size: int) -> int:
         return self.threads * batch_size
+
+    def algorithm(self) -> dict:
+        """Each worker's update uses its own shard, so the number of workers is part of it."""
+        return {"algorithm": "hogwild", "workers": self.threads}
+
+    def snapshot(self) -> dict:
+        """The slots of workers 1 .. P-1 (worker 0's are the optimizer state the backup
+        holds): a backup at a step boundary, when no update is in flight, has everything."""
+        return {"slots": [self._slots[i] for i in range(1, self.threads)]}
+
+    def restore(self, snapshot: dict) -> None:
+        for mine, saved in zip(self._slots[1:], snapshot["slots"]):
+            for name, per_key in mine.items():
+                for key, a in per_key.items():
+                    np.copyto(a, saved[name][key])
 
     def _shard_context(self, i: int, n: int):
         """Worker ``i``'s context for the current step: its shard's offset among the step's

@@ -101,11 +101,15 @@ class Diverged(Exception):
     """Raised inside :func:`execute_run` when a run's history shows a non-finite loss."""
 
 
-def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
+def execute_run(run: Run, data_root=None, download: bool = True,
+                backup_dir: str | None = None) -> dict:
     """Train one run in this process and return its measurements (JSON-able).
 
     The study calls this in a fresh child process; calling it directly is for debugging only,
-    since nothing then isolates runs from each other.
+    since nothing then isolates runs from each other. ``backup_dir``: the run's backups
+    (paths trained by :func:`cnn.train.fit`), written after every epoch, outside its timed
+    part; a run given a folder that holds one continues from it, and the epochs trained after
+    such a resume are marked ``resumed``.
     """
     import numpy as np
 
@@ -154,7 +158,8 @@ def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
     else:
         from ..train import fit
         hist = fit(model, x_train, y_train, backend=backend, blas_threads=1,
-                   callbacks=callbacks, **entry.fit_arguments(run), **common)
+                   callbacks=callbacks, backup_dir=backup_dir, backup_every="epoch",
+                   **entry.fit_arguments(run), **common)
     h = hist.history
     epochs = len(h.get("epoch", h.get("loss", [])))
     losses = [h["loss"][i] for i in range(min(epochs, len(h.get("loss", []))))]
@@ -162,6 +167,9 @@ def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
     if bad is not None:
         raise Diverged(f"training diverged: non-finite training loss {losses[bad]!r} in "
                        f"epoch {bad + 1}")
+    # the epochs from the first one a resume trained on: another process measured them
+    resumes = hist.info.get("resumes") or []
+    first_resumed = min((r["epoch"] + (1 if r["done"] else 0) for r in resumes), default=None)
     per_epoch = []
     for i in range(epochs):
         row = {col: (_finite(h[key][i]) if key in h and i < len(h[key]) else None)
@@ -171,6 +179,7 @@ def execute_run(run: Run, data_root=None, download: bool = True) -> dict:
             row["comm_time"] = _finite(h["comm_time"][i])
         if "callback_time" in h and i < len(h["callback_time"]):
             row["step_eval_time"] = _finite(h["callback_time"][i])
+        row["resumed"] = first_resumed is not None and row["epoch"] >= first_resumed
         per_epoch.append(row)
     import socket
     hosts = hist.info.get("hosts") or [socket.gethostname()]
@@ -235,7 +244,8 @@ def run_main(config_path: str, result_path: str, write: bool = True) -> int:
     result: dict[str, Any] = {"status": "ok", "error": ""}
     try:
         run = Run.from_row(payload["config"])
-        result.update(execute_run(run, payload.get("data_root"), payload.get("download", True)))
+        result.update(execute_run(run, payload.get("data_root"), payload.get("download", True),
+                                  payload.get("backup_dir")))
     except KeyboardInterrupt:
         return 130
     except BaseException as err:  # noqa: BLE001 - every failure becomes a row

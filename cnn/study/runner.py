@@ -32,6 +32,17 @@ failed runs are retried (their old rows replaced) unless ``retry_failed=False``.
 grids already in the file are kept, so one file can grow over several studies. A study holds a
 lock on ``out`` for its whole duration: a second study on the same file refuses at once (or
 waits, ``wait=``/``--wait``) with a message naming the first.
+
+Resuming inside a run
+---------------------
+A run trained by :func:`cnn.train.fit` keeps backups (:mod:`cnn.backup`) in
+``.<out name>.backups/<run_key>/`` beside the results file, written after each epoch, outside
+the epoch's timed part. When its process is killed (a signal: ``kill -9``, the OOM killer) the
+study starts it again at once (:data:`RESTARTS` times), and it continues from its last backup
+instead of from zero; a study killed and started again does the same for the run it was in.
+The epochs trained by a process that resumed are marked ``resumed`` in the results (their
+timings come from a process that restarted), and the analysis keeps them out of the
+throughput figures. The backups go once the run is recorded ok or diverged.
 """
 from __future__ import annotations
 
@@ -50,8 +61,9 @@ from pathlib import Path
 from typing import Callable
 
 from .. import paths as P
+from ..backup import backup_files
 from ..checks import check_int
-from ..files import read_structured
+from ..files import process_alive, read_structured
 from ..results import (CONFIG_FIELDS, DEFAULT_RESULTS, EPOCH_FIELDS, MACHINE_COLUMNS,
                        ResultsLock, check_out_path, done_keys, load_results, save_results, typed)
 from .child import source_hash
@@ -60,6 +72,8 @@ from .grid import (DEFAULT_TIMEOUT, SYNTHETIC, check_timeout, expand_grid, plan_
 from .run import Run
 
 TEMP_PREFIX = "cnn-study-"
+#: times a run whose process died (a signal) is started again from its backup, in one study
+RESTARTS = 1
 
 
 # ---- temporary folders, and those of dead studies -----------------------------------------------
@@ -88,12 +102,8 @@ _TEMP_NAME = re.compile(rf"^{TEMP_PREFIX}(\d+)-(\d+)-[a-z]+-")
 
 
 def _alive(pid: int, start: str) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not process_alive(pid):
         return False
-    except PermissionError:
-        return True  # someone else's live process
     now = _proc_start(pid)
     return not (now and start not in ("", "0") and now != start)
 
@@ -150,15 +160,19 @@ def _tail(text: str, lines: int = 200) -> str:
     return "\n".join((text or "").strip().splitlines()[-lines:])
 
 
-def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None
-           ) -> tuple[dict, float, str]:
-    """Train one run in a child; returns (result, wall seconds, child output tail)."""
+def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None,
+           backup_dir: Path | None = None) -> tuple[dict, float, str]:
+    """Train one run in a child (with its backups in ``backup_dir``, when given); returns
+    (result, wall seconds, child output tail). A child killed by a signal gives a failed
+    result whose ``killed_by`` names the signal."""
     tmp = study_tempdir("run")
     try:
         cfg_path, res_path = tmp / "config.json", tmp / "result.json"
         root = None if data_root is None else str(data_root)
         cfg_path.write_text(json.dumps({"config": dict(run), "download": download,
-                                        "data_root": root}))
+                                        "data_root": root,
+                                        "backup_dir": None if backup_dir is None
+                                        else str(backup_dir)}))
         cmd = child_command(run, "--run-json", str(cfg_path), "--result", str(res_path))
         timeout = run.timeout
         t = time.perf_counter()
@@ -184,9 +198,12 @@ def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None
         if code == 130:
             raise KeyboardInterrupt
         last = _tail(output, 1) or "no output"
-        return ({"status": "failed",
-                 "error": f"ChildProcessError: the run's process exited with code {code} without "
-                          f"a result ({last})"}, wall, _tail(output))
+        result = {"status": "failed",
+                  "error": f"ChildProcessError: the run's process exited with code {code} "
+                           f"without a result ({last})"}
+        if code < 0:  # a signal: kill -9, the OOM killer
+            result["killed_by"] = -code
+        return result, wall, _tail(output)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -233,6 +250,27 @@ def _where(output: str) -> str:
         return ""
     path, line, func = ours[-1]
     return f"{path[len(root):]}:{line} in {func}"
+
+
+def run_backup_dir(out: Path, run: Run) -> Path | None:
+    """Where ``run`` keeps its backups while it trains (None for a path not trained by
+    :func:`cnn.train.fit`): beside the results file, ``.<name>.backups/<run_key>``, so that a
+    study killed and started again finds them. Removed once the run is recorded ok or
+    diverged."""
+    if run.entry.trainer != "fit":
+        return None
+    out = Path(os.path.realpath(out))
+    return out.parent / f".{out.name}.backups" / run.run_key
+
+
+def _remove_backups(folder: Path | None) -> None:
+    if folder is None:
+        return
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # the study's folder of backups, once it is empty
+    except OSError:
+        pass
 
 
 # ---- rows ---------------------------------------------------------------------------------------
@@ -397,12 +435,24 @@ def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cac
             say(f" {message}", flush=True)
         started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
         say(f"[{i}/{len(todo)}] {fmt_run(run)} ...", end="", flush=True)
-        result, wall, output = launch(run, data_root, download, jit_cache)
+        backups = run_backup_dir(out, run)
+        if backups is not None and backup_files(backups):  # a study before this one was killed
+            say(" (resuming from its backup)", end="", flush=True)
+        result, wall, output = launch(run, data_root, download, jit_cache, backups)
+        for _ in range(RESTARTS):  # its process died: the run goes on from its last backup
+            if not (result.get("killed_by") and backups is not None and backup_files(backups)):
+                break
+            say(f" its process was killed (signal {result['killed_by']}); resuming it from "
+                f"its backup ...", end="", flush=True)
+            result, more, output = launch(run, data_root, download, jit_cache, backups)
+            wall += more
         rs = rows(run, result, started, wall, cold.get(jit), cold.get("peak"))
         new = typed(pd.DataFrame(rs))
         kept = df[df["run_key"] != run.run_key]
         df = typed(pd.concat([kept, new], ignore_index=True)) if len(kept) else new
         save_results(df, out)  # durable before the next run starts
+        if rs[0]["status"] in ("ok", "diverged"):
+            _remove_backups(backups)
         say(" " + _summary_line(rs, wall), flush=True)
         if rs[0]["status"] == "failed" and (where := _where(output)):
             say(f"    raised at {where}", flush=True)

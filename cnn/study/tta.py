@@ -44,6 +44,14 @@ class TimeToAccuracy(Callback):
             return True
         return False
 
+    def get_state(self) -> dict:
+        return {"trace": self.trace, "reached": self.reached, "eval_seconds": self.eval_seconds,
+                "last_step": self._last_step}
+
+    def set_state(self, state: dict) -> None:
+        self.trace, self.reached = [list(e) for e in state["trace"]], state["reached"]
+        self.eval_seconds, self._last_step = float(state["eval_seconds"]), int(state["last_step"])
+
     def summary(self) -> dict:
         """``tta_status``, ``time_to_target``, ``steps_to_target``, ``examples_to_target``."""
         if self.target is None:
