@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import available_backends
 from .checks import check_int, int_arg, number_arg
 from .errors import DivergedError
 
@@ -28,7 +27,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 
 
 def _add_train(sub) -> None:
-    from .backends import available_backends
+    from .backends import AUTO, backend_choices
     from .parallel import MPI_STRATEGIES, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
@@ -60,9 +59,11 @@ def _add_train(sub) -> None:
                    help="mpi: overlap the gradient allreduce with the backward pass")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
-    p.add_argument("--backend", default="numpy",
-                   help=f"{' | '.join(available_backends())} (default numpy; naive is the "
-                        f"loop-by-loop oracle the tests check the others against: slow)")
+    p.add_argument("--backend", default=AUTO,
+                   help=f"{' | '.join(backend_choices())} (default auto: the fastest CPU "
+                        f"backend installed, numba when Numba imports, else numpy; also for "
+                        f"every worker process and MPI rank. naive is the loop-by-loop oracle "
+                        f"the tests check the others against: slow)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
                    help="filters of the first conv layer")
@@ -194,6 +195,11 @@ def _describe_strategy(strat) -> str:
     return f"strategy {d['strategy']} x{d['threads']}"
 
 
+def _describe_backend(name: str) -> str:
+    from .backends import AUTO, resolve_backend
+    return f"{resolve_backend(name)} (auto)" if name == AUTO else name
+
+
 def cmd_train(args) -> int:
     from .backends import get_backend
     from .data import DATASET_NAMES, load_dataset
@@ -284,7 +290,7 @@ def cmd_train(args) -> int:
             print(f"{data}\n{model.summary()}\noptimizer {optimizer}"
                   + (f", lr schedule {schedule}" if schedule else "")
                   + f", batch {batch_size}, {_describe_strategy(strategy)}, backend "
-                  f"{args.backend}, validation split {args.validation_split}"
+                  f"{_describe_backend(args.backend)}, validation split {args.validation_split}"
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
             hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
                              batch_size=batch_size, optimizer=optimizer, strategy=strategy,

@@ -89,13 +89,14 @@ class Sequential:
         input_shape: per-example input shape ``(C, H, W)``.
         dtype: float32 (default) or float64; parameters and activations use it.
         seed: seeds the initialisation, so equal seeds give equal initial weights.
-        backend: default backend name for ``predict``/``evaluate``/``fit``.
+        backend: default backend name for ``predict``/``evaluate``/``fit``; ``"auto"`` (the
+            default): the fastest CPU backend installed (:func:`cnn.backends.resolve_backend`).
         loss: ``"softmax_cross_entropy"`` (default) or ``"binary_cross_entropy"`` (one logit
             per example; see :mod:`cnn.losses`).
     """
 
     def __init__(self, layers: list[Layer], input_shape, *, dtype=np.float32, seed: int = 0,
-                 backend: str | Backend = "numpy", loss: "str | Loss" = "softmax_cross_entropy"):
+                 backend: str | Backend = "auto", loss: "str | Loss" = "softmax_cross_entropy"):
         self.loss = get_loss(loss)
         self.dtype = _check_dtype(dtype)
         self.input_shape = check_input_shape(input_shape)

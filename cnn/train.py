@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .backends import Backend, get_backend
+from .backends import AUTO, Backend, get_backend
 from .callbacks import Callback, FitRun, monitored
 from .checks import check_int, check_number
 from .context import StepContext
@@ -101,7 +101,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         reset_optimizer: start from a fresh optimizer state (zero slots, step 0) even when the
             model kept one.
         strategy, threads, strategy_options: how each batch is split (see :mod:`cnn.parallel`).
-        backend: where the arithmetic runs (default the model's).
+        backend: where the arithmetic runs (default the model's, whose own default is
+            ``"auto"``: the fastest CPU backend installed, numba when Numba imports, else
+            numpy). The backend used is printed first (``verbose``) and recorded in
+            ``history.info["backend"]``, the name asked for in ``info["backend_requested"]``.
         shuffle, seed: the data order of each epoch comes from ``seed``, so two runs with the
             same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
@@ -146,7 +149,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
-    be = get_backend(backend or model.backend)
+    requested = backend or model.backend
+    be = get_backend(requested)
     opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
@@ -169,7 +173,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                              "fit(validation_split=...) (carved from the training data) or "
                              "validation_data=")
     rng = np.random.default_rng(seed)
-    history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
+    history = History(info={"backend": be.name, "backend_requested": getattr(
+                                requested, "name", requested), **strat.describe(),
+                            "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
                             "nonfinite_steps": 0, "first_nonfinite": None,
@@ -178,6 +184,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                             "validation_examples": (None if validation_data is None
                                                     else len(validation_data[1]))})
     run = FitRun(model, history, strat, be)
+    if verbose:
+        print(f"training on backend {be.name}"
+              + (" (auto: the fastest CPU backend installed)" if requested == AUTO else ""),
+              flush=True)
     if opt.schedule is not None:
         opt.schedule.on_train_begin()
     for cb in callbacks:

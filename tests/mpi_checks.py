@@ -28,6 +28,7 @@ from cnn.backends.numpy import NumpyBackend
 SCENARIOS = {
     "float64": ("mpi", {}),
     "float32": ("mpi", {"dtype": np.float32}),
+    "auto": ("mpi", {"backend": "auto"}),  # fit's default: the fastest backend installed
     "overlap": ("mpi", {"overlap": True}),
     "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
     "center": ("mpi", {"kind": "center"}),

@@ -86,6 +86,7 @@ def load(out: Path, name: str, rank: int = 0):
 
 SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
     "float64": {},
+    "auto": {"backend": "auto"},
     "overlap": {},
     "overlap_buckets": {},
     "center": {"kind": "center"},
@@ -120,6 +121,7 @@ def test_two_ranks_equal_sequential_float64(runs, name):
     # the loss of each epoch is the all-reduced one, equal to sequential's
     np.testing.assert_allclose(rec["history"]["loss"], ref_hist.history["loss"], rtol=1e-12)
     assert rec["info"]["strategy"] == "mpi" and rec["info"]["ranks"] == 2
+    assert rec["info"]["backend"] == ref_hist.info["backend"]  # numba for "auto"
     assert len(rec["info"]["hosts"]) == 2
     assert all(c > 0 for c in rec["history"]["comm_time"])
 
