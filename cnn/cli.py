@@ -74,6 +74,11 @@ def _add_train(sub) -> None:
     p.add_argument("--save", default=None,
                    help="write the trained weights to this .npz (checked before training)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trace", default=None, metavar="JSON",
+                   help="write the timeline of every step to this .json file (Chrome trace "
+                        "events: open it in ui.perfetto.dev or chrome://tracing): per worker "
+                        "thread, process or MPI rank, data wait, each layer op's forward and "
+                        "backward, loss, reduce, update, barriers (see cnn.trace)")
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
                         "nothing saved) or is counted and training goes on (continue)")
@@ -275,6 +280,8 @@ def cmd_train(args) -> int:
             save = check_weights_path(args.save)
         except (OSError, ValueError) as err:
             raise type(err)(f"--save: {err}") from None
+    if args.trace is not None:
+        _check_trace_path(args.trace)
 
     # the validation split is carved here, from arrays nobody else holds, rather than by fit
     # (which copies the caller's data): the same examples, without a second training set
@@ -299,7 +306,7 @@ def cmd_train(args) -> int:
                              else (data.x_val, data.y_val), lr_schedule=schedule,
                              callbacks=callbacks,
                              verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
-                             progress=interrupt.progress)
+                             progress=interrupt.progress, trace=args.trace)
             if interrupt.requested:  # pressed during the last evaluation: the run is whole
                 raise KeyboardInterrupt
     except DivergedError as err:
@@ -341,7 +348,18 @@ def cmd_train(args) -> int:
         return EXIT_DIVERGED
     if save is not None and master:
         print(f"weights saved to {model.save_weights(save)}")
+    if "trace" in hist.info:
+        print(f"timeline written to {hist.info['trace']} (open it in ui.perfetto.dev)")
     return 0
+
+
+def _check_trace_path(path: str) -> None:
+    """``--trace``: a .json file in an existing folder (refused before any data is read)."""
+    target = Path(path)
+    if target.suffix.lower() != ".json":
+        raise ValueError(f"--trace: give a .json file. Received {path!r}")
+    if target.is_dir() or not target.parent.is_dir():
+        raise ValueError(f"--trace: {path} is not a file in an existing folder")
 
 
 def _schedule_option(args):

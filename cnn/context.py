@@ -25,6 +25,10 @@ It says
   replica of ``average``; each MPI rank). A pass nobody commits, such as the JIT warm-up of
   :func:`cnn.train.fit`, changes nothing.
 
+- where the pass records its timeline (``trace``: a :class:`cnn.trace.Lane` of the worker
+  when the fit is traced, else None): the model then records each op's forward and backward
+  and the loss as spans on it.
+
 Contexts are cheap: a strategy keeps one per worker for the whole fit and updates ``step``,
 ``offset`` and ``global_batch`` in place before each pass.
 """
@@ -117,6 +121,8 @@ class StepContext:
         updates: filled by a training pass: ``{"<layer>.<buffer>": new array}``, the values
             the buffers should take after this step (see :meth:`commit`). Cleared by the
             model at the start of every forward.
+        trace: the worker's :class:`cnn.trace.Lane` when the fit records a timeline, else
+            None (the passes then test this one attribute and record nothing).
     """
 
     training: bool = False
@@ -128,6 +134,7 @@ class StepContext:
     reduce: Reduce | None = field(default=None, repr=False)
     buffers: dict | None = field(default=None, repr=False)
     updates: dict = field(default_factory=dict, repr=False)
+    trace: Any = field(default=None, repr=False)
 
     def scope(self, name: str) -> Workspace | None:
         """The workspace of the layer called ``name`` (None when this pass has none)."""

@@ -227,7 +227,8 @@ class Sequential:
         ctx.updates.clear()
         arrays = self._arrays(params, ctx)
         caches = []
-        for op in self.plan(be):
+        ops = self.plan(be) if ctx.trace is None else ctx.trace.ops(self.plan(be))
+        for op in ops:
             x, cache = op.forward(arrays, x, ctx)
             caches.append(cache)
         return x, caches
@@ -261,7 +262,7 @@ class Sequential:
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         arrays = self._arrays(params, ctx)
-        ops = self.plan(be)
+        ops = self.plan(be) if ctx.trace is None else ctx.trace.ops(self.plan(be))
         grads: dict[str, Any] = {}
         dout = dlogits
         for i in reversed(range(len(ops))):
@@ -302,6 +303,8 @@ class Sequential:
         loss, dlogits, correct = self.loss(logits, y, be, ws=ctx.scope("__loss__"))
         if loss_scale != 1.0:  # in place: dlogits is this pass's own (workspace) buffer
             np.multiply(dlogits, loss_scale, out=dlogits)
+        if ctx.trace is not None:
+            ctx.trace.span("loss", cat="loss")
         grads = self.backward(dlogits, caches, params, be, ctx, on_grads, loss_scale)
         return self._penalised(loss, params, be, ctx), correct, grads
 

@@ -33,6 +33,7 @@ from .context import StepContext
 from .errors import DivergedError
 from .optim import make_optimizer
 from .parallel import Strategy, make_strategy
+from .trace import PREFETCH_TID, as_tracer
 
 
 NONFINITE_POLICIES = ("raise", "continue")
@@ -84,7 +85,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
         progress: Callable | None = None, on_nonfinite: str = "raise",
         prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
-        reset_optimizer: bool = False) -> History:
+        reset_optimizer: bool = False, trace=None) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -122,6 +123,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         blas_threads: BLAS threads for the duration of the fit (1: the sequential baseline
             really is sequential, and data-parallel workers do not oversubscribe the cores);
             ``None`` leaves BLAS alone.
+        trace: a path (``.json``) or a :class:`cnn.trace.Tracer`: record the timeline of every
+            step (per worker thread, process or MPI rank: data wait, each op's forward and
+            backward, loss, reduce, update, barriers) and write it as Chrome trace events
+            (Perfetto, ``chrome://tracing``) when the fit ends, MPI ranks merged by rank 0 on
+            a common clock (see :mod:`cnn.trace`). None (default): nothing is recorded.
 
     With ``prefetch=True`` (the default) the next batch is gathered (and moved to the device)
     by a prefetching thread while the current one trains; ``data_time``/``transfer_time``
@@ -154,6 +160,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
+    tracer = strat.tracer = as_tracer(trace)
     if not strat.is_master:  # MPI ranks other than 0 neither print nor show progress
         verbose = 0
     n = len(x)
@@ -212,7 +219,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         try:
             for epoch in range(1, epochs + 1):
                 logs = _run_epoch(strat, be, x, y, n, step_size, shuffle, rng, epoch, epochs,
-                                  verbose, progress, history.info, raising, prefetch, stepper)
+                                  verbose, progress, history.info, raising, prefetch, stepper,
+                                  tracer)
                 if validation_data is not None:
                     t = time.perf_counter()
                     current = strat.current_params()  # a collective for some strategies
@@ -241,6 +249,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                 elif run.stop_training:
                     break
             finished = True
+            if tracer is not None:  # MPI: a collective; processes: asks the workers
+                strat.merge_trace(tracer)
         except DivergedError as err:
             err.history = history
             raise
@@ -259,6 +269,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         err.history = history
         raise err
     history.info["end_step"] = model.optimizer_state.step
+    if tracer is not None and tracer.path is not None and strat.is_master:
+        history.info["trace"] = str(tracer.write())
     if finished:
         for cb in callbacks:
             cb.on_train_end(history)
@@ -327,8 +339,10 @@ class _Prefetcher:
 
     _SLOTS = 2
 
-    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True):
+    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
+                 lane=None):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
+        self.lane = lane  # where each gather is a span, in a traced fit
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -352,7 +366,10 @@ class _Prefetcher:
             yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
             t1 = time.perf_counter()
             xb, yb = self.be.asarray(xb), self.be.asarray(yb)
-            yield xb, yb, len(idx), t1 - t0, time.perf_counter() - t1
+            t2 = time.perf_counter()
+            if self.lane is not None:  # in the training thread: a part of its data wait
+                self.lane.interval("gather", int(t0 * 1e9), int(t2 * 1e9), cat="data")
+            yield xb, yb, len(idx), t1 - t0, t2 - t1
 
     def _run(self) -> None:
         try:
@@ -424,7 +441,7 @@ class _StepHooks:
 
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, epoch, epochs,
                verbose, progress, info: dict, raising: bool, prefetch: bool = True,
-               stepper=None) -> dict:
+               stepper=None, tracer=None) -> dict:
     data_t = transfer_t = compute_t = 0.0
     loss_sum, correct = 0.0, 0
     seen = 0
@@ -437,12 +454,16 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
-    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch)
+    lane = None if tracer is None else tracer.lane(0)
+    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch, lane=None if lane is None
+                          else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane)
     try:
         for step, i in enumerate(range(0, n, step_size), 1):
             t = time.perf_counter()
             xb, yb, size, gather_s, transfer_s = batches.next()
             waited = time.perf_counter() - t
+            if lane is not None:
+                lane.span("data wait", lane.begin(int(t * 1e9)), cat="data")
             # the exposed part of the prefetch: the transfer ends it, so a wait is charged to
             # the transfer first, the rest to the gather
             transfer_t += min(waited, transfer_s)
@@ -452,6 +473,9 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
             batch_loss, batch_correct = strat.step(xb, yb)
             batches.release()
             compute_t += time.perf_counter() - t3
+            if lane is not None:  # the release wakes the prefetcher: it may take the GIL
+                lane.span("data release", cat="data")
+                lane.span("step", int(t * 1e9), args={"epoch": epoch, "step": strat.steps})
             if not math.isfinite(batch_loss):  # a host float already: no extra read-back
                 if bar is not None and raising:
                     bar.close()

@@ -37,7 +37,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "cnn"
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.machine"]),
+                     "cnn.machine", "cnn.trace"]),
     ("backends", ["cnn.backends.*"]),
     ("data and presets", ["cnn.data", "cnn.presets"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",

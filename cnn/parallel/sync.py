@@ -228,6 +228,9 @@ class SyncCore:
         share = 0.0 if ghost else (hi - lo) / n
         slot = transport.slot(i)
         hook = transport.grad_hook(i, self, ghost)
+        lane = None if ctx is None else ctx.trace
+        if lane is not None and hook is not None:
+            hook = _traced_hook(hook, lane)
         if ctx is not None:
             ctx.offset, ctx.global_batch = lo, n
             ctx.reduce = transport.reducer(i, ghost)
@@ -244,16 +247,30 @@ class SyncCore:
         be = self.backend
         local = (0.0, 0) if ghost else (float(be.to_host(loss)) * (hi - lo),
                                         int(be.to_host(correct)))
+        if lane is not None:
+            start = lane.span("contribute", cat="comm")
         t = time.perf_counter()
         g, a, b, totals = transport.combine(i, local)
         comm = time.perf_counter() - t
+        if lane is not None:  # the transport's barrier, if it has one, is a span inside
+            lane.span("reduce", start, cat="comm")
         if ctx is not None:  # every shard computed the same new statistics (synchronised)
             transport.commit_buffers(i, ctx)
         self.apply(g, a, b)
+        if lane is not None:
+            lane.span("update", cat="update")
         t = time.perf_counter()
         transport.done(i)
         comm += time.perf_counter() - t + transport.take_reduce_seconds(i)
         return local[0], local[1], comm, totals
+
+
+def _traced_hook(hook: Callable, lane) -> Callable:
+    """``hook`` (a transport's ``on_grads``) recording each call as a ``contribute`` span."""
+    def on_grads(grads: dict) -> None:
+        hook(grads)
+        lane.span("contribute", cat="comm")
+    return on_grads
 
 
 class Transport:
@@ -393,6 +410,14 @@ class SharedSlots(Transport):
         self.n = len(self.slots)
         self.ranges = layout.ranges(self.n)
         self._reduce = reduce
+        #: worker -> its :class:`cnn.trace.Lane` in a traced fit: the barriers are spans there
+        self.lanes: dict = {}
+
+    def _wait(self, i: int) -> None:
+        self.barrier.wait()
+        lane = self.lanes.get(i)
+        if lane is not None:
+            lane.span("barrier", cat="barrier")
 
     def slot(self, i):
         return self.slots[i]
@@ -404,12 +429,12 @@ class SharedSlots(Transport):
         lo, hi = self.ranges[i]
         if self.n == 1:
             return self.slots[0], 0, self.layout.total, None
-        self.barrier.wait()
+        self._wait(i)
         return ordered_sum(self.slots, lo, hi, self.gsum[lo:hi]), lo, hi, None
 
     def done(self, i):
         if self.n > 1 and self.done_barrier:
-            self.barrier.wait()
+            self._wait(i)
 
     def take_reduce_seconds(self, i):
         return 0.0 if self._reduce is None else self._reduce.take_seconds(i)
