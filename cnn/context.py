@@ -64,6 +64,7 @@ class Workspace:
         # the same buffers under the caller's own (prefix, name, shape, dtype): the hot path
         # finds a buffer with one dict lookup, without normalising the shape and dtype
         self._lookup: dict = {} if _lookup is None else _lookup
+        self._scopes: dict[str, Workspace] = {}  # name -> its scope, made once
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
         """The persistent buffer ``name`` of ``shape`` and ``dtype`` (contents undefined)."""
@@ -89,8 +90,13 @@ class Workspace:
         return buf
 
     def scope(self, name: str) -> "Workspace":
-        """A view of this workspace whose buffer names are prefixed by ``name`` (per layer)."""
-        return Workspace(self.backend, f"{self.prefix}{name}/", self._store, self._lookup)
+        """A view of this workspace whose buffer names are prefixed by ``name`` (per layer);
+        the same view every time (a layer asks for its scope at every pass)."""
+        scoped = self._scopes.get(name)
+        if scoped is None:
+            scoped = self._scopes[name] = Workspace(self.backend, f"{self.prefix}{name}/",
+                                                    self._store, self._lookup)
+        return scoped
 
     @property
     def nbytes(self) -> int:

@@ -113,6 +113,12 @@ class Sequential:
         self.num_classes = self.loss.num_classes(shape[0])
         #: backend -> its plan of ops (see :meth:`plan`)
         self._plans: dict[Backend, tuple] = {}
+        #: per layer, made once (every backward reads them): its parameters' keys in the flat
+        #: dicts and its weight penalties ``(key, l1, l2)``
+        self._grad_keys = {layer: [f"{layer.name}.{p}" for p in layer.param_names]
+                           for layer in self.layers}
+        self._penalties = {layer: [(f"{layer.name}.{p}", l1, l2)
+                                   for p, l1, l2 in layer.penalties()] for layer in self.layers}
         #: the optimizer state (slots and step count, host arrays) the last ``fit`` ended
         #: with; the next ``fit`` continues from it (see :mod:`cnn.optim`)
         self.optimizer_state = None
@@ -269,10 +275,8 @@ class Sequential:
             # the first op's input is data: its gradient is never used
             dout, op_grads = ops[i].backward(arrays, dout, caches[i], ctx, need_dx=i > 0)
             for layer in reversed(ops[i].layers):  # a fused op's layers: each one's own
-                keys = [f"{layer.name}.{p}" for p in layer.param_names]
-                named = {key: op_grads[key] for key in keys}
-                for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
-                    key = f"{layer.name}.{pname}"
+                named = {key: op_grads[key] for key in self._grad_keys[layer]}
+                for key, l1, l2 in self._penalties[layer]:  # in place: the layer's own gradient
                     named[key] = be.weight_penalty_grad(named[key], params[key], l1 * loss_scale,
                                                         l2 * loss_scale, ws=ctx.scope(layer.name))
                 grads.update(named)
@@ -310,10 +314,10 @@ class Sequential:
 
     def _penalised(self, loss, params, be, ctx: StepContext | None = None):
         """``loss`` plus every layer's weight penalty (``kernel_regularizer``)."""
-        for layer in self.layers:
-            for pname, l1, l2 in layer.penalties():
+        for layer, penalties in self._penalties.items():
+            for key, l1, l2 in penalties:
                 ws = None if ctx is None else ctx.scope(layer.name)
-                loss = be.weight_penalty(params[f"{layer.name}.{pname}"], l1, l2, loss, ws=ws)
+                loss = be.weight_penalty(params[key], l1, l2, loss, ws=ws)
         return loss
 
     # ---- inference -------------------------------------------------------------------------

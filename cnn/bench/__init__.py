@@ -39,6 +39,8 @@ SUITES = {
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
+    "trace": Suite("tracing", "what recording a timeline (fit(trace=...)) costs, trace off "
+                   "vs on"),
     "conv": Suite("conv_algorithms", "direct vs Winograd convolution per conv op and step, "
                   "and each algorithm's float32 error", ("dtype", "cpu_time"),
                   prints_machine=True),

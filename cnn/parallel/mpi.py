@@ -371,7 +371,7 @@ class MPISync(_MPIStrategy):
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         super().start(model, optimizer, backend, params, seed, **kwargs)
-        self._core = SyncCore(model, optimizer, backend, self.params, self.state)
+        self._core = SyncCore(model, optimizer, backend, self.params, self.state, flat=True)
         self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
                                        self.bucket_bytes)
         if self.tracer is not None and self.overlap:

@@ -301,7 +301,8 @@ class SyncThreads(ThreadStrategy):
 
     def _setup(self) -> None:
         t = self.threads
-        self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state)
+        self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state,
+                              flat=True)
         lay = self._core.layout
         self._barrier = threading.Barrier(t)
         reduce = SharedReduce(t, self._barrier, np.zeros((2, t, self.reduce_bytes), np.uint8))
