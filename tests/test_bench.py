@@ -70,3 +70,40 @@ def test_pytorch_contender_is_our_network(preset):
     with torch.no_grad():
         theirs = build_torch_model(model)(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-5)
+
+
+#: layers no preset has yet (batch norm, dropout, tanh, a conv NumPy does not fuse): the op
+#: profile must cover them from the model's plan, with nothing of its own to edit
+OPS_SPEC = {"input_shape": [3, 10, 10], "layers": [
+    {"type": "conv2d", "filters": 4, "kernel_size": 3, "activation": "relu"},
+    {"type": "maxpool2d", "pool_size": 2},
+    {"type": "conv2d", "filters": 6, "kernel_size": 2},
+    {"type": "batchnorm"}, {"type": "relu"},
+    {"type": "flatten"}, {"type": "dropout", "rate": 0.2},
+    {"type": "dense", "units": 7, "activation": "tanh"}, {"type": "dense", "units": 10}]}
+
+
+def test_op_profile_rows_cover_every_layer_of_any_model_once():
+    from cnn.bench.ops import BACKENDS, StepRun, rows
+    model = build_model(OPS_SPEC, seed=0, dtype=np.float64)
+    x = np.random.default_rng(0).standard_normal((5, 3, 10, 10))
+    runs = {name: StepRun.of(model, name, x, np.arange(5)) for name in BACKENDS}
+    table = rows(model, runs)
+    # the rows, in order, hold every layer once, and each backend's ops tile each row
+    assert "+".join(label for label, _ in table) == "+".join(l.name for l in model.layers)
+    for name, run in runs.items():
+        covered = [i for _, ops in table for i in ops[name]]
+        assert covered == list(range(len(run.ops)))
+    labels = [label for label, _ in table]
+    assert "conv2d+relu+maxpool2d" in labels  # one op on Numba, three on NumPy
+    assert {"batchnorm", "dropout", "tanh"} <= {part for label in labels
+                                                 for part in label.split("+")}
+
+
+def test_op_profile_checks_and_times_a_model_it_has_never_seen(capsys):
+    from cnn.bench.ops import bench
+    totals = bench(OPS_SPEC, 4, np.float64, repeats=1)
+    assert set(totals) == {"numpy", "numba", "numba_parallel"}
+    out = capsys.readouterr().out
+    for name in ("batchnorm fwd", "dropout bwd", "conv2d+relu+maxpool2d bwd"):
+        assert name in out

@@ -37,7 +37,7 @@ SUITES = {
     "gpu": Suite("gpu", "CUDA vs sequential vs Keras"),
     "mpi": Suite("mpi", "allreduce between MPI ranks, overlap", ("json_path",)),
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
-    "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
+    "ops": Suite("ops", "every op of a model's plan on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
     "trace": Suite("tracing", "what recording a timeline (fit(trace=...)) costs, trace off "
                    "vs on"),
