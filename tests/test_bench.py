@@ -30,7 +30,9 @@ def _row(name, family, threads, ips, malloc=False):
 def test_annotate_and_summary_ratios():
     rows = [_row("ours numpy", "ours", 1, 800), _row("ours numba", "ours", 1, 1000),
             _row("ours numba +MALLOC_*", "ours", 1, 1020, malloc=True),
-            _row("ours sync numba", "ours", 2, 1900), _row("keras", "keras", 1, 1250),
+            _row("ours sync numba", "ours", 2, 1900),
+            _row("ours processes numba", "ours", 2, 1800), _row("ours mpi numba", "ours", 2, 1750),
+            _row("keras", "keras", 1, 1250),
             _row("keras", "keras", 2, 2000), _row("pytorch", "torch", 1, 500),
             _row("pytorch", "torch", 2, 950)]
     annotate(rows, flops=10_000_000, peak=100.0)
@@ -43,8 +45,9 @@ def test_annotate_and_summary_ratios():
     lines = summary({("cifar_tutorial", 128): rows})
     line = next(l for l in lines if "cifar_tutorial" in l and "128" in l)
     # best 1t = numba (the MALLOC_* row is a check, never the best), /keras1 0.80, /torch1 2.00,
-    # best 2t sync numba /keras2 0.95 /torch2 2.00, sync/best1 1.90, malloc numba 1.02
-    for figure in ("0.80", "2.00", "0.95", "1.90", "1.02"):
+    # best 2t sync numba /keras2 0.95 /torch2 2.00, sync/best1 1.90, processes 1.80 and MPI
+    # 1.75 of the best 1t, malloc numba 1.02
+    for figure in ("0.80", "2.00", "0.95", "1.90", "1.80", "1.75", "1.02"):
         assert figure in line, (figure, line)
 
 
@@ -52,7 +55,8 @@ def test_default_contenders_cover_the_issue():
     names = {(s.name, s.threads) for s in contenders()}
     for needed in [("ours numpy", 1), ("ours numba", 1), ("ours numba_parallel", 2),
                    ("ours sync numpy", 2), ("ours sync numba", 2), ("keras", 1), ("keras", 2),
-                   ("pytorch", 1), ("pytorch", 2), ("ours numpy +MALLOC_*", 1)]:
+                   ("pytorch", 1), ("pytorch", 2), ("ours numpy +MALLOC_*", 1),
+                   ("ours processes numba", 2), ("ours mpi numba", 2)]:
         assert needed in names
     assert {(s.name, s.threads) for s in contenders(quick=True)} < names
 

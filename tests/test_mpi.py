@@ -370,6 +370,18 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
 
 
+def test_compare_bench_runs_two_ranks_and_two_processes_as_contenders():
+    """``python -m cnn bench``'s 2-rank contender runs under mpiexec, rank 0 speaking for both
+    on the protocol and passing the parent's go on to rank 1; the processes contender beside
+    it (their figures are not checked here)."""
+    from cnn.bench.peers import contenders, measure
+    specs = [s for s in contenders() if s.name in ("ours mpi numba", "ours processes numba")]
+    rows = measure("mnist_small", 32, specs, images=128, repeats=2)
+    assert [(r["name"], r["threads"], r["error"], r["repeats"]) for r in rows] == [
+        ("ours processes numba", 2, None, 2), ("ours mpi numba", 2, None, 2)]
+    assert all(r["images_per_sec"] > 0 and r["backend"] == "numba" for r in rows)
+
+
 def test_bench_mpi_command_writes_its_json(tmp_path):
     """``python -m cnn bench mpi --json PATH`` (the command the study's scaling model names)
     passes ``--json`` on to the ranks: the file holds the 2-rank fit."""
