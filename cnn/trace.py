@@ -23,6 +23,8 @@ thread, and on MPI ranks with ``overlap`` a lane of the per-bucket allreduces. I
   moment the rank saw it complete (MPI ``overlap``).
 
 Spans of one lane nest (a span lies inside its parent or after it, never across its end).
+They time the host: on the CUDA backend, whose kernels run asynchronously, an op's span is its
+launch, and the device's time shows where the host waits for it (reading the loss back).
 
 Clocks
 ------

@@ -66,19 +66,32 @@ def _depths(spans: list[dict]) -> list[int]:
     return depths
 
 
+def typical_step(trace) -> int:
+    """The global step of median duration, leaving out the first step of each epoch (which
+    waits for the prefetcher's first batch)."""
+    spans = [e for e in load_trace(trace)["traceEvents"] if e.get("ph") == "X"
+             and e["name"] == "step" and "epoch" in e.get("args", {})]
+    if not spans:
+        raise ValueError("the trace holds no step spans")
+    first: dict = {}
+    for e in spans:
+        epoch, step = e["args"]["epoch"], e["args"]["step"]
+        first[epoch] = min(first.get(epoch, step), step)
+    rest = sorted((e for e in spans if e["args"]["step"] not in first.values()),
+                  key=lambda e: e["dur"]) or spans
+    return rest[len(rest) // 2]["args"]["step"]
+
+
 def draw_step(trace, step: int | None = None, title: str | None = None):
-    """The figure of global step ``step`` (default: the middle step of the trace): every lane
-    with a span in the step's window (:func:`step_window`), time in milliseconds from the
-    step's start. Returns a matplotlib Figure."""
+    """The figure of global step ``step`` (default: a typical one, :func:`typical_step`):
+    every lane with a span in the step's window (:func:`step_window`), time in milliseconds
+    from the step's start. Returns a matplotlib Figure."""
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
     data = load_trace(trace)
     events = data["traceEvents"]
     if step is None:
-        numbers = step_numbers(data)
-        if not numbers:
-            raise ValueError("the trace holds no step spans")
-        step = numbers[len(numbers) // 2]
+        step = typical_step(data)
     lo, hi = step_window(data, step)
     processes, threads = _names(events)
     lanes: dict = defaultdict(list)
