@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 
-from .backends import available_backends
 from .checks import check_int, int_arg, number_arg
 from .errors import DeviceUnavailableError, DivergedError, MissingExtraError
 
@@ -37,7 +36,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 
 
 def _add_train(sub) -> None:
-    from .backends import available_backends
+    from .backends import AUTO, backend_choices
     from .parallel import mpi_strategies, strategy_names
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
@@ -77,11 +76,13 @@ def _add_train(sub) -> None:
                    help="mpi: overlap the gradient allreduce with the backward pass")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
-    p.add_argument("--backend", default="numpy",
-                   help=f"{' | '.join([*available_backends(), *REFERENCE_BACKENDS])} (default "
-                        f"numpy; naive is the loop-by-loop oracle the tests check the others "
-                        f"against: slow; keras and torch train the same spec through the "
-                        f"Keras or PyTorch reference, --threads of theirs)")
+    p.add_argument("--backend", default=AUTO,
+                   help=f"{' | '.join([*backend_choices(), *REFERENCE_BACKENDS])} (default "
+                        f"auto: the fastest CPU backend installed, numba when Numba imports, "
+                        f"else numpy; also for every worker process and MPI rank. naive is the "
+                        f"loop-by-loop oracle the tests check the others against: slow; keras "
+                        f"and torch train the same spec through the Keras or PyTorch reference, "
+                        f"--threads of theirs)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     p.add_argument("--filters", type=positive_int, default=None,
                    help="filters of the first conv layer")
@@ -105,6 +106,11 @@ def _add_train(sub) -> None:
                         "rank or a host lost) from its last backup, up to K times, on fewer "
                         "ranks when hosts of --hostfile are gone")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--trace", default=None, metavar="JSON",
+                   help="write the timeline of every step to this .json file (Chrome trace "
+                        "events: open it in ui.perfetto.dev or chrome://tracing): per worker "
+                        "thread, process or MPI rank, data wait, each layer op's forward and "
+                        "backward, loss, reduce, update, barriers (see cnn.trace)")
     p.add_argument("--on-nonfinite", default="raise", choices=["raise", "continue"],
                    help="a NaN/inf training loss stops training (raise, the default: exit 3, "
                         "nothing saved) or is counted and training goes on (continue)")
@@ -278,7 +284,8 @@ def _check_reference_options(args) -> None:
                ("--early-stopping", args.early_stopping is not None),
                ("--checkpoint", args.checkpoint is not None),
                ("--plot", args.plot is not None),
-               ("--backup-dir", args.backup_dir is not None)]
+               ("--backup-dir", args.backup_dir is not None),
+               ("--trace", args.trace is not None)]
     if args.backend == "torch":  # fit_torch: SGD with momentum at a constant learning rate
         refused += [("--lr-schedule", args.lr_schedule is not None),
                     ("--warmup-steps", args.warmup_steps is not None)]
@@ -323,6 +330,9 @@ def _fit_reference(args, model, data, optimizer, schedule, batch_size):
         return fit_keras(model, data.x_train, data.y_train, **kwargs)
     from .reference.torch import fit_torch
     return fit_torch(model, data.x_train, data.y_train, **kwargs)
+def _describe_backend(name: str) -> str:
+    from .backends import AUTO, resolve_backend
+    return f"{resolve_backend(name)} (auto)" if name == AUTO else name
 
 
 def cmd_train(args) -> int:
@@ -408,6 +418,8 @@ def cmd_train(args) -> int:
             print(f"warning: --save and --checkpoint both name {save}: the best epoch's "
                   f"weights written there are replaced by the final ones at the end; give "
                   f"--checkpoint another file to keep both", file=sys.stderr)
+    if args.trace is not None:
+        _check_trace_path(args.trace)
 
     # the validation split is carved here, from arrays nobody else holds, rather than by fit
     # (which copies the caller's data): the same examples, without a second training set
@@ -435,7 +447,8 @@ def cmd_train(args) -> int:
                   + (f", lr schedule {schedule}" if schedule else "")
                   + f", batch {batch_size}, "
                   + (f"the {args.backend} reference with {args.threads} thread(s)" if reference
-                     else f"{_describe_strategy(strategy)}, backend {args.backend}")
+                     else f"{_describe_strategy(strategy)}, backend "
+                          f"{_describe_backend(args.backend)}")
                   + f", validation split {args.validation_split}"
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
             validation = None if data.x_val is None else (data.x_val, data.y_val)
@@ -449,7 +462,7 @@ def cmd_train(args) -> int:
                                  callbacks=callbacks,
                                  verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
                                  progress=interrupt.progress, backup_dir=args.backup_dir,
-                                 backup_every=args.backup_every)
+                                 backup_every=args.backup_every, trace=args.trace)
             if interrupt.signum is not None and launch.mpi_job_size() == 1:
                 raise KeyboardInterrupt  # asked for during the last evaluation: the run is whole
     except DivergedError as err:
@@ -483,7 +496,18 @@ def cmd_train(args) -> int:
         if written != save:
             return EXIT_NOT_SAVED
         print(f"weights saved to {written}")
+    if "trace" in hist.info:
+        print(f"timeline written to {hist.info['trace']} (open it in ui.perfetto.dev)")
     return 0
+
+
+def _check_trace_path(path: str) -> None:
+    """``--trace``: a .json file in an existing folder (refused before any data is read)."""
+    target = Path(path)
+    if target.suffix.lower() != ".json":
+        raise ValueError(f"--trace: give a .json file. Received {path!r}")
+    if target.is_dir() or not target.parent.is_dir():
+        raise ValueError(f"--trace: {path} is not a file in an existing folder")
 
 
 def _check_backup_options(args) -> None:
@@ -748,7 +772,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="compare and mpi suites: also write every figure to PATH (mpi: the "
+                   help="compare, mpi and tta suites: also write every figure to PATH (mpi: the "
                         "fitted alpha and beta the study's scaling model reads from "
                         "results/mpi_allreduce.json)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"],

@@ -118,7 +118,7 @@ class RunConfig:
     lr_schedule: Any = None
     strategy: str = "sequential"
     threads: int = 1
-    backend: str = "numpy"
+    backend: str = "auto"
     dtype: str = "float32"
     seed: int = 0
     validation_split: float = 0.1
@@ -137,7 +137,7 @@ class RunConfig:
         from .model import resolve_spec
         from .optim import make_optimizer
         from .parallel import make_strategy
-        from .backends import available_backends
+        from .backends import backend_choices
         from .presets import default_model
 
         where = f"model {self.name!r}"
@@ -153,7 +153,7 @@ class RunConfig:
         if self.early_stopping is not None and not vs:
             raise ValueError(f"{where}: early_stopping needs a validation_split > 0")
         check_choice(where, "dtype", self.dtype, ("float32", "float64"))
-        check_choice(where, "backend", self.backend, available_backends())
+        check_choice(where, "backend", self.backend, backend_choices())
         model = self.model if self.model is not None else default_model(self.dataset)
         try:
             self.spec = resolve_spec(model)

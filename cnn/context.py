@@ -25,6 +25,10 @@ It says
   replica of ``average``; each MPI rank). A pass nobody commits, such as the JIT warm-up of
   :func:`cnn.train.fit`, changes nothing.
 
+- where the pass records its timeline (``trace``: a :class:`cnn.trace.Lane` of the worker
+  when the fit is traced, else None): the model then records each op's forward and backward
+  and the loss as spans on it.
+
 Contexts are cheap: a strategy keeps one per worker for the whole fit and updates ``step``,
 ``offset`` and ``global_batch`` in place before each pass.
 """
@@ -63,6 +67,7 @@ class Workspace:
         # the same buffers under the caller's own (prefix, name, shape, dtype): the hot path
         # finds a buffer with one dict lookup, without normalising the shape and dtype
         self._lookup: dict = {} if _lookup is None else _lookup
+        self._scopes: dict[str, Workspace] = {}  # name -> its scope, made once
 
     def buffer(self, name: str, shape: tuple[int, ...], dtype) -> Any:
         """The persistent buffer ``name`` of ``shape`` and ``dtype`` (contents undefined)."""
@@ -102,8 +107,13 @@ class Workspace:
         return buf
 
     def scope(self, name: str) -> "Workspace":
-        """A view of this workspace whose buffer names are prefixed by ``name`` (per layer)."""
-        return Workspace(self.backend, f"{self.prefix}{name}/", self._store, self._lookup)
+        """A view of this workspace whose buffer names are prefixed by ``name`` (per layer);
+        the same view every time (a layer asks for its scope at every pass)."""
+        scoped = self._scopes.get(name)
+        if scoped is None:
+            scoped = self._scopes[name] = Workspace(self.backend, f"{self.prefix}{name}/",
+                                                    self._store, self._lookup)
+        return scoped
 
     @property
     def nbytes(self) -> int:
@@ -134,6 +144,8 @@ class StepContext:
         updates: filled by a training pass: ``{"<layer>.<buffer>": new array}``, the values
             the buffers should take after this step (see :meth:`commit`). Cleared by the
             model at the start of every forward.
+        trace: the worker's :class:`cnn.trace.Lane` when the fit records a timeline, else
+            None (the passes then test this one attribute and record nothing).
     """
 
     training: bool = False
@@ -145,6 +157,7 @@ class StepContext:
     reduce: Reduce | None = field(default=None, repr=False)
     buffers: dict | None = field(default=None, repr=False)
     updates: dict = field(default_factory=dict, repr=False)
+    trace: Any = field(default=None, repr=False)
 
     def scope(self, name: str) -> Workspace | None:
         """The workspace of the layer called ``name`` (None when this pass has none)."""

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, available_backends, get_backend
+from .backends import Backend, backend_choices, get_backend
 from .checks import check_int, is_integer
 from .context import StepContext
 from .files import atomic_write, check_writable, make_folders, read_structured
@@ -88,18 +88,18 @@ class Sequential:
         input_shape: per-example input shape ``(C, H, W)``.
         dtype: float32 (default) or float64; parameters and activations use it.
         seed: seeds the initialisation, so equal seeds give equal initial weights.
-        backend: default backend name for ``predict``/``evaluate``/``fit``.
+        backend: default backend name for ``predict``/``evaluate``/``fit``; ``"auto"`` (the
+            default): the fastest CPU backend installed (:func:`cnn.backends.resolve_backend`).
         loss: ``"softmax_cross_entropy"`` (default) or ``"binary_cross_entropy"`` (one logit
             per example; see :mod:`cnn.losses`).
     """
 
     def __init__(self, layers: list[Layer], input_shape, *, dtype=np.float32, seed: int = 0,
-                 backend: str | Backend = "numpy", loss: "str | Loss" = "softmax_cross_entropy"):
+                 backend: str | Backend = "auto", loss: "str | Loss" = "softmax_cross_entropy"):
         self.loss = get_loss(loss)
         self.dtype = _check_dtype(dtype)
-        if not isinstance(backend, Backend) and backend not in available_backends():
-            raise ValueError(f"unknown backend {backend!r}; choose one of "
-                             f"{available_backends()}")
+        if not isinstance(backend, Backend) and backend not in backend_choices():
+            raise ValueError(f"unknown backend {backend!r}; choose one of {backend_choices()}")
         self.input_shape = check_input_shape(input_shape)
         self.layers = list(layers)
         self.seed = seed
@@ -121,6 +121,12 @@ class Sequential:
         self.num_classes = self.loss.num_classes(shape[0])
         #: backend -> its plan of ops (see :meth:`plan`)
         self._plans: dict[Backend, tuple] = {}
+        #: per plain layer (blocks' leaves included), made once (every backward reads them):
+        #: its parameters' keys in the flat dicts and its weight penalties ``(key, l1, l2)``
+        self._grad_keys = {layer: [f"{layer.name}.{p}" for p in layer.param_names]
+                           for layer in self.leaves}
+        self._penalties = {layer: [(f"{layer.name}.{p}", l1, l2)
+                                   for p, l1, l2 in layer.penalties()] for layer in self.leaves}
         #: the optimizer state (slots and step count, host arrays) the last ``fit`` ended
         #: with; the next ``fit`` continues from it (see :mod:`cnn.optim`)
         self.optimizer_state = None
@@ -234,7 +240,8 @@ class Sequential:
         params, be = self._params_backend(params, backend)
         ctx = StepContext() if ctx is None else ctx
         ctx.updates.clear()
-        return forward_ops(self.plan(be), self._arrays(params, ctx), x, ctx, keep_caches)
+        ops = self.plan(be) if ctx.trace is None else ctx.trace.ops(self.plan(be))
+        return forward_ops(ops, self._arrays(params, ctx), x, ctx, keep_caches)
 
     def plan(self, backend=None) -> tuple:
         """The ops that run the layers on ``backend`` (default the model's), in order: one per
@@ -267,12 +274,9 @@ class Sequential:
 
         def penalties_and_hook(op, op_grads):
             # each layer of the op (a fused run's, a block's leaves), last first
-            leaves = [leaf for layer in op.layers for leaf in layer.leaves()]
-            for layer in reversed(leaves):
-                named = {f"{layer.name}.{p}": op_grads[f"{layer.name}.{p}"]
-                         for p in layer.param_names}
-                for pname, l1, l2 in layer.penalties():  # in place: the layer's own gradient
-                    key = f"{layer.name}.{pname}"
+            for layer in reversed([leaf for layer in op.layers for leaf in layer.leaves()]):
+                named = {key: op_grads[key] for key in self._grad_keys[layer]}
+                for key, l1, l2 in self._penalties[layer]:  # in place: the layer's own gradient
                     named[key] = op_grads[key] = be.weight_penalty_grad(
                         named[key], params[key], l1 * loss_scale, l2 * loss_scale,
                         ws=ctx.scope(layer.name))
@@ -280,7 +284,8 @@ class Sequential:
                     on_grads(named)
 
         # the first op's input is data: its gradient is never used (need_dx=False)
-        _, grads = backward_ops(self.plan(be), self._arrays(params, ctx), dlogits, caches, ctx,
+        ops = self.plan(be) if ctx.trace is None else ctx.trace.ops(self.plan(be))
+        _, grads = backward_ops(ops, self._arrays(params, ctx), dlogits, caches, ctx,
                                 need_dx=False, on_op=penalties_and_hook)
         return grads
 
@@ -307,15 +312,17 @@ class Sequential:
         loss, dlogits, correct = self.loss(logits, y, be, ws=ctx.scope("__loss__"))
         if loss_scale != 1.0:  # in place: dlogits is this pass's own (workspace) buffer
             np.multiply(dlogits, loss_scale, out=dlogits)
+        if ctx.trace is not None:
+            ctx.trace.span("loss", cat="loss")
         grads = self.backward(dlogits, caches, params, be, ctx, on_grads, loss_scale)
         return self._penalised(loss, params, be, ctx), correct, grads
 
     def _penalised(self, loss, params, be, ctx: StepContext | None = None):
         """``loss`` plus every layer's weight penalty (``kernel_regularizer``)."""
-        for layer in self.leaves:
-            for pname, l1, l2 in layer.penalties():
+        for layer, penalties in self._penalties.items():
+            for key, l1, l2 in penalties:
                 ws = None if ctx is None else ctx.scope(layer.name)
-                loss = be.weight_penalty(params[f"{layer.name}.{pname}"], l1, l2, loss, ws=ws)
+                loss = be.weight_penalty(params[key], l1, l2, loss, ws=ws)
         return loss
 
     # ---- inference -------------------------------------------------------------------------

@@ -264,12 +264,6 @@ class TrainingPath:
         return (self.sequential_algorithm and strategy in self.strategies
                 and algorithm is not None and algorithm.sequential)
 
-    @property
-    def step_hooks(self) -> bool:
-        """Whether its trainer calls callbacks after each step (time-to-accuracy needs them):
-        every trainer but Keras's own loop."""
-        return self.trainer != "keras"
-
     def resolve(self, strategy: str | None, backend: str | None, threads: int) -> tuple:
         """``(strategy, backend, threads)`` of a run: the defaults filled in, fixed axes fixed,
         and a clear ``ValueError`` for a value this path does not take."""

@@ -38,9 +38,27 @@ def layer_params(layer, params: dict, buffers: dict | None = None) -> dict:
     return out
 
 
-def _named(layer, grads: dict) -> dict:
-    """A layer's gradients keyed like the model's parameters: ``"<layer>.<param>"``."""
-    return {f"{layer.name}.{p}": g for p, g in grads.items()}
+class _Keys:
+    """A layer's keys in the model's flat dicts, made once per plan (the passes look its
+    arrays up and name its gradients every step): ``arrays``, ``(own name, model key)`` of
+    each parameter and buffer; ``grads``, own name -> model key of each parameter."""
+
+    __slots__ = ("arrays", "grads")
+
+    def __init__(self, layer):
+        self.grads = {p: f"{layer.name}.{p}" for p in layer.param_names}
+        self.arrays = tuple((p, f"{layer.name}.{p}")
+                            for p in (*layer.param_names, *layer.buffer_names))
+
+    def own(self, params: dict) -> dict:
+        """The layer's arrays from the flat ``params`` (which holds the buffers too)."""
+        return {p: params[key] for p, key in self.arrays}
+
+    def named(self, grads: dict, out: dict) -> dict:
+        """The layer's ``grads`` added to ``out`` under the model's keys."""
+        for p, g in grads.items():
+            out[self.grads[p]] = g
+        return out
 
 
 class LayerOp:
@@ -50,16 +68,15 @@ class LayerOp:
     def __init__(self, layer, backend):
         self.layers = (layer,)
         self.backend = backend
+        self._keys = _Keys(layer)
 
     def forward(self, params, x, ctx):
-        layer = self.layers[0]
-        return layer.forward(layer_params(layer, params), x, self.backend, ctx)
+        return self.layers[0].forward(self._keys.own(params), x, self.backend, ctx)
 
     def backward(self, params, dout, cache, ctx, need_dx):
-        layer = self.layers[0]
-        dx, grads = layer.backward(layer_params(layer, params), dout, cache, self.backend, ctx,
-                                   need_dx=need_dx)
-        return dx, _named(layer, grads)
+        dx, grads = self.layers[0].backward(self._keys.own(params), dout, cache, self.backend,
+                                            ctx, need_dx=need_dx)
+        return dx, self._keys.named(grads, {})
 
     def __repr__(self) -> str:
         return f"LayerOp({self.layers[0].name})"
@@ -72,18 +89,19 @@ class FusedOp:
         self.fusion = fusion
         self.layers = tuple(layers)
         self.backend = backend
+        self._keys = tuple(_Keys(layer) for layer in self.layers)
 
     def forward(self, params, x, ctx):
-        own = [layer_params(layer, params) for layer in self.layers]
+        own = [keys.own(params) for keys in self._keys]
         return self.fusion.forward(self.backend, self.layers, own, x, ctx)
 
     def backward(self, params, dout, cache, ctx, need_dx):
-        own = [layer_params(layer, params) for layer in self.layers]
+        own = [keys.own(params) for keys in self._keys]
         dx, grads = self.fusion.backward(self.backend, self.layers, own, dout, cache, ctx,
                                          need_dx)
         named: dict = {}
-        for layer, layer_grads in zip(self.layers, grads):
-            named.update(_named(layer, layer_grads))
+        for keys, layer_grads in zip(self._keys, grads):
+            keys.named(layer_grads, named)
         return dx, named
 
     def __repr__(self) -> str:

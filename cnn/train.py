@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .backends import Backend, get_backend
+from .backends import AUTO, Backend, get_backend
 from .backup import (Backup, BackupMismatchError, FitBackups, check_identity, fingerprint, pack,
                      unpack)
 from .callbacks import Callback, FitRun, monitored
@@ -37,6 +37,7 @@ from .context import StepContext
 from .errors import DivergedError, Interrupted
 from .optim import OptimizerState, make_optimizer
 from .parallel import Strategy, make_strategy
+from .trace import PREFETCH_TID, as_tracer
 
 
 NONFINITE_POLICIES = ("raise", "continue")
@@ -131,7 +132,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         progress: Callable | None = None, on_nonfinite: str = "raise",
         prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
         reset_optimizer: bool = False, backup_dir: "str | os.PathLike | None" = None,
-        backup_every: "int | str" = "epoch") -> History:
+        backup_every: "int | str" = "epoch", trace=None) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -148,7 +149,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         reset_optimizer: start from a fresh optimizer state (zero slots, step 0) even when the
             model kept one.
         strategy, threads, strategy_options: how each batch is split (see :mod:`cnn.parallel`).
-        backend: where the arithmetic runs (default the model's).
+        backend: where the arithmetic runs (default the model's, whose own default is
+            ``"auto"``: the fastest CPU backend installed, numba when Numba imports, else
+            numpy). The backend used is printed first (``verbose``) and recorded in
+            ``history.info["backend"]``, the name asked for in ``info["backend_requested"]``.
         shuffle, seed: the data order of each epoch comes from ``seed`` (epoch ``e``'s order
             is a function of ``seed`` and ``e`` alone, :class:`EpochOrders`), so two runs
             with the same seed see the same batches in the same order.
@@ -176,6 +180,11 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             from the newest usable one (saying so; a torn one is skipped, saying so too) and
             ends with the same weights and history as a run never interrupted; a backup of
             another model, data set or configuration is refused, naming what differs.
+        trace: a path (``.json``) or a :class:`cnn.trace.Tracer`: record the timeline of every
+            step (per worker thread, process or MPI rank: data wait, each op's forward and
+            backward, loss, reduce, update, barriers) and write it as Chrome trace events
+            (Perfetto, ``chrome://tracing``) when the fit ends, MPI ranks merged by rank 0 on
+            a common clock (see :mod:`cnn.trace`). None (default): nothing is recorded.
 
     With ``prefetch=True`` (the default) the next batch is gathered (and moved to the device)
     by a prefetching thread while the current one trains; ``data_time``/``transfer_time``
@@ -212,10 +221,12 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
-    be = get_backend(backend or model.backend)
+    requested = backend or model.backend
+    be = get_backend(requested)
     opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
+    tracer = strat.tracer = as_tracer(trace)
     if not strat.is_master:  # MPI ranks other than 0 neither print nor show progress
         verbose = 0
     n = len(x)
@@ -250,7 +261,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                                  **strat.algorithm()}}
         if resume:
             resume.check(identity, strat)
-    history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
+    history = History(info={"backend": be.name, "backend_requested": getattr(
+                                requested, "name", requested), **strat.describe(),
+                            "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
                             "nonfinite_steps": 0, "first_nonfinite": None,
@@ -261,6 +274,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     if backups is not None:
         history.info.update(backup_time=0.0, resumes=[], resumed_epochs=[])
     run = FitRun(model, history, strat, be)
+    if verbose:
+        print(f"training on backend {be.name}"
+              + (" (auto: the fastest CPU backend installed)" if requested == AUTO else ""),
+              flush=True)
     if opt.schedule is not None:
         opt.schedule.on_train_begin()
     for cb in callbacks:
@@ -298,7 +315,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             for epoch in range(first, epochs + 1 if not done else first):
                 logs = _run_epoch(strat, be, x, y, n, step_size, orders, epoch, epochs,
                                   verbose, progress, history.info, raising, prefetch, stepper,
-                                  totals, boundaries)
+                                  totals, boundaries, tracer)
                 stopped_by_step = totals is not None and totals.stopped
                 totals = None
                 if validation_data is not None:
@@ -331,6 +348,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                     break
             finished = True
             boundaries.at_end(epoch, stop)
+            if tracer is not None:  # MPI: a collective; processes: asks the workers
+                strat.merge_trace(tracer)
         except DivergedError as err:
             err.history = history
             raise
@@ -351,6 +370,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         err.history = history
         raise err
     history.info["end_step"] = model.optimizer_state.step
+    if tracer is not None and tracer.path is not None and strat.is_master:
+        history.info["trace"] = str(tracer.write())
     if finished:
         for cb in callbacks:
             cb.on_train_end(history)
@@ -667,8 +688,10 @@ class _Prefetcher:
 
     _SLOTS = 2
 
-    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True):
+    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
+                 lane=None):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
+        self.lane = lane  # where each gather is a span, in a traced fit
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -692,7 +715,10 @@ class _Prefetcher:
             yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
             t1 = time.perf_counter()
             xb, yb = self.be.asarray(xb), self.be.asarray(yb)
-            yield xb, yb, len(idx), t1 - t0, time.perf_counter() - t1
+            t2 = time.perf_counter()
+            if self.lane is not None:  # in the training thread: a part of its data wait
+                self.lane.interval("gather", int(t0 * 1e9), int(t2 * 1e9), cat="data")
+            yield xb, yb, len(idx), t1 - t0, t2 - t1
 
     def _run(self) -> None:
         try:
@@ -765,7 +791,7 @@ class _StepHooks:
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOrders, epoch,
                epochs, verbose, progress, info: dict, raising: bool, prefetch: bool = True,
                stepper=None, totals: _EpochTotals | None = None,
-               boundaries: _Boundaries | None = None) -> dict:
+               boundaries: _Boundaries | None = None, tracer=None) -> dict:
     """One epoch (from ``totals``, the sums of its first batches, when a resumed fit
     continues it): its batches in ``orders(epoch)``, then the strategy's end of epoch; the
     epoch's row of the history."""
@@ -782,14 +808,18 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
         bar = tqdm(total=n, initial=t.seen, desc=f"epoch {epoch}/{epochs}", unit="img",
                    leave=False)
     first = t.batches * step_size
+    lane = None if tracer is None else tracer.lane(0)
     batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
-                          threaded=prefetch)
+                          threaded=prefetch, lane=None if lane is None
+                          else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane)
     try:
         for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
                                  t.batches + 1):
             t1 = time.perf_counter()
             xb, yb, size, gather_s, transfer_s = batches.next()
             waited = time.perf_counter() - t1
+            if lane is not None:
+                lane.span("data wait", lane.begin(int(t1 * 1e9)), cat="data")
             # the exposed part of the prefetch: the transfer ends it, so a wait is charged to
             # the transfer first, the rest to the gather
             t.transfer_time += min(waited, transfer_s)
@@ -799,6 +829,9 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
             batch_loss, batch_correct = strat.step(xb, yb)
             batches.release()
             t.compute_time += time.perf_counter() - t3
+            if lane is not None:  # the release wakes the prefetcher: it may take the GIL
+                lane.span("data release", cat="data")
+                lane.span("step", int(t1 * 1e9), args={"epoch": epoch, "step": strat.steps})
             if not math.isfinite(batch_loss):  # a host float already: no extra read-back
                 if bar is not None and raising:
                     bar.close()

@@ -10,6 +10,8 @@ test's own process. One launch trains all of them, to keep CI short.
 
 ``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward, after
 writing the MPICH segments it maps to ``OUT/segments.rank1``.
+``python tests/mpi_checks.py trace OUT``: a traced run (overlap, several buckets), rank 0
+writing ``OUT/trace.json``.
 ``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
 ``OUT/pid.rank<r>`` and, once training has started, ``OUT/started.rank<r>`` (the test kills
 rank 1 with SIGKILL).
@@ -32,6 +34,7 @@ from cnn.backends.numpy import NumpyBackend
 SCENARIOS = {
     "float64": ("mpi", {}),
     "float32": ("mpi", {"dtype": np.float32}),
+    "auto": ("mpi", {"backend": "auto"}),  # fit's default: the fastest backend installed
     "overlap": ("mpi", {"overlap": True}),
     "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
     "center": ("mpi", {"kind": "center"}),
@@ -104,6 +107,11 @@ def main(mode: str, out: str) -> None:
         x, y = blobs()
         build().fit(x, y, epochs=2, batch_size=8, optimizer=OPT, strategy="mpi",
                     backend=Failing(), verbose=0)
+    elif mode == "trace":  # a traced run with overlapped buckets: one file, merged by rank 0
+        x, y = blobs(200)
+        build().fit(x, y, epochs=1, batch_size=32, optimizer=OPT, strategy="mpi", verbose=0,
+                    backend="numpy", strategy_options={"overlap": True, "bucket_bytes": 200},
+                    trace=out_dir / "trace.json")
     elif mode == "slow":
         (out_dir / f"pid.rank{rank}").write_text(str(os.getpid()))
         started = out_dir / f"started.rank{rank}"

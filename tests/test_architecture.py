@@ -42,7 +42,7 @@ ARCHITECTURE_DOC = PACKAGE.parent / "docs" / "architecture.md"
 #: entries name one module. The top package ``cnn`` (its ``__init__``) is the public facade.
 LAYERS: list[tuple[str, list[str]]] = [
     ("foundations", ["cnn.checks", "cnn.errors", "cnn.files", "cnn.context", "cnn.monitor",
-                     "cnn.machine", "cnn.records", "cnn.extras"]),
+                     "cnn.machine", "cnn.records", "cnn.extras", "cnn.trace"]),
     ("backends", ["cnn.backends.*"]),
     # the names of what the study runs: paths (backend x strategy x launcher) and where each
     # strategy lives; the standard library only (and the backends' records), so every layer

@@ -134,6 +134,24 @@ def test_bench_quick_smoke():
     assert re.search(r"ratio ours/keras", proc.stdout)
 
 
+def test_bench_tta_quick_smoke(tmp_path):
+    """The study's runs to a target, every family: ours (one and two cores), and Keras and
+    PyTorch where installed; the same seed gives every contender the same batches, which
+    the same number of steps to the target shows (every one reaches it at the first
+    evaluation of this smoke run)."""
+    from cnn.bench.tta import QUICK_CONTENDERS, QUICK_PROBLEM
+    out = tmp_path / "tta.json"
+    proc = run_cli("bench", "tta", "--quick", "--json", str(out), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())["presets"]["mnist_small"]
+    assert record["problem"] == list(QUICK_PROBLEM)
+    rows = {r["contender"]: r for r in record["rows"]}
+    assert {"ours numpy (one core)", "ours sync numpy x2"} <= set(rows) <= set(QUICK_CONTENDERS)
+    assert all(r["runs"] == r["reached"] == 1 for r in rows.values())
+    assert {r["steps"] for r in rows.values()} == {record["eval_every"]}
+    assert "to 60% validation accuracy" in proc.stdout
+
+
 def test_bench_gpu_without_a_gpu_says_so_and_exits_cleanly():
     env = {**os.environ, "NUMBA_ENABLE_CUDASIM": "0"}
     out = subprocess.run([sys.executable, "-m", "cnn", "bench", "gpu"], capture_output=True,

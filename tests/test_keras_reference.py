@@ -269,6 +269,31 @@ def test_fit_keras_follows_fits_batches_and_reaches_its_weights(trained_pair):
         assert_close(theirs.params[k], v, 1e-4, f"{k} after 4 epochs")
 
 
+def test_fit_keras_runs_time_to_accuracy_as_fit_does(blobs):
+    """The step hook: evaluations every 3 steps on the training clock (it leaves the
+    evaluations out), and training stops at the first that reaches the target, leaving the
+    weights it evaluated (our model, evaluating them itself, finds the same accuracy)."""
+    from cnn.study.tta import TimeToAccuracy
+    model = build_model(BLOBS, seed=8)
+    tta = TimeToAccuracy(blobs.x_test, blobs.y_test, every=3, target=0.7)
+    h = fit_keras(model, blobs.x_train, blobs.y_train, epochs=8, batch_size=32,
+                  optimizer={"type": "sgd", "lr": 0.1, "momentum": 0.9}, seed=11, threads=1,
+                  callbacks=[tta])
+    assert tta.reached is not None and tta.reached is tta.trace[-1]
+    steps = [entry[0] for entry in tta.trace]
+    assert steps == list(range(3, 3 * len(steps) + 1, 3))
+    # 300 examples a batch of 32: 10 steps an epoch, the last of 12 examples
+    assert [entry[1] for entry in tta.trace] == [300 * (s // 10) + min(s % 10 * 32, 300)
+                                                 for s in steps]
+    clocks = [entry[2] for entry in tta.trace]
+    assert all(0 < a < b for a, b in zip(clocks, clocks[1:]))
+    assert clocks[-1] == pytest.approx(sum(h.history["time"]), rel=0.05)
+    assert all(t > 0 for t in h.history["callback_time"])
+    assert h.epochs == -(-steps[-1] // 10) and h.history["examples"][-1] == tta.trace[-1][1] \
+        - 300 * (h.epochs - 1)
+    assert abs(model.evaluate(blobs.x_test, blobs.y_test)["accuracy"] - tta.reached[3]) <= 0.011
+
+
 def test_fit_keras_checks_its_arguments(blobs):
     model = build_model(BLOBS)
     with pytest.raises(ValueError, match="epochs"):

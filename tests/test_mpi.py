@@ -93,6 +93,7 @@ def load(out: Path, name: str, rank: int = 0):
 
 SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
     "float64": {},
+    "auto": {"backend": "auto"},
     "overlap": {},
     "overlap_buckets": {},
     "center": {"kind": "center"},
@@ -127,6 +128,7 @@ def test_two_ranks_equal_sequential_float64(runs, name):
     # the loss of each epoch is the all-reduced one, equal to sequential's
     np.testing.assert_allclose(rec["history"]["loss"], ref_hist.history["loss"], rtol=1e-12)
     assert rec["info"]["strategy"] == "mpi" and rec["info"]["ranks"] == 2
+    assert rec["info"]["backend"] == ref_hist.info["backend"]  # numba for "auto"
     assert len(rec["info"]["hosts"]) == 2
     assert all(c > 0 for c in rec["history"]["comm_time"])
 
@@ -402,6 +404,18 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     assert record["ranks"] == 2 and record["alpha"] > 0 and record["beta"] > 0
     assert [r["bytes"] for r in record["allreduce"]][0] == 1024
     assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
+
+
+def test_compare_bench_runs_two_ranks_and_two_processes_as_contenders():
+    """``python -m cnn bench``'s 2-rank contender runs under mpiexec, rank 0 speaking for both
+    on the protocol and passing the parent's go on to rank 1; the processes contender beside
+    it (their figures are not checked here)."""
+    from cnn.bench.peers import contenders, measure
+    specs = [s for s in contenders() if s.name in ("ours mpi numba", "ours processes numba")]
+    rows = measure("mnist_small", 32, specs, images=128, repeats=2)
+    assert [(r["name"], r["threads"], r["error"], r["repeats"]) for r in rows] == [
+        ("ours processes numba", 2, None, 2), ("ours mpi numba", 2, None, 2)]
+    assert all(r["images_per_sec"] > 0 and r["backend"] == "numba" for r in rows)
 
 
 def test_bench_mpi_command_writes_its_json(tmp_path):

@@ -67,6 +67,15 @@ def test_processes_equal_sequential_float32():
     assert max_rel_diff(got, ref) < 1e-5
 
 
+def test_processes_default_to_the_fastest_backend_in_every_worker():
+    """backend "auto" (fit's default): the workers run the backend the fit resolved (numba
+    here), and the run still equals the sequential path on it."""
+    ref = sequential(backend="auto")
+    got, hist = train("processes", 2, backend="auto")
+    assert hist.info["backend"] == "numba" and hist.info["backend_requested"] == "auto"
+    assert max_abs_diff(got, ref) < 1e-12
+
+
 def test_processes_one_worker_is_bitwise_sequential():
     ref = sequential()
     got, _ = train("processes", 1)

@@ -108,10 +108,12 @@ def test_a_path_names_known_strategies_and_cannot_be_registered_twice(registered
         P.register_path(_fake_path("once"))
 
 
-def test_time_to_accuracy_needs_a_trainer_with_step_hooks():
-    assert not P.PATHS["keras"].step_hooks and P.PATHS["torch"].step_hooks
-    with pytest.raises(ValueError, match="path 'keras' trains inside Keras's own loop"):
-        expand_grid({**TINY, "path": "keras", "target": 0.5}, include_unavailable=True)
+def test_time_to_accuracy_runs_on_every_trainer():
+    """Keras's reference has a step hook too (cnn.reference.keras.fit_keras(callbacks=)):
+    a target expands on its path as on ours and PyTorch's."""
+    for path in ("keras", "torch", "sequential"):
+        (run,) = expand_grid({**TINY, "path": path, "target": 0.5}, include_unavailable=True)
+        assert run.target == 0.5 and run.eval_every > 0
 
 
 def test_what_a_strategy_computes_decides_the_steps_between_evaluations():

@@ -102,11 +102,6 @@ def test_time_to_accuracy_run_stops_at_the_target(tmp_path):
     assert (df["train_size"] == 256).all()  # the validation split came out of the training set
 
 
-def test_keras_has_no_step_hook_for_a_target():
-    with pytest.raises(ValueError, match="keras.*step hook"):
-        expand_grid({**TINY, "path": "keras", "target": 0.9})
-
-
 # ---- one-core contenders ---------------------------------------------------------------------------
 def test_accumulation_is_the_sequential_algorithm(blobs):
     """m micro-batches on one thread, summed and applied once: the sequential update up to

@@ -397,3 +397,36 @@ def test_sync_reduce_across_shards_equals_sequential(threads):
     got, hist = train_kind("sync", threads, kind="center")
     assert diff(got, ref) < 1e-12
     assert all(c > 0 for c in hist.history["comm_time"])
+
+
+def test_flat_core_updates_a_range_spanning_parameters_as_the_formula_says():
+    """SyncCore(flat=True) moves the weights and the momentum into one buffer each (the
+    parameter dicts then hold views of them) and updates any range of it with one optimizer
+    call: the momentum SGD formula, element by element, across parameter boundaries."""
+    from cnn.parallel.sync import SyncCore
+    model = Sequential.from_spec(SPEC, input_shape=(1, 8, 8), dtype=np.float64, seed=2)
+    opt = make_optimizer({"type": "sgd", "lr": 0.1, "momentum": 0.9})
+    params = {k: v.copy() for k, v in model.params.items()}
+    state = opt.init_state(params, get_backend("numpy"))
+    rng = np.random.default_rng(0)
+    for slot in state.slots["velocity"].values():
+        slot[...] = rng.standard_normal(slot.shape)
+    before_p = {k: v.copy() for k, v in params.items()}
+    before_v = {k: v.copy() for k, v in state.slots["velocity"].items()}
+    core = SyncCore(model, opt, get_backend("numpy"), params, state, flat=True)
+    lay = core.layout
+    flat_p, flat_slots = core._flat
+    for k in params:  # views of the one buffer, holding the same values
+        assert np.shares_memory(params[k], flat_p) and np.array_equal(params[k], before_p[k])
+        assert np.shares_memory(state.slots["velocity"][k], flat_slots["velocity"])
+    lo, hi = lay.offsets["dense.b"] + 3, lay.offsets["conv2d.w"] + 5  # spans several arrays
+    g = rng.standard_normal(hi - lo)
+    core.lr, core.t = 0.1, 1
+    core.apply(g, lo, hi)
+    p0 = np.concatenate([before_p[k].ravel() for k in lay.keys])
+    v0 = np.concatenate([before_v[k].ravel() for k in lay.keys])
+    v1, p1 = v0.copy(), p0.copy()
+    v1[lo:hi] = 0.9 * v0[lo:hi] - 0.1 * g  # v = m v - lr g; w += v
+    p1[lo:hi] = p0[lo:hi] + v1[lo:hi]
+    np.testing.assert_allclose(flat_slots["velocity"], v1, rtol=0, atol=1e-15)
+    np.testing.assert_allclose(flat_p, p1, rtol=0, atol=1e-15)

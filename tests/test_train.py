@@ -427,3 +427,32 @@ def test_exception_in_backward_keeps_last_completed_step(monkeypatch, backend):
                   backend=backend)
     for k in expected:
         np.testing.assert_allclose(model.params[k], expected[k], rtol=0, atol=1e-12, err_msg=k)
+
+
+# ---- fast by default: backend="auto" -----------------------------------------------------------
+def test_auto_is_numba_where_it_imports_else_numpy(monkeypatch):
+    import cnn.backends as backends
+    from cnn.backends.registry import BACKENDS as RECORDS, BackendInfo
+    assert backends.resolve_backend("numpy") == "numpy"  # a named backend is itself
+    assert backends.resolve_backend("auto") == "numba"  # installed in the test environment
+    assert backends.get_backend("auto") is backends.get_backend("numba")
+    # Numba missing (its module does not import): auto falls back to NumPy
+    monkeypatch.setitem(RECORDS, "numba", BackendInfo("cnn.no_such_module", "NumbaBackend"))
+    monkeypatch.delitem(backends._INSTANCES, "numba", raising=False)
+    assert backends.resolve_backend("auto") == "numpy"
+    assert backends.get_backend("auto") is backends.get_backend("numpy")
+
+
+def test_fit_defaults_to_auto_prints_and_records_the_backend(capsys):
+    x, y = tiny_data(8)
+    model = tiny_model()
+    assert model.backend == "auto"
+    hist = fit(model, x, y, epochs=1, batch_size=4, verbose=1)
+    assert hist.info["backend"] == "numba" and hist.info["backend_requested"] == "auto"
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == ("training on backend numba (auto: the fastest CPU backend "
+                                   "installed)")
+    # a backend named by the caller is the one used, and said so
+    hist = fit(tiny_model(), x, y, epochs=1, batch_size=4, verbose=1, backend="numpy")
+    assert hist.info["backend"] == hist.info["backend_requested"] == "numpy"
+    assert capsys.readouterr().out.splitlines()[0] == "training on backend numpy"

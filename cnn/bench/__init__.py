@@ -40,8 +40,13 @@ SUITES = {
     "gpu": Suite("gpu", "CUDA vs sequential vs Keras"),
     "mpi": Suite("mpi", "allreduce between MPI ranks, overlap", ("json_path",), extra="mpi"),
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
-    "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
+    "ops": Suite("ops", "every op of a model's plan on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
+    "tta": Suite("tta", "time to a validation accuracy (98% MNIST, 60% CIFAR-10): ours at 1 "
+                 "and 2 cores vs Keras and PyTorch at 1 and 2 threads, 3 seeds",
+                 ("json_path",)),
+    "trace": Suite("tracing", "what recording a timeline (fit(trace=...)) costs, trace off "
+                   "vs on"),
     "conv": Suite("conv_algorithms", "direct vs Winograd convolution per conv op and step, "
                   "and each algorithm's float32 error", ("dtype", "cpu_time"),
                   prints_machine=True),

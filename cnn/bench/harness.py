@@ -48,16 +48,17 @@ def synthetic_batch(preset: str, n: int, seed: int = 0, dtype=np.float32):
 
 
 def ours_contender(preset: str, x, y, batch_size: int, name: str = "ours (numpy, 1 thread)",
-         histories: list | None = None, **fit_options) -> Contender:
-    """Our fit loop on the preset; ``fit_options`` pick backend, strategy and threads. Each
-    run's History is appended to ``histories`` when given (for the time breakdown)."""
+         histories: list | None = None, backend: str = "numpy", **fit_options) -> Contender:
+    """Our fit loop on the preset over ``backend`` (named, never ``fit``'s default);
+    ``fit_options`` pick strategy and threads. Each run's History is appended to
+    ``histories`` when given (for the time breakdown)."""
     def setup():
         model = build_model(preset, seed=0)
         optimizer = get_preset(preset)["optimizer"]
 
         def run() -> float:
             hist = model.fit(x, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
-                             verbose=0, **fit_options)
+                             backend=backend, verbose=0, **fit_options)
             if histories is not None:
                 histories.append(hist)
             return hist.history["time"][0]

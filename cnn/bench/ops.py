@@ -1,272 +1,208 @@
-"""``python -m cnn bench ops``: every layer op of the reference architectures on the
-``numpy``, ``numba`` and ``numba_parallel`` backends, side by side.
+"""``python -m cnn bench ops``: every op of a model's training step on the ``numpy``, ``numba``
+and ``numba_parallel`` backends, side by side.
 
     python -m cnn bench ops [--presets mnist_small cifar_tutorial] [--batch-sizes 32 128]
         [--dtype float32] [--repeats 15] [--cpu-time]
 
-BLAS is pinned to one thread (threadpoolctl), the sequential setting of the study, for all
-three: ``numba_parallel`` gets its parallelism from Numba's own thread pool, and its only BLAS
-calls are the dense ops; unpinned, OpenBLAS's spinning worker threads compete with that pool
-for the cores right after each dense op, and the small op that follows one pays for it. ``fit``
-pins BLAS the same way by default. The first layer's backward skips ``dx``
-(``need_dx=False``), as in training. Every op gets a workspace (``ws=``) of its own, as in
-a training step after the first, so outputs and temporaries are reused, not allocated. Each op is
-called twice to warm up (the Numba kernels are compiled beforehand by ``warmup``, whose time
-is printed), then the backends' repeats are interleaved (numpy, numba, numba_parallel,
-numpy, ...) so that drift in a shared machine's speed hits all three alike. Printed: medians
-in milliseconds and the speed-ups ``numpy / numba`` (> 1: Numba is faster). Before timing, each
-op's outputs on the Numba backends are checked against NumPy's. A conv layer whose ReLU is
-followed by max pooling is one row, as a training step runs it: the fused op on the Numba
-backends (``conv2d_relu_maxpool2d_*``), the three ops chained on NumPy. Each op gets its
-inputs in the layout its backend hands them over in training: on ``numba``, the activations
-after a BLAS-path conv and the gradients flowing back into one are channels-last views.
+The ops are those of the model's plan on each backend (:mod:`cnn.plan`: one op per layer, or
+per run of layers the backend fuses), so any preset, and any layer added later, is covered as
+training runs it, with nothing here to edit. Where the backends' plans differ (Numba fuses a
+conv, its ReLU and its pooling into one op; NumPy runs them as three), a row is the shortest
+run of layers that starts and ends an op on every backend, and a backend's time for it is the
+sum of its ops in the run, called as training calls them.
+
+Each backend runs the whole step once (forward, loss, backward, with a training context and a
+workspace of its own, as a training step after the first), so every op gets its inputs in the
+layout its backend hands them over in training (channels-last views between Numba's BLAS-path
+convs), and the first op's backward skips ``dx`` as in training. Before timing, each row's
+outputs on the Numba backends are checked against NumPy's, from NumPy's inputs copied into
+the backend's own buffers; the ``numba`` column times the backend's default conv algorithm,
+which runs Winograd on some layers, and is checked with the direct algorithm (Winograd's
+rounding may pick another maximum in a pooling window whose two largest values nearly tie,
+which moves a gradient to another pixel; tests/test_winograd.py checks Winograd against the
+naive loops). BLAS is pinned to one thread (threadpoolctl), the sequential setting of the
+study, for all three: ``numba_parallel`` gets its parallelism from Numba's own thread pool, and
+its only BLAS calls are the dense ops; unpinned, OpenBLAS's spinning worker threads compete
+with that pool for the cores right after each dense op. Each row is called twice to warm up
+(the Numba kernels are compiled beforehand by ``warmup``, whose time is printed), then the
+backends' repeats are interleaved (numpy, numba, numba_parallel, numpy, ...) so that drift in
+a shared machine's speed hits all three alike. Printed: medians in milliseconds and the
+speed-ups ``numpy / numba`` (> 1: Numba is faster).
 """
 from __future__ import annotations
 
 import statistics
 import time
+from dataclasses import dataclass
 
 import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ..backends import get_backend
-from ..backends.fusion import CONV_RELU_MAXPOOL
 from ..backends.numba.backend import NumbaBackend
-from ..context import Workspace
+from ..context import StepContext, Workspace
 from ..machine import describe
-from ..presets import get_preset
+from ..model import build_model
 
 BACKENDS = ("numpy", "numba", "numba_parallel")
 
 
-def _as_received(be, a, channels_last: bool):
-    """``a`` as ``be`` receives it in a training step: with ``channels_last``, on the ``numba``
-    backend, an ``(N, C, H, W)`` view of an ``(N, H, W, C)`` buffer (what its BLAS-path convs
-    hand over, see ``cnn.backends.numba.backend``); NCHW everywhere else."""
-    if not channels_last or be.name != "numba" or a.ndim != 4:
-        return a
-    return np.ascontiguousarray(a.transpose(0, 2, 3, 1)).transpose(0, 3, 1, 2)
+@dataclass
+class StepRun:
+    """One training step of ``model`` on ``backend``, kept op by op: each op's input, cache
+    and the gradient of its output (buffers of the run's own workspace)."""
+
+    model: object
+    backend: object
+    ops: tuple
+    arrays: dict
+    ctx: StepContext
+    inputs: list
+    caches: list
+    douts: list
+
+    @classmethod
+    def of(cls, model, backend, x, y) -> "StepRun":
+        be = get_backend(backend)
+        ops = model.plan(be)
+        ctx = StepContext(training=True, workspace=Workspace(be))
+        arrays = {**model.params, **model.buffers}
+        inputs, caches = [], []
+        h = be.asarray(x)
+        for op in ops:
+            inputs.append(h)
+            h, cache = op.forward(arrays, h, ctx)
+            caches.append(cache)
+        _, d, _ = model.loss(h, be.asarray(y), be, ws=ctx.scope("__loss__"))
+        douts = [None] * len(ops)
+        for i in reversed(range(len(ops))):
+            douts[i] = d
+            d, _ = ops[i].backward(arrays, d, caches[i], ctx, need_dx=i > 0)
+        return cls(model, be, ops, arrays, ctx, inputs, caches, douts)
+
+    def forward(self, ops: range):
+        """Run ``ops`` (consecutive indices) forward from their first input; returns the
+        last one's output (each op's cache refreshed)."""
+        h = self.inputs[ops.start]
+        for i in ops:
+            h, self.caches[i] = self.ops[i].forward(self.arrays, h, self.ctx)
+        return h
+
+    def backward(self, ops: range) -> tuple:
+        """Run ``ops`` backward from the gradient of the last one's output; returns the first
+        one's input gradient (None for the model's first op) and the parameters' gradients."""
+        d, grads = self.douts[ops.stop - 1], {}
+        for i in reversed(ops):
+            d, g = self.ops[i].backward(self.arrays, d, self.caches[i], self.ctx,
+                                        need_dx=i > 0)
+            grads.update(g)
+        return d, grads
 
 
-def layer_ops(spec: dict, batch: int, dtype, rng):
-    """The op calls of one training step of ``spec``, in forward-then-backward order.
-
-    Returns a list of ``(label, input shape, make, is_forward)``; ``make(backend)`` prepares
-    that op's inputs on ``backend`` (running the matching forward for a backward op, as the
-    backward needs that backend's own cache) and returns the zero-argument call to time.
-    """
-    shape = (batch, *spec["input_shape"])
-    fwd, bwd = [], []
-    first = True
-    conv_i = dense_i = 0
-    layers = list(spec["layers"])
-    blas = get_backend("numba")._use_blas
-    cl_in = False  # the input comes from a BLAS-path conv: channels-last on numba
-    while layers:
-        layer = layers.pop(0)
-        kind = layer["type"]
-        x = rng.standard_normal(shape).astype(dtype)
-        # a BLAS-path conv's output, and the gradient that flows back into it, are
-        # channels-last on numba
-        cl_out = kind == "conv2d" and blas(layer["filters"],
-                                           shape[1] * layer["kernel_size"] ** 2)
-        if kind == "conv2d" and layer.get("activation") == "relu" and layers \
-                and layers[0]["type"] == "maxpool2d":
-            # a conv, its ReLU and the pooling after it: one op where the backend fuses them
-            # (as a training step runs them), the three ops chained where it does not
-            pool = layers.pop(0)
-            conv_i += 1
-            k, p = layer["kernel_size"], pool["pool_size"]
-            s = pool.get("stride", p)
-            w = (rng.standard_normal((layer["filters"], shape[1], k, k)) * 0.1).astype(dtype)
-            b = np.zeros(layer["filters"], dtype)
-            need_dx = not first
-            ho, wo = shape[2] - k + 1, shape[3] - k + 1
-
-            def fwd_call(be, x=x, w=w, b=b, p=p, s=s, cl=(cl_in, cl_out)):
-                ws = Workspace(be)
-                xb = _as_received(be, x, cl[0])
-                return lambda: _conv_relu_pool(be, xb, w, b, p, s, ws)
-
-            def bwd_call(be, x=x, w=w, b=b, p=p, s=s, need_dx=need_dx, cl=(cl_in, cl_out)):
-                ws = Workspace(be)
-                out, cache = _conv_relu_pool(be, _as_received(be, x, cl[0]), w, b, p, s, ws)
-                dout = _as_received(be, np.ones(out.shape, out.dtype), cl[1])
-                return lambda: _conv_relu_pool_backward(be, dout, cache, need_dx, ws)
-
-            name = f"conv{conv_i}+relu+pool"
-            fwd.append((f"{name} fwd", x.shape, fwd_call, True))
-            bwd.append((f"{name} bwd", x.shape, bwd_call, False))
-            shape = (batch, layer["filters"], (ho - p) // s + 1, (wo - p) // s + 1)
-            first = False
-            cl_in = cl_out
-            continue
-        if kind == "conv2d":
-            if layer.get("padding", "valid") != "valid" or layer.get("stride", 1) != 1:
-                raise ValueError(f"bench ops supports stride-1 'valid' conv; received {layer}")
-            conv_i += 1
-            k = layer["kernel_size"]
-            w = (rng.standard_normal((layer["filters"], shape[1], k, k)) * 0.1).astype(dtype)
-            b = np.zeros(layer["filters"], dtype)
-            pads = ((0, 0), (0, 0))
-            need_dx = not first
-
-            def fwd_call(be, x=x, w=w, b=b, pads=pads, cl=(cl_in, cl_out)):
-                ws = Workspace(be)
-                xb = _as_received(be, x, cl[0])
-                return lambda: be.conv2d_forward(xb, w, b, 1, pads, ws=ws)
-
-            def bwd_call(be, x=x, w=w, b=b, pads=pads, need_dx=need_dx, cl=(cl_in, cl_out)):
-                ws = Workspace(be)
-                out, cache = be.conv2d_forward(_as_received(be, x, cl[0]), w, b, 1, pads, ws=ws)
-                dout = _as_received(be, np.ones(out.shape, out.dtype), cl[1])
-                return lambda: be.conv2d_backward(dout, cache, need_dx=need_dx, ws=ws)
-
-            shape = (batch, layer["filters"], shape[2] - k + 1, shape[3] - k + 1)
-            name = f"conv{conv_i} {w.shape[1]}->{w.shape[0]} {k}x{k}"
-        elif kind == "maxpool2d":
-            p = layer["pool_size"]
-            s = layer.get("stride", p)
-
-            def fwd_call(be, x=x, p=p, s=s):
-                ws = Workspace(be)
-                return lambda: be.maxpool2d_forward(x, p, s, ws=ws)
-
-            def bwd_call(be, x=x, p=p, s=s):
-                ws = Workspace(be)
-                out, cache = be.maxpool2d_forward(x, p, s, ws=ws)
-                dout = np.ones_like(out)
-                return lambda: be.maxpool2d_backward(dout, cache, ws=ws)
-
-            shape = (batch, shape[1], (shape[2] - p) // s + 1, (shape[3] - p) // s + 1)
-            name = f"maxpool {p}/{s}"
-        elif kind == "flatten":
-            shape = (batch, int(np.prod(shape[1:])))
-            continue
-        elif kind == "dense":
-            dense_i += 1
-            w = (rng.standard_normal((shape[1], layer["units"])) * 0.05).astype(dtype)
-            b = np.zeros(layer["units"], dtype)
-            need_dx = not first
-
-            def fwd_call(be, x=x, w=w, b=b):
-                ws = Workspace(be)
-                return lambda: be.dense_forward(x, w, b, ws=ws)
-
-            def bwd_call(be, x=x, w=w, b=b, need_dx=need_dx):
-                ws = Workspace(be)
-                out, cache = be.dense_forward(x, w, b, ws=ws)
-                dout = np.ones_like(out)
-                return lambda: be.dense_backward(dout, cache, need_dx=need_dx, ws=ws)
-
-            shape = (batch, layer["units"])
-            name = f"dense{dense_i} {w.shape[0]}->{w.shape[1]}"
-        else:
-            raise ValueError(f"bench ops: unsupported layer type {kind!r}")
-        fwd.append((f"{name} fwd", x.shape, fwd_call, True))
-        bwd.append((f"{name} bwd", x.shape, bwd_call, False))
-        first = False
-        cl_in = cl_out
-        if layer.get("activation") == "relu":
-            y = rng.standard_normal(shape).astype(dtype)
-
-            def relu_fwd(be, y=y, cl=cl_out):
-                ws = Workspace(be)
-                yb = _as_received(be, y, cl)
-                return lambda: be.relu_forward(yb, ws=ws)
-
-            def relu_bwd(be, y=y, cl=cl_out):
-                ws = Workspace(be)
-                out, cache = be.relu_forward(_as_received(be, y, cl), ws=ws)
-                return lambda: be.relu_backward(y, cache, ws=ws)
-
-            fwd.append(("  relu fwd", shape, relu_fwd, True))
-            bwd.append(("  relu bwd", shape, relu_bwd, False))
-    return fwd + bwd[::-1]
+def _starts(ops) -> list[int]:
+    """The layer index at which each op of a plan starts."""
+    starts, i = [], 0
+    for op in ops:
+        starts.append(i)
+        i += len(op.layers)
+    return starts
 
 
-def _conv_relu_pool(be, x, w, b, pool, stride, ws):
-    """Forward of a conv, ReLU, max-pooling run: the fused op, or the three ops."""
-    pads = ((0, 0), (0, 0))
-    if CONV_RELU_MAXPOOL in be.fusions:
-        return be.conv2d_relu_maxpool2d_forward(x, w, b, 1, pads, pool, stride, ws=ws)
-    h, conv = be.conv2d_forward(x, w, b, 1, pads, ws=ws.scope("conv"))
-    h, relu = be.relu_forward(h, ws=ws.scope("relu"))
-    out, pooling = be.maxpool2d_forward(h, pool, stride, ws=ws.scope("pool"))
-    return out, (conv, relu, pooling)
+def rows(model, runs: dict) -> list[tuple[str, dict]]:
+    """The rows: runs of layers each backend's plan starts and ends an op at, as ``(label,
+    {backend name: range of its ops})``; a layer index starts a row when it starts an op on
+    every backend."""
+    starts = {name: _starts(run.ops) for name, run in runs.items()}
+    cuts = sorted(set.intersection(*(set(s) for s in starts.values())))
+    cuts.append(len(model.layers))
+    out = []
+    for a, b in zip(cuts, cuts[1:]):
+        label = "+".join(layer.name for layer in model.layers[a:b])
+        out.append((label, {name: range(s.index(a), s.index(b) if b in s else len(s))
+                            for name, s in starts.items()}))
+    return out
 
 
-def _conv_relu_pool_backward(be, dout, cache, need_dx, ws):
-    if CONV_RELU_MAXPOOL in be.fusions:
-        return be.conv2d_relu_maxpool2d_backward(dout, cache, need_dx=need_dx, ws=ws)
-    conv, relu, pooling = cache
-    d = be.maxpool2d_backward(dout, pooling, ws=ws.scope("pool"))
-    d = be.relu_backward(d, relu, ws=ws.scope("relu"))
-    return be.conv2d_backward(d, conv, need_dx=need_dx, ws=ws.scope("conv"))
-
-
-def _outputs(result, is_forward):
-    """The arrays an op returns: ``out`` of a forward (not its cache), all gradients of a
-    backward (``None`` for a skipped ``dx``)."""
-    if is_forward:
-        return (result[0],)
-    return result if isinstance(result, tuple) else (result,)
-
-
-def _check(label, ref, got, dtype):
-    """Numba's outputs must match NumPy's before their timings mean anything. The ``numba``
-    column times the backend's default conv algorithm, which runs Winograd on some layers;
-    its outputs are checked with the direct algorithm's: Winograd's rounding may pick another
-    maximum in a pooling window whose two largest values nearly tie, which moves a gradient
-    to another pixel (tests/test_winograd.py checks Winograd against the naive loops)."""
+def _check(label, ref, got, dtype) -> None:
+    """Numba's outputs must match NumPy's before their timings mean anything."""
     tol = 1e-4 if np.dtype(dtype) == np.float32 else 1e-10
-    for r, g in zip(ref, got):
-        if r is None or g is None:
-            assert r is None and g is None, label
-        else:
-            np.testing.assert_allclose(g, r, rtol=tol, atol=tol, err_msg=label)
+    if isinstance(ref, dict):
+        assert ref.keys() == got.keys(), label
+        for k in ref:
+            np.testing.assert_allclose(got[k], ref[k], rtol=tol, atol=tol, err_msg=f"{label} {k}")
+    elif ref is None or got is None:
+        assert ref is None and got is None, label
+    else:
+        np.testing.assert_allclose(got, ref, rtol=tol, atol=tol, err_msg=label)
 
 
-def bench(preset: str, batch: int, dtype, repeats: int, clock=time.perf_counter) -> None:
-    """The table of one preset and batch size: each op's median of ``repeats`` interleaved
-    calls per backend (milliseconds of ``clock``) and the speed-ups over NumPy."""
-    spec = get_preset(preset)
-    ops = layer_ops(spec, batch, dtype, np.random.default_rng(0))
+def check_row(label: str, ops: dict, reference: StepRun, other: StepRun, name: str,
+              dtype) -> None:
+    """Run the row on ``other`` from ``reference``'s (NumPy's) inputs, copied into
+    ``other``'s own buffers, and compare the outputs and gradients."""
+    mine, theirs = ops["numpy"], ops[name]
+    np.copyto(other.inputs[theirs.start], reference.inputs[mine.start])
+    _check(f"{label} forward on {name}", reference.forward(mine), other.forward(theirs), dtype)
+    np.copyto(other.douts[theirs.stop - 1], reference.douts[mine.stop - 1])
+    ref_dx, ref_grads = reference.backward(mine)
+    dx, grads = other.backward(theirs)
+    _check(f"{label} backward dx on {name}", ref_dx, dx, dtype)
+    _check(f"{label} backward gradients on {name}", ref_grads, grads, dtype)
+
+
+def _time(calls: dict, repeats: int, clock) -> dict:
+    """Median seconds of ``repeats`` interleaved calls of each backend's call."""
+    for call in calls.values():  # warm-up: caches, first touch of the outputs
+        call()
+        call()
+    times = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            t0 = clock()
+            call()
+            times[name].append(clock() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def bench(preset: str, batch: int, dtype, repeats: int, clock=time.perf_counter) -> dict:
+    """The table of one preset and batch size: each row's median of ``repeats`` interleaved
+    calls per backend (milliseconds of ``clock``) and the speed-ups over NumPy. Returns the
+    summed milliseconds per backend."""
+    model = build_model(preset, seed=0, dtype=dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((batch, *model.input_shape)).astype(dtype)
+    y = rng.integers(0, model.num_classes, batch)
+    runs = {name: StepRun.of(model, name, x, y) for name in BACKENDS}
+    checks = {"numba": StepRun.of(model, NumbaBackend(conv_algorithm="direct"), x, y),
+              "numba_parallel": runs["numba_parallel"]}
+    table = rows(model, runs)
+    for label, ops in table:
+        for name, run in checks.items():
+            check_row(f"{preset} b{batch} {label}", ops, runs["numpy"], run, name, dtype)
     print(f"\n{preset}, batch {batch}, {np.dtype(dtype).name}: median ms of {repeats} "
-          f"interleaved repeats")
-    head = (f"{'op':<26}{'input':>18}{'numpy':>9}{'numba':>9}{'nb_par':>9}"
+          f"interleaved repeats; a row runs the layers named, as one op where a backend fuses "
+          f"them")
+    head = (f"{'op':<34}{'input':>18}{'numpy':>9}{'numba':>9}{'nb_par':>9}"
             f"{'np/nb':>8}{'np/nb_par':>10}")
     print(head)
     print("-" * len(head))
     totals = dict.fromkeys(BACKENDS, 0.0)
-    for label, shape, make, is_forward in ops:
-        calls = {}
-        for name in BACKENDS:
-            calls[name] = make(get_backend(name))
-            calls[name]()  # warm-up: caches, first-touch of the outputs
-            if name == "numba":  # checked with the direct conv algorithm, see _check
-                result = _outputs(make(NumbaBackend(conv_algorithm="direct"))(), is_forward)
-            else:
-                result = _outputs(calls[name](), is_forward)
-            if name == "numpy":
-                ref = result
-            else:
-                _check(f"{preset} b{batch} {label} on {name}", ref, result, dtype)
-        times = {name: [] for name in BACKENDS}
-        for _ in range(repeats):
-            for name in BACKENDS:
-                t0 = clock()
-                calls[name]()
-                times[name].append(clock() - t0)
-        med = {name: statistics.median(ts) * 1e3 for name, ts in times.items()}
+    passes = [(f"{label} fwd", ops, "forward") for label, ops in table]
+    passes += [(f"{label} bwd", ops, "backward") for label, ops in reversed(table)]
+    for label, ops, direction in passes:
+        calls = {name: (lambda r=run, o=ops[name], d=direction: getattr(r, d)(o))
+                 for name, run in runs.items()}
+        med = {name: 1e3 * t for name, t in _time(calls, repeats, clock).items()}
         for name in BACKENDS:
             totals[name] += med[name]
-        print(f"{label:<26}{str(tuple(shape)):>18}{med['numpy']:9.3f}{med['numba']:9.3f}"
+        shape = tuple(runs["numpy"].inputs[ops["numpy"].start].shape)
+        print(f"{label[:33]:<34}{str(shape):>18}{med['numpy']:9.3f}{med['numba']:9.3f}"
               f"{med['numba_parallel']:9.3f}{med['numpy'] / med['numba']:8.2f}"
               f"{med['numpy'] / med['numba_parallel']:10.2f}")
-    print(f"{'sum of layer ops':<44}{totals['numpy']:9.3f}{totals['numba']:9.3f}"
+    print(f"{'sum of the ops':<52}{totals['numpy']:9.3f}{totals['numba']:9.3f}"
           f"{totals['numba_parallel']:9.3f}{totals['numpy'] / totals['numba']:8.2f}"
           f"{totals['numpy'] / totals['numba_parallel']:10.2f}")
+    return totals
 
 
 def suite(repeats: int = 15, quick: bool = False, presets=None, batch_sizes=None,

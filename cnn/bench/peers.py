@@ -3,11 +3,14 @@ at one and two threads, side by side in one run.
 
 For each preset and batch size, every contender runs in a worker process of its own
 (:mod:`cnn.bench.worker`): ours on NumPy and Numba (sequential), ``numba_parallel`` (Numba's
-thread pool), ``sync`` data-parallel threads on NumPy and Numba, the NumPy and Numba sequential
-paths again with ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set (a path that
-allocates nothing per step runs the same with and without them), Keras at 1 and 2 threads and
-PyTorch at 1 and 2 threads (skipped, with a line saying so, when it is not installed: ``pip
-install -r requirements-bench.txt``). All workers start together and train one warm-up epoch;
+thread pool), ``sync`` data-parallel threads on NumPy and Numba, ``sync`` over 2 worker
+processes (``processes``) and over 2 MPI ranks (``mpi``: the worker started by the venv's
+``mpiexec``, rank 0 speaking for both; skipped, with a line saying so, where MPI is missing)
+on Numba, the NumPy and Numba sequential paths again with
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set (a path that allocates nothing per
+step runs the same with and without them), Keras at 1 and 2 threads and PyTorch at 1 and 2
+threads (skipped, with a line saying so, when it is not installed: ``pip install -r
+requirements-bench.txt``). All workers start together and train one warm-up epoch;
 then the parent interleaves their timed epochs (A, B, C, ..., A, B, C, ...), one at a time, so
 drift in a shared machine's speed hits all alike, and reports per contender the median
 images/s with its range, GFLOP/s from the network's FLOP count (printed), the fraction of the
@@ -67,6 +70,8 @@ def contenders(quick: bool = False) -> list[Spec]:
         Spec("ours numba_parallel", ours("numba_parallel"), 2),
         Spec("ours sync numpy", ours("numpy", "sync", 2), 2),
         Spec("ours sync numba", ours("numba", "sync", 2), 2),
+        Spec("ours processes numba", ours("numba", "processes", 2), 2),
+        Spec("ours mpi numba", {**ours("numba", "mpi"), "ranks": 2}, 2),
         Spec("keras", {"kind": "keras", "threads": 1}, 1, family="keras"),
         Spec("keras", {"kind": "keras", "threads": 2}, 2, family="keras"),
         Spec("pytorch", {"kind": "torch", "threads": 1}, 1, family="torch"),
@@ -83,17 +88,35 @@ def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
 
 
+def mpi_available() -> str:
+    """Why the MPI contender cannot run here ("" when it can)."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed"
+    try:
+        from ..parallel.launch import find_mpiexec
+        find_mpiexec()
+    except FileNotFoundError as err:
+        return str(err).split(".")[0]
+    return ""
+
+
 class _Worker:
-    """A running contender process and its protocol pipe."""
+    """A running contender process and its protocol pipe (a contender of several MPI ranks:
+    ``mpiexec`` started here, rank 0 speaking for them)."""
 
     def __init__(self, spec: Spec, job: dict):
         self.spec = spec
-        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+        env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV
+               and not k.startswith(("PMI_", "PMIX_", "OMPI_"))}  # not a rank of an outer job
         env.update(spec.env)
         env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         self.err = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "cnn.bench.worker", json.dumps(job)],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        cmd = [sys.executable, "-m", "cnn.bench.worker", json.dumps(job)]
+        ranks = spec.job.get("ranks")
+        if ranks:
+            from ..parallel.launch import find_mpiexec
+            cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, text=True, env=env)
         self.failed: str | None = None
 
@@ -242,7 +265,7 @@ def summary(groups: dict) -> list[str]:
     fmt = lambda v: f"{v:.2f}" if v else "-"  # noqa: E731
     lines.append(f"  {'preset':<15}{'batch':>6}  {'best 1t (ours)':<16}{'/keras1':>8}{'/torch1':>8}"
                  f"  {'best 2t (ours)':<22}{'/keras2':>8}{'/torch2':>8}{'sync/best1':>11}"
-                 f"{'malloc np':>10}{'malloc nb':>10}")
+                 f"{'proc/best1':>11}{'mpi/best1':>10}{'malloc np':>10}{'malloc nb':>10}")
     for (preset, bs), rows in groups.items():
         b1, b2 = _best(rows, 1), _best(rows, 2)
         k1, t1, k2, t2 = (_ref(rows, "keras", 1), _ref(rows, "torch", 1),
@@ -257,7 +280,10 @@ def summary(groups: dict) -> list[str]:
             f"{fmt(r(b1 and b1['images_per_sec'], k1)):>8}{fmt(r(b1 and b1['images_per_sec'], t1)):>8}"
             f"  {(b2['name'][5:] if b2 else '-'):<22}{fmt(r(b2 and b2['images_per_sec'], k2)):>8}"
             f"{fmt(r(b2 and b2['images_per_sec'], t2)):>8}"
-            f"{fmt(r(sync, b1 and b1['images_per_sec'])):>11}{fmt(m_np):>10}{fmt(m_nb):>10}")
+            f"{fmt(r(sync, b1 and b1['images_per_sec'])):>11}"
+            f"{fmt(r(_ips(rows, 'ours processes numba', 2), b1 and b1['images_per_sec'])):>11}"
+            f"{fmt(r(_ips(rows, 'ours mpi numba', 2), b1 and b1['images_per_sec'])):>10}"
+            f"{fmt(m_np):>10}{fmt(m_nb):>10}")
     # batch scaling of the sequential paths
     for preset in sorted({p for p, _ in groups}):
         for name in ("ours numpy", "ours numba"):
@@ -284,6 +310,10 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     if importlib.util.find_spec("tensorflow") is None:
         print("keras: TensorFlow is not installed, its contenders are skipped")
         specs = [s for s in specs if s.family != "keras"]
+    why = mpi_available()
+    if why and any(s.job.get("ranks") for s in specs):
+        print(f"mpi: {why}, its contender is skipped (pip install -r requirements.txt)")
+        specs = [s for s in specs if not s.job.get("ranks")]
     images = QUICK_IMAGES if quick else IMAGES
     if quick:
         print("--quick: a smoke run (a few images per epoch, one repeat, six contenders); its "
@@ -322,7 +352,9 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
             all_rows += rows
     print("\nsummary: ratio ours/keras and ours/pytorch of medians (/keras1 = best 1-thread "
           "path of ours / Keras 1 thread, likewise for torch and 2 threads; sync/best1 = best "
-          "sync at 2 threads / best 1-thread path; malloc = with MALLOC_* / without, same path):")
+          "sync at 2 threads / best 1-thread path, proc/best1 and mpi/best1 likewise for 2 "
+          "worker processes and 2 MPI ranks on Numba; malloc = with MALLOC_* / without, same "
+          "path):")
     for line in summary(groups):
         print(line)
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")

@@ -9,6 +9,11 @@ parent interleaves the contenders' epochs while every other worker sits idle. It
 JSON line per epoch on its protocol stream (the original stdout; anything a library prints goes
 to stderr): ``{"event": "epoch", "time": s, "data_time": s, ...}``, or ``{"event": "error"}``.
 
+A contender of several MPI ranks (``"ranks"`` in its job) is started under ``mpiexec``: every
+rank runs this worker and trains its shard, rank 0 alone speaks on the protocol stream and
+reads the parent's ``go`` (the launcher gives stdin to rank 0 only), and broadcasts it to the
+other ranks before each timed epoch.
+
 Every contender trains the same way: the same images and labels, SGD with the preset's learning
 rate and momentum, softmax cross-entropy from logits, a shuffled order each epoch, the batch
 gathered inside the timed epoch, and the loss and number of correct predictions read back
@@ -41,24 +46,41 @@ def _wait_for_go() -> bool:
 
 
 # ---- ours --------------------------------------------------------------------------------------
+def _agreed(go: bool) -> bool:
+    """Rank 0's ``go`` on every rank of an MPI contender (one ``Bcast``); ``go`` elsewhere."""
+    from ..parallel.launch import mpi_job_size
+    if mpi_job_size() == 1:
+        return go
+    import numpy as np
+    from mpi4py import MPI
+    flag = np.array([go], np.int8)
+    MPI.COMM_WORLD.Bcast(flag, root=0)
+    return bool(flag[0])
+
+
 def run_ours(job: dict, x, y) -> None:
+    from ..parallel.launch import launcher_rank
     from ..train import Callback
 
     c = job["contender"]
     model = build_model(job["preset"], seed=0)
     opt = get_preset(job["preset"])["optimizer"]
+    master = launcher_rank() == 0
 
     class Gate(Callback):
         def on_epoch_end(self, epoch, logs):
-            _say({"event": "epoch", "time": logs["time"], "data_time": logs["data_time"],
-                  "compute_time": logs["compute_time"], "transfer_time": logs["transfer_time"]})
-            if epoch < job["epochs"] and not _wait_for_go():
+            if master:
+                _say({"event": "epoch", "time": logs["time"], "data_time": logs["data_time"],
+                      "compute_time": logs["compute_time"],
+                      "transfer_time": logs["transfer_time"]})
+            if epoch < job["epochs"] and not _agreed(not master or _wait_for_go()):
                 return True  # the parent stopped early: end the fit
             return None
 
+    strategy = c.get("strategy", "sequential")
     model.fit(x, y, epochs=job["epochs"], batch_size=job["batch_size"], optimizer=opt,
-              backend=c["backend"], strategy=c.get("strategy", "sequential"),
-              threads=c.get("threads", 1) if c.get("strategy", "sequential") != "sequential" else 1,
+              backend=c["backend"], strategy=strategy,
+              threads=c.get("threads", 1) if strategy not in ("sequential", "mpi") else 1,
               verbose=0, callbacks=[Gate()], seed=1, prefetch=c.get("prefetch", True))
 
 
@@ -127,8 +149,10 @@ RUNNERS = {"ours": run_ours, "keras": run_keras, "torch": run_torch}
 def main(argv=None) -> int:
     global _PROTO
     argv = sys.argv[1:] if argv is None else argv
-    # the protocol keeps the real stdout; whatever libraries print goes to stderr
-    _PROTO = os.fdopen(os.dup(1), "w")
+    # the protocol keeps the real stdout (rank 0's, for a contender of several MPI ranks);
+    # whatever libraries print goes to stderr
+    from ..parallel.launch import launcher_rank
+    _PROTO = os.fdopen(os.dup(1), "w") if launcher_rank() == 0 else open(os.devnull, "w")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
     try:

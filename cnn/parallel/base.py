@@ -23,6 +23,9 @@ class Strategy:
     #: True in the one process that prints, shows progress, evaluates and saves (MPI: rank 0;
     #: nanoGPT's ``master_process``); every other strategy runs in one process
     is_master = True
+    #: the :class:`cnn.trace.Tracer` of a traced fit (set by ``fit`` before :meth:`start`), or
+    #: None: then no worker records anything
+    tracer = None
 
     def __init__(self, threads: int = 1):
         self.threads = check_int(None, "threads", threads)
@@ -126,11 +129,19 @@ class Strategy:
         ``average`` averages its replicas' slots, ``hogwild`` gives worker 0's)."""
         return self.state
 
-    def new_context(self) -> StepContext:
-        """A training context for one worker, with a workspace of its own (one per worker,
-        kept for the whole fit, so steps after the first reuse its buffers)."""
+    def new_context(self, worker: int = 0) -> StepContext:
+        """A training context for worker ``worker``, with a workspace of its own (one per
+        worker, kept for the whole fit, so steps after the first reuse its buffers) and, in a
+        traced fit, the worker's lane of the timeline (worker 0's is the fit loop's)."""
+        lane = None if self.tracer is None else self.tracer.lane(
+            worker, f"{self.name} worker {worker}")
         return StepContext(training=True, workspace=Workspace(self.backend), seed=self.seed,
-                           buffers=self.buffers)
+                           buffers=self.buffers, trace=lane)
+
+    def merge_trace(self, tracer) -> None:
+        """Bring the timelines of the workers that run elsewhere (worker processes, other MPI
+        ranks) into ``tracer``, on its clock; called by a traced fit after the last epoch (a
+        collective for MPI). Workers in this process record into ``tracer`` directly."""
 
     def step(self, xb, yb) -> tuple[float, int]:
         """Train on one global batch (backend arrays). Returns the sum of the per-example
@@ -175,6 +186,8 @@ class SequentialStrategy(Strategy):
         self._ctx.step, self._ctx.global_batch = self.steps, len(yb)
         loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, be, self._ctx)
         self.optimizer.update(self.params, grads, self.state, be)  # advances self.steps
+        if self._ctx.trace is not None:
+            self._ctx.trace.span("update", cat="update")
         self._ctx.commit()
         return float(be.to_host(loss)) * len(yb), int(be.to_host(correct))
 

@@ -429,7 +429,7 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
                       dtype: str = "float32", model_seed: int = 0, epochs: int = 1,
                       batch_size: int = 32, optimizer: dict | None = None,
                       strategy: str = "mpi", strategy_options: dict | None = None,
-                      seed: int = 0, validation: bool = False, backend: str = "numpy",
+                      seed: int = 0, validation: bool = False, backend: str = "auto",
                       data_root: str | None = None, hostfile: str | None = None,
                       extra: list[str] | None = None, timeout: float = 600) -> dict:
     """Train on ``ranks`` MPI ranks started by the venv's ``mpiexec`` and return rank 0's

@@ -47,6 +47,10 @@ training starts; :class:`cnn.errors.DivergedError`, decided on the all-reduced l
 normally on every rank.
 
 Without a launcher, ``strategy="mpi"`` runs one rank and warns that it does.
+
+A traced fit (:mod:`cnn.trace`) records a timeline on every rank (``pid`` = the rank); at the
+end, the ranks estimate their clocks' offsets to rank 0's and rank 0 gathers every rank's
+events onto its clock (:meth:`_MPIStrategy.merge_trace`) and writes one file.
 """
 from __future__ import annotations
 
@@ -63,6 +67,7 @@ import numpy as np
 
 from ..checks import check_bool, check_int
 from ..extras import require
+from ..trace import BUCKETS_TID, now
 from .average import AverageStrategy, check_every
 from .base import Strategy, state_arrays, step_scalars
 from .launch import release_segments, under_launcher
@@ -140,6 +145,10 @@ class MPITransport(Transport):
         # the last bucket also carries the three numbers; it is started in combine()
         self.buckets[-1] = (self.buckets[-1][0], self.total + 3)
         self._pending = [0] * len(self.buckets)
+        #: in a traced fit with overlap, the lane of the buckets' allreduces (cnn.trace):
+        #: each is a span from its start until this rank saw it complete
+        self.lane = None
+        self._started: list[tuple[int, int]] = []  # (bucket, start ns) still in flight
 
     def slot(self, i):
         return self.buf
@@ -162,10 +171,20 @@ class MPITransport(Transport):
                     lo, hi = self.buckets[b]
                     self._requests.append(self.comm.Iallreduce(self.MPI.IN_PLACE,
                                                                self.buf[lo:hi], self.MPI.SUM))
-            if self._requests:  # MPICH makes progress inside MPI calls only
-                self.MPI.Request.Testall(self._requests)
+                    if self.lane is not None:
+                        self._started.append((b, now()))
+            # MPICH makes progress inside MPI calls only
+            if self._requests and self.MPI.Request.Testall(self._requests) and self._started:
+                self._completed()
             self._reduce_seconds += time.perf_counter() - t
         return on_grads
+
+    def _completed(self) -> None:
+        """The buckets in flight were seen complete now: their spans end here."""
+        end = now()
+        for b, start in self._started:
+            self.lane.interval(f"allreduce bucket {b}", start, end, cat="comm")
+        self._started = []
 
     def reducer(self, i, ghost):
         return lambda arrays: self.allreduce_arrays(arrays, ghost)
@@ -201,8 +220,12 @@ class MPITransport(Transport):
         if self.overlap:
             lo, hi = self.buckets[-1]
             self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:hi], MPI.SUM))
+            if self.lane is not None:
+                self._started.append((len(self.buckets) - 1, now()))
             MPI.Request.Waitall(self._requests)
             self._requests = []
+            if self._started:
+                self._completed()
         else:
             self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
         self.stop_votes = float(buf[total + 2])
@@ -254,6 +277,8 @@ class _MPIStrategy(Strategy):
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         _check_cpu_backend(self.name, backend)
+        if self.tracer is not None:  # one process of the trace per rank
+            self.tracer.set_process(self.rank, f"rank {self.rank} ({self.hosts[self.rank]})")
         super().start(model, optimizer, backend, params, seed, **kwargs)
         self._agree("the model, optimizer, dtype and seed",
                     {"spec": model.spec(), "dtype": str(model.dtype), "optimizer":
@@ -300,6 +325,31 @@ class _MPIStrategy(Strategy):
                                f"{self.steps}; the collectives did not give every rank the same "
                                "sums")
 
+    def merge_trace(self, tracer) -> None:
+        """Every rank's timeline on rank 0's clock, in rank 0's ``tracer`` (a collective).
+
+        The offsets come from :func:`cnn.trace.clock_offsets` (clock readings exchanged with
+        rank 0); each rank shifts its events by its own offset and sends them as JSON bytes
+        (``Gatherv`` of ``uint8``, the lengths first)."""
+        from ..trace import clock_offsets
+        offsets, errors = clock_offsets(self.comm)
+        mine = np.frombuffer(json.dumps(tracer.events(offsets[self.rank])).encode(), np.uint8)
+        sizes = np.zeros(self.size, np.int64)
+        self.comm.Allgather(np.array([mine.size], np.int64), sizes)
+        every = np.empty(int(sizes.sum()) if self.is_master else 0, np.uint8)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.comm.Gatherv(mine, [every, sizes, starts, self.MPI.BYTE] if self.is_master
+                          else None, root=0)
+        if self.is_master:  # its own events are on its clock already
+            for rank in range(1, self.size):
+                part = every[starts[rank]:starts[rank] + sizes[rank]].tobytes()
+                tracer.absorb(json.loads(part.decode()))
+            tracer.clock.update(
+                offsets_ns=offsets, offset_error_ns=errors,
+                offsets_method="Cristian's algorithm over MPI: rank 0 asks each rank for its "
+                               "clock 16 times; offset = reading - midpoint of the round trip, "
+                               "of the shortest round trip; error <= half of it")
+
     # ---- failure -----------------------------------------------------------------------------
     def abort(self, err: BaseException) -> None:
         """Called by ``fit`` when training stops with ``err``: unless every rank raised it
@@ -342,9 +392,11 @@ class MPISync(_MPIStrategy):
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         super().start(model, optimizer, backend, params, seed, **kwargs)
-        self._core = SyncCore(model, optimizer, backend, self.params, self.state)
+        self._core = SyncCore(model, optimizer, backend, self.params, self.state, flat=True)
         self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
                                        self.bucket_bytes)
+        if self.tracer is not None and self.overlap:
+            self._transport.lane = self.tracer.lane(BUCKETS_TID, "allreduce buckets")
         self._ctx = self.new_context()
 
     def step(self, xb, yb):

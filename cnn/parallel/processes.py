@@ -20,6 +20,10 @@ maps, so nothing is pickled per step but a three-item command. Each step:
 3. each worker writes its loss, correct count and communication seconds into its row of the
    shared results and answers ``"ok"``; the main process sums the rows in worker order.
 
+In a traced fit (:mod:`cnn.trace`) each worker records its own timeline (a process of its own
+in the trace, ``pid`` = worker + 1) and sends it to the main process when the fit asks
+(:meth:`SyncProcesses.merge_trace`); every process reads the same monotonic clock.
+
 The main process computes nothing itself: it waits on the workers' pipes and on their process
 sentinels together, so a worker that raises or dies is noticed at once. A worker that raises
 aborts the barrier (releasing the others), sends its exception and traceback, and the main
@@ -170,8 +174,13 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         reduce = SharedReduce(workers, barrier, views["reduce"])
         transport = SharedSlots(layout, list(views["slots"]), views["gsum"], barrier, reduce,
                                 copy_buffers=True)
+        tracer = lane = None
+        if spec["trace"]:
+            from ..trace import Tracer
+            tracer = Tracer(pid=i + 1, name=f"worker process {i} (pid {os.getpid()})")
+            lane = transport.lanes[i] = tracer.lane(0, f"worker process {i}")
         ctx = StepContext(training=True, workspace=Workspace(backend), seed=spec["seed"],
-                          buffers=buffers)
+                          buffers=buffers, trace=lane)
         if getattr(backend, "jit", False):  # compile now, not in the first timed step
             model.loss_and_grads(np.zeros((2, *model.input_shape), model.dtype),
                                  np.zeros(2, np.int64), params, backend,
@@ -182,6 +191,10 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
             msg = conn.recv()
             if msg[0] == "stop":
                 break
+            if msg[0] == "trace":
+                conn.send(("trace", tracer.events() if tracer is not None else []))
+                continue
+            start = None if lane is None else lane.begin()
             _, n, step, name, capacity, lr, t = msg
             if name != batch_name:  # the main process grew the batch segment
                 xs = None
@@ -196,6 +209,9 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
                                                       transport, ctx, lr, t)
             views["results"][i, :3] = loss, correct, comm
             conn.send(("ok",))
+            if lane is not None:
+                lane.span("report", cat="data")
+                lane.span("step", start, args={"step": step + 1})
     except BaseException as err:  # noqa: BLE001 - reported to the main process
         try:
             barrier.abort()  # release the workers waiting for this one
@@ -270,6 +286,7 @@ class SyncProcesses(Strategy):
         self.start_timeout = check_positive(None, "start_timeout", start_timeout)
         self._batch_hint = 1
         self._processes: list = []
+        self._lane = None  # the fit loop's lane in a traced fit
         self._conns: list = []
         self._segments: list[shared_memory.SharedMemory] = []
         self._failed: str | None = None
@@ -340,7 +357,8 @@ class SyncProcesses(Strategy):
         self._barrier = ctx.Barrier(w)
         spec = {"model": model, "optimizer": optimizer, "backend": backend, "seed": seed,
                 "segment": main.name, "state_sizes": state_sizes,
-                "reduce_bytes": self.reduce_bytes}
+                "reduce_bytes": self.reduce_bytes, "trace": self.tracer is not None}
+        self._lane = None if self.tracer is None else self.tracer.lane(0)
         for i in range(w):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker_main, args=(i, w, child, self._barrier, spec),
@@ -383,6 +401,8 @@ class SyncProcesses(Strategy):
             self._grow_batch(n)
         self._xs[0][:n] = xb
         self._xs[1][:n] = yb
+        if self._lane is not None:
+            self._lane.span("batch to shared memory", cat="data")
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
         msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
         for c in self._conns:
@@ -390,7 +410,9 @@ class SyncProcesses(Strategy):
                 c.send(msg)
             except OSError:
                 pass  # a worker that died: _collect finds its sentinel and names it
-        interrupted = self._collect("ok")
+        _, interrupted = self._collect("ok")
+        if self._lane is not None:
+            self._lane.span("wait for workers", cat="barrier")
         res = self._views["results"]
         self.steps += 1
         self.comm_time += float(res[0, 2])  # as seen by worker 0
@@ -398,12 +420,23 @@ class SyncProcesses(Strategy):
             raise KeyboardInterrupt
         return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
 
-    def _collect(self, expected: str, timeout: float | None = None) -> bool:
+    def merge_trace(self, tracer) -> None:
+        """Every worker's timeline (asked for through its pipe) into ``tracer``."""
+        self._check_usable()
+        for c in self._conns:
+            c.send(("trace",))
+        answers, _ = self._collect("trace")
+        for msg in answers.values():
+            tracer.absorb(msg[1])
+
+    def _collect(self, expected: str, timeout: float | None = None) -> tuple[dict, bool]:
         """Wait for every worker's answer (``expected``), watching their sentinels; on any
-        failure, release the others and raise the first primary error. A first Ctrl-C
-        (KeyboardInterrupt) while the workers answer ``"ok"`` waits for the rest of the step
-        (they ignore SIGINT and finish it) and returns True; a second one interrupts."""
+        failure, release the others and raise the first primary error. Returns the answers,
+        by worker, and whether a Ctrl-C came: a first one (KeyboardInterrupt) while the
+        workers answer ``"ok"`` waits for the rest of the step (they ignore SIGINT and finish
+        it) and is reported so; a second one interrupts."""
         pending = dict(enumerate(self._conns))
+        answers = {}
         failures: list[tuple[int, bool, BaseException]] = []  # (worker, primary, error)
         deadline = None if timeout is None else time.monotonic() + timeout
         interrupted = False
@@ -435,6 +468,7 @@ class SyncProcesses(Strategy):
                     except (EOFError, OSError):
                         msg = None
                     if msg is not None and msg[0] == expected:
+                        answers[i] = msg
                         del pending[i]
                         continue
                     if msg is not None and msg[0] == "error":
@@ -457,7 +491,7 @@ class SyncProcesses(Strategy):
                     self._kill_pending(pending, failures)
         if failures:
             self._fail(failures)
-        return interrupted
+        return answers, interrupted
 
     def _worker_exception(self, msg) -> tuple[int, bool, BaseException]:
         _, i, payload, type_name, text, tb = msg

@@ -39,6 +39,7 @@ nothing to do never leaves the others waiting.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -58,17 +59,34 @@ class SyncCore:
         params: ``{key: array}`` the weights this worker reads and updates in place.
         state: the :class:`cnn.optim.OptimizerState` of ``params``: its slots are updated in
             place here; its scalar ``step`` is advanced by the strategy, once per global step.
+        flat: move the parameters and each slot of the optimizer into one buffer each, in the
+            layout's order (the entries of ``params`` and ``state.slots`` become views of
+            them), so that updating a range is one optimizer call however many parameters it
+            covers; False where ``params`` must stay where they are (shared memory).
     """
 
-    def __init__(self, model, optimizer, backend, params: dict, state):
+    def __init__(self, model, optimizer, backend, params: dict, state, flat: bool = False):
         self.model, self.optimizer, self.backend = model, optimizer, backend
         self.params, self.state = params, state
         self.layout = FlatLayout(params)
+        #: the whole flat parameters and slots when ``flat``, else None
+        self._flat: tuple[np.ndarray, dict] | None = None
+        if flat:
+            self._flat = (self._gather(params), {n: self._gather(per_key)
+                                                 for n, per_key in state.slots.items()})
         self._flat_params = {k: flat_view(v) for k, v in params.items()}
         self._flat_slots = state.flat()  # {slot name: {key: flat view}}
+        self._pieces: dict[tuple[int, int], list] = {}  # (lo, hi) -> apply's pieces
         #: this global step's learning rate and 1-based number (set by worker_step)
         self.lr: float | None = None
         self.t = 1
+
+    def _gather(self, arrays: dict) -> np.ndarray:
+        """``arrays`` (keyed like the parameters) copied into one new flat buffer in the
+        layout's order; their entries become views of it."""
+        flat = self.layout.pack(arrays, np.empty(self.layout.total, self.layout.dtype))
+        arrays.update(self.layout.views(flat))
+        return flat
 
     # ---- 2. contribute ------------------------------------------------------------------------
     def contribute(self, grads: dict, slot: np.ndarray, ghost: bool = False) -> None:
@@ -87,10 +105,19 @@ class SyncCore:
         """The optimizer's update of ``[lo, hi)`` of the flat parameters from ``g`` (which
         holds that range of the combined gradient)."""
         opt, be = self.optimizer, self.backend
-        for key, p_sl, g_sl in self.layout.pieces(lo, hi):
-            opt.update_step(self._flat_params[key][p_sl], g[g_sl],
-                            {n: s[key][p_sl] for n, s in self._flat_slots.items()},
+        if self._flat is not None:  # elementwise optimizers: one call for the whole range
+            params, slots = self._flat
+            opt.update_step(params[lo:hi], g, {n: s[lo:hi] for n, s in slots.items()},
                             self.lr, self.t, be)
+            return
+        pieces = self._pieces.get((lo, hi))
+        if pieces is None:  # the same ranges every step: their views are made once
+            pieces = self._pieces[(lo, hi)] = [
+                (self._flat_params[key][p_sl], g_sl,
+                 {n: s[key][p_sl] for n, s in self._flat_slots.items()})
+                for key, p_sl, g_sl in self.layout.pieces(lo, hi)]
+        for param, g_sl, slots in pieces:
+            opt.update_step(param, g[g_sl], slots, self.lr, self.t, be)
 
     # ---- the step, once -------------------------------------------------------------------------
     def worker_step(self, i: int, parts: int, xb, yb, transport: "Transport", ctx=None,
@@ -112,6 +139,9 @@ class SyncCore:
         share = 0.0 if ghost else (hi - lo) / n
         slot = transport.slot(i)
         hook = transport.grad_hook(i, self, ghost)
+        lane = None if ctx is None else ctx.trace
+        if lane is not None and hook is not None:
+            hook = _traced_hook(hook, lane)
         if ctx is not None:
             ctx.offset, ctx.global_batch = lo, n
             ctx.reduce = transport.reducer(i, ghost)
@@ -128,13 +158,27 @@ class SyncCore:
         be = self.backend
         local = (0.0, 0) if ghost else (float(be.to_host(loss)) * (hi - lo),
                                         int(be.to_host(correct)))
+        if lane is not None:
+            start = lane.span("contribute", cat="comm")
         t = time.perf_counter()
         g, a, b, totals = transport.combine(i, local)
         comm = time.perf_counter() - t
+        if lane is not None:  # the transport's barrier, if it has one, is a span inside
+            lane.span("reduce", start, cat="comm")
         if ctx is not None:  # every shard computed the same new statistics (synchronised)
             transport.commit_buffers(i, ctx)
         self.apply(g, a, b)
+        if lane is not None:
+            lane.span("update", cat="update")
         t = time.perf_counter()
         transport.done(i)
         comm += time.perf_counter() - t + transport.take_reduce_seconds(i)
         return local[0], local[1], comm, totals
+
+
+def _traced_hook(hook: Callable, lane) -> Callable:
+    """``hook`` (a transport's ``on_grads``) recording each call as a ``contribute`` span."""
+    def on_grads(grads: dict) -> None:
+        hook(grads)
+        lane.span("contribute", cat="comm")
+    return on_grads

@@ -102,6 +102,9 @@ class _Workers:
     the first exception (lowest worker index) is re-raised in the caller.
     """
 
+    #: seconds :meth:`close` lets the workers finish the last step before breaking its barrier
+    CLOSE_GRACE = 0.5
+
     def __init__(self, n: int, name: str, on_error: Callable[[], None] | None = None):
         self.n = n
         # called (in the failing worker) when a phase raises: releases workers blocked in a
@@ -113,6 +116,9 @@ class _Workers:
         self._closed = False
         self._go = threading.Barrier(n)
         self._phase_done = threading.Barrier(n)
+        #: the workers' :class:`cnn.trace.Lane` in a traced fit (None each otherwise): a
+        #: worker thread's step and every barrier wait are spans there
+        self.lanes: list = [None] * n
         self._threads = [threading.Thread(target=self._loop, args=(i,), name=f"{name}-worker-{i}",
                                           daemon=True) for i in range(1, n)]
         for t in self._threads:
@@ -124,11 +130,16 @@ class _Workers:
                 self._go.wait()
                 if self._closed:
                     return
+                lane = self.lanes[i]
+                start = None if lane is None else lane.begin()
                 self._run_phases(i)
+                if lane is not None:
+                    lane.span("step", start)
         except threading.BrokenBarrierError:
             return  # close() aborted the barriers
 
     def _run_phases(self, i: int) -> None:
+        lane = self.lanes[i]
         for phase in self._phases:
             if not self._failed:
                 try:
@@ -140,6 +151,8 @@ class _Workers:
                         self._on_error()
             if self.n > 1:
                 self._phase_done.wait()
+                if lane is not None:
+                    lane.span("barrier", cat="barrier")
 
     def run(self, phases: Sequence[Phase]) -> None:
         if self._closed:
@@ -150,6 +163,8 @@ class _Workers:
             return
         self._phases = phases
         self._go.wait()
+        if self.lanes[0] is not None:
+            self.lanes[0].span("barrier", cat="barrier")
         self._run_phases(0)
         if self._failed:
             # the first error that is not a consequence of another (a collective aborted
@@ -167,9 +182,14 @@ class _Workers:
         if self._closed:
             return
         self._closed = True
-        # abort wakes workers waiting at either barrier with BrokenBarrierError; a worker in
-        # the middle of a phase finishes it, finds the barrier broken and exits
+        # abort wakes the workers waiting for the next step with BrokenBarrierError; a worker
+        # still leaving the last step's phase barrier finishes its step first (breaking that
+        # barrier now would raise in it: its step would not end as it did)
         self._go.abort()
+        for t in self._threads:
+            t.join(self.CLOSE_GRACE)
+        # a worker blocked in a step that never finished (the caller was interrupted in a
+        # phase) finds the phase barrier broken and exits
         self._phase_done.abort()
         for t in self._threads:
             t.join()
@@ -219,10 +239,11 @@ class ThreadStrategy(Strategy):
         self._check_backend(backend)
         self._warn_blas_threads(self.threads)
         super().start(model, optimizer, backend, params, seed, **kwargs)
-        self._contexts = [self.new_context() for _ in range(self.threads)]
+        self._contexts = [self.new_context(i) for i in range(self.threads)]
         try:
             self._setup()
             self._workers = _Workers(self.threads, self.name, self._abort_collectives)
+            self._workers.lanes = [ctx.trace for ctx in self._contexts]
         except BaseException:
             self.close()
             raise
@@ -281,7 +302,8 @@ class SyncThreads(ThreadStrategy):
 
     def _setup(self) -> None:
         t = self.threads
-        self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state)
+        self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state,
+                              flat=True)
         lay = self._core.layout
         self._barrier = threading.Barrier(t)
         reduce = SharedReduce(t, self._barrier, np.zeros((2, t, self.reduce_bytes), np.uint8))
@@ -289,6 +311,7 @@ class SyncThreads(ThreadStrategy):
         self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],
                                       np.empty(lay.total, lay.dtype), self._barrier, reduce,
                                       done_barrier=False)
+        self._transport.lanes = {i: c.trace for i, c in enumerate(self._contexts) if c.trace}
         self._out: list[Any] = [None] * t
         self._xb = self._yb = None
 

@@ -260,6 +260,14 @@ class SharedSlots(Transport):
         self.n = len(self.slots)
         self.ranges = layout.ranges(self.n)
         self._reduce = reduce
+        #: worker -> its :class:`cnn.trace.Lane` in a traced fit: the barriers are spans there
+        self.lanes: dict = {}
+
+    def _wait(self, i: int) -> None:
+        self.barrier.wait()
+        lane = self.lanes.get(i)
+        if lane is not None:
+            lane.span("barrier", cat="barrier")
 
     def slot(self, i):
         return self.slots[i]
@@ -271,12 +279,12 @@ class SharedSlots(Transport):
         lo, hi = self.ranges[i]
         if self.n == 1:
             return self.slots[0], 0, self.layout.total, None
-        self.barrier.wait()
+        self._wait(i)
         return ordered_sum(self.slots, lo, hi, self.gsum[lo:hi]), lo, hi, None
 
     def done(self, i):
         if self.n > 1 and self.done_barrier:
-            self.barrier.wait()
+            self._wait(i)
 
     def take_reduce_seconds(self, i):
         return 0.0 if self._reduce is None else self._reduce.take_seconds(i)

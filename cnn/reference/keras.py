@@ -574,9 +574,63 @@ def _keras_warm_up(kmodel, xk, y, batch_size: int, val=None, val_batch_size: int
     return max(times[0] - times[1], 0.0)
 
 
+def _step_hooks(hooks, kmodel, model, n: int, batch_size: int):
+    """A Keras callback that calls our callbacks' ``on_step_end`` after every training batch,
+    with :func:`cnn.train.fit`'s step logs: ``elapsed`` is the training clock (the epochs' data
+    time and the time inside ``fit``'s epochs, less the hooks' own time), and ``evaluate`` the
+    Keras model's loss and accuracy on data in our layout, computed from its logits (so that
+    the running training metrics of the epoch are left alone). A hook returning True stops
+    training after that batch."""
+    import keras
+
+    from ..backends import get_backend
+    host = get_backend("numpy")
+    converted: dict = {}
+
+    def evaluate(xv, yv):
+        if id(xv) not in converted:  # the same validation set at every evaluation
+            converted.clear()
+            converted[id(xv)] = to_keras_images(xv)
+        xk, total, correct = converted[id(xv)], 0.0, 0
+        for i in range(0, len(xk), EVAL_BATCH):
+            logits = np.asarray(kmodel.predict_on_batch(xk[i:i + EVAL_BATCH]))
+            loss, _, right = model.loss(logits, np.asarray(yv[i:i + EVAL_BATCH]), host)
+            total += float(loss) * len(logits)
+            correct += int(right)
+        return {"loss": total / len(xk), "accuracy": correct / len(xk)}
+
+    class StepHooks(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.step = self.examples = self.epoch = 0
+            self.elapsed = self.data_time = self.callback_time = 0.0  # see on_epoch_begin
+            self.stopped = False
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start, self.callback_time, self.done = time.perf_counter(), 0.0, 0
+
+        def on_train_batch_end(self, batch, logs=None):
+            t = time.perf_counter()
+            size = min(batch_size, n - batch * batch_size)
+            self.step += 1
+            self.examples += size
+            self.done += size
+            slog = {"epoch": self.epoch, "step": self.step, "batch": batch + 1,
+                    "examples": self.examples, "loss": float((logs or {}).get("loss", np.nan)),
+                    "elapsed": self.elapsed + self.data_time + t - self.start
+                    - self.callback_time,
+                    "params": lambda: {v.path: v for v in kmodel.weights},
+                    "evaluate": evaluate}
+            if any([cb.on_step_end(self.step, slog) for cb in hooks]):
+                self.model.stop_training = self.stopped = True
+            self.callback_time += time.perf_counter() - t
+
+    return StepHooks()
+
+
 def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int | None = 1,
-              verbose: int = 0):
+              verbose: int = 0, callbacks=()):
     """Train the Keras copy of ``model`` (same initial weights) and copy the result back.
 
     The Keras path of the study: same arguments and the same History columns as
@@ -599,6 +653,10 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             run before TensorFlow has done any work in this process; ``None`` leaves TF alone).
             tf.data, which slices the batches inside ``fit``, keeps its own small pool.
         verbose: 1 prints one line per epoch.
+        callbacks: our callbacks' step hook (``Callback.on_step_end``, with the logs of
+            :func:`cnn.train.fit`'s step hook: time-to-accuracy evaluates in it; their time is
+            not training time), called after every training batch; one returning True stops
+            training after that batch. Keras's own callbacks are not taken.
 
     Returns:
         a :class:`cnn.train.History` with, per epoch, the keys of :func:`cnn.train.fit`:
@@ -660,20 +718,28 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                             "layout_time": layout_time, "keras_version": keras.__version__,
                             "tensorflow_version": tf.__version__, "fit_call_overhead": [], **{
                                 f"tf_{k}_threads": v for k, v in thread_settings().items()}})
+    from ..callbacks import Callback
+    hooks = [cb for cb in callbacks if type(cb).on_step_end is not Callback.on_step_end]
     try:
         history.info["compile_time"] = _keras_warm_up(kmodel, xk, y, batch_size, val, EVAL_BATCH)
         timer = epoch_timer()
+        stepper = _step_hooks(hooks, kmodel, model, n, batch_size) if hooks else None
         rng = np.random.default_rng(seed)
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             order = rng.permutation(n)  # the same draw as cnn.train.fit's
             xe, ye = xk[order], y[order]
             t1 = time.perf_counter()
+            if stepper is not None:
+                stepper.epoch, stepper.data_time = epoch, t1 - t0
             klogs = kmodel.fit(xe, ye, batch_size=batch_size, epochs=1, shuffle=False,
-                               verbose=0, callbacks=[timer]).history
+                               verbose=0, callbacks=[timer] + ([stepper] if stepper else [])
+                               ).history
             t2 = time.perf_counter()
             compute, data = timer.elapsed, t1 - t0
-            history.info["fit_call_overhead"].append(t2 - t1 - compute)
+            if stepper is not None:  # the hooks ran inside the timed epoch: not training
+                compute -= stepper.callback_time
+            history.info["fit_call_overhead"].append(t2 - t1 - timer.elapsed)
             steps_done = int(kmodel.optimizer.iterations.numpy())
             logs = {"epoch": epoch, "loss": float(klogs["loss"][0]),
                     "accuracy": float(klogs["accuracy"][0]),
@@ -681,6 +747,10 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                     "compute_time": compute, "comm_time": 0.0, "data_time": data,
                     "transfer_time": 0.0,
                     "images_per_sec": n / (data + compute)}
+            if stepper is not None:
+                stepper.elapsed += data + compute
+                logs["callback_time"], logs["examples"] = stepper.callback_time, stepper.done
+                logs["images_per_sec"] = stepper.done / (data + compute)
             if val is not None:
                 t = time.perf_counter()
                 res = kmodel.evaluate(*val, batch_size=EVAL_BATCH, verbose=0, return_dict=True)
@@ -689,6 +759,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             history.append(logs)
             if verbose:
                 print(history.epoch_line(epochs), flush=True)
+            if stepper is not None and stepper.stopped:
+                break
     finally:
         model.set_weights(get_keras_weights(kmodel, model))
     history.info["wall_time"] = time.perf_counter() - started

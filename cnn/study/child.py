@@ -142,15 +142,13 @@ def execute_run(run: Run, data_root=None, download: bool = True,
     tta = None
     if run.target is not None and not (isinstance(run.target, float)
                                        and math.isnan(run.target)):
-        if not entry.step_hooks:
-            raise ValueError(f"path {entry.name!r} has no step hook: time-to-accuracy "
-                             f"(target) needs a path trained by cnn.train.fit or PyTorch")
         from .tta import TimeToAccuracy
         tta = TimeToAccuracy(x_val, y_val, int(run.eval_every), float(run.target))
     callbacks = [tta] if tta else []
     if entry.trainer == "keras":
         from ..reference.keras import fit_keras
-        hist = fit_keras(model, x_train, y_train, threads=run.threads, **common)
+        hist = fit_keras(model, x_train, y_train, threads=run.threads, callbacks=callbacks,
+                         **common)
     elif entry.trainer == "torch":
         from ..reference.torch import fit_torch
         hist = fit_torch(model, x_train, y_train, threads=run.threads, device=entry.device,

@@ -336,10 +336,6 @@ def canonical(raw: dict) -> dict:
     entry = P.get_path(c["path"])
     c["strategy"], c["backend"], c["threads"] = entry.resolve(c["strategy"], c["backend"],
                                                               c["threads"])
-    if c["target"] is not None and not entry.step_hooks:
-        raise ValueError(f"grid axis 'target': path {c['path']!r} trains inside Keras's own "
-                         f"loop, which has no step hook for time-to-accuracy; use it on paths "
-                         f"trained by cnn.train.fit or PyTorch")
     if c["target"] is not None and not c["eval_every"]:
         workers = c["threads"] if P.ALGORITHMS[c["strategy"]].batch_per_worker else 1
         per_step = c["batch_size"] * workers

@@ -460,9 +460,9 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
 
     def _conv_backward_images(self, x, w, stride, padding, cols, dout3, pooled, need_dx, dx,
                               ws, ho, wo):
-        """Gradients of the per-image BLAS path (few input channels): ``[dw | db] += dout[n]
-        @ cols[n]^T`` image by image (the patches unrolled again into the chunk buffer
-        ``cols``; the ones row gives ``db``); ``dx`` = col2im of ``w^T @ dout``. The conv
+        """Gradients of the per-image BLAS path (few input channels): ``[dw | db]^T +=
+        cols[n] @ dout[n]^T`` image by image (the patches unrolled again into the chunk
+        buffer ``cols``; the ones row gives ``db``); ``dx`` = col2im of ``w^T @ dout``. The conv
         output's gradient is ``dout3 (N, F, P)``, or, after a fused pooling (``pooled``, the
         forward's :class:`_Pooling`; ``dout3`` is then the pooled output's gradient), unpooled
         chunk by chunk. The chunk loop is :func:`~cnn.backends.numba.conv.images_backward`."""
@@ -471,7 +471,7 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
         dt = x.dtype
         nb = cols.shape[0]
         (top, _), (left, _) = padding
-        dwb = self.scratch(ws, "dw_db", (f, k + 1), dt)
+        dwbt = self.scratch(ws, "dw_db_t", (k + 1, f), dt)
         dcols = self.scratch(ws, "dcols", (nb, k, p), dt) if need_dx else _none(dt, 3)
         w2t = np.ascontiguousarray(w.reshape(f, k).T)
         if pooled is None:
@@ -485,11 +485,11 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
             args = (_none(dt, 3), ds, pooled.arg, planes,
                     self.scratch(ws, "pool_dchunk", (nb, f, p), dt))
         C.images_backward(x, w2t, w.shape[2], w.shape[3], stride, int(top), int(left), ho, wo,
-                          cols, *args, bool(need_dx), dcols, dwb, dx)
+                          cols, *args, bool(need_dx), dcols, dwbt, dx)
         dw = self.scratch(ws, "dw", (f, k), dt)
-        np.copyto(dw, dwb[:, :k])
+        np.copyto(dw, dwbt[:k].T)
         db = self.scratch(ws, "db", (f,), dt)
-        np.copyto(db, dwb[:, k])
+        np.copyto(db, dwbt[k])
         return (dx if need_dx else None), dw.reshape(w.shape), db
 
     def _conv_forward_nhwc(self, x, w, b, stride, padding, ho, wo, ws, pool=None):
