@@ -100,6 +100,7 @@ def test_op_profile_rows_cover_every_layer_of_any_model_once():
         assert covered == list(range(len(run.ops)))
     labels = [label for label, _ in table]
     assert "conv2d+relu+maxpool2d" in labels  # one op on Numba, three on NumPy
+    assert "batchnorm+relu_1" in labels  # the BatchNorm+ReLU fusion: one op on every backend
     assert {"batchnorm", "dropout", "tanh"} <= {part for label in labels
                                                  for part in label.split("+")}
 
@@ -109,5 +110,5 @@ def test_op_profile_checks_and_times_a_model_it_has_never_seen(capsys):
     totals = bench(OPS_SPEC, 4, np.float64, repeats=1)
     assert set(totals) == {"numpy", "numba", "numba_parallel"}
     out = capsys.readouterr().out
-    for name in ("batchnorm fwd", "dropout bwd", "conv2d+relu+maxpool2d bwd"):
+    for name in ("batchnorm+relu_1 fwd", "dropout bwd", "conv2d+relu+maxpool2d bwd"):
         assert name in out
