@@ -276,12 +276,18 @@ def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
 
     x, y = blobs()
     model = build()
-    timer = threading.Timer(1.0, lambda: os.kill(os.getpid(), signal.SIGINT))
-    timer.start()
+    # the Ctrl-C comes while the steps run (not during start-up, whose length the backend's
+    # compile decides): armed after the third step, it lands somewhere in a later one
+    timer = threading.Timer(0.05, lambda: os.kill(os.getpid(), signal.SIGINT))
+
+    class ArmAfterThree(Callback):
+        def on_step_end(self, step, logs):
+            if logs["global_step"] == 3:
+                timer.start()
     try:
         with pytest.raises(KeyboardInterrupt):
             model.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
-                      threads=2, verbose=0)
+                      threads=2, verbose=0, callbacks=[ArmAfterThree()])
     finally:
         timer.cancel()
     steps = model.optimizer_state.step
