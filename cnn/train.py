@@ -313,12 +313,17 @@ class _Prefetcher:
     it (:meth:`release`), so a batch is never overwritten while it is being trained on. The
     backend's ``asarray`` (a no-op on the CPU backends, the host-to-device copy on CUDA) runs
     in the thread too. An exception in the thread is re-raised by :meth:`next`.
+    ``local_rows(n)`` (the strategy's :meth:`~cnn.parallel.Strategy.local_rows`) names the
+    rows of each global batch of ``n`` examples this process gathers: an MPI rank gathers
+    only its shard, from the same order as every other rank.
     """
 
     _SLOTS = 2
 
-    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True):
+    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
+                 local_rows: Callable[[int], tuple[int, int]] | None = None):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
+        self.local_rows = local_rows
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -332,9 +337,14 @@ class _Prefetcher:
             self._thread.start()
 
     def _produce(self):
-        """The batches, in order: each gathered into a free slot, then moved to the backend."""
+        """The batches, in order: each gathered into a free slot, then moved to the backend;
+        of each global batch only the rows ``local_rows`` names (all of them without it)."""
         for k, i in enumerate(range(0, len(self.order), self.step)):
             idx = self.order[i:i + self.step]
+            size = len(idx)
+            if self.local_rows is not None:
+                lo, hi = self.local_rows(size)
+                idx = idx[lo:hi]
             xs, ys = self._bufs[k % self._SLOTS]
             t0 = time.perf_counter()
             # mode="clip": no bounds-check buffering (the indices are a permutation)
@@ -342,7 +352,7 @@ class _Prefetcher:
             yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
             t1 = time.perf_counter()
             xb, yb = self.be.asarray(xb), self.be.asarray(yb)
-            yield xb, yb, len(idx), t1 - t0, time.perf_counter() - t1
+            yield xb, yb, size, t1 - t0, time.perf_counter() - t1
 
     def _run(self) -> None:
         try:
@@ -358,7 +368,8 @@ class _Prefetcher:
             self._ready.put(err)
 
     def next(self):
-        """``(xb, yb, size, gather_seconds, transfer_seconds)`` of the next batch."""
+        """``(xb, yb, size, gather_seconds, transfer_seconds)`` of the next batch (``size``:
+        the global batch's examples, of which ``xb, yb`` may hold this process's rows alone)."""
         if self._thread is None:  # prefetch=False: gather now, in the training thread
             return next(self._batches)
         item = self._ready.get()
@@ -427,7 +438,8 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
     if verbose:
         from tqdm.auto import tqdm
         bar = tqdm(total=n, desc=f"epoch {epoch}/{epochs}", unit="img", leave=False)
-    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch)
+    batches = _Prefetcher(be, x, y, order, step_size, threaded=prefetch,
+                          local_rows=strat.local_rows)
     try:
         for step, i in enumerate(range(0, n, step_size), 1):
             t = time.perf_counter()
@@ -439,7 +451,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, shuffle, rng, e
             data_t += waited - min(waited, transfer_s)
             t3 = time.perf_counter()
             lr = strat.learning_rate()
-            batch_loss, batch_correct = strat.step(xb, yb)
+            batch_loss, batch_correct = strat.step_rows(xb, yb, size)
             batches.release()
             compute_t += time.perf_counter() - t3
             if not math.isfinite(batch_loss):  # a host float already: no extra read-back

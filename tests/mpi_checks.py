@@ -5,6 +5,10 @@ MPI strategies and write, from every rank, ``OUT/<scenario>.rank<r>.npz`` (weigh
 ``.json`` (history and info); the test compares them with the sequential path, computed in the
 test's own process. One launch trains all of them, to keep CI short.
 
+``python tests/mpi_checks.py rows OUT``: train with ``mpi`` and ``mpi_average`` on images
+whose gathers are recorded (a NumPy array subclass that notes every ``np.take`` along the
+examples) and write, from every rank, ``OUT/rows.<strategy>.rank<r>.json``: the example
+indices each gather took, in order.
 ``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward.
 ``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
 ``OUT/pid.rank<r>`` and, once training has started, ``OUT/started.rank<r>`` (the test kills
@@ -57,6 +61,24 @@ LAYER_SCENARIOS = {
 }
 
 
+class RecordedTakes(np.ndarray):
+    """Images that note the indices of every ``np.take`` along their first axis (how the fit
+    loop gathers a batch) in ``rows`` (one list per take)."""
+
+    rows: list
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.take and args[0] is self and kwargs.get("axis") == 0:
+            self.rows.append([int(i) for i in np.asarray(args[1])])
+        return super().__array_function__(func, types, args, kwargs)
+
+    @classmethod
+    def record(cls, images: np.ndarray) -> "RecordedTakes":
+        recorded = images.view(cls)
+        recorded.rows = []
+        return recorded
+
+
 def main(mode: str, out: str) -> None:
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
@@ -67,6 +89,13 @@ def main(mode: str, out: str) -> None:
             np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)
             (out_dir / f"{name}.rank{rank}.json").write_text(
                 json.dumps({"history": hist.history, "info": hist.info}, default=str))
+    elif mode == "rows":
+        for strategy, batch_size in (("mpi", 7), ("mpi_average", 4)):
+            x, y = blobs()
+            images = RecordedTakes.record(x)
+            build().fit(images, y, epochs=2, batch_size=batch_size, optimizer=OPT,
+                        strategy=strategy, seed=5, verbose=0)
+            (out_dir / f"rows.{strategy}.rank{rank}.json").write_text(json.dumps(images.rows))
     elif mode == "raise":
         class Failing(NumpyBackend):
             calls = 0

@@ -131,6 +131,35 @@ def test_two_ranks_equal_sequential_float32(runs):
     assert max_rel_diff(got, ref) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def gathered_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rows")
+    mpirun(HERE / "mpi_checks.py", "rows", out)
+    return {(strategy, rank): json.loads((out / f"rows.{strategy}.rank{rank}.json").read_text())
+            for strategy in ("mpi", "mpi_average") for rank in (0, 1)}
+
+
+@pytest.mark.parametrize("strategy,step", [("mpi", 7), ("mpi_average", 8)])
+def test_each_rank_gathers_only_its_own_shard(gathered_rows, strategy, step):
+    """Each rank's data loader takes, of every global batch of the epoch's permutation (the fit's
+    seed 5), its own half alone: rank 0 the first ceil(m / 2) examples of a batch of m, rank
+    1 the rest (so between them every example once per epoch); an ``mpi`` rank whose half is
+    empty (each epoch's last batch of one example) takes that one example for its ghost pass,
+    an ``mpi_average`` rank nothing. The weights equal the runs that took every row
+    (test_two_ranks_equal_sequential_float64)."""
+    rng = np.random.default_rng(5)
+    want: dict[int, list] = {0: [], 1: []}
+    for _ in range(2):
+        order = [int(i) for i in rng.permutation(N)]
+        for i in range(0, N, step):
+            batch = order[i:i + step]
+            half = -(-len(batch) // 2)
+            want[0].append(batch[:half])
+            want[1].append(batch[half:] or (batch[:1] if strategy == "mpi" else []))
+    for rank in (0, 1):
+        assert gathered_rows[strategy, rank] == want[rank], rank
+
+
 def test_overlap_gives_the_same_bits(runs):
     """Per-bucket non-blocking allreduces sum the same two numbers per element as one
     blocking allreduce: the weights are bitwise equal."""

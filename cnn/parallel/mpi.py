@@ -8,8 +8,9 @@ Run under a launcher, one process per rank, each running the same ``fit``:
 ``mpi`` (:class:`MPISync`)
     Rank 0 broadcasts the initial weights (``Bcast``), so every rank starts from the same ones
     whatever its own initialisation did. Every rank draws the same permutation from the
-    fit's seed, so each has the same global batch and takes its own shard of it: no data is
-    scattered. Each step is :meth:`~cnn.parallel.sync.SyncCore.worker_step`, the one written
+    fit's seed, so each knows the same global batch, and gathers only its own shard of it
+    (:meth:`MPISync.local_rows`, as PyTorch's ``DistributedSampler``): no data is scattered
+    and no rank copies the others' examples. Each step is :meth:`~cnn.parallel.sync.SyncCore.worker_step`, the one written
     for threads and processes too, with :class:`MPITransport`: the rank writes ``(n_i / N) g_i``
     and, in two extra elements, its summed loss and correct count into one flat buffer, and one
     ``Allreduce`` (the upper-case buffer call, never the pickling one) sums it on every rank;
@@ -64,7 +65,8 @@ from ..checks import check_bool, check_int
 from .average import AverageStrategy, check_every
 from .base import Strategy
 from .launch import under_launcher
-from .sync import FlatLayout, SyncCore, Transport, flat_view, state_arrays, step_scalars
+from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, state_arrays,
+                   step_scalars, worker_rows)
 
 _NAME_BYTES = 256
 
@@ -253,6 +255,12 @@ class _MPIStrategy(Strategy):
         for v in list(self.params.values()) + state_arrays(self.state):
             self.comm.Bcast(flat_view(v), root=0)
 
+    # ---- the data ----------------------------------------------------------------------------
+    def step(self, xb, yb):
+        """One step on a whole global batch: this rank's rows of it (:meth:`local_rows`)."""
+        lo, hi = self.local_rows(len(yb))
+        return self.step_rows(xb[lo:hi], yb[lo:hi], len(yb))
+
     # ---- shared numbers ----------------------------------------------------------------------
     def share_metrics(self, values: dict[str, float]) -> dict[str, float]:
         """Rank 0's ``values`` on every rank (its keys too: two ``Bcast`` of bytes, the
@@ -326,13 +334,19 @@ class MPISync(_MPIStrategy):
                                        self.bucket_bytes)
         self._ctx = self.new_context()
 
-    def step(self, xb, yb):
+    def local_rows(self, n: int) -> tuple[int, int]:
+        """This rank's shard of a global batch of ``n`` (the first example for a ghost pass
+        when the shard is empty): the fit loop gathers only these rows."""
+        return worker_rows(n, self.size, self.rank)
+
+    def step_rows(self, xb, yb, n):
         if not hasattr(self, "_core"):
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
         self._ctx.step = self.steps
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
         _, _, comm, totals = self._core.worker_step(self.rank, self.size, xb, yb,
-                                                    self._transport, self._ctx, lr, t)
+                                                    self._transport, self._ctx, lr, t,
+                                                    global_size=n)
         self.steps += 1
         self.comm_time += comm
         return totals
@@ -378,13 +392,19 @@ class MPIAverage(AverageStrategy, _MPIStrategy):
     def _average(self, weights, into_replicas):
         return self._core.average(self.rank, self._transport, weights, into_replicas)
 
-    def step(self, xb, yb):
+    def local_rows(self, n: int) -> tuple[int, int]:
+        """This rank's shard of a global step of ``n`` examples (possibly empty): the fit loop
+        gathers only these rows."""
+        return shard_bounds(n, self.size)[self.rank]
+
+    def step_rows(self, xb, yb, n):
         if not hasattr(self, "_core"):
             raise RuntimeError(f"strategy {self.name!r} is not started (call start() first)")
-        weights = self._core.begin_step(len(yb))
+        weights = self._core.begin_step(n)
         self._ctx.step = self.steps
         lr, t = step_scalars(self.optimizer, self.state, self.steps)
-        local = np.array(self._core.train(self.rank, xb, yb, self._ctx, lr, t), np.float64)
+        local = np.array(self._core.train(self.rank, xb, yb, self._ctx, lr, t, global_size=n),
+                         np.float64)
         start = time.perf_counter()
         self.comm.Allreduce(local, self._pair, self.MPI.SUM)
         self.comm_time += time.perf_counter() - start
