@@ -30,6 +30,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 def _add_train(sub) -> None:
     from .backends import available_backends
     from .parallel import MPI_STRATEGIES, strategy_names
+    from .parallel.compression import FORMATS
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
                               "trained), 3 training diverged (NaN/inf; nothing saved), 130 "
@@ -58,6 +59,9 @@ def _add_train(sub) -> None:
                         "ranks over machines (see the README)")
     p.add_argument("--overlap", action="store_true",
                    help="mpi: overlap the gradient allreduce with the backward pass")
+    p.add_argument("--compression", default=None, choices=list(FORMATS),
+                   help="mpi: gradients cross as 16-bit floats (half the bytes of float32; "
+                        "sums rounded to 16 bits, as Horovod's Compression.fp16); default off")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
     p.add_argument("--backend", default="numpy",
@@ -173,6 +177,8 @@ def _strategy_options(args) -> dict:
     given = {}
     if args.overlap:
         given["overlap"] = ("--overlap", True)
+    if args.compression is not None:
+        given["compression"] = ("--compression", args.compression)
     if args.average_every is not None:
         every = args.average_every
         given["every"] = ("--average-every", every if every == "epoch" else

@@ -34,6 +34,12 @@ SCENARIOS = {
     "float32": ("mpi", {"dtype": np.float32}),
     "overlap": ("mpi", {"overlap": True}),
     "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
+    "overlap_layers": ("mpi", {"overlap": True, "progress": "layers"}),
+    "fp16": ("mpi", {"compression": "fp16"}),
+    "bf16": ("mpi", {"compression": "bf16"}),
+    "overlap_fp16": ("mpi", {"overlap": True, "bucket_bytes": 1000, "compression": "fp16"}),
+    "overlap_bf16": ("mpi", {"overlap": True, "compression": "bf16", "progress": "layers"}),
+    "bf16_float32": ("mpi", {"compression": "bf16", "dtype": np.float32}),
     "center": ("mpi", {"kind": "center"}),
     "batch1": ("mpi", {"batch_size": 1, "epochs": 1, "n": 9}),  # every step: one rank a ghost
     "plain_sgd": ("mpi", {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3}),

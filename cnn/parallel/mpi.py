@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -61,10 +62,11 @@ from typing import Any
 
 import numpy as np
 
-from ..checks import check_bool, check_int
+from ..checks import check_bool, check_choice, check_int
 from .average import AverageStrategy, check_every
 from .base import Strategy
 from .launch import under_launcher
+from .compression import check_compression, get_wire_format
 from .sync import (FlatLayout, SyncCore, Transport, flat_view, shard_bounds, state_arrays,
                    step_scalars, worker_rows)
 
@@ -100,44 +102,140 @@ def _check_cpu_backend(name: str, backend) -> None:
                          "(numpy, numba)")
 
 
+#: how ``overlap=True`` gets the non-blocking allreduces to progress while backward runs:
+#: ``"thread"`` (:class:`ProgressThread`) or ``"layers"`` (a test of the requests after each
+#: layer's backward, in the training thread)
+PROGRESS = ("thread", "layers")
+#: seconds between two tests of the outstanding requests by the progress thread
+PROGRESS_INTERVAL = 500e-6
+
+
+class ProgressThread:
+    """A thread that drives MPI's progress engine while the training thread computes.
+
+    MPICH moves a non-blocking collective on only inside MPI calls: each round of its
+    algorithm (a reduce-scatter's exchange, the reduction, the allgather's exchange) starts
+    when some call finds the previous one done. This thread tests the outstanding requests
+    every ``interval`` seconds until all are complete, then sleeps until :meth:`add` brings
+    another. It needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default); mpi4py releases the GIL
+    inside MPI calls, and NumPy's BLAS releases it while backward computes. A request is
+    only ever tested by this thread until :meth:`take` hands all of them back (MPI forbids two
+    threads to complete the same request)."""
+
+    def __init__(self, MPI, interval: float = PROGRESS_INTERVAL):
+        self.MPI, self.interval = MPI, interval
+        self._cond = threading.Condition()
+        self._requests: list = []
+        self._active = False  # some request has not been seen complete
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="mpi-progress", daemon=True)
+        self._thread.start()
+
+    def add(self, request) -> None:
+        """Test ``request`` from now on, with the others."""
+        with self._cond:
+            self._requests.append(request)
+            self._active = True
+            self._cond.notify()
+
+    def take(self) -> list:
+        """Stop testing and hand back every request added since the last call (some may be
+        complete: ``Waitall`` returns at once for those)."""
+        with self._cond:
+            requests, self._requests, self._active = self._requests, [], False
+        return requests
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join()
+
+    def _run(self) -> None:
+        Testall = self.MPI.Request.Testall
+        while True:
+            with self._cond:
+                while not (self._active or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                if Testall(self._requests):
+                    self._active = False
+            time.sleep(self.interval)
+
+
+def bucket_ranges(layout: FlatLayout, bucket_bytes: int) -> tuple[list[tuple[int, int]],
+                                                                  dict[str, int]]:
+    """The gradient buckets of ``layout``: contiguous ranges ``(lo, hi)`` of whole parameters
+    in backward order, each of at least ``bucket_bytes`` (the last one may be smaller; 0: one
+    bucket per parameter), and the bucket of each parameter."""
+    buckets: list[tuple[int, int]] = []
+    bucket_of: dict[str, int] = {}
+    lo = size = 0
+    for k in layout.keys:
+        bucket_of[k] = len(buckets)
+        size += layout.sizes[k]
+        if size * layout.dtype.itemsize >= bucket_bytes:
+            end = layout.offsets[k] + layout.sizes[k]
+            buckets.append((lo, end))
+            lo, size = end, 0
+    if size:
+        buckets.append((lo, layout.total))
+    return buckets, bucket_of
+
+
 class MPITransport(Transport):
     """The transport over MPI (of ``sync``'s gradients and of ``average``'s replicas): one flat
-    buffer, ``Allreduce``; optionally per bucket with ``Iallreduce`` while backward runs;
-    ``StepContext.reduce`` as ``Allreduce`` too.
+    buffer, ``Allreduce``; optionally per bucket with ``Iallreduce`` while backward runs and
+    16-bit values on the wire; ``StepContext.reduce`` as ``Allreduce`` too.
 
     The buffer holds the ``layout.total`` gradient elements followed by two more: the rank's
     summed loss and its correct count, so one collective also gives every rank the global
-    numbers (and so the same divergence decision).
+    numbers (and so the same divergence decision). With ``compression`` (a name of
+    :data:`cnn.parallel.compression.FORMATS`) the gradients cross as 16-bit values and the
+    two numbers, which must stay exact, in a small allreduce of their own started beside them.
+
+    ``progress`` (with ``overlap``): see :data:`PROGRESS`. ``timeline``: record, for every
+    combine, the ``time.perf_counter()`` at which this rank entered it (its backward done) and
+    left it (the sum here) in :attr:`timeline`, for the benchmark's exposed communication.
     """
 
-    def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0):
+    def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0,
+                 progress: str = "thread", compression: str | None = None,
+                 timeline: bool = False):
         self.MPI = load_mpi()
         self.comm, self.layout, self.overlap = comm, layout, overlap
         self.total = layout.total
         self.buf = np.zeros(layout.total + 2, layout.dtype)
         self._reduce_seconds = 0.0
         self._requests: list = []
-        # buckets: contiguous ranges of whole parameters, in backward order
-        self.buckets: list[tuple[int, int]] = []
-        self._bucket_of: dict[str, int] = {}
-        lo = size = 0
-        for k in layout.keys:
-            self._bucket_of[k] = len(self.buckets)
-            size += layout.sizes[k]
-            if size * layout.dtype.itemsize >= bucket_bytes:
-                end = layout.offsets[k] + layout.sizes[k]
-                self.buckets.append((lo, end))
-                lo, size = end, 0
-        if size:
-            self.buckets.append((lo, self.total))
-            for k in layout.keys:
-                self._bucket_of.setdefault(k, len(self.buckets) - 1)
-        # the last bucket also carries the two numbers; it is started in combine()
-        self.buckets[-1] = (self.buckets[-1][0], self.total + 2)
+        self.wire = None if compression is None else get_wire_format(compression)
+        if self.wire is not None:
+            self.wire_buf = self.wire.empty(self.total)
+            self._wire_type, self._wire_op = self.wire.mpi_type_and_op(self.MPI)
+        self.buckets, self._bucket_of = bucket_ranges(layout, bucket_bytes)
         self._pending = [0] * len(self.buckets)
+        self._progress = (ProgressThread(self.MPI) if overlap and progress == "thread"
+                          else None)
+        self.timeline: list[tuple[float, float]] | None = [] if timeline else None
 
     def slot(self, i):
         return self.buf
+
+    def _start(self, lo: int, hi: int):
+        """Start the non-blocking sum of gradients ``[lo, hi)`` (through the wire format with
+        compression) and have it progress."""
+        MPI = self.MPI
+        if self.wire is None:
+            request = self.comm.Iallreduce(MPI.IN_PLACE, self.buf[lo:hi], MPI.SUM)
+        else:
+            self.wire.encode(self.buf[lo:hi], self.wire_buf[lo:hi])
+            request = self.comm.Iallreduce(MPI.IN_PLACE, [self.wire_buf[lo:hi], self._wire_type],
+                                           self._wire_op)
+        if self._progress is not None:
+            self._progress.add(request)
+        else:
+            self._requests.append(request)
 
     def grad_hook(self, i, core, ghost):
         if not self.overlap:
@@ -154,10 +252,8 @@ class MPITransport(Transport):
                 b = self._bucket_of[k]
                 self._pending[b] -= 1
                 if self._pending[b] == 0 and b < len(self.buckets) - 1:
-                    lo, hi = self.buckets[b]
-                    self._requests.append(self.comm.Iallreduce(self.MPI.IN_PLACE,
-                                                               self.buf[lo:hi], self.MPI.SUM))
-            if self._requests:  # MPICH makes progress inside MPI calls only
+                    self._start(*self.buckets[b])
+            if self._requests:  # no progress thread: MPICH makes progress inside MPI calls only
                 self.MPI.Request.Testall(self._requests)
             self._reduce_seconds += time.perf_counter() - t
         return on_grads
@@ -191,20 +287,49 @@ class MPITransport(Transport):
         return out
 
     def combine(self, i, local):
+        entered = time.perf_counter()
         buf, total, MPI = self.buf, self.total, self.MPI
         buf[total], buf[total + 1] = local
-        if self.overlap:
-            lo, hi = self.buckets[-1]
-            self._requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:hi], MPI.SUM))
-            MPI.Request.Waitall(self._requests)
-            self._requests = []
-        else:
+        if self.wire is None and not self.overlap:
             self.comm.Allreduce(MPI.IN_PLACE, buf, MPI.SUM)
+        elif self.wire is None:  # the last bucket carries the two numbers
+            lo = self.buckets[-1][0]
+            requests = self._take_requests()
+            requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:], MPI.SUM))
+            MPI.Request.Waitall(requests)
+        else:  # the two numbers exact, beside the 16-bit gradients
+            numbers = self.comm.Iallreduce(MPI.IN_PLACE, buf[total:], MPI.SUM)
+            if self.overlap:
+                self._start(*self.buckets[-1])
+                MPI.Request.Waitall(self._take_requests() + [numbers])
+            else:
+                self.wire.encode(buf[:total], self.wire_buf)
+                self.comm.Allreduce(MPI.IN_PLACE, [self.wire_buf, self._wire_type],
+                                    self._wire_op)
+                numbers.Wait()
+            self.wire.decode(self.wire_buf, buf[:total])
+        if self.timeline is not None:
+            self.timeline.append((entered, time.perf_counter()))
         return buf[:total], 0, total, (float(buf[total]), int(round(float(buf[total + 1]))))
+
+    def _take_requests(self) -> list:
+        """The outstanding requests of this step (from the progress thread, if any)."""
+        requests = self._progress.take() if self._progress is not None else self._requests
+        self._requests = []
+        return requests
 
     def take_reduce_seconds(self, i):
         t, self._reduce_seconds = self._reduce_seconds, 0.0
         return t
+
+    def close(self) -> None:
+        """End the progress thread and free the wire format's operation (safe twice)."""
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+        if self.wire is not None and self._wire_op != self.MPI.SUM:
+            self._wire_op.Free()
+            self._wire_op = self.MPI.SUM
 
 
 class _MPIStrategy(Strategy):
@@ -313,7 +438,13 @@ class MPISync(_MPIStrategy):
     Args:
         threads: must be 1 (one worker per rank; the launcher sets the ranks).
         overlap: start a non-blocking allreduce per bucket while backward runs.
-        bucket_bytes: minimum bytes per bucket with ``overlap`` (0: one per parameter array).
+        bucket_bytes: minimum bytes per bucket with ``overlap`` (0: one per parameter array;
+            PyTorch DDP's ``bucket_cap_mb`` is the same idea, as a maximum).
+        progress: with ``overlap``, how the allreduces progress during backward
+            (:data:`PROGRESS`).
+        compression: None (default: exact sums), ``"fp16"`` or ``"bf16"``: the gradients
+            cross as 16-bit values (:mod:`cnn.parallel.compression`).
+        timeline: record when each step's combine starts and ends (:attr:`timeline`).
         abort_on_error: end every rank when one fails (default); False only re-raises on the
             failing rank (for debugging: the others then wait).
         comm: the communicator (default ``MPI.COMM_WORLD``).
@@ -322,17 +453,34 @@ class MPISync(_MPIStrategy):
     name = "mpi"
 
     def __init__(self, threads: int = 1, overlap: bool = False, bucket_bytes: int = 0,
-                 abort_on_error: bool = True, comm=None):
+                 progress: str = "thread", compression: str | None = None,
+                 timeline: bool = False, abort_on_error: bool = True, comm=None):
         self.overlap = check_bool(None, "overlap", overlap)
         self.bucket_bytes = check_int(None, "bucket_bytes", bucket_bytes, low=0)
+        self.progress = check_choice(None, "progress", progress, PROGRESS)
+        self.compression = check_compression(compression)
+        self.record_timeline = check_bool(None, "timeline", timeline)
         super().__init__(threads, abort_on_error, comm)
 
     def start(self, model, optimizer, backend, params, seed=0, **kwargs) -> None:
         super().start(model, optimizer, backend, params, seed, **kwargs)
         self._core = SyncCore(model, optimizer, backend, self.params, self.state)
         self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
-                                       self.bucket_bytes)
+                                       self.bucket_bytes, self.progress, self.compression,
+                                       self.record_timeline)
         self._ctx = self.new_context()
+
+    @property
+    def timeline(self) -> list[tuple[float, float]] | None:
+        """With ``timeline=True``: ``(entered, left)``, the ``time.perf_counter()`` at which
+        this rank entered and left the gradient sum of each step so far."""
+        transport = getattr(self, "_transport", None)
+        return None if transport is None else transport.timeline
+
+    def close(self) -> None:
+        transport = getattr(self, "_transport", None)
+        if transport is not None:
+            transport.close()
 
     def local_rows(self, n: int) -> tuple[int, int]:
         """This rank's shard of a global batch of ``n`` (the first example for a ghost pass
@@ -357,7 +505,7 @@ class MPISync(_MPIStrategy):
         self.comm_time += time.perf_counter() - t
 
     def describe(self) -> dict:
-        return {**super().describe(), "overlap": self.overlap}
+        return {**super().describe(), "overlap": self.overlap, "compression": self.compression}
 
 
 class MPIAverage(AverageStrategy, _MPIStrategy):
