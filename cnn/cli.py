@@ -468,13 +468,35 @@ def _add_bench(sub) -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="ops suite: time the calling thread's CPU time (a busy machine disturbs "
                         "it less)")
+    p.add_argument("--cluster", default=None, metavar="PROFILE[,PROFILE...]",
+                   help="mpi, ddp and compression suites: run across the hosts of an emulated "
+                        "cluster (root), one per link profile (1gbe, 10gbe, 25gbe, unshaped, "
+                        "rate=...)")
+    p.add_argument("--ranks", type=_rank_counts, default=None, metavar="N[,N...]",
+                   help="mpi suite: MPI ranks (default 2; with --cluster 2,4,8)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="mpi suite: training variants, e.g. blocking overlap "
+                        "overlap,bucket=262144 overlap,progress=layers compression=fp16")
+
+
+def _rank_counts(text: str) -> list[int]:
+    """``--ranks 2,4,8``: positive integers, comma-separated."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts are positive integers separated by "
+                                          f"commas (2,4,8). Received {text!r}")
+    return counts
 
 
 def cmd_bench(args) -> int:
     from .bench import main
     main(args.suite, repeats=args.repeats, quick=args.quick, presets=args.presets,
          batch_sizes=args.batch_sizes, json_path=args.json, dtype=args.dtype,
-         cpu_time=args.cpu_time)
+         cpu_time=args.cpu_time, cluster=args.cluster, ranks=args.ranks,
+         variants=args.variants)
     return 0
 
 

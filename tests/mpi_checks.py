@@ -63,6 +63,8 @@ SCENARIOS = {
 LAYER_SCENARIOS = {
     "layers": ("mpi", {"kind": "layers"}),
     "layers_batch1": ("mpi", {"kind": "layers", "batch_size": 1, "epochs": 1, "n": 9}),
+    # batch norm's sums during backward between buckets the progress thread starts
+    "layers_overlap": ("mpi", {"kind": "layers", "overlap": True}),
     "layers_average3": ("mpi_average", {"kind": "layers", "every": 3, "batch_size": 5}),
 }
 

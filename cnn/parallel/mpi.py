@@ -52,17 +52,18 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import sys
 import threading
 import time
 import traceback
 import warnings
 import zlib
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-from ..checks import check_bool, check_choice, check_int
+from ..checks import check_bool, check_choice, check_int, check_number
 from .average import AverageStrategy, check_every
 from .base import Strategy
 from .launch import under_launcher
@@ -111,57 +112,75 @@ PROGRESS_INTERVAL = 500e-6
 
 
 class ProgressThread:
-    """A thread that drives MPI's progress engine while the training thread computes.
+    """A thread that starts this rank's non-blocking collectives and drives MPI's progress
+    engine while the training thread computes the backward pass.
 
     MPICH moves a non-blocking collective on only inside MPI calls: each round of its
     algorithm (a reduce-scatter's exchange, the reduction, the allgather's exchange) starts
-    when some call finds the previous one done. This thread tests the outstanding requests
-    every ``interval`` seconds until all are complete, then sleeps until :meth:`add` brings
-    another. It needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default); mpi4py releases the GIL
-    inside MPI calls, and NumPy's BLAS releases it while backward computes. A request is
-    only ever tested by this thread until :meth:`take` hands all of them back (MPI forbids two
-    threads to complete the same request)."""
+    when some call finds the previous one done. This thread starts every collective
+    :meth:`submit` hands it, in order, and tests the outstanding requests every ``interval``
+    seconds (or at once when another is submitted) until all are complete; then it blocks
+    until the next submission. The training thread only puts work into a queue, which never
+    waits: it makes no MPI call while backward runs, so it never waits for MPICH's lock or
+    for this thread. It needs ``MPI_THREAD_MULTIPLE`` (mpi4py's default); mpi4py releases
+    the GIL inside MPI calls and while waiting on the queue, and NumPy releases it while
+    backward computes.
+
+    Collectives must start in the same order on every rank: the training thread starts one of
+    its own only after :meth:`flush` (every submitted one started), and takes the requests
+    back with :meth:`take` (MPI forbids two threads to complete one request at once)."""
+
+    _FLUSH, _TAKE, _CLOSE = "flush", "take", "close"
 
     def __init__(self, MPI, interval: float = PROGRESS_INTERVAL):
         self.MPI, self.interval = MPI, interval
-        self._cond = threading.Condition()
-        self._requests: list = []
-        self._active = False  # some request has not been seen complete
-        self._closed = False
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._answers: queue.SimpleQueue = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="mpi-progress", daemon=True)
         self._thread.start()
 
-    def add(self, request) -> None:
-        """Test ``request`` from now on, with the others."""
-        with self._cond:
-            self._requests.append(request)
-            self._active = True
-            self._cond.notify()
+    def submit(self, start: Callable[[], Any]) -> None:
+        """Have the thread call ``start()`` (which starts a collective and returns its
+        request) after every earlier submission, and test the request from then on."""
+        self._work.put(start)
+
+    def flush(self) -> None:
+        """Wait until every submitted collective has started."""
+        self._work.put(self._FLUSH)
+        self._answers.get()
 
     def take(self) -> list:
-        """Stop testing and hand back every request added since the last call (some may be
-        complete: ``Waitall`` returns at once for those)."""
-        with self._cond:
-            requests, self._requests, self._active = self._requests, [], False
-        return requests
+        """Start every submitted collective, stop testing, and hand back all requests since
+        the last call (some may be complete: ``Waitall`` returns at once for those)."""
+        self._work.put(self._TAKE)
+        return self._answers.get()
 
     def close(self) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify()
+        self._work.put(self._CLOSE)
         self._thread.join()
 
     def _run(self) -> None:
         Testall = self.MPI.Request.Testall
+        requests: list = []
+        testing = False  # some request has not been seen complete
         while True:
-            with self._cond:
-                while not (self._active or self._closed):
-                    self._cond.wait()
-                if self._closed:
-                    return
-                if Testall(self._requests):
-                    self._active = False
-            time.sleep(self.interval)
+            try:
+                item = self._work.get(timeout=self.interval if testing else None)
+            except queue.Empty:
+                item = None
+            if item == self._CLOSE:
+                return
+            if item == self._TAKE:
+                self._answers.put(requests)
+                requests, testing = [], False
+                continue
+            if item == self._FLUSH:
+                self._answers.put(None)
+                continue
+            if item is not None:
+                requests.append(item())
+            if requests:
+                testing = not Testall(requests)  # completes the request objects in place
 
 
 def bucket_ranges(layout: FlatLayout, bucket_bytes: int) -> tuple[list[tuple[int, int]],
@@ -195,14 +214,16 @@ class MPITransport(Transport):
     :data:`cnn.parallel.compression.FORMATS`) the gradients cross as 16-bit values and the
     two numbers, which must stay exact, in a small allreduce of their own started beside them.
 
-    ``progress`` (with ``overlap``): see :data:`PROGRESS`. ``timeline``: record, for every
-    combine, the ``time.perf_counter()`` at which this rank entered it (its backward done) and
-    left it (the sum here) in :attr:`timeline`, for the benchmark's exposed communication.
+    ``progress`` (with ``overlap``): see :data:`PROGRESS`. ``timeline``: record in
+    :attr:`timeline`, for every step, the ``time.perf_counter()`` at which this rank entered
+    the combine (its backward done) and left it (the sum here), and the seconds the
+    training thread spent in MPI calls during backward (starting and testing requests), for
+    the benchmark's exposed communication.
     """
 
     def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0,
                  progress: str = "thread", compression: str | None = None,
-                 timeline: bool = False):
+                 timeline: bool = False, progress_interval: float = PROGRESS_INTERVAL):
         self.MPI = load_mpi()
         self.comm, self.layout, self.overlap = comm, layout, overlap
         self.total = layout.total
@@ -215,27 +236,27 @@ class MPITransport(Transport):
             self._wire_type, self._wire_op = self.wire.mpi_type_and_op(self.MPI)
         self.buckets, self._bucket_of = bucket_ranges(layout, bucket_bytes)
         self._pending = [0] * len(self.buckets)
-        self._progress = (ProgressThread(self.MPI) if overlap and progress == "thread"
-                          else None)
-        self.timeline: list[tuple[float, float]] | None = [] if timeline else None
+        self._progress = (ProgressThread(self.MPI, progress_interval)
+                          if overlap and progress == "thread" else None)
+        self.timeline: list[tuple[float, float, float]] | None = [] if timeline else None
+        self._hook_seconds = 0.0  # this step's MPI calls during backward
 
     def slot(self, i):
         return self.buf
 
-    def _start(self, lo: int, hi: int):
+    def _start(self, lo: int, hi: int) -> None:
         """Start the non-blocking sum of gradients ``[lo, hi)`` (through the wire format with
-        compression) and have it progress."""
+        compression): by the progress thread when there is one."""
         MPI = self.MPI
         if self.wire is None:
-            request = self.comm.Iallreduce(MPI.IN_PLACE, self.buf[lo:hi], MPI.SUM)
+            args = (MPI.IN_PLACE, self.buf[lo:hi], MPI.SUM)
         else:
             self.wire.encode(self.buf[lo:hi], self.wire_buf[lo:hi])
-            request = self.comm.Iallreduce(MPI.IN_PLACE, [self.wire_buf[lo:hi], self._wire_type],
-                                           self._wire_op)
+            args = (MPI.IN_PLACE, [self.wire_buf[lo:hi], self._wire_type], self._wire_op)
         if self._progress is not None:
-            self._progress.add(request)
+            self._progress.submit(lambda: self.comm.Iallreduce(*args))
         else:
-            self._requests.append(request)
+            self._requests.append(self.comm.Iallreduce(*args))
 
     def grad_hook(self, i, core, ghost):
         if not self.overlap:
@@ -255,7 +276,9 @@ class MPITransport(Transport):
                     self._start(*self.buckets[b])
             if self._requests:  # no progress thread: MPICH makes progress inside MPI calls only
                 self.MPI.Request.Testall(self._requests)
-            self._reduce_seconds += time.perf_counter() - t
+            seconds = time.perf_counter() - t
+            self._reduce_seconds += seconds
+            self._hook_seconds += seconds
         return on_grads
 
     def reducer(self, i, ghost):
@@ -268,6 +291,8 @@ class MPITransport(Transport):
         """``StepContext.reduce``: the element-wise sums of ``arrays`` over the ranks (one
         ``Allreduce`` per dtype; zeros from a ghost)."""
         t = time.perf_counter()
+        if self._progress is not None:  # the buckets submitted so far start first everywhere
+            self._progress.flush()
         arrays = [np.asarray(a) for a in arrays]
         out: list[Any] = [None] * len(arrays)
         for dt in dict.fromkeys(a.dtype for a in arrays):
@@ -297,19 +322,21 @@ class MPITransport(Transport):
             requests = self._take_requests()
             requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[lo:], MPI.SUM))
             MPI.Request.Waitall(requests)
-        else:  # the two numbers exact, beside the 16-bit gradients
+        elif self.overlap:  # the two numbers exact, beside the 16-bit gradients
+            self._start(*self.buckets[-1])
+            requests = self._take_requests()
+            requests.append(self.comm.Iallreduce(MPI.IN_PLACE, buf[total:], MPI.SUM))
+            MPI.Request.Waitall(requests)
+            self.wire.decode(self.wire_buf, buf[:total])
+        else:
             numbers = self.comm.Iallreduce(MPI.IN_PLACE, buf[total:], MPI.SUM)
-            if self.overlap:
-                self._start(*self.buckets[-1])
-                MPI.Request.Waitall(self._take_requests() + [numbers])
-            else:
-                self.wire.encode(buf[:total], self.wire_buf)
-                self.comm.Allreduce(MPI.IN_PLACE, [self.wire_buf, self._wire_type],
-                                    self._wire_op)
-                numbers.Wait()
+            self.wire.encode(buf[:total], self.wire_buf)
+            self.comm.Allreduce(MPI.IN_PLACE, [self.wire_buf, self._wire_type], self._wire_op)
+            numbers.Wait()
             self.wire.decode(self.wire_buf, buf[:total])
         if self.timeline is not None:
-            self.timeline.append((entered, time.perf_counter()))
+            self.timeline.append((entered, time.perf_counter(), self._hook_seconds))
+        self._hook_seconds = 0.0
         return buf[:total], 0, total, (float(buf[total]), int(round(float(buf[total + 1]))))
 
     def _take_requests(self) -> list:
@@ -454,7 +481,10 @@ class MPISync(_MPIStrategy):
 
     def __init__(self, threads: int = 1, overlap: bool = False, bucket_bytes: int = 0,
                  progress: str = "thread", compression: str | None = None,
-                 timeline: bool = False, abort_on_error: bool = True, comm=None):
+                 timeline: bool = False, abort_on_error: bool = True, comm=None,
+                 progress_interval: float = PROGRESS_INTERVAL):
+        self.progress_interval = check_number(None, "progress_interval", progress_interval,
+                                              low=0.0, low_open=True)
         self.overlap = check_bool(None, "overlap", overlap)
         self.bucket_bytes = check_int(None, "bucket_bytes", bucket_bytes, low=0)
         self.progress = check_choice(None, "progress", progress, PROGRESS)
@@ -467,13 +497,14 @@ class MPISync(_MPIStrategy):
         self._core = SyncCore(model, optimizer, backend, self.params, self.state)
         self._transport = MPITransport(self.comm, self._core.layout, self.overlap,
                                        self.bucket_bytes, self.progress, self.compression,
-                                       self.record_timeline)
+                                       self.record_timeline, self.progress_interval)
         self._ctx = self.new_context()
 
     @property
-    def timeline(self) -> list[tuple[float, float]] | None:
-        """With ``timeline=True``: ``(entered, left)``, the ``time.perf_counter()`` at which
-        this rank entered and left the gradient sum of each step so far."""
+    def timeline(self) -> list[tuple[float, float, float]] | None:
+        """With ``timeline=True``: ``(entered, left, in_backward)`` of each step so far: the
+        ``time.perf_counter()`` at which this rank entered and left the gradient sum, and the
+        seconds it spent in MPI calls during the backward pass before it."""
         transport = getattr(self, "_transport", None)
         return None if transport is None else transport.timeline
 
