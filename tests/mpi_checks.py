@@ -34,11 +34,12 @@ SCENARIOS = {
     "float32": ("mpi", {"dtype": np.float32}),
     "overlap": ("mpi", {"overlap": True}),
     "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
-    "overlap_layers": ("mpi", {"overlap": True, "progress": "layers"}),
+    "overlap_thread": ("mpi", {"overlap": True, "progress": "thread"}),
     "fp16": ("mpi", {"compression": "fp16"}),
     "bf16": ("mpi", {"compression": "bf16"}),
-    "overlap_fp16": ("mpi", {"overlap": True, "bucket_bytes": 1000, "compression": "fp16"}),
-    "overlap_bf16": ("mpi", {"overlap": True, "compression": "bf16", "progress": "layers"}),
+    "overlap_fp16": ("mpi", {"overlap": True, "bucket_bytes": 1000, "compression": "fp16",
+                             "progress": "thread"}),
+    "overlap_bf16": ("mpi", {"overlap": True, "compression": "bf16"}),
     "bf16_float32": ("mpi", {"compression": "bf16", "dtype": np.float32}),
     "center": ("mpi", {"kind": "center"}),
     "batch1": ("mpi", {"batch_size": 1, "epochs": 1, "n": 9}),  # every step: one rank a ghost
@@ -64,7 +65,7 @@ LAYER_SCENARIOS = {
     "layers": ("mpi", {"kind": "layers"}),
     "layers_batch1": ("mpi", {"kind": "layers", "batch_size": 1, "epochs": 1, "n": 9}),
     # batch norm's sums during backward between buckets the progress thread starts
-    "layers_overlap": ("mpi", {"kind": "layers", "overlap": True}),
+    "layers_overlap": ("mpi", {"kind": "layers", "overlap": True, "progress": "thread"}),
     "layers_average3": ("mpi_average", {"kind": "layers", "every": 3, "batch_size": 5}),
 }
 

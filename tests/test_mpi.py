@@ -88,6 +88,7 @@ SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
     "float64": {},
     "overlap": {},
     "overlap_buckets": {},
+    "overlap_thread": {},
     "center": {"kind": "center"},
     "batch1": {"batch_size": 1, "epochs": 1, "n": 9},
     "plain_sgd": {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3},
@@ -165,7 +166,7 @@ def test_overlap_gives_the_same_bits(runs):
     blocking allreduce, whether a progress thread or the training thread drives them: the
     weights are bitwise equal."""
     plain, _ = load(runs, "float64")
-    for name in ("overlap", "overlap_buckets", "overlap_layers"):
+    for name in ("overlap", "overlap_buckets", "overlap_thread"):
         got, rec = load(runs, name)
         assert all(np.array_equal(got[k], plain[k]) for k in got), name
         assert rec["info"]["overlap"] is True

@@ -531,6 +531,50 @@ def plot_equivalence(table: pd.DataFrame):
     return fig
 
 
+def plot_cluster_scaling(record: dict, config: str):
+    """Predicted speed-up over one core to p = 64 on a cluster with a core per rank, one band
+    per link profile (:func:`cnn.analysis.scaling.prediction_band`: the allreduce fitted on the
+    emulated cluster, scaled by the spread of its measured points), beside the speed-ups
+    measured on the emulated cluster (hollow: more ranks than the machine's cores, where the
+    model's check divides the computing over the cores, not the ranks). None when the figures
+    hold no ``config``."""
+    from .scaling import P_GRID, cluster_scaling, machine_cores, prediction_band
+    if config not in record.get("one_core", {}):
+        return None
+    band = prediction_band(record, config)
+    measured = cluster_scaling(record)
+    measured = measured[measured["config"] == config]
+    fig, axes = _figure(5.2, 3.4)
+    ax = axes[0][0]
+    ps = np.asarray(P_GRID, dtype=float)
+    ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
+    colours = dict(zip(band["profile"].unique(), [f"C{i}" for i in range(10)]))
+    for profile, b in band.groupby("profile", sort=False):
+        c = colours[profile]
+        ax.fill_between(b["p"], b["low"], b["high"], color=c, alpha=0.18, lw=0)
+        ax.plot(b["p"], b["speedup"], color=c, lw=1.2, label=f"model, {profile}")
+        m = measured[measured["profile"] == profile]
+        for over, face in ((False, c), (True, "none")):
+            pts = m[m["oversubscribed"] == over]
+            ax.scatter(pts["p"], pts["measured_speedup"], s=22, zorder=3, edgecolors=c,
+                       facecolors=face)
+    cores = machine_cores(record)
+    ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ticks = [int(x) for x in ps]
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.set_yticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(0.25, ps.max() * 1.2)
+    ax.set_xlabel("MPI ranks p (one per host)")
+    ax.set_ylabel("speed-up vs one core")
+    ax.set_title(f"{config}: model to p = 64 per link profile; dots measured", fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+    return fig
+
+
 PLOTS = {"throughput": plot_throughput, "baselines": plot_baselines, "scaling": plot_scaling,
          "per_image": plot_per_image, "time_breakdown": plot_time_breakdown,
          "accuracy": plot_accuracy, "time_to_accuracy": plot_time_to_accuracy,

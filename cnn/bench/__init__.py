@@ -38,6 +38,11 @@ SUITES = {
     "mpi": Suite("mpi", "allreduce between MPI ranks and its fit, overlap; across the hosts "
                  "of an emulated cluster with --cluster", ("json_path", "cluster", "ranks",
                                                            "variants")),
+    "ddp": Suite("ddp", "our 2-worker paths vs PyTorch DDP (gloo), one host and 2 emulated "
+                 "hosts per --cluster link profile", ("json_path", "cluster")),
+    "compression": Suite("compression", "16-bit gradients on the wire: accuracy over seeds "
+                         "(MNIST, CIFAR-10); bytes and speed with --cluster",
+                         ("json_path", "cluster")),
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every layer op on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),

@@ -156,24 +156,25 @@ def exposed_seconds(comm, MPI, timeline, shared_clock: bool) -> dict:
     """Per step, the communication this rank's training thread waited for, as medians over
     the steps of the mean over the ranks: ``wait`` (with ``shared_clock``: from the moment
     the last rank entered the gradient sum to this rank's end of it; without: the whole time
-    in it), ``in_backward`` (its MPI calls during backward) and ``exposed`` (their sum).
+    in it), ``in_backward`` (its MPI calls during backward) and ``exposed``, the sum of the
+    two medians.
     ``timeline``: the strategy's ``(entered, left, in_backward)`` of each step."""
     own = np.asarray(timeline, np.float64).reshape(-1, 3)
     every = np.empty((comm.Get_size(), *own.shape))
     comm.Allgather(own, every)
     start = every[:, :, 0].max(axis=0) if shared_clock else every[:, :, 0]
-    wait = (every[:, :, 1] - start).mean(axis=0)
-    inside = every[:, :, 2].mean(axis=0)
-    return {"wait": float(np.median(wait)), "in_backward": float(np.median(inside)),
-            "exposed": float(np.median(wait + inside))}
+    wait = float(np.median((every[:, :, 1] - start).mean(axis=0)))
+    inside = float(np.median(every[:, :, 2].mean(axis=0)))
+    return {"wait": wait, "in_backward": inside, "exposed": wait + inside}
 
 
 def training_times(comm, MPI, preset: str, images: int, batch_size: int, repeats: int,
-                   variants, shared_clock: bool = False) -> dict:
+                   variants, shared_clock: bool = False, interface: str | None = None) -> dict:
     """Images/s of the ``mpi`` strategy in each of ``variants`` (names of
     :func:`variant_options`), interleaved repeat by repeat after one warm-up round, with the
-    exposed communication per step (:func:`exposed_seconds`) and the share of the epoch
-    the strategy spent communicating."""
+    exposed communication per step (:func:`exposed_seconds`), the share of the epoch the
+    strategy spent communicating and, with ``interface``, ``sent_per_step``: the bytes each
+    rank's link sent per step (the mean over the ranks)."""
     from ..model import build_model
     from ..parallel.mpi import MPISync
     from ..presets import get_preset
@@ -187,14 +188,19 @@ def training_times(comm, MPI, preset: str, images: int, batch_size: int, repeats
     for r in range(repeats + 1):  # the first round warms up
         for name in variants:
             strategy = MPISync(timeline=True, **options[name])
-            h = build_model(preset, seed=0).fit(
-                x, y, epochs=1, batch_size=batch_size, optimizer=optimizer, strategy=strategy,
-                verbose=0).history
+            model = build_model(preset, seed=0)
+            comm.Barrier()
+            before = _tx_bytes(interface)
+            h = model.fit(x, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
+                          strategy=strategy, verbose=0).history
+            sent = np.array([(_tx_bytes(interface) - before) / steps])
+            comm.Allreduce(MPI.IN_PLACE, sent, MPI.SUM)
             exposed = exposed_seconds(comm, MPI, strategy.timeline, shared_clock)
             if r:
                 samples[name].append({"images_per_sec": h["images_per_sec"][0],
                                       "step": h["time"][0] / steps,
                                       "comm_share": h["comm_time"][0] / h["time"][0],
+                                      "sent_per_step": float(sent[0]) / comm.Get_size(),
                                       **exposed})
     out = {}
     for name, rows in samples.items():
@@ -202,7 +208,9 @@ def training_times(comm, MPI, preset: str, images: int, batch_size: int, repeats
         out[name] = {"options": options[name], "images_per_sec": statistics.median(ips),
                      "min": min(ips), "max": max(ips),
                      **{k: statistics.median(s[k] for s in rows)
-                        for k in ("step", "comm_share", "wait", "in_backward", "exposed")}}
+                        for k in ("step", "comm_share", "wait", "in_backward",
+                                  "sent_per_step")}}
+        out[name]["exposed"] = out[name]["wait"] + out[name]["in_backward"]
     return out
 
 
@@ -243,10 +251,11 @@ def _print_training(say, preset: str, batch_size: int, results: dict) -> None:
         hidden = ("" if "hidden" not in r or name == "blocking" else
                   f"  hides {r['hidden']:4.0%} (by step {r['hidden_by_step']:4.0%})")
         ratio = f"  x{r['speedup']:.2f}" if "speedup" in r else ""
+        sent = f"  sent {r['sent_per_step']:,.0f} B/step" if r["sent_per_step"] else ""
         say(f"{preset:<15} {batch_size:>5}  {name:<28} {r['images_per_sec']:8,.0f} "
             f"({r['min']:,.0f}..{r['max']:,.0f}){ratio}  step {r['step'] * 1e3:6.1f} ms  "
             f"exposed {r['exposed'] * 1e3:6.2f} ms (wait {r['wait'] * 1e3:.2f} + in backward "
-            f"{r['in_backward'] * 1e3:.2f}){hidden}", flush=True)
+            f"{r['in_backward'] * 1e3:.2f}){hidden}{sent}", flush=True)
 
 
 def main(argv=None) -> int:
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
         for bs in a.batch_sizes or [32, 128]:
             images = 64 if a.quick else TRAIN_IMAGES.get(preset, 512)
             res = training_times(comm, MPI, preset, images, bs, repeats, variants,
-                                 a.shared_clock)
+                                 a.shared_clock, a.interface)
             training[f"{preset}/{bs}"] = res
             _print_training(say, preset, bs, res)
     record["training"] = training
@@ -354,7 +363,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     from ..parallel.launch import find_mpiexec
     if cluster:
         return cluster_suite(cluster, ranks or CLUSTER_RANKS, repeats, quick, presets,
-                             batch_sizes, variants, json_path)
+                             batch_sizes, variants, json_path or CLUSTER_JSON)
     (count,) = ranks or (2,)
     cmd = [find_mpiexec(), "-n", str(count), sys.executable, "-m", "cnn.bench.mpi",
            *_rank_arguments(repeats, quick, presets, batch_sizes, variants)]
@@ -391,13 +400,13 @@ def one_core_step(preset: str, images: int, batch_size: int, repeats: int) -> di
 
 def cluster_suite(profiles: str, ranks, repeats: int = 5, quick: bool = False, presets=None,
                   batch_sizes=None, variants=None, json_path=None,
-                  state_dir: str | None = None) -> dict:
+                  state_dir: str | None = None, allreduce: bool = True) -> dict:
     """For each link profile of ``profiles`` (comma-separated; ``1gbe,10gbe``): an emulated
     cluster of ``max(ranks)`` hosts, and on it :func:`main` at each rank count of ``ranks``
-    (the allreduce table with the link's byte counts, and the training table when
-    ``presets``), then the fit of every profile's allreduce times
+    (the allreduce table with the link's byte counts unless not ``allreduce``, and the
+    training table when ``presets``), then the fit of every profile's allreduce times
     (:mod:`cnn.analysis.collectives`) and each preset's one-core step; printed, and written
-    to ``json_path`` (default :data:`CLUSTER_JSON`). Returns the record."""
+    to ``json_path`` when given. Returns the record."""
     from ..analysis.collectives import fit_allreduce
     from ..cluster import EmulatedCluster
     from ..cluster.links import LinkProfile
@@ -409,7 +418,6 @@ def cluster_suite(profiles: str, ranks, repeats: int = 5, quick: bool = False, p
     ranks = sorted({int(r) for r in ranks})
     presets = list(presets) if presets is not None else ["cifar_tutorial"]
     batch_sizes = list(batch_sizes or [32])
-    json_path = Path(json_path or CLUSTER_JSON)
     record = {"machine": machine_info(), "ranks": ranks, "profiles": {}, "one_core": {}}
     for name in names:
         profile: dict = {"link": LinkProfile.parse(name).to_dict(), "runs": {}}
@@ -423,13 +431,16 @@ def cluster_suite(profiles: str, ranks, repeats: int = 5, quick: bool = False, p
                 out = Path(tmp) / f"ranks{p}.json"
                 argv = [sys.executable, "-m", "cnn.bench.mpi", "--interface", CLUSTER_INTERFACE,
                         "--shared-clock", "--json", str(out),
-                        *_rank_arguments(repeats, quick, presets, batch_sizes, variants)]
+                        *_rank_arguments(repeats, quick, presets, batch_sizes, variants),
+                        *([] if allreduce else ["--no-allreduce"])]
                 job = cluster.run_mpiexec(argv, ranks=p, env=_environment(),
                                           capture_output=False)
                 if job.returncode != 0 or not out.is_file():
                     raise RuntimeError(f"the MPI benchmark failed on {p} ranks over {name} "
                                        f"(exit status {job.returncode})")
                 profile["runs"][str(p)] = json.loads(out.read_text())
+        if not allreduce:
+            continue
         points = [(row["bytes"], int(p), row["seconds"]) for p, run in profile["runs"].items()
                   for row in run["allreduce"]]
         fit = fit_allreduce(*zip(*points))
@@ -439,14 +450,15 @@ def cluster_suite(profiles: str, ranks, repeats: int = 5, quick: bool = False, p
               f"({8 / fit.beta / 1e9 if fit.beta else float('inf'):.2f} Gbit/s); relative "
               f"error worst {fit.worst_error:.0%}, median {fit.median_error:.0%} over "
               f"{fit.points} points", flush=True)
-    for preset in presets:
+    for preset in presets if allreduce else ():  # the scaling model's one-core time
         for bs in batch_sizes:
             images = 64 if quick else TRAIN_IMAGES.get(preset, 512)
             record["one_core"][f"{preset}/{bs}"] = one_core_step(preset, images, bs,
                                                                  1 if quick else repeats)
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(json_path, json.dumps(record, indent=1, default=str))
-    print(f"figures written to {json_path}")
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(json_path, json.dumps(record, indent=1, default=str))
+        print(f"figures written to {json_path}")
     return record
 
 

@@ -23,8 +23,14 @@ Run under a launcher, one process per rank, each running the same ``fit``:
     as backward has produced it (PyTorch DDP's and Horovod's buckets), last layer first, and
     waits for all of them before the update. ``bucket_bytes`` sets the bucket size (0: one
     bucket per parameter array). MPICH progresses a non-blocking collective only inside MPI
-    calls, so the strategy tests the outstanding requests after each layer;
-    ``python -m cnn bench mpi`` measures whether the overlap pays.
+    calls, so the strategy tests the outstanding requests after each layer
+    (``progress="layers"``), or has a thread of its own start and test them
+    (``progress="thread"``, :class:`ProgressThread`); ``python -m cnn bench mpi`` measures
+    whether the overlap pays (``--cluster 1gbe``: across hosts with a real link's speed).
+
+    ``compression="fp16"`` or ``"bf16"`` sends the gradients as 16-bit values, summed in that
+    format (:mod:`cnn.parallel.compression`; Horovod's ``Compression.fp16``): half the bytes
+    of float32, not the sequential algorithm's sums. Off by default.
 
 ``mpi_average`` (:class:`MPIAverage`)
     Each rank trains its own replica on its own ``batch_size`` examples per step (a global step
@@ -104,9 +110,13 @@ def _check_cpu_backend(name: str, backend) -> None:
 
 
 #: how ``overlap=True`` gets the non-blocking allreduces to progress while backward runs:
-#: ``"thread"`` (:class:`ProgressThread`) or ``"layers"`` (a test of the requests after each
-#: layer's backward, in the training thread)
-PROGRESS = ("thread", "layers")
+#: ``"layers"`` (the default: the training thread tests the requests after each layer's
+#: backward) or ``"thread"`` (:class:`ProgressThread`). The thread moves the sums on sooner,
+#: but every wake-up takes the GIL from the training thread; measured on a loaded 2-core
+#: machine the tests after each layer gave the better images/s (``python -m cnn bench mpi
+#: --cluster 1gbe --ranks 2 --variants blocking overlap,progress=layers
+#: overlap,progress=thread`` compares them)
+PROGRESS = ("layers", "thread")
 #: seconds between two tests of the outstanding requests by the progress thread
 PROGRESS_INTERVAL = 500e-6
 
@@ -222,7 +232,7 @@ class MPITransport(Transport):
     """
 
     def __init__(self, comm, layout: FlatLayout, overlap: bool = False, bucket_bytes: int = 0,
-                 progress: str = "thread", compression: str | None = None,
+                 progress: str = "layers", compression: str | None = None,
                  timeline: bool = False, progress_interval: float = PROGRESS_INTERVAL):
         self.MPI = load_mpi()
         self.comm, self.layout, self.overlap = comm, layout, overlap
@@ -480,7 +490,7 @@ class MPISync(_MPIStrategy):
     name = "mpi"
 
     def __init__(self, threads: int = 1, overlap: bool = False, bucket_bytes: int = 0,
-                 progress: str = "thread", compression: str | None = None,
+                 progress: str = "layers", compression: str | None = None,
                  timeline: bool = False, abort_on_error: bool = True, comm=None,
                  progress_interval: float = PROGRESS_INTERVAL):
         self.progress_interval = check_number(None, "progress_interval", progress_interval,
