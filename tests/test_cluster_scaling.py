@@ -113,3 +113,18 @@ def test_the_figure_draws_a_band_per_profile():
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "model, 1gbe" in labels and "model, 10gbe" in labels
     assert plot_cluster_scaling(record, "mnist_small/32") is None
+
+
+def test_the_report_in_words(tmp_path, capsys):
+    from cnn.analysis.scaling import cluster_report, main
+    lines = cluster_report(made_up_record())
+    text = "\n".join(lines)
+    assert "p = 2 : model error worst 0%" in text and "p = 4*: model error worst 33%" in text
+    assert "sent/byte 1.50 (reduce_scatter_allgather: 1.50)" in text
+    assert "cifar_tutorial/32    p = 8* measured" in text and "(+0%)" in text
+    assert "predicted at p = 64, cifar_tutorial/32, 1gbe" in text
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(made_up_record()))
+    assert main([str(path), "--figures", str(tmp_path / "fig")]) == 0
+    assert (tmp_path / "fig" / "cluster_scaling_cifar_tutorial_32.png").is_file()
+    assert "predicted at p = 64" in capsys.readouterr().out

@@ -265,3 +265,79 @@ def prediction_band(record: dict, config: str, ps=P_GRID) -> pd.DataFrame:
                                          ("low", high_ratio))}
             rows.append({"profile": profile, "config": config, "p": float(p), **speed})
     return pd.DataFrame(rows, columns=BAND_COLUMNS)
+
+
+def cluster_report(record: dict) -> list[str]:
+    """The cluster figures in words: per link profile the model's allreduce fit and its error
+    at every rank count (oversubscribed ones marked), the bytes per message byte against
+    MPICH's algorithm, the largest share of a call the link accounts for; the model against
+    every measured training step; and the predicted speed-up band at p = 64."""
+    from .collectives import fit_allreduce
+    cores = machine_cores(record)
+    table = allreduce_table(record)
+    lines = [f"{cores} cores shared by every emulated host; ranks beyond them are "
+             f"oversubscribed (marked *)"]
+    for profile, g in table.groupby("profile", sort=False):
+        fit = cluster_fit(record, profile)
+        rate = record["profiles"][profile].get("link", {}).get("rate_bit_per_s")
+        lines.append(f"{profile} (link {'unshaped' if not rate else f'{rate / 1e9:g} Gbit/s'}): "
+                     f"t = alpha rounds + beta sent, alpha {fit.alpha * 1e6:.1f} us, beta "
+                     f"{fit.beta:.3e} s/byte ({8 / fit.beta / 1e9 if fit.beta else math.inf:.2f}"
+                     f" Gbit/s), fitted at p <= {cores}")
+        for p, h in g.groupby("p"):
+            own = fit_allreduce(h["bytes"], h["p"], h["measured"])
+            err = h["rel_error"].abs()
+            lines.append(f"  p = {p}{'*' if p > cores else ' '}: model error worst {err.max():.0%}"
+                         f", median {err.median():.0%}; sent/byte {h['sent_per_byte'].median():.2f}"
+                         f" ({h['algorithm'].iat[-1]}: {h['expected_sent_per_byte'].iat[-1]:.2f});"
+                         f" link share at most {h['link_share'].max():.0%}; this p alone: alpha "
+                         f"{own.alpha * 1e6:.0f} us, beta {own.beta:.2e} s/byte")
+    steps = cluster_scaling(record)
+    if len(steps):
+        lines.append("training steps, blocking: measured vs model (C1 / min(p, cores) + D + A)")
+        for _, r in steps.iterrows():
+            lines.append(f"  {r['profile']:<9} {r['config']:<20} p = {r['p']}"
+                         f"{'*' if r['oversubscribed'] else ' '} measured "
+                         f"{r['measured_step'] * 1e3:6.1f} ms, model {r['predicted_step'] * 1e3:6.1f}"
+                         f" ms ({r['rel_error']:+.0%}); speed-up {r['measured_speedup']:.2f} vs "
+                         f"{r['predicted_speedup']:.2f}")
+    for config in record.get("one_core", {}):
+        band = prediction_band(record, config)
+        for _, r in band[band["p"] == max(P_GRID)].iterrows():
+            lines.append(f"predicted at p = {max(P_GRID)}, {config}, {r['profile']}: speed-up "
+                         f"{r['speedup']:.1f} (band {r['low']:.1f} .. {r['high']:.1f})")
+    return lines
+
+
+def main(argv=None) -> int:
+    """``python -m cnn.analysis.scaling [FIGURES.json] [--figures DIR]``: print
+    :func:`cluster_report` and draw :func:`~cnn.analysis.figures.plot_cluster_scaling` per
+    configuration into ``DIR``."""
+    import argparse
+    p = argparse.ArgumentParser(prog="python -m cnn.analysis.scaling",
+                                description="the scaling model on the emulated cluster's figures")
+    p.add_argument("path", nargs="?", default="results/mpi_cluster.json")
+    p.add_argument("--figures", default=None, help="folder for the figures (PNG)")
+    a = p.parse_args(argv)
+    record = read_cluster(a.path)
+    if record is None:
+        p.error(f"no figures at {a.path}: `python -m cnn bench mpi --cluster 1gbe,10gbe "
+                f"--ranks 2,4,8` writes them")
+    print("\n".join(cluster_report(record)))
+    if a.figures:
+        import matplotlib
+        matplotlib.use("Agg")
+        from .figures import plot_cluster_scaling
+        Path(a.figures).mkdir(parents=True, exist_ok=True)
+        for config in record.get("one_core", {}):
+            fig = plot_cluster_scaling(record, config)
+            if fig is not None:
+                out = Path(a.figures) / f"cluster_scaling_{config.replace('/', '_')}.png"
+                fig.savefig(out, dpi=150)
+                print(f"figure written to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())
