@@ -107,12 +107,13 @@ def test_the_figure_draws_a_band_per_profile():
     from cnn.analysis.figures import plot_cluster_scaling
     record = made_up_record(noise=0.1)
     record["profiles"]["10gbe"] = json.loads(json.dumps(record["profiles"]["1gbe"]))
-    fig = plot_cluster_scaling(record, CONFIG)
+    band, measured = prediction_band(record, CONFIG), cluster_scaling(record)
+    fig = plot_cluster_scaling(band, measured, 2, CONFIG)
     ax = fig.axes[0]
     assert len(ax.collections) >= 2 + 2 * 2  # two bands, measured points per profile
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "model, 1gbe" in labels and "model, 10gbe" in labels
-    assert plot_cluster_scaling(record, "mnist_small/32") is None
+    assert plot_cluster_scaling(band, measured, 2, "mnist_small/32") is None
 
 
 def test_the_report_in_words(tmp_path, capsys):

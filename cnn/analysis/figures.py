@@ -531,22 +531,22 @@ def plot_equivalence(table: pd.DataFrame):
     return fig
 
 
-def plot_cluster_scaling(record: dict, config: str):
+def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
+                         config: str):
     """Predicted speed-up over one core to p = 64 on a cluster with a core per rank, one band
-    per link profile (:func:`cnn.analysis.scaling.prediction_band`: the allreduce fitted on the
-    emulated cluster, scaled by the spread of its measured points), beside the speed-ups
-    measured on the emulated cluster (hollow: more ranks than the machine's cores, where the
-    model's check divides the computing over the cores, not the ranks). None when the figures
-    hold no ``config``."""
-    from .scaling import P_GRID, cluster_scaling, machine_cores, prediction_band
-    if config not in record.get("one_core", {}):
+    per link profile (``band``: :func:`cnn.analysis.scaling.prediction_band`, the allreduce
+    fitted on the emulated cluster scaled by the spread of its measured points), beside the
+    speed-ups measured on the emulated cluster (``measured``:
+    :func:`cnn.analysis.scaling.cluster_scaling`; hollow: more ranks than the machine's
+    ``cores``, where the model's check divides the computing over the cores, not the ranks).
+    None when ``band`` holds no ``config``."""
+    band = band[band["config"] == config]
+    if band.empty:
         return None
-    band = prediction_band(record, config)
-    measured = cluster_scaling(record)
     measured = measured[measured["config"] == config]
     fig, axes = _figure(5.2, 3.4)
     ax = axes[0][0]
-    ps = np.asarray(P_GRID, dtype=float)
+    ps = np.sort(band["p"].unique()).astype(float)
     ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
     colours = dict(zip(band["profile"].unique(), [f"C{i}" for i in range(10)]))
     for profile, b in band.groupby("profile", sort=False):
@@ -558,7 +558,6 @@ def plot_cluster_scaling(record: dict, config: str):
             pts = m[m["oversubscribed"] == over]
             ax.scatter(pts["p"], pts["measured_speedup"], s=22, zorder=3, edgecolors=c,
                        facecolors=face)
-    cores = machine_cores(record)
     ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)

@@ -329,8 +329,9 @@ def main(argv=None) -> int:
         matplotlib.use("Agg")
         from .figures import plot_cluster_scaling
         Path(a.figures).mkdir(parents=True, exist_ok=True)
+        measured, cores = cluster_scaling(record), machine_cores(record)
         for config in record.get("one_core", {}):
-            fig = plot_cluster_scaling(record, config)
+            fig = plot_cluster_scaling(prediction_band(record, config), measured, cores, config)
             if fig is not None:
                 out = Path(a.figures) / f"cluster_scaling_{config.replace('/', '_')}.png"
                 fig.savefig(out, dpi=150)
