@@ -485,22 +485,28 @@ def plot_scaling_model(summary: Summary, problem: str):
         meas = d[d["measured"].notna()]
         ax.scatter(meas["p"], meas["measured"], color="black", s=20, zorder=3,
                    label="measured")
-        cores = d["cores"].iat[0]
-        if np.isfinite(cores):
-            ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ticks = [int(x) for x in ps if x == 2 ** round(math.log2(x))]
-        ax.set_xticks(ticks, [str(x) for x in ticks])
-        ax.set_yticks(ticks, [str(x) for x in ticks])
-        ax.minorticks_off()
-        ax.set_ylim(0.5, ps.max() * 1.2)
-        ax.set_xlabel("workers p")
-        ax.set_ylabel("speed-up vs one worker")
-        ax.set_title(f"{v}, {d['title'].iat[0]}", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+        _speedup_axes(ax, ps, d["cores"].iat[0], "workers p", "speed-up vs one worker",
+                      f"{v}, {d['title'].iat[0]}", 0.5)
     return fig
+
+
+def _speedup_axes(ax, ps, cores, xlabel: str, ylabel: str, title: str, ymin: float) -> None:
+    """Speed-up against workers on log2 axes with plain power-of-two ticks, shaded beyond
+    ``cores`` (prediction only there), and the legend inside."""
+    if np.isfinite(cores):
+        ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ticks = [int(x) for x in ps if x == 2 ** round(math.log2(x))]
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.set_yticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(ymin, ps.max() * 1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
 
 
 # ---- equivalence (global) ------------------------------------------------------------------------------------------
@@ -558,19 +564,8 @@ def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
             pts = m[m["oversubscribed"] == over]
             ax.scatter(pts["p"], pts["measured_speedup"], s=22, zorder=3, edgecolors=c,
                        facecolors=face)
-    ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log", base=2)
-    ticks = [int(x) for x in ps]
-    ax.set_xticks(ticks, [str(x) for x in ticks])
-    ax.set_yticks(ticks, [str(x) for x in ticks])
-    ax.minorticks_off()
-    ax.set_ylim(0.25, ps.max() * 1.2)
-    ax.set_xlabel("MPI ranks p (one per host)")
-    ax.set_ylabel("speed-up vs one core")
-    ax.set_title(f"{config}: model to p = 64 per link profile; dots measured", fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+    _speedup_axes(ax, ps, cores, "MPI ranks p (one per host)", "speed-up vs one core",
+                  f"{config}: model to p = {int(ps.max())} per link profile; dots measured", 0.25)
     return fig
 
 
