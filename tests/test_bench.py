@@ -82,7 +82,7 @@ def test_ddp_table_ratio_of_our_best_to_ddp():
                                "epochs": 3}
     assert out["best_ours_over_ddp"] == pytest.approx(1200.0 / 500.0)
     # processes share one host's memory: never run across emulated hosts
-    assert CONTENDERS["ours processes"][2] and not CONTENDERS["pytorch ddp"][2]
+    assert CONTENDERS["ours processes"].one_host and not CONTENDERS["pytorch ddp"].one_host
 
 
 @pytest.mark.parametrize("suite,option", [("threads", {"cluster": "1gbe"}),

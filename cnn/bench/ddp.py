@@ -12,6 +12,7 @@ thread per worker:
 - ``ours mpi overlap``: the same with ``overlap=True`` (its default buckets and progress);
 - ``ours processes``: :class:`~cnn.parallel.processes.SyncProcesses`, 2 worker processes
   over shared memory (one host only);
+- each of them again on the Numba backend (``... numba``; its compilation in the warm-up);
 - ``pytorch ddp``: :func:`cnn.reference.torch.fit_torch` with ``distributed=True``: 2
   processes, ``torch.distributed`` with the gloo backend, ``init_method=tcp://`` to the first
   host's address (``bucket_cap_mb`` 25, DDP's default).
@@ -38,17 +39,29 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 #: timed epochs per job, after one warm-up epoch
 EPOCHS = 2
 #: images per epoch, per preset (others: 512)
 IMAGES = {"mnist_small": 2048, "cifar_tutorial": 512}
-#: the contenders: name -> (kind, strategy options of ours, on one host only)
+class Contender(NamedTuple):
+    """How a contender trains: ``kind`` (``mpi``, ``processes`` or ``ddp``), our strategy's
+    ``options``, whether it runs on ``one_host`` only (shared memory), and our ``backend``."""
+    kind: str
+    options: dict
+    one_host: bool = False
+    backend: str = "numpy"
+
+
 CONTENDERS = {
-    "ours mpi": ("mpi", {}, False),
-    "ours mpi overlap": ("mpi", {"overlap": True}, False),
-    "ours processes": ("processes", {}, True),
-    "pytorch ddp": ("ddp", {}, False),
+    "ours mpi": Contender("mpi", {}),
+    "ours mpi overlap": Contender("mpi", {"overlap": True}),
+    "ours mpi numba": Contender("mpi", {}, backend="numba"),
+    "ours mpi numba overlap": Contender("mpi", {"overlap": True}, backend="numba"),
+    "ours processes": Contender("processes", {}, one_host=True),
+    "ours processes numba": Contender("processes", {}, one_host=True, backend="numba"),
+    "pytorch ddp": Contender("ddp", {}),
 }
 WORKERS = 2
 
@@ -77,6 +90,7 @@ def run_job(job: dict) -> list[float] | None:
         try:
             history = fit_torch(model, x, y, epochs=epochs, batch_size=job["batch_size"],
                                 optimizer=optimizer, threads=1, distributed=True).history
+            dist.barrier()  # the first process hosts the rendezvous: it leaves last
         finally:
             dist.destroy_process_group()
         first = job["rank"] == 0
@@ -85,7 +99,8 @@ def run_job(job: dict) -> list[float] | None:
                              ("processes", job["workers"]))
         fitted = model.fit(x, y, epochs=epochs, batch_size=job["batch_size"],
                            optimizer=optimizer, strategy=strategy, threads=threads,
-                           strategy_options=job["options"] or None, verbose=0)
+                           strategy_options=job["options"] or None, backend=job["backend"],
+                           verbose=0)
         history = fitted.history
         from ..parallel.launch import launcher_rank
         first = launcher_rank() == 0
@@ -121,8 +136,8 @@ def _worker(job: dict) -> list[str]:
 def run_contender(name: str, job: dict, cluster=None, timeout: float = 900) -> list[float]:
     """The timed epochs' images/s of contender ``name`` on ``job``'s workers: on this host, or
     on the first hosts of ``cluster`` (an :class:`~cnn.cluster.EmulatedCluster`)."""
-    kind, options, _ = CONTENDERS[name]
-    job = {**job, "kind": kind, "options": options}
+    kind, options, _, backend = CONTENDERS[name]
+    job = {**job, "kind": kind, "options": options, "backend": backend}
     if kind == "mpi":
         from ..parallel.launch import find_mpiexec
         if cluster is None:
@@ -222,7 +237,7 @@ def suite(repeats: int = 3, quick: bool = False, presets=None, batch_sizes=None,
 
 def _measure_setting(setting: str, cluster, presets, batch_sizes, rounds: int,
                      quick: bool) -> dict:
-    names = [n for n, (_, _, one_host) in CONTENDERS.items() if cluster is None or not one_host]
+    names = [n for n, c in CONTENDERS.items() if cluster is None or not c.one_host]
     print(f"\n{setting}" + (f": every link {cluster.link.describe()}" if cluster else
                             ": MPI over shared memory, gloo over the loopback")
           + f"; images/s, median of {rounds} x {EPOCHS} epochs (min..max)", flush=True)
