@@ -80,7 +80,9 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     from ..files import atomic_write
     from .mpi import cluster_suite
 
-    record: dict = {"accuracy": accuracy_table(1 if quick else repeats, quick)}
+    from ..machine import machine_info
+    record: dict = {"machine": machine_info(),
+                    "accuracy": accuracy_table(1 if quick else repeats, quick)}
     if cluster:
         record["speed"] = cluster_suite(cluster, [2], 1 if quick else repeats, quick,
                                         presets or ["cifar_tutorial"], batch_sizes,

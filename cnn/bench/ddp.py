@@ -213,7 +213,7 @@ def suite(repeats: int = 3, quick: bool = False, presets=None, batch_sizes=None,
           cluster: str | None = None, json_path: str | None = None) -> dict:
     """Run the comparison (``python -m cnn bench ddp``): on one host, then on two emulated
     hosts per link profile of ``cluster``; print a table per setting and write ``json_path``.
-    Returns ``{setting: {"preset/batch": {contender: figures}}}``."""
+    Returns ``{"machine": ..., setting: {"preset/batch": {contender: figures}}}``."""
     from ..files import atomic_write
     from .peers import torch_available
 
@@ -222,15 +222,16 @@ def suite(repeats: int = 3, quick: bool = False, presets=None, batch_sizes=None,
     presets = presets or ["cifar_tutorial"]
     batch_sizes = batch_sizes or [32]
     rounds = 1 if quick else repeats
+    from ..machine import machine_info
     settings = [("1 host", None)] + [(f"2 hosts, {p}", p) for p in _profiles(cluster)]
-    record: dict = {}
+    record: dict = {"machine": machine_info()}
     for setting, profile in settings:
         with tempfile.TemporaryDirectory(prefix="cnn-bench-ddp-") as tmp, \
                 _hosts(profile, Path(tmp) / "cluster") as cluster:
             record[setting] = _measure_setting(setting, cluster, presets, batch_sizes, rounds,
                                                quick)
     if json_path:
-        atomic_write(json_path, json.dumps(record, indent=1))
+        atomic_write(json_path, json.dumps(record, indent=1, default=str))
         print(f"figures written to {json_path}")
     return record
 
