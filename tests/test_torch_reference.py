@@ -53,10 +53,10 @@ def test_ddp_on_two_processes_is_sequential_sgd(tmp_path):
     import sys
     from pathlib import Path
 
-    here = Path(__file__).resolve().parent
-    sys.path.insert(0, str(here))
     from ddp_checks import BATCH, N
     from parallel_helpers import OPT, blobs, build
+
+    here = Path(__file__).resolve().parent
 
     out = tmp_path / "ddp.npz"
     init = f"file://{tmp_path / 'rendezvous'}"
