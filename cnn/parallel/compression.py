@@ -4,19 +4,25 @@
 
 A :class:`WireFormat` turns the flat gradient buffer (float32 or float64) into 16-bit values
 before the allreduce and back after it, so every rank sends half the bytes of float32 (a
-quarter of float64). The sum is taken in the wire format, as Horovod's is: every partial sum
-of the reduction is rounded to it, and every rank ends with the same bits (each element is
-added by one rank and passed on, or by every rank in the same pairwise order).
+quarter of float64) per round. The sum is taken in the wire format, as Horovod's is: every
+partial sum of the reduction is rounded to it, and every rank ends with the same bits (each
+element is added by every rank in the same pairwise order).
 
 - ``fp16``: IEEE half precision (5 exponent bits, 11 significant bits: ~3 decimal digits,
   largest 65504, smallest normal 6.1e-5; a larger gradient becomes infinite, and the fit
-  stops as diverged). The sum is the MPI library's own ``MPI_SUM`` on
-  ``MPIX_C_FLOAT16`` (``MPI.FLOAT16_T``) where it has one, else :func:`sum_op` below.
+  stops as diverged).
 - ``bf16``: bfloat16 (float32's 8 exponent bits, 8 significant bits: float32's range, ~2 to
   3 decimal digits), rounded to nearest even from float32 (float64 goes through float32
-  first). MPICH has no bfloat16 type, so the sum is a user-defined operation on 16-bit
-  words, :func:`sum_op`, that adds in float32 and rounds back; MPICH then picks recursive
-  doubling, its algorithm for user-defined operations.
+  first).
+
+Both are summed by :func:`sum_op`, a user-defined operation on 16-bit words that adds in
+float32 with NumPy and rounds back (float32 holds 2 x 11 + 2 bits, so this is the correctly
+rounded half-precision sum). MPICH has no bfloat16 type, and its own ``MPI_SUM`` on
+``MPIX_C_FLOAT16`` converts element by element (on 2 ranks of this machine, 3.9 ms for 122,570
+values, against 0.55 ms for :func:`sum_op` and 0.10 ms for float32). For a user-defined
+operation MPICH picks recursive doubling: the same bytes as Rabenseifner's algorithm on 2
+ranks, ``log2 p`` times the message from each rank on ``p`` (against ``2 (p - 1) / p`` for an
+exact float32 sum), so from 8 ranks on compression saves less than half the bytes.
 """
 from __future__ import annotations
 
@@ -78,12 +84,8 @@ class WireFormat:
         return np.empty(n, self.storage)
 
     def mpi_type_and_op(self, MPI):
-        """``(datatype, op)`` for an ``Allreduce`` of this format's words: the library's
-        ``MPI.FLOAT16_T`` and ``MPI.SUM`` for fp16 where it has them, else 16-bit words and
-        :func:`sum_op` (to free with ``op.Free()`` when it is not ``MPI.SUM``)."""
-        if self.name == "fp16" and getattr(MPI, "FLOAT16_T", MPI.DATATYPE_NULL) != \
-                MPI.DATATYPE_NULL:
-            return MPI.FLOAT16_T, MPI.SUM
+        """``(datatype, op)`` for an ``Allreduce`` of this format's words: 16-bit words and
+        :func:`sum_op` (free it with ``op.Free()``)."""
         return MPI.UINT16_T, sum_op(MPI, self)
 
 
@@ -98,9 +100,13 @@ def _add_bf16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return float32_to_bf16(bf16_to_float32(a) + bf16_to_float32(b), out)
 
 
+def _add_fp16(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a.astype(np.float32) + b.astype(np.float32)).astype(np.float16)
+
+
 #: the wire formats by name
 FORMATS = {
-    "fp16": WireFormat("fp16", np.dtype(np.float16), _copy, _copy, np.add),
+    "fp16": WireFormat("fp16", np.dtype(np.float16), _copy, _copy, _add_fp16),
     "bf16": WireFormat("bf16", np.dtype(np.uint16), float32_to_bf16, _decode_bf16,
                        _add_bf16),
 }

@@ -364,9 +364,8 @@ class MPITransport(Transport):
         if self._progress is not None:
             self._progress.close()
             self._progress = None
-        if self.wire is not None and self._wire_op != self.MPI.SUM:
-            self._wire_op.Free()
-            self._wire_op = self.MPI.SUM
+        if self.wire is not None and self._wire_op != self.MPI.OP_NULL:
+            self._wire_op.Free()  # sets it to OP_NULL
 
 
 class _MPIStrategy(Strategy):
