@@ -450,7 +450,7 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     record = json.loads(out.read_text())
     assert record["ranks"] == 2 and record["alpha"] > 0 and record["beta"] > 0
     assert [r["bytes"] for r in record["allreduce"]][0] == 1024
-    assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
+    assert set(record["training"]["mnist_small/32"]) == {"blocking", "overlap"}
 
 
 def test_bench_mpi_command_writes_its_json(tmp_path):

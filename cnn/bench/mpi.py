@@ -325,8 +325,6 @@ def main(argv=None) -> int:
             training[f"{preset}/{bs}"] = res
             _print_training(say, preset, bs, res)
     record["training"] = training
-    # the old key, for readers of one-machine figures
-    record["overlap"] = training
     if rank == 0 and a.json:
         atomic_write(a.json, json.dumps(record, indent=1))
         say(f"figures written to {a.json}")
