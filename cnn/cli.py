@@ -38,6 +38,7 @@ open_unit_interval = number_arg(low=0.0, high=1.0, low_open=True, high_open=True
 def _add_train(sub) -> None:
     from .backends import AUTO, backend_choices
     from .parallel import mpi_strategies, strategy_names
+    from .parallel.compression import FORMATS
     p = sub.add_parser("train", help="train a model and print per-epoch test accuracy and time",
                        epilog="exit status: 0 trained, 2 bad arguments or files (nothing "
                               "trained), 3 training diverged (NaN/inf; nothing saved), 4 "
@@ -74,6 +75,9 @@ def _add_train(sub) -> None:
                         "ranks over machines (see the README)")
     p.add_argument("--overlap", action="store_true",
                    help="mpi: overlap the gradient allreduce with the backward pass")
+    p.add_argument("--compression", default=None, choices=list(FORMATS),
+                   help="mpi: gradients cross as 16-bit floats (half the bytes of float32; "
+                        "sums rounded to 16 bits, as Horovod's Compression.fp16); default off")
     p.add_argument("--average-every", default=None,
                    help="average/mpi_average: steps between averages, or 'epoch' (default)")
     p.add_argument("--backend", default=AUTO,
@@ -242,6 +246,8 @@ def _strategy_options(args) -> dict:
     given = {}
     if args.overlap:
         given["overlap"] = ("--overlap", True)
+    if args.compression is not None:
+        given["compression"] = ("--compression", args.compression)
     if args.average_every is not None:
         every = args.average_every
         given["every"] = ("--average-every", every if every == "epoch" else
@@ -780,13 +786,35 @@ def _add_bench(sub) -> None:
     p.add_argument("--cpu-time", action="store_true",
                    help="ops suite: time the calling thread's CPU time (a busy machine disturbs "
                         "it less)")
+    p.add_argument("--cluster", default=None, metavar="PROFILE[,PROFILE...]",
+                   help="mpi, ddp and compression suites: run across the hosts of an emulated "
+                        "cluster (root), one per link profile (1gbe, 10gbe, 25gbe, unshaped, "
+                        "rate=...)")
+    p.add_argument("--ranks", type=_rank_counts, default=None, metavar="N[,N...]",
+                   help="mpi suite: MPI ranks (default 2; with --cluster 2,4,8)")
+    p.add_argument("--variants", nargs="*", default=None,
+                   help="mpi suite: training variants, e.g. blocking overlap "
+                        "overlap,bucket=262144 overlap,progress=layers compression=fp16")
+
+
+def _rank_counts(text: str) -> list[int]:
+    """``--ranks 2,4,8``: positive integers, comma-separated."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"rank counts are positive integers separated by "
+                                          f"commas (2,4,8). Received {text!r}")
+    return counts
 
 
 def cmd_bench(args) -> int:
     from .bench import main
     main(args.suite, repeats=args.repeats, quick=args.quick, presets=args.presets,
          batch_sizes=args.batch_sizes, json_path=args.json, dtype=args.dtype,
-         cpu_time=args.cpu_time)
+         cpu_time=args.cpu_time, cluster=args.cluster, ranks=args.ranks,
+         variants=args.variants)
     return 0
 
 

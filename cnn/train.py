@@ -684,14 +684,18 @@ class _Prefetcher:
     it (:meth:`release`), so a batch is never overwritten while it is being trained on. The
     backend's ``asarray`` (a no-op on the CPU backends, the host-to-device copy on CUDA) runs
     in the thread too. An exception in the thread is re-raised by :meth:`next`.
+    ``local_rows(n)`` (the strategy's :meth:`~cnn.parallel.Strategy.local_rows`) names the
+    rows of each global batch of ``n`` examples this process gathers: an MPI rank gathers
+    only its shard, from the same order as every other rank.
     """
 
     _SLOTS = 2
 
     def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
-                 lane=None):
+                 lane=None, local_rows: Callable[[int], tuple[int, int]] | None = None):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
         self.lane = lane  # where each gather is a span, in a traced fit
+        self.local_rows = local_rows
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -705,9 +709,14 @@ class _Prefetcher:
             self._thread.start()
 
     def _produce(self):
-        """The batches, in order: each gathered into a free slot, then moved to the backend."""
+        """The batches, in order: each gathered into a free slot, then moved to the backend;
+        of each global batch only the rows ``local_rows`` names (all of them without it)."""
         for k, i in enumerate(range(0, len(self.order), self.step)):
             idx = self.order[i:i + self.step]
+            size = len(idx)
+            if self.local_rows is not None:
+                lo, hi = self.local_rows(size)
+                idx = idx[lo:hi]
             xs, ys = self._bufs[k % self._SLOTS]
             t0 = time.perf_counter()
             # mode="clip": no bounds-check buffering (the indices are a permutation)
@@ -718,7 +727,7 @@ class _Prefetcher:
             t2 = time.perf_counter()
             if self.lane is not None:  # in the training thread: a part of its data wait
                 self.lane.interval("gather", int(t0 * 1e9), int(t2 * 1e9), cat="data")
-            yield xb, yb, len(idx), t1 - t0, t2 - t1
+            yield xb, yb, size, t1 - t0, t2 - t1
 
     def _run(self) -> None:
         try:
@@ -734,7 +743,8 @@ class _Prefetcher:
             self._ready.put(err)
 
     def next(self):
-        """``(xb, yb, size, gather_seconds, transfer_seconds)`` of the next batch."""
+        """``(xb, yb, size, gather_seconds, transfer_seconds)`` of the next batch (``size``:
+        the global batch's examples, of which ``xb, yb`` may hold this process's rows alone)."""
         if self._thread is None:  # prefetch=False: gather now, in the training thread
             return next(self._batches)
         item = self._ready.get()
@@ -811,7 +821,8 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
     lane = None if tracer is None else tracer.lane(0)
     batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
                           threaded=prefetch, lane=None if lane is None
-                          else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane)
+                          else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane,
+                          local_rows=strat.local_rows)
     try:
         for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
                                  t.batches + 1):
@@ -826,7 +837,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
             t.data_time += waited - min(waited, transfer_s)
             t3 = time.perf_counter()
             lr = strat.learning_rate()
-            batch_loss, batch_correct = strat.step(xb, yb)
+            batch_loss, batch_correct = strat.step_rows(xb, yb, size)
             batches.release()
             t.compute_time += time.perf_counter() - t3
             if lane is not None:  # the release wakes the prefetcher: it may take the GIL

@@ -12,6 +12,10 @@ test's own process. One launch trains all of them, to keep CI short.
 writing the MPICH segments it maps to ``OUT/segments.rank1``.
 ``python tests/mpi_checks.py trace OUT``: a traced run (overlap, several buckets), rank 0
 writing ``OUT/trace.json``.
+``python tests/mpi_checks.py rows OUT``: train with ``mpi`` and ``mpi_average`` on images
+whose gathers are recorded (a NumPy array subclass that notes every ``np.take`` along the
+examples) and write, from every rank, ``OUT/rows.<strategy>.rank<r>.json``: the example
+indices each gather took, in order.
 ``python tests/mpi_checks.py slow OUT``: trains for a long time after writing
 ``OUT/pid.rank<r>`` and, once training has started, ``OUT/started.rank<r>`` (the test kills
 rank 1 with SIGKILL).
@@ -37,6 +41,13 @@ SCENARIOS = {
     "auto": ("mpi", {"backend": "auto"}),  # fit's default: the fastest backend installed
     "overlap": ("mpi", {"overlap": True}),
     "overlap_buckets": ("mpi", {"overlap": True, "bucket_bytes": 1000}),
+    "overlap_thread": ("mpi", {"overlap": True, "progress": "thread"}),
+    "fp16": ("mpi", {"compression": "fp16"}),
+    "bf16": ("mpi", {"compression": "bf16"}),
+    "overlap_fp16": ("mpi", {"overlap": True, "bucket_bytes": 1000, "compression": "fp16",
+                             "progress": "thread"}),
+    "overlap_bf16": ("mpi", {"overlap": True, "compression": "bf16"}),
+    "bf16_float32": ("mpi", {"compression": "bf16", "dtype": np.float32}),
     "center": ("mpi", {"kind": "center"}),
     "batch1": ("mpi", {"batch_size": 1, "epochs": 1, "n": 9}),  # every step: one rank a ghost
     "plain_sgd": ("mpi", {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3}),
@@ -60,6 +71,8 @@ SCENARIOS = {
 LAYER_SCENARIOS = {
     "layers": ("mpi", {"kind": "layers"}),
     "layers_batch1": ("mpi", {"kind": "layers", "batch_size": 1, "epochs": 1, "n": 9}),
+    # batch norm's sums during backward between buckets the progress thread starts
+    "layers_overlap": ("mpi", {"kind": "layers", "overlap": True, "progress": "thread"}),
     "layers_average3": ("mpi_average", {"kind": "layers", "every": 3, "batch_size": 5}),
 }
 
@@ -77,6 +90,24 @@ RESNET_SCENARIOS = {
 }
 
 
+class RecordedTakes(np.ndarray):
+    """Images that note the indices of every ``np.take`` along their first axis (how the fit
+    loop gathers a batch) in ``rows`` (one list per take)."""
+
+    rows: list
+
+    def __array_function__(self, func, types, args, kwargs):
+        if func is np.take and args[0] is self and kwargs.get("axis") == 0:
+            self.rows.append([int(i) for i in np.asarray(args[1])])
+        return super().__array_function__(func, types, args, kwargs)
+
+    @classmethod
+    def record(cls, images: np.ndarray) -> "RecordedTakes":
+        recorded = images.view(cls)
+        recorded.rows = []
+        return recorded
+
+
 def main(mode: str, out: str) -> None:
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
@@ -89,6 +120,13 @@ def main(mode: str, out: str) -> None:
             np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)
             (out_dir / f"{name}.rank{rank}.json").write_text(
                 json.dumps({"history": hist.history, "info": hist.info}, default=str))
+    elif mode == "rows":
+        for strategy, batch_size in (("mpi", 7), ("mpi_average", 4)):
+            x, y = blobs()
+            images = RecordedTakes.record(x)
+            build().fit(images, y, epochs=2, batch_size=batch_size, optimizer=OPT,
+                        strategy=strategy, seed=5, verbose=0)
+            (out_dir / f"rows.{strategy}.rank{rank}.json").write_text(json.dumps(images.rows))
     elif mode == "raise":
         class Failing(NumpyBackend):
             calls = 0

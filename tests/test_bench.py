@@ -112,3 +112,33 @@ def test_op_profile_checks_and_times_a_model_it_has_never_seen(capsys):
     out = capsys.readouterr().out
     for name in ("batchnorm+relu_1 fwd", "dropout bwd", "conv2d+relu+maxpool2d bwd"):
         assert name in out
+def test_ddp_table_ratio_of_our_best_to_ddp():
+    """Per contender the median, min and max over every timed epoch; our best over DDP's."""
+    from cnn.bench.ddp import CONTENDERS, _summarise
+    rows = {"ours mpi": [900.0, 1000.0, 1100.0], "ours mpi overlap": [1200.0, 1300.0, 800.0],
+            "pytorch ddp": [600.0, 500.0, 400.0]}
+    out = _summarise(rows)
+    assert out["ours mpi"] == {"images_per_sec": 1000.0, "min": 900.0, "max": 1100.0,
+                               "epochs": 3}
+    assert out["best_ours_over_ddp"] == pytest.approx(1200.0 / 500.0)
+    # processes share one host's memory: never run across emulated hosts
+    assert CONTENDERS["ours processes"].one_host and not CONTENDERS["pytorch ddp"].one_host
+
+
+@pytest.mark.parametrize("suite,option", [("threads", {"cluster": "1gbe"}),
+                                          ("ddp", {"ranks": [2, 4]}),
+                                          ("compression", {"variants": ["blocking"]})])
+def test_suites_refuse_options_they_do_not_take(suite, option):
+    from cnn.bench import OPTIONS, main
+    (key, value), = option.items()
+    with pytest.raises(ValueError, match=f"{OPTIONS[key]}.*the '{suite}' suite takes no"):
+        main(suite, **option)
+
+
+@pytest.mark.parametrize("text", ["2,x", "0", "", "2,-4"])
+def test_bench_rank_counts_are_refused_naming_the_value(capsys, text):
+    from cnn import cli
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["bench", "mpi", "--ranks", text])
+    assert exit_.value.code == 2
+    assert f"Received {text!r}" in capsys.readouterr().err

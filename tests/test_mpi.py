@@ -96,6 +96,7 @@ SYNC_CASES = {  # scenario of mpi_checks.py -> the sequential run it must equal
     "auto": {"backend": "auto"},
     "overlap": {},
     "overlap_buckets": {},
+    "overlap_thread": {},
     "center": {"kind": "center"},
     "batch1": {"batch_size": 1, "epochs": 1, "n": 9},
     "plain_sgd": {"optimizer": {"type": "sgd", "lr": 0.1}, "epochs": 3},
@@ -140,14 +141,98 @@ def test_two_ranks_equal_sequential_float32(runs):
     assert max_rel_diff(got, ref) < 1e-5
 
 
+@pytest.fixture(scope="module")
+def gathered_rows(tmp_path_factory):
+    out = tmp_path_factory.mktemp("rows")
+    mpirun(HERE / "mpi_checks.py", "rows", out)
+    return {(strategy, rank): json.loads((out / f"rows.{strategy}.rank{rank}.json").read_text())
+            for strategy in ("mpi", "mpi_average") for rank in (0, 1)}
+
+
+@pytest.mark.parametrize("strategy,step", [("mpi", 7), ("mpi_average", 8)])
+def test_each_rank_gathers_only_its_own_shard(gathered_rows, strategy, step):
+    """Each rank's data loader takes, of every global batch of the epoch's permutation (the fit's
+    seed 5), its own half alone: rank 0 the first ceil(m / 2) examples of a batch of m, rank
+    1 the rest (so between them every example once per epoch); an ``mpi`` rank whose half is
+    empty (each epoch's last batch of one example) takes that one example for its ghost pass,
+    an ``mpi_average`` rank nothing. The weights equal the runs that took every row
+    (test_two_ranks_equal_sequential_float64)."""
+    rng = np.random.default_rng(5)
+    want: dict[int, list] = {0: [], 1: []}
+    for _ in range(2):
+        order = [int(i) for i in rng.permutation(N)]
+        for i in range(0, N, step):
+            batch = order[i:i + step]
+            half = -(-len(batch) // 2)
+            want[0].append(batch[:half])
+            want[1].append(batch[half:] or (batch[:1] if strategy == "mpi" else []))
+    for rank in (0, 1):
+        assert gathered_rows[strategy, rank] == want[rank], rank
+
+
 def test_overlap_gives_the_same_bits(runs):
     """Per-bucket non-blocking allreduces sum the same two numbers per element as one
-    blocking allreduce: the weights are bitwise equal."""
+    blocking allreduce, whether a progress thread or the training thread drives them: the
+    weights are bitwise equal."""
     plain, _ = load(runs, "float64")
-    for name in ("overlap", "overlap_buckets"):
+    for name in ("overlap", "overlap_buckets", "overlap_thread"):
         got, rec = load(runs, name)
         assert all(np.array_equal(got[k], plain[k]) for k in got), name
         assert rec["info"]["overlap"] is True
+
+
+def to_wire_and_back(g: np.ndarray, fmt: str) -> np.ndarray:
+    """``g`` rounded to the 16-bit format, as float32: NumPy's float16 (from float64 at once),
+    ml_dtypes' bfloat16 (from float32: float64 goes through float32 first)."""
+    if fmt == "fp16":
+        return g.astype(np.float16).astype(np.float32)
+    import ml_dtypes
+    return g.astype(np.float32).astype(ml_dtypes.bfloat16).astype(np.float32)
+
+
+def naive_compressed_sgd(fmt: str, dtype=np.float64, batch_size: int = 7, epochs: int = 2):
+    """SGD with momentum in plain loops over the two ranks' shards of each batch (the fit's
+    order for seed 5), the shards' gradients summed as Horovod's fp16 compression does: each
+    rounded to the 16-bit format, added (in float32) and the sum rounded again."""
+    x, y = blobs(N, dtype)
+    model = build(dtype=dtype)
+    w = {k: v.copy() for k, v in model.params.items()}
+    vel = {k: np.zeros_like(v) for k, v in w.items()}
+    rng = np.random.default_rng(5)
+    for _ in range(epochs):
+        order = rng.permutation(N)
+        for i in range(0, N, batch_size):
+            idx = order[i:i + batch_size]
+            half = -(-len(idx) // 2)
+            grads = [model.loss_and_grads(x[part], y[part], w, loss_scale=len(part) / len(idx))[2]
+                     for part in (idx[:half], idx[half:]) if len(part)]
+            for k in w:
+                total = sum(to_wire_and_back(g[k], fmt) for g in grads)
+                g = to_wire_and_back(total, fmt).astype(dtype)
+                vel[k] = OPT["momentum"] * vel[k] - OPT["lr"] * g
+                w[k] = w[k] + vel[k]
+    return w
+
+
+@pytest.mark.parametrize("name,fmt", [("fp16", "fp16"), ("bf16", "bf16"),
+                                      ("overlap_fp16", "fp16"), ("overlap_bf16", "bf16")])
+def test_compression_sums_16_bit_gradients(runs, name, fmt):
+    """``compression="fp16"``/``"bf16"`` (blocking, and overlapped per bucket) equal the plain
+    loop that rounds each shard's gradient to the format and their sum again (and so differ
+    from the exact run); both ranks hold the same bits."""
+    got, rec = load(runs, name)
+    assert max_abs_diff(got, naive_compressed_sgd(fmt)) < 1e-12
+    exact, _ = load(runs, "float64")
+    assert max_rel_diff(got, exact) > 1e-6  # rounded: not the exact run
+    other, _ = load(runs, name, 1)
+    assert all(np.array_equal(got[k], other[k]) for k in got)
+    assert rec["info"]["compression"] == fmt
+
+
+def test_bf16_compression_of_float32_weights(runs):
+    got, _ = load(runs, "bf16_float32")
+    assert got["conv2d.w"].dtype == np.float32
+    assert max_rel_diff(got, naive_compressed_sgd("bf16", np.float32)) < 1e-5
 
 
 def test_average_every_step_is_sync_on_the_global_batch(runs):
@@ -403,7 +488,7 @@ def test_bench_mpi_runs_on_two_ranks(tmp_path):
     record = json.loads(out.read_text())
     assert record["ranks"] == 2 and record["alpha"] > 0 and record["beta"] > 0
     assert [r["bytes"] for r in record["allreduce"]][0] == 1024
-    assert set(record["overlap"]["mnist_small/32"]) == {"blocking", "overlap"}
+    assert set(record["training"]["mnist_small/32"]) == {"blocking", "overlap"}
 
 
 def test_compare_bench_runs_two_ranks_and_two_processes_as_contenders():
@@ -467,6 +552,8 @@ def test_a_failure_on_one_rank_before_training_ends_the_job(tmp_path):
 
 @pytest.mark.parametrize("extra,message", [
     (["--strategy", "sync", "--threads", "2", "--overlap"], "--overlap is an option of --strategy mpi"),
+    (["--strategy", "processes", "--compression", "fp16"],
+     "--compression is an option of --strategy mpi"),
     (["--strategy", "mpi", "--average-every", "3"], "--average-every is an option of --strategy average"),
     (["--strategy", "mpi_average", "--average-every", "0"], "every must be a positive number of steps"),
     (["--strategy", "mpi", "--hostfile", "hosts"], "--hostfile needs --ranks N"),

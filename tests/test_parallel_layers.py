@@ -172,7 +172,7 @@ def _load(out, name, rank=0):
         return {k: f[k] for k in f.files}
 
 
-@pytest.mark.parametrize("name, kw", [("layers", {}),
+@pytest.mark.parametrize("name, kw", [("layers", {}), ("layers_overlap", {}),
                                       ("layers_batch1", {"batch_size": 1, "epochs": 1, "n": 9})])
 def test_two_mpi_ranks_with_dropout_and_batchnorm_equal_sequential(mpi_runs, name, kw):
     got = _load(mpi_runs, name)

@@ -42,3 +42,34 @@ def test_weights_come_back_unchanged():
     assert got.keys() == model.params.keys()
     for k, v in model.params.items():
         np.testing.assert_array_equal(got[k], v, err_msg=k)
+
+
+def test_ddp_on_two_processes_is_sequential_sgd(tmp_path):
+    """``fit_torch(distributed=True)``: two gloo processes, each on its half of every batch,
+    end with the weights of our sequential SGD on the whole batches (float64), so the DDP peer
+    of the benchmark computes what our ``mpi`` strategy computes."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ddp_checks import BATCH, N
+    from parallel_helpers import OPT, blobs, build
+
+    here = Path(__file__).resolve().parent
+
+    out = tmp_path / "ddp.npz"
+    init = f"file://{tmp_path / 'rendezvous'}"
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, str(here / "ddp_checks.py"), str(rank), init,
+                               str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for rank in (0, 1)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err
+    x, y = blobs(N)
+    ours = build()
+    ours.fit(x, y, epochs=2, batch_size=BATCH, optimizer=OPT, seed=5, verbose=0)
+    with np.load(out) as f:
+        for k, v in ours.get_weights().items():
+            np.testing.assert_allclose(f[k], v, rtol=1e-9, atol=1e-12, err_msg=k)

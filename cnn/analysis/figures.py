@@ -483,22 +483,28 @@ def plot_scaling_model(summary: Summary, problem: str):
         meas = d[d["measured"].notna()]
         ax.scatter(meas["p"], meas["measured"], color="black", s=20, zorder=3,
                    label="measured")
-        cores = d["cores"].iat[0]
-        if np.isfinite(cores):
-            ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log", base=2)
-        ticks = [int(x) for x in ps if x == 2 ** round(math.log2(x))]
-        ax.set_xticks(ticks, [str(x) for x in ticks])
-        ax.set_yticks(ticks, [str(x) for x in ticks])
-        ax.minorticks_off()
-        ax.set_ylim(0.5, ps.max() * 1.2)
-        ax.set_xlabel("workers p")
-        ax.set_ylabel("speed-up vs one worker")
-        ax.set_title(f"{v}, {d['title'].iat[0]}", fontsize=9)
-        ax.tick_params(labelsize=8)
-        ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
+        _speedup_axes(ax, ps, d["cores"].iat[0], "workers p", "speed-up vs one worker",
+                      f"{v}, {d['title'].iat[0]}", 0.5)
     return fig
+
+
+def _speedup_axes(ax, ps, cores, xlabel: str, ylabel: str, title: str, ymin: float) -> None:
+    """Speed-up against workers on log2 axes with plain power-of-two ticks, shaded beyond
+    ``cores`` (prediction only there), and the legend inside."""
+    if np.isfinite(cores):
+        ax.axvspan(cores, ps.max(), color="0.93", zorder=0)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ticks = [int(x) for x in ps if x == 2 ** round(math.log2(x))]
+    ax.set_xticks(ticks, [str(x) for x in ticks])
+    ax.set_yticks(ticks, [str(x) for x in ticks])
+    ax.minorticks_off()
+    ax.set_ylim(ymin, ps.max() * 1.2)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.tick_params(labelsize=8)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.9)
 
 
 # ---- equivalence (global) ------------------------------------------------------------------------------------------
@@ -526,6 +532,38 @@ def plot_equivalence(table: pd.DataFrame):
         eps = float(np.finfo(dt).eps)
         ax.axhline(eps, ls=":", color="0.4", lw=0.8)
     axes[0][0].legend(fontsize=6.5, loc="lower right", framealpha=0.9)
+    return fig
+
+
+def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
+                         config: str):
+    """Predicted speed-up over one core to p = 64 on a cluster with a core per rank, one band
+    per link profile (``band``: :func:`cnn.analysis.scaling.prediction_band`, the allreduce
+    fitted on the emulated cluster scaled by the spread of its measured points), beside the
+    speed-ups measured on the emulated cluster (``measured``:
+    :func:`cnn.analysis.scaling.cluster_scaling`; hollow: more ranks than the machine's
+    ``cores``, where the model's check divides the computing over the cores, not the ranks).
+    None when ``band`` holds no ``config``."""
+    band = band[band["config"] == config]
+    if band.empty:
+        return None
+    measured = measured[measured["config"] == config]
+    fig, axes = _figure(5.2, 3.4)
+    ax = axes[0][0]
+    ps = np.sort(band["p"].unique()).astype(float)
+    ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
+    colours = dict(zip(band["profile"].unique(), [f"C{i}" for i in range(10)]))
+    for profile, b in band.groupby("profile", sort=False):
+        c = colours[profile]
+        ax.fill_between(b["p"], b["low"], b["high"], color=c, alpha=0.18, lw=0)
+        ax.plot(b["p"], b["speedup"], color=c, lw=1.2, label=f"model, {profile}")
+        m = measured[measured["profile"] == profile]
+        for over, face in ((False, c), (True, "none")):
+            pts = m[m["oversubscribed"] == over]
+            ax.scatter(pts["p"], pts["measured_speedup"], s=22, zorder=3, edgecolors=c,
+                       facecolors=face)
+    _speedup_axes(ax, ps, cores, "MPI ranks p (one per host)", "speed-up vs one core",
+                  f"{config}: model to p = {int(ps.max())} per link profile; dots measured", 0.25)
     return fig
 
 

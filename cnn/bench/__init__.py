@@ -38,7 +38,14 @@ SUITES = {
     "keras": Suite("keras", "sequential vs Keras", extra="keras"),
     "threads": Suite("threads", "speed-up of sync threads"),
     "gpu": Suite("gpu", "CUDA vs sequential vs Keras"),
-    "mpi": Suite("mpi", "allreduce between MPI ranks, overlap", ("json_path",), extra="mpi"),
+    "mpi": Suite("mpi", "allreduce between MPI ranks and its fit, overlap; across the hosts "
+                 "of an emulated cluster with --cluster", ("json_path", "cluster", "ranks",
+                                                           "variants"), extra="mpi"),
+    "ddp": Suite("ddp", "our 2-worker paths vs PyTorch DDP (gloo), one host and 2 emulated "
+                 "hosts per --cluster link profile", ("json_path", "cluster"), extra="torch"),
+    "compression": Suite("compression", "16-bit gradients on the wire: accuracy over seeds "
+                         "(MNIST, CIFAR-10); bytes and speed with --cluster",
+                         ("json_path", "cluster"), extra="mpi"),
     "memory": Suite("memory", "peak RSS of training on CIFAR-10"),
     "ops": Suite("ops", "every op of a model's plan on numpy, numba, numba_parallel",
                  ("dtype", "cpu_time"), prints_machine=True),
@@ -53,19 +60,22 @@ SUITES = {
     "backup": Suite("backup", "fit's backups every 100 steps against none (cifar_tutorial)"),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)
-OPTIONS = {"json_path": "--json", "dtype": "--dtype", "cpu_time": "--cpu-time"}
+OPTIONS = {"json_path": "--json", "dtype": "--dtype", "cpu_time": "--cpu-time",
+           "cluster": "--cluster", "ranks": "--ranks", "variants": "--variants"}
 
 
 def main(suite: str = "compare", repeats: int | None = None, quick: bool = False,
          presets=None, batch_sizes=None, json_path: str | None = None,
-         dtype: str | None = None, cpu_time: bool = False) -> None:
+         dtype: str | None = None, cpu_time: bool = False, cluster: str | None = None,
+         ranks=None, variants=None) -> None:
     """Run ``suite`` with the command's options; ``repeats`` ``None``: the suite's default,
     ``quick``: one repeat of a smoke-sized run. An option the suite does not take is refused,
     naming it, before anything is measured."""
     if suite not in SUITES:
         raise ValueError(f"unknown benchmark suite {suite!r}; choose one of {sorted(SUITES)}")
     entry = SUITES[suite]
-    given = {"json_path": json_path, "dtype": dtype, "cpu_time": cpu_time or None}
+    given = {"json_path": json_path, "dtype": dtype, "cpu_time": cpu_time or None,
+             "cluster": cluster, "ranks": ranks, "variants": variants}
     for key, value in given.items():
         if value is not None and key not in entry.options:
             takers = [name for name, s in SUITES.items() if key in s.options]

@@ -50,7 +50,7 @@ import numpy as np
 
 from ..checks import is_integer
 from .base import state_with_arrays
-from .transport import FlatLayout, Transport, flat_view, shard_bounds
+from .transport import FlatLayout, Transport, flat_view, own_rows, shard_bounds
 
 __all__ = ["AverageCore", "AverageStrategy", "Replica", "check_every"]
 
@@ -188,20 +188,22 @@ class AverageCore:
         return self._weights()
 
     # ---- the worker's part -------------------------------------------------------------------
-    def train(self, i: int, xb, yb, ctx, lr: float, t: int) -> tuple[float, int]:
+    def train(self, i: int, xb, yb, ctx, lr: float, t: int,
+              global_size: int | None = None) -> tuple[float, int]:
         """Worker ``i`` trains its replica on its shard of the global batch ``xb, yb`` (with
         ``ctx``, whose ``step`` the strategy has set; ``lr`` and ``t``: the global step's
-        learning rate and 1-based number). Returns the shard's summed loss and its correct
-        count as host numbers (0 for an empty shard)."""
-        lo, hi = shard_bounds(len(yb), self.workers)[i]
+        learning rate and 1-based number); with ``global_size`` (the global batch's size),
+        ``xb, yb`` hold the shard alone (a process that gathers its own shard). Returns the
+        shard's summed loss and its correct count as host numbers (0 for an empty shard)."""
+        lo, hi = shard_bounds(len(yb) if global_size is None else global_size, self.workers)[i]
         if hi == lo:
             return 0.0, 0
+        xb, yb = own_rows(xb, yb, lo, hi, global_size)
         rep = self.replicas[i]
         # the shard is the replica's whole batch: its own statistics, its own buffers; its
         # offset keys dropout masks by the example's position in the global step
         ctx.offset, ctx.global_batch, ctx.reduce, ctx.buffers = lo, None, None, rep.buffers
-        loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], rep.params,
-                                                         self.backend, ctx)
+        loss, correct, grads = self.model.loss_and_grads(xb, yb, rep.params, self.backend, ctx)
         self.optimizer.apply(rep.params, grads, rep.state.slots, self.backend, lr, t)
         ctx.commit(copy=True)  # into the replica's flat vector
         be = self.backend

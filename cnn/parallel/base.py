@@ -148,6 +148,19 @@ class Strategy:
         losses and the number of correctly classified examples, as host numbers."""
         raise NotImplementedError
 
+    def local_rows(self, n: int) -> tuple[int, int]:
+        """The rows ``[lo, hi)`` of a global batch of ``n`` examples that this process needs:
+        all of them (the default), or, where each process computes on a part alone (an MPI
+        rank), that part, so that the fit loop gathers only it (PyTorch's
+        ``DistributedSampler``) and hands it to :meth:`step_rows`."""
+        return 0, n
+
+    def step_rows(self, xb, yb, n: int) -> tuple[float, int]:
+        """Train on one global batch of ``n`` examples of which ``xb, yb`` hold the rows
+        :meth:`local_rows` gave (the fit loop's call); returns what :meth:`step` does. The
+        default, for strategies that take every row, is :meth:`step`."""
+        return self.step(xb, yb)
+
     def current_params(self) -> dict[str, Any]:
         """The parameters that represent the model now (for evaluation and the final copy)."""
         return self.params

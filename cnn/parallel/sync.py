@@ -43,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from .transport import FlatLayout, Transport, flat_view, shard_bounds
+from .transport import FlatLayout, Transport, flat_view, own_rows, shard_bounds, worker_rows
 
 __all__ = ["SyncCore"]
 
@@ -121,22 +121,24 @@ class SyncCore:
 
     # ---- the step, once -------------------------------------------------------------------------
     def worker_step(self, i: int, parts: int, xb, yb, transport: "Transport", ctx=None,
-                    lr: float | None = None, t: int = 1):
+                    lr: float | None = None, t: int = 1, global_size: int | None = None):
         """Worker ``i`` of ``parts``: compute its shard, contribute, combine, apply, done.
         ``lr`` and ``t``: the global step's learning rate and 1-based number
         (:func:`step_scalars`; the strategy advances its scalar step once, afterwards).
+        ``xb, yb``: the global batch; or, with ``global_size`` (the global batch's size), only
+        the rows :func:`worker_rows` gives this worker (a process that gathers its own shard).
 
         Returns ``(loss_sum, correct, comm_seconds, totals)``: this shard's summed loss and
         correct count (0 for a ghost), the seconds spent in the transport's collectives, and
         the transport's global ``(loss_sum, correct)`` when it computes one (MPI), else None.
         """
         self.lr, self.t = lr, t
-        n = len(yb)
-        lo, hi = shard_bounds(n, parts)[i]
-        ghost = hi == lo
-        if ghost:  # an empty shard: a pass on one example that contributes nothing
-            lo, hi = 0, 1
+        n = len(yb) if global_size is None else global_size
+        start, stop = shard_bounds(n, parts)[i]
+        ghost = start == stop  # an empty shard: a pass on one example that contributes nothing
+        lo, hi = worker_rows(n, parts, i)
         share = 0.0 if ghost else (hi - lo) / n
+        xb, yb = own_rows(xb, yb, lo, hi, global_size)
         slot = transport.slot(i)
         hook = transport.grad_hook(i, self, ghost)
         lane = None if ctx is None else ctx.trace
@@ -150,9 +152,8 @@ class SyncCore:
             kwargs["on_grads"] = hook
         # the gradient of this shard's share of the global mean loss: the shards' gradients
         # add up to the global one, and synchronised layers sum like-scaled terms in backward
-        loss, correct, grads = self.model.loss_and_grads(xb[lo:hi], yb[lo:hi], self.params,
-                                                         self.backend, loss_scale=share,
-                                                         **kwargs)
+        loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, self.backend,
+                                                         loss_scale=share, **kwargs)
         if hook is None:
             self.contribute(grads, slot, ghost)
         be = self.backend

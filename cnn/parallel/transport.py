@@ -24,7 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 __all__ = ["FlatLayout", "SharedReduce", "SharedSlots", "Transport", "flat_view",
-           "ordered_sum", "shard_bounds"]
+           "ordered_sum", "own_rows", "shard_bounds", "worker_rows"]
 
 
 def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
@@ -38,6 +38,26 @@ def shard_bounds(n: int, parts: int) -> list[tuple[int, int]]:
         bounds.append((start, stop))
         start = stop
     return bounds
+
+
+def worker_rows(n: int, parts: int, i: int) -> tuple[int, int]:
+    """The rows ``[lo, hi)`` of a global batch of ``n`` examples that worker ``i`` of ``parts``
+    computes on: its shard (:func:`shard_bounds`), or, when the shard is empty, the first
+    example, on which it runs a ghost pass (see :mod:`cnn.parallel.sync`)."""
+    lo, hi = shard_bounds(n, parts)[i]
+    return (lo, hi) if hi > lo else (0, 1)
+
+
+def own_rows(xb, yb, lo: int, hi: int, global_size: int | None):
+    """Rows ``[lo, hi)`` of a global batch ``xb, yb``; with ``global_size`` (the global
+    batch's size), ``xb, yb`` already hold those rows alone (a process that gathered only its
+    own, see ``Strategy.local_rows``) and are returned as they are, checked."""
+    if global_size is None:
+        return xb[lo:hi], yb[lo:hi]
+    if len(yb) != hi - lo:
+        raise ValueError(f"expected rows [{lo}, {hi}) of a global batch of {global_size}. "
+                         f"Received {len(yb)} rows")
+    return xb, yb
 
 
 def flat_view(a: np.ndarray) -> np.ndarray:

@@ -241,18 +241,30 @@ def check_torch_trainable(model, optimizer=None) -> None:
 
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int = 1,
-              device: str = "cpu", verbose: int = 0, callbacks=()):
+              device: str = "cpu", verbose: int = 0, callbacks=(), distributed: bool = False,
+              bucket_cap_mb: float = 25.0):
     """Train the PyTorch copy of ``model``; same arguments and History columns as
     :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled; ``comm_time`` absent: one
     worker; ``info["wall_time"]`` the seconds of the call from PyTorch's import on), and the same step hook
     (``Callback.on_step_end``; its ``params`` are the torch tensors). The trained weights are
     copied back into ``model`` (also when training is interrupted). What it cannot train as
-    ours does is refused first (:func:`check_torch_trainable`)."""
+    ours does is refused first (:func:`check_torch_trainable`).
+
+    ``distributed``: one process of a data-parallel job, PyTorch's
+    ``DistributedDataParallel`` over the default process group (the caller's
+    ``torch.distributed.init_process_group``; gloo on the CPU) with ``bucket_cap_mb``: every
+    process draws the same order from ``seed`` and takes its shard of each global batch of
+    ``batch_size`` (contiguous, sizes differing by at most one: our ``mpi`` strategy's split,
+    as ``DistributedSampler`` does); DDP averages the shards' gradients while backward runs,
+    which is the gradient of the global mean loss where the shards are equal. ``time`` and
+    ``images_per_sec`` count the global batches; ``loss`` and ``accuracy`` this process's
+    shards."""
     import torch
 
     from ..callbacks import Callback
     from ..checks import check_int
     from ..optim import make_optimizer
+    from ..parallel.sync import shard_bounds, worker_rows
     from ..train import History
 
     started = time.perf_counter()
@@ -268,6 +280,11 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     tmodel = build_torch_model(model, device=dev)
+    net, rank, workers = tmodel, 0, 1
+    if distributed:
+        import torch.distributed as dist
+        rank, workers = dist.get_rank(), dist.get_world_size()
+        net = torch.nn.parallel.DistributedDataParallel(tmodel, bucket_cap_mb=bucket_cap_mb)
     opt = torch.optim.SGD(tmodel.parameters(), lr=opt_cfg["lr"],
                           momentum=opt_cfg.get("momentum", 0.0),
                           nesterov=opt_cfg.get("nesterov", False),
@@ -292,7 +309,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     try:
         for epoch in range(1, epochs + 1):
             data_t = transfer_t = compute_t = callback_t = 0.0
-            loss_sum, correct, done = 0.0, 0, 0
+            loss_sum, correct, done, own = 0.0, 0, 0, 0
             start = time.perf_counter()
             order = rng.permutation(n)
             data_t += time.perf_counter() - start
@@ -300,6 +317,13 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             for i in range(0, n, batch_size):
                 t = time.perf_counter()
                 idx = order[i:i + batch_size]
+                size, weight = len(idx), 1.0
+                if distributed:  # this process's shard alone; an empty one: a pass on one
+                    # example with no weight, so that this process still joins the allreduce
+                    first, end = shard_bounds(size, workers)[rank]
+                    weight = 1.0 if end > first else 0.0
+                    lo, hi = worker_rows(size, workers, rank)
+                    idx = idx[lo:hi]
                 xb, yb = np.ascontiguousarray(x[idx]), yt[idx]
                 t2 = time.perf_counter()
                 xb_t = torch.from_numpy(xb).to(dev)
@@ -307,21 +331,22 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                 sync()
                 t3 = time.perf_counter()
                 opt.zero_grad(set_to_none=False)
-                logits = tmodel(xb_t)
+                logits = net(xb_t)
                 loss = loss_fn(logits, yb_t)
-                loss.backward()
+                (loss * weight if weight != 1.0 else loss).backward()
                 opt.step()
                 loss_v = float(loss.item())  # reads back: the step is complete
-                correct += int((logits.argmax(1) == yb_t).sum().item())
+                correct += int((logits.argmax(1) == yb_t).sum().item()) if weight else 0
                 t4 = time.perf_counter()
                 data_t += t2 - t
                 transfer_t += t3 - t2
                 compute_t += t4 - t3
-                loss_sum += loss_v * len(idx)
-                done += len(idx)
+                loss_sum += loss_v * len(idx) * weight
+                own += len(idx) if weight else 0
+                done += size
                 if hooks:
                     step += 1
-                    examples += len(idx)
+                    examples += size
                     t5 = time.perf_counter()
                     slog = {"epoch": epoch, "step": step, "examples": examples,
                             "elapsed": elapsed + t5 - start - callback_t, "loss": loss_v,
@@ -333,7 +358,8 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                         break
             wall = time.perf_counter() - start - callback_t
             elapsed += wall
-            logs = {"epoch": epoch, "loss": loss_sum / done, "accuracy": correct / done,
+            own = max(own, 1)  # a process that had no shard at all
+            logs = {"epoch": epoch, "loss": loss_sum / own, "accuracy": correct / own,
                     "time": wall, "compute_time": compute_t, "data_time": data_t,
                     "transfer_time": transfer_t, "images_per_sec": done / wall}
             if hooks:
