@@ -28,13 +28,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .augment import InputPipeline, make_augmentation
 from .backends import Backend, get_backend
 from .backup import (Backup, BackupMismatchError, FitBackups, check_identity, fingerprint, pack,
                      unpack)
 from .callbacks import Callback, FitRun, monitored
-from .checks import check_int, check_number
+from .checks import check_bool, check_int, check_number
 from .context import StepContext
 from .errors import DivergedError, Interrupted
+from .normalize import Normalization
 from .optim import OptimizerState, make_optimizer
 from .parallel import Strategy, make_strategy
 
@@ -131,7 +133,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         progress: Callable | None = None, on_nonfinite: str = "raise",
         prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
         reset_optimizer: bool = False, backup_dir: "str | os.PathLike | None" = None,
-        backup_every: "int | str" = "epoch") -> History:
+        backup_every: "int | str" = "epoch", augment=None, normalize: bool = False) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -154,6 +156,16 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             with the same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
             ``val_accuracy``); the study passes the held-out test set here.
+        augment: data augmentation of the training batches (:mod:`cnn.augment`): None (none),
+            ``"cifar"`` (4 pixels of zero padding, a random crop of the image's size, a
+            random horizontal flip), or a dict of ``pad``, ``crop``, ``flip``. Each example's
+            crop and flip are a function of ``(seed, epoch, its index in x)``, the same on
+            every path and after a resume. Checked against the inputs before any work.
+        normalize: normalise the inputs per channel (:mod:`cnn.normalize`) with the mean and
+            standard deviation of each channel over ``x`` (after ``validation_split``), set as
+            ``model.normalization`` before training. Whatever normalisation the model holds
+            (set now, by an earlier fit, or loaded with its weights) is applied to every
+            training batch, and by ``evaluate``/``predict`` (the validation data too).
         validation_split: a fraction in (0, 1) of the training data, carved out stratified by
             class (:func:`cnn.data.stratified_split` with ``seed``), that is not trained on
             and serves as ``validation_data`` (early stopping, checkpoints, reduce-on-plateau
@@ -212,6 +224,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
+    augmentation = make_augmentation(augment)
+    if augmentation is not None:
+        augmentation.check(model.input_shape)
+    normalize = check_bool(None, "normalize", normalize)
     be = get_backend(backend or model.backend)
     opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
@@ -238,6 +254,10 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             raise ValueError(f"{owner} monitors {metric!r}, which needs validation data: pass "
                              "fit(validation_split=...) (carved from the training data) or "
                              "validation_data=")
+    # the statistics of the training split, once, after every check
+    normalization = Normalization.of(x) if normalize else model.normalization
+    if normalization is not None:
+        normalization.check(model.input_shape)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
@@ -247,14 +267,20 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                                              else fingerprint(*validation_data))}),
                     "training": {"batch_size": batch_size, "seed": seed,
                                  "shuffle": bool(shuffle), "optimizer": opt.config(),
-                                 **strat.algorithm()}}
+                                 **strat.algorithm(),
+                                 # only when used: the backups of runs without them unchanged
+                                 **_inputs_config(augmentation, normalization)}}
         if resume:
             resume.check(identity, strat)
+    model.normalization = normalization  # evaluate() and the callbacks' predictions use it
     history = History(info={"backend": be.name, **strat.describe(), "batch_size": batch_size,
                             "epochs": epochs, "seed": seed, "optimizer": opt.config(),
                             "train_examples": n, "dtype": str(model.dtype),
                             "nonfinite_steps": 0, "first_nonfinite": None,
                             "prefetch": bool(prefetch),
+                            "augment": None if augmentation is None else augmentation.config(),
+                            "normalization": (None if normalization is None
+                                              else normalization.config()),
                             "start_step": start_step, "callback_time": 0.0,
                             "validation_examples": (None if validation_data is None
                                                     else len(validation_data[1]))})
@@ -270,6 +296,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             cb.run = run
         cb.on_train_begin(history)
     stepper = _StepHooks(callbacks, strat, model, be, run)
+    pipeline = InputPipeline(augmentation, normalization, seed)
     if resume:
         saved = resume.restore(model, opt, history, callbacks, stepper, be)
         if strat.is_master:
@@ -298,7 +325,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             for epoch in range(first, epochs + 1 if not done else first):
                 logs = _run_epoch(strat, be, x, y, n, step_size, orders, epoch, epochs,
                                   verbose, progress, history.info, raising, prefetch, stepper,
-                                  totals, boundaries)
+                                  totals, boundaries, pipeline)
                 stopped_by_step = totals is not None and totals.stopped
                 totals = None
                 if validation_data is not None:
@@ -356,6 +383,17 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             cb.on_train_end(history)
     history.info["wall_time"] = time.perf_counter() - started
     return history
+
+
+def _inputs_config(augmentation, normalization) -> dict:
+    """What a backup's identity says of the inputs: the augmentation and the normalisation,
+    each only when there is one."""
+    out = {}
+    if augmentation is not None:
+        out["augment"] = augmentation.config()
+    if normalization is not None:
+        out["normalization"] = normalization.config()
+    return out
 
 
 class EpochOrders:
@@ -658,17 +696,21 @@ class _Prefetcher:
     """Gathers (and moves to the backend) batch ``k + 1`` in a background thread while the
     strategy computes batch ``k``: the seeds' "parallel data loading", on every path.
 
-    Batches are gathered with ``np.take(..., out=)`` into two reused host buffers (no
-    allocation per step); a buffer is refilled only after the step that used it has returned
-    it (:meth:`release`), so a batch is never overwritten while it is being trained on. The
-    backend's ``asarray`` (a no-op on the CPU backends, the host-to-device copy on CUDA) runs
-    in the thread too. An exception in the thread is re-raised by :meth:`next`.
+    Batches are gathered by the fit's input pipeline (:class:`cnn.augment.InputPipeline`:
+    ``np.take(..., out=)``, then the model's normalisation and the epoch's augmentation, if
+    any) into two reused host buffers (no allocation per step); a buffer is refilled only
+    after the step that used it has returned it (:meth:`release`), so a batch is never
+    overwritten while it is being trained on. The backend's ``asarray`` (a no-op on the CPU
+    backends, the host-to-device copy on CUDA) runs in the thread too. An exception in the
+    thread is re-raised by :meth:`next`.
     """
 
     _SLOTS = 2
 
-    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True):
+    def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
+                 pipeline: InputPipeline | None = None, epoch: int = 1):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
+        self.pipeline, self.epoch = pipeline or InputPipeline(), epoch
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -687,8 +729,8 @@ class _Prefetcher:
             idx = self.order[i:i + self.step]
             xs, ys = self._bufs[k % self._SLOTS]
             t0 = time.perf_counter()
+            xb = self.pipeline.gather(self.x, idx, self.epoch, xs[:len(idx)])
             # mode="clip": no bounds-check buffering (the indices are a permutation)
-            xb = np.take(self.x, idx, axis=0, out=xs[:len(idx)], mode="clip")
             yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
             t1 = time.perf_counter()
             xb, yb = self.be.asarray(xb), self.be.asarray(yb)
@@ -765,7 +807,8 @@ class _StepHooks:
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOrders, epoch,
                epochs, verbose, progress, info: dict, raising: bool, prefetch: bool = True,
                stepper=None, totals: _EpochTotals | None = None,
-               boundaries: _Boundaries | None = None) -> dict:
+               boundaries: _Boundaries | None = None,
+               pipeline: InputPipeline | None = None) -> dict:
     """One epoch (from ``totals``, the sums of its first batches, when a resumed fit
     continues it): its batches in ``orders(epoch)``, then the strategy's end of epoch; the
     epoch's row of the history."""
@@ -783,7 +826,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
                    leave=False)
     first = t.batches * step_size
     batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
-                          threaded=prefetch)
+                          threaded=prefetch, pipeline=pipeline, epoch=epoch)
     try:
         for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
                                  t.batches + 1):
