@@ -168,6 +168,16 @@ def make_augmentation(spec) -> Augmentation | None:
     return Augmentation(pad, flip, crop) if pad or flip else None
 
 
+def checked_augmentation(spec, input_shape) -> Augmentation | None:
+    """:func:`make_augmentation` of ``spec``, refused (naming the value) unless it applies to
+    inputs of shape ``input_shape`` ``(C, H, W)``: what ``fit`` and the reference trainers
+    check before any work."""
+    augmentation = make_augmentation(spec)
+    if augmentation is not None:
+        augmentation.check(input_shape)
+    return augmentation
+
+
 class InputPipeline:
     """What a training batch goes through before its step: the examples ``indices`` of the
     training set gathered, the model's ``normalization`` applied (if any), then the epoch's

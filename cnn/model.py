@@ -40,7 +40,7 @@ from .context import StepContext
 from .files import atomic_write, check_writable, make_folders, read_structured
 from .layers import Layer, layers_from_spec, name_layers
 from .losses import Loss, get_loss
-from .normalize import Normalization
+from .normalize import Normalization, normalized
 from .plan import backward_ops, forward_ops, plan_layers
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -345,8 +345,7 @@ class Sequential:
     def _inputs(self, x, start: int, batch_size: int) -> np.ndarray:
         """The network's inputs for the images ``x[start:start + batch_size]``: normalised
         (a copy) when the model has a normalisation, else the slice itself."""
-        xb = x[start:start + batch_size]
-        return xb if self.normalization is None else self.normalization.apply(xb)
+        return normalized(x[start:start + batch_size], self.normalization)
 
     def predict(self, x, batch_size: int = 256, **kwargs) -> np.ndarray:
         """Class probabilities ``(N, num_classes)``: the softmax of the logits, or for

@@ -115,3 +115,19 @@ class Normalization:
         def numbers(values):
             return ", ".join(f"{v:.4f}" for v in values)
         return f"mean ({numbers(self.mean)}), std ({numbers(self.std)})"
+
+
+def training_normalization(x, normalize: bool, current: Normalization | None,
+                           input_shape) -> Normalization | None:
+    """The normalisation a fit on ``x (N, C, H, W)`` trains with: the statistics of ``x`` when
+    ``normalize``, else ``current`` (the model's, from an earlier fit or its weights file;
+    None: none), checked against the inputs ``(C, H, W)``."""
+    normalization = Normalization.of(x) if normalize else current
+    if normalization is not None:
+        normalization.check(input_shape)
+    return normalization
+
+
+def normalized(x, normalization: Normalization | None) -> np.ndarray:
+    """``x`` normalised (a copy) when there is a ``normalization``, else ``x`` itself."""
+    return x if normalization is None else normalization.apply(x)

@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .augment import InputPipeline, make_augmentation
+from .augment import InputPipeline, checked_augmentation
 from .backends import Backend, get_backend
 from .backup import (Backup, BackupMismatchError, FitBackups, check_identity, fingerprint, pack,
                      unpack)
@@ -36,7 +36,7 @@ from .callbacks import Callback, FitRun, monitored
 from .checks import check_bool, check_int, check_number
 from .context import StepContext
 from .errors import DivergedError, Interrupted
-from .normalize import Normalization
+from .normalize import training_normalization
 from .optim import OptimizerState, make_optimizer
 from .parallel import Strategy, make_strategy
 
@@ -224,9 +224,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
-    augmentation = make_augmentation(augment)
-    if augmentation is not None:
-        augmentation.check(model.input_shape)
+    augmentation = checked_augmentation(augment, model.input_shape)
     normalize = check_bool(None, "normalize", normalize)
     be = get_backend(backend or model.backend)
     opt = make_optimizer(optimizer, schedule=lr_schedule)
@@ -255,9 +253,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                              "fit(validation_split=...) (carved from the training data) or "
                              "validation_data=")
     # the statistics of the training split, once, after every check
-    normalization = Normalization.of(x) if normalize else model.normalization
-    if normalization is not None:
-        normalization.check(model.input_shape)
+    normalization = training_normalization(x, normalize, model.normalization,
+                                           model.input_shape)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
