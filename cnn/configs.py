@@ -23,7 +23,9 @@ A config file names its models and, optionally, settings they share::
 ``dataset`` (a built-in name or a ``.npz`` data set file, :mod:`cnn.datafile`), ``epochs``,
 ``batch_size``, ``optimizer``, ``lr_schedule``, ``strategy``, ``threads``, ``backend``,
 ``dtype``, ``seed``, ``validation_split``, ``early_stopping`` (patience in epochs), ``limit``,
-``test_limit``, and where each model's results go:
+``test_limit``, ``augment`` (``cifar``, ``pad=4,flip=true`` or a mapping: :mod:`cnn.augment`),
+``normalize`` (true: per-channel normalisation, :mod:`cnn.normalize`), and where each model's
+results go:
 
 - ``save``: the trained weights (for ``predict``), and
 - ``plot``: the training curves (a PNG; needs matplotlib, the ``plot`` extra),
@@ -51,12 +53,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .checks import check_choice, check_int, check_number
+from .checks import check_bool, check_choice, check_int, check_number
 from .files import STRUCTURED_SUFFIXES, read_structured
 
 RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
             "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
-            "test_limit", "save", "plot")
+            "test_limit", "augment", "normalize", "save", "plot")
 #: the file each of the output keys writes, per model, under a folder
 OUTPUT_SUFFIXES = {"save": ".npz", "plot": ".png"}
 
@@ -125,6 +127,8 @@ class RunConfig:
     early_stopping: int | None = None
     limit: int | None = None
     test_limit: int | None = None
+    augment: Any = None
+    normalize: bool = False
     save: str | None = None
     plot: str | None = None
     spec: dict = field(default_factory=dict, repr=False)
@@ -132,6 +136,7 @@ class RunConfig:
     def check(self) -> "RunConfig":
         """Validate everything that can be checked before data is read; resolves ``spec``,
         ``optimizer`` and ``batch_size``. ValueError names the model, key and value."""
+        from .augment import make_augmentation
         from .data import check_dataset_name
         from .layers import layers_from_spec
         from .model import resolve_spec
@@ -153,6 +158,11 @@ class RunConfig:
         if self.early_stopping is not None and not vs:
             raise ValueError(f"{where}: early_stopping needs a validation_split > 0")
         check_choice(where, "dtype", self.dtype, ("float32", "float64"))
+        check_bool(where, "normalize", self.normalize)
+        try:
+            make_augmentation(self.augment)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         check_choice(where, "backend", self.backend, available_backends())
         model = self.model if self.model is not None else default_model(self.dataset)
         try:
@@ -327,7 +337,7 @@ def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
                          lr_schedule=run.lr_schedule, strategy=run.strategy,
                          threads=run.threads, backend=run.backend, seed=run.seed,
                          validation_split=run.validation_split or 0.0, callbacks=callbacks,
-                         verbose=verbose)
+                         verbose=verbose, augment=run.augment, normalize=run.normalize)
         test = model.evaluate(data.x_test, data.y_test)
         h = hist.history
         row.update({"epochs": hist.epochs, "train_loss": h["loss"][-1],

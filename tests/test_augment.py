@@ -315,3 +315,34 @@ def test_the_references_train_on_the_same_augmented_batches(framework):
     plain = build("resnet")
     fit_reference(plain, x, y, **{**kw, "augment": None})
     assert max_abs_diff(plain.params, theirs.params) > 1e-3  # the reference did augment
+
+
+# ---- the command line ------------------------------------------------------------------------
+def test_train_augment_normalize_saves_what_predict_applies(tmp_path, capsys):
+    from cnn.cli import main
+    weights = tmp_path / "w.npz"
+    rc = main(["train", "--dataset", "blobs", "--epochs", "1", "--quiet", "--limit", "100",
+               "--test-limit", "40", "--dtype", "float64", "--augment", "--normalize",
+               "--validation-split", "0", "--save", str(weights)])
+    out = capsys.readouterr().out
+    assert rc == 0 and "augment pad=4,flip=true, inputs normalised per channel" in out
+    model = load_model(weights)
+    from cnn.data import load_dataset
+    data = load_dataset("blobs", limit=100, test_limit=40, dtype=np.float64)
+    norm = Normalization.of(data.x_train)
+    assert model.normalization.mean == pytest.approx(norm.mean, rel=1e-12)
+    test_accuracy = float(out.split("final test accuracy ")[1].split()[0])
+    assert test_accuracy == pytest.approx(model.evaluate(data.x_test, data.y_test)["accuracy"],
+                                          abs=1e-4)
+
+
+def test_config_file_takes_augment_and_normalize(tmp_path):
+    from cnn.configs import load_config, train_one
+    cfg = tmp_path / "m.yaml"
+    cfg.write_text("defaults: {dataset: blobs, epochs: 1, limit: 60, test_limit: 20}\n"
+                   "models: {a: {augment: 'pad=2,flip=true', normalize: true}, b: {}}\n")
+    run, plain = load_config(cfg)
+    assert (run.augment, run.normalize) == ("pad=2,flip=true", True)
+    row, plain_row = train_one(run), train_one(plain)
+    assert row["status"] == plain_row["status"] == "ok", row
+    assert row["train_loss"] != plain_row["train_loss"]  # the same run but for the two keys
