@@ -346,3 +346,52 @@ def test_config_file_takes_augment_and_normalize(tmp_path):
     row, plain_row = train_one(run), train_one(plain)
     assert row["status"] == plain_row["status"] == "ok", row
     assert row["train_loss"] != plain_row["train_loss"]  # the same run but for the two keys
+
+
+# ---- the study's augment axis ----------------------------------------------------------------
+def test_the_study_grid_has_an_augment_axis():
+    from cnn.study.grid import expand_grid
+    base = {"dataset": "blobs", "train_size": 64, "test_size": 32}
+    runs = expand_grid({**base, "augment": [None, "cifar", "pad=4,flip=true", "pad=2"]},
+                       include_unavailable=True)
+    assert sorted(r["augment"] for r in runs) == ["", "pad=2,flip=false", "pad=4,flip=true"]
+    plain = expand_grid(base, include_unavailable=True)[0]
+    assert plain["augment"] == "" and plain["run_key"] == next(
+        r["run_key"] for r in runs if r["augment"] == "")  # keys of runs without it unchanged
+    for axes, match in [({"augment": "foo"}, "grid axis 'augment'.*'foo'"),
+                        ({"augment": "pad=5"}, "'blobs'.*pad=5"),
+                        ({"dataset": "xor", "model": "xor_mlp", "augment": "cifar"},
+                         "'xor'.*needs images")]:
+        with pytest.raises(ValueError, match=match):
+            expand_grid({**base, **axes}, include_unavailable=True)
+
+
+def test_the_estimate_charges_augmentation_where_it_is_on_the_critical_path():
+    from cnn.study.estimate import AUGMENT_SECONDS_PER_IMAGE, estimate_seconds
+    from cnn.study.grid import expand_grid
+    grid = {"dataset": "blobs", "train_size": 1000, "test_size": 100, "epochs": 2,
+            "path": ["sequential", "torch"], "augment": [None, "cifar"]}
+    runs = expand_grid(grid, include_unavailable=True)
+    seconds = {(r["path"], r["augment"]): s for r, s in zip(runs, estimate_seconds(runs))}
+    assert seconds[("sequential", "pad=4,flip=true")] == seconds[("sequential", "")]
+    assert seconds[("torch", "pad=4,flip=true")] - seconds[("torch", "")] == pytest.approx(
+        2 * 1000 * AUGMENT_SECONDS_PER_IMAGE)
+
+
+def test_a_study_run_trains_with_the_augmentation_of_its_row():
+    from cnn.data import load_dataset
+    from cnn.study.child import execute_run
+    from cnn.study.grid import expand_grid
+    run = expand_grid({"dataset": "blobs", "augment": "pad=2,flip=true", "train_size": 96,
+                       "test_size": 32, "epochs": 2, "dtype": "float64"})[0]
+    got = execute_run(run)
+    data = load_dataset("blobs", limit=96, test_limit=32, seed=0, dtype=np.float64)
+    model = Sequential.from_spec(run["model"], input_shape=data.input_shape,
+                                 dtype=np.float64, seed=run["seed"])
+    from cnn.study.grid import run_optimizer
+    from cnn.presets import get_preset
+    h = model.fit(data.x_train, data.y_train, epochs=2, batch_size=run["batch_size"],
+                  optimizer=run_optimizer(run, get_preset(run["model"])), seed=run["seed"],
+                  augment={"pad": 2, "flip": True}, verbose=0)
+    np.testing.assert_allclose([e["train_loss"] for e in got["epochs"]], h.history["loss"],
+                               rtol=1e-12)
