@@ -15,9 +15,8 @@ it (``info["normalization"]``) and a backup's identity holds it. A model trained
 images therefore predicts from the same raw images the user gave ``fit``, whoever calls it.
 (``forward`` and ``loss_and_grads`` take the network's inputs, normalised already.)
 
-The statistics are the population ones (``ddof=0``, as the published CIFAR-10 values 0.4914,
-0.4822, 0.4465 and 0.2470, 0.2435, 0.2616 are), summed in float64 over chunks of examples (no
-copy of the training set), and applied in the model's dtype. A channel whose values are all
+The statistics are the population ones (``ddof=0``, numpy's default), summed in float64 over
+chunks of examples (no copy of the training set), and applied in the model's dtype. A channel whose values are all
 equal (standard deviation 0) is only centred: it is divided by 1.
 """
 from __future__ import annotations
