@@ -42,13 +42,13 @@ into the prefetcher's reused batch buffer; no buffer is allocated per batch.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backends.rng import index_keys, pass_key, uniform_below
 from .checks import check_bool, check_int, check_pair
+from .files import parse_inline
 
 #: the name hashed into the augmentation's key (a layer's name keys its dropout masks; no
 #: layer is named so)
@@ -120,25 +120,11 @@ def _parse_text(text: str) -> dict:
     text = text.strip()
     if text.lower() in NAMED:
         return dict(NAMED[text.lower()])
-    if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"augment: not a JSON object ({err.msg} at column {err.colno}). "
-                             f"Received {text!r}") from None
-    spec: dict = {}
-    for item in text.split(","):
-        key, eq, value = (part.strip() for part in item.partition("="))
-        if not eq or not key:
-            raise ValueError(f"augment: expected a name ({', '.join(NAMED)}, none) or "
-                             f"key=value,... ({', '.join(OPTIONS)}). Received {text!r}")
-        low = value.lower()
-        if low in ("true", "yes", "on", "false", "no", "off"):
-            spec[key] = low in ("true", "yes", "on")
-        elif key == "crop" and "x" in low:
-            spec[key] = [int(v) if v.strip().isdigit() else v for v in low.split("x")]
-        else:
-            spec[key] = int(value) if value.lstrip("-").isdigit() else value
+    names = f"a name ({', '.join(NAMED)}, none) or key=value,... ({', '.join(OPTIONS)})"
+    spec = parse_inline(text, "augment", names)
+    crop = spec.get("crop")
+    if isinstance(crop, str) and "x" in crop.lower():  # HxW
+        spec["crop"] = [int(v) if v.strip().isdigit() else v for v in crop.lower().split("x")]
     return spec
 
 

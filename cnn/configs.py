@@ -54,7 +54,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .checks import check_bool, check_choice, check_int, check_number
-from .files import STRUCTURED_SUFFIXES, read_structured
+from .files import STRUCTURED_SUFFIXES, parse_inline, read_structured
 
 RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
             "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
@@ -74,26 +74,13 @@ def parse_option_spec(text: Any, option: str) -> Any:
     if not text:
         raise ValueError(f"{option}: empty value")
     if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{option}: not a JSON object ({err.msg} at column {err.colno}). "
-                             f"Received {text!r}") from None
+        return parse_inline(text, option)
     if text.lower().endswith(STRUCTURED_SUFFIXES):
         return _read_file(text, option)
     name, _, rest = text.partition(":")
     spec: dict[str, Any] = {"type": name.strip()}
     if rest.strip():
-        import yaml
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"{option}: expected NAME:key=value,...; {item!r} has no "
-                                 f"key=value. Received {text!r}")
-            try:
-                spec[key.strip()] = yaml.safe_load(value.strip())
-            except yaml.YAMLError:
-                spec[key.strip()] = value.strip()
+        spec.update(parse_inline(rest, option, "NAME:key=value,...", whole=text))
     return spec
 
 
