@@ -94,6 +94,13 @@ def _add_train(sub) -> None:
     p.add_argument("--test-limit", type=positive_int, default=None, help="first N test examples")
     p.add_argument("--seed", type=nonnegative_int, default=0,
                    help="initial weights and data order (an integer >= 0)")
+    p.add_argument("--augment", nargs="?", const="cifar", default=None, metavar="SPEC",
+                   help="augment the training images (cnn.augment): alone or 'cifar', 4 pixels "
+                        "of zero padding, a random crop of the image's size and a random "
+                        "horizontal flip; or pad=N,flip=true|false")
+    p.add_argument("--normalize", action="store_true",
+                   help="normalise the inputs per channel with the training set's mean and "
+                        "standard deviation (kept in the saved weights: predict applies it)")
     p.add_argument("--save", default=None,
                    help="write the trained weights to this .npz (checked before training); "
                         "with --config: a folder, or a path with {name} (each model's name)")
@@ -322,7 +329,7 @@ def _check_reference_model(backend: str, model, optimizer, schedule, threads: in
         raise ValueError(f"--backend {backend}: {err}") from None
 
 
-def _fit_reference(args, model, data, optimizer, schedule, batch_size):
+def _fit_reference(args, model, data, optimizer, schedule, batch_size, augmentation):
     """Train ``model`` through the Keras or PyTorch reference (its weights are the starting
     point and receive the result), with fit's arguments and per-epoch output."""
     from .optim import make_optimizer
@@ -330,7 +337,8 @@ def _fit_reference(args, model, data, optimizer, schedule, batch_size):
     kwargs = dict(epochs=args.epochs, batch_size=batch_size,
                   optimizer=make_optimizer(optimizer, schedule=schedule), seed=args.seed,
                   validation_data=validation, threads=args.threads,
-                  verbose=0 if args.quiet else 1)
+                  verbose=0 if args.quiet else 1, augment=augmentation,
+                  normalize=args.normalize)
     if args.backend == "keras":
         from .reference.keras import fit_keras
         return fit_keras(model, data.x_train, data.y_train, **kwargs)
@@ -342,6 +350,7 @@ def _describe_backend(name: str) -> str:
 
 
 def cmd_train(args) -> int:
+    from .augment import make_augmentation
     from .backends import get_backend
     from .data import check_dataset_name, load_dataset
     from .layers import layers_from_spec
@@ -401,6 +410,10 @@ def cmd_train(args) -> int:
         except ValueError as err:
             raise ValueError(f"{err} (the spec's; or pass --batch-size)") from None
     options = _strategy_options(args)
+    try:  # its values, before the data is read; its fit to the images once they are known
+        augmentation = make_augmentation(args.augment)
+    except ValueError as err:
+        raise ValueError(f"--{err}") from None
     reference = args.backend in REFERENCE_BACKENDS
     if reference:
         _check_reference_options(args)
@@ -445,6 +458,11 @@ def cmd_train(args) -> int:
                                      seed=args.seed, backend="numpy" if reference else args.backend)
     if reference:
         _check_reference_model(args.backend, model, optimizer, schedule, args.threads)
+    if augmentation is not None:
+        try:
+            augmentation.check(model.input_shape)
+        except ValueError as err:
+            raise ValueError(f"--{err} (data set {args.dataset})") from None
     interrupt = _Interrupt(None if reference else strategy, master)
     try:
         with interrupt:  # from here on, Ctrl-C or SIGTERM stops at a step boundary and saves
@@ -456,10 +474,13 @@ def cmd_train(args) -> int:
                      else f"{_describe_strategy(strategy)}, backend "
                           f"{_describe_backend(args.backend)}")
                   + f", validation split {args.validation_split}"
+                  + (f", augment {augmentation.text()}" if augmentation else "")
+                  + (", inputs normalised per channel" if args.normalize else "")
                   + (f"\nweights will be saved to {save}" if save else ""), flush=True)
             validation = None if data.x_val is None else (data.x_val, data.y_val)
             if reference:
-                hist = _fit_reference(args, model, data, optimizer, schedule, batch_size)
+                hist = _fit_reference(args, model, data, optimizer, schedule, batch_size,
+                                      augmentation)
             else:
                 hist = model.fit(data.x_train, data.y_train, epochs=args.epochs,
                                  batch_size=batch_size, optimizer=optimizer, strategy=strategy,
@@ -468,7 +489,8 @@ def cmd_train(args) -> int:
                                  callbacks=callbacks,
                                  verbose=0 if args.quiet else 1, on_nonfinite=args.on_nonfinite,
                                  progress=interrupt.progress, backup_dir=args.backup_dir,
-                                 backup_every=args.backup_every, trace=args.trace)
+                                 backup_every=args.backup_every, trace=args.trace,
+                                 augment=augmentation, normalize=args.normalize)
             if interrupt.signum is not None and launch.mpi_job_size() == 1:
                 raise KeyboardInterrupt  # asked for during the last evaluation: the run is whole
     except DivergedError as err:

@@ -23,7 +23,9 @@ A config file names its models and, optionally, settings they share::
 ``dataset`` (a built-in name or a ``.npz`` data set file, :mod:`cnn.datafile`), ``epochs``,
 ``batch_size``, ``optimizer``, ``lr_schedule``, ``strategy``, ``threads``, ``backend``,
 ``dtype``, ``seed``, ``validation_split``, ``early_stopping`` (patience in epochs), ``limit``,
-``test_limit``, and where each model's results go:
+``test_limit``, ``augment`` (``cifar``, ``pad=4,flip=true`` or a mapping: :mod:`cnn.augment`),
+``normalize`` (true: per-channel normalisation, :mod:`cnn.normalize`), and where each model's
+results go:
 
 - ``save``: the trained weights (for ``predict``), and
 - ``plot``: the training curves (a PNG; needs matplotlib, the ``plot`` extra),
@@ -51,12 +53,12 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .checks import check_choice, check_int, check_number
-from .files import STRUCTURED_SUFFIXES, read_structured
+from .checks import check_bool, check_choice, check_int, check_number
+from .files import STRUCTURED_SUFFIXES, parse_inline, read_structured
 
 RUN_KEYS = ("model", "dataset", "epochs", "batch_size", "optimizer", "lr_schedule", "strategy",
             "threads", "backend", "dtype", "seed", "validation_split", "early_stopping", "limit",
-            "test_limit", "save", "plot")
+            "test_limit", "augment", "normalize", "save", "plot")
 #: the file each of the output keys writes, per model, under a folder
 OUTPUT_SUFFIXES = {"save": ".npz", "plot": ".png"}
 
@@ -72,26 +74,13 @@ def parse_option_spec(text: Any, option: str) -> Any:
     if not text:
         raise ValueError(f"{option}: empty value")
     if text.startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{option}: not a JSON object ({err.msg} at column {err.colno}). "
-                             f"Received {text!r}") from None
+        return parse_inline(text, option)
     if text.lower().endswith(STRUCTURED_SUFFIXES):
         return _read_file(text, option)
     name, _, rest = text.partition(":")
     spec: dict[str, Any] = {"type": name.strip()}
     if rest.strip():
-        import yaml
-        for item in rest.split(","):
-            key, eq, value = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"{option}: expected NAME:key=value,...; {item!r} has no "
-                                 f"key=value. Received {text!r}")
-            try:
-                spec[key.strip()] = yaml.safe_load(value.strip())
-            except yaml.YAMLError:
-                spec[key.strip()] = value.strip()
+        spec.update(parse_inline(rest, option, "NAME:key=value,...", whole=text))
     return spec
 
 
@@ -125,6 +114,8 @@ class RunConfig:
     early_stopping: int | None = None
     limit: int | None = None
     test_limit: int | None = None
+    augment: Any = None
+    normalize: bool = False
     save: str | None = None
     plot: str | None = None
     spec: dict = field(default_factory=dict, repr=False)
@@ -132,6 +123,7 @@ class RunConfig:
     def check(self) -> "RunConfig":
         """Validate everything that can be checked before data is read; resolves ``spec``,
         ``optimizer`` and ``batch_size``. ValueError names the model, key and value."""
+        from .augment import make_augmentation
         from .data import check_dataset_name
         from .layers import layers_from_spec
         from .model import resolve_spec
@@ -153,6 +145,11 @@ class RunConfig:
         if self.early_stopping is not None and not vs:
             raise ValueError(f"{where}: early_stopping needs a validation_split > 0")
         check_choice(where, "dtype", self.dtype, ("float32", "float64"))
+        check_bool(where, "normalize", self.normalize)
+        try:
+            make_augmentation(self.augment)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
         check_choice(where, "backend", self.backend, backend_choices())
         model = self.model if self.model is not None else default_model(self.dataset)
         try:
@@ -327,7 +324,7 @@ def train_one(run: RunConfig, data_dir=None, verbose: int = 0) -> dict:
                          lr_schedule=run.lr_schedule, strategy=run.strategy,
                          threads=run.threads, backend=run.backend, seed=run.seed,
                          validation_split=run.validation_split or 0.0, callbacks=callbacks,
-                         verbose=verbose)
+                         verbose=verbose, augment=run.augment, normalize=run.normalize)
         test = model.evaluate(data.x_test, data.y_test)
         h = hist.history
         row.update({"epochs": hist.epochs, "train_loss": h["loss"][-1],

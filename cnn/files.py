@@ -1,5 +1,6 @@
 """Structured files, read and written one way everywhere: JSON/YAML text read with errors that
-name the file and the line, and atomic writes (a temporary file beside the target, fsync,
+name the file and the line (and the inline form of an option, :func:`parse_inline`), and atomic
+writes (a temporary file beside the target, fsync,
 rename, fsync of the folder), so a crash, a kill or a full disk leaves the old file or the new
 one, never half of one, and no temporary file behind.
 
@@ -95,6 +96,33 @@ def read_structured(path: str | os.PathLike, what: str = "file") -> Any:
 #: names): far beyond any spec, config or grid, far below what exhausts memory when the value
 #: is printed or copied (a few hundred bytes of nested aliases expand to billions)
 MAX_YAML_VALUES = 1_000_000
+
+
+def parse_inline(text: str, option: str, form: str = "key=value,...",
+                 whole: str | None = None) -> dict:
+    """The dict of an option's inline text: a JSON object (``{"pad": 4}``) or
+    ``key=value,key=value`` with the values read as YAML scalars (``0.1``, ``2``, ``true``,
+    ``epoch``). ``ValueError`` naming ``option``, the ``form`` it expects and the option's
+    ``whole`` text (default ``text``) when it is neither."""
+    text = text.strip()
+    if text.startswith("{"):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{option}: not a JSON object ({err.msg} at column {err.colno}). "
+                             f"Received {text!r}") from None
+    import yaml
+    spec: dict[str, Any] = {}
+    for item in text.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"{option}: expected {form}; {item!r} has no key=value. "
+                             f"Received {whole or text!r}")
+        try:
+            spec[key.strip()] = yaml.safe_load(value.strip())
+        except yaml.YAMLError:
+            spec[key.strip()] = value.strip()
+    return spec
 
 
 class _DuplicateKey(ValueError):

@@ -17,6 +17,11 @@ training pass leaves their new values in ``ctx.updates`` for the strategy to com
 The loss is part of the spec (``"loss"``: see :mod:`cnn.losses`), as are per-layer weight
 penalties (``kernel_regularizer``), which ``loss_and_grads`` and ``evaluate`` add to the loss as
 Keras does.
+
+A model may normalise its inputs per channel (``model.normalization``, set by
+``fit(normalize=True)``; see :mod:`cnn.normalize`): ``predict``, ``predict_logits`` and
+``evaluate`` apply it to the images they are given, the weights file keeps it, while
+``forward`` and ``loss_and_grads`` take the network's inputs as they are.
 """
 from __future__ import annotations
 
@@ -35,6 +40,7 @@ from .context import StepContext
 from .files import atomic_write, check_writable, make_folders, read_structured
 from .layers import Layer, layers_from_spec, name_layers
 from .losses import Loss, get_loss
+from .normalize import Normalization, normalized
 from .plan import backward_ops, forward_ops, plan_layers
 
 FLOAT_DTYPES = (np.float32, np.float64)
@@ -130,6 +136,9 @@ class Sequential:
         #: the optimizer state (slots and step count, host arrays) the last ``fit`` ended
         #: with; the next ``fit`` continues from it (see :mod:`cnn.optim`)
         self.optimizer_state = None
+        #: the per-channel normalisation of the inputs (see :mod:`cnn.normalize`) that
+        #: ``evaluate`` and ``predict`` apply and the weights file keeps; None: none
+        self.normalization: Normalization | None = None
         rng = np.random.default_rng(seed)
         self.params: dict[str, np.ndarray] = {}
         self.buffers: dict[str, np.ndarray] = {}
@@ -330,15 +339,20 @@ class Sequential:
                        buffers=None) -> np.ndarray:
         """Host logits ``(N, K)`` for ``x (N, C, H, W)``, computed in batches (an inference
         pass: no dropout, batch norm on the running statistics of ``buffers``, default the
-        model's)."""
+        model's; the inputs normalised by :attr:`normalization`)."""
         batch_size = check_int("Sequential.predict", "batch_size", batch_size)
         self.check_inputs(x)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)
-        out = [be.to_host(self.forward(be.asarray(x[i:i + batch_size]), params, be, ctx,
-                                       keep_caches=False)[0])
+        out = [be.to_host(self.forward(be.asarray(self._inputs(x, i, batch_size)), params, be,
+                                       ctx, keep_caches=False)[0])
                for i in range(0, len(x), batch_size)]
         return np.concatenate(out)
+
+    def _inputs(self, x, start: int, batch_size: int) -> np.ndarray:
+        """The network's inputs for the images ``x[start:start + batch_size]``: normalised
+        (a copy) when the model has a normalisation, else the slice itself."""
+        return normalized(x[start:start + batch_size], self.normalization)
 
     def predict(self, x, batch_size: int = 256, **kwargs) -> np.ndarray:
         """Class probabilities ``(N, num_classes)``: the softmax of the logits, or for
@@ -349,14 +363,16 @@ class Sequential:
     def evaluate(self, x, y, batch_size: int = 256, params=None, backend=None,
                  buffers=None) -> dict[str, float]:
         """Mean loss (with the weight penalties, as Keras reports it) and accuracy (fraction in
-        [0, 1]) over ``x, y``, in inference mode (see :meth:`predict_logits`)."""
+        [0, 1]) over ``x, y``, in inference mode, the images normalised by
+        :attr:`normalization` (see :meth:`predict_logits`)."""
         batch_size = check_int("Sequential.evaluate", "batch_size", batch_size)
         self.check_inputs(x, y)
         params, be = self._params_backend(params, backend)
         ctx = StepContext(buffers=buffers)
         total_loss, correct = 0.0, 0
         for i in range(0, len(x), batch_size):
-            xb, yb = be.asarray(x[i:i + batch_size]), be.asarray(y[i:i + batch_size])
+            xb = be.asarray(self._inputs(x, i, batch_size))
+            yb = be.asarray(y[i:i + batch_size])
             logits, _ = self.forward(xb, params, be, ctx, keep_caches=False)
             loss, _, n_right = self.loss(logits, yb, be)
             total_loss += float(be.to_host(loss)) * len(yb)
@@ -402,8 +418,9 @@ class Sequential:
             targets[k][...] = v.astype(self.dtype, copy=False)
 
     def save_weights(self, path: str | os.PathLike) -> Path:
-        """Write the parameters, the buffers and the spec to ``path`` atomically; returns the
-        path written.
+        """Write the parameters, the buffers and the spec (and the input normalisation, when
+        the model has one: ``__normalization__``) to ``path`` atomically; returns the path
+        written.
 
         ``.npz`` is appended when ``path`` has another suffix or none (``w`` -> ``w.npz``). An
         existing folder, a parent that is a file, or an unwritable folder raise ``OSError``
@@ -411,16 +428,25 @@ class Sequential:
         """
         path = weights_path(path)
         make_folders(path.parent)
+        extra = ({} if self.normalization is None else
+                 {NORMALIZATION_KEY: np.array(self.normalization.to_json())})
         return atomic_write(path, lambda f: np.savez(
-            f, __spec__=np.array(json.dumps(self.spec())), **self.params, **self.buffers))
+            f, __spec__=np.array(json.dumps(self.spec())), **extra, **self.params,
+            **self.buffers))
 
     def load_weights(self, path: str | os.PathLike) -> None:
-        """Load parameters written by :meth:`save_weights` (checked against this model).
+        """Load parameters written by :meth:`save_weights` (checked against this model), and
+        the input normalisation the file holds (none when it holds none).
 
         ``FileNotFoundError`` when there is no such file; ``ValueError`` naming the file when it
         is truncated, corrupt or not a weights file (nothing is loaded then).
         """
-        self.set_weights(read_weights(path, self))
+        weights = read_weights(path, self)
+        normalization = read_normalization(path)
+        if normalization is not None:
+            normalization.check(self.input_shape)
+        self.set_weights(weights)
+        self.normalization = normalization
 
     def summary(self) -> str:
         """One row per layer: name, type, output shape, trained parameters and, when the model
@@ -447,10 +473,19 @@ class Sequential:
             lines.append(f"buffers (non-trained): {self.num_buffer_values:,} in "
                          f"{len(self.buffers)} arrays ({', '.join(names)})")
         lines.append(f"loss: {self.loss.name}")
+        if self.normalization is not None:
+            lines.append(f"inputs normalised per channel: {self.normalization}")
         return "\n".join(lines)
 
 
 # ---- weights files ---------------------------------------------------------------------------
+#: the member of a weights file that holds the input normalisation (JSON text), beside
+#: ``__spec__``; absent when the model has none
+NORMALIZATION_KEY = "__normalization__"
+#: members of a weights file that are not weight arrays
+TEXT_MEMBERS = ("__spec__", NORMALIZATION_KEY)
+
+
 def weights_path(path: str | os.PathLike) -> Path:
     """The file :meth:`Sequential.save_weights` writes for ``path``: ``path`` itself when it
     ends in ``.npz``, else ``path`` with ``.npz`` appended. ``IsADirectoryError`` when ``path``
@@ -530,7 +565,8 @@ def read_weights(path: str | os.PathLike, model: "Sequential | None" = None
         why = str(exc) if isinstance(exc, ValueError) else f"{type(exc).__name__}: {exc}"
         raise ValueError(f"{path}: not a readable weights file; it is truncated or corrupt "
                          f"({why})") from None
-    headers.pop("__spec__", None)
+    for member in TEXT_MEMBERS:
+        headers.pop(member, None)
     if not headers:
         raise ValueError(f"{path}: holds no weight arrays")
     for k, (_, dtype) in headers.items():
@@ -560,6 +596,35 @@ def read_weights(path: str | os.PathLike, model: "Sequential | None" = None
         raise ValueError(f"{path}: not a readable weights file (array {member!r}); it is "
                          f"truncated or corrupt ({type(exc).__name__}: {exc})") from None
     return arrays
+
+
+def read_normalization(path: str | os.PathLike) -> Normalization | None:
+    """The input normalisation a weights file holds (``__normalization__``, written by
+    :meth:`Sequential.save_weights`), or None when it holds none. ``ValueError`` naming the
+    file when the member is not the JSON text ``save_weights`` writes."""
+    path = Path(path)
+    try:
+        headers = npz_headers(path)
+    except Exception:  # noqa: BLE001 - read_weights words a damaged file, naming it
+        read_weights(path)
+        raise
+    if NORMALIZATION_KEY not in headers:
+        return None
+    shape, dtype = headers[NORMALIZATION_KEY]
+    if dtype.kind != "U" or shape != () or dtype.itemsize > MAX_NORMALIZATION_BYTES:
+        raise ValueError(f"{path}: its input normalisation ({NORMALIZATION_KEY}) is a {dtype} "
+                         f"array of shape {shape}, not the text save_weights writes")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return Normalization.from_config(json.loads(str(f[NORMALIZATION_KEY])))
+    except (json.JSONDecodeError, ValueError) as err:
+        raise ValueError(f"{path}: its input normalisation ({NORMALIZATION_KEY}) is not "
+                         f"valid: {err}") from None
+
+
+#: the longest input normalisation a weights file may carry (its JSON text, in bytes of
+#: UTF-32): a few numbers per channel
+MAX_NORMALIZATION_BYTES = 1 << 20
 
 
 # ---- specs -----------------------------------------------------------------------------------

@@ -3,7 +3,9 @@ matrix and a figure of sample predictions; with several ``--weights``, an ensemb
 of the models' class probabilities, with each model's accuracy beside the ensemble's.
 
 A weights file written by ``save_weights`` (``train --save``) carries the model's spec, so
-:func:`load_model` rebuilds the architecture from the file alone. The figure goes beside the
+:func:`load_model` rebuilds the architecture from the file alone, and the per-channel input
+normalisation the model was trained with (``train --normalize``), which its predictions apply
+to the raw images of the data set or of ``--images``. The figure goes beside the
 (first) weights file unless ``--figure`` says otherwise (:func:`default_figure`).
 """
 from __future__ import annotations
@@ -23,7 +25,7 @@ MAX_SPEC_BYTES = 16 << 20
 def load_model(path, backend: str = "numpy", dtype=None):
     """The model saved in ``path`` (its spec and weights). ``dtype`` defaults to the dtype the
     weights were saved in. Errors name the file."""
-    from .model import Sequential, npz_headers, read_weights
+    from .model import TEXT_MEMBERS, Sequential, npz_headers, read_normalization, read_weights
 
     path = Path(path)
     try:
@@ -31,7 +33,7 @@ def load_model(path, backend: str = "numpy", dtype=None):
     except Exception:  # noqa: BLE001 - read_weights words the problem, naming the file
         read_weights(path)
         raise
-    if not set(headers) - {"__spec__"}:
+    if not set(headers) - set(TEXT_MEMBERS):
         read_weights(path)  # "holds no weight arrays"
     spec_shape, spec_dtype = headers.get("__spec__", (None, None))
     if spec_dtype is None:
@@ -46,16 +48,20 @@ def load_model(path, backend: str = "numpy", dtype=None):
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: its model spec is not valid JSON ({err.msg})") from None
     if dtype is None:  # the dtype the weights were saved in
-        dtype = next(d for k, (_, d) in headers.items() if k != "__spec__")
+        dtype = next(d for k, (_, d) in headers.items() if k not in TEXT_MEMBERS)
     try:
         model = Sequential.from_spec(spec, dtype=dtype, backend=backend)
     except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: the saved spec does not make a model: {err}") from None
     try:
         # the arrays checked against the model from their headers before any is read
-        model.set_weights(read_weights(path, model))
+        model.load_weights(path)
     except TypeError as err:
         raise ValueError(f"{path}: the saved spec and weights do not make a model: {err}") from None
+    except ValueError as err:  # a normalisation of another number of channels
+        if str(path) in str(err):
+            raise
+        raise ValueError(f"{path}: {err}") from None
     return model
 
 

@@ -19,7 +19,9 @@ Configuration (the same on every row of a run, :data:`CONFIG_FIELDS`):
     the validation split, NaN when off), eval_every (int; steps between validation
     evaluations, 0 when off), val_size (int; validation examples carved from the end of the
     training split, 0 when off), optimizer (str; the optimizer as ``NAME[:key=value,...]``, ""
-    for the preset's), lr_schedule (str; the schedule likewise, "" for a constant rate).
+    for the preset's), lr_schedule (str; the schedule likewise, "" for a constant rate),
+    augment (str; the training data's augmentation as ``pad=4,flip=true``, :mod:`cnn.augment`,
+    "" for none).
 Per epoch (:data:`EPOCH_FIELDS`):
     epoch (Int64, 1-based), time (float s; training wall time of the epoch = data + transfer +
     compute + comm), compute_time, comm_time (combining gradients or weights between workers:
@@ -104,7 +106,7 @@ STATUSES = ("ok", "failed", "diverged")
 CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size",
                  "filters", "epochs", "train_size", "test_size", "repeat", "dtype", "seed", "lr",
                  "momentum", "cuda_simulator", "period", "target", "eval_every", "val_size",
-                 "optimizer", "lr_schedule")
+                 "optimizer", "lr_schedule", "augment")
 EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
                 "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
                 "comm_time", "step_eval_time", "resumed")

@@ -28,13 +28,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .augment import InputPipeline, checked_augmentation
 from .backends import AUTO, Backend, get_backend
 from .backup import (Backup, BackupMismatchError, FitBackups, check_identity, fingerprint, pack,
                      unpack)
 from .callbacks import Callback, FitRun, monitored
-from .checks import check_int, check_number
+from .checks import check_bool, check_int, check_number
 from .context import StepContext
 from .errors import DivergedError, Interrupted
+from .normalize import training_normalization
 from .optim import OptimizerState, make_optimizer
 from .parallel import Strategy, make_strategy
 from .trace import PREFETCH_TID, as_tracer
@@ -132,7 +134,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         progress: Callable | None = None, on_nonfinite: str = "raise",
         prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
         reset_optimizer: bool = False, backup_dir: "str | os.PathLike | None" = None,
-        backup_every: "int | str" = "epoch", trace=None) -> History:
+        backup_every: "int | str" = "epoch", trace=None, augment=None,
+        normalize: bool = False) -> History:
     """Train ``model`` in place on ``x (N, C, H, W)``, ``y (N,)``.
 
     Args:
@@ -158,6 +161,16 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             with the same seed see the same batches in the same order.
         validation_data: ``(x_val, y_val)`` evaluated after each epoch (``val_loss``,
             ``val_accuracy``); the study passes the held-out test set here.
+        augment: data augmentation of the training batches (:mod:`cnn.augment`): None (none),
+            ``"cifar"`` (4 pixels of zero padding, a random crop of the image's size, a
+            random horizontal flip), or a dict of ``pad``, ``crop``, ``flip``. Each example's
+            crop and flip are a function of ``(seed, epoch, its index in x)``, the same on
+            every path and after a resume. Checked against the inputs before any work.
+        normalize: normalise the inputs per channel (:mod:`cnn.normalize`) with the mean and
+            standard deviation of each channel over ``x`` (after ``validation_split``), set as
+            ``model.normalization`` before training. Whatever normalisation the model holds
+            (set now, by an earlier fit, or loaded with its weights) is applied to every
+            training batch, and by ``evaluate``/``predict`` (the validation data too).
         validation_split: a fraction in (0, 1) of the training data, carved out stratified by
             class (:func:`cnn.data.stratified_split` with ``seed``), that is not trained on
             and serves as ``validation_data`` (early stopping, checkpoints, reduce-on-plateau
@@ -221,6 +234,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         x, y, validation_data = _carve_validation(x, y, validation_split, validation_data, seed)
     if validation_data is not None:
         model.check_inputs(*validation_data)
+    augmentation = checked_augmentation(augment, model.input_shape)
+    normalize = check_bool(None, "normalize", normalize)
     requested = backend or model.backend
     be = get_backend(requested)
     opt = make_optimizer(optimizer, schedule=lr_schedule)
@@ -249,6 +264,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             raise ValueError(f"{owner} monitors {metric!r}, which needs validation data: pass "
                              "fit(validation_split=...) (carved from the training data) or "
                              "validation_data=")
+    # the statistics of the training split, once, after every check
+    normalization = training_normalization(x, normalize, model.normalization,
+                                           model.input_shape)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
@@ -258,9 +276,12 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                                              else fingerprint(*validation_data))}),
                     "training": {"batch_size": batch_size, "seed": seed,
                                  "shuffle": bool(shuffle), "optimizer": opt.config(),
-                                 **strat.algorithm()}}
+                                 **strat.algorithm(),
+                                 # only when used: the backups of runs without them unchanged
+                                 **_inputs_config(augmentation, normalization)}}
         if resume:
             resume.check(identity, strat)
+    model.normalization = normalization  # evaluate() and the callbacks' predictions use it
     history = History(info={"backend": be.name, "backend_requested": getattr(
                                 requested, "name", requested), **strat.describe(),
                             "batch_size": batch_size,
@@ -268,6 +289,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
                             "train_examples": n, "dtype": str(model.dtype),
                             "nonfinite_steps": 0, "first_nonfinite": None,
                             "prefetch": bool(prefetch),
+                            "augment": None if augmentation is None else augmentation.config(),
+                            "normalization": (None if normalization is None
+                                              else normalization.config()),
                             "start_step": start_step, "callback_time": 0.0,
                             "validation_examples": (None if validation_data is None
                                                     else len(validation_data[1]))})
@@ -287,6 +311,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             cb.run = run
         cb.on_train_begin(history)
     stepper = _StepHooks(callbacks, strat, model, be, run)
+    pipeline = InputPipeline(augmentation, normalization, seed)
     if resume:
         saved = resume.restore(model, opt, history, callbacks, stepper, be)
         if strat.is_master:
@@ -315,7 +340,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             for epoch in range(first, epochs + 1 if not done else first):
                 logs = _run_epoch(strat, be, x, y, n, step_size, orders, epoch, epochs,
                                   verbose, progress, history.info, raising, prefetch, stepper,
-                                  totals, boundaries, tracer)
+                                  totals, boundaries, tracer, pipeline)
                 stopped_by_step = totals is not None and totals.stopped
                 totals = None
                 if validation_data is not None:
@@ -377,6 +402,17 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             cb.on_train_end(history)
     history.info["wall_time"] = time.perf_counter() - started
     return history
+
+
+def _inputs_config(augmentation, normalization) -> dict:
+    """What a backup's identity says of the inputs: the augmentation and the normalisation,
+    each only when there is one."""
+    out = {}
+    if augmentation is not None:
+        out["augment"] = augmentation.config()
+    if normalization is not None:
+        out["normalization"] = normalization.config()
+    return out
 
 
 class EpochOrders:
@@ -679,23 +715,28 @@ class _Prefetcher:
     """Gathers (and moves to the backend) batch ``k + 1`` in a background thread while the
     strategy computes batch ``k``: the seeds' "parallel data loading", on every path.
 
-    Batches are gathered with ``np.take(..., out=)`` into two reused host buffers (no
-    allocation per step); a buffer is refilled only after the step that used it has returned
-    it (:meth:`release`), so a batch is never overwritten while it is being trained on. The
-    backend's ``asarray`` (a no-op on the CPU backends, the host-to-device copy on CUDA) runs
-    in the thread too. An exception in the thread is re-raised by :meth:`next`.
+    Batches are gathered by the fit's input pipeline (:class:`cnn.augment.InputPipeline`:
+    ``np.take(..., out=)``, then the model's normalisation and the epoch's augmentation, if
+    any) into two reused host buffers (no allocation per step); a buffer is refilled only
+    after the step that used it has returned it (:meth:`release`), so a batch is never
+    overwritten while it is being trained on. The backend's ``asarray`` (a no-op on the CPU
+    backends, the host-to-device copy on CUDA) runs in the thread too. An exception in the
+    thread is re-raised by :meth:`next`.
     ``local_rows(n)`` (the strategy's :meth:`~cnn.parallel.Strategy.local_rows`) names the
     rows of each global batch of ``n`` examples this process gathers: an MPI rank gathers
-    only its shard, from the same order as every other rank.
+    only its shard, from the same order as every other rank (the augmentation's draws are
+    keyed by the example's index in the training set, so they do not depend on who gathers).
     """
 
     _SLOTS = 2
 
     def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
-                 lane=None, local_rows: Callable[[int], tuple[int, int]] | None = None):
+                 lane=None, local_rows: Callable[[int], tuple[int, int]] | None = None,
+                 pipeline: InputPipeline | None = None, epoch: int = 1):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
         self.lane = lane  # where each gather is a span, in a traced fit
         self.local_rows = local_rows
+        self.pipeline, self.epoch = pipeline or InputPipeline(), epoch
         rows = min(step_size, len(order))
         self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
                        np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
@@ -719,8 +760,8 @@ class _Prefetcher:
                 idx = idx[lo:hi]
             xs, ys = self._bufs[k % self._SLOTS]
             t0 = time.perf_counter()
+            xb = self.pipeline.gather(self.x, idx, self.epoch, xs[:len(idx)])
             # mode="clip": no bounds-check buffering (the indices are a permutation)
-            xb = np.take(self.x, idx, axis=0, out=xs[:len(idx)], mode="clip")
             yb = np.take(self.y, idx, out=ys[:len(idx)], mode="clip")
             t1 = time.perf_counter()
             xb, yb = self.be.asarray(xb), self.be.asarray(yb)
@@ -801,7 +842,8 @@ class _StepHooks:
 def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOrders, epoch,
                epochs, verbose, progress, info: dict, raising: bool, prefetch: bool = True,
                stepper=None, totals: _EpochTotals | None = None,
-               boundaries: _Boundaries | None = None, tracer=None) -> dict:
+               boundaries: _Boundaries | None = None, tracer=None,
+               pipeline: InputPipeline | None = None) -> dict:
     """One epoch (from ``totals``, the sums of its first batches, when a resumed fit
     continues it): its batches in ``orders(epoch)``, then the strategy's end of epoch; the
     epoch's row of the history."""
@@ -822,7 +864,7 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
     batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
                           threaded=prefetch, lane=None if lane is None
                           else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane,
-                          local_rows=strat.local_rows)
+                          local_rows=strat.local_rows, pipeline=pipeline, epoch=epoch)
     try:
         for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
                                  t.batches + 1):

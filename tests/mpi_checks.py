@@ -5,8 +5,8 @@ MPI strategies and write, from every rank, ``OUT/<scenario>.rank<r>.npz`` (weigh
 ``.json`` (history and info); the test compares them with the sequential path, computed in the
 test's own process. One launch trains all of them, to keep CI short.
 
-``python tests/mpi_checks.py layers|resnet OUT``: the same for :data:`LAYER_SCENARIOS` or
-:data:`RESNET_SCENARIOS`.
+``python tests/mpi_checks.py layers|resnet|augment OUT``: the same for :data:`LAYER_SCENARIOS`,
+:data:`RESNET_SCENARIOS` or :data:`AUGMENT_SCENARIOS`.
 
 ``python tests/mpi_checks.py raise OUT``: rank 1 raises in its third dense forward, after
 writing the MPICH segments it maps to ``OUT/segments.rank1``.
@@ -106,15 +106,24 @@ class RecordedTakes(np.ndarray):
         recorded = images.view(cls)
         recorded.rows = []
         return recorded
+#: ``python tests/mpi_checks.py augment OUT``: training batches augmented (issue 20: crops and
+#: flips keyed by the example's index in the training set, whichever rank gathers it) and
+#: normalised per channel, launched by tests/test_augment.py
+AUGMENT_SCENARIOS = {
+    "augment": ("mpi", {"kind": "layers", "augment": "cifar", "normalize": True}),
+    "augment_resnet": ("mpi", {"kind": "resnet", "batch_size": 8, "epochs": 1, "n": 48,
+                               "optimizer": RESNET_OPT, "augment": {"pad": 2, "flip": True},
+                               "normalize": True}),
+}
 
 
 def main(mode: str, out: str) -> None:
     from mpi4py import MPI
     rank = MPI.COMM_WORLD.Get_rank()
     out_dir = Path(out)
-    if mode in ("train", "layers", "resnet"):
-        scenarios = {"train": SCENARIOS, "layers": LAYER_SCENARIOS,
-                     "resnet": RESNET_SCENARIOS}[mode]
+    if mode in ("train", "layers", "resnet", "augment"):
+        scenarios = {"train": SCENARIOS, "layers": LAYER_SCENARIOS, "resnet": RESNET_SCENARIOS,
+                     "augment": AUGMENT_SCENARIOS}[mode]
         for name, (strategy, kwargs) in scenarios.items():
             weights, hist = train(strategy, **kwargs)
             np.savez(out_dir / f"{name}.rank{rank}.npz", **weights)

@@ -111,14 +111,15 @@ def build(kind: str = "plain", dtype=np.float64, seed: int = 3) -> Sequential:
 
 
 def train(strategy="sequential", threads=1, *, kind="plain", dtype=np.float64, batch_size=7,
-          epochs=2, n=N, optimizer=OPT, backend="numpy", **options):
+          epochs=2, n=N, optimizer=OPT, backend="numpy", augment=None, normalize=False,
+          **options):
     """Weights (and buffers) and History after ``epochs`` of ``strategy`` from the same initial
-    weights and the same batches."""
+    weights and the same batches (augmented and normalised as ``fit`` is told)."""
     x, y = blobs(n, dtype, channels=3 if kind == "resnet" else 1)
     model = build(kind, dtype)
     hist = model.fit(x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer,
                      strategy=strategy, threads=threads, strategy_options=options or None,
-                     seed=5, verbose=0, backend=backend)
+                     seed=5, verbose=0, backend=backend, augment=augment, normalize=normalize)
     return model.get_weights(), hist
 
 

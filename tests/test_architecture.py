@@ -48,7 +48,8 @@ LAYERS: list[tuple[str, list[str]]] = [
     # strategy lives; the standard library only (and the backends' records), so every layer
     # above may read it, and it names what it describes without importing it
     ("path registry", ["cnn.paths"]),
-    ("data and presets", ["cnn.data", "cnn.datafile", "cnn.presets"]),
+    ("data and presets", ["cnn.data", "cnn.datafile", "cnn.presets", "cnn.augment",
+                          "cnn.normalize"]),
     ("layers and optimizers", ["cnn.layers", "cnn.plan", "cnn.losses", "cnn.optim",
                                "cnn.schedules"]),
     ("model", ["cnn.model"]),

@@ -218,6 +218,22 @@ def stopped_then_resumed(tmp_path, first, second, k=9, dtype="float64", **option
     return model.get_weights(), hist, stop.value
 
 
+def test_a_run_with_augmentation_resumes_exactly(tmp_path):
+    """The crops and flips are a function of (seed, epoch, example index): a run stopped in its
+    second epoch continues with the draws the uninterrupted one made, and the normalisation
+    it was trained with (the backup's identity holds both)."""
+    options = {"augment": "cifar", "normalize": True}
+    w_ref, h_ref = reference(**options)
+    weights, hist, stop = stopped_then_resumed(tmp_path, ("sequential", 1), ("sequential", 1),
+                                               **options)
+    assert stop.epoch == 2 and hist.info["resumes"][0]["global_step"] == 9
+    assert all(np.array_equal(weights[k], w_ref[k]) for k in w_ref)
+    for key in SAME:
+        assert hist.history[key] == h_ref[key], key
+    plain, _ = reference(normalize=True)
+    assert max_abs_diff(plain, w_ref) > 1e-3  # the augmentation was applied
+
+
 @pytest.mark.parametrize("first, second", [(("sync", 2), ("sync", 3)),
                                            (("sequential", 1), ("processes", 2)),
                                            (("processes", 3), ("sync", 2))])
@@ -353,6 +369,8 @@ def test_a_damaged_newest_backup_falls_back_to_the_older_one(tmp_path, capsys):
     ({"batch_size": 6}, "training.batch_size: 7 in the backup, 6 now"),
     ({"dtype": "float32"}, "dtype: \"float64\" in the backup, \"float32\" now"),
     ({"optimizer": {"type": "sgd", "lr": 0.1}}, "training.optimizer"),
+    ({"augment": "cifar"}, "training.augment"),
+    ({"normalize": True}, "training.normalization"),
 ])
 def test_a_backup_of_another_run_is_refused_naming_what_differs(tmp_path, change, named):
     backup = tmp_path / "b"
@@ -369,7 +387,8 @@ def test_a_backup_of_another_run_is_refused_naming_what_differs(tmp_path, change
         model = Sequential.from_spec(spec, input_shape=(1, 8, 8), dtype=np.float64, seed=3)
         y = y % 10
     kw = {**rc.RUN, "epochs": 1}
-    kw.update({k: v for k, v in change.items() if k in ("batch_size", "optimizer")})
+    kw.update({k: v for k, v in change.items()
+               if k in ("batch_size", "optimizer", "augment", "normalize")})
     with pytest.raises(BackupMismatchError, match=named.replace("(", r"\(").replace(".", r"\.")
                        .replace("[", r"\[")) as info:
         model.fit(x, y, verbose=0, backup_dir=backup, **kw)

@@ -94,6 +94,9 @@ def test_train_filters_option(capsys):
     (["--dataset", "blobs", "--strategy", "sync", "--threads", "-2"], "threads=-2"),
     (["--dataset", "blobs", "--strategy", "sync", "--threads", "2", "--batch-size", "1"],
      "batch"),
+    (["--dataset", "blobs", "--augment", "foo"], "--augment: expected a name"),
+    (["--dataset", "blobs", "--augment", "pad=9"], "Received pad=9 (data set blobs)"),
+    (["--dataset", "xor", "--augment"], "--augment: needs images"),
 ])
 def test_train_errors_exit_2_naming_the_value(args, named, capsys):
     rc = main(["train", "--quiet", "--limit", "32", "--test-limit", "8", *args])

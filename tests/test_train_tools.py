@@ -260,6 +260,8 @@ def test_config_one_named_model(capsys, tmp_path):
     ("defaults: {epochs: 1}", "'models'"),
     ("models: {a: {dataset: xor}}\nextra: 1", "'extra'"),
     ("models: [\n  - model: xor_mlp", "line"),
+    ("models: {a: {dataset: xor, augment: 'pad=-2'}}", "pad=-2"),
+    ("models: {a: {dataset: xor, normalize: maybe}}", "normalize='maybe'"),
 ])
 def test_bad_config_is_refused_before_any_model_trains(capsys, tmp_path, body, match):
     cfg = tmp_path / "bad.yaml"

@@ -39,7 +39,7 @@ from .text import fmt, fmt_int, fmt_pct, is_missing
 BASELINE_PATH = P.BASELINE
 #: what a speed-up is matched on: the sequential run of the same configuration
 CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype", "optimizer",
-               "lr_schedule")
+               "lr_schedule", "augment")
 #: ... on the same machine (constant within one study; guards against mixed result files)
 MACHINE_KEYS = ("cpu", "cores")
 VARIANT_KEYS = ("path", "strategy", "backend", "period")
@@ -84,10 +84,11 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "sgemm_peak_gflops")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
                 "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": "",
+                "augment": "",
                 "resumed": False}
     missing = {c: v for c, v in defaults.items() if c not in df.columns}
     df = df.assign(**missing) if missing else df.copy()
-    for col in ("period", "optimizer", "lr_schedule"):  # text; "" is the default
+    for col in ("period", "optimizer", "lr_schedule", "augment"):  # text; "" is the default
         df[col] = df[col].fillna("").astype(str).replace("nan", "")
     df["status"] = df["status"].astype(str).str.lower()
     return df

@@ -23,6 +23,12 @@ The same function is written four times: with Python integers (:func:`keep_mask_
 the test oracle), vectorised in NumPy (:func:`keep_mask`), and as Numba CPU and CUDA device
 functions (:mod:`cnn.backends.numba.layer_ops`, :mod:`cnn.backends.cuda.layer_kernels`);
 ``tests/test_rng.py`` and the simulator checks assert that all four agree bit for bit.
+
+Data augmentation (:mod:`cnn.augment`) draws from the same construction, with the epoch as
+the pass counter and the example's index in the *training set* as the example:
+``k = pass_key(seed, "__augment__", epoch)``, the example's key ``index_keys(k, i)`` and its
+draws ``uniform_below(row, j, count)`` (integers in ``[0, count)``), so the crop and flip of an
+example depend neither on the batch it falls in nor on the worker or rank that gathers it.
 """
 from __future__ import annotations
 
@@ -92,15 +98,37 @@ def _mix64_np(z: np.ndarray) -> np.ndarray:
     return z
 
 
+def index_keys(key: int, indices, out: np.ndarray | None = None) -> np.ndarray:
+    """``mix64(key + (i + 1) * GOLDEN)`` for every ``i`` of ``indices`` (non-negative
+    integers): the keys of the examples ``indices`` (uint64), into ``out`` when given."""
+    z = np.empty(np.shape(indices), np.uint64) if out is None else out
+    z[...] = indices
+    z += _U(1)
+    z *= _U(GOLDEN)
+    z += _U(key & MASK64)
+    return _mix64_np(z)
+
+
+def uniform_below(rows: np.ndarray, element: int, count: int) -> np.ndarray:
+    """Draw ``element`` of each example's stream as an integer uniform in ``[0, count)``:
+    ``((mix64(row + (element + 1) * GOLDEN) >> 32) * count) >> 32`` for every per-example key
+    ``row`` of ``rows`` (uint64, :func:`index_keys`). The top 32 bits of the unit's hash, as a
+    dropout unit's, scaled by a multiplication (Lemire 2019): each value has probability
+    within ``2**-32`` of ``1 / count``; ``count <= 2**32``. Returns int64."""
+    if not 1 <= count <= 1 << 32:
+        raise ValueError(f"count must be in [1, 2**32]. Received count={count!r}")
+    bits = rows + _U(((element + 1) * GOLDEN) & MASK64)
+    _mix64_np(bits)
+    bits >>= _U(32)
+    bits *= _U(count)
+    bits >>= _U(32)
+    return bits.astype(np.int64)
+
+
 def row_keys(key: int, offset: int, n: int, out: np.ndarray | None = None) -> np.ndarray:
-    """``mix64(key + (offset + i + 1) * GOLDEN)`` for ``i < n``: the per-example keys (uint64),
-    into ``out`` when given."""
-    idx = np.arange(offset + 1, offset + n + 1, dtype=np.uint64) if out is None else out
-    if out is not None:
-        idx[...] = np.arange(offset + 1, offset + n + 1, dtype=np.uint64)
-    idx *= _U(GOLDEN)
-    idx += _U(key & MASK64)
-    return _mix64_np(idx)
+    """``mix64(key + (offset + i + 1) * GOLDEN)`` for ``i < n``: the per-example keys (uint64)
+    of the examples ``offset .. offset + n - 1``, into ``out`` when given."""
+    return index_keys(key, np.arange(offset, offset + n, dtype=np.uint64), out)
 
 
 def keep_mask_into(keep: np.ndarray, key: int, rate: float, offset: int, z: np.ndarray,

@@ -630,7 +630,7 @@ def _step_hooks(hooks, kmodel, model, n: int, batch_size: int):
 
 def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int | None = 1,
-              verbose: int = 0, callbacks=()):
+              verbose: int = 0, callbacks=(), augment=None, normalize: bool = False):
     """Train the Keras copy of ``model`` (same initial weights) and copy the result back.
 
     The Keras path of the study: same arguments and the same History columns as
@@ -657,6 +657,10 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             :func:`cnn.train.fit`'s step hook: time-to-accuracy evaluates in it; their time is
             not training time), called after every training batch; one returning True stops
             training after that batch. Keras's own callbacks are not taken.
+        augment, normalize: as in :func:`cnn.train.fit`: Keras trains on the very batches our
+            input pipeline makes (:func:`cnn.augment.epoch_batches`, the same crops and flips
+            of the same examples), and the model keeps the normalisation for ``evaluate``
+            and ``predict``; the validation data is normalised alike.
 
     Returns:
         a :class:`cnn.train.History` with, per epoch, the keys of :func:`cnn.train.fit`:
@@ -665,7 +669,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
           (weighted by batch size, as ours);
         - ``compute_time``: the epoch as timed by :func:`epoch_timer` inside ``fit``;
         - ``data_time``: our shuffle and gather of the epoch's examples (the order is ours, see
-          ``seed``), timed as :func:`cnn.train.fit` times its own;
+          ``seed``), with their augmentation if any, timed as :func:`cnn.train.fit` times its
+          own (which does it in its prefetching thread);
         - ``time`` = ``data_time + compute_time``, the epoch's training wall time (as in
           :func:`cnn.train.fit`); ``images_per_sec`` = examples / ``time``. Each epoch is one
           ``Model.fit(epochs=1)`` call (so that the order can be ours); Keras's set-up and
@@ -683,6 +688,8 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         in), the layout conversion time of the inputs,
         the configuration, and the TensorFlow/Keras versions and thread settings.
     """
+    from ..augment import InputPipeline, checked_augmentation, epoch_batches
+    from ..normalize import normalized, training_normalization
     from ..optim import make_optimizer
     from ..train import History
     epochs = check_int(None, "epochs", epochs)
@@ -690,6 +697,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)
+    augmentation = checked_augmentation(augment, model.input_shape)
     check_keras_compatible(model)
     opt = make_optimizer(optimizer)
     if opt.schedule is not None:  # horizons in epochs or left to the end of the fit, as fit
@@ -702,19 +710,28 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
 
     n = len(x)
     y = keras_labels(model, y)
+    model.normalization = training_normalization(x, normalize, model.normalization,
+                                                 model.input_shape)
+    pipeline = InputPipeline(augmentation, model.normalization, seed)
     t = time.perf_counter()
     kmodel = compiled_keras_model(model, opt, threads)
     params_time = time.perf_counter() - t
     t = time.perf_counter()
-    xk = to_keras_images(x)
+    # normalised once; with augmentation these are only the warm-up's images, the epochs'
+    # are made anew (each epoch's crops differ)
+    xk = to_keras_images(normalized(x, model.normalization))
     val = None
     if validation_data is not None:
-        val = (to_keras_images(validation_data[0]), keras_labels(model, validation_data[1]))
+        val = (to_keras_images(normalized(validation_data[0], model.normalization)),
+               keras_labels(model, validation_data[1]))
     layout_time = time.perf_counter() - t
     history = History(info={"backend": "keras", "strategy": "keras", "threads": threads,
                             "batch_size": batch_size, "epochs": epochs, "seed": seed,
                             "optimizer": opt.config(), "train_examples": n,
                             "dtype": str(model.dtype), "params_transfer_time": params_time,
+                            "augment": None if augmentation is None else augmentation.config(),
+                            "normalization": (None if model.normalization is None
+                                              else model.normalization.config()),
                             "layout_time": layout_time, "keras_version": keras.__version__,
                             "tensorflow_version": tf.__version__, "fit_call_overhead": [], **{
                                 f"tf_{k}_threads": v for k, v in thread_settings().items()}})
@@ -728,7 +745,9 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         for epoch in range(1, epochs + 1):
             t0 = time.perf_counter()
             order = rng.permutation(n)  # the same draw as cnn.train.fit's
-            xe, ye = xk[order], y[order]
+            xe = (xk[order] if augmentation is None else
+                  to_keras_images(epoch_batches(pipeline, x, order, epoch, batch_size)))
+            ye = y[order]
             t1 = time.perf_counter()
             if stepper is not None:
                 stepper.epoch, stepper.data_time = epoch, t1 - t0

@@ -242,13 +242,16 @@ def check_torch_trainable(model, optimizer=None) -> None:
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int = 1,
               device: str = "cpu", verbose: int = 0, callbacks=(), distributed: bool = False,
-              bucket_cap_mb: float = 25.0):
+              bucket_cap_mb: float = 25.0, augment=None, normalize: bool = False):
     """Train the PyTorch copy of ``model``; same arguments and History columns as
     :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled; ``comm_time`` absent: one
     worker; ``info["wall_time"]`` the seconds of the call from PyTorch's import on), and the same step hook
     (``Callback.on_step_end``; its ``params`` are the torch tensors). The trained weights are
     copied back into ``model`` (also when training is interrupted). What it cannot train as
-    ours does is refused first (:func:`check_torch_trainable`).
+    ours does is refused first (:func:`check_torch_trainable`). With ``augment`` and
+    ``normalize`` each batch comes from our input pipeline (:class:`cnn.augment.InputPipeline`:
+    the same crops and flips of the same examples as :func:`cnn.train.fit`), and the model
+    keeps the normalisation (the validation data is normalised alike).
 
     ``distributed``: one process of a data-parallel job, PyTorch's
     ``DistributedDataParallel`` over the default process group (the caller's
@@ -261,8 +264,10 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     shards."""
     import torch
 
+    from ..augment import InputPipeline, checked_augmentation
     from ..callbacks import Callback
     from ..checks import check_int
+    from ..normalize import normalized, training_normalization
     from ..optim import make_optimizer
     from ..parallel.sync import shard_bounds, worker_rows
     from ..train import History
@@ -273,7 +278,14 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)
+    augmentation = checked_augmentation(augment, model.input_shape)
     check_torch_trainable(model, optimizer)
+    model.normalization = training_normalization(x, normalize, model.normalization,
+                                                 model.input_shape)
+    pipeline = InputPipeline(augmentation, model.normalization, seed)
+    if validation_data is not None:
+        validation_data = (normalized(validation_data[0], model.normalization),
+                           validation_data[1])
     opt_cfg = make_optimizer(optimizer).config()
     if device == "cpu":
         configure_threads(threads)
@@ -296,8 +308,13 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                             "threads": threads, "batch_size": batch_size, "epochs": epochs,
                             "seed": seed, "optimizer": opt_cfg, "train_examples": n,
                             "dtype": str(model.dtype), "compile_time": 0.0,
+                            "augment": None if augmentation is None else augmentation.config(),
+                            "normalization": (None if model.normalization is None
+                                              else model.normalization.config()),
                             "torch_version": torch.__version__})
     yt = np.asarray(y, dtype=np.int64)
+    # the batch buffer, refilled each step: the step before has read it back (loss.item())
+    batch = np.empty((min(batch_size, n), *x.shape[1:]), x.dtype)
     hooks = [cb for cb in callbacks if type(cb).on_step_end is not Callback.on_step_end]
 
     def evaluate(xv, yv):
@@ -324,7 +341,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                     weight = 1.0 if end > first else 0.0
                     lo, hi = worker_rows(size, workers, rank)
                     idx = idx[lo:hi]
-                xb, yb = np.ascontiguousarray(x[idx]), yt[idx]
+                xb, yb = pipeline.gather(x, idx, epoch, batch[:len(idx)]), yt[idx]
                 t2 = time.perf_counter()
                 xb_t = torch.from_numpy(xb).to(dev)
                 yb_t = torch.from_numpy(yb).to(dev)

@@ -138,7 +138,8 @@ def execute_run(run: Run, data_root=None, download: bool = True,
     from .grid import run_optimizer
     optimizer = run_optimizer(run, spec)  # the preset's or the grid's, lr, momentum, schedule
     common = dict(epochs=run.epochs, batch_size=run.batch_size, optimizer=optimizer,
-                  seed=run.seed, validation_data=(data.x_test, data.y_test), verbose=0)
+                  seed=run.seed, validation_data=(data.x_test, data.y_test), verbose=0,
+                  augment=run.augment or None)
     tta = None
     if run.target is not None and not (isinstance(run.target, float)
                                        and math.isnan(run.target)):

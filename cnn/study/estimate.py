@@ -25,6 +25,10 @@ START_OVERHEAD = 2.0
 DATASET_OVERHEAD = {"mnist": 2.0, "cifar10": 3.0}
 #: time-to-accuracy runs stop at their target: the share of the epoch cap guessed for them
 TTA_SHARE_OF_CAP = 0.5
+#: a guess of the seconds per training image of the augmentation (padding, crop, flip) where
+#: it is on the critical path: the Keras and PyTorch paths, which make each epoch's batches
+#: between steps (fit's paths do it in their prefetching thread, hidden behind the steps)
+AUGMENT_SECONDS_PER_IMAGE = 2e-5
 
 
 def _reference_ips(model: str, filters: int) -> float:
@@ -43,14 +47,18 @@ def _reference_ips(model: str, filters: int) -> float:
 def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
     """Rough wall time of each run (the first run of each JIT backend also carries the study's
     one-off cold compile). With ``calibration`` (a results DataFrame), a run whose
-    configuration (model, path, strategy, backend, threads, batch, filters) was measured takes
-    its median images/s, eval speed and overhead; other runs use the reference throughput of
-    their model times the speed-up measured for their path in the calibration data (else a
-    guess), plus a fixed overhead."""
-    cols = ["model", "path", "strategy", "backend", "threads", "batch_size", "filters"]
+    configuration (model, path, strategy, backend, threads, batch, filters, augmentation) was
+    measured takes its median images/s, eval speed and overhead; other runs use the reference
+    throughput of their model times the speed-up measured for their path in the calibration
+    data (else a guess), plus a fixed overhead, and, where the augmentation is on the critical
+    path, :data:`AUGMENT_SECONDS_PER_IMAGE`."""
+    cols = ["model", "path", "strategy", "backend", "threads", "batch_size", "filters",
+            "augment"]
     measured, speedups, overheads = {}, {}, {}
     if calibration is not None and len(calibration):
-        ok = calibration[calibration["status"] == "ok"]
+        if "augment" not in calibration:  # results from before the axis: no augmentation
+            calibration = calibration.assign(augment="")
+        ok = calibration[calibration["status"] == "ok"].fillna({"augment": ""})
         if len(ok):
             per_run = ok.groupby("run_key").agg(
                 **{c: (c, "first") for c in cols + ["dataset", "train_size", "test_size",
@@ -94,6 +102,8 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
             # evaluations (every eval_every steps, about EVALS_PER_EPOCH per epoch)
             epochs = max(1.0, TTA_SHARE_OF_CAP * r.epochs)
             extra = epochs * EVALS_PER_EPOCH * r.val_size / eval_ips
+        if r.augment and r.entry.trainer != "fit" and key not in measured:
+            extra += epochs * r.train_size * AUGMENT_SECONDS_PER_IMAGE
         out.append(cold + overhead + extra + epochs * (r.train_size / ips + r.test_size / eval_ips))
     return out
 

@@ -24,6 +24,10 @@ crossed. The axes (default in brackets):
   to the end of the run). Both are recorded as text, ``""`` for the preset's optimizer and for
   no schedule. Paths whose trainer runs only some optimizers say so in the registry
   (``TrainingPath.optimizers``: PyTorch trains plain SGD only).
+- ``augment`` [none]: data augmentation of the training images (:mod:`cnn.augment`):
+  ``cifar`` (4 pixels of zero padding, a random crop, a random horizontal flip) or
+  ``pad=N,flip=true|false``, recorded as that text (``pad=4,flip=true``), ``""`` for none;
+  image data sets only (not ``xor``). Every path trains on the same crops and flips.
 - ``period`` [None: the strategy's default, once per epoch]: for strategy ``average``, the
   steps between two averages (a positive integer) or ``"epoch"``; ignored elsewhere.
 - time-to-accuracy: ``target`` [None: off]: a validation accuracy in (0, 1); the run then
@@ -70,6 +74,10 @@ DTYPES = ("float32", "float64")
 #: full (train, test) sizes per data set; for the synthetic sets, the default sizes generated
 DATASET_SIZES = {"mnist": (60000, 10000), "cifar10": (50000, 10000),
                  "mnist_embedded": (5120, 1000), "blobs": (2000, 500), "xor": (1000, 200)}
+#: the images ``(C, H, W)`` of each data set (the synthetic ones at their default size): what
+#: an ``augment`` value is checked against
+DATASET_SHAPES = {"mnist": (1, 28, 28), "cifar10": (3, 32, 32), "mnist_embedded": (1, 28, 28),
+                  "blobs": (1, 8, 8), "xor": (1, 1, 2)}
 SYNTHETIC = ("blobs", "xor")
 DEFAULT_TIMEOUT = 1800.0
 #: guards against a grid that would expand into more runs than any study can run
@@ -79,7 +87,7 @@ MAX_THREADS = 1024
 #: grid axes that take lists (crossed), in expansion order
 LIST_AXES = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size", "filters",
              "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum", "period",
-             "target", "eval_every", "val_size", "optimizer", "lr_schedule")
+             "target", "eval_every", "val_size", "optimizer", "lr_schedule", "augment")
 #: grid settings: one value per sub-grid
 SETTINGS = ("repeats", "timeout", "cuda_simulator")
 GRID_DEFAULTS: dict[str, Any] = {
@@ -87,12 +95,13 @@ GRID_DEFAULTS: dict[str, Any] = {
     "backend": None, "threads": 1, "batch_size": None, "filters": None, "epochs": 1,
     "train_size": None, "test_size": None, "dtype": "float32", "seed": 0, "lr": None,
     "momentum": None, "period": None, "target": None, "eval_every": None, "val_size": None,
-    "optimizer": None, "lr_schedule": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
+    "optimizer": None, "lr_schedule": None, "augment": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
 }
 #: configuration fields added after the first edition: left out of a run's key while they
 #: hold these values, so the keys of runs that do not use them did not change
 KEY_DEFAULTS = {"period": ("", "epoch"), "target": (None,), "eval_every": (0, None),
-                "val_size": (0, None), "optimizer": ("",), "lr_schedule": ("",)}
+                "val_size": (0, None), "optimizer": ("",), "lr_schedule": ("",),
+                "augment": ("",)}
 #: evaluations per epoch for time-to-accuracy when ``eval_every`` is not given
 EVALS_PER_EPOCH = 10
 
@@ -140,6 +149,8 @@ def check_value(axis: str, v):
         return _check_optimizer(v)
     if axis == "lr_schedule":
         return _check_schedule(v)
+    if axis == "augment":
+        return _check_augment(v)
     if axis == "repeats":
         return check_int(owner, axis, v, high=1000)
     if axis == "timeout":
@@ -173,6 +184,16 @@ def _parse_spec(axis: str, v) -> dict:
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str):
         raise ValueError(f"grid axis {axis!r}: a spec names its type; received {axis}={v!r}")
     return {**spec, "type": spec["type"].lower()}
+
+
+def _check_augment(v) -> str:
+    """``""`` (none), or the canonical text of a valid augmentation (``pad=4,flip=true``)."""
+    from ..augment import make_augmentation
+    try:
+        augmentation = make_augmentation(v)
+    except ValueError as err:
+        raise ValueError(f"grid axis 'augment': {err}") from None
+    return "" if augmentation is None else augmentation.text()
 
 
 def _check_optimizer(v) -> str | None:
@@ -341,6 +362,12 @@ def canonical(raw: dict) -> dict:
         per_step = c["batch_size"] * workers
         steps = -(-c["train_size"] // per_step)
         c["eval_every"] = max(1, steps // EVALS_PER_EPOCH)
+    if c["augment"]:
+        from ..augment import make_augmentation
+        try:
+            make_augmentation(c["augment"]).check(DATASET_SHAPES[c["dataset"]])
+        except ValueError as err:
+            raise ValueError(f"grid axis 'augment' on data set {c['dataset']!r}: {err}") from None
     c["period"] = (str(c["period"] or "epoch") if entry.takes_option(c["strategy"], "period")
                    else "")
     kind = (c["optimizer"] or defaults["optimizer"]).split(":", 1)[0]

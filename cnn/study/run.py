@@ -55,6 +55,7 @@ class Run(Mapping):
     val_size: int
     optimizer: str
     lr_schedule: str
+    augment: str
     run_key: str
     timeout: float
     order_index: int | None = None
