@@ -12,7 +12,8 @@ from .. import paths as P
 from .summary import (BASELINE_PATH, Summary, at_largest_p, cold_compile, config_text,
                       jsonable, noise, simulator_check, sort_number, sync_check)
 from ..results import MACHINE_COLUMNS
-from .text import fmt, fmt_ci, fmt_int, fmt_pct, is_missing
+from .statistics import ALPHA
+from .text import fmt, fmt_ci, fmt_int, fmt_pct, fmt_sig, is_missing
 
 
 def _table_rows(t: pd.DataFrame) -> list[dict]:
@@ -36,6 +37,8 @@ def _table_rows(t: pd.DataFrame) -> list[dict]:
                              fmt_ci(r["speedup_self"], r["speedup_self_ci_lo"],
                                     r["speedup_self_ci_hi"])),
             "efficiency": "–" if not r["p"] > 1 else fmt(r["efficiency_best"]),
+            "p_best": ("–" if r["speedup_best_verdict"] == "" else
+                       f"{fmt_p(r['speedup_best_p_holm'])} ({r['speedup_best_verdict']})"),
             "karp_flatt": fmt(r["karp_flatt_self"], 2),
             "accuracy": fmt_pct(r["final_accuracy_median"]),
             "acc_diff": "–" if seq else _pp(r["accuracy_diff_pp"]),
@@ -54,27 +57,50 @@ def _short_config(r) -> str:
 
 def speedup_verdicts(t: pd.DataFrame, col: str = "speedup_best") -> dict:
     """Per problem and variant using more than one core (p > 1: a one-thread backend swap is
-    not parallelism): in how many configurations the interval of the speed-up against the best
-    one-core contender (``col``) lies above 1 (parallelism pays), below 1 (the overhead wins),
-    or spans 1. Oversubscribed points count, and are flagged."""
-    par = t[(t["p"] > 1) & t[f"{col}_ci_lo"].notna()] if len(t) else t
+    not parallelism) within the machine's cores: in how many configurations the paired test
+    of the speed-up against the base ``col`` (a t-test on the per-seed log ratios, Holm-
+    corrected over every such pair: :func:`cnn.analysis.summary.tested`) finds it faster
+    (pays), slower (loses) or cannot tell, each with its corrected p. Oversubscribed points
+    are neither tested nor counted (``n_oversubscribed`` says how many were left out)."""
+    empty = {"n": 0, "n_pays": 0, "n_loses": 0, "n_unclear": 0, "rows": [], "baseline": col,
+             "n_oversubscribed": 0, "alpha": fmt(ALPHA, 2), "test": TEST_TEXT}
+    if not len(t):
+        return empty
+    over = int(((t["p"] > 1) & t["oversubscribed"].astype(bool)).sum())
+    par = t[t[f"{col}_verdict"] != ""]
     if not len(par):
-        return {"n": 0, "n_pays": 0, "n_loses": 0, "n_unclear": 0, "rows": [],
-                "baseline": col}
-    pays = par[f"{col}_ci_lo"] > 1
-    loses = par[f"{col}_ci_hi"] < 1
+        return {**empty, "n_oversubscribed": over}
+    v = par[f"{col}_verdict"]
     rows = []
     for (problem, lb), g in par.groupby(["problem", "label"], sort=False):
-        gp, gl = pays[g.index], loses[g.index]
-        gu = ~(gp | gl)
+        gv = v[g.index]
+
+        def where(kind, g=g, gv=gv):
+            return ", ".join(f"{_short_config(r)} (p = {fmt_p(r[f'{col}_p_holm'])})"
+                             for _, r in g[gv == kind].iterrows()) or "–"
         rows.append({"problem": problem, "label": lb, "n": str(len(g)),
-                     "pays": str(int(gp.sum())), "loses": str(int(gl.sum())),
-                     "unclear": str(int(gu.sum())),
-                     "where_loses": ", ".join(_short_config(r) for _, r in g[gl].iterrows()) or "–",
-                     "where_unclear": ", ".join(_short_config(r) for _, r in g[gu].iterrows()) or "–"})
-    return {"n": int(len(par)), "n_pays": int(pays.sum()), "n_loses": int(loses.sum()),
-            "n_unclear": int(len(par) - pays.sum() - loses.sum()), "rows": rows,
-            "baseline": col}
+                     "pays": str(int((gv == "pays").sum())),
+                     "loses": str(int((gv == "loses").sum())),
+                     "unclear": str(int((gv == "inconclusive").sum())),
+                     "where_pays": where("pays"), "where_loses": where("loses"),
+                     "where_unclear": where("inconclusive")})
+    return {"n": int(len(par)), "n_pays": int((v == "pays").sum()),
+            "n_loses": int((v == "loses").sum()),
+            "n_unclear": int((v == "inconclusive").sum()), "rows": rows, "baseline": col,
+            "n_oversubscribed": over, "alpha": fmt(ALPHA, 2), "test": TEST_TEXT}
+
+
+#: the pays/loses rule, in the report's words
+TEST_TEXT = ("a two-sided paired t-test of the per-seed log ratios of the epoch times (seeds "
+             "pair the runs), Holm-Bonferroni-corrected over every variant-configuration pair "
+             f"tested, at a family-wise error rate of {ALPHA:.0%}")
+
+
+def fmt_p(p) -> str:
+    """A p-value: two significant digits, ``< 0.001`` below that."""
+    if is_missing(p):
+        return "–"
+    return "< 0.001" if float(p) < 0.001 else fmt_sig(p, 2)
 
 
 def speedup_trends(t: pd.DataFrame) -> list[dict]:
@@ -182,7 +208,7 @@ def communication(t: pd.DataFrame) -> list[dict]:
         rows.append({"problem": r["problem"], "label": r["label"], "config": _short_config(r),
                      "compute": fmt(r["compute_per_epoch"]), "comm": fmt(r["comm_per_epoch"]),
                      "share": fmt_pct(r["comm_per_epoch"] / steps) if steps > 0 else "–",
-                     "oversubscribed": bool(P.oversubscribed(r["path"], r["threads"], None))})
+                     "oversubscribed": bool(r["oversubscribed"])})
     return rows
 
 
