@@ -105,3 +105,31 @@ def test_every_interval_names_its_method_and_coverage():
     assert "no probability" in S.interval_text("band", 12)
     with pytest.raises(ValueError, match="Received 'bootstrap'"):
         S.interval_text("bootstrap", 5)
+
+
+def test_roofline_counts_of_a_conv_layer_by_hand():
+    """3x3 convs of 3 -> 8 channels on 32x32 images (no padding: 30x30 out), then 8 -> 4
+    (28x28 out), batch 4, float32: forward 2 x N x F x Ho x Wo x C x 3 x 3 FLOPs over the
+    input, the weights and bias and the output; the first op's backward computes the weight
+    gradient only, the second's the input gradient too (twice the FLOPs, dx written)."""
+    from cnn.backends import get_backend
+    from cnn.bench.roofline import op_counts
+    from cnn.model import Sequential
+    model = Sequential.from_spec({"layers": [{"type": "conv2d", "filters": 8, "kernel_size": 3},
+                                             {"type": "conv2d", "filters": 4, "kernel_size": 3},
+                                             {"type": "flatten"},
+                                             {"type": "dense", "units": 10}]},
+                                 input_shape=(3, 32, 32), dtype="float32", seed=0)
+    ops = model.plan(get_backend("numpy"))
+    assert [layer.name for layer in ops[0].layers] == ["conv2d"]
+    n, flops = 4, 2 * 4 * 8 * 30 * 30 * 3 * 3 * 3
+    x, w, out = n * 3 * 32 * 32, 8 * 3 * 3 * 3 + 8, n * 8 * 30 * 30
+    counts = op_counts(model, ops[0], n)
+    assert counts["forward"] == (flops, 4 * (x + w + out))
+    assert counts["forward"][0] / counts["forward"][1] == pytest.approx(
+        (2 * 8 * 900 * 27) / (4 * (3 * 1024 + 224 / 4 + 8 * 900)))
+    assert counts["backward"] == (flops, 4 * (out + x + 2 * w))
+    flops2, w2, out2 = 2 * 4 * 4 * 28 * 28 * 8 * 3 * 3, 4 * 8 * 3 * 3 + 4, n * 4 * 28 * 28
+    second = op_counts(model, ops[1], n)
+    assert second["forward"] == (flops2, 4 * (out + w2 + out2))
+    assert second["backward"] == (2 * flops2, 4 * (out2 + 2 * out + 2 * w2))

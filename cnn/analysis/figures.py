@@ -567,6 +567,40 @@ def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
     return fig
 
 
+def plot_roofline(record: dict | None):
+    """The roofline of one core (``results/roofline.json``, :mod:`cnn.bench.roofline`): the
+    measured SGEMM peak and triad bandwidth as the roof ``min(peak, bandwidth x intensity)``,
+    and one point per op of each network's training step, forward filled and backward hollow,
+    at its arithmetic intensity and achieved GFLOP/s; one panel per network."""
+    if not record or not record.get("networks"):
+        return None
+    nets = list(record["networks"])
+    peak, bw = float(record["sgemm_peak_gflops"]), float(record["bandwidth_gbs"])
+    fig, axes = _figure(5.6, 2.9 * len(nets), nrows=len(nets))
+    for net, ax in zip(nets, axes[:, 0]):
+        rows = pd.DataFrame(record["networks"][net])
+        rows = rows[(rows["flops"] > 0) & (rows["gflops"] > 0)]
+        lo = min(0.02, float(rows["intensity"].min()) / 2) if len(rows) else 0.02
+        hi = max(1000.0, float(rows["intensity"].max()) * 2) if len(rows) else 1000.0
+        x = np.geomspace(lo, hi, 200)
+        ax.plot(x, np.minimum(peak, bw * x), color="0.2", lw=1.2,
+                label=f"roof: SGEMM {peak:.0f} GFLOP/s, triad {bw:.1f} GB/s")
+        ax.axvline(peak / bw, color="0.6", lw=0.6, ls=":")
+        for direction, colour, face in (("forward", "C0", "C0"), ("backward", "C3", "none")):
+            d = rows[rows["direction"] == direction]
+            ax.scatter(d["intensity"], d["gflops"], s=18, zorder=3, edgecolors=colour,
+                       facecolors=face, label=f"{direction}: one point per op")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOP per byte of compulsory traffic)")
+        ax.set_ylabel("achieved GFLOP/s (one core)")
+        ax.set_title(f"{net}, batch {record.get('batch', '?')}, {record.get('backend', '')}",
+                     fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    return fig
+
+
 PLOTS = {"throughput": plot_throughput, "baselines": plot_baselines, "scaling": plot_scaling,
          "per_image": plot_per_image, "time_breakdown": plot_time_breakdown,
          "accuracy": plot_accuracy, "time_to_accuracy": plot_time_to_accuracy,
