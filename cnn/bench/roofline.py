@@ -16,7 +16,7 @@ What is counted (stated once, here): FLOPs are the multiply-adds times 2 of the 
 layers (:func:`cnn.bench.hardware.layer_flops`, forward; backward the weight gradient and the
 input gradient, none for the first op), plus one FLOP per output element of every other layer
 (ReLU, pooling, batch norm, the residual sum: their arithmetic is a few operations per
-element). Bytes are the compulsory traffic of the op at the model's itemsize: forward its input,
+element); a flatten is a reshape, none (ops without FLOPs are not drawn). Bytes are the compulsory traffic of the op at the model's itemsize: forward its input,
 its parameters and its output; backward the output's gradient, its input (the weight gradient
 reads it), its parameters, their gradients and the input's gradient. Workspaces that stay in
 cache and im2col's copies are not counted, so the intensity is an upper bound of what the op
@@ -56,7 +56,7 @@ def op_counts(model, op, batch: int) -> dict:
         if leaf.name in gemm:
             fwd += gemm[leaf.name]["forward"]
             bwd += gemm[leaf.name]["weight_grad"] + gemm[leaf.name]["input_grad"]
-        else:
+        elif leaf.type != "flatten":  # a reshape: no arithmetic, no traffic of its own
             fwd += int(np.prod(leaf.output_shape))
             bwd += int(np.prod(leaf.output_shape))
     size = np.dtype(model.dtype).itemsize
