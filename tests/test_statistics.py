@@ -133,3 +133,33 @@ def test_roofline_counts_of_a_conv_layer_by_hand():
     second = op_counts(model, ops[1], n)
     assert second["forward"] == (flops2, 4 * (out + w2 + out2))
     assert second["backward"] == (2 * flops2, 4 * (out2 + 2 * out + 2 * w2))
+
+
+def test_scaling_predictions_have_a_band_and_a_karp_flatt_reading():
+    """Hand-made runs: one worker 100 s per epoch (90% compute), two workers 55 s with 5 s of
+    reduction (cores = 2). The model predicts S(2) = 1/(0.45 + 0.1 + 0.05); measured 100/55.
+    Beyond p = 2 its band is the model times min/max of (measured/predicted at p = 2, 1), and
+    the Karp-Flatt reading carries e = (1/S - 1/2)/(1 - 1/2) of the measured S(2) by Amdahl's
+    law."""
+    from cnn.analysis.scaling import scaling_model
+    rows = []
+    for p, t in ((1, 100.0), (2, 55.0)):
+        rows += _rows("threads", "sync", p, [(t,)] * 3, SEQ_ACC)
+    rows += _rows("sequential", "sequential", 1, [(100.0,)] * 3, SEQ_ACC)
+    df = pd.DataFrame(rows).assign(train_size=3200, epochs=1, cores=2, num_params=1000,
+                                   comm_time=lambda d: np.where(d["threads"] == 2, 5.0, 0.0))
+    m = scaling_model(R.summarize(df)).set_index("p")
+    pred2, meas2 = 1 / (0.45 + 0.1 + 0.05), 100 / 55
+    ratio = meas2 / pred2
+    pred64 = 1 / (0.9 / 64 + 0.1 + 0.05)
+    assert m.loc[64.0, "predicted_threads"] == pytest.approx(pred64)
+    assert m.loc[64.0, "band_low"] == pytest.approx(pred64 * min(ratio, 1.0))
+    assert m.loc[64.0, "band_high"] == pytest.approx(pred64 * max(ratio, 1.0))
+    assert math.isnan(m.loc[2.0, "band_low"])  # a measured point has no band
+    e = (1 / meas2 - 0.5) / 0.5
+    assert m.loc[64.0, "karp_flatt_e"] == pytest.approx(e)
+    assert m.loc[64.0, "karp_flatt_prediction"] == pytest.approx(1 / (e + (1 - e) / 64))
+    from cnn.analysis.numbers import predictions
+    row = predictions(m.reset_index())[0]
+    assert row["model"] == fmt_prediction(pred64, pred64 * min(ratio, 1), pred64 * max(ratio, 1))
+    assert row["model"].endswith("(prediction)")
