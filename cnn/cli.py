@@ -800,7 +800,7 @@ def _add_bench(sub) -> None:
     p.add_argument("--presets", nargs="*", default=None)
     p.add_argument("--batch-sizes", nargs="*", type=positive_int, default=None)
     p.add_argument("--json", default=None, metavar="PATH",
-                   help="compare, mpi and tta suites: also write every figure to PATH (mpi: the "
+                   help="compare, mpi, tta and roofline suites: also write every figure to PATH (mpi: the "
                         "fitted alpha and beta the study's scaling model reads from "
                         "results/mpi_allreduce.json)")
     p.add_argument("--dtype", default=None, choices=["float32", "float64"],

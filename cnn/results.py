@@ -54,13 +54,16 @@ Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     conv and dense layers: :func:`cnn.bench.hardware.training_flops_per_image`).
 Machine and software (:data:`MACHINE_COLUMNS`, from :func:`cnn.machine.machine_info`, probed
 in the child):
-    cpu, cores (int), cpu_caches (the cache sizes, from sysfs), blas (the BLAS library and the
-    kernel it picked), sgemm_peak_gflops (float; float32 GEMM rate of BLAS
+    cpu, cpu_model_number (family, model, stepping), cpu_frequency, cores (int), smt (whether
+    the cores are SMT siblings), virtualization (the hypervisor, or "none detected"),
+    cpu_caches (the cache sizes, from sysfs), blas (the BLAS library and the kernel it
+    picked), mpi_library, sgemm_peak_gflops (float; float32 GEMM rate of BLAS
     on one thread, measured once by the study before its first run), python, platform,
     git_commit ("-dirty" when the work tree had
     uncommitted changes), source_hash (hash of the package's .py files as the run imported
     them), numpy_version, numba_version, numba_cuda_version, tensorflow_version,
-    keras_version, threadpoolctl_version, pandas_version (str).
+    keras_version, threadpoolctl_version, pandas_version, torch_version, mpi4py_version
+    (str; a study recorded before a column existed has it missing).
 
 Columns a newer study adds are kept after these (:func:`typed` never drops a column).
 
@@ -114,10 +117,12 @@ RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_p
               "load_time", "run_time", "started_at", "device", "order_index", "order_seed",
               "reduce_time", "tta_status", "time_to_target", "steps_to_target",
               "examples_to_target", "eval_trace", "hosts", "flops_per_image")
-MACHINE_COLUMNS = ("cpu", "cores", "cpu_caches", "blas", "sgemm_peak_gflops",
+MACHINE_COLUMNS = ("cpu", "cpu_model_number", "cpu_frequency", "cores", "smt",
+                   "virtualization", "cpu_caches", "blas", "mpi_library", "sgemm_peak_gflops",
                    "python", "platform", "git_commit", "source_hash",
                    "numpy_version", "numba_version", "numba_cuda_version", "tensorflow_version",
-                   "keras_version", "threadpoolctl_version", "pandas_version")
+                   "keras_version", "threadpoolctl_version", "pandas_version", "torch_version",
+                   "mpi4py_version")
 COLUMNS = (("run_key", "status", "error") + CONFIG_FIELDS + EPOCH_FIELDS + RUN_FIELDS
            + MACHINE_COLUMNS)
 INT_COLUMNS = ("threads", "batch_size", "filters", "epochs", "train_size", "test_size",

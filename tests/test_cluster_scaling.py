@@ -112,7 +112,7 @@ def test_the_figure_draws_a_band_per_profile():
     ax = fig.axes[0]
     assert len(ax.collections) >= 2 + 2 * 2  # two bands, measured points per profile
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
-    assert "model, 1gbe" in labels and "model, 10gbe" in labels
+    assert "model, 1gbe (prediction)" in labels and "model, 10gbe (prediction)" in labels
     assert plot_cluster_scaling(band, measured, 2, "mnist_small/32") is None
 
 

@@ -298,11 +298,9 @@ def plot_time_breakdown(summary: Summary, problem: str):
     _style_grouped(right, rows, "seconds, log scale")
     right.set_xscale("log")
     right.tick_params(axis="y", labelleft=False)
-    hl, ll = left.get_legend_handles_labels()
-    hr, lr = right.get_legend_handles_labels()
-    keep = {lab: h for h, lab in zip(hl + hr, ll + lr)}
-    fig.legend(list(keep.values()), list(keep), loc="outside lower center",
-               ncol=len(keep), fontsize=7, frameon=False)
+    from matplotlib.patches import Patch  # every part in the legend, drawn or not
+    fig.legend(handles=[Patch(color=colors[k], label=k) for k in (*PARTS, "compile", "eval")],
+               loc="outside lower center", ncol=len(PARTS) + 2, fontsize=7, frameon=False)
     return fig
 
 
@@ -401,13 +399,13 @@ def plot_average_period(summary: Summary, problem: str):
         d = d.sort_values("_k")
         x = np.arange(len(d))
         name = f"{config_text(d.iloc[0])}, ×{int(lab)}"
-        left.errorbar(x, 100 * d["final_accuracy_median"], marker="o", ms=3, lw=1,
-                      label=name)
+        left.errorbar(x, 100 * d["final_accuracy_median"], marker="o", ms=3, ls="none",
+                      label=name)  # the periods are categories: no line between them
         right.errorbar(x, d["images_per_sec_median"],
                        yerr=_err(d["images_per_sec_median"].to_numpy(float),
                                  d["images_per_sec_ci_lo"].to_numpy(float),
                                  d["images_per_sec_ci_hi"].to_numpy(float)),
-                       marker="o", ms=3, lw=1, capsize=2)
+                       marker="o", ms=3, ls="none", capsize=2)
         for ax in (left, right):
             ax.set_xticks(x, list(d["period"]))
     seq = _per_problem(summary.table, problem)
@@ -444,11 +442,14 @@ def plot_heatmap(summary: Summary, problem: str):
     for lb, ax in zip(ok, axes[:, 0]):
         d = t[t["label"] == lb].pivot_table(index="filters", columns="batch_size",
                                             values="speedup_best", aggfunc="median")
-        im = ax.imshow(d.to_numpy(float), cmap="RdBu", norm=norm, origin="lower",
-                       aspect="auto")
+        import matplotlib
+        cmap = matplotlib.colormaps["RdBu"].copy()
+        cmap.set_bad("0.75")  # unmeasured cells: grey, not the white of S = 1
+        im = ax.imshow(np.ma.masked_invalid(d.to_numpy(float)), cmap=cmap, norm=norm,
+                       origin="lower", aspect="auto")
         for (i, j), val in np.ndenumerate(d.to_numpy(float)):
-            if np.isfinite(val):
-                ax.text(j, i, f"{val:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(j, i, f"{val:.2f}" if np.isfinite(val) else "not measured",
+                    ha="center", va="center", fontsize=8 if np.isfinite(val) else 7)
         ax.set_xticks(range(d.shape[1]), [fmt_int(x) for x in d.columns])
         ax.set_yticks(range(d.shape[0]), [fmt_int(x) for x in d.index])
         ax.set_xlabel("batch size")
@@ -460,9 +461,11 @@ def plot_heatmap(summary: Summary, problem: str):
 
 # ---- the scaling model -------------------------------------------------------------------------------------------
 def plot_scaling_model(summary: Summary, problem: str):
-    """Predicted speed-up to p = 64 from measured costs (compute per example, reduction,
-    allreduce where fitted), beside the measured points; the shaded region is beyond this
-    machine's cores (prediction only)."""
+    """The scaling model (:func:`cnn.analysis.scaling.scaling_model`) beside the measured
+    points (hollow: more workers than cores, not checked): solid up to the largest point
+    checked, and beyond it a prediction, drawn as its band with the model dashed inside, the
+    Karp-Flatt reading of the same measurements dotted; shaded: beyond this machine's
+    cores."""
     model = summary.extra.get("scaling")
     if model is None or model.empty:
         return None
@@ -475,14 +478,32 @@ def plot_scaling_model(summary: Summary, problem: str):
         d = m[(m["config_id"] == cid) & (m["variant"] == v)].sort_values("p")
         ps = d["p"].to_numpy(float)
         ax.plot(ps, ps, ls=":", color="0.5", lw=1, label="ideal S = p")
-        for col, name, style in (("predicted_threads", "model: threads (measured reduce)",
-                                  "-"), ("predicted_mpi", "model: MPI ranks (allreduce "
-                                         "alpha/beta)", "--")):
-            if col in d and d[col].notna().any():
-                ax.plot(ps, d[col], ls=style, lw=1.2, label=name)
+        checked = d["rel_error"].notna()
+        p_max = float(d.loc[checked, "p"].max()) if checked.any() else 1.0
+        inside, beyond = d[d["p"] <= p_max], d[d["p"] >= p_max]
+        ax.plot(inside["p"], inside["predicted_threads"], color="C0", lw=1.2,
+                label="model (checked at the measured points)")
+        band = beyond[beyond["band_low"].notna()]
+        ax.fill_between(np.r_[p_max, band["p"]], np.r_[d.loc[d["p"] == p_max,
+                                                              "predicted_threads"].iat[0],
+                                                       band["band_low"]],
+                        np.r_[d.loc[d["p"] == p_max, "predicted_threads"].iat[0],
+                              band["band_high"]], color="C0", alpha=0.2, lw=0)
+        ax.plot(beyond["p"], beyond["predicted_threads"], color="C0", lw=1.2, ls="--",
+                label="model: prediction, band from its check")
+        kf = beyond[beyond["karp_flatt_prediction"].notna()]
+        if len(kf):
+            ax.plot(np.r_[p_max, kf["p"]], np.r_[d.loc[d["p"] == p_max, "measured"].iat[0],
+                                                 kf["karp_flatt_prediction"]],
+                    color="C1", lw=1.2, ls="-.",
+                    label=f"Karp-Flatt e = {d['karp_flatt_e'].iat[0]:.2f}: prediction")
         meas = d[d["measured"].notna()]
-        ax.scatter(meas["p"], meas["measured"], color="black", s=20, zorder=3,
-                   label="measured")
+        over = meas["oversubscribed"].astype(bool)
+        ax.scatter(meas.loc[~over, "p"], meas.loc[~over, "measured"], color="black", s=20,
+                   zorder=3, label="measured")
+        if over.any():
+            ax.scatter(meas.loc[over, "p"], meas.loc[over, "measured"], facecolor="white",
+                       edgecolor="black", s=20, zorder=3, label="measured, oversubscribed")
         _speedup_axes(ax, ps, d["cores"].iat[0], "workers p", "speed-up vs one worker",
                       f"{v}, {d['title'].iat[0]}", 0.5)
     return fig
@@ -556,7 +577,7 @@ def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
     for profile, b in band.groupby("profile", sort=False):
         c = colours[profile]
         ax.fill_between(b["p"], b["low"], b["high"], color=c, alpha=0.18, lw=0)
-        ax.plot(b["p"], b["speedup"], color=c, lw=1.2, label=f"model, {profile}")
+        ax.plot(b["p"], b["speedup"], color=c, lw=1.2, label=f"model, {profile} (prediction)")
         m = measured[measured["profile"] == profile]
         for over, face in ((False, c), (True, "none")):
             pts = m[m["oversubscribed"] == over]
@@ -564,6 +585,40 @@ def plot_cluster_scaling(band: pd.DataFrame, measured: pd.DataFrame, cores: int,
                        facecolors=face)
     _speedup_axes(ax, ps, cores, "MPI ranks p (one per host)", "speed-up vs one core",
                   f"{config}: model to p = {int(ps.max())} per link profile; dots measured", 0.25)
+    return fig
+
+
+def plot_roofline(record: dict | None):
+    """The roofline of one core (``results/roofline.json``, :mod:`cnn.bench.roofline`): the
+    measured SGEMM peak and triad bandwidth as the roof ``min(peak, bandwidth x intensity)``,
+    and one point per op of each network's training step, forward filled and backward hollow,
+    at its arithmetic intensity and achieved GFLOP/s; one panel per network."""
+    if not record or not record.get("networks"):
+        return None
+    nets = list(record["networks"])
+    peak, bw = float(record["sgemm_peak_gflops"]), float(record["bandwidth_gbs"])
+    fig, axes = _figure(5.6, 2.9 * len(nets), nrows=len(nets))
+    for net, ax in zip(nets, axes[:, 0]):
+        rows = pd.DataFrame(record["networks"][net])
+        rows = rows[(rows["flops"] > 0) & (rows["gflops"] > 0)]
+        lo = min(0.02, float(rows["intensity"].min()) / 2) if len(rows) else 0.02
+        hi = max(1000.0, float(rows["intensity"].max()) * 2) if len(rows) else 1000.0
+        x = np.geomspace(lo, hi, 200)
+        ax.plot(x, np.minimum(peak, bw * x), color="0.2", lw=1.2,
+                label=f"roof: SGEMM {peak:.0f} GFLOP/s, triad {bw:.1f} GB/s")
+        ax.axvline(peak / bw, color="0.6", lw=0.6, ls=":")
+        for direction, colour, face in (("forward", "C0", "C0"), ("backward", "C3", "none")):
+            d = rows[rows["direction"] == direction]
+            ax.scatter(d["intensity"], d["gflops"], s=18, zorder=3, edgecolors=colour,
+                       facecolors=face, label=f"{direction}: one point per op")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("arithmetic intensity (FLOP per byte of compulsory traffic)")
+        ax.set_ylabel("achieved GFLOP/s (one core)")
+        ax.set_title(f"{net}, batch {record.get('batch', '?')}, {record.get('backend', '')}",
+                     fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
     return fig
 
 
@@ -589,9 +644,12 @@ def _caption(kind: str, summary: Summary, problem: str) -> str:
                      f"run; medians of per-seed ratios, {ci}. Strong scaling: the global "
                      f"batch is fixed.",
         "scaling": f"{problem}: strong scaling (fixed global batch): speed-up against the "
-                   f"variant's own one-worker run, against workers p; dotted: S = p; dashed: "
-                   f"Amdahl fit, drawn only where at least three worker counts were measured, "
-                   f"and only over them; hollow: oversubscribed, not fitted.",
+                   f"variant's own one-worker run, against workers p; dotted: S = p; "
+                   + ("dashed: Amdahl fit over the measured worker counts within the cores "
+                      "(at least three), never beyond them; "
+                      if len(summary.amdahl) and (summary.amdahl["problem"] == problem).any()
+                      else "no Amdahl fit (fewer than three worker counts within the cores); ")
+                   + "hollow: more workers than cores, not fitted.",
         "per_image": f"{problem}: core-milliseconds per training image against the examples "
                      f"one worker computes per step. A sync point with p workers is p times "
                      f"its time per image at shard size batch/p; accumulation runs the same "
@@ -613,10 +671,14 @@ def _caption(kind: str, summary: Summary, problem: str) -> str:
                           f"examples per global step = workers x batch).",
         "heatmap": f"{problem}: speed-up against the best one-core contender over batch size "
                    f"and filter count (each variant at its largest p within the cores).",
-        "scaling_model": f"{problem}: predicted speed-up to p = 64 from measured costs (compute "
-                         f"per example from the one-worker run, the measured reduction, and an "
-                         f"allreduce latency/bandwidth model where fitted), beside the measured "
-                         f"points; shaded: beyond this machine's cores.",
+        "scaling_model": f"{problem}: the scaling model's self-relative speed-up (compute of "
+                         f"the one-worker run split over p, the rest not, the measured "
+                         f"reduction) checked at the measured points (black; hollow: more "
+                         f"workers than cores, not checked) and, beyond the largest point "
+                         f"checked, a prediction: its band scales the model by the smallest "
+                         f"and largest measured/predicted ratio of its check (1 included); "
+                         f"dash-dotted, the Karp-Flatt reading of the same largest point "
+                         f"carried by Amdahl's law. Shaded: beyond this machine's cores.",
     }
     return text[kind]
 
@@ -625,25 +687,35 @@ def figure_name(kind: str, problem: str) -> str:
     return f"{kind}_{problem.replace('/', '_')}.png"
 
 
+def save_figure(fig, out_dir, kind: str, problem: str, caption: str, dpi: int = 150,
+                name: str | None = None) -> dict:
+    """Save ``fig`` as ``out_dir/<kind>_<problem or name or 'all'>.png`` and return its
+    entry for the report: ``{problem, kind, file, path, caption, width}``."""
+    file = figure_name(kind, problem or name or "all")
+    fig.savefig(Path(out_dir) / file, dpi=dpi)
+    return {"problem": problem, "kind": kind, "file": file, "path": str(Path(out_dir) / file),
+            "caption": caption,
+            # share of the report's text width (17 cm), so fonts keep one size; a tall
+            # figure is narrowed until it and its caption fit on a page
+            "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN,
+                               MAX_HEIGHT_IN * fig.get_figwidth()
+                               / fig.get_figheight() / TEXT_WIDTH_IN), 3)}
+
+
 def make_figures(summary: Summary, figures_dir, dpi: int = 150,
-                 kinds: Iterable[str] = FIGURE_KINDS, equivalence=None) -> list[dict]:
+                 kinds: Iterable[str] = FIGURE_KINDS, equivalence=None,
+                 roofline=None) -> list[dict]:
     """Draw and save every figure (PNG) under ``figures_dir``; figures with nothing to show
-    are skipped. Returns ``[{problem, kind, file, path, caption, width}]`` in report order
-    (the equivalence figure, when its table is given, has ``problem`` "")."""
+    are skipped. Returns ``[{problem, kind, file, path, caption, width}]`` in report order.
+    The figures of no one problem have ``problem`` "": the equivalence figure (when its
+    table is given) and the roofline (``roofline``: :mod:`cnn.bench.roofline`'s record);
+    :func:`cnn.analysis.pdf.build_report` adds the timeline's and the cluster's."""
     out = Path(figures_dir)
     out.mkdir(parents=True, exist_ok=True)
     made = []
 
     def save(fig, kind, problem, caption):
-        name = figure_name(kind, problem or "all")
-        fig.savefig(out / name, dpi=dpi)
-        made.append({"problem": problem, "kind": kind, "file": name, "path": str(out / name),
-                     "caption": caption,
-                     # share of the report's text width (17 cm), so fonts keep one size;
-                     # a tall figure is narrowed until it and its caption fit on a page
-                     "width": round(min(1.0, fig.get_figwidth() / TEXT_WIDTH_IN,
-                                        MAX_HEIGHT_IN * fig.get_figwidth()
-                                        / fig.get_figheight() / TEXT_WIDTH_IN), 3)})
+        made.append(save_figure(fig, out, kind, problem, caption, dpi))
 
     fig = plot_equivalence(equivalence)
     if fig is not None:
@@ -653,6 +725,14 @@ def make_figures(summary: Summary, figures_dir, dpi: int = 150,
              "each step, same initial weights and batches" + (f" ({setup})" if setup else "")
              + "; dotted: the dtype's machine epsilon."
              + (f" Not run here: {', '.join(skipped)}." if skipped else ""))
+    fig = plot_roofline(roofline)
+    if fig is not None:
+        save(fig, "roofline", "", "The roofline of one core: the measured single-core "
+             "float32 SGEMM rate and the bandwidth of a NumPy triad (the roof), and each op "
+             "of a training step forward (filled) and backward (hollow) at its arithmetic "
+             "intensity (FLOPs over the op's compulsory bytes) and its achieved rate (median "
+             f"of {roofline.get('repeats', '?')} calls, BLAS on one thread). Dotted: the "
+             "ridge, where the two limits meet.")
     for problem in summary.problems:
         for kind in kinds:
             fig = PLOTS[kind](summary, problem)

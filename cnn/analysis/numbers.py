@@ -12,7 +12,8 @@ from .. import paths as P
 from .summary import (BASELINE_PATH, Summary, at_largest_p, cold_compile, config_text,
                       jsonable, noise, simulator_check, sort_number, sync_check)
 from ..results import MACHINE_COLUMNS
-from .text import fmt, fmt_ci, fmt_int, fmt_pct, is_missing
+from .statistics import ALPHA, INTERVAL_METHODS, interval_text
+from .text import fmt, fmt_ci, fmt_int, fmt_pct, fmt_prediction, fmt_sig, is_missing
 
 
 def _table_rows(t: pd.DataFrame) -> list[dict]:
@@ -36,6 +37,8 @@ def _table_rows(t: pd.DataFrame) -> list[dict]:
                              fmt_ci(r["speedup_self"], r["speedup_self_ci_lo"],
                                     r["speedup_self_ci_hi"])),
             "efficiency": "–" if not r["p"] > 1 else fmt(r["efficiency_best"]),
+            "p_best": ("–" if r["speedup_best_verdict"] == "" else
+                       f"{fmt_p(r['speedup_best_p_holm'])} ({r['speedup_best_verdict']})"),
             "karp_flatt": fmt(r["karp_flatt_self"], 2),
             "accuracy": fmt_pct(r["final_accuracy_median"]),
             "acc_diff": "–" if seq else _pp(r["accuracy_diff_pp"]),
@@ -54,27 +57,56 @@ def _short_config(r) -> str:
 
 def speedup_verdicts(t: pd.DataFrame, col: str = "speedup_best") -> dict:
     """Per problem and variant using more than one core (p > 1: a one-thread backend swap is
-    not parallelism): in how many configurations the interval of the speed-up against the best
-    one-core contender (``col``) lies above 1 (parallelism pays), below 1 (the overhead wins),
-    or spans 1. Oversubscribed points count, and are flagged."""
-    par = t[(t["p"] > 1) & t[f"{col}_ci_lo"].notna()] if len(t) else t
+    not parallelism) within the machine's cores: in how many configurations the paired test
+    of the speed-up against the base ``col`` (a t-test on the per-seed log ratios, Holm-
+    corrected over every such pair: :func:`cnn.analysis.summary.tested`) finds it faster
+    (pays), slower (loses) or cannot tell, each with its corrected p. Oversubscribed points
+    are neither tested nor counted (``n_oversubscribed`` says how many were left out)."""
+    empty = {"n": 0, "n_pays": 0, "n_loses": 0, "n_unclear": 0, "rows": [], "baseline": col,
+             "n_oversubscribed": 0, "alpha": fmt(ALPHA, 2), "test": TEST_TEXT}
+    if not len(t):
+        return empty
+    over = int(((t["p"] > 1) & t["oversubscribed"].astype(bool)).sum())
+    par = t[t[f"{col}_verdict"] != ""]
     if not len(par):
-        return {"n": 0, "n_pays": 0, "n_loses": 0, "n_unclear": 0, "rows": [],
-                "baseline": col}
-    pays = par[f"{col}_ci_lo"] > 1
-    loses = par[f"{col}_ci_hi"] < 1
+        return {**empty, "n_oversubscribed": over}
+    v = par[f"{col}_verdict"]
     rows = []
     for (problem, lb), g in par.groupby(["problem", "label"], sort=False):
-        gp, gl = pays[g.index], loses[g.index]
-        gu = ~(gp | gl)
+        gv = v[g.index]
+
+        def where(kind, g=g, gv=gv):
+            return ", ".join(f"{_short_config(r)} ({p_text(r[f'{col}_p_holm'])})"
+                             for _, r in g[gv == kind].iterrows()) or "–"
         rows.append({"problem": problem, "label": lb, "n": str(len(g)),
-                     "pays": str(int(gp.sum())), "loses": str(int(gl.sum())),
-                     "unclear": str(int(gu.sum())),
-                     "where_loses": ", ".join(_short_config(r) for _, r in g[gl].iterrows()) or "–",
-                     "where_unclear": ", ".join(_short_config(r) for _, r in g[gu].iterrows()) or "–"})
-    return {"n": int(len(par)), "n_pays": int(pays.sum()), "n_loses": int(loses.sum()),
-            "n_unclear": int(len(par) - pays.sum() - loses.sum()), "rows": rows,
-            "baseline": col}
+                     "pays": str(int((gv == "pays").sum())),
+                     "loses": str(int((gv == "loses").sum())),
+                     "unclear": str(int((gv == "inconclusive").sum())),
+                     "where_pays": where("pays"), "where_loses": where("loses"),
+                     "where_unclear": where("inconclusive")})
+    return {"n": int(len(par)), "n_pays": int((v == "pays").sum()),
+            "n_loses": int((v == "loses").sum()),
+            "n_unclear": int((v == "inconclusive").sum()), "rows": rows, "baseline": col,
+            "n_oversubscribed": over, "alpha": fmt(ALPHA, 2), "test": TEST_TEXT}
+
+
+#: the pays/loses rule, in the report's words
+TEST_TEXT = ("a two-sided paired t-test of the per-seed log ratios of the epoch times (seeds "
+             "pair the runs), Holm-Bonferroni-corrected over every variant-configuration pair "
+             f"tested, at a family-wise error rate of {ALPHA:.0%}")
+
+
+def p_text(p) -> str:
+    """``p = 0.0053`` or ``p < 0.001``."""
+    text = fmt_p(p)
+    return f"p {text}" if text.startswith("<") else f"p = {text}"
+
+
+def fmt_p(p) -> str:
+    """A p-value: two significant digits, ``< 0.001`` below that."""
+    if is_missing(p):
+        return "–"
+    return "< 0.001" if float(p) < 0.001 else fmt_sig(p, 2)
 
 
 def speedup_trends(t: pd.DataFrame) -> list[dict]:
@@ -112,7 +144,8 @@ def _machines(summary: Summary) -> list[dict]:
     m = r[cols].copy()
     if "sgemm_peak_gflops" in m:  # measured per study; its digits beyond 0.1 GFLOP/s are noise
         m["sgemm_peak_gflops"] = pd.to_numeric(m["sgemm_peak_gflops"], errors="coerce").round(1)
-    return m.astype(str).drop_duplicates().to_dict("records")
+    m = m.astype(object).where(m.notna(), "not recorded").astype(str)
+    return m.drop_duplicates().to_dict("records")
 
 
 def _model_text(name: str) -> str:
@@ -182,7 +215,8 @@ def communication(t: pd.DataFrame) -> list[dict]:
         rows.append({"problem": r["problem"], "label": r["label"], "config": _short_config(r),
                      "compute": fmt(r["compute_per_epoch"]), "comm": fmt(r["comm_per_epoch"]),
                      "share": fmt_pct(r["comm_per_epoch"] / steps) if steps > 0 else "–",
-                     "oversubscribed": bool(P.oversubscribed(r["path"], r["threads"], None))})
+                     # the summary's column, from the recorded machine's cores
+                     "oversubscribed": bool(r.get("oversubscribed", False))})
     return rows
 
 
@@ -195,6 +229,7 @@ def _best_parallel(tp: pd.DataFrame, col: str):
             "speedup": fmt_ci(r[col], r[f"{col}_ci_lo"], r[f"{col}_ci_hi"]),
             "speedup_seq": fmt_ci(r["speedup"], r["speedup_ci_lo"], r["speedup_ci_hi"]),
             "best_label": r["best_label"],
+            "self_relative": bool(r["best_variant"] == r["variant"]),
             "efficiency": fmt(r[col] / r["p"]), "superlinear": bool(r[col] > r["p"]),
             "superlinear_seq": bool(r["speedup"] > r["p"])}
 
@@ -212,6 +247,8 @@ def _superlinear(tp: pd.DataFrame) -> list[dict]:
         base = tp[(tp["config_id"] == r["config_id"]) & (tp["path"] == BASELINE_PATH)]
         out.append({"label": r["label"], "config": config_text(r), "p": fmt_int(r["p"]),
                     "against": ", ".join(over), "speedup": fmt(r["speedup"]),
+                    "speedup_self": fmt(r["speedup_self"]),
+                    "backend": str(r["backend"]),
                     "ms_per_image": fmt(r["time_per_image_ms"] * r["p"]),
                     "seq_ms_per_image": fmt(base["time_per_image_ms"].iat[0]) if len(base)
                     else "–"})
@@ -286,15 +323,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                        "ips": fmt(r["images_per_sec_median"]), "gflops": fmt(r["gflops"]),
                        "peak": fmt_pct(r["peak_fraction"], 1)}
                       for _, r in tp[(tp["p"] == 1) & tp["gflops"].notna()].iterrows()],
-            "scaling": [] if sc is None or not len(sc) else [
-                {"variant": v, "config": g["title"].iat[0],
-                 "p64": fmt(g.loc[g["p"] == 64, "predicted_threads"].iat[0])
-                 if (g["p"] == 64).any() else "–",
-                 "p64_mpi": fmt(g.loc[g["p"] == 64, "predicted_mpi"].iat[0])
-                 if (g["p"] == 64).any() else "–",
-                 "max_error": fmt_pct(g["rel_error"].abs().max(), 0)
-                 if g["rel_error"].notna().any() else "–"}
-                for (cid, v), g in sc.groupby(["config_id", "variant"], sort=False)],
+            "scaling": predictions(sc),
             "figures": [f for f in figures if f["problem"] == problem],
         })
     ok_machines = _machines(summary)
@@ -326,7 +355,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
         "commits": sorted({str(c) for c in res["git_commit"].dropna()}),
         "versions": {c: sorted({str(v) for v in res[c].dropna()}) for c in
                      ("python", "numpy_version", "numba_version", "tensorflow_version",
-                      "keras_version")},
+                      "keras_version", "torch_version", "mpi4py_version") if c in res},
         "failed": [{"run_key": r["run_key"], "path": r["path"], "status": r["status"],
                     "error": str(r.get("error", ""))[:160]} for _, r in summary.failed.iterrows()],
         "paths": {"expected": list(PATHS), "present": present,
@@ -352,7 +381,21 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                 "cuda_error": (str(cuda_failed["error"].iat[0])[:160] if len(cuda_failed) else ""),
                 "kernels": read_gpu_kernels(gpu_kernels)},
         "datasets": sorted(set(runs["dataset"])) if len(runs) else [],
-        "global_figures": [f for f in figures if not f["problem"]],
+        "global_figures": {kind: [f for f in figures if not f["problem"] and f["kind"] == kind]
+                           for kind in ("equivalence", "timeline", "cluster_scaling",
+                                        "roofline")},
+        "scaling_checks": scaling_checks(scaling),
+        "predictions": predictions(scaling),
+        "intranode_fit": intranode_fit(summary.extra.get("allreduce")),
+        "cluster": cluster_numbers(summary.extra.get("cluster")),
+        "roofline": roofline_numbers(summary.extra.get("roofline")),
+        "slower": slower_than_one_core(t),
+        "self_relative": self_relative(t),
+        "title": measured_title(present, summary.extra.get("cluster") is not None,
+                                bool(cuda_ok)),
+        "intervals": {kind: interval_text(kind, n_rep_min, cov.min() if len(cov) and kind in
+                                          ("median", "ratio", "fit") else None)
+                      for kind in INTERVAL_METHODS},
     }
     s = numbers["sync"]
     if s.get("pairs"):
@@ -371,3 +414,155 @@ def _json_clean(x):
     if isinstance(x, (list, tuple)):
         return [_json_clean(v) for v in x]
     return jsonable(x)
+
+
+# ---- the third edition's additions: scaling checked, predictions as such, the setup --------------
+def _signed_pct(x) -> str:
+    return "–" if is_missing(x) else f"{100 * float(x):+.0f}%"
+
+
+def scaling_checks(model: pd.DataFrame | None) -> list[dict]:
+    """The scaling model against every point measured on one host (threads, processes, MPI
+    ranks; p > 1): measured and predicted self-relative speed-up and the model's error with its
+    sign (``+``: the model predicts faster than measured). Points with more workers than
+    cores are listed, marked, and not checked (the model splits the compute over p cores)."""
+    if model is None or not len(model):
+        return []
+    m = model[model["measured"].notna() & (model["p"] > 1)]
+    return [{"problem": r["problem"], "variant": r["variant"], "config": r["title"],
+             "p": fmt_int(r["p"]), "oversubscribed": bool(r["oversubscribed"]),
+             "measured": fmt(r["measured"]), "model": fmt(r["predicted_threads"]),
+             "error": _signed_pct(r["rel_error"])} for _, r in m.iterrows()]
+
+
+def predictions(model: pd.DataFrame | None, p: float = 64.0) -> list[dict]:
+    """Per variant, the speed-up the model predicts at ``p`` with its band, beside the
+    Karp-Flatt reading of the largest point measured within the cores (its ``e`` carried by
+    Amdahl's law): both two significant digits and labelled as predictions."""
+    if model is None or not len(model):
+        return []
+    rows = []
+    for _, r in model[model["p"] == p].iterrows():
+        rows.append({"problem": r["problem"], "variant": r["variant"], "config": r["title"],
+                     "p": fmt_int(p),
+                     "model": fmt_prediction(r["predicted_threads"], r["band_low"],
+                                             r["band_high"]),
+                     "model_mpi": "–" if is_missing(r["predicted_mpi"]) else
+                     fmt_prediction(r["predicted_mpi"]),
+                     "karp_flatt": fmt_prediction(r["karp_flatt_prediction"]),
+                     "e": fmt(r["karp_flatt_e"], 2)})
+    return rows
+
+
+def intranode_fit(allreduce: dict | None) -> dict:
+    """The error of the one-host allreduce fit ``t = alpha + beta n`` (``mpi_allreduce.json``)
+    at its own measured points: worst and median ``|fit - measured| / measured``."""
+    if not allreduce or not allreduce.get("allreduce"):
+        return {}
+    pts = allreduce["allreduce"]
+    err = np.array([abs(allreduce["alpha"] + allreduce["beta"] * r["bytes"] - r["seconds"])
+                    / r["seconds"] for r in pts])
+    return {"points": len(pts), "worst": fmt_pct(err.max(), 0), "median": fmt_pct(np.median(err), 0),
+            "ranks": int(allreduce.get("ranks", 2))}
+
+
+def cluster_numbers(record: dict | None) -> dict:
+    """The emulated cluster (``mpi_cluster.json``) in the report's words: per link profile
+    the allreduce fit and its error (worst and median over the points it was fitted to, and
+    over every measured point); the model against every measured training step (error with
+    its sign); and the predicted speed-up at p = 64 with its band."""
+    if record is None:
+        return {"measured": False}
+    from .scaling import (P_GRID, allreduce_table, cluster_fit, cluster_scaling, machine_cores,
+                          prediction_band)
+    cores = machine_cores(record)
+    table = allreduce_table(record)
+    fits = []
+    for profile, g in table.groupby("profile", sort=False):
+        fit = cluster_fit(record, profile)
+        rate = record["profiles"][profile].get("link", {}).get("rate_bit_per_s")
+        err = g["rel_error"].abs()
+        fits.append({"profile": profile,
+                     "link": "unshaped" if not rate else f"{rate / 1e9:g} Gbit/s",
+                     "alpha_us": fmt(fit.alpha * 1e6), "beta": f"{fit.beta:.2e}",
+                     "fitted_at": f"p ≤ {cores}", "points": str(fit.points),
+                     "worst": fmt_pct(fit.worst_error, 0), "median": fmt_pct(fit.median_error, 0),
+                     "worst_all": fmt_pct(err.max(), 0), "median_all": fmt_pct(err.median(), 0)})
+    steps = cluster_scaling(record)
+    checks = [{"profile": r["profile"], "config": r["config"], "p": str(int(r["p"])),
+               "oversubscribed": bool(r["oversubscribed"]),
+               "measured_ms": fmt(1e3 * r["measured_step"]),
+               "model_ms": fmt(1e3 * r["predicted_step"]), "error": _signed_pct(r["rel_error"]),
+               "measured": fmt(r["measured_speedup"]), "model": fmt(r["predicted_speedup"])}
+              for _, r in steps.iterrows()]
+    preds = []
+    for config in record.get("one_core", {}):
+        band = prediction_band(record, config)
+        for _, r in band[band["p"] == max(P_GRID)].iterrows():
+            preds.append({"profile": r["profile"], "config": config, "p": str(max(P_GRID)),
+                          "speedup": fmt_prediction(r["speedup"], r["low"], r["high"])})
+    errors = steps["rel_error"].abs() if len(steps) else pd.Series(dtype=float)
+    return {"measured": True, "cores": cores, "ranks": ", ".join(map(str, record.get("ranks", []))),
+            "profiles": list(record["profiles"]), "fits": fits, "checks": checks,
+            "predictions": preds,
+            "step_error_worst": fmt_pct(errors.max(), 0) if len(errors) else "–",
+            "step_error_median": fmt_pct(errors.median(), 0) if len(errors) else "–"}
+
+
+def roofline_numbers(record: dict | None) -> dict:
+    """The roofline's machine (SGEMM peak, triad bandwidth, the ridge between them) and per
+    network the ops' best and median share of the peak."""
+    if not record or not record.get("networks"):
+        return {"measured": False}
+    peak, bw = float(record["sgemm_peak_gflops"]), float(record["bandwidth_gbs"])
+    nets = []
+    for net, rows in record["networks"].items():
+        r = pd.DataFrame(rows)
+        r = r[r["flops"] > 0]
+        share = r["gflops"] / np.minimum(peak, bw * r["intensity"])
+        gemm = r["intensity"] >= peak / bw
+        nets.append({"network": net, "ops": str(r["op"].nunique()),
+                     "points": str(len(r)),
+                     "median_share": fmt_pct(share.median(), 0),
+                     "compute_bound": str(int(gemm.sum())),
+                     "compute_share": fmt_pct(share[gemm].median(), 0) if gemm.any() else "–",
+                     "above_roof": str(int((share > 1).sum()))})
+    return {"measured": True, "peak": fmt(peak), "bandwidth": fmt(bw), "ridge": fmt(peak / bw, 2),
+            "batch": str(record.get("batch", "?")), "backend": str(record.get("backend", "")),
+            "networks": nets}
+
+
+def slower_than_one_core(t: pd.DataFrame) -> list[dict]:
+    """Every variant using more than one core (within the cores) whose median speed-up
+    against the best one-core contender is below 1, with the paired test's verdict: the
+    report says so wherever a two-core path loses to one core."""
+    if not len(t):
+        return []
+    s = t[(t["p"] > 1) & ~t["oversubscribed"].astype(bool) & (t["speedup_best"] < 1)]
+    return [{"problem": r["problem"], "label": r["label"], "config": _short_config(r),
+             "speedup": fmt(r["speedup_best"]), "best_label": r["best_label"],
+             "verdict": r["speedup_best_verdict"] or "not tested",
+             "p_holm": p_text(r["speedup_best_p_holm"])} for _, r in s.iterrows()]
+
+
+def self_relative(t: pd.DataFrame) -> list[dict]:
+    """The configurations whose best one-core contender is a variant's own one-worker run
+    (``best_variant`` is the variant): there, the speed-up against the best one-core
+    contender is self-relative, and the report says so."""
+    if not len(t):
+        return []
+    s = t[(t["p"] > 1) & ~t["oversubscribed"].astype(bool) & (t["best_variant"] == t["variant"])]
+    return [{"problem": r["problem"], "label": r["label"], "config": _short_config(r),
+             "best_label": r["best_label"]} for _, r in s.iterrows()]
+
+
+def measured_title(present: list[str], cluster: bool, gpu: bool) -> str:
+    """The report's title: what was measured, nothing more."""
+    parts = ["threads"]
+    if "processes" in present:
+        parts.append("processes")
+    if "mpi" in present or cluster:
+        parts.append("MPI ranks (one host" + (" and an emulated cluster)" if cluster else ")"))
+    text = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return (f"Training CNNs on one CPU core and in parallel over {text}"
+            + (", and on a GPU" if gpu else "") + ": speed-up, efficiency and accuracy")

@@ -35,23 +35,68 @@ def compile_report(numbers_json, figures_dir, out, typ=REPORT_TYP) -> Path:
     return atomic_write(out, pdf)
 
 
+def more_figures(figures_dir, dpi: int, cluster: dict | None, trace_dir) -> list[dict]:
+    """The figures of no one problem that need the scaling model or a trace: one step of
+    each trace in ``trace_dir`` (:func:`cnn.analysis.timeline.step_figures`) and the model
+    on the emulated cluster per configuration (``cluster``:
+    :func:`cnn.analysis.scaling.read_cluster`'s record), saved into ``figures_dir``."""
+    from .figures import plot_cluster_scaling, save_figure
+    from .scaling import cluster_scaling, machine_cores, prediction_band
+    from .timeline import step_figures
+    made = []
+    for i, (title, fig) in enumerate(step_figures(trace_dir)):
+        made.append(save_figure(fig, figures_dir, "timeline", "", f"One training step of "
+                    f"{title} on cifar_tutorial, batch 32 (a typical step: the median "
+                    f"duration, each epoch's first left out), from a trace of fit(trace=...) "
+                    f"committed under results/: a row per worker thread or rank and the "
+                    f"prefetcher, nested spans drawn thinner inside their parents.", dpi,
+                    name=f"step{i}"))
+    if cluster is not None:
+        measured, cores = cluster_scaling(cluster), machine_cores(cluster)
+        for config in cluster.get("one_core", {}):
+            fig = plot_cluster_scaling(prediction_band(cluster, config), measured, cores,
+                                       config)
+            if fig is not None:
+                made.append(save_figure(fig, figures_dir, "cluster_scaling", "",
+                                        _cluster_caption(cluster, config, cores), dpi,
+                                        name=config.replace("/", "_b")))
+    return made
+
+
+def _cluster_caption(record: dict, config: str, cores: int) -> str:
+    from .statistics import interval_text
+    from .scaling import cluster_fit
+    n = min(cluster_fit(record, p).points for p in record["profiles"])
+    return (f"The scaling model on the emulated cluster ({config}: preset/batch): per link "
+            f"profile the model's speed-up over one core with the allreduce fitted on that "
+            f"link (solid; a prediction beyond the measured ranks), its band ({interval_text('band', n)}), and the speed-ups measured at "
+            f"{', '.join(map(str, record.get('ranks', [])))} ranks (dots; hollow: more ranks "
+            f"than the machine's {cores} cores, which the model's check divides the computing "
+            f"over). Shaded: beyond the cores of this machine.")
+
+
 def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_dir=None,
                  generated_dir=None, gpu_kernels=None, n_boot: int = 0, level: float = 0.95,
                  seed: int = 0, dpi: int = 150, typ=REPORT_TYP, pdf: bool = True,
-                 verbose: bool = True, merge=(), equivalence=None, allreduce=None) -> dict:
+                 verbose: bool = True, merge=(), equivalence=None, allreduce=None,
+                 cluster=None, roofline=None, trace_dir=None) -> dict:
     """The one command: results pickle -> summary (CSV, JSON) + figures + ``numbers.json`` ->
     PDF. Defaults: figures in ``<results dir>/figures``, the summary beside the results,
     ``numbers.json`` in ``<out dir>/generated``, the GPU table from ``<results dir>/
     gpu_kernels.csv`` (else the repository's ``results/gpu_kernels.csv``), the equivalence
     table from ``<results dir>/equivalence.csv`` and the MPI allreduce fit from
-    ``<results dir>/mpi_allreduce.json`` when they exist. ``merge``: more results files (for
+    ``<results dir>/mpi_allreduce.json``, the emulated cluster's figures from
+    ``mpi_cluster.json``, the roofline from ``roofline.json`` and the step traces
+    (``trace_*.json``, :data:`cnn.analysis.timeline.STEP_TRACES`) from ``<results dir>`` (or
+    ``trace_dir``) when they exist. ``merge``: more results files (for
     example another machine's, ``results/device/df_results.pkl``), analysed beside the main
     one (speed-ups are only ever formed within one machine). Returns the paths written and the
     seconds taken."""
     import pandas as pd
 
     from ..study.equivalence import read as read_equivalence
-    from .scaling import read_allreduce, scaling_model
+    from ..files import read_structured
+    from .scaling import read_allreduce, read_cluster, scaling_model
     t0 = time.perf_counter()
     results = Path(results)
     out = Path(out)
@@ -68,6 +113,11 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
     eq = read_equivalence(equivalence or results.parent / "equivalence.csv")
     ar = read_allreduce(allreduce or results.parent / "mpi_allreduce.json")
     summary.extra["scaling"] = scaling_model(summary, ar)
+    summary.extra["allreduce"] = ar
+    summary.extra["cluster"] = read_cluster(cluster or results.parent / "mpi_cluster.json")
+    roofline = Path(roofline) if roofline else results.parent / "roofline.json"
+    summary.extra["roofline"] = read_structured(roofline, "roofline") if roofline.is_file() \
+        else None
     summary.extra["allreduce_text"] = (
         f"alpha = {ar['alpha'] * 1e6:.1f} us, beta = {ar['beta'] * 1e9:.3f} ns/byte at "
         f"{int(ar.get('ranks', 2))} ranks (from {ar['source']})" if ar else "")
@@ -83,7 +133,10 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
             "skipped": list(eq.attrs.get("skipped", [])),
             "final": {f"{d} {lb}": f"{v:.1e}" for (d, lb), v in last.items()}}
     paths = write_summary(summary, summary_dir)
-    figures = make_figures(summary, figures_dir, dpi=dpi, equivalence=eq)
+    figures = make_figures(summary, figures_dir, dpi=dpi, equivalence=eq,
+                           roofline=summary.extra["roofline"])
+    figures += more_figures(figures_dir, dpi, summary.extra["cluster"],
+                            Path(trace_dir) if trace_dir else results.parent)
     numbers = report_numbers(summary, figures, gpu_kernels)
     numbers["gpu"]["kernels_source"] = str(gpu_kernels) if gpu_kernels else ""
     generated_dir.mkdir(parents=True, exist_ok=True)

@@ -36,8 +36,9 @@ from .summary import BASELINE_PATH, Summary, config_text
 
 P_GRID = (1, 2, 4, 8, 16, 32, 64)
 COLUMNS = ["problem", "config_id", "variant", "title", "p", "cores", "measured",
-           "predicted_threads", "predicted_mpi", "t1_step", "compute_step", "reduce_step",
-           "rel_error"]
+           "oversubscribed", "predicted_threads", "predicted_mpi", "t1_step", "compute_step",
+           "reduce_step", "rel_error", "band_low", "band_high", "karp_flatt_e",
+           "karp_flatt_prediction"]
 
 
 def read_allreduce(path) -> dict | None:
@@ -72,7 +73,12 @@ def allreduce_seconds(p, n_bytes: float, alpha: float, beta: float, ranks: int =
 
 def scaling_model(summary: Summary, allreduce: dict | None = None) -> pd.DataFrame:
     """The model's predictions and the measured points, one row per (configuration,
-    variant, p): see the module doc."""
+    variant, p): see the module doc. Beyond the largest measured ``p`` within the cores each
+    prediction has a band (``band_low`` .. ``band_high``): the threads model scaled by the
+    smallest and largest ``measured / predicted`` of the points it was checked at (1
+    included), the spread its own check leaves; and beside it the Karp-Flatt reading of the
+    same largest measured point: its serial fraction ``e`` (``karp_flatt_e``) carried to ``p``
+    by Amdahl's law (``karp_flatt_prediction``)."""
     t = summary.table
     if not len(t):
         return pd.DataFrame(columns=COLUMNS)
@@ -121,13 +127,36 @@ def scaling_model(summary: Summary, allreduce: dict | None = None) -> pd.DataFra
             m = float(meas.iat[0]) if len(meas) else np.nan
             rows.append({"problem": r0["problem"], "config_id": cid, "variant": variant,
                          "title": config_text(r0), "p": float(p), "cores": cores,
-                         "measured": m, "predicted_threads": pred, "predicted_mpi": mpi,
+                         "measured": m, "oversubscribed": bool(np.isfinite(cores)
+                                                               and p > cores), "predicted_threads": pred, "predicted_mpi": mpi,
                          "t1_step": t1, "compute_step": c1, "reduce_step": r,
                          # checked only within the cores: the model splits compute over p
                          # workers, which p > cores cannot do (those points are marked †)
                          "rel_error": pred / m - 1 if np.isfinite(m) and p > 1 and not
                          (np.isfinite(cores) and p > cores) else np.nan})
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return _bands(pd.DataFrame(rows, columns=COLUMNS))
+
+
+def _bands(model: pd.DataFrame) -> pd.DataFrame:
+    """The bands and the Karp-Flatt reading of :func:`scaling_model` (see there)."""
+    from .statistics import amdahl_speedup, karp_flatt
+    out = []
+    for _, g in model.groupby(["config_id", "variant"], sort=False):
+        g = g.copy()
+        checked = g[g["rel_error"].notna()]
+        if len(checked):
+            ratios = np.append(1.0 / (1.0 + checked["rel_error"].to_numpy(float)), 1.0)
+            p_max = float(checked["p"].max())
+            beyond = g["p"] > p_max
+            g.loc[beyond, "band_low"] = g.loc[beyond, "predicted_threads"] * ratios.min()
+            g.loc[beyond, "band_high"] = g.loc[beyond, "predicted_threads"] * ratios.max()
+            last = checked[checked["p"] == p_max].iloc[0]
+            e = float(karp_flatt(last["measured"], p_max))
+            g["karp_flatt_e"] = e
+            g.loc[beyond, "karp_flatt_prediction"] = amdahl_speedup(
+                min(max(e, 0.0), 1.0), g.loc[beyond, "p"].to_numpy(float))
+        out.append(g)
+    return pd.concat(out, ignore_index=True) if out else model
 
 
 # ---- the emulated cluster ------------------------------------------------------------------------

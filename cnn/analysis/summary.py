@@ -33,7 +33,8 @@ import pandas as pd
 from .. import paths as P
 from ..files import atomic_write
 from ..results import MACHINE_COLUMNS
-from .statistics import amdahl_speedup, fit_amdahl, karp_flatt, median_interval, paired_ratios
+from .statistics import (amdahl_speedup, fit_amdahl, holm, karp_flatt, median_interval,
+                         paired_log_test, paired_ratios, verdict)
 from .text import fmt, fmt_int, fmt_pct, is_missing
 
 BASELINE_PATH = P.BASELINE
@@ -238,8 +239,9 @@ SUMMARY_COLUMNS = [
     "epoch_time_ci_hi", "images_per_sec_median", "images_per_sec_ci_lo", "images_per_sec_ci_hi",
     "time_per_image_ms", "gflops", "peak_fraction", "n_pairs", "speedup", "speedup_ci_lo", "speedup_ci_hi",
     "speedup_ci_coverage", "best_label", "speedup_best", "speedup_best_ci_lo",
-    "speedup_best_ci_hi", "speedup_self", "speedup_self_ci_lo", "speedup_self_ci_hi",
-    "efficiency", "efficiency_best", "efficiency_self", "karp_flatt_self", "amdahl_f",
+    "speedup_best_ci_hi", "best_variant", "speedup_self", "speedup_self_ci_lo",
+    "speedup_self_ci_hi", "speedup_p", "speedup_p_holm", "speedup_verdict", "speedup_best_p",
+    "speedup_best_p_holm", "speedup_best_verdict", "efficiency", "efficiency_best", "efficiency_self", "karp_flatt_self", "amdahl_f",
     "amdahl_f_self", "final_accuracy_median", "final_accuracy_q25", "final_accuracy_q75",
     "final_accuracy_iqr", "accuracy_diff_pp", "accuracy_diff_pp_lo", "accuracy_diff_pp_hi",
     "compute_per_epoch", "comm_per_epoch", "data_per_epoch", "transfer_per_epoch",
@@ -282,7 +284,8 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
         for cid, g in timing[timing["p"] == 1].groupby("config_id"):
             med = g.groupby("label")["epoch_time"].median()
             lab = med.idxmin()
-            best[cid] = (lab, _by_seed(g[g["label"] == lab]))
+            mine_best = g[g["label"] == lab]
+            best[cid] = (lab, _by_seed(mine_best), mine_best["variant"].iat[0])
         for _, g in timing.groupby(["config_id", "variant", "threads"], sort=False, dropna=False):
             r0 = g.iloc[0]
             cid, variant, p = r0["config_id"], r0["variant"], r0["p"]
@@ -293,9 +296,12 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
                 s = (1.0, float("nan"), float("nan"), float("nan"), len(mine))
             else:
                 s = _ratio(seq.get(cid), mine, level)
-            blab, bseeds = best.get(cid, ("", None))
+            blab, bseeds, bvariant = best.get(cid, ("", None, ""))
             sb = (1.0, float("nan"), float("nan"), float("nan"), len(mine)) \
                 if blab == r0["label"] else _ratio(bseeds, mine, level)
+            test_seq = paired_log_test({} if r0["path"] == BASELINE_PATH
+                                       else seq.get(cid) or {}, mine)
+            test_best = paired_log_test({} if blab == r0["label"] else bseeds or {}, mine)
             base1 = one.get((cid, variant))
             if p == 1 and base1 is not None:
                 ss = (1.0, float("nan"), float("nan"), float("nan"), len(mine))
@@ -307,7 +313,9 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
                      for sd, a in zip(g["seed"], g["final_accuracy"])]
             dmed, dlo, dhi, _ = median_interval([d for d in diffs if np.isfinite(d)], level)
             n_ep = g["n_timed"].clip(lower=1)  # the epochs whose timings count
-            has_p = p == p and p > 0
+            # E = S/p only where the p workers had a core each: an oversubscribed point's S
+            # is not spread over p cores
+            has_p = p == p and p > 0 and not r0["oversubscribed"]
             t = g["epoch_time"].to_numpy(float)
             rows.append({
                 **{k: r0[k] for k in ("problem", *GROUP_KEYS, "variant", "label", "p",
@@ -326,6 +334,9 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
                 "n_pairs": s[4], "speedup": s[0], "speedup_ci_lo": s[1], "speedup_ci_hi": s[2],
                 "speedup_ci_coverage": s[3], "best_label": blab, "speedup_best": sb[0],
                 "speedup_best_ci_lo": sb[1], "speedup_best_ci_hi": sb[2],
+                "best_variant": bvariant, "speedup_p": test_seq["p"],
+                "speedup_best_p": test_best["p"], "_log_seq": test_seq["mean_log"],
+                "_log_best": test_best["mean_log"],
                 "speedup_self": ss[0], "speedup_self_ci_lo": ss[1], "speedup_self_ci_hi": ss[2],
                 "efficiency": s[0] / p if has_p else np.nan,
                 "efficiency_best": sb[0] / p if has_p else np.nan,
@@ -348,7 +359,9 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
             })
     table = pd.DataFrame(rows, columns=[c for c in SUMMARY_COLUMNS
                                         if c not in ("karp_flatt_self", "amdahl_f",
-                                                     "amdahl_f_self")])
+                                                     "amdahl_f_self")] + ["_log_seq",
+                                                                          "_log_best"])
+    table = tested(table)
     amdahl = _amdahl_table(table, timing, level)
     table = table.merge(amdahl[["config_id", "variant", "amdahl_f", "amdahl_f_self"]],
                         on=["config_id", "variant"], how="left")
@@ -362,6 +375,24 @@ def summarize(df: pd.DataFrame, n_boot: int = 0, level: float = 0.95, seed: int 
     return Summary(results=df, runs=runs, table=table, amdahl=amdahl, failed=failed,
                    tta=tta_table(runs, level), n_boot=n_boot, level=level, seed=seed,
                    source=str(source))
+
+
+def tested(table: pd.DataFrame) -> pd.DataFrame:
+    """The verdicts of the paired tests (:func:`~cnn.analysis.statistics.paired_log_test`)
+    against the sequential path and against the best one-core contender, each family
+    corrected by Holm-Bonferroni: the family is every row that uses more than one core
+    (``p > 1``) without oversubscribing the machine and has a test; the other rows keep no
+    corrected p and no verdict (``""``)."""
+    table = table.copy()
+    family = ((table["p"] > 1) & ~table["oversubscribed"].astype(bool)) if len(table) else \
+        pd.Series(dtype=bool)
+    for col, log in (("speedup", "_log_seq"), ("speedup_best", "_log_best")):
+        raw = table[f"{col}_p"].where(family)
+        table[f"{col}_p_holm"] = holm(raw.to_numpy(float)) if len(table) else []
+        table[f"{col}_verdict"] = [verdict(m, q) if f and np.isfinite(q) else ""
+                                   for m, q, f in zip(table[log], table[f"{col}_p_holm"],
+                                                      family)]
+    return table.drop(columns=["_log_seq", "_log_best"])
 
 
 AMDAHL_COLUMNS = ["problem", *CONFIG_KEYS, "variant", "config_id", "p_values", "n_points",

@@ -8,6 +8,8 @@ thinner inside their parents.
 """
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -120,3 +122,53 @@ def draw_step(trace, step: int | None = None, title: str | None = None):
                         for k, c in COLOURS.items()],
                loc="outside lower center", ncols=len(COLOURS) // 2, fontsize=7, frameon=False)
     return fig
+
+
+#: the traces the report draws one step of: file name -> (title, the train command's options)
+STEP_TRACES = {
+    "trace_sync_x2.json": ("threads/sync[numba] ×2", ["--strategy", "sync", "--threads", "2"]),
+    "trace_mpi_x2.json": ("mpi/sync[numba] ×2 (2 ranks, one host)",
+                          ["--strategy", "mpi", "--ranks", "2"]),
+}
+
+
+def make_step_traces(out_dir="results", batches: int = 12, batch_size: int = 32,
+                     data_dir: str | None = None) -> list[Path]:
+    """Train ``cifar_tutorial`` on CIFAR-10 for ``batches`` steps of ``batch_size`` with
+    each of :data:`STEP_TRACES` (the default backend, as the study runs it) and write each
+    fit's trace (``fit(trace=...)`` through ``python -m cnn train --trace``, a fresh
+    interpreter per path, mpiexec for the ranks) into ``out_dir``, so the report draws a
+    step without training. Returns the files written."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for name, (_, options) in STEP_TRACES.items():
+        cmd = [sys.executable, "-m", "cnn", "train", "--dataset", "cifar10", "--model",
+               "cifar_tutorial", "--limit", str(batches * batch_size), "--test-limit", "64",
+               "--epochs", "1", "--batch-size", str(batch_size), "--seed", "0", "--quiet",
+               "--trace", str(out / name), *options]
+        if data_dir:
+            cmd += ["--data-dir", str(data_dir)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}):\n"
+                               f"{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
+        written.append(out / name)
+    return written
+
+
+def step_figures(trace_dir) -> list[tuple[str, object]]:
+    """``[(title, figure)]``: a typical step of each trace of :data:`STEP_TRACES` found in
+    ``trace_dir`` (none when it holds none)."""
+    found = []
+    for name, (title, _) in STEP_TRACES.items():
+        path = Path(trace_dir) / name
+        if path.is_file():
+            data = load_trace(path)
+            step = typical_step(data)
+            found.append((title, draw_step(data, step, f"{title}: step {step}, cifar_tutorial")))
+    return found
+
+
+if __name__ == "__main__":
+    print("\n".join(str(p) for p in make_step_traces(*sys.argv[1:2])))

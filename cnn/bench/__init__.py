@@ -57,6 +57,9 @@ SUITES = {
     "conv": Suite("conv_algorithms", "direct vs Winograd convolution per conv op and step, "
                   "and each algorithm's float32 error", ("dtype", "cpu_time"),
                   prints_machine=True),
+    "roofline": Suite("roofline", "single-core SGEMM peak and triad bandwidth, and each op's "
+                      "arithmetic intensity and GFLOP/s forward and backward (cifar_tutorial, "
+                      "cifar_resnet20)", ("json_path",), prints_machine=True),
     "backup": Suite("backup", "fit's backups every 100 steps against none (cifar_tutorial)"),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)

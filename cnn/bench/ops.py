@@ -150,7 +150,7 @@ def check_row(label: str, ops: dict, reference: StepRun, other: StepRun, name: s
     _check(f"{label} backward gradients on {name}", ref_grads, grads, dtype)
 
 
-def _time(calls: dict, repeats: int, clock) -> dict:
+def median_times(calls: dict, repeats: int, clock=time.perf_counter) -> dict:
     """Median seconds of ``repeats`` interleaved calls of each backend's call."""
     for call in calls.values():  # warm-up: caches, first touch of the outputs
         call()
@@ -192,7 +192,7 @@ def bench(preset: str, batch: int, dtype, repeats: int, clock=time.perf_counter)
     for label, ops, direction in passes:
         calls = {name: (lambda r=run, o=ops[name], d=direction: getattr(r, d)(o))
                  for name, run in runs.items()}
-        med = {name: 1e3 * t for name, t in _time(calls, repeats, clock).items()}
+        med = {name: 1e3 * t for name, t in median_times(calls, repeats, clock).items()}
         for name in BACKENDS:
             totals[name] += med[name]
         shape = tuple(runs["numpy"].inputs[ops["numpy"].start].shape)
