@@ -22,6 +22,36 @@ def test_flops_by_hand():
     assert training_flops_per_image(mnist) == 2 * (2 * 8 * 26 * 26 * 9) + 3 * (2 * 1352 * 10)
 
 
+def test_resnet_flops_by_hand_and_images_per_epoch():
+    """ResNet-20's convs are its blocks' too; a preset without an entry in an images table
+    gets the FLOPs of cifar_tutorial's entry, in whole batches of 128."""
+    from cnn.bench.harness import epoch_images
+    from cnn.bench.peers import IMAGES
+    model = build_model("cifar_resnet20", seed=0)
+    fwd = [r["forward"] for r in layer_flops(model)]
+    by_stage = [2 * 16 * 32 * 32 * 16 * 9] * 6 + [2 * 32 * 16 * 16 * 16 * 9] + \
+        [2 * 32 * 16 * 16 * 32 * 9] * 5 + [2 * 64 * 8 * 8 * 32 * 9] + [2 * 64 * 8 * 8 * 64 * 9] * 5
+    assert fwd == [2 * 16 * 32 * 32 * 3 * 9, *by_stage, 2 * 64 * 10]
+    assert training_flops_per_image(model) == 3 * sum(fwd) - fwd[0]
+    assert epoch_images(IMAGES, "cifar_resnet20") == IMAGES["cifar_resnet20"]
+    budget = IMAGES["cifar_tutorial"] * 25_736_448
+    deep = training_flops_per_image(build_model("cifar_resnet56"))
+    n = epoch_images(IMAGES, "cifar_resnet56")
+    assert n % 128 == 0 and (n - 128) * deep < budget <= n * deep
+
+
+def test_conv_algorithm_summary_covers_the_convs_of_residual_blocks():
+    from cnn.backends.numba.backend import NumbaBackend
+    from cnn.bench.conv_algorithms import conv_layers
+    model = build_model("cifar_resnet20", seed=0)
+    be = NumbaBackend(conv_algorithm="direct")
+    named = conv_layers(model, be)
+    assert len(named) == 19 and named[1] == "stage1_block1/conv2d 16->16 32x32: direct"
+    assert conv_layers(model, be, named=False) == [
+        "3->16 32x32: direct", "16->16 32x32: direct x6", "16->32 16x16: direct",
+        "32->32 16x16: direct x5", "32->64 8x8: direct", "64->64 8x8: direct x5"]
+
+
 def _row(name, family, threads, ips, malloc=False):
     return {"name": name, "family": family, "threads": threads, "images_per_sec": ips,
             "malloc_env": malloc, "repeats": 3}

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections import Counter
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -33,30 +34,30 @@ from ..context import StepContext, Workspace
 from ..machine import describe
 from ..model import build_model
 
-def conv_layers(model, backend) -> list[str]:
-    """``name: algorithm`` of every conv layer of ``model`` on ``backend``, its input shape
-    per image taken from a forward pass of one image."""
+def conv_layers(model, backend, named: bool = True) -> list[str]:
+    """``name: algorithm`` of every conv layer of ``model`` on ``backend``, those of residual
+    blocks included (``model.leaves``), from each layer's input and output shapes; without
+    ``named``, each distinct ``C->F HoxWo: algorithm`` once, with its count when > 1."""
     out = []
-    x = np.zeros((1, *model.input_shape), model.dtype)
-    for op in model.plan(backend):
-        layer = op.layers[0]
+    for layer in model.leaves:
         if layer.type == "conv2d":
-            w = model.params[f"{layer.name}.w"]
-            f, c, kh, kw = w.shape
-            ho = (x.shape[2] + sum(layer.pads[0]) - kh) // layer.stride + 1
-            wo = (x.shape[3] + sum(layer.pads[1]) - kw) // layer.stride + 1
+            c, (f, ho, wo) = layer.input_shape[0], layer.output_shape
+            kh, kw = layer.kernel_size
             m = backend.winograd_tile(c, f, kh, kw, layer.stride, ho, wo)
-            out.append(f"{layer.name} {c}->{f} {ho}x{wo}: "
-                       + (f"winograd F({m}x{m}, 3x3)" if m else "direct"))
-        x, _ = op.forward({**model.params, **model.buffers}, x, StepContext(training=True))
-    return out
+            out.append((layer.name, f"{c}->{f} {ho}x{wo}: "
+                        + (f"winograd F({m}x{m}, 3x3)" if m else "direct")))
+    if named:
+        return [f"{name} {what}" for name, what in out]
+    counts = Counter(what for _, what in out)
+    return [what + (f" x{counts[what]}" if counts[what] > 1 else "") for what in counts]
 
 
 def algorithm_summary(model) -> str:
-    """The conv algorithm a default ``numba`` backend runs on each conv layer of ``model``
-    (what ``get_backend("numba")`` makes of ``$CNN_NUMBA_CONV_ALGORITHM`` in this process)."""
+    """The conv algorithm a default ``numba`` backend runs on the conv layers of ``model``
+    (what ``get_backend("numba")`` makes of ``$CNN_NUMBA_CONV_ALGORITHM`` in this process),
+    per distinct layer shape."""
     be = NumbaBackend()
-    return f"{be.conv_algorithm} ({'; '.join(conv_layers(model, be))})"
+    return f"{be.conv_algorithm} ({'; '.join(conv_layers(model, be, named=False))})"
 
 
 class _Step:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import statistics
 
-from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, keras_contender, ours_contender,
-                      print_rows, synthetic_batch)
+from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, epoch_images, keras_contender,
+                      ours_contender, print_rows, synthetic_batch)
 
 
 def gpu_available() -> bool:
@@ -38,7 +38,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None)
     images = QUICK_IMAGES if quick else DEFAULT_IMAGES
     results = []
     for preset in presets or ("mnist_small", "cifar_tutorial"):
-        n = images[preset]
+        n = epoch_images(images, preset)
         x, y = synthetic_batch(preset, n)
         for bs in batch_sizes or (32, 128):
             cuda_runs: list = []

@@ -22,10 +22,23 @@ import numpy as np
 from ..model import build_model
 from ..presets import get_preset
 
-#: images per timed epoch, per architecture: long enough to dwarf per-epoch overhead
-DEFAULT_IMAGES = {"mnist_small": 4096, "cifar_tutorial": 1024}
+#: images per timed epoch, per architecture: long enough to dwarf per-epoch overhead (others:
+#: :func:`epoch_images`)
+DEFAULT_IMAGES = {"mnist_small": 4096, "cifar_tutorial": 1024, "cifar_resnet20": 256}
 #: images per epoch of a ``--quick`` smoke run
-QUICK_IMAGES = {"mnist_small": 256, "cifar_tutorial": 64}
+QUICK_IMAGES = {"mnist_small": 256, "cifar_tutorial": 64, "cifar_resnet20": 64}
+
+
+def epoch_images(table: dict, preset) -> int:
+    """Images per timed epoch of ``preset`` (a name or a spec): its entry in ``table``, else
+    as many as train in the FLOPs of ``cifar_tutorial``'s entry, rounded up to a multiple of
+    128 (the largest batch the suites time by default)."""
+    if isinstance(preset, str) and preset in table:
+        return table[preset]
+    from .hardware import training_flops_per_image
+    budget = table["cifar_tutorial"] * training_flops_per_image(build_model("cifar_tutorial"))
+    images = budget / training_flops_per_image(build_model(preset))
+    return 128 * max(1, -(-int(images) // 128))
 
 
 @dataclass

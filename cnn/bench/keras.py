@@ -3,8 +3,8 @@ this process, interleaved (:mod:`cnn.bench.harness`); per configuration the tabl
 end, ours/Keras per preset and batch size."""
 from __future__ import annotations
 
-from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, keras_contender, ours_contender,
-                      print_rows, synthetic_batch)
+from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, epoch_images, keras_contender,
+                      ours_contender, print_rows, synthetic_batch)
 
 
 def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None) -> list[dict]:
@@ -14,7 +14,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None)
     images = QUICK_IMAGES if quick else DEFAULT_IMAGES
     results = []
     for preset in presets:
-        n = images[preset]
+        n = epoch_images(images, preset)
         x, y = synthetic_batch(preset, n)
         for bs in batch_sizes or (32, 128):
             rows = compare([keras_contender(preset, x, y, bs), ours_contender(preset, x, y, bs)],

@@ -35,12 +35,12 @@ from dataclasses import dataclass, field
 from ..files import atomic_write
 from ..machine import describe, machine_info
 from ..model import build_model
-from .harness import QUICK_IMAGES
+from .harness import QUICK_IMAGES, epoch_images
 from .hardware import layer_flops, sgemm_peak, training_flops_per_image
 
 #: images per timed epoch: long enough to dwarf per-epoch overhead and a shared machine's
-#: hiccups (the suite prints its wall time at the end)
-IMAGES = {"mnist_small": 32768, "cifar_tutorial": 4096}
+#: hiccups (the suite prints its wall time at the end); others: :func:`.harness.epoch_images`
+IMAGES = {"mnist_small": 32768, "cifar_tutorial": 4096, "cifar_resnet20": 1024}
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1000000000", "MALLOC_TRIM_THRESHOLD_": "1000000000"}
 
 
@@ -335,7 +335,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
           "gradient (none for the first layer), those of the direct conv whatever algorithm "
           "runs (Winograd's are fewer); %peak = GFLOP/s / (threads x 1-core peak)")
     from .conv_algorithms import algorithm_summary  # imports Numba: only when the bench runs
-    groups, all_rows, flops_of = {}, [], {}
+    groups, all_rows, flops_of, images_of = {}, [], {}, {}
     t_start = time.perf_counter()
     for preset in presets:
         model = build_model(preset, seed=0)
@@ -344,10 +344,11 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
         print(f"\n{preset}: forward MFLOP per image by layer: {per_layer}; training "
               f"{flops / 1e6:.2f} MFLOP per image")
         print(f"  numba conv algorithm: {algorithm_summary(model)}")
+        n = images_of[preset] = epoch_images(images, preset)
         for bs in batch_sizes:
-            rows = measure(preset, bs, specs, images[preset], repeats)
+            rows = measure(preset, bs, specs, n, repeats)
             annotate(rows, flops, peak1["peak"])
-            print_group(preset, bs, rows, flops, images[preset])
+            print_group(preset, bs, rows, flops, n)
             groups[(preset, bs)] = rows
             all_rows += rows
     print("\nsummary: ratio ours/keras and ours/pytorch of medians (/keras1 = best 1-thread "
@@ -360,7 +361,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
     result = {"machine": dict(info),
               "sgemm_peak_1thread_gflops": peak1["peak"], "sgemm_by_size": peak1["by_size"],
-              "flops_per_image": flops_of, "repeats": repeats, "images": images,
+              "flops_per_image": flops_of, "repeats": repeats, "images": images_of,
               "rows": all_rows}
     if json_path:
         atomic_write(json_path, json.dumps(result, indent=1, default=str))

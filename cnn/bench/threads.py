@@ -3,8 +3,8 @@ over the sequential path, on each backend, in this process, interleaved
 (:mod:`cnn.bench.harness`)."""
 from __future__ import annotations
 
-from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, ours_contender, print_rows,
-                      synthetic_batch)
+from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, epoch_images, ours_contender,
+                      print_rows, synthetic_batch)
 
 
 def _backend_available(name: str) -> str | None:
@@ -40,7 +40,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
     if "numpy" not in usable:
         raise RuntimeError("the threads suite needs the numpy backend (its baseline)")
     for preset in presets:
-        n = images[preset]
+        n = epoch_images(images, preset)
         x, y = synthetic_batch(preset, n)
         for bs in batch_sizes:
             configs = []  # (backend, threads or 0 for sequential)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .harness import DEFAULT_IMAGES, QUICK_IMAGES, compare, ours_contender, synthetic_batch
+from .harness import (DEFAULT_IMAGES, QUICK_IMAGES, compare, epoch_images, ours_contender,
+                      synthetic_batch)
 
 #: (label, fit options) of the paths measured
 PATHS = (("sequential numba", {"backend": "numba"}),
@@ -24,7 +25,7 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None)
     results = []
     with tempfile.TemporaryDirectory(prefix="cnn-bench-trace-") as tmp:
         for preset in presets or ("cifar_tutorial", "mnist_small"):
-            n = images[preset]
+            n = epoch_images(images, preset)
             x, y = synthetic_batch(preset, n)
             for bs in batch_sizes or (32, 128):
                 for label, options in PATHS:

@@ -110,17 +110,21 @@ def run_torch(job: dict, x, y) -> None:
     import torch
     import torch.nn.functional as F
 
-    from ..reference.torch import build_torch_model, configure_threads
+    from ..optim import make_optimizer
+    from ..reference.torch import build_torch_model, check_torch_trainable, configure_threads
 
     threads = job["contender"]["threads"]
     configure_threads(threads, interop_threads=threads)
     torch.manual_seed(1)
     model = build_model(job["preset"], seed=0)
+    check_torch_trainable(model, get_preset(job["preset"])["optimizer"])
     net = build_torch_model(model)
-    opt = get_preset(job["preset"])["optimizer"]
+    opt = make_optimizer(get_preset(job["preset"])["optimizer"]).config()
     # PyTorch's momentum (v = m v + g; w -= lr v) is ours and Keras's (v = m v - lr g;
-    # w += v) for a constant learning rate
-    sgd = torch.optim.SGD(net.parameters(), lr=opt["lr"], momentum=opt["momentum"])
+    # w += v) for a constant learning rate; its weight decay is the coupled one (a ResNet's)
+    sgd = torch.optim.SGD(net.parameters(), lr=opt["lr"], momentum=opt.get("momentum", 0.0),
+                          nesterov=opt.get("nesterov", False),
+                          weight_decay=opt.get("weight_decay", 0.0))
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     n, bs = len(x), job["batch_size"]
     gen = torch.Generator().manual_seed(1)
