@@ -13,7 +13,12 @@ What the kernels gain over NumPy is fusion and no temporaries: dropout hashes ea
 coordinates in registers (:mod:`cnn.backends.rng`) instead of building uint64 temporaries as
 large as the activation; batch norm's normalisation and its input gradient are one pass each
 instead of four, and its per-channel sums keep one float64 partial sum per position, a
-loop that vectorises (see below).
+loop that vectorises (see below). Batch norm's cache holds its input ``x`` (the previous op's
+output, which stays as it is until the backward, as every cache's arrays do) with the mean
+and ``1/sqrt(var + eps)``, not ``xhat``: the backward recomputes ``xhat = (x - mean) *
+inv_std`` as it reads ``x``, with the forward's operations in the forward's dtype, so the same
+bits, and the forward writes one activation-sized array instead of two (a pass less, and one
+buffer less per batch norm layer).
 
 Batch norm sees ``x`` as ``(N, C, L)`` (``L = H*W``, or 1 after a dense layer), or a
 channels-last ``x`` as ``(N, L, C)``, with a kernel of each per pass; per-channel sums
@@ -91,9 +96,9 @@ def dropout_backward(dout1, mask1, scale, dx1):
 # same bits.
 #
 # With ``relu`` (a BatchNorm and a ReLU fused, see fusion.BATCHNORM_RELU) the normalisation
-# writes max(y, 0), and the backward recomputes the ReLU's mask from the cached xhat as
-# ``xhat * gamma + beta > 0``: the forward's own y, bit for bit (the same operations in the same
-# dtype), read from the xhat the backward reads anyway instead of from another array.
+# writes max(y, 0), and the backward recomputes the ReLU's mask as ``xhat * gamma + beta > 0``
+# from the xhat it recomputes from x (see above): the forward's own y, bit for bit (the same
+# operations in the same dtype), from the x the backward reads anyway.
 @njit(**_JIT)
 def _zero(part):
     for c in range(part.shape[0]):
@@ -121,12 +126,16 @@ def _finish(part, last, out):
 
 
 @njit(**_JIT)
+def _xhat(x, mean, inv_std):
+    """The normalised value of ``x``: the forward and both backward passes compute it so."""
+    return (x - mean) * inv_std
+
+
+@njit(**_JIT)
 def _normalized(x, mean, inv_std, gamma, beta, relu, zero):
-    """``(xhat, y)`` of one value: ``xhat = (x - mean) * inv_std``, ``y = xhat * gamma + beta``,
-    then ``max(y, 0)`` when ``relu``."""
-    h = (x - mean) * inv_std
-    y = h * gamma + beta
-    return h, (y if (y > zero or not relu) else zero)
+    """``y = xhat * gamma + beta`` of one value, then ``max(y, 0)`` when ``relu``."""
+    y = _xhat(x, mean, inv_std) * gamma + beta
+    return y if (y > zero or not relu) else zero
 
 
 @njit(**_JIT)
@@ -177,8 +186,8 @@ def channel_sq_dev_sums_nhwc(x3, mean_t, part, out):
 
 
 @njit(**_JIT)
-def batchnorm_normalize(x3, mean, inv_std, gamma, beta, relu, out3, xhat3):
-    """``xhat = (x - mean) * inv_std``, ``out = xhat * gamma + beta`` per channel (then
+def batchnorm_normalize(x3, mean, inv_std, gamma, beta, relu, out3):
+    """``out = xhat * gamma + beta`` per channel, ``xhat = (x - mean) * inv_std`` (then
     ``max(out, 0)`` when ``relu``)."""
     n, c_count, length = x3.shape
     zero = out3.dtype.type(0)
@@ -186,11 +195,11 @@ def batchnorm_normalize(x3, mean, inv_std, gamma, beta, relu, out3, xhat3):
         for c in range(c_count):
             m, s, g, b = mean[c], inv_std[c], gamma[c], beta[c]
             for j in range(length):
-                xhat3[i, c, j], out3[i, c, j] = _normalized(x3[i, c, j], m, s, g, b, relu, zero)
+                out3[i, c, j] = _normalized(x3[i, c, j], m, s, g, b, relu, zero)
 
 
 @njit(**_JIT)
-def batchnorm_normalize_nhwc(x3, mean, inv_std, gamma, beta, relu, out3, xhat3):
+def batchnorm_normalize_nhwc(x3, mean, inv_std, gamma, beta, relu, out3):
     """:func:`batchnorm_normalize` of channels-last ``x3 (N, L/R, R*C)``, the per-channel
     vectors tiled."""
     n, rows, width = x3.shape
@@ -198,23 +207,24 @@ def batchnorm_normalize_nhwc(x3, mean, inv_std, gamma, beta, relu, out3, xhat3):
     for i in range(n):
         for j in range(rows):
             for t in range(width):
-                xhat3[i, j, t], out3[i, j, t] = _normalized(x3[i, j, t], mean[t], inv_std[t],
-                                                            gamma[t], beta[t], relu, zero)
+                out3[i, j, t] = _normalized(x3[i, j, t], mean[t], inv_std[t], gamma[t], beta[t],
+                                            relu, zero)
 
 
 @njit(**_JIT)
-def batchnorm_backward_sums(dout3, xhat3, gamma, beta, relu, part_a, part_b, s_dy, s_dyx):
-    """``s_dy[c] = sum dout``, ``s_dyx[c] = sum dout * xhat`` (float64 partial sums), ``dout``
-    masked by the fused ReLU when ``relu``."""
+def batchnorm_backward_sums(dout3, x3, mean, inv_std, gamma, beta, relu, part_a, part_b, s_dy,
+                            s_dyx):
+    """``s_dy[c] = sum dout``, ``s_dyx[c] = sum dout * xhat`` (float64 partial sums; ``xhat``
+    recomputed from ``x3``), ``dout`` masked by the fused ReLU when ``relu``."""
     n, c_count, length = dout3.shape
     zero = dout3.dtype.type(0)
     _zero(part_a)
     _zero(part_b)
     for i in range(n):
         for c in range(c_count):
-            ga, be = gamma[c], beta[c]
+            m, s, ga, be = mean[c], inv_std[c], gamma[c], beta[c]
             for j in range(length):
-                h = xhat3[i, c, j]
+                h = _xhat(x3[i, c, j], m, s)
                 g = _grad_in(dout3[i, c, j], h, ga, be, relu, zero)
                 part_a[c, j] += g
                 part_b[c, j] += g * h
@@ -223,9 +233,10 @@ def batchnorm_backward_sums(dout3, xhat3, gamma, beta, relu, part_a, part_b, s_d
 
 
 @njit(**_JIT)
-def batchnorm_backward_sums_nhwc(dout3, xhat3, gamma, beta, relu, part_a, part_b, s_dy, s_dyx):
-    """:func:`batchnorm_backward_sums` of channels-last ``(N, L/R, R*C)`` arrays, ``gamma``
-    and ``beta`` tiled."""
+def batchnorm_backward_sums_nhwc(dout3, x3, mean, inv_std, gamma, beta, relu, part_a, part_b,
+                                 s_dy, s_dyx):
+    """:func:`batchnorm_backward_sums` of channels-last ``(N, L/R, R*C)`` arrays, the
+    per-channel vectors tiled."""
     n, rows, width = dout3.shape
     zero = dout3.dtype.type(0)
     _zero(part_a)
@@ -233,7 +244,7 @@ def batchnorm_backward_sums_nhwc(dout3, xhat3, gamma, beta, relu, part_a, part_b
     for i in range(n):
         for j in range(rows):
             for t in range(width):
-                h = xhat3[i, j, t]
+                h = _xhat(x3[i, j, t], mean[t], inv_std[t])
                 g = _grad_in(dout3[i, j, t], h, gamma[t], beta[t], relu, zero)
                 part_a[j, t] += g
                 part_b[j, t] += g * h
@@ -242,22 +253,25 @@ def batchnorm_backward_sums_nhwc(dout3, xhat3, gamma, beta, relu, part_a, part_b
 
 
 @njit(**_JIT)
-def batchnorm_backward_dx(dout3, xhat3, k, s_dy, s_dyx, scale, gamma, beta, relu, dx3):
-    """``dx = k * (dout - (s_dy + xhat * s_dyx) * scale)`` per channel, ``k = gamma*inv_std``,
-    ``dout`` masked by the fused ReLU when ``relu``."""
+def batchnorm_backward_dx(dout3, x3, mean, inv_std, k, s_dy, s_dyx, scale, gamma, beta, relu,
+                          dx3):
+    """``dx = k * (dout - (s_dy + xhat * s_dyx) * scale)`` per channel, ``k = gamma*inv_std``
+    (``xhat`` recomputed from ``x3``), ``dout`` masked by the fused ReLU when ``relu``."""
     n, c_count, length = dout3.shape
     zero = dout3.dtype.type(0)
     for i in range(n):
         for c in range(c_count):
-            kc, a, b, ga, be = k[c], s_dy[c], s_dyx[c], gamma[c], beta[c]
+            m, s, kc, a, b = mean[c], inv_std[c], k[c], s_dy[c], s_dyx[c]
+            ga, be = gamma[c], beta[c]
             for j in range(length):
-                h = xhat3[i, c, j]
+                h = _xhat(x3[i, c, j], m, s)
                 g = _grad_in(dout3[i, c, j], h, ga, be, relu, zero)
                 dx3[i, c, j] = kc * (g - (a + h * b) * scale)
 
 
 @njit(**_JIT)
-def batchnorm_backward_dx_nhwc(dout3, xhat3, k, s_dy, s_dyx, scale, gamma, beta, relu, dx3):
+def batchnorm_backward_dx_nhwc(dout3, x3, mean, inv_std, k, s_dy, s_dyx, scale, gamma, beta,
+                               relu, dx3):
     """:func:`batchnorm_backward_dx` of channels-last ``(N, L/R, R*C)`` arrays, the
     per-channel vectors tiled."""
     n, rows, width = dout3.shape
@@ -265,7 +279,7 @@ def batchnorm_backward_dx_nhwc(dout3, xhat3, k, s_dy, s_dyx, scale, gamma, beta,
     for i in range(n):
         for j in range(rows):
             for t in range(width):
-                h = xhat3[i, j, t]
+                h = _xhat(x3[i, j, t], mean[t], inv_std[t])
                 g = _grad_in(dout3[i, j, t], h, gamma[t], beta[t], relu, zero)
                 dx3[i, j, t] = k[t] * (g - (s_dy[t] + h * s_dyx[t]) * scale)
 
@@ -394,7 +408,8 @@ class NumbaLayerOps:
     def _normalize(self, x, first, second, factor, gamma, beta, eps, relu, ws):
         """The normalisation with ``mean = first * factor``, ``var = second * factor`` (the
         batch's sums and ``1/L``, or the running statistics and 1), then the ReLU when
-        ``relu``. The cache holds ``xhat`` (in ``x``'s layout), ``1/sqrt(var + eps)`` and this
+        ``relu``. The cache holds ``x``, as it is and as the kernels walk it (:func:`_bn_view`),
+        its layout, the mean and ``1/sqrt(var + eps)`` (``xhat`` is recomputed from them), and this
         step's ``gamma`` and ``beta`` (the fused ReLU's mask is recomputed from them)."""
         c, dt = x.shape[1], x.dtype
         x3, last = _bn_view(x)
@@ -408,11 +423,11 @@ class NumbaLayerOps:
         params = self.scratch(ws, "gamma_beta", (2, c), dt)
         np.copyto(params[0], gamma)
         np.copyto(params[1], beta)
-        out, xhat = like(self, ws, "out", x), like(self, ws, "xhat", x)
+        out = like(self, ws, "out", x)
         self._launch(_NORMALIZE[last], x3,
                      *self._per_channel(ws, "norm_t", x3, last, mean, inv_std, *params),
-                     relu, _bn_view(out)[0], _bn_view(xhat)[0])
-        return out, (xhat, inv_std, params)
+                     relu, _bn_view(out)[0])
+        return out, (x, x3, last, mean, inv_std, params)
 
     def batchnorm_backward_sums(self, dout, cache, ws=None):
         return self._backward_sums(dout, cache, False, ws)
@@ -422,13 +437,12 @@ class NumbaLayerOps:
         return self._backward_sums(dout, cache, True, ws)
 
     def _backward_sums(self, dout, cache, relu, ws):
-        xhat, _, params = cache
-        xhat3, last = _bn_view(xhat)
+        _, x3, last, mean, inv_std, params = cache
         dout3 = self._bn_operand(dout, last, ws)
         s_dy = self.scratch(ws, "dbeta", (dout.shape[1],), dout.dtype)
         s_dyx = self.scratch(ws, "dgamma", (dout.shape[1],), dout.dtype)
-        self._launch(_BACKWARD_SUMS[last], dout3, xhat3,
-                     *self._per_channel(ws, "dsum_t", xhat3, last, *params), relu,
+        self._launch(_BACKWARD_SUMS[last], dout3, x3,
+                     *self._per_channel(ws, "dsum_t", x3, last, mean, inv_std, *params), relu,
                      self._partials(ws, "dsum_parts", dout3),
                      self._partials(ws, "dsum_parts_x", dout3), s_dy, s_dyx)
         return s_dy, s_dyx
@@ -442,16 +456,15 @@ class NumbaLayerOps:
         return self._backward_dx(dout, cache, sum_dy, sum_dy_xhat, scale, True, ws)
 
     def _backward_dx(self, dout, cache, sum_dy, sum_dy_xhat, scale, relu, ws):
-        xhat, inv_std, params = cache
-        xhat3, last = _bn_view(xhat)
+        x, x3, last, mean, inv_std, params = cache
         dout3 = self._bn_operand(dout, last, ws)
         k = self.scratch(ws, "k", inv_std.shape, dout.dtype)
         np.multiply(params[0], inv_std, out=k)
         if not scale:  # constant statistics: the sums do not matter
             sum_dy = sum_dy_xhat = k
-        dx = like(self, ws, "dx", xhat)
-        k, s_dy, s_dyx, gamma, beta = self._per_channel(ws, "dx_t", xhat3, last, k, sum_dy,
-                                                        sum_dy_xhat, *params)
-        self._launch(_BACKWARD_DX[last], dout3, xhat3, k, s_dy, s_dyx, dout.dtype.type(scale),
-                     gamma, beta, relu, _bn_view(dx)[0])
+        dx = like(self, ws, "dx", x)
+        vectors = self._per_channel(ws, "dx_t", x3, last, mean, inv_std, k, sum_dy, sum_dy_xhat,
+                                    *params)
+        self._launch(_BACKWARD_DX[last], dout3, x3, *vectors[:5], dout.dtype.type(scale),
+                     *vectors[5:], relu, _bn_view(dx)[0])
         return dx
