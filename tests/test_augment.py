@@ -397,3 +397,22 @@ def test_a_study_run_trains_with_the_augmentation_of_its_row():
                   augment={"pad": 2, "flip": True}, verbose=0)
     np.testing.assert_allclose([e["train_loss"] for e in got["epochs"]], h.history["loss"],
                                rtol=1e-12)
+
+
+def test_fit_under_mpiexec_takes_augmentation_as_fit_does():
+    """The notebooks' launcher passes augment and normalize on to every rank's fit: two ranks
+    end with the sequential run's weights (float64)."""
+    pytest.importorskip("mpi4py")
+    from cnn.data import load_dataset
+    from cnn.parallel.launch import fit_under_mpiexec
+    kwargs = dict(epochs=1, batch_size=16, seed=3, augment={"pad": 2, "flip": True},
+                  normalize=True, optimizer={"type": "sgd", "lr": 0.05, "momentum": 0.9})
+    res = fit_under_mpiexec(2, model="mnist_small", dataset="mnist_embedded", limit=64,
+                            dtype="float64", backend="numpy", **kwargs)
+    data = load_dataset("mnist_embedded", limit=64, dtype=np.float64)
+    model = Sequential.from_spec("mnist_small", input_shape=data.input_shape,
+                                 dtype=np.float64, seed=0, backend="numpy")
+    hist = model.fit(data.x_train, data.y_train, verbose=0, **kwargs)
+    assert res["info"]["augment"] == hist.info["augment"] == {"pad": 2, "flip": True}
+    assert res["info"]["normalization"] == model.normalization.config()
+    assert max_abs_diff(res["weights"], model.get_weights()) < 1e-12

@@ -430,6 +430,7 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
                       batch_size: int = 32, optimizer: dict | None = None,
                       strategy: str = "mpi", strategy_options: dict | None = None,
                       seed: int = 0, validation: bool = False, backend: str = "auto",
+                      augment=None, normalize: bool = False,
                       data_root: str | None = None, hostfile: str | None = None,
                       extra: list[str] | None = None, timeout: float = 600) -> dict:
     """Train on ``ranks`` MPI ranks started by the venv's ``mpiexec`` and return rank 0's
@@ -437,8 +438,8 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
 
     The ranks run ``python -m cnn.parallel.launch`` on a JSON copy of these arguments: each
     loads ``dataset`` (first ``limit`` examples), builds ``model`` (a preset, spec list or
-    dict) from ``model_seed`` and calls :func:`cnn.train.fit` with the rest, exactly as one
-    process would. Raises ``RuntimeError`` with the job's output if it fails.
+    dict) from ``model_seed`` and calls :func:`cnn.train.fit` with the rest (``augment`` and
+    ``normalize`` included), exactly as one process would. Raises ``RuntimeError`` with the job's output if it fails.
     """
     import json
     import tempfile
@@ -450,7 +451,8 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
               "dtype": dtype, "model_seed": model_seed, "epochs": epochs,
               "batch_size": batch_size, "optimizer": optimizer, "strategy": strategy,
               "strategy_options": strategy_options or {}, "seed": seed,
-              "validation": validation, "backend": backend, "data_root": data_root}
+              "validation": validation, "backend": backend, "augment": augment,
+              "normalize": normalize, "data_root": data_root}
     with tempfile.TemporaryDirectory(prefix="cnn-mpi-") as tmp:
         cfg, out = Path(tmp) / "config.json", Path(tmp) / "out"
         cfg.write_text(json.dumps(config))
@@ -491,6 +493,7 @@ def _fit_main(config_path: str, out: str) -> int:
     hist = model.fit(data.x_train, data.y_train, epochs=c["epochs"], batch_size=c["batch_size"],
                      optimizer=c["optimizer"], strategy=c["strategy"],
                      strategy_options=c["strategy_options"], seed=c["seed"], verbose=0,
+                     augment=c["augment"], normalize=c["normalize"],
                      validation_data=(data.x_test, data.y_test) if c["validation"] else None)
     if launcher_rank() == 0:
         np.savez(Path(out).with_suffix(".npz"), **model.get_weights())
