@@ -108,6 +108,9 @@ from .files import atomic_write
 DEFAULT_RESULTS = Path("results") / "df_results.pkl"
 #: where ``make study`` puts the quick profile's results
 QUICK_RESULTS = Path("results") / "quick" / "df_results.pkl"
+#: short timed runs of the third edition's paths and problems (one seed each), which the
+#: ``--dry-run`` estimate calibrates on beside the study's own results
+CALIBRATION_RESULTS = Path("results") / "calibration" / "df_results.pkl"
 
 #: a run's outcome
 STATUSES = ("ok", "failed", "diverged")
