@@ -172,7 +172,7 @@ def describe_plan(grid_or_profile="quick", calibration=None, gpu: bool | None = 
                       for r in everything if unavailable(r.entry, gpu, r.cuda_simulator)})
         lines.append(f"  skipped: {len(everything) - len(runs)} run(s) that cannot run on this "
                      f"machine, nothing will be recorded for them: {', '.join(why)}")
-    if grid_or_profile in PROFILE_NOTES:
+    if isinstance(grid_or_profile, str) and grid_or_profile in PROFILE_NOTES:
         lines.append("  " + PROFILE_NOTES[grid_or_profile])
     links = sorted({r.link for r in runs if r.link})
     if links:
