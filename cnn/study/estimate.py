@@ -59,7 +59,7 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
     path, :data:`AUGMENT_SECONDS_PER_IMAGE`."""
     cols = ["model", "path", "strategy", "backend", "threads", "batch_size", "filters",
             "augment", "engine", "link"]
-    measured, speedups, overheads = {}, {}, {}
+    measured, speedups, overheads, cold_compiles = {}, {}, {}, {}
     if calibration is not None and len(calibration):
         # results from before an axis: no augmentation, the default engine, one host; a
         # warm-up epoch's time is not the throughput of the measured ones
@@ -93,6 +93,10 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
                                      / per_run["train"] - 1.0).clip(lower=0.0).fillna(0.0)
             for key, g in per_run.groupby(cols):
                 measured[key] = (g["ips"].median(), g["eval_ips"].median())
+            if "cold_compile_time" in ok:  # the study's one-off compile per backend and dtype
+                for key, g in ok.groupby(["backend", "dtype"])["cold_compile_time"]:
+                    if g.notna().any():
+                        cold_compiles[key] = float(g.median())
             seq = per_run[per_run["path"] == P.BASELINE].groupby(
                 ["model", "batch_size", "filters"])["ips"].median()
             for key, g in per_run.groupby(["path", "strategy", "backend", "threads", "engine",
@@ -115,7 +119,7 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
         cold = 0.0
         if jit is not None and jit not in compiled:
             compiled.add(jit)
-            cold = backend_info(r.backend).cold_compile
+            cold = cold_compiles.get(jit, backend_info(r.backend).cold_compile)
         if r.link and r.link not in clusters:
             clusters.add(r.link)
             cold += CLUSTER_UP_SECONDS
@@ -130,9 +134,9 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
             eval_ips = EVAL_SPEED_GUESS * ips
         overhead, warm_extra = overheads.get((r.model, r.path, r.engine),
                                              overheads.get(r.path, (None, 0.0)))
-        if overhead is None:
-            overhead = START_OVERHEAD + r.entry.overhead
-        overhead += DATASET_OVERHEAD.get(r.dataset, 0.0)
+        if overhead is None:  # a measured one includes loading the data
+            overhead = (START_OVERHEAD + r.entry.overhead
+                        + DATASET_OVERHEAD.get(r.dataset, 0.0))
         # a warm-up epoch: an epoch, and what it costs beyond one where that was measured
         epochs = r.epochs + r.warmup_epochs * (1.0 + warm_extra)
         extra = 0.0
