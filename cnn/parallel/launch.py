@@ -430,18 +430,16 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
                       batch_size: int = 32, optimizer: dict | None = None,
                       strategy: str = "mpi", strategy_options: dict | None = None,
                       seed: int = 0, validation: bool = False, backend: str = "auto",
+                      augment=None, normalize: bool = False,
                       data_root: str | None = None, hostfile: str | None = None,
-                      extra: list[str] | None = None, timeout: float = 600,
-                      record_steps: bool = False) -> dict:
+                      extra: list[str] | None = None, timeout: float = 600) -> dict:
     """Train on ``ranks`` MPI ranks started by the venv's ``mpiexec`` and return rank 0's
-    ``{"weights": {key: array}, "history": {...}, "info": {...}}`` (with ``record_steps``
-    also ``"steps"``: rank 0's weights after every step, an array ``(steps, n_params)``,
-    :class:`cnn.callbacks.WeightRecorder`'s).
+    ``{"weights": {key: array}, "history": {...}, "info": {...}}``.
 
     The ranks run ``python -m cnn.parallel.launch`` on a JSON copy of these arguments: each
     loads ``dataset`` (first ``limit`` examples), builds ``model`` (a preset, spec list or
-    dict) from ``model_seed`` and calls :func:`cnn.train.fit` with the rest, exactly as one
-    process would. Raises ``RuntimeError`` with the job's output if it fails.
+    dict) from ``model_seed`` and calls :func:`cnn.train.fit` with the rest (``augment`` and
+    ``normalize`` included), exactly as one process would. Raises ``RuntimeError`` with the job's output if it fails.
     """
     import json
     import tempfile
@@ -453,8 +451,8 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
               "dtype": dtype, "model_seed": model_seed, "epochs": epochs,
               "batch_size": batch_size, "optimizer": optimizer, "strategy": strategy,
               "strategy_options": strategy_options or {}, "seed": seed,
-              "validation": validation, "backend": backend, "data_root": data_root,
-              "record_steps": bool(record_steps)}
+              "validation": validation, "backend": backend, "augment": augment,
+              "normalize": normalize, "data_root": data_root}
     with tempfile.TemporaryDirectory(prefix="cnn-mpi-") as tmp:
         cfg, out = Path(tmp) / "config.json", Path(tmp) / "out"
         cfg.write_text(json.dumps(config))
@@ -474,8 +472,6 @@ def fit_under_mpiexec(ranks: int, *, model="mnist_small", dataset: str = "mnist_
         with np.load(out.with_suffix(".npz")) as f:
             weights = {k: f[k] for k in f.files}
         record = read_structured(out.with_suffix(".json"), "rank 0's record")
-        if record_steps:
-            record["steps"] = np.load(out.with_suffix(".steps.npy"))
     return {"weights": weights, **record}
 
 
@@ -494,16 +490,12 @@ def _fit_main(config_path: str, out: str) -> int:
                         test_limit=c["test_limit"], dtype=dtype)
     model = Sequential.from_spec(resolve_spec(c["model"]), input_shape=data.input_shape,
                                  dtype=dtype, seed=c["model_seed"], backend=c["backend"])
-    from ..callbacks import WeightRecorder
-    recorder = WeightRecorder()
     hist = model.fit(data.x_train, data.y_train, epochs=c["epochs"], batch_size=c["batch_size"],
                      optimizer=c["optimizer"], strategy=c["strategy"],
                      strategy_options=c["strategy_options"], seed=c["seed"], verbose=0,
-                     validation_data=(data.x_test, data.y_test) if c["validation"] else None,
-                     callbacks=[recorder] if c.get("record_steps") else ())
+                     augment=c["augment"], normalize=c["normalize"],
+                     validation_data=(data.x_test, data.y_test) if c["validation"] else None)
     if launcher_rank() == 0:
-        if c.get("record_steps"):
-            np.save(Path(out).with_suffix(".steps.npy"), np.stack(recorder.weights))
         np.savez(Path(out).with_suffix(".npz"), **model.get_weights())
         Path(out).with_suffix(".json").write_text(json.dumps(
             {"history": hist.history, "info": hist.info}, default=str))

@@ -45,32 +45,67 @@ def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, mod
            dataset: str, data, data_root, steps: int, batch_size: int, seed: int,
            optimizer: dict, dtype):
     """The weights after every step ``(steps, n_params)`` of ``steps`` steps of one variant
-    from ``model``'s initial weights (``seed``) on the first ``steps * batch_size`` examples;
-    a path launched by ``mpiexec`` runs as an MPI job of ``threads`` ranks
-    (:func:`cnn.parallel.launch.fit_under_mpiexec`, which loads the same examples)."""
+    from ``model``'s initial weights (``seed``) on the first ``steps * batch_size`` examples
+    of ``data``; a path launched by ``mpiexec`` runs as an MPI job of ``threads`` ranks, each
+    loading the same examples, rank 0 recording (``python -m cnn.study.equivalence
+    --trajectory JOB OUT``)."""
+    import json
+    import subprocess
+    import tempfile
+
+    import numpy as np
+    job = {"path": entry.name, "strategy": strategy, "backend": backend, "threads": threads,
+           "model": model, "dataset": dataset, "data_root": data_root, "steps": steps,
+           "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
+           "dtype": np.dtype(dtype).name}
+    if entry.launch != "mpiexec":
+        return _trajectory(job, data)
+    with tempfile.TemporaryDirectory(prefix="cnn-equivalence-") as tmp:
+        job_path, out = Path(tmp) / "job.json", Path(tmp) / "steps.npy"
+        job_path.write_text(json.dumps(job))
+        cmd = entry.command(job, [sys.executable, "-m", "cnn.study.equivalence",
+                                  "--trajectory", str(job_path), str(out)])
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit status {res.returncode}:\n"
+                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return np.load(out)
+
+
+def _trajectory(job: dict, data=None):
+    """The weights after every step of ``job`` (see :func:`_train`), trained in this process
+    (one rank of an MPI job when a launcher started it); ``data`` None: loaded here."""
     import numpy as np
 
     from ..callbacks import WeightRecorder
+    from ..data import load_dataset
     from ..model import Sequential, resolve_spec
     from ..train import fit
-    n = steps * batch_size
-    args = entry.fit_arguments({"strategy": strategy, "threads": threads})
-    if entry.launch == "mpiexec":
-        from ..parallel.launch import fit_under_mpiexec
-        job = fit_under_mpiexec(threads, model=model, dataset=dataset, limit=n, test_limit=1,
-                                dtype=np.dtype(dtype).name, model_seed=seed,
-                                batch_size=batch_size, optimizer=optimizer,
-                                strategy=args["strategy"],
-                                strategy_options=args.get("strategy_options"), seed=seed,
-                                backend=backend, data_root=data_root, record_steps=True)
-        return job["steps"]
-    net = Sequential.from_spec(resolve_spec(model), input_shape=data.input_shape, dtype=dtype,
-                               seed=seed, backend=backend)
+    dtype = np.dtype(job["dtype"])
+    n = job["steps"] * job["batch_size"]
+    if data is None:
+        data = load_dataset(job["dataset"], root=job["data_root"], limit=n, test_limit=1,
+                            seed=0, dtype=dtype)
+    entry = P.get_path(job["path"])
+    net = Sequential.from_spec(resolve_spec(job["model"]), input_shape=data.input_shape,
+                               dtype=dtype, seed=job["seed"], backend=job["backend"])
     recorder = WeightRecorder()
-    fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=batch_size,
-        optimizer=optimizer, seed=seed, backend=backend, blas_threads=1, verbose=0,
-        callbacks=[recorder], **args)
+    fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=job["batch_size"],
+        optimizer=job["optimizer"], seed=job["seed"], backend=job["backend"], blas_threads=1,
+        verbose=0, callbacks=[recorder],
+        **entry.fit_arguments({"strategy": job["strategy"], "threads": job["threads"]}))
     return np.stack(recorder.weights)
+
+
+def _trajectory_main(job_path: str, out: str) -> int:
+    """``--trajectory JOB OUT``: one rank of :func:`_train`'s MPI job; rank 0 writes OUT."""
+    import numpy as np
+
+    from ..parallel.launch import launcher_rank
+    weights = _trajectory(read_structured(job_path, "equivalence job"))
+    if launcher_rank() == 0:
+        np.save(out, weights)
+    return 0
 
 
 #: the third edition's problems ``(dataset, model)``: MNIST and both CIFAR-10 networks
@@ -157,6 +192,9 @@ def read(path):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--trajectory"]:  # a rank of an MPI variant's job (see _train)
+        return _trajectory_main(*argv[1:3])
     p = argparse.ArgumentParser(prog="python -m cnn.study.equivalence",
                                 description=__doc__.splitlines()[0])
     p.add_argument("out", help="the CSV to write (e.g. results/equivalence.csv)")

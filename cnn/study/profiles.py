@@ -1,4 +1,4 @@
-"""The named grids of the study (``--profile``): quick, full, device, smoke.
+"""The named grids of the study (``--profile``): quick, full, third, device, smoke.
 
 A grid is a dict of axis -> value(s), or a list of such dicts (see :mod:`cnn.study.grid`).
 Every profile repeats each configuration 5 times (with n = 5 the range of the repeats is a
