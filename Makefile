@@ -1,5 +1,5 @@
 # The two commands (see README.md):
-#   make study   run the study (PROFILE=quick by default; full; device on a GPU machine), the
+#   make study   run the study (PROFILE=quick by default; full; third; device on a GPU machine), the
 #                analysis notebook and the report
 #   make test    run the whole test suite (unit tests, simulator kernels, PTX, notebooks)
 # Each creates .venv and installs the pinned requirements the first time; after that the
@@ -14,8 +14,10 @@ PY      := $(VENV)/bin/python
 TORCH   ?=
 STAMP   := $(VENV)/.installed-$(shell cat requirements.txt pyproject.toml $(if $(TORCH),requirements-bench.txt) | cksum | cut -d' ' -f1)
 PROFILE ?= quick
-# the quick profile writes under results/quick so it never overwrites the committed full results
-RESULTS ?= $(if $(filter full,$(PROFILE)),results,results/$(PROFILE))
+# the quick profile writes under results/quick so it never overwrites the committed results
+# (those of the full profile, or of the third edition's, which replaces them)
+MAIN    := $(filter full third,$(PROFILE))
+RESULTS ?= $(if $(MAIN),results,results/$(PROFILE))
 
 .PHONY: study test report bench venv clean
 
@@ -45,10 +47,10 @@ study: $(STAMP)
 	$(MAKE) report PROFILE=$(PROFILE)
 
 # the full report merges another machine's results (the device profile) when they exist
-MERGE := $(if $(filter full,$(PROFILE)),$(wildcard results/device/df_results.pkl))
+MERGE := $(if $(MAIN),$(wildcard results/device/df_results.pkl))
 
 report: $(STAMP)
-	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(filter full,$(PROFILE)),report/report.pdf,$(RESULTS)/report.pdf) $(foreach m,$(MERGE),--merge $(m))
+	$(PY) -m cnn report --results $(RESULTS)/df_results.pkl --out $(if $(MAIN),report/report.pdf,$(RESULTS)/report.pdf) $(foreach m,$(MERGE),--merge $(m))
 
 bench: $(STAMP)
 	$(PY) -m cnn bench

@@ -360,6 +360,32 @@ class LiveCurves(Callback):
             plt.close(self._fig)  # displayed already: do not show it a second time
 
 
+class WeightRecorder(Callback):
+    """Records every parameter after every optimizer step: ``weights[i]`` is one float64
+    vector of all parameters (keys in sorted order, each raveled) after step ``i + 1``; a
+    parameter on a device is copied to the host first. What the equivalence check compares
+    (:mod:`cnn.study.equivalence`)."""
+
+    def __init__(self):
+        self.weights: list = []
+
+    def on_step_end(self, step: int, logs: Mapping[str, Any]) -> None:
+        import numpy as np
+        params = logs["params"]()
+        self.weights.append(np.concatenate([
+            np.asarray(_host(params[k]), dtype=np.float64).ravel() for k in sorted(params)]))
+
+
+def _host(a):
+    """A device array's host copy (``copy_to_host``), a PyTorch tensor's NumPy view, else
+    ``a``."""
+    if hasattr(a, "copy_to_host"):
+        return a.copy_to_host()
+    if hasattr(a, "detach"):
+        return a.detach().cpu().numpy()
+    return a
+
+
 def _in_notebook() -> bool:
     try:
         from IPython import get_ipython
@@ -378,4 +404,5 @@ def monitored(callbacks, schedule=None) -> list[tuple[str, str]]:
     return out
 
 
-__all__ = ["Callback", "EarlyStopping", "FitRun", "LiveCurves", "ModelCheckpoint"]
+__all__ = ["Callback", "EarlyStopping", "FitRun", "LiveCurves", "ModelCheckpoint",
+           "WeightRecorder"]

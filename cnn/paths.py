@@ -22,7 +22,8 @@ computes something new, its :class:`Algorithm`) and one :class:`TrainingPath` en
                  "Allreduce per step", strategies=("sync", "average"),
                  backends=("numpy", "numba"), workers="MPI ranks", scales=True,
                  launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
-                 fit_workers=False, requires=("mpi4py",), communicates=True)
+                 fit_workers=False, requires=("mpi4py",), sequential_algorithm=True,
+                 communicates=True, links=True, overhead=1.0)
 
 Everything else (grid axes, keys, labels, figure order, oversubscription marks, the child's
 command line and environment, the estimates) follows from the entry.
@@ -184,6 +185,15 @@ class TrainingPath:
         communicates: its workers exchange gradients or weights and time it (the results'
             ``comm_time``: the reduce phase of threads and processes, MPI's allreduce), which
             the report sets beside computation.
+        engines: how a reference framework's trainer may execute the model (the grid's
+            ``engine`` axis and the results' column of that name; the first is the default):
+            the Keras reference ``graph`` (``tf.function``, no XLA: Keras's own choice on a
+            CPU) or ``xla`` (``jit_compile=True``), PyTorch ``eager`` (channels-first),
+            ``channels_last`` or ``compiled`` (channels-last and ``torch.compile``'s inductor).
+            Empty: the path has one way to run (``engine`` is ``""``).
+        links: its ranks may run one per host across an emulated cluster (:mod:`cnn.cluster`)
+            over a link profile (the grid's ``link`` axis: ``1gbe``, ``10gbe``, ...; ``""``:
+            every rank on this host), launched by the cluster's ``mpiexec``.
         optimizers: the only optimizer types its trainer runs, with no options but the grid's
             ``lr`` and ``momentum`` and at a constant rate (the PyTorch bridge: ``("sgd",)``);
             empty: any optimizer of :mod:`cnn.optim`, with any options and schedule.
@@ -215,6 +225,8 @@ class TrainingPath:
     sequential_algorithm: bool = False
     communicates: bool = False
     optimizers: tuple[str, ...] = ()
+    engines: tuple[str, ...] = ()
+    links: bool = False
     overhead: float = 0.0
     speed_guess: float = 1.0
 
@@ -228,6 +240,10 @@ class TrainingPath:
         if self.cores not in ("workers", "one", "device"):
             raise ValueError(f"path {self.name!r}: cores must be 'workers', 'one' or 'device'; "
                              f"received cores={self.cores!r}")
+        if self.links and self.launch != "mpiexec":
+            raise ValueError(f"path {self.name!r}: only a path launched by mpiexec runs across "
+                             f"an emulated cluster (links=True); received launch="
+                             f"{self.launch!r}")
         if not self.strategies or not self.backends:
             raise ValueError(f"path {self.name!r}: needs at least one strategy and backend")
         unknown = [s for s in self.strategies if s not in ALGORITHMS]
@@ -290,13 +306,16 @@ class TrainingPath:
         """The variables this path sets in its child's environment."""
         return {k: str(v).format(**cfg) for k, v in self.env.items()}
 
-    def command(self, cfg: Mapping, argv: list[str]) -> list[str]:
-        """The command line that starts the child ``argv`` (``[python, -m, ...]``)."""
+    def command(self, cfg: Mapping, argv: list[str], mpiexec: str | None = None) -> list[str]:
+        """The command line that starts the child ``argv`` (``[python, -m, ...]``); a path
+        launched by ``mpiexec`` uses ``mpiexec`` when given (an emulated cluster's, which
+        spreads the ranks over its hosts), else the venv's own (the mpich wheel puts it
+        beside python), else the one on PATH."""
         if self.launch == "mpiexec":
-            # the venv's own (the mpich wheel puts it beside python), else the one on PATH
-            here = Path(sys.executable).parent / "mpiexec"
-            mpiexec = str(here) if here.is_file() else shutil.which("mpiexec") or "mpiexec"
-            return [mpiexec, "-n", str(cfg["threads"]), *argv]
+            if mpiexec is None:
+                here = Path(sys.executable).parent / "mpiexec"
+                mpiexec = str(here) if here.is_file() else shutil.which("mpiexec") or "mpiexec"
+            return [str(mpiexec), "-n", str(cfg["threads"]), *argv]
         return list(argv)
 
     def fit_arguments(self, cfg: Mapping) -> dict:
@@ -312,6 +331,18 @@ class TrainingPath:
             out["strategy_options"] = opts
         return out
 
+    def resolve_engine(self, engine: str | None) -> str:
+        """The run's engine: ``""`` for a path without :attr:`engines`, else ``engine`` or the
+        default, a clear ``ValueError`` for one the path does not take."""
+        if not self.engines:
+            return ""
+        if engine in (None, ""):
+            return self.engines[0]
+        if engine not in self.engines:
+            raise ValueError(f"grid axis 'engine': path {self.name!r} runs as one of "
+                             f"{list(self.engines)}; received engine={engine!r}")
+        return engine
+
     def takes_option(self, strategy: str, axis: str) -> bool:
         """Whether ``axis`` (e.g. ``period``) means something for this path's ``strategy``."""
         return axis in self.options.get(strategy, {})
@@ -322,23 +353,30 @@ class TrainingPath:
         missing = [m for m in self.requires if importlib.util.find_spec(m) is None]
         return (not missing, f"{', '.join(missing)} not installed" if missing else "")
 
-    def label(self, strategy, backend, threads) -> str:
+    def label(self, strategy, backend, threads, engine=None, link=None) -> str:
         """The variant with its worker count: ``threads/sync ×2``, ``accumulate m=4``,
-        ``sequential``; no count for paths that do not scale."""
-        name = self.variant(strategy, backend)
+        ``mpi@1gbe ×2``, ``sequential``; no count for paths that do not scale."""
+        name = self.variant(strategy, backend, engine, link)
         if not self.scales or not _given(threads):
             return name
         return f"{name} ×{int(threads)}" if self.cores == "workers" else f"{name} m={int(threads)}"
 
     # ---- analysis ------------------------------------------------------------------------------
-    def variant(self, strategy: str | None, backend: str | None) -> str:
-        """``threads/sync``, ``threads/hogwild[numba]``, ``numba_parallel``, ``sequential``:
-        the strategy when the path has several, the backend when it is not the default."""
+    def variant(self, strategy: str | None, backend: str | None, engine=None,
+                link=None) -> str:
+        """``threads/sync``, ``threads/hogwild[numba]``, ``numba_parallel``, ``sequential``,
+        ``keras+xla``, ``mpi@1gbe``: the strategy when the path has several, the backend when
+        it is not the default, the engine when it is not the default (the first of
+        :attr:`engines`), the link profile when the ranks ran across an emulated cluster."""
         name = self.name
         if len(self.strategies) > 1 and _given(strategy) and strategy != "sequential":
             name += f"/{strategy}"
         if _given(backend) and backend not in (self.default_backend, self.model_backend):
             name += f"[{backend}]"
+        if _given(engine) and self.engines and engine != self.engines[0]:
+            name += f"+{engine}"
+        if _given(link):
+            name += f"@{link}"
         return name
 
     def p(self, threads) -> float:
@@ -394,7 +432,8 @@ PATHS: dict[str, TrainingPath] = {p.name: p for p in (
                  "Allreduce per step", strategies=("sync", "average"),
                  backends=("numpy", "numba"), workers="MPI ranks", scales=True,
                  launch="mpiexec", fit_strategy={"sync": "mpi", "average": "mpi_average"},
-                 fit_workers=False, requires=("mpi4py",), communicates=True),
+                 fit_workers=False, requires=("mpi4py",), sequential_algorithm=True,
+                 communicates=True, links=True, overhead=1.0),
     TrainingPath("numba_parallel", "Numba parallel=True kernels (intra-op threads)",
                  backends=("numba_parallel",), workers="NUMBA_NUM_THREADS", scales=True,
                  launch="env", env={"NUMBA_NUM_THREADS": "{threads}"}, fit_workers=False,
@@ -405,11 +444,19 @@ PATHS: dict[str, TrainingPath] = {p.name: p for p in (
     TrainingPath("keras", "the Keras reference (TensorFlow, CPU), same spec and weights",
                  backends=("tensorflow",), workers="TensorFlow intra/inter-op threads",
                  scales=True, trainer="keras", model_backend="numpy",
-                 requires=("tensorflow",), overhead=12.0, speed_guess=3.0),
+                 requires=("tensorflow",), engines=("graph", "xla"), overhead=12.0,
+                 speed_guess=3.0),
     TrainingPath("torch", "PyTorch on the CPU (intra-op threads), same spec, weights and batches",
                  backends=("torch",), workers="PyTorch intra-op threads", scales=True,
                  trainer="torch", model_backend="numpy", requires=("torch",),
-                 optimizers=("sgd",), overhead=4.0, speed_guess=0.5),
+                 optimizers=("sgd",), engines=("eager", "channels_last", "compiled"),
+                 overhead=4.0, speed_guess=0.5),
+    TrainingPath("torch_ddp", "PyTorch DistributedDataParallel on the CPU: one process per "
+                 "worker started by mpiexec, gloo's allreduce of gradient buckets while "
+                 "backward runs, one intra-op thread each", strategies=("sync",),
+                 backends=("torch",), workers="DDP processes", scales=True, launch="mpiexec",
+                 trainer="torch", model_backend="numpy", requires=("torch", "mpi4py"),
+                 optimizers=("sgd",), communicates=True, overhead=5.0, speed_guess=0.5),
     TrainingPath("torch_cuda", "PyTorch on the GPU, same spec, weights and batches",
                  backends=("torch_cuda",), workers="none", trainer="torch",
                  model_backend="numpy", requires=("torch",), needs_gpu=True,
@@ -451,7 +498,12 @@ def all_backends() -> list[str]:
     return list(dict.fromkeys(b for p in PATHS.values() for b in p.backends))
 
 
-def variant_name(path: str, strategy=None, backend=None) -> str:
+def all_engines() -> list[str]:
+    """Every engine some path runs as, in registry order."""
+    return list(dict.fromkeys(e for p in PATHS.values() for e in p.engines))
+
+
+def variant_name(path: str, strategy=None, backend=None, engine=None, link=None) -> str:
     """The display name of a path variant (see :meth:`TrainingPath.variant`); a path not in the
     registry (a results file from elsewhere) keeps its own name."""
     entry = PATHS.get(str(path))
@@ -460,16 +512,16 @@ def variant_name(path: str, strategy=None, backend=None) -> str:
         if _given(strategy) and strategy != "sequential":
             name += f"/{strategy}"
         return name
-    return entry.variant(strategy, backend)
+    return entry.variant(strategy, backend, engine, link)
 
 
-def label(path: str, strategy=None, backend=None, threads=None) -> str:
+def label(path: str, strategy=None, backend=None, threads=None, engine=None, link=None) -> str:
     """The display label of a run: variant and worker count (see :meth:`TrainingPath.label`)."""
     entry = PATHS.get(str(path))
     if entry is None:
         name = variant_name(path, strategy, backend)
         return f"{name} ×{int(threads)}" if _given(threads) else name
-    return entry.label(strategy, backend, threads)
+    return entry.label(strategy, backend, threads, engine, link)
 
 
 def workers(path: str, threads) -> float:

@@ -21,7 +21,12 @@ Configuration (the same on every row of a run, :data:`CONFIG_FIELDS`):
     training split, 0 when off), optimizer (str; the optimizer as ``NAME[:key=value,...]``, ""
     for the preset's), lr_schedule (str; the schedule likewise, "" for a constant rate),
     augment (str; the training data's augmentation as ``pad=4,flip=true``, :mod:`cnn.augment`,
-    "" for none).
+    "" for none), warmup_epochs (int; epochs trained before the ``epochs`` measured ones, whose
+    rows are marked ``warmup``; 0 in files from before it was recorded), engine (str; how a
+    reference framework ran the model: Keras ``graph`` or ``xla``, PyTorch ``eager``,
+    ``channels_last`` or ``compiled``, the registry's ``TrainingPath.engines``; "" for our
+    paths), link (str; the emulated cluster's link profile the MPI ranks ran across, one rank
+    per host, ``1gbe``, ``10gbe``; "" for every rank on one host).
 Per epoch (:data:`EPOCH_FIELDS`):
     epoch (Int64, 1-based), time (float s; training wall time of the epoch = data + transfer +
     compute + comm), compute_time, comm_time (combining gradients or weights between workers:
@@ -34,7 +39,8 @@ Per epoch (:data:`EPOCH_FIELDS`):
     ``time``), resumed (bool; the epoch was trained by a process that continued the run from
     its backup after the run's process had died, :mod:`cnn.backup`: the study keeps such
     epochs out of its throughput figures, which come from the epochs of the run's first
-    process alone; False in files from before it was recorded).
+    process alone; False in files from before it was recorded), warmup (bool; one of the run's
+    ``warmup_epochs``: trained, recorded, and kept out of every throughput figure).
 Per run (repeated on each of its rows, :data:`RUN_FIELDS`):
     compile_time (s; the run's JIT warm-up before epoch 1, against the study's warm cache;
     0 for numpy), cold_compile_time (s; the one-off compile of the run's backend and dtype
@@ -102,6 +108,9 @@ from .files import atomic_write
 DEFAULT_RESULTS = Path("results") / "df_results.pkl"
 #: where ``make study`` puts the quick profile's results
 QUICK_RESULTS = Path("results") / "quick" / "df_results.pkl"
+#: short timed runs of the third edition's paths and problems (one seed each), which the
+#: ``--dry-run`` estimate calibrates on beside the study's own results
+CALIBRATION_RESULTS = Path("results") / "calibration" / "df_results.pkl"
 
 #: a run's outcome
 STATUSES = ("ok", "failed", "diverged")
@@ -109,10 +118,10 @@ STATUSES = ("ok", "failed", "diverged")
 CONFIG_FIELDS = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size",
                  "filters", "epochs", "train_size", "test_size", "repeat", "dtype", "seed", "lr",
                  "momentum", "cuda_simulator", "period", "target", "eval_every", "val_size",
-                 "optimizer", "lr_schedule", "augment")
+                 "optimizer", "lr_schedule", "augment", "warmup_epochs", "engine", "link")
 EPOCH_FIELDS = ("epoch", "time", "compute_time", "data_time", "transfer_time", "eval_time",
                 "images_per_sec", "train_loss", "train_accuracy", "test_loss", "test_accuracy",
-                "comm_time", "step_eval_time", "resumed")
+                "comm_time", "step_eval_time", "resumed", "warmup")
 RUN_FIELDS = ("compile_time", "cold_compile_time", "final_test_accuracy", "num_params",
               "load_time", "run_time", "started_at", "device", "order_index", "order_seed",
               "reduce_time", "tta_status", "time_to_target", "steps_to_target",
@@ -126,7 +135,7 @@ MACHINE_COLUMNS = ("cpu", "cpu_model_number", "cpu_frequency", "cores", "smt",
 COLUMNS = (("run_key", "status", "error") + CONFIG_FIELDS + EPOCH_FIELDS + RUN_FIELDS
            + MACHINE_COLUMNS)
 INT_COLUMNS = ("threads", "batch_size", "filters", "epochs", "train_size", "test_size",
-               "repeat", "seed", "cores", "eval_every", "val_size")
+               "repeat", "seed", "cores", "eval_every", "val_size", "warmup_epochs")
 NULLABLE_INT_COLUMNS = ("epoch", "num_params", "order_index", "order_seed")
 FLOAT_COLUMNS = ("lr", "momentum", "target", "time", "compute_time", "data_time",
                  "transfer_time", "eval_time", "images_per_sec", "train_loss", "train_accuracy",
@@ -135,8 +144,8 @@ FLOAT_COLUMNS = ("lr", "momentum", "target", "time", "compute_time", "data_time"
                  "reduce_time", "time_to_target", "steps_to_target", "examples_to_target",
                  "flops_per_image", "sgemm_peak_gflops")
 #: what a column added after the first edition holds in an older file
-FILL = {"eval_every": 0, "val_size": 0, "resumed": False}
-BOOL_COLUMNS = ("cuda_simulator", "resumed")
+FILL = {"eval_every": 0, "val_size": 0, "resumed": False, "warmup_epochs": 0, "warmup": False}
+BOOL_COLUMNS = ("cuda_simulator", "resumed", "warmup")
 STRING_COLUMNS = tuple(c for c in COLUMNS if c not in INT_COLUMNS + NULLABLE_INT_COLUMNS
                        + FLOAT_COLUMNS + BOOL_COLUMNS)
 #: the columns without which a file is not a study results file

@@ -536,22 +536,27 @@ def plot_equivalence(table: pd.DataFrame):
     if table is None or table.empty:
         return None
     dtypes = [d for d in ("float64", "float32") if d in set(table["dtype"])]
-    fig, axes = _figure(6.4, 2.6, ncols=len(dtypes), sharey=False)
+    # one row per problem (tables from before the problem column hold one)
+    problems = list(dict.fromkeys(table["problem"])) if "problem" in table else [""]
+    fig, axes = _figure(6.4, 2.6 * len(problems), nrows=len(problems), ncols=len(dtypes),
+                        sharey=False)
     import seaborn as sns
     labels = list(dict.fromkeys(table["label"]))
     colors = dict(zip(labels, sns.color_palette("colorblind", len(labels))))
-    for dt, ax in zip(dtypes, axes[0]):
-        d = table[table["dtype"] == dt]
-        for lb, g in d.groupby("label", sort=False):
-            ax.plot(g["step"], g["rel_diff"].clip(lower=1e-20), lw=1, color=colors[lb],
-                    label=lb)
-        ax.set_yscale("log")
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("relative weight difference")
-        ax.set_title(dt, fontsize=9)
-        ax.tick_params(labelsize=8)
-        eps = float(np.finfo(dt).eps)
-        ax.axhline(eps, ls=":", color="0.4", lw=0.8)
+    for row, problem in zip(axes, problems):
+        rows = table[table["problem"] == problem] if problem else table
+        for dt, ax in zip(dtypes, row):
+            d = rows[rows["dtype"] == dt]
+            for lb, g in d.groupby("label", sort=False):
+                ax.plot(g["step"], g["rel_diff"].clip(lower=1e-20), lw=1, color=colors[lb],
+                        label=lb)
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("relative weight difference")
+            ax.set_title(f"{problem}, {dt}" if problem else dt, fontsize=9)
+            ax.tick_params(labelsize=8)
+            eps = float(np.finfo(dt).eps)
+            ax.axhline(eps, ls=":", color="0.4", lw=0.8)
     axes[0][0].legend(fontsize=6.5, loc="lower right", framealpha=0.9)
     return fig
 

@@ -43,7 +43,10 @@ CONFIG_KEYS = ("dataset", "model", "batch_size", "filters", "train_size", "dtype
                "lr_schedule", "augment")
 #: ... on the same machine (constant within one study; guards against mixed result files)
 MACHINE_KEYS = ("cpu", "cores")
-VARIANT_KEYS = ("path", "strategy", "backend", "period")
+#: what tells two variants apart: the path, its strategy and backend, average's period, a
+#: reference framework's engine (Keras with or without XLA, PyTorch eager or compiled) and the
+#: link profile of MPI ranks across an emulated cluster ("" on one host)
+VARIANT_KEYS = ("path", "strategy", "backend", "period", "engine", "link")
 GROUP_KEYS = CONFIG_KEYS + VARIANT_KEYS + ("threads",)
 #: Amdahl and Karp-Flatt only where at least this many worker counts were measured
 MIN_P_FOR_FITS = 3
@@ -85,11 +88,11 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "sgemm_peak_gflops")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
                 "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": "",
-                "augment": "",
-                "resumed": False}
+                "augment": "", "engine": "", "link": "",
+                "resumed": False, "warmup": False}
     missing = {c: v for c, v in defaults.items() if c not in df.columns}
     df = df.assign(**missing) if missing else df.copy()
-    for col in ("period", "optimizer", "lr_schedule", "augment"):  # text; "" is the default
+    for col in ("period", "optimizer", "lr_schedule", "augment", "engine", "link"):  # text
         df[col] = df[col].fillna("").astype(str).replace("nan", "")
     df["status"] = df["status"].astype(str).str.lower()
     return df
@@ -100,13 +103,13 @@ variant_name = P.variant_name
 workers = P.workers
 
 
-def _variant(path, strategy, backend, period) -> str:
-    name = P.variant_name(path, strategy, backend)
+def _variant(path, strategy, backend, period, engine="", link="") -> str:
+    name = P.variant_name(path, strategy, backend, engine, link)
     return name + (f"@{period}" if period not in (None, "") and not is_missing(period) else "")
 
 
-def _label(path, strategy, backend, threads, period) -> str:
-    lab = P.label(path, strategy, backend, threads)
+def _label(path, strategy, backend, threads, period, engine="", link="") -> str:
+    lab = P.label(path, strategy, backend, threads, engine, link)
     if period not in (None, "") and not is_missing(period):
         head, sep, tail = lab.partition(" ")
         lab = f"{head}@{period}{sep}{tail}"
@@ -164,8 +167,10 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     ok = ok.assign(_images=(ok["images_per_sec"] * ok["time"]).fillna(ok["train_size"]),
                    comm_time=ok["comm_time"].fillna(0.0))
     # the timings of the epochs a resumed process trained (the run's first process died)
-    # are kept out of the throughput figures, which come from the run's first process
-    resumed = ok["resumed"].fillna(False).astype(bool)
+    # are kept out of the throughput figures, which come from the run's first process; so
+    # are those of a run's warm-up epochs (JIT, caches, thread pools, a compiled graph)
+    resumed = (ok["resumed"].fillna(False).astype(bool)
+               | ok["warmup"].fillna(False).astype(bool))
     timing = ["time", "compute_time", "comm_time", "data_time", "transfer_time", "eval_time",
               "_images"]
     ok.loc[resumed, timing] = np.nan
@@ -195,9 +200,9 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
     runs["p"] = [P.workers(a, t) for a, t in zip(runs["path"], runs["threads"])]
     runs["oversubscribed"] = [P.oversubscribed(a, t, c) for a, t, c in
                               zip(runs["path"], runs["threads"], runs["cores"])]
-    runs["label"] = [_label(a, s, b, t, q) for a, s, b, t, q in
-                     runs[["path", "strategy", "backend", "threads", "period"]]
-                     .itertuples(index=False)]
+    runs["label"] = [_label(*v) for v in
+                     runs[["path", "strategy", "backend", "threads", "period", "engine",
+                           "link"]].itertuples(index=False)]
     runs["problem"] = runs["dataset"].astype(str) + "/" + runs["model"].astype(str)
     runs["config_id"] = _ids(runs, CONFIG_KEYS + MACHINE_KEYS + ("target",))
     keys = pd.DataFrame({

@@ -55,7 +55,7 @@ import time
 
 import numpy as np
 
-from ..checks import check_int
+from ..checks import check_choice, check_int
 from ..layers import (BatchNorm, Conv2D, Dense, Dropout, Flatten, GlobalAvgPool2D, Layer,
                       MaxPool2D, ReLU, Residual, ShortcutPad, Sigmoid, Tanh)
 
@@ -450,7 +450,13 @@ def keras_accuracy(model):
     return keras.metrics.SparseCategoricalAccuracy(name="accuracy")
 
 
-def compile_keras_model(kmodel, model, optimizer=None) -> None:
+#: how :func:`fit_keras` runs the model (the study's ``engine`` of its ``keras`` path) ->
+#: ``Model.compile``'s ``jit_compile``: ``graph`` is a ``tf.function`` without XLA (what Keras
+#: picks by itself on a machine without an accelerator), ``xla`` compiles the step with XLA
+ENGINES = {"graph": False, "xla": True}
+
+
+def compile_keras_model(kmodel, model, optimizer=None, jit_compile: bool = False) -> None:
     """Compile with our loss, the optimizer spec, and training-batch accuracy. A coupled weight
     decay (``weight_decay_mode="coupled"``) becomes an L2 penalty on every trainable weight.
 
@@ -479,7 +485,7 @@ def compile_keras_model(kmodel, model, optimizer=None) -> None:
     keras.backend.set_floatx(str(model.dtype))
     try:
         kmodel.compile(optimizer=keras_optimizer(opt), loss=keras_loss(model),
-                       metrics=[keras_accuracy(model)])
+                       metrics=[keras_accuracy(model)], jit_compile=bool(jit_compile))
     finally:
         keras.backend.set_floatx(previous)
 
@@ -499,15 +505,16 @@ class _CoupledDecay:
 
 
 # ---- the set-up every Keras user shares -----------------------------------------------------
-def compiled_keras_model(model, optimizer=None, threads: int | None = 1):
+def compiled_keras_model(model, optimizer=None, threads: int | None = 1,
+                         jit_compile: bool = False):
     """The Keras copy of ``model``, ready to train: TensorFlow pinned to ``threads`` threads
     (:func:`configure_threads`), the architecture and current weights of ``model``
     (:func:`build_keras_model`), compiled with our loss and ``optimizer`` in the model's dtype
-    (:func:`compile_keras_model`). :func:`fit_keras` and the benchmarks' Keras contenders all
-    start from it."""
+    (:func:`compile_keras_model`; ``jit_compile``: the step through XLA). :func:`fit_keras`
+    and the benchmarks' Keras contenders all start from it."""
     configure_threads(threads)
     kmodel = build_keras_model(model)
-    compile_keras_model(kmodel, model, optimizer)
+    compile_keras_model(kmodel, model, optimizer, jit_compile)
     return kmodel
 
 
@@ -630,7 +637,8 @@ def _step_hooks(hooks, kmodel, model, n: int, batch_size: int):
 
 def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int | None = 1,
-              verbose: int = 0, callbacks=(), augment=None, normalize: bool = False):
+              verbose: int = 0, callbacks=(), augment=None, normalize: bool = False,
+              engine: str = "graph"):
     """Train the Keras copy of ``model`` (same initial weights) and copy the result back.
 
     The Keras path of the study: same arguments and the same History columns as
@@ -661,6 +669,9 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
             input pipeline makes (:func:`cnn.augment.epoch_batches`, the same crops and flips
             of the same examples), and the model keeps the normalisation for ``evaluate``
             and ``predict``; the validation data is normalised alike.
+        engine: how Keras runs the step, a key of :data:`ENGINES`: ``graph`` (a
+            ``tf.function``, no XLA) or ``xla`` (``jit_compile=True``; its compilation falls
+            in the warm-up, ``compile_time``); recorded in ``info["engine"]``.
 
     Returns:
         a :class:`cnn.train.History` with, per epoch, the keys of :func:`cnn.train.fit`:
@@ -694,6 +705,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     from ..train import History
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
+    check_choice(None, "engine", engine, tuple(ENGINES))
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)
@@ -714,7 +726,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                                                  model.input_shape)
     pipeline = InputPipeline(augmentation, model.normalization, seed)
     t = time.perf_counter()
-    kmodel = compiled_keras_model(model, opt, threads)
+    kmodel = compiled_keras_model(model, opt, threads, ENGINES[engine])
     params_time = time.perf_counter() - t
     t = time.perf_counter()
     # normalised once; with augmentation these are only the warm-up's images, the epochs'
@@ -726,6 +738,7 @@ def fit_keras(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                keras_labels(model, validation_data[1]))
     layout_time = time.perf_counter() - t
     history = History(info={"backend": "keras", "strategy": "keras", "threads": threads,
+                            "engine": engine,
                             "batch_size": batch_size, "epochs": epochs, "seed": seed,
                             "optimizer": opt.config(), "train_examples": n,
                             "dtype": str(model.dtype), "params_transfer_time": params_time,

@@ -27,6 +27,15 @@ import time
 import numpy as np
 
 
+#: how :func:`fit_torch` runs the model on the CPU (the study's ``engine`` of its ``torch``
+#: path): ``eager`` channels-first tensors; ``channels_last`` the parameters and batches in
+#: ``torch.channels_last`` (NHWC, the layout oneDNN's convolutions prefer); ``compiled`` that
+#: and the training module through ``torch.compile`` (inductor, C++ kernels built locally)
+ENGINES = {"eager": {"channels_last": False, "compile": False},
+           "channels_last": {"channels_last": True, "compile": False},
+           "compiled": {"channels_last": True, "compile": True}}
+
+
 def configure_threads(threads: int, interop_threads: int = 1) -> None:
     """PyTorch's CPU thread pools: ``threads`` intra-op threads, and ``interop_threads``
     inter-op threads unless this process has fixed them already (PyTorch takes that setting
@@ -242,7 +251,8 @@ def check_torch_trainable(model, optimizer=None) -> None:
 def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
               seed: int = 0, validation_data: tuple | None = None, threads: int = 1,
               device: str = "cpu", verbose: int = 0, callbacks=(), distributed: bool = False,
-              bucket_cap_mb: float = 25.0, augment=None, normalize: bool = False):
+              bucket_cap_mb: float = 25.0, augment=None, normalize: bool = False,
+              engine: str = "eager"):
     """Train the PyTorch copy of ``model``; same arguments and History columns as
     :func:`cnn.train.fit` (``compile_time`` 0: nothing is compiled; ``comm_time`` absent: one
     worker; ``info["wall_time"]`` the seconds of the call from PyTorch's import on), and the same step hook
@@ -261,12 +271,18 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     as ``DistributedSampler`` does); DDP averages the shards' gradients while backward runs,
     which is the gradient of the global mean loss where the shards are equal. ``time`` and
     ``images_per_sec`` count the global batches; ``loss`` and ``accuracy`` this process's
-    shards."""
+    shards.
+
+    ``engine``: a key of :data:`ENGINES`, recorded in ``info["engine"]``. With ``compiled``,
+    ``torch.compile`` builds its kernels before the first epoch, on a forward and backward
+    pass of a batch of each size the epochs will see (the buffers restored and the gradients
+    zeroed after it: no step is taken), timed as ``compile_time``; evaluation runs the
+    uncompiled module (its own graph would be compiled anew)."""
     import torch
 
     from ..augment import InputPipeline, checked_augmentation
     from ..callbacks import Callback
-    from ..checks import check_int
+    from ..checks import check_choice, check_int
     from ..normalize import normalized, training_normalization
     from ..optim import make_optimizer
     from ..parallel.sync import shard_bounds, worker_rows
@@ -275,6 +291,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     started = time.perf_counter()
     epochs = check_int(None, "epochs", epochs)
     batch_size = check_int(None, "batch_size", batch_size)
+    options = ENGINES[check_choice(None, "engine", engine, tuple(ENGINES))]
     model.check_inputs(x, y)
     if validation_data is not None:
         model.check_inputs(*validation_data)
@@ -292,11 +309,16 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     tmodel = build_torch_model(model, device=dev)
+    layout = torch.channels_last if options["channels_last"] else torch.contiguous_format
+    if options["channels_last"]:
+        tmodel = tmodel.to(memory_format=layout)
     net, rank, workers = tmodel, 0, 1
     if distributed:
         import torch.distributed as dist
         rank, workers = dist.get_rank(), dist.get_world_size()
         net = torch.nn.parallel.DistributedDataParallel(tmodel, bucket_cap_mb=bucket_cap_mb)
+    if options["compile"]:
+        net = torch.compile(net)
     opt = torch.optim.SGD(tmodel.parameters(), lr=opt_cfg["lr"],
                           momentum=opt_cfg.get("momentum", 0.0),
                           nesterov=opt_cfg.get("nesterov", False),
@@ -307,7 +329,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
     history = History(info={"backend": f"torch-{dev.type}", "strategy": "torch",
                             "threads": threads, "batch_size": batch_size, "epochs": epochs,
                             "seed": seed, "optimizer": opt_cfg, "train_examples": n,
-                            "dtype": str(model.dtype), "compile_time": 0.0,
+                            "dtype": str(model.dtype), "compile_time": 0.0, "engine": engine,
                             "augment": None if augmentation is None else augmentation.config(),
                             "normalization": (None if model.normalization is None
                                               else model.normalization.config()),
@@ -321,6 +343,14 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         loss, acc = _evaluate(tmodel, xv, yv, dev, loss_fn)
         return {"loss": loss, "accuracy": acc}
 
+    def as_input(xb):
+        xb_t = torch.from_numpy(xb).to(dev)
+        return xb_t.contiguous(memory_format=layout) if xb_t.dim() == 4 else xb_t
+
+    if options["compile"]:
+        history.info["compile_time"] = _compile_warm_up(
+            net, tmodel, loss_fn, as_input(pipeline.gather(x, np.arange(len(batch)), 1, batch)),
+            torch.from_numpy(yt[:len(batch)]).to(dev), _step_sizes(n, batch_size, workers))
     step = examples = 0
     elapsed, stop = 0.0, False
     try:
@@ -343,7 +373,7 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
                     idx = idx[lo:hi]
                 xb, yb = pipeline.gather(x, idx, epoch, batch[:len(idx)]), yt[idx]
                 t2 = time.perf_counter()
-                xb_t = torch.from_numpy(xb).to(dev)
+                xb_t = as_input(xb)
                 yb_t = torch.from_numpy(yb).to(dev)
                 sync()
                 t3 = time.perf_counter()
@@ -395,6 +425,37 @@ def fit_torch(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=N
         model.set_weights(get_torch_weights(tmodel, model))
     history.info["wall_time"] = time.perf_counter() - started
     return history
+
+
+def _step_sizes(n: int, batch_size: int, workers: int) -> list[int]:
+    """The batch sizes one process's steps see in an epoch of ``n`` examples: the full
+    batch's shard and the last, smaller batch's (the first process's shards are the
+    largest)."""
+    from ..parallel.sync import worker_rows
+    sizes = {min(batch_size, n)} | ({n % batch_size} if n % batch_size else set())
+    out = set()
+    for size in sizes:
+        lo, hi = worker_rows(size, workers, 0)
+        out.add(max(hi - lo, 1))
+    return sorted(out, reverse=True)
+
+
+def _compile_warm_up(net, tmodel, loss_fn, xb, yb, sizes: list[int]) -> float:
+    """Seconds ``torch.compile`` takes to build ``net``'s forward and backward for each batch
+    size in ``sizes`` (rows of ``xb``, ``yb``): passes that take no step (the buffers, batch
+    norm's running statistics, are restored and the gradients zeroed after them)."""
+    import torch
+    saved = {k: v.detach().clone() for k, v in tmodel.named_buffers()}
+    t = time.perf_counter()
+    for size in sizes:
+        loss_fn(net(xb[:size]), yb[:size]).backward()
+    seconds = time.perf_counter() - t
+    with torch.no_grad():
+        for k, v in tmodel.named_buffers():
+            v.copy_(saved[k])
+    for p in tmodel.parameters():
+        p.grad = None
+    return seconds
 
 
 def _evaluate(tmodel, xv, yv, dev, loss_fn, batch_size: int = 256):

@@ -16,7 +16,7 @@ The package, by concern:
 - :mod:`cnn.study.grid`: axes, validation, defaults, expansion into runs, run keys, grid files;
 - :mod:`cnn.study.run`: one run as a typed value (:class:`Run`: its configuration and its
   path's registry entry);
-- :mod:`cnn.study.profiles`: the named grids (quick, full, device, smoke);
+- :mod:`cnn.study.profiles`: the named grids (quick, full, third, device, smoke);
 - :mod:`cnn.study.runner`: isolated runs in child processes, the lock, resuming;
 - :mod:`cnn.study.child`: the child process (one run, dies with its parent);
 - :mod:`cnn.study.estimate`: time estimates and the ``--dry-run`` plan;

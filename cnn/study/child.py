@@ -22,6 +22,7 @@ reads, :mod:`cnn.paths`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -137,7 +138,9 @@ def execute_run(run: Run, data_root=None, download: bool = True,
                                  seed=run.seed, backend=backend)
     from .grid import run_optimizer
     optimizer = run_optimizer(run, spec)  # the preset's or the grid's, lr, momentum, schedule
-    common = dict(epochs=run.epochs, batch_size=run.batch_size, optimizer=optimizer,
+    # the warm-up epochs first, then the measured ones: one fit, so nothing restarts between
+    common = dict(epochs=run.warmup_epochs + run.epochs, batch_size=run.batch_size,
+                  optimizer=optimizer,
                   seed=run.seed, validation_data=(data.x_test, data.y_test), verbose=0,
                   augment=run.augment or None)
     tta = None
@@ -149,11 +152,16 @@ def execute_run(run: Run, data_root=None, download: bool = True,
     if entry.trainer == "keras":
         from ..reference.keras import fit_keras
         hist = fit_keras(model, x_train, y_train, threads=run.threads, callbacks=callbacks,
-                         **common)
+                         engine=run.engine, **common)
+    elif entry.trainer == "torch" and entry.launch == "mpiexec":  # one process of a DDP job
+        from ..reference.torch import fit_torch
+        with torch_process_group():
+            hist = fit_torch(model, x_train, y_train, threads=1, device=entry.device,
+                             callbacks=callbacks, distributed=True, **common)
     elif entry.trainer == "torch":
         from ..reference.torch import fit_torch
         hist = fit_torch(model, x_train, y_train, threads=run.threads, device=entry.device,
-                         callbacks=callbacks, **common)
+                         callbacks=callbacks, engine=run.engine, **common)
     else:
         from ..train import fit
         hist = fit(model, x_train, y_train, backend=backend, blas_threads=1,
@@ -179,6 +187,7 @@ def execute_run(run: Run, data_root=None, download: bool = True,
         if "callback_time" in h and i < len(h["callback_time"]):
             row["step_eval_time"] = _finite(h["callback_time"][i])
         row["resumed"] = first_resumed is not None and row["epoch"] >= first_resumed
+        row["warmup"] = row["epoch"] <= run.warmup_epochs
         per_epoch.append(row)
     import socket
     hosts = hist.info.get("hosts") or [socket.gethostname()]
@@ -198,6 +207,32 @@ def execute_run(run: Run, data_root=None, download: bool = True,
             and int(run.threads) > 1):
         out["reduce_time"] = measure_reduce(int(model.num_params), int(run.threads), dtype)
     return out
+
+
+@contextlib.contextmanager
+def torch_process_group():
+    """PyTorch's default process group (gloo) over the MPI job this process is a rank of, on
+    one host: rank 0 finds a free TCP port on the loopback and tells the others through MPI,
+    every rank joins ``tcp://127.0.0.1:<port>``; on the way out, a barrier (rank 0 hosts the
+    rendezvous, so it leaves last) and the group destroyed."""
+    import socket
+
+    import torch.distributed as dist
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    address = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as probe:  # a port free now; gloo binds it a moment later
+            probe.bind(("127.0.0.1", 0))
+            address = f"tcp://127.0.0.1:{probe.getsockname()[1]}"
+    address = comm.bcast(address, root=0)
+    dist.init_process_group("gloo", init_method=address, rank=comm.Get_rank(),
+                            world_size=comm.Get_size())
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def measure_reduce(num_params: int, p: int, dtype, repeats: int = 21) -> float:

@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Iterable
 
 from ..checks import int_arg, number_arg
-from ..results import DEFAULT_RESULTS, QUICK_RESULTS, StudyLockedError, load_results
+from ..results import (CALIBRATION_RESULTS, DEFAULT_RESULTS, QUICK_RESULTS, StudyLockedError,
+                       load_results)
 from .estimate import describe_plan
 from .grid import read_grid
 from .profiles import PROFILES
@@ -41,7 +42,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dry-run", action="store_true", help="print the plan and a time estimate")
     p.add_argument("--calibrate", default=None,
                    help="results pickle whose measurements refine the --dry-run estimate "
-                        f"(default: --out, else {QUICK_RESULTS}, when it exists)")
+                        f"(default: every one of --out, {DEFAULT_RESULTS}, "
+                        f"{CALIBRATION_RESULTS} and {QUICK_RESULTS} that exists)")
     p.add_argument("--timeout", type=number_arg(low=0.0, low_open=True), default=None,
                    help="per-run timeout in seconds (positive)")
     p.add_argument("--wait", type=_wait_seconds, default=0.0,
@@ -58,12 +60,24 @@ def command(args) -> int:
     """Run the ``study`` command from parsed arguments."""
     grid = read_grid(args.grid) if args.grid else args.profile
     if args.dry_run:
-        calib_path = args.calibrate or next(
-            (p for p in (args.out, QUICK_RESULTS) if Path(p).is_file()), None)
-        calibration = load_results(calib_path) if calib_path else None
+        paths = ([args.calibrate] if args.calibrate else
+                 list(dict.fromkeys(str(p) for p in (args.out, DEFAULT_RESULTS,
+                                                      CALIBRATION_RESULTS, QUICK_RESULTS)
+                                    if Path(p).is_file())))
+        calibration = None
+        if paths:
+            import pandas as pd
+            frames = [load_results(p) for p in paths]
+            # a run measured in two files counts once, from the first
+            seen: set = set()
+            kept = []
+            for frame in frames:
+                kept.append(frame[~frame["run_key"].isin(seen)])
+                seen |= set(frame["run_key"])
+            calibration = pd.concat(kept, ignore_index=True)
         print(describe_plan(grid, calibration, out=args.out))
-        if calib_path:
-            print(f"(estimate calibrated on {calib_path})")
+        if paths:
+            print(f"(estimate calibrated on {', '.join(paths)})")
         return 0
     import signal
 

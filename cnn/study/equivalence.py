@@ -2,8 +2,8 @@
 implements the sequential algorithm and the sequential path, after each step, from the same
 initial weights and the same batches, in float64 and float32.
 
-``sync`` threads and processes, micro-batch accumulation, the Numba kernels and the CUDA
-kernels all compute the sequential update (the registry says which: a path's
+``sync`` threads, processes and MPI ranks, micro-batch accumulation, the Numba kernels and
+the CUDA kernels all compute the sequential update (the registry says which: a path's
 ``sequential_algorithm`` with its strategies whose :class:`~cnn.paths.Algorithm` is
 ``sequential``); they differ only in the order of floating-point sums, so their weights must
 track the sequential weights to rounding error that grows slowly with the steps (and faster in
@@ -11,8 +11,10 @@ float32). This is what the algebra predicts; final accuracy after thousands of m
 is not.
 
 ``python -m cnn.study.equivalence OUT.csv`` (or :func:`weight_trajectories`) writes a tidy
-table: ``dtype, path, label, step, rel_diff`` with ``rel_diff = ||w - w_seq|| / ||w_seq||``
-over all parameters (computed in float64).
+table: ``problem, dtype, path, label, step, rel_diff`` with ``rel_diff = ||w - w_seq|| /
+||w_seq||`` over all parameters (computed in float64), on MNIST and both CIFAR-10 networks
+(:data:`PROBLEMS`; ``--problem`` picks others). The MPI variants run as MPI jobs
+(``mpiexec``), rank 0 recording the weights.
 """
 from __future__ import annotations
 
@@ -39,48 +41,90 @@ def sequential_variants() -> tuple[tuple[str, str, str, int], ...]:
                  for b in e.backends)
 
 
-class _Recorder:
-    """Flattened float64 copies of the parameters after every step."""
+def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, model: str,
+           dataset: str, data, data_root, steps: int, batch_size: int, seed: int,
+           optimizer: dict, dtype):
+    """The weights after every step ``(steps, n_params)`` of ``steps`` steps of one variant
+    from ``model``'s initial weights (``seed``) on the first ``steps * batch_size`` examples
+    of ``data``; a path launched by ``mpiexec`` runs as an MPI job of ``threads`` ranks, each
+    loading the same examples, rank 0 recording (``python -m cnn.study.equivalence
+    --trajectory JOB OUT``)."""
+    import json
+    import subprocess
+    import tempfile
 
-    def __init__(self):
-        from ..train import Callback
+    import numpy as np
+    job = {"path": entry.name, "strategy": strategy, "backend": backend, "threads": threads,
+           "model": model, "dataset": dataset, "data_root": data_root, "steps": steps,
+           "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
+           "dtype": np.dtype(dtype).name}
+    if entry.launch != "mpiexec":
+        return _trajectory(job, data)
+    with tempfile.TemporaryDirectory(prefix="cnn-equivalence-") as tmp:
+        job_path, out = Path(tmp) / "job.json", Path(tmp) / "steps.npy"
+        job_path.write_text(json.dumps(job))
+        cmd = entry.command(job, [sys.executable, "-m", "cnn.study.equivalence",
+                                  "--trajectory", str(job_path), str(out)])
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        if res.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit status {res.returncode}:\n"
+                               f"{res.stdout[-3000:]}\n{res.stderr[-3000:]}")
+        return np.load(out)
 
-        class Hook(Callback):
-            def on_step_end(hook, step, logs):
-                import numpy as np
-                params = logs["params"]()
-                self.weights.append(np.concatenate([
-                    np.asarray(_host(params[k]), dtype=np.float64).ravel()
-                    for k in sorted(params)]))
-        self.weights = []
-        self.hook = Hook()
 
+def _trajectory(job: dict, data=None):
+    """The weights after every step of ``job`` (see :func:`_train`), trained in this process
+    (one rank of an MPI job when a launcher started it); ``data`` None: loaded here."""
+    import numpy as np
 
-def _host(a):
-    return a.copy_to_host() if hasattr(a, "copy_to_host") else a
-
-
-def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, model: str, data,
-           steps: int, batch_size: int, seed: int, optimizer: dict, dtype) -> list:
+    from ..callbacks import WeightRecorder
+    from ..data import load_dataset
     from ..model import Sequential, resolve_spec
     from ..train import fit
-    net = Sequential.from_spec(resolve_spec(model), input_shape=data.input_shape, dtype=dtype,
-                               seed=seed, backend=backend)
-    rec = _Recorder()
-    n = steps * batch_size
-    fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=batch_size,
-        optimizer=optimizer, seed=seed, backend=backend, blas_threads=1, verbose=0,
-        callbacks=[rec.hook], **entry.fit_arguments({"strategy": strategy, "threads": threads}))
-    return rec.weights
+    dtype = np.dtype(job["dtype"])
+    n = job["steps"] * job["batch_size"]
+    if data is None:
+        data = load_dataset(job["dataset"], root=job["data_root"], limit=n, test_limit=1,
+                            seed=0, dtype=dtype)
+    entry = P.get_path(job["path"])
+    net = Sequential.from_spec(resolve_spec(job["model"]), input_shape=data.input_shape,
+                               dtype=dtype, seed=job["seed"], backend=job["backend"])
+    recorder = WeightRecorder()
+    fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=job["batch_size"],
+        optimizer=job["optimizer"], seed=job["seed"], backend=job["backend"], blas_threads=1,
+        verbose=0, callbacks=[recorder],
+        **entry.fit_arguments({"strategy": job["strategy"], "threads": job["threads"]}))
+    return np.stack(recorder.weights)
+
+
+def _trajectory_main(job_path: str, out: str) -> int:
+    """``--trajectory JOB OUT``: one rank of :func:`_train`'s MPI job; rank 0 writes OUT."""
+    import numpy as np
+
+    from ..parallel.launch import launcher_rank
+    weights = _trajectory(read_structured(job_path, "equivalence job"))
+    if launcher_rank() == 0:
+        np.save(out, weights)
+    return 0
+
+
+#: the third edition's problems ``(dataset, model)``: MNIST and both CIFAR-10 networks
+PROBLEMS = (("mnist", "mnist_small"), ("cifar10", "cifar_tutorial"),
+            ("cifar10", "cifar_resnet20"))
+COLUMNS = ["problem", "dtype", "path", "label", "step", "rel_diff", "seconds"]
 
 
 def weight_trajectories(variants=None, dtypes=("float64", "float32"),
                         dataset: str = "mnist_embedded", model: str = "mnist_small",
                         steps: int = 60, batch_size: int = 32, seed: int = 0,
                         lr: float = 0.05, momentum: float = 0.9, data_root=None,
-                        gpu: bool | None = None, cuda_simulator: bool = False):
+                        gpu: bool | None = None, cuda_simulator: bool = False,
+                        problems=None):
     """The table described in the module doc (a pandas DataFrame) for ``variants``
-    (``(path, strategy, backend, threads)``; None: :func:`sequential_variants`)."""
+    (``(path, strategy, backend, threads)``; None: :func:`sequential_variants`) on each of
+    ``problems`` (``(dataset, model)`` pairs; None: ``dataset`` and ``model``), its
+    ``problem`` column ``dataset/model``. A variant launched by ``mpiexec`` runs as an MPI
+    job of its ``threads`` ranks."""
     import numpy as np
     import pandas as pd
 
@@ -88,33 +132,37 @@ def weight_trajectories(variants=None, dtypes=("float64", "float32"),
     from .grid import unavailable
     rows, skipped = [], []
     variants = sequential_variants() if variants is None else variants
+    problems = [(dataset, model)] if problems is None else list(problems)
     optimizer = {"type": "sgd", "lr": lr, "momentum": momentum}
-    for dt in dtypes:
-        dtype = np.dtype(dt)
-        data = load_dataset(dataset, root=data_root, limit=steps * batch_size, test_limit=1,
-                            seed=0, dtype=dtype)
-        base = P.get_path(P.BASELINE)
-        seq = np.stack(_train(base, base.default_strategy, base.default_backend, 1, model, data,
-                              steps, batch_size, seed, optimizer, dtype))
-        norm = np.linalg.norm(seq, axis=1)
-        for path, strategy, backend, threads in variants:
-            entry = P.get_path(path)
-            why = unavailable(entry, gpu, cuda_simulator)
-            if why:
-                skipped.append(f"{path} ({why})")
-                continue
-            t = time.perf_counter()
-            w = np.stack(_train(entry, strategy, backend, threads, model, data, steps,
-                                batch_size, seed, optimizer, dtype))
-            diff = np.linalg.norm(w - seq, axis=1) / norm
-            label = entry.label(strategy, backend, threads)
-            rows += [{"dtype": dt, "path": path, "label": label, "step": i + 1,
-                      "rel_diff": float(d), "seconds": time.perf_counter() - t}
-                     for i, d in enumerate(diff)]
-    table = pd.DataFrame(rows, columns=["dtype", "path", "label", "step", "rel_diff", "seconds"])
+    base = P.get_path(P.BASELINE)
+    for ds, net in problems:
+        for dt in dtypes:
+            dtype = np.dtype(dt)
+            data = load_dataset(ds, root=data_root, limit=steps * batch_size, test_limit=1,
+                                seed=0, dtype=dtype)
+            seq = _train(base, base.default_strategy, base.default_backend, 1, net, ds, data,
+                         data_root, steps, batch_size, seed, optimizer, dtype)
+            norm = np.linalg.norm(seq, axis=1)
+            for path, strategy, backend, threads in variants:
+                entry = P.get_path(path)
+                why = unavailable(entry, gpu, cuda_simulator)
+                if why:
+                    skipped.append(f"{path} ({why})")
+                    continue
+                t = time.perf_counter()
+                w = _train(entry, strategy, backend, threads, net, ds, data, data_root, steps,
+                           batch_size, seed, optimizer, dtype)
+                diff = np.linalg.norm(w - seq, axis=1) / norm
+                label = entry.label(strategy, backend, threads)
+                rows += [{"problem": f"{ds}/{net}", "dtype": dt, "path": path, "label": label,
+                          "step": i + 1, "rel_diff": float(d),
+                          "seconds": time.perf_counter() - t}
+                         for i, d in enumerate(diff)]
+    table = pd.DataFrame(rows, columns=COLUMNS)
     table.attrs["skipped"] = sorted(set(skipped))
-    table.attrs["setup"] = (f"{dataset}, {model}, batch {batch_size}, {steps} steps, SGD lr "
-                            f"{lr} momentum {momentum}, seed {seed}")
+    table.attrs["setup"] = (f"{', '.join(f'{d}/{m}' for d, m in problems)}, batch "
+                            f"{batch_size}, {steps} steps, SGD lr {lr} momentum {momentum}, "
+                            f"seed {seed}")
     return table
 
 
@@ -144,16 +192,28 @@ def read(path):
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["--trajectory"]:  # a rank of an MPI variant's job (see _train)
+        return _trajectory_main(*argv[1:3])
     p = argparse.ArgumentParser(prog="python -m cnn.study.equivalence",
                                 description=__doc__.splitlines()[0])
     p.add_argument("out", help="the CSV to write (e.g. results/equivalence.csv)")
     p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--problem", action="append", default=None, metavar="DATASET/MODEL",
+                   help="a problem to compare on, repeatable (default: the third edition's: "
+                        + ", ".join(f"{d}/{m}" for d, m in PROBLEMS) + ")")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--cuda-simulator", action="store_true",
                    help="include the CUDA path under the simulator (slow: tiny steps only)")
     a = p.parse_args(argv)
+    problems = PROBLEMS
+    if a.problem:
+        problems = [tuple(text.split("/", 1)) for text in a.problem]
+        bad = [text for text, pr in zip(a.problem, problems) if len(pr) != 2]
+        if bad:
+            p.error(f"--problem takes DATASET/MODEL (mnist/mnist_small); received {bad[0]!r}")
     table = weight_trajectories(steps=a.steps, data_root=a.data_dir,
-                                cuda_simulator=a.cuda_simulator)
+                                cuda_simulator=a.cuda_simulator, problems=problems)
     print(f"{write(table, a.out)}: {table['label'].nunique()} variants x "
           f"{table['dtype'].nunique()} dtypes; skipped {table.attrs['skipped']}")
     return 0

@@ -28,6 +28,18 @@ crossed. The axes (default in brackets):
   ``cifar`` (4 pixels of zero padding, a random crop, a random horizontal flip) or
   ``pad=N,flip=true|false``, recorded as that text (``pad=4,flip=true``), ``""`` for none;
   image data sets only (not ``xor``). Every path trains on the same crops and flips.
+- ``warmup_epochs`` [0]: epochs trained before the ``epochs`` measured ones (a throughput
+  run's discarded warm-up: JIT, caches, thread pools, a compiled graph), recorded with
+  ``warmup`` set on their rows so that the analysis keeps them out of every throughput
+  figure; not with ``target`` (a time-to-accuracy clock starts at the first step).
+- ``engine`` [the path's first]: how a reference framework runs the model, for paths whose
+  registry entry lists ``engines`` (Keras ``graph`` | ``xla``; PyTorch ``eager`` |
+  ``channels_last`` | ``compiled``); ``""`` and ignored elsewhere.
+- ``link`` [``""``: every rank on this host]: for paths whose entry says ``links`` (``mpi``),
+  a link profile of :mod:`cnn.cluster.links` (``1gbe``, ``10gbe``, ...): the ranks run one per
+  host across an emulated cluster of ``threads`` hosts (2 to 8) that the study makes (root,
+  network namespaces: a study that cannot make one refuses before its first run, naming why);
+  ignored elsewhere.
 - ``period`` [None: the strategy's default, once per epoch]: for strategy ``average``, the
   steps between two averages (a positive integer) or ``"epoch"``; ignored elsewhere.
 - time-to-accuracy: ``target`` [None: off]: a validation accuracy in (0, 1); the run then
@@ -87,7 +99,8 @@ MAX_THREADS = 1024
 #: grid axes that take lists (crossed), in expansion order
 LIST_AXES = ("dataset", "model", "path", "strategy", "backend", "threads", "batch_size", "filters",
              "epochs", "train_size", "test_size", "dtype", "seed", "lr", "momentum", "period",
-             "target", "eval_every", "val_size", "optimizer", "lr_schedule", "augment")
+             "target", "eval_every", "val_size", "optimizer", "lr_schedule", "augment",
+             "warmup_epochs", "engine", "link")
 #: grid settings: one value per sub-grid
 SETTINGS = ("repeats", "timeout", "cuda_simulator")
 GRID_DEFAULTS: dict[str, Any] = {
@@ -95,13 +108,15 @@ GRID_DEFAULTS: dict[str, Any] = {
     "backend": None, "threads": 1, "batch_size": None, "filters": None, "epochs": 1,
     "train_size": None, "test_size": None, "dtype": "float32", "seed": 0, "lr": None,
     "momentum": None, "period": None, "target": None, "eval_every": None, "val_size": None,
-    "optimizer": None, "lr_schedule": None, "augment": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT, "cuda_simulator": False,
+    "optimizer": None, "lr_schedule": None, "augment": None, "warmup_epochs": 0,
+    "engine": None, "link": None, "repeats": 1, "timeout": DEFAULT_TIMEOUT,
+    "cuda_simulator": False,
 }
 #: configuration fields added after the first edition: left out of a run's key while they
 #: hold these values, so the keys of runs that do not use them did not change
 KEY_DEFAULTS = {"period": ("", "epoch"), "target": (None,), "eval_every": (0, None),
                 "val_size": (0, None), "optimizer": ("",), "lr_schedule": ("",),
-                "augment": ("",)}
+                "augment": ("",), "warmup_epochs": (0,), "engine": ("",), "link": ("",)}
 #: evaluations per epoch for time-to-accuracy when ``eval_every`` is not given
 EVALS_PER_EPOCH = 10
 
@@ -127,6 +142,12 @@ def check_value(axis: str, v):
         return check_int(owner, axis, v, high=MAX_THREADS)
     if axis == "epochs":
         return check_int(owner, axis, v, high=100_000)
+    if axis == "warmup_epochs":
+        return check_int(owner, axis, v, low=0, high=100)
+    if axis == "engine":
+        return None if v in (None, "") else check_known(owner, "engine", v, P.all_engines())
+    if axis == "link":
+        return _check_link(v)
     if axis in ("batch_size", "filters", "train_size", "test_size", "eval_every", "val_size"):
         return check_int(owner, axis, v, high=10**9, optional=True)
     if axis == "dtype":
@@ -194,6 +215,21 @@ def _check_augment(v) -> str:
     except ValueError as err:
         raise ValueError(f"grid axis 'augment': {err}") from None
     return "" if augmentation is None else augmentation.text()
+
+
+def _check_link(v) -> str:
+    """``""`` (one host), or the text of a valid link profile (``1gbe``, ``10gbe,delay=100us``)."""
+    if v in (None, ""):
+        return ""
+    from ..cluster.links import LinkProfile
+    if not isinstance(v, str):
+        raise ValueError(f"grid axis 'link': a link profile's text (1gbe, 10gbe, ...) or ''; "
+                         f"received link={v!r}")
+    try:
+        LinkProfile.parse(v)
+    except ValueError as err:
+        raise ValueError(f"grid axis 'link': {err}") from None
+    return v
 
 
 def _check_optimizer(v) -> str | None:
@@ -357,6 +393,20 @@ def canonical(raw: dict) -> dict:
     entry = P.get_path(c["path"])
     c["strategy"], c["backend"], c["threads"] = entry.resolve(c["strategy"], c["backend"],
                                                               c["threads"])
+    c["engine"] = entry.resolve_engine(c["engine"])
+    c["link"] = c["link"] if entry.links else ""
+    if c["link"]:
+        from ..cluster import MAX_HOSTS, MIN_HOSTS
+        if not MIN_HOSTS <= c["threads"] <= MAX_HOSTS:
+            raise ValueError(f"grid axes 'link' and 'threads': path {c['path']!r} across an "
+                             f"emulated cluster runs one rank per host, {MIN_HOSTS} to "
+                             f"{MAX_HOSTS}; received threads={c['threads']} with "
+                             f"link={c['link']!r}")
+    if c["target"] is not None and c["warmup_epochs"]:
+        raise ValueError(f"grid axes 'warmup_epochs' and 'target': a time-to-accuracy run's "
+                         f"clock starts at its first step, so it takes no warm-up epoch; "
+                         f"received warmup_epochs={c['warmup_epochs']} with target="
+                         f"{c['target']}")
     if c["target"] is not None and not c["eval_every"]:
         workers = c["threads"] if P.ALGORITHMS[c["strategy"]].batch_per_worker else 1
         per_step = c["batch_size"] * workers
@@ -396,13 +446,16 @@ def canonical(raw: dict) -> dict:
 def run_key(cfg: dict) -> str:
     """A stable key: a readable prefix (the path, with strategy and backend for paths that take
     several) and a hash of the whole configuration, repeat included."""
-    ident = {k: cfg[k] for k in CONFIG_FIELDS
-             if not (k in KEY_DEFAULTS and cfg[k] in KEY_DEFAULTS[k])}
-    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     entry = P.get_path(cfg["path"])
+    # a path's default engine is what its runs ran before the axis existed: left out too
+    defaults = {**KEY_DEFAULTS, "engine": ("", entry.resolve_engine(None))}
+    ident = {k: cfg[k] for k in CONFIG_FIELDS
+             if not (k in defaults and cfg[k] in defaults[k])}
+    digest = hashlib.sha1(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:10]
     v = cfg["path"]
     if len(entry.strategies) > 1 or len(entry.backends) > 1:
         v = ".".join((cfg["path"], cfg["strategy"], cfg["backend"]))
+    v += entry.variant(None, None, cfg["engine"], cfg["link"])[len(entry.name):]
     return (f"{cfg['dataset']}.{cfg['model']}.{v}.t{cfg['threads']}.b{cfg['batch_size']}"
             f".f{cfg['filters']}.e{cfg['epochs']}.n{cfg['train_size']}.r{cfg['repeat']}-{digest}")
 

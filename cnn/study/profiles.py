@@ -1,4 +1,4 @@
-"""The named grids of the study (``--profile``): quick, full, device, smoke.
+"""The named grids of the study (``--profile``): quick, full, third, device, smoke.
 
 A grid is a dict of axis -> value(s), or a list of such dicts (see :mod:`cnn.study.grid`).
 Every profile repeats each configuration 5 times (with n = 5 the range of the repeats is a
@@ -19,6 +19,15 @@ repeat blocks (:func:`cnn.study.grid.plan_order`). Runs of paths that cannot run
   p = 1, 2, 4, 8, 16 on both CPU backends, the CUDA path and PyTorch on the same GPU, on the
   shipped MNIST subset. Its results go to ``results/device/`` and the report merges them as a
   second machine.
+- ``third``: the third edition (:data:`THIRD_NOTES` says what it runs and why): three problems,
+  MNIST ``mnist_small``, CIFAR-10 ``cifar_tutorial`` and CIFAR-10 ``cifar_resnet20`` with
+  augmentation, each on every CPU path (sequential, Numba, Numba's parallel kernels,
+  micro-batch accumulation, threads sync/average/hogwild, processes, MPI ranks on this host
+  and across an emulated cluster over ``1gbe`` and ``10gbe``, Keras with and without XLA,
+  PyTorch eager, channels-last and compiled, PyTorch DDP), one discarded warm-up epoch per
+  throughput run; then time-to-accuracy for the best one-core contender, sync, average and
+  hogwild, Keras and PyTorch. Sized for 2 hours on 2 cores (``--dry-run`` estimates it); the
+  emulated cluster needs root.
 - ``smoke``: one run on synthetic blobs, to check the machinery.
 
 ``study --dry-run`` prints the plan of a profile and its time estimate on this machine.
@@ -138,6 +147,78 @@ PROFILES: dict[str, list[dict]] = {
                "batch_size": 32, "epochs": 1, "repeats": 1, "timeout": 300,
                "path": "sequential"}],
 }
+#: the third edition's problems: (data set, preset, the throughput runs' training and test
+#: examples, and their axes); throughput subsets are as small as keeps an epoch many steps long
+#: (at batch 128: 64, 32 and 8 steps), so that 5 seeds of every path fit the budget
+THIRD_PROBLEMS = (
+    {"dataset": "mnist", "model": "mnist_small", "train_size": 8192, "test_size": 2000},
+    {"dataset": "cifar10", "model": "cifar_tutorial", "train_size": 4096, "test_size": 1000},
+    {"dataset": "cifar10", "model": "cifar_resnet20", "augment": "cifar", "train_size": 1024,
+     "test_size": 500},
+)
+#: every CPU path of the registry, each variant once, at two workers where it scales (the
+#: machine's cores) and one where the one-worker run is the self-relative baseline
+THIRD_PATHS = [
+    {"path": ["sequential", "numba"]},
+    {"path": "numba_parallel", "threads": 2},
+    {"path": "accumulate", "backend": "numba", "threads": 2},
+    {"path": "threads", "strategy": "sync", "backend": "numba", "threads": [1, 2]},
+    {"path": "threads", "strategy": ["average", "hogwild"], "backend": "numba", "threads": 2},
+    {"path": ["processes", "mpi"], "backend": "numba", "threads": 2},
+    {"path": "mpi", "backend": "numba", "threads": 2, "link": ["1gbe", "10gbe"]},
+    {"path": "keras", "threads": 1, "engine": ["graph", "xla"]},
+    {"path": "torch", "threads": 1, "engine": ["eager", "channels_last", "compiled"]},
+    {"path": "torch_ddp", "threads": 2},
+]
+#: time-to-accuracy contenders: the best one-core contender of the committed results (Numba),
+#: sync, average and hogwild at 2 workers (average and hogwild: the preset's learning rate,
+#: unscaled, each worker stepping on its own batch), Keras and PyTorch (channels-last: eager
+#: PyTorch's fastest layout, without compile's minute of start-up per run)
+THIRD_TTA_PATHS = [
+    {"path": "numba"},
+    {"path": "threads", "strategy": ["sync", "hogwild"], "backend": "numba", "threads": 2},
+    {"path": "keras", "threads": 1},
+    {"path": "torch", "threads": 1, "engine": "channels_last"},
+]
+#: average's period in steps for the CIFAR-10 time-to-accuracy runs: MNIST's sweep
+#: (:data:`THIRD_PERIODS`) says which is best; 8 was the full profile's best trade-off
+THIRD_AVERAGE_PERIOD = 8
+THIRD_PERIODS = [1, 8, 64, "epoch"]
+#: per problem: target, epoch cap, batch, training examples (None: all but the validation
+#: split), validation examples, seeds
+THIRD_TTA = (
+    {"dataset": "mnist", "model": "mnist_small", "target": 0.98, "epochs": 4, "batch_size": 32,
+     "val_size": 2000, "repeats": REPEATS},
+    {"dataset": "cifar10", "model": "cifar_tutorial", "target": 0.60, "epochs": 4,
+     "batch_size": 32, "val_size": 2000, "repeats": 3},
+    {"dataset": "cifar10", "model": "cifar_resnet20", "augment": "cifar", "target": 0.50,
+     "epochs": 4, "batch_size": 128, "train_size": 12000, "val_size": 2000, "repeats": 3},
+)
+
+
+def _third() -> list[dict]:
+    grid = []
+    for problem in THIRD_PROBLEMS:
+        grid += _profile({**problem, "batch_size": 128, "warmup_epochs": 1, "epochs": 1,
+                          "repeats": REPEATS, "timeout": 900}, THIRD_PATHS)
+    for tta in THIRD_TTA:
+        period = THIRD_PERIODS if tta["model"] == "mnist_small" else THIRD_AVERAGE_PERIOD
+        grid += _profile({**tta, "timeout": 1800},
+                         THIRD_TTA_PATHS + [{"path": "threads", "strategy": "average",
+                                             "backend": "numba", "threads": 2,
+                                             "period": period}])
+    return grid
+
+
+PROFILES["third"] = _third()
+THIRD_NOTES = ("third profile: throughput of every CPU path on MNIST (8,192/2,000), CIFAR-10 "
+               "cifar_tutorial (4,096/1,000) and cifar_resnet20 with augmentation "
+               f"(1,024/500), batch 128, one warm-up epoch and one measured, {REPEATS} seeds; "
+               "time-to-accuracy to 98% (MNIST, batch 32, cap 4 epochs, average's period "
+               f"swept over {THIRD_PERIODS}, {REPEATS} seeds), 60% (cifar_tutorial, batch 32, "
+               "cap 4 epochs, 3 seeds) and 50% (cifar_resnet20 on 12,000 images, batch 128, "
+               "cap 4 epochs, 3 seeds: 75% takes about ten epochs of the whole set, hours per "
+               "seed on one core), on 2,000-image validation splits")
 FULL_NOTES = ("full profile: MNIST 60,000/10,000 (2 epochs; time-to-accuracy to 97.5%, cap 6) "
               "and CIFAR-10 (throughput: 1 epoch of the first 12,500 images; time-to-accuracy "
               f"to 55% on 45,000 + 5,000, cap 4), {REPEATS} repeats")

@@ -56,6 +56,9 @@ class Run(Mapping):
     optimizer: str
     lr_schedule: str
     augment: str
+    warmup_epochs: int
+    engine: str
+    link: str
     run_key: str
     timeout: float
     order_index: int | None = None
@@ -79,13 +82,15 @@ class Run(Mapping):
     # ---- what the code reads ---------------------------------------------------------------
     @property
     def variant(self) -> str:
-        """Its path variant's display name (``threads/sync[numba]``; the registry's)."""
-        return self.entry.variant(self.strategy, self.backend)
+        """Its path variant's display name (``threads/sync[numba]``, ``mpi@1gbe``; the
+        registry's)."""
+        return self.entry.variant(self.strategy, self.backend, self.engine, self.link)
 
     @property
     def label(self) -> str:
         """Its variant with its worker count (``threads/sync ×2``)."""
-        return self.entry.label(self.strategy, self.backend, self.threads)
+        return self.entry.label(self.strategy, self.backend, self.threads, self.engine,
+                                self.link)
 
     def jit_key(self) -> tuple[str, str] | None:
         """``(backend, dtype)`` when the run's kernels are JIT-compiled, else None (also under

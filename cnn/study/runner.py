@@ -124,6 +124,12 @@ def clean_stale_tempdirs(root=None) -> list[Path]:
         pid, start = int(m.group(1)), m.group(2)
         if pid == os.getpid() or _alive(pid, start):
             continue
+        if m.group(0).endswith("-cluster-"):  # a killed study's emulated cluster: take it down
+            from ..cluster import down
+            try:
+                down(d)
+            except (OSError, ValueError):
+                pass
         shutil.rmtree(d, ignore_errors=True)
         if not d.exists():
             removed.append(d)
@@ -151,9 +157,65 @@ def child_env(run: Run | None = None, numba_cache: Path | None = None) -> dict:
     return env
 
 
-def child_command(run: Run, *args: str) -> list[str]:
+def child_command(run: Run, *args: str, mpiexec: str | None = None) -> list[str]:
     argv = [sys.executable, "-m", "cnn.study.child", *args, "--parent-pid", str(os.getpid())]
-    return run.entry.command(run, argv)
+    return run.entry.command(run, argv, mpiexec)
+
+
+# ---- emulated clusters ------------------------------------------------------------------------------
+def check_clusters(runs: list[Run]) -> None:
+    """Refuse, before any run, a grid whose runs cross an emulated cluster (the ``link`` axis)
+    where one cannot be made (not root, no network namespaces, ``ip``/``tc`` missing): a
+    ``ValueError`` naming the runs, their links and the reason."""
+    links = sorted({r.link for r in runs if r.link})
+    if not links:
+        return
+    from ..cluster import unavailable as cluster_unavailable
+    reason = cluster_unavailable()
+    if reason:
+        n = sum(1 for r in runs if r.link)
+        raise ValueError(f"{n} run(s) of this grid run MPI ranks across an emulated cluster "
+                         f"(link {', '.join(links)}), which cannot be made here: {reason}. Run "
+                         f"the study as root where network namespaces are allowed, or leave "
+                         f"the 'link' axis out of the grid")
+
+
+class Clusters:
+    """The emulated clusters of a study's runs across links: one per link profile, made when
+    its first run starts, with as many hosts as that profile's runs have ranks at most (a run
+    of ``p`` ranks uses the first ``p`` hosts), each in its own temporary state folder, and
+    torn down by :meth:`close` (the study's end, an interrupt too)."""
+
+    def __init__(self, runs: list[Run]):
+        self.hosts: dict[str, int] = {}
+        for r in runs:
+            if r.link:
+                self.hosts[r.link] = max(self.hosts.get(r.link, 0), int(r.threads))
+        self.made: dict = {}
+
+    def mpiexec(self, run: Run, say=print) -> str | None:
+        """The ``mpiexec`` that spreads ``run``'s ranks over its link's cluster (made now if it
+        is not up yet); None for a run on this host."""
+        if not run.link:
+            return None
+        cluster = self.made.get(run.link)
+        if cluster is None:
+            from ..cluster import EmulatedCluster
+            cluster = EmulatedCluster(self.hosts[run.link], run.link,
+                                      study_tempdir("cluster")).up()
+            self.made[run.link] = cluster
+            say(f"(emulated cluster up: {cluster.n_hosts} hosts, every link "
+                f"{cluster.link.describe()}) ", end="", flush=True)
+        if not cluster.mpiexec.is_file():
+            raise FileNotFoundError(f"the emulated cluster in {cluster.state_dir} has no "
+                                    f"mpiexec (no MPI installed?)")
+        return str(cluster.mpiexec)
+
+    def close(self) -> None:
+        for cluster in self.made.values():
+            cluster.down()
+            shutil.rmtree(cluster.state_dir, ignore_errors=True)
+        self.made.clear()
 
 
 def _tail(text: str, lines: int = 200) -> str:
@@ -161,10 +223,12 @@ def _tail(text: str, lines: int = 200) -> str:
 
 
 def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None,
-           backup_dir: Path | None = None) -> tuple[dict, float, str]:
-    """Train one run in a child (with its backups in ``backup_dir``, when given); returns
-    (result, wall seconds, child output tail). A child killed by a signal gives a failed
-    result whose ``killed_by`` names the signal."""
+           backup_dir: Path | None = None, mpiexec: str | None = None
+           ) -> tuple[dict, float, str]:
+    """Train one run in a child (with its backups in ``backup_dir``, when given; started by
+    ``mpiexec`` when given: an emulated cluster's); returns (result, wall seconds, child
+    output tail). A child killed by a signal gives a failed result whose ``killed_by`` names
+    the signal."""
     tmp = study_tempdir("run")
     try:
         cfg_path, res_path = tmp / "config.json", tmp / "result.json"
@@ -173,7 +237,8 @@ def launch(run: Run, data_root, download: bool, jit_cache: Path | None = None,
                                         "data_root": root,
                                         "backup_dir": None if backup_dir is None
                                         else str(backup_dir)}))
-        cmd = child_command(run, "--run-json", str(cfg_path), "--result", str(res_path))
+        cmd = child_command(run, "--run-json", str(cfg_path), "--result", str(res_path),
+                            mpiexec=mpiexec)
         timeout = run.timeout
         t = time.perf_counter()
         try:
@@ -325,7 +390,7 @@ def rows(run: Run, result: dict, started_at: str, run_time: float,
 
 
 def fmt_run(run: Run) -> str:
-    return (f"{run.dataset} {run.variant} t{run.threads} b{run.batch_size} f{run.filters} "
+    return (f"{run.dataset} {run.model} {run.variant} t{run.threads} b{run.batch_size} f{run.filters} "
             f"e{run.epochs} n{run.train_size} r{run.repeat}")
 
 
@@ -396,6 +461,7 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
                 f"cuda_simulator=True to run CUDA under the simulator)")
         skip = done_keys(df, retry_failed)
         todo = [r for r in runs if r.run_key not in skip]
+        check_clusters(todo)
         say(f"study: {len(runs)} runs, {len(runs) - len(todo)} already in {out}, "
             f"{len(todo)} to run")
         removed = clean_stale_tempdirs()
@@ -407,10 +473,12 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
         cold: dict[tuple, float | None] = {"peak": sgemm_peak() if todo else None}
         if todo and cold["peak"]:
             say(f"single-core SGEMM peak of this machine: {cold['peak']:.1f} GFLOP/s")
+        clusters = Clusters(todo)
         try:
             _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache,
-                     cold)
+                     cold, clusters)
         finally:
+            clusters.close()
             shutil.rmtree(jit_cache, ignore_errors=True)
         df = typed(load_results(out, missing_ok=True))
     if todo:
@@ -422,7 +490,8 @@ def run_study(grid_or_profile="quick", out=DEFAULT_RESULTS, data_root=None,
     return df
 
 
-def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache, cold):
+def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cache, cold,
+             clusters):
     import pandas as pd
     for i, run in enumerate(todo, 1):
         if timeout is not None:
@@ -438,13 +507,15 @@ def _run_all(todo, df, out, data_root, download, timeout, progress, say, jit_cac
         backups = run_backup_dir(out, run)
         if backups is not None and backup_files(backups):  # a study before this one was killed
             say(" (resuming from its backup)", end="", flush=True)
-        result, wall, output = launch(run, data_root, download, jit_cache, backups)
+        mpiexec = clusters.mpiexec(run, say)
+        result, wall, output = launch(run, data_root, download, jit_cache, backups, mpiexec)
         for _ in range(RESTARTS):  # its process died: the run goes on from its last backup
             if not (result.get("killed_by") and backups is not None and backup_files(backups)):
                 break
             say(f" its process was killed (signal {result['killed_by']}); resuming it from "
                 f"its backup ...", end="", flush=True)
-            result, more, output = launch(run, data_root, download, jit_cache, backups)
+            result, more, output = launch(run, data_root, download, jit_cache, backups,
+                                          mpiexec)
             wall += more
         rs = rows(run, result, started, wall, cold.get(jit), cold.get("peak"))
         new = typed(pd.DataFrame(rs))
