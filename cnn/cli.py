@@ -318,10 +318,10 @@ def _check_reference_model(backend: str, model, optimizer, schedule, threads: in
     try:
         if backend == "keras":
             from .reference.keras import (check_keras_compatible, configure_threads,
-                                          keras_optimizer)
+                                          keras_optimizer, split_coupled_decay)
             check_keras_compatible(model)
             configure_threads(threads)  # TensorFlow takes its threads before anything else
-            keras_optimizer(opt)
+            keras_optimizer(split_coupled_decay(opt)[0])  # coupled decay: on the model
         else:
             from .reference.torch import check_torch_trainable
             check_torch_trainable(model, opt)

@@ -456,6 +456,21 @@ def keras_accuracy(model):
 ENGINES = {"graph": False, "xla": True}
 
 
+def split_coupled_decay(optimizer=None):
+    """``(opt, coupled)``: the optimizer Keras's own is made from (:func:`keras_optimizer`) and
+    the coupled weight decay (``weight_decay_mode="coupled"``, 0.0 if none) that
+    :func:`compile_keras_model` puts on the model instead, Keras's optimizers having none."""
+    import copy
+
+    from ..optim import make_optimizer
+    opt = make_optimizer(optimizer)
+    if not (opt.weight_decay and opt.weight_decay_mode == "coupled"):
+        return opt, 0.0
+    keras_opt = copy.copy(opt)
+    keras_opt.weight_decay = 0.0
+    return keras_opt, opt.weight_decay
+
+
 def compile_keras_model(kmodel, model, optimizer=None, jit_compile: bool = False) -> None:
     """Compile with our loss, the optimizer spec, and training-batch accuracy. A coupled weight
     decay (``weight_decay_mode="coupled"``) becomes an L2 penalty on every trainable weight.
@@ -465,22 +480,17 @@ def compile_keras_model(kmodel, model, optimizer=None, jit_compile: bool = False
     to the float64 penalties of its kernel regularisers ("Cannot convert a list containing a
     tensor of dtype float64 to float32"). ``floatx`` is therefore the model's dtype for the
     duration of the call (and restored after it): float64 models train on a float64 loss."""
-    import copy
-
     import keras
 
-    from ..optim import make_optimizer
-    opt = make_optimizer(optimizer)
-    if opt.weight_decay and opt.weight_decay_mode == "coupled":
+    opt, coupled = split_coupled_decay(optimizer)
+    if coupled:
         # Keras's optimizers decay decoupled only: the coupled decay is the gradient of an L2
         # penalty weight_decay / 2 * sum w**2 on every trainable weight, added to the model
         for variable in kmodel.trainable_weights:
             base = variable.regularizer
             if isinstance(base, _CoupledDecay):  # compiled before: replace, never stack
                 base = base.base
-            variable.regularizer = _CoupledDecay(opt.weight_decay, base)
-        opt = copy.copy(opt)
-        opt.weight_decay = 0.0
+            variable.regularizer = _CoupledDecay(coupled, base)
     previous = keras.backend.floatx()
     keras.backend.set_floatx(str(model.dtype))
     try:
