@@ -310,11 +310,16 @@ def _check_reference_options(args) -> None:
                                                           if args.backend == "torch" else ""))
 
 
-def _check_reference_model(backend: str, model, optimizer, schedule, threads: int) -> None:
+def _check_reference_model(backend: str, model, optimizer, schedule, threads: int,
+                           steps_per_epoch: int, epochs: int) -> None:
     """What the reference cannot build or train (a layer, an optimizer or schedule without a
-    counterpart), refused naming ``--backend`` before training starts."""
+    counterpart), refused naming ``--backend`` before training starts. The schedule's horizons
+    in epochs or left to the end are resolved first, as the reference's fit resolves them."""
     from .optim import make_optimizer
     opt = make_optimizer(optimizer, schedule=schedule)
+    if opt.schedule is not None:
+        opt = opt.with_schedule(opt.schedule.resolve(steps_per_epoch,
+                                                     epochs * steps_per_epoch))
     try:
         if backend == "keras":
             from .reference.keras import (check_keras_compatible, configure_threads,
@@ -457,7 +462,8 @@ def cmd_train(args) -> int:
         model = Sequential.from_spec(spec, input_shape=data.input_shape, dtype=dtype,
                                      seed=args.seed, backend="numpy" if reference else args.backend)
     if reference:
-        _check_reference_model(args.backend, model, optimizer, schedule, args.threads)
+        _check_reference_model(args.backend, model, optimizer, schedule, args.threads,
+                               -(-len(data.y_train) // batch_size), args.epochs)
     if augmentation is not None:
         try:
             augmentation.check(model.input_shape)

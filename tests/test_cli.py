@@ -364,9 +364,11 @@ def _train_losses(stdout: str) -> list[float]:
 
 
 #: the ResNet presets' optimizer: coupled weight decay, which Keras's optimizers lack (its
-#: reference puts the decay on the model as an L2 penalty)
+#: reference puts the decay on the model as an L2 penalty); with the ResNet recipe's schedule,
+#: a warm-up and a cosine to the end of the run (its horizon resolved from the run's steps)
 COUPLED = ["--optimizer", "sgd:lr=0.05,momentum=0.875,weight_decay=0.01,"
-                          "weight_decay_mode=coupled"]
+                          "weight_decay_mode=coupled", "--lr-schedule", "cosine",
+           "--warmup-steps", "5"]
 
 
 @pytest.mark.parametrize("backend, extra", [("keras", []), ("torch", []), ("keras", COUPLED)],
