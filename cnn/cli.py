@@ -799,7 +799,9 @@ def _add_bench(sub) -> None:
     from .bench import SUITES
     p = sub.add_parser("bench", help="throughput benchmarks with side-by-side ratios")
     p.add_argument("suite", nargs="?", default="compare",
-                   help=", ".join(f"{name} ({s.measures})" for name, s in SUITES.items()))
+                   # argparse formats help with %: the suites' texts say "98%"
+                   help=", ".join(f"{name} ({s.measures})" for name, s in SUITES.items())
+                   .replace("%", "%%"))
     p.add_argument("--repeats", type=positive_int, default=None,
                    help="timed repeats per contender (default 5; ops: 15)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (a smoke run)")

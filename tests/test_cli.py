@@ -476,3 +476,13 @@ def test_predict_figure_without_matplotlib(without_matplotlib, tmp_path, capsys)
     assert rc == 0 and "test accuracy" in out
     assert "note: no figure of sample predictions: matplotlib is not installed" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.npz"]
+
+
+@pytest.mark.parametrize("command", ["train", "predict", "bench", "study", "report", "data",
+                                     "cluster"])
+def test_every_command_prints_its_help(command, capsys):
+    """argparse formats help texts with %: a help naming "98%" crashed ``bench --help``."""
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    assert f"usage: python -m cnn {command}" in capsys.readouterr().out
