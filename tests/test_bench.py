@@ -172,3 +172,21 @@ def test_bench_rank_counts_are_refused_naming_the_value(capsys, text):
         cli.main(["bench", "mpi", "--ranks", text])
     assert exit_.value.code == 2
     assert f"Received {text!r}" in capsys.readouterr().err
+
+
+def test_backup_suite_times_both_contenders_on_one_backend(monkeypatch):
+    """With and without backups the same fit, on the same named backend: it once compared
+    NumPy without backups with fit's default (Numba) with them."""
+    from cnn.bench import backup
+    from cnn.model import Sequential
+    backends, fit = [], Sequential.fit
+
+    def recording_fit(self, *args, **kwargs):
+        backends.append((kwargs.get("backend"), kwargs.get("backup_dir") is not None))
+        return fit(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sequential, "fit", recording_fit)
+    (result,) = backup.suite(repeats=1, quick=True)
+    assert {b for b, _ in backends} == {backup.BACKEND}
+    assert {with_backup for _, with_backup in backends} == {True, False}
+    assert result["backup_seconds"] > 0

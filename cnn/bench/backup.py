@@ -1,6 +1,7 @@
 """``python -m cnn bench backup``: what :func:`cnn.train.fit`'s backups (:mod:`cnn.backup`)
-cost a training run: the sequential path on one thread trains epochs of 100 steps without
-backups and with a backup every 100 steps, interleaved (:mod:`cnn.bench.harness`).
+cost a training run: the sequential path on one thread (Numba, :data:`BACKEND`) trains epochs
+of 100 steps without backups and with a backup every 100 steps, interleaved
+(:mod:`cnn.bench.harness`).
 
 Two figures per preset and batch size: the ratio of the median epoch times (what a user sees,
 noisy on a shared machine), and the seconds the backups took, measured inside ``fit``
@@ -19,10 +20,13 @@ from .harness import Contender, compare, ours_contender, print_rows, synthetic_b
 
 #: steps between backups, and per timed epoch
 EVERY = 100
+#: the backend both contenders train on, named (never fit's default, which may change): the
+#: fastest CPU backend, where a backup's share of an epoch is the largest
+BACKEND = "numba"
 
 
 def backup_contender(preset: str, x, y, batch_size: int, every: int,
-                     costs: list) -> Contender:
+                     costs: list, backend: str = BACKEND) -> Contender:
     """Our fit loop with a backup every ``every`` steps into a new folder for each epoch (a
     folder with a finished run's backup would continue it instead of training); the seconds
     each backup took go to ``costs``."""
@@ -34,7 +38,8 @@ def backup_contender(preset: str, x, y, batch_size: int, every: int,
             folder = tempfile.mkdtemp(prefix="cnn-bench-backup-")
             try:
                 hist = model.fit(x, y, epochs=1, batch_size=batch_size, optimizer=optimizer,
-                                 verbose=0, backup_dir=folder, backup_every=f"{every}steps")
+                                 backend=backend, verbose=0, backup_dir=folder,
+                                 backup_every=f"{every}steps")
             finally:
                 shutil.rmtree(folder, ignore_errors=True)
             writes = len(x) // (batch_size * every) + 1  # those due, and the one at the end
@@ -57,7 +62,8 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None)
             n = every * bs
             x, y = synthetic_batch(preset, n)
             costs: list[float] = []
-            rows = compare([ours_contender(preset, x, y, bs, name="ours, no backup"),
+            rows = compare([ours_contender(preset, x, y, bs, name="ours, no backup",
+                                           backend=BACKEND),
                             backup_contender(preset, x, y, bs, every, costs)], n, repeats)
             print_rows(f"{preset}, batch {bs}, {every} steps ({n} images) per epoch "
                        f"(ratio = / no backup)", rows)
