@@ -434,7 +434,11 @@ def plot_heatmap(summary: Summary, problem: str):
           if d["batch_size"].nunique() >= 2 and d["filters"].nunique() >= 2]
     if not ok:
         return None
+    import matplotlib
     from matplotlib.colors import TwoSlopeNorm
+    # unmeasured cells: grey, not the white of S = 1 (with_extremes: set_bad in place is
+    # deprecated)
+    cmap = matplotlib.colormaps["RdBu"].with_extremes(bad="0.75")
     fig, axes = _figure(4.6, 2.4 * len(ok), nrows=len(ok))
     vals = t[t["label"].isin(ok)]["speedup_best"]
     norm = TwoSlopeNorm(vmin=min(0.9, float(vals.min())), vcenter=1.0,
@@ -442,9 +446,6 @@ def plot_heatmap(summary: Summary, problem: str):
     for lb, ax in zip(ok, axes[:, 0]):
         d = t[t["label"] == lb].pivot_table(index="filters", columns="batch_size",
                                             values="speedup_best", aggfunc="median")
-        import matplotlib
-        cmap = matplotlib.colormaps["RdBu"].copy()
-        cmap.set_bad("0.75")  # unmeasured cells: grey, not the white of S = 1
         im = ax.imshow(np.ma.masked_invalid(d.to_numpy(float)), cmap=cmap, norm=norm,
                        origin="lower", aspect="auto")
         for (i, j), val in np.ndenumerate(d.to_numpy(float)):
