@@ -465,6 +465,23 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
+def test_a_bench_contender_of_ranks_leaves_no_segment_behind(tmp_path):
+    """A contender whose ranks die while starting never reaches release_segments; closing it
+    removes what such a job leaves in /dev/shm (planted here: MPICH names it by a job hash)."""
+    import uuid
+    from cnn.bench.peers import Spec, _Worker
+    spec = Spec(name="mpi x2", job={"ranks": 2, "contender": "no such contender"}, threads=1)
+    worker = _Worker(spec, {"contender": spec.job, "preset": "no such preset"})
+    leftover = Path(f"/dev/shm/mpich_shm_{uuid.uuid4().hex}_test")
+    leftover.write_bytes(b"\0" * 64)
+    try:
+        assert worker.read() is None and worker.failed  # the job failed, as planned
+        worker.close()
+        assert not leftover.exists()
+    finally:
+        leftover.unlink(missing_ok=True)
+
+
 def test_alpha_beta_fit_recovers_a_linear_cost_model():
     from cnn.bench.mpi import SIZES, fit_alpha_beta
     alpha, beta = 3e-6, 2.5e-10

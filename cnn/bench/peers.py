@@ -116,6 +116,7 @@ class _Worker:
         if ranks:
             from ..parallel.launch import find_mpiexec
             cmd = [find_mpiexec(), "-n", str(ranks), *cmd]
+        self.started = time.time()
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=self.err, text=True, env=env)
         self.failed: str | None = None
@@ -156,6 +157,11 @@ class _Worker:
             self.proc.kill()
             self.proc.wait()
         self.err.close()
+        if self.spec.job.get("ranks"):
+            # a rank that failed while MPI started, or an mpiexec killed above, never reaches
+            # release_segments: its host's segment would stay in /dev/shm
+            from ..parallel.launch import remove_orphan_segments
+            remove_orphan_segments(since=self.started)
 
 
 def measure(preset: str, batch_size: int, specs: list[Spec], images: int,
