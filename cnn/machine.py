@@ -104,12 +104,22 @@ def mpi_library() -> str:
     return "unknown"
 
 
-def _git_commit() -> str:
-    root = Path(__file__).resolve().parent.parent
+#: what a study writes into the checkout (the executed notebooks, results, figures, the
+#: report): written while it runs, so they do not make its runs' code "-dirty"
+STUDY_OUTPUTS = ("results", "report")
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The commit of the checkout at ``root`` (the package's by default), 12 hex digits, with
+    ``-dirty`` when a tracked file outside :data:`STUDY_OUTPUTS` differs from it; ``unknown``
+    outside git. (``make study`` writes the tracked ``results/project.ipynb`` before its
+    first run: without the exclusion every run of a clean checkout would read dirty.)"""
+    root = Path(__file__).resolve().parent.parent if root is None else Path(root)
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root,
                              capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", *(f":(exclude){p}" for p in STUDY_OUTPUTS)], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
@@ -168,7 +178,7 @@ def machine_info() -> dict[str, str | int]:
         "mpi_library": mpi_library(),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "git_commit": _git_commit(),
+        "git_commit": git_commit(),
     }
     for pkg in PACKAGES:
         info[f"{pkg.replace('-', '_')}_version"] = _version(pkg)
