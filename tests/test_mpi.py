@@ -465,6 +465,58 @@ def test_a_rank_killed_with_sigkill_ends_the_job_within_seconds(tmp_path):
 
 
 # ---- the benchmark --------------------------------------------------------------------------------
+def _cpu_seconds(pids) -> float:
+    """User + system CPU time of processes ``pids`` (those still alive), in seconds."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of stat
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_bench_contender_of_ranks_waits_for_go_without_burning_a_core():
+    """While the bench times the other contenders, the ranks of an MPI contender wait for
+    rank 0's go: a blocking Bcast there polls MPICH's progress engine, a core taken from
+    the contender being timed (the two-thread rows of bench compare lost half their speed)."""
+    from cnn.bench.peers import Spec, _Worker
+    spec = Spec(name="ours mpi numpy", threads=2, job={
+        "kind": "ours", "backend": "numpy", "strategy": "mpi", "threads": 1, "ranks": 2})
+    worker = _Worker(spec, {"contender": spec.job, "preset": "mnist_small", "batch_size": 32,
+                            "images": 256, "epochs": 2})
+    try:
+        assert worker.read() is not None, worker.failed  # the warm-up epoch: now it waits
+        ranks = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                 if _is_rank_of(pid, worker.proc.pid)]
+        assert len(ranks) == 2, ranks
+        before, t = _cpu_seconds(ranks), time.monotonic()
+        time.sleep(2.0)
+        busy = (_cpu_seconds(ranks) - before) / (time.monotonic() - t)
+        assert busy < 0.1, f"the waiting ranks used {busy:.0%} of a core"
+        assert worker.go() is not None, worker.failed  # and the go still reaches every rank
+    finally:
+        worker.close()
+
+
+def _is_rank_of(pid: int, launcher: int) -> bool:
+    """Whether process ``pid`` runs the bench worker below process ``launcher``."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"cnn.bench.worker" not in f.read():
+                return False
+        while pid > 1:
+            with open(f"/proc/{pid}/stat") as f:
+                pid = int(f.read().rsplit(")", 1)[1].split()[1])  # the parent's pid
+            if pid == launcher:
+                return True
+    except (FileNotFoundError, ValueError):
+        pass
+    return False
+
+
 def test_a_bench_contender_of_ranks_leaves_no_segment_behind(tmp_path):
     """A contender whose ranks die while starting never reaches release_segments; closing it
     removes what such a job leaves in /dev/shm (planted here: MPICH names it by a job hash)."""

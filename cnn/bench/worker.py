@@ -39,6 +39,10 @@ def _say(event: dict) -> None:
     _PROTO.flush()
 
 
+#: seconds between two tests of rank 0's ``go`` by the other ranks of an MPI contender
+IDLE_POLL = 0.5e-3
+
+
 def _wait_for_go() -> bool:
     """Block until the parent says ``go`` (True) or ``stop``/closes stdin (False)."""
     line = sys.stdin.readline()
@@ -54,7 +58,11 @@ def _agreed(go: bool) -> bool:
     import numpy as np
     from mpi4py import MPI
     flag = np.array([go], np.int8)
-    MPI.COMM_WORLD.Bcast(flag, root=0)
+    # the ranks wait here while the other contenders are timed: a blocking Bcast polls
+    # MPICH's progress engine and would take a core from the contender being timed
+    request = MPI.COMM_WORLD.Ibcast(flag, root=0)
+    while not request.Test():
+        time.sleep(IDLE_POLL)
     return bool(flag[0])
 
 
