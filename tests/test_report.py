@@ -366,3 +366,27 @@ def test_no_semicolon_is_swallowed_after_an_embedded_expression():
     hits = [line for line in code_free.splitlines() if not line.lstrip().startswith("//")
             and re.search(r"#[\w.\-]+(\([^()\n]*\))?;|#(if|for)\b[^\n]*\];", line)]
     assert not hits, hits
+
+
+def test_equivalence_numbers_say_per_problem_where_the_weights_leave_rounding():
+    """A problem whose variants stay within rounding is said so; one where a variant departs
+    names the step and the variant (synthetic per-step table, thresholds of ROUNDING)."""
+    import pandas as pd
+    from cnn.analysis.pdf import ROUNDING, equivalence_numbers
+    rows = []
+    for step in (1, 2, 3):
+        for label in ("threads/sync ×2", "numba"):
+            rows.append(("mnist/mnist_small", "float64", label, step, 1e-16 * step))
+            rows.append(("mnist/mnist_small", "float32", label, step, 1e-7 * step))
+            departs = label == "numba" and step >= 2
+            rows.append(("cifar10/cifar_resnet20", "float64", label, step,
+                         1e-3 * step if departs else 1e-16))
+    eq = pd.DataFrame(rows, columns=["problem", "dtype", "label", "step", "rel_diff"])
+    n = equivalence_numbers(eq)
+    mnist, resnet = n["by_problem"]
+    assert mnist == {"problem": "mnist/mnist_small", "float64": "at most 3.0e-16",
+                     "float32": "at most 3.0e-07", "rounding": True}
+    assert resnet["float64"] == (f"at most 3.0e-03, beyond rounding ({ROUNDING['float64']:.0e}) "
+                                 "from step 2 (numba first; 1 of 2 variants)")
+    assert resnet["float32"] == "not run" and not resnet["rounding"]
+    assert not n["all_rounding"] and n["max64"] == "3.0e-03" and n["steps"] == 3

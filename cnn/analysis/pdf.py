@@ -35,6 +35,56 @@ def compile_report(numbers_json, figures_dir, out, typ=REPORT_TYP) -> Path:
     return atomic_write(out, pdf)
 
 
+#: the largest relative weight difference that counts as rounding, per dtype: float64 keeps
+#: the equivalence tests' 1e-12; float32 rounding grows with the steps (about 1e-7 per step
+#: times the trajectory's condition), so its bound is looser
+ROUNDING = {"float64": 1e-12, "float32": 1e-4}
+
+
+def equivalence_numbers(eq) -> dict:
+    """The per-step comparison (``results/equivalence.csv``: problem, dtype, path, label, step,
+    rel_diff) in the report's words: the largest difference per dtype, and per problem and
+    dtype whether it stays at rounding level (:data:`ROUNDING`) or from which step and
+    variant it departs."""
+    import pandas as pd
+    eq = eq if "problem" in eq else eq.assign(problem="")
+    last = eq.sort_values("step").groupby(["problem", "dtype", "label"]).last()["rel_diff"]
+
+    def worst(dtype):
+        d = eq.loc[eq["dtype"] == dtype, "rel_diff"]
+        return f"{d.max():.1e}" if len(d) else "–"
+
+    by_problem = []
+    for problem, rows in eq.groupby("problem", sort=False):
+        entry = {"problem": problem}
+        for dtype, bound in ROUNDING.items():
+            d = rows[rows["dtype"] == dtype]
+            if not len(d):
+                entry[dtype] = "not run"
+                continue
+            over = d[d["rel_diff"] > bound].sort_values(["step", "rel_diff"],
+                                                        ascending=[True, False])
+            text = f"at most {d['rel_diff'].max():.1e}"
+            if len(over):
+                first = over.iloc[0]
+                labels = over["label"].unique()
+                text += (f", beyond rounding ({bound:.0e}) from step {int(first['step'])} "
+                         f"({first['label']} first; {len(labels)} of "
+                         f"{d['label'].nunique()} variants)")
+            entry[dtype] = text
+        entry["rounding"] = all(e.startswith("at most") and "beyond" not in e
+                                for k, e in entry.items() if k in ROUNDING and e != "not run")
+        by_problem.append(entry)
+    return {"variants": int(eq["label"].nunique()), "steps": int(eq["step"].max()),
+            "max64": worst("float64"), "max32": worst("float32"),
+            "labels": sorted(eq["label"].unique()),
+            "skipped": list(eq.attrs.get("skipped", [])),
+            "by_problem": by_problem,
+            "all_rounding": all(e["rounding"] for e in by_problem),
+            "final": {" ".join(map(str, k)).strip(): f"{v:.1e}"
+                      for k, v in pd.Series(last).items()}}
+
+
 def more_figures(figures_dir, dpi: int, cluster: dict | None, trace_dir) -> list[dict]:
     """The figures of no one problem that need the scaling model or a trace: one step of
     each trace in ``trace_dir`` (:func:`cnn.analysis.timeline.step_figures`) and the model
@@ -122,18 +172,7 @@ def build_report(results, out="report/report.pdf", *, figures_dir=None, summary_
         f"alpha = {ar['alpha'] * 1e6:.1f} us, beta = {ar['beta'] * 1e9:.3f} ns/byte at "
         f"{int(ar.get('ranks', 2))} ranks (from {ar['source']})" if ar else "")
     if eq is not None and len(eq):
-        # per problem where the table has several (MNIST and both CIFAR-10 networks)
-        keys = ["problem", "dtype", "label"] if "problem" in eq else ["dtype", "label"]
-        last = eq.sort_values("step").groupby(keys).last()["rel_diff"]
-        summary.extra["equivalence_numbers"] = {
-            "variants": int(eq["label"].nunique()), "steps": int(eq["step"].max()),
-            "max64": f"{eq.loc[eq['dtype'] == 'float64', 'rel_diff'].max():.1e}"
-            if (eq["dtype"] == "float64").any() else "–",
-            "max32": f"{eq.loc[eq['dtype'] == 'float32', 'rel_diff'].max():.1e}"
-            if (eq["dtype"] == "float32").any() else "–",
-            "labels": sorted(eq["label"].unique()),
-            "skipped": list(eq.attrs.get("skipped", [])),
-            "final": {" ".join(map(str, k)): f"{v:.1e}" for k, v in last.items()}}
+        summary.extra["equivalence_numbers"] = equivalence_numbers(eq)
     paths = write_summary(summary, summary_dir)
     figures = make_figures(summary, figures_dir, dpi=dpi, equivalence=eq,
                            roofline=summary.extra["roofline"])
