@@ -267,6 +267,60 @@ def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
                      r"\(SIGKILL\) during step 3", out), out + err
 
 
+@pytest.mark.parametrize("where", ["sends", "answers"])
+def test_ctrl_c_at_any_point_of_a_step_keeps_weights_and_step_count_together(monkeypatch,
+                                                                               where):
+    """The Ctrl-C lands at a chosen point of the fourth step: while the main process sends
+    the step to the workers, or after they answered but before the step is counted. Either
+    way the model holds the weights of as many whole steps as it counts (the race a loaded CI
+    machine once hit: the interrupt raised between the workers' update and the count)."""
+    from cnn.callbacks import Callback
+    from cnn.errors import Interrupted
+
+    calls = {"n": 0}
+    original = SyncProcesses._collect
+
+    def collect_then_ctrl_c(self, expected, timeout=None):
+        answers = original(self, expected, timeout)
+        if expected == "ok":
+            calls["n"] += 1
+            if calls["n"] == 4:
+                os.kill(os.getpid(), signal.SIGINT)  # delivered before the next bytecode
+        return answers
+
+    def send_with_ctrl_c(conn, msg):
+        conn_send(conn, msg)
+        if isinstance(msg, tuple) and msg[:1] == ("step",) and msg[2] == 3 and not calls["n"]:
+            calls["n"] = 1  # after the first worker's send, before the second's
+            os.kill(os.getpid(), signal.SIGINT)
+
+    if where == "answers":
+        monkeypatch.setattr(SyncProcesses, "_collect", collect_then_ctrl_c)
+    x, y = blobs()
+    model = build()
+    conn_send = multiprocessing.connection.Connection.send
+    if where == "sends":
+        monkeypatch.setattr(multiprocessing.connection.Connection, "send", send_with_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
+                  threads=2, verbose=0)
+    monkeypatch.undo()
+    steps = model.optimizer_state.step
+    assert steps == 4
+
+    class StopAt(Callback):
+        def on_step_end(self, step, logs):
+            if logs["global_step"] == steps:
+                self.run.strategy.request_stop()
+    ref = build()
+    with pytest.raises(Interrupted):
+        ref.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
+                threads=2, verbose=0, callbacks=[StopAt()])
+    for k, v in ref.get_weights().items():
+        np.testing.assert_array_equal(model.get_weights()[k], v, err_msg=k)
+    assert not multiprocessing.active_children()
+
+
 def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
     """Ctrl-C reaches the whole process group; the workers ignore it and finish their step,
     and the main process waits for them before it stops: the model holds the weights of a

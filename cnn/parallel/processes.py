@@ -53,6 +53,7 @@ import time
 import traceback
 import uuid
 import weakref
+from contextlib import contextmanager
 from multiprocessing import connection, get_context, shared_memory
 from typing import Any
 
@@ -128,6 +129,31 @@ def _batch_views(buf, capacity: int, input_shape, dtype):
 def _batch_bytes(capacity: int, input_shape, dtype) -> int:
     x = capacity * int(np.prod(input_shape)) * np.dtype(dtype).itemsize
     return -(-x // _ALIGN) * _ALIGN + 8 * capacity
+
+
+@contextmanager
+def _ctrl_c_after_the_step():
+    """Hold a first Ctrl-C (SIGINT) until the step is whole; yields a function that says
+    whether one came. The workers ignore SIGINT and finish their step; a KeyboardInterrupt
+    raised in the main process at an arbitrary point of the step (between the sends, or after
+    the workers answered but before the step was counted) would leave the weights of one step
+    and the counter of another. A second Ctrl-C interrupts at once (a worker that hangs).
+    Off the main thread, where Python delivers no SIGINT, nothing is held."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    came = []
+
+    def hold(signum, frame):
+        came.append(signum)
+        if len(came) > 1:
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, hold)
+    try:
+        yield lambda: bool(came)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _describe_exit(code: int | None) -> str:
@@ -396,27 +422,28 @@ class SyncProcesses(Strategy):
 
     def step(self, xb, yb):
         self._check_usable()
-        n = len(yb)
-        if n > self._capacity:
-            self._grow_batch(n)
-        self._xs[0][:n] = xb
-        self._xs[1][:n] = yb
-        if self._lane is not None:
-            self._lane.span("batch to shared memory", cat="data")
-        lr, t = step_scalars(self.optimizer, self.state, self.steps)
-        msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
-        for c in self._conns:
-            try:
-                c.send(msg)
-            except OSError:
-                pass  # a worker that died: _collect finds its sentinel and names it
-        _, interrupted = self._collect("ok")
-        if self._lane is not None:
-            self._lane.span("wait for workers", cat="barrier")
-        res = self._views["results"]
-        self.steps += 1
-        self.comm_time += float(res[0, 2])  # as seen by worker 0
-        if interrupted:  # after the step the workers finished: the weights are a whole step's
+        with _ctrl_c_after_the_step() as ctrl_c:
+            n = len(yb)
+            if n > self._capacity:
+                self._grow_batch(n)
+            self._xs[0][:n] = xb
+            self._xs[1][:n] = yb
+            if self._lane is not None:
+                self._lane.span("batch to shared memory", cat="data")
+            lr, t = step_scalars(self.optimizer, self.state, self.steps)
+            msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
+            for c in self._conns:
+                try:
+                    c.send(msg)
+                except OSError:
+                    pass  # a worker that died: _collect finds its sentinel and names it
+            self._collect("ok")
+            if self._lane is not None:
+                self._lane.span("wait for workers", cat="barrier")
+            res = self._views["results"]
+            self.steps += 1
+            self.comm_time += float(res[0, 2])  # as seen by worker 0
+        if ctrl_c():  # after the step the workers finished: the weights are a whole step's
             raise KeyboardInterrupt
         return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
 
@@ -425,31 +452,22 @@ class SyncProcesses(Strategy):
         self._check_usable()
         for c in self._conns:
             c.send(("trace",))
-        answers, _ = self._collect("trace")
+        answers = self._collect("trace")
         for msg in answers.values():
             tracer.absorb(msg[1])
 
-    def _collect(self, expected: str, timeout: float | None = None) -> tuple[dict, bool]:
+    def _collect(self, expected: str, timeout: float | None = None) -> dict:
         """Wait for every worker's answer (``expected``), watching their sentinels; on any
         failure, release the others and raise the first primary error. Returns the answers,
-        by worker, and whether a Ctrl-C came: a first one (KeyboardInterrupt) while the
-        workers answer ``"ok"`` waits for the rest of the step (they ignore SIGINT and finish
-        it) and is reported so; a second one interrupts."""
+        by worker."""
         pending = dict(enumerate(self._conns))
         answers = {}
         failures: list[tuple[int, bool, BaseException]] = []  # (worker, primary, error)
         deadline = None if timeout is None else time.monotonic() + timeout
-        interrupted = False
         while pending:
             waitables = list(pending.values()) + [self._processes[i].sentinel for i in pending]
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                ready = connection.wait(waitables, left)
-            except KeyboardInterrupt:
-                if interrupted or expected != "ok":
-                    raise
-                interrupted = True
-                continue
+            ready = connection.wait(waitables, left)
             if not ready:
                 if not failures:
                     late = sorted(pending)[0]
@@ -491,7 +509,7 @@ class SyncProcesses(Strategy):
                     self._kill_pending(pending, failures)
         if failures:
             self._fail(failures)
-        return answers, interrupted
+        return answers
 
     def _worker_exception(self, msg) -> tuple[int, bool, BaseException]:
         _, i, payload, type_name, text, tb = msg
