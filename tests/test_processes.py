@@ -267,6 +267,27 @@ def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
                      r"\(SIGKILL\) during step 3", out), out + err
 
 
+def _assert_weights_of_a_clean_stop(model, x, y):
+    """``model``, stopped by a Ctrl-C, holds bit for bit the weights of a run stopped cleanly
+    (request_stop) after as many steps as it counts, and no worker outlives it."""
+    from cnn.callbacks import Callback
+    from cnn.errors import Interrupted
+    steps = model.optimizer_state.step
+
+    class StopAt(Callback):
+        def on_step_end(self, step, logs):
+            if logs["global_step"] == steps:
+                self.run.strategy.request_stop()
+    ref = build()
+    with pytest.raises(Interrupted):
+        ref.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
+                threads=2, verbose=0, callbacks=[StopAt()])
+    assert ref.optimizer_state.step == steps > 0
+    for k, v in ref.get_weights().items():
+        np.testing.assert_array_equal(model.get_weights()[k], v, err_msg=k)
+    assert not multiprocessing.active_children()
+
+
 @pytest.mark.parametrize("where", ["sends", "answers"])
 def test_ctrl_c_at_any_point_of_a_step_keeps_weights_and_step_count_together(monkeypatch,
                                                                                where):
@@ -274,9 +295,6 @@ def test_ctrl_c_at_any_point_of_a_step_keeps_weights_and_step_count_together(mon
     the step to the workers, or after they answered but before the step is counted. Either
     way the model holds the weights of as many whole steps as it counts (the race a loaded CI
     machine once hit: the interrupt raised between the workers' update and the count)."""
-    from cnn.callbacks import Callback
-    from cnn.errors import Interrupted
-
     calls = {"n": 0}
     original = SyncProcesses._collect
 
@@ -305,20 +323,8 @@ def test_ctrl_c_at_any_point_of_a_step_keeps_weights_and_step_count_together(mon
         model.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
                   threads=2, verbose=0)
     monkeypatch.undo()
-    steps = model.optimizer_state.step
-    assert steps == 4
-
-    class StopAt(Callback):
-        def on_step_end(self, step, logs):
-            if logs["global_step"] == steps:
-                self.run.strategy.request_stop()
-    ref = build()
-    with pytest.raises(Interrupted):
-        ref.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
-                threads=2, verbose=0, callbacks=[StopAt()])
-    for k, v in ref.get_weights().items():
-        np.testing.assert_array_equal(model.get_weights()[k], v, err_msg=k)
-    assert not multiprocessing.active_children()
+    assert model.optimizer_state.step == 4
+    _assert_weights_of_a_clean_stop(model, x, y)
 
 
 def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
@@ -326,7 +332,6 @@ def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
     and the main process waits for them before it stops: the model holds the weights of a
     whole step, bit for bit those of a run stopped cleanly after the same step."""
     from cnn.callbacks import Callback
-    from cnn.errors import Interrupted
 
     x, y = blobs()
     model = build()
@@ -344,17 +349,4 @@ def test_ctrl_c_during_a_step_keeps_the_weights_of_a_whole_step():
                       threads=2, verbose=0, callbacks=[ArmAfterThree()])
     finally:
         timer.cancel()
-    steps = model.optimizer_state.step
-
-    class StopAt(Callback):
-        def on_step_end(self, step, logs):
-            if logs["global_step"] == steps:
-                self.run.strategy.request_stop()
-    ref = build()
-    with pytest.raises(Interrupted):
-        ref.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
-                threads=2, verbose=0, callbacks=[StopAt()])
-    assert ref.optimizer_state.step == steps > 0
-    for k, v in ref.get_weights().items():
-        np.testing.assert_array_equal(model.get_weights()[k], v, err_msg=k)
-    assert not multiprocessing.active_children()
+    _assert_weights_of_a_clean_stop(model, x, y)
