@@ -25,6 +25,9 @@ def main(rank: str, init_method: str, out: str) -> None:
     x, y = blobs(N)
     model = build()
     fit_torch(model, x, y, epochs=2, batch_size=BATCH, optimizer=OPT, seed=5, distributed=True)
+    # both ranks done before either tears gloo down: a rank that destroys the group while the
+    # other still talks to it aborts ("terminate called without an active exception")
+    dist.barrier()
     dist.destroy_process_group()
     if int(rank) == 0:
         np.savez(out, **model.get_weights())
