@@ -242,3 +242,44 @@ def test_dry_run_estimate_of_a_measured_grid_is_within_a_quarter_of_its_run_time
     estimate = sum(estimate_seconds(runs, df))
     measured = df.groupby("run_key")["run_time"].first().sum()
     assert estimate == pytest.approx(measured, rel=0.25)
+
+
+def test_dry_run_estimate_of_time_to_accuracy_runs_uses_their_measured_epochs_to_target(
+        tmp_path):
+    """A time-to-accuracy run stops at its target: one reached at the first evaluation trains a
+    sliver of its cap, one that never reaches it (a learning rate too small to move) trains the
+    whole cap. Calibrated on them, the estimate follows each; a fixed share of the cap (what
+    the estimate guessed before it calibrated on them) misses both by far more than a quarter.
+    With a longer cap, the run that missed the target is charged the longer cap."""
+    from cnn.study.estimate import TTA_SHARE_OF_CAP, estimate_seconds
+    grid = [{**TINY, "train_size": 512, "batch_size": 16, "epochs": 3, "val_size": 64,
+             "target": 0.01, "path": "sequential", "repeats": 2},
+            {**TINY, "train_size": 512, "batch_size": 16, "epochs": 3, "val_size": 64,
+             "target": 0.99, "lr": 1e-9, "path": "sequential", "repeats": 2}]
+    df = run_study(grid, out=tmp_path / "r.pkl", progress=False)
+    runs = expand_grid(grid)
+    measured = df.groupby("run_key")["run_time"].first()
+    status = df.groupby("run_key")["tta_status"].first()
+    estimate = dict(zip([r.run_key for r in runs], estimate_seconds(runs, df)))
+    for reached in ("reached", "not reached"):
+        keys = status.index[status == reached]
+        assert len(keys) == 2
+        assert sum(estimate[k] for k in keys) == pytest.approx(measured[keys].sum(), rel=0.25)
+    # reached at the first evaluation, a tenth of an epoch; missed, all three epochs trained
+    steps = df.groupby("run_key")["steps_to_target"].first()
+    assert (steps[status == "reached"] <= 512 // 16 // 10).all()
+    assert (df.groupby("run_key")["epoch"].max()[status == "not reached"] == 3).all()
+    trained = df.groupby("run_key")["time"].sum()
+    # twice the cap: the runs that missed the target cost three more epochs (training, the
+    # validation passes and the test set's evaluation: what their three measured ones cost),
+    # the others no more
+    passes = df.groupby("run_key")[["step_eval_time", "eval_time"]].sum().sum(axis=1)
+    longer = expand_grid([{**g, "epochs": 6} for g in grid])
+    for r, a, b in zip(runs, estimate_seconds(runs, df), estimate_seconds(longer, df)):
+        if status[r.run_key] == "not reached":
+            k = status.index[status == "not reached"]
+            assert b - a == pytest.approx((trained[k] + passes[k]).median(), rel=0.3)
+        else:
+            assert b == pytest.approx(a)
+    # the guess without a measured run of the configuration is a share of the cap
+    assert 0 < TTA_SHARE_OF_CAP < 1

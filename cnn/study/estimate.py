@@ -1,7 +1,10 @@
 """Time estimates and the plan printed by ``study --dry-run``."""
 from __future__ import annotations
 
+import json
 import math
+
+import numpy as np
 
 from .. import paths as P
 from ..backends.registry import backend_info
@@ -25,6 +28,8 @@ START_OVERHEAD = 2.0
 #: seconds per run loading a real data set
 DATASET_OVERHEAD = {"mnist": 2.0, "cifar10": 3.0}
 #: time-to-accuracy runs stop at their target: the share of the epoch cap guessed for them
+#: where no run of their configuration was measured (a measured one gives its epochs to the
+#: target, and a run that missed it the whole cap)
 TTA_SHARE_OF_CAP = 0.5
 #: a profile's notes, printed with its plan
 PROFILE_NOTES = {"full": FULL_NOTES, "third": THIRD_NOTES}
@@ -59,7 +64,7 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
     path, :data:`AUGMENT_SECONDS_PER_IMAGE`."""
     cols = ["model", "path", "strategy", "backend", "threads", "batch_size", "filters",
             "augment", "engine", "link"]
-    measured, speedups, overheads, cold_compiles = {}, {}, {}, {}
+    measured, speedups, overheads, cold_compiles, tta_measured = {}, {}, {}, {}, {}
     if calibration is not None and len(calibration):
         # results from before an axis: no augmentation, the default engine, one host; a
         # warm-up epoch's time is not the throughput of the measured ones
@@ -79,20 +84,37 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
         if len(ok):
             # the configuration by .first(): a named aggregation cannot be called "engine"
             # (agg's own keyword)
+            ok = ok.assign(**{c: np.nan for c in ("target", "examples_to_target",
+                                                  "step_eval_time") if c not in ok})
+            ok = ok.assign(images=ok["images_per_sec"] * ok["time"])
             grouped = ok.groupby("run_key")
             per_run = grouped[cols + ["dataset", "train_size", "test_size", "run_time",
-                                      "compile_time"]].first().join(grouped.agg(
-                ips=("images_per_sec", "median"), train=("time", "sum"),
+                                      "compile_time", "target", "examples_to_target",
+                                      "eval_trace"]].first().join(grouped.agg(
+                images=("images", "sum"), train=("time", "sum"),
                 timed=("time", "count"), evals=("eval_time", "sum"),
-                epochs=("epoch", "count"),
+                epochs=("epoch", "count"), tta_evals=("step_eval_time", "sum"),
                 **({"warm": ("warmup_time", "sum")} if "warmup_time" in ok else {})))
             per_run["eval_ips"] = per_run["test_size"] * per_run["epochs"] / per_run["evals"]
+            # a time-to-accuracy run's validation passes are its own cost, not start-up
             per_run["overhead"] = (per_run["run_time"] - per_run["train"] - per_run["evals"]
-                                   - per_run.get("warm", 0.0))
+                                   - per_run["tta_evals"] - per_run.get("warm", 0.0))
+            tta = per_run[per_run["target"].notna()]
+            for key, g in tta.groupby(cols + ["target"]):
+                # epochs trained: to the target where reached, else all of them (the cap);
+                # seconds per validation pass: the callback's time over its evaluations
+                reached = g["examples_to_target"] / g["train_size"]
+                passes = [max(1, len(json.loads(t))) if isinstance(t, str) else 1
+                          for t in g["eval_trace"]]
+                tta_measured[key] = (list(reached.where(reached.notna(), math.inf)),
+                                     float((g["tta_evals"] / passes).median()))
             per_run["warm_extra"] = (per_run.get("warm", 0.0) * per_run["timed"]
                                      / per_run["train"] - 1.0).clip(lower=0.0).fillna(0.0)
+            # a configuration's images/s over all its runs' images, so that the short last
+            # epoch of a run stopped at its target weighs what it trained
+            per_run["ips"] = per_run["images"] / per_run["train"]
             for key, g in per_run.groupby(cols):
-                measured[key] = (g["ips"].median(), g["eval_ips"].median())
+                measured[key] = (g["images"].sum() / g["train"].sum(), g["eval_ips"].median())
             if "cold_compile_time" in ok:  # the study's one-off compile per backend and dtype
                 for key, g in ok.groupby(["backend", "dtype"])["cold_compile_time"]:
                     if g.notna().any():
@@ -141,10 +163,18 @@ def estimate_seconds(runs: list[Run], calibration=None) -> list[float]:
         epochs = r.epochs + r.warmup_epochs * (1.0 + warm_extra)
         extra = 0.0
         if r.target is not None:
-            # training stops at the target: guess a share of the cap, plus the validation
-            # evaluations (every eval_every steps, about EVALS_PER_EPOCH per epoch)
-            epochs = max(1.0, TTA_SHARE_OF_CAP * r.epochs)
-            extra = epochs * EVALS_PER_EPOCH * r.val_size / eval_ips
+            # training stops at the target: the measured epochs to it (each seed's, capped
+            # by this run's cap; a seed that missed it trains the whole cap) or a guessed share
+            # of the cap, plus the validation passes (every eval_every steps)
+            to_target, per_eval = tta_measured.get(key + (r.target,), (None, None))
+            if to_target:
+                epochs = float(np.median([min(float(r.epochs), e) for e in to_target]))
+            else:
+                epochs = max(1.0, TTA_SHARE_OF_CAP * r.epochs)
+            workers = r.threads if P.ALGORITHMS[r.strategy].batch_per_worker else 1
+            steps = math.ceil(r.train_size / (r.batch_size * workers))
+            passes = epochs * (steps / r.eval_every if r.eval_every else EVALS_PER_EPOCH)
+            extra = passes * (per_eval if per_eval is not None else r.val_size / eval_ips)
         if r.augment and r.entry.trainer != "fit" and key not in measured:
             extra += epochs * r.train_size * AUGMENT_SECONDS_PER_IMAGE
         out.append(cold + overhead + extra + epochs * (r.train_size / ips + r.test_size / eval_ips))
