@@ -723,6 +723,16 @@ def resolve_spec(spec: Any) -> dict:
                      f"Received {shown}")
 
 
+def has_batch_statistics(spec) -> bool:
+    """Whether the network ``spec`` (anything :func:`resolve_spec` takes) normalises with
+    batch statistics anywhere, residual blocks' layers included: then a step's update
+    depends on which examples share a batch, not only on their gradients' sum."""
+    def walk(layers) -> bool:
+        return any(layer.get("type") == "batchnorm" or walk(layer.get("layers", ()))
+                   for layer in layers if isinstance(layer, dict))
+    return walk(resolve_spec(spec)["layers"])
+
+
 def build_model(spec, input_shape=None, **kwargs) -> Sequential:
     """Shorthand for :meth:`Sequential.from_spec`."""
     return Sequential.from_spec(spec, input_shape, **kwargs)

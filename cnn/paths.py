@@ -65,19 +65,23 @@ class Algorithm:
             time).
         batch_per_worker: every worker takes a whole batch per step, so an epoch has ``p``
             times fewer steps.
+        batch_statistics: with batch normalisation in the network it still computes the
+            sequential updates (False: each shard normalises with its own statistics, "ghost"
+            batch normalisation, a different algorithm for such a network).
     """
 
     name: str
     sequential: bool = False
     shards: bool = False
     batch_per_worker: bool = False
+    batch_statistics: bool = True
 
 
 #: the recorded strategies, by name
 ALGORITHMS: dict[str, Algorithm] = {a.name: a for a in (
     Algorithm("sequential", sequential=True),
     Algorithm("sync", sequential=True, shards=True),
-    Algorithm("accumulate", sequential=True, shards=True),
+    Algorithm("accumulate", sequential=True, shards=True, batch_statistics=False),
     Algorithm("average", batch_per_worker=True),
     Algorithm("hogwild", batch_per_worker=True),
 )}
@@ -273,12 +277,14 @@ class TrainingPath:
         record says)."""
         return backend_info(backend or self.default_backend).jit
 
-    def computes_sequential(self, strategy: str) -> bool:
+    def computes_sequential(self, strategy: str, batch_statistics: bool = False) -> bool:
         """Whether this path's ``strategy`` computes the sequential algorithm's updates (False
-        for a strategy it does not know, e.g. from another results file)."""
+        for a strategy it does not know, e.g. from another results file), on a network with
+        batch normalisation where ``batch_statistics`` (:func:`cnn.model.has_batch_statistics`)."""
         algorithm = ALGORITHMS.get(strategy)
         return (self.sequential_algorithm and strategy in self.strategies
-                and algorithm is not None and algorithm.sequential)
+                and algorithm is not None and algorithm.sequential
+                and (algorithm.batch_statistics or not batch_statistics))
 
     def resolve(self, strategy: str | None, backend: str | None, threads: int) -> tuple:
         """``(strategy, backend, threads)`` of a run: the defaults filled in, fixed axes fixed,

@@ -390,3 +390,69 @@ def test_equivalence_numbers_say_per_problem_where_the_weights_leave_rounding():
                                  "from step 2 (numba first; 1 of 2 variants)")
     assert resnet["float32"] == "not run" and not resnet["rounding"]
     assert not n["all_rounding"] and n["max64"] == "3.0e-03" and n["steps"] == 3
+
+
+def test_final_accuracy_is_held_against_its_own_configuration_s_seed_spread():
+    """Two configurations: at batch 32 the sequential runs spread by 5 points and sync lands
+    3 points off (inside); at batch 64 they spread by 1 point and sync again lands 3 off
+    (outside its own spread, though inside the other's: a check against the largest spread of
+    any configuration would call it within). A time-to-accuracy configuration has no
+    sequential run: Numba's one core is its reference."""
+    b32 = (_rows("sequential", "sequential", 1, SEQ_EPOCHS, [0.90, 0.92, 0.95])
+           + _rows("threads", "sync", 2, SYNC_EPOCHS, [0.93, 0.92, 0.95]))
+    b64 = (_rows("sequential", "sequential", 1, SEQ_EPOCHS, [0.90, 0.905, 0.91])
+           + _rows("threads", "sync", 2, SYNC_EPOCHS, [0.90, 0.875, 0.91]))
+    for row in b64:
+        row.update(batch_size=64, run_key=row["run_key"] + "-b64")
+    tta = (_rows("numba", "sequential", 1, SEQ_EPOCHS, [0.60, 0.61, 0.64], backend="numba")
+           + _rows("threads", "sync", 2, SYNC_EPOCHS, [0.62, 0.61, 0.62], backend="numba"))
+    for row in tta:
+        row.update(target=0.6, run_key=row["run_key"] + "-tta")
+    check = R.sync_check(R.summarize(pd.DataFrame(b32 + b64 + tta)))
+    by = {(c["batch_size"], c["tta"]): c for c in check["configs"]}
+    assert set(by) == {(32, False), (64, False), (32, True)}
+    assert by[32, False]["max_abs_diff_pp"] == pytest.approx(3.0)
+    assert by[32, False]["seed_spread_pp"] == pytest.approx(5.0)
+    assert by[32, False]["within_spread"]
+    assert by[64, False]["max_abs_diff_pp"] == pytest.approx(3.0)
+    assert by[64, False]["seed_spread_pp"] == pytest.approx(1.0)
+    assert not by[64, False]["within_spread"]
+    assert by[32, True]["reference"] == "numba"
+    assert by[32, True]["max_abs_diff_pp"] == pytest.approx(2.0)
+    assert by[32, True]["seed_spread_pp"] == pytest.approx(4.0)
+    assert by[32, True]["within_spread"] and by[32, True]["pairs"] == 3
+    assert [c["batch_size"] for c in check["outside"]] == [64]
+    assert check["pairs"] == 9 and check["max_abs_diff_pp"] == pytest.approx(3.0)
+
+
+def test_accumulation_on_a_network_with_batch_statistics_is_not_held_to_the_sequential_runs():
+    seq = _rows("sequential", "sequential", 1, SEQ_EPOCHS, SEQ_ACC)
+    acc = _rows("accumulate", "accumulate", 2, SYNC_EPOCHS, [0.5, 0.5, 0.5])
+    for model, pairs in (("mnist_small", 3), ("cifar_resnet20", 0)):
+        frame = pd.DataFrame([{**row, "model": model} for row in seq + acc])
+        assert R.sync_check(R.summarize(frame))["pairs"] == pairs
+
+
+def test_equivalence_numbers_tell_an_amplifying_trajectory_from_another_algorithm():
+    """With the one-ulp control in the table: variants that leave rounding no faster than the
+    control (within CONTROL_FACTOR of its largest difference) depart alike it; a variant far
+    beyond it is named. The control itself is never counted as a variant."""
+    import pandas as pd
+    from cnn.analysis.pdf import CONTROL_FACTOR, equivalence_numbers
+    from cnn.study.equivalence import CONTROL_LABEL
+    rows = []
+    for step in (1, 2, 3):
+        grow = 1e-15 * 1e5 ** step  # 1e-10, 1e-5, 1: beyond 1e-12 from step 1
+        for problem, wrong in (("a/resnet", 1.0), ("b/resnet", CONTROL_FACTOR * 10)):
+            rows.append((problem, "float64", CONTROL_LABEL, step, grow))
+            rows.append((problem, "float64", "numba", step, 3 * grow))
+            rows.append((problem, "float64", "mpi/sync ×2", step, wrong * grow))
+    n = equivalence_numbers(pd.DataFrame(rows, columns=["problem", "dtype", "label", "step",
+                                                        "rel_diff"]))
+    a, b = n["by_problem"]
+    assert n["variants"] == 2 and CONTROL_LABEL not in n["labels"]
+    assert a["float64_alike_control"] and "every variant departs alike it" in a["float64"]
+    assert "control reaches 1.0e+00" in a["float64"]
+    assert not b["float64_alike_control"]
+    assert "mpi/sync ×2 depart(s) faster than it" in b["float64"]
+    assert not a["rounding"] and not b["rounding"]

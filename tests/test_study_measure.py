@@ -162,9 +162,15 @@ def test_equivalence_table_at_rounding_level():
                                           ("cuda", "sequential", "cuda", 1)),
                                 dtypes=("float64",), dataset="blobs", steps=4, batch_size=16,
                                 gpu=False)
-    assert set(table["label"]) == {"threads/sync ×2", "accumulate m=2"}
+    from cnn.study.equivalence import CONTROL_LABEL
+    assert set(table["label"]) == {"threads/sync ×2", "accumulate m=2", CONTROL_LABEL}
     assert table.attrs["skipped"] == ["cuda (no GPU on this machine)"]
     assert (table["rel_diff"] < 1e-13).all() and list(table["step"][:4]) == [1, 2, 3, 4]
+    # the control moved every initial weight by one ulp: between eps/2 and eps of the norm
+    # before the first step, not much more after it
+    control = table.loc[table["label"] == CONTROL_LABEL, "rel_diff"]
+    eps = float(np.finfo(np.float64).eps)
+    assert eps / 4 < control.iloc[0] < 4 * eps and len(control) == 4
 
 
 # ---- order -------------------------------------------------------------------------------------------

@@ -118,6 +118,26 @@ def test_the_registry_marks_mpi_as_the_sequential_algorithm_and_engines_match_th
     assert P.get_path("torch").engines == tuple(torch_reference.ENGINES)
 
 
+def test_accumulation_is_the_sequential_algorithm_only_without_batch_statistics():
+    """Micro-batches normalise with their own statistics ("ghost" batch norm): on the ResNet
+    accumulation computes another algorithm, so it is not compared with the sequential path
+    there, step by step or by final accuracy; sync, processes and MPI still are (they reduce
+    the statistics over the whole batch)."""
+    from cnn.model import has_batch_statistics
+    from cnn.study.equivalence import sequential_variants
+    assert has_batch_statistics("cifar_resnet20")  # inside the residual blocks too
+    assert has_batch_statistics([{"type": "residual", "layers": [{"type": "batchnorm"}]}])
+    assert not has_batch_statistics("cifar_tutorial")
+    assert not has_batch_statistics("mnist_small")
+    accumulate = P.get_path("accumulate")
+    assert accumulate.computes_sequential("accumulate")
+    assert not accumulate.computes_sequential("accumulate", batch_statistics=True)
+    plain, normalised = sequential_variants(), sequential_variants(batch_statistics=True)
+    assert {v[0] for v in plain} - {v[0] for v in normalised} == {"accumulate"}
+    assert ("mpi", "sync", "numba", 2) in normalised
+    assert ("processes", "sync", "numba", 2) in normalised
+
+
 # ---- the emulated cluster --------------------------------------------------------------------------
 def test_runs_across_a_cluster_are_refused_before_any_run_where_none_can_be_made(
         tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from .. import paths as P
+from ..study.equivalence import CONTROL_LABEL
 from .statistics import amdahl_speedup
 from .summary import (BASELINE_PATH, Summary, at_largest_p, config_text, sort_number,
                       trace_frame, variant_sort_key)
@@ -533,7 +534,8 @@ def _speedup_axes(ax, ps, cores, xlabel: str, ylabel: str, title: str, ymin: flo
 def plot_equivalence(table: pd.DataFrame):
     """Relative weight difference ``||w - w_seq|| / ||w_seq||`` after each step, for every
     path that implements the sequential algorithm, float64 and float32, same initial weights
-    and batches (log scale; float64 sits near 1e-16, float32 near 1e-7)."""
+    and batches (log scale; float64 sits near 1e-16, float32 near 1e-7), and the one-ulp
+    control (:data:`cnn.study.equivalence.CONTROL_LABEL`, dashed black)."""
     if table is None or table.empty:
         return None
     dtypes = [d for d in ("float64", "float32") if d in set(table["dtype"])]
@@ -549,8 +551,10 @@ def plot_equivalence(table: pd.DataFrame):
         for dt, ax in zip(dtypes, row):
             d = rows[rows["dtype"] == dt]
             for lb, g in d.groupby("label", sort=False):
-                ax.plot(g["step"], g["rel_diff"].clip(lower=1e-20), lw=1, color=colors[lb],
-                        label=lb)
+                control = lb == CONTROL_LABEL  # the trajectory's own amplification
+                ax.plot(g["step"], g["rel_diff"].clip(lower=1e-20), lw=1.4 if control else 1,
+                        color="0.1" if control else colors[lb], ls="--" if control else "-",
+                        label=lb, zorder=3 if control else 2)
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("relative weight difference")
@@ -729,7 +733,10 @@ def make_figures(summary: Summary, figures_dir, dpi: int = 150,
         setup = (equivalence.attrs or {}).get("setup", "")
         save(fig, "equivalence", "", "Relative weight difference to the sequential path after "
              "each step, same initial weights and batches" + (f" ({setup})" if setup else "")
-             + "; dotted: the dtype's machine epsilon."
+             + "; dotted: the dtype's machine epsilon"
+             + ("; dashed black: the control, the sequential path from initial weights one "
+                "unit in the last place away (how fast this trajectory amplifies a rounding-"
+                "sized difference)." if (equivalence["label"] == CONTROL_LABEL).any() else ".")
              + (f" Not run here: {', '.join(skipped)}." if skipped else ""))
     fig = plot_roofline(roofline)
     if fig is not None:

@@ -401,7 +401,16 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
     if s.get("pairs"):
         s["max_text"] = f"{s['max_abs_diff_pp']:.2f}"
         s["spread_text"] = f"{s['seed_spread_pp_max']:.2f}"
-        s["within_spread"] = bool(s["max_abs_diff_pp"] <= s["seed_spread_pp_max"])
+        s["n_configs"] = len(s["configs"])
+        # each configuration against its own reference's spread, never another's
+        s["within_spread"] = not s["outside"]
+        for c in s["configs"]:
+            c["text"] = (f"{c['problem']} b{c['batch_size']}"
+                         f"{' (to the target)' if c['tta'] else ''}: "
+                         f"{c['max_abs_diff_pp']:.2f} against {c['seed_spread_pp']:.2f} "
+                         f"(reference {c['reference']}, {100 * c['reference_accuracy']:.1f}%)")
+        s["outside_text"] = [c["text"] for c in s["outside"]]
+        s["tta_text"] = [c["text"] for c in s["configs"] if c["tta"]]
     n = numbers["noise"]
     if n.get("groups"):
         n["cv_median_text"], n["cv_max_text"] = fmt_pct(n["cv_median"]), fmt_pct(n["cv_max"])

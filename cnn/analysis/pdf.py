@@ -41,13 +41,25 @@ def compile_report(numbers_json, figures_dir, out, typ=REPORT_TYP) -> Path:
 ROUNDING = {"float64": 1e-12, "float32": 1e-4}
 
 
+#: a variant departs "alike" the one-ulp control when its largest difference is at most this
+#: many times the control's: rounding differences of another order (the sums' order, not one
+#: ulp of the initial weights) start larger, and the trajectory amplifies both alike
+CONTROL_FACTOR = 100.0
+
+
 def equivalence_numbers(eq) -> dict:
     """The per-step comparison (``results/equivalence.csv``: problem, dtype, path, label, step,
     rel_diff) in the report's words: the largest difference per dtype, and per problem and
     dtype whether it stays at rounding level (:data:`ROUNDING`) or from which step and
-    variant it departs."""
+    variant it departs, and then whether the variants depart alike the one-ulp control
+    (:data:`cnn.study.equivalence.CONTROL_LABEL`: within :data:`CONTROL_FACTOR` of its
+    largest difference), which tells an amplifying trajectory from another algorithm."""
     import pandas as pd
+
+    from ..study.equivalence import CONTROL_LABEL
     eq = eq if "problem" in eq else eq.assign(problem="")
+    control = eq[eq["label"] == CONTROL_LABEL]
+    eq = eq[eq["label"] != CONTROL_LABEL]
     last = eq.sort_values("step").groupby(["problem", "dtype", "label"]).last()["rel_diff"]
 
     def worst(dtype):
@@ -65,13 +77,28 @@ def equivalence_numbers(eq) -> dict:
             over = d[d["rel_diff"] > bound].sort_values(["step", "rel_diff"],
                                                         ascending=[True, False])
             text = f"at most {d['rel_diff'].max():.1e}"
+            c = control[(control["problem"] == problem) & (control["dtype"] == dtype)]
+            alike = None
             if len(over):
                 first = over.iloc[0]
                 labels = over["label"].unique()
                 text += (f", beyond rounding ({bound:.0e}) from step {int(first['step'])} "
                          f"({first['label']} first; {len(labels)} of "
                          f"{d['label'].nunique()} variants)")
+                if len(c):
+                    worst_variant = d.groupby("label")["rel_diff"].max()
+                    faster = worst_variant[worst_variant > CONTROL_FACTOR
+                                           * max(c["rel_diff"].max(), bound)]
+                    alike = faster.empty
+                    text += (f"; the one-ulp control reaches {c['rel_diff'].max():.1e}: "
+                             + ("every variant departs alike it (rounding, amplified by the "
+                                "trajectory)" if alike else
+                                f"{', '.join(faster.index)} depart(s) faster than it"))
+            elif len(c):
+                text += f" (the one-ulp control: at most {c['rel_diff'].max():.1e})"
             entry[dtype] = text
+            if alike is not None:
+                entry[f"{dtype}_alike_control"] = alike
         entry["rounding"] = all(e.startswith("at most") and "beyond" not in e
                                 for k, e in entry.items() if k in ROUNDING and e != "not run")
         by_problem.append(entry)
@@ -79,7 +106,7 @@ def equivalence_numbers(eq) -> dict:
             "max64": worst("float64"), "max32": worst("float32"),
             "labels": sorted(eq["label"].unique()),
             "skipped": list(eq.attrs.get("skipped", [])),
-            "by_problem": by_problem,
+            "by_problem": by_problem, "control_factor": f"{CONTROL_FACTOR:.0f}",
             "all_rounding": all(e["rounding"] for e in by_problem),
             "final": {" ".join(map(str, k)).strip(): f"{v:.1e}"
                       for k, v in pd.Series(last).items()}}

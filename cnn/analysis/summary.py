@@ -589,30 +589,65 @@ def jsonable(v):
 # ---- derived facts for the narrative ------------------------------------------------------------
 def sync_check(summary: Summary) -> dict:
     """Final test accuracy of the runs of every path that computes the sequential algorithm
-    (the registry's ``sequential_algorithm``: sync threads, accumulation, Numba, CUDA) against
-    the sequential run with the same configuration and seed, in percentage points, beside the
-    seed-to-seed spread of the sequential runs themselves (their range over seeds, in points):
-    a difference inside that spread says nothing either way; the per-step weights
-    (the equivalence figure) are the test of equivalence."""
+    (the registry's ``sequential_algorithm``: sync threads, processes, MPI ranks, Numba, CUDA;
+    accumulation only on a network without batch statistics) against the one-worker reference of the same configuration and seed (the sequential
+    path where the configuration ran it, else Numba's one core, as the time-to-accuracy
+    runs do), in percentage points, beside the seed-to-seed spread of that configuration's
+    own reference runs (their range over seeds): a difference inside it says nothing either
+    way; the per-step weights (the equivalence figure) are the test of equivalence.
+
+    ``configs``: one record per configuration (``problem``, ``batch_size``, ``tta``: the
+    time-to-accuracy runs, trained to their target or their epoch cap, ``reference``,
+    ``pairs``, ``max_abs_diff_pp``, ``seed_spread_pp``, ``within_spread``,
+    ``reference_accuracy``: the reference's median final accuracy); the top-level figures
+    are over every configuration, ``outside``: the configurations whose largest difference
+    exceeds their own spread."""
     r = summary.runs
+    empty = {"pairs": 0, "configs": [], "outside": []}
     if not len(r):
-        return {"pairs": 0}
-    r = r[~r["tta"]]
-    seq = r[r["path"] == BASELINE_PATH][["config_id", "seed", "final_accuracy"]]
-    algo = pd.Series([path != BASELINE_PATH and path in P.PATHS
-                      and P.PATHS[path].computes_sequential(strategy)
-                      for path, strategy in zip(r["path"], r["strategy"])],
+        return empty
+    r = r[r["final_accuracy"].notna()]
+    normalises = {m: _has_batch_statistics(m) for m in r["model"].unique()}
+    algo = pd.Series([path in P.PATHS and (path == BASELINE_PATH or P.PATHS[path]
+                                           .computes_sequential(strategy, normalises[model]))
+                      for path, strategy, model in zip(r["path"], r["strategy"], r["model"])],
                      index=r.index, dtype=bool)
-    same = r[algo]
-    m = same.merge(seq, on=["config_id", "seed"], suffixes=("", "_seq"))
-    if m.empty:
-        return {"pairs": 0}
-    d = 100 * (m["final_accuracy"] - m["final_accuracy_seq"]).abs()
-    spread = seq.groupby("config_id")["final_accuracy"].agg(lambda a: 100 * (a.max() - a.min()))
-    return {"pairs": int(len(m)), "max_abs_diff_pp": float(d.max()),
-            "median_abs_diff_pp": float(d.median()),
-            "seed_spread_pp_median": float(spread.median()) if len(spread) else float("nan"),
-            "seed_spread_pp_max": float(spread.max()) if len(spread) else float("nan")}
+    configs = []
+    for _, g in r[algo].groupby("config_id", sort=False):
+        reference = next((p for p in (BASELINE_PATH, "numba") if (g["path"] == p).any()), None)
+        if reference is None:
+            continue
+        ref = g[(g["path"] == reference) & (g["p"] == 1)]
+        m = g.drop(ref.index).merge(ref[["seed", "final_accuracy"]], on="seed",
+                                    suffixes=("", "_ref"))
+        if m.empty:
+            continue
+        d = 100 * (m["final_accuracy"] - m["final_accuracy_ref"]).abs()
+        spread = 100 * (ref["final_accuracy"].max() - ref["final_accuracy"].min())
+        configs.append({"problem": g["problem"].iat[0], "batch_size": int(g["batch_size"].iat[0]),
+                        "tta": bool(g["tta"].iat[0]), "reference": reference,
+                        "pairs": int(len(m)), "max_abs_diff_pp": float(d.max()),
+                        "median_abs_diff_pp": float(d.median()),
+                        "seed_spread_pp": float(spread),
+                        "within_spread": bool(d.max() <= spread),
+                        "reference_accuracy": float(ref["final_accuracy"].median())})
+    if not configs:
+        return empty
+    c = pd.DataFrame(configs)
+    return {"pairs": int(c["pairs"].sum()), "max_abs_diff_pp": float(c["max_abs_diff_pp"].max()),
+            "seed_spread_pp_median": float(c["seed_spread_pp"].median()),
+            "seed_spread_pp_max": float(c["seed_spread_pp"].max()),
+            "configs": configs, "outside": [x for x in configs if not x["within_spread"]]}
+
+
+def _has_batch_statistics(model: str) -> bool:
+    """Whether the results' ``model`` normalises with batch statistics (False for a network
+    this code does not know: a results file from elsewhere)."""
+    from ..model import has_batch_statistics
+    try:
+        return has_batch_statistics(model)
+    except (ValueError, OSError):
+        return False
 
 
 def simulator_check(summary: Summary) -> dict:

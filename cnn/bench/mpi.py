@@ -63,7 +63,7 @@ CLUSTER_INTERFACE = "eth0"
 #: the training variants the suite measures unless told
 DEFAULT_VARIANTS = ("blocking", "overlap")
 #: images per timed epoch of the training table, per preset (others: 512)
-TRAIN_IMAGES = {"mnist_small": 2048, "cifar_tutorial": 512}
+TRAIN_IMAGES = {"mnist_small": 2048, "cifar_tutorial": 2048, "cifar_resnet20": 1024}
 
 
 def fit_alpha_beta(sizes, times) -> tuple[float, float, float]:
@@ -313,7 +313,9 @@ def main(argv=None) -> int:
     presets = a.presets if a.presets is not None else ["mnist_small", "cifar_tutorial"]
     variants = a.variants or list(DEFAULT_VARIANTS)
     if presets:
-        say(f"\nTraining: strategy='mpi' at {size} ranks (numpy backend), images/s median of "
+        from ..backends import resolve_backend
+        say(f"\nTraining: strategy='mpi' at {size} ranks ({resolve_backend('auto')} backend), "
+            f"images/s median of "
             f"{repeats} (min..max) and x the blocking one; per step: its time and the "
             f"communication left exposed (median), "
             + ("counted from the last rank's end of backward (one clock)" if a.shared_clock

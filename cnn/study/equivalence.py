@@ -15,6 +15,12 @@ table: ``problem, dtype, path, label, step, rel_diff`` with ``rel_diff = ||w - w
 ||w_seq||`` over all parameters (computed in float64), on MNIST and both CIFAR-10 networks
 (:data:`PROBLEMS`; ``--problem`` picks others). The MPI variants run as MPI jobs
 (``mpiexec``), rank 0 recording the weights.
+
+Beside them a control, :data:`CONTROL_LABEL`: the sequential path against itself with every
+initial weight moved by one unit in the last place of the dtype. It is how fast this
+trajectory amplifies a rounding-sized difference: a variant that departs no faster than the
+control differs from the sequential path by rounding, however large the difference grows; one
+that departs faster computes something else.
 """
 from __future__ import annotations
 
@@ -28,27 +34,30 @@ from ..files import atomic_write, read_structured
 
 #: the workers of a variant whose path scales (one worker is the sequential path's own case)
 WORKERS = 2
+#: the control's label: the sequential path from initial weights one ulp away
+CONTROL_LABEL = "sequential, weights +1 ulp"
 
 
-def sequential_variants() -> tuple[tuple[str, str, str, int], ...]:
+def sequential_variants(batch_statistics: bool = False) -> tuple[tuple[str, str, str, int], ...]:
     """The variants compared, ``(path, strategy, backend, threads)``: every strategy and backend
-    of every path in the registry that computes the sequential algorithm, the baseline aside,
-    with :data:`WORKERS` workers where the path scales. Those whose path cannot run here (no
-    GPU, a module missing) are left out and listed in the table's ``skipped`` attribute."""
+    of every path in the registry that computes the sequential algorithm (on a network with
+    batch normalisation where ``batch_statistics``), the baseline aside, with :data:`WORKERS`
+    workers where the path scales. Those whose path cannot run here (no GPU, a module missing)
+    are left out and listed in the table's ``skipped`` attribute."""
     return tuple((e.name, s, b, WORKERS if e.scales else 1)
                  for e in P.PATHS.values() if e.name != P.BASELINE and e.trainer == "fit"
-                 for s in e.strategies if e.computes_sequential(s)
+                 for s in e.strategies if e.computes_sequential(s, batch_statistics)
                  for b in e.backends)
 
 
 def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, model: str,
            dataset: str, data, data_root, steps: int, batch_size: int, seed: int,
-           optimizer: dict, dtype):
+           optimizer: dict, dtype, ulp: bool = False):
     """The weights after every step ``(steps, n_params)`` of ``steps`` steps of one variant
-    from ``model``'s initial weights (``seed``) on the first ``steps * batch_size`` examples
-    of ``data``; a path launched by ``mpiexec`` runs as an MPI job of ``threads`` ranks, each
-    loading the same examples, rank 0 recording (``python -m cnn.study.equivalence
-    --trajectory JOB OUT``)."""
+    from ``model``'s initial weights (``seed``; ``ulp``: each moved one unit in the last place
+    up) on the first ``steps * batch_size`` examples of ``data``; a path launched by
+    ``mpiexec`` runs as an MPI job of ``threads`` ranks, each loading the same examples, rank
+    0 recording (``python -m cnn.study.equivalence --trajectory JOB OUT``)."""
     import json
     import subprocess
     import tempfile
@@ -57,7 +66,7 @@ def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, mod
     job = {"path": entry.name, "strategy": strategy, "backend": backend, "threads": threads,
            "model": model, "dataset": dataset, "data_root": data_root, "steps": steps,
            "batch_size": batch_size, "seed": seed, "optimizer": optimizer,
-           "dtype": np.dtype(dtype).name}
+           "dtype": np.dtype(dtype).name, "ulp": bool(ulp)}
     if entry.launch != "mpiexec":
         return _trajectory(job, data)
     with tempfile.TemporaryDirectory(prefix="cnn-equivalence-") as tmp:
@@ -89,6 +98,8 @@ def _trajectory(job: dict, data=None):
     entry = P.get_path(job["path"])
     net = Sequential.from_spec(resolve_spec(job["model"]), input_shape=data.input_shape,
                                dtype=dtype, seed=job["seed"], backend=job["backend"])
+    if job.get("ulp"):
+        net.set_weights({k: np.nextafter(w, np.inf) for k, w in net.params.items()})
     recorder = WeightRecorder()
     fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=job["batch_size"],
         optimizer=job["optimizer"], seed=job["seed"], backend=job["backend"], blas_threads=1,
@@ -121,7 +132,8 @@ def weight_trajectories(variants=None, dtypes=("float64", "float32"),
                         gpu: bool | None = None, cuda_simulator: bool = False,
                         problems=None):
     """The table described in the module doc (a pandas DataFrame) for ``variants``
-    (``(path, strategy, backend, threads)``; None: :func:`sequential_variants`) on each of
+    (``(path, strategy, backend, threads)``; None: :func:`sequential_variants` of each
+    problem's network) on each of
     ``problems`` (``(dataset, model)`` pairs; None: ``dataset`` and ``model``), its
     ``problem`` column ``dataset/model``. A variant launched by ``mpiexec`` runs as an MPI
     job of its ``threads`` ranks."""
@@ -129,13 +141,15 @@ def weight_trajectories(variants=None, dtypes=("float64", "float32"),
     import pandas as pd
 
     from ..data import load_dataset
+    from ..model import has_batch_statistics
     from .grid import unavailable
     rows, skipped = [], []
-    variants = sequential_variants() if variants is None else variants
     problems = [(dataset, model)] if problems is None else list(problems)
     optimizer = {"type": "sgd", "lr": lr, "momentum": momentum}
     base = P.get_path(P.BASELINE)
     for ds, net in problems:
+        compared = (sequential_variants(has_batch_statistics(net)) if variants is None
+                    else variants)
         for dt in dtypes:
             dtype = np.dtype(dt)
             data = load_dataset(ds, root=data_root, limit=steps * batch_size, test_limit=1,
@@ -143,7 +157,15 @@ def weight_trajectories(variants=None, dtypes=("float64", "float32"),
             seq = _train(base, base.default_strategy, base.default_backend, 1, net, ds, data,
                          data_root, steps, batch_size, seed, optimizer, dtype)
             norm = np.linalg.norm(seq, axis=1)
-            for path, strategy, backend, threads in variants:
+            t = time.perf_counter()
+            control = _train(base, base.default_strategy, base.default_backend, 1, net, ds,
+                             data, data_root, steps, batch_size, seed, optimizer, dtype,
+                             ulp=True)
+            rows += [{"problem": f"{ds}/{net}", "dtype": dt, "path": P.BASELINE,
+                      "label": CONTROL_LABEL, "step": i + 1, "rel_diff": float(d),
+                      "seconds": time.perf_counter() - t}
+                     for i, d in enumerate(np.linalg.norm(control - seq, axis=1) / norm)]
+            for path, strategy, backend, threads in compared:
                 entry = P.get_path(path)
                 why = unavailable(entry, gpu, cuda_simulator)
                 if why:
