@@ -7,11 +7,14 @@ columns follow docs/measuring.md: data preparation (shuffle, gather), host-to-de
 before the first epoch) and evaluation are measured separately; ``time`` is the training wall
 time of the epoch, and throughput is examples / ``time``.
 
-Data loading is off the critical path: a prefetching thread (:class:`_Prefetcher`) gathers the
-next batch into a reused buffer, and moves it to the backend (the host-to-device copy on
-CUDA), while the strategy computes the current one. ``data_time`` and ``transfer_time`` are
-therefore only what stayed *exposed*: the time the training thread waited for a batch that
-was not ready yet (plus the epoch's shuffle), so ``time`` >= data + transfer + compute.
+Data loading is off the critical path where there is work to hide: a prefetching thread
+(:class:`_Prefetcher`) gathers the next batch into a reused buffer, augments or normalises
+it, and moves it to the backend (the host-to-device copy on CUDA), while the strategy computes
+the current one. ``data_time`` and ``transfer_time`` are therefore only what stayed
+*exposed*: the time the training thread waited for a batch that was not ready yet (plus the
+epoch's shuffle), so ``time`` >= data + transfer + compute. A batch that needs only its
+gather (no augmentation, normalisation or device copy) is gathered by the training thread
+itself unless asked otherwise (:func:`prefetch_thread`).
 """
 from __future__ import annotations
 
@@ -132,7 +135,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         shuffle: bool = True, seed: int = 0, validation_data: tuple | None = None,
         callbacks: Sequence[Callback] = (), verbose: int = 1, blas_threads: int | None = 1,
         progress: Callable | None = None, on_nonfinite: str = "raise",
-        prefetch: bool = True, validation_split: float = 0.0, lr_schedule=None,
+        prefetch: "bool | str" = "auto", validation_split: float = 0.0, lr_schedule=None,
         reset_optimizer: bool = False, backup_dir: "str | os.PathLike | None" = None,
         backup_every: "int | str" = "epoch", trace=None, augment=None,
         normalize: bool = False) -> History:
@@ -199,11 +202,13 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
             (Perfetto, ``chrome://tracing``) when the fit ends, MPI ranks merged by rank 0 on
             a common clock (see :mod:`cnn.trace`). None (default): nothing is recorded.
 
-    With ``prefetch=True`` (the default) the next batch is gathered (and moved to the device)
-    by a prefetching thread while the current one trains; ``data_time``/``transfer_time``
-    below count only the waits for it that remained exposed (see the module docstring).
-    ``prefetch=False`` gathers each batch in the training thread, before its step (into the
-    same reused buffers), so those columns then hold the whole gather and transfer.
+    With ``prefetch=True`` the next batch is gathered (augmented, normalised and moved to the
+    device) by a prefetching thread while the current one trains; ``data_time``/
+    ``transfer_time`` below count only the waits for it that remained exposed (see the module
+    docstring). ``prefetch=False`` gathers each batch in the training thread, before its step
+    (into the same reused buffers), so those columns then hold the whole gather and transfer.
+    ``"auto"`` (the default): :func:`prefetch_thread` decides, recorded in the history's
+    ``info["prefetch"]``.
 
     A stop asked for while it trains (:meth:`Strategy.request_stop`; the command line's
     Ctrl-C and SIGTERM) ends the fit after the step in progress with
@@ -238,6 +243,9 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     normalize = check_bool(None, "normalize", normalize)
     requested = backend or model.backend
     be = get_backend(requested)
+    if not (isinstance(prefetch, str) and prefetch == "auto"):
+        if not isinstance(prefetch, (bool, np.bool_)):
+            raise ValueError(f"prefetch: True, False or 'auto'. Received {prefetch!r}")
     opt = make_optimizer(optimizer, schedule=lr_schedule)
     strat = make_strategy(strategy, threads, **(strategy_options or {}))
     strat.check_batch_size(batch_size)
@@ -267,6 +275,8 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     # the statistics of the training split, once, after every check
     normalization = training_normalization(x, normalize, model.normalization,
                                            model.input_shape)
+    prefetch = prefetch_thread(prefetch, be, augmentation is not None
+                               or normalization is not None)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
@@ -698,6 +708,18 @@ def _warm_up(model, x, y, params, be: Backend, opt=None) -> float:
         opt.apply(scratch, grads, opt.init_slots(scratch, be), be, opt.learning_rate(0), 1)
     be.to_host(loss)
     return time.perf_counter() - t
+
+
+def prefetch_thread(prefetch: "bool | str", backend: Backend, batch_work: bool) -> bool:
+    """Whether ``fit`` gathers batches in a prefetching thread: ``prefetch`` when it is a
+    bool; for ``"auto"``, only where a batch needs more than its gather (``batch_work``:
+    augmentation or normalisation; or a host-to-device copy, ``backend.on_device``). A bare
+    gather into a reused buffer is a few percent of a step, and the thread doing it takes the
+    GIL and a core from the workers when they fill the machine (``sync`` on two threads of
+    two cores ran 4-6% faster without it; one thread was as fast either way)."""
+    if isinstance(prefetch, str) and prefetch == "auto":
+        return bool(batch_work or backend.on_device)
+    return bool(prefetch)
 
 
 def _nonfinite(info: dict, epoch: int, step: int, loss: float, raising: bool) -> None:

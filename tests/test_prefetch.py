@@ -45,7 +45,7 @@ def test_transfer_overlaps_compute():
     y = rng.integers(0, 3, 40)
     model = Sequential(layers_from_spec(SPEC), (1, 6, 6), dtype=np.float64, seed=0)
     be = SlowTransferBackend()
-    hist = model.fit(x, y, epochs=1, batch_size=4, backend=be, verbose=0)
+    hist = model.fit(x, y, epochs=1, batch_size=4, backend=be, verbose=0, prefetch=True)
     steps = 10
     assert "prefetch" in be.asarray_threads  # batches move in the prefetching thread
     # the wait for a batch is exposed only for the first one: the others were ready in time
@@ -95,3 +95,33 @@ def test_prefetch_off_trains_the_same_weights():
         weights.append(model.get_weights())
     for k in weights[0]:
         np.testing.assert_array_equal(weights[0][k], weights[1][k])
+
+
+def test_auto_prefetch_takes_a_thread_only_for_work_beyond_the_gather():
+    """``prefetch="auto"`` (the default): a bare gather on a CPU backend stays in the training
+    thread (no thread named prefetch ever gathers); augmentation or normalisation get the
+    thread; a bad value is refused before any step, naming the option."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((64, 1, 6, 6))
+    y = rng.integers(0, 3, 64)
+    seen = []
+    real_run = _Prefetcher._run
+
+    def run(self):
+        seen.append(threading.current_thread().name)
+        return real_run(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_Prefetcher, "_run", run)
+        for kwargs, threaded in (({}, False), ({"normalize": True}, True),
+                                 ({"prefetch": True}, True), ({"prefetch": False}, False)):
+            seen.clear()
+            model = Sequential(layers_from_spec(SPEC), (1, 6, 6), dtype=np.float64, seed=0)
+            hist = model.fit(x, y, epochs=1, batch_size=16, verbose=0, **kwargs)
+            assert hist.info["prefetch"] is threaded, kwargs
+            assert (seen == ["prefetch"]) is threaded, (kwargs, seen)
+    model = Sequential(layers_from_spec(SPEC), (1, 6, 6), dtype=np.float64, seed=0)
+    before = model.get_weights()
+    with pytest.raises(ValueError, match="prefetch: True, False or 'auto'. Received 'yes'"):
+        model.fit(x, y, epochs=1, batch_size=16, verbose=0, prefetch="yes")
+    assert all(np.array_equal(before[k], v) for k, v in model.get_weights().items())

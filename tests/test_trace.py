@@ -87,7 +87,7 @@ def test_two_workers_trace(tmp_path, strategy):
     model = build()
     path = tmp_path / "trace.json"
     hist = model.fit(x, y, epochs=2, batch_size=32, optimizer=OPT, strategy=strategy, threads=2,
-                     verbose=0, backend="numpy", trace=path)
+                     verbose=0, backend="numpy", trace=path, prefetch=True)
     assert hist.info["trace"] == str(path)
     trace = json.loads(path.read_text())
     steps = 2 * -(-200 // 32)
@@ -158,7 +158,7 @@ def test_draw_one_step(tmp_path):
     x, y = blobs(100)
     path = tmp_path / "trace.json"
     build().fit(x, y, epochs=1, batch_size=20, optimizer=OPT, strategy="sync", threads=2,
-                verbose=0, backend="numpy", trace=path)
+                verbose=0, backend="numpy", trace=path, prefetch=True)
     assert step_numbers(path) == [1, 2, 3, 4, 5]
     assert typical_step(path) in (2, 3, 4, 5)  # never the epoch's first (the prefetch wait)
     fig = draw_step(path, step=3)

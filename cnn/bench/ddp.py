@@ -12,7 +12,8 @@ thread per worker:
 - ``ours mpi overlap``: the same with ``overlap=True`` (its default buckets and progress);
 - ``ours processes``: :class:`~cnn.parallel.processes.SyncProcesses`, 2 worker processes
   over shared memory (one host only);
-- each of them again on the Numba backend (``... numba``; its compilation in the warm-up);
+- all three on our fastest backend (``"auto"``: Numba where it is installed; its compilation
+  in the warm-up epoch), what a user gets by default;
 - ``pytorch ddp``: :func:`cnn.reference.torch.fit_torch` with ``distributed=True``: 2
   processes, ``torch.distributed`` with the gloo backend, ``init_method=tcp://`` to the first
   host's address (``bucket_cap_mb`` 25, DDP's default).
@@ -44,23 +45,20 @@ from typing import NamedTuple
 #: timed epochs per job, after one warm-up epoch
 EPOCHS = 2
 #: images per epoch, per preset (others: 512)
-IMAGES = {"mnist_small": 2048, "cifar_tutorial": 512}
+IMAGES = {"mnist_small": 2048, "cifar_tutorial": 2048, "cifar_resnet20": 1024}
 class Contender(NamedTuple):
     """How a contender trains: ``kind`` (``mpi``, ``processes`` or ``ddp``), our strategy's
     ``options``, whether it runs on ``one_host`` only (shared memory), and our ``backend``."""
     kind: str
     options: dict
     one_host: bool = False
-    backend: str = "numpy"
+    backend: str = "auto"
 
 
 CONTENDERS = {
     "ours mpi": Contender("mpi", {}),
     "ours mpi overlap": Contender("mpi", {"overlap": True}),
-    "ours mpi numba": Contender("mpi", {}, backend="numba"),
-    "ours mpi numba overlap": Contender("mpi", {"overlap": True}, backend="numba"),
     "ours processes": Contender("processes", {}, one_host=True),
-    "ours processes numba": Contender("processes", {}, one_host=True, backend="numba"),
     "pytorch ddp": Contender("ddp", {}),
 }
 WORKERS = 2

@@ -89,7 +89,7 @@ def run_ours(job: dict, x, y) -> None:
     model.fit(x, y, epochs=job["epochs"], batch_size=job["batch_size"], optimizer=opt,
               backend=c["backend"], strategy=strategy,
               threads=c.get("threads", 1) if strategy not in ("sequential", "mpi") else 1,
-              verbose=0, callbacks=[Gate()], seed=1, prefetch=c.get("prefetch", True))
+              verbose=0, callbacks=[Gate()], seed=1, prefetch=c.get("prefetch", "auto"))
 
 
 # ---- Keras -------------------------------------------------------------------------------------

@@ -117,10 +117,12 @@ def _check_cpu_backend(name: str, backend) -> None:
 
 #: how ``overlap=True`` gets the non-blocking allreduces to progress while backward runs:
 #: ``"layers"`` (the default: the training thread tests the requests after each layer's
-#: backward) or ``"thread"`` (:class:`ProgressThread`). The thread moves the sums on sooner,
-#: but every wake-up takes the GIL from the training thread; measured on a loaded 2-core
-#: machine the tests after each layer gave the better images/s (``python -m cnn bench mpi
-#: --cluster 1gbe --ranks 2 --variants blocking overlap,progress=layers
+#: backward) or ``"thread"`` (:class:`ProgressThread`). The thread moves the sums on sooner
+#: and leaves less of the wait exposed, but every wake-up takes the GIL and a core from the
+#: training thread: on a network of many small ops (the ResNet) that costs more than it
+#: hides, on the plain CIFAR network the two give the same images/s
+#: (results/overlap_1gbe.txt: ``python -m cnn bench mpi --cluster 1gbe --ranks 2 --presets
+#: cifar_tutorial cifar_resnet20 --batch-sizes 32 128 --variants blocking overlap
 #: overlap,progress=thread`` compares them)
 PROGRESS = ("layers", "thread")
 #: seconds between two tests of the outstanding requests by the progress thread
