@@ -425,6 +425,32 @@ def test_final_accuracy_is_held_against_its_own_configuration_s_seed_spread():
     assert check["pairs"] == 9 and check["max_abs_diff_pp"] == pytest.approx(3.0)
 
 
+def test_a_variant_trained_at_its_own_learning_rate_gets_its_own_time_to_accuracy_row():
+    """Hogwild at half the rate beside hogwild, sync and Numba at the configuration's rate: the
+    table keeps the two hogwild rates apart (grouping by variant alone would pool them), and
+    the report names the one row whose rate differs from the rest."""
+    def tta(path, strategy, threads, backend, lr, reached_at):
+        rows = _rows(path, strategy, threads, SEQ_EPOCHS, SEQ_ACC, backend=backend, lr=lr)
+        for row in rows:
+            row.update(target=0.9, tta_status="reached", time_to_target=reached_at,
+                       steps_to_target=10, eval_trace=json.dumps([[5, 0.5], [10, 0.91]]),
+                       run_key=f"{row['run_key']}-lr{lr}")
+        return rows
+    frame = pd.DataFrame(tta("numba", "sequential", 1, "numba", 0.1, 3.0)
+                         + tta("threads", "sync", 2, "numba", 0.1, 2.0)
+                         + tta("threads", "hogwild", 2, "numba", 0.1, 1.5)
+                         + tta("threads", "hogwild", 2, "numba", 0.05, 1.0))
+    s = R.summarize(frame)
+    hog = s.tta[s.tta["strategy"] == "hogwild"].sort_values("lr")
+    assert list(hog["lr"]) == [0.05, 0.1] and list(hog["n_runs"]) == [3, 3]
+    assert list(hog["time_to_target_median"]) == [1.0, 1.5]
+    problem = R.report_numbers(s, [])["problems"][0]
+    assert [r["lr"] for r in problem["tta"]].count("0.05") == 1
+    assert problem["lr_exceptions"] == [{"label": hog["label"].iat[0],
+                                         "config": "batch 32, filters 8", "lr": "0.05",
+                                         "usual": "0.1"}]
+
+
 def test_accumulation_on_a_network_with_batch_statistics_is_not_held_to_the_sequential_runs():
     seq = _rows("sequential", "sequential", 1, SEQ_EPOCHS, SEQ_ACC)
     acc = _rows("accumulate", "accumulate", 2, SYNC_EPOCHS, [0.5, 0.5, 0.5])

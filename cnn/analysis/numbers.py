@@ -255,8 +255,24 @@ def _superlinear(tp: pd.DataFrame) -> list[dict]:
     return out
 
 
+def _lr_text(lr) -> str:
+    return "–" if is_missing(lr) else f"{float(lr):g}"
+
+
+def _lr_exceptions(tt: pd.DataFrame) -> list[dict]:
+    """The time-to-accuracy rows that train at another learning rate than most rows of their
+    configuration (a grid's rule for one variant, e.g. hogwild at lr / p)."""
+    out = []
+    for _, g in tt[tt["lr"].notna()].groupby("config_id", sort=False):
+        usual = g["lr"].mode().iat[0]
+        out += [{"label": r["label"], "config": config_text(r), "lr": _lr_text(r["lr"]),
+                 "usual": _lr_text(usual)} for _, r in g[g["lr"] != usual].iterrows()]
+    return out
+
+
 def _tta_rows(tt: pd.DataFrame) -> list[dict]:
     return [{"label": r["label"], "config": config_text(r), "target": fmt_pct(r["target"], 1),
+             "lr": _lr_text(r["lr"]),
              "runs": str(int(r["n_runs"])), "reached": str(int(r["n_reached"])),
              "failed": str(int(r["n_failed"])), "cap": str(int(r["cap_epochs"])),
              "time": fmt_ci(r["time_to_target_median"], r["time_to_target_ci_lo"],
@@ -319,6 +335,7 @@ def report_numbers(summary: Summary, figures: list[dict], gpu_kernels=None) -> d
                         "kf": fmt(r["karp_flatt_self_at_p_max"], 2),
                         "p_max": fmt_int(r["p_max"])} for _, r in am.iterrows()],
             "tta": _tta_rows(tt),
+            "lr_exceptions": _lr_exceptions(tt),
             "rates": [{"label": r["label"], "config": config_text(r),
                        "ips": fmt(r["images_per_sec_median"]), "gflops": fmt(r["gflops"]),
                        "peak": fmt_pct(r["peak_fraction"], 1)}

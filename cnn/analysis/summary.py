@@ -175,7 +175,7 @@ def run_table(df: pd.DataFrame) -> pd.DataFrame:
               "_images"]
     ok.loc[resumed, timing] = np.nan
     g = ok.groupby("run_key", sort=True)
-    first = g[[*GROUP_KEYS, *MACHINE_KEYS, "repeat", "seed", "compile_time",
+    first = g[[*GROUP_KEYS, *MACHINE_KEYS, "repeat", "seed", "lr", "compile_time",
                "final_test_accuracy", "num_params", "started_at", "test_size", "order_index",
                "target", "eval_every", "val_size", "tta_status", "time_to_target",
                "steps_to_target", "examples_to_target", "eval_trace", "reduce_time",
@@ -467,7 +467,7 @@ def _amdahl_table(table: pd.DataFrame, timing: pd.DataFrame, level: float) -> pd
 
 
 TTA_COLUMNS = ["problem", *CONFIG_KEYS, *VARIANT_KEYS, "threads", "variant", "label", "p",
-               "target", "n_runs", "n_reached", "n_failed", "cap_epochs",
+               "target", "lr", "n_runs", "n_reached", "n_failed", "cap_epochs",
                "time_to_target_median", "time_to_target_ci_lo", "time_to_target_ci_hi",
                "ci_coverage", "steps_to_target_median", "time_per_step",
                "steps_x_time_per_step", "tta_speedup", "tta_speedup_ci_lo",
@@ -475,7 +475,8 @@ TTA_COLUMNS = ["problem", *CONFIG_KEYS, *VARIANT_KEYS, "threads", "variant", "la
 
 
 def tta_table(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
-    """Time-to-accuracy per configuration and variant (runs with a target): runs, runs that
+    """Time-to-accuracy per configuration, variant and learning rate (runs with a target; a
+    variant may train at another rate than the configuration's others): runs, runs that
     reached the target within the cap and that did not, median time-to-target over the runs
     that reached it with its interval, median steps-to-target, the time per step measured
     over the runs' training, their product (the time-to-target a variant would have with the
@@ -489,7 +490,7 @@ def tta_table(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
     seq = {cid: _by_seed(g[g["tta_status"] == "reached"], "time_to_target")
            for cid, g in t[t["path"] == BASELINE_PATH].groupby("config_id")}
     rows = []
-    for _, g in t.groupby(["config_id", "variant", "threads"], sort=False, dropna=False):
+    for _, g in t.groupby(["config_id", "variant", "threads", "lr"], sort=False, dropna=False):
         r0 = g.iloc[0]
         hit = g[g["tta_status"] == "reached"]
         med, lo, hi, cov = median_interval(hit["time_to_target"], level)
@@ -498,7 +499,7 @@ def tta_table(runs: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
         sp = (1.0, np.nan, np.nan, np.nan, 0) if r0["path"] == BASELINE_PATH else \
             _ratio(seq.get(r0["config_id"]), _by_seed(hit, "time_to_target"), level)
         rows.append({**{k: r0[k] for k in ("problem", *GROUP_KEYS, "variant", "label", "p",
-                                           "target", "config_id")},
+                                           "target", "lr", "config_id")},
                      "n_runs": len(g), "n_reached": len(hit), "n_failed": len(g) - len(hit),
                      "cap_epochs": int(r0["epochs"]),
                      "time_to_target_median": med, "time_to_target_ci_lo": lo,
