@@ -482,3 +482,12 @@ def test_equivalence_numbers_tell_an_amplifying_trajectory_from_another_algorith
     assert not b["float64_alike_control"]
     assert "mpi/sync ×2 depart(s) faster than it" in b["float64"]
     assert not a["rounding"] and not b["rounding"]
+    # the conclusion's summary: both problems depart, not every departure alike the control
+    assert n["departures"] == ["a/resnet float64", "b/resnet float64"] and n["at_rounding"] == []
+    assert n["departures_alike_control"] is False
+    alike_only = equivalence_numbers(pd.DataFrame(
+        [r for r in rows if r[0] == "a/resnet"]
+        + [("c/mnist", "float64", "numba", 1, 1e-16)],
+        columns=["problem", "dtype", "label", "step", "rel_diff"]))
+    assert alike_only["departures_alike_control"] is True
+    assert alike_only["at_rounding"] == ["c/mnist float64"]

@@ -173,6 +173,22 @@ def test_equivalence_table_at_rounding_level():
     assert eps / 4 < control.iloc[0] < 4 * eps and len(control) == 4
 
 
+def test_the_one_ulp_control_moves_each_non_zero_weight_one_ulp_and_keeps_zeros():
+    from cnn.study.equivalence import one_ulp_away
+    for dtype in (np.float32, np.float64):
+        w = np.array([[0.5, -0.25], [3.0, -1e-3]], dtype=dtype)
+        b = np.zeros(3, dtype=dtype)
+        moved = one_ulp_away({"w": w, "b": b})
+        assert moved["w"].dtype == dtype and moved["b"].dtype == dtype
+        # up by one spacing (for a negative w, the spacing of the next float toward zero)
+        up = np.array([[0.5 + np.spacing(dtype(0.5)), -0.25 + np.spacing(dtype(0.25)) / 2],
+                       [3.0 + np.spacing(dtype(3.0)), -1e-3]], dtype=dtype)
+        up[1, 1] = -np.nextafter(-w[1, 1], dtype(0))
+        np.testing.assert_array_equal(moved["w"], up)
+        assert (moved["w"] != w).all()
+        np.testing.assert_array_equal(moved["b"], b)   # not the denormal after 0
+
+
 # ---- order -------------------------------------------------------------------------------------------
 def test_run_order_is_randomised_within_repeat_blocks_and_recorded():
     runs = expand_grid({**TINY, "batch_size": [8, 16, 32, 64], "repeats": 3})

@@ -735,7 +735,7 @@ def make_figures(summary: Summary, figures_dir, dpi: int = 150,
              "each step, same initial weights and batches" + (f" ({setup})" if setup else "")
              + "; dotted: the dtype's machine epsilon"
              + ("; dashed black: the control, the sequential path from initial weights one "
-                "unit in the last place away (how fast this trajectory amplifies a rounding-"
+                "unit in the last place away, zeros kept (how fast this trajectory amplifies a rounding-"
                 "sized difference)." if (equivalence["label"] == CONTROL_LABEL).any() else ".")
              + (f" Not run here: {', '.join(skipped)}." if skipped else ""))
     fig = plot_roofline(roofline)

@@ -102,7 +102,18 @@ def equivalence_numbers(eq) -> dict:
         entry["rounding"] = all(e.startswith("at most") and "beyond" not in e
                                 for k, e in entry.items() if k in ROUNDING and e != "not run")
         by_problem.append(entry)
+    departures = [f"{e['problem']} {dtype}" for e in by_problem for dtype in ROUNDING
+                  if "beyond" in e.get(dtype, "")]
     return {"variants": int(eq["label"].nunique()), "steps": int(eq["step"].max()),
+            "at_rounding": [f"{e['problem']} {dtype}" for e in by_problem for dtype in ROUNDING
+                            if e.get(dtype, "not run") != "not run"
+                            and "beyond" not in e[dtype]],
+            "departures": departures,
+            # None without a control to hold the departures against
+            "departures_alike_control": (
+                all(e.get(f"{dtype}_alike_control", False) for e in by_problem
+                    for dtype in ROUNDING if "beyond" in e.get(dtype, ""))
+                if departures and len(control) else None),
             "max64": worst("float64"), "max32": worst("float32"),
             "labels": sorted(eq["label"].unique()),
             "skipped": list(eq.attrs.get("skipped", [])),

@@ -50,12 +50,21 @@ def sequential_variants(batch_statistics: bool = False) -> tuple[tuple[str, str,
                  for b in e.backends)
 
 
+def one_ulp_away(params: dict) -> dict:
+    """The control's initial weights: each non-zero array element moved one unit in the last
+    place up, zeros kept. (The float after 0 is a denormal: it would open every ReLU whose
+    input was exactly 0, as on MNIST's blank border at zero biases, a change of the function,
+    not of its rounding.)"""
+    import numpy as np
+    return {k: np.where(w == 0, w, np.nextafter(w, np.inf)) for k, w in params.items()}
+
+
 def _train(entry: P.TrainingPath, strategy: str, backend: str, threads: int, model: str,
            dataset: str, data, data_root, steps: int, batch_size: int, seed: int,
            optimizer: dict, dtype, ulp: bool = False):
     """The weights after every step ``(steps, n_params)`` of ``steps`` steps of one variant
-    from ``model``'s initial weights (``seed``; ``ulp``: each moved one unit in the last place
-    up) on the first ``steps * batch_size`` examples of ``data``; a path launched by
+    from ``model``'s initial weights (``seed``; ``ulp``: each non-zero one moved one unit in
+    the last place up) on the first ``steps * batch_size`` examples of ``data``; a path launched by
     ``mpiexec`` runs as an MPI job of ``threads`` ranks, each loading the same examples, rank
     0 recording (``python -m cnn.study.equivalence --trajectory JOB OUT``)."""
     import json
@@ -99,7 +108,7 @@ def _trajectory(job: dict, data=None):
     net = Sequential.from_spec(resolve_spec(job["model"]), input_shape=data.input_shape,
                                dtype=dtype, seed=job["seed"], backend=job["backend"])
     if job.get("ulp"):
-        net.set_weights({k: np.nextafter(w, np.inf) for k, w in net.params.items()})
+        net.set_weights(one_ulp_away(net.params))
     recorder = WeightRecorder()
     fit(net, data.x_train[:n], data.y_train[:n], epochs=1, batch_size=job["batch_size"],
         optimizer=job["optimizer"], seed=job["seed"], backend=job["backend"], blas_threads=1,
