@@ -85,7 +85,7 @@ def complete(df: pd.DataFrame) -> pd.DataFrame:
                                        "reduce_time", "target", "time_to_target",
                                        "steps_to_target", "examples_to_target",
                                        "order_index", "flops_per_image",
-                                       "sgemm_peak_gflops")},
+                                       "sgemm_peak_gflops", "lr")},
                 "period": "", "tta_status": "", "eval_trace": "", "eval_every": 0,
                 "val_size": 0, "hosts": "", "optimizer": "", "lr_schedule": "",
                 "augment": "", "engine": "", "link": "",
