@@ -248,7 +248,9 @@ def test_fit_keras_history_has_fits_columns(trained_pair, blobs):
                                                      + h.history["compute_time"][e])
         assert h.history["images_per_sec"][e] == pytest.approx(300 / h.history["time"][e])
         assert h.history["transfer_time"][e] == 0.0 and h.history["eval_time"][e] > 0
-    assert h.info["compile_time"] > 0
+    # the tracing time is a difference of two timed warm-up rounds (clipped at 0): on a loaded
+    # machine the second round can be the slower, so only its presence and sign are checked
+    assert np.isfinite(h.info["compile_time"]) and h.info["compile_time"] >= 0
     assert h.info["tf_intra_op_threads"] == 1 and h.info["tf_inter_op_threads"] == 1
     assert h.info["strategy"] == "keras" and h.info["threads"] == 1
     assert len(h.info["fit_call_overhead"]) == 4
