@@ -193,6 +193,11 @@ class _Interrupt:
     reference trainer, ``--backend keras|torch``, which has no step boundary of ours) the first
     signal interrupts at once.
 
+    Once the fit has returned (:meth:`fit_ended`: the final test evaluation, the report and
+    the save) a first signal no longer stops anything: the run is whole, so it finishes and
+    saves, then exits with the signal's status; another signal stops it at once (and the
+    weights are still saved).
+
     Under ``mpiexec`` one Ctrl-C reaches a rank twice, from the terminal and forwarded by
     ``mpiexec``: a second signal within :data:`SAME_PRESS` seconds of the first is the same
     key press."""
@@ -206,6 +211,7 @@ class _Interrupt:
         self.where = (0, 0, 0)
         self._when = 0.0
         self._previous: dict = {}
+        self._fit_ended = False
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -226,13 +232,22 @@ class _Interrupt:
                 return
             raise KeyboardInterrupt
         self.signum, self._when = signum, now
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if self._fit_ended:
+            if self.master:
+                print(f"\n{what}: training has ended; finishing the final evaluation and the "
+                      f"save (Ctrl-C again to stop now)", file=sys.stderr, flush=True)
+            return
         if self.strategy is None:  # a reference trainer (--backend keras|torch): stop now
             raise KeyboardInterrupt
         self.strategy.request_stop()
         if self.master:
-            what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
             print(f"\n{what}: stopping after the current step (Ctrl-C again to stop now)",
                   file=sys.stderr, flush=True)
+
+    def fit_ended(self) -> None:
+        """The fit has returned: a first signal from here on lets the run finish."""
+        self._fit_ended = True
 
     @property
     def exit_status(self) -> int:
@@ -499,12 +514,22 @@ def cmd_train(args) -> int:
                                  augment=augmentation, normalize=args.normalize)
             if interrupt.signum is not None and launch.mpi_job_size() == 1:
                 raise KeyboardInterrupt  # asked for during the last evaluation: the run is whole
+            interrupt.fit_ended()
+            status = _finish_training(hist, model, data, callbacks, save, master)
+        if interrupt.signum is not None:  # came after the fit: the run finished and was saved
+            return launch.AgreedStatus(status or interrupt.exit_status)
+        return status
     except DivergedError as err:
         message = str(err).replace("fit(on_nonfinite='continue')", "--on-nonfinite continue")
         print(f"error: {message}\nweights not saved (they are not finite)", file=sys.stderr)
         return launch.AgreedStatus(EXIT_DIVERGED)  # every rank diverges at the same step
     except KeyboardInterrupt as err:
         return _interrupted(err, interrupt, model, save, master)
+
+
+def _finish_training(hist, model, data, callbacks, save, master) -> int:
+    """After the fit: the per-epoch table, the callbacks' reports, the test set's accuracy
+    (evaluated once, here) and the save (the master). Returns the exit status."""
     h = hist.history
     print("\nepoch   val_acc  train_loss  time_s  img/s")
     for i in range(hist.epochs):

@@ -312,6 +312,38 @@ def test_ctrl_c_without_save_says_nothing_was_saved(tmp_path):
     assert "Traceback" not in err
 
 
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_after_the_fit_still_saves_the_finished_run(tmp_path, monkeypatch, capsys, presses):
+    """Ctrl-C once training has ended (during the final test evaluation): the run is whole, so
+    one press lets it finish (report, test accuracy, save) and exit 130; a second press stops
+    it at once and still saves. Before, the handler was gone by then: a traceback and no weights."""
+    import cnn.cli as cli
+    argv = ["train", "--dataset", "blobs", "--limit", "256", "--test-limit", "32", "--epochs",
+            "2", "--quiet", "--seed", "5", "--save"]
+    assert main([*argv, str(tmp_path / "ref.npz")]) == 0
+    capsys.readouterr()
+    finish = cli._finish_training
+    monkeypatch.setattr(cli._Interrupt, "SAME_PRESS", 0.0)  # each kill below is a new press
+
+    def pressed_once_the_fit_returned(*a, **kw):
+        for _ in range(presses):
+            os.kill(os.getpid(), signal.SIGINT)
+        return finish(*a, **kw)
+
+    monkeypatch.setattr(cli, "_finish_training", pressed_once_the_fit_returned)
+    save = tmp_path / "w.npz"
+    assert main([*argv, str(save)]) == 130
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    assert "training has ended; finishing the final evaluation and the save" in err, err
+    if presses == 1:
+        assert "final test accuracy" in out and f"weights saved to {save}" in out, out
+    else:
+        assert f"weights of the last completed step saved to {save}" in err, err
+    ref, got = np.load(tmp_path / "ref.npz"), np.load(save)
+    assert all(np.array_equal(ref[k], got[k]) for k in ref.files if k != "__spec__")
+
 def test_filters_on_a_model_without_conv_and_layer_errors_name_the_file(tmp_path, capsys):
     path = tmp_path / "dense_only.json"
     path.write_text(json.dumps({"layers": [{"type": "flatten"}, {"type": "dense", "units": 10}]}))
