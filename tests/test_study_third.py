@@ -65,9 +65,11 @@ def test_third_profile_runs_every_cpu_path_on_each_problem_five_seeds_with_a_war
         mine = [r for r in tta if r.model == spec["model"]]
         assert {r.target for r in mine} == {spec["target"]}
         labels = Counter((r.label, r.period) for r in mine)
+        # the ResNet's fastest one-core trainer is compiled PyTorch: it is timed to target too
+        best_elsewhere = {"torch+compiled ×1"} if spec["model"] == "cifar_resnet20" else set()
         assert {"numba", "threads/sync[numba] ×2", "threads/hogwild[numba] ×2",
                 "threads/average[numba] ×2", "keras ×1",
-                "torch+channels_last ×1"} == {label for label, _ in labels}
+                "torch+channels_last ×1"} | best_elsewhere == {label for label, _ in labels}
         assert set(labels.values()) == {spec["repeats"]}
         periods = {r.period for r in mine if r.strategy == "average"}
         assert periods == ({str(p) for p in THIRD_PERIODS} if spec["model"] == "mnist_small"
