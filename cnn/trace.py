@@ -16,8 +16,9 @@ thread, and on MPI ranks with ``overlap`` a lane of the per-bucket allreduces. I
   ``reduce`` (the combine of the shard gradients: shared-memory slots or an allreduce, with its
   ``barrier`` inside), ``update`` (the optimizer), ``barrier`` (a wait for the other workers),
   ``data release`` (the fit loop handing the batch back to the prefetcher, which may take the
-  GIL), and the dispatching process's own work (``batch to shared memory``, ``wait for
-  workers``; a worker process's ``report`` of its numbers);
+  GIL), and the dispatching process's own work (``wait for workers``; ``batch to shared
+  memory`` for a batch the fit loop did not gather there itself; a worker process's ``report``
+  of its numbers);
 - ``gather`` on the prefetching thread's lane: the batch the training thread will take next;
 - ``allreduce bucket k`` on the bucket lane: from the non-blocking allreduce's start to the
   moment the rank saw it complete (MPI ``overlap``).

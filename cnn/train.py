@@ -276,7 +276,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     normalization = training_normalization(x, normalize, model.normalization,
                                            model.input_shape)
     prefetch = prefetch_thread(prefetch, be, augmentation is not None
-                               or normalization is not None)
+                               or normalization is not None, strat.waits_during_steps)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
@@ -332,7 +332,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
         params = {k: be.asarray(v) for k, v in model.params.items()}
         be.synchronize()
         history.info["params_transfer_time"] = time.perf_counter() - t0
-        history.info["compile_time"] = _warm_up(model, x, y, params, be, opt)
+        history.info["compile_time"] = _warm_up(model, x, y, params, be, opt, strat)
         state = saved.to_backend(be) if saved is not None else None
         strat.start(model, opt, be, params, seed=seed, state=state)
         if resume:
@@ -690,13 +690,17 @@ def _carve_validation(x, y, fraction, validation_data, seed):
     return x_t, y_t, (x_v, y_v)
 
 
-def _warm_up(model, x, y, params, be: Backend, opt=None) -> float:
+def _warm_up(model, x, y, params, be: Backend, opt=None, strat: Strategy | None = None) -> float:
     """Seconds spent compiling: one untimed forward/backward on two examples for JIT backends
     (Numba, CUDA), and the optimizer's update applied to scratch copies (its kernels compile
-    too); the real parameters are not updated. 0 for backends with nothing to compile."""
-    if not getattr(be, "jit", False):
-        return 0.0
+    too); the real parameters are not updated. Then what the strategy ``strat`` compiles of
+    its own (:meth:`~cnn.parallel.Strategy.warm_up`: the threads' barrier), on every backend.
+    0 when nothing compiles."""
     t = time.perf_counter()
+    if strat is not None:
+        strat.warm_up()
+    if not getattr(be, "jit", False):
+        return time.perf_counter() - t
     # a training pass (dropout and batch-norm kernels compile too) that updates nothing: no
     # optimizer step (its kernels compile on scratch copies), and its new batch-norm
     # statistics (ctx.updates) are never committed
@@ -710,15 +714,18 @@ def _warm_up(model, x, y, params, be: Backend, opt=None) -> float:
     return time.perf_counter() - t
 
 
-def prefetch_thread(prefetch: "bool | str", backend: Backend, batch_work: bool) -> bool:
+def prefetch_thread(prefetch: "bool | str", backend: Backend, batch_work: bool,
+                    idle_during_steps: bool = False) -> bool:
     """Whether ``fit`` gathers batches in a prefetching thread: ``prefetch`` when it is a
-    bool; for ``"auto"``, only where a batch needs more than its gather (``batch_work``:
-    augmentation or normalisation; or a host-to-device copy, ``backend.on_device``). A bare
-    gather into a reused buffer is a few percent of a step, and the thread doing it takes the
-    GIL and a core from the workers when they fill the machine (``sync`` on two threads of
-    two cores ran 4-6% faster without it; one thread was as fast either way)."""
+    bool; for ``"auto"``, where a batch needs more than its gather (``batch_work``:
+    augmentation or normalisation; or a host-to-device copy, ``backend.on_device``), or where
+    the fit loop's process only waits while a step runs (``idle_during_steps``: worker
+    processes, whose GIL is not this one). A bare gather into a reused buffer is a few percent
+    of a step, and a thread doing it in the process of thread workers takes the GIL and a core
+    from them when they fill the machine (``sync`` on two threads of two cores ran 4-6% faster
+    without it; one thread was as fast either way)."""
     if isinstance(prefetch, str) and prefetch == "auto":
-        return bool(batch_work or backend.on_device)
+        return bool(batch_work or backend.on_device or idle_during_steps)
     return bool(prefetch)
 
 
@@ -754,14 +761,19 @@ class _Prefetcher:
 
     def __init__(self, be: Backend, x, y, order, step_size: int, threaded: bool = True,
                  lane=None, local_rows: Callable[[int], tuple[int, int]] | None = None,
-                 pipeline: InputPipeline | None = None, epoch: int = 1):
+                 pipeline: InputPipeline | None = None, epoch: int = 1,
+                 buffers: Callable | None = None):
         self.be, self.x, self.y, self.order, self.step = be, x, y, order, step_size
         self.lane = lane  # where each gather is a span, in a traced fit
         self.local_rows = local_rows
         self.pipeline, self.epoch = pipeline or InputPipeline(), epoch
         rows = min(step_size, len(order))
-        self._bufs = [(np.empty((rows, *x.shape[1:]), dtype=x.dtype),
-                       np.empty(rows, dtype=np.asarray(y).dtype)) for _ in range(self._SLOTS)]
+        y_dtype = np.asarray(y).dtype
+        # the strategy's own (Strategy.batch_buffers: shared memory its workers read), if any
+        shared = None if buffers is None else buffers(rows, x.dtype, y_dtype)
+        self._bufs = shared[:self._SLOTS] if shared else [
+            (np.empty((rows, *x.shape[1:]), dtype=x.dtype), np.empty(rows, dtype=y_dtype))
+            for _ in range(self._SLOTS)]
         self._free = threading.Semaphore(self._SLOTS)
         self._ready: queue.SimpleQueue = queue.SimpleQueue()
         self._stop = False
@@ -886,7 +898,8 @@ def _run_epoch(strat: Strategy, be: Backend, x, y, n, step_size, orders: EpochOr
     batches = _Prefetcher(be, x, y, order[first:] if not t.stopped else order[:0], step_size,
                           threaded=prefetch, lane=None if lane is None
                           else tracer.lane(PREFETCH_TID, "prefetch") if prefetch else lane,
-                          local_rows=strat.local_rows, pipeline=pipeline, epoch=epoch)
+                          local_rows=strat.local_rows, pipeline=pipeline, epoch=epoch,
+                          buffers=strat.batch_buffers)
     try:
         for step, i in enumerate(range(first, n if not t.stopped else first, step_size),
                                  t.batches + 1):

@@ -172,14 +172,49 @@ class KillingBackend(NumpyBackend):
         return super().dense_forward(x, w, b, *args, **kwargs)
 
 
-class DyingHoldingTheBarrier(KillingBackend):
-    """:class:`KillingBackend` whose worker first takes the lock of its strategy's
-    ``multiprocessing.Barrier`` (as a worker does for a moment inside ``Barrier.wait``) and
-    dies holding it: the lock is never released (what ``kill -9`` of a worker inside the
-    barrier does by chance, made certain)."""
+class DyingInsideTheBarrier(KillingBackend):
+    """:class:`KillingBackend` whose worker first arrives at its strategy's shared barrier
+    (its arrival is counted, as a worker's is at the start of a wait) and dies there: the
+    other worker passes that barrier and waits at the next one for a worker that will never
+    come (what ``kill -9`` of a worker inside the barrier does by chance, made certain)."""
 
     def before_dying(self) -> None:
         import gc
-        from multiprocessing.synchronize import Barrier
-        barrier = next(o for o in gc.get_objects() if isinstance(o, Barrier))
-        barrier._cond.acquire()
+
+        from cnn.parallel.spin import SharedSpinBarrier, _arrive
+        barrier = next(o for o in gc.get_objects() if isinstance(o, SharedSpinBarrier))
+        _arrive(barrier.state, barrier.parties)
+
+
+def barrier_rounds(i: int, barrier, cells: np.ndarray, rounds: int) -> None:
+    """Party ``i`` of a barrier test: each round write the round into its cell, pass the
+    barrier, check every cell (raise on a stale one: a party let through early), pass it again
+    before the next write. Random pauses send the late arrivals down the sleeping path."""
+    import time
+    rng = np.random.default_rng(i)
+    for r in range(rounds):
+        if rng.random() < 0.05:
+            time.sleep(rng.random() * 1e-3)
+        cells[i] = r
+        barrier.wait()
+        if not np.all(cells == r):
+            raise AssertionError(f"party {i}, round {r}: cells {cells.tolist()}")
+        barrier.wait()
+
+
+def shared_barrier_rounds(i: int, parties: int, rounds: int, names: tuple[str, str]) -> None:
+    """:func:`barrier_rounds` in process ``i`` of a
+    :class:`~cnn.parallel.spin.SharedSpinBarrier` test. ``names``: the shared segments of the
+    barrier's state and of the cells."""
+    from multiprocessing import shared_memory
+
+    from cnn.parallel.spin import STATE_SIZE, SharedSpinBarrier
+    segments = [shared_memory.SharedMemory(name=n) for n in names]
+    try:
+        state = np.ndarray((STATE_SIZE,), np.int64, buffer=segments[0].buf)
+        cells = np.ndarray((parties,), np.int64, buffer=segments[1].buf)
+        barrier_rounds(i, SharedSpinBarrier(parties, state), cells, rounds)
+        del state, cells
+    finally:
+        for seg in segments:
+            seg.close()

@@ -1,5 +1,5 @@
 """Softmax cross-entropy against hand-computed values, its stability on huge logits, the count
-of correct rows, and the NumPy op against the naive loop version."""
+of correct rows, and the NumPy and Numba ops against the naive loop version."""
 from __future__ import annotations
 
 import math
@@ -13,7 +13,9 @@ from cnn.losses import softmax, softmax_cross_entropy
 
 NP = get_backend("numpy")
 NAIVE = get_backend("naive")
-BACKENDS = [pytest.param(NP, id="numpy"), pytest.param(NAIVE, id="naive")]
+NUMBA = get_backend("numba")
+BACKENDS = [pytest.param(NP, id="numpy"), pytest.param(NAIVE, id="naive"),
+            pytest.param(NUMBA, id="numba")]
 
 
 def strict():
@@ -91,7 +93,7 @@ HUGE = [  # (dtype, logits row, label, loss by hand)
 ]
 
 
-@pytest.mark.parametrize("be", [pytest.param(NP, id="numpy")])
+@pytest.mark.parametrize("be", [pytest.param(NP, id="numpy"), pytest.param(NUMBA, id="numba")])
 @pytest.mark.parametrize("dtype, row, label, expected", HUGE)
 def test_huge_logits_finite_without_overflow(be, dtype, row, label, expected):
     logits = np.array([row], dtype=dtype)
@@ -127,13 +129,14 @@ def test_softmax_for_predict_is_stable(dtype, row):
         np.testing.assert_allclose(p[0], [1 / (1 + e), e / (1 + e)], rtol=1e-6)
 
 
+@pytest.mark.parametrize("be", [pytest.param(NP, id="numpy"), pytest.param(NUMBA, id="numba")])
 @pytest.mark.parametrize("n, k", [(1, 2), (5, 10), (16, 3)])
 @pytest.mark.parametrize("scale", [1.0, 50.0])
-def test_numpy_matches_naive_random(n, k, scale):
+def test_matches_naive_random(be, n, k, scale):
     rng = np.random.default_rng(n * k)
     logits = scale * rng.standard_normal((n, k))
     labels = rng.integers(0, k, n)
-    loss, dlogits, correct = NP.softmax_cross_entropy(logits, labels)
+    loss, dlogits, correct = be.softmax_cross_entropy(logits, labels)
     rloss, rdlogits, rcorrect = NAIVE.softmax_cross_entropy(logits, labels)
     assert dlogits.shape == rdlogits.shape == (n, k)
     np.testing.assert_allclose(float(loss), float(rloss), rtol=1e-12, atol=1e-14)
@@ -141,6 +144,29 @@ def test_numpy_matches_naive_random(n, k, scale):
     assert int(correct) == int(rcorrect) == int(np.sum(logits.argmax(axis=1) == labels))
     # the gradient of the mean loss sums to zero over each row
     np.testing.assert_allclose(dlogits.sum(axis=1), 0.0, atol=1e-15)
+
+
+@pytest.mark.parametrize("label", [3, -1])
+def test_numba_rejects_a_label_outside_the_classes(label):
+    """NumPy's fancy indexing would wrap -1 round to the last class; the kernel names it."""
+    with pytest.raises(ValueError, match=rf"\[0, 3\)\. Received {label}"):
+        NUMBA.softmax_cross_entropy(np.zeros((2, 3), np.float32), np.array([0, label]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_numba_float32_equals_numpy_bit_for_bit(dtype):
+    """The kernel does NumPy's arithmetic in float64 before the cast: float32 results agree
+    bit for bit (float64 within rounding of the summation order)."""
+    rng = np.random.default_rng(7)
+    logits = (8 * rng.standard_normal((128, 10))).astype(dtype)
+    labels = rng.integers(0, 10, 128)
+    a, b = NUMBA.softmax_cross_entropy(logits, labels), NP.softmax_cross_entropy(logits, labels)
+    assert int(a[2]) == int(b[2])
+    if dtype == np.float32:
+        assert float(a[0]) == float(b[0]) and np.array_equal(a[1], b[1])
+    else:
+        np.testing.assert_allclose(float(a[0]), float(b[0]), rtol=1e-14)
+        np.testing.assert_allclose(a[1], b[1], rtol=1e-12, atol=1e-16)
 
 
 def test_losses_module_dispatches_to_backend():

@@ -92,6 +92,21 @@ def test_processes_reduce_across_shards_equals_sequential():
     assert max_abs_diff(got, ref) < 1e-12
 
 
+def test_labels_of_another_dtype_are_copied_in_and_train_the_same():
+    """The fit gathers int64 labels straight into the shared batch segment; uint8 labels
+    cannot be (np.take does not convert), so each batch is copied in, converted: same
+    weights, bit for bit."""
+    x, y = blobs()
+    weights = []
+    for labels in (y.astype(np.int64), y.astype(np.uint8)):
+        model = build()
+        model.fit(x, labels, epochs=2, batch_size=8, optimizer=OPT, strategy="processes",
+                  threads=2, verbose=0)
+        weights.append(model.get_weights())
+    for k in weights[0]:
+        np.testing.assert_array_equal(weights[0][k], weights[1][k], err_msg=k)
+
+
 def test_processes_keep_the_optimizer_state():
     """Momentum lives in shared memory: after the fit the strategy's state is the workers'."""
     x, y = blobs()
@@ -238,21 +253,23 @@ def test_device_backend_refused():
 
 HANG_SCRIPT = """
 import sys
-from parallel_helpers import OPT, DyingHoldingTheBarrier, blobs, build
+from parallel_helpers import OPT, DyingInsideTheBarrier, blobs, build
 from cnn.parallel.processes import WorkerError
 x, y = blobs()
 model = build()
 try:
     model.fit(x, y, epochs=2, batch_size=6, optimizer=OPT, strategy="processes", threads=2,
-              backend=DyingHoldingTheBarrier(), verbose=0)
+              backend=DyingInsideTheBarrier(), verbose=0)
 except WorkerError as err:
     print(f"WorkerError: {err}")
 """
 
 
-def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
+def test_a_worker_killed_inside_the_barrier_ends_the_fit():
     """Audit finding 1: the main process waited forever in Barrier.abort() for a lock that a
-    killed worker held (6 of 18 tries of kill -9 during a fit); now it names the worker."""
+    killed worker held (6 of 18 tries of kill -9 during a fit). The shared barrier holds no
+    lock now, but the worker left waiting in it must still be ended: the fit names the dead
+    worker and stops."""
     # its own session: a hung fit, its forkserver and workers are killed together
     proc = subprocess.Popen([sys.executable, "-c", HANG_SCRIPT], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent,
@@ -262,7 +279,7 @@ def test_a_worker_killed_holding_the_barrier_lock_ends_the_fit():
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         out, err = proc.communicate()
-        pytest.fail(f"the fit hung after its worker died holding the barrier's lock\n{err}")
+        pytest.fail(f"the fit hung after its worker died inside the barrier\n{err}")
     assert re.search(r"WorkerError: worker process 1 of 2 \(pid \d+\) was killed by signal 9 "
                      r"\(SIGKILL\) during step 3", out), out + err
 

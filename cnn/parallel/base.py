@@ -148,6 +148,20 @@ class Strategy:
         losses and the number of correctly classified examples, as host numbers."""
         raise NotImplementedError
 
+    #: whether the fit loop's thread only waits while a step runs elsewhere (worker
+    #: processes): it then gathers the next batch meanwhile (``fit(prefetch="auto")``)
+    waits_during_steps = False
+
+    def batch_buffers(self, rows: int, x_dtype, y_dtype) -> list | None:
+        """Where the fit loop gathers batches of up to ``rows`` examples: None (buffers of its
+        own), or reused ``(x, y)`` pairs of that capacity (at least two) that the strategy's
+        workers read in place, with ``x_dtype`` and ``y_dtype``."""
+        return None
+
+    def warm_up(self) -> None:
+        """Compile what the strategy's own steps run (called by ``fit`` in its warm-up, so that
+        the compilation is timed as ``compile_time`` and no epoch pays for it)."""
+
     def local_rows(self, n: int) -> tuple[int, int]:
         """The rows ``[lo, hi)`` of a global batch of ``n`` examples that this process needs:
         all of them (the default), or, where each process computes on a part alone (an MPI

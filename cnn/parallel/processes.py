@@ -7,11 +7,14 @@ per worker, the combined gradient, the global batch and the per-worker results l
 :mod:`multiprocessing.shared_memory` segments that the main process creates and every worker
 maps, so nothing is pickled per step but a three-item command. Each step:
 
-1. the main process copies the global batch into the shared batch segment and sends every
-   worker ``("step", N, step)`` through its pipe;
+1. the fit loop gathers the global batch straight into one of the two slots of the shared
+   batch segment (:meth:`SyncProcesses.batch_buffers`; a prefetching thread fills the other
+   slot with the next batch while the workers train), and the main process sends every worker
+   ``("step", N, step, ..., slot)`` through its pipe (a batch from elsewhere is copied in);
 2. every worker runs :meth:`cnn.parallel.sync.SyncCore.worker_step`, the step written once
    for threads, processes and MPI, with the shared-memory transport
-   (:class:`~cnn.parallel.transport.SharedSlots` over a :class:`multiprocessing.Barrier`): compute
+   (:class:`~cnn.parallel.transport.SharedSlots` over a
+   :class:`~cnn.parallel.spin.SharedSpinBarrier`, whose count lives in the shared segment): compute
    its shard's gradient on the shared weights, write ``(n_i / N) g_i`` into its slot, pass the
    barrier, add the slots in fixed order over its own ``1/P`` of the parameters and update that
    range of the shared weights and optimizer state in place, pass the barrier again (worker 0
@@ -29,10 +32,9 @@ sentinels together, so a worker that raises or dies is noticed at once. A worker
 aborts the barrier (releasing the others), sends its exception and traceback, and the main
 process re-raises it with a note naming the worker; a worker that dies (``kill -9``) ends the
 fit with a ``RuntimeError`` naming the worker, its pid and the signal. The main process never
-touches the barrier itself: a worker killed inside ``Barrier.wait`` can die holding the
-barrier's lock, which nothing releases, so aborting the barrier could wait forever; instead
-the workers still running are killed, at once after a death and after :data:`GRACE` seconds
-after an exception (time for them to report). Either way the fit stops, every worker is
+touches the barrier itself: the workers still running are killed, at once after a death (the
+others would wait for it in the barrier for ever) and after :data:`GRACE` seconds after an
+exception (time for them to report). Either way the fit stops, every worker is
 stopped, and every shared segment is unlinked (also when the main process is interrupted; if
 the main process itself is killed, Python's resource tracker unlinks them when the last worker
 has gone). Workers ignore SIGINT: Ctrl-C in a terminal reaches the whole process group, and
@@ -61,6 +63,7 @@ import numpy as np
 
 from ..checks import check_choice, check_int, check_positive
 from .base import Strategy, state_arrays, state_with_arrays, step_scalars
+from .spin import STATE_SIZE, SharedSpinBarrier, default_spin, warm_up as warm_up_spin
 from .sync import SyncCore
 from .transport import FlatLayout, SharedReduce, SharedSlots
 
@@ -84,7 +87,8 @@ class _Plan:
         self.n_buffers = n_buffers  # values of the model's buffers (batch-norm statistics)
         self.regions: dict[str, tuple[int, int]] = {}
         off = 0
-        for name, size in [("params", nbytes), ("state", self.n_state * self.dtype.itemsize),
+        for name, size in [("barrier", 8 * STATE_SIZE),
+                           ("params", nbytes), ("state", self.n_state * self.dtype.itemsize),
                            ("slots", nbytes * workers), ("gsum", nbytes),
                            ("results", 8 * 4 * workers), ("reduce", 2 * workers * reduce_bytes),
                            ("buffers", n_buffers * self.dtype.itemsize)]:
@@ -106,7 +110,8 @@ class _Plan:
             off, size = self.regions[name]
             return np.ndarray(shape, dtype=dtype, buffer=buf, offset=off)
         t, w = self.total, self.workers
-        return {"params": region("params", self.dtype, (t,)),
+        return {"barrier": region("barrier", np.int64, (STATE_SIZE,)),
+                "params": region("params", self.dtype, (t,)),
                 "state": region("state", self.dtype, (self.n_state,)),
                 "slots": region("slots", self.dtype, (w, t)),
                 "gsum": region("gsum", self.dtype, (t,)),
@@ -120,15 +125,30 @@ def _buffer_layout(buffers: dict) -> FlatLayout | None:
     return FlatLayout(buffers) if buffers else None
 
 
-def _batch_views(buf, capacity: int, input_shape, dtype):
-    x = np.ndarray((capacity, *input_shape), dtype=dtype, buffer=buf)
-    y = np.ndarray((capacity,), dtype=np.int64, buffer=buf, offset=-(-x.nbytes // _ALIGN) * _ALIGN)
-    return x, y
+#: batches in the batch segment: the fit loop gathers the next into one while the workers
+#: train on the other
+BATCH_SLOTS = 2
+
+
+def _slot_bytes(capacity: int, input_shape, dtype) -> int:
+    x = capacity * int(np.prod(input_shape)) * np.dtype(dtype).itemsize
+    return -(-x // _ALIGN) * _ALIGN + -(-8 * capacity // _ALIGN) * _ALIGN
+
+
+def _batch_views(buf, capacity: int, input_shape, dtype) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The :data:`BATCH_SLOTS` ``(x (capacity, *input_shape), y (capacity,) int64)`` batches of
+    the batch segment ``buf``."""
+    size, views = _slot_bytes(capacity, input_shape, dtype), []
+    for k in range(BATCH_SLOTS):
+        x = np.ndarray((capacity, *input_shape), dtype=dtype, buffer=buf, offset=k * size)
+        y = np.ndarray((capacity,), dtype=np.int64, buffer=buf,
+                       offset=k * size + -(-x.nbytes // _ALIGN) * _ALIGN)
+        views.append((x, y))
+    return views
 
 
 def _batch_bytes(capacity: int, input_shape, dtype) -> int:
-    x = capacity * int(np.prod(input_shape)) * np.dtype(dtype).itemsize
-    return -(-x // _ALIGN) * _ALIGN + 8 * capacity
+    return BATCH_SLOTS * _slot_bytes(capacity, input_shape, dtype)
 
 
 @contextmanager
@@ -172,7 +192,19 @@ class WorkerError(RuntimeError):
 
 
 # ---- the worker process ------------------------------------------------------------------------
-def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
+def _next_command(conn, spin: float):
+    """The next message from the main process, polled for up to ``spin`` seconds before a
+    blocking read: the next step's command comes a fraction of a millisecond after a worker
+    answered, and a worker woken from a blocking read starts it a wake-up later. ``spin`` is
+    :func:`~.spin.default_spin`: zero where the workers outnumber the cores."""
+    deadline = time.perf_counter() + spin
+    while time.perf_counter() < deadline:
+        if conn.poll():
+            break
+    return conn.recv()
+
+
+def _worker_main(i: int, workers: int, conn, spec: dict) -> None:
     """One worker process: attach the segments, then run steps until told to stop."""
     segments: list[shared_memory.SharedMemory] = []
     views: dict = {}
@@ -190,6 +222,9 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         plan = _Plan(layout, spec["state_sizes"], workers, spec["reduce_bytes"],
                      buf_layout.total if buf_layout else 0)
         views = plan.views(main.buf)
+        warm_up_spin()  # compiled now, not in the first step
+        barrier = SharedSpinBarrier(workers, views["barrier"])
+        spin = default_spin(workers)
         params = layout.views(views["params"])
         # the buffers every worker reads; worker 0 copies each step's new values into them
         buffers = buf_layout.views(views["buffers"]) if buf_layout else {}
@@ -214,14 +249,14 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
         batch_name, xs = None, None
         conn.send(("ready", i, os.getpid()))
         while True:
-            msg = conn.recv()
+            msg = _next_command(conn, spin)
             if msg[0] == "stop":
                 break
             if msg[0] == "trace":
                 conn.send(("trace", tracer.events() if tracer is not None else []))
                 continue
             start = None if lane is None else lane.begin()
-            _, n, step, name, capacity, lr, t = msg
+            _, n, step, name, capacity, lr, t, k = msg
             if name != batch_name:  # the main process grew the batch segment
                 xs = None
                 if len(segments) > 1:
@@ -231,7 +266,7 @@ def _worker_main(i: int, workers: int, conn, barrier, spec: dict) -> None:
                 xs = _batch_views(seg.buf, capacity, model.input_shape, model.dtype)
                 batch_name = name
             ctx.step = step
-            loss, correct, comm, _ = core.worker_step(i, workers, xs[0][:n], xs[1][:n],
+            loss, correct, comm, _ = core.worker_step(i, workers, xs[k][0][:n], xs[k][1][:n],
                                                       transport, ctx, lr, t)
             views["results"][i, :3] = loss, correct, comm
             conn.send(("ok",))
@@ -318,6 +353,10 @@ class SyncProcesses(Strategy):
         self._failed: str | None = None
         self._finalizer = None
 
+    #: the fit loop's thread only waits for the workers during a step: it has time to gather
+    #: the next batch (``fit(prefetch="auto")``)
+    waits_during_steps = True
+
     def check_batch_size(self, batch_size: int) -> None:
         if batch_size < self.threads:
             raise ValueError(f"strategy 'processes' splits each batch of batch_size={batch_size} "
@@ -380,14 +419,13 @@ class SyncProcesses(Strategy):
         ctx = get_context(self.start_method)
         if self.start_method == "forkserver":
             ctx.set_forkserver_preload(["cnn.parallel.processes", "cnn.model"])
-        self._barrier = ctx.Barrier(w)
         spec = {"model": model, "optimizer": optimizer, "backend": backend, "seed": seed,
                 "segment": main.name, "state_sizes": state_sizes,
                 "reduce_bytes": self.reduce_bytes, "trace": self.tracer is not None}
         self._lane = None if self.tracer is None else self.tracer.lane(0)
         for i in range(w):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker_main, args=(i, w, child, self._barrier, spec),
+            p = ctx.Process(target=_worker_main, args=(i, w, child, spec),
                             name=f"cnn-processes-worker-{i}", daemon=True)
             p.start()
             child.close()
@@ -397,6 +435,25 @@ class SyncProcesses(Strategy):
         self._finalizer = weakref.finalize(self, _release, self._processes, self._conns,
                                            self._segments)
         self._collect("ready", timeout=self.start_timeout)
+
+    def batch_buffers(self, rows, x_dtype, y_dtype):
+        """The batch segment's slots, where the workers read a batch in place (no copy per
+        step); None for labels that are not int64 (they are copied, converted, per step)."""
+        self._check_usable()
+        if np.dtype(x_dtype) != self.model.dtype or np.dtype(y_dtype) != np.int64:
+            return None
+        if rows > self._capacity:
+            self._grow_batch(rows)
+        return list(self._xs)
+
+    def _slot_of(self, xb, yb) -> int | None:
+        """The slot of the batch segment that ``xb, yb`` are the first rows of, or None."""
+        for k, (xs, ys) in enumerate(self._xs):
+            if (isinstance(xb, np.ndarray) and isinstance(yb, np.ndarray)
+                    and xb.ctypes.data == xs.ctypes.data and yb.ctypes.data == ys.ctypes.data
+                    and len(yb) <= self._capacity):
+                return k
+        return None
 
     def _grow_batch(self, capacity: int) -> None:
         old = getattr(self, "_batch_seg", None)
@@ -424,14 +481,17 @@ class SyncProcesses(Strategy):
         self._check_usable()
         with _ctrl_c_after_the_step() as ctrl_c:
             n = len(yb)
-            if n > self._capacity:
-                self._grow_batch(n)
-            self._xs[0][:n] = xb
-            self._xs[1][:n] = yb
-            if self._lane is not None:
-                self._lane.span("batch to shared memory", cat="data")
+            k = self._slot_of(xb, yb)
+            if k is None:  # a batch from elsewhere: copied into the shared segment
+                if n > self._capacity:
+                    self._grow_batch(n)
+                k = 0
+                self._xs[k][0][:n] = xb
+                self._xs[k][1][:n] = yb
+                if self._lane is not None:
+                    self._lane.span("batch to shared memory", cat="data")
             lr, t = step_scalars(self.optimizer, self.state, self.steps)
-            msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t)
+            msg = ("step", n, self.steps, self._batch_seg.name, self._capacity, lr, t, k)
             for c in self._conns:
                 try:
                     c.send(msg)
@@ -504,8 +564,8 @@ class SyncProcesses(Strategy):
                         f"{_describe_exit(proc.exitcode)} during "
                         f"{'start-up' if expected == 'ready' else f'step {self.steps + 1}'}")))
                     del pending[i]
-                    # it may have died holding the barrier's lock: nothing can release the
-                    # workers waiting there but ending them
+                    # the others wait for it in the barrier: nothing releases them but ending
+                    # them
                     self._kill_pending(pending, failures)
         if failures:
             self._fail(failures)

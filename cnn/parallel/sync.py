@@ -14,7 +14,8 @@ ranks) runs the same per-worker step, :meth:`SyncCore.worker_step`; they differ 
    pass sums terms across shards, which must all be gradients of the same (global) loss;
 2. **contribute**: it copies ``g_i`` into its own *slot*, one flat buffer over all parameters
    (:class:`~cnn.parallel.transport.FlatLayout`, laid out in the order backward produces
-   gradients);
+   gradients); threads, which share one address space, skip the copy and hand over their
+   gradient arrays as they are (``SharedSlots(by_reference=True)``);
 3. **combine** (the transport, :mod:`cnn.parallel.transport`): the sum ``g = sum_i g_i`` over
    the workers, for a range ``[lo, hi)`` of the flat vector. Shared-memory transports
    (:class:`~cnn.parallel.transport.SharedSlots`: threads, processes) pass a barrier and let worker ``j`` add the slots in the fixed order
@@ -139,7 +140,6 @@ class SyncCore:
         lo, hi = worker_rows(n, parts, i)
         share = 0.0 if ghost else (hi - lo) / n
         xb, yb = own_rows(xb, yb, lo, hi, global_size)
-        slot = transport.slot(i)
         hook = transport.grad_hook(i, self, ghost)
         lane = None if ctx is None else ctx.trace
         if lane is not None and hook is not None:
@@ -155,7 +155,7 @@ class SyncCore:
         loss, correct, grads = self.model.loss_and_grads(xb, yb, self.params, self.backend,
                                                          loss_scale=share, **kwargs)
         if hook is None:
-            self.contribute(grads, slot, ghost)
+            transport.contribute(i, self, grads, ghost)
         be = self.backend
         local = (0.0, 0) if ghost else (float(be.to_host(loss)) * (hi - lo),
                                         int(be.to_host(correct)))

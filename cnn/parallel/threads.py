@@ -2,9 +2,9 @@
 
 All three run ``threads`` workers that live for the whole fit: the calling (main) thread is
 worker 0 and ``threads - 1`` daemon threads are started in :meth:`~ThreadStrategy.start` and
-ended in :meth:`~ThreadStrategy.close`. Per step the workers pass a few
-:class:`threading.Barrier` waits (one to start, one after each phase); nothing is created per
-step. The per-shard work is the model's ordinary ``loss_and_grads`` on a CPU backend, and it
+ended in :meth:`~ThreadStrategy.close`. Per step the workers pass a few barriers (one to start,
+one after each phase; :class:`~cnn.parallel.spin.SpinBarrier`s, which spin without the GIL
+before they sleep); nothing is created per step. The per-shard work is the model's ordinary ``loss_and_grads`` on a CPU backend, and it
 runs in parallel because the heavy ops release the GIL: NumPy's BLAS products, copies and
 ufunc loops (with BLAS pinned to one thread per process by ``fit(blas_threads=1)``, so each
 worker runs its products on its own core), or the Numba backend's ``nogil`` kernels. What still
@@ -31,7 +31,7 @@ The strategies
     epoch) the replicas are replaced by their average, weighted by the examples each trained
     on. :class:`~cnn.parallel.average.AverageCore`'s steps (written once for threads and MPI
     ranks; the algorithm is described there) with the shared-memory transport: per-worker
-    slots in ordinary NumPy memory and a :class:`threading.Barrier`. Evaluation uses the
+    slots in ordinary NumPy memory and a barrier. Evaluation uses the
     average of the replicas.
 ``hogwild``
     Lock-free updates of shared weights (Niu et al. 2011): worker ``i`` computes the gradient
@@ -87,6 +87,7 @@ from ..backends import Backend
 from ..checks import check_int
 from .average import AverageStrategy, check_every
 from .base import Strategy, step_scalars
+from .spin import SpinBarrier, warm_up as warm_up_spin
 from .sync import SyncCore
 from .transport import SharedReduce, SharedSlots, shard_bounds
 
@@ -114,8 +115,8 @@ class _Workers:
         self._errors: list[BaseException | None] = [None] * n
         self._failed = False
         self._closed = False
-        self._go = threading.Barrier(n)
-        self._phase_done = threading.Barrier(n)
+        self._go = SpinBarrier(n)
+        self._phase_done = SpinBarrier(n)
         #: the workers' :class:`cnn.trace.Lane` in a traced fit (None each otherwise): a
         #: worker thread's step and every barrier wait are spans there
         self.lanes: list = [None] * n
@@ -205,7 +206,7 @@ class ThreadStrategy(Strategy):
         super().__init__(threads)
         self._workers: _Workers | None = None
         #: the barrier inside the strategy's collectives (set by ``_setup``), if it has one
-        self._barrier: threading.Barrier | None = None
+        self._barrier: SpinBarrier | None = None
 
     def _check_backend(self, backend: Backend) -> None:
         if getattr(backend, "on_device", False):
@@ -248,6 +249,10 @@ class ThreadStrategy(Strategy):
             self.close()
             raise
 
+    def warm_up(self) -> None:
+        if self.threads > 1:
+            warm_up_spin()
+
     def _setup(self) -> None:
         """Allocate per-fit buffers (before the threads start)."""
 
@@ -280,7 +285,7 @@ class SyncThreads(ThreadStrategy):
     """Synchronous data parallelism over threads: :class:`~cnn.parallel.sync.SyncCore`'s step
     (the sequential algorithm, written once for threads, processes and MPI) with the
     shared-memory transport: per-worker gradient slots in ordinary NumPy memory and a
-    :class:`threading.Barrier`. See the module docstring.
+    :class:`~cnn.parallel.spin.SpinBarrier`. See the module docstring.
 
     Args:
         threads: workers.
@@ -305,12 +310,12 @@ class SyncThreads(ThreadStrategy):
         self._core = SyncCore(self.model, self.optimizer, self.backend, self.params, self.state,
                               flat=True)
         lay = self._core.layout
-        self._barrier = threading.Barrier(t)
+        self._barrier = SpinBarrier(t)
         reduce = SharedReduce(t, self._barrier, np.zeros((2, t, self.reduce_bytes), np.uint8))
-        # no barrier after the update: _Workers.run passes one after the step's phase
-        self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],
-                                      np.empty(lay.total, lay.dtype), self._barrier, reduce,
-                                      done_barrier=False)
+        # the workers sum each other's gradient arrays in place (no slots); no barrier after
+        # the update: _Workers.run passes one after the step's phase
+        self._transport = SharedSlots(lay, None, np.empty(lay.total, lay.dtype), self._barrier,
+                                      reduce, done_barrier=False, by_reference=True)
         self._transport.lanes = {i: c.trace for i, c in enumerate(self._contexts) if c.trace}
         self._out: list[Any] = [None] * t
         self._xb = self._yb = None
@@ -362,7 +367,7 @@ class AverageThreads(AverageStrategy, ThreadStrategy):
         t = self.threads
         core = self._start_average(range(t))
         lay = core.layout
-        self._barrier = threading.Barrier(t)
+        self._barrier = SpinBarrier(t)
         # the workers sum their ranges of the slots straight into the mean; the barrier after
         # it (done) makes the mean whole before each worker copies it into its replica
         self._transport = SharedSlots(lay, [np.empty(lay.total, lay.dtype) for _ in range(t)],

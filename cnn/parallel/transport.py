@@ -136,9 +136,19 @@ class FlatLayout:
 def ordered_sum(slots: Sequence[np.ndarray], lo: int, hi: int, out: np.ndarray) -> np.ndarray:
     """``out = slots[0][lo:hi] + slots[1][lo:hi] + ...`` in that order (deterministic
     rounding, the same bits in every worker that computes it)."""
-    np.copyto(out, slots[0][lo:hi])
-    for s in slots[1:]:
-        np.add(out, s[lo:hi], out=out)
+    return _sum_in_order([s[lo:hi] for s in slots], out)
+
+
+def _sum_in_order(parts: Sequence[np.ndarray], out: np.ndarray) -> np.ndarray:
+    """``out = parts[0] + parts[1] + ...`` in that order (zeros for no parts)."""
+    if not parts:
+        out[...] = 0
+    elif len(parts) == 1:
+        np.copyto(out, parts[0])
+    else:  # the first two in one pass
+        np.add(parts[0], parts[1], out=out)
+        for p in parts[2:]:
+            np.add(out, p, out=out)
     return out
 
 
@@ -148,6 +158,8 @@ class Transport:
     implementations: :class:`SharedSlots` here, ``MPITransport`` in :mod:`cnn.parallel.mpi`.
 
     ``slot(i)``: worker ``i``'s flat contribution buffer (at least ``layout.total`` long).
+    ``contribute(i, core, grads, ghost)``: hand over worker ``i``'s gradients (by default a copy
+    into its slot).
     ``grad_hook(i, core, ghost)``: a callable for ``loss_and_grads(on_grads=...)`` when the
     transport overlaps communication with backward (it then contributes), else None.
     ``reducer(i, ghost)``: the ``StepContext.reduce`` of worker ``i`` for this step.
@@ -161,6 +173,11 @@ class Transport:
 
     def slot(self, i: int) -> np.ndarray:
         raise NotImplementedError
+
+    def contribute(self, i: int, core: "SyncCore", grads: dict, ghost: bool) -> None:
+        """Worker ``i``'s gradients ``{key: array}`` after its backward pass (zeros for a
+        ghost): copied into its slot, unless the transport reads them where they are."""
+        core.contribute(grads, self.slot(i), ghost)
 
     def grad_hook(self, i: int, core: "SyncCore", ghost: bool) -> Callable | None:
         return None
@@ -260,7 +277,8 @@ class SharedSlots(Transport):
 
     Args:
         layout: the flat layout of the parameters.
-        slots: ``n`` flat buffers of ``layout.total`` elements (worker ``i`` writes ``slots[i]``).
+        slots: ``n`` flat buffers of ``layout.total`` elements (worker ``i`` writes ``slots[i]``);
+            None with ``by_reference`` (``n`` is then the barrier's ``parties``).
         gsum: a flat buffer of ``layout.total`` elements for the combined gradient.
         barrier: a barrier of the ``n`` workers.
         reduce: the :class:`SharedReduce` behind ``StepContext.reduce``, or None.
@@ -270,16 +288,27 @@ class SharedSlots(Transport):
         done_barrier: :meth:`done` passes the barrier; False when the caller's own barrier
             follows every step anyway (the threads' phase barrier), which orders the updates
             before the next forward pass just as well: one wake-up fewer per step.
+        by_reference: ``sync`` workers that share an address space (threads) contribute their
+            gradient arrays as they are, and each worker sums its range straight from the
+            others' arrays: no copy into a slot. Safe because a worker's gradients stay
+            untouched until its next backward pass, which starts after the barrier that ends
+            the step (``done``, or the caller's own).
     """
 
-    def __init__(self, layout: FlatLayout, slots: Sequence[np.ndarray], gsum: np.ndarray,
+    def __init__(self, layout: FlatLayout, slots: Sequence[np.ndarray] | None, gsum: np.ndarray,
                  barrier, reduce: SharedReduce | None = None, copy_buffers: bool = False,
-                 done_barrier: bool = True):
-        self.layout, self.slots, self.gsum, self.barrier = layout, list(slots), gsum, barrier
+                 done_barrier: bool = True, by_reference: bool = False):
+        self.layout, self.gsum, self.barrier = layout, gsum, barrier
+        self.slots = [] if slots is None else list(slots)
         self.copy_buffers, self.done_barrier = copy_buffers, done_barrier
-        self.n = len(self.slots)
+        self.n = barrier.parties if slots is None else len(self.slots)
         self.ranges = layout.ranges(self.n)
         self._reduce = reduce
+        self.by_reference = by_reference
+        #: by reference: each worker's gradients of this step (None: a ghost's zeros), and the
+        #: pieces of the parameters each worker's range covers
+        self._grads: list[dict | None] = [None] * self.n
+        self._pieces = [layout.pieces(lo, hi) for lo, hi in self.ranges]
         #: worker -> its :class:`cnn.trace.Lane` in a traced fit: the barriers are spans there
         self.lanes: dict = {}
 
@@ -295,8 +324,21 @@ class SharedSlots(Transport):
     def reducer(self, i, ghost):
         return None if self._reduce is None else self._reduce.for_worker(i, ghost)
 
+    def contribute(self, i, core, grads, ghost):
+        if not self.by_reference:
+            return super().contribute(i, core, grads, ghost)
+        self._grads[i] = None if ghost else grads
+
     def combine(self, i, local):
         lo, hi = self.ranges[i]
+        if self.by_reference:
+            if self.n > 1:
+                self._wait(i)
+            out = self.gsum[lo:hi]
+            for key, p_sl, g_sl in self._pieces[i]:
+                _sum_in_order([g[key].reshape(-1)[p_sl] for g in self._grads if g is not None],
+                              out[g_sl])
+            return out, lo, hi, None
         if self.n == 1:
             return self.slots[0], 0, self.layout.total, None
         self._wait(i)

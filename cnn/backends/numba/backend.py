@@ -9,7 +9,10 @@ each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
 that run Winograd's algorithm, see "Convolution algorithms" below), whose GEMMs call NumPy's
 own BLAS (:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and
 kernel.
-Dense layers, memory, loss and optimizer ops are inherited from NumPy (BLAS, one call each):
+The loss and the optimizer's ``axpby`` are single ``nogil`` passes (NumPy's arithmetic, bit for
+bit; the data-parallel threads would otherwise take turns at the GIL for their many small ufunc
+calls). Dense layers, memory ops and the other optimizer primitives are inherited from NumPy
+(BLAS, one call each):
 the Numba GEMM of the small-filter kernels is slower than BLAS on the dense shapes, whose few
 outputs (the classes, a hidden layer's units) are too few for its vectorised inner loop.
 
@@ -816,6 +819,24 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
 
     # the window indices of a fused forward carry the ReLU's mask
     maxpool2d_relu_backward = maxpool2d_backward
+
+    # ---- loss and optimizer primitives: one nogil pass each (NumPy's arithmetic) -----------
+    def softmax_cross_entropy(self, logits, labels, ws=None):
+        logits, labels = np.ascontiguousarray(logits), np.asarray(labels)
+        out = self.scratch(ws, "dlogits", logits.shape, logits.dtype)
+        loss, correct = K.softmax_cross_entropy(logits, labels, out)
+        if correct < 0:
+            k = logits.shape[1]
+            bad = labels[(labels < 0) | (labels >= k)]
+            raise ValueError(f"labels must be class indices in [0, {k}). Received {int(bad[0])}")
+        return np.asarray(loss, dtype=logits.dtype), out, np.asarray(correct)
+
+    def axpby(self, y, a, x, b):
+        if (float(b) == 0.0 or x.shape != y.shape or x.dtype != y.dtype
+                or not (x.flags.c_contiguous and y.flags.c_contiguous)):
+            return super().axpby(y, a, x, b)  # y = a * y alone, or strided operands
+        dt = y.dtype.type  # NumPy 2 computes a float32 array times a Python float in float32
+        K.axpby(y.reshape(-1), dt(a), x.reshape(-1), dt(b))
 
     # ---- activations -----------------------------------------------------------------------
     def relu_forward(self, x, ws=None):

@@ -810,3 +810,51 @@ def relu_backward_par(dout1, out1, dx1):
     zero = dout1.dtype.type(0)
     for i in prange(dout1.size):
         dx1[i] = dout1[i] if out1[i] > zero else zero
+
+
+# ---- optimizer updates and the loss (one pass, without the GIL) ---------------------------------
+# NumPy's versions of these are several passes of small ufunc calls that hold the GIL between
+# them: a few hundred microseconds per step that the data-parallel threads would otherwise take
+# turns at. The arithmetic is NumPy's, operation for operation (no FMA: ``fastmath=False``), so
+# the results are bit for bit those of :class:`~cnn.backends.numpy.backend.NumpyBackend`.
+@njit(**_JIT)
+def axpby(y1, a, x1, b):
+    """``y1 = a * y1 + b * x1`` for flat arrays (``a``, ``b`` of their dtype); ``x1`` may be
+    ``y1``."""
+    for i in range(y1.size):
+        y1[i] = y1[i] * a + x1[i] * b
+
+
+@njit(**_JIT)
+def softmax_cross_entropy(logits, labels, dlogits):
+    """Mean softmax cross-entropy of ``logits (N, K)`` against integer ``labels (N,)``, in
+    float64 (a shift by the row maximum keeps ``exp`` finite for any finite logits); its
+    gradient ``(softmax - onehot) / N`` goes into ``dlogits (N, K)``. Returns ``(loss,
+    correct)``: the float64 mean loss and the number of rows whose first maximal logit is the
+    label. A label outside ``[0, K)`` returns ``(nan, -1)`` (the caller raises)."""
+    n, k = logits.shape
+    total = 0.0
+    correct = 0
+    for i in range(n):
+        label = labels[i]
+        if label < 0 or label >= k:
+            return np.nan, -1
+        best = 0
+        top = np.float64(logits[i, 0])
+        for j in range(1, k):
+            if logits[i, j] > logits[i, best]:
+                best = j
+            v = np.float64(logits[i, j])
+            if v > top:
+                top = v
+        if best == label:
+            correct += 1
+        s = 0.0
+        for j in range(k):
+            s += np.exp(np.float64(logits[i, j]) - top)
+        log_s = np.log(s)
+        for j in range(k):
+            p = np.exp((np.float64(logits[i, j]) - top) - log_s)
+            dlogits[i, j] = ((p - 1.0) if j == label else p) / n
+        total += (np.float64(logits[i, label]) - top) - log_s
+    return -total / n, correct
