@@ -173,3 +173,25 @@ def test_shared_barrier_checks_its_state():
     from cnn.parallel.spin import SharedSpinBarrier
     with pytest.raises(ValueError, match=r"int64 of shape \(3,\). Received float64 \(3,\)"):
         SharedSpinBarrier(2, np.zeros(3))
+
+
+def test_the_spin_lasts_about_as_long_as_asked():
+    """The poll count is calibrated on this CPU: polling an unchanging flag for 20 ms worth of
+    polls takes about 20 ms (a calibration that measured polls that returned at once would
+    spin for seconds, taking a core from whatever runs while the workers wait)."""
+    from cnn.parallel.spin import _poll, _polls_for
+    polls, flag = _polls_for(0.02), np.zeros(1, np.int64)
+    t = time.perf_counter()
+    assert not _poll(flag, 0, polls)
+    assert 0.004 < time.perf_counter() - t < 0.2
+
+
+def test_a_waiter_sleeps_once_its_spin_is_over():
+    barrier = SpinBarrier(2, spin=0.01)
+    t = threading.Thread(target=barrier.wait)
+    t.start()
+    time.sleep(0.3)
+    assert barrier._sleepers == 1  # asleep on the condition, not spinning
+    barrier.wait()
+    t.join(5)
+    assert not t.is_alive()

@@ -153,7 +153,7 @@ def _polls_for(seconds: float) -> int:
         flag, n = np.zeros(1, np.int64), 100_000
         _poll(flag, 0, 1)  # compile (or load from the cache) before timing
         t = time.perf_counter()
-        _poll(flag, 1, n)  # flag[0] is 0, never 1: every poll runs
+        _poll(flag, 0, n)  # flag[0] stays 0: no poll sees a change, every one runs
         _polls_per_second = n / max(time.perf_counter() - t, 1e-9)
     return max(1, int(seconds * _polls_per_second))
 
