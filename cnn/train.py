@@ -697,10 +697,9 @@ def _warm_up(model, x, y, params, be: Backend, opt=None, strat: Strategy | None 
     its own (:meth:`~cnn.parallel.Strategy.warm_up`: the threads' barrier), on every backend.
     0 when nothing compiles."""
     t = time.perf_counter()
-    if strat is not None:
-        strat.warm_up()
+    compiled = strat is not None and strat.warm_up()
     if not getattr(be, "jit", False):
-        return time.perf_counter() - t
+        return time.perf_counter() - t if compiled else 0.0
     # a training pass (dropout and batch-norm kernels compile too) that updates nothing: no
     # optimizer step (its kernels compile on scratch copies), and its new batch-norm
     # statistics (ctx.updates) are never committed

@@ -158,9 +158,11 @@ class Strategy:
         workers read in place, with ``x_dtype`` and ``y_dtype``."""
         return None
 
-    def warm_up(self) -> None:
+    def warm_up(self) -> bool:
         """Compile what the strategy's own steps run (called by ``fit`` in its warm-up, so that
-        the compilation is timed as ``compile_time`` and no epoch pays for it)."""
+        the compilation is timed as ``compile_time`` and no epoch pays for it); whether there
+        was anything to compile."""
+        return False
 
     def local_rows(self, n: int) -> tuple[int, int]:
         """The rows ``[lo, hi)`` of a global batch of ``n`` examples that this process needs:

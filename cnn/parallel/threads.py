@@ -249,9 +249,11 @@ class ThreadStrategy(Strategy):
             self.close()
             raise
 
-    def warm_up(self) -> None:
-        if self.threads > 1:
+    def warm_up(self) -> bool:
+        if self.threads > 1:  # the barriers' poll loops
             warm_up_spin()
+            return True
+        return False
 
     def _setup(self) -> None:
         """Allocate per-fit buffers (before the threads start)."""
