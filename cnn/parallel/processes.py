@@ -196,11 +196,14 @@ def _next_command(conn, spin: float):
     """The next message from the main process, polled for up to ``spin`` seconds before a
     blocking read: the next step's command comes a fraction of a millisecond after a worker
     answered, and a worker woken from a blocking read starts it a wake-up later. ``spin`` is
-    :func:`~.spin.default_spin`: zero where the workers outnumber the cores."""
+    :func:`~.spin.default_spin`: zero where the workers outnumber the cores. Each poll yields
+    the CPU: the main process, which collects the answers and gathers the next batch
+    meanwhile, runs at once where it shares a core with a polling worker."""
     deadline = time.perf_counter() + spin
     while time.perf_counter() < deadline:
         if conn.poll():
             break
+        os.sched_yield()
     return conn.recv()
 
 
