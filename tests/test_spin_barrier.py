@@ -179,10 +179,10 @@ def test_the_spin_lasts_about_as_long_as_asked():
     """The poll count is calibrated on this CPU: polling an unchanging flag for 20 ms worth of
     polls takes about 20 ms (a calibration that measured polls that returned at once would
     spin for seconds, taking a core from whatever runs while the workers wait)."""
-    from cnn.parallel.spin import _poll, _polls_for
-    polls, flag = _polls_for(0.02), np.zeros(1, np.int64)
+    from cnn.parallel.spin import STATE_SIZE, _poll, _polls_for
+    polls, state = _polls_for(0.02), np.zeros(STATE_SIZE, np.int64)
     t = time.perf_counter()
-    assert not _poll(flag, 0, polls)
+    assert not _poll(state, 0, polls)
     assert 0.004 < time.perf_counter() - t < 0.2
 
 

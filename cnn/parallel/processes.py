@@ -451,10 +451,10 @@ class SyncProcesses(Strategy):
 
     def _slot_of(self, xb, yb) -> int | None:
         """The slot of the batch segment that ``xb, yb`` are the first rows of, or None."""
+        if not (isinstance(xb, np.ndarray) and isinstance(yb, np.ndarray)):
+            return None
         for k, (xs, ys) in enumerate(self._xs):
-            if (isinstance(xb, np.ndarray) and isinstance(yb, np.ndarray)
-                    and xb.ctypes.data == xs.ctypes.data and yb.ctypes.data == ys.ctypes.data
-                    and len(yb) <= self._capacity):
+            if xb.ctypes.data == xs.ctypes.data and yb.ctypes.data == ys.ctypes.data:
                 return k
         return None
 

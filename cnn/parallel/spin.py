@@ -96,19 +96,22 @@ def _pause(typingctx):
     return types.none(), codegen
 
 
+# a barrier's state, an int64 array (the processes' one in shared memory): arrivals in this
+# generation (processes only; threads count under their lock), the generation, broken
+_ARRIVED, _GENERATION, _BROKEN = 0, 1, 2
+STATE_SIZE = 3
+
+
 @njit(nogil=True, cache=True)
-def _poll(flag, value, polls):
-    """Poll ``flag[0]`` up to ``polls`` times; True as soon as it differs from ``value``."""
+def _poll(state, generation, polls):
+    """Poll until the generation moves on from ``generation`` or the barrier breaks, up to
+    ``polls`` times; True when either happened."""
     for _ in range(polls):
-        if _load_acquire(flag, 0) != value:
+        if (_load_acquire(state, _GENERATION) != generation
+                or _load_acquire(state, _BROKEN) != 0):
             return True
         _pause()
     return False
-
-
-# the shared state of a SharedSpinBarrier: arrivals in this generation, the generation, broken
-_ARRIVED, _GENERATION, _BROKEN = 0, 1, 2
-STATE_SIZE = 3
 
 
 @njit(nogil=True, cache=True)
@@ -124,21 +127,9 @@ def _arrive(state, parties):
 
 
 @njit(nogil=True, cache=True)
-def _poll_shared(state, generation, polls):
-    """Poll until the generation moves or the barrier breaks, up to ``polls`` times; True when
-    either happened."""
-    for _ in range(polls):
-        if (_load_acquire(state, _GENERATION) != generation
-                or _load_acquire(state, _BROKEN) != 0):
-            return True
-        _pause()
-    return False
-
-
-@njit(nogil=True, cache=True)
-def _set(state, index, value):
-    """``state[index] = value`` as an atomic exchange (seen by every process's next load)."""
-    _fetch_add(state, index, value - _load_acquire(state, index))
+def _break(state):
+    """Mark the barrier broken (atomically: every process's next load sees it)."""
+    _fetch_add(state, _BROKEN, 1)
 
 
 _polls_per_second: float | None = None
@@ -150,10 +141,10 @@ def _polls_for(seconds: float) -> int:
     if seconds <= 0:
         return 0
     if _polls_per_second is None:
-        flag, n = np.zeros(1, np.int64), 100_000
-        _poll(flag, 0, 1)  # compile (or load from the cache) before timing
+        state, n = np.zeros(STATE_SIZE, np.int64), 100_000
+        _poll(state, 0, 1)  # compile (or load from the cache) before timing
         t = time.perf_counter()
-        _poll(flag, 0, n)  # flag[0] stays 0: no poll sees a change, every one runs
+        _poll(state, 0, n)  # the generation stays 0: no poll sees a change, every one runs
         _polls_per_second = n / max(time.perf_counter() - t, 1e-9)
     return max(1, int(seconds * _polls_per_second))
 
@@ -164,8 +155,7 @@ def warm_up() -> None:
     _polls_for(SPIN_SECONDS)
     scratch = np.zeros(STATE_SIZE, np.int64)
     _arrive(scratch, 1)
-    _poll_shared(scratch, 0, 1)
-    _set(scratch, _BROKEN, 0)
+    _break(scratch)
 
 
 def default_spin(parties: int) -> float:
@@ -195,8 +185,9 @@ class SpinBarrier:
         self._cond = threading.Condition(threading.Lock())
         self._count = 0  # threads arrived in the current generation
         self._generation = 0
-        #: the generation, where the spinning waiters read it without the GIL
-        self._flag = np.zeros(1, np.int64)
+        #: the generation, where the spinning waiters read it without the GIL (a barrier
+        #: state whose other entries stay 0: this barrier counts and breaks under its lock)
+        self._state = np.zeros(STATE_SIZE, np.int64)
         self._sleepers = 0
         self._broken = False
         self._broken_generation = -1  # the last generation ended by abort() or reset()
@@ -209,7 +200,7 @@ class SpinBarrier:
         """End the current generation (under the lock) and wake whoever sleeps."""
         self._count = 0
         self._generation += 1
-        self._flag[0] = self._generation
+        self._state[_GENERATION] = self._generation
         if self._sleepers:
             self._cond.notify_all()
 
@@ -225,7 +216,7 @@ class SpinBarrier:
             if self._count == self.parties:
                 self._open()
                 return
-        if not (self._polls and _poll(self._flag, generation, self._polls)):
+        if not (self._polls and _poll(self._state, generation, self._polls)):
             with self._cond:
                 while self._generation == generation:
                     self._sleepers += 1
@@ -282,12 +273,12 @@ class SharedSpinBarrier:
         if self.broken:
             raise threading.BrokenBarrierError
         generation, last = _arrive(self.state, self.parties)
-        if not last and not (self._polls and _poll_shared(self.state, generation, self._polls)):
-            while not _poll_shared(self.state, generation, 1):
+        if not last and not (self._polls and _poll(self.state, generation, self._polls)):
+            while not _poll(self.state, generation, 1):
                 time.sleep(self.nap)
         if self.broken:
             raise threading.BrokenBarrierError
 
     def abort(self) -> None:
         """Break the barrier for good: every waiting and later :meth:`wait` raises."""
-        _set(self.state, _BROKEN, 1)
+        _break(self.state)
