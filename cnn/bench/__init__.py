@@ -60,6 +60,9 @@ SUITES = {
     "roofline": Suite("roofline", "single-core SGEMM peak and triad bandwidth, and each op's "
                       "arithmetic intensity and GFLOP/s forward and backward (cifar_tutorial, "
                       "cifar_resnet20)", ("json_path",), prints_machine=True),
+    "ceiling": Suite("ceiling", "how fast two workers could train if they exchanged nothing "
+                     "(one core's passes vs two threads' and two processes' passes of half "
+                     "batches at once), beside the two-worker fits"),
     "backup": Suite("backup", "fit's backups every 100 steps against none (cifar_tutorial)"),
 }
 #: suite keyword -> the command-line option that sets it (for the errors)
