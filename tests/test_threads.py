@@ -77,6 +77,41 @@ def test_shard_bounds():
             assert max(sizes) - min(sizes) <= 1
 
 
+@pytest.mark.parametrize("workers,ghost", [(1, None), (2, None), (3, None), (3, 1)])
+def test_sum_by_reference_is_the_ordered_sum_of_every_range(workers, ghost):
+    """Threads' sync sums each worker's range straight from the workers' gradient arrays
+    (one compiled call per range): equal, bit for bit in float32, to adding the workers'
+    elements one by one in worker order (a ghost adds nothing), over ranges that cut
+    parameters in two."""
+    from cnn.parallel.spin import SpinBarrier
+    from cnn.parallel.transport import FlatLayout, SharedSlots
+    rng = np.random.default_rng(workers)
+    shapes = {"a.w": (3, 5), "a.b": (5,), "b.w": (7, 2, 2), "b.b": (1,)}
+    layout = FlatLayout({k: np.zeros(s, np.float32) for k, s in shapes.items()})
+    slots = SharedSlots(layout, None, np.full(layout.total, np.nan, np.float32),
+                        SpinBarrier(workers), by_reference=True)
+    slots._wait = lambda i: None  # every worker has contributed: no one to wait for
+    cuts = [hi for _, hi in slots.ranges[:-1]]
+    assert all(any(off < c < off + layout.sizes[k] for k, off in layout.offsets.items())
+               for c in cuts)
+    grads = [{k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+             for _ in range(workers)]
+    for i in range(workers):
+        slots.contribute(i, None, grads[i], ghost=i == ghost)
+    flat = [layout.pack(g, np.empty(layout.total, np.float32)) for g in grads]
+    for i, (lo, hi) in enumerate(slots.ranges):
+        expected = np.empty(hi - lo, np.float32)
+        for j in range(lo, hi):
+            total = None
+            for w in range(workers):
+                if w != ghost:
+                    total = flat[w][j] if total is None else np.float32(total + flat[w][j])
+            expected[j - lo] = total
+        out, a, b, _ = slots.combine(i, (0.0, 0))
+        assert (a, b) == (lo, hi)
+        np.testing.assert_array_equal(out, expected)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("batch_size", [7, 10])
 @pytest.mark.parametrize("threads", [1, 2, 3, 4])
