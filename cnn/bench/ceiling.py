@@ -35,6 +35,7 @@ from multiprocessing import get_context
 from ..backends import get_backend
 from ..context import StepContext, Workspace
 from ..model import build_model
+from ..parallel.transport import shard_bounds
 from .harness import (QUICK_IMAGES, Contender, compare, epoch_images, ours_contender,
                       print_rows, synthetic_batch)
 from .peers import IMAGES
@@ -50,7 +51,6 @@ def shard_rows(n: int, batch_size: int, workers: int, i: int) -> list[tuple[int,
     ``batch_size`` (the last one shorter), as ``sync`` cuts them: contiguous shards whose
     sizes differ by at most one, the first ``size % workers`` shards one longer. An empty
     shard (a batch smaller than ``workers``) is left out."""
-    from ..parallel.transport import shard_bounds
     rows = []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
@@ -110,9 +110,9 @@ def threads_contender(preset: str, x, y, shards, name: str) -> Contender:
 
 
 def _process_worker(conn, preset: str, n: int, rows) -> None:
-    """A worker process of :func:`processes_contender`: its own model and images (the same
+    """A worker process of :class:`ProcessesContender`: its own model and images (the same
     synthetic images as the parent's), BLAS on one thread; passes ``rows`` each time it is
-    told to, answering the seconds, until told ``None``."""
+    told to and answers when done, until told ``None``."""
     from threadpoolctl import threadpool_limits
     with threadpool_limits(1, "blas"):
         x, y = synthetic_batch(preset, n)
