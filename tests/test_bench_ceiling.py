@@ -40,6 +40,7 @@ def test_ceilings_split_into_fixed_costs_and_contention():
     assert t["fit_speedup"] == pytest.approx(1.4) and p["fit_speedup"] == pytest.approx(1.6)
     assert t["share_of_ceiling"] == pytest.approx(1.4 / 1.53)
     assert p["share_of_ceiling"] == pytest.approx(1.6 / 1.71)
+    assert out["gil_factor"] == pytest.approx(1530 / 1710)  # the same halves, threads / processes
 
 
 def test_a_batch_too_small_to_split_is_refused_before_any_work(monkeypatch):
@@ -54,7 +55,7 @@ def test_smoke_run_reports_every_row_and_stops_its_workers(capsys):
     (result,) = ceiling.suite(repeats=1, quick=True, presets=["mnist_small"], batch_sizes=[32])
     assert set(result["rows"]) == {key for key, _ in ceiling.ROWS}
     assert all(r["median"] > 0 for r in result["rows"].values())
-    assert set(result["summary"]) == {"fixed_cost_factor", "threads", "processes"}
+    assert set(result["summary"]) == {"fixed_cost_factor", "threads", "processes", "gil_factor"}
     out = capsys.readouterr().out
-    assert "2 processes, passes of 16 each" in out and "share" in out
+    assert "2 processes, passes of 16 each" in out and "share" in out and "gil" in out
     assert multiprocessing.active_children() == []

@@ -186,7 +186,9 @@ def ceilings(rate: dict) -> dict:
     core's passes of whole batches), its fixed-cost factor (``WORKERS`` times one core's rate
     on halves over its rate on whole batches: what the workers could reach with no
     contention) and contention factor (the workers' rate over that), the fit's speed-up over
-    the one-core fit, and the share of the ceiling it reaches."""
+    the one-core fit, and the share of the ceiling it reaches; and ``gil_factor``, the threads'
+    contention factor over the processes': what threads lose beyond what separate processes
+    lose on the same memory system: the GIL's part (1: the GIL costs nothing)."""
     fixed = WORKERS * rate["one_core_half"] / rate["one_core"]
     out = {"fixed_cost_factor": fixed}
     for path, fit in (("threads", "fit_sync"), ("processes", "fit_processes")):
@@ -194,6 +196,8 @@ def ceilings(rate: dict) -> dict:
         speedup = rate[fit] / rate["fit_one_core"]
         out[path] = {"ceiling": ceiling, "contention_factor": ceiling / fixed,
                      "fit_speedup": speedup, "share_of_ceiling": speedup / ceiling}
+    out["gil_factor"] = (out["threads"]["contention_factor"]
+                         / out["processes"]["contention_factor"])
     return out
 
 
@@ -216,16 +220,17 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None)
                 results.append(_comparison(preset, n, x, y, bs, repeats))
     print(f"\nsummary: ceiling = {WORKERS} workers' passes (img/s) / one core's passes of whole "
           "batches = fixed-cost factor x contention factor; fit = the fit's speed-up over one "
-          "core's fit; share = fit / ceiling")
+          "core's fit; share = fit / ceiling; gil = threads' contention / processes' contention")
     print(f"  {'preset':<15}{'batch':>6}{'fixed':>7}  {'path':<10}{'contention':>11}"
-          f"{'ceiling':>9}{'fit':>7}{'share':>7}")
+          f"{'ceiling':>9}{'fit':>7}{'share':>7}{'gil':>7}")
     for r in results:
         s = r["summary"]
         for path in ("threads", "processes"):
             p = s[path]
             print(f"  {r['preset']:<15}{r['batch_size']:>6}{s['fixed_cost_factor']:>7.2f}  "
                   f"{path:<10}{p['contention_factor']:>11.2f}{p['ceiling']:>9.2f}"
-                  f"{p['fit_speedup']:>7.2f}{p['share_of_ceiling']:>7.2f}")
+                  f"{p['fit_speedup']:>7.2f}{p['share_of_ceiling']:>7.2f}"
+                  + (f"{s['gil_factor']:>7.2f}" if path == "threads" else ""))
     return results
 
 
