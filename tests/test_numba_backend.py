@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 from cnn.backends import get_backend
+from cnn.backends.numba import dense as D
 from cnn.backends.numba import kernels as K
 from cnn.backends.numba import winograd as WG
 from cnn.backends.numba.backend import _CHUNK_COLUMNS, NumbaBackend
@@ -288,21 +289,62 @@ def test_relu(backend, dtype, tol, shape):
 
 
 # ---- dense -------------------------------------------------------------------------------------
+DENSE_SHAPES = [(7, 13, 5),      # (N, D, F): below every BLAS block size
+                (33, 1024, 64),  # cifar_tutorial's hidden layer, a shard of 33 images
+                (2, 64, 10)]     # its classifier on a shard of 2
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype, tol", DTYPES)
-def test_dense(backend, dtype, tol):
+@pytest.mark.parametrize("n, d, f", DENSE_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_dense(backend, dtype, tol, n, d, f, layout):
+    """The dense kernels (one nogil call each way) against the naive loops; ``strided``: the
+    input and the output's gradient are transposed views, as a layer may be handed them."""
     be = get_backend(backend)
     rng = np.random.default_rng(3)
-    x, w, b = (normal(rng, shape, dtype) for shape in ((7, 13), (13, 5), 5))
+    x, w, b = (normal(rng, shape, dtype) for shape in ((n, d), (d, f), f))
     out_ref, cache_ref = NAIVE.dense_forward(x, w, b)
     dout = normal(rng, out_ref.shape, dtype)
-    grads_ref = NAIVE.dense_backward(dout, cache_ref)
+    dx_ref, dw_ref, db_ref = NAIVE.dense_backward(dout, cache_ref)
 
-    out, cache = be.dense_forward(x.astype(dtype), w.astype(dtype), b.astype(dtype))
+    def given(a):
+        a = a.astype(dtype)
+        return np.ascontiguousarray(a.T).T if layout == "strided" else a
+
+    out, cache = be.dense_forward(given(x), w.astype(dtype), b.astype(dtype))
     assert_close(out, out_ref, dtype, tol)
-    for got, ref in zip(be.dense_backward(dout.astype(dtype), cache), grads_ref):
+    for got, ref in zip(be.dense_backward(given(dout), cache), (dx_ref, dw_ref, db_ref)):
         assert_close(got, ref, dtype, tol)
-    assert be.dense_backward(dout.astype(dtype), cache, need_dx=False)[0] is None
+    dx, dw, db = be.dense_backward(given(dout), cache, need_dx=False)
+    assert dx is None
+    assert_close(dw, dw_ref, dtype, tol)
+    assert_close(db, db_ref, dtype, tol)
+
+
+def test_dense_is_numpys_bit_for_bit():
+    """Same BLAS, the bias gradient summed in NumPy's row order: the Numba dense op changes
+    where the GIL is released, not a bit of the result."""
+    rng = np.random.default_rng(5)
+    x, w, b, dout = (rng.standard_normal(s).astype(np.float32)
+                     for s in ((16, 1024), (1024, 64), 64, (16, 64)))
+    numpy_be, numba_be = get_backend("numpy"), get_backend("numba")
+    out_np, cache_np = numpy_be.dense_forward(x, w, b)
+    out_nb, cache_nb = numba_be.dense_forward(x, w, b)
+    np.testing.assert_array_equal(out_nb, out_np)
+    for got, ref in zip(numba_be.dense_backward(dout, cache_nb),
+                        numpy_be.dense_backward(dout, cache_np)):
+        np.testing.assert_array_equal(got, ref)
+
+
+def test_dense_of_other_dtypes_takes_numpys_op():
+    """Mixed dtypes are not the kernels' (one BLAS type per call): NumPy's op runs them."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((3, 4))
+    w = rng.standard_normal((4, 2)).astype(np.float32)
+    b = np.zeros(2, np.float32)
+    out, cache = get_backend("numba").dense_forward(x, w, b)
+    np.testing.assert_allclose(out, x @ w.astype(np.float64) + b, rtol=1e-6)
 
 
 # ---- threads -----------------------------------------------------------------------------------
@@ -317,7 +359,8 @@ def test_kernels_release_the_gil():
     assert len(kernels) >= 12
     winograd = _kernels(WG)
     assert len(winograd) >= 10
-    for kernel in kernels + winograd:
+    dense = [D.dense_forward, D.dense_backward]
+    for kernel in kernels + winograd + dense:
         assert kernel.targetoptions["nogil"] is True, kernel.__name__
         assert kernel.targetoptions.get("fastmath", False) is False, kernel.__name__
 

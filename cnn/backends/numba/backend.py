@@ -9,12 +9,13 @@ each conv op's whole chunk loop, GEMMs included, is one compiled ``nogil`` call
 that run Winograd's algorithm, see "Convolution algorithms" below), whose GEMMs call NumPy's
 own BLAS (:mod:`cnn.backends.numba.blas`): the op takes the GIL once, not once per chunk and
 kernel.
-The loss and the optimizer's ``axpby`` are single ``nogil`` passes (NumPy's arithmetic, bit for
-bit; the data-parallel threads would otherwise take turns at the GIL for their many small ufunc
-calls). Dense layers, memory ops and the other optimizer primitives are inherited from NumPy
-(BLAS, one call each):
-the Numba GEMM of the small-filter kernels is slower than BLAS on the dense shapes, whose few
-outputs (the classes, a hidden layer's units) are too few for its vectorised inner loop.
+The loss, the optimizer's ``axpby`` and each way of a dense layer are single ``nogil`` calls
+(NumPy's arithmetic, bit for bit; the data-parallel threads would otherwise take turns at the
+GIL for their many small ufunc calls); a dense layer's products are BLAS GEMMs called from
+Numba (:mod:`cnn.backends.numba.dense`): the Numba GEMM of the small-filter kernels is slower
+than BLAS on the dense shapes, whose few outputs (the classes, a hidden layer's units) are
+too few for its vectorised inner loop. Memory ops and the other optimizer primitives are
+inherited from NumPy.
 
 Which backend for which training path
 -------------------------------------
@@ -129,6 +130,7 @@ from ..base import Padding
 from ..fusion import BATCHNORM_RELU, CONV_RELU_MAXPOOL, RELU_MAXPOOL
 from ..numpy import NumpyBackend
 from . import conv as C
+from . import dense as D
 from . import kernels as K
 from . import winograd as WG
 from .layer_ops import NumbaLayerOps
@@ -267,6 +269,13 @@ class _Pooling:
         return (np.ascontiguousarray(dout), False) if ds is None else (ds, True)
 
 
+def _dense_kernel_dtypes(*arrays) -> bool:
+    """Whether the dense kernels take ``arrays``: one float dtype for all (BLAS multiplies
+    float32 or float64 operands of one type; anything else takes NumPy's dense op)."""
+    return arrays[0].dtype in (np.float32, np.float64) and all(
+        a.dtype == arrays[0].dtype for a in arrays)
+
+
 @functools.lru_cache(maxsize=None)
 def _none(dtype, ndim: int):
     """An empty array standing for a buffer a :mod:`.conv` variant does not use (one per
@@ -280,7 +289,8 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
     dropout and batch norm come from :class:`~cnn.backends.numba.layer_ops.NumbaLayerOps`,
     those of residual blocks and global average pooling from
     :class:`~cnn.backends.numba.residual.NumbaResidualOps`; those of sigmoid, tanh, binary
-    cross-entropy and the weight penalties, like dense, loss and optimizer ops, are NumPy's."""
+    cross-entropy, the weight penalties and the optimizer primitives other than ``axpby`` are
+    NumPy's."""
 
     name = "numba"
     fusions = (CONV_RELU_MAXPOOL, RELU_MAXPOOL, BATCHNORM_RELU)
@@ -343,6 +353,10 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
         self.relu_backward(out, cache)
         out, cache = self.maxpool2d_forward(out, 2, 2)
         self.maxpool2d_backward(out, cache)
+        h, cache = self.dense_forward(x.reshape(2, -1), rng.standard_normal((50, 3)).astype(dtype),
+                                      np.zeros(3, dtype))
+        for need_dx in (True, False):
+            self.dense_backward(h, cache, need_dx=need_dx)
         return time.perf_counter() - t0
 
     # ---- convolution -----------------------------------------------------------------------
@@ -819,6 +833,27 @@ class NumbaBackend(NumbaLayerOps, NumbaResidualOps, NumpyBackend):
 
     # the window indices of a fused forward carry the ReLU's mask
     maxpool2d_relu_backward = maxpool2d_backward
+
+    # ---- dense: one nogil call each way (:mod:`~cnn.backends.numba.dense`) -------------------
+    def dense_forward(self, x, w, b, ws=None):
+        if not _dense_kernel_dtypes(x, w, b):
+            return super().dense_forward(x, w, b, ws=ws)
+        x = np.ascontiguousarray(x)
+        out = self.scratch(ws, "out", (x.shape[0], w.shape[1]), x.dtype)
+        D.dense_forward(x, np.ascontiguousarray(w), b, out)
+        return out, (x, w)
+
+    def dense_backward(self, dout, cache, need_dx=True, ws=None):
+        x, w = cache
+        if not _dense_kernel_dtypes(dout, x, w):
+            return super().dense_backward(dout, cache, need_dx=need_dx, ws=ws)
+        dt = dout.dtype
+        dw = self.scratch(ws, "dw", w.shape, dt)
+        db = self.scratch(ws, "db", (dout.shape[1],), dt)
+        dx = self.scratch(ws, "dx", x.shape, dt) if need_dx else _none(dt, 2)
+        D.dense_backward(np.ascontiguousarray(dout), x, np.ascontiguousarray(w), bool(need_dx),
+                         dw, db, dx)
+        return (dx if need_dx else None), dw, db
 
     # ---- loss and optimizer primitives: one nogil pass each (NumPy's arithmetic) -----------
     def softmax_cross_entropy(self, logits, labels, ws=None):
