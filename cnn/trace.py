@@ -4,8 +4,9 @@
 What a trace holds
 ------------------
 One *lane* (a track: ``pid``/``tid`` in the JSON, each named by a metadata event) per worker:
-the fit loop's thread (worker 0 of the thread strategies), every worker thread, every worker
-process of ``processes`` and every MPI rank (one ``pid`` per process or rank), the prefetching
+the fit loop's thread (worker 0 of the thread strategies and of ``processes``), every worker
+thread, every worker process of ``processes`` and every MPI rank (one ``pid`` per process or
+rank: a worker process's is its worker number), the prefetching
 thread, and on MPI ranks with ``overlap`` a lane of the per-bucket allreduces. In each lane,
 *spans* (complete events, ``"ph": "X"``, ``ts`` and ``dur`` in microseconds):
 
@@ -16,9 +17,8 @@ thread, and on MPI ranks with ``overlap`` a lane of the per-bucket allreduces. I
   ``reduce`` (the combine of the shard gradients: shared-memory slots or an allreduce, with its
   ``barrier`` inside), ``update`` (the optimizer), ``barrier`` (a wait for the other workers),
   ``data release`` (the fit loop handing the batch back to the prefetcher, which may take the
-  GIL), and the dispatching process's own work (``wait for workers``; ``batch to shared
-  memory`` for a batch the fit loop did not gather there itself; a worker process's ``report``
-  of its numbers);
+  GIL), and ``batch to shared memory`` (``processes``: a batch the fit loop did not gather
+  there itself, copied in);
 - ``gather`` on the prefetching thread's lane: the batch the training thread will take next;
 - ``allreduce bucket k`` on the bucket lane: from the non-blocking allreduce's start to the
   moment the rank saw it complete (MPI ``overlap``).

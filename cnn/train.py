@@ -276,7 +276,7 @@ def fit(model, x, y, *, epochs: int = 1, batch_size: int = 32, optimizer=None,
     normalization = training_normalization(x, normalize, model.normalization,
                                            model.input_shape)
     prefetch = prefetch_thread(prefetch, be, augmentation is not None
-                               or normalization is not None, strat.waits_during_steps)
+                               or normalization is not None)
     identity = None
     if backups is not None:
         identity = {"model": model.spec(), "dtype": str(model.dtype),
@@ -713,18 +713,15 @@ def _warm_up(model, x, y, params, be: Backend, opt=None, strat: Strategy | None 
     return time.perf_counter() - t
 
 
-def prefetch_thread(prefetch: "bool | str", backend: Backend, batch_work: bool,
-                    idle_during_steps: bool = False) -> bool:
+def prefetch_thread(prefetch: "bool | str", backend: Backend, batch_work: bool) -> bool:
     """Whether ``fit`` gathers batches in a prefetching thread: ``prefetch`` when it is a
     bool; for ``"auto"``, where a batch needs more than its gather (``batch_work``:
-    augmentation or normalisation; or a host-to-device copy, ``backend.on_device``), or where
-    the fit loop's process only waits while a step runs (``idle_during_steps``: worker
-    processes, whose GIL is not this one). A bare gather into a reused buffer is a few percent
-    of a step, and a thread doing it in the process of thread workers takes the GIL and a core
-    from them when they fill the machine (``sync`` on two threads of two cores ran 4-6% faster
-    without it; one thread was as fast either way)."""
+    augmentation or normalisation; or a host-to-device copy, ``backend.on_device``). A bare
+    gather into a reused buffer is a few percent of a step, and a thread doing it takes the GIL
+    and a core from the workers when they fill the machine: every strategy's fit loop trains
+    (it is worker 0, ``processes`` included), so none of them waits idle for a batch."""
     if isinstance(prefetch, str) and prefetch == "auto":
-        return bool(batch_work or backend.on_device or idle_during_steps)
+        return bool(batch_work or backend.on_device)
     return bool(prefetch)
 
 

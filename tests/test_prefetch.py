@@ -100,8 +100,8 @@ def test_prefetch_off_trains_the_same_weights():
 def test_auto_prefetch_takes_a_thread_only_for_work_beyond_the_gather():
     """``prefetch="auto"`` (the default): a bare gather on a CPU backend stays in the training
     thread (no thread named prefetch ever gathers); augmentation or normalisation get the
-    thread, and so do worker processes (the training thread only waits for them); a bad value
-    is refused before any step, naming the option."""
+    thread; worker processes do not (the training thread is their worker 0); a bad value is
+    refused before any step, naming the option."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((64, 1, 6, 6))
     y = rng.integers(0, 3, 64)
@@ -116,8 +116,8 @@ def test_auto_prefetch_takes_a_thread_only_for_work_beyond_the_gather():
         mp.setattr(_Prefetcher, "_run", run)
         for kwargs, threaded in (({}, False), ({"normalize": True}, True),
                                  ({"prefetch": True}, True), ({"prefetch": False}, False),
-                                 # worker processes: the fit loop's thread only waits
-                                 ({"strategy": "processes", "threads": 2}, True)):
+                                 # worker processes: the fit loop's thread trains too
+                                 ({"strategy": "processes", "threads": 2}, False)):
             seen.clear()
             model = Sequential(layers_from_spec(SPEC), (1, 6, 6), dtype=np.float64, seed=0)
             hist = model.fit(x, y, epochs=1, batch_size=16, verbose=0, **kwargs)

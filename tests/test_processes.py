@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -145,30 +146,45 @@ def test_processes_learn():
 
 
 def test_batches_larger_than_the_first_grow_the_shared_batch():
+    """A batch of 4, then of 20 (a new batch segment, which every worker re-attaches while
+    its workspace may still hold rows of the old one), then 20 again: the same weights as
+    the sequential steps."""
     x, y = blobs()
     model = build()
     params = {k: v.copy() for k, v in model.params.items()}
     strat = SyncProcesses(threads=2)
     strat.check_batch_size(4)
     strat.start(model, make_optimizer(OPT), get_backend("numpy"), params)
+    batches = [(0, 4), (4, 24), (24, 44)]
     try:
         names = set(strat.segment_names)
-        loss, correct = strat.step(x[:20], y[:20])
+        for lo, hi in batches:
+            loss, correct = strat.step(x[lo:hi], y[lo:hi])
+            assert np.isfinite(loss) and 0 <= correct <= hi - lo
         assert set(strat.segment_names) != names  # a new batch segment, the old one unlinked
-        assert np.isfinite(loss) and 0 <= correct <= 20
+        strat.current_params()
     finally:
         strat.close()
+    ref = build()
+    opt = make_optimizer(OPT)
+    state = opt.init_state(ref.params, get_backend("numpy"))
+    for lo, hi in batches:
+        _, _, g = ref.loss_and_grads(x[lo:hi], y[lo:hi])
+        opt.update(ref.params, g, state, get_backend("numpy"))
+    assert max_abs_diff(params, ref.params) < 1e-12
 
 
 # ---- failures ---------------------------------------------------------------------------------
 class FailingBackend(NumpyBackend):
-    """Raises in the dense forward of worker process ``worker`` after ``after`` calls."""
+    """Raises in the dense forward of worker ``worker`` after ``after`` calls (worker 0: the
+    fit's own process)."""
 
     def __init__(self, worker: int, after: int = 2):
         self.worker, self.after, self.calls = worker, after, 0
 
     def dense_forward(self, x, w, b, *args, **kwargs):
-        if multiprocessing.current_process().name == f"cnn-processes-worker-{self.worker}":
+        name = "MainProcess" if self.worker == 0 else f"cnn-processes-worker-{self.worker}"
+        if multiprocessing.current_process().name == name:
             self.calls += 1
             if self.calls > self.after:
                 raise FloatingPointError("injected failure")
@@ -183,10 +199,29 @@ def test_a_worker_exception_ends_the_fit_naming_the_worker(worker):
         model.fit(x, y, epochs=2, batch_size=6, optimizer=OPT, strategy="processes", threads=2,
                   backend=FailingBackend(worker), verbose=0)
     notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert f"worker process {worker} of 2" in notes
-    assert "dense_forward" in notes  # the worker's own traceback
+    if worker == 0:  # raised in the fit's process: its own traceback
+        assert "worker 0 of 2, the fit's own process" in notes
+        assert any(e.name == "dense_forward" for e in info.traceback)
+        # its frames hold arrays over the shared segments, which the fit closed: they must
+        # still be mapped (reading unmapped memory crashes the reader, a debugger or pytest
+        # printing the frames) and hold the shared weights the model got back
+        from cnn.parallel.processes import _Worker
+        from cnn.parallel.transport import FlatLayout
+        worker_0 = next(f.f_locals["self"] for f in _frames(info.value.__traceback__)
+                        if isinstance(f.f_locals.get("self"), _Worker))
+        flat = FlatLayout(model.params).pack(model.params, np.empty(worker_0.plan.total))
+        np.testing.assert_array_equal(worker_0.views["params"], flat)
+    else:
+        assert f"worker process {worker} of 2" in notes
+        assert "dense_forward" in notes  # the worker's own traceback
     assert all(np.all(np.isfinite(v)) for v in model.params.values())
     assert not multiprocessing.active_children()
+
+
+def _frames(tb):
+    while tb is not None:
+        yield tb.tb_frame
+        tb = tb.tb_next
 
 
 def test_a_killed_worker_ends_the_fit_naming_it():
@@ -206,7 +241,7 @@ def test_close_is_idempotent_and_step_after_close_fails():
     strat.start(model, make_optimizer(OPT), get_backend("numpy"),
                 {k: v.copy() for k, v in model.params.items()})
     pids = strat.pids
-    assert len(pids) == 2 and len(my_segments()) == 2
+    assert len(pids) == 1 and len(my_segments()) == 2  # worker 0 is this process
     for i in range(0, 24, 8):
         strat.step(x[i:i + 8], y[i:i + 8])
     assert strat.pids == pids  # the same workers for every step
@@ -284,6 +319,56 @@ def test_a_worker_killed_inside_the_barrier_ends_the_fit():
                      r"\(SIGKILL\) during step 3", out), out + err
 
 
+KILLED_FIT_SCRIPT = """
+import os, signal
+from cnn.callbacks import Callback
+from parallel_helpers import OPT, blobs, build
+
+
+class KillTheFitAtStepThree(Callback):
+    def on_step_end(self, step, logs):
+        if logs["global_step"] == 3:
+            print(*self.run.strategy.pids, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+x, y = blobs()
+build().fit(x, y, epochs=100, batch_size=6, optimizer=OPT, strategy="processes", threads=3,
+            verbose=0, callbacks=[KillTheFitAtStepThree()])
+"""
+
+
+def _gone(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie no one reaped has)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
+    except FileNotFoundError:
+        return True
+
+
+def test_the_workers_end_when_the_fit_s_process_is_killed():
+    """kill -9 of the fit's process, between two steps: its worker processes, waiting for the
+    next step's doorbell, find their pipe closed and end, and its shared segments are
+    unlinked (by Python's resource tracker)."""
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_FIT_SCRIPT], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, err
+    pids = [int(p) for p in out.split()]
+    assert len(pids) == 2
+
+    def ended() -> bool:
+        segments = glob.glob(f"/dev/shm/{SEGMENT_PREFIX}{proc.pid}_*")
+        return all(_gone(p) for p in pids) and not segments
+
+    deadline = time.monotonic() + 20
+    while not ended() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert all(_gone(p) for p in pids), "a worker outlived the fit's process"
+    assert not glob.glob(f"/dev/shm/{SEGMENT_PREFIX}{proc.pid}_*")
+
+
 def _assert_weights_of_a_clean_stop(model, x, y):
     """``model``, stopped by a Ctrl-C, holds bit for bit the weights of a run stopped cleanly
     (request_stop) after as many steps as it counts, and no worker outlives it."""
@@ -305,37 +390,33 @@ def _assert_weights_of_a_clean_stop(model, x, y):
     assert not multiprocessing.active_children()
 
 
-@pytest.mark.parametrize("where", ["sends", "answers"])
+@pytest.mark.parametrize("where", ["rings", "answers"])
 def test_ctrl_c_at_any_point_of_a_step_keeps_weights_and_step_count_together(monkeypatch,
                                                                                where):
-    """The Ctrl-C lands at a chosen point of the fourth step: while the main process sends
-    the step to the workers, or after they answered but before the step is counted. Either
-    way the model holds the weights of as many whole steps as it counts (the race a loaded CI
-    machine once hit: the interrupt raised between the workers' update and the count)."""
+    """The Ctrl-C lands at a chosen point of the fourth step: right after the fit's process
+    rang the workers' doorbell (before its own pass), or after the step's last barrier but
+    before the step is counted. Either way the model holds the weights of as many whole steps
+    as it counts (the race a loaded CI machine once hit: the interrupt raised between the
+    workers' update and the count)."""
+    from cnn.parallel.processes import STEP
+    ring, take = SyncProcesses._ring, SyncProcesses._take_results
     calls = {"n": 0}
-    original = SyncProcesses._collect
 
-    def collect_then_ctrl_c(self, expected, timeout=None):
-        answers = original(self, expected, timeout)
-        if expected == "ok":
-            calls["n"] += 1
-            if calls["n"] == 4:
-                os.kill(os.getpid(), signal.SIGINT)  # delivered before the next bytecode
-        return answers
+    def ring_then_ctrl_c(self, kind):
+        ring(self, kind)
+        if kind == STEP and self.steps == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered before the next bytecode
 
-    def send_with_ctrl_c(conn, msg):
-        conn_send(conn, msg)
-        if isinstance(msg, tuple) and msg[:1] == ("step",) and msg[2] == 3 and not calls["n"]:
-            calls["n"] = 1  # after the first worker's send, before the second's
+    def ctrl_c_then_take(self):
+        calls["n"] += 1
+        if calls["n"] == 4:
             os.kill(os.getpid(), signal.SIGINT)
+        return take(self)
 
-    if where == "answers":
-        monkeypatch.setattr(SyncProcesses, "_collect", collect_then_ctrl_c)
+    monkeypatch.setattr(SyncProcesses, *(("_ring", ring_then_ctrl_c) if where == "rings"
+                                         else ("_take_results", ctrl_c_then_take)))
     x, y = blobs()
     model = build()
-    conn_send = multiprocessing.connection.Connection.send
-    if where == "sends":
-        monkeypatch.setattr(multiprocessing.connection.Connection, "send", send_with_ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         model.fit(x, y, epochs=1000, batch_size=6, optimizer=OPT, strategy="processes",
                   threads=2, verbose=0)

@@ -1,6 +1,7 @@
-"""The threads' barrier (cnn.parallel.spin.SpinBarrier): every party sees every write made
-before the barrier, in spinning and in sleeping waits; abort and reset release the waiters as
-threading.Barrier's do; a spinning waiter neither holds the GIL nor misses the release."""
+"""The barriers of cnn.parallel.spin (SpinBarrier, SharedSpinBarrier) and the processes'
+doorbell (SharedDoorbell): every party sees every write made before the barrier (or the ring),
+in spinning and in sleeping waits; abort and reset release the waiters as threading.Barrier's
+do; a spinning waiter neither holds the GIL nor misses the release."""
 from __future__ import annotations
 
 import os
@@ -195,3 +196,60 @@ def test_a_waiter_sleeps_once_its_spin_is_over():
     barrier.wait()
     t.join(5)
     assert not t.is_alive()
+
+
+# ---- the processes' doorbell ------------------------------------------------------------------
+def test_a_doorbell_waiter_sees_what_was_written_before_the_ring(shared_arrays):
+    """The ringer writes its count into a cell, then rings, 300 times; two waiters (spinning,
+    and sleeping) read the cell after every ring they see: a ring ordered before the write
+    would let them read a smaller count. Each waiter's last ring is the last one rung."""
+    from cnn.parallel.spin import SharedDoorbell
+    _, (state, cells) = shared_arrays
+    rings = 300
+    seen_last = {}
+
+    def waiter(i):
+        bell = SharedDoorbell(state, 3, spin=(5.0, 0.0)[i])
+        seen = 0
+        while seen < rings:
+            seen = bell.wait(seen)
+            assert cells[0] >= seen, (cells[0], seen)
+        seen_last[i] = seen
+
+    threads = [threading.Thread(target=waiter, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    bell = SharedDoorbell(state, 3)
+    rng = np.random.default_rng(0)
+    for r in range(1, rings + 1):
+        cells[0] = r
+        bell.ring()
+        if rng.random() < 0.05:
+            time.sleep(rng.random() * 1e-3)
+    for t in threads:
+        t.join(30)
+        assert not t.is_alive(), "a waiter missed the last ring"
+    assert seen_last == {0: rings, 1: rings} and bell.rings == rings
+
+
+def test_a_doorbell_waiter_naps_with_the_nap_it_is_given(shared_arrays):
+    """Once its spin is over a waiter calls the nap it was given (a worker's watches its
+    pipe), with the doorbell's nap seconds, until the ring; what the nap raises ends the
+    wait."""
+    from cnn.parallel.spin import SharedDoorbell
+    _, (state, _) = shared_arrays
+    bell = SharedDoorbell(state, 2, spin=0.0, nap=1e-4)
+    naps = []
+
+    def nap(seconds):
+        naps.append(seconds)
+        if len(naps) == 3:
+            bell.ring()
+
+    assert bell.wait(0, nap) == 1 and naps == [1e-4] * 3
+
+    def parent_gone(seconds):
+        raise EOFError("gone")
+
+    with pytest.raises(EOFError, match="gone"):
+        bell.wait(1, parent_gone)

@@ -91,25 +91,25 @@ def test_two_workers_trace(tmp_path, strategy):
     assert hist.info["trace"] == str(path)
     trace = json.loads(path.read_text())
     steps = 2 * -(-200 // 32)
-    lanes = check_steps(trace, lanes_with_steps=3 if strategy == "processes" else 2)
+    lanes = check_steps(trace, lanes_with_steps=2)
     main = lanes[(0, 0)]
     fit_steps = [e for e in main if e["name"] == "step"]
     assert [e["args"]["step"] for e in fit_steps] == list(range(1, steps + 1))
     assert {"data wait", "data release"} <= names(main)
     assert names(lanes[(0, 1000)]) == {"gather"}  # the prefetcher's lane
-    workers = [(0, 0), (0, 1)] if strategy == "sync" else [(1, 0), (2, 0)]
+    # worker 0 trains in the fit loop's lane; worker 1 is a thread or a process of its own
+    workers = [(0, 0), (0, 1)] if strategy == "sync" else [(0, 0), (1, 0)]
     for key in workers:
         got = names(lanes[key])
         assert op_names(model) | {"loss", "contribute", "reduce", "update", "barrier",
                                   "step"} <= got, key
         assert sum(e["name"] == "step" for e in lanes[key]) == steps
-    if strategy == "processes":  # the fit loop only dispatches; its workers are processes
-        assert "wait for workers" in names(main)
+    if strategy == "processes":
         # the prefetcher gathers into the shared batch segment: no copy per step
         assert "batch to shared memory" not in names(main)
         procs = {e["pid"]: e["args"]["name"] for e in trace["traceEvents"]
                  if e["name"] == "process_name"}
-        assert procs[1].startswith("worker process 0") and procs[2].startswith("worker process 1")
+        assert sorted(procs) == [0, 1] and procs[1].startswith("worker process 1")
 
 
 def test_tracing_changes_no_result(tmp_path):

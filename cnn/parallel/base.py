@@ -148,10 +148,6 @@ class Strategy:
         losses and the number of correctly classified examples, as host numbers."""
         raise NotImplementedError
 
-    #: whether the fit loop's thread only waits while a step runs elsewhere (worker
-    #: processes): it then gathers the next batch meanwhile (``fit(prefetch="auto")``)
-    waits_during_steps = False
-
     def batch_buffers(self, rows: int, x_dtype, y_dtype) -> list | None:
         """Where the fit loop gathers batches of up to ``rows`` examples: None (buffers of its
         own), or reused ``(x, y)`` pairs of that capacity (at least two) that the strategy's

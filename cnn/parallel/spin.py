@@ -26,7 +26,10 @@ is a condition over semaphores: a few system calls and a wake-up per wait), so
 :class:`SharedSpinBarrier` keeps its count and generation in a shared ``int64`` array that
 every process maps, counts arrivals with an atomic fetch-and-add, spins like the threads' one,
 and then sleeps in short naps until the generation moves. It holds no lock at any time, so a
-worker killed inside it leaves nothing locked.
+worker killed inside it leaves nothing locked. :class:`SharedSpinBarrier`'s state also serves
+as a doorbell (:class:`SharedDoorbell`): one process rings (an atomic add) and goes on, the
+others wait for the generation to move as a barrier's waiters do (``processes``: the fit's
+process announces each step to its worker processes so).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from numba import njit, types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["SharedSpinBarrier", "SpinBarrier", "default_spin", "warm_up"]
+__all__ = ["SharedDoorbell", "SharedSpinBarrier", "SpinBarrier", "default_spin", "warm_up"]
 
 #: seconds a waiter polls before it sleeps, where every worker has a core of its own
 SPIN_SECONDS = 2e-3
@@ -127,6 +130,12 @@ def _arrive(state, parties):
 
 
 @njit(nogil=True, cache=True)
+def _ring(state):
+    """Count one ring of a doorbell (atomically, ordered after every earlier write)."""
+    _fetch_add(state, _GENERATION, 1)
+
+
+@njit(nogil=True, cache=True)
 def _break(state):
     """Mark the barrier broken (atomically: every process's next load sees it)."""
     _fetch_add(state, _BROKEN, 1)
@@ -155,6 +164,7 @@ def warm_up() -> None:
     _polls_for(SPIN_SECONDS)
     scratch = np.zeros(STATE_SIZE, np.int64)
     _arrive(scratch, 1)
+    _ring(scratch)
     _break(scratch)
 
 
@@ -245,7 +255,29 @@ class SpinBarrier:
             self._broken = False
 
 
-class SharedSpinBarrier:
+class _SharedGeneration:
+    """A generation in ``state``, an ``int64`` array of :data:`STATE_SIZE` zeros (at first) in
+    memory several processes map, that waiters wait to see move: spinning for up to ``spin``
+    seconds (None: :func:`default_spin` for ``parties``), then polling between naps of
+    ``nap`` seconds."""
+
+    def __init__(self, state: np.ndarray, parties: int, spin: float | None, nap: float):
+        if state.dtype != np.int64 or state.shape != (STATE_SIZE,):
+            raise ValueError(f"state must be int64 of shape ({STATE_SIZE},). Received "
+                             f"{state.dtype} {state.shape}")
+        self.state, self.nap = state, nap
+        self.spin = default_spin(parties) if spin is None else float(spin)
+        self._polls = _polls_for(self.spin)
+
+    def _wait_past(self, generation: int, nap=None) -> None:
+        """Return once the generation is no longer ``generation`` (or the state is broken);
+        ``nap`` (called with :attr:`nap`) replaces :func:`time.sleep` between polls."""
+        if not (self._polls and _poll(self.state, generation, self._polls)):
+            while not _poll(self.state, generation, 1):
+                (nap or time.sleep)(self.nap)
+
+
+class SharedSpinBarrier(_SharedGeneration):
     """A barrier of ``parties`` processes over ``state``, an ``int64`` array of
     :data:`STATE_SIZE` zeros (at first) in memory they all map; :class:`threading.Barrier`'s
     ``wait``, ``abort`` and ``broken``. A waiter spins for up to ``spin`` seconds (None:
@@ -256,12 +288,8 @@ class SharedSpinBarrier:
                  nap: float = 50e-6):
         if parties < 1:
             raise ValueError(f"a barrier needs at least one party. Received parties={parties}")
-        if state.dtype != np.int64 or state.shape != (STATE_SIZE,):
-            raise ValueError(f"state must be int64 of shape ({STATE_SIZE},). Received "
-                             f"{state.dtype} {state.shape}")
-        self.parties, self.state, self.nap = parties, state, nap
-        self.spin = default_spin(parties) if spin is None else float(spin)
-        self._polls = _polls_for(self.spin)
+        super().__init__(state, parties, spin, nap)
+        self.parties = parties
 
     @property
     def broken(self) -> bool:
@@ -273,12 +301,42 @@ class SharedSpinBarrier:
         if self.broken:
             raise threading.BrokenBarrierError
         generation, last = _arrive(self.state, self.parties)
-        if not last and not (self._polls and _poll(self.state, generation, self._polls)):
-            while not _poll(self.state, generation, 1):
-                time.sleep(self.nap)
+        if not last:
+            self._wait_past(generation)
         if self.broken:
             raise threading.BrokenBarrierError
 
     def abort(self) -> None:
         """Break the barrier for good: every waiting and later :meth:`wait` raises."""
         _break(self.state)
+
+
+class SharedDoorbell(_SharedGeneration):
+    """A doorbell over ``state``, an ``int64`` array of :data:`STATE_SIZE` zeros (at first) in
+    memory several processes map: one process rings it (:meth:`ring`) after writing what the
+    others should read (the ring is an atomic add, ordered after those writes); the others
+    :meth:`wait` for a ring they have not seen yet, spinning for up to ``spin`` seconds (None:
+    :func:`default_spin` for ``parties``), then polling between naps of ``nap`` seconds.
+
+    A process rings the doorbell where a barrier would make it wait for the others: the
+    ringer goes on at once.
+    """
+
+    def __init__(self, state: np.ndarray, parties: int, spin: float | None = None,
+                 nap: float = 50e-6):
+        super().__init__(state, parties, spin, nap)
+
+    @property
+    def rings(self) -> int:
+        """How often it has rung."""
+        return int(self.state[_GENERATION])  # an aligned 8-byte load: atomic
+
+    def ring(self) -> None:
+        _ring(self.state)
+
+    def wait(self, seen: int, nap=None) -> int:
+        """Block until the doorbell has rung more than ``seen`` times; returns :attr:`rings`.
+        ``nap``: called with the nap's seconds instead of :func:`time.sleep` (a worker's nap
+        can watch for its parent's end)."""
+        self._wait_past(seen, nap)
+        return self.rings
