@@ -81,6 +81,29 @@ def test_annotate_and_summary_ratios():
         assert figure in line, (figure, line)
 
 
+def test_paired_ratios_are_taken_round_by_round():
+    """Three rounds, the second on a machine twice as slow for every contender: each round's
+    ratio (sync over numba: 2.0, 1.5, 1.8; ours over Keras: 1.5, 1.0, 1.0), their median and
+    range; a contender that missed a round, or is absent, has none."""
+    from cnn.bench.peers import paired_ratios
+
+    def row(name, family, threads, seconds):
+        return {**_row(name, family, threads, None), "images": 1200, "epoch_times": seconds}
+    rows = [row("ours numba", "ours", 1, [1.0, 2.0, 1.2]),
+            row("ours sync numba", "ours", 2, [0.5, 1 / 0.75, 1.2 / 1.8]),
+            row("keras", "keras", 1, [1.5, 2.0, 1.2]),
+            row("ours mpi numba", "ours", 2, [0.5, 1.0])]  # missed a round: no pairs
+    for r in rows:
+        r["images_per_sec"] = sorted(1200 / t for t in r["epoch_times"])[len(r["epoch_times"]) // 2]
+    got = paired_ratios(rows)
+    sync = got["sync/best1"]
+    assert sync["median"] == pytest.approx(1.8) and sync["rounds"] == 3
+    assert (sync["min"], sync["max"]) == (pytest.approx(1.5), pytest.approx(2.0))
+    keras = got["/keras1"]  # ours / keras: 1.5, 1.0, 1.0
+    assert (keras["median"], keras["min"], keras["max"]) == pytest.approx((1.0, 1.0, 1.5))
+    assert got["mpi/best1"] is None and got["/torch1"] is None and got["proc/best1"] is None
+
+
 def test_default_contenders_cover_the_issue():
     names = {(s.name, s.threads) for s in contenders()}
     for needed in [("ours numpy", 1), ("ours numba", 1), ("ours numba_parallel", 2),

@@ -301,6 +301,52 @@ def summary(groups: dict) -> list[str]:
     return lines
 
 
+#: the paired ratios of :func:`paired_ratios`: (label, numerator, denominator), each a
+#: ``(name, threads)`` of a row or ``"best1"`` (the best one-thread path of ours)
+PAIRED = (("/keras1", "best1", ("keras", 1)), ("/torch1", "best1", ("pytorch", 1)),
+          ("sync/best1", ("ours sync numba", 2), "best1"),
+          ("proc/best1", ("ours processes numba", 2), "best1"),
+          ("mpi/best1", ("ours mpi numba", 2), "best1"))
+
+
+def paired_ratios(rows: list[dict]) -> dict:
+    """The summary's ratios taken round by round: each round of :func:`measure` runs every
+    contender once, back to back, so a drift in the machine's speed between rounds (a shared
+    machine's swings) hits both sides of a round's ratio alike. Per ratio of :data:`PAIRED`:
+    ``{"median", "min", "max", "rounds"}`` of the rounds' ratios (rates from each row's
+    ``epoch_times``); None where a side is missing or did not run every round."""
+    best = _best(rows, 1)
+
+    def rates(side):
+        row = best if side == "best1" else next(
+            (r for r in rows if (r["name"], r["threads"]) == side and r.get("epoch_times")),
+            None)
+        return None if row is None else [row["images"] / t for t in row["epoch_times"]]
+
+    out = {}
+    for label, top, bottom in PAIRED:
+        a, b = rates(top), rates(bottom)
+        if not a or not b or len(a) != len(b):
+            out[label] = None
+            continue
+        ratios = [x / y for x, y in zip(a, b)]
+        out[label] = {"median": statistics.median(ratios), "min": min(ratios),
+                      "max": max(ratios), "rounds": len(ratios)}
+    return out
+
+
+def paired_lines(groups: dict) -> list[str]:
+    """One line per preset and batch size: each paired ratio as ``median [min, max]``."""
+    lines = []
+    for (preset, bs), rows in groups.items():
+        cells = []
+        for label, r in paired_ratios(rows).items():
+            if r is not None:
+                cells.append(f"{label} {r['median']:.2f} [{r['min']:.2f}, {r['max']:.2f}]")
+        lines.append(f"  {preset:<15}{bs:>6}  " + "   ".join(cells))
+    return lines
+
+
 def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
           json_path: str | None = None) -> dict:
     """Every contender of :func:`contenders` per preset and batch size (see the module's
@@ -364,11 +410,16 @@ def suite(repeats: int = 5, quick: bool = False, presets=None, batch_sizes=None,
           "path):")
     for line in summary(groups):
         print(line)
+    print("\npaired: the same ratios round by round (each round runs every contender once, back "
+          "to back): median [min, max] over the rounds")
+    for line in paired_lines(groups):
+        print(line)
     print(f"\nbenchmark wall time {time.perf_counter() - t_start:.0f} s")
     result = {"machine": dict(info),
               "sgemm_peak_1thread_gflops": peak1["peak"], "sgemm_by_size": peak1["by_size"],
               "flops_per_image": flops_of, "repeats": repeats, "images": images_of,
-              "rows": all_rows}
+              "rows": all_rows,
+              "paired": {f"{p} {bs}": paired_ratios(rows) for (p, bs), rows in groups.items()}}
     if json_path:
         atomic_write(json_path, json.dumps(result, indent=1, default=str))
         print(f"results written to {json_path}")
