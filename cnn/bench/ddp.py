@@ -10,8 +10,8 @@ thread per worker:
 
 - ``ours mpi``: :class:`~cnn.parallel.mpi.MPISync`, 2 ranks (blocking allreduce);
 - ``ours mpi overlap``: the same with ``overlap=True`` (its default buckets and progress);
-- ``ours processes``: :class:`~cnn.parallel.processes.SyncProcesses`, 2 worker processes
-  over shared memory (one host only);
+- ``ours processes``: :class:`~cnn.parallel.processes.SyncProcesses`, 2 workers (the fit's
+  process and a worker process) over shared memory (one host only);
 - all three on our fastest backend (``"auto"``: Numba where it is installed; its compilation
   in the warm-up epoch), what a user gets by default;
 - ``pytorch ddp``: :func:`cnn.reference.torch.fit_torch` with ``distributed=True``: 2

@@ -3,8 +3,8 @@ at one and two threads, side by side in one run.
 
 For each preset and batch size, every contender runs in a worker process of its own
 (:mod:`cnn.bench.worker`): ours on NumPy and Numba (sequential), ``numba_parallel`` (Numba's
-thread pool), ``sync`` data-parallel threads on NumPy and Numba, ``sync`` over 2 worker
-processes (``processes``) and over 2 MPI ranks (``mpi``: the worker started by the venv's
+thread pool), ``sync`` data-parallel threads on NumPy and Numba, ``sync`` over 2
+processes (``processes``: the fit's and a worker process) and over 2 MPI ranks (``mpi``: the worker started by the venv's
 ``mpiexec``, rank 0 speaking for both; skipped, with a line saying so, where MPI is missing)
 on Numba, the NumPy and Numba sequential paths again with
 ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` set (a path that allocates nothing per
