@@ -234,6 +234,39 @@ def test_a_killed_worker_ends_the_fit_naming_it():
     assert not multiprocessing.active_children()
 
 
+class CountingBackend(NumpyBackend):
+    """Counts the dense forwards of the process it runs in (picklable: a module's class)."""
+    passes = 0
+
+    def dense_forward(self, *args, **kwargs):
+        CountingBackend.passes += 1
+        return super().dense_forward(*args, **kwargs)
+
+
+def test_a_worker_killed_between_steps_fails_the_next_step_naming_it():
+    """A worker process killed while the fit's process is between two steps (an OOM kill while
+    it evaluates): the next step raises at once, naming the worker, instead of training a
+    pass and waiting for it; the step count stays that of the whole steps."""
+    x, y = blobs()
+    model = build()
+    strat = SyncProcesses(threads=2)
+    strat.start(model, make_optimizer(OPT), CountingBackend(),
+                {k: v.copy() for k, v in model.params.items()})
+    try:
+        strat.step(x[:8], y[:8])
+        os.kill(strat.pids[0], signal.SIGKILL)
+        time.sleep(0.5)  # the watcher sees the sentinel
+        passes = CountingBackend.passes
+        with pytest.raises(WorkerError, match=r"worker process 1 of 2 \(pid \d+\) was killed "
+                                              r"by signal 9 \(SIGKILL\) during step 2"):
+            strat.step(x[8:16], y[8:16])
+        assert strat.steps == 1 and CountingBackend.passes == passes  # no pass trained
+        with pytest.raises(RuntimeError, match="stopped after an earlier failure: worker 1"):
+            strat.step(x[8:16], y[8:16])
+    finally:
+        strat.close()
+
+
 def test_close_is_idempotent_and_step_after_close_fails():
     x, y = blobs()
     model = build()

@@ -682,6 +682,8 @@ class SyncProcesses(Strategy):
                 self._xs[k][1][:n] = yb
                 if self._worker.ctx.trace is not None:
                     self._worker.ctx.trace.span("batch to shared memory", cat="data")
+            if self._watcher and self._watcher[0].failed.is_set():  # a worker ended meanwhile
+                self._fail_step(threading.BrokenBarrierError())
             lr, t = step_scalars(self.optimizer, self.state, self.steps)
             cmd = self._views["command"]
             cmd[_N], cmd[_SLOT], cmd[_STEP], cmd[_T] = n, k, self.steps, t
@@ -711,7 +713,7 @@ class SyncProcesses(Strategy):
         failure = None
         if not isinstance(err, threading.BrokenBarrierError):
             failure = (0, True, err)
-            if self.threads > 1:
+            if self.threads > 1 and isinstance(err, Exception):  # not a Ctrl-C
                 err.add_note(f"(raised in worker 0 of {self.threads}, the fit's own process "
                              f"{os.getpid()})")
         elif watcher is not None:
