@@ -267,6 +267,17 @@ def test_a_worker_killed_between_steps_fails_the_next_step_naming_it():
         strat.close()
 
 
+def test_workers_that_do_not_start_in_time_end_the_fit_naming_one():
+    """start_timeout shorter than a worker's start-up (import, attach, compile): the fit
+    stops with a WorkerError naming the late worker, and leaves no worker and no segment."""
+    x, y = blobs()
+    with pytest.raises(WorkerError, match=r"worker process 1 of 2 \(pid \d+\) did not answer "
+                                          r"within 0 s"):
+        build().fit(x, y, batch_size=8, strategy="processes", threads=2, verbose=0,
+                    strategy_options={"start_timeout": 0.01})
+    assert not multiprocessing.active_children()
+
+
 def test_close_is_idempotent_and_step_after_close_fails():
     x, y = blobs()
     model = build()

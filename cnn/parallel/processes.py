@@ -409,7 +409,7 @@ class _Watcher:
                     continue
                 proc = self.processes[i - 1]
                 proc.join(1)
-                self._fail(i, True, WorkerError(
+                self.fail(i, True, WorkerError(
                     f"worker process {i} of {len(self.processes) + 1} (pid {proc.pid}) "
                     f"{_describe_exit(proc.exitcode)} during "
                     f"{f'step {self._state.step + 1}' if self.started else 'start-up'}"))
@@ -421,7 +421,7 @@ class _Watcher:
             conns.pop(i, None)  # its sentinel tells how it ended
             return
         if msg[0] == "error":
-            self._fail(*self._exception(msg))
+            self.fail(*self._exception(msg))
         else:
             self.answers.put((i, msg))
 
@@ -442,7 +442,8 @@ class _Watcher:
         err.add_note(f"worker {i}'s traceback:\n{tb}")
         return i, primary, err
 
-    def _fail(self, i: int, primary: bool, err: BaseException) -> None:
+    def fail(self, i: int, primary: bool, err: BaseException) -> None:
+        """Record worker ``i``'s failure and abort the barrier."""
         self.failures.append((i, primary, err))
         self.barrier.abort()  # nobody waits for a worker that will not come
         self.failed.set()
@@ -706,8 +707,9 @@ class SyncProcesses(Strategy):
         return float(res[:, 0].sum()), int(round(float(res[:, 1].sum())))
 
     def _fail_step(self, err: BaseException) -> None:
-        """The step failed in this process (its own error, an interrupt, or the barrier broken
-        by a failing worker): release the workers, find the first error, stop for good."""
+        """The step (or the start, or a trace request) failed: in this process (its own error,
+        an interrupt) or in a worker (``err`` a BrokenBarrierError: the watcher knows which).
+        Release the workers, raise the first error, stop for good."""
         self._worker.barrier.abort()  # a worker waiting for this process raises and reports
         watcher = self._watcher[0] if self._watcher else None
         failure = None
@@ -749,18 +751,14 @@ class SyncProcesses(Strategy):
                 i, msg = watcher.answers.get(timeout=left)
             except queue.Empty:
                 late = next(i for i in range(1, self.threads) if i not in answers)
-                watcher._fail(late, True, WorkerError(
+                watcher.fail(late, True, WorkerError(
                     f"worker process {late} of {self.threads} (pid "
                     f"{self._processes[late - 1].pid}) did not answer within {timeout:.0f} s"))
                 break
             if msg is not None and msg[0] == expected:
                 answers[i] = msg
         if watcher.failed.is_set():
-            failure = watcher.primary(GRACE)
-            self._kill_the_rest()
-            i, _, err = failure
-            self._failed = f"worker {i}: {type(err).__name__}: {err}"
-            raise err
+            self._fail_step(threading.BrokenBarrierError())  # raises the watcher's first
         return answers
 
     def merge_trace(self, tracer) -> None:
